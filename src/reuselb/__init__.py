@@ -1,0 +1,42 @@
+"""reuselb: Linux socket and load-balancing primitives.
+
+SO_REUSEPORT listeners and groups, socket handoff, CPU steering, pluggable
+balance policies and a splice(2) relay. No server loop of its own: every helper
+runs in the caller's thread or on the caller's asyncio loop.
+
+This module only re-exports; each primitive lives in one private module.
+"""
+
+from ._address import Address, AddressLike, parse_address
+from ._errors import (
+    AddressError,
+    AddressInUse,
+    GroupMemberError,
+    HostNotFound,
+    ReuselbError,
+    ReuseportUnsupported,
+    SocketClosed,
+    WrongSocketType,
+)
+from ._sockets import tcp_socket, udp_socket
+from ._version import __version__
+
+__all__ = (
+    "__version__",
+    # errors
+    "ReuselbError",
+    "AddressError",
+    "AddressInUse",
+    "GroupMemberError",
+    "HostNotFound",
+    "ReuseportUnsupported",
+    "SocketClosed",
+    "WrongSocketType",
+    # addresses
+    "Address",
+    "AddressLike",
+    "parse_address",
+    # sockets
+    "tcp_socket",
+    "udp_socket",
+)

@@ -1,0 +1,244 @@
+"""The one address parser every reuselb function uses.
+
+Rules of this module:
+
+* parsing is pure syntax: no DNS, no sockets. Names are resolved later by
+  :func:`resolve_address`, which is where ``HostNotFound`` comes from;
+* every accepted spelling parses to one canonical :class:`Address`, and
+  ``parse_address(str(a)) == a`` for every ``Address`` this module returns;
+* anything else raises :class:`~reuselb.AddressError` naming the value;
+  no other exception escapes :func:`parse_address`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+from dataclasses import dataclass
+from typing import TypeAlias, cast
+
+from ._errors import AddressError, HostNotFound
+
+__all__ = ["Address", "AddressLike", "parse_address", "resolve_address"]
+
+#: ``SockAddr`` as the socket module returns it: ``(host, port)`` or the IPv6 4-tuple.
+SockAddr: TypeAlias = tuple[str, int] | tuple[str, int, int, int]
+
+# ASCII digits only: str.isdigit() accepts e.g. Arabic-Indic digits, which int() then
+# converts, so "١٢٣" would otherwise slip through as port 123.
+_PORT_RE = re.compile(r"[0-9]{1,5}\Z")
+_LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)\Z")
+_V4ISH_RE = re.compile(r"[0-9.]+\Z")
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A parsed ``host:port``.
+
+    :ivar host: ``""`` for all interfaces; an IPv4 literal; an IPv6 literal
+        without brackets, compressed and lower-case (a zone stays as ``%zone``);
+        or a lower-case host name.
+    :ivar port: ``0`` to ``65535``; ``0`` asks the kernel for a free port.
+    """
+
+    host: str
+    port: int
+
+    @property
+    def is_wildcard(self) -> bool:
+        """True for "all interfaces" (``""``, ``0.0.0.0`` or ``::``)."""
+        return self.host in ("", "0.0.0.0", "::")
+
+    @property
+    def family(self) -> socket.AddressFamily:
+        """``AF_INET``/``AF_INET6`` for literals, ``AF_UNSPEC`` for names and ``""``."""
+        if ":" in self.host:
+            return socket.AF_INET6
+        if self.host and _V4ISH_RE.match(self.host):
+            return socket.AF_INET
+        return socket.AF_UNSPEC
+
+    @property
+    def is_literal(self) -> bool:
+        """True when no name resolution is needed."""
+        return self.host == "" or self.family != socket.AF_UNSPEC
+
+    def with_port(self, port: int) -> Address:
+        """The same host with another port (validated)."""
+        return Address(self.host, _check_port(port, self))
+
+    def __str__(self) -> str:
+        if self.host == "":
+            return f"*:{self.port}"
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+#: What every reuselb function accepts as an address.
+AddressLike: TypeAlias = Address | str | tuple[str, int] | tuple[str, int, int, int] | int
+
+
+def parse_address(value: AddressLike, *, default_port: int | None = None) -> Address:
+    """Parse any accepted spelling of an address into an :class:`Address`.
+
+    Accepted: ``"host:port"``, ``"1.2.3.4:port"``, ``"[v6]:port"``,
+    ``"[fe80::1%eth0]:port"``, ``":port"`` and ``"*:port"`` (all interfaces),
+    ``(host, port)`` and the IPv6 ``(host, port, flowinfo, scope_id)`` tuples,
+    a bare ``int`` port (all interfaces), or an :class:`Address` (returned as is).
+    A string without a port is accepted only when *default_port* is given.
+
+    :param value: the address.
+    :param default_port: port to use when a string names only a host.
+    :returns: the canonical :class:`Address`.
+    :raises AddressError: the value is malformed, a port is out of ``0..65535``,
+        or an IPv6 literal lacks its brackets.
+    """
+    if isinstance(value, Address):
+        return value
+    if isinstance(value, bool):
+        raise AddressError(value, "expected a port number, got a bool")
+    if isinstance(value, int):
+        return Address("", _check_port(value, value))
+    if isinstance(value, str):
+        return _parse_str(value, default_port)
+    if isinstance(value, tuple):
+        return _parse_tuple(value)
+    raise AddressError(
+        value,
+        f"expected a 'host:port' string, a (host, port) tuple or an int port, "
+        f"got {type(value).__name__}",
+    )
+
+
+def _check_port(port: object, value: object) -> int:
+    if isinstance(port, bool) or not isinstance(port, int):
+        raise AddressError(value, f"port must be an int, got {type(port).__name__}")
+    if not 0 <= port <= 65535:
+        raise AddressError(value, f"port {port} out of range 0-65535")
+    return port
+
+
+def _parse_port_text(text: str, value: object) -> int:
+    if not _PORT_RE.match(text):
+        raise AddressError(value, f"port {text!r} is not a number")
+    return _check_port(int(text), value)
+
+
+def _parse_str(value: str, default_port: int | None) -> Address:
+    text = value
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0:
+            raise AddressError(value, "'[' without matching ']'")
+        host_text = text[1:close]
+        rest = text[close + 1 :]
+        if rest == "":
+            port = _default(value, default_port)
+        elif rest.startswith(":"):
+            port = _parse_port_text(rest[1:], value)
+        else:
+            raise AddressError(value, f"unexpected {rest!r} after ']'")
+        if not host_text:
+            raise AddressError(value, "empty IPv6 literal '[]'")
+        return Address(_canonical_v6(host_text, value), port)
+    if text.count(":") > 1:
+        raise AddressError(value, "an IPv6 literal with a port must be in brackets, e.g. [::1]:80")
+    host_text, sep, port_text = text.rpartition(":")
+    if not sep:
+        host_text, port = text, _default(value, default_port)
+    else:
+        port = _parse_port_text(port_text, value)
+    return Address(_canonical_host(host_text, value), port)
+
+
+def _default(value: object, default_port: int | None) -> int:
+    if default_port is None:
+        raise AddressError(value, "no port given (expected 'host:port')")
+    return _check_port(default_port, value)
+
+
+def _parse_tuple(value: tuple[object, ...]) -> Address:
+    if len(value) not in (2, 4):
+        raise AddressError(value, f"expected (host, port) or a 4-tuple, got {len(value)} items")
+    host, port = value[0], value[1]
+    if not isinstance(host, str):
+        raise AddressError(value, f"host must be a str, got {type(host).__name__}")
+    port = _check_port(port, value)
+    if len(value) == 4:
+        flowinfo, scope_id = value[2], value[3]
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in (flowinfo, scope_id)):
+            raise AddressError(value, "flowinfo and scope_id must be ints")
+        assert isinstance(scope_id, int)
+        if ":" not in host:
+            raise AddressError(value, "a 4-tuple address must have an IPv6 host")
+        if scope_id and "%" not in host:
+            host = f"{host}%{scope_id}"
+    if ":" in host:
+        return Address(_canonical_v6(host, value), port)
+    return Address(_canonical_host(host, value), port)
+
+
+def _canonical_v6(text: str, value: object) -> str:
+    addr, pct, zone = text.partition("%")
+    if pct and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", zone):
+        raise AddressError(value, f"invalid IPv6 zone {zone!r}")
+    try:
+        ip = ipaddress.IPv6Address(addr)
+    except ValueError as exc:
+        raise AddressError(value, f"{addr!r} is not an IPv6 address ({exc})") from None
+    return f"{ip.compressed}%{zone}" if pct else ip.compressed
+
+
+def _canonical_host(text: str, value: object) -> str:
+    if text in ("", "*"):
+        return ""
+    if _V4ISH_RE.match(text):
+        try:
+            return str(ipaddress.IPv4Address(text))
+        except ValueError as exc:
+            raise AddressError(value, f"{text!r} is not an IPv4 address ({exc})") from None
+    name = text[:-1] if text.endswith(".") else text
+    if len(name) > 253 or not all(_LABEL_RE.match(label) for label in name.split(".")):
+        raise AddressError(value, f"{text!r} is not a valid host name")
+    return name.lower()
+
+
+def resolve_address(
+    address: Address,
+    socktype: socket.SocketKind,
+    *,
+    passive: bool,
+    family: socket.AddressFamily = socket.AF_UNSPEC,
+) -> list[tuple[socket.AddressFamily, SockAddr]]:
+    """Turn an :class:`Address` into ``(family, sockaddr)`` candidates, in preference order.
+
+    Literals never touch DNS. The wildcard ``""`` is ``0.0.0.0`` when *passive*
+    (binding) and ``127.0.0.1`` otherwise, unless *family* asks for IPv6.
+
+    :raises HostNotFound: the name does not resolve (for *family*, if given).
+    """
+    host = address.host
+    if host == "":
+        if family == socket.AF_INET6:
+            host = "::" if passive else "::1"
+        else:
+            host = "0.0.0.0" if passive else "127.0.0.1"
+    flags = socket.AI_NUMERICHOST if Address(host, 0).is_literal else 0
+    if passive:
+        flags |= socket.AI_PASSIVE
+    try:
+        infos = socket.getaddrinfo(host, address.port, family, socktype, 0, flags)
+    except socket.gaierror as exc:
+        raise HostNotFound(host, exc.strerror or str(exc)) from None
+    out: list[tuple[socket.AddressFamily, SockAddr]] = []
+    for fam, _type, _proto, _canon, sockaddr in infos:
+        # getaddrinfo may list AF_UNIX/AF_PACKET-free entries only on exotic
+        # configurations; keep IP families and drop duplicates (one per socktype).
+        entry = (socket.AddressFamily(fam), cast(SockAddr, sockaddr[:4]))
+        if entry[0] in (socket.AF_INET, socket.AF_INET6) and entry not in out:
+            out.append(entry)
+    if not out:
+        raise HostNotFound(host, "no IPv4 or IPv6 address")
+    return out

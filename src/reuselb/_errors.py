@@ -1,0 +1,149 @@
+"""Every exception reuselb raises.
+
+Rules of this module:
+
+* one class per condition; each message is built in ``__init__`` from the
+  offending value, lowercase, so ``str(exc)`` always names what was wrong;
+* leaves also subclass the builtin a caller already catches (``ValueError`` for
+  bad arguments, ``OSError`` for what the kernel refused, ``LookupError`` for
+  missing nodes), so ``except OSError`` around socket code keeps working;
+* the offending values stay available as attributes for programs.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+from typing import Any
+
+__all__ = [
+    "AddressError",
+    "AddressInUse",
+    "GroupMemberError",
+    "HostNotFound",
+    "ReuselbError",
+    "ReuseportUnsupported",
+    "SocketClosed",
+    "WrongSocketType",
+]
+
+
+class ReuselbError(Exception):
+    """Base class of every exception raised by reuselb."""
+
+
+# --------------------------------------------------------------------------- addresses
+
+
+class AddressError(ReuselbError, ValueError):
+    """An address could not be parsed or is out of range.
+
+    :ivar value: the value that was passed.
+    :ivar reason: what is wrong with it.
+    """
+
+    def __init__(self, value: object, reason: str) -> None:
+        self.value = value
+        self.reason = reason
+        super().__init__(f"invalid address {value!r}: {reason}")
+
+
+class HostNotFound(ReuselbError, OSError):
+    """A host name did not resolve (wraps :class:`socket.gaierror`)."""
+
+    def __init__(self, host: str, reason: str) -> None:
+        self.host = host
+        self.reason = reason
+        OSError.__init__(self, f"unknown host {host!r}: {reason}")
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+# --------------------------------------------------------------------------- sockets
+
+
+class ReuseportUnsupported(ReuselbError, OSError):
+    """The platform cannot give a kernel-balanced SO_REUSEPORT group.
+
+    Raised instead of silently handing back sockets that do not balance (macOS
+    sends every connection to the last socket bound; Windows has no such option).
+    """
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        OSError.__init__(self, f"SO_REUSEPORT load balancing unavailable: {reason}")
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class AddressInUse(ReuselbError, OSError):
+    """``bind`` failed with EADDRINUSE.
+
+    On Linux this means another socket holds the address *without* SO_REUSEPORT
+    (or under another user id, which the kernel also refuses to share).
+    """
+
+    def __init__(self, address: str, detail: str = "") -> None:
+        self.address = address
+        msg = (
+            f"address {address} is already in use by a socket that is not in a reuseport "
+            "group with this one (it lacks SO_REUSEPORT, or belongs to another user id)"
+        )
+        if detail:
+            msg = f"{msg}: {detail}"
+        OSError.__init__(self, _errno.EADDRINUSE, msg)
+
+    def __str__(self) -> str:
+        return str(self.args[1])
+
+
+class WrongSocketType(ReuselbError, ValueError):
+    """A socket of the wrong family/type was passed (for example UDP where TCP is expected)."""
+
+    def __init__(self, what: str, expected: str, got: str) -> None:
+        self.expected = expected
+        self.got = got
+        super().__init__(f"{what}: expected {expected}, got {got}")
+
+
+class SocketClosed(ReuselbError, ValueError):
+    """A closed socket (``fileno() == -1``) was passed where an open one is needed."""
+
+    def __init__(self, sock: Any, what: str = "socket") -> None:
+        self.sock = sock
+        super().__init__(f"{what} is closed: {sock!r}")
+
+
+class GroupMemberError(ReuselbError, OSError):
+    """Creating member *index* of a reuseport group failed; every member made so far was closed.
+
+    :ivar index: zero-based index of the member that failed.
+    :ivar count: how many members were asked for.
+    The original exception is chained as ``__cause__``.
+    """
+
+    def __init__(self, index: int, count: int, address: str, cause: BaseException) -> None:
+        self.index = index
+        self.count = count
+        self.address = address
+        OSError.__init__(
+            self,
+            f"reuseport group on {address}: member {index} of {count} failed "
+            f"({type(cause).__name__}: {cause}); the {index} member(s) already made were closed",
+        )
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+# --------------------------------------------------------------------------- balance
+# (policy errors: added by the balance package)
+
+
+# --------------------------------------------------------------------------- relay
+# (relay errors: added by the relay module)
+
+
+# --------------------------------------------------------------------------- handoff / steering
+# (handoff and steering errors: added by those modules)

@@ -1,0 +1,53 @@
+"""Shared test configuration: capability markers defined once, fd accounting."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+IS_LINUX = sys.platform.startswith("linux")
+
+
+def _has_ipv6_loopback() -> bool:
+    # Probe by trying (urllib3 style): constants can exist without a usable stack.
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+HAS_IPV6 = _has_ipv6_loopback()
+IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if "linux" in item.keywords and not IS_LINUX:
+            item.add_marker(pytest.mark.skip(reason="needs Linux"))
+        if "ipv6" in item.keywords and not HAS_IPV6:
+            item.add_marker(pytest.mark.skip(reason="no IPv6 loopback (binding ::1 failed)"))
+        if "root" in item.keywords and not IS_ROOT:
+            item.add_marker(pytest.mark.skip(reason="needs root"))
+
+
+def open_fds() -> set[int]:
+    """The file descriptors open in this process right now (Linux /proc)."""
+    return {int(name) for name in os.listdir("/proc/self/fd")}
+
+
+@pytest.fixture
+def no_fd_leak() -> Iterator[None]:
+    """Fail the test if it leaves file descriptors open."""
+    before = open_fds()
+    yield
+    leaked = open_fds() - before
+    # listdir itself opens a directory fd that is closed again; anything left is a leak.
+    assert not leaked, f"leaked fds: {sorted(leaked)}"

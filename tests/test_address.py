@@ -1,0 +1,141 @@
+"""parse_address: accepted spellings, canonical form, round trip, errors."""
+
+from __future__ import annotations
+
+import socket
+import string
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from reuselb import Address, AddressError, HostNotFound, parse_address
+from reuselb._address import resolve_address
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("127.0.0.1:80", Address("127.0.0.1", 80)),
+        ("localhost:8080", Address("localhost", 8080)),
+        ("Example.COM.:1", Address("example.com", 1)),
+        ("[::1]:443", Address("::1", 443)),
+        ("[0:0::0001]:443", Address("::1", 443)),
+        ("[FE80::1%eth0]:9", Address("fe80::1%eth0", 9)),
+        (":8000", Address("", 8000)),
+        ("*:8000", Address("", 8000)),
+        ("0.0.0.0:0", Address("0.0.0.0", 0)),
+        ("[::]:65535", Address("::", 65535)),
+        (("127.0.0.1", 0), Address("127.0.0.1", 0)),
+        (("::1", 5), Address("::1", 5)),
+        (("fe80::1", 5, 0, 3), Address("fe80::1%3", 5)),
+        (("", 7), Address("", 7)),
+        (8080, Address("", 8080)),
+    ],
+)
+def test_accepted_spellings(value: object, expected: Address) -> None:
+    assert parse_address(value) == expected  # type: ignore[arg-type]
+
+
+def test_address_passes_through_and_formats() -> None:
+    a = Address("::1", 1)
+    assert parse_address(a) is a
+    assert str(a) == "[::1]:1"
+    assert str(Address("", 2)) == "*:2"
+    assert a.family == socket.AF_INET6
+    assert Address("10.0.0.1", 1).family == socket.AF_INET
+    assert Address("db", 1).family == socket.AF_UNSPEC
+    assert Address("", 1).is_wildcard and Address("::", 1).is_wildcard
+    assert Address("h", 1).with_port(2) == Address("h", 2)
+
+
+def test_default_port() -> None:
+    assert parse_address("db.local", default_port=6379) == Address("db.local", 6379)
+    assert parse_address("[::1]", default_port=1) == Address("::1", 1)
+    with pytest.raises(AddressError, match="no port given"):
+        parse_address("db.local")
+
+
+@pytest.mark.parametrize(
+    ("value", "needle"),
+    [
+        ("127.0.0.1:70000", "port 70000 out of range"),
+        ("127.0.0.1:-1", "port '-1' is not a number"),
+        ("127.0.0.1:http", "port 'http' is not a number"),
+        ("127.0.0.1:١٢٣", "is not a number"),
+        ("::1:80", "must be in brackets"),
+        ("[::1:80", "without matching"),
+        ("[::1]80", "unexpected '80'"),
+        ("[]:80", "empty IPv6"),
+        ("[1.2.3.4]:80", "not an IPv6 address"),
+        ("[fe80::1%e th]:80", "invalid IPv6 zone"),
+        ("300.1.1.1:80", "not an IPv4 address"),
+        ("bad host:80", "not a valid host name"),
+        ("-lead.example:80", "not a valid host name"),
+        (("127.0.0.1", "80"), "port must be an int"),
+        (("127.0.0.1", True), "port must be an int"),
+        (("127.0.0.1",), "got 1 items"),
+        ((1, 80), "host must be a str"),
+        (("1.2.3.4", 1, 0, 0), "must have an IPv6 host"),
+        (True, "got a bool"),
+        (-5, "port -5 out of range"),
+        (3.5, "got float"),
+        (None, "got NoneType"),
+    ],
+)
+def test_rejected_with_named_value(value: object, needle: str) -> None:
+    with pytest.raises(AddressError, match=None) as info:
+        parse_address(value)  # type: ignore[arg-type]
+    assert needle in str(info.value)
+    assert repr(value) in str(info.value)
+    assert isinstance(info.value, ValueError)
+
+
+def test_resolve_literals_without_dns() -> None:
+    assert resolve_address(Address("", 5), socket.SOCK_STREAM, passive=True) == [
+        (socket.AF_INET, ("0.0.0.0", 5))
+    ]
+    assert resolve_address(Address("", 5), socket.SOCK_STREAM, passive=False) == [
+        (socket.AF_INET, ("127.0.0.1", 5))
+    ]
+    [(fam, sa)] = resolve_address(Address("::1", 5), socket.SOCK_STREAM, passive=False)
+    assert fam == socket.AF_INET6 and sa[:2] == ("::1", 5)
+
+
+def test_unknown_host() -> None:
+    with pytest.raises(HostNotFound, match=r"unknown host .no-such-host\.invalid.") as info:
+        resolve_address(Address("no-such-host.invalid", 1), socket.SOCK_STREAM, passive=False)
+    assert isinstance(info.value, OSError)
+
+
+_hosts = st.one_of(
+    st.just(""),
+    st.ip_addresses(v=4).map(str),
+    st.ip_addresses(v=6).map(str),
+    st.from_regex(r"[a-z]([a-z0-9-]{0,10}[a-z0-9])?(\.[a-z]{1,8}){0,3}", fullmatch=True),
+)
+
+
+@given(host=_hosts, port=st.integers(0, 65535))
+def test_round_trip(host: str, port: int) -> None:
+    a = parse_address((host, port))
+    assert parse_address(str(a)) == a
+    assert a.port == port
+
+
+@given(st.text(alphabet=string.printable + "[]%:*\u0661", max_size=40))
+def test_arbitrary_text_only_raises_address_error(text: str) -> None:
+    try:
+        a = parse_address(text)
+    except AddressError:
+        return
+    assert parse_address(str(a)) == a
+
+
+@given(st.tuples(st.text(max_size=20), st.one_of(st.integers(), st.text(max_size=3))))
+def test_arbitrary_tuples_only_raise_address_error(value: tuple[str, object]) -> None:
+    try:
+        a = parse_address(value)  # type: ignore[arg-type]
+    except AddressError:
+        return
+    assert parse_address(str(a)) == a
