@@ -13,12 +13,24 @@ from ._errors import (
     AddressInUse,
     GroupMemberError,
     HostNotFound,
+    InvalidArgument,
     ReuselbError,
     ReuseportUnsupported,
     SocketClosed,
     WrongSocketType,
 )
-from ._sockets import tcp_socket, udp_socket
+from ._sockets import (
+    ReuseportGroup,
+    SocketInfo,
+    connect_tcp,
+    reuseport_group,
+    reuseport_listener,
+    reuseport_udp,
+    socket_info,
+    supports_reuseport,
+    tcp_socket,
+    udp_socket,
+)
 from ._version import __version__
 
 __all__ = (
@@ -29,6 +41,7 @@ __all__ = (
     "AddressInUse",
     "GroupMemberError",
     "HostNotFound",
+    "InvalidArgument",
     "ReuseportUnsupported",
     "SocketClosed",
     "WrongSocketType",
@@ -37,6 +50,14 @@ __all__ = (
     "AddressLike",
     "parse_address",
     # sockets
+    "ReuseportGroup",
+    "SocketInfo",
+    "connect_tcp",
+    "reuseport_group",
+    "reuseport_listener",
+    "reuseport_udp",
+    "socket_info",
+    "supports_reuseport",
     "tcp_socket",
     "udp_socket",
 )

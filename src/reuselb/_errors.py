@@ -17,6 +17,7 @@ from typing import Any
 
 __all__ = [
     "AddressError",
+    "InvalidArgument",
     "AddressInUse",
     "GroupMemberError",
     "HostNotFound",
@@ -29,6 +30,19 @@ __all__ = [
 
 class ReuselbError(Exception):
     """Base class of every exception raised by reuselb."""
+
+
+class InvalidArgument(ReuselbError, ValueError):
+    """An argument is out of its allowed range (a negative count, a zero backlog, ...).
+
+    :ivar name: the parameter's name.
+    :ivar value: the value passed.
+    """
+
+    def __init__(self, name: str, value: object, reason: str) -> None:
+        self.name = name
+        self.value = value
+        super().__init__(f"invalid {name} {value!r}: {reason}")
 
 
 # --------------------------------------------------------------------------- addresses

@@ -1,25 +1,168 @@
-"""Socket factories, reuseport listeners and groups, capability probes.
+"""Socket factories, reuseport listeners and groups, capability probes, socket_info.
 
 Rules of this module:
 
 * every socket is created with SOCK_CLOEXEC in the same ``socket(2)`` call, so a
   ``fork()+exec()`` in another thread can never inherit it (setting FD_CLOEXEC
   afterwards leaves a window; see PEP 446);
-* every factory closes what it made when it fails, and never closes a socket
-  the caller passed in;
+* SO_REUSEPORT is set before ``bind``: the kernel decides group membership at bind
+  time (socket(7));
+* every factory closes what it made when it fails, and never closes a socket the
+  caller passed in;
+* asking for a kernel-balanced listener on a system whose kernel does not balance
+  raises :class:`~reuselb.ReuseportUnsupported` instead of silently handing back
+  sockets that all feed one process;
 * nothing here runs a loop or starts a thread.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import functools
+import os
 import socket
+import struct
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Literal
 
-__all__ = ["tcp_socket", "udp_socket"]
+from typing_extensions import Self
+
+from ._address import Address, AddressLike, parse_address, resolve_address
+from ._errors import (
+    AddressError,
+    AddressInUse,
+    GroupMemberError,
+    InvalidArgument,
+    ReuseportUnsupported,
+    SocketClosed,
+    WrongSocketType,
+)
+
+__all__ = [
+    "ReuseportGroup",
+    "SocketInfo",
+    "connect_tcp",
+    "reuseport_group",
+    "reuseport_listener",
+    "reuseport_udp",
+    "socket_info",
+    "supports_reuseport",
+    "tcp_socket",
+    "udp_socket",
+]
 
 # Linux and the BSDs have the flag; elsewhere CPython still makes sockets
 # non-inheritable (PEP 446), only not atomically.
 _CLOEXEC: int = getattr(socket, "SOCK_CLOEXEC", 0)
 _NONBLOCK: int = getattr(socket, "SOCK_NONBLOCK", 0)
+# FreeBSD 12+ balances only with SO_REUSEPORT_LB (0x10000 in <sys/socket.h>);
+# CPython does not export the constant on every version.
+_SO_REUSEPORT_LB = 0x00010000
+# Linux 4.2+: bind() with port 0 before connect() defers the port choice to
+# connect(), so a proxy dialing from a fixed source IP does not exhaust ports.
+_IP_BIND_ADDRESS_NO_PORT = 24
+_TCP_FASTOPEN = getattr(socket, "TCP_FASTOPEN", 23)
+_TCP_DEFER_ACCEPT = getattr(socket, "TCP_DEFER_ACCEPT", 9)
+
+Kind = Literal["tcp", "udp"]
+
+
+# --------------------------------------------------------------------------- capabilities
+
+
+@dataclass(frozen=True)
+class _Capability:
+    option: int | None  # the sockopt that gives kernel balancing, if any
+    exists: bool  # SO_REUSEPORT (or _LB) can be set and two sockets can bind
+    balances: bool  # the kernel spreads connections across members
+    reason: str  # why not, when balances is False
+
+
+def _platform_option(platform: str) -> tuple[int | None, bool, str]:
+    """(option, kernel balances, reason) from what the platform is documented to do."""
+    if platform.startswith("linux"):
+        # Linux 3.9+: members hash by 4-tuple (LWN 542629).
+        return getattr(socket, "SO_REUSEPORT", 15), True, ""
+    if platform.startswith("freebsd"):
+        # FreeBSD 12+: SO_REUSEPORT only allows the bind; SO_REUSEPORT_LB balances.
+        return getattr(socket, "SO_REUSEPORT_LB", _SO_REUSEPORT_LB), True, ""
+    if platform == "darwin":
+        return (
+            getattr(socket, "SO_REUSEPORT", None),
+            False,
+            "macOS accepts SO_REUSEPORT but delivers every connection to the last socket "
+            "bound; use one listener shared by fork, or Linux",
+        )
+    if platform in ("win32", "cygwin"):
+        return None, False, "Windows has no SO_REUSEPORT"
+    opt = getattr(socket, "SO_REUSEPORT", None)
+    return opt, False, f"{platform} is not known to balance SO_REUSEPORT groups"
+
+
+def _probe(option: int) -> bool:
+    """Bind two sockets to one loopback port with *option*: does the kernel allow it?"""
+    first = second = None
+    try:
+        first = _new_socket(socket.AF_INET, socket.SOCK_STREAM, False)
+        first.setsockopt(socket.SOL_SOCKET, option, 1)
+        first.bind(("127.0.0.1", 0))
+        second = _new_socket(socket.AF_INET, socket.SOCK_STREAM, False)
+        second.setsockopt(socket.SOL_SOCKET, option, 1)
+        second.bind(first.getsockname())
+    except OSError:
+        return False
+    finally:
+        for s in (first, second):
+            if s is not None:
+                s.close()
+    return True
+
+
+@functools.cache
+def _capability() -> _Capability:
+    # Probed once per process, by trying (a constant can exist on a kernel that
+    # rejects it, e.g. Linux < 3.9 or seccomp-filtered containers).
+    option, balances, reason = _platform_option(sys.platform)
+    if option is None:
+        return _Capability(None, False, False, reason)
+    if not _probe(option):
+        return _Capability(
+            option, False, False, "the kernel refused to bind two sockets with SO_REUSEPORT"
+        )
+    return _Capability(option, True, balances, reason)
+
+
+def supports_reuseport(*, balanced: bool = True) -> bool:
+    """Whether this system can build SO_REUSEPORT groups.
+
+    The answer comes from a real probe (two sockets bound to one loopback port),
+    made once per process.
+
+    :param balanced: ask whether the *kernel balances* connections across members
+        (Linux; FreeBSD with SO_REUSEPORT_LB), not only whether the option exists
+        (macOS accepts it but sends everything to the last socket bound).
+    :returns: True when the requested level is available.
+    """
+    cap = _capability()
+    return cap.balances if balanced else cap.exists
+
+
+def _reuseport_option(balanced: bool) -> int:
+    cap = _capability()
+    if cap.option is None or not cap.exists:
+        raise ReuseportUnsupported(cap.reason or "SO_REUSEPORT is not available")
+    if balanced and not cap.balances:
+        raise ReuseportUnsupported(
+            f"{cap.reason} (pass balanced=False to get the socket without balancing)"
+        )
+    return cap.option
+
+
+# --------------------------------------------------------------------------- factories
 
 
 def _new_socket(
@@ -32,6 +175,12 @@ def _new_socket(
     return sock
 
 
+def _check_family(family: object) -> socket.AddressFamily:
+    if family not in (socket.AF_INET, socket.AF_INET6):
+        raise InvalidArgument("family", family, "expected socket.AF_INET or socket.AF_INET6")
+    return socket.AddressFamily(family)  # type: ignore[arg-type]
+
+
 def tcp_socket(
     family: socket.AddressFamily = socket.AF_INET,
     *,
@@ -41,11 +190,13 @@ def tcp_socket(
     """A new TCP socket, created close-on-exec in the same syscall.
 
     :param family: ``AF_INET`` or ``AF_INET6``.
-    :param nonblocking: create it with ``SOCK_NONBLOCK`` (timeout 0).
+    :param nonblocking: create it with ``SOCK_NONBLOCK`` (Python timeout 0).
     :param nodelay: set ``TCP_NODELAY``.
+    :returns: the socket; the caller owns it.
+    :raises InvalidArgument: *family* is not an IP family.
     :raises OSError: the kernel refused to create it.
     """
-    sock = _new_socket(family, socket.SOCK_STREAM, nonblocking)
+    sock = _new_socket(_check_family(family), socket.SOCK_STREAM, nonblocking)
     try:
         if nodelay:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -61,7 +212,509 @@ def udp_socket(
     """A new UDP socket, created close-on-exec in the same syscall.
 
     :param family: ``AF_INET`` or ``AF_INET6``.
-    :param nonblocking: create it with ``SOCK_NONBLOCK`` (timeout 0).
+    :param nonblocking: create it with ``SOCK_NONBLOCK`` (Python timeout 0).
+    :returns: the socket; the caller owns it.
+    :raises InvalidArgument: *family* is not an IP family.
     :raises OSError: the kernel refused to create it.
     """
-    return _new_socket(family, socket.SOCK_DGRAM, nonblocking)
+    return _new_socket(_check_family(family), socket.SOCK_DGRAM, nonblocking)
+
+
+def _somaxconn() -> int:
+    # The kernel silently caps listen()'s backlog at net.core.somaxconn, so asking
+    # for exactly that gives the largest queue the administrator allows.
+    try:
+        with open("/proc/sys/net/core/somaxconn", encoding="ascii") as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return socket.SOMAXCONN
+
+
+def _bind_target(
+    address: Address, kind: socket.SocketKind, dualstack: bool
+) -> tuple[socket.AddressFamily, Any]:
+    if dualstack:
+        if address.host == "":
+            return socket.AF_INET6, ("::", address.port, 0, 0)
+        if address.family == socket.AF_INET:
+            raise AddressError(
+                str(address), "dualstack=True needs an IPv6 or wildcard address, not IPv4"
+            )
+    family = socket.AF_INET6 if dualstack else socket.AF_UNSPEC
+    return resolve_address(address, kind, passive=True, family=family)[0]
+
+
+def _bound(
+    address: AddressLike,
+    kind: socket.SocketKind,
+    *,
+    dualstack: bool,
+    nonblocking: bool,
+    balanced: bool,
+    reuseaddr: bool,
+) -> socket.socket:
+    addr = parse_address(address)
+    option = _reuseport_option(balanced)
+    family, sockaddr = _bind_target(addr, kind, dualstack)
+    sock = _new_socket(family, kind, nonblocking)
+    try:
+        if reuseaddr:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, option, 1)
+        if family == socket.AF_INET6:
+            # Explicit either way: the default comes from net.ipv6.bindv6only and a
+            # [::] member with V6ONLY off also takes IPv4 (and conflicts with 0.0.0.0).
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dualstack else 1)
+        try:
+            sock.bind(sockaddr)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise AddressInUse(str(parse_address(sockaddr)), exc.strerror or "") from None
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise AddressError(str(addr), "not an address of this host") from None
+            raise
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _positive_int(name: str, value: object, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgument(name, value, "must be an int")
+    if value < minimum:
+        raise InvalidArgument(name, value, f"must be >= {minimum}")
+    return value
+
+
+def reuseport_listener(
+    address: AddressLike,
+    *,
+    backlog: int | None = None,
+    dualstack: bool = False,
+    nonblocking: bool = False,
+    fastopen: int | None = None,
+    defer_accept: int | None = None,
+    nodelay: bool = False,
+    balanced: bool = True,
+) -> socket.socket:
+    """A listening TCP socket with SO_REUSEPORT set before ``bind``.
+
+    Each process (or thread) that calls this with the same address joins one
+    reuseport group, and the kernel spreads new connections across the members by
+    a hash of the 4-tuple. Each member has its own accept queue.
+
+    SO_REUSEADDR is also set: on a TCP listener it only allows rebinding while old
+    connections sit in TIME_WAIT after a restart; it never lets two listeners share
+    a port (that is SO_REUSEPORT's job, with its same-user-id check).
+
+    :param address: ``"host:port"``, ``"[v6]:port"``, ``":port"``/``"*:port"`` (all
+        interfaces), ``(host, port)`` or an int port; see :func:`parse_address`.
+    :param backlog: accept queue length; ``None`` means the system's
+        ``net.core.somaxconn``.
+    :param dualstack: for IPv6 or wildcard addresses, accept IPv4 too (V6ONLY off).
+        Without it IPv6 listeners set ``IPV6_V6ONLY``.
+    :param nonblocking: create the socket non-blocking.
+    :param fastopen: enable TCP Fast Open with this many pending requests.
+    :param defer_accept: seconds to wait for data before waking ``accept``
+        (``TCP_DEFER_ACCEPT``).
+    :param nodelay: set ``TCP_NODELAY``; on Linux accepted sockets inherit it.
+    :param balanced: require that the kernel balances the group (default); pass
+        False to accept SO_REUSEPORT without balancing (macOS).
+    :returns: the listening socket; the caller owns it.
+    :raises AddressError: the address is malformed, or not an address of this host.
+    :raises HostNotFound: the host name does not resolve.
+    :raises AddressInUse: a socket outside this reuseport group holds the address.
+    :raises ReuseportUnsupported: the system cannot give what *balanced* asks for.
+    :raises InvalidArgument: *backlog*, *fastopen* or *defer_accept* out of range.
+    """
+    if backlog is not None:
+        _positive_int("backlog", backlog, minimum=1)
+    if fastopen is not None:
+        _positive_int("fastopen", fastopen, minimum=1)
+    if defer_accept is not None:
+        _positive_int("defer_accept", defer_accept, minimum=0)
+    sock = _bound(
+        address,
+        socket.SOCK_STREAM,
+        dualstack=dualstack,
+        nonblocking=nonblocking,
+        balanced=balanced,
+        reuseaddr=True,
+    )
+    try:
+        if nodelay:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if fastopen is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, _TCP_FASTOPEN, fastopen)
+        if defer_accept is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, _TCP_DEFER_ACCEPT, defer_accept)
+        sock.listen(_somaxconn() if backlog is None else backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def reuseport_udp(
+    address: AddressLike,
+    *,
+    dualstack: bool = False,
+    nonblocking: bool = False,
+    balanced: bool = True,
+) -> socket.socket:
+    """A bound UDP socket with SO_REUSEPORT, never SO_REUSEADDR.
+
+    SO_REUSEADDR on UDP lets any local process bind the same port and steal
+    datagrams (CPython's asyncio dropped ``reuse_address`` for UDP for this reason);
+    SO_REUSEPORT keeps the same-user-id check.
+
+    :param address: see :func:`reuseport_listener`.
+    :param dualstack: for IPv6 or wildcard addresses, take IPv4 too.
+    :param nonblocking: create the socket non-blocking.
+    :param balanced: require kernel balancing (see :func:`reuseport_listener`).
+    :returns: the bound socket; the caller owns it.
+    :raises AddressError: the address is malformed or not local.
+    :raises HostNotFound: the host name does not resolve.
+    :raises AddressInUse: a socket outside this reuseport group holds the address.
+    :raises ReuseportUnsupported: the system cannot give what *balanced* asks for.
+    """
+    return _bound(
+        address,
+        socket.SOCK_DGRAM,
+        dualstack=dualstack,
+        nonblocking=nonblocking,
+        balanced=balanced,
+        reuseaddr=False,
+    )
+
+
+# --------------------------------------------------------------------------- groups
+
+
+class ReuseportGroup:
+    """Members of one reuseport group, owned together, in join order.
+
+    Join order matters: a reuseport BPF program returns an index into the group in
+    the order members bound (see ``attach_cpu_steering``). The group closes every
+    member it still owns on :meth:`close` or when its ``with`` block ends;
+    :meth:`take` hands one member to the caller, who then owns it.
+    """
+
+    def __init__(self, members: list[socket.socket], address: Address, kind: Kind) -> None:
+        self._members: list[socket.socket | None] = list(members)
+        self.address = address
+        self.kind: Kind = kind
+
+    @property
+    def members(self) -> tuple[socket.socket, ...]:
+        """The members still owned by the group, in join order."""
+        return tuple(m for m in self._members if m is not None)
+
+    @property
+    def port(self) -> int:
+        """The port every member is bound to."""
+        return self.address.port
+
+    def fileno(self, index: int) -> int:
+        """The file descriptor of member *index*."""
+        return self[index].fileno()
+
+    def take(self, index: int) -> socket.socket:
+        """Give member *index* to the caller: the group will no longer close it.
+
+        :raises IndexError: no member at *index*, or it was already taken.
+        """
+        sock = self[index]
+        self._members[index] = None
+        return sock
+
+    def close(self) -> None:
+        """Close every member the group still owns (idempotent)."""
+        for i, sock in enumerate(self._members):
+            if sock is not None:
+                sock.close()
+                self._members[i] = None
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def __getitem__(self, index: int) -> socket.socket:
+        sock = self._members[index]
+        if sock is None:
+            raise IndexError(f"member {index} was taken from the group")
+        return sock
+
+    def __iter__(self) -> Iterator[socket.socket]:
+        return iter(self.members)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"<ReuseportGroup {self.kind} {self.address} "
+            f"{len(self.members)}/{len(self._members)} members>"
+        )
+
+
+def reuseport_group(
+    address: AddressLike, count: int, *, kind: Kind = "tcp", **options: Any
+) -> ReuseportGroup:
+    """*count* members bound to one port, made all or nothing.
+
+    With port 0 the kernel picks a free port for the first member and the rest bind
+    to it. If any member fails, every member already made is closed and the error
+    says which member failed and why.
+
+    :param address: see :func:`reuseport_listener`.
+    :param count: how many members (>= 1).
+    :param kind: ``"tcp"`` (listening sockets) or ``"udp"`` (bound sockets).
+    :param options: passed to :func:`reuseport_listener` or :func:`reuseport_udp`.
+    :returns: a :class:`ReuseportGroup` owning the members.
+    :raises InvalidArgument: *count* < 1 or *kind* unknown.
+    :raises GroupMemberError: member *k* failed; the cause is chained.
+    :raises AddressError: the address is malformed (before any socket is made).
+    :raises ReuseportUnsupported: see :func:`reuseport_listener` (before any socket).
+    """
+    count = _positive_int("count", count, minimum=1)
+    if kind not in ("tcp", "udp"):
+        raise InvalidArgument("kind", kind, "expected 'tcp' or 'udp'")
+    factory = reuseport_listener if kind == "tcp" else reuseport_udp
+    addr = parse_address(address)
+    # Checked once up front: no member is worth making on a system that cannot
+    # give the group the caller asked for.
+    _reuseport_option(bool(options.get("balanced", True)))
+    members: list[socket.socket] = []
+    try:
+        for index in range(count):
+            try:
+                sock = factory(addr, **options)
+            except (OSError, ValueError) as exc:
+                raise GroupMemberError(index, count, str(addr), exc) from exc
+            members.append(sock)
+            if index == 0:
+                addr = addr.with_port(sock.getsockname()[1])
+    except BaseException:
+        for sock in members:
+            sock.close()
+        raise
+    return ReuseportGroup(members, addr, kind)
+
+
+# --------------------------------------------------------------------------- clients
+
+
+def connect_tcp(
+    address: AddressLike,
+    *,
+    timeout: float | None = None,
+    nodelay: bool = True,
+    source: AddressLike | None = None,
+    nonblocking: bool = False,
+) -> socket.socket:
+    """A connected, close-on-exec TCP client socket: what a proxy dials backends with.
+
+    Each resolved address is tried in turn; the first that connects wins.
+
+    :param address: the peer, see :func:`parse_address` (a wildcard means loopback).
+    :param timeout: seconds for the connect; the returned socket is blocking
+        (or non-blocking with *nonblocking*), without a timeout.
+    :param nodelay: set ``TCP_NODELAY`` (default: proxies relay small messages).
+    :param source: local address to bind first; with port 0 the port is chosen at
+        connect time (``IP_BIND_ADDRESS_NO_PORT``) so many dials from one source IP
+        do not exhaust ephemeral ports.
+    :param nonblocking: return the socket non-blocking.
+    :returns: the connected socket; the caller owns it.
+    :raises AddressError: an address is malformed.
+    :raises HostNotFound: the host name does not resolve.
+    :raises OSError: every candidate failed (the last error, naming the address:
+        ``ConnectionRefusedError``, ``TimeoutError``, ...).
+    """
+    if timeout is not None and (isinstance(timeout, bool) or not timeout > 0):
+        raise InvalidArgument("timeout", timeout, "must be a positive number of seconds")
+    addr = parse_address(address)
+    src = parse_address(source) if source is not None else None
+    last: OSError | None = None
+    for family, sockaddr in resolve_address(addr, socket.SOCK_STREAM, passive=False):
+        sock = _new_socket(family, socket.SOCK_STREAM, False)
+        try:
+            if nodelay:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if src is not None:
+                if src.port == 0 and sys.platform.startswith("linux"):
+                    sock.setsockopt(socket.IPPROTO_IP, _IP_BIND_ADDRESS_NO_PORT, 1)
+                _fam, src_sockaddr = resolve_address(
+                    src, socket.SOCK_STREAM, passive=True, family=family
+                )[0]
+                sock.bind(src_sockaddr)
+            sock.settimeout(timeout)
+            sock.connect(sockaddr)
+            sock.settimeout(0.0 if nonblocking else None)
+        except OSError as exc:
+            sock.close()
+            last = type(exc)(exc.errno, f"connect to {parse_address(sockaddr)}: {exc.strerror}")
+            if isinstance(exc, socket.timeout) and exc.errno is None:
+                last = TimeoutError(f"connect to {parse_address(sockaddr)} timed out")
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    assert last is not None  # resolve_address never returns an empty list
+    raise last
+
+
+# --------------------------------------------------------------------------- inspection
+
+
+@dataclass(frozen=True)
+class SocketInfo:
+    """What a socket really is, read back from the kernel.
+
+    :ivar fd: the file descriptor.
+    :ivar family: ``AF_INET``/``AF_INET6``/...
+    :ivar type: ``SOCK_STREAM``/``SOCK_DGRAM``/...
+    :ivar address: the bound address, or None when unbound.
+    :ivar reuseport: SO_REUSEPORT is set.
+    :ivar reuseaddr: SO_REUSEADDR is set.
+    :ivar v6only: ``IPV6_V6ONLY`` for IPv6 sockets, None otherwise.
+    :ivar inheritable: the fd would survive ``exec`` (FD_CLOEXEC clear).
+    :ivar listening: ``listen()`` was called (SO_ACCEPTCONN).
+    :ivar backlog: the accept queue's limit as the kernel applies it (after the
+        ``somaxconn`` cap), for listening TCP sockets on Linux; else None.
+    :ivar queued: connections waiting in the accept queue now (same conditions).
+    :ivar inode: the socket's inode: two fds with the same inode are ONE socket
+        (shared by fork or dup), distinct inodes on one port are a reuseport group.
+    """
+
+    fd: int
+    family: socket.AddressFamily
+    type: socket.SocketKind
+    address: Address | None
+    reuseport: bool
+    reuseaddr: bool
+    v6only: bool | None
+    inheritable: bool
+    listening: bool
+    backlog: int | None
+    queued: int | None
+    inode: int
+
+
+def check_open(sock: object, what: str = "socket") -> socket.socket:
+    """Return *sock* if it is an open socket object; raise a specific error otherwise."""
+    if not isinstance(sock, socket.socket):
+        raise WrongSocketType(what, "a socket.socket", type(sock).__name__)
+    if sock.fileno() == -1:
+        raise SocketClosed(sock, what)
+    return sock
+
+
+def socket_info(sock: socket.socket) -> SocketInfo:
+    """Read back what the kernel says about *sock*.
+
+    Use it to tell a real reuseport group (distinct inodes, ``reuseport=True``)
+    from one socket shared by fork (one inode), or to check what a socket
+    received from elsewhere is.
+
+    :param sock: an open socket (any family or type).
+    :returns: a :class:`SocketInfo`.
+    :raises SocketClosed: *sock* is closed.
+    :raises WrongSocketType: *sock* is not a socket object.
+    """
+    check_open(sock)
+    fd = sock.fileno()
+    family = socket.AddressFamily(sock.family)
+    kind = socket.SocketKind(sock.type)
+
+    def flag(level: int, opt: int) -> bool:
+        try:
+            return bool(sock.getsockopt(level, opt))
+        except OSError:
+            return False
+
+    address: Address | None = None
+    if family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError, AddressError):
+            name = sock.getsockname()
+            if name[1] != 0:
+                address = parse_address(name if family == socket.AF_INET else name[:2])
+    opt = _platform_option(sys.platform)[0]
+    listening = flag(socket.SOL_SOCKET, getattr(socket, "SO_ACCEPTCONN", 30))
+    inode = os.fstat(fd).st_ino
+    backlog = queued = None
+    if listening and kind == socket.SOCK_STREAM and sys.platform.startswith("linux"):
+        found = _diag_listener(family, inode)
+        if found is not None:
+            queued, backlog = found
+    return SocketInfo(
+        fd=fd,
+        family=family,
+        type=kind,
+        address=address,
+        reuseport=opt is not None and flag(socket.SOL_SOCKET, opt),
+        reuseaddr=flag(socket.SOL_SOCKET, socket.SO_REUSEADDR),
+        v6only=flag(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) if family == socket.AF_INET6 else None,
+        inheritable=os.get_inheritable(fd),
+        listening=listening,
+        backlog=backlog,
+        queued=queued,
+        inode=inode,
+    )
+
+
+# sock_diag (netlink) is the only interface that reports a listener's backlog
+# limit: /proc/net/tcp shows the current queue but not the limit. `ss -lt` reads
+# the same fields (idiag_rqueue = queued, idiag_wqueue = max backlog).
+_NETLINK_SOCK_DIAG = 4
+_SOCK_DIAG_BY_FAMILY = 20
+_NLMSG_ERROR = 2
+_NLMSG_DONE = 3
+_NLM_F_REQUEST_DUMP = 0x1 | 0x300
+_TCP_LISTEN_STATE = 10
+_NLMSGHDR = struct.Struct("=IHHII")
+_DIAG_REQ = struct.Struct("=BBBxI48x")
+_DIAG_MSG = struct.Struct("=BBBB48xIIIII")
+
+
+def _diag_listener(family: socket.AddressFamily, inode: int) -> tuple[int, int] | None:
+    try:
+        nl = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | _CLOEXEC, _NETLINK_SOCK_DIAG)
+    except OSError:
+        return None
+    with nl:
+        nl.settimeout(2.0)
+        req = _DIAG_REQ.pack(family, socket.IPPROTO_TCP, 0, 1 << _TCP_LISTEN_STATE)
+        nl.send(
+            _NLMSGHDR.pack(
+                _NLMSGHDR.size + len(req), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST_DUMP, 1, 0
+            )
+            + req
+        )
+        # Bounded: a dump of all listeners of one family, in at most 10,000 datagrams.
+        for _ in range(10_000):
+            try:
+                data = nl.recv(65536)
+            except OSError:
+                return None
+            offset = 0
+            while offset + _NLMSGHDR.size <= len(data):
+                length, mtype, _f, _s, _p = _NLMSGHDR.unpack_from(data, offset)
+                if mtype in (_NLMSG_DONE, _NLMSG_ERROR) or length < _NLMSGHDR.size:
+                    return None
+                body = offset + _NLMSGHDR.size
+                if len(data) >= body + _DIAG_MSG.size:
+                    *_head, _exp, rqueue, wqueue, _uid, ino = _DIAG_MSG.unpack_from(data, body)
+                    if ino == inode:
+                        return rqueue, wqueue
+                offset += (length + 3) & ~3
+        return None

@@ -1,0 +1,46 @@
+"""``python -m reuselb``: the demo (not library API)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from ._errors import ReuselbError
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port {value} out of range 0-65535")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m reuselb", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="run the demonstration scenarios on loopback")
+    demo.add_argument("--workers", type=_positive, default=3, help="worker processes (3)")
+    demo.add_argument("--requests", type=_positive, default=20, help="client connections (20)")
+    demo.add_argument("--port", type=_port, default=0, help="port (default: a free one)")
+    args = parser.parse_args(argv)
+
+    from ._demo import reuseport_scenario
+
+    try:
+        reuseport_scenario(args.workers, args.requests, args.port)
+    except ReuselbError as exc:
+        print(f"reuselb demo: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

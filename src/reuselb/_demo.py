@@ -1,0 +1,131 @@
+"""``python -m reuselb demo``: the library's scenarios, runnable on a fresh install.
+
+Not library API. Each scenario is one function that starts its own processes,
+waits for them to be ready over pipes (never by sleeping), prints what happened
+and stops everything it started, whatever goes wrong.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import select
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+from ._sockets import _new_socket, _reuseport_option, connect_tcp, reuseport_listener
+
+__all__ = ["reuseport_scenario", "start_workers", "stop_workers"]
+
+_READY_TIMEOUT = 20.0
+
+
+def _worker_main(port: int) -> int:
+    """A demo worker: its own reuseport listener; answers each connection with its PID.
+
+    It stops when its stdin reaches EOF (the parent closed it or died), so a
+    crashed demo never leaves a worker behind.
+    """
+    listener = reuseport_listener(("127.0.0.1", port))
+    with listener:
+        sys.stdout.write(f"ready {os.getpid()}\n")
+        sys.stdout.flush()
+        stdin = sys.stdin.fileno()
+        while True:
+            readable, _, _ = select.select([listener, stdin], [], [])
+            if stdin in readable and not os.read(stdin, 4096):
+                return 0
+            if listener in readable:
+                conn, _ = listener.accept()
+                with conn:
+                    conn.sendall(f"{os.getpid()}\n".encode())
+
+
+def start_workers(count: int, port: int) -> list[subprocess.Popen[str]]:
+    """Start *count* worker processes listening on *port*; return once all are ready.
+
+    :raises RuntimeError: a worker did not report ready in time (all are stopped).
+    """
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        for _ in range(count):
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "reuselb._demo", "worker", str(port)],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+            )
+        deadline = time.monotonic() + _READY_TIMEOUT
+        for proc in procs:
+            assert proc.stdout is not None
+            ready, _, _ = select.select([proc.stdout], [], [], deadline - time.monotonic())
+            line = proc.stdout.readline() if ready else ""
+            if not line.startswith("ready"):
+                raise RuntimeError(f"demo worker {proc.pid} did not start (got {line!r})")
+    except BaseException:
+        stop_workers(procs)
+        raise
+    return procs
+
+
+def stop_workers(procs: Sequence[subprocess.Popen[str]]) -> None:
+    """Stop the workers (EOF on stdin, then kill after 5 s) and reap them."""
+    for proc in procs:
+        if proc.stdin is not None and not proc.stdin.closed:
+            proc.stdin.close()
+    for proc in procs:
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def _reserve_port(port: int) -> socket.socket:
+    # A bound but never-listening SO_REUSEPORT socket holds the port for the group
+    # and receives no connections (only listening members are in the TCP lookup).
+    sock = _new_socket(socket.AF_INET, socket.SOCK_STREAM, False)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _reuseport_option(True), 1)
+        sock.bind(("127.0.0.1", port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def reuseport_scenario(workers: int = 3, requests: int = 20, port: int = 0) -> dict[int, int]:
+    """Kernel balancing: *workers* processes, one reuseport listener each, one port.
+
+    :returns: connections served per worker PID.
+    """
+    with _reserve_port(port) as holder:
+        port = holder.getsockname()[1]
+        print(f"reuseport: {workers} workers, each with its own listener on 127.0.0.1:{port}")
+        procs = start_workers(workers, port)
+        try:
+            served: collections.Counter[int] = collections.Counter({p.pid: 0 for p in procs})
+            for i in range(requests):
+                with connect_tcp(("127.0.0.1", port), timeout=10) as conn:
+                    conn.settimeout(10)
+                    local_port = conn.getsockname()[1]
+                    pid = int(conn.makefile().readline())
+                served[pid] += 1
+                print(f"  connection {i + 1:3d} from port {local_port:5d} -> worker {pid}")
+        finally:
+            stop_workers(procs)
+    print("distribution:")
+    for pid, n in served.items():
+        print(f"  worker {pid}: {n:4d} {'#' * n}")
+    return dict(served)
+
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "worker":
+    sys.exit(_worker_main(int(sys.argv[2])))

@@ -1,0 +1,43 @@
+"""`python -m reuselb demo`, run as a user would run it."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.linux
+
+
+def test_demo_runs_and_cleans_up() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "reuselb", "demo", "--workers", "3", "--requests", "30"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    served = re.findall(r"-> worker (\d+)", out.stdout)
+    assert len(served) == 30
+    dist = dict(re.findall(r"worker (\d+):\s+(\d+)", out.stdout))
+    assert len(dist) == 3
+    assert sum(int(n) for n in dist.values()) == 30
+    for pid in dist:  # every worker was reaped: no stray process
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(pid), 0)
+
+
+def test_demo_rejects_bad_options() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "reuselb", "demo", "--workers", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 2
+    assert "must be >= 1, got 0" in out.stderr

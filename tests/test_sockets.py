@@ -1,0 +1,480 @@
+"""The socket layer on real loopback sockets: factories, listeners, groups, probes."""
+
+from __future__ import annotations
+
+import collections
+import errno
+import fcntl
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+import reuselb
+from reuselb import (
+    AddressError,
+    AddressInUse,
+    GroupMemberError,
+    InvalidArgument,
+    ReuseportUnsupported,
+    SocketClosed,
+    WrongSocketType,
+    _sockets,
+    connect_tcp,
+    reuseport_group,
+    reuseport_listener,
+    reuseport_udp,
+    socket_info,
+    tcp_socket,
+    udp_socket,
+)
+from reuselb._demo import start_workers, stop_workers
+from tests.conftest import open_fds
+
+pytestmark = pytest.mark.linux
+
+
+def _cloexec(sock: socket.socket) -> bool:
+    return bool(fcntl.fcntl(sock.fileno(), fcntl.F_GETFD) & fcntl.FD_CLOEXEC)
+
+
+def _somaxconn() -> int:
+    with open("/proc/sys/net/core/somaxconn") as f:
+        return int(f.read())
+
+
+# --------------------------------------------------------------------------- factories
+
+
+@pytest.mark.parametrize("factory", [tcp_socket, udp_socket])
+@pytest.mark.parametrize("nonblocking", [False, True])
+def test_factories_cloexec_and_nonblocking(factory: object, nonblocking: bool) -> None:
+    with factory(socket.AF_INET, nonblocking=nonblocking) as s:  # type: ignore[operator]
+        assert _cloexec(s)
+        assert not os.get_inheritable(s.fileno())
+        assert s.getblocking() is (not nonblocking)
+        flags = fcntl.fcntl(s.fileno(), fcntl.F_GETFL)
+        assert bool(flags & os.O_NONBLOCK) is nonblocking
+
+
+def test_tcp_nodelay_and_bad_family() -> None:
+    with tcp_socket(nodelay=True) as s:
+        assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    with pytest.raises(InvalidArgument, match="invalid family"):
+        tcp_socket(socket.AF_UNIX)
+    with pytest.raises(InvalidArgument, match="invalid family 99"):
+        udp_socket(99)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- listeners
+
+
+def test_listener_defaults() -> None:
+    with reuseport_listener("127.0.0.1:0") as lst:
+        info = socket_info(lst)
+        assert info.listening
+        assert info.reuseport
+        assert info.reuseaddr
+        assert not info.inheritable
+        assert info.backlog == _somaxconn()
+        assert info.address is not None
+        assert info.address.port == lst.getsockname()[1]
+        assert info.v6only is None
+
+
+def test_listener_options() -> None:
+    with reuseport_listener(
+        ("127.0.0.1", 0), backlog=7, fastopen=5, defer_accept=3, nodelay=True, nonblocking=True
+    ) as lst:
+        assert socket_info(lst).backlog == 7
+        assert lst.getsockopt(socket.IPPROTO_TCP, socket.TCP_FASTOPEN) == 5
+        assert lst.getsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT) > 0
+        assert lst.getblocking() is False
+        with connect_tcp(lst.getsockname(), nodelay=False) as client:
+            client.sendall(b"x")  # TCP_DEFER_ACCEPT wakes accept only once data arrives
+            lst.setblocking(True)
+            lst.settimeout(10)
+            conn, _ = lst.accept()
+            with conn:
+                # Linux copies the listener's TCP_NODELAY to accepted sockets.
+                assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"backlog": 0}, "invalid backlog 0"),
+        ({"backlog": -3}, "invalid backlog -3"),
+        ({"backlog": True}, "invalid backlog True"),
+        ({"fastopen": 0}, "invalid fastopen 0"),
+        ({"defer_accept": -1}, "invalid defer_accept -1"),
+    ],
+)
+def test_listener_rejects_bad_options(kwargs: dict[str, object], needle: str) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        reuseport_listener("127.0.0.1:0", **kwargs)  # type: ignore[arg-type]
+    assert needle in str(info.value)
+
+
+def test_two_members_share_a_port_and_each_accepts() -> None:
+    with reuseport_group("127.0.0.1:0", 2) as group:
+        a, b = group
+        assert a.getsockname() == b.getsockname()
+        assert socket_info(a).inode != socket_info(b).inode
+
+
+def test_address_in_use_names_the_address() -> None:
+    with socket.socket() as plain:
+        plain.bind(("127.0.0.1", 0))
+        plain.listen()
+        port = plain.getsockname()[1]
+        with pytest.raises(AddressInUse) as info:
+            reuseport_listener(("127.0.0.1", port))
+        assert f"127.0.0.1:{port}" in str(info.value)
+        assert "not in a reuseport group" in str(info.value)
+        assert info.value.errno == errno.EADDRINUSE
+        assert isinstance(info.value, OSError)
+
+
+def test_non_local_address() -> None:
+    with pytest.raises(AddressError, match="not an address of this host"):
+        reuseport_listener("192.0.2.1:0")
+
+
+def test_unknown_host() -> None:
+    with pytest.raises(reuselb.HostNotFound, match="no-such-host.invalid"):
+        reuseport_listener("no-such-host.invalid:0")
+
+
+@pytest.mark.ipv6
+def test_ipv6_listener_is_v6only() -> None:
+    with reuseport_listener("[::1]:0") as lst:
+        info = socket_info(lst)
+        assert info.family == socket.AF_INET6
+        assert info.v6only is True
+        with connect_tcp(("::1", lst.getsockname()[1]), timeout=5):
+            conn, _ = lst.accept()
+            conn.close()
+
+
+@pytest.mark.ipv6
+def test_dualstack_wildcard_takes_ipv4() -> None:
+    with reuseport_listener(":0", dualstack=True) as lst:
+        info = socket_info(lst)
+        assert info.family == socket.AF_INET6
+        assert info.v6only is False
+        port = lst.getsockname()[1]
+        with connect_tcp(("127.0.0.1", port), timeout=5):
+            lst.settimeout(10)
+            conn, peer = lst.accept()
+            with conn:
+                assert peer[0] == "::ffff:127.0.0.1"
+        with connect_tcp(("::1", port), timeout=5):
+            conn, peer = lst.accept()
+            conn.close()
+            assert peer[0] == "::1"
+    with pytest.raises(AddressError, match="dualstack=True needs an IPv6"):
+        reuseport_listener("127.0.0.1:0", dualstack=True)
+
+
+# --------------------------------------------------------------------------- UDP
+
+
+def test_udp_member_never_reuseaddr() -> None:
+    with reuseport_group("127.0.0.1:0", 2, kind="udp") as group:
+        for member in group:
+            info = socket_info(member)
+            assert info.type == socket.SOCK_DGRAM
+            assert info.reuseport
+            assert not info.reuseaddr
+            assert not info.inheritable
+    with reuseport_udp("127.0.0.1:0", nonblocking=True) as s:
+        assert s.getblocking() is False
+
+
+# --------------------------------------------------------------------------- groups
+
+
+def test_group_port_zero_uses_first_members_port() -> None:
+    with reuseport_group(":0", 3) as group:
+        ports = {m.getsockname()[1] for m in group}
+        assert ports == {group.port}
+        assert group.port != 0
+        assert len(group) == 3
+        assert group.address.port == group.port
+        assert group.fileno(1) == group[1].fileno()
+        assert "3/3 members" in repr(group)
+
+
+def test_group_take_and_close() -> None:
+    group = reuseport_group("127.0.0.1:0", 2)
+    taken = group.take(0)
+    with pytest.raises(IndexError, match="member 0 was taken"):
+        group[0]
+    group.close()
+    group.close()  # idempotent
+    assert taken.fileno() != -1, "a taken member belongs to the caller"
+    assert group.members == ()
+    taken.close()
+
+
+@pytest.mark.parametrize(
+    ("count", "kind", "needle"),
+    [
+        (0, "tcp", "invalid count 0"),
+        (-2, "tcp", "invalid count -2"),
+        ("3", "tcp", "invalid count '3'"),
+        (2, "sctp", "invalid kind 'sctp'"),
+    ],
+)
+def test_group_rejects_bad_arguments(count: object, kind: str, needle: str) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        reuseport_group("127.0.0.1:0", count, kind=kind)  # type: ignore[arg-type]
+    assert needle in str(info.value)
+
+
+@pytest.mark.parametrize("failing", [0, 1, 3])
+def test_group_all_or_nothing(monkeypatch: pytest.MonkeyPatch, failing: int) -> None:
+    real = _sockets.reuseport_listener
+    made: list[socket.socket] = []
+    calls = 0
+
+    def flaky(*args: object, **kwargs: object) -> socket.socket:
+        nonlocal calls
+        calls += 1
+        if calls - 1 == failing:
+            raise OSError(errno.EMFILE, "injected: too many open files")
+        sock = real(*args, **kwargs)  # type: ignore[arg-type]
+        made.append(sock)
+        return sock
+
+    monkeypatch.setattr(_sockets, "reuseport_listener", flaky)
+    before = open_fds()
+    with pytest.raises(GroupMemberError) as info:
+        reuseport_group("127.0.0.1:0", 4)
+    assert info.value.index == failing
+    assert f"member {failing} of 4 failed" in str(info.value)
+    assert "injected" in str(info.value)
+    assert isinstance(info.value.__cause__, OSError)
+    assert all(s.fileno() == -1 for s in made)
+    assert open_fds() == before
+
+
+def test_group_member_conflict_is_reported() -> None:
+    with socket.socket() as plain:
+        plain.bind(("127.0.0.1", 0))
+        plain.listen()
+        with pytest.raises(GroupMemberError, match="member 0 of 2 failed") as info:
+            reuseport_group(plain.getsockname(), 2)
+        assert isinstance(info.value.__cause__, AddressInUse)
+
+
+# --------------------------------------------------------------------------- clients
+
+
+def test_connect_tcp() -> None:
+    with reuseport_listener("127.0.0.1:0") as lst:
+        port = lst.getsockname()[1]
+        with connect_tcp(f"127.0.0.1:{port}", source="127.0.0.1:0", timeout=5) as c:
+            assert not os.get_inheritable(c.fileno())
+            assert c.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            assert c.gettimeout() is None
+            conn, peer = lst.accept()
+            conn.close()
+            assert peer == c.getsockname()
+        with connect_tcp(("127.0.0.1", port), nonblocking=True) as c:
+            assert c.getblocking() is False
+            lst.accept()[0].close()
+
+
+def test_connect_refused_names_the_address() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, not listening: connect is refused
+        with pytest.raises(ConnectionRefusedError, match=f"connect to 127.0.0.1:{port}"):
+            connect_tcp(("127.0.0.1", port))
+    with pytest.raises(InvalidArgument, match="invalid timeout -1"):
+        connect_tcp("127.0.0.1:1", timeout=-1)
+
+
+# --------------------------------------------------------------------------- socket_info
+
+
+def test_socket_info_tells_fork_sharing_from_a_group() -> None:
+    with (
+        reuseport_listener("127.0.0.1:0") as lst,
+        socket.socket(fileno=os.dup(lst.fileno())) as dup,
+    ):
+        dup.set_inheritable(False)
+        assert socket_info(dup).inode == socket_info(lst).inode
+        with reuseport_listener(lst.getsockname()) as other:
+            assert socket_info(other).inode != socket_info(lst).inode
+
+
+def test_socket_info_bad_input() -> None:
+    s = socket.socket()
+    s.close()
+    with pytest.raises(SocketClosed, match="socket is closed"):
+        socket_info(s)
+    with pytest.raises(WrongSocketType, match="expected a socket.socket, got int"):
+        socket_info(3)  # type: ignore[arg-type]
+    with socket.socket(socket.AF_UNIX) as unix:
+        info = socket_info(unix)
+        assert info.address is None
+        assert info.backlog is None
+
+
+# --------------------------------------------------------------------------- other systems
+
+
+@pytest.fixture
+def fake_platform(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
+    _sockets._capability.cache_clear()
+    yield monkeypatch
+    monkeypatch.undo()
+    _sockets._capability.cache_clear()
+
+
+def test_macos_refuses_balanced_listener(fake_platform: pytest.MonkeyPatch) -> None:
+    fake_platform.setattr(sys, "platform", "darwin")
+    assert reuselb.supports_reuseport(balanced=False)
+    assert not reuselb.supports_reuseport()
+    with pytest.raises(ReuseportUnsupported, match="last socket bound") as info:
+        reuseport_listener("127.0.0.1:0")
+    assert "balanced=False" in str(info.value)
+    assert isinstance(info.value, OSError)
+    with reuseport_listener("127.0.0.1:0", balanced=False) as lst:
+        assert socket_info(lst).listening
+
+
+def test_windows_has_no_reuseport(fake_platform: pytest.MonkeyPatch) -> None:
+    fake_platform.setattr(sys, "platform", "win32")
+    assert not reuselb.supports_reuseport(balanced=False)
+    with pytest.raises(ReuseportUnsupported, match="Windows has no SO_REUSEPORT"):
+        reuseport_udp("127.0.0.1:0", balanced=False)
+
+
+def test_kernel_refusing_the_option(fake_platform: pytest.MonkeyPatch) -> None:
+    fake_platform.setattr(_sockets, "_probe", lambda option: False)
+    assert not reuselb.supports_reuseport(balanced=False)
+    with pytest.raises(ReuseportUnsupported, match="kernel refused"):
+        reuseport_group("127.0.0.1:0", 2)
+
+
+def test_freebsd_uses_reuseport_lb() -> None:
+    option, balances, _ = _sockets._platform_option("freebsd14")
+    assert option == getattr(socket, "SO_REUSEPORT_LB", 0x10000)
+    assert balances
+
+
+# --------------------------------------------------------------------------- leaks
+
+
+def test_no_fd_leak_over_1000_calls() -> None:
+    with (
+        socket.socket() as plain,
+        socket.socket(type=socket.SOCK_DGRAM) as plain_udp,
+        socket.socket() as closed_port,
+    ):
+        closed_port.bind(("127.0.0.1", 0))  # bound, never listening: connect is refused
+        plain.bind(("127.0.0.1", 0))
+        plain.listen()
+        taken = plain.getsockname()
+        plain_udp.bind(taken)  # the same port, held for UDP too
+        failing = [
+            lambda: connect_tcp(closed_port.getsockname()),
+            lambda: reuseport_udp("300.0.0.1:0"),
+            lambda: reuseport_listener("127.0.0.1:0", backlog=0),
+            lambda: reuseport_udp(taken),
+        ]
+        before = open_fds()
+        for i in range(250):
+            with reuseport_listener("127.0.0.1:0"):
+                pass
+            with pytest.raises(AddressInUse):
+                reuseport_listener(taken)
+            with pytest.raises(GroupMemberError):
+                reuseport_group(taken, 2, kind="tcp" if i % 2 else "udp")
+            with pytest.raises(
+                (ConnectionRefusedError, AddressError, InvalidArgument, AddressInUse)
+            ):
+                failing[i % 4]()
+        assert open_fds() == before
+
+
+# --------------------------------------------------------------------------- processes
+
+_CHILD = """
+import json, os, socket
+fds = []
+for name in os.listdir("/proc/self/fd"):
+    fd = int(name)
+    try:
+        s = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        continue
+    fds.append(fd)
+    s.close()
+print(json.dumps(fds))
+"""
+
+
+def test_nothing_is_inherited_across_exec() -> None:
+    socks = [
+        tcp_socket(),
+        udp_socket(),
+        reuseport_listener("127.0.0.1:0"),
+        reuseport_udp("127.0.0.1:0"),
+    ]
+    group = reuseport_group("127.0.0.1:0", 2)
+    try:
+        lst = socks[2]
+        client = connect_tcp(lst.getsockname())
+        accepted, _ = lst.accept()
+        socks += [client, accepted]
+        ours = {s.fileno() for s in socks} | {m.fileno() for m in group}
+        out = subprocess.run(
+            [sys.executable, "-c", _CHILD],
+            close_fds=False,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+        inherited_sockets = set(json.loads(out))
+        assert not (ours & inherited_sockets), f"inherited: {sorted(ours & inherited_sockets)}"
+    finally:
+        group.close()
+        for s in socks:
+            s.close()
+
+
+def test_kernel_balances_across_four_processes() -> None:
+    with _reserve() as holder:
+        port = holder.getsockname()[1]
+        procs = start_workers(4, port)
+        try:
+            served: collections.Counter[int] = collections.Counter()
+            sources = set()
+            for _ in range(400):
+                with connect_tcp(("127.0.0.1", port), timeout=10) as c:
+                    c.settimeout(10)
+                    sources.add(c.getsockname()[1])
+                    served[int(c.makefile().readline())] += 1
+        finally:
+            stop_workers(procs)
+    print("\nconnections per worker process:", dict(served))
+    assert len(sources) == 400
+    assert sum(served.values()) == 400
+    assert set(served) == {p.pid for p in procs}, "every process accepted some"
+    assert all(p.returncode == 0 for p in procs)
+
+
+def _reserve() -> socket.socket:
+    from reuselb._demo import _reserve_port
+
+    return _reserve_port(0)
