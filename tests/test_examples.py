@@ -1,0 +1,76 @@
+"""Every example under examples/ runs as a user would run it."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.linux
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def _start(script: str, *args: str) -> tuple[subprocess.Popen[str], str, list[int]]:
+    proc = subprocess.Popen(
+        [sys.executable, str(EXAMPLES / script), *args],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 60)
+    line = proc.stdout.readline() if ready else ""
+    m = re.match(r"ready http://(\S+) workers=([\d,]+)", line)
+    if not m:
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"{script} did not report ready: {line!r}")
+    return proc, m.group(1), [int(p) for p in m.group(2).split(",")]
+
+
+def _get(hostport: str) -> str:
+    host, port = hostport.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.request("GET", "/")
+        resp = conn.getresponse()
+        assert resp.status == 200
+        return resp.read().decode()
+    finally:
+        conn.close()
+
+
+def _stop(proc: subprocess.Popen[str], workers: list[int]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    if proc.stdout is not None:
+        proc.stdout.close()
+    for pid in workers:  # no stray worker left behind
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+@pytest.fixture(params=["prefork_http.py", "uvicorn_reuseport.py"])
+def http_example(request: pytest.FixtureRequest) -> Iterator[tuple[str, list[int]]]:
+    proc, hostport, workers = _start(request.param, "--listen", "127.0.0.1:0", "--workers", "3")
+    try:
+        yield hostport, workers
+    finally:
+        if proc.poll() is None:
+            _stop(proc, workers)
+
+
+def test_http_workers_share_one_port(http_example: tuple[str, list[int]]) -> None:
+    hostport, workers = http_example
+    pids = [int(re.findall(r"\d+", _get(hostport))[-1]) for _ in range(60)]
+    print(f"\nresponses per worker pid: { {p: pids.count(p) for p in set(pids)} }")
+    assert set(pids) <= set(workers)
+    assert len(set(pids)) > 1, "responses came from one process only"
