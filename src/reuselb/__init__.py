@@ -11,12 +11,19 @@ from ._address import Address, AddressLike, parse_address
 from ._errors import (
     AddressError,
     AddressInUse,
+    DuplicateNode,
     GroupMemberError,
     HostNotFound,
     InvalidArgument,
+    InvalidKey,
+    KeyRequired,
+    LeaseReleased,
+    NoNodeAvailable,
     ReuselbError,
     ReuseportUnsupported,
     SocketClosed,
+    UnknownNode,
+    UnknownPolicy,
     WrongSocketType,
 )
 from ._sockets import (
@@ -32,6 +39,22 @@ from ._sockets import (
     udp_socket,
 )
 from ._version import __version__
+from .balance import (
+    BalanceDiff,
+    BalancePolicy,
+    KeyHasher,
+    Lease,
+    LeastConn,
+    MaglevHash,
+    Node,
+    NodeState,
+    PowerOfTwo,
+    RendezvousHash,
+    RingHash,
+    RoundRobin,
+    diff,
+    make_policy,
+)
 
 __all__ = (
     "__version__",
@@ -45,6 +68,13 @@ __all__ = (
     "ReuseportUnsupported",
     "SocketClosed",
     "WrongSocketType",
+    "NoNodeAvailable",
+    "UnknownNode",
+    "DuplicateNode",
+    "LeaseReleased",
+    "UnknownPolicy",
+    "KeyRequired",
+    "InvalidKey",
     # addresses
     "Address",
     "AddressLike",
@@ -60,4 +90,19 @@ __all__ = (
     "supports_reuseport",
     "tcp_socket",
     "udp_socket",
+    # balance policies
+    "BalanceDiff",
+    "BalancePolicy",
+    "KeyHasher",
+    "Lease",
+    "LeastConn",
+    "MaglevHash",
+    "Node",
+    "NodeState",
+    "PowerOfTwo",
+    "RendezvousHash",
+    "RingHash",
+    "RoundRobin",
+    "diff",
+    "make_policy",
 )

@@ -17,6 +17,13 @@ from typing import Any
 
 __all__ = [
     "AddressError",
+    "DuplicateNode",
+    "InvalidKey",
+    "KeyRequired",
+    "LeaseReleased",
+    "NoNodeAvailable",
+    "UnknownNode",
+    "UnknownPolicy",
     "InvalidArgument",
     "AddressInUse",
     "GroupMemberError",
@@ -152,7 +159,66 @@ class GroupMemberError(ReuselbError, OSError):
 
 
 # --------------------------------------------------------------------------- balance
-# (policy errors: added by the balance package)
+
+
+class NoNodeAvailable(ReuselbError, LookupError):
+    """No node can take a new pick; *reason* says why (empty, all down, all draining, ...)."""
+
+    def __init__(self, policy: str, reason: str) -> None:
+        self.policy = policy
+        self.reason = reason
+        super().__init__(f"{policy}: no node available: {reason}")
+
+
+class UnknownNode(ReuselbError, LookupError):
+    """A node was named (by Node, address or name) that the policy does not have."""
+
+    def __init__(self, ref: object) -> None:
+        self.ref = ref
+        super().__init__(f"unknown node {ref!r}")
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class DuplicateNode(ReuselbError, ValueError):
+    """A node with this address or name is already in the policy."""
+
+    def __init__(self, ref: object) -> None:
+        self.ref = ref
+        super().__init__(f"duplicate node {ref!r}: a node with this address or name exists")
+
+
+class LeaseReleased(ReuselbError, RuntimeError):
+    """``Lease.release()`` was called a second time."""
+
+    def __init__(self, node: object) -> None:
+        self.node = node
+        super().__init__(f"lease on {node} was already released")
+
+
+class UnknownPolicy(ReuselbError, ValueError):
+    """``make_policy`` was given a name it does not know."""
+
+    def __init__(self, name: object, known: tuple[str, ...]) -> None:
+        self.name = name
+        super().__init__(f"unknown policy {name!r}; known: {', '.join(known)}")
+
+
+class KeyRequired(ReuselbError, ValueError):
+    """A hash policy was asked to pick without a key."""
+
+    def __init__(self, policy: str) -> None:
+        self.policy = policy
+        super().__init__(f"{policy} needs a key (str or bytes) to pick a node, got None")
+
+
+class InvalidKey(ReuselbError, TypeError):
+    """A pick key is neither ``str`` nor bytes-like."""
+
+    def __init__(self, key: object) -> None:
+        self.key = key
+        super().__init__(f"invalid key {key!r}: expected str or bytes, got {type(key).__name__}")
 
 
 # --------------------------------------------------------------------------- relay

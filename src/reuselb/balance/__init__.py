@@ -1,0 +1,48 @@
+"""Balance policies: pure (no I/O), pluggable, thread-safe.
+
+See :mod:`reuselb.balance._base` for the rules every policy follows.
+"""
+
+from ._base import (
+    BalanceDiff,
+    BalancePolicy,
+    HashPolicy,
+    Key,
+    KeyHasher,
+    Lease,
+    Node,
+    NodeLike,
+    NodeRef,
+    NodeState,
+    diff,
+)
+from ._factory import POLICIES, make_policy
+from ._leastconn import LeastConn, PowerOfTwo
+from ._maglev import MaglevHash
+from ._rendezvous import RendezvousHash
+from ._ring import RingHash, ketama_points
+from ._roundrobin import RoundRobin, smooth_wrr_cycle
+
+__all__ = (
+    "POLICIES",
+    "BalanceDiff",
+    "BalancePolicy",
+    "HashPolicy",
+    "Key",
+    "KeyHasher",
+    "Lease",
+    "LeastConn",
+    "MaglevHash",
+    "Node",
+    "NodeLike",
+    "NodeRef",
+    "NodeState",
+    "PowerOfTwo",
+    "RendezvousHash",
+    "RingHash",
+    "RoundRobin",
+    "diff",
+    "ketama_points",
+    "make_policy",
+    "smooth_wrr_cycle",
+)

@@ -1,0 +1,727 @@
+"""The balance-policy interface: :class:`Node`, :class:`Lease`, :class:`BalancePolicy`.
+
+Rules of this package (h11 style: a pure core, tested in memory):
+
+* policies are pure: no I/O, no sockets, no threads, no clocks of their own.
+  ``Node.address`` is parsed with :func:`reuselb.parse_address`, which never
+  resolves DNS; a policy only decides *which* node, the caller connects;
+* a node is named by the :class:`Node`, by its address (any spelling
+  ``parse_address`` accepts) or by its name, everywhere;
+* a policy never returns ``None`` and never loops forever: when nothing can take
+  a new pick it raises :class:`~reuselb.NoNodeAvailable` with the reason;
+* hashing never uses the built-in ``hash()`` (salted per process): see
+  :class:`KeyHasher` for the exact, stable hash;
+* one ``threading.Lock`` per policy guards membership, states, weights and lease
+  counts. Membership changes rebuild the policy's lookup structure under the
+  lock and publish it by a single attribute store, so lock-free picks (round
+  robin, unbounded hash policies) always see a complete structure.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import math
+import threading
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeAlias
+
+from .._address import Address, AddressLike, parse_address
+from .._errors import (
+    DuplicateNode,
+    InvalidArgument,
+    InvalidKey,
+    KeyRequired,
+    LeaseReleased,
+    NoNodeAvailable,
+    UnknownNode,
+)
+
+__all__ = [
+    "BalanceDiff",
+    "BalancePolicy",
+    "HashPolicy",
+    "Key",
+    "KeyHasher",
+    "Lease",
+    "Node",
+    "NodeLike",
+    "NodeRef",
+    "NodeState",
+    "diff",
+]
+
+#: What ``pick``/``acquire`` accept as a key: text is hashed as its UTF-8 bytes.
+Key: TypeAlias = "str | bytes | None"
+
+
+class NodeState(enum.Enum):
+    """Health of a node as the policy sees it."""
+
+    #: takes new picks.
+    UP = "up"
+    #: takes no new picks (failed health check); leases on it still release.
+    DOWN = "down"
+    #: takes no new picks; existing leases finish normally (graceful removal).
+    DRAINING = "draining"
+
+
+class Node:
+    """One backend: an address, an optional name, a weight and a state.
+
+    Immutable; a policy replaces its :class:`Node` when the weight or state
+    changes, so a ``Node`` you hold is a snapshot.
+
+    :param address: any spelling :func:`reuselb.parse_address` accepts (no DNS).
+    :param name: optional unique name; also the node's hash identity (see
+        :attr:`hash_id`), so a renamed address keeps its keys.
+    :param weight: int ``>= 0``; ``0`` takes no new traffic.
+    :param state: :class:`NodeState`.
+    :raises AddressError: the address is malformed.
+    :raises InvalidArgument: the weight is not an int ``>= 0`` or the name is empty.
+    """
+
+    __slots__ = ("address", "name", "state", "weight")
+
+    address: Address
+    name: str | None
+    weight: int
+    state: NodeState
+
+    def __init__(
+        self,
+        address: AddressLike,
+        *,
+        name: str | None = None,
+        weight: int = 1,
+        state: NodeState = NodeState.UP,
+    ) -> None:
+        object.__setattr__(self, "address", parse_address(address))
+        if name is not None and (not isinstance(name, str) or not name):
+            raise InvalidArgument("name", name, "must be a non-empty str or None")
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "weight", check_weight(weight))
+        if not isinstance(state, NodeState):
+            raise InvalidArgument("state", state, "must be a NodeState")
+        object.__setattr__(self, "state", state)
+
+    def __setattr__(self, attr: str, value: object) -> None:
+        raise AttributeError(f"Node is immutable; cannot set {attr!r}")
+
+    @property
+    def hash_id(self) -> str:
+        """The string hash policies hash for this node: the name, else ``str(address)``."""
+        return self.name if self.name is not None else str(self.address)
+
+    @property
+    def live(self) -> bool:
+        """True when the node may take new picks (up and weight > 0)."""
+        return self.state is NodeState.UP and self.weight > 0
+
+    def replace(self, *, weight: int | None = None, state: NodeState | None = None) -> Node:
+        """A copy with another weight and/or state."""
+        return Node(
+            self.address,
+            name=self.name,
+            weight=self.weight if weight is None else weight,
+            state=self.state if state is None else state,
+        )
+
+    def _tuple(self) -> tuple[Address, str | None, int, NodeState]:
+        return (self.address, self.name, self.weight, self.state)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Node):
+            return NotImplemented
+        return self._tuple() == other._tuple()
+
+    def __hash__(self) -> int:
+        return hash(self._tuple())
+
+    def __repr__(self) -> str:
+        extra = f", name={self.name!r}" if self.name is not None else ""
+        return f"Node({str(self.address)!r}{extra}, weight={self.weight}, state={self.state.value})"
+
+    def __str__(self) -> str:
+        return self.hash_id
+
+
+#: What the constructors and ``add`` accept as a node.
+NodeLike: TypeAlias = "Node | AddressLike"
+#: How a node already in a policy is named: the Node, its address or its name.
+NodeRef: TypeAlias = "Node | AddressLike"
+
+
+def check_weight(weight: object) -> int:
+    if isinstance(weight, bool) or not isinstance(weight, int) or weight < 0:
+        raise InvalidArgument("weight", weight, "must be an int >= 0")
+    return weight
+
+
+def key_bytes(key: object) -> bytes:
+    """Encode a key the documented way: ``str`` as UTF-8, bytes-like as is."""
+    if isinstance(key, str):
+        return key.encode()
+    if isinstance(key, bytes):
+        return key
+    if isinstance(key, (bytearray, memoryview)):
+        return bytes(key)
+    raise InvalidKey(key)
+
+
+# --------------------------------------------------------------------------- hashing
+
+
+class KeyHasher:
+    """The stable key hash every hash policy uses (part of the API's stability promise).
+
+    * without *secret*: ``zlib.crc32(key_bytes, seed)`` (CRC-32/ISO-HDLC, the
+      zlib/PNG/Ethernet CRC, started from *seed* instead of 0). Fast (~60 ns), the
+      same on every host and Python version. A seed reshuffles the mapping but CRC
+      is linear: someone who can send chosen keys can still make them collide.
+    * with *secret* (bytes, up to 64): BLAKE2b keyed with *secret*, 4-byte digest,
+      16-byte little-endian *seed* as the salt, read as a little-endian int. Keys
+      cannot be aimed at one node without the secret; costs ~4x the CRC.
+
+    Keys are hashed as bytes: ``str`` keys as their UTF-8 encoding.
+
+    :param seed: int in ``0..2**32-1``.
+    :param secret: optional BLAKE2b key (1 to 64 bytes).
+    :raises InvalidArgument: seed out of range or secret not 1-64 bytes.
+    """
+
+    __slots__ = ("hash32", "secret", "seed")
+
+    def __init__(self, seed: int = 0, secret: bytes | None = None) -> None:
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 0xFFFFFFFF:
+            raise InvalidArgument("seed", seed, "must be an int in 0..2**32-1")
+        if secret is not None and (not isinstance(secret, bytes) or not 1 <= len(secret) <= 64):
+            raise InvalidArgument("secret", secret, "must be 1 to 64 bytes")
+        self.seed = seed
+        self.secret = secret
+        self.hash32: Callable[[bytes], int]
+        if secret is None:
+            crc32 = zlib.crc32
+
+            def _crc(data: bytes) -> int:
+                return crc32(data, seed)
+
+            self.hash32 = _crc
+        else:
+            blake = hashlib.blake2b
+            salt = seed.to_bytes(16, "little")
+            from_bytes = int.from_bytes
+
+            def _keyed(data: bytes) -> int:
+                return from_bytes(
+                    blake(data, digest_size=4, key=secret, salt=salt).digest(), "little"
+                )
+
+            self.hash32 = _keyed
+
+    def node_bytes(self, text: str, nbytes: int) -> bytes:
+        """*nbytes* pseudo-random bytes for a node identity (build time, not per pick).
+
+        SHAKE-128 of ``secret || seed (4 bytes LE) || text (UTF-8)``.
+        """
+        prefix = (self.secret or b"") + self.seed.to_bytes(4, "little")
+        return hashlib.shake_128(prefix + text.encode()).digest(nbytes)
+
+    def node_int(self, text: str, nbytes: int = 8) -> int:
+        """A little-endian int from :meth:`node_bytes`."""
+        return int.from_bytes(self.node_bytes(text, nbytes), "little")
+
+
+# --------------------------------------------------------------------------- leases
+
+
+class _Slot:
+    """A node's mutable record inside one policy (lease count, current snapshot)."""
+
+    __slots__ = ("active", "attached", "node")
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.active = 0
+        self.attached = True
+
+
+class Lease:
+    """A pick that counts as an active connection until released.
+
+    Use as a context manager, or call :meth:`release` exactly once. A lease on a
+    node that was removed meanwhile still releases cleanly.
+
+    :ivar node: the node picked (snapshot at acquire time).
+    """
+
+    __slots__ = ("_policy", "_released", "_slot", "node")
+
+    def __init__(self, policy: BalancePolicy, slot: _Slot) -> None:
+        self._policy = policy
+        self._slot = slot
+        self._released = False
+        self.node = slot.node
+
+    @property
+    def released(self) -> bool:
+        """True once :meth:`release` ran."""
+        return self._released
+
+    def release(self) -> None:
+        """Give the connection back.
+
+        :raises LeaseReleased: called a second time.
+        """
+        self._policy._release(self)
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._released:
+            self.release()
+
+    def __repr__(self) -> str:
+        state = "released" if self._released else "active"
+        return f"<Lease {self.node} {state}>"
+
+
+# --------------------------------------------------------------------------- policy
+
+
+class BalancePolicy:
+    """The interface every policy implements; subclass it to write your own.
+
+    A subclass sets :attr:`name` and implements :meth:`_choose`; it may override
+    :meth:`_rebuild` to precompute a lookup structure. ``_choose`` runs under the
+    policy lock unless the subclass sets ``lock_free_pick = True`` (then it must
+    only read structures that ``_rebuild`` publishes by one attribute store).
+
+    :param nodes: initial nodes (``Node`` objects or addresses).
+    :raises DuplicateNode: two nodes share an address or a name.
+    """
+
+    #: the name ``make_policy`` knows this policy by.
+    name: ClassVar[str] = "custom"
+    #: True for hash policies: ``pick``/``acquire`` raise KeyRequired without a key.
+    needs_key: ClassVar[bool] = False
+    #: True when ``_choose`` may run without the lock.
+    lock_free_pick: ClassVar[bool] = False
+
+    def __init__(self, nodes: Iterable[NodeLike] = ()) -> None:
+        self._lock = threading.Lock()
+        self._slots: dict[Address, _Slot] = {}
+        self._names: dict[str, Address] = {}
+        self._total_active = 0
+        #: live nodes (up, weight > 0) in insertion order; rebuilt on every change.
+        self._live: tuple[Node, ...] = ()
+        for n in nodes:
+            self._add_locked(n if isinstance(n, Node) else Node(n))
+        with self._lock:
+            self._changed()
+
+    # ----------------------------------------------------------------- subclass API
+
+    def _rebuild(self) -> None:
+        """Recompute lookup structures from :attr:`_live` (called under the lock)."""
+
+    def _choose(self, key: bytes | None) -> Node:
+        """Return a live node for *key* (bytes or None); raise ``NoNodeAvailable``."""
+        raise NotImplementedError
+
+    def _options(self) -> dict[str, Any]:
+        """Constructor keyword arguments, so :meth:`copy` can clone the policy."""
+        return {}
+
+    def _unavailable(self) -> NoNodeAvailable:
+        """The NoNodeAvailable to raise when :attr:`_live` is empty, with its reason."""
+        slots = list(self._slots.values())
+        if not slots:
+            reason = "no nodes"
+        elif all(s.node.state is NodeState.DOWN for s in slots):
+            reason = "all nodes are down"
+        elif all(s.node.state is NodeState.DRAINING for s in slots):
+            reason = "all nodes are draining"
+        elif all(s.node.weight == 0 for s in slots):
+            reason = "all nodes have weight 0"
+        else:
+            reason = "no node is up with a weight > 0"
+        return NoNodeAvailable(self.name, reason)
+
+    def active_of(self, node: Node) -> int:
+        """Active leases on *node* (no lock: for use inside ``_choose``)."""
+        slot = self._slots.get(node.address)
+        return slot.active if slot is not None else 0
+
+    # ----------------------------------------------------------------- picking
+
+    def pick(self, key: Key = None) -> Node:
+        """Choose a node for one request without counting it.
+
+        :param key: ``str`` (hashed as UTF-8) or ``bytes``; hash policies need it,
+            the others ignore it.
+        :returns: a live node (up, weight > 0).
+        :raises NoNodeAvailable: no node can take it (the reason says why).
+        :raises KeyRequired: a hash policy was given no key.
+        :raises InvalidKey: the key is not str or bytes.
+        """
+        k = self._key(key)
+        if self.lock_free_pick:
+            return self._choose(k)
+        with self._lock:
+            return self._choose(k)
+
+    def acquire(self, key: Key = None) -> Lease:
+        """Choose a node and count an active lease on it until released.
+
+        :param key: as for :meth:`pick`.
+        :returns: a :class:`Lease` (a context manager) with ``.node``.
+        :raises NoNodeAvailable: no node can take it.
+        :raises KeyRequired: a hash policy was given no key.
+        """
+        k = self._key(key)
+        with self._lock:
+            node = self._choose(k)
+            slot = self._slots[node.address]
+            slot.active += 1
+            self._total_active += 1
+        return Lease(self, slot)
+
+    def _release(self, lease: Lease) -> None:
+        with self._lock:
+            if lease._released:
+                raise LeaseReleased(lease.node)
+            lease._released = True
+            slot = lease._slot
+            slot.active -= 1
+            if slot.attached:
+                self._total_active -= 1
+
+    def _key(self, key: object) -> bytes | None:
+        if key is None:
+            if self.needs_key:
+                raise KeyRequired(self.name)
+            return None
+        return key_bytes(key)
+
+    # ----------------------------------------------------------------- membership
+
+    def add(self, address: NodeLike, *, weight: int | None = None, name: str | None = None) -> Node:
+        """Add a node.
+
+        :param address: a :class:`Node` or an address.
+        :param weight: overrides the Node's weight (default 1 for addresses).
+        :param name: overrides the Node's name.
+        :returns: the node as stored.
+        :raises DuplicateNode: the address or name is taken.
+        :raises InvalidArgument: bad weight.
+        """
+        if isinstance(address, Node):
+            node = address
+            if weight is not None or name is not None:
+                node = Node(
+                    node.address,
+                    name=node.name if name is None else name,
+                    weight=node.weight if weight is None else weight,
+                    state=node.state,
+                )
+        else:
+            node = Node(address, name=name, weight=1 if weight is None else weight)
+        with self._lock:
+            self._add_locked(node)
+            self._changed()
+        return node
+
+    def _add_locked(self, node: Node) -> None:
+        if node.address in self._slots:
+            raise DuplicateNode(str(node.address))
+        if node.name is not None and node.name in self._names:
+            raise DuplicateNode(node.name)
+        self._slots[node.address] = _Slot(node)
+        if node.name is not None:
+            self._names[node.name] = node.address
+
+    def remove(self, ref: NodeRef) -> Node:
+        """Remove a node; its open leases still release cleanly.
+
+        :returns: the removed node.
+        :raises UnknownNode: no such node.
+        """
+        with self._lock:
+            slot = self._find(ref)
+            del self._slots[slot.node.address]
+            if slot.node.name is not None:
+                del self._names[slot.node.name]
+            slot.attached = False
+            self._total_active -= slot.active
+            self._changed()
+        return slot.node
+
+    def _set(
+        self, ref: NodeRef, *, weight: int | None = None, state: NodeState | None = None
+    ) -> Node:
+        with self._lock:
+            slot = self._find(ref)
+            slot.node = slot.node.replace(weight=weight, state=state)
+            self._changed()
+            return slot.node
+
+    def set_weight(self, ref: NodeRef, weight: int) -> Node:
+        """Change a node's weight (``0``: no new traffic).
+
+        :raises UnknownNode: no such node.
+        :raises InvalidArgument: bad weight.
+        """
+        return self._set(ref, weight=check_weight(weight))
+
+    def mark_down(self, ref: NodeRef) -> Node:
+        """No new picks for this node (failed health check).
+
+        :raises UnknownNode: no such node.
+        """
+        return self._set(ref, state=NodeState.DOWN)
+
+    def mark_up(self, ref: NodeRef) -> Node:
+        """The node takes new picks again.
+
+        :raises UnknownNode: no such node.
+        """
+        return self._set(ref, state=NodeState.UP)
+
+    def drain(self, ref: NodeRef) -> Node:
+        """No new picks; existing leases stay until released.
+
+        :raises UnknownNode: no such node.
+        """
+        return self._set(ref, state=NodeState.DRAINING)
+
+    def get(self, ref: NodeRef) -> Node:
+        """The current snapshot of a node.
+
+        :raises UnknownNode: no such node.
+        """
+        with self._lock:
+            return self._find(ref).node
+
+    def active(self, ref: NodeRef | None = None) -> int:
+        """Active leases on one node, or on all nodes when *ref* is None.
+
+        :raises UnknownNode: no such node.
+        """
+        with self._lock:
+            if ref is None:
+                return self._total_active
+            return self._find(ref).active
+
+    @property
+    def nodes(self) -> tuple[Node, ...]:
+        """All nodes (any state), in insertion order."""
+        with self._lock:
+            return tuple(s.node for s in self._slots.values())
+
+    @property
+    def live_nodes(self) -> tuple[Node, ...]:
+        """Nodes that may take new picks (up, weight > 0)."""
+        return self._live
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def __contains__(self, ref: object) -> bool:
+        try:
+            with self._lock:
+                self._find(ref)  # type: ignore[arg-type]
+        except (UnknownNode, ValueError):
+            return False
+        return True
+
+    def __iter__(self) -> Iterator[Node]:
+        return iter(self.nodes)
+
+    def _find(self, ref: NodeRef) -> _Slot:
+        if isinstance(ref, Node):
+            addr = ref.address
+        elif isinstance(ref, str) and ref in self._names:
+            addr = self._names[ref]
+        else:
+            try:
+                addr = parse_address(ref)
+            except ValueError:
+                raise UnknownNode(ref) from None
+        slot = self._slots.get(addr)
+        if slot is None:
+            raise UnknownNode(ref)
+        return slot
+
+    def _changed(self) -> None:
+        self._live = tuple(s.node for s in self._slots.values() if s.node.live)
+        self._rebuild()
+
+    # ----------------------------------------------------------------- copies, preview
+
+    def copy(self) -> BalancePolicy:
+        """A new policy of the same class, options and nodes, with no leases."""
+        return type(self)(self.nodes, **self._options())
+
+    def preview(
+        self, change: Callable[[BalancePolicy], object], keys: Iterable[Key]
+    ) -> BalanceDiff:
+        """What *change* would do, without applying it.
+
+        ``change`` is called on a copy (e.g. ``lambda p: p.remove("10.0.0.3:80")``).
+
+        :param change: callable applied to a copy of this policy.
+        :param keys: sample keys (for hash policies; others pick once per key).
+        :returns: :class:`BalanceDiff` of this policy versus the changed copy.
+        """
+        new = self.copy()
+        change(new)
+        return diff(self, new, keys)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {len(self._slots)} nodes, {len(self._live)} live>"
+
+
+class HashPolicy(BalancePolicy):
+    """Shared parts of the key-hash policies: :class:`KeyHasher`, bounded load.
+
+    With ``balance_factor=c`` (``>= 1``), a node holding ``ceil(c * (A + 1) * w / W)``
+    or more leases (``A`` active leases in total, ``w/W`` its weight share) is passed
+    over and the key goes to the policy's next candidate (Mirrokni, Thorup and
+    Zadimoghaddam's consistent hashing with bounded loads; HAProxy's
+    ``hash-balance-factor``). It needs leases: plain ``pick`` sees the current
+    counts too, but does not add to them.
+    """
+
+    needs_key = True
+
+    def __init__(
+        self,
+        nodes: Iterable[NodeLike] = (),
+        *,
+        seed: int = 0,
+        secret: bytes | None = None,
+        balance_factor: float | None = None,
+    ) -> None:
+        self._hasher = KeyHasher(seed, secret)
+        if balance_factor is not None and (
+            isinstance(balance_factor, bool)
+            or not isinstance(balance_factor, (int, float))
+            or not balance_factor >= 1.0
+            or math.isinf(balance_factor)
+        ):
+            raise InvalidArgument("balance_factor", balance_factor, "must be a number >= 1")
+        self._balance_factor = balance_factor
+        self._total_weight = 0
+        super().__init__(nodes)
+
+    @property
+    def hasher(self) -> KeyHasher:
+        """The :class:`KeyHasher` in use."""
+        return self._hasher
+
+    @property
+    def balance_factor(self) -> float | None:
+        """The bounded-load factor, or None."""
+        return self._balance_factor
+
+    def _options(self) -> dict[str, Any]:
+        return {
+            "seed": self._hasher.seed,
+            "secret": self._hasher.secret,
+            "balance_factor": self._balance_factor,
+        }
+
+    def _changed(self) -> None:
+        self._live = tuple(s.node for s in self._slots.values() if s.node.live)
+        self._total_weight = sum(n.weight for n in self._live)
+        self._rebuild()
+
+    def _candidates(self, key: bytes) -> Iterator[Node]:
+        """Live nodes in this key's order of preference (may repeat)."""
+        raise NotImplementedError
+
+    def _choose_bounded(self, key: bytes) -> Node:
+        if not self._live:
+            raise self._unavailable()
+        factor = self._balance_factor
+        assert factor is not None
+        total = (self._total_active + 1) * factor / self._total_weight
+        slots = self._slots
+        tried: set[Address] = set()
+        for node in self._candidates(key):
+            addr = node.address
+            if slots[addr].active < math.ceil(total * node.weight):
+                return node
+            tried.add(addr)
+            if len(tried) == len(self._live):
+                break
+        raise NoNodeAvailable(self.name, "all nodes are over the load bound")
+
+
+# --------------------------------------------------------------------------- diff
+
+
+@dataclass(frozen=True)
+class BalanceDiff:
+    """What a membership change does to a sample of keys.
+
+    :ivar keys: number of sample keys.
+    :ivar moved: keys whose node changed.
+    :ivar share_moved: ``moved / keys`` (0.0 with no keys).
+    :ivar before: keys per node address before the change.
+    :ivar after: keys per node address after the change.
+    """
+
+    keys: int
+    moved: int
+    share_moved: float
+    before: dict[Address, int]
+    after: dict[Address, int]
+
+    @property
+    def min_load(self) -> int:
+        """Fewest keys on a live node after the change."""
+        return min(self.after.values(), default=0)
+
+    @property
+    def max_load(self) -> int:
+        """Most keys on a node after the change."""
+        return max(self.after.values(), default=0)
+
+    @property
+    def max_over_mean(self) -> float:
+        """``max_load / mean``, 1.0 is perfect balance."""
+        if not self.after:
+            return 0.0
+        return self.max_load * len(self.after) / self.keys if self.keys else 0.0
+
+
+def diff(old: BalancePolicy, new: BalancePolicy, keys: Iterable[Key]) -> BalanceDiff:
+    """Share of *keys* that map to another node in *new* than in *old*, and loads.
+
+    Neither policy is changed: both are copied first, so round-robin counters
+    and leases stay as they are. Only hash policies give a meaningful ``moved``.
+
+    :param old: the policy as it is.
+    :param new: the policy after the change.
+    :param keys: sample keys.
+    :returns: :class:`BalanceDiff`.
+    :raises NoNodeAvailable: either policy has no live node.
+    """
+    a, b = old.copy(), new.copy()
+    sample: Sequence[Key] = list(keys)
+    before: dict[Address, int] = {n.address: 0 for n in a.live_nodes}
+    after: dict[Address, int] = {n.address: 0 for n in b.live_nodes}
+    moved = 0
+    for k in sample:
+        x = a.pick(k).address
+        y = b.pick(k).address
+        before[x] += 1
+        after[y] += 1
+        moved += x != y
+    n = len(sample)
+    return BalanceDiff(n, moved, moved / n if n else 0.0, before, after)

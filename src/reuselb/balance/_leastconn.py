@@ -1,0 +1,108 @@
+"""Connection-counting policies: :class:`LeastConn` and :class:`PowerOfTwo`.
+
+Rules of this module: pure (no I/O); they count :class:`~reuselb.Lease` objects,
+so use ``acquire``/``release`` (``pick`` sees the counts but adds nothing). Both
+pick under the policy lock, since they read every candidate's count.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+from typing import Any
+
+from ._base import BalancePolicy, Node, NodeLike
+
+__all__ = ["LeastConn", "PowerOfTwo"]
+
+
+class LeastConn(BalancePolicy):
+    """Fewest active leases relative to weight (``active / weight``).
+
+    Ties are broken round robin: the scan starts one node further on each pick, so
+    an idle pool is walked in order instead of always giving the first node.
+    O(N) per pick under the lock.
+
+    :param nodes: initial nodes.
+    """
+
+    name = "least-conn"
+
+    def __init__(self, nodes: Iterable[NodeLike] = ()) -> None:
+        self._next = 0
+        super().__init__(nodes)
+
+    def _choose(self, key: bytes | None) -> Node:
+        live = self._live
+        n = len(live)
+        if not n:
+            raise self._unavailable()
+        slots = self._slots
+        start = self._next % n
+        self._next = start + 1
+        best = live[start]
+        best_a = slots[best.address].active
+        best_w = best.weight
+        for i in range(1, n):
+            node = live[(start + i) % n]
+            a = slots[node.address].active
+            # a / w < best_a / best_w without floats
+            if a * best_w < best_a * node.weight:
+                best, best_a, best_w = node, a, node.weight
+        return best
+
+
+class PowerOfTwo(BalancePolicy):
+    """Power of two choices: two random distinct live nodes (weighted), the less
+    loaded (``active / weight``) wins; ties go to the first drawn.
+
+    Max load falls from ``ln n / ln ln n`` (one random choice) to
+    ``ln ln n / ln 2`` (Mitzenmacher). O(1) per pick under the lock.
+
+    :param nodes: initial nodes.
+    :param seed: seed for the policy's own ``random.Random`` (tests, replay).
+    """
+
+    name = "p2c"
+
+    def __init__(self, nodes: Iterable[NodeLike] = (), *, seed: int | None = None) -> None:
+        self._seed = seed
+        self._rng = random.Random(seed)
+        self._cum: list[int] = []
+        super().__init__(nodes)
+
+    def _options(self) -> dict[str, Any]:
+        return {"seed": self._seed}
+
+    def _rebuild(self) -> None:
+        total = 0
+        cum = []
+        for n in self._live:
+            total += n.weight
+            cum.append(total)
+        self._cum = cum
+
+    def _draw(self) -> int:
+        import bisect
+
+        return bisect.bisect_right(self._cum, self._rng.randrange(self._cum[-1]))
+
+    def _choose(self, key: bytes | None) -> Node:
+        live = self._live
+        if not live:
+            raise self._unavailable()
+        if len(live) == 1:
+            return live[0]
+        i = self._draw()
+        j = i
+        for _ in range(64):  # bounded: a heavy node can be drawn twice in a row
+            j = self._draw()
+            if j != i:
+                break
+        else:
+            j = (i + 1) % len(live)
+        a, b = live[i], live[j]
+        slots = self._slots
+        if slots[b.address].active * a.weight < slots[a.address].active * b.weight:
+            return b
+        return a

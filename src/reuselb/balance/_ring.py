@@ -1,0 +1,153 @@
+"""Consistent hash ring with virtual nodes, and a ketama-compatible mode.
+
+Rules of this module: pure (no I/O). The sorted point list is rebuilt when
+membership, weights or states change and published by one attribute store; an
+unbounded pick is one hash and one ``bisect`` (C), without the lock. Equal points
+are ordered by ``hash_id``, so the ring does not depend on insertion order.
+
+Ketama mode (``ketama=True``) reproduces libketama (last.fm) and libmemcached's
+``MEMCACHED_BEHAVIOR_KETAMA_WEIGHTED`` continuum:
+
+* server string ``"<hash_id>-<i>"`` where ``hash_id`` is the node's name, else
+  ``"host:port"`` (libmemcached drops ``":11211"`` for the default port: give such
+  nodes ``name="host"`` to match it);
+* ``floor(weight / total_weight * 40 * servers + 1e-10)`` MD5 digests per server,
+  ``i = 0 ..``, each giving 4 points: the digest's four little-endian 32-bit words;
+* a key's point is the first 4 bytes of MD5(key) read little-endian, and it maps
+  to the first ring point ``>=`` it, wrapping to the first point.
+
+With equal weights that is 160 points per server, the ketama default. The seed and
+secret options do not exist in ketama mode (they would break compatibility).
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import math
+import zlib
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from .._errors import InvalidArgument, KeyRequired
+from ._base import HashPolicy, Key, Node, NodeLike, key_bytes
+
+__all__ = ["RingHash", "ketama_points"]
+
+
+def ketama_points(nodes: list[Node]) -> list[tuple[int, str, Node]]:
+    """The ketama continuum of *nodes* as ``(point, hash_id, node)``, unsorted."""
+    total = sum(n.weight for n in nodes)
+    out: list[tuple[int, str, Node]] = []
+    for n in nodes:
+        digests = math.floor(n.weight / total * 40 * len(nodes) + 1e-10)
+        for i in range(digests):
+            d = hashlib.md5(f"{n.hash_id}-{i}".encode()).digest()
+            for j in range(4):
+                out.append((int.from_bytes(d[4 * j : 4 * j + 4], "little"), n.hash_id, n))
+    return out
+
+
+class RingHash(HashPolicy):
+    """A consistent hash ring: when a node leaves only its keys move (to the next
+    points), about 1/N of them; balance depends on the number of points
+    (160 per node gives ~10% spread at N=100).
+
+    :param nodes: initial nodes.
+    :param vnodes: points per weight unit (ignored in ketama mode).
+    :param ketama: build a ketama-compatible continuum (MD5; see the module doc).
+    :param seed: reshuffles the mapping (see :class:`KeyHasher`).
+    :param secret: keyed hash so chosen keys cannot aim at one node.
+    :param balance_factor: bounded load (``>= 1``); the next candidates are the
+        following ring points.
+    :raises InvalidArgument: vnodes < 1, or seed/secret with ketama.
+    """
+
+    name = "ring"
+    lock_free_pick = True
+
+    def __init__(
+        self,
+        nodes: Iterable[NodeLike] = (),
+        *,
+        vnodes: int = 160,
+        ketama: bool = False,
+        seed: int = 0,
+        secret: bytes | None = None,
+        balance_factor: float | None = None,
+    ) -> None:
+        if isinstance(vnodes, bool) or not isinstance(vnodes, int) or vnodes < 1:
+            raise InvalidArgument("vnodes", vnodes, "must be an int >= 1")
+        if ketama and (seed or secret is not None):
+            raise InvalidArgument("ketama", ketama, "ketama mode takes no seed or secret")
+        self._vnodes = vnodes
+        self._ketama = bool(ketama)
+        self._crc_seed = seed if secret is None and not ketama else None
+        self._ring: tuple[list[int], list[Node]] = ([], [])
+        super().__init__(nodes, seed=seed, secret=secret, balance_factor=balance_factor)
+
+    def _options(self) -> dict[str, Any]:
+        return {**super()._options(), "vnodes": self._vnodes, "ketama": self._ketama}
+
+    def _rebuild(self) -> None:
+        live = list(self._live)
+        if not live:
+            self._ring = ([], [])
+            return
+        if self._ketama:
+            pts = ketama_points(live)
+        else:
+            pts = []
+            for n in live:
+                count = self._vnodes * n.weight
+                raw = self._hasher.node_bytes(n.hash_id, 4 * count)
+                hid = n.hash_id
+                pts.extend(
+                    (int.from_bytes(raw[4 * i : 4 * i + 4], "little"), hid, n) for i in range(count)
+                )
+        pts.sort(key=lambda p: (p[0], p[1]))
+        self._ring = ([p[0] for p in pts], [p[2] for p in pts])
+
+    def _hash(self, data: bytes) -> int:
+        if self._ketama:
+            return int.from_bytes(hashlib.md5(data).digest()[:4], "little")
+        return self._hasher.hash32(data)
+
+    def pick(self, key: Key = None) -> Node:
+        """The node for *key* (see :meth:`BalancePolicy.pick`).
+
+        :param key: ``str`` (UTF-8) or ``bytes``.
+        :returns: a live node.
+        :raises KeyRequired: no key.
+        :raises NoNodeAvailable: no live node, or all over the load bound.
+        """
+        if self._balance_factor is not None:
+            return super().pick(key)
+        if key.__class__ is str:
+            data = key.encode()  # type: ignore[union-attr,unused-ignore]
+        elif key is None:
+            raise KeyRequired(self.name)
+        else:
+            data = key_bytes(key)
+        points, owners = self._ring
+        if points:
+            seed = self._crc_seed
+            h = zlib.crc32(data, seed) if seed is not None else self._hash(data)
+            i = bisect.bisect_left(points, h)
+            return owners[i] if i < len(owners) else owners[0]
+        raise self._unavailable()
+
+    def _choose(self, key: bytes | None) -> Node:
+        assert key is not None
+        if self._balance_factor is not None:
+            return self._choose_bounded(key)
+        return next(self._candidates(key))
+
+    def _candidates(self, key: bytes) -> Iterator[Node]:
+        points, owners = self._ring
+        if not points:
+            raise self._unavailable()
+        m = len(points)
+        start = bisect.bisect_left(points, self._hash(key))
+        for i in range(m):
+            yield owners[(start + i) % m]
