@@ -88,7 +88,7 @@ def test_node_parses_address_and_is_immutable() -> None:
     assert n.hash_id == "a"
     assert Node("[::1]:80").hash_id == "[::1]:80"
     with pytest.raises(AttributeError):
-        n.weight = 3  # type: ignore[misc]
+        n.weight = 3
     assert n.replace(weight=5).weight == 5
     assert n == Node("10.0.0.1:80", name="a", weight=2)
 
@@ -340,12 +340,14 @@ def test_weighted_hash_policies_follow_weights() -> None:
 def test_bounded_load_caps_every_node(kind: str) -> None:
     nodes = [addr(i) for i in range(5)]
 
-    def make(**kw: float) -> BalancePolicy:
+    def make(balance_factor: float | None = None) -> BalancePolicy:
+        f = balance_factor
         if kind == "maglev":
-            return MaglevHash(nodes, table_size=1009, **kw)
+            return MaglevHash(nodes, table_size=1009, balance_factor=f)
         if kind == "ring":
-            return RingHash(nodes, **kw)
-        return RendezvousHash(nodes, table_size=4096 if kind == "rendezvous" else None, **kw)
+            return RingHash(nodes, balance_factor=f)
+        size = 4096 if kind == "rendezvous" else None
+        return RendezvousHash(nodes, table_size=size, balance_factor=f)
 
     p = make(balance_factor=1.25)
     leases = [p.acquire("same key every time") for _ in range(100)]

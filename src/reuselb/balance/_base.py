@@ -54,7 +54,7 @@ __all__ = [
 ]
 
 #: What ``pick``/``acquire`` accept as a key: text is hashed as its UTF-8 bytes.
-Key: TypeAlias = "str | bytes | None"
+Key: TypeAlias = "str | bytes | bytearray | memoryview | None"
 
 
 class NodeState(enum.Enum):
