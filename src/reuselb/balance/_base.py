@@ -210,14 +210,16 @@ class KeyHasher:
 
             self.hash32 = _crc
         else:
-            blake = hashlib.blake2b
-            salt = seed.to_bytes(16, "little")
+            # Keying BLAKE2b costs more than hashing a short key: key it once
+            # and copy the keyed state per call (~1.5x faster).
+            keyed = hashlib.blake2b(digest_size=4, key=secret, salt=seed.to_bytes(16, "little"))
+            copy = keyed.copy
             from_bytes = int.from_bytes
 
             def _keyed(data: bytes) -> int:
-                return from_bytes(
-                    blake(data, digest_size=4, key=secret, salt=salt).digest(), "little"
-                )
+                h = copy()
+                h.update(data)
+                return from_bytes(h.digest(), "little")
 
             self.hash32 = _keyed
 

@@ -7,11 +7,12 @@ pick under the policy lock, since they read every candidate's count.
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Iterable
 from typing import Any
 
-from ._base import BalancePolicy, Node, NodeLike
+from ._base import BalancePolicy, Node, NodeLike, _Slot
 
 __all__ = ["LeastConn", "PowerOfTwo"]
 
@@ -30,26 +31,27 @@ class LeastConn(BalancePolicy):
 
     def __init__(self, nodes: Iterable[NodeLike] = ()) -> None:
         self._next = 0
+        self._ring: list[tuple[_Slot, int]] = []
         super().__init__(nodes)
 
+    def _rebuild(self) -> None:
+        self._ring = [(self._slots[n.address], n.weight) for n in self._live]
+
     def _choose(self, key: bytes | None) -> Node:
-        live = self._live
-        n = len(live)
+        ring = self._ring
+        n = len(ring)
         if not n:
             raise self._unavailable()
-        slots = self._slots
         start = self._next % n
         self._next = start + 1
-        best = live[start]
-        best_a = slots[best.address].active
-        best_w = best.weight
-        for i in range(1, n):
-            node = live[(start + i) % n]
-            a = slots[node.address].active
+        best, best_w = ring[start]
+        best_a = best.active
+        for slot, w in itertools.chain(ring[start + 1 :], ring[:start]):
+            a = slot.active
             # a / w < best_a / best_w without floats
-            if a * best_w < best_a * node.weight:
-                best, best_a, best_w = node, a, node.weight
-        return best
+            if a * best_w < best_a * w:
+                best, best_a, best_w = slot, a, w
+        return best.node
 
 
 class PowerOfTwo(BalancePolicy):

@@ -122,13 +122,18 @@ class RendezvousHash(HashPolicy):
             cols.append(col)
         self._table = [nodes[v & 0xFFFF] for v in map(max, zip(*cols, strict=True))]
 
-    def _exact_order(self, key: bytes) -> list[Node]:
+    def _exact_scores(self, key: bytes) -> list[tuple[float, str, Node]]:
         h = self._hasher.hash32(key)
         h = h | (h << 32)
+        scale = 1.0 / (1 << 53)
         scored = []
         for n, s in self._ranked:
-            u = ((_mix64(h ^ s) >> 11) + 0.5) * (1.0 / (1 << 53))
+            u = ((_mix64(h ^ s) >> 11) + 0.5) * scale
             scored.append((u if n.weight == 1 else u ** (1.0 / n.weight), n.hash_id, n))
+        return scored
+
+    def _exact_order(self, key: bytes) -> list[Node]:
+        scored = self._exact_scores(key)
         scored.sort(key=lambda t: (t[0], t[1]), reverse=True)
         return [t[2] for t in scored]
 
@@ -165,7 +170,10 @@ class RendezvousHash(HashPolicy):
         if not self._live:
             raise self._unavailable()
         if self._size is None:
-            yield from self._exact_order(key)
+            if self._balance_factor is None:
+                yield max(self._exact_scores(key), key=lambda t: (t[0], t[1]))[2]
+            else:
+                yield from self._exact_order(key)
             return
         table = self._table
         m = len(table)

@@ -132,7 +132,12 @@ class RingHash(HashPolicy):
         points, owners = self._ring
         if points:
             seed = self._crc_seed
-            h = zlib.crc32(data, seed) if seed is not None else self._hash(data)
+            if seed is not None:
+                h = zlib.crc32(data, seed)
+            elif self._ketama:
+                h = int.from_bytes(hashlib.md5(data).digest()[:4], "little")
+            else:
+                h = self._hasher.hash32(data)
             i = bisect.bisect_left(points, h)
             return owners[i] if i < len(owners) else owners[0]
         raise self._unavailable()
