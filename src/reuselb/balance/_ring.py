@@ -83,7 +83,7 @@ class RingHash(HashPolicy):
         self._vnodes = vnodes
         self._ketama = bool(ketama)
         self._crc_seed = seed if secret is None and not ketama else None
-        self._ring: tuple[list[int], list[Node]] = ([], [])
+        self._ring: tuple[list[int], list[Node], list[Node | None]] = ([], [], [])
         super().__init__(nodes, seed=seed, secret=secret, balance_factor=balance_factor)
 
     def _options(self) -> dict[str, Any]:
@@ -92,7 +92,7 @@ class RingHash(HashPolicy):
     def _rebuild(self) -> None:
         live = list(self._live)
         if not live:
-            self._ring = ([], [])
+            self._ring = ([], [], [])
             return
         if self._ketama:
             pts = ketama_points(live)
@@ -106,7 +106,21 @@ class RingHash(HashPolicy):
                     (int.from_bytes(raw[4 * i : 4 * i + 4], "little"), hid, n) for i in range(count)
                 )
         pts.sort(key=lambda p: (p[0], p[1]))
-        self._ring = ([p[0] for p in pts], [p[2] for p in pts])
+        points = [p[0] for p in pts]
+        owners = [p[2] for p in pts]
+        # Shortcut table: the ring cut into 65536 arcs by the hash's top 16 bits. An
+        # arc that holds no point maps all its hashes to the same owner (the next
+        # point), so most picks skip the bisect; arcs with points fall back to it.
+        fast: list[Node | None] = []
+        i = 0
+        m = len(points)
+        for b in range(1, 65537):
+            lo = i
+            end = b << 16
+            while i < m and points[i] < end:
+                i += 1
+            fast.append(owners[i % m] if i == lo else None)
+        self._ring = (points, owners, fast)
 
     def _hash(self, data: bytes) -> int:
         if self._ketama:
@@ -129,7 +143,7 @@ class RingHash(HashPolicy):
             raise KeyRequired(self.name)
         else:
             data = key_bytes(key)
-        points, owners = self._ring
+        points, owners, fast = self._ring
         if points:
             seed = self._crc_seed
             if seed is not None:
@@ -138,6 +152,9 @@ class RingHash(HashPolicy):
                 h = int.from_bytes(hashlib.md5(data).digest()[:4], "little")
             else:
                 h = self._hasher.hash32(data)
+            node = fast[h >> 16]
+            if node is not None:
+                return node
             i = bisect.bisect_left(points, h)
             return owners[i] if i < len(owners) else owners[0]
         raise self._unavailable()
@@ -149,7 +166,7 @@ class RingHash(HashPolicy):
         return next(self._candidates(key))
 
     def _candidates(self, key: bytes) -> Iterator[Node]:
-        points, owners = self._ring
+        points, owners, _ = self._ring
         if not points:
             raise self._unavailable()
         m = len(points)
