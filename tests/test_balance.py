@@ -176,6 +176,16 @@ def test_maglev_table_size_rules() -> None:
         MaglevHash(table_size=1000)
     with pytest.raises(InvalidArgument, match="100 x 11"):
         MaglevHash([addr(i) for i in range(11)], table_size=1009)
+    p = MaglevHash([addr(i) for i in range(10)], table_size=1009)
+    with pytest.raises(InvalidArgument, match="100 x 11"):
+        p.add(addr(10))
+    assert len(p) == 10 and addr(10) not in p  # the refused add was undone
+    p.mark_down(addr(0))
+    p.add(addr(10))
+    with pytest.raises(InvalidArgument):
+        p.mark_up(addr(0))
+    assert p.get(addr(0)).state is NodeState.DOWN
+    assert p.pick("k").address != p.get(addr(0)).address
     with pytest.raises(InvalidArgument, match="balance_factor"):
         MaglevHash(balance_factor=0.5)
     with pytest.raises(InvalidArgument, match="seed"):

@@ -434,7 +434,14 @@ class BalancePolicy:
             node = Node(address, name=name, weight=1 if weight is None else weight)
         with self._lock:
             self._add_locked(node)
-            self._changed()
+            try:
+                self._changed()
+            except BaseException:
+                # the rebuild refused the new membership (e.g. a Maglev table too
+                # small): undo, so the policy stays as it was
+                self._detach(self._slots[node.address])
+                self._changed()
+                raise
         return node
 
     def _add_locked(self, node: Node) -> None:
@@ -454,21 +461,30 @@ class BalancePolicy:
         """
         with self._lock:
             slot = self._find(ref)
-            del self._slots[slot.node.address]
-            if slot.node.name is not None:
-                del self._names[slot.node.name]
-            slot.attached = False
-            self._total_active -= slot.active
+            self._detach(slot)
             self._changed()
         return slot.node
+
+    def _detach(self, slot: _Slot) -> None:
+        del self._slots[slot.node.address]
+        if slot.node.name is not None:
+            del self._names[slot.node.name]
+        slot.attached = False
+        self._total_active -= slot.active
 
     def _set(
         self, ref: NodeRef, *, weight: int | None = None, state: NodeState | None = None
     ) -> Node:
         with self._lock:
             slot = self._find(ref)
-            slot.node = slot.node.replace(weight=weight, state=state)
-            self._changed()
+            old = slot.node
+            slot.node = old.replace(weight=weight, state=state)
+            try:
+                self._changed()
+            except BaseException:
+                slot.node = old  # rebuild refused the change: keep the old state
+                self._changed()
+                raise
             return slot.node
 
     def set_weight(self, ref: NodeRef, weight: int) -> Node:

@@ -25,6 +25,7 @@ from collections.abc import Iterable, Iterator
 from itertools import repeat
 from operator import add, mul, truediv
 from typing import Any
+from zlib import crc32 as zlib_crc32
 
 from .._errors import InvalidArgument, KeyRequired
 from ._base import HashPolicy, Key, Node, NodeLike, key_bytes
@@ -180,6 +181,3 @@ class RendezvousHash(HashPolicy):
         start = self._hasher.hash32(key) % m
         for i in range(m):
             yield table[(start + i) % m]
-
-
-from zlib import crc32 as zlib_crc32  # noqa: E402  (kept next to its one use)
