@@ -34,6 +34,9 @@ from ._base import HashPolicy, Key, Node, NodeLike, key_bytes
 
 __all__ = ["RingHash", "ketama_points"]
 
+_ARC_SHIFT = 14
+_ARCS = 1 << (32 - _ARC_SHIFT)
+
 
 def ketama_points(nodes: list[Node]) -> list[tuple[int, str, Node]]:
     """The ketama continuum of *nodes* as ``(point, hash_id, node)``, unsorted."""
@@ -108,18 +111,18 @@ class RingHash(HashPolicy):
         pts.sort(key=lambda p: (p[0], p[1]))
         points = [p[0] for p in pts]
         owners = [p[2] for p in pts]
-        # Shortcut table: the ring cut into 65536 arcs by the hash's top 16 bits. An
+        # Shortcut table: the ring cut into 2**18 arcs by the hash's top 18 bits. An
         # arc that holds no point maps all its hashes to the same owner (the next
-        # point), so most picks skip the bisect; arcs with points fall back to it.
-        fast: list[Node | None] = []
-        i = 0
-        m = len(points)
-        for b in range(1, 65537):
-            lo = i
-            end = b << 16
-            while i < m and points[i] < end:
-                i += 1
-            fast.append(owners[i % m] if i == lo else None)
+        # point), so most picks (94% with 16,000 points) skip the bisect; arcs that
+        # hold a point stay None and fall back to it.
+        fast: list[Node | None] = [None] * _ARCS
+        prev = -1
+        for point, owner in zip(points, owners, strict=True):
+            arc = point >> _ARC_SHIFT
+            if arc > prev + 1:
+                fast[prev + 1 : arc] = [owner] * (arc - prev - 1)
+            prev = arc
+        fast[prev + 1 :] = [owners[0]] * (_ARCS - prev - 1)
         self._ring = (points, owners, fast)
 
     def _hash(self, data: bytes) -> int:
@@ -152,7 +155,7 @@ class RingHash(HashPolicy):
                 h = int.from_bytes(hashlib.md5(data).digest()[:4], "little")
             else:
                 h = self._hasher.hash32(data)
-            node = fast[h >> 16]
+            node = fast[h >> _ARC_SHIFT]
             if node is not None:
                 return node
             i = bisect.bisect_left(points, h)
