@@ -190,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     n = args.nodes
     print()
     print(
-        "| policy | ns/pick | x faster than uhashring | max/mean | min/mean | moved (x 1/N) | build ms |"
+        "| policy | ns/pick | x faster than uhashring | max/mean | min/mean "
+        "| moved (x 1/N) | build ms |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
