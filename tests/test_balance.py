@@ -542,3 +542,33 @@ def test_diff_reports_moves_and_loads() -> None:
     first = rr.pick()
     diff(rr, rr, range(0))  # type: ignore[arg-type]
     assert rr.pick() != first  # diff did not advance the live counter
+
+
+@pytest.mark.parametrize("kind", sorted(HASHED - {"maglev-bounded"}))
+@pytest.mark.parametrize("secret", [None, b"k"])
+def test_fast_and_general_paths_agree(kind: str, secret: bytes | None) -> None:
+    """str keys take a lock-free fast path; bytes keys and acquire() the general one."""
+    nodes = [Node(addr(i), weight=1 + i % 2) for i in range(7)]
+    if kind == "ketama":
+        if secret:
+            return
+        p: BalancePolicy = RingHash(nodes, ketama=True)
+    else:
+        size = {"maglev": 1009, "rendezvous": 4096}.get(kind)
+        opts: dict[str, object] = {"seed": 9}
+        if secret:
+            opts["secret"] = secret
+        if kind == "maglev":
+            p = MaglevHash(nodes, table_size=1009, **opts)  # type: ignore[arg-type]
+        elif kind == "ring":
+            p = RingHash(nodes, **opts)  # type: ignore[arg-type]
+        else:
+            p = RendezvousHash(nodes, table_size=size, **opts)  # type: ignore[arg-type]
+    spread = set()
+    for k in keys(300, salt="é"):
+        node = p.pick(k)
+        spread.add(node.address)
+        assert p.pick(k.encode()) == node
+        with p.acquire(k) as lease:
+            assert lease.node == node
+    assert len(spread) >= 5

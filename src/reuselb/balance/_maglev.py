@@ -9,12 +9,12 @@ add the same nodes in another order build the same table.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Iterable, Iterator
 from typing import Any
+from zlib import crc32 as _crc32
 
-from .._errors import InvalidArgument, KeyRequired
-from ._base import HashPolicy, Key, Node, NodeLike, key_bytes
+from .._errors import InvalidArgument
+from ._base import HashPolicy, Key, Node, NodeLike
 
 __all__ = ["DEFAULT_TABLE_SIZE", "MaglevHash", "is_prime"]
 
@@ -71,6 +71,7 @@ class MaglevHash(HashPolicy):
             raise InvalidArgument("table_size", table_size, "must be a prime")
         self._size = table_size
         self._table: list[Node] = []
+        self._fast: tuple[list[Node], int] | None = None
         self._crc_seed = seed if secret is None else None
         super().__init__(nodes, seed=seed, secret=secret, balance_factor=balance_factor)
 
@@ -86,6 +87,7 @@ class MaglevHash(HashPolicy):
         nodes = sorted(self._live, key=lambda n: n.hash_id)
         if not nodes:
             self._table = []
+            self._publish()
             return
         m = self._size
         if m <= 100 * len(nodes):
@@ -129,6 +131,14 @@ class MaglevHash(HashPolicy):
                 if filled == m:
                     break
         self._table = [nodes[i] for i in entry]
+        self._publish()
+
+    def _publish(self) -> None:
+        seed = self._crc_seed
+        if self._table and seed is not None and self._balance_factor is None:
+            self._fast = (self._table, seed)
+        else:
+            self._fast = None
 
     def pick(self, key: Key = None) -> Node:
         """The node for *key* (see :meth:`BalancePolicy.pick`).
@@ -138,20 +148,12 @@ class MaglevHash(HashPolicy):
         :raises KeyRequired: no key.
         :raises NoNodeAvailable: no live node, or all over the load bound.
         """
-        if self._balance_factor is not None:
-            return super().pick(key)
-        if key.__class__ is str:
-            data = key.encode()  # type: ignore[union-attr,unused-ignore]
-        elif key is None:
-            raise KeyRequired(self.name)
-        else:
-            data = key_bytes(key)
-        table = self._table
-        if table:
-            seed = self._crc_seed
-            h = zlib.crc32(data, seed) if seed is not None else self._hasher.hash32(data)
-            return table[h % len(table)]
-        raise self._unavailable()
+        # Hot path: str key, CRC hashing, no bound: one published tuple, no lock.
+        fast = self._fast
+        if fast is not None and key.__class__ is str:
+            table, seed = fast
+            return table[_crc32(key.encode(), seed) % len(table)]  # type: ignore[union-attr,unused-ignore]
+        return super().pick(key)
 
     def _choose(self, key: bytes | None) -> Node:
         assert key is not None

@@ -25,10 +25,10 @@ from collections.abc import Iterable, Iterator
 from itertools import repeat
 from operator import add, mul, truediv
 from typing import Any
-from zlib import crc32 as zlib_crc32
+from zlib import crc32 as _crc32
 
-from .._errors import InvalidArgument, KeyRequired
-from ._base import HashPolicy, Key, Node, NodeLike, key_bytes
+from .._errors import InvalidArgument
+from ._base import HashPolicy, Key, Node, NodeLike
 
 __all__ = ["DEFAULT_BUCKETS", "RendezvousHash"]
 
@@ -77,6 +77,7 @@ class RendezvousHash(HashPolicy):
         self._size = table_size
         self._crc_seed = seed if secret is None else None
         self._table: list[Node] = []
+        self._fast: tuple[list[Node], int] | None = None
         self._ranked: tuple[tuple[Node, int], ...] = ()
         super().__init__(nodes, seed=seed, secret=secret, balance_factor=balance_factor)
 
@@ -93,6 +94,7 @@ class RendezvousHash(HashPolicy):
         self._ranked = tuple((n, self._hasher.node_int(n.hash_id, 8)) for n in nodes)
         if self._size is None or not nodes:
             self._table = []
+            self._publish()
             return
         b = self._size
         cols = []
@@ -122,6 +124,14 @@ class RendezvousHash(HashPolicy):
             # (score << 16) | idx: max() picks the best score, ties by hash_id order.
             cols.append(col)
         self._table = [nodes[v & 0xFFFF] for v in map(max, zip(*cols, strict=True))]
+        self._publish()
+
+    def _publish(self) -> None:
+        seed = self._crc_seed
+        if self._table and seed is not None and self._balance_factor is None:
+            self._fast = (self._table, seed)
+        else:
+            self._fast = None
 
     def _exact_scores(self, key: bytes) -> list[tuple[float, str, Node]]:
         h = self._hasher.hash32(key)
@@ -146,20 +156,12 @@ class RendezvousHash(HashPolicy):
         :raises KeyRequired: no key.
         :raises NoNodeAvailable: no live node, or all over the load bound.
         """
-        if self._balance_factor is not None or self._size is None:
-            return super().pick(key)
-        if key.__class__ is str:
-            data = key.encode()  # type: ignore[union-attr,unused-ignore]
-        elif key is None:
-            raise KeyRequired(self.name)
-        else:
-            data = key_bytes(key)
-        table = self._table
-        if table:
-            seed = self._crc_seed
-            h = zlib_crc32(data, seed) if seed is not None else self._hasher.hash32(data)
-            return table[h % len(table)]
-        raise self._unavailable()
+        # Hot path: str key, CRC hashing, bucket table, no bound: no lock.
+        fast = self._fast
+        if fast is not None and key.__class__ is str:
+            table, seed = fast
+            return table[_crc32(key.encode(), seed) % len(table)]  # type: ignore[union-attr,unused-ignore]
+        return super().pick(key)
 
     def _choose(self, key: bytes | None) -> Node:
         assert key is not None

@@ -22,15 +22,16 @@ secret options do not exist in ketama mode (they would break compatibility).
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import math
-import zlib
+from bisect import bisect_left
 from collections.abc import Iterable, Iterator
+from hashlib import md5 as _md5
 from typing import Any
+from zlib import crc32 as _crc32
 
-from .._errors import InvalidArgument, KeyRequired
-from ._base import HashPolicy, Key, Node, NodeLike, key_bytes
+from .._errors import InvalidArgument
+from ._base import HashPolicy, Key, Node, NodeLike
 
 __all__ = ["RingHash", "ketama_points"]
 
@@ -87,6 +88,9 @@ class RingHash(HashPolicy):
         self._ketama = bool(ketama)
         self._crc_seed = seed if secret is None and not ketama else None
         self._ring: tuple[list[int], list[Node], list[Node | None]] = ([], [], [])
+        # (points, owners, arcs, crc seed or None for ketama's MD5), or None when
+        # picks must take the general path (keyed hash, bounded load, empty ring)
+        self._fast: tuple[list[int], list[Node], list[Node | None], int | None] | None = None
         super().__init__(nodes, seed=seed, secret=secret, balance_factor=balance_factor)
 
     def _options(self) -> dict[str, Any]:
@@ -96,6 +100,7 @@ class RingHash(HashPolicy):
         live = list(self._live)
         if not live:
             self._ring = ([], [], [])
+            self._publish()
             return
         if self._ketama:
             pts = ketama_points(live)
@@ -124,6 +129,15 @@ class RingHash(HashPolicy):
             prev = arc
         fast[prev + 1 :] = [owners[0]] * (_ARCS - prev - 1)
         self._ring = (points, owners, fast)
+        self._publish()
+
+    def _publish(self) -> None:
+        seed = self._crc_seed
+        points, owners, arcs = self._ring
+        if points and (seed is not None or self._ketama) and self._balance_factor is None:
+            self._fast = (points, owners, arcs, seed)
+        else:
+            self._fast = None
 
     def _hash(self, data: bytes) -> int:
         if self._ketama:
@@ -138,41 +152,41 @@ class RingHash(HashPolicy):
         :raises KeyRequired: no key.
         :raises NoNodeAvailable: no live node, or all over the load bound.
         """
-        if self._balance_factor is not None:
-            return super().pick(key)
-        if key.__class__ is str:
+        # Hot path: str key, CRC hashing, no bound: one published tuple, no lock.
+        fast = self._fast
+        if fast is not None and key.__class__ is str:
+            points, owners, arcs, seed = fast
             data = key.encode()  # type: ignore[union-attr,unused-ignore]
-        elif key is None:
-            raise KeyRequired(self.name)
-        else:
-            data = key_bytes(key)
-        points, owners, fast = self._ring
-        if points:
-            seed = self._crc_seed
             if seed is not None:
-                h = zlib.crc32(data, seed)
-            elif self._ketama:
-                h = int.from_bytes(hashlib.md5(data).digest()[:4], "little")
-            else:
-                h = self._hasher.hash32(data)
-            node = fast[h >> _ARC_SHIFT]
+                h = _crc32(data, seed)
+            else:  # ketama
+                h = int.from_bytes(_md5(data).digest()[:4], "little")
+            node = arcs[h >> _ARC_SHIFT]
             if node is not None:
                 return node
-            i = bisect.bisect_left(points, h)
+            i = bisect_left(points, h)
             return owners[i] if i < len(owners) else owners[0]
-        raise self._unavailable()
+        return super().pick(key)
 
     def _choose(self, key: bytes | None) -> Node:
         assert key is not None
         if self._balance_factor is not None:
             return self._choose_bounded(key)
-        return next(self._candidates(key))
+        points, owners, arcs = self._ring
+        if not points:
+            raise self._unavailable()
+        h = self._hash(key)
+        node = arcs[h >> _ARC_SHIFT]
+        if node is not None:
+            return node
+        i = bisect_left(points, h)
+        return owners[i] if i < len(owners) else owners[0]
 
     def _candidates(self, key: bytes) -> Iterator[Node]:
         points, owners, _ = self._ring
         if not points:
             raise self._unavailable()
         m = len(points)
-        start = bisect.bisect_left(points, self._hash(key))
+        start = bisect_left(points, self._hash(key))
         for i in range(m):
             yield owners[(start + i) % m]
