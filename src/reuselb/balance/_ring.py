@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from array import array
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator
 from hashlib import md5 as _md5
@@ -87,10 +88,16 @@ class RingHash(HashPolicy):
         self._vnodes = vnodes
         self._ketama = bool(ketama)
         self._crc_seed = seed if secret is None and not ketama else None
-        self._ring: tuple[list[int], list[Node], list[Node | None]] = ([], [], [])
+        self._ring: tuple[list[int], list[Node], tuple[array[int], list[Node | None]]] = (
+            [],
+            [],
+            (array("H"), []),
+        )
         # (points, owners, arcs, crc seed or None for ketama's MD5), or None when
         # picks must take the general path (keyed hash, bounded load, empty ring)
-        self._fast: tuple[list[int], list[Node], list[Node | None], int | None] | None = None
+        self._fast: (
+            tuple[list[int], list[Node], array[int], list[Node | None], int | None] | None
+        ) = None
         super().__init__(nodes, seed=seed, secret=secret, balance_factor=balance_factor)
 
     def _options(self) -> dict[str, Any]:
@@ -99,7 +106,7 @@ class RingHash(HashPolicy):
     def _rebuild(self) -> None:
         live = list(self._live)
         if not live:
-            self._ring = ([], [], [])
+            self._ring = ([], [], (array("H"), []))
             self._publish()
             return
         if self._ketama:
@@ -120,22 +127,33 @@ class RingHash(HashPolicy):
         # arc that holds no point maps all its hashes to the same owner (the next
         # point), so most picks (94% with 16,000 points) skip the bisect; arcs that
         # hold a point stay None and fall back to it.
-        fast: list[Node | None] = [None] * _ARCS
+        # Arc entries are small ints into ``arc_nodes`` (an array of 2-byte
+        # indices is 4x smaller than a list of references: fewer cache misses, ~50 ns
+        # per pick); the last index, ``len(live)``, means "holds a point: bisect".
+        arc_nodes: list[Node | None] = [*sorted(live, key=lambda n: n.hash_id), None]
+        index = {n.address: i for i, n in enumerate(arc_nodes) if n is not None}
+        split = len(arc_nodes) - 1
+        arcs = array("H" if split < 0xFFFF else "I", [split]) * _ARCS
         prev = -1
         for point, owner in zip(points, owners, strict=True):
             arc = point >> _ARC_SHIFT
             if arc > prev + 1:
-                fast[prev + 1 : arc] = [owner] * (arc - prev - 1)
+                arcs[prev + 1 : arc] = array(arcs.typecode, [index[owner.address]]) * (
+                    arc - prev - 1
+                )
             prev = arc
-        fast[prev + 1 :] = [owners[0]] * (_ARCS - prev - 1)
+        tail = _ARCS - prev - 1
+        if tail:
+            arcs[prev + 1 :] = array(arcs.typecode, [index[owners[0].address]]) * tail
+        fast = (arcs, arc_nodes)
         self._ring = (points, owners, fast)
         self._publish()
 
     def _publish(self) -> None:
         seed = self._crc_seed
-        points, owners, arcs = self._ring
+        points, owners, (arcs, arc_nodes) = self._ring
         if points and (seed is not None or self._ketama) and self._balance_factor is None:
-            self._fast = (points, owners, arcs, seed)
+            self._fast = (points, owners, arcs, arc_nodes, seed)
         else:
             self._fast = None
 
@@ -155,13 +173,13 @@ class RingHash(HashPolicy):
         # Hot path: str key, CRC hashing, no bound: one published tuple, no lock.
         fast = self._fast
         if fast is not None and key.__class__ is str:
-            points, owners, arcs, seed = fast
+            points, owners, arcs, arc_nodes, seed = fast
             data = key.encode()  # type: ignore[union-attr,unused-ignore]
             if seed is not None:
                 h = _crc32(data, seed)
             else:  # ketama
                 h = int.from_bytes(_md5(data).digest()[:4], "little")
-            node = arcs[h >> _ARC_SHIFT]
+            node = arc_nodes[arcs[h >> _ARC_SHIFT]]
             if node is not None:
                 return node
             i = bisect_left(points, h)
@@ -172,11 +190,11 @@ class RingHash(HashPolicy):
         assert key is not None
         if self._balance_factor is not None:
             return self._choose_bounded(key)
-        points, owners, arcs = self._ring
+        points, owners, (arcs, arc_nodes) = self._ring
         if not points:
             raise self._unavailable()
         h = self._hash(key)
-        node = arcs[h >> _ARC_SHIFT]
+        node = arc_nodes[arcs[h >> _ARC_SHIFT]]
         if node is not None:
             return node
         i = bisect_left(points, h)

@@ -64,7 +64,7 @@ class RoundRobin(BalancePolicy):
 
     def __init__(self, nodes: Iterable[NodeLike] = ()) -> None:
         self._schedule: tuple[Node, ...] = ()
-        self._counter = itertools.count()
+        self._next = itertools.count().__next__
         super().__init__(nodes)
 
     def _rebuild(self) -> None:
@@ -74,7 +74,7 @@ class RoundRobin(BalancePolicy):
         schedule = self._schedule
         if not schedule:
             raise self._unavailable()
-        return schedule[next(self._counter) % len(schedule)]
+        return schedule[self._next() % len(schedule)]
 
     def pick(self, key: Key = None) -> Node:
         """The next node of the cycle; *key* is checked but ignored.
@@ -87,7 +87,7 @@ class RoundRobin(BalancePolicy):
         if schedule:
             if key is not None and key.__class__ is not str:
                 key_bytes(key)
-            return schedule[next(self._counter) % len(schedule)]
+            return schedule[self._next() % len(schedule)]
         raise self._unavailable()
 
     @property
