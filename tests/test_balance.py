@@ -572,3 +572,17 @@ def test_fast_and_general_paths_agree(kind: str, secret: bytes | None) -> None:
         with p.acquire(k) as lease:
             assert lease.node == node
     assert len(spread) >= 5
+
+
+@SETTINGS
+@given(weights=st.lists(st.integers(1, 4), min_size=2, max_size=6), seed=st.integers(0, 2**16))
+def test_power_of_two_follows_weights(weights: list[int], seed: int) -> None:
+    p = PowerOfTwo([Node(addr(i), weight=w) for i, w in enumerate(weights)], seed=seed)
+    total = sum(weights)
+    leases = [p.acquire() for _ in range(total * 20)]
+    for i, w in enumerate(weights):
+        # each node ends near 20 x weight: the less loaded (per weight) of two wins
+        assert abs(p.active(addr(i)) - 20 * w) <= 20, (weights, i, p.active(addr(i)))
+    for lease in leases:
+        lease.release()
+    assert p.active() == 0
