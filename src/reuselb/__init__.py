@@ -26,6 +26,7 @@ from ._errors import (
     UnknownPolicy,
     WrongSocketType,
 )
+from ._relay import End, RelayStats, async_pipe_splice, pipe_splice
 from ._sockets import (
     ReuseportGroup,
     SocketInfo,
@@ -75,6 +76,11 @@ __all__ = (
     "UnknownPolicy",
     "KeyRequired",
     "InvalidKey",
+    # relay
+    "End",
+    "RelayStats",
+    "async_pipe_splice",
+    "pipe_splice",
     # addresses
     "Address",
     "AddressLike",
