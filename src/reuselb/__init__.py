@@ -13,6 +13,7 @@ from ._errors import (
     AddressInUse,
     DuplicateNode,
     GroupMemberError,
+    HandoffError,
     HostNotFound,
     InvalidArgument,
     InvalidKey,
@@ -26,6 +27,7 @@ from ._errors import (
     UnknownPolicy,
     WrongSocketType,
 )
+from ._handoff import listen_fds, recv_sockets, send_sockets
 from ._relay import End, RelayStats, async_pipe_splice, pipe_splice
 from ._sockets import (
     ReuseportGroup,
@@ -64,6 +66,7 @@ __all__ = (
     "AddressError",
     "AddressInUse",
     "GroupMemberError",
+    "HandoffError",
     "HostNotFound",
     "InvalidArgument",
     "ReuseportUnsupported",
@@ -76,6 +79,10 @@ __all__ = (
     "UnknownPolicy",
     "KeyRequired",
     "InvalidKey",
+    # handoff
+    "listen_fds",
+    "recv_sockets",
+    "send_sockets",
     # relay
     "End",
     "RelayStats",

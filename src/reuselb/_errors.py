@@ -27,6 +27,7 @@ __all__ = [
     "InvalidArgument",
     "AddressInUse",
     "GroupMemberError",
+    "HandoffError",
     "HostNotFound",
     "ReuselbError",
     "ReuseportUnsupported",
@@ -226,4 +227,14 @@ class InvalidKey(ReuselbError, TypeError):
 
 
 # --------------------------------------------------------------------------- handoff / steering
-# (handoff and steering errors: added by those modules)
+
+
+class HandoffError(ReuselbError, OSError):
+    """Sockets handed over between processes were missing, truncated or not as declared."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        OSError.__init__(self, f"socket handoff failed: {reason}")
+
+    def __str__(self) -> str:
+        return str(self.args[0])

@@ -1,0 +1,167 @@
+"""A small TCP (layer 4) load balancer built from reuselb's parts.
+
+    python examples/l4proxy.py --listen 127.0.0.1:6000 \\
+        --backend 127.0.0.1:6379 --backend 127.0.0.1:6380,2 --policy round-robin --workers 2
+
+* the master makes one reuseport listener per worker and keeps them all open;
+  each worker receives its own over a Unix socket (``send_sockets``);
+* each worker runs asyncio: accept, ``policy.acquire()`` a backend (leases, so
+  ``least-conn`` works), connect, ``async_pipe_splice`` both ways, release;
+* a backend that refuses is marked down and retried after ``--retry-after`` s;
+* SIGTERM: workers stop accepting, finish their relays, exit; the master exits.
+* SIGHUP: zero-drop restart. A new worker gets the *same* listener, then the old
+  one drains and exits. The listener never closes (the master holds it), so no
+  queued connection is reset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+from reuselb import (
+    Node,
+    NoNodeAvailable,
+    async_pipe_splice,
+    make_policy,
+    parse_address,
+    recv_sockets,
+    reuseport_group,
+    send_sockets,
+    tcp_socket,
+)
+
+
+def backend(text: str) -> Node:
+    addr, _, weight = text.partition(",")
+    return Node(parse_address(addr), weight=int(weight or 1))
+
+
+async def serve(listener: socket.socket, args: argparse.Namespace) -> None:
+    loop = asyncio.get_running_loop()
+    policy = make_policy(args.policy, args.backend)
+    relays: set[asyncio.Task[None]] = set()
+
+    async def dial(key: str) -> tuple[socket.socket, object]:
+        for _ in range(len(policy)):  # each refusing backend is tried at most once
+            lease = policy.acquire(key)
+            sock = tcp_socket(lease.node.address.family or socket.AF_INET, nonblocking=True)
+            try:
+                addr = (lease.node.address.host, lease.node.address.port)
+                await asyncio.wait_for(loop.sock_connect(sock, addr), args.connect_timeout)
+            except (OSError, asyncio.TimeoutError):
+                sock.close()
+                lease.release()
+                with contextlib.suppress(LookupError):
+                    policy.mark_down(lease.node)
+                    loop.call_later(args.retry_after, policy.mark_up, lease.node)
+                continue
+            return sock, lease
+        raise NoNodeAvailable(policy.name, "every backend refused")
+
+    async def relay(client: socket.socket, peer: tuple[str, int]) -> None:
+        try:
+            backend_sock, lease = await dial(peer[0])
+        except NoNodeAvailable:
+            client.close()
+            return
+        try:
+            await async_pipe_splice(client, backend_sock)
+        finally:
+            lease.release()  # type: ignore[attr-defined]
+
+    listener.setblocking(False)
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    print("ready", flush=True)
+    accepting = asyncio.ensure_future(stop.wait())
+    while not stop.is_set():
+        accept = asyncio.ensure_future(loop.sock_accept(listener))
+        await asyncio.wait({accept, accepting}, return_when=asyncio.FIRST_COMPLETED)
+        if not accept.done():
+            accept.cancel()
+            break
+        client, peer = accept.result()
+        task = asyncio.ensure_future(relay(client, peer))
+        relays.add(task)
+        task.add_done_callback(relays.discard)
+    listener.close()  # our fd only: the master still holds the socket and its queue
+    if relays:
+        await asyncio.wait(relays, timeout=args.drain_timeout)
+
+
+def spawn(member: socket.socket, argv: list[str]) -> subprocess.Popen[str]:
+    parent, child = socket.socketpair()
+    with parent, child:
+        cmd = [sys.executable, __file__, *argv, "--channel-fd", str(child.fileno())]
+        proc = subprocess.Popen(cmd, pass_fds=[child.fileno()], stdout=subprocess.PIPE, text=True)
+        send_sockets(parent, [member], names=["listener"])
+    assert proc.stdout is not None
+    if proc.stdout.readline().strip() != "ready":
+        proc.kill()
+        raise RuntimeError(f"worker {proc.pid} failed to start")
+    return proc
+
+
+def master(args: argparse.Namespace, argv: list[str]) -> int:
+    group = reuseport_group(args.listen, args.workers)
+    procs = [spawn(member, argv) for member in group]
+    print(f"ready {group.address} workers={','.join(str(p.pid) for p in procs)}", flush=True)
+    events: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda signum, frame: events.append(signum))
+    try:
+        while True:
+            if not events:
+                signal.pause()
+                continue
+            if events.pop(0) != signal.SIGHUP:
+                break
+            for i, member in enumerate(group):  # one by one: the new one first, then drain the old
+                old, procs[i] = procs[i], spawn(member, argv)
+                old.terminate()
+                old.wait()
+            print(f"restarted workers={','.join(str(p.pid) for p in procs)}", flush=True)
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=args.drain_timeout + 5)
+        group.close()
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--listen", required=True, help="host:port to accept on")
+    parser.add_argument(
+        "--backend",
+        type=backend,
+        action="append",
+        required=True,
+        help="host:port[,weight]; repeat for each backend",
+    )
+    parser.add_argument("--policy", default="round-robin", help="any make_policy() name")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--connect-timeout", type=float, default=3.0)
+    parser.add_argument("--retry-after", type=float, default=5.0)
+    parser.add_argument("--drain-timeout", type=float, default=30.0)
+    parser.add_argument("--channel-fd", type=int, help=argparse.SUPPRESS)
+    argv = sys.argv[1:]
+    args = parser.parse_args(argv)
+    if args.channel_fd is None:
+        return master(args, argv)
+    with socket.socket(fileno=args.channel_fd) as channel:
+        listener = recv_sockets(channel)["listener"]
+    asyncio.run(serve(listener, args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

