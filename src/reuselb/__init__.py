@@ -23,11 +23,19 @@ from ._errors import (
     ReuselbError,
     ReuseportUnsupported,
     SocketClosed,
+    SteeringError,
     UnknownNode,
     UnknownPolicy,
     WrongSocketType,
 )
-from ._handoff import listen_fds, recv_sockets, send_sockets
+from ._handoff import (
+    DrainResult,
+    drain_close,
+    listen_fds,
+    recv_sockets,
+    send_sockets,
+    tcp_migrate_req,
+)
 from ._relay import End, RelayStats, async_pipe_splice, pipe_splice
 from ._sockets import (
     ReuseportGroup,
@@ -40,6 +48,14 @@ from ._sockets import (
     supports_reuseport,
     tcp_socket,
     udp_socket,
+)
+from ._steering import (
+    attach_cpu_steering,
+    detach_steering,
+    get_incoming_cpu,
+    set_incoming_cpu,
+    steer_all_to,
+    steer_away_from,
 )
 from ._version import __version__
 from .balance import (
@@ -71,6 +87,7 @@ __all__ = (
     "InvalidArgument",
     "ReuseportUnsupported",
     "SocketClosed",
+    "SteeringError",
     "WrongSocketType",
     "NoNodeAvailable",
     "UnknownNode",
@@ -79,7 +96,16 @@ __all__ = (
     "UnknownPolicy",
     "KeyRequired",
     "InvalidKey",
-    # handoff
+    # handoff, restarts, steering
+    "DrainResult",
+    "drain_close",
+    "tcp_migrate_req",
+    "attach_cpu_steering",
+    "detach_steering",
+    "get_incoming_cpu",
+    "set_incoming_cpu",
+    "steer_all_to",
+    "steer_away_from",
     "listen_fds",
     "recv_sockets",
     "send_sockets",

@@ -32,6 +32,7 @@ __all__ = [
     "ReuselbError",
     "ReuseportUnsupported",
     "SocketClosed",
+    "SteeringError",
     "WrongSocketType",
 ]
 
@@ -235,6 +236,17 @@ class HandoffError(ReuselbError, OSError):
     def __init__(self, reason: str) -> None:
         self.reason = reason
         OSError.__init__(self, f"socket handoff failed: {reason}")
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class SteeringError(ReuselbError, OSError):
+    """The kernel refused a reuseport BPF program (or there was none to detach)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        OSError.__init__(self, reason)
 
     def __str__(self) -> str:
         return str(self.args[0])

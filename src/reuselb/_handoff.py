@@ -17,14 +17,24 @@ from __future__ import annotations
 import array
 import json
 import os
+import select
 import socket
 import struct
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from ._errors import HandoffError, InvalidArgument
-from ._sockets import check_open
+from ._sockets import ReuseportGroup, check_open
 
-__all__ = ["listen_fds", "recv_sockets", "send_sockets"]
+__all__ = [
+    "DrainResult",
+    "drain_close",
+    "listen_fds",
+    "recv_sockets",
+    "send_sockets",
+    "tcp_migrate_req",
+]
 
 _MAGIC = b"RLB1"
 _HEADER = struct.Struct("!4sI")  # magic, JSON length
@@ -196,3 +206,111 @@ def listen_fds(*, unset_environment: bool = True) -> dict[str, socket.socket]:
             sock.close()
         raise
     return out
+
+
+_MIGRATE_SYSCTL = "/proc/sys/net/ipv4/tcp_migrate_req"
+
+
+def tcp_migrate_req() -> bool | None:
+    """Whether ``net.ipv4.tcp_migrate_req`` is on in this network namespace.
+
+    With it (Linux 5.14+), closing or shutting down one member of a reuseport group
+    migrates its queued and half-open connections to another member instead of
+    resetting them.
+
+    :returns: True or False, or None where the kernel has no such setting (< 5.14).
+    """
+    try:
+        with open(_MIGRATE_SYSCTL, encoding="ascii") as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return None
+
+
+@dataclass(frozen=True)
+class DrainResult:
+    """What :func:`drain_close` did.
+
+    :ivar path: ``"migrate"`` (the kernel moved the queue to another member) or
+        ``"steer"`` (new SYNs were steered away and the queue was accepted here).
+    :ivar accepted: connections taken from the member's queue; the caller owns
+        them and hands them on (empty on the migrate path).
+    """
+
+    path: str
+    accepted: list[socket.socket] = field(default_factory=list)
+
+
+def drain_close(
+    listener: socket.socket,
+    *,
+    group: Sequence[socket.socket] | None = None,
+    grace: float = 0.2,
+    timeout: float = 10.0,
+) -> DrainResult:
+    """Take one member out of a reuseport group without resetting a connection.
+
+    Closing a member normally resets every connection in its accept queue and every
+    half-open one. Two ways around it, chosen in this order:
+
+    * ``net.ipv4.tcp_migrate_req=1`` (Linux 5.14+): the member is closed and the
+      kernel migrates its queued and half-open connections to another member;
+    * otherwise (Linux 4.5+, needs *group*): a reuseport cBPF program sends new SYNs
+      to the other members, the queue is accepted here until it stays empty for
+      *grace* seconds (handshakes already in flight complete within that time on a
+      LAN; raise it for long round trips), then the member is closed and the
+      program detached. The accepted connections are returned to the caller.
+
+    :param listener: the member to remove; it is closed on return.
+    :param group: every member in join order, *listener* included (a
+        :class:`~reuselb.ReuseportGroup` is updated the way the kernel reorders).
+    :param grace: seconds the queue must stay empty before closing (steer path).
+    :param timeout: give up accepting after this many seconds (steer path).
+    :returns: a :class:`DrainResult`.
+    :raises InvalidArgument: no *group* while migration is off, or *listener* not in it.
+    :raises SteeringError: the kernel refused the steering program.
+    """
+    check_open(listener, "listener")
+    if tcp_migrate_req():
+        listener.close()
+        return DrainResult("migrate")
+    if group is None:
+        raise InvalidArgument(
+            "group",
+            None,
+            "without net.ipv4.tcp_migrate_req=1, drain_close needs the group to steer SYNs away",
+        )
+    members = list(group)
+    index = next((i for i, m in enumerate(members) if m is listener), -1)
+    if index < 0:
+        raise InvalidArgument("listener", listener, "is not a member of group")
+    from ._steering import detach_steering, steer_away_from
+
+    steer_away_from(members, index)
+    accepted: list[socket.socket] = []
+    try:
+        listener.setblocking(False)
+        deadline = time.monotonic() + timeout
+        quiet_since = time.monotonic()
+        while time.monotonic() < deadline:
+            try:
+                conn, _ = listener.accept()
+            except BlockingIOError:
+                if time.monotonic() - quiet_since >= grace:
+                    break
+                select.select([listener], [], [], grace)
+                continue
+            conn.setblocking(True)
+            accepted.append(conn)
+            quiet_since = time.monotonic()
+    except BaseException:
+        for conn in accepted:
+            conn.close()
+        raise
+    finally:
+        listener.close()
+        survivor = members[1] if index == 0 else members[0]
+        detach_steering(survivor)
+        if isinstance(group, ReuseportGroup):
+            group._remove(index)
+    return DrainResult("steer", accepted)

@@ -429,6 +429,13 @@ class ReuseportGroup:
         self._members[index] = None
         return sock
 
+    def _remove(self, index: int) -> None:
+        # Mirror the kernel: when a member leaves, the last member takes its slot in
+        # the group's array (net/core/sock_reuseport.c), and BPF indexes follow that.
+        last = self._members.pop()
+        if index < len(self._members):
+            self._members[index] = last
+
     def close(self) -> None:
         """Close every member the group still owns (idempotent)."""
         for i, sock in enumerate(self._members):

@@ -1,0 +1,167 @@
+"""Classic BPF programs that choose the member of a reuseport group (Linux 4.5+).
+
+Rules of this module:
+
+* a program attached with SO_ATTACH_REUSEPORT_CBPF to any member governs the whole
+  group; it returns an index into the group's member array, and an index out of
+  range falls back to the kernel's 4-tuple hash (socket(7));
+* the member array starts in join (bind) order; when a member leaves, the kernel
+  moves the *last* member into its slot. ``ReuseportGroup`` follows the same rule;
+* programs are built with ``struct`` and ``ctypes`` only, and every one is small
+  enough to read in its docstring.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import socket
+import struct
+from collections.abc import Sequence
+
+from ._errors import InvalidArgument, SteeringError
+from ._sockets import check_open
+
+__all__ = [
+    "attach_cpu_steering",
+    "detach_steering",
+    "get_incoming_cpu",
+    "set_incoming_cpu",
+    "steer_all_to",
+    "steer_away_from",
+]
+
+SO_ATTACH_REUSEPORT_CBPF = 51
+SO_DETACH_REUSEPORT_BPF = 68
+SO_INCOMING_CPU = getattr(socket, "SO_INCOMING_CPU", 49)
+_SKF_AD_OFF = -0x1000
+_SKF_AD_CPU = 36
+_SKF_AD_RANDOM = 56
+
+# cBPF opcodes (linux/bpf_common.h)
+_LD_W_ABS = 0x00 | 0x00 | 0x20  # BPF_LD | BPF_W | BPF_ABS
+_LD_IMM = 0x00 | 0x00  # BPF_LD | BPF_IMM
+_ALU_MOD_K = 0x04 | 0x90  # BPF_ALU | BPF_MOD | BPF_K
+_ALU_ADD_K = 0x04 | 0x00  # BPF_ALU | BPF_ADD | BPF_K
+_JGE_K = 0x05 | 0x30  # BPF_JMP | BPF_JGE | BPF_K
+_RET_A = 0x06 | 0x10  # BPF_RET | BPF_A
+_INSN = struct.Struct("=HBBI")
+
+Insn = tuple[int, int, int, int]
+
+
+def _attach(sock: socket.socket, program: Sequence[Insn]) -> None:
+    code = b"".join(_INSN.pack(op, jt, jf, k & 0xFFFFFFFF) for op, jt, jf, k in program)
+    buf = ctypes.create_string_buffer(code, len(code))
+    # struct sock_fprog { unsigned short len; struct sock_filter *filter; }
+    fprog = struct.pack("HL", len(program), ctypes.addressof(buf))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
+    except OSError as exc:
+        raise SteeringError(f"attaching the reuseport program failed: {exc}") from exc
+
+
+def _members(group: Sequence[socket.socket]) -> list[socket.socket]:
+    members = [check_open(s, "group member") for s in group]
+    if not members:
+        raise InvalidArgument("group", group, "has no members")
+    return members
+
+
+def attach_cpu_steering(group: Sequence[socket.socket], *, strict: bool = True) -> None:
+    """Send each new connection to the member whose index is the CPU that took its SYN.
+
+    Program: ``ld [SKF_AD_CPU]; ret a``. Bind the members in CPU order (member *i* is
+    served by a worker pinned to CPU *i*) and a connection is accepted on the CPU
+    where its packets already are: no cross-CPU wake-up.
+
+    :param group: the members in join order (a :class:`~reuselb.ReuseportGroup` or a
+        sequence of sockets); the program is attached through the first.
+    :param strict: require exactly one member per CPU (``os.cpu_count()``); with
+        False, CPUs beyond the group fall back to the kernel's hash.
+    :raises InvalidArgument: the group is empty or, with *strict*, its size differs
+        from the CPU count.
+    :raises SteeringError: the kernel refused the program.
+    """
+    members = _members(group)
+    cpus = os.cpu_count() or 1
+    if strict and len(members) != cpus:
+        raise InvalidArgument(
+            "group", f"{len(members)} members", f"cpu steering needs one member per CPU ({cpus})"
+        )
+    _attach(members[0], [(_LD_W_ABS, 0, 0, _SKF_AD_OFF + _SKF_AD_CPU), (_RET_A, 0, 0, 0)])
+
+
+def steer_all_to(group: Sequence[socket.socket], index: int) -> None:
+    """Send every new connection to member *index* (``ld #index; ret a``).
+
+    Useful to fill one member's queue on purpose (tests, canaries).
+
+    :raises InvalidArgument: *index* is not a member's index.
+    :raises SteeringError: the kernel refused the program.
+    """
+    members = _members(group)
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(members):
+        raise InvalidArgument("index", index, f"must be 0..{len(members) - 1}")
+    _attach(members[0], [(_LD_IMM, 0, 0, index), (_RET_A, 0, 0, 0)])
+
+
+def steer_away_from(group: Sequence[socket.socket], index: int) -> None:
+    """Spread new connections over every member except *index*.
+
+    Program: ``ld [SKF_AD_RANDOM]; a %= n-1; if a >= index: a += 1; ret a``.
+
+    :raises InvalidArgument: fewer than 2 members, or *index* out of range.
+    :raises SteeringError: the kernel refused the program.
+    """
+    members = _members(group)
+    n = len(members)
+    if n < 2:
+        raise InvalidArgument("group", f"{n} member", "needs another member to steer to")
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < n:
+        raise InvalidArgument("index", index, f"must be 0..{n - 1}")
+    _attach(
+        members[0],
+        [
+            (_LD_W_ABS, 0, 0, _SKF_AD_OFF + _SKF_AD_RANDOM),
+            (_ALU_MOD_K, 0, 0, n - 1),
+            (_JGE_K, 0, 1, index),  # a >= index: fall through to the add; else skip it
+            (_ALU_ADD_K, 0, 0, 1),
+            (_RET_A, 0, 0, 0),
+        ],
+    )
+
+
+def detach_steering(member: socket.socket) -> None:
+    """Remove the group's program; the kernel's 4-tuple hash chooses again.
+
+    :param member: any member of the group.
+    :raises SteeringError: no program was attached, or the kernel refused.
+    """
+    check_open(member, "group member")
+    try:
+        member.setsockopt(socket.SOL_SOCKET, SO_DETACH_REUSEPORT_BPF, 0)
+    except OSError as exc:
+        raise SteeringError(f"detaching the reuseport program failed: {exc}") from exc
+
+
+def set_incoming_cpu(sock: socket.socket, cpu: int) -> None:
+    """Set SO_INCOMING_CPU: among reuseport listeners, Linux prefers the member whose
+    incoming CPU matches the CPU handling the SYN (a softer form of steering).
+
+    :raises InvalidArgument: *cpu* is negative.
+    :raises OSError: the kernel refused.
+    """
+    check_open(sock)
+    if isinstance(cpu, bool) or not isinstance(cpu, int) or cpu < 0:
+        raise InvalidArgument("cpu", cpu, "must be an int >= 0")
+    sock.setsockopt(socket.SOL_SOCKET, SO_INCOMING_CPU, cpu)
+
+
+def get_incoming_cpu(sock: socket.socket) -> int:
+    """SO_INCOMING_CPU: for an accepted socket, the CPU that last received its packets.
+
+    :raises OSError: the kernel refused.
+    """
+    check_open(sock)
+    return int(sock.getsockopt(socket.SOL_SOCKET, SO_INCOMING_CPU))

@@ -1,0 +1,256 @@
+"""Drain-safe close, CPU steering and supervised UDP groups on real sockets and processes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from reuselb import (
+    InvalidArgument,
+    attach_cpu_steering,
+    connect_tcp,
+    detach_steering,
+    drain_close,
+    get_incoming_cpu,
+    reuseport_group,
+    send_sockets,
+    set_incoming_cpu,
+    steer_all_to,
+    tcp_migrate_req,
+)
+from tests.conftest import IS_ROOT
+
+pytestmark = pytest.mark.linux
+MIGRATE = "/proc/sys/net/ipv4/tcp_migrate_req"
+
+
+@contextlib.contextmanager
+def migrate_req(value: bool) -> Iterator[None]:
+    """Set net.ipv4.tcp_migrate_req for the test and restore it after."""
+    with open(MIGRATE) as f:
+        old = f.read().strip()
+    with open(MIGRATE, "w") as f:
+        f.write("1" if value else "0")
+    try:
+        yield
+    finally:
+        with open(MIGRATE, "w") as f:
+            f.write(old)
+
+
+def _sysctl_writable() -> bool:
+    if not IS_ROOT or not os.path.exists(MIGRATE):
+        return False
+    try:
+        with migrate_req(tcp_migrate_req() or False):
+            return True
+    except OSError:
+        return False
+
+
+def _queue_clients(port: int, n: int) -> list[socket.socket]:
+    clients = []
+    for i in range(n):
+        c = connect_tcp(("127.0.0.1", port))
+        c.sendall(b"hello %d" % i)
+        clients.append(c)
+    return clients
+
+
+def _answer(conns: list[socket.socket]) -> None:
+    for conn in conns:
+        conn.settimeout(30)
+        conn.sendall(b"re:" + conn.recv(100))
+        conn.close()
+
+
+def _replies(clients: list[socket.socket]) -> list[bytes | str]:
+    out: list[bytes | str] = []
+    for c in clients:
+        c.settimeout(30)
+        try:
+            out.append(c.recv(100))
+        except ConnectionResetError:
+            out.append("reset")
+        c.close()
+    return out
+
+
+@pytest.fixture
+def no_migration() -> Iterator[None]:
+    if tcp_migrate_req():
+        if not _sysctl_writable():
+            pytest.skip("tcp_migrate_req is on and not writable here")
+        with migrate_req(False):
+            yield
+    else:
+        yield
+
+
+def test_plain_close_resets_queued_connections(no_migration: None) -> None:
+    with reuseport_group("127.0.0.1:0", 2) as group:
+        steer_all_to(group, 1)  # every connection waits in member 1's queue
+        clients = _queue_clients(group.port, 20)
+        group.take(1).close()  # what a restart does without reuselb
+        replies = _replies(clients)
+    print(f"\nplain close: {replies.count('reset')} of 20 queued connections reset")
+    assert replies.count("reset") == 20
+
+
+def test_drain_close_without_migration_accepts_the_queue(no_migration: None) -> None:
+    with reuseport_group("127.0.0.1:0", 2) as group:
+        steer_all_to(group, 1)
+        clients = _queue_clients(group.port, 20)
+        result = drain_close(group[1], group=group)
+        assert result.path == "steer"
+        assert len(result.accepted) == 20
+        assert len(group) == 1  # the group mirrors the kernel's member array
+        _answer(result.accepted)
+        replies = _replies(clients)
+        assert replies == [b"re:hello %d" % i for i in range(20)]
+        # New connections reach the remaining member (the program was detached).
+        with connect_tcp(("127.0.0.1", group.port), timeout=5):
+            group[0].settimeout(10)
+            group[0].accept()[0].close()
+    print("\ndrain_close (steer): 20 queued connections, 0 reset")
+
+
+@pytest.mark.root
+@pytest.mark.skipif(not _sysctl_writable(), reason="net.ipv4.tcp_migrate_req is not writable here")
+def test_drain_close_with_migration() -> None:
+    with migrate_req(True), reuseport_group("127.0.0.1:0", 2) as group:
+        steer_all_to(group, 1)
+        clients = _queue_clients(group.port, 20)
+        detach_steering(group[0])
+        result = drain_close(group.take(1))
+        assert result.path == "migrate"
+        assert result.accepted == []
+        group[0].settimeout(10)
+        migrated = [group[0].accept()[0] for _ in range(20)]  # the kernel moved them
+        _answer(migrated)
+        assert _replies(clients) == [b"re:hello %d" % i for i in range(20)]
+    print("\ndrain_close (tcp_migrate_req=1): 20 queued connections migrated, 0 reset")
+
+
+def test_drain_close_needs_a_group_without_migration(no_migration: None) -> None:
+    with reuseport_group("127.0.0.1:0", 2) as group:
+        with pytest.raises(InvalidArgument, match="needs the group"):
+            drain_close(group[0])
+        other = reuseport_group("127.0.0.1:0", 1)
+        with pytest.raises(InvalidArgument, match="not a member"):
+            drain_close(other[0], group=group)
+        other.close()
+
+
+def test_cpu_steering_lands_on_the_member_of_the_cpu() -> None:
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) != os.cpu_count():
+        pytest.skip("this process may not run on every CPU")
+    with reuseport_group("127.0.0.1:0", len(cpus)) as group:
+        attach_cpu_steering(group)
+        for m in group:
+            m.setblocking(False)
+        landed: list[tuple[int, int, int]] = []
+        for cpu in cpus:
+
+            def dial(cpu: int = cpu) -> None:
+                os.sched_setaffinity(0, {cpu})  # this thread only: the SYN is sent on `cpu`
+                for _ in range(5):
+                    connect_tcp(("127.0.0.1", group.port)).close()
+
+            t = threading.Thread(target=dial)
+            t.start()
+            t.join(30)
+            for index, member in enumerate(group):
+                while select.select([member], [], [], 0.2)[0]:
+                    conn, _ = member.accept()
+                    landed.append((cpu, index, get_incoming_cpu(conn)))
+                    conn.close()
+        print("\n(cpu of the SYN, member, SO_INCOMING_CPU):", sorted(set(landed)))
+        assert len(landed) == 5 * len(cpus)
+        assert all(cpu == index == incoming for cpu, index, incoming in landed)
+        detach_steering(group[0])
+        with pytest.raises(InvalidArgument, match="one member per CPU"):
+            attach_cpu_steering(list(group) * 2)
+
+
+def test_incoming_cpu_setter() -> None:
+    with reuseport_group("127.0.0.1:0", 1) as group:
+        set_incoming_cpu(group[0], 0)
+        assert get_incoming_cpu(group[0]) == 0
+        with pytest.raises(InvalidArgument, match="invalid cpu -1"):
+            set_incoming_cpu(group[0], -1)
+
+
+_UDP_WORKER = """
+import socket, sys
+from reuselb import recv_sockets
+with socket.socket(fileno=int(sys.argv[1])) as channel:
+    member = recv_sockets(channel)["member"]
+index = sys.argv[2].encode()
+print("ready", flush=True)
+while True:
+    data, peer = member.recvfrom(100)
+    member.sendto(index + b":" + data, peer)
+"""
+
+
+def _udp_worker(member: socket.socket, index: int) -> subprocess.Popen[str]:
+    parent, child = socket.socketpair()
+    with parent, child:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _UDP_WORKER, str(child.fileno()), str(index)],
+            pass_fds=[child.fileno()],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        send_sockets(parent, [member], names=["member"])
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def _flow_map(port: int, flows: list[socket.socket]) -> list[bytes]:
+    out = []
+    for i, f in enumerate(flows):
+        f.sendto(b"%d" % i, ("127.0.0.1", port))
+        f.settimeout(30)
+        out.append(f.recv(100).split(b":")[0])
+    return out
+
+
+def test_supervised_udp_group_keeps_flows_across_a_worker_restart() -> None:
+    group = reuseport_group("127.0.0.1:0", 4, kind="udp")  # the master keeps every member
+    workers = [_udp_worker(m, i) for i, m in enumerate(group)]
+    flows = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(64)]
+    try:
+        for f in flows:
+            f.bind(("127.0.0.1", 0))  # 64 flows: 64 source ports
+        before = _flow_map(group.port, flows)
+        assert len(set(before)) > 1
+        workers[2].send_signal(signal.SIGKILL)  # a worker dies...
+        workers[2].wait(timeout=30)
+        if workers[2].stdout is not None:
+            workers[2].stdout.close()
+        workers[2] = _udp_worker(group[2], 2)  # ...and its replacement gets the same member
+        after = _flow_map(group.port, flows)
+        print(f"\n64 flows, {sum(a != b for a, b in zip(before, after, strict=True))} remapped")
+        assert after == before
+    finally:
+        for w in workers:
+            w.kill()
+            w.wait(timeout=30)
+            if w.stdout is not None:
+                w.stdout.close()
+        for f in flows:
+            f.close()
+        group.close()
