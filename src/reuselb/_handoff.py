@@ -21,7 +21,7 @@ import select
 import socket
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from ._errors import HandoffError, InvalidArgument
@@ -244,7 +244,7 @@ class DrainResult:
 def drain_close(
     listener: socket.socket,
     *,
-    group: Sequence[socket.socket] | None = None,
+    group: Iterable[socket.socket] | None = None,
     grace: float = 0.2,
     timeout: float = 10.0,
 ) -> DrainResult:

@@ -17,7 +17,7 @@ import ctypes
 import os
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from ._errors import InvalidArgument, SteeringError
 from ._sockets import check_open
@@ -61,14 +61,14 @@ def _attach(sock: socket.socket, program: Sequence[Insn]) -> None:
         raise SteeringError(f"attaching the reuseport program failed: {exc}") from exc
 
 
-def _members(group: Sequence[socket.socket]) -> list[socket.socket]:
+def _members(group: Iterable[socket.socket]) -> list[socket.socket]:
     members = [check_open(s, "group member") for s in group]
     if not members:
         raise InvalidArgument("group", group, "has no members")
     return members
 
 
-def attach_cpu_steering(group: Sequence[socket.socket], *, strict: bool = True) -> None:
+def attach_cpu_steering(group: Iterable[socket.socket], *, strict: bool = True) -> None:
     """Send each new connection to the member whose index is the CPU that took its SYN.
 
     Program: ``ld [SKF_AD_CPU]; ret a``. Bind the members in CPU order (member *i* is
@@ -92,7 +92,7 @@ def attach_cpu_steering(group: Sequence[socket.socket], *, strict: bool = True) 
     _attach(members[0], [(_LD_W_ABS, 0, 0, _SKF_AD_OFF + _SKF_AD_CPU), (_RET_A, 0, 0, 0)])
 
 
-def steer_all_to(group: Sequence[socket.socket], index: int) -> None:
+def steer_all_to(group: Iterable[socket.socket], index: int) -> None:
     """Send every new connection to member *index* (``ld #index; ret a``).
 
     Useful to fill one member's queue on purpose (tests, canaries).
@@ -106,7 +106,7 @@ def steer_all_to(group: Sequence[socket.socket], index: int) -> None:
     _attach(members[0], [(_LD_IMM, 0, 0, index), (_RET_A, 0, 0, 0)])
 
 
-def steer_away_from(group: Sequence[socket.socket], index: int) -> None:
+def steer_away_from(group: Iterable[socket.socket], index: int) -> None:
     """Spread new connections over every member except *index*.
 
     Program: ``ld [SKF_AD_RANDOM]; a %= n-1; if a >= index: a += 1; ret a``.
