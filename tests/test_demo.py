@@ -14,7 +14,17 @@ pytestmark = pytest.mark.linux
 
 def test_demo_runs_and_cleans_up() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "reuselb", "demo", "--workers", "3", "--requests", "30"],
+        [
+            sys.executable,
+            "-m",
+            "reuselb",
+            "demo",
+            "reuseport",
+            "--workers",
+            "3",
+            "--requests",
+            "30",
+        ],
         capture_output=True,
         text=True,
         timeout=120,
@@ -41,3 +51,37 @@ def test_demo_rejects_bad_options() -> None:
     )
     assert out.returncode == 2
     assert "must be >= 1, got 0" in out.stderr
+
+
+def test_demo_proxy_scenario() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "reuselb", "demo", "proxy", "--clients", "10"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    rows = re.findall(
+        r"client\s+\d+: (backend-\d) answers 'hello (\d+)'\s+relayed (\d+)\+(\d+) bytes, (\w+)",
+        out.stdout,
+    )
+    assert len(rows) == 10
+    assert [r[0] for r in rows] == ["backend-1", "backend-2"] * 5  # round robin
+    assert [int(r[1]) for r in rows] == list(range(10))
+    assert all(int(up) == len(f"hello {i}\n") for i, (_, _, up, _, _) in enumerate(rows))
+    assert {r[4] for r in rows} == {"splice"}
+    assert "per backend: backend-1: 5, backend-2: 5" in out.stdout
+
+
+def test_demo_runs_every_scenario_by_default() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "reuselb", "demo", "--requests", "6", "--clients", "4"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "distribution:" in out.stdout
+    assert "per backend:" in out.stdout

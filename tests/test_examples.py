@@ -7,6 +7,7 @@ import os
 import re
 import select
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -74,3 +75,34 @@ def test_http_workers_share_one_port(http_example: tuple[str, list[int]]) -> Non
     print(f"\nresponses per worker pid: { {p: pids.count(p) for p in set(pids)} }")
     assert set(pids) <= set(workers)
     assert len(set(pids)) > 1, "responses came from one process only"
+
+
+def test_udp_workers_keep_flows_when_a_worker_dies() -> None:
+    proc, hostport, workers = _start("udp_workers.py", "--listen", "127.0.0.1:0", "--workers", "3")
+    assert proc.stdout is not None
+    host, port = hostport.rsplit(":", 1)
+    flows = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(32)]
+    try:
+
+        def mapping() -> list[bytes]:
+            out = []
+            for i, f in enumerate(flows):
+                f.sendto(b"%d" % i, (host, int(port)))
+                f.settimeout(30)
+                out.append(f.recv(200).split()[0])  # the member index that answered
+            return out
+
+        for f in flows:
+            f.bind(("127.0.0.1", 0))
+        before = mapping()
+        assert len(set(before)) > 1
+        os.kill(workers[1], signal.SIGKILL)
+        ready, _, _ = select.select([proc.stdout], [], [], 60)
+        line = proc.stdout.readline() if ready else ""
+        assert line.startswith(f"replaced worker 1: {workers[1]} -> "), line
+        workers[1] = int(line.split()[-1])
+        assert mapping() == before  # no flow moved to another member
+    finally:
+        for f in flows:
+            f.close()
+        _stop(proc, workers)

@@ -30,12 +30,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--workers", type=_positive, default=3, help="worker processes (3)")
     demo.add_argument("--requests", type=_positive, default=20, help="client connections (20)")
     demo.add_argument("--port", type=_port, default=0, help="port (default: a free one)")
+    demo.add_argument("--clients", type=_positive, default=10, help="proxy clients (10)")
+    demo.add_argument(
+        "scenario",
+        nargs="?",
+        choices=("all", "reuseport", "proxy"),
+        default="all",
+        help="which scenario (default: all)",
+    )
     args = parser.parse_args(argv)
 
-    from ._demo import reuseport_scenario
+    from ._demo import proxy_scenario, reuseport_scenario
 
     try:
-        reuseport_scenario(args.workers, args.requests, args.port)
+        if args.scenario in ("all", "reuseport"):
+            reuseport_scenario(args.workers, args.requests, args.port)
+        if args.scenario in ("all", "proxy"):
+            print()
+            proxy_scenario(args.clients)
     except ReuselbError as exc:
         print(f"reuselb demo: {exc}", file=sys.stderr)
         return 1

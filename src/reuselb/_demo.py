@@ -7,7 +7,9 @@ and stops everything it started, whatever goes wrong.
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import functools
 import os
 import select
 import socket
@@ -16,9 +18,11 @@ import sys
 import time
 from collections.abc import Sequence
 
+from ._relay import RelayStats, async_pipe_splice
 from ._sockets import _new_socket, _reuseport_option, connect_tcp, reuseport_listener
+from .balance import RoundRobin
 
-__all__ = ["reuseport_scenario", "start_workers", "stop_workers"]
+__all__ = ["proxy_scenario", "reuseport_scenario", "start_workers", "stop_workers"]
 
 _READY_TIMEOUT = 20.0
 
@@ -125,6 +129,81 @@ def reuseport_scenario(workers: int = 3, requests: int = 20, port: int = 0) -> d
     for pid, n in served.items():
         print(f"  worker {pid}: {n:4d} {'#' * n}")
     return dict(served)
+
+
+async def _proxy(clients: int) -> list[tuple[int, str, int, int, bool]]:
+    loop = asyncio.get_running_loop()
+
+    async def backend(
+        name: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        request = await reader.readline()
+        writer.write(f"{name} answers {request.decode().strip()!r}\n".encode())
+        await writer.drain()
+        writer.close()
+
+    servers = [
+        await asyncio.start_server(functools.partial(backend, f"backend-{i}"), "127.0.0.1", 0)
+        for i in (1, 2)
+    ]
+    policy = RoundRobin([s.sockets[0].getsockname() for s in servers])
+    listener = reuseport_listener("127.0.0.1:0", nonblocking=True)
+    port = listener.getsockname()[1]
+    print(f"proxy: 127.0.0.1:{port} -> {', '.join(str(n) for n in policy.nodes)} (round-robin)")
+    stats: dict[int, RelayStats] = {}  # by the client's source port
+
+    async def proxy_one(client: socket.socket, client_port: int) -> None:
+        with policy.acquire() as lease:
+            upstream = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            await loop.sock_connect(upstream, (lease.node.address.host, lease.node.address.port))
+            stats[client_port] = await async_pipe_splice(client, upstream)
+
+    async def accept_loop() -> None:
+        tasks = []
+        for _ in range(clients):
+            client, peer = await loop.sock_accept(listener)
+            tasks.append(asyncio.ensure_future(proxy_one(client, peer[1])))
+        await asyncio.gather(*tasks)
+
+    acceptor = asyncio.ensure_future(accept_loop())
+    rows = []
+    try:
+        for i in range(clients):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            source = writer.get_extra_info("sockname")[1]
+            writer.write(f"hello {i}\n".encode())
+            await writer.drain()
+            answer = (await reader.readline()).decode().strip()
+            writer.close()
+            await writer.wait_closed()
+            rows.append((i, answer, source))
+        await asyncio.wait_for(acceptor, 30)
+    finally:
+        acceptor.cancel()
+        listener.close()
+        for s in servers:
+            s.close()
+            await s.wait_closed()
+    return [
+        (i, answer, stats[src].a_to_b, stats[src].b_to_a, stats[src].spliced)
+        for i, answer, src in rows
+    ]
+
+
+def proxy_scenario(clients: int = 10) -> list[tuple[int, str, int, int, bool]]:
+    """A round-robin L4 proxy built from reuselb parts, in front of two embedded backends.
+
+    :returns: (client, answer, bytes client->backend, bytes backend->client, spliced).
+    """
+    rows = asyncio.run(_proxy(clients))
+    for i, answer, up, down, spliced in rows:
+        print(
+            f"  client {i + 1:2d}: {answer:<40} relayed {up}+{down} bytes, "
+            f"{'splice' if spliced else 'copy'}"
+        )
+    per_backend = collections.Counter(answer.split()[0] for _, answer, *_ in rows)
+    print("per backend: " + ", ".join(f"{k}: {v}" for k, v in sorted(per_backend.items())))
+    return rows
 
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "worker":

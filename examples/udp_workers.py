@@ -1,0 +1,103 @@
+"""A supervised UDP group: the master keeps every member, workers are replaceable.
+
+    python examples/udp_workers.py --listen 127.0.0.1:5353 --workers 4
+
+With SO_REUSEPORT the kernel hashes each flow (source address and port) to one
+member. If a worker's member closed when the worker died, the group would be
+re-ordered and flows would jump to other workers. Here the master creates all
+members and never closes them; worker i receives member i over a Unix socket
+(``send_sockets``). When a worker dies, datagrams wait in its member's queue, the
+master starts a replacement with the *same* member, and no flow moves.
+
+Each worker answers ``<index> <pid> <datagram>``. SIGTERM stops everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+
+from reuselb import recv_sockets, reuseport_group, send_sockets
+
+
+def worker(channel_fd: int, index: int) -> None:
+    with socket.socket(fileno=channel_fd) as channel:
+        member = recv_sockets(channel)["member"]
+    print("ready", flush=True)
+    while True:
+        data, peer = member.recvfrom(65535)
+        member.sendto(f"{index} {os.getpid()} ".encode() + data, peer)
+
+
+def spawn(member: socket.socket, index: int) -> subprocess.Popen[str]:
+    parent, child = socket.socketpair()
+    with parent, child:
+        proc = subprocess.Popen(
+            [sys.executable, __file__, "--worker", str(index), "--channel-fd", str(child.fileno())],
+            pass_fds=[child.fileno()],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        send_sockets(parent, [member], names=["member"])
+    assert proc.stdout is not None
+    if proc.stdout.readline().strip() != "ready":
+        raise RuntimeError(f"worker {index} failed to start")
+    return proc
+
+
+def master(address: str, count: int) -> int:
+    group = reuseport_group(address, count, kind="udp")  # kept open for the master's life
+    procs = [spawn(member, i) for i, member in enumerate(group)]
+    print(f"ready {group.address} workers={','.join(str(p.pid) for p in procs)}", flush=True)
+    wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    signal.set_wakeup_fd(wake_w)  # SIGCHLD/SIGTERM wake the select below
+    stop = False
+
+    def on_term(signum: int, frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+    try:
+        while not stop:
+            select.select([wake_r], [], [])
+            os.read(wake_r, 4096)
+            for i, proc in enumerate(procs):
+                if not stop and proc.poll() is not None:  # died: same member, new worker
+                    if proc.stdout is not None:
+                        proc.stdout.close()
+                    procs[i] = spawn(group[i], i)
+                    print(f"replaced worker {i}: {proc.pid} -> {procs[i].pid}", flush=True)
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=10)
+            if proc.stdout is not None:
+                proc.stdout.close()
+        group.close()
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--listen", default="127.0.0.1:5353", help="host:port (port 0: any)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--channel-fd", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker is not None:
+        worker(args.channel_fd, args.worker)
+        return 0
+    return master(args.listen, args.workers)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

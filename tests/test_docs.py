@@ -1,0 +1,29 @@
+"""The documentation stays true to the code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import reuselb
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def test_every_public_name_is_in_the_api_reference() -> None:
+    text = (DOCS / "api.md").read_text()
+    missing = [
+        n
+        for n in reuselb.__all__
+        if n != "__version__" and f"reuselb.{n}\n" not in text and f"### {n}\n" not in text
+    ]
+    assert not missing, f"add to docs/api.md: {missing}"
+
+
+def test_every_public_function_documents_what_it_raises() -> None:
+    undocumented = []
+    for name in reuselb.__all__:
+        obj = getattr(reuselb, name)
+        if callable(obj) and not isinstance(obj, type) and ":raises" not in (obj.__doc__ or ""):
+            undocumented.append(name)
+    # Functions that cannot fail on valid input say so by having no :raises: only if pure.
+    assert set(undocumented) <= {"diff", "supports_reuseport", "tcp_migrate_req"}, undocumented
