@@ -125,7 +125,7 @@ def relay_cmd(name: str, listen: int, target: int, work: Path) -> list[str]:
     if name == "haproxy (mode tcp)":
         cfg = work / f"haproxy-{listen}.cfg"
         cfg.write_text(
-            "global\n  nbthread 1\n  maxconn 20000\n"
+            "global\n  nbthread 1\n  maxconn 4000\n"
             "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n"
             f"listen relay\n  bind 127.0.0.1:{listen}\n  server b 127.0.0.1:{target}\n"
         )

@@ -121,6 +121,7 @@ class _Flow:
         "src",
         "src_fd",
         "start",
+        "tls",
         "view",
     )
 
@@ -130,6 +131,7 @@ class _Flow:
         self.name = name
         self.src, self.dst = src, dst
         self.src_fd, self.dst_fd = src.fileno(), dst.fileno()
+        self.tls = isinstance(src, ssl.SSLSocket)
         self.moved = 0
         self.pending = 0  # bytes read from src, not yet written to dst
         self.eof = False
@@ -257,13 +259,27 @@ class _Relay:
 
     def pump(self, flow: _Flow) -> None:
         """Move what can move now in one direction without blocking."""
+        # Each try costs a syscall. A short read means the socket had no more bytes,
+        # and a short write means the destination is full: trying again at once
+        # would only return EAGAIN, so wait for poll instead (it is level-triggered,
+        # nothing is missed). TLS sockets may hold decrypted bytes poll cannot see,
+        # so they keep reading until EAGAIN.
+        can_read = can_write = True
         progress = True
         while progress:
             progress = False
-            if flow.wants_read:
-                progress |= self._read(flow)
-            if flow.pending:
-                progress |= self._write(flow)
+            if can_read and flow.wants_read:
+                room = flow.cap - flow.pending
+                n = self._read(flow)
+                progress = n > 0
+                can_read = n >= room or (n > 0 and flow.tls)
+            if can_write and flow.pending:
+                before = flow.pending
+                n = self._write(flow)
+                progress = progress or n > 0
+                can_write = n >= before
+                if n > 0:
+                    can_read = True  # the pipe has room again
         if flow.eof and not flow.pending and not flow.shut:
             flow.shut = True
             self.ends.setdefault(flow.name, End.EOF)
@@ -274,7 +290,7 @@ class _Relay:
                 if exc.errno != errno.ENOTCONN:
                     raise _Failure(_other(flow.name), End.RESET, exc) from None
 
-    def _read(self, flow: _Flow) -> bool:
+    def _read(self, flow: _Flow) -> int:
         try:
             if flow.splice:
                 n = os.splice(
@@ -289,34 +305,34 @@ class _Relay:
         except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             if flow.pending and flow.splice:
                 flow.blocked = True
-            return False
+            return 0
         except OSError as exc:
             if exc.errno == errno.EINVAL and flow.splice:
                 flow.to_copy()
                 self.spliced = False
-                return True
+                return flow.cap  # retry at once on the copy path
             end_kind = End.RESET if exc.errno in _RESET_ERRNOS else End.ERROR
             raise _Failure(flow.name, end_kind, exc) from None
         if n == 0:
             flow.eof = True
-            return False
+            return 0
         flow.pending += n
         self.last = time.monotonic()
-        return True
+        return n
 
-    def _write(self, flow: _Flow) -> bool:
+    def _write(self, flow: _Flow) -> int:
         try:
             if flow.splice:
                 n = os.splice(flow.pipe_r, flow.dst_fd, flow.pending, flags=_SPLICE_FLAGS)
             else:
                 n = flow.dst.send(flow.view[flow.start : flow.start + flow.pending])
         except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
-            return False
+            return 0
         except OSError as exc:
             if exc.errno == errno.EINVAL and flow.splice:
                 flow.to_copy()
                 self.spliced = False
-                return True
+                return flow.pending  # retry at once on the copy path
             end_kind = End.RESET if exc.errno in _RESET_ERRNOS else End.ERROR
             raise _Failure(_other(flow.name), end_kind, exc) from None
         flow.pending -= n
@@ -325,7 +341,7 @@ class _Relay:
         if not flow.splice:
             flow.start = 0 if not flow.pending else flow.start + n
         self.last = time.monotonic()
-        return n > 0
+        return n
 
     def step(self, fd: int, readable: bool, writable: bool) -> None:
         """React to readiness of *fd*: pump the directions that touch it."""
@@ -547,34 +563,45 @@ async def async_pipe_splice(
     timer: asyncio.TimerHandle | None = None
 
     def settle() -> None:
+        # Each fd is the source of one direction and the destination of the other,
+        # so a reader on fd X always serves the flow reading X, a writer the flow
+        # writing X; callbacks get their flow and need no lookup.
         if finished.done():
             return
         if relay.done:
             finished.set_result(None)
             return
-        want = relay.interest()
-        for fd, mask in want.items():
-            if mask & _POLLIN and fd not in readers:
-                loop.add_reader(fd, on_ready, fd, True)
-                readers.add(fd)
-            elif not mask & _POLLIN and fd in readers:
-                loop.remove_reader(fd)
-                readers.discard(fd)
-            if mask & _POLLOUT and fd not in writers:
-                loop.add_writer(fd, on_ready, fd, False)
-                writers.add(fd)
-            elif not mask & _POLLOUT and fd in writers:
-                loop.remove_writer(fd)
-                writers.discard(fd)
+        for flow in relay.flows:
+            src, dst = flow.src_fd, flow.dst_fd
+            if flow.wants_read and not flow.shut:
+                if src not in readers:
+                    loop.add_reader(src, on_ready, flow)
+                    readers.add(src)
+            elif src in readers:
+                loop.remove_reader(src)
+                readers.discard(src)
+            if flow.pending:
+                if dst not in writers:
+                    loop.add_writer(dst, on_ready, flow)
+                    writers.add(dst)
+            elif dst in writers:
+                loop.remove_writer(dst)
+                writers.discard(dst)
 
-    def on_ready(fd: int, readable: bool) -> None:
+    def on_ready(flow: _Flow) -> None:
+        # The common case (a message read and written in full) leaves the flow
+        # wanting exactly what it wanted before: nothing to re-register.
+        before = (flow.wants_read, flow.pending > 0)
         try:
-            relay.step(fd, readable, not readable)
+            if not flow.shut:
+                relay.pump(flow)
         except _Failure as failure:
             relay.fail(failure)
-            finished.set_result(None)
+            if not finished.done():
+                finished.set_result(None)
             return
-        settle()
+        if flow.shut or (flow.wants_read, flow.pending > 0) != before:
+            settle()
 
     def on_timer() -> None:
         nonlocal timer
