@@ -555,8 +555,13 @@ async def async_pipe_splice(
     :raises SocketClosed: a side is closed.
     :raises InvalidArgument: *a* and *b* are the same socket, or a bad option.
     """
-    loop = asyncio.get_running_loop()
+    asyncio.get_running_loop()  # RuntimeError before touching the sockets
     relay = _Relay(a, b, pipe_size=pipe_size, idle_timeout=idle_timeout, close=close)
+    return await _run_async(relay)
+
+
+async def _run_async(relay: _Relay) -> RelayStats:
+    loop = asyncio.get_running_loop()
     finished: asyncio.Future[None] = loop.create_future()
     readers: set[int] = set()
     writers: set[int] = set()
