@@ -29,7 +29,7 @@ def _start(script: str, *args: str) -> tuple[subprocess.Popen[str], str, list[in
     assert proc.stdout is not None
     ready, _, _ = select.select([proc.stdout], [], [], 60)
     line = proc.stdout.readline() if ready else ""
-    m = re.match(r"ready http://(\S+) workers=([\d,]+)", line)
+    m = re.match(r"ready (?:http://)?(\S+) workers=([\d,]+)", line)
     if not m:
         proc.kill()
         proc.wait()

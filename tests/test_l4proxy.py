@@ -171,11 +171,15 @@ def test_sighup_restarts_workers_without_dropping(redis_servers: list[int]) -> N
     stop = threading.Event()
 
     def client() -> None:
+        # Raw RESP: one new connection per PING, so every one crosses the proxy's accept.
         nonlocal done
         while not stop.is_set() and done < 3000:
             try:
-                with redis.Redis(port=port, socket_timeout=10) as c:
-                    assert c.ping()
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+                    c.sendall(b"PING\r\n")
+                    reply = c.recv(16)
+                    if reply != b"+PONG\r\n":
+                        raise AssertionError(f"unexpected reply {reply!r}")
                 done += 1
             except BaseException as exc:
                 failures.append(exc)

@@ -743,3 +743,29 @@ def diff(old: BalancePolicy, new: BalancePolicy, keys: Iterable[Key]) -> Balance
         moved += x != y
     n = len(sample)
     return BalanceDiff(n, moved, moved / n if n else 0.0, before, after)
+
+
+class TableHashPolicy(HashPolicy):
+    """A hash policy whose unbounded picks are one lookup in a published table.
+
+    Subclasses publish ``self._fast = (table, seed)`` (or None when the fast path
+    does not apply: bounded load, a secret, no live node) with one attribute store
+    after each rebuild; :meth:`pick` then hashes a str key with CRC-32 and indexes
+    the table without taking the lock.
+    """
+
+    _fast: tuple[list[Node], int] | None = None
+
+    def pick(self, key: Key = None) -> Node:
+        """The node for *key* (see :meth:`BalancePolicy.pick`).
+
+        :param key: ``str`` (UTF-8) or ``bytes``.
+        :returns: a live node.
+        :raises KeyRequired: no key.
+        :raises NoNodeAvailable: no live node, or all over the load bound.
+        """
+        fast = self._fast
+        if fast is not None and key.__class__ is str:
+            table, seed = fast
+            return table[zlib.crc32(key.encode(), seed) % len(table)]  # type: ignore[union-attr,unused-ignore]
+        return super().pick(key)

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from typing import Any
-from zlib import crc32 as _crc32
 
 from .._errors import InvalidArgument
-from ._base import HashPolicy, Key, Node, NodeLike
+from ._base import Node, NodeLike, TableHashPolicy
 
 __all__ = ["DEFAULT_TABLE_SIZE", "MaglevHash", "is_prime"]
 
@@ -36,7 +35,7 @@ def is_prime(n: int) -> bool:
     return True
 
 
-class MaglevHash(HashPolicy):
+class MaglevHash(TableHashPolicy):
     """Maglev: near-perfect balance (each node owns ``M * w / W`` table entries to
     within one), about 1/N of keys move when one of N nodes leaves (plus a little
     more: ~1.6/N at N=100, the price of the even table).
@@ -139,21 +138,6 @@ class MaglevHash(HashPolicy):
             self._fast = (self._table, seed)
         else:
             self._fast = None
-
-    def pick(self, key: Key = None) -> Node:
-        """The node for *key* (see :meth:`BalancePolicy.pick`).
-
-        :param key: ``str`` (UTF-8) or ``bytes``.
-        :returns: a live node.
-        :raises KeyRequired: no key.
-        :raises NoNodeAvailable: no live node, or all over the load bound.
-        """
-        # Hot path: str key, CRC hashing, no bound: one published tuple, no lock.
-        fast = self._fast
-        if fast is not None and key.__class__ is str:
-            table, seed = fast
-            return table[_crc32(key.encode(), seed) % len(table)]  # type: ignore[union-attr,unused-ignore]
-        return super().pick(key)
 
     def _choose(self, key: bytes | None) -> Node:
         assert key is not None

@@ -25,10 +25,9 @@ from collections.abc import Iterable, Iterator
 from itertools import repeat
 from operator import add, mul, truediv
 from typing import Any
-from zlib import crc32 as _crc32
 
 from .._errors import InvalidArgument
-from ._base import HashPolicy, Key, Node, NodeLike
+from ._base import Node, NodeLike, TableHashPolicy
 
 __all__ = ["DEFAULT_BUCKETS", "RendezvousHash"]
 
@@ -44,7 +43,7 @@ def _mix64(z: int) -> int:
     return z ^ (z >> 31)
 
 
-class RendezvousHash(HashPolicy):
+class RendezvousHash(TableHashPolicy):
     """Weighted rendezvous hashing: a key goes to the live node with the highest
     score, so when a node leaves only its own keys move (exactly 1/N on average).
 
@@ -147,21 +146,6 @@ class RendezvousHash(HashPolicy):
         scored = self._exact_scores(key)
         scored.sort(key=lambda t: (t[0], t[1]), reverse=True)
         return [t[2] for t in scored]
-
-    def pick(self, key: Key = None) -> Node:
-        """The node for *key* (see :meth:`BalancePolicy.pick`).
-
-        :param key: ``str`` (UTF-8) or ``bytes``.
-        :returns: a live node.
-        :raises KeyRequired: no key.
-        :raises NoNodeAvailable: no live node, or all over the load bound.
-        """
-        # Hot path: str key, CRC hashing, bucket table, no bound: no lock.
-        fast = self._fast
-        if fast is not None and key.__class__ is str:
-            table, seed = fast
-            return table[_crc32(key.encode(), seed) % len(table)]  # type: ignore[union-attr,unused-ignore]
-        return super().pick(key)
 
     def _choose(self, key: bytes | None) -> Node:
         assert key is not None
