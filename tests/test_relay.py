@@ -272,6 +272,31 @@ def test_backend_that_never_reads_bounds_memory(listener: socket.socket, mode: s
         r.close()
 
 
+@pytest.mark.parametrize("mode", ["splice", "copy"])
+def test_reset_while_backpressured_ends_without_waiting_for_timeout(
+    listener: socket.socket, mode: str
+) -> None:
+    # The client's direction is stalled (backend never reads, pipe full), so the relay
+    # is not reading the client when its reset arrives: poll's POLLERR must end it.
+    r = Relay(listener, RUNNERS[mode], pipe_size=65536, idle_timeout=60)
+    try:
+        r.client.setblocking(False)
+        for _ in range(100_000):  # until everything on the way is full
+            try:
+                r.client.send(b"\0" * 65536)
+            except BlockingIOError:
+                if not select.select([], [r.client], [], 0.3)[1]:
+                    break
+        r.client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+        r.client.close()
+        stats = r.join()
+        assert (stats.a_end, stats.failed) == (End.RESET, "a")
+        assert stats.b_end is End.ABORTED
+        assert stats.duration < 60
+    finally:
+        r.close()
+
+
 @pytest.mark.parametrize("mode", list(RUNNERS))
 def test_idle_timeout(listener: socket.socket, mode: str) -> None:
     r = Relay(listener, RUNNERS[mode], idle_timeout=0.3)

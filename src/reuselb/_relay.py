@@ -49,6 +49,7 @@ _RESET_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, er
 _LINGER_RESET = b"\x01\x00\x00\x00\x00\x00\x00\x00"
 _POLLIN = select.POLLIN if hasattr(select, "POLLIN") else 1
 _POLLOUT = select.POLLOUT if hasattr(select, "POLLOUT") else 4
+_POLLERR = select.POLLERR if hasattr(select, "POLLERR") else 8
 
 
 class End(str, enum.Enum):
@@ -500,12 +501,24 @@ def pipe_splice(
 def _run_blocking(relay: _Relay) -> RelayStats:
     poller = select.poll()
     registered: dict[int, int] = {}
+    # fds that reported POLLHUP while the relay wanted nothing from them. poll reports
+    # POLLHUP/POLLERR even for an empty mask, and HUP stays set (both directions shut,
+    # e.g. the peer's FIN after our half-close) while the pipe is full and the relay
+    # waits for the other side: polling such an fd would spin. It is left out until
+    # the relay wants to read or write it again.
+    muted: set[int] = set()
     try:
         for flow in relay.flows:
             relay.pump(flow)
         while not relay.done:
             masks = relay.interest()
             for fd, mask in masks.items():
+                if not mask and fd in muted:
+                    if fd in registered:
+                        poller.unregister(fd)
+                        del registered[fd]
+                    continue
+                muted.discard(fd)
                 if registered.get(fd) != mask:
                     if fd in registered:
                         poller.modify(fd, mask)
@@ -518,8 +531,15 @@ def _run_blocking(relay: _Relay) -> RelayStats:
                 break
             events = poller.poll(None if left is None else max(1, int(left * 1000) + 1))
             for fd, ev in events:
+                if ev & _POLLERR:
+                    # A pending socket error (a reset) is reported here even when the
+                    # relay is not reading that side (its pipe is full): end now, not
+                    # at the idle timeout, and do not spin on the sticky POLLERR.
+                    _raise_pending_error(relay, fd)
                 # POLLHUP/POLLERR wake both ways: the next read/write reports what happened.
                 hup = bool(ev & ~(_POLLIN | _POLLOUT))
+                if hup and not registered.get(fd):
+                    muted.add(fd)
                 relay.step(fd, bool(ev & _POLLIN) or hup, bool(ev & _POLLOUT) or hup)
     except _Failure as failure:
         relay.fail(failure)
@@ -528,6 +548,16 @@ def _run_blocking(relay: _Relay) -> RelayStats:
             with contextlib.suppress(KeyError, ValueError):
                 poller.unregister(fd)
     return relay.finish()
+
+
+def _raise_pending_error(relay: _Relay, fd: int) -> None:
+    for name, sock in (("a", relay.a), ("b", relay.b)):
+        if sock.fileno() == fd:
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                end_kind = End.RESET if err in _RESET_ERRNOS else End.ERROR
+                raise _Failure(name, end_kind, OSError(err, os.strerror(err)))
+            return
 
 
 async def async_pipe_splice(
