@@ -187,3 +187,67 @@ def test_listen_fds_ignores_another_pids_variables(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("LISTEN_FDS", "many")
     with pytest.raises(HandoffError, match="malformed"):
         listen_fds()
+
+
+_HEIR = """
+import json, os
+from reuselb import inherited_sockets
+socks = inherited_sockets()
+lst = socks["web"]
+lst.settimeout(30)
+conn, _ = lst.accept()  # queued in the parent, accepted after exec
+print(json.dumps({
+    "data": conn.recv(100).decode(),
+    "inheritable": os.get_inheritable(lst.fileno()),
+    "env_left": "REUSELB_INHERITED_FDS" in os.environ,
+}))
+conn.close()
+lst.close()
+"""
+
+
+def test_exec_inheritance_for_chosen_sockets() -> None:
+    from reuselb import inherit_sockets
+
+    lst = reuseport_listener("127.0.0.1:0")
+    other = reuseport_listener("127.0.0.1:0")  # not chosen: must not reach the child
+    client = connect_tcp(lst.getsockname())
+    client.sendall(b"before the upgrade")
+    try:
+        fds, env = inherit_sockets({"web": lst})
+        assert not os.get_inheritable(lst.fileno())  # only that exec gets it
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                _HEIR
+                + f"\nimport os\ntry:\n    os.fstat({other.fileno()})\n    print('LEAK')\nexcept OSError:\n    pass\n",
+            ],
+            pass_fds=fds,
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+        first, *rest = out.splitlines()
+        assert json.loads(first) == {
+            "data": "before the upgrade",
+            "inheritable": False,
+            "env_left": False,
+        }
+        assert "LEAK" not in rest
+    finally:
+        for s in (lst, other, client):
+            s.close()
+
+
+def test_inherit_bad_input(monkeypatch: pytest.MonkeyPatch) -> None:
+    from reuselb import inherit_sockets, inherited_sockets
+
+    with socket.socket() as s, pytest.raises(InvalidArgument, match="invalid name 'a,b'"):
+        inherit_sockets({"a,b": s})
+    monkeypatch.setenv("REUSELB_INHERITED_FDS", "web=notanfd")
+    with pytest.raises(HandoffError, match="malformed"):
+        inherited_sockets()
+    assert "REUSELB_INHERITED_FDS" not in os.environ

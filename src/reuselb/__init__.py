@@ -31,6 +31,8 @@ from ._errors import (
 from ._handoff import (
     DrainResult,
     drain_close,
+    inherit_sockets,
+    inherited_sockets,
     listen_fds,
     recv_sockets,
     send_sockets,
@@ -99,6 +101,8 @@ __all__ = (
     # handoff, restarts, steering
     "DrainResult",
     "drain_close",
+    "inherit_sockets",
+    "inherited_sockets",
     "tcp_migrate_req",
     "attach_cpu_steering",
     "detach_steering",

@@ -17,11 +17,12 @@ from __future__ import annotations
 import array
 import json
 import os
+import re
 import select
 import socket
 import struct
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ._errors import HandoffError, InvalidArgument
@@ -30,6 +31,8 @@ from ._sockets import ReuseportGroup, check_open
 __all__ = [
     "DrainResult",
     "drain_close",
+    "inherit_sockets",
+    "inherited_sockets",
     "listen_fds",
     "recv_sockets",
     "send_sockets",
@@ -314,3 +317,73 @@ def drain_close(
         if isinstance(group, ReuseportGroup):
             group._remove(index)
     return DrainResult("steer", accepted)
+
+
+#: The environment variable that carries ``name=fd`` pairs across one exec.
+INHERIT_ENV = "REUSELB_INHERITED_FDS"
+_NAME_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}\Z")
+
+
+def inherit_sockets(socks: Mapping[str, socket.socket]) -> tuple[list[int], dict[str, str]]:
+    """Prepare sockets to be inherited by one exec'd child (graceful binary upgrade).
+
+    The sockets stay close-on-exec in this process; pass the returned fds as
+    ``subprocess.Popen(..., pass_fds=fds, env={**os.environ, **env})`` and the child
+    (and only that exec) inherits them, then adopts them with
+    :func:`inherited_sockets`. No other child, thread or exec sees them.
+
+    :param socks: ``{name: socket}``; names of letters, digits and ``_.:-``.
+    :returns: ``(pass_fds, env)``.
+    :raises InvalidArgument: no sockets, or a name that cannot travel in the variable.
+    :raises SocketClosed: a socket is closed.
+    """
+    if not socks:
+        raise InvalidArgument("socks", socks, "must name at least one socket")
+    pairs = []
+    for name, sock in socks.items():
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise InvalidArgument("name", name, "must be 1-64 of letters, digits and _.:-")
+        pairs.append((name, check_open(sock).fileno()))
+    env = {INHERIT_ENV: ",".join(f"{name}={fd}" for name, fd in pairs)}
+    return [fd for _, fd in pairs], env
+
+
+def inherited_sockets(*, unset_environment: bool = True) -> dict[str, socket.socket]:
+    """Adopt the sockets a parent passed with :func:`inherit_sockets`.
+
+    Each fd's family and type are read from the kernel, close-on-exec is set again
+    at once, and the variable is removed from the environment (so a grandchild
+    never tries to adopt fds it does not have).
+
+    :param unset_environment: remove the variable (default True).
+    :returns: ``{name: socket}``; empty when nothing was inherited.
+    :raises HandoffError: the variable is malformed or an fd is not an open socket
+        (every socket adopted so far is then closed).
+    """
+    value = os.environ.get(INHERIT_ENV)
+    if unset_environment:
+        os.environ.pop(INHERIT_ENV, None)
+    if not value:
+        return {}
+    out: dict[str, socket.socket] = {}
+    try:
+        for item in value.split(","):
+            name, sep, fd_text = item.partition("=")
+            if (
+                not sep
+                or not _NAME_RE.match(name)
+                or not fd_text.isascii()
+                or not fd_text.isdigit()
+            ):
+                raise HandoffError(f"malformed {INHERIT_ENV} entry {item!r}")
+            fd = int(fd_text)
+            try:
+                os.set_inheritable(fd, False)
+                out[name] = socket.socket(fileno=fd)
+            except OSError as exc:
+                raise HandoffError(f"inherited fd {fd} ({name!r}) is not a socket: {exc}") from None
+    except BaseException:
+        for sock in out.values():
+            sock.close()
+        raise
+    return out
