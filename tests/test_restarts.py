@@ -183,6 +183,35 @@ def test_cpu_steering_lands_on_the_member_of_the_cpu() -> None:
             attach_cpu_steering(list(group) * 2)
 
 
+@pytest.mark.parametrize("kind", ["tcp", "udp"])
+def test_hash_steering_is_predictable(kind: str) -> None:
+    from reuselb import attach_hash_steering, hash_steering_index
+
+    with reuseport_group("127.0.0.1:0", 3, kind=kind) as group:  # type: ignore[arg-type]
+        attach_hash_steering(group)
+        for m in group:
+            m.setblocking(False)
+        seen = set()
+        for i in range(24):
+            with socket.socket(
+                type=socket.SOCK_STREAM if kind == "tcp" else socket.SOCK_DGRAM
+            ) as c:
+                c.bind(("127.0.0.1", 0))
+                expected = hash_steering_index("127.0.0.1", c.getsockname()[1], 3)
+                if kind == "tcp":
+                    c.connect(("127.0.0.1", group.port))
+                else:
+                    c.sendto(b"%d" % i, ("127.0.0.1", group.port))
+                ready = select.select(list(group), [], [], 10)[0]
+                assert [group.members.index(m) for m in ready] == [expected]
+                if kind == "tcp":
+                    ready[0].accept()[0].close()
+                else:
+                    ready[0].recv(10)
+                seen.add(expected)
+        assert len(seen) > 1
+
+
 def test_incoming_cpu_setter() -> None:
     with reuseport_group("127.0.0.1:0", 1) as group:
         set_incoming_cpu(group[0], 0)

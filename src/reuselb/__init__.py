@@ -53,8 +53,10 @@ from ._sockets import (
 )
 from ._steering import (
     attach_cpu_steering,
+    attach_hash_steering,
     detach_steering,
     get_incoming_cpu,
+    hash_steering_index,
     set_incoming_cpu,
     steer_all_to,
     steer_away_from,
@@ -105,6 +107,8 @@ __all__ = (
     "inherited_sockets",
     "tcp_migrate_req",
     "attach_cpu_steering",
+    "attach_hash_steering",
+    "hash_steering_index",
     "detach_steering",
     "get_incoming_cpu",
     "set_incoming_cpu",

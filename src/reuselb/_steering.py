@@ -24,6 +24,8 @@ from ._sockets import check_open
 
 __all__ = [
     "attach_cpu_steering",
+    "attach_hash_steering",
+    "hash_steering_index",
     "detach_steering",
     "get_incoming_cpu",
     "set_incoming_cpu",
@@ -45,6 +47,14 @@ _ALU_MOD_K = 0x04 | 0x90  # BPF_ALU | BPF_MOD | BPF_K
 _ALU_ADD_K = 0x04 | 0x00  # BPF_ALU | BPF_ADD | BPF_K
 _JGE_K = 0x05 | 0x30  # BPF_JMP | BPF_JGE | BPF_K
 _RET_A = 0x06 | 0x10  # BPF_RET | BPF_A
+_LD_H_ABS = 0x00 | 0x08 | 0x20  # BPF_LD | BPF_H | BPF_ABS
+_TAX = 0x07 | 0x00  # BPF_MISC | BPF_TAX
+_ALU_XOR_X = 0x04 | 0xA0 | 0x08  # BPF_ALU | BPF_XOR | BPF_X
+_ALU_MUL_K = 0x04 | 0x20  # BPF_ALU | BPF_MUL | BPF_K
+_ALU_RSH_K = 0x04 | 0x70  # BPF_ALU | BPF_RSH | BPF_K
+_SKF_NET_OFF = -0x100000
+#: Knuth's multiplicative constant (2^32 / golden ratio): spreads xor-ed bits upward.
+_GOLDEN32 = 2654435761
 _INSN = struct.Struct("=HBBI")
 
 Insn = tuple[int, int, int, int]
@@ -127,6 +137,45 @@ def steer_away_from(group: Iterable[socket.socket], index: int) -> None:
             (_ALU_MOD_K, 0, 0, n - 1),
             (_JGE_K, 0, 1, index),  # a >= index: fall through to the add; else skip it
             (_ALU_ADD_K, 0, 0, 1),
+            (_RET_A, 0, 0, 0),
+        ],
+    )
+
+
+def hash_steering_index(src_ip: str, src_port: int, members: int) -> int:
+    """The member :func:`attach_hash_steering` picks for a client (for tests and tools)."""
+    ip = int.from_bytes(socket.inet_aton(src_ip), "big")
+    return ((((ip ^ src_port) * _GOLDEN32) & 0xFFFFFFFF) >> 16) % members
+
+
+def attach_hash_steering(group: Iterable[socket.socket]) -> None:
+    """Steer by the client's address: a stable, documented member per (source IP, port).
+
+    Program (IPv4 without IP options, which a SYN practically never carries)::
+
+        ld [ip src]; tax; ldh [tcp/udp src port]; a ^= x
+        a *= 2654435761; a >>= 16; a %= n; ret a
+
+    The kernel's own choice is also a 4-tuple hash, but keyed with a per-boot secret;
+    this one is the same on every host and boot and predictable with
+    :func:`hash_steering_index`, so a flow's member can be computed outside the kernel.
+
+    :raises InvalidArgument: the group is empty or not IPv4.
+    :raises SteeringError: the kernel refused the program.
+    """
+    members = _members(group)
+    if members[0].family != socket.AF_INET:
+        raise InvalidArgument("group", members[0], "hash steering reads IPv4 headers only")
+    _attach(
+        members[0],
+        [
+            (_LD_W_ABS, 0, 0, _SKF_NET_OFF + 12),  # IPv4 source address
+            (_TAX, 0, 0, 0),
+            (_LD_H_ABS, 0, 0, _SKF_NET_OFF + 20),  # source port, after a 20-byte header
+            (_ALU_XOR_X, 0, 0, 0),
+            (_ALU_MUL_K, 0, 0, _GOLDEN32),
+            (_ALU_RSH_K, 0, 0, 16),
+            (_ALU_MOD_K, 0, 0, len(members)),
             (_RET_A, 0, 0, 0),
         ],
     )
