@@ -143,8 +143,22 @@ def steer_away_from(group: Iterable[socket.socket], index: int) -> None:
 
 
 def hash_steering_index(src_ip: str, src_port: int, members: int) -> int:
-    """The member :func:`attach_hash_steering` picks for a client (for tests and tools)."""
-    ip = int.from_bytes(socket.inet_aton(src_ip), "big")
+    """The member :func:`attach_hash_steering` picks for a client (for tests and tools).
+
+    :param src_ip: the client's IPv4 address.
+    :param src_port: the client's port.
+    :param members: the group's size.
+    :returns: the member's index.
+    :raises InvalidArgument: not an IPv4 address, a port outside 0-65535, members < 1.
+    """
+    if isinstance(members, bool) or not isinstance(members, int) or members < 1:
+        raise InvalidArgument("members", members, "must be an int >= 1")
+    if isinstance(src_port, bool) or not isinstance(src_port, int) or not 0 <= src_port <= 65535:
+        raise InvalidArgument("src_port", src_port, "must be 0-65535")
+    try:
+        ip = int.from_bytes(socket.inet_pton(socket.AF_INET, src_ip), "big")
+    except (OSError, TypeError):
+        raise InvalidArgument("src_ip", src_ip, "must be an IPv4 address") from None
     return ((((ip ^ src_port) * _GOLDEN32) & 0xFFFFFFFF) >> 16) % members
 
 
