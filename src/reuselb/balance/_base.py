@@ -19,6 +19,7 @@ Rules of this package (h11 style: a pure core, tested in memory):
 
 from __future__ import annotations
 
+import abc
 import enum
 import hashlib
 import math
@@ -294,7 +295,7 @@ class Lease:
 # --------------------------------------------------------------------------- policy
 
 
-class BalancePolicy:
+class BalancePolicy(abc.ABC):
     """The interface every policy implements; subclass it to write your own.
 
     A subclass sets :attr:`name` and implements :meth:`_choose`; it may override
@@ -327,12 +328,16 @@ class BalancePolicy:
 
     # ----------------------------------------------------------------- subclass API
 
-    def _rebuild(self) -> None:
-        """Recompute lookup structures from :attr:`_live` (called under the lock)."""
+    def _rebuild(self) -> None:  # noqa: B027 (an optional hook, not abstract)
+        """Recompute lookup structures from :attr:`_live` (called under the lock).
 
+        Policies that scan :attr:`_live` on every pick (least-conn) need no structure
+        and keep this default.
+        """
+
+    @abc.abstractmethod
     def _choose(self, key: bytes | None) -> Node:
         """Return a live node for *key* (bytes or None); raise ``NoNodeAvailable``."""
-        raise NotImplementedError
 
     def _options(self) -> dict[str, Any]:
         """Constructor keyword arguments, so :meth:`copy` can clone the policy."""
@@ -658,9 +663,9 @@ class HashPolicy(BalancePolicy):
         self._total_weight = sum(n.weight for n in self._live)
         self._rebuild()
 
+    @abc.abstractmethod
     def _candidates(self, key: bytes) -> Iterator[Node]:
         """Live nodes in this key's order of preference (may repeat)."""
-        raise NotImplementedError
 
     def _choose_bounded(self, key: bytes) -> Node:
         if not self._live:
