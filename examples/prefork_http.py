@@ -17,11 +17,10 @@ import argparse
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 
-from reuselb import parse_address, reuseport_listener
+from reuselb import hold_port, parse_address, reuseport_listener
 
 
 async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -48,10 +47,7 @@ async def worker(address: str) -> None:
 
 
 def master(address: str, workers: int) -> int:
-    addr = parse_address(address)
-    holder = socket.socket(socket.AF_INET6 if ":" in addr.host else socket.AF_INET)
-    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    holder.bind((addr.host, addr.port))  # holds the port; never listens
+    holder = hold_port(address)  # holds the port; never listens
     bound = parse_address(holder.getsockname()[:2])
     cmd = [sys.executable, __file__, "--worker", str(bound)]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(workers)]

@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 from typing import Any
 
 import uvicorn
 
-from reuselb import parse_address, reuseport_listener
+from reuselb import hold_port, parse_address, reuseport_listener
 
 
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -44,10 +43,7 @@ def worker(address: str) -> None:
 
 
 def master(address: str, workers: int) -> int:
-    addr = parse_address(address)
-    holder = socket.socket(socket.AF_INET6 if ":" in addr.host else socket.AF_INET)
-    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    holder.bind((addr.host, addr.port))  # holds the port for the group; never listens
+    holder = hold_port(address)  # holds the port for the group; never listens
     bound = parse_address(holder.getsockname()[:2])
     cmd = [sys.executable, __file__, "--worker", str(bound)]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(workers)]

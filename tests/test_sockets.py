@@ -475,6 +475,19 @@ def test_kernel_balances_across_four_processes() -> None:
 
 
 def _reserve() -> socket.socket:
-    from reuselb._demo import _reserve_port
+    return reuselb.hold_port("127.0.0.1:0")
 
-    return _reserve_port(0)
+
+def test_hold_port_reserves_without_taking_connections() -> None:
+    with reuselb.hold_port("127.0.0.1:0") as holder:
+        info = socket_info(holder)
+        assert info.reuseport
+        assert not info.listening
+        port = holder.getsockname()[1]
+        with pytest.raises(OSError, match="Address already in use"):  # held against outsiders
+            socket.create_server(("127.0.0.1", port)).close()
+        with reuseport_listener(("127.0.0.1", port)) as worker:
+            for _ in range(20):  # every connection reaches the listening member
+                with connect_tcp(("127.0.0.1", port), timeout=5):
+                    worker.settimeout(10)
+                    worker.accept()[0].close()

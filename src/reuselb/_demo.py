@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 
 from ._relay import RelayStats, async_pipe_splice
-from ._sockets import _new_socket, _reuseport_option, connect_tcp, reuseport_listener
+from ._sockets import connect_tcp, hold_port, reuseport_listener
 from .balance import RoundRobin
 
 __all__ = ["proxy_scenario", "reuseport_scenario", "start_workers", "stop_workers"]
@@ -92,25 +92,12 @@ def stop_workers(procs: Sequence[subprocess.Popen[str]]) -> None:
             proc.stdout.close()
 
 
-def _reserve_port(port: int) -> socket.socket:
-    # A bound but never-listening SO_REUSEPORT socket holds the port for the group
-    # and receives no connections (only listening members are in the TCP lookup).
-    sock = _new_socket(socket.AF_INET, socket.SOCK_STREAM, False)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, _reuseport_option(True), 1)
-        sock.bind(("127.0.0.1", port))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
 def reuseport_scenario(workers: int = 3, requests: int = 20, port: int = 0) -> dict[int, int]:
     """Kernel balancing: *workers* processes, one reuseport listener each, one port.
 
     :returns: connections served per worker PID.
     """
-    with _reserve_port(port) as holder:
+    with hold_port(("127.0.0.1", port)) as holder:
         port = holder.getsockname()[1]
         print(f"reuseport: {workers} workers, each with its own listener on 127.0.0.1:{port}")
         procs = start_workers(workers, port)

@@ -46,6 +46,7 @@ __all__ = [
     "ReuseportGroup",
     "SocketInfo",
     "connect_tcp",
+    "hold_port",
     "reuseport_group",
     "reuseport_listener",
     "reuseport_udp",
@@ -384,6 +385,38 @@ def reuseport_udp(
         socket.SOCK_DGRAM,
         dualstack=dualstack,
         nonblocking=nonblocking,
+        balanced=balanced,
+        reuseaddr=False,
+    )
+
+
+def hold_port(
+    address: AddressLike, *, dualstack: bool = False, balanced: bool = True
+) -> socket.socket:
+    """A bound, never-listening SO_REUSEPORT TCP socket that reserves a port for a group.
+
+    A supervisor makes one before starting its workers (with port 0 the kernel picks
+    a free port: read it back with ``getsockname()``), so the port stays reserved
+    while workers start, crash and restart. It never receives a connection: only
+    *listening* members are in the kernel's TCP lookup. (There is no UDP version: a
+    bound UDP member does receive datagrams.)
+
+    :param address: see :func:`reuseport_listener`.
+    :param dualstack: as for :func:`reuseport_listener` (the workers must match).
+    :param balanced: as for :func:`reuseport_listener`.
+    :returns: the bound socket; close it to release the port.
+    :raises AddressError: the address is malformed or not local.
+    :raises AddressInUse: a socket outside this reuseport group holds the address.
+    :raises ReuseportUnsupported: the system cannot give what *balanced* asks for.
+    """
+    # No SO_REUSEADDR: Linux lets two SO_REUSEADDR sockets share a port while neither
+    # listens, so an outsider with it (socket.create_server sets it) could take the
+    # port from under a holder that had it. Workers still join through SO_REUSEPORT.
+    return _bound(
+        address,
+        socket.SOCK_STREAM,
+        dualstack=dualstack,
+        nonblocking=False,
         balanced=balanced,
         reuseaddr=False,
     )
