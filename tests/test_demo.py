@@ -41,6 +41,35 @@ def test_demo_runs_and_cleans_up() -> None:
             os.kill(int(pid), 0)
 
 
+def test_demo_reader_going_away_is_quiet_and_cleans_up() -> None:
+    # `python -m reuselb demo | head`: 400 lines overflow stdio's 8 KiB pipe buffer, so
+    # the demo writes again after the reader closed and gets EPIPE mid-run.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "reuselb", "demo", "reuseport", "--requests", "400"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    first = proc.stdout.readline() + proc.stdout.readline()
+    proc.stdout.close()
+    try:
+        err = proc.stderr.read()
+        rc = proc.wait(timeout=60)
+    finally:
+        proc.stderr.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert rc == 141, err
+    assert "Traceback" not in err
+    pids = re.findall(r"-> worker (\d+)", first)
+    assert pids
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(pid), 0)
+
+
 def test_demo_rejects_bad_options() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "reuselb", "demo", "--workers", "0"],

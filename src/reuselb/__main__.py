@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -51,6 +52,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ReuselbError as exc:
         print(f"reuselb demo: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # The reader went away (`... | head`). The scenarios already stopped their
+        # workers in their `finally`; point stdout at /dev/null so the interpreter's
+        # final flush does not raise again, and exit like a SIGPIPE'd tool would.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141
     return 0
 
 
