@@ -283,3 +283,95 @@ def test_supervised_udp_group_keeps_flows_across_a_worker_restart() -> None:
         for f in flows:
             f.close()
         group.close()
+
+
+_PAUSED_WORKER = """
+import socket, sys
+from reuselb import recv_sockets, send_sockets
+channel = socket.socket(fileno=int(sys.argv[1]))
+lst = recv_sockets(channel)["listener"]
+print("ready", flush=True)
+for line in sys.stdin:                     # commands from the test, one per line
+    if line.strip() == "handoff":          # a restart the reuselb way: pass the socket on
+        send_sockets(channel, [lst], names=["listener"])
+        sys.exit(0)
+    if line.strip() == "go":
+        lst.settimeout(5)
+        try:
+            while True:
+                conn, _ = lst.accept()
+                conn.sendall(b"re:" + conn.recv(16))
+                conn.close()
+        except TimeoutError:
+            sys.exit(0)
+"""
+
+
+def _paused_worker(member: socket.socket) -> tuple[subprocess.Popen[str], socket.socket]:
+    parent, child = socket.socketpair()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _PAUSED_WORKER, str(child.fileno())],
+        pass_fds=[child.fileno()],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    child.close()
+    send_sockets(parent, [member], names=["listener"])
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready"
+    return proc, parent
+
+
+def _tell(proc: subprocess.Popen[str], command: str) -> None:
+    assert proc.stdin is not None
+    proc.stdin.write(command + "\n")
+    proc.stdin.flush()
+
+
+@pytest.mark.parametrize("restart", ["plain-close", "handoff"])
+def test_worker_restart_with_queued_connections(restart: str, no_migration: None) -> None:
+    """Two worker processes, 40 connections queued in their accept queues, worker 1 restarted."""
+    from reuselb import recv_sockets
+
+    group = reuseport_group("127.0.0.1:0", 2)
+    port = group.port
+    members = [group.take(i) for i in range(2)]
+    workers = [_paused_worker(m) for m in members]
+    for m in members:
+        m.close()  # the workers own the listeners now; the test keeps no copy
+    procs = [w[0] for w in workers]
+    try:
+        clients = _queue_clients(port, 40)  # the kernel spreads them over both queues
+        old, channel = workers[1]
+        if restart == "handoff":
+            _tell(old, "handoff")  # the old worker passes its listener, then exits
+            listener = recv_sockets(channel)["listener"]
+            old.wait(timeout=30)
+            new, new_channel = _paused_worker(listener)
+            listener.close()
+            procs.append(new)
+            _tell(new, "go")
+            new_channel.close()
+        else:
+            old.kill()  # the usual restart: the old listener closes with its process
+            old.wait(timeout=30)
+        _tell(procs[0], "go")
+        replies = _replies(clients)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait(timeout=30)
+            for stream in (p.stdin, p.stdout):
+                if stream is not None:
+                    stream.close()
+        for _, ch in workers:
+            ch.close()
+    failed = sum(r == "reset" for r in replies)
+    print(f"\n{restart}: 40 connections, {failed} failed")
+    if restart == "handoff":
+        assert failed == 0
+        assert replies == [b"re:hello %d" % i for i in range(40)]
+    else:
+        assert failed > 0  # what the kernel does to a closed member's queue
