@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import resource
 import socket
 import struct
 import subprocess
@@ -122,7 +123,7 @@ def test_bad_arguments() -> None:
     a, b = socket.socketpair()
     tcp = socket.socket()
     try:
-        with pytest.raises(InvalidArgument, match="must send 1 to 253"):
+        with pytest.raises(InvalidArgument, match="must send 1 to 65536"):
             send_sockets(a, [])
         with pytest.raises(InvalidArgument, match="one unique name"):
             send_sockets(a, [tcp, tcp], names=["x", "x"])
@@ -251,3 +252,25 @@ def test_inherit_bad_input(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(HandoffError, match="malformed"):
         inherited_sockets()
     assert "REUSELB_INHERITED_FDS" not in os.environ
+
+
+def test_more_sockets_than_one_message_carries() -> None:
+    """600 sockets: more than SCM_MAX_FD (253), so three chunks on one channel."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2000:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    a, b = socket.socketpair()
+    socks = [udp_socket() for _ in range(600)]
+    before = open_fds()
+    try:
+        send_sockets(a, socks, names=[f"s{i}" for i in range(600)])
+        got = recv_sockets(b)
+        assert list(got) == [f"s{i}" for i in range(600)]
+        for i in (0, 252, 253, 505, 506, 599):  # chunk edges map to the right socket
+            assert os.fstat(got[f"s{i}"].fileno()).st_ino == os.fstat(socks[i].fileno()).st_ino
+        for s in got.values():
+            s.close()
+        assert open_fds() == before
+    finally:
+        for s in [a, b, *socks]:
+            s.close()

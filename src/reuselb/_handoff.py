@@ -43,6 +43,10 @@ _MAGIC = b"RLB1"
 _HEADER = struct.Struct("!4sI")  # magic, JSON length
 # The kernel's SCM_MAX_FD: at most 253 descriptors in one SCM_RIGHTS message.
 _MAX_FDS = 253
+# Bound on one handoff: each socket costs an fd on both sides; beyond this the
+# caller is almost certainly passing the wrong list.
+_MAX_SOCKETS = 65536
+_CHUNK_MARK = b"+"
 _MAX_JSON = 1 << 20
 _MSG_CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0x40000000)
 _SO_ACCEPTCONN = getattr(socket, "SO_ACCEPTCONN", 30)
@@ -74,7 +78,9 @@ def send_sockets(
     queue lives as long as any process holds it).
 
     :param channel: a connected ``AF_UNIX`` stream or datagram socket.
-    :param socks: the sockets to send (at most 253 per call, the kernel's SCM_MAX_FD).
+    :param socks: the sockets to send (up to 65,536). The kernel carries at most 253
+        descriptors in one message (SCM_MAX_FD), so larger sets go in chunks: the
+        first with the header, each further one on a one-byte marker.
     :param names: one unique name per socket; default ``"0"``, ``"1"``, ...
     :raises InvalidArgument: no sockets, too many, names of the wrong count or repeated,
         or a channel that is not a Unix socket.
@@ -83,8 +89,8 @@ def send_sockets(
     """
     channel = _check_channel(channel)
     socks = list(socks)
-    if not socks or len(socks) > _MAX_FDS:
-        raise InvalidArgument("socks", len(socks), f"must send 1 to {_MAX_FDS} sockets")
+    if not socks or len(socks) > _MAX_SOCKETS:
+        raise InvalidArgument("socks", len(socks), f"must send 1 to {_MAX_SOCKETS} sockets")
     names = [str(i) for i in range(len(socks))] if names is None else list(names)
     if len(names) != len(socks) or len(set(names)) != len(names):
         raise InvalidArgument("names", names, "need one unique name per socket")
@@ -94,12 +100,17 @@ def send_sockets(
         {"sockets": [{"name": n, **_describe(s)} for n, s in zip(names, socks, strict=True)]}
     ).encode()
     payload = _HEADER.pack(_MAGIC, len(header)) + header
-    fds = array.array("i", [s.fileno() for s in socks])
-    # The descriptors ride on the first byte; the rest of the header follows as
-    # plain stream data (sendmsg may send less than asked on a stream socket).
-    sent = channel.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+    all_fds = [s.fileno() for s in socks]
+    chunks = [all_fds[i : i + _MAX_FDS] for i in range(0, len(all_fds), _MAX_FDS)]
+    # The first chunk rides on the header's first byte; the rest of the header
+    # follows as plain stream data (sendmsg may send less than asked on a stream).
+    rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", chunks[0]))]
+    sent = channel.sendmsg([payload], rights)
     if sent < len(payload):
         channel.sendall(payload[sent:])
+    for chunk in chunks[1:]:
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", chunk))]
+        channel.sendmsg([_CHUNK_MARK], rights)
 
 
 def _recv_exact(channel: socket.socket, n: int, fds: list[int]) -> bytes:
@@ -141,6 +152,12 @@ def recv_sockets(channel: socket.socket) -> dict[str, socket.socket]:
             meta = json.loads(_recv_exact(channel, length, fds))["sockets"]
         except (ValueError, KeyError, TypeError) as exc:
             raise HandoffError(f"malformed handoff header: {exc}") from None
+        if not isinstance(meta, list) or len(meta) > _MAX_SOCKETS:
+            raise HandoffError(f"malformed handoff header: {len(meta)} sockets")
+        while len(fds) < len(meta):  # further chunks, one marker byte each
+            before = len(fds)
+            if _recv_exact(channel, 1, fds) != _CHUNK_MARK or len(fds) == before:
+                raise HandoffError(f"expected a chunk of descriptors after {before}")
         if len(meta) != len(fds):
             raise HandoffError(f"header lists {len(meta)} sockets but {len(fds)} fds arrived")
         for entry, fd in zip(meta, fds, strict=True):
