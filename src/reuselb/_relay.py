@@ -308,18 +308,25 @@ class _Relay:
                 flow.blocked = True
             return 0
         except OSError as exc:
-            if exc.errno == errno.EINVAL and flow.splice:
-                flow.to_copy()
-                self.spliced = False
-                return flow.cap  # retry at once on the copy path
-            end_kind = End.RESET if exc.errno in _RESET_ERRNOS else End.ERROR
-            raise _Failure(flow.name, end_kind, exc) from None
+            self._io_error(flow, exc, flow.name)
+            return flow.cap  # retry at once on the copy path
         if n == 0:
             flow.eof = True
             return 0
         flow.pending += n
         self.last = time.monotonic()
         return n
+
+    def _io_error(self, flow: _Flow, exc: OSError, side: str) -> None:
+        """EINVAL from splice: switch *flow* to copying (returns). Anything else: *side* failed."""
+        if exc.errno == errno.EINVAL and flow.splice:
+            # A socket the kernel cannot splice (seen with some socket types): keep
+            # the bytes already in the pipe and carry on through the copy path.
+            flow.to_copy()
+            self.spliced = False
+            return
+        end_kind = End.RESET if exc.errno in _RESET_ERRNOS else End.ERROR
+        raise _Failure(side, end_kind, exc) from None
 
     def _write(self, flow: _Flow) -> int:
         try:
@@ -330,12 +337,8 @@ class _Relay:
         except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return 0
         except OSError as exc:
-            if exc.errno == errno.EINVAL and flow.splice:
-                flow.to_copy()
-                self.spliced = False
-                return flow.pending  # retry at once on the copy path
-            end_kind = End.RESET if exc.errno in _RESET_ERRNOS else End.ERROR
-            raise _Failure(_other(flow.name), end_kind, exc) from None
+            self._io_error(flow, exc, _other(flow.name))
+            return flow.pending  # retry at once on the copy path
         flow.pending -= n
         flow.moved += n
         flow.blocked = False
