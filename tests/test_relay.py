@@ -13,6 +13,7 @@ import select
 import socket
 import ssl
 import subprocess
+import termios
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +32,7 @@ from reuselb import (
     WrongSocketType,
     async_pipe_splice,
     pipe_splice,
+    release_pipes,
 )
 from tests.conftest import open_fds
 
@@ -181,7 +183,14 @@ def test_integrity_both_ways_at_once(listener: socket.socket, mode: str, size: o
     assert got_down == (len(down), hashlib.sha256(down).hexdigest())
     assert (stats.a_to_b, stats.b_to_a) == (len(up), len(down))
     assert (stats.a_end, stats.b_end, stats.failed) == (End.EOF, End.EOF, None)
-    assert stats.spliced is ("copy" not in mode)
+    if "copy" in mode or size in (0, 1):
+        # Forced copy, or too little to be worth a pipe (short messages are copied).
+        assert (stats.spliced, stats.spliced_bytes) == (False, 0)
+    elif size == 64 << 20:
+        # A stream: each direction switched to splice at its first full 64 KiB read.
+        assert stats.spliced
+        assert stats.spliced_bytes > len(up)
+    assert stats.spliced_bytes <= len(up) + len(down)
 
 
 # --------------------------------------------------------------------------- half-close
@@ -272,12 +281,12 @@ def test_backend_that_never_reads_bounds_memory(listener: socket.socket, mode: s
         r.close()
 
 
-@pytest.mark.parametrize("mode", ["splice", "copy"])
+@pytest.mark.parametrize("mode", list(RUNNERS))
 def test_reset_while_backpressured_ends_without_waiting_for_timeout(
     listener: socket.socket, mode: str
 ) -> None:
     # The client's direction is stalled (backend never reads, pipe full), so the relay
-    # is not reading the client when its reset arrives: poll's POLLERR must end it.
+    # is not reading the client when its reset arrives: (E)POLLERR must end it.
     r = Relay(listener, RUNNERS[mode], pipe_size=65536, idle_timeout=60)
     try:
         r.client.setblocking(False)
@@ -320,7 +329,7 @@ def test_einval_at_run_time_falls_back_to_copy(
     def flaky(*args: int, **kw: int) -> int:
         nonlocal calls
         calls += 1
-        if calls == 3:
+        if calls >= 3:
             raise OSError(errno.EINVAL, "injected EINVAL")
         return real(*args, **kw)
 
@@ -334,7 +343,10 @@ def test_einval_at_run_time_falls_back_to_copy(
         r.close()
     assert got_up == (len(data), hashlib.sha256(data).hexdigest())
     assert got_down == (len(data), hashlib.sha256(data[::-1]).hexdigest())
-    assert stats.spliced is False
+    assert calls >= 3, "the streams switched to splice and met the EINVAL"
+    # At most the one splice-out before the EINVAL went through a pipe (<= 1 MiB).
+    assert stats.spliced_bytes <= 1 << 20
+    assert (stats.a_to_b, stats.b_to_a) == (len(data), len(data))
 
 
 def _make_cert(tmp: Path) -> tuple[str, str]:
@@ -422,24 +434,215 @@ def _is_pipe(fd: int) -> bool:
         return False
 
 
+def _fill(sock: socket.socket, limit: int) -> int:
+    """Send until the relay and the receiver's buffers are full (or *limit*)."""
+    sock.setblocking(False)
+    sent = 0
+    chunk = b"x" * 65536
+    try:
+        while sent < limit:
+            sent += sock.send(chunk)
+    except BlockingIOError:
+        pass
+    sock.setblocking(True)
+    return sent
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> None:
+    sock.settimeout(JOIN)
+    while n > 0:
+        got = sock.recv(min(n, 1 << 20))
+        assert got
+        n -= len(got)
+
+
+def _stream_through(
+    listener: socket.socket, size: int, **kw: Any
+) -> tuple[RelayStats, list[tuple[int, str]], bytes]:
+    """*size* random bytes client -> backend through pipe_splice in this thread."""
+    client, a = tcp_pair(listener)
+    b, backend = tcp_pair(listener)
+    data = os.urandom(size)
+    got: list[tuple[int, str]] = []
+    threads = [
+        threading.Thread(target=_send_all_then_eof, args=(client, data)),
+        threading.Thread(target=_recv_digest, args=(backend, got)),
+    ]
+    for t in threads:
+        t.start()
+    backend.shutdown(socket.SHUT_WR)
+    try:
+        stats = pipe_splice(a, b, **kw)
+    finally:
+        for t in threads:
+            t.join(JOIN)
+        client.close()
+        backend.close()
+    return stats, got, data
+
+
 def test_pipes_are_cloexec_sized_and_closed(listener: socket.socket) -> None:
     before = open_fds()
     r = Relay(listener, run_blocking, pipe_size=256 * 1024)
     try:
-        r.client.sendall(b"ping")
-        r.backend.settimeout(JOIN)
-        assert r.backend.recv(10) == b"ping"  # the relay is running: its pipes exist
-        pipes = [fd for fd in open_fds() - before if _is_pipe(fd)]
-        assert len(pipes) == 4  # two per direction
-        for fd in pipes:
-            assert fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
-            assert fcntl.fcntl(fd, 1032) == 256 * 1024  # F_GETPIPE_SZ
-        r.client.shutdown(socket.SHUT_WR)
-        r.backend.shutdown(socket.SHUT_WR)
-        r.join()
+        exchange(r, b"ping", b"pong")
+        assert r.join().spliced_bytes == 0  # short messages are copied: no pipe
     finally:
         r.close()
     assert open_fds() == before
+    stats, got, data = _stream_through(listener, 8 << 20, pipe_size=256 * 1024)
+    assert got == [(len(data), hashlib.sha256(data).hexdigest())]
+    assert stats.spliced_bytes > 0  # a stream switched to splice
+    pipes = [fd for fd in open_fds() - before if _is_pipe(fd)]
+    assert len(pipes) == 2  # its pipe, now idle in this thread's pool
+    for fd in pipes:
+        assert fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+        assert fcntl.fcntl(fd, 1032) == 256 * 1024  # F_GETPIPE_SZ
+    assert release_pipes() == 1
+    assert open_fds() == before
+
+
+def test_pipes_are_reused_empty_and_released(listener: socket.socket) -> None:
+    before = open_fds()
+    seen: list[set[int]] = []
+    for _ in range(3):
+        stats, got, data = _stream_through(listener, 4 << 20)
+        assert got == [(len(data), hashlib.sha256(data).hexdigest())]
+        assert stats.spliced_bytes > 0
+        idle = {fd for fd in open_fds() - before if _is_pipe(fd)}
+        seen.append(idle)
+        for fd in idle:
+            assert fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4) == b"\0" * 4  # empty
+    assert len(seen[0]) == 2 and seen[0] == seen[1] == seen[2]  # the same pipe, reused
+    assert release_pipes() == 1
+    assert open_fds() == before
+
+
+def test_a_pipe_with_bytes_in_it_is_never_reused(listener: socket.socket) -> None:
+    before = open_fds()
+    client, a = tcp_pair(listener)
+    b, backend = tcp_pair(listener)
+    try:
+        backend.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sent = _fill(client, 64 << 20)  # backend never reads: the pipe fills up
+        assert sent > 1 << 20
+        stats: list[RelayStats] = []
+        t = threading.Thread(target=lambda: stats.append(pipe_splice(a, b, idle_timeout=0.5)))
+        t.start()
+        t.join(JOIN)
+        assert stats[0].a_end is End.TIMEOUT
+        assert stats[0].spliced  # bytes were in its pipe when it ended
+    finally:
+        client.close()
+        backend.close()
+    assert release_pipes() == 0
+    assert open_fds() == before  # closed, not pooled (that thread had nothing idle)
+
+
+def test_a_forked_child_does_not_share_pooled_pipes(listener: socket.socket) -> None:
+    before = open_fds()
+    assert _stream_through(listener, 2 << 20)[0].spliced_bytes > 0
+    idle = sorted(fd for fd in open_fds() - before if _is_pipe(fd))
+    assert idle, "this thread keeps an idle pipe"
+    rd, wr = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: report which of the parent's idle pipes are still open
+        still = [fd for fd in idle if _is_pipe(fd)]
+        os.write(wr, repr(still).encode())
+        os._exit(0)
+    os.close(wr)
+    report = os.read(rd, 4096)
+    os.close(rd)
+    os.waitpid(pid, 0)
+    assert report == b"[]"
+    assert release_pipes() == 1
+
+
+def test_a_thread_s_idle_pipes_close_with_the_thread(listener: socket.socket) -> None:
+    before = open_fds()
+    out: list[RelayStats] = []
+    t = threading.Thread(target=lambda: out.append(_stream_through(listener, 4 << 20)[0]))
+    t.start()
+    t.join(JOIN)
+    assert out[0].spliced_bytes > 0  # that thread had a pipe in its pool
+    assert open_fds() == before
+
+
+@pytest.mark.parametrize("close", [True, False])
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_cancelling_the_async_relay_ends_it(
+    listener: socket.socket, close: bool, loop_kind: str
+) -> None:
+    run = uvloop.run if loop_kind == "uvloop" else asyncio.run
+    run(asyncio.sleep(0))  # uvloop keeps one process-wide pipe from its first run on
+    client, a = tcp_pair(listener)
+    b, backend = tcp_pair(listener)
+    before = open_fds()
+
+    async def main() -> None:
+        task = asyncio.ensure_future(async_pipe_splice(a, b, close=close))
+        loop = asyncio.get_running_loop()
+        client.setblocking(False)
+        backend.setblocking(False)
+        await loop.sock_sendall(client, b"x" * 300_000)  # a stream: a pipe is in use
+        assert await loop.sock_recv(backend, 10) == b"x" * 10
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    try:
+        run(main())
+        if close:
+            assert a.fileno() == b.fileno() == -1
+        else:
+            assert a.fileno() != -1 and b.fileno() != -1
+            assert a.getblocking() and b.getblocking()  # restored
+        release_pipes()
+        left = open_fds() - before
+        assert not [fd for fd in left if _is_pipe(fd)], "pipes and the hub's epoll closed"
+        assert not any(
+            os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventpoll]" for fd in left
+        )
+    finally:
+        for s in (client, backend, a, b):
+            s.close()
+
+
+@pytest.mark.parametrize("mode", ["splice", "asyncio", "uvloop"])
+def test_relay_may_start_while_the_backend_connect_is_in_flight(
+    listener: socket.socket, mode: str
+) -> None:
+    # A proxy can hand the relay a socket whose non-blocking connect is still in
+    # progress: bytes wait until it is writable; a refused connect fails side b.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        refused = probe.getsockname()  # bound, not listening: connect is refused
+        for target, ok in ((listener.getsockname(), True), (refused, False)):
+            client, a = tcp_pair(listener)
+            b = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            assert b.connect_ex(target) in (0, errno.EINPROGRESS)
+            client.sendall(b"hello")
+            client.shutdown(socket.SHUT_WR)
+            try:
+                if ok:
+                    backend, _ = listener.accept()
+                    backend.sendall(b"world")
+                    backend.shutdown(socket.SHUT_WR)
+                stats = RUNNERS[mode](a, b, idle_timeout=30)
+                if ok:
+                    backend.settimeout(JOIN)
+                    assert backend.recv(16) == b"hello"
+                    client.settimeout(JOIN)
+                    assert client.recv(16) == b"world"
+                    assert (stats.a_to_b, stats.b_to_a, stats.failed) == (5, 5, None)
+                    backend.close()
+                else:
+                    assert stats.failed == "b"
+                    assert stats.error is not None
+                    assert stats.error.errno == errno.ECONNREFUSED
+                    assert stats.a_end is End.ABORTED
+            finally:
+                client.close()
 
 
 def test_close_false_leaves_sockets_to_the_caller(listener: socket.socket) -> None:

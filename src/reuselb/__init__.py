@@ -38,7 +38,7 @@ from ._handoff import (
     send_sockets,
     tcp_migrate_req,
 )
-from ._relay import End, RelayStats, async_pipe_splice, pipe_splice
+from ._relay import End, RelayStats, async_pipe_splice, pipe_splice, release_pipes
 from ._sockets import (
     ReuseportGroup,
     SocketInfo,
@@ -123,6 +123,7 @@ __all__ = (
     "RelayStats",
     "async_pipe_splice",
     "pipe_splice",
+    "release_pipes",
     # addresses
     "Address",
     "AddressLike",

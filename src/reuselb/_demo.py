@@ -186,7 +186,7 @@ def proxy_scenario(clients: int = 10) -> list[tuple[int, str, int, int, bool]]:
     for i, answer, up, down, spliced in rows:
         print(
             f"  client {i + 1:2d}: {answer:<40} relayed {up}+{down} bytes, "
-            f"{'splice' if spliced else 'copy'}"
+            f"{'spliced' if spliced else 'copied (short messages skip the pipe)'}"
         )
     per_backend = collections.Counter(answer.split()[0] for _, answer, *_ in rows)
     print("per backend: " + ", ".join(f"{k}: {v}" for k, v in sorted(per_backend.items())))

@@ -17,6 +17,7 @@ Rules of this module:
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import contextlib
 import enum
@@ -27,12 +28,15 @@ import select
 import socket
 import ssl
 import sys
+import termios
+import threading
 import time
+import weakref
 from dataclasses import dataclass
 
 from ._errors import InvalidArgument, SocketClosed, WrongSocketType
 
-__all__ = ["End", "RelayStats", "async_pipe_splice", "pipe_splice"]
+__all__ = ["End", "RelayStats", "async_pipe_splice", "pipe_splice", "release_pipes"]
 
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
@@ -77,7 +81,12 @@ class RelayStats:
     :ivar b_end: how side *b* ended.
     :ivar failed: ``"a"``, ``"b"`` or None: which side failed first (reset/error).
     :ivar error: that side's exception, if any.
-    :ivar spliced: True when both directions ran on splice(2) throughout.
+    :ivar spliced: True when splice(2) moved bytes. A direction starts by copying
+        through a small per-thread buffer (cheaper than splice for short messages)
+        and switches to splice at the first read of a full 64 KiB; TLS sockets,
+        non-Linux systems and splice's EINVAL keep it on the copy path.
+    :ivar spliced_bytes: how many of the bytes delivered (both ways) went through
+        splice(2), zero copy.
     :ivar duration: seconds from start to end.
     """
 
@@ -89,6 +98,7 @@ class RelayStats:
     error: OSError | None
     spliced: bool
     duration: float
+    spliced_bytes: int
 
 
 def _pipe_capacity_limit() -> int:
@@ -101,28 +111,160 @@ def _pipe_capacity_limit() -> int:
 
 _PIPE_MAX = _pipe_capacity_limit() if _HAS_SPLICE else _DEFAULT_PIPE
 
+# ------------------------------------------------------------------ the pipe pool
+#
+# Creating and sizing a pipe costs three syscalls (pipe2, F_SETPIPE_SZ, F_GETPIPE_SZ)
+# and closing it two more: ~8 us per pipe here, 17 us per relay, more than the relay
+# itself spends on a short HTTP exchange. Empty pipes are therefore kept per thread
+# (a relay runs in one thread) and reused. A pipe goes back only when the relay's
+# own count *and* FIONREAD say it is empty: bytes of one connection must never leak
+# into another. Pools are closed with their thread, by release_pipes(), and in a
+# forked child (which must not share a pipe with its parent).
+
+_POOL_MAX = 32  # idle pipes kept per thread (64 fds at most)
+_FIONREAD = getattr(termios, "FIONREAD", 0x541B)
+_ZERO_INT = bytes(4)
+
+
+class _Idle:
+    """One thread's idle pipes; closes them when the thread's locals go away."""
+
+    __slots__ = ("__weakref__", "pipes")
+
+    def __init__(self) -> None:
+        self.pipes: list[tuple[int, int, int, int]] = []  # (read, write, capacity, asked)
+        _ALL_POOLS.add(self)
+
+    def close(self) -> int:
+        pipes, self.pipes = self.pipes, []
+        for r, w, _cap, _asked in pipes:
+            os.close(r)
+            os.close(w)
+        return len(pipes)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(OSError):
+            self.close()
+
+
+_ALL_POOLS: weakref.WeakSet[_Idle] = weakref.WeakSet()
+_local = threading.local()
+
+
+def _pool() -> _Idle:
+    try:
+        return _local.idle  # type: ignore[no-any-return]
+    except AttributeError:
+        _local.idle = idle = _Idle()
+        return idle
+
+
+def _forget_pools_in_child() -> None:
+    # A forked child inherits every thread's pool: the same pipes as its parent.
+    for idle in list(_ALL_POOLS):
+        with contextlib.suppress(OSError):
+            idle.close()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools_in_child)
+
+
+def _take_pipe(size: int) -> tuple[int, int, int]:
+    pipes = _pool().pipes
+    for i in range(len(pipes) - 1, -1, -1):
+        r, w, cap, asked = pipes[i]
+        if asked == size:
+            del pipes[i]
+            return r, w, cap
+    r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        # EPERM past fs.pipe-user-pages-soft for unprivileged users: keep the
+        # default size rather than fail the relay.
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(w, _F_SETPIPE_SZ, min(size, _PIPE_MAX))
+        cap = fcntl.fcntl(w, _F_GETPIPE_SZ)
+    except BaseException:
+        os.close(r)
+        os.close(w)
+        raise
+    return r, w, cap
+
+
+def _give_pipe(r: int, w: int, cap: int, size: int) -> None:
+    pipes = _pool().pipes
+    try:
+        empty = len(pipes) < _POOL_MAX and fcntl.ioctl(r, _FIONREAD, _ZERO_INT) == _ZERO_INT
+    except OSError:
+        empty = False
+    if empty:
+        pipes.append((r, w, cap, size))
+    else:
+        os.close(r)
+        os.close(w)
+
+
+def release_pipes() -> int:
+    """Close the idle pipes the calling thread keeps for reuse by later relays.
+
+    Relays in one thread reuse empty pipes (at most 32 idle per thread); they are
+    closed when the thread exits and in a forked child. Call this where every fd
+    counts, e.g. before checking for leaks or before a long idle period.
+
+    :returns: how many pipes were closed.
+    :raises OSError: closing failed (should not happen).
+    """
+    return _pool().close()
+
+
+_SPLICE, _COPY, _SMALL = 0, 1, 2
+
+
+def _scratch() -> memoryview:
+    try:
+        return _local.scratch  # type: ignore[no-any-return]
+    except AttributeError:
+        _local.scratch = view = memoryview(bytearray(_COPY_BUFFER))
+        return view
+
 
 class _Flow:
-    """One direction, src -> dst: a pipe (splice) or a buffer (copy)."""
+    """One direction, src -> dst.
+
+    Modes: ``_SMALL`` (the start when splice is possible): recv_into a per-thread
+    scratch buffer and send at once. For short messages this is cheaper than two
+    splices through a pipe (measured here: 7.7 us against 8.5 us per 100-byte
+    message, 9.1 against 10.8 at 16 kB, splice ahead only from ~60 kB) and needs no
+    pipe at all, which is what connection churn pays for. A read that fills the
+    whole 64 KiB scratch means a stream: the flow switches to ``_SPLICE`` for good
+    (HAProxy's ``splice-auto`` makes the same bet). ``_COPY``: a private buffer,
+    for TLS (decrypted bytes exist only in user space), non-Linux, and after
+    splice said EINVAL.
+    """
 
     __slots__ = (
+        "asked",
         "blocked",
         "buf",
+        "can_splice",
         "cap",
         "dst",
         "dst_fd",
         "eof",
+        "left",
+        "mode",
         "moved",
         "name",
         "pending",
         "pipe_r",
         "pipe_w",
         "shut",
-        "splice",
+        "spliced",
         "src",
         "src_fd",
         "start",
         "tls",
+        "upgrade",
         "view",
     )
 
@@ -132,8 +274,9 @@ class _Flow:
         self.name = name
         self.src, self.dst = src, dst
         self.src_fd, self.dst_fd = src.fileno(), dst.fileno()
-        self.tls = isinstance(src, ssl.SSLSocket)
+        self.tls = isinstance(src, ssl.SSLSocket) or isinstance(dst, ssl.SSLSocket)
         self.moved = 0
+        self.spliced = 0  # of which through splice(2)
         self.pending = 0  # bytes read from src, not yet written to dst
         self.eof = False
         self.shut = False
@@ -144,23 +287,32 @@ class _Flow:
         self.pipe_r = self.pipe_w = -1
         self.buf = bytearray()
         self.view = memoryview(self.buf)
+        self.left = b""  # _SMALL: what dst did not take yet
+        self.upgrade = False  # _SMALL: switch to splice once `left` is out
         self.start = 0
-        self.splice = use_splice
-        self.cap = 0
+        self.asked = pipe_size
+        self.can_splice = use_splice
         if use_splice:
-            self.pipe_r, self.pipe_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-            # EPERM past fs.pipe-user-pages-soft for unprivileged users: keep the
-            # default size rather than fail the relay.
-            with contextlib.suppress(OSError):
-                fcntl.fcntl(self.pipe_w, _F_SETPIPE_SZ, min(pipe_size, _PIPE_MAX))
-            self.cap = fcntl.fcntl(self.pipe_w, _F_GETPIPE_SZ)
+            self.mode = _SMALL
+            self.cap = _COPY_BUFFER
         else:
+            self.mode = _COPY
             self._to_copy()
 
     def _to_copy(self) -> None:
         self.buf = bytearray(max(_COPY_BUFFER, self.pending))
         self.view = memoryview(self.buf)
         self.cap = len(self.buf)
+
+    def to_splice(self) -> bool:
+        """_SMALL -> _SPLICE (nothing pending). False if no pipe could be had."""
+        try:
+            self.pipe_r, self.pipe_w, self.cap = _take_pipe(self.asked)
+        except OSError:
+            self.can_splice = False  # EMFILE and the like: carry on copying
+            return False
+        self.mode = _SPLICE
+        return True
 
     def to_copy(self) -> None:
         """Switch to the copy path (splice said EINVAL), keeping pending bytes."""
@@ -171,21 +323,29 @@ class _Flow:
                 break
             data += chunk
         self.close_pipe()
-        self.splice = False
+        self.mode = _COPY
+        self.can_splice = False
         self._to_copy()
         self.view[: len(data)] = data
         self.start = 0
         self.pending = len(data)
 
     def close_pipe(self) -> None:
-        for fd in (self.pipe_r, self.pipe_w):
-            if fd >= 0:
-                os.close(fd)
+        r, w = self.pipe_r, self.pipe_w
         self.pipe_r = self.pipe_w = -1
+        if r < 0:
+            return
+        if self.pending == 0:
+            _give_pipe(r, w, self.cap, self.asked)
+        else:
+            os.close(r)
+            os.close(w)
 
     @property
     def wants_read(self) -> bool:
-        return not self.eof and not self.blocked and self.pending < self.cap
+        if self.eof or self.blocked:
+            return False
+        return self.pending == 0 if self.mode == _SMALL else self.pending < self.cap
 
     @property
     def wants_write(self) -> bool:
@@ -233,54 +393,48 @@ class _Relay:
         self.ends: dict[str, End] = {}
         self.failed: str | None = None
         self.error: OSError | None = None
-        self.saved = [(s, s.gettimeout(), _nodelay(s)) for s in (a, b)]
+        # What close=False must restore (and what a failed start restores). The
+        # TCP_NODELAY getsockopt is skipped with close=True: nothing is restored then.
+        self.saved = [(s, s.gettimeout(), False if close else _nodelay(s)) for s in (a, b)]
         use_splice = (
             _HAS_SPLICE
             and not force_copy
             and not isinstance(a, ssl.SSLSocket)
             and not isinstance(b, ssl.SSLSocket)
         )
-        self.spliced = use_splice
         self.flows: list[_Flow] = []
         try:
             for s in (a, b):
-                s.setblocking(False)
+                if s.gettimeout() != 0.0:
+                    s.setblocking(False)
                 # The relay forwards bytes as they come; holding a small segment
                 # back (Nagle) would add a 40-200 ms stall per request/response.
-                if s.family in (socket.AF_INET, socket.AF_INET6):
+                if _raw_family(s) in _INET:
                     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             size = pipe_size or _DEFAULT_PIPE
             self.flows.append(_Flow("a", a, b, use_splice, size))
             self.flows.append(_Flow("b", b, a, use_splice, size))
         except BaseException:
-            self.finish()
+            # The relay never ran: the caller keeps both sockets, as they were.
+            for flow in self.flows:
+                flow.close_pipe()
+            for sock, timeout, _nodelay_was in self.saved:
+                with contextlib.suppress(OSError):
+                    sock.settimeout(timeout)
             raise
 
     # -------------------------------------------------------------- moving bytes
 
-    def pump(self, flow: _Flow) -> None:
-        """Move what can move now in one direction without blocking."""
-        # Each try costs a syscall. A short read means the socket had no more bytes,
-        # and a short write means the destination is full: trying again at once
-        # would only return EAGAIN, so wait for poll instead (it is level-triggered,
-        # nothing is missed). TLS sockets may hold decrypted bytes poll cannot see,
-        # so they keep reading until EAGAIN.
-        can_read = can_write = True
-        progress = True
-        while progress:
-            progress = False
-            if can_read and flow.wants_read:
-                room = flow.cap - flow.pending
-                n = self._read(flow)
-                progress = n > 0
-                can_read = n >= room or (n > 0 and flow.tls)
-            if can_write and flow.pending:
-                before = flow.pending
-                n = self._write(flow)
-                progress = progress or n > 0
-                can_write = n >= before
-                if n > 0:
-                    can_read = True  # the pipe has room again
+    def pump(self, flow: _Flow, drain: bool = False) -> None:
+        """Move what can move now in one direction without blocking.
+
+        *drain*: the source sent its FIN (EPOLLRDHUP), so read on past a short read:
+        the EOF is found now, not one wakeup later.
+        """
+        if flow.mode == _SMALL:
+            self._pump_small(flow, drain)
+        if flow.mode != _SMALL:
+            self._pump_buffered(flow, drain)
         if flow.eof and not flow.pending and not flow.shut:
             flow.shut = True
             self.ends.setdefault(flow.name, End.EOF)
@@ -291,9 +445,94 @@ class _Relay:
                 if exc.errno != errno.ENOTCONN:
                     raise _Failure(_other(flow.name), End.RESET, exc) from None
 
+    def _pump_small(self, flow: _Flow, drain: bool) -> None:
+        # Read into the thread's scratch buffer and send at once: the scratch is
+        # shared by every relay of this thread, so nothing may stay in it; what
+        # dst does not take is kept in `left`, and reading waits until it is out.
+        if flow.pending and not self._send_left(flow):
+            return
+        scratch = _scratch()
+        size = len(scratch)
+        src, dst = flow.src, flow.dst
+        while not flow.eof:
+            if flow.upgrade:
+                if flow.to_splice():
+                    return
+                flow.upgrade = False
+            try:
+                n = src.recv_into(scratch)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                raise _Failure(flow.name, _end_kind(exc), exc) from None
+            if n == 0:
+                flow.eof = True
+                return
+            try:
+                m = dst.send(scratch[:n])
+            except (BlockingIOError, InterruptedError):
+                m = 0
+            except OSError as exc:
+                raise _Failure(_other(flow.name), _end_kind(exc), exc) from None
+            flow.moved += m
+            if self.idle_timeout is not None:
+                self.last = time.monotonic()
+            # A full scratch read means more was waiting: a stream, worth a pipe.
+            flow.upgrade = n == size and flow.can_splice
+            if m < n:
+                flow.left = bytes(scratch[m:n])
+                flow.pending = n - m
+                return
+            if n < size and not drain:
+                return  # a short read emptied the socket: no EAGAIN round trip
+
+    def _send_left(self, flow: _Flow) -> bool:
+        try:
+            m = flow.dst.send(flow.left)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as exc:
+            raise _Failure(_other(flow.name), _end_kind(exc), exc) from None
+        flow.moved += m
+        flow.pending -= m
+        if self.idle_timeout is not None:
+            self.last = time.monotonic()
+        if flow.pending:
+            flow.left = flow.left[m:]
+            return False
+        flow.left = b""
+        return True
+
+    def _pump_buffered(self, flow: _Flow, drain: bool = False) -> None:
+        # Each try costs a syscall. A short read means the socket had no more bytes,
+        # and a short write means the destination is full: trying again at once
+        # would only return EAGAIN, so wait for poll instead (it is level-triggered,
+        # nothing is missed). A read can also stop short because the pipe ran out
+        # of slots; the next write makes room and reading resumes at once. TLS
+        # sockets may hold decrypted bytes poll cannot see, so they keep reading
+        # until EAGAIN.
+        can_read = can_write = True
+        progress = True
+        while progress:
+            progress = False
+            full = False
+            if can_read and flow.wants_read:
+                room = flow.cap - flow.pending
+                n = self._read(flow)
+                progress = n > 0
+                full = n >= room
+                can_read = full or (n > 0 and (flow.tls or drain))
+            if can_write and flow.pending:
+                before = flow.pending
+                n = self._write(flow)
+                progress = progress or n > 0
+                can_write = n >= before
+                if n > 0 and (full or flow.mode == _SPLICE):
+                    can_read = True  # the pipe or buffer has room again
+
     def _read(self, flow: _Flow) -> int:
         try:
-            if flow.splice:
+            if flow.mode == _SPLICE:
                 n = os.splice(
                     flow.src_fd, flow.pipe_w, flow.cap - flow.pending, flags=_SPLICE_FLAGS
                 )
@@ -304,7 +543,7 @@ class _Relay:
                     flow.start, end = 0, flow.pending
                 n = flow.src.recv_into(flow.view[end:])
         except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
-            if flow.pending and flow.splice:
+            if flow.pending and flow.mode == _SPLICE:
                 flow.blocked = True
             return 0
         except OSError as exc:
@@ -314,24 +553,24 @@ class _Relay:
             flow.eof = True
             return 0
         flow.pending += n
-        self.last = time.monotonic()
+        if self.idle_timeout is not None:
+            self.last = time.monotonic()
         return n
 
     def _io_error(self, flow: _Flow, exc: OSError, side: str) -> None:
         """EINVAL from splice: switch *flow* to copying (returns). Anything else: *side* failed."""
-        if exc.errno == errno.EINVAL and flow.splice:
+        if exc.errno == errno.EINVAL and flow.mode == _SPLICE:
             # A socket the kernel cannot splice (seen with some socket types): keep
             # the bytes already in the pipe and carry on through the copy path.
             flow.to_copy()
-            self.spliced = False
             return
-        end_kind = End.RESET if exc.errno in _RESET_ERRNOS else End.ERROR
-        raise _Failure(side, end_kind, exc) from None
+        raise _Failure(side, _end_kind(exc), exc) from None
 
     def _write(self, flow: _Flow) -> int:
         try:
-            if flow.splice:
+            if flow.mode == _SPLICE:
                 n = os.splice(flow.pipe_r, flow.dst_fd, flow.pending, flags=_SPLICE_FLAGS)
+                flow.spliced += n
             else:
                 n = flow.dst.send(flow.view[flow.start : flow.start + flow.pending])
         except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
@@ -342,9 +581,10 @@ class _Relay:
         flow.pending -= n
         flow.moved += n
         flow.blocked = False
-        if not flow.splice:
+        if flow.mode != _SPLICE:
             flow.start = 0 if not flow.pending else flow.start + n
-        self.last = time.monotonic()
+        if self.idle_timeout is not None:
+            self.last = time.monotonic()
         return n
 
     def step(self, fd: int, readable: bool, writable: bool) -> None:
@@ -404,13 +644,14 @@ class _Relay:
     def finish(self) -> RelayStats:
         for flow in self.flows:
             flow.close_pipe()
-        for sock, timeout, nodelay in self.saved:
-            if self.close:
-                sock.close()
-            elif sock.fileno() != -1:
+        if self.close:
+            self.a.close()
+            self.b.close()
+        for sock, timeout, nodelay in () if self.close else self.saved:
+            if sock.fileno() != -1:
                 try:
                     sock.settimeout(timeout)
-                    if sock.family in (socket.AF_INET, socket.AF_INET6):
+                    if _raw_family(sock) in _INET:
                         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, int(nodelay))
                 except OSError:
                     pass
@@ -422,8 +663,9 @@ class _Relay:
             b_end=self.ends.get("b", End.ABORTED),
             failed=self.failed,
             error=self.error,
-            spliced=self.spliced,
+            spliced=any(f.spliced for f in self.flows),
             duration=time.monotonic() - self.started,
+            spliced_bytes=sum(f.spliced for f in self.flows),
         )
 
 
@@ -443,6 +685,17 @@ def _half_close(sock: socket.socket) -> None:
     socket.socket.shutdown(sock, socket.SHUT_WR)
 
 
+# socket.socket's family/type properties build an IntEnum on every access (~1 us
+# each, several per relay); the C-level attributes underneath give the plain int.
+_raw_family = _socket.socket.family.__get__
+_raw_type = _socket.socket.type.__get__
+_INET = frozenset({int(socket.AF_INET), int(socket.AF_INET6)})
+
+
+def _end_kind(exc: OSError) -> End:
+    return End.RESET if exc.errno in _RESET_ERRNOS else End.ERROR
+
+
 def _other(name: str) -> str:
     return "b" if name == "a" else "a"
 
@@ -460,7 +713,7 @@ def _check_pair(a: object, b: object) -> None:
             raise WrongSocketType(f"relay side {name}", "a socket.socket", type(sock).__name__)
         if sock.fileno() == -1:
             raise SocketClosed(sock, f"relay side {name}")
-        if sock.type != socket.SOCK_STREAM:
+        if _raw_type(sock) != socket.SOCK_STREAM:
             raise WrongSocketType(f"relay side {name}", "a SOCK_STREAM socket", str(sock.type))
     assert isinstance(a, socket.socket) and isinstance(b, socket.socket)
     if a is b or a.fileno() == b.fileno():
@@ -593,7 +846,9 @@ async def async_pipe_splice(
     return await _run_async(relay)
 
 
-async def _run_async(relay: _Relay) -> RelayStats:
+async def _run_async_selector(relay: _Relay) -> RelayStats:
+    # Where there is no epoll: the loop's own add_reader/add_writer, re-armed when
+    # what the relay waits for changes.
     loop = asyncio.get_running_loop()
     finished: asyncio.Future[None] = loop.create_future()
     readers: set[int] = set()
@@ -672,3 +927,195 @@ async def _run_async(relay: _Relay) -> RelayStats:
             loop.remove_writer(fd)
         stats = relay.finish()
     return stats
+
+
+# ------------------------------------------------------------------ asyncio on epoll
+#
+# Driving relays through the loop's add_reader/add_writer costs a Handle, a
+# selector-key lookup and a context switch per event, plus an epoll_ctl each time
+# a wait changes. Instead every relay of one loop shares one level-triggered
+# epoll instance (the hub); the loop watches only the hub's fd, and the hub
+# dispatches its events straight to the relays in one tight loop. An fd's
+# interest is re-armed only when what its relay waits for changes.
+
+_EPOLLIN = getattr(select, "EPOLLIN", 1)
+_EPOLLOUT = getattr(select, "EPOLLOUT", 4)
+_EPOLLERR = getattr(select, "EPOLLERR", 8)
+_EPOLLHUP = getattr(select, "EPOLLHUP", 16)
+_EPOLLRDHUP = getattr(select, "EPOLLRDHUP", 0x2000)
+_EPOLLET = getattr(select, "EPOLLET", 1 << 31)
+_HAS_EPOLL = hasattr(select, "epoll")
+_READ_EVENTS = _EPOLLIN | _EPOLLRDHUP | _EPOLLHUP | _EPOLLERR
+_WRITE_EVENTS = _EPOLLOUT | _EPOLLHUP | _EPOLLERR
+# RDHUP with IN: a peer's FIN comes flagged with its last bytes, and the relay reads
+# the EOF in the same wakeup (one event less per closed connection).
+_ARM_IN = _EPOLLIN | _EPOLLRDHUP
+
+
+class _Hub:
+    """One epoll instance per event loop, shared by all of that loop's relays."""
+
+    __slots__ = ("ep", "fd", "loop", "owners")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.ep = select.epoll()  # close-on-exec since Python 3.4
+        self.fd = self.ep.fileno()
+        self.owners: dict[int, _Driven] = {}
+        try:
+            loop.add_reader(self.fd, self.dispatch)
+        except BaseException:
+            self.ep.close()
+            raise
+
+    def dispatch(self) -> None:
+        owners = self.owners
+        for fd, ev in self.ep.poll(0):
+            driven = owners.get(fd)
+            if driven is not None:
+                driven.event(fd, ev)
+
+    def watch(self, fd: int, driven: _Driven) -> None:
+        if fd in self.owners:
+            raise InvalidArgument("socket", fd, "is already in a running relay")
+        self.ep.register(fd, _ARM_IN)
+        self.owners[fd] = driven
+
+    def unwatch(self, fd: int) -> None:
+        if self.owners.pop(fd, None) is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self.ep.unregister(fd)
+        self.close_if_idle()
+
+    def close_if_idle(self) -> None:
+        if not self.owners and not self.ep.closed:
+            # Nothing left: give the fd back rather than hold it for the loop's life.
+            if _HUBS.get(self.loop) is self:
+                del _HUBS[self.loop]
+            with contextlib.suppress(Exception):
+                self.loop.remove_reader(self.fd)
+            self.ep.close()
+
+
+_HUBS: dict[asyncio.AbstractEventLoop, _Hub] = {}
+
+
+class _Driven:
+    """A relay driven by a hub: reacts to events, re-arms its fds, ends its future."""
+
+    __slots__ = ("fds", "future", "hub", "masks", "relay", "stats", "timer")
+
+    def __init__(self, relay: _Relay, hub: _Hub, future: asyncio.Future[RelayStats]) -> None:
+        self.relay, self.hub, self.future = relay, hub, future
+        self.fds: list[int] = []
+        self.masks: dict[int, int] = {}
+        self.timer: asyncio.TimerHandle | None = None
+        self.stats: RelayStats | None = None
+
+    def start(self) -> None:
+        # No first read here: both fds are armed for reading, level-triggered, so
+        # bytes already waiting are reported by the hub's next poll, and a side with
+        # nothing to say costs no recv/EAGAIN round trip.
+        relay = self.relay
+        for flow in relay.flows:
+            self.hub.watch(flow.src_fd, self)
+            self.fds.append(flow.src_fd)
+            self.masks[flow.src_fd] = _ARM_IN
+        if relay.idle_timeout is not None:
+            self.timer = self.hub.loop.call_later(relay.idle_timeout, self.on_timer)
+
+    def event(self, fd: int, ev: int) -> None:
+        relay = self.relay
+        f0, f1 = relay.flows
+        reader, writer = (f0, f1) if f0.src_fd == fd else (f1, f0)
+        # What the two flows wait for; the common event (a message read and
+        # written in full) changes none of it, and then there is nothing to re-arm.
+        before = (f0.wants_read, f0.pending, f0.shut, f1.wants_read, f1.pending, f1.shut)
+        try:
+            if ev & _EPOLLERR:
+                # A pending error (a reset) ends the relay now, even while it is not
+                # reading that side (its pipe is full).
+                _raise_pending_error(relay, fd)
+            if ev & _READ_EVENTS and not reader.shut and (reader.wants_read or ev & _EPOLLHUP):
+                relay.pump(reader, bool(ev & _EPOLLRDHUP))
+            if ev & _WRITE_EVENTS and writer.pending and not writer.shut:
+                relay.pump(writer)
+        except _Failure as failure:
+            relay.fail(failure)
+            self.end()
+            return
+        if f0.shut and f1.shut:
+            self.end()
+        elif before != (f0.wants_read, f0.pending, f0.shut, f1.wants_read, f1.pending, f1.shut):
+            self.rearm()
+
+    def rearm(self) -> None:
+        # Level-triggered, so an fd is armed for exactly what its relay waits for;
+        # one with nothing to wait for is left edge-triggered with no events, where
+        # only a new error or hang-up reports (once) instead of spinning.
+        masks = self.masks
+        f0, f1 = self.relay.flows
+        for reader, writer in ((f0, f1), (f1, f0)):
+            fd = reader.src_fd
+            mask = 0
+            if reader.wants_read and not reader.shut:
+                mask = _ARM_IN
+            if writer.pending and not writer.shut:
+                mask |= _EPOLLOUT
+            if not mask:
+                mask = _EPOLLET
+            if masks[fd] != mask:
+                self.hub.ep.modify(fd, mask)
+                masks[fd] = mask
+
+    def on_timer(self) -> None:
+        left = self.relay.idle_left()
+        assert left is not None
+        if left <= 0:
+            self.relay.timeout()
+            self.end()
+        else:
+            self.timer = self.hub.loop.call_later(left, self.on_timer)
+
+    def end(self) -> None:
+        stats = self.finalize()
+        if not self.future.done():
+            self.future.set_result(stats)
+
+    def finalize(self) -> RelayStats:
+        if self.stats is not None:
+            return self.stats
+        # Unregister before the sockets close: epoll keys on the open file, and a
+        # dup of it elsewhere would keep a closed fd's registration alive.
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        for fd in self.fds:
+            self.hub.unwatch(fd)
+        self.fds = []
+        self.hub.close_if_idle()
+        self.stats = self.relay.finish()
+        return self.stats
+
+
+def _start_async(relay: _Relay, loop: asyncio.AbstractEventLoop) -> _Driven:
+    hub = _HUBS.get(loop)
+    if hub is None:
+        hub = _HUBS[loop] = _Hub(loop)
+    driven = _Driven(relay, hub, loop.create_future())
+    try:
+        driven.start()
+    except BaseException:
+        driven.finalize()
+        raise
+    return driven
+
+
+async def _run_async(relay: _Relay) -> RelayStats:
+    if not _HAS_EPOLL:
+        return await _run_async_selector(relay)
+    driven = _start_async(relay, asyncio.get_running_loop())
+    try:
+        return await driven.future
+    finally:
+        driven.finalize()  # a no-op unless cancelled: then the relay ends here
