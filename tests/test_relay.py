@@ -686,6 +686,31 @@ def test_bad_input(listener: socket.socket) -> None:
         b.close()
 
 
+def test_a_socket_cannot_be_in_two_async_relays_at_once(listener: socket.socket) -> None:
+    client, a = tcp_pair(listener)
+    b, backend = tcp_pair(listener)
+    c, d = tcp_pair(listener)
+
+    async def main() -> None:
+        first = asyncio.ensure_future(async_pipe_splice(a, b, close=False))
+        await asyncio.sleep(0)  # let it start and register its sockets
+        with pytest.raises(InvalidArgument, match="already in a running relay"):
+            await async_pipe_splice(c, a)  # close=True, yet a failed start closes nothing
+        assert a.fileno() != -1 and c.fileno() != -1
+        assert not first.done()
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+
+    try:
+        asyncio.run(main())
+        for s in (a, b, c):
+            assert s.fileno() != -1 and s.getblocking()  # caller-owned, restored
+    finally:
+        for s in (client, a, b, backend, c, d):
+            s.close()
+
+
 def test_thousand_relays_back_to_back_leak_nothing(listener: socket.socket) -> None:
     threads_before = threading.active_count()
     fds_before = open_fds()

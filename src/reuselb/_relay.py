@@ -415,13 +415,16 @@ class _Relay:
             self.flows.append(_Flow("a", a, b, use_splice, size))
             self.flows.append(_Flow("b", b, a, use_splice, size))
         except BaseException:
-            # The relay never ran: the caller keeps both sockets, as they were.
-            for flow in self.flows:
-                flow.close_pipe()
-            for sock, timeout, _nodelay_was in self.saved:
-                with contextlib.suppress(OSError):
-                    sock.settimeout(timeout)
+            self.abandon()
             raise
+
+    def abandon(self) -> None:
+        """The relay never ran: the caller keeps both sockets, as they were."""
+        for flow in self.flows:
+            flow.close_pipe()
+        for sock, timeout, _nodelay_was in self.saved:
+            with contextlib.suppress(OSError):
+                sock.settimeout(timeout)
 
     # -------------------------------------------------------------- moving bytes
 
@@ -1087,6 +1090,11 @@ class _Driven:
             return self.stats
         # Unregister before the sockets close: epoll keys on the open file, and a
         # dup of it elsewhere would keep a closed fd's registration alive.
+        self.detach()
+        self.stats = self.relay.finish()
+        return self.stats
+
+    def detach(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -1094,8 +1102,6 @@ class _Driven:
             self.hub.unwatch(fd)
         self.fds = []
         self.hub.close_if_idle()
-        self.stats = self.relay.finish()
-        return self.stats
 
 
 def _start_async(relay: _Relay, loop: asyncio.AbstractEventLoop) -> _Driven:
@@ -1106,7 +1112,10 @@ def _start_async(relay: _Relay, loop: asyncio.AbstractEventLoop) -> _Driven:
     try:
         driven.start()
     except BaseException:
-        driven.finalize()
+        # E.g. a socket already in another relay of this loop: that relay must keep
+        # it, so nothing is closed or reset here, whatever close= says.
+        driven.detach()
+        relay.abandon()
         raise
     return driven
 
