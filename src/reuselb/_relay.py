@@ -4,15 +4,17 @@ Rules of this module:
 
 * one state machine (:class:`_Relay`) does all the work on non-blocking sockets; the
   blocking driver (:func:`pipe_splice`) waits with ``poll`` in the caller's thread,
-  the asyncio driver (:func:`async_pipe_splice`) with ``add_reader``/``add_writer``
-  on the caller's loop. No helper thread, ever;
-* zero copy where the kernel allows: socket -> pipe -> socket with ``splice(2)``;
-  a copy through one reused buffer per direction elsewhere (TLS sockets, non-Linux,
-  ``EINVAL`` at run time), with the same semantics;
-* no byte is lost or reordered: bytes sitting in a direction's pipe belong to that
-  connection and are delivered before its half-close;
-* every pipe is created close-on-exec and closed when the relay ends, on every path;
-  caller-owned sockets (``close=False``) are never closed, only restored.
+  the asyncio driver (:func:`async_pipe_splice`) through one epoll instance per
+  event loop (:class:`_Hub`). No helper thread, ever;
+* zero copy for streams: socket -> pipe -> socket with ``splice(2)``; short messages
+  are copied through a per-thread scratch buffer (cheaper than two splices), and
+  TLS sockets, non-Linux and ``EINVAL`` at run time use a copy buffer per direction,
+  with the same semantics;
+* no byte is lost or reordered: bytes sitting in a direction's pipe or buffer belong
+  to that connection and are delivered before its half-close;
+* every pipe is created close-on-exec; when the relay ends it is closed, or kept for
+  the thread's next relay only when it is empty; caller-owned sockets
+  (``close=False``) are never closed, only restored.
 """
 
 from __future__ import annotations
@@ -733,8 +735,10 @@ def pipe_splice(
 ) -> RelayStats:
     """Relay bytes both ways between *a* and *b* in the calling thread until both are done.
 
-    Each direction moves socket -> pipe -> socket with splice(2) (zero copy), or
-    through a reused buffer where splice cannot work (TLS sockets, non-Linux, EINVAL).
+    A stream moves socket -> pipe -> socket with splice(2) (zero copy); short
+    messages are copied through a per-thread buffer (cheaper than two splices), and
+    so is everything where splice cannot work (TLS sockets, non-Linux, EINVAL).
+    Empty pipes are kept per thread for the next relay (see :func:`release_pipes`).
     When one side sends EOF, the other gets ``shutdown(SHUT_WR)`` after every byte
     before the EOF was delivered, and the other direction keeps flowing. A reset or
     error on one side ends the relay at once: the other side is reset (``close=True``)
@@ -829,8 +833,9 @@ async def async_pipe_splice(
 ) -> RelayStats:
     """:func:`pipe_splice` on the caller's running asyncio loop (default loop or uvloop).
 
-    The relay waits with ``loop.add_reader``/``add_writer`` on the two sockets, so one
-    thread drives thousands of relays; no thread is started. Cancelling the task
+    All relays of a loop share one epoll instance that the loop watches, so one
+    thread drives thousands of relays; no thread is started. *b* may still be
+    connecting (non-blocking ``connect`` in flight). Cancelling the task
     ends the relay, closes its pipes (and the sockets, with ``close=True``) and
     re-raises :class:`asyncio.CancelledError`.
 
@@ -842,7 +847,8 @@ async def async_pipe_splice(
     :returns: :class:`RelayStats`.
     :raises WrongSocketType: a side is not a stream socket.
     :raises SocketClosed: a side is closed.
-    :raises InvalidArgument: *a* and *b* are the same socket, or a bad option.
+    :raises InvalidArgument: *a* and *b* are the same socket, a bad option, or a
+        socket is already in another running relay of this loop.
     """
     asyncio.get_running_loop()  # RuntimeError before touching the sockets
     relay = _Relay(a, b, pipe_size=pipe_size, idle_timeout=idle_timeout, close=close)
