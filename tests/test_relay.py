@@ -94,12 +94,57 @@ def run_uvloop(a: socket.socket, b: socket.socket, **kw: object) -> RelayStats:
     return uvloop.run(async_pipe_splice(a, b, **kw))  # type: ignore[arg-type]
 
 
+class Wrapped:
+    """A socket wrapper that is not a socket.socket (as an instrumented or PROXY-protocol
+    wrapper would be): it counts what passes through its own recv_into/send and
+    delegates everything else to the socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self.received = self.sent = 0
+
+    def recv_into(self, buffer: memoryview, /) -> int:
+        n = self._sock.recv_into(buffer)
+        self.received += n
+        return n
+
+    def send(self, data: memoryview | bytes, /) -> int:
+        n = self._sock.send(data)
+        self.sent += n
+        return n
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+def _check_wrapped(wa: Wrapped, wb: Wrapped, stats: RelayStats) -> RelayStats:
+    # Every byte went through the wrappers' own methods: never spliced past them.
+    assert (wb.sent, wa.sent) == (stats.a_to_b, stats.b_to_a)
+    assert wa.received >= stats.a_to_b and wb.received >= stats.b_to_a
+    if stats.failed is None and stats.a_end is End.EOF and stats.b_end is End.EOF:
+        assert (wa.received, wb.received) == (stats.a_to_b, stats.b_to_a)
+    assert stats.spliced_bytes == 0
+    return stats
+
+
+def run_wrapped(a: socket.socket, b: socket.socket, **kw: Any) -> RelayStats:
+    wa, wb = Wrapped(a), Wrapped(b)
+    return _check_wrapped(wa, wb, pipe_splice(wa, wb, **kw))
+
+
+def run_asyncio_wrapped(a: socket.socket, b: socket.socket, **kw: Any) -> RelayStats:
+    wa, wb = Wrapped(a), Wrapped(b)
+    return _check_wrapped(wa, wb, asyncio.run(async_pipe_splice(wa, wb, **kw)))
+
+
 RUNNERS = {
     "splice": run_blocking,
     "copy": run_copy,
     "asyncio": run_asyncio,
     "asyncio-copy": run_asyncio_copy,
     "uvloop": run_uvloop,
+    "copy-wrapped": run_wrapped,
+    "asyncio-copy-wrapped": run_asyncio_wrapped,
 }
 
 
@@ -709,6 +754,93 @@ def test_a_socket_cannot_be_in_two_async_relays_at_once(listener: socket.socket)
     finally:
         for s in (client, a, b, backend, c, d):
             s.close()
+
+
+class Minimal:
+    """Only the five methods SocketLike asks for, over a non-blocking socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self._s = sock
+
+    def fileno(self) -> int:
+        return self._s.fileno()
+
+    def recv_into(self, buffer: memoryview, /) -> int:
+        return self._s.recv_into(buffer)
+
+    def send(self, data: memoryview | bytes, /) -> int:
+        return self._s.send(data)
+
+    def shutdown(self, how: int, /) -> None:
+        self._s.shutdown(how)
+
+    def close(self) -> None:
+        self._s.close()
+
+
+@pytest.mark.parametrize("form", ["blocking", "asyncio"])
+def test_a_minimal_socket_like_object_is_relayed_by_copying(
+    listener: socket.socket, form: str
+) -> None:
+    client, a = tcp_pair(listener)
+    b, backend = tcp_pair(listener)
+    up, down = os.urandom(3 << 20), os.urandom(1 << 20)
+    try:
+        r = Relay.__new__(Relay)
+        r.client, r.a, r.b, r.backend = client, a, b, backend
+        r.stats, r.exc = None, None
+
+        def runner(x: socket.socket, y: socket.socket) -> RelayStats:
+            if form == "blocking":
+                return pipe_splice(Minimal(x), Minimal(y), idle_timeout=60)
+            return asyncio.run(async_pipe_splice(Minimal(x), Minimal(y), idle_timeout=60))
+
+        r.thread = threading.Thread(target=r._run, args=(runner, {}))
+        r.thread.start()
+        got_up, got_down = exchange(r, up, down)
+        stats = r.join()
+        assert got_up == (len(up), hashlib.sha256(up).hexdigest())
+        assert got_down == (len(down), hashlib.sha256(down).hexdigest())
+        assert (stats.a_end, stats.b_end, stats.spliced_bytes) == (End.EOF, End.EOF, 0)
+        assert a.fileno() == b.fileno() == -1  # close=True closed them through close()
+    finally:
+        for s in (client, a, b, backend):
+            s.close()
+
+
+def test_socket_like_objects_are_checked(listener: socket.socket) -> None:
+    a, b = tcp_pair(listener)
+    try:
+
+        class NoSend:
+            def fileno(self) -> int:
+                return a.fileno()
+
+            def recv_into(self, buffer: memoryview, /) -> int:
+                return 0
+
+            def shutdown(self, how: int, /) -> None: ...
+
+            def close(self) -> None: ...
+
+        with pytest.raises(WrongSocketType, match=r"got NoSend \(no send\)"):
+            pipe_splice(NoSend(), b)  # type: ignore[arg-type]
+        a.setblocking(True)
+
+        class Blocking(Minimal):
+            def __init__(self, sock: socket.socket) -> None:
+                self._s = sock
+
+            def gettimeout(self) -> float | None:
+                return None
+
+        with pytest.raises(InvalidArgument, match="is blocking and has no setblocking"):
+            pipe_splice(Blocking(a), b)
+        assert a.fileno() != -1 and b.fileno() != -1 and b.getblocking()
+    finally:
+        a.close()
+        b.close()
 
 
 def test_thousand_relays_back_to_back_leak_nothing(listener: socket.socket) -> None:

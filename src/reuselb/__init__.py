@@ -38,7 +38,14 @@ from ._handoff import (
     send_sockets,
     tcp_migrate_req,
 )
-from ._relay import End, RelayStats, async_pipe_splice, pipe_splice, release_pipes
+from ._relay import (
+    End,
+    RelayStats,
+    SocketLike,
+    async_pipe_splice,
+    pipe_splice,
+    release_pipes,
+)
 from ._sockets import (
     ReuseportGroup,
     SocketInfo,
@@ -92,6 +99,7 @@ __all__ = (
     "InvalidArgument",
     "ReuseportUnsupported",
     "SocketClosed",
+    "SocketLike",
     "SteeringError",
     "WrongSocketType",
     "NoNodeAvailable",

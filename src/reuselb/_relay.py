@@ -35,10 +35,18 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
+from typing import Protocol, TypeAlias
 
 from ._errors import InvalidArgument, SocketClosed, WrongSocketType
 
-__all__ = ["End", "RelayStats", "async_pipe_splice", "pipe_splice", "release_pipes"]
+__all__ = [
+    "End",
+    "RelayStats",
+    "SocketLike",
+    "async_pipe_splice",
+    "pipe_splice",
+    "release_pipes",
+]
 
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
@@ -50,12 +58,35 @@ _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK
 _HAS_SPLICE = sys.platform.startswith("linux") and hasattr(os, "splice")
 _COPY_BUFFER = 64 * 1024
 _DEFAULT_PIPE = 1 << 20
+#: A relay side: a socket, or a socket-like object (see :class:`SocketLike`).
+Side: TypeAlias = "socket.socket | SocketLike"
 _RESET_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ETIMEDOUT})
 # struct linger {l_onoff=1, l_linger=0}: close() then sends RST instead of FIN.
 _LINGER_RESET = b"\x01\x00\x00\x00\x00\x00\x00\x00"
 _POLLIN = select.POLLIN if hasattr(select, "POLLIN") else 1
 _POLLOUT = select.POLLOUT if hasattr(select, "POLLOUT") else 4
 _POLLERR = select.POLLERR if hasattr(select, "POLLERR") else 8
+
+
+class SocketLike(Protocol):
+    """What the relay needs from a side that is not a plain ``socket.socket``.
+
+    A socket wrapper (instrumented, PROXY-protocol, TLS by another library...) can be
+    relayed if it has these methods with socket semantics, is (or can be made, by a
+    ``setblocking`` method) non-blocking, and its ``fileno()`` polls readable when
+    ``recv_into`` may return bytes. Such sides are always copied, never spliced:
+    the bytes must pass through the object's own methods.
+    """
+
+    def fileno(self) -> int: ...
+
+    def recv_into(self, buffer: memoryview, /) -> int: ...
+
+    def send(self, data: memoryview | bytes, /) -> int: ...
+
+    def shutdown(self, how: int, /) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class End(str, enum.Enum):
@@ -270,13 +301,13 @@ class _Flow:
         "view",
     )
 
-    def __init__(
-        self, name: str, src: socket.socket, dst: socket.socket, use_splice: bool, pipe_size: int
-    ) -> None:
+    def __init__(self, name: str, src: Side, dst: Side, use_splice: bool, pipe_size: int) -> None:
         self.name = name
         self.src, self.dst = src, dst
         self.src_fd, self.dst_fd = src.fileno(), dst.fileno()
-        self.tls = isinstance(src, ssl.SSLSocket) or isinstance(dst, ssl.SSLSocket)
+        # TLS sockets and other wrappers may hold bytes poll cannot see: read them
+        # until EAGAIN.
+        self.tls = not _is_kernel_socket(src)
         self.moved = 0
         self.spliced = 0  # of which through splice(2)
         self.pending = 0  # bytes read from src, not yet written to dst
@@ -368,8 +399,8 @@ class _Relay:
 
     def __init__(
         self,
-        a: socket.socket,
-        b: socket.socket,
+        a: Side,
+        b: Side,
         *,
         pipe_size: int | None,
         idle_timeout: float | None,
@@ -397,22 +428,19 @@ class _Relay:
         self.error: OSError | None = None
         # What close=False must restore (and what a failed start restores). The
         # TCP_NODELAY getsockopt is skipped with close=True: nothing is restored then.
-        self.saved = [(s, s.gettimeout(), False if close else _nodelay(s)) for s in (a, b)]
+        self.saved = [(s, _timeout(s), False if close else _nodelay(s)) for s in (a, b)]
         use_splice = (
-            _HAS_SPLICE
-            and not force_copy
-            and not isinstance(a, ssl.SSLSocket)
-            and not isinstance(b, ssl.SSLSocket)
+            _HAS_SPLICE and not force_copy and _is_kernel_socket(a) and _is_kernel_socket(b)
         )
         self.flows: list[_Flow] = []
         try:
             for s in (a, b):
-                if s.gettimeout() != 0.0:
-                    s.setblocking(False)
+                if _timeout(s) != 0.0:
+                    s.setblocking(False)  # type: ignore[attr-defined]
                 # The relay forwards bytes as they come; holding a small segment
                 # back (Nagle) would add a 40-200 ms stall per request/response.
-                if _raw_family(s) in _INET:
-                    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if _is_inet(s):
+                    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[attr-defined]
             size = pipe_size or _DEFAULT_PIPE
             self.flows.append(_Flow("a", a, b, use_splice, size))
             self.flows.append(_Flow("b", b, a, use_splice, size))
@@ -425,8 +453,7 @@ class _Relay:
         for flow in self.flows:
             flow.close_pipe()
         for sock, timeout, _nodelay_was in self.saved:
-            with contextlib.suppress(OSError):
-                sock.settimeout(timeout)
+            _restore_timeout(sock, timeout)
 
     # -------------------------------------------------------------- moving bytes
 
@@ -633,16 +660,20 @@ class _Relay:
         for s in (self.a, self.b):
             self._abort(s)
 
-    def _abort(self, sock: socket.socket) -> None:
+    def _abort(self, sock: Side) -> None:
         # Never leave the survivor hanging: with close=True reset it (SO_LINGER 0 makes
         # close() send RST); a caller-owned socket gets a shutdown, so its peer sees EOF.
         try:
             if self.close:
-                sock.setsockopt(
-                    socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
-                )
-            else:
+                # A wrapper without setsockopt can only be closed (its peer sees EOF).
+                setsockopt = getattr(sock, "setsockopt", None)
+                if callable(setsockopt):
+                    setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            elif isinstance(sock, socket.socket):
+                # Not SSLSocket.shutdown, which drops the TLS state first.
                 socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            else:
+                sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
 
@@ -654,12 +685,12 @@ class _Relay:
             self.b.close()
         for sock, timeout, nodelay in () if self.close else self.saved:
             if sock.fileno() != -1:
-                try:
-                    sock.settimeout(timeout)
-                    if _raw_family(sock) in _INET:
-                        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, int(nodelay))
-                except OSError:
-                    pass
+                _restore_timeout(sock, timeout)
+                if _is_inet(sock):
+                    with contextlib.suppress(OSError):
+                        sock.setsockopt(  # type: ignore[attr-defined]
+                            socket.IPPROTO_TCP, socket.TCP_NODELAY, int(nodelay)
+                        )
         moved = [f.moved for f in self.flows] + [0, 0]  # flows may be missing if init failed
         return RelayStats(
             a_to_b=moved[0],
@@ -674,7 +705,7 @@ class _Relay:
         )
 
 
-def _half_close(sock: socket.socket) -> None:
+def _half_close(sock: Side) -> None:
     sslobj = getattr(sock, "_sslobj", None)
     if isinstance(sock, ssl.SSLSocket) and sslobj is not None:
         # A bare FIN under TLS is an "unexpected EOF": OpenSSL 3 answers it with a
@@ -687,7 +718,10 @@ def _half_close(sock: socket.socket) -> None:
         except ssl.SSLError:
             pass
         return
-    socket.socket.shutdown(sock, socket.SHUT_WR)
+    if isinstance(sock, socket.socket):
+        socket.socket.shutdown(sock, socket.SHUT_WR)
+    else:
+        sock.shutdown(socket.SHUT_WR)
 
 
 # socket.socket's family/type properties build an IntEnum on every access (~1 us
@@ -705,29 +739,76 @@ def _other(name: str) -> str:
     return "b" if name == "a" else "a"
 
 
-def _nodelay(sock: socket.socket) -> bool:
+def _nodelay(sock: Side) -> bool:
+    if not _is_inet(sock):
+        return False
     try:
-        return bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        return bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))  # type: ignore[union-attr]
     except OSError:
         return False
+
+
+def _is_kernel_socket(sock: object) -> bool:
+    """A socket.socket whose recv_into/send are the kernel's (splice sees the same bytes)."""
+    if not isinstance(sock, socket.socket):
+        return False
+    cls = type(sock)
+    return cls.recv_into is _socket.socket.recv_into and cls.send is _socket.socket.send
+
+
+def _is_inet(sock: object) -> bool:
+    if isinstance(sock, _socket.socket):
+        return _raw_family(sock) in _INET
+    family = getattr(sock, "family", None)
+    return family in _INET and callable(getattr(sock, "setsockopt", None))
+
+
+def _timeout(sock: object) -> float | None:
+    """The side's timeout (0.0: non-blocking); a wrapper without gettimeout counts as 0."""
+    get = getattr(sock, "gettimeout", None)
+    if not callable(get):
+        return 0.0
+    value = get()
+    return None if value is None else float(value)
+
+
+def _restore_timeout(sock: object, timeout: float | None) -> None:
+    if callable(getattr(sock, "settimeout", None)):
+        with contextlib.suppress(OSError):
+            sock.settimeout(timeout)  # type: ignore[attr-defined]
+
+
+_SOCKET_LIKE = ("fileno", "recv_into", "send", "shutdown", "close")
 
 
 def _check_pair(a: object, b: object) -> None:
     for name, sock in (("a", a), ("b", b)):
         if not isinstance(sock, socket.socket):
-            raise WrongSocketType(f"relay side {name}", "a socket.socket", type(sock).__name__)
-        if sock.fileno() == -1:
+            missing = [m for m in _SOCKET_LIKE if not callable(getattr(sock, m, None))]
+            if missing:
+                raise WrongSocketType(
+                    f"relay side {name}",
+                    "a socket.socket or an object with " + ", ".join(_SOCKET_LIKE),
+                    f"{type(sock).__name__} (no {', '.join(missing)})",
+                )
+            if _timeout(sock) != 0.0 and not callable(getattr(sock, "setblocking", None)):
+                raise InvalidArgument(
+                    f"relay side {name}", sock, "is blocking and has no setblocking()"
+                )
+        fd = sock.fileno()  # type: ignore[attr-defined]
+        if not isinstance(fd, int) or fd < 0:
             raise SocketClosed(sock, f"relay side {name}")
+        if not isinstance(sock, socket.socket):
+            continue
         if _raw_type(sock) != socket.SOCK_STREAM:
             raise WrongSocketType(f"relay side {name}", "a SOCK_STREAM socket", str(sock.type))
-    assert isinstance(a, socket.socket) and isinstance(b, socket.socket)
-    if a is b or a.fileno() == b.fileno():
+    if a is b or a.fileno() == b.fileno():  # type: ignore[attr-defined]
         raise InvalidArgument("b", b, "is the same socket as a")
 
 
 def pipe_splice(
-    a: socket.socket,
-    b: socket.socket,
+    a: socket.socket | SocketLike,
+    b: socket.socket | SocketLike,
     *,
     pipe_size: int | None = None,
     idle_timeout: float | None = None,
@@ -816,7 +897,10 @@ def _run_blocking(relay: _Relay) -> RelayStats:
 def _raise_pending_error(relay: _Relay, fd: int) -> None:
     for name, sock in (("a", relay.a), ("b", relay.b)):
         if sock.fileno() == fd:
-            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            getsockopt = getattr(sock, "getsockopt", None)
+            if not callable(getsockopt):
+                return  # the next read or write reports it
+            err = getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
                 end_kind = End.RESET if err in _RESET_ERRNOS else End.ERROR
                 raise _Failure(name, end_kind, OSError(err, os.strerror(err)))
@@ -824,8 +908,8 @@ def _raise_pending_error(relay: _Relay, fd: int) -> None:
 
 
 async def async_pipe_splice(
-    a: socket.socket,
-    b: socket.socket,
+    a: socket.socket | SocketLike,
+    b: socket.socket | SocketLike,
     *,
     pipe_size: int | None = None,
     idle_timeout: float | None = None,
