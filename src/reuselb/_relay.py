@@ -279,6 +279,7 @@ class _Flow:
         "asked",
         "blocked",
         "buf",
+        "buffered",
         "can_splice",
         "cap",
         "dst",
@@ -296,7 +297,6 @@ class _Flow:
         "src",
         "src_fd",
         "start",
-        "tls",
         "upgrade",
         "view",
     )
@@ -307,7 +307,7 @@ class _Flow:
         self.src_fd, self.dst_fd = src.fileno(), dst.fileno()
         # TLS sockets and other wrappers may hold bytes poll cannot see: read them
         # until EAGAIN.
-        self.tls = not _is_kernel_socket(src)
+        self.buffered = not _is_kernel_socket(src)
         self.moved = 0
         self.spliced = 0  # of which through splice(2)
         self.pending = 0  # bytes read from src, not yet written to dst
@@ -553,7 +553,7 @@ class _Relay:
                 n = self._read(flow)
                 progress = n > 0
                 full = n >= room
-                can_read = full or (n > 0 and (flow.tls or drain))
+                can_read = full or (n > 0 and (flow.buffered or drain))
             if can_write and flow.pending:
                 before = flow.pending
                 n = self._write(flow)
