@@ -586,3 +586,115 @@ def test_power_of_two_follows_weights(weights: list[int], seed: int) -> None:
     for lease in leases:
         lease.release()
     assert p.active() == 0
+
+
+# --------------------------------------------------------------------------- rendezvous table
+
+
+def test_rendezvous_table_size_must_be_a_power_of_two() -> None:
+    for bad in (1000, 5000, 65537, True, 2.0):
+        with pytest.raises(InvalidArgument):
+            RendezvousHash([addr(0)], table_size=bad)  # type: ignore[arg-type]
+    assert RendezvousHash([addr(0)]).table_size == 1 << 19
+
+
+def _rendezvous_rule(p: RendezvousHash, group: int, bucket: int) -> int:
+    """Owner index of a bucket by the preference rule itself, one node at a time."""
+    pools = p._pools
+    assert pools is not None
+    nodes = p._table[1]
+    m, groups = pools.m, pools.groups
+    offsets = [p._offsets[n.hash_id] for n in nodes]
+    for lev in range(pools.top + 1):
+        e = pools.top - lev
+        best: tuple[int, int] | None = None
+        for j, n in enumerate(nodes):
+            d = (bucket - offsets[j][lev * groups + group]) % m
+            if pools.node_bits(group, e, n.weight) >> d & 1 and (best is None or (d, j) < best):
+                best = (d, j)
+        if best is not None:
+            return best[1]
+    raise AssertionError("no level filled the bucket")
+
+
+@pytest.mark.parametrize(
+    ("size", "weights"),
+    [
+        (4096, [1, 2, 3, 1, 5, 1, 1]),  # coarse levels, dense passes only
+        (1 << 18, [1, 1]),  # few arrivals: point-by-point levels first
+        (1 << 18, [1] * 40),  # groups, dense passes, then the bucket-by-bucket tail
+        (1 << 14, [7, 1, 300]),
+    ],
+)
+def test_rendezvous_table_follows_its_preference_rule(size: int, weights: list[int]) -> None:
+    """The bulk construction (bitmaps, sparse levels, tail) equals the per-bucket rule."""
+    from reuselb.balance._rendezvous import _table_pos
+
+    p = RendezvousHash([Node(addr(i), weight=w) for i, w in enumerate(weights)], table_size=size)
+    owners = p._table[0]
+    pools = p._pools
+    assert pools is not None
+    rng = __import__("random").Random(size + len(weights))
+    for _ in range(120):
+        g, b = rng.randrange(pools.groups), rng.randrange(pools.m)
+        assert owners[g * pools.m + _table_pos(pools.m, b)] == _rendezvous_rule(p, g, b)
+
+
+def test_rendezvous_default_table_moves_only_the_removed_nodes_keys() -> None:
+    nodes = [Node(addr(i), weight=1 + i % 3) for i in range(24)]
+    p = RendezvousHash(nodes)
+    ks = keys(6000)
+    before = {k: p.pick(k).address for k in ks}
+    owners = p._table[0]
+    for victim in (nodes[0], nodes[11], nodes[23]):
+        q = RendezvousHash([n for n in nodes if n != victim])
+        moved = 0
+        for k, a in before.items():
+            b = q.pick(k).address
+            if a != victim.address:
+                assert b == a
+            else:
+                assert b != a
+                moved += 1
+        assert moved > 0
+    # every bucket, not only the sampled keys: the owner tables agree off the victim
+    q = RendezvousHash([n for n in nodes if n != nodes[11]])
+    old_nodes, new_nodes = p._table[1], q._table[1]
+    gone = old_nodes.index(nodes[11])
+    changed = [
+        i
+        for i, (a, b) in enumerate(zip(owners, q._table[0], strict=True))
+        if old_nodes[a] != new_nodes[b]
+    ]
+    assert all(owners[i] == gone for i in changed)
+    assert len(changed) == sum(1 for a in owners if a == gone)
+
+
+def test_rendezvous_default_table_follows_weights_closely() -> None:
+    ws = [1, 2, 3, 4] * 5
+    p = RendezvousHash([Node(addr(i), weight=w) for i, w in enumerate(ws)])
+    owners, nodes = p._table
+    counts = collections.Counter(owners)
+    total = sum(ws)
+    by_weight: dict[int, list[float]] = collections.defaultdict(list)
+    for j, n in enumerate(nodes):
+        # buckets per weight unit, relative to the ideal (~10,500 buckets each)
+        ratio = counts[j] / len(owners) * total / n.weight
+        assert abs(ratio - 1) < 0.05, (n, ratio)
+        by_weight[n.weight].append(ratio)
+    for w, ratios in by_weight.items():
+        # no systematic tilt toward light or heavy nodes
+        assert abs(sum(ratios) / len(ratios) - 1) < 0.015, (w, ratios)
+
+
+def test_rendezvous_table_past_256_nodes() -> None:
+    nodes = [addr(i) for i in range(300)]
+    p = RendezvousHash(nodes, table_size=1 << 16)
+    owners = p._table[0]
+    assert len(set(owners)) == 300
+    ks = keys(2000)
+    assert {str(p.pick(k)) for k in ks} <= set(map(str, p.nodes))
+    q = RendezvousHash(nodes[:150] + nodes[151:], table_size=1 << 16)
+    for k in ks:
+        a, b = p.pick(k), q.pick(k)
+        assert a == b or str(a.address) == str(Node(nodes[150]).address)

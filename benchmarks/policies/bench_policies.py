@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from reuselb import LeastConn, MaglevHash, PowerOfTwo, RendezvousHash, RingHash, RoundRobin
+from reuselb.balance._rendezvous import DEFAULT_BUCKETS
 
 Picker = Callable[[str], Any]
 
@@ -93,7 +94,10 @@ def ours() -> list[tuple[str, Callable[[Sequence[str]], Picker]]]:
         ("reuselb MaglevHash secret=", lambda n: MaglevHash(n, secret=b"k" * 16).pick),
         ("reuselb RingHash (160 vnodes)", lambda n: RingHash(n).pick),
         ("reuselb RingHash ketama", lambda n: RingHash(n, ketama=True).pick),
-        ("reuselb RendezvousHash (65536 buckets)", lambda n: RendezvousHash(n).pick),
+        (
+            f"reuselb RendezvousHash ({DEFAULT_BUCKETS} buckets)",
+            lambda n: RendezvousHash(n).pick,
+        ),
         ("reuselb RendezvousHash exact", lambda n: RendezvousHash(n, table_size=None).pick),
     ]
 

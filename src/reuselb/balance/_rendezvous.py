@@ -1,17 +1,18 @@
 """Weighted rendezvous (highest random weight) hashing, tabulated or exact.
 
-Rules of this module: pure (no I/O). A node's score for a slot is a 32-bit word
-``u`` read from SHAKE-128 of the node's identity (see
-:meth:`KeyHasher.node_bytes`); weighted HRW (score ``-w / ln(u)``) is evaluated in
-the equivalent form ``u ** (1 / w)``, with weight-1 nodes compared on the raw
-word. Ties are broken by ``hash_id`` order, which does not depend on the other
-nodes, so removing a node never changes the winner among the remaining ones.
+Rules of this module: pure (no I/O), stdlib only, deterministic everywhere: every
+random choice is read from SHAKE-128 (:meth:`KeyHasher.node_bytes`), never from
+``hash()``. Ties are broken by ``hash_id`` order, which does not depend on the
+other nodes, so removing a node never changes the winner among the remaining ones.
 
-*Tabulated* (default, ``table_size=65536``): the HRW winner of each of
-``table_size`` buckets is computed when membership changes; a key goes to bucket
-``hash32(key) % table_size``, so a pick is O(1) and lock-free. Removing a node
-moves exactly the buckets (keys) that were on it, as in HRW; the balance is that
-of ``table_size`` random buckets (about ``1/sqrt(table_size/N)`` spread per node).
+*Tabulated* (default, ``table_size=2**19``): a key goes to bucket
+``hash32(key) % table_size`` and each bucket has one owner, so a pick is O(1) and
+lock-free. Each bucket has a fixed *preference order* over all possible nodes, and
+its owner is the first live node in it, so removing a node moves exactly the
+buckets (keys) that were on it, as in HRW. The order is that of weighted HRW with
+"arrival times" quantised into levels (see :func:`_tabulate`); it is built node by
+node from bitmaps (Python ints) so that a million buckets cost C-speed bulk
+operations, not a million Python steps per node.
 
 *Exact* (``table_size=None``): every pick scores every live node, O(N); balance
 is that of the keys themselves.
@@ -20,20 +21,45 @@ is that of the keys themselves.
 from __future__ import annotations
 
 import sys
+import zlib
 from array import array
 from collections.abc import Iterable, Iterator
-from itertools import repeat
-from operator import add, mul, truediv
 from typing import Any
 
 from .._errors import InvalidArgument
-from ._base import Node, NodeLike, TableHashPolicy
+from ._base import HashPolicy, Key, KeyHasher, Node, NodeLike
 
 __all__ = ["DEFAULT_BUCKETS", "RendezvousHash"]
 
-#: Buckets of the tabulated mode by default.
-DEFAULT_BUCKETS = 65536
+#: Buckets of the tabulated mode by default: 2**19 keeps the bucket-count noise
+#: (under sqrt(N / table_size) per node) well under the keys' own noise.
+DEFAULT_BUCKETS = 1 << 19
 _M64 = (1 << 64) - 1
+
+# Buckets are split into groups of at most 2**17 bits: each group has its own
+# random offsets per node, which averages the tie-break bias over more draws.
+_GROUP_BITS = 17
+# Levels run from q = 2**-top arrivals per weight unit and bucket down to q = 1,
+# top = log2(table_size) - _TOP_BELOW: the first level then holds about
+# W * 256 / table_size arrivals per bucket (W = total weight; 0.05 for 100 nodes
+# at 2**19), so ties in it are rare wherever a node has buckets enough for a fair
+# share. Ties within a level go by position, not weight: coarse levels would
+# shortchange heavy nodes.
+_TOP_BELOW = 8
+# Unit pools with q >= 2**-(_E_SPARSE - 1) are ANDs of random bitmaps; sparser
+# ones are lists of random positions (too few points to pay for bitmaps).
+_E_SPARSE = 8
+# A level whose pools are all sparse and whose expected candidates (arrivals over
+# all nodes and buckets) are at most this many is resolved point by point.
+_SPARSE_MAX = 1 << 13
+# When at most this many buckets are still empty, they are resolved one by one.
+_TAIL_MAX = 64
+# Rotations: rot[g][k] doubles weight 2**(k-1) pools into 2**k ones, and
+# rot[g][_BITS + k] places a node's weight bit k; weights are capped at 2**_BITS - 1
+# (a node that heavy owns nearly every bucket anyway).
+_BITS = 48
+_MAX_WEIGHT = (1 << _BITS) - 1
+_UNITS = 2 * _BITS
 
 
 def _mix64(z: int) -> int:
@@ -43,13 +69,354 @@ def _mix64(z: int) -> int:
     return z ^ (z >> 31)
 
 
-class RendezvousHash(TableHashPolicy):
+def _words(data: bytes) -> array[int]:
+    """*data* as little-endian 32-bit words, whatever the host's byte order."""
+    a = array("I")
+    if a.itemsize != 4:  # pragma: no cover (no such CPython platform today)
+        a = array("L")
+    a.frombytes(data)
+    if sys.byteorder == "big":  # pragma: no cover
+        a.byteswap()
+    return a
+
+
+def _pool_label(kind: str, group: int, e: int) -> str:
+    # NUL cannot start an address and is not a sensible node name: the streams of
+    # the pools do not collide with the streams of the nodes.
+    return f"\x00rendezvous:{kind}:{group}:{e}"
+
+
+class _Pools:
+    """Membership-independent random bit sets, one per (group, level exponent).
+
+    The unit pool ``(g, e)`` holds each bucket of group ``g`` with probability
+    about ``2**-e``. A node's arrivals at a level are a pool rotated by the node's
+    own offset, so they depend on the node and the seed only, never on the others.
+    Built lazily and kept for the policy's lifetime (they do not change with
+    membership).
+    """
+
+    def __init__(self, hasher: KeyHasher, size: int, groups: int) -> None:
+        self.hasher = hasher
+        self.top = max(1, size.bit_length() - 1 - _TOP_BELOW)
+        self.m = size // groups
+        self.groups = groups
+        self.full = (1 << self.m) - 1
+        self._rand: dict[tuple[int, int], int] = {}
+        self._bits: dict[tuple[int, ...], int] = {}
+        self._pos: dict[tuple[int, ...], list[int]] = {}
+        rot = _words(hasher.node_bytes(_pool_label("rot", 0, 0), 4 * groups * _UNITS))
+        self.rot = [
+            [0] + [rot[g * _UNITS + k] % self.m for k in range(1, _UNITS)] for g in range(groups)
+        ]
+
+    def _random(self, g: int, i: int) -> int:
+        r = self._rand.get((g, i))
+        if r is None:
+            raw = self.hasher.node_bytes(_pool_label("bits", g, i), self.m // 8)
+            r = self._rand[(g, i)] = int.from_bytes(raw, "little")
+        return r
+
+    def positions(self, g: int, e: int) -> list[int]:
+        """Sorted positions of a sparse unit pool (``e >= _E_SPARSE``)."""
+        p = self._pos.get((g, e))
+        if p is None:
+            expected = self.m / 2.0**e
+            n = int(expected)
+            words = _words(self.hasher.node_bytes(_pool_label("pos", g, e), 4 * (n + 2)))
+            # Randomised rounding keeps the mean density exactly 2**-e.
+            if words[n + 1] < (expected - n) * 4294967296.0:
+                n += 1
+            mask = self.m - 1
+            p = self._pos[(g, e)] = sorted({w & mask for w in words[:n]})
+        return p
+
+    def bits(self, g: int, e: int) -> int:
+        """The unit pool ``(g, e)`` as a bitmap (bit b = bucket b of the group)."""
+        a = self._bits.get((g, e))
+        if a is None:
+            if e <= 0:
+                a = self.full
+            elif e < _E_SPARSE:
+                a = self._random(g, 0)
+                for i in range(1, e):
+                    a &= self._random(g, i)
+            else:
+                buf = bytearray(self.m // 8)
+                for p in self.positions(g, e):
+                    buf[p >> 3] |= 1 << (p & 7)
+                a = int.from_bytes(buf, "little")
+            self._bits[(g, e)] = a
+        return a
+
+    def _rotate(self, a: int, c: int) -> int:
+        if not c:
+            return a
+        return ((a << c) | (a >> (self.m - c))) & self.full
+
+    def _doubled(self, g: int, e: int, k: int) -> int:
+        """2**k unit pools (g, e) at distinct rotations, OR-ed: weight 2**k."""
+        a = self._bits.get((g, e, k))
+        if a is None:
+            if k == 0:
+                a = self.bits(g, e)
+            else:
+                half = self._doubled(g, e, k - 1)
+                a = half | self._rotate(half, self.rot[g][k])
+            self._bits[(g, e, k)] = a
+        return a
+
+    def _doubled_positions(self, g: int, e: int, k: int) -> list[int]:
+        p = self._pos.get((g, e, k))
+        if p is None:
+            if k == 0:
+                p = self.positions(g, e)
+            else:
+                half = self._doubled_positions(g, e, k - 1)
+                c = self.rot[g][k]
+                mask = self.m - 1
+                p = sorted({*half, *((x + c) & mask for x in half)})
+            self._pos[(g, e, k)] = p
+        return p
+
+    def node_bits(self, g: int, e: int, w: int) -> int:
+        """Arrival pool of a weight-*w* node (before its own offset).
+
+        The union of *w* unit pools at distinct rotations: *w* weight-1 nodes'
+        worth of arrivals, as weighted HRW wants (one unit pool of density
+        ``w * 2**-e`` would overweight heavy nodes when ``2**-e`` is not small).
+        """
+        p = 0
+        k = 0
+        w = min(w, _MAX_WEIGHT)
+        while w:
+            if w & 1:
+                p |= self._rotate(self._doubled(g, e, k), self.rot[g][_BITS + k])
+            w >>= 1
+            k += 1
+        return p
+
+    def node_positions(self, g: int, e: int, w: int) -> list[int]:
+        """Sorted positions of :meth:`node_bits` (sparse pools only)."""
+        mask = self.m - 1
+        out: set[int] = set()
+        k = 0
+        w = min(w, _MAX_WEIGHT)
+        while w:
+            if w & 1:
+                c = self.rot[g][_BITS + k]
+                out.update((x + c) & mask for x in self._doubled_positions(g, e, k))
+            w >>= 1
+            k += 1
+        return sorted(out)
+
+
+def _groups(size: int) -> int:
+    return max(1, size >> _GROUP_BITS)
+
+
+def _table_pos(m: int, b: int) -> int:
+    """Where bucket *b* of a group sits in the group's bytes (see :func:`_to_bytes`)."""
+    return (b & 7) * (m >> 3) + (b >> 3)
+
+
+def _to_bytes(planes: list[int], m: int) -> bytes:
+    """Bit planes (bit b of plane t = bit t of bucket b's owner) to one byte per bucket.
+
+    Bucket ``b`` goes to byte ``(b % 8) * m/8 + b // 8`` (:func:`_table_pos`): the
+    run for ``q = b % 8`` is then ``sum_t ((plane_t >> q) & 0x0101..01) << t`` read
+    as bytes, a few int operations (C speed) instead of a Python step per bucket.
+    """
+    ones = int.from_bytes(b"\x01" * (m >> 3), "little")
+    out = []
+    for q in range(8):
+        sel = ones << q
+        v = 0
+        for t, p in enumerate(planes):
+            if p:
+                x = p & sel
+                v |= x << (t - q) if t >= q else x >> (q - t)
+        out.append(v.to_bytes(m >> 3, "little"))
+    return b"".join(out)
+
+
+def _tabulate(pools: _Pools, offsets: list[array[int]], weights: list[int]) -> array[int] | bytes:
+    """The owner (index into *weights*) of every bucket, in table order.
+
+    Weighted HRW with exponential arrival times is the same as: each weight unit
+    "arrives" at each bucket at some time, the first arrival owns the bucket.
+    Time is cut into levels ``e = pools.top .. 0`` in which a weight unit arrives with
+    probability ``2**-e`` (each level doubles the rate); a node's arrivals at a
+    level are ``pools.node_bits(g, e, w)`` rotated by the node's own offset ``s``,
+    so position ``d = (b - s) mod m`` of that pool decides bucket ``b``. Within a
+    level the arrival with the smallest ``d`` wins (then ``hash_id`` order): a
+    per-bucket cyclic order of the nodes, so no node is always first on ties.
+
+    Every bucket's preference order is thus fixed by the nodes' identities, seed
+    and secret alone; removing a node only hands its own buckets to the next
+    live node in their orders. Levels are resolved with bitmap ANDs over a whole
+    group per node (dense), point by point while arrivals are few (sparse), and
+    bucket by bucket for the last few empty buckets (tail); the three agree.
+    """
+    m, groups, full = pools.m, pools.groups, pools.full
+    n = len(weights)
+    mask = m - 1
+    shift = m.bit_length()
+    total = sum(weights)
+    empty = [full] * groups
+    acc = [[0] * n for _ in range(groups)]
+    claims: list[dict[int, int]] = [{} for _ in range(groups)]
+    truncs = [(1 << (m - i * (m >> 3))) - 1 for i in range(8)]
+    positions: dict[tuple[int, int, int], list[int]] = {}
+    sparse_done = False
+    for lev, e in enumerate(range(pools.top, -1, -1)):
+        base = lev * groups
+        if not sparse_done and e >= _E_SPARSE and total * m * groups >> e <= _SPARSE_MAX:
+            for g in range(groups):
+                # Candidates as ints ordered by (d, node, bucket): sort, then the
+                # first candidate of each bucket is its winner at this level.
+                cands: list[int] = []
+                for j in range(n):
+                    s = offsets[j][base + g] & mask
+                    key = (g, e, weights[j])
+                    pos = positions.get(key)
+                    if pos is None:
+                        pos = positions[key] = pools.node_positions(*key)
+                    dj = j
+                    cands.extend((((d * n + dj) << shift) | ((d + s) & mask)) for d in pos)
+                cands.sort()
+                taken = claims[g]
+                for c in cands:
+                    b = c & mask
+                    if b not in taken:
+                        taken[b] = (c >> shift) % n
+            continue
+        if not sparse_done:
+            sparse_done = True
+            for g in range(groups):
+                if claims[g]:
+                    buf = bytearray(m >> 3)
+                    for b in claims[g]:
+                        buf[b >> 3] |= 1 << (b & 7)
+                    empty[g] = full ^ int.from_bytes(buf, "little")
+        left = 0
+        for g in range(groups):
+            em = empty[g]
+            if not em:
+                continue
+            order = sorted(range(n), key=lambda j: (-(offsets[j][base + g] & mask), j))
+            by_weight: dict[int, list[int]] = {}
+            recs = []
+            for j in order:
+                w = weights[j]
+                cut = by_weight.get(w)
+                if cut is None:
+                    # The pool cut to its low m - i*m/8 bits: pass 1 only needs the
+                    # low m - s bits, and shifting fewer bits is most of the cost.
+                    p = pools.node_bits(g, e, w)
+                    cut = by_weight[w] = [p & trunc for trunc in truncs]
+                s = offsets[j][base + g] & mask
+                recs.append((s, j, cut[(s << 3) // m], cut[0]))
+            row = acc[g]
+            # Pass 1: buckets b >= s (d = b - s), nodes by decreasing s = increasing d.
+            for s, j, low, _ in recs:
+                won = (low << s) & em
+                if won:
+                    em ^= won
+                    row[j] |= won
+            # Pass 2: buckets b < s (d = b - s + m), again by increasing d.
+            for s, j, _, p in recs:
+                if s:
+                    won = (p >> (m - s)) & em
+                    if won:
+                        em ^= won
+                        row[j] |= won
+            empty[g] = em
+            left += em.bit_count()
+        if left <= _TAIL_MAX:
+            if left:
+                _tail(pools, offsets, weights, empty=empty, claims=claims, start=lev + 1)
+            break
+    width = 1 if n <= 256 else 2 if n <= 65536 else 4
+    parts = []
+    for k in range(width):
+        chunks = []
+        for g in range(groups):
+            row = acc[g]
+            planes = [0] * 8
+            for j in range(n):
+                won = row[j]
+                if won:
+                    v = j >> (8 * k)
+                    t = 0
+                    while v and t < 8:
+                        if v & 1:
+                            planes[t] |= won
+                        v >>= 1
+                        t += 1
+            chunks.append(_to_bytes(planes, m))
+        parts.append(b"".join(chunks))
+    out: bytearray | array[int]
+    if width == 1:
+        out = bytearray(parts[0])
+    else:
+        buf = bytearray(len(parts[0]) * width)
+        for k in range(width):
+            buf[k::width] = parts[k]
+        out = array("H" if width == 2 else "I")
+        out.frombytes(bytes(buf))
+        if sys.byteorder == "big":  # pragma: no cover
+            out.byteswap()
+    for g in range(groups):
+        for b, j in claims[g].items():
+            out[g * m + _table_pos(m, b)] = j
+    return bytes(out) if isinstance(out, bytearray) else out
+
+
+def _tail(
+    pools: _Pools,
+    offsets: list[array[int]],
+    weights: list[int],
+    *,
+    empty: list[int],
+    claims: list[dict[int, int]],
+    start: int,
+) -> None:
+    """Resolve the few buckets still empty, one by one, from level index *start*."""
+    m, groups = pools.m, pools.groups
+    mask = m - 1
+    n = len(weights)
+    cache: dict[tuple[int, int, int], bytes] = {}
+    for g in range(groups):
+        em = empty[g]
+        while em:
+            low = em & -em
+            em ^= low
+            b = low.bit_length() - 1
+            for lev in range(start, pools.top + 1):
+                e = pools.top - lev
+                best: tuple[int, int] | None = None
+                for j in range(n):
+                    d = (b - (offsets[j][lev * groups + g] & mask)) & mask
+                    key = (g, e, weights[j])
+                    bits = cache.get(key)
+                    if bits is None:
+                        bits = cache[key] = pools.node_bits(*key).to_bytes(m >> 3, "little")
+                    if bits[d >> 3] >> (d & 7) & 1 and (best is None or (d, j) < best):
+                        best = (d, j)
+                if best is not None:
+                    claims[g][b] = best[1]
+                    break
+        empty[g] = 0
+
+
+class RendezvousHash(HashPolicy):
     """Weighted rendezvous hashing: a key goes to the live node with the highest
     score, so when a node leaves only its own keys move (exactly 1/N on average).
 
     :param nodes: initial nodes.
-    :param table_size: buckets of the tabulated mode (``>= 1024``), or ``None``
-        for exact per-key scoring (O(N) per pick).
+    :param table_size: buckets of the tabulated mode (a power of two ``>= 1024``),
+        or ``None`` for exact per-key scoring (O(N) per pick).
     :param seed: reshuffles the mapping (see :class:`KeyHasher`).
     :param secret: keyed hash so chosen keys cannot aim at one node.
     :param balance_factor: bounded load (``>= 1``); the next candidates are the
@@ -70,14 +437,23 @@ class RendezvousHash(TableHashPolicy):
         balance_factor: float | None = None,
     ) -> None:
         if table_size is not None and (
-            isinstance(table_size, bool) or not isinstance(table_size, int) or table_size < 1024
+            isinstance(table_size, bool)
+            or not isinstance(table_size, int)
+            or table_size < 1024
+            or table_size & (table_size - 1)
         ):
-            raise InvalidArgument("table_size", table_size, "must be an int >= 1024 or None")
+            raise InvalidArgument(
+                "table_size", table_size, "must be a power of two >= 1024, or None"
+            )
         self._size = table_size
         self._crc_seed = seed if secret is None else None
-        self._table: list[Node] = []
-        self._fast: tuple[list[Node], int] | None = None
+        # Owner index per bucket (bytes, or array('H'/'I') past 256 nodes) and the
+        # nodes it indexes: one byte per bucket instead of one pointer.
+        self._table: tuple[bytes | array[int], tuple[Node, ...]] = (b"", ())
+        self._fast: tuple[bytes | array[int], tuple[Node, ...], int] | None = None
         self._ranked: tuple[tuple[Node, int], ...] = ()
+        self._pools: _Pools | None = None
+        self._offsets: dict[str, array[int]] = {}
         super().__init__(nodes, seed=seed, secret=secret, balance_factor=balance_factor)
 
     def _options(self) -> dict[str, Any]:
@@ -89,48 +465,52 @@ class RendezvousHash(TableHashPolicy):
         return self._size
 
     def _rebuild(self) -> None:
-        nodes = sorted(self._live, key=lambda n: n.hash_id)
+        nodes = tuple(sorted(self._live, key=lambda n: n.hash_id))
         self._ranked = tuple((n, self._hasher.node_int(n.hash_id, 8)) for n in nodes)
         if self._size is None or not nodes:
-            self._table = []
+            self._table = (b"", ())
             self._publish()
             return
-        b = self._size
-        cols = []
-        for idx, n in enumerate(nodes):
-            raw = self._hasher.node_bytes(n.hash_id, 4 * b)
-            col = array("Q")
-            if n.weight == 1:
-                # (word << 16) | idx laid out as little-endian 64-bit ints with slice
-                # copies (C speed): bytes 0-1 idx, bytes 2-5 the word, bytes 6-7 zero.
-                buf = bytearray(8 * b)
-                for j in range(4):
-                    buf[2 + j :: 8] = raw[j::4]
-                buf[0::8] = bytes((idx & 0xFF,)) * b
-                buf[1::8] = bytes((idx >> 8,)) * b
-                col.frombytes(bytes(buf))
-                if sys.byteorder == "big":
-                    col.byteswap()
-            else:
-                words = array("I")
-                words.frombytes(raw)
-                if sys.byteorder == "big":
-                    words.byteswap()  # the words are defined little-endian
-                # u ** (1/w) with u = (word + 0.5) / 2**32, back on the 32-bit scale.
-                u = map(truediv, map(add, words, repeat(0.5)), repeat(4294967296.0))
-                q = map(int, map(mul, map(pow, u, repeat(1.0 / n.weight)), repeat(4294967295.0)))
-                col.extend(map(add, map(mul, q, repeat(65536)), repeat(idx)))
-            # (score << 16) | idx: max() picks the best score, ties by hash_id order.
-            cols.append(col)
-        self._table = [nodes[v & 0xFFFF] for v in map(max, zip(*cols, strict=True))]
+        groups = _groups(self._size)
+        if self._pools is None:
+            self._pools = _Pools(self._hasher, self._size, groups)
+        # A node's offsets depend on its identity only: cached across rebuilds.
+        nbytes = 4 * (self._pools.top + 1) * groups
+        old = self._offsets
+        offsets = {
+            n.hash_id: old.get(n.hash_id) or _words(self._hasher.node_bytes(n.hash_id, nbytes))
+            for n in nodes
+        }
+        self._offsets = offsets
+        owners = _tabulate(
+            self._pools, [offsets[n.hash_id] for n in nodes], [n.weight for n in nodes]
+        )
+        self._table = (owners, nodes)
         self._publish()
 
     def _publish(self) -> None:
         seed = self._crc_seed
-        if self._table and seed is not None and self._balance_factor is None:
-            self._fast = (self._table, seed)
+        owners, nodes = self._table
+        if nodes and seed is not None and self._balance_factor is None:
+            self._fast = (owners, nodes, seed)
         else:
             self._fast = None
+
+    def pick(self, key: Key = None) -> Node:
+        """The node for *key* (see :meth:`BalancePolicy.pick`).
+
+        :param key: ``str`` (UTF-8) or ``bytes``.
+        :returns: a live node.
+        :raises KeyRequired: no key.
+        :raises NoNodeAvailable: no live node, or all over the load bound.
+        """
+        # Hot path: str key, CRC hashing, no bound: one published tuple, no lock.
+        fast = self._fast
+        if fast is not None and key.__class__ is str:
+            owners, nodes, seed = fast
+            h = zlib.crc32(key.encode(), seed)  # type: ignore[union-attr,unused-ignore]
+            return nodes[owners[h % len(owners)]]
+        return super().pick(key)
 
     def _exact_scores(self, key: bytes) -> list[tuple[float, str, Node]]:
         h = self._hasher.hash32(key)
@@ -162,8 +542,8 @@ class RendezvousHash(TableHashPolicy):
             else:
                 yield from self._exact_order(key)
             return
-        table = self._table
-        m = len(table)
+        owners, nodes = self._table
+        m = len(owners)
         start = self._hasher.hash32(key) % m
         for i in range(m):
-            yield table[(start + i) % m]
+            yield nodes[owners[(start + i) % m]]
