@@ -143,7 +143,7 @@ def run_asyncio_selector(a: socket.socket, b: socket.socket, **kw: Any) -> Relay
     saved = relay_mod._HAS_EPOLL
     relay_mod._HAS_EPOLL = False
     try:
-        return asyncio.run(async_pipe_splice(a, b, **kw))  # type: ignore[arg-type]
+        return asyncio.run(async_pipe_splice(a, b, **kw))
     finally:
         relay_mod._HAS_EPOLL = saved
 
