@@ -575,6 +575,64 @@ def test_pipes_are_reused_empty_and_released(listener: socket.socket) -> None:
     assert open_fds() == before
 
 
+def test_the_pipe_pool_is_bounded(listener: socket.socket) -> None:
+    before = open_fds()
+    n = relay_mod._POOL_MAX + 8
+    pairs = [(tcp_pair(listener), tcp_pair(listener)) for _ in range(n)]
+    data = os.urandom(2 << 20)
+
+    async def one(i: int) -> RelayStats:
+        (client, a), (b, backend) = pairs[i]
+        loop = asyncio.get_running_loop()
+        for s in (client, backend):
+            s.setblocking(False)
+        relay = asyncio.ensure_future(async_pipe_splice(a, b))
+        backend.shutdown(socket.SHUT_WR)
+        await loop.sock_sendall(client, data)
+        client.shutdown(socket.SHUT_WR)
+        got = 0
+        while chunk := await loop.sock_recv(backend, 1 << 20):
+            got += len(chunk)
+        assert got == len(data)
+        return await relay
+
+    async def main() -> list[RelayStats]:
+        return await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(n))), JOIN)
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        for (client, _a), (_b, backend) in pairs:
+            client.close()
+            backend.close()
+    assert all(r.spliced_bytes > 0 for r in results)
+    idle = [fd for fd in open_fds() - before if _is_pipe(fd)]
+    assert 0 < len(idle) <= 2 * relay_mod._POOL_MAX
+    assert release_pipes() == len(idle) // 2
+    assert open_fds() == before
+
+
+def test_the_pool_keeps_at_most_pool_max_pipes() -> None:
+    release_pipes()  # this thread's pool starts empty
+    before = open_fds()
+    pipes_before = {fd for fd in before if _is_pipe(fd)}
+    size = 1 << 16
+    taken = [relay_mod._take_pipe(size) for _ in range(relay_mod._POOL_MAX + 5)]
+    assert len({r for r, _w, _c in taken}) == len(taken)  # all new: the pool was empty
+    for r, w, cap in taken:
+        relay_mod._give_pipe(r, w, cap, size)
+    # (not open_fds() - before: `before` may hold the fd its own listing used)
+    kept = [fd for fd in open_fds() if _is_pipe(fd) and fd not in pipes_before]
+    assert len(kept) == 2 * relay_mod._POOL_MAX
+    r, w, cap = relay_mod._take_pipe(size)
+    assert (r, w) == taken[relay_mod._POOL_MAX - 1][:2]  # reused, last in first out
+    os.write(w, b"left over")
+    relay_mod._give_pipe(r, w, cap, size)  # not empty: closed, never pooled
+    assert not _is_pipe(r)
+    assert release_pipes() == relay_mod._POOL_MAX - 1
+    assert open_fds() == before
+
+
 def test_a_pipe_with_bytes_in_it_is_never_reused(listener: socket.socket) -> None:
     before = open_fds()
     client, a = tcp_pair(listener)

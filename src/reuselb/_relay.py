@@ -154,7 +154,10 @@ _PIPE_MAX = _pipe_capacity_limit() if _HAS_SPLICE else _DEFAULT_PIPE
 # into another. Pools are closed with their thread, by release_pipes(), and in a
 # forked child (which must not share a pipe with its parent).
 
-_POOL_MAX = 32  # idle pipes kept per thread (64 fds at most)
+# Idle pipes kept per thread (32 fds at most). Each 1 MiB pipe counts 256 pages against
+# fs.pipe-user-pages-soft (16,384 per unprivileged user by default), so the pool
+# stays small enough not to starve the next relays of full-size pipes.
+_POOL_MAX = 16
 _FIONREAD = getattr(termios, "FIONREAD", 0x541B)
 _ZERO_INT = bytes(4)
 
@@ -240,7 +243,7 @@ def _give_pipe(r: int, w: int, cap: int, size: int) -> None:
 def release_pipes() -> int:
     """Close the idle pipes the calling thread keeps for reuse by later relays.
 
-    Relays in one thread reuse empty pipes (at most 32 idle per thread); they are
+    Relays in one thread reuse empty pipes (at most 16 idle per thread); they are
     closed when the thread exits and in a forked child. Call this where every fd
     counts, e.g. before checking for leaks or before a long idle period.
 
