@@ -905,8 +905,8 @@ def _raise_pending_error(relay: _Relay, fd: int) -> None:
                 return  # the next read or write reports it
             err = getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
-                end_kind = End.RESET if err in _RESET_ERRNOS else End.ERROR
-                raise _Failure(name, end_kind, OSError(err, os.strerror(err)))
+                exc = OSError(err, os.strerror(err))
+                raise _Failure(name, _end_kind(exc), exc)
             return
 
 
