@@ -33,6 +33,7 @@ from reuselb import (
     async_pipe_splice,
     pipe_splice,
     release_pipes,
+    start_pipe_splice,
 )
 from tests.conftest import open_fds
 
@@ -92,6 +93,18 @@ def run_asyncio_copy(a: socket.socket, b: socket.socket, **kw: Any) -> RelayStat
 
 def run_uvloop(a: socket.socket, b: socket.socket, **kw: object) -> RelayStats:
     return uvloop.run(async_pipe_splice(a, b, **kw))  # type: ignore[arg-type]
+
+
+def run_start(a: socket.socket, b: socket.socket, **kw: Any) -> RelayStats:
+    # start_pipe_splice from a plain callback (no coroutine of our own around it),
+    # as a callback-style accept loop would call it.
+    async def main() -> RelayStats:
+        loop = asyncio.get_running_loop()
+        started: asyncio.Future[asyncio.Future[RelayStats]] = loop.create_future()
+        loop.call_soon(lambda: started.set_result(start_pipe_splice(a, b, **kw)))
+        return await (await started)
+
+    return asyncio.run(main())
 
 
 class Wrapped:
@@ -154,6 +167,7 @@ RUNNERS = {
     "asyncio": run_asyncio,
     "asyncio-copy": run_asyncio_copy,
     "uvloop": run_uvloop,
+    "asyncio-start": run_start,
     "copy-wrapped": run_wrapped,
     "asyncio-copy-wrapped": run_asyncio_wrapped,
     "asyncio-selector": run_asyncio_selector,
@@ -685,8 +699,9 @@ def test_a_thread_s_idle_pipes_close_with_the_thread(listener: socket.socket) ->
 
 @pytest.mark.parametrize("close", [True, False])
 @pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("api", ["coroutine", "start"])
 def test_cancelling_the_async_relay_ends_it(
-    listener: socket.socket, close: bool, loop_kind: str
+    listener: socket.socket, close: bool, loop_kind: str, api: str
 ) -> None:
     run = uvloop.run if loop_kind == "uvloop" else asyncio.run
     run(asyncio.sleep(0))  # uvloop keeps one process-wide pipe from its first run on
@@ -695,7 +710,11 @@ def test_cancelling_the_async_relay_ends_it(
     before = open_fds()
 
     async def main() -> None:
-        task = asyncio.ensure_future(async_pipe_splice(a, b, close=close))
+        task = (
+            asyncio.ensure_future(async_pipe_splice(a, b, close=close))
+            if api == "coroutine"
+            else start_pipe_splice(a, b, close=close)
+        )
         loop = asyncio.get_running_loop()
         client.setblocking(False)
         backend.setblocking(False)
@@ -821,6 +840,40 @@ def test_a_socket_cannot_be_in_two_async_relays_at_once(listener: socket.socket)
         asyncio.run(main())
         for s in (a, b, c):
             assert s.fileno() != -1 and s.getblocking()  # caller-owned, restored
+    finally:
+        for s in (client, a, b, backend, c, d):
+            s.close()
+
+
+def test_start_pipe_splice_checks_before_it_starts(listener: socket.socket) -> None:
+    client, a = tcp_pair(listener)
+    b, backend = tcp_pair(listener)
+    c, d = tcp_pair(listener)
+    with pytest.raises(RuntimeError, match="no running event loop"):
+        start_pipe_splice(a, b)
+    assert a.getblocking() and b.getblocking(), "nothing touched without a loop"
+
+    async def main() -> RelayStats:
+        first = start_pipe_splice(a, b)
+        with pytest.raises(InvalidArgument, match="already in a running relay"):
+            start_pipe_splice(c, a)  # synchronous: nothing was started
+        assert c.fileno() != -1 and c.getblocking()
+        with pytest.raises(InvalidArgument, match="pipe_size"):
+            start_pipe_splice(c, d, pipe_size=10)
+        loop = asyncio.get_running_loop()
+        client.setblocking(False)
+        backend.setblocking(False)
+        await loop.sock_sendall(client, b"ping")
+        assert await loop.sock_recv(backend, 4) == b"ping"
+        client.shutdown(socket.SHUT_WR)
+        backend.shutdown(socket.SHUT_WR)
+        return await asyncio.wait_for(first, JOIN)
+
+    try:
+        stats = asyncio.run(main())
+        assert (stats.a_to_b, stats.b_to_a) == (4, 0)
+        assert stats.a_end is stats.b_end is End.EOF
+        assert a.fileno() == b.fileno() == -1
     finally:
         for s in (client, a, b, backend, c, d):
             s.close()

@@ -16,7 +16,13 @@ import socket
 import sys
 import threading
 
-from reuselb import async_pipe_splice, connect_tcp, pipe_splice, reuseport_listener
+from reuselb import (
+    async_pipe_splice,
+    connect_tcp,
+    pipe_splice,
+    reuseport_listener,
+    start_pipe_splice,
+)
 
 
 def threads_splice(listener: socket.socket, target: int) -> None:
@@ -58,7 +64,7 @@ def threads_copy(listener: socket.socket, target: int) -> None:
         threading.Thread(target=serve, args=(client,), daemon=True).start()
 
 
-async def asyncio_splice(listener: socket.socket, target: int) -> None:
+async def asyncio_splice(listener: socket.socket, target: int, *, start: bool = False) -> None:
     """Accept in batches from a reader callback, connect without waiting, relay.
 
     No future per accept and none per connect: the relay starts while the backend
@@ -85,6 +91,11 @@ async def asyncio_splice(listener: socket.socket, target: int) -> None:
                 client.close()
                 backend.close()
                 continue
+            if start:
+                # No coroutine and no task per connection; the relay keeps itself
+                # alive (the loop's epoll hub holds it) until it ends.
+                start_pipe_splice(client, backend)
+                continue
             task = loop.create_task(async_pipe_splice(client, backend))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
@@ -107,6 +118,12 @@ def main() -> None:
         import uvloop
 
         uvloop.run(asyncio_splice(listener, target))
+    elif mode == "asyncio-start":
+        asyncio.run(asyncio_splice(listener, target, start=True))
+    elif mode == "uvloop-start":
+        import uvloop
+
+        uvloop.run(asyncio_splice(listener, target, start=True))
     else:
         raise SystemExit(f"unknown mode {mode!r}")
 

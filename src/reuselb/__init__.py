@@ -45,6 +45,7 @@ from ._relay import (
     async_pipe_splice,
     pipe_splice,
     release_pipes,
+    start_pipe_splice,
 )
 from ._sockets import (
     ReuseportGroup,
@@ -132,6 +133,7 @@ __all__ = (
     "async_pipe_splice",
     "pipe_splice",
     "release_pipes",
+    "start_pipe_splice",
     # addresses
     "Address",
     "AddressLike",
