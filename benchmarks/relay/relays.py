@@ -3,9 +3,11 @@
     python relays.py MODE LISTEN_PORT TARGET_PORT
 
 MODE: ``threads-splice`` (a thread per connection running ``pipe_splice``),
-``asyncio-splice`` (``async_pipe_splice`` on one asyncio loop), ``uvloop-splice``
-(the same on uvloop), ``threads-copy`` (two threads per connection, recv/sendall:
-what people write by hand).
+``asyncio-splice`` (a task per connection running ``async_pipe_splice`` on one
+asyncio loop), ``asyncio-start`` / ``uvloop-start`` (``start_pipe_splice`` from the
+accept callback: no task per connection; on asyncio's loop and on uvloop),
+``uvloop-splice`` (tasks, on uvloop), ``threads-copy`` (two threads per connection,
+recv/sendall: what people write by hand).
 """
 
 from __future__ import annotations

@@ -116,7 +116,8 @@ def relay_cmd(name: str, listen: int, target: int, work: Path) -> list[str]:
         mode = {
             "reuselb threads+pipe_splice": "threads-splice",
             "reuselb asyncio+async_pipe_splice": "asyncio-splice",
-            "reuselb uvloop+async_pipe_splice": "uvloop-splice",
+            "reuselb asyncio+start_pipe_splice": "asyncio-start",
+            "reuselb uvloop+start_pipe_splice": "uvloop-start",
             "python threads copy (baseline)": "threads-copy",
         }[name]
         return [*py, mode, str(listen), str(target)]
@@ -151,7 +152,8 @@ def relay_cmd(name: str, listen: int, target: int, work: Path) -> list[str]:
 RELAYS = [
     "reuselb threads+pipe_splice",
     "reuselb asyncio+async_pipe_splice",
-    "reuselb uvloop+async_pipe_splice",
+    "reuselb asyncio+start_pipe_splice",
+    "reuselb uvloop+start_pipe_splice",
     "python threads copy (baseline)",
     "go io.Copy",
     "haproxy (mode tcp)",
