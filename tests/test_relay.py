@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
+import gc
 import hashlib
 import os
 import random
@@ -876,6 +877,37 @@ def test_start_pipe_splice_checks_before_it_starts(listener: socket.socket) -> N
         assert a.fileno() == b.fileno() == -1
     finally:
         for s in (client, a, b, backend, c, d):
+            s.close()
+
+
+def test_a_finished_started_relay_is_freed_without_the_cyclic_gc(
+    listener: socket.socket,
+) -> None:
+    client, a = tcp_pair(listener)
+    b, backend = tcp_pair(listener)
+
+    def alive() -> int:
+        kinds = (relay_mod._Driven, relay_mod._Relay, relay_mod._Flow)
+        return sum(type(o) in kinds for o in gc.get_objects())
+
+    async def main() -> RelayStats:
+        fut = start_pipe_splice(a, b)
+        assert alive() == 4  # the relay, its driver and two flows
+        client.shutdown(socket.SHUT_WR)
+        backend.shutdown(socket.SHUT_WR)
+        return await asyncio.wait_for(fut, JOIN)
+
+    gc.collect()
+    gc.disable()
+    try:
+        assert alive() == 0
+        stats = asyncio.run(main())
+        assert stats.a_end is stats.b_end is End.EOF
+        # Thousands of relays a second must not pile up waiting for the cyclic GC.
+        assert alive() == 0
+    finally:
+        gc.enable()
+        for s in (client, a, b, backend):
             s.close()
 
 

@@ -1275,6 +1275,10 @@ class _Driven:
         # dup of it elsewhere would keep a closed fd's registration alive.
         self.detach()
         self.stats = self.relay.finish()
+        if isinstance(self.future, _RelayFuture):
+            # Break the future <-> relay cycle: refcounting frees both at once,
+            # not the cyclic GC after thousands of relays have piled up.
+            self.future.driven = None
         return self.stats
 
     def detach(self) -> None:
@@ -1291,12 +1295,13 @@ class _RelayFuture(asyncio.Future[RelayStats]):
     """The future :func:`start_pipe_splice` returns: cancelling it ends the relay."""
 
     __slots__ = ("driven",)
-    driven: _Driven
+    driven: _Driven | None
 
     def cancel(self, msg: Any | None = None) -> bool:
         if not super().cancel(msg):
             return False
-        self.driven.finalize()
+        if self.driven is not None:
+            self.driven.finalize()
         return True
 
 
