@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import fcntl
 import gc
@@ -263,6 +264,9 @@ def test_integrity_both_ways_at_once(listener: socket.socket, mode: str, size: o
         assert stats.spliced
         assert stats.spliced_bytes > len(up)
     assert stats.spliced_bytes <= len(up) + len(down)
+    # The relay fills RelayStats without its __init__: every field, nothing else.
+    assert set(vars(stats)) == {f.name for f in dataclasses.fields(RelayStats)}
+    assert stats == RelayStats(**vars(stats)) and repr(stats).startswith("RelayStats(")
 
 
 # --------------------------------------------------------------------------- half-close

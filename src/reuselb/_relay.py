@@ -704,7 +704,11 @@ class _Relay:
                         )
         moved = [f.moved for f in self.flows] + [0, 0]  # flows may be missing if init failed
         spliced = sum([f.spliced for f in self.flows])
-        return RelayStats(
+        # Not RelayStats(...): a frozen dataclass's __init__ sets each field through
+        # object.__setattr__ (~2.4 us for these nine, ~0.7 us this way), paid by
+        # every relay under connection churn.
+        stats = object.__new__(RelayStats)
+        stats.__dict__.update(
             a_to_b=moved[0],
             b_to_a=moved[1],
             a_end=self.ends.get("a", End.ABORTED),
@@ -715,6 +719,7 @@ class _Relay:
             duration=time.monotonic() - self.started,
             spliced_bytes=spliced,
         )
+        return stats
 
 
 def _half_close(sock: Side) -> None:
@@ -1189,26 +1194,19 @@ class _Driven:
         relay = self.relay
         f0, f1 = relay.flows
         reader, writer = (f0, f1) if f0.src_fd == fd else (f1, f0)
-        if ev == _EPOLLIN and reader.mode == _SMALL and not (reader.pending or reader.eof):
-            # The event of small messages (keep-alive traffic): only *reader* can
-            # change, and when its message went out in full it waits for exactly
-            # what it waited for before; nothing to compare or re-arm.
+        if not ev & ~_ARM_IN and reader.mode == _SMALL and not (reader.pending or reader.eof):
+            # Bytes (and perhaps the FIN) of short messages, the events of
+            # keep-alive traffic and of connection churn: only *reader* can change,
+            # and when its message went out in full it waits for exactly what it
+            # waited for before, so there is nothing to compare or re-arm.
             try:
-                relay._pump_small(reader, False)
+                relay.pump(reader, ev != _EPOLLIN)
             except _Failure as failure:
                 relay.fail(failure)
                 self.end()
                 return
-            if not (reader.pending or reader.eof or reader.upgrade):
+            if not (reader.pending or reader.eof or reader.mode != _SMALL):
                 return
-            if reader.eof or reader.upgrade:
-                # Half-close (EOF) or the switch to splice: the general path.
-                try:
-                    relay.pump(reader)
-                except _Failure as failure:
-                    relay.fail(failure)
-                    self.end()
-                    return
             if f0.shut and f1.shut:
                 self.end()
             else:
