@@ -84,6 +84,29 @@ def timings(
     return best
 
 
+def over_key_sets(
+    builders: list[tuple[str, Callable[[Sequence[str]], Picker]]],
+    nodes: list[str],
+    n_keys: int,
+    n_sets: int,
+) -> list[tuple[str, float, float, int]]:
+    """max/mean over *n_sets* further key sets (seeds 1..n_sets) for the fast
+    pickers, plus a uniformly random assignment of the same keys: the sampling
+    noise of perfect balance, the floor no hash can beat on average."""
+    pickers = [(name, build(nodes)) for name, build in builders if not is_slow(name)]
+    runs: dict[str, list[float]] = {name: [] for name, _ in pickers}
+    runs["reference: uniform random node per key"] = []
+    for seed in range(1, n_sets + 1):
+        keys = make_keys(n_keys, seed)
+        for name, pick in pickers:
+            runs[name].append(loads([str(pick(k)) for k in keys], nodes)[0])
+        rng = random.Random(seed)
+        runs["reference: uniform random node per key"].append(
+            loads([nodes[rng.randrange(len(nodes))] for _ in keys], nodes)[0]
+        )
+    return [(name, sum(v) / len(v), max(v), sum(x > 1.06 for x in v)) for name, v in runs.items()]
+
+
 def is_slow(name: str) -> bool:
     return "exact" in name or "clandestined" in name
 
@@ -178,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--time-keys", type=int, default=50_000, help="keys per timing pass")
     ap.add_argument("--slow-keys", type=int, default=2_000, help="timing sample for O(N) picks")
     ap.add_argument("--rounds", type=int, default=5, help="timing rounds (best is kept)")
+    ap.add_argument(
+        "--key-sets", type=int, default=12, help="further key sets for the max/mean spread"
+    )
     args = ap.parse_args(argv)
     nodes = [f"10.1.{i // 250}.{i % 250 + 1}:11211" for i in range(args.nodes)]
     keys = make_keys(args.keys)
@@ -217,6 +243,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nketama agreement with uhashring ketama: {agree:.4%} of keys")
     except ImportError:
         pass
+    if args.key_sets:
+        print(f"\nmax/mean over {args.key_sets} further key sets (seeds 1..{args.key_sets}):\n")
+        print("| policy | mean max/mean | worst | sets above 1.06 |")
+        print("|---|---:|---:|---:|")
+        for name, mean, worst, above in over_key_sets(builders, nodes, args.keys, args.key_sets):
+            print(f"| {name} | {mean:.4f} | {worst:.3f} | {above}/{args.key_sets} |")
     print()
     print("| operation (locking cost) | ns |")
     print("|---|---:|")
