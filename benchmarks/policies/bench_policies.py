@@ -94,16 +94,15 @@ def over_key_sets(
     pickers, plus a uniformly random assignment of the same keys: the sampling
     noise of perfect balance, the floor no hash can beat on average."""
     pickers = [(name, build(nodes)) for name, build in builders if not is_slow(name)]
+    reference = "reference: uniform random node per key"
     runs: dict[str, list[float]] = {name: [] for name, _ in pickers}
-    runs["reference: uniform random node per key"] = []
+    runs[reference] = []
     for seed in range(1, n_sets + 1):
         keys = make_keys(n_keys, seed)
         for name, pick in pickers:
             runs[name].append(loads([str(pick(k)) for k in keys], nodes)[0])
         rng = random.Random(seed)
-        runs["reference: uniform random node per key"].append(
-            loads([nodes[rng.randrange(len(nodes))] for _ in keys], nodes)[0]
-        )
+        runs[reference].append(loads([rng.choice(nodes) for _ in keys], nodes)[0])
     return [(name, sum(v) / len(v), max(v), sum(x > 1.06 for x in v)) for name, v in runs.items()]
 
 
