@@ -18,6 +18,7 @@ import subprocess
 import termios
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -353,6 +354,42 @@ def test_backend_that_never_reads_bounds_memory(listener: socket.socket, mode: s
         stats = r.join()  # the idle timeout ends the stalled relay
         assert stats.a_end is End.TIMEOUT
         assert stats.a_to_b < sent
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize("mode", list(RUNNERS))
+def test_a_fin_that_arrives_while_stalled_is_delivered_after_the_bytes(
+    listener: socket.socket, mode: str
+) -> None:
+    # The client's direction is stalled (the backend does not read yet, pipe and
+    # buffers full) when the client's FIN arrives, so the relay is not reading the
+    # client then. Edge-triggered epoll reports that FIN once: the relay must still
+    # deliver every byte and then the EOF once the backend reads.
+    r = Relay(listener, RUNNERS[mode], pipe_size=65536)
+    try:
+        r.client.setblocking(False)
+        h, sent = hashlib.sha256(), 0
+        rng = random.Random(mode)
+        for _ in range(100_000):  # until everything on the way is full
+            chunk = rng.randbytes(65536)
+            try:
+                n = r.client.send(chunk)
+            except BlockingIOError:
+                if not select.select([], [r.client], [], 0.3)[1]:
+                    break
+                continue
+            h.update(chunk[:n])
+            sent += n
+        assert sent > 65536  # more than the pipe holds: the relay was stalled
+        r.client.shutdown(socket.SHUT_WR)
+        got: list[tuple[int, str]] = []
+        _recv_digest(r.backend, got)  # returns at the EOF: JOIN bounds it
+        assert got == [(sent, h.hexdigest())]
+        r.backend.shutdown(socket.SHUT_WR)
+        stats = r.join()
+        assert (stats.a_to_b, stats.b_to_a) == (sent, 0)
+        assert (stats.a_end, stats.b_end, stats.failed) == (End.EOF, End.EOF, None)
     finally:
         r.close()
 
@@ -742,6 +779,130 @@ def test_cancelling_the_async_relay_ends_it(
         assert not any(
             os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventpoll]" for fd in left
         )
+    finally:
+        for s in (client, backend, a, b):
+            s.close()
+
+
+def _epoll_fds(fds: set[int]) -> list[int]:
+    found = []
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventpoll]":
+                found.append(fd)
+        except FileNotFoundError:
+            pass  # e.g. the descriptor open_fds() listed /proc/self/fd with
+    return found
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("close", [True, False])
+def test_loop_shutdown_ends_relays_started_without_a_task(
+    listener: socket.socket, close: bool, loop_kind: str
+) -> None:
+    # asyncio.run / uvloop.run cancel tasks, and start_pipe_splice makes none: the
+    # relays must still end (as if cancelled) when the loop shuts down, not keep
+    # their sockets, pipes and the hub's epoll open with the peers left waiting.
+    run = uvloop.run if loop_kind == "uvloop" else asyncio.run
+    run(asyncio.sleep(0))  # uvloop keeps one process-wide pipe from its first run on
+    client, a = tcp_pair(listener)
+    b, backend = tcp_pair(listener)
+    before = open_fds()
+    futures: list[asyncio.Future[RelayStats]] = []
+
+    async def main() -> None:
+        futures.append(start_pipe_splice(a, b, close=close))
+        loop = asyncio.get_running_loop()
+        client.setblocking(False)
+        backend.setblocking(False)
+        await loop.sock_sendall(client, b"x" * 300_000)  # a stream: a pipe is in use
+        assert await loop.sock_recv(backend, 10) == b"x" * 10
+        # main returns with the relay still running
+
+    try:
+        run(main())
+        assert futures[0].cancelled()
+        if close:
+            assert a.fileno() == b.fileno() == -1
+            # The peers are not left hanging: the client sees its side closed.
+            client.setblocking(True)
+            client.settimeout(JOIN)
+            assert client.recv(10) == b""
+        else:
+            assert a.fileno() != -1 and b.fileno() != -1
+            assert a.getblocking() and b.getblocking()  # restored
+        release_pipes()
+        left = open_fds() - before
+        assert not [fd for fd in left if _is_pipe(fd)], "pipes closed"
+        assert not _epoll_fds(left), "the hub's epoll closed"
+        assert not relay_mod._HUBS
+    finally:
+        for s in (client, backend, a, b):
+            s.close()
+
+
+def test_relays_of_a_loop_closed_without_shutdown_end_with_the_next_hub(
+    listener: socket.socket,
+) -> None:
+    # loop.close() alone runs no shutdown hook; the relays on that loop can never
+    # run again, so the next hub (on another loop) ends them and frees their fds.
+    client, a = tcp_pair(listener)
+    b, backend = tcp_pair(listener)
+    client2, a2 = tcp_pair(listener)
+    b2, backend2 = tcp_pair(listener)
+    loop = asyncio.new_event_loop()
+    try:
+
+        async def start() -> asyncio.Future[RelayStats]:
+            return start_pipe_splice(a, b)
+
+        old = loop.run_until_complete(start())
+    finally:
+        loop.close()
+    try:
+        assert not old.done() and a.fileno() != -1  # nothing ran it down yet
+        hub_fds = _epoll_fds(open_fds())
+
+        async def second() -> RelayStats:
+            future = start_pipe_splice(a2, b2)
+            assert a.fileno() == b.fileno() == -1  # the old loop's relay ended
+            client2.shutdown(socket.SHUT_WR)
+            backend2.shutdown(socket.SHUT_WR)
+            return await future
+
+        stats = asyncio.run(second())
+        assert (stats.a_end, stats.b_end) == (End.EOF, End.EOF)
+        assert old.cancelled()
+        assert not set(_epoll_fds(open_fds())) & set(hub_fds), "the old hub's epoll closed"
+        assert not relay_mod._HUBS
+    finally:
+        for s in (client, backend, a, b, client2, backend2, a2, b2):
+            s.close()
+
+
+def test_a_hub_closed_when_idle_leaves_no_shutdown_work(listener: socket.socket) -> None:
+    # The hub's shutdown hook is an async generator; a hub that closes itself (its
+    # last relay ended) finishes it, so the loop has nothing to close at shutdown
+    # and no finalizer task or "never closed" warning appears.
+    client, a = tcp_pair(listener)
+    b, backend = tcp_pair(listener)
+    seen: list[int] = []
+
+    async def main() -> None:
+        future = start_pipe_splice(a, b)
+        client.shutdown(socket.SHUT_WR)
+        backend.shutdown(socket.SHUT_WR)
+        await future
+        loop = asyncio.get_running_loop()
+        seen.append(len(loop._asyncgens))  # type: ignore[attr-defined]
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            asyncio.run(main())
+            gc.collect()
+        assert seen == [0]
+        assert not relay_mod._HUBS
     finally:
         for s in (client, backend, a, b):
             s.close()

@@ -34,6 +34,7 @@ import termios
 import threading
 import time
 import weakref
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeAlias
 
@@ -988,7 +989,9 @@ def start_pipe_splice(
     connections per second. The relay runs as soon as this returns; the future
     gets the :class:`RelayStats`. Cancelling the future ends the relay at once as
     cancelling :func:`async_pipe_splice` does (pipes closed; sockets closed with
-    ``close=True``). Must be called from the loop's thread.
+    ``close=True``). A relay still running when the loop shuts down
+    (``asyncio.run``, ``uvloop.run``, ``loop.shutdown_asyncgens()``) ends the same
+    way. Must be called from the loop's thread.
 
     :param a: a connected stream socket.
     :param b: a connected stream socket (its non-blocking connect may be in flight).
@@ -1120,18 +1123,20 @@ _ARM_IN = _EPOLLIN | _EPOLLRDHUP
 class _Hub:
     """One epoll instance per event loop, shared by all of that loop's relays."""
 
-    __slots__ = ("ep", "fd", "loop", "owners")
+    __slots__ = ("closer", "ep", "fd", "loop", "owners")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.ep = select.epoll()  # close-on-exec since Python 3.4
         self.fd = self.ep.fileno()
         self.owners: dict[int, _Driven] = {}
+        self.closer: AsyncGenerator[None, None] | None = None
         try:
             loop.add_reader(self.fd, self.dispatch)
         except BaseException:
             self.ep.close()
             raise
+        self.closer = _shutdown_hook(self)
 
     def dispatch(self) -> None:
         owners = self.owners
@@ -1161,9 +1166,54 @@ class _Hub:
             with contextlib.suppress(Exception):
                 self.loop.remove_reader(self.fd)
             self.ep.close()
+            closer, self.closer = self.closer, None
+            if closer is not None:
+                # Finished here, so the loop's shutdown has nothing to close and
+                # the asyncgen finalizer never schedules a task for it.
+                with contextlib.suppress(StopIteration):
+                    closer.aclose().send(None)
+
+    def shutdown(self) -> None:
+        """End every relay of this hub as cancelling it would, then close the hub.
+
+        Run when the loop shuts down (see :func:`_shutdown_hook`) or was found
+        closed: relays started with :func:`start_pipe_splice` have no task that
+        ``asyncio.run`` could cancel, and would otherwise keep their sockets, pipes
+        and this epoll fd open, and their peers waiting, for the life of the process.
+        """
+        for driven in list(dict.fromkeys(self.owners.values())):
+            driven.finalize()  # detaches; the last one closes the hub
+            if not driven.future.done():
+                with contextlib.suppress(RuntimeError):  # a closed loop's callbacks
+                    driven.future.cancel()
+        self.close_if_idle()
 
 
 _HUBS: dict[asyncio.AbstractEventLoop, _Hub] = {}
+
+
+async def _loop_shutdown(hub: _Hub) -> AsyncGenerator[None, None]:
+    try:
+        yield
+    finally:
+        if hub.closer is not None:  # else the hub closed itself and closes this
+            hub.closer = None
+            hub.shutdown()
+
+
+def _shutdown_hook(hub: _Hub) -> AsyncGenerator[None, None]:
+    """An async generator, started on the hub's loop, whose closing ends the hub.
+
+    asyncio has no "loop closing" callback, but every orderly shutdown (``asyncio.run``,
+    ``asyncio.Runner``, ``uvloop.run``, or the documented
+    ``loop.run_until_complete(loop.shutdown_asyncgens())``) closes the async
+    generators the loop has seen start: the loop's first-iteration hook records
+    this one when it starts here, and its ``aclose()`` runs :meth:`_Hub.shutdown`.
+    """
+    agen = _loop_shutdown(hub)
+    with contextlib.suppress(StopIteration):
+        agen.asend(None).send(None)  # to its yield: the loop's firstiter hook sees it
+    return agen
 
 
 class _Driven:
@@ -1308,6 +1358,10 @@ def _start_async(
 ) -> _Driven:
     hub = _HUBS.get(loop)
     if hub is None:
+        # Hubs of loops closed without an orderly shutdown (loop.close() alone):
+        # their relays can never run again, so end them and free their fds now.
+        for old in [h for h in _HUBS.values() if h.loop.is_closed()]:
+            old.shutdown()
         hub = _HUBS[loop] = _Hub(loop)
     driven = _Driven(relay, hub, future if future is not None else loop.create_future())
     try:
