@@ -1101,10 +1101,20 @@ async def _run_async_selector(relay: _Relay) -> RelayStats:
 #
 # Driving relays through the loop's add_reader/add_writer costs a Handle, a
 # selector-key lookup and a context switch per event, plus an epoll_ctl each time
-# a wait changes. Instead every relay of one loop shares one level-triggered
-# epoll instance (the hub); the loop watches only the hub's fd, and the hub
-# dispatches its events straight to the relays in one tight loop. An fd's
-# interest is re-armed only when what its relay waits for changes.
+# a wait changes. Instead every relay of one loop shares one epoll instance (the
+# hub); the loop watches only the hub's fd, and the hub dispatches its events
+# straight to the relays in one tight loop. An fd's interest is re-armed only when
+# its relay stalls or resumes (a full pipe or destination), not per event.
+#
+# Edge-triggered: a level-triggered fd whose direction has ended (EOF) stays
+# readable and must be disarmed, one epoll_ctl per connection that edges do not
+# need. Edges lose nothing here: a flow stops reading only at a short read (the
+# socket was empty; new bytes bring a new edge), at its EOF, or at a stall, and a
+# stalled source is disarmed and, when the flow resumes, re-armed with
+# EPOLL_CTL_MOD, which re-polls the socket and reports what arrived meanwhile.
+# Arming everything once without disarming stalled sources (as nginx does) was
+# measured too: every segment arriving at a stalled source then wakes the hub,
+# ~8 % more CPU per GB in bulk here.
 
 _EPOLLIN = getattr(select, "EPOLLIN", 1)
 _EPOLLOUT = getattr(select, "EPOLLOUT", 4)
@@ -1117,7 +1127,7 @@ _READ_EVENTS = _EPOLLIN | _EPOLLRDHUP | _EPOLLHUP | _EPOLLERR
 _WRITE_EVENTS = _EPOLLOUT | _EPOLLHUP | _EPOLLERR
 # RDHUP with IN: a peer's FIN comes flagged with its last bytes, and the relay reads
 # the EOF in the same wakeup (one event less per closed connection).
-_ARM_IN = _EPOLLIN | _EPOLLRDHUP
+_ARM_IN = _EPOLLIN | _EPOLLRDHUP | _EPOLLET
 
 
 class _Hub:
@@ -1255,12 +1265,10 @@ class _Driven:
                 relay.fail(failure)
                 self.end()
                 return
-            if not (reader.pending or reader.eof or reader.mode != _SMALL):
-                return
             if f0.shut and f1.shut:
                 self.end()
-            else:
-                self.rearm()
+            elif reader.pending or reader.mode != _SMALL:
+                self.rearm()  # stalled, or a stream now: what it waits for changed
             return
         # What the two flows wait for; the common event (a message read and
         # written in full) changes none of it, and then there is nothing to re-arm.
@@ -1284,20 +1292,20 @@ class _Driven:
             self.rearm()
 
     def rearm(self) -> None:
-        # Level-triggered, so an fd is armed for exactly what its relay waits for;
-        # one with nothing to wait for is left edge-triggered with no events, where
-        # only a new error or hang-up reports (once) instead of spinning.
+        # An fd is armed for what its relay waits for: reading unless the flow is
+        # stalled, writing while bytes are pending. A direction that has ended
+        # keeps whatever it had: an edge-triggered EOF does not repeat, and a
+        # later error or hang-up is worth one event.
         masks = self.masks
         f0, f1 = self.relay.flows
         for reader, writer in ((f0, f1), (f1, f0)):
             fd = reader.src_fd
-            mask = 0
-            if reader.wants_read and not reader.shut:
-                mask = _ARM_IN
+            if reader.eof or reader.shut:
+                mask = masks[fd] & _ARM_IN
+            else:
+                mask = _ARM_IN if reader.wants_read else _EPOLLET
             if writer.pending and not writer.shut:
-                mask |= _EPOLLOUT
-            if not mask:
-                mask = _EPOLLET
+                mask |= _EPOLLOUT | _EPOLLET
             if masks[fd] != mask:
                 self.hub.ep.modify(fd, mask)
                 masks[fd] = mask
