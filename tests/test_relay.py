@@ -739,6 +739,25 @@ def test_a_thread_s_idle_pipes_close_with_the_thread(listener: socket.socket) ->
     assert open_fds() == before
 
 
+def _epoll_fds(fds: set[int]) -> list[int]:
+    found = []
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventpoll]":
+                found.append(fd)
+        except FileNotFoundError:
+            pass  # e.g. the descriptor open_fds() listed /proc/self/fd with
+    return found
+
+
+def _assert_no_relay_fds_since(before: set[int]) -> None:
+    """No pipe and no hub epoll opened since *before* is still open."""
+    release_pipes()
+    left = open_fds() - before
+    assert not [fd for fd in left if _is_pipe(fd)], "pipes closed"
+    assert not _epoll_fds(left), "the hub's epoll closed"
+
+
 @pytest.mark.parametrize("close", [True, False])
 @pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
 @pytest.mark.parametrize("api", ["coroutine", "start"])
@@ -773,26 +792,10 @@ def test_cancelling_the_async_relay_ends_it(
         else:
             assert a.fileno() != -1 and b.fileno() != -1
             assert a.getblocking() and b.getblocking()  # restored
-        release_pipes()
-        left = open_fds() - before
-        assert not [fd for fd in left if _is_pipe(fd)], "pipes and the hub's epoll closed"
-        assert not any(
-            os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventpoll]" for fd in left
-        )
+        _assert_no_relay_fds_since(before)
     finally:
         for s in (client, backend, a, b):
             s.close()
-
-
-def _epoll_fds(fds: set[int]) -> list[int]:
-    found = []
-    for fd in fds:
-        try:
-            if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventpoll]":
-                found.append(fd)
-        except FileNotFoundError:
-            pass  # e.g. the descriptor open_fds() listed /proc/self/fd with
-    return found
 
 
 @pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
@@ -831,10 +834,7 @@ def test_loop_shutdown_ends_relays_started_without_a_task(
         else:
             assert a.fileno() != -1 and b.fileno() != -1
             assert a.getblocking() and b.getblocking()  # restored
-        release_pipes()
-        left = open_fds() - before
-        assert not [fd for fd in left if _is_pipe(fd)], "pipes closed"
-        assert not _epoll_fds(left), "the hub's epoll closed"
+        _assert_no_relay_fds_since(before)
         assert not relay_mod._HUBS
     finally:
         for s in (client, backend, a, b):
