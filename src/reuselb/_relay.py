@@ -1307,8 +1307,9 @@ class _Driven:
             self.rearm()
 
     def rearm(self) -> None:
-        # An fd is armed for what its relay waits for: reading unless the flow is
-        # stalled, writing while bytes are pending. A direction that has ended
+        # An fd is armed (always edge-triggered) for what its relay waits for:
+        # reading unless the flow is stalled, writing while bytes are pending.
+        # A direction that has ended
         # keeps whatever it had: an edge-triggered EOF does not repeat, and a
         # later error or hang-up is worth one event.
         masks = self.masks
@@ -1320,7 +1321,7 @@ class _Driven:
             else:
                 mask = _ARM_IN if reader.wants_read else _EPOLLET
             if writer.pending and not writer.shut:
-                mask |= _EPOLLOUT | _EPOLLET
+                mask |= _EPOLLOUT
             if masks[fd] != mask:
                 self.hub.ep.modify(fd, mask)
                 masks[fd] = mask
