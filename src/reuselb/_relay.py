@@ -1384,7 +1384,8 @@ def _start_async(
     if hub is None:
         # Hubs of loops closed without an orderly shutdown (loop.close() alone):
         # their relays can never run again, so end them and free their fds now.
-        for old in [h for h in _HUBS.values() if h.loop.is_closed()]:
+        # list() copies in one step: loops in other threads add and drop hubs.
+        for old in [h for h in list(_HUBS.values()) if h.loop.is_closed()]:
             old.shutdown()
         hub = _HUBS[loop] = _Hub(loop)
     driven = _Driven(relay, hub, future if future is not None else loop.create_future())
