@@ -1228,6 +1228,58 @@ def test_thousand_concurrent_relays_on_one_loop(listener: socket.socket, loop_ki
     assert open_fds() <= fds_before
 
 
+def test_loops_in_several_threads_each_get_their_own_hub(listener: socket.socket) -> None:
+    # Each loop has its own hub in a table shared by all threads; loops starting
+    # and ending relays at once must neither mix their relays nor leave a hub.
+    n_threads, per_loop = 4, 50
+    pairs = [
+        [(tcp_pair(listener), tcp_pair(listener)) for _ in range(per_loop)]
+        for _ in range(n_threads)
+    ]
+    fds_before = open_fds()
+    results: dict[int, list[tuple[int, int]]] = {}
+    errors: list[BaseException] = []
+    start = threading.Barrier(n_threads)
+
+    async def serve(t: int) -> list[tuple[int, int]]:
+        futures = []
+        for i, ((client, a), (b, backend)) in enumerate(pairs[t]):
+            futures.append(start_pipe_splice(a, b))
+            client.sendall(b"t%d-%d" % (t, i))
+            client.shutdown(socket.SHUT_WR)
+            backend.shutdown(socket.SHUT_WR)
+        done = await asyncio.wait_for(asyncio.gather(*futures), JOIN)
+        for i, ((_c, _a), (_b, backend)) in enumerate(pairs[t]):
+            backend.settimeout(JOIN)
+            assert backend.recv(100) == b"t%d-%d" % (t, i)  # its own relay's bytes
+        return [(s.a_to_b, s.b_to_a) for s in done]
+
+    def thread(t: int) -> None:
+        try:
+            start.wait(JOIN)
+            results[t] = asyncio.run(serve(t))
+        except BaseException as exc:
+            errors.append(exc)
+
+    workers = [threading.Thread(target=thread, args=(t,)) for t in range(n_threads)]
+    try:
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(JOIN)
+        assert not any(w.is_alive() for w in workers)
+        assert not errors, errors
+        for t in range(n_threads):
+            assert results[t] == [(len(b"t%d-%d" % (t, i)), 0) for i in range(per_loop)]
+        assert not relay_mod._HUBS
+        assert open_fds() <= fds_before
+    finally:
+        for group in pairs:
+            for (client, _a), (_b, backend) in group:
+                client.close()
+                backend.close()
+
+
 # --------------------------------------------------------------------------- latency
 
 
