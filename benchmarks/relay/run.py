@@ -162,6 +162,23 @@ RELAYS = [
 ]
 
 
+def iperf3_client(port: int, seconds: int) -> list[str]:
+    """iperf3's client through the relay on *port*, on the load CPU, JSON output."""
+    return [
+        "taskset",
+        "-c",
+        LOAD_CPU,
+        "iperf3",
+        "-c",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "-t",
+        str(seconds),
+        "-J",
+    ]
+
+
 def bulk(name: str, work: Path, seconds: int) -> dict[str, float]:
     backend, listen = free_port(), free_port()
     # The relay starts first: its readiness probe must not reach iperf3, whose server
@@ -173,19 +190,7 @@ def bulk(name: str, work: Path, seconds: int) -> dict[str, float]:
         for _attempt in range(2):
             c0 = cpu_seconds(relay.pid)
             out = subprocess.run(
-                [
-                    "taskset",
-                    "-c",
-                    LOAD_CPU,
-                    "iperf3",
-                    "-c",
-                    "127.0.0.1",
-                    "-p",
-                    str(listen),
-                    "-t",
-                    str(seconds),
-                    "-J",
-                ],
+                iperf3_client(listen, seconds),
                 capture_output=True,
                 text=True,
                 timeout=seconds + 60,

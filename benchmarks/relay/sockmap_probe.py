@@ -41,7 +41,16 @@ import threading
 import time
 from pathlib import Path
 
-from run import HERE, LOAD_CPU, RELAY_CPU, cpu_seconds, free_port, relay_cmd, started
+from run import (
+    HERE,
+    LOAD_CPU,
+    RELAY_CPU,
+    cpu_seconds,
+    free_port,
+    iperf3_client,
+    relay_cmd,
+    started,
+)
 
 _SYS_BPF = 321  # x86_64
 _BPF_MAP_CREATE, _BPF_MAP_UPDATE_ELEM, _BPF_PROG_LOAD, _BPF_PROG_ATTACH = 0, 2, 5, 8
@@ -202,19 +211,7 @@ def bulk(name: str, cmd: list[str], listen: int, target: int, seconds: int) -> d
     ):
         p0, m0 = cpu_seconds(relay.pid), _machine_busy()
         out = subprocess.run(
-            [
-                "taskset",
-                "-c",
-                LOAD_CPU,
-                "iperf3",
-                "-J",
-                "-c",
-                "127.0.0.1",
-                "-p",
-                str(listen),
-                "-t",
-                str(seconds),
-            ],
+            iperf3_client(listen, seconds),
             capture_output=True,
             text=True,
             timeout=seconds + 60,
