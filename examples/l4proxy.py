@@ -76,21 +76,32 @@ async def serve(listener: socket.socket, args: argparse.Namespace) -> None:
         finally:
             lease.release()  # type: ignore[attr-defined]
 
+    def on_accept() -> None:
+        # Accept in our own reader callback rather than with a cancellable
+        # loop.sock_accept(): cancelling one whose callback is already queued lets
+        # that callback accept into the cancelled future (CPython 3.11), and the
+        # connection is never served. Here every accept gets its relay at once.
+        for _ in range(64):  # a bounded batch per wakeup
+            try:
+                client, peer = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            client.setblocking(False)
+            task = asyncio.ensure_future(relay(client, peer))
+            relays.add(task)
+            task.add_done_callback(relays.discard)
+
     listener.setblocking(False)
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_reader(listener.fileno(), on_accept)
     print("ready", flush=True)
-    accepting = asyncio.ensure_future(stop.wait())
-    while not stop.is_set():
-        accept = asyncio.ensure_future(loop.sock_accept(listener))
-        await asyncio.wait({accept, accepting}, return_when=asyncio.FIRST_COMPLETED)
-        if not accept.done():
-            accept.cancel()
-            break
-        client, peer = accept.result()
-        task = asyncio.ensure_future(relay(client, peer))
-        relays.add(task)
-        task.add_done_callback(relays.discard)
+    await stop.wait()
+    # remove_reader() also cancels a callback already queued: no accept after this,
+    # so what waits in the queue is the next worker's.
+    loop.remove_reader(listener.fileno())
     listener.close()  # our fd only: the master still holds the socket and its queue
     if relays:
         await asyncio.wait(relays, timeout=args.drain_timeout)
@@ -110,12 +121,14 @@ def spawn(member: socket.socket, argv: list[str]) -> subprocess.Popen[str]:
 
 
 def master(args: argparse.Namespace, argv: list[str]) -> int:
-    group = reuseport_group(args.listen, args.workers)
-    procs = [spawn(member, argv) for member in group]
-    print(f"ready {group.address} workers={','.join(str(p.pid) for p in procs)}", flush=True)
+    # Handlers first: a SIGHUP sent as soon as "ready" is read must not meet the
+    # default action (terminate) and take the master and its listeners down.
     events: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda signum, frame: events.append(signum))
+    group = reuseport_group(args.listen, args.workers)
+    procs = [spawn(member, argv) for member in group]
+    print(f"ready {group.address} workers={','.join(str(p.pid) for p in procs)}", flush=True)
     try:
         while True:
             if not events:
