@@ -109,7 +109,7 @@ class SockmapRelay:
         attr = struct.pack(
             "<IIQQIIQII16sII",
             _PROG_SK_SKB,
-            (len(prog) - 1) // 8,
+            (len(prog) - 1) // 8,  # the buffer adds a NUL after the 8-byte insns
             ctypes.addressof(prog),
             ctypes.addressof(lic),
             1,
