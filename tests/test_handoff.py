@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import gc
 import json
 import os
 import resource
@@ -105,6 +106,81 @@ def test_mismatched_declaration_is_refused_and_nothing_leaks() -> None:
             s.close()
 
 
+def _forged(entries: object, fds: list[int]) -> tuple[socket.socket, socket.socket]:
+    """A channel whose next message is a handoff header with *entries* and *fds*."""
+    a, b = socket.socketpair()
+    header = json.dumps({"sockets": entries}).encode()
+    payload = struct.pack("!4sI", b"RLB1", len(header)) + header
+    a.sendmsg(
+        [payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
+    )
+    return a, b
+
+
+_GOOD = {"name": "x", "family": 2, "type": 1, "listening": True}
+
+
+@pytest.mark.parametrize(
+    ("entries", "match"),
+    [
+        (5, "'sockets' is 5"),
+        ([7], "malformed handoff entry 7"),
+        ([{"name": 1, "family": 2, "type": 1, "listening": True}], "malformed handoff entry"),
+        ([{"name": "x", "type": 1, "listening": True}], "'x' lacks 'family'"),
+        ([_GOOD, dict(_GOOD, listening=False)], "name 'x' is repeated"),
+    ],
+)
+def test_malformed_header_closes_each_fd_once(entries: object, match: str) -> None:
+    listeners = [reuseport_listener("127.0.0.1:0") for _ in range(2)]
+    a, b = _forged(entries, [s.fileno() for s in listeners])
+    try:
+        before = open_fds()
+        with pytest.raises(HandoffError, match=match):
+            recv_sockets(b)
+        assert open_fds() == before
+        # A file opened now may reuse a received fd's number: no socket object may
+        # still own that number and close it later (it used to, on these paths).
+        victim = os.open(os.devnull, os.O_RDONLY)
+        try:
+            gc.collect()
+            os.fstat(victim)
+        finally:
+            os.close(victim)
+    finally:
+        for s in (a, b, *listeners):
+            s.close()
+
+
+def test_a_file_that_is_not_a_socket_is_refused() -> None:
+    r, w = os.pipe()
+    a, b = _forged([_GOOD], [r])
+    try:
+        before = open_fds()
+        with pytest.raises(HandoffError, match="'x' is not a socket"):
+            recv_sockets(b)
+        assert open_fds() == before
+    finally:
+        for s in (a, b):
+            s.close()
+        os.close(r)
+        os.close(w)
+
+
+@pytest.mark.parametrize("kind", [socket.SOCK_DGRAM, socket.SOCK_SEQPACKET])
+def test_datagram_channels(kind: int) -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, kind)
+    listener = reuseport_listener("127.0.0.1:0")
+    try:
+        send_sockets(a, [listener], names=["web"])
+        got = recv_sockets(b)
+        assert list(got) == ["web"]
+        assert got["web"].getsockname() == listener.getsockname()
+        got["web"].close()
+    finally:
+        for s in (a, b, listener):
+            s.close()
+
+
 def test_garbage_and_eof() -> None:
     a, b = socket.socketpair()
     try:
@@ -127,6 +203,8 @@ def test_bad_arguments() -> None:
             send_sockets(a, [])
         with pytest.raises(InvalidArgument, match="one unique name"):
             send_sockets(a, [tcp, tcp], names=["x", "x"])
+        with pytest.raises(InvalidArgument, match="invalid names 1: each name must be a str"):
+            send_sockets(a, [tcp, tcp], names=[1, "1"])  # type: ignore[list-item]
         with pytest.raises(InvalidArgument, match="must be an AF_UNIX socket"):
             send_sockets(tcp, [tcp])
     finally:

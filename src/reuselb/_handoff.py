@@ -82,8 +82,8 @@ def send_sockets(
         descriptors in one message (SCM_MAX_FD), so larger sets go in chunks: the
         first with the header, each further one on a one-byte marker.
     :param names: one unique name per socket; default ``"0"``, ``"1"``, ...
-    :raises InvalidArgument: no sockets, too many, names of the wrong count or repeated,
-        or a channel that is not a Unix socket.
+    :raises InvalidArgument: no sockets, too many, names of the wrong count, repeated
+        or not ``str``, or a channel that is not a Unix socket.
     :raises SocketClosed: a socket or the channel is closed.
     :raises OSError: the channel failed.
     """
@@ -92,6 +92,10 @@ def send_sockets(
     if not socks or len(socks) > _MAX_SOCKETS:
         raise InvalidArgument("socks", len(socks), f"must send 1 to {_MAX_SOCKETS} sockets")
     names = [str(i) for i in range(len(socks))] if names is None else list(names)
+    for n in names:
+        # JSON keys are strings on the other side: 1 and "1" would collide there.
+        if not isinstance(n, str):
+            raise InvalidArgument("names", n, "each name must be a str")
     if len(names) != len(socks) or len(set(names)) != len(names):
         raise InvalidArgument("names", names, "need one unique name per socket")
     for s in socks:
@@ -113,22 +117,73 @@ def send_sockets(
         channel.sendmsg([_CHUNK_MARK], rights)
 
 
+def _take_fds(ancdata: list[tuple[int, int, bytes]], flags: int, fds: list[int]) -> None:
+    for level, kind, cdata in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(cdata) - len(cdata) % 4
+            fds.extend(array.array("i", cdata[:usable]))
+    if flags & socket.MSG_CTRUNC:
+        raise HandoffError("control data truncated: descriptors were lost in transit")
+
+
 def _recv_exact(channel: socket.socket, n: int, fds: list[int]) -> bytes:
     data = b""
     while len(data) < n:
         msg, ancdata, flags, _ = channel.recvmsg(
             n - len(data), socket.CMSG_SPACE(_MAX_FDS * 4), _MSG_CMSG_CLOEXEC
         )
-        for level, kind, cdata in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                usable = len(cdata) - len(cdata) % 4
-                fds.extend(array.array("i", cdata[:usable]))
-        if flags & socket.MSG_CTRUNC:
-            raise HandoffError("control data truncated: descriptors were lost in transit")
+        _take_fds(ancdata, flags, fds)
         if not msg:
             raise HandoffError(f"channel closed after {len(data)} of {n} header bytes")
         data += msg
     return data
+
+
+def _recv_header(channel: socket.socket, fds: list[int]) -> bytes:
+    """The JSON header of one handoff, whatever the channel's type."""
+    if channel.type == socket.SOCK_STREAM:
+        magic, length = _HEADER.unpack(_recv_exact(channel, _HEADER.size, fds))
+        if magic != _MAGIC or length > _MAX_JSON:
+            raise HandoffError(f"not a reuselb handoff message (header {magic!r}, {length})")
+        return _recv_exact(channel, length, fds)
+    # A datagram (or seqpacket) channel carries the whole header in one message:
+    # reading it in two parts, as on a stream, would let the kernel discard the
+    # rest of the datagram after the first read and then wait for one that never
+    # comes.
+    msg, ancdata, flags, _ = channel.recvmsg(
+        _HEADER.size + _MAX_JSON + 1, socket.CMSG_SPACE(_MAX_FDS * 4), _MSG_CMSG_CLOEXEC
+    )
+    _take_fds(ancdata, flags, fds)
+    if flags & socket.MSG_TRUNC or len(msg) < _HEADER.size:
+        raise HandoffError(f"not a reuselb handoff message ({len(msg)} bytes)")
+    magic, length = _HEADER.unpack_from(msg)
+    if magic != _MAGIC or length != len(msg) - _HEADER.size:
+        raise HandoffError(f"not a reuselb handoff message (header {magic!r}, {length})")
+    return msg[_HEADER.size :]
+
+
+def _parse_header(raw: bytes) -> list[tuple[str, dict[str, object]]]:
+    """``(name, {family, type, listening})`` per socket, checked before any fd is used."""
+    try:
+        meta = json.loads(raw)["sockets"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise HandoffError(f"malformed handoff header: {exc!r}") from None
+    if not isinstance(meta, list) or len(meta) > _MAX_SOCKETS:
+        raise HandoffError(f"malformed handoff header: 'sockets' is {meta!r:.80}")
+    out: list[tuple[str, dict[str, object]]] = []
+    names: set[str] = set()
+    for entry in meta:
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise HandoffError(f"malformed handoff entry {entry!r:.80}")
+        try:
+            want = {k: entry[k] for k in ("family", "type", "listening")}
+        except KeyError as exc:
+            raise HandoffError(f"handoff entry {entry['name']!r} lacks {exc}") from None
+        if entry["name"] in names:
+            raise HandoffError(f"handoff entry name {entry['name']!r} is repeated")
+        names.add(entry["name"])
+        out.append((entry["name"], want))
+    return out
 
 
 def recv_sockets(channel: socket.socket) -> dict[str, socket.socket]:
@@ -139,39 +194,39 @@ def recv_sockets(channel: socket.socket) -> dict[str, socket.socket]:
         family, type and listening state the sender declared.
     :raises HandoffError: the message is malformed or truncated, or a socket is not
         what the sender said (every fd received is then closed).
+    :raises InvalidArgument: the channel is not a Unix socket.
     :raises SocketClosed: the channel is closed.
+    :raises OSError: the channel failed.
     """
     channel = _check_channel(channel)
     fds: list[int] = []
+    # fds[:wrapped] are owned by socket objects in *out*, fds[wrapped:] by nobody
+    # yet: a failure closes each one exactly once (a second close could hit an
+    # unrelated file that reused the number).
     out: dict[str, socket.socket] = {}
+    wrapped = 0
     try:
-        magic, length = _HEADER.unpack(_recv_exact(channel, _HEADER.size, fds))
-        if magic != _MAGIC or length > _MAX_JSON:
-            raise HandoffError(f"not a reuselb handoff message (header {magic!r}, {length})")
-        try:
-            meta = json.loads(_recv_exact(channel, length, fds))["sockets"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise HandoffError(f"malformed handoff header: {exc}") from None
-        if not isinstance(meta, list) or len(meta) > _MAX_SOCKETS:
-            raise HandoffError(f"malformed handoff header: {len(meta)} sockets")
+        meta = _parse_header(_recv_header(channel, fds))
         while len(fds) < len(meta):  # further chunks, one marker byte each
             before = len(fds)
             if _recv_exact(channel, 1, fds) != _CHUNK_MARK or len(fds) == before:
                 raise HandoffError(f"expected a chunk of descriptors after {before}")
         if len(meta) != len(fds):
             raise HandoffError(f"header lists {len(meta)} sockets but {len(fds)} fds arrived")
-        for entry, fd in zip(meta, fds, strict=True):
-            sock = socket.socket(fileno=fd)
-            out[str(entry["name"])] = sock
+        for name, want in meta:
+            try:
+                sock = socket.socket(fileno=fds[wrapped])
+            except OSError as exc:  # ENOTSOCK: the sender passed some other file
+                raise HandoffError(f"handoff entry {name!r} is not a socket: {exc}") from None
+            wrapped += 1
+            out[name] = sock
             got = _describe(sock)
-            want = {k: entry[k] for k in ("family", "type", "listening")}
             if got != want:
-                raise HandoffError(f"socket {entry['name']!r} is {got}, sender said {want}")
-        fds.clear()
+                raise HandoffError(f"socket {name!r} is {got}, sender said {want}")
     except BaseException:
         for sock in out.values():
             sock.close()
-        for fd in fds[len(out) :]:
+        for fd in fds[wrapped:]:
             os.close(fd)
         raise
     return out
