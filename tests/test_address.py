@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import socket
 import string
 
@@ -139,3 +141,50 @@ def test_arbitrary_tuples_only_raise_address_error(value: tuple[str, object]) ->
     except AddressError:
         return
     assert parse_address(str(a)) == a
+
+
+# --------------------------------------------------------------------------- hand-built
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "needle"),
+    [
+        ("127.0.0.1", 99999, "port 99999 out of range 0-65535"),  # would bind 34463
+        ("127.0.0.1", 65536, "port 65536 out of range"),
+        ("127.0.0.1", -5, "port -5 out of range"),
+        ("h", True, "port must be an int, got bool"),
+        ("h", 80.0, "port must be an int, got float"),
+        ("h", "80", "port must be an int, got str"),
+        (b"h", 80, "host must be a str, got bytes"),
+        (None, 80, "host must be a str, got NoneType"),
+        ("not a host!", 80, "'not a host!' is not a valid host name"),
+        ("999.1.1.1", 1, "'999.1.1.1' is not an IPv4 address"),
+        ("[::1]", 1, "'[::1]' is not an IPv6 address"),
+        ("1:2", 1, "'1:2' is not an IPv6 address"),
+        ("fe80::1%e th", 1, "invalid IPv6 zone 'e th'"),
+    ],
+)
+def test_hand_built_address_is_checked(host: object, port: object, needle: str) -> None:
+    with pytest.raises(AddressError) as info:
+        Address(host, port)  # type: ignore[arg-type]
+    assert needle in str(info.value)
+    assert repr((host, port)) in str(info.value)
+    assert isinstance(info.value, ValueError)
+
+
+def test_hand_built_address_is_canonical() -> None:
+    class Port(enum.IntEnum):
+        HTTP = 80
+
+    assert Address("Example.COM.", 1) == parse_address("example.com:1")
+    assert Address("::FFFF:0:1", 2) == parse_address("[::ffff:0:1]:2")
+    assert Address("FE80::1%eth0", 3).host == "fe80::1%eth0"
+    assert Address("*", 4) == Address("", 4)
+    http = Address("h", Port.HTTP)
+    assert type(http.port) is int and http == Address("h", 80)
+    a = Address("::1", 5)
+    assert parse_address(str(a)) == a
+    with pytest.raises(AddressError, match="port 70000 out of range"):
+        dataclasses.replace(a, port=70000)
+    with pytest.raises(AddressError, match="port 70000 out of range"):
+        a.with_port(70000)

@@ -32,18 +32,48 @@ _LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)\Z")
 _V4ISH_RE = re.compile(r"[0-9.]+\Z")
 
 
+def _host_family(host: str) -> socket.AddressFamily:
+    if ":" in host:
+        return socket.AF_INET6
+    if host and _V4ISH_RE.match(host):
+        return socket.AF_INET
+    return socket.AF_UNSPEC
+
+
 @dataclass(frozen=True, slots=True)
 class Address:
     """A parsed ``host:port``.
+
+    Built by :func:`parse_address`, or by hand: ``Address(host, port)`` checks its
+    fields the same way and stores the host in canonical form, so two spellings of
+    one address compare equal (``Address("::FFFF:0:1", 80) == Address("::ffff:0:1", 80)``).
 
     :ivar host: ``""`` for all interfaces; an IPv4 literal; an IPv6 literal
         without brackets, compressed and lower-case (a zone stays as ``%zone``);
         or a lower-case host name.
     :ivar port: ``0`` to ``65535``; ``0`` asks the kernel for a free port.
+    :raises AddressError: *host* is not a str, not an IP literal or a host name, or
+        *port* is not an int in ``0..65535`` (a bool is refused).
     """
 
     host: str
     port: int
+
+    def __post_init__(self) -> None:
+        # Checked here and not only in parse_address: a hand-built Address goes
+        # straight to bind(), and the socket module truncates the port to 16 bits
+        # (port 99999 binds 34463) while a malformed host becomes a DNS lookup.
+        value = (self.host, self.port)
+        if not isinstance(self.host, str):
+            raise AddressError(value, f"host must be a str, got {type(self.host).__name__}")
+        port = _check_port(self.port, value)
+        if ":" in self.host:
+            host = _canonical_v6(self.host, value)
+        else:
+            host = _canonical_host(self.host, value)
+        # Frozen: the canonical forms go in through object.__setattr__.
+        object.__setattr__(self, "host", host)
+        object.__setattr__(self, "port", port)
 
     @property
     def is_wildcard(self) -> bool:
@@ -53,11 +83,7 @@ class Address:
     @property
     def family(self) -> socket.AddressFamily:
         """``AF_INET``/``AF_INET6`` for literals, ``AF_UNSPEC`` for names and ``""``."""
-        if ":" in self.host:
-            return socket.AF_INET6
-        if self.host and _V4ISH_RE.match(self.host):
-            return socket.AF_INET
-        return socket.AF_UNSPEC
+        return _host_family(self.host)
 
     @property
     def is_literal(self) -> bool:
@@ -65,8 +91,11 @@ class Address:
         return self.host == "" or self.family != socket.AF_UNSPEC
 
     def with_port(self, port: int) -> Address:
-        """The same host with another port (validated)."""
-        return Address(self.host, _check_port(port, self))
+        """The same host with another port.
+
+        :raises AddressError: *port* is not an int in ``0..65535``.
+        """
+        return _make(self.host, _check_port(port, self))
 
     def __str__(self) -> str:
         if self.host == "":
@@ -74,6 +103,19 @@ class Address:
         if ":" in self.host:
             return f"[{self.host}]:{self.port}"
         return f"{self.host}:{self.port}"
+
+
+def _make(host: str, port: int) -> Address:
+    """An :class:`Address` from a host and port this module already checked.
+
+    Skips ``__post_init__``: the parser has just produced the canonical host, and
+    parsing it a second time would double the cost of every ``parse_address``
+    (which balance policies call for every node).
+    """
+    addr = object.__new__(Address)
+    object.__setattr__(addr, "host", host)
+    object.__setattr__(addr, "port", port)
+    return addr
 
 
 #: What every reuselb function accepts as an address.
@@ -100,7 +142,7 @@ def parse_address(value: AddressLike, *, default_port: int | None = None) -> Add
     if isinstance(value, bool):
         raise AddressError(value, "expected a port number, got a bool")
     if isinstance(value, int):
-        return Address("", _check_port(value, value))
+        return _make("", _check_port(value, value))
     if isinstance(value, str):
         return _parse_str(value, default_port)
     if isinstance(value, tuple):
@@ -117,7 +159,8 @@ def _check_port(port: object, value: object) -> int:
         raise AddressError(value, f"port must be an int, got {type(port).__name__}")
     if not 0 <= port <= 65535:
         raise AddressError(value, f"port {port} out of range 0-65535")
-    return port
+    # int() turns an int subclass (an IntEnum) into the plain int every Address holds.
+    return int(port)
 
 
 def _parse_port_text(text: str, value: object) -> int:
@@ -142,7 +185,7 @@ def _parse_str(value: str, default_port: int | None) -> Address:
             raise AddressError(value, f"unexpected {rest!r} after ']'")
         if not host_text:
             raise AddressError(value, "empty IPv6 literal '[]'")
-        return Address(_canonical_v6(host_text, value), port)
+        return _make(_canonical_v6(host_text, value), port)
     if text.count(":") > 1:
         raise AddressError(value, "an IPv6 literal with a port must be in brackets, e.g. [::1]:80")
     host_text, sep, port_text = text.rpartition(":")
@@ -150,7 +193,7 @@ def _parse_str(value: str, default_port: int | None) -> Address:
         host_text, port = text, _default(value, default_port)
     else:
         port = _parse_port_text(port_text, value)
-    return Address(_canonical_host(host_text, value), port)
+    return _make(_canonical_host(host_text, value), port)
 
 
 def _default(value: object, default_port: int | None) -> int:
@@ -176,8 +219,8 @@ def _parse_tuple(value: tuple[object, ...]) -> Address:
         if scope_id and "%" not in host:
             host = f"{host}%{scope_id}"
     if ":" in host:
-        return Address(_canonical_v6(host, value), port)
-    return Address(_canonical_host(host, value), port)
+        return _make(_canonical_v6(host, value), port)
+    return _make(_canonical_host(host, value), port)
 
 
 def _canonical_v6(text: str, value: object) -> str:
@@ -225,7 +268,7 @@ def resolve_address(
             host = "::" if passive else "::1"
         else:
             host = "0.0.0.0" if passive else "127.0.0.1"
-    flags = socket.AI_NUMERICHOST if Address(host, 0).is_literal else 0
+    flags = socket.AI_NUMERICHOST if _host_family(host) != socket.AF_UNSPEC else 0
     if passive:
         flags |= socket.AI_PASSIVE
     try:
