@@ -6,6 +6,7 @@ import collections
 import errno
 import fcntl
 import json
+import math
 import os
 import socket
 import subprocess
@@ -118,6 +119,52 @@ def test_listener_rejects_bad_options(kwargs: dict[str, object], needle: str) ->
     with pytest.raises(InvalidArgument) as info:
         reuseport_listener("127.0.0.1:0", **kwargs)  # type: ignore[arg-type]
     assert needle in str(info.value)
+
+
+def test_listener_options_up_to_c_int_max_are_clamped_by_the_kernel() -> None:
+    top = 2**31 - 1
+    with reuseport_listener("127.0.0.1:0", backlog=top, fastopen=top, defer_accept=top) as lst:
+        assert socket_info(lst).backlog == _somaxconn()  # listen() caps at somaxconn
+        assert lst.getsockopt(socket.IPPROTO_TCP, socket.TCP_FASTOPEN) == _somaxconn()
+        # Seconds become at most 255 SYN-ACK retransmits: read back far below top.
+        assert 0 < lst.getsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT) < top
+
+
+@pytest.mark.parametrize("name", ["backlog", "fastopen", "defer_accept"])
+@pytest.mark.parametrize("value", [2**31, 2**40])
+def test_listener_options_beyond_c_int_are_invalid_arguments(name: str, value: int) -> None:
+    before = open_fds()
+    with pytest.raises(InvalidArgument) as info:
+        reuseport_listener("127.0.0.1:0", **{name: value})  # type: ignore[arg-type]
+    assert f"invalid {name} {value}: must be <= 2147483647" in str(info.value)
+    # A group reports the bad option itself, before making any member.
+    with pytest.raises(InvalidArgument) as group_info:
+        reuseport_group("127.0.0.1:0", 3, **{name: value})  # type: ignore[arg-type]
+    assert f"invalid {name} {value}" in str(group_info.value)
+    assert open_fds() == before
+
+
+def test_v4_mapped_address_needs_dualstack() -> None:
+    before = open_fds()
+    for factory in (reuseport_listener, reuseport_udp, reuselb.hold_port):
+        with pytest.raises(AddressError) as info:
+            factory("[::ffff:127.0.0.1]:0")
+        message = str(info.value)
+        assert "'[::ffff:127.0.0.1]:0'" in message
+        assert "IPv4-mapped" in message and "dualstack=True" in message
+        assert "bind 127.0.0.1 instead" in message
+    assert open_fds() == before
+
+
+@pytest.mark.ipv6
+def test_v4_mapped_address_with_dualstack_takes_ipv4() -> None:
+    with reuseport_listener("[::ffff:127.0.0.1]:0", dualstack=True) as lst:
+        assert socket_info(lst).v6only is False
+        with connect_tcp(("127.0.0.1", lst.getsockname()[1]), timeout=5):
+            lst.settimeout(10)
+            conn, peer = lst.accept()
+            conn.close()
+        assert peer[0] == "::ffff:127.0.0.1"
 
 
 def test_two_members_share_a_port_and_each_accepts() -> None:
@@ -264,6 +311,29 @@ def test_group_all_or_nothing(monkeypatch: pytest.MonkeyPatch, failing: int) -> 
     assert open_fds() == before
 
 
+@pytest.mark.parametrize("error", [KeyboardInterrupt, TypeError])
+def test_group_closes_its_members_on_any_exception(
+    monkeypatch: pytest.MonkeyPatch, error: type[BaseException]
+) -> None:
+    real = _sockets.reuseport_udp
+    made: list[socket.socket] = []
+
+    def flaky(*args: object, **kwargs: object) -> socket.socket:
+        if len(made) == 2:
+            raise error("injected")
+        sock = real(*args, **kwargs)  # type: ignore[arg-type]
+        made.append(sock)
+        return sock
+
+    monkeypatch.setattr(_sockets, "reuseport_udp", flaky)
+    before = open_fds()
+    with pytest.raises(error, match="injected") as info:
+        reuseport_group("127.0.0.1:0", 4, kind="udp")
+    assert type(info.value) is error  # not wrapped: it is not a member's socket error
+    assert len(made) == 2 and all(s.fileno() == -1 for s in made)
+    assert open_fds() == before
+
+
 def test_group_member_conflict_is_reported() -> None:
     with socket.socket() as plain:
         plain.bind(("127.0.0.1", 0))
@@ -299,6 +369,47 @@ def test_connect_refused_names_the_address() -> None:
             connect_tcp(("127.0.0.1", port))
     with pytest.raises(InvalidArgument, match="invalid timeout -1"):
         connect_tcp("127.0.0.1:1", timeout=-1)
+
+
+@pytest.mark.parametrize(
+    "timeout", ["5", math.inf, -math.inf, math.nan, 0, 0.0, -1, True, 10**400, 1e10, [5]]
+)
+def test_connect_tcp_rejects_bad_timeouts_before_making_a_socket(timeout: object) -> None:
+    before = open_fds()
+    with pytest.raises(InvalidArgument) as info:
+        connect_tcp("127.0.0.1:1", timeout=timeout)  # type: ignore[arg-type]
+    assert f"invalid timeout {timeout!r}" in str(info.value)
+    assert open_fds() == before
+
+
+def test_connect_tcp_source_of_the_other_family() -> None:
+    with reuseport_listener("127.0.0.1:0") as lst:
+        peer = lst.getsockname()
+        before = open_fds()
+        with pytest.raises(AddressError) as info:
+            connect_tcp(peer, source="[::1]:0", timeout=5)
+        message = str(info.value)
+        assert "'[::1]:0'" in message
+        assert f"source is IPv6 but the peer 127.0.0.1:{peer[1]} is IPv4" in message
+        # An unknown source name is reported as itself, message intact.
+        with pytest.raises(reuselb.HostNotFound) as unknown:
+            connect_tcp(peer, source="no-such-host.invalid:0", timeout=5)
+        assert "unknown host 'no-such-host.invalid'" in str(unknown.value)
+        assert "None" not in str(unknown.value)
+        assert open_fds() == before
+
+
+def test_connect_error_keeps_its_class_errno_and_cause() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, not listening: refused
+        with pytest.raises(ConnectionRefusedError) as info:
+            connect_tcp(("127.0.0.1", port), timeout=5)
+    assert info.value.errno == errno.ECONNREFUSED
+    assert str(info.value) == f"[Errno {errno.ECONNREFUSED}] connect to 127.0.0.1:{port}: " + (
+        os.strerror(errno.ECONNREFUSED)
+    )
+    assert isinstance(info.value.__cause__, ConnectionRefusedError)
 
 
 # --------------------------------------------------------------------------- socket_info

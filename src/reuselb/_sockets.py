@@ -20,6 +20,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import ipaddress
+import math
 import os
 import socket
 import struct
@@ -36,7 +38,9 @@ from ._errors import (
     AddressError,
     AddressInUse,
     GroupMemberError,
+    HostNotFound,
     InvalidArgument,
+    ReuselbError,
     ReuseportUnsupported,
     SocketClosed,
     WrongSocketType,
@@ -68,6 +72,12 @@ _SO_REUSEPORT_LB = 0x00010000
 _IP_BIND_ADDRESS_NO_PORT = 24
 _TCP_FASTOPEN = getattr(socket, "TCP_FASTOPEN", 23)
 _TCP_DEFER_ACCEPT = getattr(socket, "TCP_DEFER_ACCEPT", 9)
+# CPython keeps timeouts as int64 nanoseconds and raises OverflowError beyond about
+# 9.2e9 s (292 years); a billion seconds (31 years) is past any wait a caller means.
+_MAX_SECONDS = 1e9
+# listen() and setsockopt() take a C int: a larger Python int makes CPython raise
+# OverflowError (listen) or TypeError (setsockopt falls back to a bytes buffer).
+_C_INT_MAX = 2**31 - 1
 
 Kind = Literal["tcp", "udp"]
 
@@ -172,7 +182,11 @@ def _new_socket(
     flags = _CLOEXEC | (_NONBLOCK if nonblocking else 0)
     sock = socket.socket(family, kind | flags)
     if nonblocking and not _NONBLOCK:
-        sock.setblocking(False)
+        try:
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
     return sock
 
 
@@ -232,17 +246,28 @@ def _somaxconn() -> int:
 
 
 def _bind_target(
-    address: Address, kind: socket.SocketKind, dualstack: bool
+    address: Address, kind: socket.SocketKind, dualstack: bool, value: object
 ) -> tuple[socket.AddressFamily, Any]:
+    # *value* is what the caller passed: errors name it as they wrote it.
     if dualstack:
         if address.host == "":
             return socket.AF_INET6, ("::", address.port, 0, 0)
         if address.family == socket.AF_INET:
-            raise AddressError(
-                str(address), "dualstack=True needs an IPv6 or wildcard address, not IPv4"
-            )
+            raise AddressError(value, "dualstack=True needs an IPv6 or wildcard address, not IPv4")
     family = socket.AF_INET6 if dualstack else socket.AF_UNSPEC
-    return resolve_address(address, kind, passive=True, family=family)[0]
+    target = resolve_address(address, kind, passive=True, family=family)[0]
+    if target[0] == socket.AF_INET6 and not dualstack:
+        # Every IPv6 socket made here is V6ONLY unless dualstack, and Linux refuses
+        # to bind a V6ONLY socket to an IPv4-mapped address with a bare EINVAL
+        # (net/ipv6/af_inet6.c, __inet6_bind): say why before making the socket.
+        mapped = ipaddress.IPv6Address(target[1][0].partition("%")[0]).ipv4_mapped
+        if mapped is not None:
+            raise AddressError(
+                value,
+                f"{target[1][0]} is an IPv4-mapped address, which an IPv6-only socket "
+                f"cannot bind; bind {mapped} instead, or pass dualstack=True",
+            )
+    return target
 
 
 def _bound(
@@ -256,7 +281,7 @@ def _bound(
 ) -> socket.socket:
     addr = parse_address(address)
     option = _reuseport_option(balanced)
-    family, sockaddr = _bind_target(addr, kind, dualstack)
+    family, sockaddr = _bind_target(addr, kind, dualstack, address)
     sock = _new_socket(family, kind, nonblocking)
     try:
         if reuseaddr:
@@ -280,12 +305,29 @@ def _bound(
     return sock
 
 
-def _positive_int(name: str, value: object, *, minimum: int) -> int:
+def _positive_int(name: str, value: object, *, minimum: int, maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidArgument(name, value, "must be an int")
     if value < minimum:
         raise InvalidArgument(name, value, f"must be >= {minimum}")
+    if maximum is not None and value > maximum:
+        raise InvalidArgument(name, value, f"must be <= {maximum}")
     return value
+
+
+def _check_listener_options(backlog: object, fastopen: object, defer_accept: object) -> None:
+    # Each is a C int to the kernel, so anything up to INT_MAX is accepted and the
+    # kernel clamps it to what it can do; beyond INT_MAX CPython cannot pass it.
+    if backlog is not None:
+        # listen(2) caps the backlog at net.core.somaxconn without an error.
+        _positive_int("backlog", backlog, minimum=1, maximum=_C_INT_MAX)
+    if fastopen is not None:
+        # TCP_FASTOPEN's pending-request limit is capped at net.core.somaxconn too.
+        _positive_int("fastopen", fastopen, minimum=1, maximum=_C_INT_MAX)
+    if defer_accept is not None:
+        # The kernel turns seconds into a count of SYN-ACK retransmits, at most 255:
+        # values above about 30,000 s (8.3 hours) all read back as that limit.
+        _positive_int("defer_accept", defer_accept, minimum=0, maximum=_C_INT_MAX)
 
 
 def reuseport_listener(
@@ -311,30 +353,31 @@ def reuseport_listener(
 
     :param address: ``"host:port"``, ``"[v6]:port"``, ``":port"``/``"*:port"`` (all
         interfaces), ``(host, port)`` or an int port; see :func:`parse_address`.
-    :param backlog: accept queue length; ``None`` means the system's
-        ``net.core.somaxconn``.
+    :param backlog: accept queue length, ``1`` to ``2**31 - 1`` (the kernel caps it at
+        ``net.core.somaxconn``); ``None`` means that cap.
     :param dualstack: for IPv6 or wildcard addresses, accept IPv4 too (V6ONLY off).
         Without it IPv6 listeners set ``IPV6_V6ONLY``.
     :param nonblocking: create the socket non-blocking.
-    :param fastopen: enable TCP Fast Open with this many pending requests.
+    :param fastopen: enable TCP Fast Open with this many pending requests, ``1`` to
+        ``2**31 - 1`` (the kernel caps it at ``net.core.somaxconn``).
     :param defer_accept: seconds to wait for data before waking ``accept``
-        (``TCP_DEFER_ACCEPT``).
+        (``TCP_DEFER_ACCEPT``), ``0`` to ``2**31 - 1`` (the kernel rounds it to a
+        count of SYN-ACK retransmits and stops at about 30,000 s).
     :param nodelay: set ``TCP_NODELAY``; on Linux accepted sockets inherit it.
     :param balanced: require that the kernel balances the group (default); pass
         False to accept SO_REUSEPORT without balancing (macOS).
     :returns: the listening socket; the caller owns it.
-    :raises AddressError: the address is malformed, or not an address of this host.
+    :raises AddressError: the address is malformed, not an address of this host, or
+        an IPv4-mapped IPv6 address without *dualstack*.
     :raises HostNotFound: the host name does not resolve.
     :raises AddressInUse: a socket outside this reuseport group holds the address.
     :raises ReuseportUnsupported: the system cannot give what *balanced* asks for.
-    :raises InvalidArgument: *backlog*, *fastopen* or *defer_accept* out of range.
+    :raises InvalidArgument: *backlog*, *fastopen* or *defer_accept* is not an int or
+        out of its range (checked before any socket is made).
+    :raises OSError: the kernel refused otherwise (for example ``PermissionError``
+        for a port below 1024).
     """
-    if backlog is not None:
-        _positive_int("backlog", backlog, minimum=1)
-    if fastopen is not None:
-        _positive_int("fastopen", fastopen, minimum=1)
-    if defer_accept is not None:
-        _positive_int("defer_accept", defer_accept, minimum=0)
+    _check_listener_options(backlog, fastopen, defer_accept)
     sock = _bound(
         address,
         socket.SOCK_STREAM,
@@ -375,10 +418,12 @@ def reuseport_udp(
     :param nonblocking: create the socket non-blocking.
     :param balanced: require kernel balancing (see :func:`reuseport_listener`).
     :returns: the bound socket; the caller owns it.
-    :raises AddressError: the address is malformed or not local.
+    :raises AddressError: the address is malformed, not local, or an IPv4-mapped
+        IPv6 address without *dualstack*.
     :raises HostNotFound: the host name does not resolve.
     :raises AddressInUse: a socket outside this reuseport group holds the address.
     :raises ReuseportUnsupported: the system cannot give what *balanced* asks for.
+    :raises OSError: the kernel refused otherwise.
     """
     return _bound(
         address,
@@ -405,9 +450,12 @@ def hold_port(
     :param dualstack: as for :func:`reuseport_listener` (the workers must match).
     :param balanced: as for :func:`reuseport_listener`.
     :returns: the bound socket; close it to release the port.
-    :raises AddressError: the address is malformed or not local.
+    :raises AddressError: the address is malformed, not local, or an IPv4-mapped
+        IPv6 address without *dualstack*.
+    :raises HostNotFound: the host name does not resolve.
     :raises AddressInUse: a socket outside this reuseport group holds the address.
     :raises ReuseportUnsupported: the system cannot give what *balanced* asks for.
+    :raises OSError: the kernel refused otherwise.
     """
     # No SO_REUSEADDR: Linux lets two SO_REUSEADDR sockets share a port while neither
     # listens, so an outsider with it (socket.create_server sets it) could take the
@@ -520,16 +568,26 @@ def reuseport_group(
     :param kind: ``"tcp"`` (listening sockets) or ``"udp"`` (bound sockets).
     :param options: passed to :func:`reuseport_listener` or :func:`reuseport_udp`.
     :returns: a :class:`ReuseportGroup` owning the members.
-    :raises InvalidArgument: *count* < 1 or *kind* unknown.
-    :raises GroupMemberError: member *k* failed; the cause is chained.
+    :raises InvalidArgument: *count* < 1, *kind* unknown, or a listener option out
+        of range (before any socket is made).
+    :raises GroupMemberError: member *k* failed with an ``OSError`` or
+        ``ValueError``; the cause is chained.
     :raises AddressError: the address is malformed (before any socket is made).
     :raises ReuseportUnsupported: see :func:`reuseport_listener` (before any socket).
+    :raises TypeError: an option the factory does not take. Any other exception
+        (``KeyboardInterrupt`` included) also propagates unchanged, after the
+        members already made are closed.
     """
     count = _positive_int("count", count, minimum=1)
     if kind not in ("tcp", "udp"):
         raise InvalidArgument("kind", kind, "expected 'tcp' or 'udp'")
     factory = reuseport_listener if kind == "tcp" else reuseport_udp
     addr = parse_address(address)
+    if kind == "tcp":
+        # A bad option is the caller's, not member 0's: report it as itself.
+        _check_listener_options(
+            options.get("backlog"), options.get("fastopen"), options.get("defer_accept")
+        )
     # Checked once up front: no member is worth making on a system that cannot
     # give the group the caller asked for.
     _reuseport_option(bool(options.get("balanced", True)))
@@ -544,6 +602,9 @@ def reuseport_group(
             if index == 0:
                 addr = addr.with_port(sock.getsockname()[1])
     except BaseException:
+        # Whatever stopped the loop (a member's error, a TypeError from an unknown
+        # option, KeyboardInterrupt between two members), the group is all or
+        # nothing: close what was made, then let the exception go on unchanged.
         for sock in members:
             sock.close()
         raise
@@ -566,51 +627,96 @@ def connect_tcp(
     Each resolved address is tried in turn; the first that connects wins.
 
     :param address: the peer, see :func:`parse_address` (a wildcard means loopback).
-    :param timeout: seconds for the connect; the returned socket is blocking
-        (or non-blocking with *nonblocking*), without a timeout.
+    :param timeout: seconds for the connect (a positive, finite int or float; None
+        waits as long as the kernel does); the returned socket is blocking (or
+        non-blocking with *nonblocking*), without a timeout.
     :param nodelay: set ``TCP_NODELAY`` (default: proxies relay small messages).
     :param source: local address to bind first; with port 0 the port is chosen at
         connect time (``IP_BIND_ADDRESS_NO_PORT``) so many dials from one source IP
-        do not exhaust ephemeral ports.
+        do not exhaust ephemeral ports. Only peers of the source's family are
+        tried.
     :param nonblocking: return the socket non-blocking.
     :returns: the connected socket; the caller owns it.
-    :raises AddressError: an address is malformed.
-    :raises HostNotFound: the host name does not resolve.
+    :raises InvalidArgument: *timeout* is not a positive, finite int or float (at
+        most 1e9 seconds).
+    :raises AddressError: an address is malformed, or *source* is of another
+        family (IPv4/IPv6) than every address of the peer.
+    :raises HostNotFound: a host name does not resolve.
     :raises OSError: every candidate failed (the last error, naming the address:
-        ``ConnectionRefusedError``, ``TimeoutError``, ...).
+        ``ConnectionRefusedError``, ``TimeoutError``, ...; the original is chained).
     """
-    if timeout is not None and (isinstance(timeout, bool) or not timeout > 0):
-        raise InvalidArgument("timeout", timeout, "must be a positive number of seconds")
+    if timeout is not None:
+        # Before any socket exists: settimeout() would raise OverflowError for inf
+        # and TypeError for a str.
+        timeout = check_seconds("timeout", timeout, allow_zero=False)
     addr = parse_address(address)
     src = parse_address(source) if source is not None else None
     last: OSError | None = None
+    mismatch: ReuselbError | None = None
     for family, sockaddr in resolve_address(addr, socket.SOCK_STREAM, passive=False):
+        peer = parse_address(sockaddr)
+        src_sockaddr = None
+        if src is not None:
+            # A socket has one family: an IPv6 source cannot dial an IPv4 peer.
+            # Skip such candidates (a name may have both families) and say so only
+            # if none is left.
+            if src.family not in (socket.AF_UNSPEC, family):
+                mismatch = AddressError(
+                    source,
+                    f"the source is {_family_name(src.family)} but the peer {peer} is "
+                    f"{_family_name(family)}",
+                )
+                continue
+            try:
+                src_sockaddr = resolve_address(
+                    src, socket.SOCK_STREAM, passive=True, family=family
+                )[0][1]
+            except HostNotFound as exc:
+                mismatch = exc
+                continue
         sock = _new_socket(family, socket.SOCK_STREAM, False)
         try:
             if nodelay:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if src is not None:
-                if src.port == 0 and sys.platform.startswith("linux"):
+            if src_sockaddr is not None:
+                if src_sockaddr[1] == 0 and sys.platform.startswith("linux"):
                     sock.setsockopt(socket.IPPROTO_IP, _IP_BIND_ADDRESS_NO_PORT, 1)
-                _fam, src_sockaddr = resolve_address(
-                    src, socket.SOCK_STREAM, passive=True, family=family
-                )[0]
                 sock.bind(src_sockaddr)
             sock.settimeout(timeout)
             sock.connect(sockaddr)
             sock.settimeout(0.0 if nonblocking else None)
         except OSError as exc:
             sock.close()
-            last = type(exc)(exc.errno, f"connect to {parse_address(sockaddr)}: {exc.strerror}")
-            if isinstance(exc, socket.timeout) and exc.errno is None:
-                last = TimeoutError(f"connect to {parse_address(sockaddr)} timed out")
+            last = _connect_error(exc, peer)
             continue
         except BaseException:
             sock.close()
             raise
         return sock
-    assert last is not None  # resolve_address never returns an empty list
+    if last is None:
+        # No candidate was tried: the source fits none of the peer's families.
+        assert mismatch is not None  # resolve_address never returns an empty list
+        raise mismatch
     raise last
+
+
+def _family_name(family: socket.AddressFamily) -> str:
+    return "IPv6" if family == socket.AF_INET6 else "IPv4"
+
+
+def _connect_error(exc: OSError, peer: Address) -> OSError:
+    """*exc* again, with its errno (so its ``OSError`` subclass) and a message naming *peer*."""
+    if exc.errno is None and isinstance(exc, TimeoutError):
+        new: OSError = TimeoutError(f"connect to {peer} timed out")
+    elif exc.errno is None:
+        new = OSError(f"connect to {peer}: {exc}")
+    else:
+        # OSError(errno, msg) returns the errno's subclass (ConnectionRefusedError,
+        # ...), so callers' except clauses still match. Rebuilding with type(exc)
+        # would call a subclass's own __init__ with the wrong arguments.
+        new = OSError(exc.errno, f"connect to {peer}: {exc.strerror or exc}")
+    new.__cause__ = exc
+    return new
 
 
 # --------------------------------------------------------------------------- inspection
@@ -648,6 +754,25 @@ class SocketInfo:
     backlog: int | None
     queued: int | None
     inode: int
+
+
+def check_seconds(name: str, value: object, *, allow_zero: bool) -> float:
+    """*value* as float seconds if it is a finite, non-negative int or float.
+
+    :raises InvalidArgument: a bool, a non-number, NaN, an infinity, a negative
+        value, zero unless *allow_zero*, or more than a billion seconds.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidArgument(name, value, "must be a number of seconds (int or float)")
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int too large for a float
+        seconds = math.inf
+    if math.isnan(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
+        raise InvalidArgument(name, value, f"must be {'>=' if allow_zero else '>'} 0 seconds")
+    if seconds > _MAX_SECONDS:
+        raise InvalidArgument(name, value, f"must be finite and at most {_MAX_SECONDS:.0e} seconds")
+    return seconds
 
 
 def check_open(sock: object, what: str = "socket") -> socket.socket:
