@@ -5,8 +5,10 @@ from __future__ import annotations
 import fcntl
 import gc
 import json
+import math
 import os
 import resource
+import shutil
 import socket
 import struct
 import subprocess
@@ -17,11 +19,18 @@ import pytest
 from reuselb import (
     HandoffError,
     InvalidArgument,
+    SteeringError,
+    WrongSocketType,
+    _handoff,
     connect_tcp,
+    detach_steering,
+    drain_close,
     listen_fds,
     recv_sockets,
+    reuseport_group,
     reuseport_listener,
     send_sockets,
+    steer_all_to,
     udp_socket,
 )
 from tests.conftest import open_fds
@@ -352,3 +361,355 @@ def test_more_sockets_than_one_message_carries() -> None:
     finally:
         for s in [a, b, *socks]:
             s.close()
+
+
+# --------------------------------------------------------------------------- listen_fds input
+
+
+def _pid_spellings() -> list[str]:
+    """Spellings int() reads as this process's pid and systemd never writes."""
+    pid = str(os.getpid())
+    arabic = pid.translate({ord(d): chr(0x660 + int(d)) for d in "0123456789"})
+    return [f"+{pid}", f" {pid}", f"{pid} ", f"{pid}\n", f"{pid[0]}_{pid[1:]}", arabic]
+
+
+@pytest.mark.parametrize("index", range(6))
+def test_listen_fds_refuses_a_pid_int_would_take(
+    monkeypatch: pytest.MonkeyPatch, index: int
+) -> None:
+    value = _pid_spellings()[index]
+    monkeypatch.setenv("LISTEN_PID", value)
+    monkeypatch.setenv("LISTEN_FDS", "1")
+    before = open_fds()
+    with pytest.raises(HandoffError) as info:
+        listen_fds()
+    assert f"malformed LISTEN_PID={value!r}: expected a decimal number" in str(info.value)
+    assert not [k for k in os.environ if k.startswith("LISTEN_")]
+    assert open_fds() == before
+
+
+@pytest.mark.parametrize(
+    ("value", "needle"),
+    [
+        ("1_0", "expected a decimal number"),
+        (" 1", "expected a decimal number"),
+        ("1 ", "expected a decimal number"),
+        ("+1", "expected a decimal number"),
+        ("\u0661", "expected a decimal number"),
+        ("0x1", "expected a decimal number"),
+        ("-1", "expected a decimal number"),
+        ("", "expected a decimal number"),
+        ("1" * 11, "expected a decimal number"),
+        ("0", "expected 1 to 65536"),  # sd_listen_fds refuses 0 too
+        ("65537", "expected 1 to 65536"),
+    ],
+)
+def test_listen_fds_refuses_a_malformed_count(
+    monkeypatch: pytest.MonkeyPatch, value: str, needle: str
+) -> None:
+    monkeypatch.setenv("LISTEN_PID", str(os.getpid()))
+    monkeypatch.setenv("LISTEN_PIDFDID", "7")
+    monkeypatch.setenv("LISTEN_FDS", value)
+    before = open_fds()
+    with pytest.raises(HandoffError) as info:
+        listen_fds()
+    assert f"malformed LISTEN_FDS={value!r}: {needle}" in str(info.value)
+    assert not [k for k in os.environ if k.startswith("LISTEN_")]
+    assert open_fds() == before
+
+
+@pytest.mark.parametrize(("names", "found"), [("a:b:c", 3), ("a", 1), ("", 0)])
+def test_listen_fds_refuses_names_that_do_not_match_the_count(
+    monkeypatch: pytest.MonkeyPatch, names: str, found: int
+) -> None:
+    monkeypatch.setenv("LISTEN_PID", str(os.getpid()))
+    monkeypatch.setenv("LISTEN_FDS", "2")
+    monkeypatch.setenv("LISTEN_FDNAMES", names)
+    before = open_fds()
+    with pytest.raises(HandoffError) as info:
+        listen_fds()
+    assert f"LISTEN_FDNAMES={names!r} has {found} name(s) for LISTEN_FDS='2'" in str(info.value)
+    assert open_fds() == before
+
+
+_COUNT_CHILD = """
+import json, os
+from reuselb import HandoffError, listen_fds
+out = {}
+try:
+    os.fstat(4)
+    out["fd4_open_before"] = True
+except OSError:
+    out["fd4_open_before"] = False
+try:
+    listen_fds()
+    out["error"] = None
+except HandoffError as exc:
+    out["error"] = str(exc)
+try:
+    os.fstat(3)
+    out["fd3_open_after"] = True
+except OSError:
+    out["fd3_open_after"] = False
+out["env_left"] = [k for k in os.environ if k.startswith("LISTEN_")]
+print(json.dumps(out))
+"""
+
+_ONE_FD_WRAPPER = """
+import os, sys
+# LISTEN_FDS promises fds 3 and 4; only fd 3 is there.
+os.dup2(int(sys.argv[1]), 3)
+os.set_inheritable(3, True)
+try:
+    os.close(4)
+except OSError:
+    pass
+env = dict(os.environ, LISTEN_PID=str(os.getpid()), LISTEN_FDS="2")
+os.execve(sys.executable, [sys.executable, "-c", sys.argv[2]], env)
+"""
+
+
+def test_listen_fds_names_an_fd_that_is_not_open() -> None:
+    with reuseport_listener("127.0.0.1:0") as tcp:
+        out = subprocess.run(
+            [sys.executable, "-c", _ONE_FD_WRAPPER, str(tcp.fileno()), _COUNT_CHILD],
+            pass_fds=[tcp.fileno()],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+    result = json.loads(out.stdout)
+    assert result["fd4_open_before"] is False
+    assert result["error"] is not None, "an fd that is not open must raise HandoffError"
+    assert "LISTEN_FDS='2' lists fd 4 ('fd4'), which is not open" in result["error"]
+    assert result["fd3_open_after"] is False  # the socket adopted before it was closed
+    assert result["env_left"] == []
+
+
+# --------------------------------------------------------------------------- drain_close input
+
+
+def _no_program(member: socket.socket) -> bool:
+    """True when the member's group has no steering program (detach has nothing to do)."""
+    try:
+        detach_steering(member)
+    except SteeringError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "needle"),
+    [
+        ("grace", "0.2", "must be a number of seconds"),
+        ("grace", None, "must be a number of seconds"),
+        ("grace", True, "must be a number of seconds"),
+        ("grace", -1, "must be >= 0 seconds"),
+        ("grace", math.nan, "must be >= 0 seconds"),
+        ("grace", math.inf, "must be finite"),
+        ("timeout", "10", "must be a number of seconds"),
+        ("timeout", False, "must be a number of seconds"),
+        ("timeout", 0, "must be > 0 seconds"),
+        ("timeout", -0.5, "must be > 0 seconds"),
+        ("timeout", math.nan, "must be > 0 seconds"),
+        ("timeout", math.inf, "must be finite"),
+        ("timeout", 10**400, "must be finite"),
+    ],
+)
+def test_drain_close_checks_arguments_before_changing_anything(
+    name: str, value: object, needle: str
+) -> None:
+    with reuseport_group("127.0.0.1:0", 2) as group:
+        before = list(group._members)
+        with pytest.raises(InvalidArgument) as info:
+            drain_close(group[1], group=group, **{name: value})  # type: ignore[arg-type]
+        assert f"invalid {name} {value!r}: {needle}" in str(info.value)
+        assert group[1].fileno() != -1, "the caller's listener was closed"
+        assert group._members == before
+        assert _no_program(group[0])
+
+
+@pytest.mark.parametrize("migrate", [True, False])
+def test_drain_close_refuses_a_listener_outside_the_group(
+    monkeypatch: pytest.MonkeyPatch, migrate: bool
+) -> None:
+    monkeypatch.setattr(_handoff, "tcp_migrate_req", lambda: migrate)
+    with reuseport_group("127.0.0.1:0", 2) as group, reuseport_listener("127.0.0.1:0") as other:
+        with pytest.raises(InvalidArgument, match="is not a member of group"):
+            drain_close(other, group=group)
+        assert other.fileno() != -1
+        assert len(group) == 2 and all(m.fileno() != -1 for m in group)
+
+
+def test_drain_close_refuses_a_socket_that_is_not_listening() -> None:
+    with udp_socket() as udp, reuseport_group("127.0.0.1:0", 2) as group:
+        with pytest.raises(WrongSocketType, match="expected a listening TCP socket"):
+            drain_close(udp, group=[group[0], udp])
+        assert udp.fileno() != -1
+
+
+def _accepts(member: socket.socket, port: int) -> bool:
+    """Connect once; True if *member* (and not another) takes the connection."""
+    with connect_tcp(("127.0.0.1", port), timeout=5):
+        member.settimeout(5)
+        try:
+            conn, _ = member.accept()
+        except TimeoutError:
+            return False
+        conn.close()
+        return True
+
+
+def test_drain_close_after_take_keeps_the_group_in_kernel_order(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_handoff, "tcp_migrate_req", lambda: False)  # the steer path
+    group = reuseport_group("127.0.0.1:0", 3)
+    s0 = group.take(0)  # given away: still in the kernel's group, at index 0
+    s1, s2 = group[1], group[2]
+    try:
+        steer_all_to([s0, s1, s2], 2)
+        clients = [connect_tcp(("127.0.0.1", group.port), timeout=5) for _ in range(3)]
+        result = drain_close(s2, group=group, grace=0.05)
+        assert result.path == "steer"
+        assert len(result.accepted) == 3
+        for c in [*clients, *result.accepted]:
+            c.close()
+        assert group._members == [None, s1]  # s2 left from the end: nothing moved
+        # The kernel agrees: index 0 is still the taken member, index 1 is s1.
+        steer_all_to([s0, s1], 1)
+        assert _accepts(s1, group.port)
+        steer_all_to([s0, s1], 0)
+        assert _accepts(s0, group.port)
+        group.close()
+        assert s1.fileno() == -1, "the group lost track of s1 and leaked it"
+        assert s0.fileno() != -1, "a taken member belongs to the caller"
+    finally:
+        group.close()
+        s0.close()
+
+
+def test_drain_close_needs_a_member_the_group_still_holds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_handoff, "tcp_migrate_req", lambda: False)
+    group = reuseport_group("127.0.0.1:0", 2)
+    s0 = group.take(0)
+    try:
+        with pytest.raises(InvalidArgument, match="holds no member besides listener"):
+            drain_close(group[1], group=group)
+        assert group[1].fileno() != -1
+        assert _no_program(s0)
+    finally:
+        group.close()
+        s0.close()
+
+
+def test_drain_close_listener_above_fd_1023(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_handoff, "tcp_migrate_req", lambda: False)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft <= 1500:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    with reuseport_group("127.0.0.1:0", 2) as group:
+        # select() refuses fds above 1023; a busy proxy has them.
+        fd = group.take(1).detach()
+        try:
+            high = socket.socket(fileno=os.dup2(fd, 1500, inheritable=False))
+        finally:
+            os.close(fd)  # the member lives on as fd 1500 only
+        members = [group[0], high]
+        steer_all_to(members, 1)
+        client = connect_tcp(("127.0.0.1", group.port), timeout=5)
+        try:
+            result = drain_close(high, group=members, grace=0.05)
+            assert len(result.accepted) == 1
+            result.accepted[0].close()
+        finally:
+            client.close()
+        assert high.fileno() == -1
+
+
+_MIGRATE_CHILD = """
+import json, socket
+from reuselb import (
+    InvalidArgument, connect_tcp, detach_steering, drain_close, reuseport_group,
+    reuseport_listener, steer_all_to, tcp_migrate_req,
+)
+with open("/proc/sys/net/ipv4/tcp_migrate_req", "w") as f:
+    f.write("1")  # this network namespace only
+out = {"migrate": tcp_migrate_req()}
+group = reuseport_group("127.0.0.1:0", 3)
+m0, m1, m2 = group
+steer_all_to(group, 0)
+clients = [connect_tcp(("127.0.0.1", group.port), timeout=5) for _ in range(4)]
+detach_steering(m0)
+other = reuseport_listener("127.0.0.1:0")
+try:
+    drain_close(other, group=group)
+except InvalidArgument as exc:
+    out["outsider"] = str(exc)
+out["outsider_open"] = other.fileno() != -1
+other.close()
+out["path"] = drain_close(m0, group=group).path
+out["slots"] = [{m1: "m1", m2: "m2"}.get(m, "?") for m in group._members]
+# The kernel agrees with the group: steering to index i reaches group[i].
+reached = []
+for i in range(len(group)):
+    steer_all_to(group, i)
+    with connect_tcp(("127.0.0.1", group.port), timeout=5):
+        group[i].settimeout(5)
+        group[i].accept()[0].close()
+        reached.append(i)
+out["reached"] = reached
+detach_steering(group[0])
+migrated = 0  # the queued connections moved to a remaining member
+for member in group:
+    member.settimeout(0.5)
+    while migrated < 4:
+        try:
+            member.accept()[0].close()
+        except TimeoutError:
+            break
+        migrated += 1
+out["migrated"] = migrated
+for c in clients:
+    c.close()
+group.close()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.root
+@pytest.mark.skipif(
+    not (shutil.which("unshare") and shutil.which("ip")), reason="needs unshare(1) and ip(8)"
+)
+def test_drain_close_migrate_path_updates_the_group() -> None:
+    # In a network namespace of its own, so turning tcp_migrate_req on cannot
+    # change what other tests on this machine see.
+    out = subprocess.run(
+        [
+            "unshare",
+            "--net",
+            "sh",
+            "-c",
+            'ip link set lo up && exec "$0" -c "$1"',
+            sys.executable,
+            _MIGRATE_CHILD,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,  # a failing child's stderr goes into the assertion message
+    )
+    if out.returncode != 0 and "unshare failed" in out.stderr:
+        pytest.skip(f"no new network namespace here: {out.stderr.strip()}")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["migrate"] is True
+    assert "is not a member of group" in result["outsider"]
+    assert result["outsider_open"] is True
+    assert result["path"] == "migrate"
+    assert result["slots"] == ["m2", "m1"]  # the last member took the closed one's slot
+    assert result["reached"] == [0, 1]
+    assert result["migrated"] == 4

@@ -25,8 +25,8 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from ._errors import HandoffError, InvalidArgument
-from ._sockets import ReuseportGroup, check_open
+from ._errors import HandoffError, InvalidArgument, WrongSocketType
+from ._sockets import ReuseportGroup, check_open, check_seconds
 
 __all__ = [
     "DrainResult",
@@ -232,6 +232,29 @@ def recv_sockets(channel: socket.socket) -> dict[str, socket.socket]:
     return out
 
 
+#: Every variable systemd sets for socket activation (LISTEN_PIDFDID since v258);
+#: all are removed together, as ``sd_listen_fds`` does.
+_LISTEN_VARS = ("LISTEN_PID", "LISTEN_PIDFDID", "LISTEN_FDS", "LISTEN_FDNAMES")
+#: First fd systemd passes (SD_LISTEN_FDS_START).
+_LISTEN_FDS_START = 3
+_MAX_LISTEN_FDS = 65536
+_DECIMAL_RE = re.compile(r"[0-9]{1,10}\Z")
+
+
+def _listen_number(name: str, text: str, maximum: int) -> int:
+    # Plain ASCII decimal only, as systemd writes them. int() would also take
+    # "1_0", " 10", "+1" and digits of other scripts ("\u0661"); sd_listen_fds
+    # refuses the underscore, the other scripts and trailing junk, and reuselb
+    # refuses the sign and spaces too: no service manager writes them, so a value
+    # with them was not written by one.
+    if not _DECIMAL_RE.match(text):
+        raise HandoffError(f"malformed {name}={text!r}: expected a decimal number")
+    value = int(text)
+    if not 1 <= value <= maximum:
+        raise HandoffError(f"malformed {name}={text!r}: expected 1 to {maximum}")
+    return value
+
+
 def listen_fds(*, unset_environment: bool = True) -> dict[str, socket.socket]:
     """Adopt the sockets systemd passed by socket activation (``sd_listen_fds``).
 
@@ -239,35 +262,54 @@ def listen_fds(*, unset_environment: bool = True) -> dict[str, socket.socket]:
     inherited by a child that must not take them), honours ``LISTEN_FDNAMES``, starts
     at fd 3, detects each fd's family and type from the kernel instead of assuming
     TCP (uvicorn#295), sets close-on-exec (systemd passes them inheritable), and by
-    default removes ``LISTEN_PID``, ``LISTEN_FDS`` and ``LISTEN_FDNAMES`` from the
-    environment so children do not see them (systemd#36899).
+    default removes ``LISTEN_PID``, ``LISTEN_PIDFDID``, ``LISTEN_FDS`` and
+    ``LISTEN_FDNAMES`` from the environment so children do not see them
+    (systemd#36899), also when it raises.
+
+    ``LISTEN_PID`` and ``LISTEN_FDS`` must be plain ASCII decimal numbers (1 or
+    more), and ``LISTEN_FDNAMES``, when set, must hold exactly one name per fd;
+    like ``sd_listen_fds_with_names``, anything else is an error, checked before
+    any fd is touched.
 
     :param unset_environment: remove the ``LISTEN_*`` variables (default True).
     :returns: ``{name: socket}``; names from ``LISTEN_FDNAMES``, else ``"fd3"``, ...
-        Empty when this process was not socket-activated.
-    :raises HandoffError: the variables are malformed or an fd is not a socket.
+        Empty when this process was not socket-activated (no ``LISTEN_PID`` or
+        ``LISTEN_FDS``, or ``LISTEN_PID`` names another process).
+    :raises HandoffError: a variable is malformed (the message names it and its
+        value), or an fd it lists is not open or not a socket (the message names
+        the fd); every socket adopted so far is then closed.
     """
-    pid, count, names = (os.environ.get(k) for k in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"))
-    try:
-        if pid is None or count is None or int(pid) != os.getpid():
-            return {}
-        n = int(count)
-        if not 0 <= n <= 65536:
-            raise ValueError(count)
-    except ValueError:
-        raise HandoffError(f"malformed LISTEN_PID={pid!r} / LISTEN_FDS={count!r}") from None
-    finally:
-        if unset_environment:
-            for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-                os.environ.pop(key, None)
-    labels = names.split(":") if names else []
-    if len(labels) != n:
-        labels = [f"fd{3 + i}" for i in range(n)]
+    env = {key: os.environ.get(key) for key in _LISTEN_VARS}
+    if unset_environment:
+        # Before anything can raise: a child must never see them, error or not.
+        for key in _LISTEN_VARS:
+            os.environ.pop(key, None)
+    pid, count, names = env["LISTEN_PID"], env["LISTEN_FDS"], env["LISTEN_FDNAMES"]
+    if pid is None or count is None:
+        return {}
+    # 10 digits hold any pid (the kernel's limit is 2**22).
+    if _listen_number("LISTEN_PID", pid, 2**31 - 1) != os.getpid():
+        return {}
+    n = _listen_number("LISTEN_FDS", count, _MAX_LISTEN_FDS)
+    if names is None:
+        labels = [f"fd{_LISTEN_FDS_START + i}" for i in range(n)]
+    else:
+        labels = names.split(":") if names else []  # systemd: "" holds no name
+        if len(labels) != n:
+            raise HandoffError(
+                f"LISTEN_FDNAMES={names!r} has {len(labels)} name(s) for LISTEN_FDS={count!r}"
+            )
     out: dict[str, socket.socket] = {}
     try:
         for i, label in enumerate(labels):
-            fd = 3 + i
-            os.set_inheritable(fd, False)
+            fd = _LISTEN_FDS_START + i
+            try:
+                os.set_inheritable(fd, False)
+            except OSError as exc:  # EBADF: the variables promise more fds than we have
+                raise HandoffError(
+                    f"LISTEN_FDS={count!r} lists fd {fd} ({label!r}), which is not open: "
+                    f"{exc.strerror or exc}"
+                ) from None
             try:
                 sock = socket.socket(fileno=fd)  # family/type read from the kernel
             except OSError as exc:
@@ -316,6 +358,29 @@ class DrainResult:
     accepted: list[socket.socket] = field(default_factory=list)
 
 
+def _drain_members(
+    listener: socket.socket, group: Iterable[socket.socket]
+) -> tuple[list[socket.socket], int, socket.socket | None]:
+    """``(members in kernel order, the listener's index, another member we hold)``.
+
+    A :class:`ReuseportGroup` keeps a slot for each member it gave away with
+    ``take()``: that member is still in the kernel's group (its new owner holds
+    it), so it still counts for the index and the size a steering program uses.
+    """
+    if isinstance(group, ReuseportGroup):
+        slots = list(group._members)
+    else:
+        slots = [check_open(m, "group member") for m in group]
+    index = next((i for i, m in enumerate(slots) if m is listener), -1)
+    if index < 0:
+        raise InvalidArgument("listener", listener, "is not a member of group")
+    other = next((m for m in slots if m is not None and m is not listener), None)
+    # The program only needs the size and the listener's index and can be attached
+    # through any member, so the listener stands in for members given away.
+    members = [listener if m is None else m for m in slots]
+    return members, index, other
+
+
 def drain_close(
     listener: socket.socket,
     *,
@@ -336,18 +401,50 @@ def drain_close(
       LAN; raise it for long round trips), then the member is closed and the
       program detached. The accepted connections are returned to the caller.
 
-    :param listener: the member to remove; it is closed on return.
-    :param group: every member in join order, *listener* included (a
-        :class:`~reuselb.ReuseportGroup` is updated the way the kernel reorders).
-    :param grace: seconds the queue must stay empty before closing (steer path).
-    :param timeout: give up accepting after this many seconds (steer path).
+    Every argument is checked before anything changes: when this raises
+    ``InvalidArgument`` or ``WrongSocketType``, *listener* is still open, *group*
+    is as it was and no program is attached.
+
+    :param listener: the member to remove, a listening TCP socket; it is closed on
+        return.
+    :param group: every member in join order, *listener* included. A
+        :class:`~reuselb.ReuseportGroup` is updated on both paths the way the
+        kernel reorders its members (the last one takes the closed one's slot);
+        members taken from it with ``take()`` still count, as they are still in
+        the kernel's group. Optional with ``tcp_migrate_req=1``.
+    :param grace: seconds the queue must stay empty before closing (steer path),
+        ``0`` to ``1e9``.
+    :param timeout: give up accepting after this many seconds (steer path), more
+        than ``0`` and at most ``1e9``.
     :returns: a :class:`DrainResult`.
-    :raises InvalidArgument: no *group* while migration is off, or *listener* not in it.
-    :raises SteeringError: the kernel refused the steering program.
+    :raises InvalidArgument: *grace* or *timeout* is not an int or float in range
+        (bools, NaN and infinities are refused), *listener* is not a member of
+        *group*, or (steer path) there is no *group*, no other member in it, or no
+        other member the :class:`~reuselb.ReuseportGroup` still holds to detach the
+        program through.
+    :raises SocketClosed: *listener* or a member of a plain *group* is closed.
+    :raises WrongSocketType: *listener* is not a listening TCP socket.
+    :raises SteeringError: the kernel refused the steering program (nothing was
+        closed).
     """
-    check_open(listener, "listener")
+    listener = check_open(listener, "listener")
+    if (
+        listener.family not in (socket.AF_INET, socket.AF_INET6)
+        or listener.type != socket.SOCK_STREAM
+        or not listener.getsockopt(socket.SOL_SOCKET, _SO_ACCEPTCONN)
+    ):
+        raise WrongSocketType("listener", "a listening TCP socket", repr(listener))
+    grace = check_seconds("grace", grace, allow_zero=True)
+    timeout = check_seconds("timeout", timeout, allow_zero=False)
+    members: list[socket.socket] = []
+    index = -1
+    other: socket.socket | None = None
+    if group is not None:
+        members, index, other = _drain_members(listener, group)
     if tcp_migrate_req():
         listener.close()
+        if isinstance(group, ReuseportGroup):
+            group._remove(index)
         return DrainResult("migrate")
     if group is None:
         raise InvalidArgument(
@@ -355,25 +452,35 @@ def drain_close(
             None,
             "without net.ipv4.tcp_migrate_req=1, drain_close needs the group to steer SYNs away",
         )
-    members = list(group)
-    index = next((i for i, m in enumerate(members) if m is listener), -1)
-    if index < 0:
-        raise InvalidArgument("listener", listener, "is not a member of group")
+    if len(members) < 2:
+        raise InvalidArgument("group", group, "has no other member to steer connections to")
+    if other is None:
+        # The program must be detached after the listener closes (before, new SYNs
+        # could still hash to it and be reset), through a member that stays open.
+        raise InvalidArgument(
+            "group", group, "holds no member besides listener to detach the steering through"
+        )
     from ._steering import detach_steering, steer_away_from
 
     steer_away_from(members, index)
     accepted: list[socket.socket] = []
     try:
         listener.setblocking(False)
+        # poll, not select: select() refuses fds above 1023, common in a proxy.
+        poller = select.poll()
+        poller.register(listener, select.POLLIN)
         deadline = time.monotonic() + timeout
         quiet_since = time.monotonic()
-        while time.monotonic() < deadline:
+        while (now := time.monotonic()) < deadline:
             try:
                 conn, _ = listener.accept()
             except BlockingIOError:
-                if time.monotonic() - quiet_since >= grace:
+                if now - quiet_since >= grace:
                     break
-                select.select([listener], [], [], grace)
+                # Wake when a connection arrives, the quiet time is up or the
+                # deadline passes; one day at most per wait (poll takes a C int of ms).
+                wait = min(grace - (now - quiet_since), deadline - now, 86400.0)
+                poller.poll(max(wait, 0.0) * 1000)
                 continue
             conn.setblocking(True)
             accepted.append(conn)
@@ -384,10 +491,10 @@ def drain_close(
         raise
     finally:
         listener.close()
-        survivor = members[1] if index == 0 else members[0]
-        detach_steering(survivor)
+        # The group first: it must mirror the kernel even if the detach fails.
         if isinstance(group, ReuseportGroup):
             group._remove(index)
+        detach_steering(other)
     return DrainResult("steer", accepted)
 
 
