@@ -7,9 +7,11 @@ import hashlib
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 
 import pytest
@@ -37,7 +39,14 @@ from reuselb import (
     diff,
     make_policy,
 )
-from reuselb.balance import POLICIES, KeyHasher, smooth_wrr_cycle
+from reuselb.balance import (
+    MAX_VNODES,
+    MAX_WEIGHT,
+    POLICIES,
+    KeyHasher,
+    ketama_points,
+    smooth_wrr_cycle,
+)
 
 SETTINGS = settings(
     max_examples=25,
@@ -428,6 +437,79 @@ def test_eight_threads_exact_counts(kind: str) -> None:
     assert all(p.active(n) == 0 for n in p.nodes)
 
 
+# Policies whose pick may run without the lock, and their bounded variants (which
+# must not: they read lease counts).
+RACY: dict[str, Callable[[list[str]], BalancePolicy]] = {
+    "rendezvous": lambda nodes: RendezvousHash(nodes, table_size=1024),
+    "rendezvous-exact": lambda nodes: RendezvousHash(nodes, table_size=None),
+    "rendezvous-bounded": lambda nodes: RendezvousHash(nodes, table_size=1024, balance_factor=1.25),
+    "rendezvous-exact-bounded": lambda nodes: RendezvousHash(
+        nodes, table_size=None, balance_factor=1.25
+    ),
+    "maglev": lambda nodes: MaglevHash(nodes, table_size=211),
+    "maglev-bounded": lambda nodes: MaglevHash(nodes, table_size=211, balance_factor=1.25),
+    "ring": lambda nodes: RingHash(nodes, vnodes=4),
+    "ring-bounded": lambda nodes: RingHash(nodes, vnodes=4, balance_factor=1.25),
+    "round-robin": RoundRobin,
+}
+
+
+@pytest.mark.parametrize("kind", sorted(RACY))
+@pytest.mark.parametrize("key", ["k", b"k"], ids=["str", "bytes"])
+def test_lock_free_picks_race_membership_changes(kind: str, key: str | bytes) -> None:
+    """A pick racing remove/add sees the old or the new membership, never half of each.
+
+    Removing the only node and adding it back, over and over, while three threads
+    pick: a pick that read the live set and the lookup structure separately (as
+    rendezvous did) got ValueError/ZeroDivisionError/KeyError within a few hundred
+    rounds. A tiny switch interval makes the threads interleave inside ``pick``.
+    """
+    p = RACY[kind](["10.0.0.1:80", "10.0.0.2:80"])
+    stop = threading.Event()
+    start = threading.Barrier(4)
+    errors: collections.Counter[str] = collections.Counter()
+    picks = [0, 0, 0]
+
+    def picker(t: int) -> None:
+        start.wait(timeout=30)
+        for _ in range(2_000_000):  # bounded; normally ends by stop
+            if stop.is_set():
+                return
+            try:
+                node = p.pick(key)
+                if str(node.address) not in ("10.0.0.1:80", "10.0.0.2:80"):
+                    errors[f"foreign node {node!r}"] += 1
+                picks[t] += 1
+            except NoNodeAvailable:
+                pass
+            except Exception as exc:  # what the race used to raise
+                errors[f"{type(exc).__name__}: {exc}"] += 1
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    threads = [threading.Thread(target=picker, args=(t,)) for t in range(3)]
+    try:
+        for th in threads:
+            th.start()
+        start.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        for _ in range(400):
+            p.remove("10.0.0.1:80")
+            p.remove("10.0.0.2:80")
+            p.add("10.0.0.1:80")
+            p.add("10.0.0.2:80")
+            if time.monotonic() > deadline:
+                break
+    finally:
+        stop.set()
+        sys.setswitchinterval(old)
+        for th in threads:
+            th.join(timeout=60)
+    assert not any(th.is_alive() for th in threads)
+    assert not errors, dict(errors)
+    assert sum(picks) > 0  # the pickers really ran alongside the changes
+
+
 # --------------------------------------------------------------------------- hashing
 
 
@@ -698,3 +780,197 @@ def test_rendezvous_table_past_256_nodes() -> None:
     for k in ks:
         a, b = p.pick(k), q.pick(k)
         assert a == b or str(a.address) == str(Node(nodes[150]).address)
+
+
+# --------------------------------------------------------------------------- input checks
+
+
+@pytest.mark.parametrize("kind", sorted(FACTORIES))
+@pytest.mark.parametrize("key", ["\ud800", "ok\udc80"], ids=["lone", "trailing"])
+def test_lone_surrogate_key_is_an_invalid_key(kind: str, key: str) -> None:
+    """A str with no UTF-8 form is InvalidKey on every path, not UnicodeEncodeError."""
+    p = build(kind, [(1, NodeState.UP), (2, NodeState.UP)])
+    for call in (p.pick, p.acquire):
+        with pytest.raises(InvalidKey, match="lone surrogate") as info:
+            call(key)
+        assert info.value.key == key
+        assert repr(key) in str(info.value)
+    assert p.active() == 0
+    # the check comes before "no node": an empty policy names the key too
+    with pytest.raises(InvalidKey):
+        build(kind, []).pick(key)
+    with pytest.raises(InvalidKey, match="int"):
+        build(kind, []).pick(42)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("weight", [MAX_WEIGHT + 1, 2**48, 10**30])
+def test_weight_has_a_documented_upper_bound(weight: int) -> None:
+    with pytest.raises(InvalidArgument, match=rf"invalid weight {weight}: .*0\.\.{MAX_WEIGHT}"):
+        Node("10.0.0.1:80", weight=weight)
+    for kind in ("ring", "round-robin", "rendezvous"):
+        p = build(kind, [(1, NodeState.UP)])
+        with pytest.raises(InvalidArgument, match=str(weight)):
+            p.set_weight(addr(0), weight)
+        with pytest.raises(InvalidArgument, match=str(weight)):
+            p.add(addr(1), weight=weight)
+        assert p.get(addr(0)).weight == 1 and len(p) == 1
+
+
+def test_max_weight_builds_in_bounded_time() -> None:
+    heavy = [Node(addr(0), weight=MAX_WEIGHT), Node(addr(1), weight=MAX_WEIGHT - 1), Node(addr(2))]
+    rr = RoundRobin(heavy)
+    assert len(rr.schedule) == 2 * MAX_WEIGHT
+    ring = RingHash(heavy, vnodes=10)
+    counts = collections.Counter(ring.pick(k).address for k in keys(3000))
+    assert counts[Node(addr(0)).address] > counts[Node(addr(2)).address]
+    with pytest.raises(InvalidArgument, match=rf"vnodes {MAX_VNODES + 1}"):
+        RingHash(vnodes=MAX_VNODES + 1)
+
+
+@pytest.mark.parametrize("seed", [[1], "1", 1.5, True, b"x"])
+def test_power_of_two_seed_must_be_an_int(seed: object) -> None:
+    with pytest.raises(InvalidArgument, match=rf"invalid seed {re.escape(repr(seed))}"):
+        PowerOfTwo([addr(0)], seed=seed)  # type: ignore[arg-type]
+    assert PowerOfTwo([addr(0)], seed=2**80).pick() is not None  # big ints are fine
+
+
+@pytest.mark.parametrize("ketama", ["no", 1, 0, None])
+def test_ketama_must_be_a_bool(ketama: object) -> None:
+    with pytest.raises(InvalidArgument, match=rf"invalid ketama {re.escape(repr(ketama))}"):
+        RingHash([addr(0)], ketama=ketama)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("factor", [float("nan"), float("inf"), 0.999, 0, "2", True])
+def test_balance_factor_out_of_range(factor: object) -> None:
+    with pytest.raises(InvalidArgument, match=rf"invalid balance_factor {re.escape(repr(factor))}"):
+        MaglevHash([addr(0)], balance_factor=factor)  # type: ignore[arg-type]
+
+
+def test_balance_factor_may_be_a_huge_int() -> None:
+    # exact arithmetic takes any int (float() used to raise OverflowError on it)
+    p = MaglevHash([addr(0), addr(1)], table_size=211, balance_factor=10**400)
+    leases = [p.acquire("hot") for _ in range(20)]
+    assert {lease.node for lease in leases} == {
+        MaglevHash([addr(0), addr(1)], table_size=211).pick("hot")
+    }
+    for lease in leases:
+        lease.release()
+
+
+def test_one_address_string_is_not_a_node_list() -> None:
+    for factory in FACTORIES.values():
+        with pytest.raises(InvalidArgument, match=r"invalid nodes '10\.0\.0\.1:80'"):
+            factory("10.0.0.1:80")
+
+
+@pytest.mark.parametrize("kind", sorted(FACTORIES))
+def test_a_name_cannot_spell_another_nodes_address(kind: str) -> None:
+    """Names are looked up first, so such a name would hide the other node."""
+    plain = Node("10.0.0.1:80")
+    named = Node("10.0.0.2:80", name="10.0.0.1:80")
+    for order in ([plain, named], [named, plain]):
+        with pytest.raises(DuplicateNode, match=r"'10\.0\.0\.1:80'"):
+            FACTORIES[kind](order)
+    p = FACTORIES[kind]([plain, "[::1]:80"])
+    # any spelling of the address counts, as it does for lookups
+    with pytest.raises(DuplicateNode, match=r"'\[0::1\]:80'"):
+        p.add(Node("10.0.0.3:80", name="[0::1]:80"))
+    assert len(p) == 2 and "10.0.0.3:80" not in p  # the refused node was not added
+    q = FACTORIES[kind]([named])  # the name spells an address no node has yet
+    with pytest.raises(DuplicateNode, match=r"'10\.0\.0\.1:80'"):
+        q.add("10.0.0.1:80")
+    assert q.get("10.0.0.1:80") == named and len(q) == 1
+    q.remove("10.0.0.1:80")  # by name; the address is free again
+    assert q.add(plain) == q.get("10.0.0.1:80") == plain
+    # a name that spells its own address, or no address at all, is fine
+    r = FACTORIES[kind]([Node("10.0.0.5:80", name="10.0.0.5:80"), Node(addr(9), name="shard:1")])
+    assert r.get("shard:1").address == Node(addr(9)).address
+    assert r.get("10.0.0.5:80").name == "10.0.0.5:80"
+
+
+# --------------------------------------------------------------------------- bounded load
+
+
+@pytest.mark.parametrize("scale", [1, 7, 11, 13])
+def test_bounded_load_is_exact_integer_arithmetic(scale: int) -> None:
+    """Scaling every weight by the same number changes no bound.
+
+    With floats, 1.0 x 58 x 7 / 14 came out as 29.000000000000004, whose ceil let a
+    node take a 30th lease.
+    """
+    p = MaglevHash(
+        [Node(addr(0), weight=scale), Node(addr(1), weight=scale)],
+        table_size=1009,
+        balance_factor=1.0,
+    )
+    leases = [p.acquire("hot") for _ in range(58)]
+    assert [p.active(n) for n in p.nodes] == [29, 29]
+    for lease in leases:
+        lease.release()
+
+
+def test_bounded_load_factor_is_the_decimal_written() -> None:
+    """1.1 is 11/10: ten leases over eleven nodes may not put two on one node.
+
+    (The float 1.1 is 1.1000000000000000888, which would allow a second lease.)
+    """
+    nodes = [addr(i) for i in range(11)]
+    p = MaglevHash(nodes, table_size=1201, balance_factor=1.1)
+    leases = [p.acquire("hot") for _ in range(10)]
+    assert sorted(p.active(n) for n in nodes) == [0] + [1] * 10
+    for lease in leases:
+        lease.release()
+
+
+def test_bounded_ketama_uses_a_live_node_without_points() -> None:
+    """Weights 1 and 100: the light server gets floor(1/101 x 80) = 0 ketama digests.
+
+    It used to be refused as "over the load bound" while it held no lease at all.
+    """
+    light, heavy = Node(addr(0), weight=1), Node(addr(1), weight=100)
+    assert all(n != light for _, _, n in ketama_points([light, heavy]))
+    p = RingHash([light, heavy], ketama=True, balance_factor=1.0)
+    leases = [p.acquire(f"k{i}") for i in range(1000)]
+    # each node stays within ceil(1.0 x 1000 x w / 101): heavy 991, light 10
+    assert p.active(heavy) <= 991
+    assert 1000 - 991 <= p.active(light) <= 10
+    for lease in leases:
+        lease.release()
+    # unbounded ketama is libketama's: the pointless server gets nothing
+    q = RingHash([light, heavy], ketama=True)
+    assert {q.pick(k) for k in keys(500)} == {heavy}
+
+
+# --------------------------------------------------------------------------- docstrings
+
+
+def _raises(func: object) -> str:
+    return "\n".join(ln.strip() for ln in (getattr(func, "__doc__", "") or "").splitlines())
+
+
+@pytest.mark.parametrize("cls", list(dict.fromkeys(POLICIES.values())), ids=lambda c: c.__name__)
+def test_docstrings_list_what_the_methods_raise(cls: type[BalancePolicy]) -> None:
+    for method in ("pick", "acquire"):
+        assert ":raises InvalidKey:" in _raises(getattr(cls, method)), (cls, method)
+    assert ":raises AddressError:" in _raises(cls.add)
+    assert ":raises" in _raises(cls.preview)
+    for method in ("mark_up", "set_weight", "add"):
+        # MaglevHash refuses a change that breaks its table bound with InvalidArgument
+        assert ":raises InvalidArgument:" in _raises(getattr(cls, method)), (cls, method)
+
+
+def test_maglev_refused_set_weight_keeps_the_weight() -> None:
+    p = MaglevHash([addr(0), addr(1), Node(addr(2), weight=0)], table_size=211)
+    with pytest.raises(InvalidArgument, match="100 x 3 live nodes"):
+        p.set_weight(addr(2), 1)
+    assert p.get(addr(2)).weight == 0 and len(p.live_nodes) == 2
+
+
+def test_index_page_shows_adds_real_defaults() -> None:
+    import inspect
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parent.parent / "docs/policies/index.md").read_text()
+    params = inspect.signature(BalancePolicy.add).parameters
+    shown = f"add(address, *, weight={params['weight'].default}, name={params['name'].default})"
+    assert shown in page

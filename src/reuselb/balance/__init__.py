@@ -4,6 +4,7 @@ See :mod:`reuselb.balance._base` for the rules every policy follows.
 """
 
 from ._base import (
+    MAX_WEIGHT,
     BalanceDiff,
     BalancePolicy,
     HashPolicy,
@@ -20,10 +21,12 @@ from ._factory import POLICIES, make_policy
 from ._leastconn import LeastConn, PowerOfTwo
 from ._maglev import MaglevHash
 from ._rendezvous import RendezvousHash
-from ._ring import RingHash, ketama_points
+from ._ring import MAX_VNODES, RingHash, ketama_points
 from ._roundrobin import RoundRobin, smooth_wrr_cycle
 
 __all__ = (
+    "MAX_VNODES",
+    "MAX_WEIGHT",
     "POLICIES",
     "BalanceDiff",
     "BalancePolicy",

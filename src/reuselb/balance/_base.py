@@ -13,8 +13,11 @@ Rules of this package (h11 style: a pure core, tested in memory):
   :class:`KeyHasher` for the exact, stable hash;
 * one ``threading.Lock`` per policy guards membership, states, weights and lease
   counts. Membership changes rebuild the policy's lookup structure under the
-  lock and publish it by a single attribute store, so lock-free picks (round
-  robin, unbounded hash policies) always see a complete structure.
+  lock and publish it by a single attribute store (one tuple holding everything
+  a pick needs), and a lock-free pick (round robin, unbounded hash policies) reads
+  that attribute once: it sees the membership before or after a change, never the
+  live set of one and the table of the other. Bounded-load picks read lease
+  counts, so they take the lock.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import threading
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any, ClassVar, TypeAlias
 
 from .._address import Address, AddressLike, parse_address
@@ -43,6 +47,7 @@ from .._errors import (
 __all__ = [
     "BalanceDiff",
     "BalancePolicy",
+    "MAX_WEIGHT",
     "HashPolicy",
     "Key",
     "KeyHasher",
@@ -56,6 +61,12 @@ __all__ = [
 
 #: What ``pick``/``acquire`` accept as a key: text is hashed as its UTF-8 bytes.
 Key: TypeAlias = "str | bytes | bytearray | memoryview | None"
+
+#: The largest node weight. Weights are relative, so 1000 steps are plenty; the
+#: bound keeps every rebuild bounded: a ring builds ``vnodes x weight`` points per
+#: node (1000 x 160 = 160,000, ~0.5 s) and a round-robin cycle ``sum(weights)``
+#: entries, so an unbounded weight (``10**30``) would hang or overflow instead.
+MAX_WEIGHT = 1000
 
 
 class NodeState(enum.Enum):
@@ -78,10 +89,11 @@ class Node:
     :param address: any spelling :func:`reuselb.parse_address` accepts (no DNS).
     :param name: optional unique name; also the node's hash identity (see
         :attr:`hash_id`), so a renamed address keeps its keys.
-    :param weight: int ``>= 0``; ``0`` takes no new traffic.
+    :param weight: int in ``0..MAX_WEIGHT`` (1000); ``0`` takes no new traffic.
     :param state: :class:`NodeState`.
     :raises AddressError: the address is malformed.
-    :raises InvalidArgument: the weight is not an int ``>= 0`` or the name is empty.
+    :raises InvalidArgument: the weight is not an int in ``0..MAX_WEIGHT``, the name
+        is not a non-empty str, or the state is not a :class:`NodeState`.
     """
 
     __slots__ = ("address", "name", "state", "weight")
@@ -122,7 +134,10 @@ class Node:
         return self.state is NodeState.UP and self.weight > 0
 
     def replace(self, *, weight: int | None = None, state: NodeState | None = None) -> Node:
-        """A copy with another weight and/or state."""
+        """A copy with another weight and/or state.
+
+        :raises InvalidArgument: bad weight or state (as for :class:`Node`).
+        """
         return Node(
             self.address,
             name=self.name,
@@ -156,15 +171,33 @@ NodeRef: TypeAlias = "Node | AddressLike"
 
 
 def check_weight(weight: object) -> int:
-    if isinstance(weight, bool) or not isinstance(weight, int) or weight < 0:
-        raise InvalidArgument("weight", weight, "must be an int >= 0")
+    if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= MAX_WEIGHT:
+        raise InvalidArgument("weight", weight, f"must be an int in 0..{MAX_WEIGHT}")
     return weight
 
 
+def unencodable_key(key: str, exc: UnicodeEncodeError) -> InvalidKey:
+    """The InvalidKey for a str that has no UTF-8 form (a lone surrogate)."""
+    err = InvalidKey(key)
+    # InvalidKey's own message is about the key's type, which is right here (str):
+    # say what is wrong with the text instead.
+    err.args = (
+        f"invalid key {key!r}: a str key must encode as UTF-8, but the character at "
+        f"index {exc.start} is a lone surrogate",
+    )
+    return err
+
+
 def key_bytes(key: object) -> bytes:
-    """Encode a key the documented way: ``str`` as UTF-8, bytes-like as is."""
+    """Encode a key the documented way: ``str`` as UTF-8, bytes-like as is.
+
+    :raises InvalidKey: not str or bytes-like, or a str with a lone surrogate.
+    """
     if isinstance(key, str):
-        return key.encode()
+        try:
+            return key.encode()
+        except UnicodeEncodeError as exc:
+            raise unencodable_key(key, exc) from exc
     if isinstance(key, bytes):
         return key
     if isinstance(key, (bytearray, memoryview)):
@@ -243,12 +276,14 @@ class KeyHasher:
 class _Slot:
     """A node's mutable record inside one policy (lease count, current snapshot)."""
 
-    __slots__ = ("active", "attached", "node")
+    __slots__ = ("active", "attached", "name_addr", "node")
 
     def __init__(self, node: Node) -> None:
         self.node = node
         self.active = 0
         self.attached = True
+        #: the other address the node's name spells, if any (see ``_add_locked``).
+        self.name_addr: Address | None = None
 
 
 class Lease:
@@ -304,7 +339,11 @@ class BalancePolicy(abc.ABC):
     only read structures that ``_rebuild`` publishes by one attribute store).
 
     :param nodes: initial nodes (``Node`` objects or addresses).
-    :raises DuplicateNode: two nodes share an address or a name.
+    :raises DuplicateNode: two nodes share an address or a name, or one node's name
+        is another node's address.
+    :raises AddressError: an address is malformed.
+    :raises InvalidArgument: *nodes* is one address string instead of an iterable of
+        nodes, or a policy option is out of range.
     """
 
     #: the name ``make_policy`` knows this policy by.
@@ -315,9 +354,18 @@ class BalancePolicy(abc.ABC):
     lock_free_pick: ClassVar[bool] = False
 
     def __init__(self, nodes: Iterable[NodeLike] = ()) -> None:
+        if isinstance(nodes, (str, bytes)):
+            # iterating it would try each character as an address ("invalid
+            # address '1'"), which hides the real mistake
+            raise InvalidArgument(
+                "nodes", nodes, "must be an iterable of nodes or addresses, not one string"
+            )
         self._lock = threading.Lock()
         self._slots: dict[Address, _Slot] = {}
         self._names: dict[str, Address] = {}
+        #: the addresses that node names parse as (other than their own node's),
+        #: so a node cannot be added at an address that a name already stands for.
+        self._name_addrs: dict[Address, set[str]] = {}
         self._total_active = 0
         #: live nodes (up, weight > 0) in insertion order; rebuilt on every change.
         self._live: tuple[Node, ...] = ()
@@ -373,7 +421,8 @@ class BalancePolicy(abc.ABC):
         :returns: a live node (up, weight > 0).
         :raises NoNodeAvailable: no node can take it (the reason says why).
         :raises KeyRequired: a hash policy was given no key.
-        :raises InvalidKey: the key is not str or bytes.
+        :raises InvalidKey: the key is not str or bytes-like, or is a str with a lone
+            surrogate (no UTF-8 form).
         """
         k = self._key(key)
         if self.lock_free_pick:
@@ -388,6 +437,8 @@ class BalancePolicy(abc.ABC):
         :returns: a :class:`Lease` (a context manager) with ``.node``.
         :raises NoNodeAvailable: no node can take it.
         :raises KeyRequired: a hash policy was given no key.
+        :raises InvalidKey: the key is not str or bytes-like, or is a str with a lone
+            surrogate (no UTF-8 form).
         """
         k = self._key(key)
         with self._lock:
@@ -420,11 +471,16 @@ class BalancePolicy(abc.ABC):
         """Add a node.
 
         :param address: a :class:`Node` or an address.
-        :param weight: overrides the Node's weight (default 1 for addresses).
-        :param name: overrides the Node's name.
+        :param weight: overrides the Node's weight; ``None`` (the default) keeps the
+            Node's own weight, or 1 for an address.
+        :param name: overrides the Node's name; ``None`` keeps the Node's own name.
         :returns: the node as stored.
-        :raises DuplicateNode: the address or name is taken.
-        :raises InvalidArgument: bad weight.
+        :raises AddressError: the address is malformed.
+        :raises DuplicateNode: the address or name is taken, the name is another
+            node's address, or the address is another node's name.
+        :raises InvalidArgument: bad weight or name, or the policy refused the new
+            membership (:class:`MaglevHash`: ``table_size`` must stay greater than
+            100 x the live nodes); the policy is then left as it was.
         """
         if isinstance(address, Node):
             node = address
@@ -450,13 +506,29 @@ class BalancePolicy(abc.ABC):
         return node
 
     def _add_locked(self, node: Node) -> None:
-        if node.address in self._slots:
+        if node.address in self._slots or node.address in self._name_addrs:
             raise DuplicateNode(str(node.address))
-        if node.name is not None and node.name in self._names:
-            raise DuplicateNode(node.name)
-        self._slots[node.address] = _Slot(node)
-        if node.name is not None:
-            self._names[node.name] = node.address
+        name = node.name
+        name_addr: Address | None = None
+        if name is not None:
+            if name in self._names:
+                raise DuplicateNode(name)
+            # Names are looked up before addresses, so a name that spells another
+            # node's address would hide that node from get/remove/mark_down.
+            try:
+                name_addr = parse_address(name)
+            except ValueError:
+                name_addr = None  # not an address: no clash possible
+            if name_addr == node.address:
+                name_addr = None  # names its own node: harmless
+            elif name_addr is not None and name_addr in self._slots:
+                raise DuplicateNode(name)
+        slot = self._slots[node.address] = _Slot(node)
+        if name is not None:
+            self._names[name] = node.address
+            if name_addr is not None:
+                slot.name_addr = name_addr
+                self._name_addrs.setdefault(name_addr, set()).add(name)
 
     def remove(self, ref: NodeRef) -> Node:
         """Remove a node; its open leases still release cleanly.
@@ -472,8 +544,15 @@ class BalancePolicy(abc.ABC):
 
     def _detach(self, slot: _Slot) -> None:
         del self._slots[slot.node.address]
-        if slot.node.name is not None:
-            del self._names[slot.node.name]
+        name = slot.node.name
+        if name is not None:
+            del self._names[name]
+            spelled = slot.name_addr
+            if spelled is not None:
+                names = self._name_addrs[spelled]
+                names.discard(name)
+                if not names:
+                    del self._name_addrs[spelled]
         slot.attached = False
         self._total_active -= slot.active
 
@@ -496,7 +575,9 @@ class BalancePolicy(abc.ABC):
         """Change a node's weight (``0``: no new traffic).
 
         :raises UnknownNode: no such node.
-        :raises InvalidArgument: bad weight.
+        :raises InvalidArgument: the weight is not an int in ``0..MAX_WEIGHT``, or
+            the policy refused the change (:class:`MaglevHash`: ``table_size`` must
+            stay greater than 100 x the live nodes); the node then keeps its weight.
         """
         return self._set(ref, weight=check_weight(weight))
 
@@ -511,6 +592,9 @@ class BalancePolicy(abc.ABC):
         """The node takes new picks again.
 
         :raises UnknownNode: no such node.
+        :raises InvalidArgument: the policy refused the change (:class:`MaglevHash`:
+            ``table_size`` must stay greater than 100 x the live nodes); the node
+            then keeps its state.
         """
         return self._set(ref, state=NodeState.UP)
 
@@ -599,6 +683,11 @@ class BalancePolicy(abc.ABC):
         :param change: callable applied to a copy of this policy.
         :param keys: sample keys (for hash policies; others pick once per key).
         :returns: :class:`BalanceDiff` of this policy versus the changed copy.
+        :raises NoNodeAvailable: this policy or the changed copy has no live node.
+        :raises KeyRequired: a hash policy and a ``None`` key.
+        :raises InvalidKey: a key that is not str or bytes-like.
+        :raises Exception: whatever *change* raises (for example ``UnknownNode``),
+            unchanged; this policy is not touched either way.
         """
         new = self.copy()
         change(new)
@@ -606,6 +695,26 @@ class BalancePolicy(abc.ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {len(self._slots)} nodes, {len(self._live)} live>"
+
+
+def _exact_factor(factor: object) -> tuple[int, int]:
+    """*factor* (a finite number >= 1) as an exact fraction ``(num, den)``.
+
+    A float is read as the shortest decimal that reads back as it, which is what
+    the caller wrote (``1.1`` -> 11/10, where ``Fraction(1.1)`` is 1.1000...0888).
+    """
+    bad = InvalidArgument("balance_factor", factor, "must be a finite number >= 1")
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)):
+        raise bad
+    if isinstance(factor, float):
+        if not (factor >= 1.0 and math.isfinite(factor)):  # also refuses nan
+            raise bad
+        exact = Fraction(repr(factor))
+    else:
+        if factor < 1:
+            raise bad
+        exact = Fraction(factor)
+    return exact.numerator, exact.denominator
 
 
 class HashPolicy(BalancePolicy):
@@ -616,7 +725,12 @@ class HashPolicy(BalancePolicy):
     over and the key goes to the policy's next candidate (Mirrokni, Thorup and
     Zadimoghaddam's consistent hashing with bounded loads; HAProxy's
     ``hash-balance-factor``). It needs leases: plain ``pick`` sees the current
-    counts too, but does not add to them.
+    counts too, but does not add to them. Bounded picks read the counts, so they
+    run under the lock. The bound is computed in exact integer arithmetic, with the
+    factor read as the decimal it prints as (``1.1`` is 11/10), so scaling all
+    weights by the same number never changes it. A live node that the policy's
+    candidate order never reaches (a ketama server with no points, a Maglev node
+    with no table entry) still takes the key when every other node is at its bound.
     """
 
     needs_key = True
@@ -630,14 +744,10 @@ class HashPolicy(BalancePolicy):
         balance_factor: float | None = None,
     ) -> None:
         self._hasher = KeyHasher(seed, secret)
-        if balance_factor is not None and (
-            isinstance(balance_factor, bool)
-            or not isinstance(balance_factor, (int, float))
-            or not balance_factor >= 1.0
-            or math.isinf(balance_factor)
-        ):
-            raise InvalidArgument("balance_factor", balance_factor, "must be a number >= 1")
         self._balance_factor = balance_factor
+        self._bound = (1, 1)
+        if balance_factor is not None:
+            self._bound = _exact_factor(balance_factor)
         self._total_weight = 0
         super().__init__(nodes)
 
@@ -663,6 +773,23 @@ class HashPolicy(BalancePolicy):
         self._total_weight = sum(n.weight for n in self._live)
         self._rebuild()
 
+    def pick(self, key: Key = None) -> Node:
+        """The node for *key* (see :meth:`BalancePolicy.pick`).
+
+        :param key: ``str`` (UTF-8) or ``bytes``.
+        :returns: a live node.
+        :raises KeyRequired: no key.
+        :raises InvalidKey: the key is not str or bytes-like, or is a str with a
+            lone surrogate.
+        :raises NoNodeAvailable: no live node, or all over the load bound.
+        """
+        k = self._key(key)
+        # Bounded picks read lease counts and the live set: only under the lock.
+        if self.lock_free_pick and self._balance_factor is None:
+            return self._choose(k)
+        with self._lock:
+            return self._choose(k)
+
     @abc.abstractmethod
     def _candidates(self, key: bytes) -> Iterator[Node]:
         """Live nodes in this key's order of preference (may repeat)."""
@@ -670,18 +797,32 @@ class HashPolicy(BalancePolicy):
     def _choose_bounded(self, key: bytes) -> Node:
         if not self._live:
             raise self._unavailable()
-        factor = self._balance_factor
-        assert factor is not None
-        total = (self._total_active + 1) * factor / self._total_weight
+        # A node may hold fewer than ceil(c * (A + 1) * w / W) leases; for an int
+        # count, a < ceil(x) exactly when a < x, so compare
+        # a * den * W < num * (A + 1) * w in ints. (With floats, 1.0 * 58 * 7 / 14
+        # came to 29.000000000000004 and its ceil let a node take a 30th lease.)
+        num, den = self._bound
+        limit = num * (self._total_active + 1)
+        scale = den * self._total_weight
         slots = self._slots
+        live = self._live
         tried: set[Address] = set()
         for node in self._candidates(key):
             addr = node.address
-            if slots[addr].active < math.ceil(total * node.weight):
+            if slots[addr].active * scale < limit * node.weight:
                 return node
             tried.add(addr)
-            if len(tried) == len(self._live):
+            if len(tried) == len(live):
                 break
+        else:
+            # The candidates ran out before every live node came up: some live node
+            # has no place in the lookup structure (ketama gives a light server no
+            # points). It may still take the key rather than refusing it while idle.
+            for node in sorted(live, key=lambda n: n.hash_id):
+                if node.address not in tried and slots[node.address].active * scale < (
+                    limit * node.weight
+                ):
+                    return node
         raise NoNodeAvailable(self.name, "all nodes are over the load bound")
 
 
@@ -767,10 +908,15 @@ class TableHashPolicy(HashPolicy):
         :param key: ``str`` (UTF-8) or ``bytes``.
         :returns: a live node.
         :raises KeyRequired: no key.
+        :raises InvalidKey: the key is not str or bytes-like, or is a str with a
+            lone surrogate.
         :raises NoNodeAvailable: no live node, or all over the load bound.
         """
         fast = self._fast
         if fast is not None and key.__class__ is str:
             table, seed = fast
-            return table[zlib.crc32(key.encode(), seed) % len(table)]  # type: ignore[union-attr,unused-ignore]
+            try:
+                return table[zlib.crc32(key.encode(), seed) % len(table)]  # type: ignore[union-attr,unused-ignore]
+            except UnicodeEncodeError as exc:
+                raise unencodable_key(key, exc) from exc  # type: ignore[arg-type,unused-ignore]
         return super().pick(key)

@@ -12,6 +12,7 @@ import random
 from collections.abc import Iterable
 from typing import Any
 
+from .._errors import InvalidArgument
 from ._base import BalancePolicy, Node, NodeLike, _Slot
 
 __all__ = ["LeastConn", "PowerOfTwo"]
@@ -62,12 +63,17 @@ class PowerOfTwo(BalancePolicy):
     ``ln ln n / ln 2`` (Mitzenmacher). O(1) per pick under the lock.
 
     :param nodes: initial nodes.
-    :param seed: seed for the policy's own ``random.Random`` (tests, replay).
+    :param seed: an int seeding the policy's own ``random.Random`` (tests, replay),
+        or None for a fresh random seed.
+    :raises InvalidArgument: the seed is not an int or None.
     """
 
     name = "p2c"
 
     def __init__(self, nodes: Iterable[NodeLike] = (), *, seed: int | None = None) -> None:
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            # random.Random would take str/bytes/float too, or raise a bare TypeError
+            raise InvalidArgument("seed", seed, "must be an int or None")
         self._seed = seed
         self._rng = random.Random(seed)
         self._cum: list[int] = []

@@ -48,6 +48,9 @@ class MaglevHash(TableHashPolicy):
     :param balance_factor: bounded load (``>= 1``); the next candidates are the
         following table entries.
     :raises InvalidArgument: table_size is not a prime or too small for the nodes.
+        Later, :meth:`add`, :meth:`mark_up` and :meth:`set_weight` raise it too when
+        the change would leave ``table_size <= 100 x`` the live nodes; the policy is
+        then left as it was.
     """
 
     name = "maglev"

@@ -24,12 +24,15 @@ import sys
 import zlib
 from array import array
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, TypeAlias
 
 from .._errors import InvalidArgument
-from ._base import HashPolicy, Key, KeyHasher, Node, NodeLike
+from ._base import HashPolicy, Key, KeyHasher, Node, NodeLike, unencodable_key
 
 __all__ = ["DEFAULT_BUCKETS", "RendezvousHash"]
+
+# What a rendezvous pick reads: (ranked, owners, nodes); see RendezvousHash.__init__.
+_Snapshot: TypeAlias = "tuple[tuple[tuple[Node, int], ...], bytes | array[int], tuple[Node, ...]]"
 
 #: Buckets of the tabulated mode by default: 2**19 keeps the bucket-count noise
 #: (under sqrt(N / table_size) per node) well under the keys' own noise.
@@ -55,8 +58,9 @@ _SPARSE_MAX = 1 << 13
 # When at most this many buckets are still empty, they are resolved one by one.
 _TAIL_MAX = 64
 # Rotations: rot[g][k] doubles weight 2**(k-1) pools into 2**k ones, and
-# rot[g][_BITS + k] places a node's weight bit k; weights are capped at 2**_BITS - 1
-# (a node that heavy owns nearly every bucket anyway).
+# rot[g][_BITS + k] places a node's weight bit k. Node weights stop at MAX_WEIGHT
+# (1000, 10 bits); _BITS stays 48 because the rotations are read at offsets that
+# depend on it, and changing them would change every table.
 _BITS = 48
 _MAX_WEIGHT = (1 << _BITS) - 1
 _UNITS = 2 * _BITS
@@ -447,11 +451,14 @@ class RendezvousHash(HashPolicy):
             )
         self._size = table_size
         self._crc_seed = seed if secret is None else None
-        # Owner index per bucket (bytes, or array('H'/'I') past 256 nodes) and the
-        # nodes it indexes: one byte per bucket instead of one pointer.
-        self._table: tuple[bytes | array[int], tuple[Node, ...]] = (b"", ())
+        # Everything a pick reads, published by one attribute store per rebuild so
+        # that a lock-free pick reads one consistent membership: (ranked, owners,
+        # nodes). ``ranked`` pairs each live node with its score seed (exact mode);
+        # ``owners`` is the owner index per bucket (bytes, or array('H'/'I') past 256
+        # nodes, one byte per bucket instead of one pointer) into ``nodes``.
+        self._snap: _Snapshot = ((), b"", ())
+        # The str-key fast path's own snapshot (owners, nodes, crc seed), or None.
         self._fast: tuple[bytes | array[int], tuple[Node, ...], int] | None = None
-        self._ranked: tuple[tuple[Node, int], ...] = ()
         self._pools: _Pools | None = None
         self._offsets: dict[str, array[int]] = {}
         super().__init__(nodes, seed=seed, secret=secret, balance_factor=balance_factor)
@@ -464,12 +471,17 @@ class RendezvousHash(HashPolicy):
         """Buckets, or None in exact mode."""
         return self._size
 
+    @property
+    def _table(self) -> tuple[bytes | array[int], tuple[Node, ...]]:
+        """(owners, nodes) of the tabulated mode (for tests and inspection)."""
+        _, owners, nodes = self._snap
+        return owners, nodes
+
     def _rebuild(self) -> None:
         nodes = tuple(sorted(self._live, key=lambda n: n.hash_id))
-        self._ranked = tuple((n, self._hasher.node_int(n.hash_id, 8)) for n in nodes)
         if self._size is None or not nodes:
-            self._table = (b"", ())
-            self._publish()
+            ranked = tuple((n, self._hasher.node_int(n.hash_id, 8)) for n in nodes)
+            self._publish((ranked, b"", ()))
             return
         groups = _groups(self._size)
         if self._pools is None:
@@ -485,12 +497,12 @@ class RendezvousHash(HashPolicy):
         owners = _tabulate(
             self._pools, [offsets[n.hash_id] for n in nodes], [n.weight for n in nodes]
         )
-        self._table = (owners, nodes)
-        self._publish()
+        self._publish(((), owners, nodes))
 
-    def _publish(self) -> None:
+    def _publish(self, snap: _Snapshot) -> None:
+        self._snap = snap
+        _, owners, nodes = snap
         seed = self._crc_seed
-        owners, nodes = self._table
         if nodes and seed is not None and self._balance_factor is None:
             self._fast = (owners, nodes, seed)
         else:
@@ -502,30 +514,32 @@ class RendezvousHash(HashPolicy):
         :param key: ``str`` (UTF-8) or ``bytes``.
         :returns: a live node.
         :raises KeyRequired: no key.
+        :raises InvalidKey: the key is not str or bytes-like, or is a str with a
+            lone surrogate.
         :raises NoNodeAvailable: no live node, or all over the load bound.
         """
         # Hot path: str key, CRC hashing, no bound: one published tuple, no lock.
         fast = self._fast
         if fast is not None and key.__class__ is str:
             owners, nodes, seed = fast
-            h = zlib.crc32(key.encode(), seed)  # type: ignore[union-attr,unused-ignore]
+            try:
+                h = zlib.crc32(key.encode(), seed)  # type: ignore[union-attr,unused-ignore]
+            except UnicodeEncodeError as exc:
+                raise unencodable_key(key, exc) from exc  # type: ignore[arg-type,unused-ignore]
             return nodes[owners[h % len(owners)]]
         return super().pick(key)
 
-    def _exact_scores(self, key: bytes) -> list[tuple[float, str, Node]]:
+    def _exact_scores(
+        self, ranked: tuple[tuple[Node, int], ...], key: bytes
+    ) -> list[tuple[float, str, Node]]:
         h = self._hasher.hash32(key)
         h = h | (h << 32)
         scale = 1.0 / (1 << 53)
         scored = []
-        for n, s in self._ranked:
+        for n, s in ranked:
             u = ((_mix64(h ^ s) >> 11) + 0.5) * scale
             scored.append((u if n.weight == 1 else u ** (1.0 / n.weight), n.hash_id, n))
         return scored
-
-    def _exact_order(self, key: bytes) -> list[Node]:
-        scored = self._exact_scores(key)
-        scored.sort(key=lambda t: (t[0], t[1]), reverse=True)
-        return [t[2] for t in scored]
 
     def _choose(self, key: bytes | None) -> Node:
         assert key is not None
@@ -534,15 +548,21 @@ class RendezvousHash(HashPolicy):
         return next(self._candidates(key))
 
     def _candidates(self, key: bytes) -> Iterator[Node]:
-        if not self._live:
-            raise self._unavailable()
+        # One read of the published snapshot: a concurrent rebuild cannot pair the
+        # old live set with the new table (that raised ZeroDivisionError/ValueError).
+        ranked, owners, nodes = self._snap
         if self._size is None:
+            if not ranked:
+                raise self._unavailable()
+            scored = self._exact_scores(ranked, key)
             if self._balance_factor is None:
-                yield max(self._exact_scores(key), key=lambda t: (t[0], t[1]))[2]
+                yield max(scored, key=lambda t: (t[0], t[1]))[2]
             else:
-                yield from self._exact_order(key)
+                scored.sort(key=lambda t: (t[0], t[1]), reverse=True)
+                yield from (t[2] for t in scored)
             return
-        owners, nodes = self._table
+        if not nodes:
+            raise self._unavailable()
         m = len(owners)
         start = self._hasher.hash32(key) % m
         for i in range(m):

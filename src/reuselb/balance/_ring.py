@@ -32,9 +32,13 @@ from typing import Any
 from zlib import crc32 as _crc32
 
 from .._errors import InvalidArgument
-from ._base import HashPolicy, Key, Node, NodeLike
+from ._base import HashPolicy, Key, Node, NodeLike, unencodable_key
 
-__all__ = ["RingHash", "ketama_points"]
+__all__ = ["MAX_VNODES", "RingHash", "ketama_points"]
+
+#: The most points per weight unit: with MAX_WEIGHT (1000) a node then has at most
+#: a million points, so a rebuild stays bounded (seconds, not hours).
+MAX_VNODES = 1000
 
 _ARC_SHIFT = 14
 _ARCS = 1 << (32 - _ARC_SHIFT)
@@ -59,13 +63,18 @@ class RingHash(HashPolicy):
     (160 per node gives ~10% spread at N=100).
 
     :param nodes: initial nodes.
-    :param vnodes: points per weight unit (ignored in ketama mode).
+    :param vnodes: points per weight unit, ``1..MAX_VNODES`` (1000); ignored in
+        ketama mode.
     :param ketama: build a ketama-compatible continuum (MD5; see the module doc).
+        A weighted ketama server whose share rounds down to no digest has no points
+        and gets no keys (as in libketama); with ``balance_factor`` it takes a key
+        only when every server with points is at its bound.
     :param seed: reshuffles the mapping (see :class:`KeyHasher`).
     :param secret: keyed hash so chosen keys cannot aim at one node.
     :param balance_factor: bounded load (``>= 1``); the next candidates are the
         following ring points.
-    :raises InvalidArgument: vnodes < 1, or seed/secret with ketama.
+    :raises InvalidArgument: vnodes not an int in ``1..MAX_VNODES``, ketama not a
+        bool, or seed/secret with ketama.
     """
 
     name = "ring"
@@ -81,12 +90,15 @@ class RingHash(HashPolicy):
         secret: bytes | None = None,
         balance_factor: float | None = None,
     ) -> None:
-        if isinstance(vnodes, bool) or not isinstance(vnodes, int) or vnodes < 1:
-            raise InvalidArgument("vnodes", vnodes, "must be an int >= 1")
+        if isinstance(vnodes, bool) or not isinstance(vnodes, int) or not 1 <= vnodes <= MAX_VNODES:
+            raise InvalidArgument("vnodes", vnodes, f"must be an int in 1..{MAX_VNODES}")
+        if not isinstance(ketama, bool):
+            # a truthy "no" would silently switch the hash to MD5
+            raise InvalidArgument("ketama", ketama, "must be a bool")
         if ketama and (seed or secret is not None):
             raise InvalidArgument("ketama", ketama, "ketama mode takes no seed or secret")
         self._vnodes = vnodes
-        self._ketama = bool(ketama)
+        self._ketama = ketama
         self._crc_seed = seed if secret is None and not ketama else None
         self._ring: tuple[list[int], list[Node], tuple[array[int], list[Node | None]]] = (
             [],
@@ -168,13 +180,18 @@ class RingHash(HashPolicy):
         :param key: ``str`` (UTF-8) or ``bytes``.
         :returns: a live node.
         :raises KeyRequired: no key.
+        :raises InvalidKey: the key is not str or bytes-like, or is a str with a
+            lone surrogate.
         :raises NoNodeAvailable: no live node, or all over the load bound.
         """
         # Hot path: str key, CRC hashing, no bound: one published tuple, no lock.
         fast = self._fast
         if fast is not None and key.__class__ is str:
             points, owners, arcs, arc_nodes, seed = fast
-            data = key.encode()  # type: ignore[union-attr,unused-ignore]
+            try:
+                data = key.encode()  # type: ignore[union-attr,unused-ignore]
+            except UnicodeEncodeError as exc:
+                raise unencodable_key(key, exc) from exc  # type: ignore[arg-type,unused-ignore]
             if seed is not None:
                 h = _crc32(data, seed)
             else:  # ketama

@@ -79,14 +79,20 @@ class RoundRobin(BalancePolicy):
     def pick(self, key: Key = None) -> Node:
         """The next node of the cycle; *key* is checked but ignored.
 
-        :param key: ignored (``str``/``bytes``/``None``).
+        :param key: ignored (``str``/``bytes``/``None``), but checked as every policy
+            checks it.
         :returns: a live node.
+        :raises InvalidKey: the key is not str or bytes-like, or is a str with a
+            lone surrogate.
         :raises NoNodeAvailable: no live node.
         """
+        # The key is ignored but checked like everywhere else, so switching policy
+        # never turns an accepted key into an error. isascii() is a flag test: an
+        # ASCII str always encodes, anything else goes through the full check.
+        if key is not None and (key.__class__ is not str or not key.isascii()):
+            key_bytes(key)
         schedule = self._schedule
         if schedule:
-            if key is not None and key.__class__ is not str:
-                key_bytes(key)
             return schedule[self._next() % len(schedule)]
         raise self._unavailable()
 
