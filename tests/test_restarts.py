@@ -212,6 +212,39 @@ def test_hash_steering_is_predictable(kind: str) -> None:
         assert len(seen) > 1
 
 
+def test_steering_counts_members_taken_from_the_group() -> None:
+    """A member handed out with take() keeps its index: the kernel still has it."""
+    from reuselb import attach_hash_steering, hash_steering_index
+
+    with reuseport_group("127.0.0.1:0", 3) as group, group.take(0) as taken:
+        slots = [taken, group[1], group[2]]
+        for m in slots:
+            m.setblocking(False)
+        for index in (2, 0):
+            steer_all_to(group, index)
+            with connect_tcp(("127.0.0.1", group.port)):
+                ready = select.select(slots, [], [], 10)[0]
+                assert [slots.index(m) for m in ready] == [index]
+                ready[0].accept()[0].close()
+        # The hash program's modulus is the kernel's group size (3), not the 2
+        # members the group still holds.
+        attach_hash_steering(group)
+        for _ in range(12):
+            with socket.socket() as c:
+                c.bind(("127.0.0.1", 0))
+                expected = hash_steering_index("127.0.0.1", c.getsockname()[1], 3)
+                c.connect(("127.0.0.1", group.port))
+                ready = select.select(slots, [], [], 10)[0]
+                assert [slots.index(m) for m in ready] == [expected]
+                ready[0].accept()[0].close()
+        with (
+            group.take(1),
+            group.take(2),
+            pytest.raises(InvalidArgument, match="all were taken"),
+        ):
+            steer_all_to(group, 0)
+
+
 def test_incoming_cpu_setter() -> None:
     with reuseport_group("127.0.0.1:0", 1) as group:
         set_incoming_cpu(group[0], 0)

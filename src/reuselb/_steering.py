@@ -20,7 +20,7 @@ import struct
 from collections.abc import Iterable, Sequence
 
 from ._errors import InvalidArgument, SteeringError
-from ._sockets import check_open
+from ._sockets import ReuseportGroup, check_open
 
 __all__ = [
     "attach_cpu_steering",
@@ -71,11 +71,24 @@ def _attach(sock: socket.socket, program: Sequence[Insn]) -> None:
         raise SteeringError(f"attaching the reuseport program failed: {exc}") from exc
 
 
-def _members(group: Iterable[socket.socket]) -> list[socket.socket]:
+def _members(group: Iterable[socket.socket]) -> tuple[int, socket.socket]:
+    """``(the group's size in the kernel, a member to attach the program through)``."""
+    if isinstance(group, ReuseportGroup):
+        # A BPF program's return value indexes the kernel's array of the group, and a
+        # member handed out with take() is still in it (it stays bound and listening
+        # in whoever now owns it). Counting only the members the group still holds
+        # would shift every index after a taken one and shrink the modulus.
+        size = len(group)
+        via = next(iter(group), None)
+        if via is None:
+            raise InvalidArgument(
+                "group", group, "holds no member to attach through (all were taken)"
+            )
+        return size, check_open(via, "group member")
     members = [check_open(s, "group member") for s in group]
     if not members:
         raise InvalidArgument("group", group, "has no members")
-    return members
+    return len(members), members[0]
 
 
 def attach_cpu_steering(group: Iterable[socket.socket], *, strict: bool = True) -> None:
@@ -86,20 +99,24 @@ def attach_cpu_steering(group: Iterable[socket.socket], *, strict: bool = True) 
     where its packets already are: no cross-CPU wake-up.
 
     :param group: the members in join order (a :class:`~reuselb.ReuseportGroup` or a
-        sequence of sockets); the program is attached through the first.
+        sequence of sockets); the program is attached through the first. Members
+        taken from a group with ``take()`` keep their index: they stay in the
+        kernel's group while they are open. (When a member closes, the kernel moves
+        the last member into its slot; :func:`~reuselb.drain_close` keeps a group in
+        step.)
     :param strict: require exactly one member per CPU (``os.cpu_count()``); with
         False, CPUs beyond the group fall back to the kernel's hash.
     :raises InvalidArgument: the group is empty or, with *strict*, its size differs
         from the CPU count.
     :raises SteeringError: the kernel refused the program.
     """
-    members = _members(group)
+    n, via = _members(group)
     cpus = os.cpu_count() or 1
-    if strict and len(members) != cpus:
+    if strict and n != cpus:
         raise InvalidArgument(
-            "group", f"{len(members)} members", f"cpu steering needs one member per CPU ({cpus})"
+            "group", f"{n} members", f"cpu steering needs one member per CPU ({cpus})"
         )
-    _attach(members[0], [(_LD_W_ABS, 0, 0, _SKF_AD_OFF + _SKF_AD_CPU), (_RET_A, 0, 0, 0)])
+    _attach(via, [(_LD_W_ABS, 0, 0, _SKF_AD_OFF + _SKF_AD_CPU), (_RET_A, 0, 0, 0)])
 
 
 def steer_all_to(group: Iterable[socket.socket], index: int) -> None:
@@ -110,10 +127,10 @@ def steer_all_to(group: Iterable[socket.socket], index: int) -> None:
     :raises InvalidArgument: *index* is not a member's index.
     :raises SteeringError: the kernel refused the program.
     """
-    members = _members(group)
-    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(members):
-        raise InvalidArgument("index", index, f"must be 0..{len(members) - 1}")
-    _attach(members[0], [(_LD_IMM, 0, 0, index), (_RET_A, 0, 0, 0)])
+    n, via = _members(group)
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < n:
+        raise InvalidArgument("index", index, f"must be 0..{n - 1}")
+    _attach(via, [(_LD_IMM, 0, 0, index), (_RET_A, 0, 0, 0)])
 
 
 def steer_away_from(group: Iterable[socket.socket], index: int) -> None:
@@ -124,14 +141,13 @@ def steer_away_from(group: Iterable[socket.socket], index: int) -> None:
     :raises InvalidArgument: fewer than 2 members, or *index* out of range.
     :raises SteeringError: the kernel refused the program.
     """
-    members = _members(group)
-    n = len(members)
+    n, via = _members(group)
     if n < 2:
         raise InvalidArgument("group", f"{n} member", "needs another member to steer to")
     if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < n:
         raise InvalidArgument("index", index, f"must be 0..{n - 1}")
     _attach(
-        members[0],
+        via,
         [
             (_LD_W_ABS, 0, 0, _SKF_AD_OFF + _SKF_AD_RANDOM),
             (_ALU_MOD_K, 0, 0, n - 1),
@@ -177,11 +193,11 @@ def attach_hash_steering(group: Iterable[socket.socket]) -> None:
     :raises InvalidArgument: the group is empty or not IPv4.
     :raises SteeringError: the kernel refused the program.
     """
-    members = _members(group)
-    if members[0].family != socket.AF_INET:
-        raise InvalidArgument("group", members[0], "hash steering reads IPv4 headers only")
+    n, via = _members(group)
+    if via.family != socket.AF_INET:
+        raise InvalidArgument("group", via, "hash steering reads IPv4 headers only")
     _attach(
-        members[0],
+        via,
         [
             (_LD_W_ABS, 0, 0, _SKF_NET_OFF + 12),  # IPv4 source address
             (_TAX, 0, 0, 0),
@@ -189,7 +205,7 @@ def attach_hash_steering(group: Iterable[socket.socket]) -> None:
             (_ALU_XOR_X, 0, 0, 0),
             (_ALU_MUL_K, 0, 0, _GOLDEN32),
             (_ALU_RSH_K, 0, 0, 16),
-            (_ALU_MOD_K, 0, 0, len(members)),
+            (_ALU_MOD_K, 0, 0, n),
             (_RET_A, 0, 0, 0),
         ],
     )
