@@ -40,9 +40,11 @@ from reuselb import (
     make_policy,
 )
 from reuselb.balance import (
+    MAX_TABLE_SIZE,
     MAX_VNODES,
     MAX_WEIGHT,
     POLICIES,
+    HashPolicy,
     KeyHasher,
     ketama_points,
     smooth_wrr_cycle,
@@ -178,6 +180,21 @@ def test_no_node_available_reasons(kind: str) -> None:
     assert isinstance(info.value, LookupError)
     p.set_weight(addr(1), 1)
     assert p.pick(k).address == Node(addr(1)).address
+
+
+@pytest.mark.parametrize(
+    ("policy", "size"),
+    [
+        (MaglevHash, 2**61 - 1),  # a Mersenne prime: the check must not try to factor it
+        (MaglevHash, 16_777_259),  # the first prime above 2**24
+        (RendezvousHash, 2**25),
+        (RendezvousHash, 2**40),
+    ],
+)
+def test_table_size_is_bounded(policy: Callable[..., HashPolicy], size: int) -> None:
+    assert size > MAX_TABLE_SIZE
+    with pytest.raises(InvalidArgument, match=f"table_size {size}"):
+        policy(table_size=size)
 
 
 def test_maglev_table_size_rules() -> None:

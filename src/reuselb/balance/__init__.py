@@ -4,6 +4,7 @@ See :mod:`reuselb.balance._base` for the rules every policy follows.
 """
 
 from ._base import (
+    MAX_TABLE_SIZE,
     MAX_WEIGHT,
     BalanceDiff,
     BalancePolicy,
@@ -25,6 +26,7 @@ from ._ring import MAX_VNODES, RingHash, ketama_points
 from ._roundrobin import RoundRobin, smooth_wrr_cycle
 
 __all__ = (
+    "MAX_TABLE_SIZE",
     "MAX_VNODES",
     "MAX_WEIGHT",
     "POLICIES",

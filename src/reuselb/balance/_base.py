@@ -47,6 +47,7 @@ from .._errors import (
 __all__ = [
     "BalanceDiff",
     "BalancePolicy",
+    "MAX_TABLE_SIZE",
     "MAX_WEIGHT",
     "HashPolicy",
     "Key",
@@ -67,6 +68,13 @@ Key: TypeAlias = "str | bytes | bytearray | memoryview | None"
 #: node (1000 x 160 = 160,000, ~0.5 s) and a round-robin cycle ``sum(weights)``
 #: entries, so an unbounded weight (``10**30``) would hang or overflow instead.
 MAX_WEIGHT = 1000
+
+#: The largest ``table_size`` of the table policies (Maglev, tabulated rendezvous).
+#: Builds are linear in the table: for 100 nodes here, Maglev takes ~0.04 s at
+#: 65,537 entries and ~2 s at 1,048,573; rendezvous ~0.04 s at 2**19 and ~0.5 s at
+#: 2**22. Without a bound a typo (``table_size=10**12``) would run for hours, and
+#: Maglev's primality check alone for minutes, before anything is reported.
+MAX_TABLE_SIZE = 2**24
 
 
 class NodeState(enum.Enum):

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from .._errors import InvalidArgument
-from ._base import Node, NodeLike, TableHashPolicy
+from ._base import MAX_TABLE_SIZE, Node, NodeLike, TableHashPolicy
 
 __all__ = ["DEFAULT_TABLE_SIZE", "MaglevHash", "is_prime"]
 
@@ -41,13 +41,15 @@ class MaglevHash(TableHashPolicy):
     more: ~1.6/N at N=100, the price of the even table).
 
     :param nodes: initial nodes.
-    :param table_size: a prime M; must stay greater than 100 x the number of live
-        nodes (Maglev's bound for ~1% balance); a rebuild with more live nodes raises.
+    :param table_size: a prime M ``<= MAX_TABLE_SIZE`` (2**24); must stay greater
+        than 100 x the number of live nodes (Maglev's bound for ~1% balance); a
+        rebuild with more live nodes raises.
     :param seed: reshuffles the mapping (see :class:`KeyHasher`).
     :param secret: keyed hash so chosen keys cannot aim at one node.
     :param balance_factor: bounded load (``>= 1``); the next candidates are the
         following table entries.
-    :raises InvalidArgument: table_size is not a prime or too small for the nodes.
+    :raises InvalidArgument: table_size is not a prime, is above ``MAX_TABLE_SIZE``
+        or is too small for the nodes.
         Later, :meth:`add`, :meth:`mark_up` and :meth:`set_weight` raise it too when
         the change would leave ``table_size <= 100 x`` the live nodes; the policy is
         then left as it was.
@@ -68,9 +70,13 @@ class MaglevHash(TableHashPolicy):
         if (
             isinstance(table_size, bool)
             or not isinstance(table_size, int)
+            # The bound first: it keeps the primality check below cheap too.
+            or not 2 <= table_size <= MAX_TABLE_SIZE
             or not is_prime(table_size)
         ):
-            raise InvalidArgument("table_size", table_size, "must be a prime")
+            raise InvalidArgument(
+                "table_size", table_size, f"must be a prime <= MAX_TABLE_SIZE ({MAX_TABLE_SIZE})"
+            )
         self._size = table_size
         self._table: list[Node] = []
         self._fast: tuple[list[Node], int] | None = None

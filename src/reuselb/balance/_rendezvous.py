@@ -27,7 +27,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any, TypeAlias
 
 from .._errors import InvalidArgument
-from ._base import HashPolicy, Key, KeyHasher, Node, NodeLike, unencodable_key
+from ._base import MAX_TABLE_SIZE, HashPolicy, Key, KeyHasher, Node, NodeLike, unencodable_key
 
 __all__ = ["DEFAULT_BUCKETS", "RendezvousHash"]
 
@@ -419,7 +419,8 @@ class RendezvousHash(HashPolicy):
     score, so when a node leaves only its own keys move (exactly 1/N on average).
 
     :param nodes: initial nodes.
-    :param table_size: buckets of the tabulated mode (a power of two ``>= 1024``),
+    :param table_size: buckets of the tabulated mode (a power of two from 1024 to
+        ``MAX_TABLE_SIZE``, 2**24),
         or ``None`` for exact per-key scoring (O(N) per pick).
     :param seed: reshuffles the mapping (see :class:`KeyHasher`).
     :param secret: keyed hash so chosen keys cannot aim at one node.
@@ -443,11 +444,13 @@ class RendezvousHash(HashPolicy):
         if table_size is not None and (
             isinstance(table_size, bool)
             or not isinstance(table_size, int)
-            or table_size < 1024
+            or not 1024 <= table_size <= MAX_TABLE_SIZE
             or table_size & (table_size - 1)
         ):
             raise InvalidArgument(
-                "table_size", table_size, "must be a power of two >= 1024, or None"
+                "table_size",
+                table_size,
+                f"must be a power of two in 1024..{MAX_TABLE_SIZE} (MAX_TABLE_SIZE), or None",
             )
         self._size = table_size
         self._crc_seed = seed if secret is None else None
