@@ -216,11 +216,18 @@ class KeyRequired(ReuselbError, ValueError):
 
 
 class InvalidKey(ReuselbError, TypeError):
-    """A pick key is neither ``str`` nor bytes-like."""
+    """A pick key is neither ``str`` nor bytes-like, or is a ``str`` with no UTF-8 form.
 
-    def __init__(self, key: object) -> None:
+    :ivar key: the key.
+    :ivar reason: what is wrong with it.
+    """
+
+    def __init__(self, key: object, reason: str | None = None) -> None:
         self.key = key
-        super().__init__(f"invalid key {key!r}: expected str or bytes, got {type(key).__name__}")
+        self.reason = (
+            f"expected str or bytes, got {type(key).__name__}" if reason is None else reason
+        )
+        super().__init__(f"invalid key {key!r}: {self.reason}")
 
 
 # --------------------------------------------------------------------------- relay

@@ -186,14 +186,11 @@ def check_weight(weight: object) -> int:
 
 def unencodable_key(key: str, exc: UnicodeEncodeError) -> InvalidKey:
     """The InvalidKey for a str that has no UTF-8 form (a lone surrogate)."""
-    err = InvalidKey(key)
-    # InvalidKey's own message is about the key's type, which is right here (str):
-    # say what is wrong with the text instead.
-    err.args = (
-        f"invalid key {key!r}: a str key must encode as UTF-8, but the character at "
-        f"index {exc.start} is a lone surrogate",
+    return InvalidKey(
+        key,
+        f"a str key must encode as UTF-8, but the character at index {exc.start} "
+        "is a lone surrogate",
     )
-    return err
 
 
 def key_bytes(key: object) -> bytes:
