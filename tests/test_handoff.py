@@ -160,6 +160,20 @@ def test_malformed_header_closes_each_fd_once(entries: object, match: str) -> No
             s.close()
 
 
+def test_deeply_nested_header_is_malformed_not_a_recursion_error() -> None:
+    # json's decoder recurses once per level: 5,000 levels is 10 KB, far under the
+    # size limit, and used to escape as a bare RecursionError.
+    header = b"[" * 5000 + b"]" * 5000
+    a, b = socket.socketpair()
+    try:
+        a.sendall(struct.pack("!4sI", b"RLB1", len(header)) + header)
+        with pytest.raises(HandoffError, match="malformed handoff header"):
+            recv_sockets(b)
+    finally:
+        a.close()
+        b.close()
+
+
 def test_a_file_that_is_not_a_socket_is_refused() -> None:
     r, w = os.pipe()
     a, b = _forged([_GOOD], [r])
@@ -335,10 +349,20 @@ def test_inherit_bad_input(monkeypatch: pytest.MonkeyPatch) -> None:
 
     with socket.socket() as s, pytest.raises(InvalidArgument, match="invalid name 'a,b'"):
         inherit_sockets({"a,b": s})
-    monkeypatch.setenv("REUSELB_INHERITED_FDS", "web=notanfd")
-    with pytest.raises(HandoffError, match="malformed"):
-        inherited_sockets()
-    assert "REUSELB_INHERITED_FDS" not in os.environ
+    for bad in ("web=notanfd", "web=99999999999999999999", f"web={2**31}"):
+        monkeypatch.setenv("REUSELB_INHERITED_FDS", bad)
+        with pytest.raises(HandoffError, match="malformed"):
+            inherited_sockets()
+        assert "REUSELB_INHERITED_FDS" not in os.environ
+    with socket.socket() as s1, socket.socket() as s2:
+        fds = [os.dup(s1.fileno()), os.dup(s2.fileno())]
+        monkeypatch.setenv("REUSELB_INHERITED_FDS", f"web={fds[0]},web={fds[1]}")
+        with pytest.raises(HandoffError, match="names 'web' twice"):
+            inherited_sockets()
+        # The first was adopted, so it is closed with the error; the second never was.
+        with pytest.raises(OSError, match="Bad file descriptor"):
+            os.fstat(fds[0])
+        os.close(fds[1])
 
 
 def test_more_sockets_than_one_message_carries() -> None:

@@ -249,8 +249,15 @@ def test_incoming_cpu_setter() -> None:
     with reuseport_group("127.0.0.1:0", 1) as group:
         set_incoming_cpu(group[0], 0)
         assert get_incoming_cpu(group[0]) == 0
-        with pytest.raises(InvalidArgument, match="invalid cpu -1"):
-            set_incoming_cpu(group[0], -1)
+        for bad in (-1, 2**31, True, "0"):
+            with pytest.raises(InvalidArgument, match=f"invalid cpu {bad!r}"):
+                set_incoming_cpu(group[0], bad)  # type: ignore[arg-type]
+        assert get_incoming_cpu(group[0]) == 0
+    from reuselb import hash_steering_index
+
+    for ip in ("1.2.3.4\0", "::1", "1.2.3", 5):
+        with pytest.raises(InvalidArgument, match="src_ip"):
+            hash_steering_index(ip, 1, 2)  # type: ignore[arg-type]
 
 
 _UDP_WORKER = """

@@ -153,6 +153,12 @@ def test_v4_mapped_address_needs_dualstack() -> None:
         assert "'[::ffff:127.0.0.1]:0'" in message
         assert "IPv4-mapped" in message and "dualstack=True" in message
         assert "bind 127.0.0.1 instead" in message
+    # A group reports the address's own fault as itself, not as "member 0 failed".
+    for kind in ("tcp", "udp"):
+        with pytest.raises(AddressError, match="IPv4-mapped"):
+            reuseport_group("[::ffff:127.0.0.1]:0", 2, kind=kind)
+        with pytest.raises(AddressError, match="'127.0.0.1:0': dualstack=True needs"):
+            reuseport_group("127.0.0.1:0", 2, kind=kind, dualstack=True)
     assert open_fds() == before
 
 
@@ -396,6 +402,16 @@ def test_connect_tcp_source_of_the_other_family() -> None:
             connect_tcp(peer, source="no-such-host.invalid:0", timeout=5)
         assert "unknown host 'no-such-host.invalid'" in str(unknown.value)
         assert "None" not in str(unknown.value)
+        # A source that is not an address of this host (TEST-NET-1, RFC 5737) is the
+        # source's fault, not the peer's.
+        with pytest.raises(AddressError, match="'192.0.2.1:0': not an address of this host"):
+            connect_tcp(peer, source="192.0.2.1:0", timeout=5)
+        # A source port another socket holds.
+        with socket.socket() as holder:
+            holder.bind(("127.0.0.1", 0))
+            held = holder.getsockname()[1]
+            with pytest.raises(reuselb.AddressInUse):
+                connect_tcp(peer, source=f"127.0.0.1:{held}", timeout=5)
         assert open_fds() == before
 
 

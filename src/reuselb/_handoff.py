@@ -85,6 +85,7 @@ def send_sockets(
     :raises InvalidArgument: no sockets, too many, names of the wrong count, repeated
         or not ``str``, or a channel that is not a Unix socket.
     :raises SocketClosed: a socket or the channel is closed.
+    :raises WrongSocketType: a socket or the channel is not a socket object.
     :raises OSError: the channel failed.
     """
     channel = _check_channel(channel)
@@ -166,7 +167,9 @@ def _parse_header(raw: bytes) -> list[tuple[str, dict[str, object]]]:
     """``(name, {family, type, listening})`` per socket, checked before any fd is used."""
     try:
         meta = json.loads(raw)["sockets"]
-    except (ValueError, KeyError, TypeError) as exc:
+    # RecursionError: json's decoder recurses per nesting level, so a header of a
+    # few hundred KiB of "[[[[..." exhausts the stack well under the size limit.
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise HandoffError(f"malformed handoff header: {exc!r}") from None
     if not isinstance(meta, list) or len(meta) > _MAX_SOCKETS:
         raise HandoffError(f"malformed handoff header: 'sockets' is {meta!r:.80}")
@@ -196,6 +199,7 @@ def recv_sockets(channel: socket.socket) -> dict[str, socket.socket]:
         what the sender said (every fd received is then closed).
     :raises InvalidArgument: the channel is not a Unix socket.
     :raises SocketClosed: the channel is closed.
+    :raises WrongSocketType: the channel is not a socket object.
     :raises OSError: the channel failed.
     """
     channel = _check_channel(channel)
@@ -515,6 +519,7 @@ def inherit_sockets(socks: Mapping[str, socket.socket]) -> tuple[list[int], dict
     :returns: ``(pass_fds, env)``.
     :raises InvalidArgument: no sockets, or a name that cannot travel in the variable.
     :raises SocketClosed: a socket is closed.
+    :raises WrongSocketType: a value is not a socket object.
     """
     if not socks:
         raise InvalidArgument("socks", socks, "must name at least one socket")
@@ -536,7 +541,8 @@ def inherited_sockets(*, unset_environment: bool = True) -> dict[str, socket.soc
 
     :param unset_environment: remove the variable (default True).
     :returns: ``{name: socket}``; empty when nothing was inherited.
-    :raises HandoffError: the variable is malformed or an fd is not an open socket
+    :raises HandoffError: the variable is malformed (an fd above a C int, a name
+        given twice) or an fd is not an open socket
         (every socket adopted so far is then closed).
     """
     value = os.environ.get(INHERIT_ENV)
@@ -553,8 +559,13 @@ def inherited_sockets(*, unset_environment: bool = True) -> dict[str, socket.soc
                 or not _NAME_RE.match(name)
                 or not fd_text.isascii()
                 or not fd_text.isdigit()
+                # An fd is a C int: a longer number would overflow set_inheritable.
+                or len(fd_text) > 10
+                or int(fd_text) > 2**31 - 1
             ):
                 raise HandoffError(f"malformed {INHERIT_ENV} entry {item!r}")
+            if name in out:
+                raise HandoffError(f"{INHERIT_ENV} names {name!r} twice")
             fd = int(fd_text)
             try:
                 os.set_inheritable(fd, False)

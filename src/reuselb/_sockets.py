@@ -572,7 +572,9 @@ def reuseport_group(
         of range (before any socket is made).
     :raises GroupMemberError: member *k* failed with an ``OSError`` or
         ``ValueError``; the cause is chained.
-    :raises AddressError: the address is malformed (before any socket is made).
+    :raises AddressError: the address is malformed, IPv4-mapped IPv6 without
+        ``dualstack=True``, or IPv4 with it (before any socket is made).
+    :raises HostNotFound: the host name does not resolve (before any socket).
     :raises ReuseportUnsupported: see :func:`reuseport_listener` (before any socket).
     :raises TypeError: an option the factory does not take. Any other exception
         (``KeyboardInterrupt`` included) also propagates unchanged, after the
@@ -591,6 +593,14 @@ def reuseport_group(
     # Checked once up front: no member is worth making on a system that cannot
     # give the group the caller asked for.
     _reuseport_option(bool(options.get("balanced", True)))
+    # So are the address's own faults (IPv4-mapped without dualstack, IPv4 with it):
+    # they are the caller's, named as the caller wrote them, not "member 0 failed".
+    _bind_target(
+        addr,
+        socket.SOCK_STREAM if kind == "tcp" else socket.SOCK_DGRAM,
+        bool(options.get("dualstack", False)),
+        address,
+    )
     members: list[socket.socket] = []
     try:
         for index in range(count):
@@ -639,8 +649,10 @@ def connect_tcp(
     :returns: the connected socket; the caller owns it.
     :raises InvalidArgument: *timeout* is not a positive, finite int or float (at
         most 1e9 seconds).
-    :raises AddressError: an address is malformed, or *source* is of another
-        family (IPv4/IPv6) than every address of the peer.
+    :raises AddressError: an address is malformed, *source* is not an address of
+        this host, or *source* is of another family (IPv4/IPv6) than every address
+        of the peer.
+    :raises AddressInUse: *source* names a port that another socket holds.
     :raises HostNotFound: a host name does not resolve.
     :raises OSError: every candidate failed (the last error, naming the address:
         ``ConnectionRefusedError``, ``TimeoutError``, ...; the original is chained).
@@ -681,10 +693,22 @@ def connect_tcp(
             if src_sockaddr is not None:
                 if src_sockaddr[1] == 0 and sys.platform.startswith("linux"):
                     sock.setsockopt(socket.IPPROTO_IP, _IP_BIND_ADDRESS_NO_PORT, 1)
-                sock.bind(src_sockaddr)
+                try:
+                    sock.bind(src_sockaddr)
+                except OSError as exc:
+                    # The source's fault, not the peer's: no other candidate can fix
+                    # it, and a connect error naming the peer would mislead.
+                    if exc.errno == errno.EADDRNOTAVAIL:
+                        raise AddressError(source, "not an address of this host") from None
+                    if exc.errno == errno.EADDRINUSE:
+                        raise AddressInUse(str(src), exc.strerror or "") from None
+                    raise
             sock.settimeout(timeout)
             sock.connect(sockaddr)
             sock.settimeout(0.0 if nonblocking else None)
+        except (AddressError, AddressInUse):
+            sock.close()
+            raise
         except OSError as exc:
             sock.close()
             last = _connect_error(exc, peer)

@@ -109,6 +109,8 @@ def attach_cpu_steering(group: Iterable[socket.socket], *, strict: bool = True) 
     :raises InvalidArgument: the group is empty or, with *strict*, its size differs
         from the CPU count.
     :raises SteeringError: the kernel refused the program.
+    :raises SocketClosed: a member is closed.
+    :raises WrongSocketType: a member is not a socket object.
     """
     n, via = _members(group)
     cpus = os.cpu_count() or 1
@@ -126,6 +128,8 @@ def steer_all_to(group: Iterable[socket.socket], index: int) -> None:
 
     :raises InvalidArgument: *index* is not a member's index.
     :raises SteeringError: the kernel refused the program.
+    :raises SocketClosed: a member is closed.
+    :raises WrongSocketType: a member is not a socket object.
     """
     n, via = _members(group)
     if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < n:
@@ -140,6 +144,8 @@ def steer_away_from(group: Iterable[socket.socket], index: int) -> None:
 
     :raises InvalidArgument: fewer than 2 members, or *index* out of range.
     :raises SteeringError: the kernel refused the program.
+    :raises SocketClosed: a member is closed.
+    :raises WrongSocketType: a member is not a socket object.
     """
     n, via = _members(group)
     if n < 2:
@@ -173,7 +179,8 @@ def hash_steering_index(src_ip: str, src_port: int, members: int) -> int:
         raise InvalidArgument("src_port", src_port, "must be 0-65535")
     try:
         ip = int.from_bytes(socket.inet_pton(socket.AF_INET, src_ip), "big")
-    except (OSError, TypeError):
+    # ValueError: inet_pton refuses a str with an embedded NUL before parsing it.
+    except (OSError, TypeError, ValueError):
         raise InvalidArgument("src_ip", src_ip, "must be an IPv4 address") from None
     return ((((ip ^ src_port) * _GOLDEN32) & 0xFFFFFFFF) >> 16) % members
 
@@ -192,6 +199,8 @@ def attach_hash_steering(group: Iterable[socket.socket]) -> None:
 
     :raises InvalidArgument: the group is empty or not IPv4.
     :raises SteeringError: the kernel refused the program.
+    :raises SocketClosed: a member is closed.
+    :raises WrongSocketType: a member is not a socket object.
     """
     n, via = _members(group)
     if via.family != socket.AF_INET:
@@ -216,6 +225,8 @@ def detach_steering(member: socket.socket) -> None:
 
     :param member: any member of the group.
     :raises SteeringError: no program was attached, or the kernel refused.
+    :raises SocketClosed: *member* is closed.
+    :raises WrongSocketType: *member* is not a socket object.
     """
     check_open(member, "group member")
     try:
@@ -228,18 +239,24 @@ def set_incoming_cpu(sock: socket.socket, cpu: int) -> None:
     """Set SO_INCOMING_CPU: among reuseport listeners, Linux prefers the member whose
     incoming CPU matches the CPU handling the SYN (a softer form of steering).
 
-    :raises InvalidArgument: *cpu* is negative.
+    :raises InvalidArgument: *cpu* is not an int in ``0..2**31-1`` (the option is a C
+        int; the kernel stores any such value, a CPU that does not exist matches no
+        SYN).
+    :raises SocketClosed: *sock* is closed.
+    :raises WrongSocketType: *sock* is not a socket object.
     :raises OSError: the kernel refused.
     """
     check_open(sock)
-    if isinstance(cpu, bool) or not isinstance(cpu, int) or cpu < 0:
-        raise InvalidArgument("cpu", cpu, "must be an int >= 0")
+    if isinstance(cpu, bool) or not isinstance(cpu, int) or not 0 <= cpu <= 2**31 - 1:
+        raise InvalidArgument("cpu", cpu, "must be an int in 0..2**31-1")
     sock.setsockopt(socket.SOL_SOCKET, SO_INCOMING_CPU, cpu)
 
 
 def get_incoming_cpu(sock: socket.socket) -> int:
     """SO_INCOMING_CPU: for an accepted socket, the CPU that last received its packets.
 
+    :raises SocketClosed: *sock* is closed.
+    :raises WrongSocketType: *sock* is not a socket object.
     :raises OSError: the kernel refused.
     """
     check_open(sock)
