@@ -878,6 +878,19 @@ def test_one_address_string_is_not_a_node_list() -> None:
     for factory in FACTORIES.values():
         with pytest.raises(InvalidArgument, match=r"invalid nodes '10\.0\.0\.1:80'"):
             factory("10.0.0.1:80")
+        for bad in (8080, None):
+            with pytest.raises(
+                InvalidArgument, match=f"invalid nodes {bad!r}: must be an iterable"
+            ):
+                factory(bad)
+
+
+def test_ketama_points_of_weightless_nodes() -> None:
+    assert ketama_points([]) == []
+    assert ketama_points([Node("10.0.0.1:80", weight=0), Node("10.0.0.2:80", weight=0)]) == []
+    # With one weighted server, the weightless one gets no points and the other all.
+    points = ketama_points([Node("10.0.0.1:80", weight=0), Node("10.0.0.2:80", weight=3)])
+    assert len(points) == 160 * 2 and {h for _, h, _ in points} == {"10.0.0.2:80"}
 
 
 @pytest.mark.parametrize("kind", sorted(FACTORIES))

@@ -347,8 +347,8 @@ class BalancePolicy(abc.ABC):
     :raises DuplicateNode: two nodes share an address or a name, or one node's name
         is another node's address.
     :raises AddressError: an address is malformed.
-    :raises InvalidArgument: *nodes* is one address string instead of an iterable of
-        nodes, or a policy option is out of range.
+    :raises InvalidArgument: *nodes* is one address string or not iterable at all,
+        or a policy option is out of range.
     """
 
     #: the name ``make_policy`` knows this policy by.
@@ -374,7 +374,14 @@ class BalancePolicy(abc.ABC):
         self._total_active = 0
         #: live nodes (up, weight > 0) in insertion order; rebuilt on every change.
         self._live: tuple[Node, ...] = ()
-        for n in nodes:
+        try:
+            items = iter(nodes)
+        except TypeError:
+            # One int port or a None, say, where a list was meant.
+            raise InvalidArgument(
+                "nodes", nodes, "must be an iterable of nodes or addresses"
+            ) from None
+        for n in items:
             self._add_locked(n if isinstance(n, Node) else Node(n))
         with self._lock:
             self._changed()
@@ -880,6 +887,8 @@ def diff(old: BalancePolicy, new: BalancePolicy, keys: Iterable[Key]) -> Balance
     :param keys: sample keys.
     :returns: :class:`BalanceDiff`.
     :raises NoNodeAvailable: either policy has no live node.
+    :raises KeyRequired: a key is None and the policies hash keys.
+    :raises InvalidKey: a key is not str or bytes-like, or has no UTF-8 form.
     """
     a, b = old.copy(), new.copy()
     sample: Sequence[Key] = list(keys)

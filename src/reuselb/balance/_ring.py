@@ -45,9 +45,17 @@ _ARCS = 1 << (32 - _ARC_SHIFT)
 
 
 def ketama_points(nodes: list[Node]) -> list[tuple[int, str, Node]]:
-    """The ketama continuum of *nodes* as ``(point, hash_id, node)``, unsorted."""
+    """The ketama continuum of *nodes* as ``(point, hash_id, node)``, unsorted.
+
+    :param nodes: the servers; each gets ``floor(weight / total x 40 x N)`` MD5
+        digests of 4 points.
+    :returns: the points; empty when there is no node or every weight is 0 (no
+        server has a share to place).
+    """
     total = sum(n.weight for n in nodes)
     out: list[tuple[int, str, Node]] = []
+    if total == 0:
+        return out
     for n in nodes:
         digests = math.floor(n.weight / total * 40 * len(nodes) + 1e-10)
         for i in range(digests):
