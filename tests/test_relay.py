@@ -8,6 +8,7 @@ import errno
 import fcntl
 import gc
 import hashlib
+import math
 import os
 import random
 import resource
@@ -1305,3 +1306,381 @@ def test_ping_pong_has_no_nagle_or_cork_stalls(listener: socket.socket, mode: st
         r.close()
     print(f"\n{mode}: 1000 round trips, {stalls} over 35 ms")
     assert stalls <= 10  # scheduling noise on a busy box, not a 40 ms stall per trip
+
+
+# --------------------------------------------------------------------------- regressions
+
+
+def _unread(sock: socket.socket) -> int:
+    """Bytes waiting in *sock*'s kernel receive queue (FIONREAD)."""
+    return int.from_bytes(fcntl.ioctl(sock.fileno(), termios.FIONREAD, bytes(4)), "little")
+
+
+def _recv_bytes(sock: socket.socket, n: int) -> bytes:
+    sock.settimeout(JOIN)
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        assert chunk
+        data += chunk
+    return data
+
+
+def _wait_unread(sock: socket.socket, n: int) -> None:
+    """Until at least *n* bytes sent by the peer are queued at *sock* (bounded)."""
+    deadline = time.monotonic() + JOIN
+    while _unread(sock) < n:
+        assert time.monotonic() < deadline, f"{n} bytes never arrived"
+        select.select([sock], [], [], 0.05)  # readable already: a bounded re-check
+
+
+@pytest.fixture(scope="module")
+def tls_contexts(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    cert, key = _make_cert(tmp_path_factory.mktemp("tls"))
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert, key)
+    return server_ctx, ssl.create_default_context(cafile=cert)
+
+
+@pytest.fixture
+def roomy_listener() -> Iterator[socket.socket]:
+    """A loopback listener whose connections can queue a few MB unread."""
+    with socket.socket() as lst:
+        # Set before listen(): accepted sockets inherit it, window scale included.
+        lst.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        lst.bind(("127.0.0.1", 0))
+        lst.listen()
+        yield lst
+
+
+def _roomy_pair(lst: socket.socket) -> tuple[socket.socket, socket.socket]:
+    c = socket.socket()
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    c.connect(lst.getsockname())
+    s, _ = lst.accept()
+    return c, s
+
+
+def _tls_pair(
+    lst: socket.socket, contexts: tuple[ssl.SSLContext, ssl.SSLContext]
+) -> tuple[ssl.SSLSocket, ssl.SSLSocket]:
+    """(client, server side) of a TLS connection, handshake done."""
+    raw_client, raw_server = _roomy_pair(lst)
+    server: list[ssl.SSLSocket] = []
+    t = threading.Thread(
+        target=lambda: server.append(contexts[0].wrap_socket(raw_server, server_side=True))
+    )
+    t.start()
+    try:
+        client = contexts[1].wrap_socket(raw_client, server_hostname="localhost")
+    finally:
+        t.join(JOIN)
+        raw_server.close()  # the SSLSocket holds its own fd
+    assert server
+    return client, server[0]
+
+
+TLS_MODES = ["splice", "asyncio", "uvloop", "asyncio-selector"]
+
+
+@pytest.mark.parametrize("mode", TLS_MODES)
+def test_tls_half_close_waits_until_the_tls_side_s_bytes_are_read(
+    roomy_listener: socket.socket,
+    tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext],
+    mode: str,
+) -> None:
+    # The plain side's EOF must become a close_notify toward the TLS side. CPython's
+    # SSL shutdown reads after sending it, and OpenSSL discards the application data
+    # it meets there: the relay must not send it while the TLS side's bytes wait.
+    client, tls_side = _tls_pair(roomy_listener, tls_contexts)
+    plain, peer = _roomy_pair(roomy_listener)
+    up = random.Random(mode).randbytes(512 * 1024)  # more than a copy buffer holds
+    try:
+        client.sendall(up)  # all in the kernel's buffers: the TLS side is quiet now
+        _wait_unread(tls_side, len(up))
+        peer.shutdown(socket.SHUT_WR)
+        _wait_unread(plain, 0)
+        # Side a is the plain one: its EOF is handled first (the first flow pumped,
+        # the first fd registered), with every byte of the TLS side still unread.
+        r = Relay.__new__(Relay)
+        r.client, r.a, r.b, r.backend = client, plain, tls_side, peer
+        r.stats, r.exc = None, None
+        r.thread = threading.Thread(target=r._run, args=(RUNNERS[mode], {}))
+        r.thread.start()
+        seen: list[bytes] = []
+
+        def tls_client() -> None:
+            client.settimeout(JOIN)
+            seen.append(client.recv(100))  # the relay's close_notify: a clean EOF
+            client.unwrap()  # then the client's own close_notify
+
+        t = threading.Thread(target=tls_client)
+        t.start()
+        got: list[tuple[int, str]] = []
+        _recv_digest(peer, got)  # every byte, then the EOF from the client's close_notify
+        t.join(JOIN)
+        stats = r.join()
+        assert got == [(len(up), hashlib.sha256(up).hexdigest())]
+        assert seen == [b""]
+        assert (stats.a_to_b, stats.b_to_a) == (0, len(up))
+        assert (stats.a_end, stats.b_end, stats.failed) == (End.EOF, End.EOF, None)
+    finally:
+        for s in (client, tls_side, plain, peer):
+            s.close()
+
+
+def test_tls_close_notify_that_meets_data_fails_that_side(
+    roomy_listener: socket.socket,
+    tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # If bytes still arrive between the relay's check and SSL_shutdown's read (a
+    # race no check can close), OpenSSL has discarded them: the TLS side must be
+    # reported failed and the other side reset, never a clean EOF.
+    monkeypatch.setattr(relay_mod, "_tls_unread", lambda sock: False)  # the race, forced
+    client, tls_side = _tls_pair(roomy_listener, tls_contexts)
+    plain, peer = _roomy_pair(roomy_listener)
+    try:
+        client.sendall(b"x" * 1000)
+        _wait_unread(tls_side, 1000)
+        peer.shutdown(socket.SHUT_WR)
+        stats = pipe_splice(plain, tls_side, idle_timeout=JOIN)
+        assert (stats.failed, stats.b_end, stats.a_end) == ("b", End.ERROR, End.EOF)
+        assert isinstance(stats.error, ssl.SSLError)
+        assert stats.a_to_b == stats.b_to_a == 0
+        peer.settimeout(JOIN)
+        with pytest.raises(ConnectionResetError):  # not an EOF after a truncated stream
+            _drain(peer)
+    finally:
+        for s in (client, tls_side, plain, peer):
+            s.close()
+
+
+def test_a_copy_read_that_fills_the_buffer_tail_reads_on(listener: socket.socket) -> None:
+    # Copy path (TLS, wrappers, splice EINVAL): bytes wait in the buffer at an offset
+    # (the destination took only part), so the next read asks only for the buffer's
+    # tail. Getting all of it does not mean the socket is empty; with edge-triggered
+    # epoll no new event would report the bytes left behind.
+    client, a = tcp_pair(listener)
+    b = socket.socket()
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    b.connect(listener.getsockname())
+    backend, _ = listener.accept()
+    backend.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    relay = relay_mod._Relay(a, b, pipe_size=None, idle_timeout=None, close=True, force_copy=True)
+    flow = relay.flows[0]
+    first, second = os.urandom(60_000), os.urandom(70_000)
+    try:
+        client.sendall(first)
+        _wait_unread(a, len(first))
+        relay.pump(flow)  # b takes part: the rest waits at an offset
+        assert flow.start > 0 and flow.start + flow.pending < flow.cap
+        head = _recv_bytes(backend, flow.moved)  # room at b again
+        client.sendall(second)  # more than the buffer's tail
+        _wait_unread(a, len(second))
+        relay.pump(flow)
+        # Either the source is drained or the flow is stalled on b (and re-armed for
+        # reading when b drains); never readable bytes left with nothing to report them.
+        assert _unread(a) == 0 or not flow.wants_read
+        client.shutdown(socket.SHUT_WR)
+        backend.shutdown(socket.SHUT_WR)
+        got: list[tuple[int, str]] = []
+        reader = threading.Thread(target=_recv_digest, args=(backend, got))
+        reader.start()
+        try:
+            stats = relay_mod._run_blocking(relay)
+        finally:
+            reader.join(JOIN)
+        data = first + second
+        assert head == data[: len(head)]
+        rest = data[len(head) :]
+        assert got == [(len(rest), hashlib.sha256(rest).hexdigest())]
+        assert (stats.a_to_b, stats.a_end, stats.failed) == (len(data), End.EOF, None)
+    finally:
+        for s in (client, a, b, backend):
+            s.close()
+
+
+@pytest.mark.parametrize("close", [True, False])
+def test_an_exception_out_of_the_blocking_wait_still_ends_the_relay(
+    roomy_listener: socket.socket, monkeypatch: pytest.MonkeyPatch, close: bool
+) -> None:
+    # KeyboardInterrupt (or any exception a signal handler raises) out of poll()
+    # while a stream holds a pipe: the pipe is closed or pooled, and the sockets are
+    # closed (close=True) or restored (close=False), then the exception goes on.
+    client, a = _roomy_pair(roomy_listener)
+    b, backend = _roomy_pair(roomy_listener)
+    a.settimeout(2.5)
+    up = os.urandom(300_000)  # a stream: the direction switches to a pipe
+    before = open_fds()
+    pipes_at_interrupt: list[list[int]] = []
+    real_poll = select.poll
+
+    class Interrupted:
+        """poll() that is interrupted at its first wait."""
+
+        def __init__(self) -> None:
+            self._poll = real_poll()
+            self.register, self.modify = self._poll.register, self._poll.modify
+            self.unregister = self._poll.unregister
+
+        def poll(self, timeout: int | None = None) -> list[tuple[int, int]]:
+            pipes_at_interrupt.append([fd for fd in open_fds() - before if _is_pipe(fd)])
+            raise KeyboardInterrupt
+
+    try:
+        client.sendall(up)
+        _wait_unread(a, len(up))
+        monkeypatch.setattr(select, "poll", Interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            pipe_splice(a, b, close=close)
+        monkeypatch.undo()
+        assert pipes_at_interrupt and pipes_at_interrupt[0], "a pipe was in use"
+        _assert_no_relay_fds_since(before)
+        if close:
+            assert a.fileno() == b.fileno() == -1
+        else:
+            assert a.fileno() != -1 and b.fileno() != -1
+            assert (a.gettimeout(), b.gettimeout()) == (2.5, None)
+            for s in (a, b):
+                assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+    finally:
+        for s in (client, a, b, backend):
+            s.close()
+
+
+@pytest.mark.parametrize("mode", ["splice", "asyncio", "uvloop", "asyncio-selector"])
+@pytest.mark.parametrize(
+    "idle", [30 * 86400, 1e300, 10**400, math.inf], ids=["30d", "1e300", "huge-int", "inf"]
+)
+def test_a_very_long_idle_timeout_is_just_a_long_wait(
+    listener: socket.socket, mode: str, idle: float
+) -> None:
+    # poll() takes an int of milliseconds (OverflowError past ~24.8 days): longer
+    # timeouts, and inf (no timeout), must still relay normally.
+    r = Relay(listener, RUNNERS[mode], idle_timeout=idle)
+    try:
+        for s in (r.client, r.backend):
+            s.settimeout(JOIN)
+        # Each step waits for the relay's previous one: the relay must wait in
+        # between, with that timeout.
+        for i in range(3):
+            r.client.sendall(b"ping %d" % i)
+            assert r.backend.recv(100) == b"ping %d" % i
+            r.backend.sendall(b"pong %d" % i)
+            assert r.client.recv(100) == b"pong %d" % i
+        r.client.shutdown(socket.SHUT_WR)
+        r.backend.shutdown(socket.SHUT_WR)
+        stats = r.join()
+        assert (stats.a_end, stats.b_end, stats.failed) == (End.EOF, End.EOF, None)
+        assert stats.a_to_b == stats.b_to_a == 18
+    finally:
+        r.close()
+
+
+def test_idle_timeout_must_be_a_positive_number(listener: socket.socket) -> None:
+    a, b = tcp_pair(listener)
+    try:
+        for bad in (0, -1.0, math.nan, -math.inf, True, "5", [1]):
+            with pytest.raises(InvalidArgument, match=r"invalid idle_timeout .*: must be > 0"):
+                pipe_splice(a, b, idle_timeout=bad)  # type: ignore[arg-type]
+        assert a.getblocking() and b.getblocking(), "nothing touched"
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("api", ["coroutine", "start"])
+@pytest.mark.parametrize("close", [True, False])
+@pytest.mark.parametrize("cause", ["socket-in-another-relay", "no-fd-for-the-hub"])
+def test_a_failed_async_start_gives_both_sockets_back_as_they_were(
+    listener: socket.socket, api: str, close: bool, cause: str
+) -> None:
+    client, x = tcp_pair(listener)
+    z, backend = tcp_pair(listener)
+    y, peer = tcp_pair(listener)
+    y.settimeout(2.5)
+    before = open_fds()
+    real_epoll = select.epoll
+
+    def no_fd() -> select.epoll:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    async def main() -> None:
+        running: asyncio.Future[RelayStats] | None = None
+        if cause == "socket-in-another-relay":
+            running = start_pipe_splice(x, z, close=False)
+            expected: type[Exception] = InvalidArgument
+        else:
+            select.epoll = no_fd  # type: ignore[assignment,misc]
+            expected = OSError
+        try:
+            if api == "start":
+                with pytest.raises(expected):
+                    start_pipe_splice(y, x, close=close)
+            else:
+                with pytest.raises(expected):
+                    await async_pipe_splice(y, x, close=close)
+        finally:
+            select.epoll = real_epoll  # type: ignore[misc]
+        if running is not None:
+            assert not running.done()  # the running relay keeps x
+            running.cancel()
+        assert not relay_mod._HUBS
+
+    try:
+        asyncio.run(main())
+        # Whatever close= says: the relay never ran, so nothing is closed or kept.
+        for s, timeout in ((y, 2.5), (x, None)):
+            assert s.fileno() != -1 and s.gettimeout() == timeout
+            assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+        _assert_no_relay_fds_since(before)
+    finally:
+        for s in (client, x, z, backend, y, peer):
+            s.close()
+
+
+@pytest.mark.parametrize("mode", ["splice", "asyncio", "uvloop", "asyncio-selector"])
+def test_a_close_notify_taken_by_the_relay_s_shutdown_is_the_tls_side_s_eof(
+    roomy_listener: socket.socket,
+    tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext],
+    monkeypatch: pytest.MonkeyPatch,
+    mode: str,
+) -> None:
+    # SSL_shutdown's second call may read the TLS peer's own close_notify (a peer
+    # that answers the relay's fast, e.g. a thread of this process). It is then gone
+    # from the socket after the relay's last read, and no read or poll would ever
+    # report that EOF: the relay must take it as the TLS side's EOF.
+    client, tls_side = _tls_pair(roomy_listener, tls_contexts)
+    plain, peer = _roomy_pair(roomy_listener)
+    real_unread = relay_mod._tls_unread
+    answered: list[bool] = []
+
+    def answered_at_once(sock: ssl.SSLSocket) -> bool:
+        if real_unread(sock):
+            return True
+        if not answered:  # the check passed; now the peer's close_notify comes
+            answered.append(True)
+            with pytest.raises(ssl.SSLWantReadError):
+                client.unwrap()  # out; it would wait for the relay's
+            _wait_unread(tls_side, 1)
+        return False
+
+    try:
+        client.sendall(b"x" * 1000)
+        _wait_unread(tls_side, 1000)
+        client.setblocking(False)
+        peer.shutdown(socket.SHUT_WR)
+        monkeypatch.setattr(relay_mod, "_tls_unread", answered_at_once)
+        stats = RUNNERS[mode](plain, tls_side, idle_timeout=10)
+        assert answered
+        assert (stats.a_to_b, stats.b_to_a) == (0, 1000)
+        assert (stats.a_end, stats.b_end, stats.failed) == (End.EOF, End.EOF, None)
+        got: list[tuple[int, str]] = []
+        _recv_digest(peer, got)  # the bytes, then the TLS side's EOF, forwarded
+        assert got == [(1000, hashlib.sha256(b"x" * 1000).hexdigest())]
+    finally:
+        for s in (client, tls_side, plain, peer):
+            s.close()

@@ -25,6 +25,7 @@ import contextlib
 import enum
 import errno
 import fcntl
+import math
 import os
 import select
 import socket
@@ -68,6 +69,9 @@ _LINGER_RESET = b"\x01\x00\x00\x00\x00\x00\x00\x00"
 _POLLIN = select.POLLIN if hasattr(select, "POLLIN") else 1
 _POLLOUT = select.POLLOUT if hasattr(select, "POLLOUT") else 4
 _POLLERR = select.POLLERR if hasattr(select, "POLLERR") else 8
+# poll(2) takes its timeout as a C int of milliseconds, and CPython raises
+# OverflowError past INT_MAX (~24.8 days): longer waits are made of several polls.
+_POLL_MAX_MS = 2**31 - 1
 
 
 class SocketLike(Protocol):
@@ -346,6 +350,17 @@ class _Flow:
         self.view = memoryview(self.buf)
         self.cap = len(self.buf)
 
+    def room(self) -> int:
+        """How many bytes the next read asks for (compacting the copy buffer first
+        when its tail is used up: the buffer is reused, never grown)."""
+        if self.mode == _SPLICE:
+            return self.cap - self.pending
+        end = self.start + self.pending
+        if end == self.cap:
+            self.view[: self.pending] = self.view[self.start : end]
+            self.start, end = 0, self.pending
+        return self.cap - end
+
     def to_splice(self) -> bool:
         """_SMALL -> _SPLICE (nothing pending). False if no pipe could be had."""
         try:
@@ -421,20 +436,20 @@ class _Relay:
             isinstance(pipe_size, bool) or not isinstance(pipe_size, int) or pipe_size < 4096
         ):
             raise InvalidArgument("pipe_size", pipe_size, "must be an int >= 4096 bytes")
-        if idle_timeout is not None and (
-            isinstance(idle_timeout, bool)
-            or not isinstance(idle_timeout, (int, float))
-            or not idle_timeout > 0
-        ):
-            raise InvalidArgument("idle_timeout", idle_timeout, "must be > 0 seconds or None")
         self.a, self.b = a, b
         self.close = close
-        self.idle_timeout = idle_timeout
+        self.idle_timeout = _check_idle_timeout(idle_timeout)
         self.started = time.monotonic()
         self.last = self.started
         self.ends: dict[str, End] = {}
         self.failed: str | None = None
         self.error: OSError | None = None
+        # A flow whose half-close toward a TLS side waits until the relay has read
+        # what that side sent (see _shut).
+        self.deferred: _Flow | None = None
+        # TCP_NODELAY is set by begin(), once the start can no longer fail: a failed
+        # start then has only the blocking mode to restore.
+        self.nodelay_set = False
         # What close=False must restore (and what a failed start restores). The
         # TCP_NODELAY getsockopt is skipped with close=True: nothing is restored then.
         if close and a.__class__ is socket.socket and b.__class__ is socket.socket:
@@ -459,13 +474,24 @@ class _Relay:
             for s, timeout, _nd in saved:
                 if timeout != 0.0:
                     s.setblocking(False)  # type: ignore[attr-defined]
-                # The relay forwards bytes as they come; holding a small segment
-                # back (Nagle) would add a 40-200 ms stall per request/response.
-                if _is_inet(s):
-                    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[attr-defined]
             size = pipe_size or _DEFAULT_PIPE
             self.flows.append(_Flow("a", a, b, use_splice, size, kernel=kernel[0]))
             self.flows.append(_Flow("b", b, a, use_splice, size, kernel=kernel[1]))
+        except BaseException:
+            self.abandon()
+            raise
+
+    def begin(self) -> None:
+        """The start succeeded: set TCP_NODELAY (undone by :meth:`abandon` if it fails).
+
+        The relay forwards bytes as they come; holding a small segment back (Nagle)
+        would add a 40-200 ms stall per request/response.
+        """
+        self.nodelay_set = True
+        try:
+            for s, _timeout, _nd in self.saved:
+                if _is_inet(s):
+                    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[attr-defined]
         except BaseException:
             self.abandon()
             raise
@@ -474,8 +500,15 @@ class _Relay:
         """The relay never ran: the caller keeps both sockets, as they were."""
         for flow in self.flows:
             flow.close_pipe()
-        for sock, timeout, _nodelay_was in self.saved:
+        for sock, timeout, nodelay in self.saved:
             _restore_timeout(sock, timeout)
+            # With close=True the old setting was not read (it costs a syscall on
+            # every start), so only begin() failing half-way can leave it set.
+            if self.nodelay_set and not self.close and _is_inet(sock):
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(  # type: ignore[attr-defined]
+                        socket.IPPROTO_TCP, socket.TCP_NODELAY, int(nodelay)
+                    )
 
     # -------------------------------------------------------------- moving bytes
 
@@ -490,14 +523,73 @@ class _Relay:
         if flow.mode != _SMALL:
             self._pump_buffered(flow, drain)
         if flow.eof and not flow.pending and not flow.shut:
-            flow.shut = True
-            self.ends.setdefault(flow.name, End.EOF)
-            try:
-                # Every byte before the EOF was delivered (pending == 0): half-close.
-                _half_close(flow.dst)
-            except OSError as exc:
-                if exc.errno != errno.ENOTCONN:
-                    raise _Failure(_other(flow.name), End.RESET, exc) from None
+            self._shut(flow)
+        deferred = self.deferred
+        if deferred is not None and deferred is not flow:
+            # The other direction moved (it reads the TLS side this half-close
+            # waits for): perhaps everything that side sent is read now.
+            self._shut(deferred)
+
+    def _shut(self, flow: _Flow) -> None:
+        """Every byte before *flow*'s EOF was delivered (pending == 0): half-close its
+        destination, unless that is a TLS side with bytes still unread."""
+        dst = flow.dst
+        if dst.__class__ is not socket.socket and isinstance(dst, ssl.SSLSocket):
+            sslobj = getattr(dst, "_sslobj", None)
+            if sslobj is not None:
+                self._close_notify(flow, dst, sslobj)
+                return
+        flow.shut = True
+        self.ends.setdefault(flow.name, End.EOF)
+        try:
+            if isinstance(dst, socket.socket):
+                socket.socket.shutdown(dst, socket.SHUT_WR)
+            else:
+                dst.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            if exc.errno != errno.ENOTCONN:
+                raise _Failure(_other(flow.name), End.RESET, exc) from None
+
+    def _close_notify(self, flow: _Flow, dst: ssl.SSLSocket, sslobj: Any) -> None:
+        # A bare FIN under TLS is an "unexpected EOF": OpenSSL 3 answers it with a
+        # decode_error alert and the peer's next read fails. The half-close is a
+        # close_notify instead, and the TLS state stays usable for reading (TLS
+        # allows each direction to end on its own). But CPython's shutdown() calls
+        # SSL_shutdown twice, and the second call reads, waiting for the peer's own
+        # close_notify: a record of application data it meets there is discarded
+        # and fails the connection (APPLICATION_DATA_AFTER_CLOSE_NOTIFY). So the
+        # close_notify waits until the relay has read everything that side sent
+        # (nothing decrypted pending, nothing in the kernel's receive queue) or
+        # that side's own EOF; the direction reading it keeps going meanwhile.
+        reverse = self.flows[0] if flow is self.flows[1] else self.flows[1]
+        if not reverse.eof and _tls_unread(dst):
+            self.deferred = flow
+            return
+        self.deferred = None
+        flow.shut = True
+        self.ends.setdefault(flow.name, End.EOF)
+        try:
+            sslobj.shutdown()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            pass  # close_notify is out; the peer's own close_notify comes later
+        except ssl.SSLError as exc:
+            if not reverse.eof:
+                # Bytes arrived between the check above and SSL_shutdown's read and
+                # were discarded by OpenSSL: the stream from that side has a hole.
+                # Fail it (the other side is reset or shut down), never a clean EOF.
+                raise _Failure(reverse.name, End.ERROR, exc) from None
+            # That side had ended already: the read found its FIN, nothing to lose.
+        except OSError as exc:
+            if exc.errno != errno.ENOTCONN:
+                raise _Failure(reverse.name, _end_kind(exc), exc) from None
+        else:
+            # No WANT_READ: SSL_shutdown's read found the peer's own close_notify
+            # (it can answer ours that fast) and took it off the socket, so neither
+            # poll nor a read will report that EOF again: take it as read here.
+            if not reverse.eof:
+                reverse.eof = True
+                if not reverse.pending and not reverse.shut:
+                    self._shut(reverse)
 
     def _pump_small(self, flow: _Flow, drain: bool) -> None:
         # Read into the thread's scratch buffer and send at once: the scratch is
@@ -558,23 +650,26 @@ class _Relay:
         return True
 
     def _pump_buffered(self, flow: _Flow, drain: bool = False) -> None:
-        # Each try costs a syscall. A short read means the socket had no more bytes,
-        # and a short write means the destination is full: trying again at once
-        # would only return EAGAIN, so wait for poll instead (it is level-triggered,
-        # nothing is missed). A read can also stop short because the pipe ran out
-        # of slots; the next write makes room and reading resumes at once. TLS
-        # sockets may hold decrypted bytes poll cannot see, so they keep reading
-        # until EAGAIN.
+        # Each try costs a syscall. A read that got less than it asked for means the
+        # socket had no more bytes, and a short write means the destination is full:
+        # trying again at once would only return EAGAIN, so wait for the next event.
+        # The asyncio form's epoll is edge-triggered, so the socket must really be
+        # empty: a copy-path read into the buffer's tail (bytes still pending at an
+        # offset) asks for less than the buffer holds, and filling that tail means
+        # more may be waiting, which no new edge would report. A read can also stop
+        # short because the pipe ran out of slots; the next write makes room and
+        # reading resumes at once. TLS sockets may hold decrypted bytes poll cannot
+        # see, so they keep reading until EAGAIN.
         can_read = can_write = True
         progress = True
         while progress:
             progress = False
             full = False
             if can_read and flow.wants_read:
-                room = flow.cap - flow.pending
-                n = self._read(flow)
+                want = flow.room()
+                n = self._read(flow, want)
                 progress = n > 0
-                full = n >= room
+                full = n >= want
                 can_read = full or (n > 0 and (flow.buffered or drain))
             if can_write and flow.pending:
                 before = flow.pending
@@ -584,21 +679,23 @@ class _Relay:
                 if n > 0 and (full or flow.mode == _SPLICE):
                     can_read = True  # the pipe or buffer has room again
 
-    def _read(self, flow: _Flow) -> int:
+    def _read(self, flow: _Flow, want: int) -> int:
+        """Read up to *want* bytes (what :meth:`_Flow.room` said) into the pipe or buffer."""
         try:
             if flow.mode == _SPLICE:
-                n = os.splice(
-                    flow.src_fd, flow.pipe_w, flow.cap - flow.pending, flags=_SPLICE_FLAGS
-                )
+                n = os.splice(flow.src_fd, flow.pipe_w, want, flags=_SPLICE_FLAGS)
             else:
                 end = flow.start + flow.pending
-                if end == flow.cap:  # compact: the buffer is reused, never grown
-                    flow.view[: flow.pending] = flow.view[flow.start : end]
-                    flow.start, end = 0, flow.pending
-                n = flow.src.recv_into(flow.view[end:])
+                n = flow.src.recv_into(flow.view[end : end + want])
         except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             if flow.pending and flow.mode == _SPLICE:
                 flow.blocked = True
+            return 0
+        except ssl.SSLZeroReturnError:
+            # The TLS side's close_notify, its clean EOF. CPython returns 0 for it only
+            # while no close_notify was sent its way; after the relay half-closed that
+            # side (SSL_shutdown), SSL_read reports it as this error instead.
+            flow.eof = True
             return 0
         except OSError as exc:
             self._io_error(flow, exc, flow.name)
@@ -736,26 +833,28 @@ class _Relay:
         return stats
 
 
-def _half_close(sock: Side) -> None:
-    if sock.__class__ is socket.socket:
-        socket.socket.shutdown(sock, socket.SHUT_WR)
-        return
-    sslobj = getattr(sock, "_sslobj", None)
-    if isinstance(sock, ssl.SSLSocket) and sslobj is not None:
-        # A bare FIN under TLS is an "unexpected EOF": OpenSSL 3 answers it with a
-        # decode_error alert and the peer's next read fails. Send close_notify
-        # instead (SSL_shutdown once); the TLS state stays usable for reading.
-        try:
-            sslobj.shutdown()
-        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-            pass  # close_notify is out; the peer's own close_notify comes later
-        except ssl.SSLError:
-            pass
-        return
-    if isinstance(sock, socket.socket):
-        socket.socket.shutdown(sock, socket.SHUT_WR)
-    else:
-        sock.shutdown(socket.SHUT_WR)
+def _tls_unread(sock: ssl.SSLSocket) -> bool:
+    """Whether bytes *sock*'s peer sent wait unread: decrypted in OpenSSL, or still in
+    the kernel's receive queue (FIONREAD)."""
+    try:
+        if sock.pending():
+            return True
+        return fcntl.ioctl(sock.fileno(), _FIONREAD, _ZERO_INT) != _ZERO_INT
+    except (OSError, ValueError):
+        return False  # closed or failed: the shutdown that follows reports it
+
+
+def _check_idle_timeout(value: object) -> float | None:
+    """*idle_timeout* as the relay uses it: seconds > 0, or None (``inf`` is None)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise InvalidArgument("idle_timeout", value, "must be > 0 seconds, math.inf or None")
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int past float range: longer than any wait
+        return None
+    return None if seconds == math.inf else seconds
 
 
 # socket.socket's family/type properties build an IntEnum on every access (~1 us
@@ -878,20 +977,33 @@ def pipe_splice(
     :param pipe_size: bytes per direction's pipe (default 1 MiB, capped by
         ``/proc/sys/fs/pipe-max-size``); also bounds memory per direction.
     :param idle_timeout: end with :attr:`End.TIMEOUT` after this many seconds without
-        a byte moving either way.
+        a byte moving either way; None or ``math.inf``: no timeout.
     :param close: close both sockets at the end (default). With False they are left
         open, restored to their blocking mode and TCP_NODELAY setting.
-    :returns: :class:`RelayStats`.
+    :returns: :class:`RelayStats`. Socket errors while relaying end the relay and
+        are reported there, not raised.
     :raises WrongSocketType: a side is not a stream socket.
     :raises SocketClosed: a side is closed.
     :raises InvalidArgument: *a* and *b* are the same socket, or a bad option.
+    :raises OSError: making a side non-blocking or setting ``TCP_NODELAY`` failed
+        (the sockets are given back as they were), or ``poll`` failed.
+
+    An exception raised while it waits (``KeyboardInterrupt``, or any exception from
+    a signal handler) ends the relay as cancelling :func:`async_pipe_splice` does
+    (pipes closed; sockets closed with ``close=True``, restored with ``close=False``)
+    and propagates.
     """
     relay = _Relay(a, b, pipe_size=pipe_size, idle_timeout=idle_timeout, close=close)
     return _run_blocking(relay)
 
 
 def _run_blocking(relay: _Relay) -> RelayStats:
-    poller = select.poll()
+    relay.begin()
+    try:
+        poller = select.poll()
+    except BaseException:
+        relay.abandon()
+        raise
     registered: dict[int, int] = {}
     # fds that reported POLLHUP while the relay wanted nothing from them. poll reports
     # POLLHUP/POLLERR even for an empty mask, and HUP stays set (both directions shut,
@@ -899,47 +1011,64 @@ def _run_blocking(relay: _Relay) -> RelayStats:
     # waits for the other side: polling such an fd would spin. It is left out until
     # the relay wants to read or write it again.
     muted: set[int] = set()
+    # Whatever escapes (KeyboardInterrupt or another exception from a signal
+    # handler, MemoryError...) still ends the relay as cancelling the asyncio form
+    # does: pipes closed, sockets closed (close=True) or restored (close=False).
     try:
-        for flow in relay.flows:
-            relay.pump(flow)
-        while not relay.done:
-            masks = relay.interest()
-            for fd, mask in masks.items():
-                if not mask and fd in muted:
-                    if fd in registered:
-                        poller.unregister(fd)
-                        del registered[fd]
-                    continue
-                muted.discard(fd)
-                if registered.get(fd) != mask:
-                    if fd in registered:
-                        poller.modify(fd, mask)
-                    else:
-                        poller.register(fd, mask)
-                    registered[fd] = mask
-            left = relay.idle_left()
-            if left is not None and left <= 0:
-                relay.timeout()
-                break
-            events = poller.poll(None if left is None else max(1, int(left * 1000) + 1))
-            for fd, ev in events:
-                if ev & _POLLERR:
-                    # A pending socket error (a reset) is reported here even when the
-                    # relay is not reading that side (its pipe is full): end now, not
-                    # at the idle timeout, and do not spin on the sticky POLLERR.
-                    _raise_pending_error(relay, fd)
-                # POLLHUP/POLLERR wake both ways: the next read/write reports what happened.
-                hup = bool(ev & ~(_POLLIN | _POLLOUT))
-                if hup and not registered.get(fd):
-                    muted.add(fd)
-                relay.step(fd, bool(ev & _POLLIN) or hup, bool(ev & _POLLOUT) or hup)
+        _drive(relay, poller, registered, muted)
     except _Failure as failure:
         relay.fail(failure)
     finally:
-        for fd in registered:
-            with contextlib.suppress(KeyError, ValueError):
-                poller.unregister(fd)
-    return relay.finish()
+        try:
+            for fd in registered:
+                with contextlib.suppress(KeyError, ValueError):
+                    poller.unregister(fd)
+        finally:
+            stats = relay.finish()
+    return stats
+
+
+def _drive(relay: _Relay, poller: Any, registered: dict[int, int], muted: set[int]) -> None:
+    """The blocking form's loop: until both directions are done or the idle timeout."""
+    for flow in relay.flows:
+        relay.pump(flow)
+    while not relay.done:
+        masks = relay.interest()
+        for fd, mask in masks.items():
+            if not mask and fd in muted:
+                if fd in registered:
+                    poller.unregister(fd)
+                    del registered[fd]
+                continue
+            muted.discard(fd)
+            if registered.get(fd) != mask:
+                if fd in registered:
+                    poller.modify(fd, mask)
+                else:
+                    poller.register(fd, mask)
+                registered[fd] = mask
+        left = relay.idle_left()
+        if left is None:
+            wait: int | None = None
+        elif left <= 0:
+            relay.timeout()
+            break
+        elif left >= _POLL_MAX_MS / 1000:
+            wait = _POLL_MAX_MS  # the loop polls again until the timeout is due
+        else:
+            wait = min(_POLL_MAX_MS, int(left * 1000) + 1)
+        events = poller.poll(wait)
+        for fd, ev in events:
+            if ev & _POLLERR:
+                # A pending socket error (a reset) is reported here even when the
+                # relay is not reading that side (its pipe is full): end now, not
+                # at the idle timeout, and do not spin on the sticky POLLERR.
+                _raise_pending_error(relay, fd)
+            # POLLHUP/POLLERR wake both ways: the next read/write reports what happened.
+            hup = bool(ev & ~(_POLLIN | _POLLOUT))
+            if hup and not registered.get(fd):
+                muted.add(fd)
+            relay.step(fd, bool(ev & _POLLIN) or hup, bool(ev & _POLLOUT) or hup)
 
 
 def _raise_pending_error(relay: _Relay, fd: int) -> None:
@@ -977,10 +1106,16 @@ async def async_pipe_splice(
     :param idle_timeout: as for :func:`pipe_splice`.
     :param close: as for :func:`pipe_splice`.
     :returns: :class:`RelayStats`.
+    :raises RuntimeError: the coroutine is not run by an event loop.
     :raises WrongSocketType: a side is not a stream socket.
     :raises SocketClosed: a side is closed.
     :raises InvalidArgument: *a* and *b* are the same socket, a bad option, or a
         socket is already in another running relay of this loop.
+    :raises OSError: the loop's epoll instance could not be created (e.g. ``EMFILE``),
+        or making a side non-blocking or setting ``TCP_NODELAY`` failed.
+
+    Whatever fails before the relay runs gives both sockets back as they were
+    (blocking mode, ``TCP_NODELAY``), whatever *close* says.
     """
     asyncio.get_running_loop()  # RuntimeError before touching the sockets
     relay = _Relay(a, b, pipe_size=pipe_size, idle_timeout=idle_timeout, close=close)
@@ -1017,12 +1152,19 @@ def start_pipe_splice(
     :raises SocketClosed: a side is closed.
     :raises InvalidArgument: *a* and *b* are the same socket, a bad option, or a
         socket is already in another running relay of this loop.
+    :raises OSError: the loop's epoll instance could not be created (e.g. ``EMFILE``),
+        or making a side non-blocking or setting ``TCP_NODELAY`` failed. As for every
+        failure above, nothing was started and both sockets are as they were.
     """
     loop = asyncio.get_running_loop()  # RuntimeError before touching the sockets
     relay = _Relay(a, b, pipe_size=pipe_size, idle_timeout=idle_timeout, close=close)
     if not _HAS_EPOLL:
         return loop.create_task(_run_async_selector(relay))
-    future = _RelayFuture(loop=loop)
+    try:
+        future = _RelayFuture(loop=loop)
+    except BaseException:
+        relay.abandon()
+        raise
     future.driven = _start_async(relay, loop, future)
     return future
 
@@ -1065,7 +1207,7 @@ async def _run_async_selector(relay: _Relay) -> RelayStats:
     def on_ready(flow: _Flow) -> None:
         # The common case (a message read and written in full) leaves the flow
         # wanting exactly what it wanted before: nothing to re-register.
-        before = (flow.wants_read, flow.pending > 0)
+        before = (flow.wants_read, flow.pending > 0, relay.deferred)
         try:
             if not flow.shut:
                 relay.pump(flow)
@@ -1074,7 +1216,9 @@ async def _run_async_selector(relay: _Relay) -> RelayStats:
             if not finished.done():
                 finished.set_result(None)
             return
-        if flow.shut or (flow.wants_read, flow.pending > 0) != before:
+        # relay.deferred changes when this pump half-closed the *other* direction
+        # (a TLS side's deferred close_notify): that may have ended the relay.
+        if flow.shut or (flow.wants_read, flow.pending > 0, relay.deferred) != before:
             settle()
 
     def on_timer() -> None:
@@ -1088,6 +1232,11 @@ async def _run_async_selector(relay: _Relay) -> RelayStats:
         else:
             timer = loop.call_later(left, on_timer)
 
+    try:
+        relay.begin()
+    except BaseException:
+        finished.cancel()
+        raise
     try:
         try:
             for flow in relay.flows:
@@ -1380,21 +1529,28 @@ class _RelayFuture(asyncio.Future[RelayStats]):
 def _start_async(
     relay: _Relay, loop: asyncio.AbstractEventLoop, future: asyncio.Future[RelayStats] | None = None
 ) -> _Driven:
-    hub = _HUBS.get(loop)
-    if hub is None:
-        # Hubs of loops closed without an orderly shutdown (loop.close() alone):
-        # their relays can never run again, so end them and free their fds now.
-        # list() copies in one step: loops in other threads add and drop hubs.
-        for old in [h for h in list(_HUBS.values()) if h.loop.is_closed()]:
-            old.shutdown()
-        hub = _HUBS[loop] = _Hub(loop)
-    driven = _Driven(relay, hub, future if future is not None else loop.create_future())
+    # Every failure here (a socket already in another relay of this loop, no fd
+    # left for the hub's epoll...) gives both sockets back as they were, whatever
+    # close= says: the relay never ran, and another relay may own a socket.
+    driven: _Driven | None = None
+    hub: _Hub | None = None
     try:
+        hub = _HUBS.get(loop)
+        if hub is None:
+            # Hubs of loops closed without an orderly shutdown (loop.close() alone):
+            # their relays can never run again, so end them and free their fds now.
+            # list() copies in one step: loops in other threads add and drop hubs.
+            for old in [h for h in list(_HUBS.values()) if h.loop.is_closed()]:
+                old.shutdown()
+            hub = _HUBS[loop] = _Hub(loop)
+        driven = _Driven(relay, hub, future if future is not None else loop.create_future())
         driven.start()
+        relay.begin()
     except BaseException:
-        # E.g. a socket already in another relay of this loop: that relay must keep
-        # it, so nothing is closed or reset here, whatever close= says.
-        driven.detach()
+        if driven is not None:
+            driven.detach()  # the hub closes if this relay was its only one
+        elif hub is not None:
+            hub.close_if_idle()
         relay.abandon()
         raise
     return driven
