@@ -1684,3 +1684,253 @@ def test_a_close_notify_taken_by_the_relay_s_shutdown_is_the_tls_side_s_eof(
     finally:
         for s in (client, tls_side, plain, peer):
             s.close()
+
+
+# ------------------------------------------------- a close_notify toward a full TLS side
+
+
+class _ShutdownSpy:
+    """Stands in for an SSLSocket's ``_sslobj``: records what each real
+    ``SSL_shutdown`` call (through CPython) raised, and signals each call."""
+
+    def __init__(self, sslobj: Any) -> None:
+        self._sslobj = sslobj
+        self.outcomes: list[str] = []
+        self._calls = threading.Condition()
+
+    def shutdown(self) -> Any:
+        outcome = "done"
+        try:
+            return self._sslobj.shutdown()
+        except ssl.SSLError as exc:
+            outcome = type(exc).__name__
+            raise
+        finally:
+            with self._calls:
+                self.outcomes.append(outcome)
+                self._calls.notify_all()
+
+    def wait_calls(self, count: int, timeout: float) -> bool:
+        """Until SSL_shutdown was called *count* times (bounded)."""
+        with self._calls:
+            return self._calls.wait_for(lambda: len(self.outcomes) >= count, timeout)
+
+    def __getattr__(self, name: str) -> Any:  # read, write, pending...: the real object
+        return getattr(self._sslobj, name)
+
+
+def _tiny_tls_pair(
+    lst: socket.socket, contexts: tuple[ssl.SSLContext, ssl.SSLContext]
+) -> tuple[ssl.SSLSocket, ssl.SSLSocket]:
+    """(TLS peer, TLS side) with the smallest buffers the kernel allows: the peer's
+    receive buffer (set before connect, so its window stays small) and the TLS
+    side's send buffer fill with a few kB."""
+    raw_client = socket.socket()
+    raw_client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)  # the kernel's minimum
+    raw_client.connect(lst.getsockname())
+    raw_server, _ = lst.accept()
+    raw_server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)
+    server: list[ssl.SSLSocket] = []
+    t = threading.Thread(
+        target=lambda: server.append(contexts[0].wrap_socket(raw_server, server_side=True))
+    )
+    t.start()
+    try:
+        client = contexts[1].wrap_socket(raw_client, server_hostname="localhost")
+    finally:
+        t.join(JOIN)
+        raw_server.close()  # the SSLSocket holds its own fd
+    assert server
+    return client, server[0]
+
+
+def _wait_all_acked(sock: socket.socket) -> None:
+    """Until every byte *sock* sent was acknowledged (its TIOCOUTQ is 0; bounded): the
+    handshake's last records (TLS 1.3 session tickets) no longer take send buffer."""
+    deadline = time.monotonic() + JOIN
+    while int.from_bytes(fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, bytes(4)), "little"):
+        assert time.monotonic() < deadline, "the peer never acknowledged"
+        select.select([], [], [], 0.005)  # an ACK wakes no fd here: a bounded re-check
+
+
+def _close_notify_after(
+    lst: socket.socket, contexts: tuple[ssl.SSLContext, ssl.SSLContext], n: int
+) -> str | None:
+    """What SSL_shutdown does on a fresh tiny TLS pair right after one n-byte record
+    the peer does not read: None (the record did not fit), the exception's name."""
+    client, tls_side = _tiny_tls_pair(lst, contexts)
+    try:
+        tls_side.setblocking(False)
+        _wait_all_acked(tls_side)  # as the relay's test does before it starts
+        try:
+            tls_side.send(b"x" * n)  # all or nothing: CPython asks for no partial writes
+        except ssl.SSLWantWriteError:
+            return None
+        try:
+            tls_side._sslobj.shutdown()  # type: ignore[attr-defined]
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as exc:
+            return type(exc).__name__
+        return "done"
+    finally:
+        client.close()
+        tls_side.close()
+
+
+@pytest.fixture(scope="module")
+def sizes_that_fill_the_tls_side(
+    listener: socket.socket, tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext]
+) -> list[int]:
+    """Record sizes after which the close_notify does not fit (largest first).
+
+    The kernel takes a send() whole while it can start a new segment (sk_wmem_queued
+    < sk_sndbuf), so the last segment of a record may pass the buffer's size; a later
+    send then fits only in that segment's unused tail. The largest record that still
+    fits therefore leaves no room for the 24-byte close_notify: OpenSSL keeps it
+    (WANT_WRITE). Found by bisection, on this kernel's buffer sizes."""
+    lst, contexts = listener, tls_contexts
+    lo, hi = 1, 16385  # one record (16 KiB at most); 16 KiB never fits these buffers
+    assert _close_notify_after(lst, contexts, lo) is not None
+    assert _close_notify_after(lst, contexts, hi - 1) is None, "the TLS side holds 16 KiB"
+    for _ in range(16):  # log2(16384) steps
+        if hi - lo <= 1:
+            break
+        mid = (lo + hi) // 2
+        if _close_notify_after(lst, contexts, mid) is None:
+            hi = mid
+        else:
+            lo = mid
+    found = [
+        n
+        for n in (lo, lo - 8, lo - 32, lo - 64)
+        if _close_notify_after(lst, contexts, n) == "SSLWantWriteError"
+    ]
+    assert found, "no record size leaves the TLS side's send buffer too full"
+    return found
+
+
+@pytest.mark.parametrize("mode", TLS_MODES)
+def test_a_close_notify_held_back_by_a_full_tls_side_is_sent_once_it_drains(
+    listener: socket.socket,
+    tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext],
+    sizes_that_fill_the_tls_side: list[int],
+    mode: str,
+) -> None:
+    # The plain side's EOF becomes a close_notify toward the TLS side. When that
+    # side's send buffer is full (its peer is not reading), OpenSSL keeps the record
+    # and SSL_shutdown says WANT_WRITE: the relay must call it again once the socket
+    # is writable, not leave the peer without its EOF until the relay ends.
+    for n in sizes_that_fill_the_tls_side:
+        client, tls_side = _tiny_tls_pair(listener, tls_contexts)
+        plain, peer = tcp_pair(listener)
+        _wait_all_acked(tls_side)
+        spy = _ShutdownSpy(tls_side._sslobj)  # type: ignore[attr-defined]
+        tls_side._sslobj = spy  # type: ignore[attr-defined]
+        r = Relay.__new__(Relay)
+        r.client, r.a, r.b, r.backend = peer, plain, tls_side, client
+        r.stats, r.exc = None, None
+        r.thread = threading.Thread(target=r._run, args=(RUNNERS[mode], {}))
+        r.thread.start()
+        try:
+            up = random.Random(n).randbytes(n)
+            peer.sendall(up)  # one segment: the relay writes it as one record
+            peer.shutdown(socket.SHUT_WR)
+            assert spy.wait_calls(1, JOIN), "the relay never tried the close_notify"
+            if spy.outcomes[0] != "SSLWantWriteError":
+                # The relay's record left room after all (timing of the peer's
+                # ACKs): not the case under test; try the next size.
+                client.close()  # no close_notify: the relay fails that side and ends
+                r.join()
+                continue
+            # The other direction keeps flowing meanwhile, and nothing calls
+            # SSL_shutdown again while the TLS side stays full (no busy retry).
+            client.settimeout(JOIN)
+            client.sendall(b"ping")
+            assert _recv_bytes(peer, 4) == b"ping"
+            assert spy.outcomes == ["SSLWantWriteError"]
+            assert r.thread.is_alive()
+            # The peer reads everything, then gets the close_notify while the relay
+            # still runs (the peer has not closed its own direction).
+            assert _recv_bytes(client, n) == up
+            client.settimeout(10.0)  # bounded: without the retry it never comes
+            try:
+                eof = client.recv(100)
+            except ssl.SSLZeroReturnError:
+                eof = b""
+            assert eof == b""
+            assert r.thread.is_alive()
+            assert spy.wait_calls(2, JOIN)  # the retry: it wrote the held record
+            assert spy.outcomes[1] in ("SSLWantReadError", "done")
+            client.sendall(b"reply")  # TLS half-close: this direction still works
+            client.unwrap()
+            assert _recv_bytes(peer, 5) == b"reply"
+            peer.settimeout(JOIN)
+            assert peer.recv(1) == b""
+            stats = r.join()
+            assert (stats.a_to_b, stats.b_to_a) == (n, 9)
+            assert (stats.a_end, stats.b_end, stats.failed) == (End.EOF, End.EOF, None)
+            return
+        finally:
+            # The peers first: their EOFs end a relay still running (a closed fd
+            # would not wake its poll), then the relay's own sockets.
+            client.close()
+            peer.close()
+            r.thread.join(JOIN)
+            tls_side.close()
+            plain.close()
+    pytest.fail("the relay's close_notify never met a full TLS side")
+
+
+@pytest.mark.parametrize("close", [True, False])
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("driver", ["hub", "fallback"])
+def test_a_started_relay_cancelled_before_it_ran_is_still_ended(
+    listener: socket.socket,
+    monkeypatch: pytest.MonkeyPatch,
+    close: bool,
+    loop_kind: str,
+    driver: str,
+) -> None:
+    # start_pipe_splice() returns before the loop ran anything of the relay. A
+    # cancel at once must still end it: with the fallback driver (no epoll) the
+    # relay is a task, and a task cancelled before its first step never runs its
+    # coroutine, not even its `finally`.
+    run = uvloop.run if loop_kind == "uvloop" else asyncio.run
+    run(asyncio.sleep(0))  # uvloop keeps one process-wide pipe from its first run on
+    if driver == "fallback":
+        monkeypatch.setattr(relay_mod, "_HAS_EPOLL", False)
+    client, a = tcp_pair(listener)
+    b, backend = tcp_pair(listener)
+    a.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
+    b.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    release_pipes()
+    before = open_fds()
+
+    async def main() -> None:
+        future = start_pipe_splice(a, b, close=close)
+        assert future.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await future
+
+    try:
+        run(main())
+        release_pipes()
+        if close:
+            assert a.fileno() == b.fileno() == -1
+            # Counts: listing /proc/self/fd takes the lowest free fd, one of a, b's now.
+            assert len(open_fds()) == len(before) - 2
+            _assert_no_relay_fds_since(before)
+            for peer in (client, backend):  # closed, not left open behind their backs
+                peer.settimeout(JOIN)
+                assert peer.recv(1) == b""
+        else:
+            assert open_fds() == before
+            _assert_no_relay_fds_since(before)
+            assert a.getblocking() and b.getblocking()
+            assert a.gettimeout() is None and b.gettimeout() is None
+            assert a.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+            assert b.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+            a.sendall(b"still mine")  # the caller's sockets work as before
+            assert _recv_bytes(client, 10) == b"still mine"
+    finally:
+        for s in (client, backend, a, b):
+            s.close()

@@ -35,7 +35,7 @@ import termios
 import threading
 import time
 import weakref
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeAlias
 
@@ -447,6 +447,15 @@ class _Relay:
         # A flow whose half-close toward a TLS side waits until the relay has read
         # what that side sent (see _shut).
         self.deferred: _Flow | None = None
+        # A flow whose close_notify OpenSSL holds back because the TLS side's send
+        # buffer was full (SSL_shutdown said WANT_WRITE): it is not shut yet, and the
+        # drivers wait for that side to be writable to call SSL_shutdown again.
+        self.notify: _Flow | None = None
+        # Called when `notify` is set or cleared, for a driver that re-arms only on
+        # changes it sees (the epoll hub); the others read `notify` when they wait.
+        self.on_notify: Callable[[], None] | None = None
+        # finish()'s result: the relay ends once, whoever ends it first.
+        self.stats: RelayStats | None = None
         # TCP_NODELAY is set by begin(), once the start can no longer fail: a failed
         # start then has only the blocking mode to restore.
         self.nodelay_set = False
@@ -562,8 +571,15 @@ class _Relay:
         # (nothing decrypted pending, nothing in the kernel's receive queue) or
         # that side's own EOF; the direction reading it keeps going meanwhile.
         reverse = self.flows[0] if flow is self.flows[1] else self.flows[1]
+        # A retry of a close_notify OpenSSL held back (see the WANT_WRITE case below).
+        held = self.notify is flow
+        self.notify = None
         if not reverse.eof and _tls_unread(dst):
+            # Also before a retry: once the held close_notify is out, CPython calls
+            # SSL_shutdown a second time, and that call reads as described above.
             self.deferred = flow
+            if held and self.on_notify is not None:
+                self.on_notify()  # wait for the bytes to be read, not for writability
             return
         self.deferred = None
         flow.shut = True
@@ -573,10 +589,16 @@ class _Relay:
         except ssl.SSLWantReadError:
             pass  # close_notify is out; the peer's own close_notify comes later
         except ssl.SSLWantWriteError:
-            # The TLS side's send buffer was full: OpenSSL keeps the close_notify and
-            # sends it only when SSL_shutdown is called again, which the relay does
-            # not do yet (a known limitation, see docs/relay.md).
-            pass
+            # The TLS side's send buffer was full (its peer is not reading): OpenSSL
+            # keeps the close_notify record (s3.alert_dispatch) and writes it only
+            # when SSL_shutdown is called again. Until then the flow is not shut: the
+            # drivers wait for the socket to be writable and pump it, which retries
+            # here; the other direction keeps flowing meanwhile.
+            flow.shut = False
+            self.notify = flow
+            if not held and self.on_notify is not None:
+                self.on_notify()
+            return
         except ssl.SSLError as exc:
             if not reverse.eof:
                 # Bytes arrived between the check above and SSL_shutdown's read and
@@ -759,6 +781,9 @@ class _Relay:
                 masks[flow.src_fd] |= _POLLIN
             if flow.wants_write:
                 masks[flow.dst_fd] |= _POLLOUT
+        notify = self.notify
+        if notify is not None:
+            masks[notify.dst_fd] |= _POLLOUT  # to retry a held-back close_notify
         return masks
 
     @property
@@ -802,6 +827,8 @@ class _Relay:
             pass
 
     def finish(self) -> RelayStats:
+        if self.stats is not None:
+            return self.stats
         for flow in self.flows:
             flow.close_pipe()
         if self.close:
@@ -835,6 +862,7 @@ class _Relay:
             duration=time.monotonic() - self.started,
             spliced_bytes=spliced,
         )
+        self.stats = stats
         return stats
 
 
@@ -1164,7 +1192,18 @@ def start_pipe_splice(
     loop = asyncio.get_running_loop()  # RuntimeError before touching the sockets
     relay = _Relay(a, b, pipe_size=pipe_size, idle_timeout=idle_timeout, close=close)
     if not _HAS_EPOLL:
-        return loop.create_task(_run_async_selector(relay))
+        try:
+            task = loop.create_task(_run_async_selector(relay))
+            # A task cancelled before its first step never runs its coroutine: the
+            # CancelledError is thrown into it before its first line, so its
+            # `finally` (which ends the relay) never runs either. The callback ends
+            # the relay then (finish() runs once: after the coroutine's own finish
+            # it only returns the stats).
+            task.add_done_callback(lambda _task: relay.finish())
+        except BaseException:
+            relay.abandon()
+            raise
+        return task
     try:
         future = _RelayFuture(loop=loop)
     except BaseException:
@@ -1201,7 +1240,8 @@ async def _run_async_selector(relay: _Relay) -> RelayStats:
             elif src in readers:
                 loop.remove_reader(src)
                 readers.discard(src)
-            if flow.pending:
+            # A held-back close_notify waits for dst to be writable, as bytes do.
+            if flow.pending or (flow is relay.notify and not flow.shut):
                 if dst not in writers:
                     loop.add_writer(dst, on_ready, flow)
                     writers.add(dst)
@@ -1212,7 +1252,7 @@ async def _run_async_selector(relay: _Relay) -> RelayStats:
     def on_ready(flow: _Flow) -> None:
         # The common case (a message read and written in full) leaves the flow
         # wanting exactly what it wanted before: nothing to re-register.
-        before = (flow.wants_read, flow.pending > 0, relay.deferred)
+        before = (flow.wants_read, flow.pending > 0, relay.deferred, relay.notify)
         try:
             if not flow.shut:
                 relay.pump(flow)
@@ -1222,8 +1262,9 @@ async def _run_async_selector(relay: _Relay) -> RelayStats:
                 finished.set_result(None)
             return
         # relay.deferred changes when this pump half-closed the *other* direction
-        # (a TLS side's deferred close_notify): that may have ended the relay.
-        if flow.shut or (flow.wants_read, flow.pending > 0, relay.deferred) != before:
+        # (a TLS side's deferred close_notify): that may have ended the relay;
+        # relay.notify when OpenSSL held a close_notify back or finally sent it.
+        if flow.shut or (flow.wants_read, flow.pending > 0, relay.deferred, relay.notify) != before:
             settle()
 
     def on_timer() -> None:
@@ -1418,6 +1459,11 @@ class _Driven:
             self.masks[fd] = _ARM_IN
         if relay.idle_timeout is not None:
             self.timer = self.hub.loop.call_later(relay.idle_timeout, self.on_timer)
+        if not relay.flows[0].can_splice:
+            # Only a copied relay (TLS among them) can hold a close_notify back; the
+            # hub re-arms on the changes event() compares, and this is not one of
+            # them. (A cycle relay <-> driven, broken by detach().)
+            relay.on_notify = self.rearm
 
     def event(self, fd: int, ev: int) -> None:
         relay = self.relay
@@ -1449,7 +1495,13 @@ class _Driven:
                 _raise_pending_error(relay, fd)
             if ev & _READ_EVENTS and not reader.shut and (reader.wants_read or ev & _EPOLLHUP):
                 relay.pump(reader, bool(ev & _EPOLLRDHUP))
-            if ev & _WRITE_EVENTS and writer.pending and not writer.shut:
+            # `writer is relay.notify` (a held-back close_notify to retry) is looked
+            # at only when no bytes are pending, i.e. never in a plain stream.
+            if (
+                ev & _WRITE_EVENTS
+                and (writer.pending or writer is relay.notify)
+                and not writer.shut
+            ):
                 relay.pump(writer)
         except _Failure as failure:
             relay.fail(failure)
@@ -1467,14 +1519,16 @@ class _Driven:
         # keeps whatever it had: an edge-triggered EOF does not repeat, and a
         # later error or hang-up is worth one event.
         masks = self.masks
-        f0, f1 = self.relay.flows
+        relay = self.relay
+        f0, f1 = relay.flows
         for reader, writer in ((f0, f1), (f1, f0)):
             fd = reader.src_fd
             if reader.eof or reader.shut:
                 mask = masks[fd] & _ARM_IN
             else:
                 mask = _ARM_IN if reader.wants_read else _EPOLLET
-            if writer.pending and not writer.shut:
+            # A close_notify OpenSSL held back is written when the socket is writable.
+            if (writer.pending or writer is relay.notify) and not writer.shut:
                 mask |= _EPOLLOUT
             if masks[fd] != mask:
                 self.hub.ep.modify(fd, mask)
@@ -1508,6 +1562,7 @@ class _Driven:
         return self.stats
 
     def detach(self) -> None:
+        self.relay.on_notify = None
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
