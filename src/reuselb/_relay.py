@@ -451,8 +451,9 @@ class _Relay:
         # buffer was full (SSL_shutdown said WANT_WRITE): it is not shut yet, and the
         # drivers wait for that side to be writable to call SSL_shutdown again.
         self.notify: _Flow | None = None
-        # Called when `notify` is set or cleared, for a driver that re-arms only on
-        # changes it sees (the epoll hub); the others read `notify` when they wait.
+        # Called when `notify` is set, or cleared without the flow being shut (the
+        # retry deferred until the TLS side's bytes are read): changes the epoll
+        # hub does not compare per event. The other drivers read `notify` itself.
         self.on_notify: Callable[[], None] | None = None
         # finish()'s result: the relay ends once, whoever ends it first.
         self.stats: RelayStats | None = None
