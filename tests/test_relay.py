@@ -1367,7 +1367,15 @@ def _tls_pair(
     lst: socket.socket, contexts: tuple[ssl.SSLContext, ssl.SSLContext]
 ) -> tuple[ssl.SSLSocket, ssl.SSLSocket]:
     """(client, server side) of a TLS connection, handshake done."""
-    raw_client, raw_server = _roomy_pair(lst)
+    return _handshake(*_roomy_pair(lst), contexts)
+
+
+def _handshake(
+    raw_client: socket.socket,
+    raw_server: socket.socket,
+    contexts: tuple[ssl.SSLContext, ssl.SSLContext],
+) -> tuple[ssl.SSLSocket, ssl.SSLSocket]:
+    """Wrap a connected pair in TLS: (client, server side), handshake done."""
     server: list[ssl.SSLSocket] = []
     t = threading.Thread(
         target=lambda: server.append(contexts[0].wrap_socket(raw_server, server_side=True))
@@ -1453,6 +1461,53 @@ def test_tls_close_notify_that_meets_data_fails_that_side(
         peer.settimeout(JOIN)
         with pytest.raises(ConnectionResetError):  # not an EOF after a truncated stream
             _drain(peer)
+    finally:
+        for s in (client, tls_side, plain, peer):
+            s.close()
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_a_bare_fin_met_by_the_close_notify_is_that_side_s_eof(
+    roomy_listener: socket.socket,
+    tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext],
+    monkeypatch: pytest.MonkeyPatch,
+    strict: bool,
+) -> None:
+    # The TLS peer reads the relay's close_notify and closes at once, without its
+    # own close_notify: its FIN can reach SSL_shutdown's second (reading) call. No
+    # record was discarded, so that is the TLS side's EOF, as recv() reports the
+    # same FIN, unless the socket asked for strict EOFs (suppress_ragged_eofs=False).
+    client, tls_side = _tls_pair(roomy_listener, tls_contexts)
+    tls_side.suppress_ragged_eofs = not strict  # type: ignore[attr-defined]
+    plain, peer = _roomy_pair(roomy_listener)
+    sent: list[bool] = []
+
+    def fin_arrives_now(sock: ssl.SSLSocket) -> bool:
+        # The race, forced: the FIN lands between the relay's check and SSL_shutdown.
+        if not sent:
+            sent.append(True)
+            # socket.socket's own shutdown: a bare FIN, the TLS state kept for reading
+            # (SSLSocket.shutdown would also drop it).
+            socket.socket.shutdown(client, socket.SHUT_WR)
+            poller = select.poll()
+            poller.register(sock.fileno(), select.POLLRDHUP)
+            assert poller.poll(JOIN * 1000)
+        return False
+
+    monkeypatch.setattr(relay_mod, "_tls_unread", fin_arrives_now)
+    try:
+        peer.shutdown(socket.SHUT_WR)
+        stats = pipe_splice(plain, tls_side, idle_timeout=JOIN)
+        assert sent
+        peer.settimeout(JOIN)
+        if strict:
+            assert (stats.failed, stats.b_end) == ("b", End.ERROR)
+            assert isinstance(stats.error, ssl.SSLEOFError)
+        else:
+            assert (stats.failed, stats.a_end, stats.b_end) == (None, End.EOF, End.EOF)
+            _drain(peer)  # the EOF is forwarded: no reset
+        client.settimeout(JOIN)
+        assert client.recv(10) == b""  # the relay's close_notify
     finally:
         for s in (client, tls_side, plain, peer):
             s.close()
@@ -1730,18 +1785,7 @@ def _tiny_tls_pair(
     raw_client.connect(lst.getsockname())
     raw_server, _ = lst.accept()
     raw_server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)
-    server: list[ssl.SSLSocket] = []
-    t = threading.Thread(
-        target=lambda: server.append(contexts[0].wrap_socket(raw_server, server_side=True))
-    )
-    t.start()
-    try:
-        client = contexts[1].wrap_socket(raw_client, server_hostname="localhost")
-    finally:
-        t.join(JOIN)
-        raw_server.close()  # the SSLSocket holds its own fd
-    assert server
-    return client, server[0]
+    return _handshake(raw_client, raw_server, contexts)
 
 
 def _wait_all_acked(sock: socket.socket) -> None:

@@ -600,6 +600,17 @@ class _Relay:
             if not held and self.on_notify is not None:
                 self.on_notify()
             return
+        except ssl.SSLEOFError as exc:
+            # SSL_shutdown's read met a bare FIN from that side (no close_notify; e.g.
+            # its peer closed right after reading ours, before the second call). No
+            # record was read, so nothing was discarded: that is the side's EOF, as
+            # a recv() meeting the same FIN reports it (suppress_ragged_eofs, the
+            # default). Only a socket that asked for strict EOFs fails here.
+            if not reverse.eof:
+                # (typeshed does not declare the attribute; ssl.SSLSocket has it.)
+                if not getattr(dst, "suppress_ragged_eofs", True):
+                    raise _Failure(reverse.name, End.ERROR, exc) from None
+                self._take_eof(reverse)
         except ssl.SSLError as exc:
             if not reverse.eof:
                 # Bytes arrived between the check above and SSL_shutdown's read and
@@ -615,9 +626,13 @@ class _Relay:
             # (it can answer ours that fast) and took it off the socket, so neither
             # poll nor a read will report that EOF again: take it as read here.
             if not reverse.eof:
-                reverse.eof = True
-                if not reverse.pending and not reverse.shut:
-                    self._shut(reverse)
+                self._take_eof(reverse)
+
+    def _take_eof(self, flow: _Flow) -> None:
+        """*flow*'s source ended inside SSL_shutdown: no read will report it again."""
+        flow.eof = True
+        if not flow.pending and not flow.shut:
+            self._shut(flow)
 
     def _pump_small(self, flow: _Flow, drain: bool) -> None:
         # Read into the thread's scratch buffer and send at once: the scratch is
