@@ -252,18 +252,34 @@ import os, sys
 # Act like systemd: fds 3 and 4, inheritable, LISTEN_PID = the exec'd process's pid.
 os.dup2(int(sys.argv[1]), 3); os.dup2(int(sys.argv[2]), 4)
 os.set_inheritable(3, True); os.set_inheritable(4, True)
-env = dict(os.environ, LISTEN_PID=str(os.getpid()), LISTEN_FDS="2", LISTEN_FDNAMES="web:dns")
+env = dict(os.environ, LISTEN_PID=str(os.getpid()), LISTEN_FDS="2", LISTEN_FDNAMES=sys.argv[4])
 os.execve(sys.executable, [sys.executable, "-c", sys.argv[3]], env)
 """
 
 
-def test_listen_fds_adopts_systemd_sockets() -> None:
+@pytest.mark.parametrize(
+    ("names", "keys"),
+    [
+        ("web:dns", ("web", "dns")),
+        # One socket unit with two Listen lines: systemd repeats its name.
+        ("web:web", ("web", "web.4")),
+    ],
+)
+def test_listen_fds_adopts_systemd_sockets(names: str, keys: tuple[str, str]) -> None:
     tcp = reuseport_listener("127.0.0.1:0")
     udp = udp_socket()
     udp.bind(("127.0.0.1", 0))
     try:
         out = subprocess.run(
-            [sys.executable, "-c", _WRAPPER, str(tcp.fileno()), str(udp.fileno()), _SYSTEMD_CHILD],
+            [
+                sys.executable,
+                "-c",
+                _WRAPPER,
+                str(tcp.fileno()),
+                str(udp.fileno()),
+                _SYSTEMD_CHILD,
+                names,
+            ],
             pass_fds=[tcp.fileno(), udp.fileno()],
             capture_output=True,
             text=True,
@@ -274,8 +290,8 @@ def test_listen_fds_adopts_systemd_sockets() -> None:
         tcp.close()
         udp.close()
     result = json.loads(out.stdout)
-    assert result["names"] == ["dns", "web"]
-    assert result["types"] == {"web": socket.SOCK_STREAM, "dns": socket.SOCK_DGRAM}
+    assert result["names"] == sorted(keys)
+    assert result["types"] == {keys[0]: socket.SOCK_STREAM, keys[1]: socket.SOCK_DGRAM}
     assert result["inheritable"] is False
     assert result["env_left"] == []
 
@@ -440,6 +456,21 @@ def test_listen_fds_refuses_a_malformed_count(
     assert f"malformed LISTEN_FDS={value!r}: {needle}" in str(info.value)
     assert not [k for k in os.environ if k.startswith("LISTEN_")]
     assert open_fds() == before
+
+
+@pytest.mark.parametrize("names", ["a.5:a:a", "a:a:a.4", "a:a.5:a"])
+def test_listen_fds_refuses_a_repeat_that_would_take_another_fds_name(
+    monkeypatch: pytest.MonkeyPatch, names: str
+) -> None:
+    # The repeat of "a" at fd 5 (or 4) would be named "a.5" ("a.4"), which a literal
+    # name already is: one socket would overwrite the other and be dropped.
+    monkeypatch.setenv("LISTEN_PID", str(os.getpid()))
+    monkeypatch.setenv("LISTEN_FDS", "3")
+    monkeypatch.setenv("LISTEN_FDNAMES", names)
+    before = open_fds()
+    with pytest.raises(HandoffError, match=r"would be named 'a\.[45]', which another fd"):
+        listen_fds()
+    assert open_fds() == before  # checked before any fd was adopted
 
 
 @pytest.mark.parametrize(("names", "found"), [("a:b:c", 3), ("a", 1), ("", 0)])
@@ -612,6 +643,33 @@ def test_drain_close_after_take_keeps_the_group_in_kernel_order(
     finally:
         group.close()
         s0.close()
+
+
+def test_drain_close_of_a_taken_member_keeps_the_group_in_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_handoff, "tcp_migrate_req", lambda: False)  # the steer path
+    with reuseport_group("127.0.0.1:0", 4) as group:
+        s0, s1 = group[0], group[1]
+        t2, t3 = group.take(2), group.take(3)
+        # A taken member is drained with its group: the last member (s3, taken too)
+        # takes its slot in the kernel, and the group follows.
+        drain_close(t2, group=group, grace=0.05)
+        assert t2.fileno() == -1
+        assert group._members == [s0, s1, None] and group._slot(t3) == 2
+        steer_all_to(group, 2)
+        assert _accepts(t3, group.port)
+        # A held member drained while the last slot is a taken one: the taken
+        # member moves into the freed slot, and can itself be drained from there.
+        drain_close(s0, group=group, grace=0.05)
+        assert group._members == [None, s1] and group._slot(t3) == 0
+        steer_all_to(group, 0)
+        assert _accepts(t3, group.port)
+        steer_all_to(group, 1)
+        assert _accepts(s1, group.port)
+        drain_close(t3, group=group, grace=0.05)
+        assert group._members == [s1] and group._taken == {}
+        assert _accepts(s1, group.port)
 
 
 def test_drain_close_needs_a_member_the_group_still_holds(

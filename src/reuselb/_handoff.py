@@ -276,11 +276,14 @@ def listen_fds(*, unset_environment: bool = True) -> dict[str, socket.socket]:
     any fd is touched.
 
     :param unset_environment: remove the ``LISTEN_*`` variables (default True).
-    :returns: ``{name: socket}``; names from ``LISTEN_FDNAMES``, else ``"fd3"``, ...
+    :returns: ``{name: socket}``; names from ``LISTEN_FDNAMES`` (a name repeated for
+        several fds is kept by the first; the others are ``"name.<fd>"``), else
+        ``"fd3"``, ...
         Empty when this process was not socket-activated (no ``LISTEN_PID`` or
         ``LISTEN_FDS``, or ``LISTEN_PID`` names another process).
     :raises HandoffError: a variable is malformed (the message names it and its
-        value), or an fd it lists is not open or not a socket (the message names
+        value; a repeated name whose ``"name.<fd>"`` is another fd's name counts), or
+        an fd it lists is not open or not a socket (the message names
         the fd); every socket adopted so far is then closed.
     """
     env = {key: os.environ.get(key) for key in _LISTEN_VARS}
@@ -303,9 +306,23 @@ def listen_fds(*, unset_environment: bool = True) -> dict[str, socket.socket]:
             raise HandoffError(
                 f"LISTEN_FDNAMES={names!r} has {len(labels)} name(s) for LISTEN_FDS={count!r}"
             )
+    # systemd repeats a name for every fd of one socket unit ("web.socket" with two
+    # ListenStream= lines): the first keeps it, the others get "name.fd". Keys are
+    # settled before any fd is adopted, and one that a literal name already holds
+    # ("a.5:a:a") is refused: a dict entry overwritten would drop (and, collected,
+    # close) a passed socket.
+    keys: list[str] = []
+    for i, label in enumerate(labels):
+        key = label if label not in keys else f"{label}.{_LISTEN_FDS_START + i}"
+        if key in keys or (key != label and key in labels):
+            raise HandoffError(
+                f"LISTEN_FDNAMES={names!r}: fd {_LISTEN_FDS_START + i} would be named "
+                f"{key!r}, which another fd already has"
+            )
+        keys.append(key)
     out: dict[str, socket.socket] = {}
     try:
-        for i, label in enumerate(labels):
+        for i, (label, key) in enumerate(zip(labels, keys, strict=True)):
             fd = _LISTEN_FDS_START + i
             try:
                 os.set_inheritable(fd, False)
@@ -320,7 +337,6 @@ def listen_fds(*, unset_environment: bool = True) -> dict[str, socket.socket]:
                 raise HandoffError(
                     f"LISTEN_FDS fd {fd} ({label!r}) is not a socket: {exc}"
                 ) from None
-            key = label if label not in out else f"{label}.{fd}"
             out[key] = sock
     except BaseException:
         for sock in out.values():
@@ -373,9 +389,10 @@ def _drain_members(
     """
     if isinstance(group, ReuseportGroup):
         slots = list(group._members)
+        index = group._slot(listener)  # a member taken from it keeps its slot
     else:
         slots = [check_open(m, "group member") for m in group]
-    index = next((i for i, m in enumerate(slots) if m is listener), -1)
+        index = next((i for i, m in enumerate(slots) if m is listener), -1)
     if index < 0:
         raise InvalidArgument("listener", listener, "is not a member of group")
     other = next((m for m in slots if m is not None and m is not listener), None)
@@ -415,7 +432,9 @@ def drain_close(
         :class:`~reuselb.ReuseportGroup` is updated on both paths the way the
         kernel reorders its members (the last one takes the closed one's slot);
         members taken from it with ``take()`` still count, as they are still in
-        the kernel's group. Optional with ``tcp_migrate_req=1``.
+        the kernel's group, and *listener* may be one of them (drain a taken
+        member with its group to keep the group in step; closing it any other
+        way leaves the group's indexes stale). Optional with ``tcp_migrate_req=1``.
     :param grace: seconds the queue must stay empty before closing (steer path),
         ``0`` to ``1e9``.
     :param timeout: give up accepting after this many seconds (steer path), more

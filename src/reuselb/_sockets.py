@@ -26,6 +26,7 @@ import os
 import socket
 import struct
 import sys
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import TracebackType
@@ -484,6 +485,10 @@ class ReuseportGroup:
 
     def __init__(self, members: list[socket.socket], address: Address, kind: Kind) -> None:
         self._members: list[socket.socket | None] = list(members)
+        # The members given away with take(), by slot: weak, because the caller owns
+        # them now (a strong reference would keep a dropped socket's fd open). They
+        # let drain_close() find a taken member's slot to keep the group in step.
+        self._taken: dict[int, weakref.ref[socket.socket]] = {}
         self.address = address
         self.kind: Kind = kind
 
@@ -508,14 +513,27 @@ class ReuseportGroup:
         """
         sock = self[index]
         self._members[index] = None
+        self._taken[index % len(self._members)] = weakref.ref(sock)
         return sock
+
+    def _slot(self, sock: socket.socket) -> int:
+        """The slot of *sock*, held or taken; -1 when it is not a member."""
+        for i, m in enumerate(self._members):
+            if m is sock or (m is None and (ref := self._taken.get(i)) and ref() is sock):
+                return i
+        return -1
 
     def _remove(self, index: int) -> None:
         # Mirror the kernel: when a member leaves, the last member takes its slot in
         # the group's array (net/core/sock_reuseport.c), and BPF indexes follow that.
+        last_index = len(self._members) - 1
         last = self._members.pop()
-        if index < len(self._members):
+        last_taken = self._taken.pop(last_index, None)
+        self._taken.pop(index, None)
+        if index < last_index:
             self._members[index] = last
+            if last_taken is not None:
+                self._taken[index] = last_taken
 
     def close(self) -> None:
         """Close every member the group still owns (idempotent)."""
