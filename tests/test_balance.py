@@ -952,6 +952,29 @@ def test_bounded_load_factor_is_the_decimal_written() -> None:
         lease.release()
 
 
+def test_bounded_load_factor_may_be_a_float_subclass() -> None:
+    class Factor(float):
+        def __repr__(self) -> str:  # as numpy 2's float64 prints: "np.float64(1.1)"
+            return f"Factor({float(self)})"
+
+    nodes = [addr(i) for i in range(11)]
+    p = MaglevHash(nodes, table_size=1201, balance_factor=Factor(1.1))
+    leases = [p.acquire("hot") for _ in range(10)]
+    assert sorted(p.active(n) for n in nodes) == [0] + [1] * 10  # read as 11/10
+    for lease in leases:
+        lease.release()
+
+
+def test_a_node_name_must_have_a_utf8_form() -> None:
+    with pytest.raises(InvalidArgument, match="has no UTF-8 form"):
+        Node(addr(0), name="srv\ud800")
+    for factory in FACTORIES.values():
+        p = factory([addr(1)])
+        with pytest.raises(InvalidArgument, match="has no UTF-8 form"):
+            p.add(addr(0), name="srv\ud800")
+        assert len(p) == 1
+
+
 def test_bounded_ketama_uses_a_live_node_without_points() -> None:
     """Weights 1 and 100: the light server gets floor(1/101 x 80) = 0 ketama digests.
 

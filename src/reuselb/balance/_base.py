@@ -120,8 +120,17 @@ class Node:
         state: NodeState = NodeState.UP,
     ) -> None:
         object.__setattr__(self, "address", parse_address(address))
-        if name is not None and (not isinstance(name, str) or not name):
-            raise InvalidArgument("name", name, "must be a non-empty str or None")
+        if name is not None:
+            if not isinstance(name, str) or not name:
+                raise InvalidArgument("name", name, "must be a non-empty str or None")
+            try:
+                # Hash policies hash the name as UTF-8 (a node's hash_id): a lone
+                # surrogate would fail there, in add() or a later set_weight().
+                name.encode()
+            except UnicodeEncodeError as exc:
+                raise InvalidArgument(
+                    "name", name, f"has no UTF-8 form (a lone surrogate at index {exc.start})"
+                ) from None
         object.__setattr__(self, "name", name)
         object.__setattr__(self, "weight", check_weight(weight))
         if not isinstance(state, NodeState):
@@ -721,7 +730,9 @@ def _exact_factor(factor: object) -> tuple[int, int]:
     if isinstance(factor, float):
         if not (factor >= 1.0 and math.isfinite(factor)):  # also refuses nan
             raise bad
-        exact = Fraction(repr(factor))
+        # float.__repr__, not repr(): a float subclass may print itself otherwise
+        # (numpy 2's float64 is "np.float64(1.25)").
+        exact = Fraction(float.__repr__(factor))
     else:
         if factor < 1:
             raise bad
