@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import errno
 import fcntl
@@ -1697,6 +1698,91 @@ def test_a_failed_async_start_gives_both_sockets_back_as_they_were(
             s.close()
 
 
+class _NoNodelay(socket.socket):
+    """A socket on which TCP_NODELAY cannot be set: the last step of a start fails."""
+
+    def setsockopt(self, level: int, option: int, *args: Any) -> None:
+        if level == socket.IPPROTO_TCP and option == socket.TCP_NODELAY:
+            raise OSError(errno.EOPNOTSUPP, "no TCP_NODELAY here")
+        super().setsockopt(level, option, *args)
+
+
+@pytest.mark.parametrize("driver", ["hub", "fallback"])
+@pytest.mark.parametrize("close", [True, False])
+def test_a_start_failing_at_tcp_nodelay_gives_the_sockets_back(
+    listener: socket.socket, monkeypatch: pytest.MonkeyPatch, driver: str, close: bool
+) -> None:
+    if driver == "fallback":
+        monkeypatch.setattr(relay_mod, "_HAS_EPOLL", False)
+    client, raw = tcp_pair(listener)
+    y = _NoNodelay(fileno=raw.detach())
+    x, peer = tcp_pair(listener)
+
+    async def main() -> None:
+        with pytest.raises(OSError, match="no TCP_NODELAY here"):
+            await start_pipe_splice(y, x, close=close)
+
+    try:
+        asyncio.run(main())
+        # Whatever close= says: the start failed, so both sockets are the caller's,
+        # open and blocking (the fallback's done-callback used to close them).
+        for s in (y, x):
+            assert s.fileno() != -1 and s.gettimeout() is None
+        y.sendall(b"still usable")
+        x.sendall(b"x too")
+        client.settimeout(JOIN)
+        peer.settimeout(JOIN)
+        assert (client.recv(100), peer.recv(100)) == (b"still usable", b"x too")
+    finally:
+        for s in (client, y, x, peer):
+            s.close()
+
+
+@pytest.mark.parametrize("mode", TLS_MODES)
+def test_tls_on_both_sides_both_half_closes_arrive(
+    roomy_listener: socket.socket,
+    tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext],
+    mode: str,
+) -> None:
+    # Both peers send a little and their close_notify before the relay runs: each
+    # direction's close_notify toward the other TLS side first waits for that
+    # side's bytes to be read. The relay kept one such wait, so the second
+    # replaced the first and one peer never got its EOF (the relay ran until its
+    # idle timeout).
+    peer_a, a = _tls_pair(roomy_listener, tls_contexts)
+    peer_b, b = _tls_pair(roomy_listener, tls_contexts)
+    try:
+        assert a.version() == "TLSv1.3"  # the record sizes below
+        for peer, data in ((peer_a, b"request"), (peer_b, b"response")):
+            peer.sendall(data)
+            peer.setblocking(False)
+            with contextlib.suppress(ssl.SSLWantReadError):
+                peer.unwrap()  # our close_notify out; theirs comes later
+            peer.setblocking(True)
+        # Everything queued at the relay's sides: a record of data and an alert,
+        # each 22 bytes of TLS 1.3 overhead (header, content type, AEAD tag).
+        _wait_unread(a, len(b"request") + 22 + 2 + 22)
+        _wait_unread(b, len(b"response") + 22 + 2 + 22)
+        stats = RUNNERS[mode](a, b, idle_timeout=JOIN)
+        assert (stats.a_end, stats.b_end, stats.failed) == (End.EOF, End.EOF, None)
+        assert (stats.a_to_b, stats.b_to_a) == (len(b"request"), len(b"response"))
+        for peer, expected in ((peer_a, b"response"), (peer_b, b"request")):
+            peer.settimeout(JOIN)
+            got = b""
+            for _ in range(10):
+                try:
+                    chunk = peer.recv(100)
+                except ssl.SSLZeroReturnError:  # close_notify after our own
+                    chunk = b""
+                if not chunk:
+                    break
+                got += chunk
+            assert got == expected
+    finally:
+        for s in (peer_a, a, peer_b, b):
+            s.close()
+
+
 @pytest.mark.parametrize("mode", ["splice", "asyncio", "uvloop", "asyncio-selector"])
 def test_a_close_notify_taken_by_the_relay_s_shutdown_is_the_tls_side_s_eof(
     roomy_listener: socket.socket,
@@ -1916,6 +2002,47 @@ def test_a_close_notify_held_back_by_a_full_tls_side_is_sent_once_it_drains(
         finally:
             # The peers first: their EOFs end a relay still running (a closed fd
             # would not wake its poll), then the relay's own sockets.
+            client.close()
+            peer.close()
+            r.thread.join(JOIN)
+            tls_side.close()
+            plain.close()
+    pytest.fail("the relay's close_notify never met a full TLS side")
+
+
+@pytest.mark.parametrize("mode", TLS_MODES)
+def test_a_held_back_close_notify_is_not_an_eof_until_it_is_out(
+    listener: socket.socket,
+    tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext],
+    sizes_that_fill_the_tls_side: list[int],
+    mode: str,
+) -> None:
+    # The relay ends (idle timeout) while OpenSSL still holds the close_notify back:
+    # the plain side's EOF never reached the TLS peer, so that side did not end
+    # with a delivered EOF; it timed out, as a plain side with bytes pending does.
+    for n in sizes_that_fill_the_tls_side:
+        client, tls_side = _tiny_tls_pair(listener, tls_contexts)
+        plain, peer = tcp_pair(listener)
+        _wait_all_acked(tls_side)
+        spy = _ShutdownSpy(tls_side._sslobj)  # type: ignore[attr-defined]
+        tls_side._sslobj = spy  # type: ignore[attr-defined]
+        r = Relay.__new__(Relay)
+        r.client, r.a, r.b, r.backend = peer, plain, tls_side, client
+        r.stats, r.exc = None, None
+        r.thread = threading.Thread(target=r._run, args=(RUNNERS[mode], {"idle_timeout": 0.5}))
+        r.thread.start()
+        try:
+            peer.sendall(random.Random(n).randbytes(n))
+            peer.shutdown(socket.SHUT_WR)
+            assert spy.wait_calls(1, JOIN), "the relay never tried the close_notify"
+            if spy.outcomes[0] != "SSLWantWriteError":
+                client.close()  # not the case under test: end it, try the next size
+                r.join()
+                continue
+            stats = r.join()  # nobody reads: the idle timeout ends it
+            assert (stats.a_end, stats.b_end) == (End.TIMEOUT, End.TIMEOUT)
+            return
+        finally:
             client.close()
             peer.close()
             r.thread.join(JOIN)

@@ -293,9 +293,11 @@ class _Flow:
         "buffered",
         "can_splice",
         "cap",
+        "deferred",
         "dst",
         "dst_fd",
         "eof",
+        "held",
         "left",
         "mode",
         "moved",
@@ -326,6 +328,13 @@ class _Flow:
         self.pending = 0  # bytes read from src, not yet written to dst
         self.eof = False
         self.shut = False
+        # TLS destinations only (see _Relay._close_notify): this flow's close_notify
+        # waits until the relay has read what dst sent (`deferred`), or OpenSSL
+        # holds it back because dst's send buffer was full (`held`; the flow is not
+        # shut, and the drivers wait for dst to be writable to retry). Per flow:
+        # with TLS on both sides, both directions can wait at once.
+        self.deferred = False
+        self.held = False
         # The pipe looked full: splice-in returned EAGAIN with bytes pending. Slots are
         # pages and partly-filled slots count as used, so EAGAIN can come long before
         # `pending == cap` (sozu-proxy#1323); wait for the write side, not for src.
@@ -444,17 +453,18 @@ class _Relay:
         self.ends: dict[str, End] = {}
         self.failed: str | None = None
         self.error: OSError | None = None
-        # A flow whose half-close toward a TLS side waits until the relay has read
-        # what that side sent (see _shut).
-        self.deferred: _Flow | None = None
-        # A flow whose close_notify OpenSSL holds back because the TLS side's send
-        # buffer was full (SSL_shutdown said WANT_WRITE): it is not shut yet, and the
-        # drivers wait for that side to be writable to call SSL_shutdown again.
-        self.notify: _Flow | None = None
-        # Called when `notify` is set, or cleared without the flow being shut (the
-        # retry deferred until the TLS side's bytes are read): changes the epoll
-        # hub does not compare per event. The other drivers read `notify` itself.
+        # How many flows have a deferred close_notify (_Flow.deferred): pump() looks
+        # at the flows only when some do, one int test otherwise.
+        self.deferring = 0
+        # Bumped whenever a flow's `deferred` or `held` changes: the fallback driver
+        # compares it around a pump to know when to re-register.
+        self.tls_changes = 0
+        # Called when a flow's `held` is set, or cleared without the flow being shut
+        # (the retry deferred until the TLS side's bytes are read): changes the
+        # epoll hub does not compare per event.
         self.on_notify: Callable[[], None] | None = None
+        # abandon() ran: the relay never started and the caller has the sockets.
+        self.abandoned = False
         # finish()'s result: the relay ends once, whoever ends it first.
         self.stats: RelayStats | None = None
         # TCP_NODELAY is set by begin(), once the start can no longer fail: a failed
@@ -508,6 +518,7 @@ class _Relay:
 
     def abandon(self) -> None:
         """The relay never ran: the caller keeps both sockets, as they were."""
+        self.abandoned = True
         for flow in self.flows:
             flow.close_pipe()
         for sock, timeout, nodelay in self.saved:
@@ -534,11 +545,12 @@ class _Relay:
             self._pump_buffered(flow, drain)
         if flow.eof and not flow.pending and not flow.shut:
             self._shut(flow)
-        deferred = self.deferred
-        if deferred is not None and deferred is not flow:
-            # The other direction moved (it reads the TLS side this half-close
-            # waits for): perhaps everything that side sent is read now.
-            self._shut(deferred)
+        if self.deferring:
+            for other in self.flows:
+                if other.deferred and other is not flow:
+                    # The other direction moved (it reads the TLS side this
+                    # half-close waits for): perhaps everything it sent is read now.
+                    self._shut(other)
 
     def _shut(self, flow: _Flow) -> None:
         """Every byte before *flow*'s EOF was delivered (pending == 0): half-close its
@@ -573,17 +585,28 @@ class _Relay:
         # that side's own EOF; the direction reading it keeps going meanwhile.
         reverse = self.flows[0] if flow is self.flows[1] else self.flows[1]
         # A retry of a close_notify OpenSSL held back (see the WANT_WRITE case below).
-        held = self.notify is flow
-        self.notify = None
+        held = flow.held
+        if held:
+            flow.held = False
+            self.tls_changes += 1
         if not reverse.eof and _tls_unread(dst):
             # Also before a retry: once the held close_notify is out, CPython calls
             # SSL_shutdown a second time, and that call reads as described above.
-            self.deferred = flow
+            if not flow.deferred:
+                flow.deferred = True
+                self.deferring += 1
+                self.tls_changes += 1
             if held and self.on_notify is not None:
                 self.on_notify()  # wait for the bytes to be read, not for writability
             return
-        self.deferred = None
+        if flow.deferred:
+            flow.deferred = False
+            self.deferring -= 1
+            self.tls_changes += 1
         flow.shut = True
+        # The side's end is EOF once its close_notify is out (not when OpenSSL
+        # holds it back: a timeout or reset meanwhile is how it ended).
+        labelled = flow.name not in self.ends
         self.ends.setdefault(flow.name, End.EOF)
         try:
             sslobj.shutdown()
@@ -596,7 +619,10 @@ class _Relay:
             # drivers wait for the socket to be writable and pump it, which retries
             # here; the other direction keeps flowing meanwhile.
             flow.shut = False
-            self.notify = flow
+            if labelled:
+                del self.ends[flow.name]
+            flow.held = True
+            self.tls_changes += 1
             if not held and self.on_notify is not None:
                 self.on_notify()
             return
@@ -797,9 +823,9 @@ class _Relay:
                 masks[flow.src_fd] |= _POLLIN
             if flow.wants_write:
                 masks[flow.dst_fd] |= _POLLOUT
-        notify = self.notify
-        if notify is not None:
-            masks[notify.dst_fd] |= _POLLOUT  # to retry a held-back close_notify
+        for flow in self.flows:
+            if flow.held:
+                masks[flow.dst_fd] |= _POLLOUT  # to retry a held-back close_notify
         return masks
 
     @property
@@ -1147,7 +1173,9 @@ async def async_pipe_splice(
     thread drives thousands of relays; no thread is started. *b* may still be
     connecting (non-blocking ``connect`` in flight). Cancelling the task
     ends the relay, closes its pipes (and the sockets, with ``close=True``) and
-    re-raises :class:`asyncio.CancelledError`.
+    re-raises :class:`asyncio.CancelledError`; a task cancelled before its first
+    step never ran this coroutine, so its sockets are untouched and still the
+    caller's (:func:`start_pipe_splice` owns them from the call on).
 
     :param a: a connected stream socket.
     :param b: a connected stream socket.
@@ -1214,8 +1242,9 @@ def start_pipe_splice(
             # CancelledError is thrown into it before its first line, so its
             # `finally` (which ends the relay) never runs either. The callback ends
             # the relay then (finish() runs once: after the coroutine's own finish
-            # it only returns the stats).
-            task.add_done_callback(lambda _task: relay.finish())
+            # it only returns the stats). Not after a failed start: abandon() gave
+            # the sockets back to the caller, and finish() would close them.
+            task.add_done_callback(lambda _task: None if relay.abandoned else relay.finish())
         except BaseException:
             relay.abandon()
             raise
@@ -1257,7 +1286,7 @@ async def _run_async_selector(relay: _Relay) -> RelayStats:
                 loop.remove_reader(src)
                 readers.discard(src)
             # A held-back close_notify waits for dst to be writable, as bytes do.
-            if flow.pending or (flow is relay.notify and not flow.shut):
+            if flow.pending or (flow.held and not flow.shut):
                 if dst not in writers:
                     loop.add_writer(dst, on_ready, flow)
                     writers.add(dst)
@@ -1268,7 +1297,7 @@ async def _run_async_selector(relay: _Relay) -> RelayStats:
     def on_ready(flow: _Flow) -> None:
         # The common case (a message read and written in full) leaves the flow
         # wanting exactly what it wanted before: nothing to re-register.
-        before = (flow.wants_read, flow.pending > 0, relay.deferred, relay.notify)
+        before = (flow.wants_read, flow.pending > 0, relay.tls_changes)
         try:
             if not flow.shut:
                 relay.pump(flow)
@@ -1277,10 +1306,10 @@ async def _run_async_selector(relay: _Relay) -> RelayStats:
             if not finished.done():
                 finished.set_result(None)
             return
-        # relay.deferred changes when this pump half-closed the *other* direction
-        # (a TLS side's deferred close_notify): that may have ended the relay;
-        # relay.notify when OpenSSL held a close_notify back or finally sent it.
-        if flow.shut or (flow.wants_read, flow.pending > 0, relay.deferred, relay.notify) != before:
+        # relay.tls_changes moves when this pump half-closed the *other* direction
+        # (a TLS side's deferred close_notify), which may have ended the relay, or
+        # when OpenSSL held a close_notify back or finally sent it.
+        if flow.shut or (flow.wants_read, flow.pending > 0, relay.tls_changes) != before:
             settle()
 
     def on_timer() -> None:
@@ -1511,13 +1540,9 @@ class _Driven:
                 _raise_pending_error(relay, fd)
             if ev & _READ_EVENTS and not reader.shut and (reader.wants_read or ev & _EPOLLHUP):
                 relay.pump(reader, bool(ev & _EPOLLRDHUP))
-            # `writer is relay.notify` (a held-back close_notify to retry) is looked
-            # at only when no bytes are pending, i.e. never in a plain stream.
-            if (
-                ev & _WRITE_EVENTS
-                and (writer.pending or writer is relay.notify)
-                and not writer.shut
-            ):
+            # `writer.held` (a held-back close_notify to retry) is looked at only
+            # when no bytes are pending, i.e. never in a plain stream.
+            if ev & _WRITE_EVENTS and (writer.pending or writer.held) and not writer.shut:
                 relay.pump(writer)
         except _Failure as failure:
             relay.fail(failure)
@@ -1544,7 +1569,7 @@ class _Driven:
             else:
                 mask = _ARM_IN if reader.wants_read else _EPOLLET
             # A close_notify OpenSSL held back is written when the socket is writable.
-            if (writer.pending or writer is relay.notify) and not writer.shut:
+            if (writer.pending or writer.held) and not writer.shut:
                 mask |= _EPOLLOUT
             if masks[fd] != mask:
                 self.hub.ep.modify(fd, mask)
