@@ -821,11 +821,9 @@ class _Relay:
         for flow in self.flows:
             if flow.wants_read:
                 masks[flow.src_fd] |= _POLLIN
-            if flow.wants_write:
+            # `held`: to retry a close_notify OpenSSL held back (the flow is not shut).
+            if flow.wants_write or flow.held:
                 masks[flow.dst_fd] |= _POLLOUT
-        for flow in self.flows:
-            if flow.held:
-                masks[flow.dst_fd] |= _POLLOUT  # to retry a held-back close_notify
         return masks
 
     @property
@@ -1128,9 +1126,8 @@ def _drive(relay: _Relay, poller: Any, registered: dict[int, int], muted: set[in
         elif left <= 0:
             relay.timeout()
             break
-        elif left >= _POLL_MAX_MS / 1000:
-            wait = _POLL_MAX_MS  # the loop polls again until the timeout is due
         else:
+            # Capped: the loop polls again until a long timeout is due.
             wait = min(_POLL_MAX_MS, int(left * 1000) + 1)
         events = poller.poll(wait)
         for fd, ev in events:

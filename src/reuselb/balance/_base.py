@@ -193,15 +193,6 @@ def check_weight(weight: object) -> int:
     return weight
 
 
-def unencodable_key(key: str, exc: UnicodeEncodeError) -> InvalidKey:
-    """The InvalidKey for a str that has no UTF-8 form (a lone surrogate)."""
-    return InvalidKey(
-        key,
-        f"a str key must encode as UTF-8, but the character at index {exc.start} "
-        "is a lone surrogate",
-    )
-
-
 def key_bytes(key: object) -> bytes:
     """Encode a key the documented way: ``str`` as UTF-8, bytes-like as is.
 
@@ -211,7 +202,11 @@ def key_bytes(key: object) -> bytes:
         try:
             return key.encode()
         except UnicodeEncodeError as exc:
-            raise unencodable_key(key, exc) from exc
+            raise InvalidKey(
+                key,
+                f"a str key must encode as UTF-8, but the character at index {exc.start} "
+                "is a lone surrogate",
+            ) from exc
     if isinstance(key, bytes):
         return key
     if isinstance(key, (bytearray, memoryview)):
@@ -942,6 +937,6 @@ class TableHashPolicy(HashPolicy):
             table, seed = fast
             try:
                 return table[zlib.crc32(key.encode(), seed) % len(table)]  # type: ignore[union-attr,unused-ignore]
-            except UnicodeEncodeError as exc:
-                raise unencodable_key(key, exc) from exc  # type: ignore[arg-type,unused-ignore]
+            except UnicodeEncodeError:
+                return super().pick(key)  # which reports the key (InvalidKey)
         return super().pick(key)

@@ -27,7 +27,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any, TypeAlias
 
 from .._errors import InvalidArgument
-from ._base import MAX_TABLE_SIZE, HashPolicy, Key, KeyHasher, Node, NodeLike, unencodable_key
+from ._base import MAX_TABLE_SIZE, HashPolicy, Key, KeyHasher, Node, NodeLike
 
 __all__ = ["DEFAULT_BUCKETS", "RendezvousHash"]
 
@@ -527,8 +527,8 @@ class RendezvousHash(HashPolicy):
             owners, nodes, seed = fast
             try:
                 h = zlib.crc32(key.encode(), seed)  # type: ignore[union-attr,unused-ignore]
-            except UnicodeEncodeError as exc:
-                raise unencodable_key(key, exc) from exc  # type: ignore[arg-type,unused-ignore]
+            except UnicodeEncodeError:
+                return super().pick(key)  # which reports the key (InvalidKey)
             return nodes[owners[h % len(owners)]]
         return super().pick(key)
 

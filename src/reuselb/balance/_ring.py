@@ -32,7 +32,7 @@ from typing import Any
 from zlib import crc32 as _crc32
 
 from .._errors import InvalidArgument
-from ._base import HashPolicy, Key, Node, NodeLike, unencodable_key
+from ._base import HashPolicy, Key, Node, NodeLike
 
 __all__ = ["MAX_VNODES", "RingHash", "ketama_points"]
 
@@ -198,8 +198,8 @@ class RingHash(HashPolicy):
             points, owners, arcs, arc_nodes, seed = fast
             try:
                 data = key.encode()  # type: ignore[union-attr,unused-ignore]
-            except UnicodeEncodeError as exc:
-                raise unencodable_key(key, exc) from exc  # type: ignore[arg-type,unused-ignore]
+            except UnicodeEncodeError:
+                return super().pick(key)  # which reports the key (InvalidKey)
             if seed is not None:
                 h = _crc32(data, seed)
             else:  # ketama
