@@ -1938,19 +1938,19 @@ def sizes_that_fill_the_tls_side(
     return found
 
 
-@pytest.mark.parametrize("mode", TLS_MODES)
-def test_a_close_notify_held_back_by_a_full_tls_side_is_sent_once_it_drains(
+@contextlib.contextmanager
+def _held_close_notify(
     listener: socket.socket,
-    tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext],
-    sizes_that_fill_the_tls_side: list[int],
+    contexts: tuple[ssl.SSLContext, ssl.SSLContext],
+    sizes: list[int],
     mode: str,
-) -> None:
-    # The plain side's EOF becomes a close_notify toward the TLS side. When that
-    # side's send buffer is full (its peer is not reading), OpenSSL keeps the record
-    # and SSL_shutdown says WANT_WRITE: the relay must call it again once the socket
-    # is writable, not leave the peer without its EOF until the relay ends.
-    for n in sizes_that_fill_the_tls_side:
-        client, tls_side = _tiny_tls_pair(listener, tls_contexts)
+    **kw: object,
+) -> Iterator[tuple[ssl.SSLSocket, socket.socket, Relay, _ShutdownSpy, bytes]]:
+    """A relay (plain side a, TLS side b) whose close_notify toward b OpenSSL held
+    back because b's send buffer is full: ``(TLS peer, plain peer, relay, spy of b's
+    SSL_shutdown calls, the bytes the plain peer sent before its EOF)``."""
+    for n in sizes:
+        client, tls_side = _tiny_tls_pair(listener, contexts)
         plain, peer = tcp_pair(listener)
         _wait_all_acked(tls_side)
         spy = _ShutdownSpy(tls_side._sslobj)  # type: ignore[attr-defined]
@@ -1958,7 +1958,7 @@ def test_a_close_notify_held_back_by_a_full_tls_side_is_sent_once_it_drains(
         r = Relay.__new__(Relay)
         r.client, r.a, r.b, r.backend = peer, plain, tls_side, client
         r.stats, r.exc = None, None
-        r.thread = threading.Thread(target=r._run, args=(RUNNERS[mode], {}))
+        r.thread = threading.Thread(target=r._run, args=(RUNNERS[mode], kw))
         r.thread.start()
         try:
             up = random.Random(n).randbytes(n)
@@ -1971,33 +1971,7 @@ def test_a_close_notify_held_back_by_a_full_tls_side_is_sent_once_it_drains(
                 client.close()  # no close_notify: the relay fails that side and ends
                 r.join()
                 continue
-            # The other direction keeps flowing meanwhile, and nothing calls
-            # SSL_shutdown again while the TLS side stays full (no busy retry).
-            client.settimeout(JOIN)
-            client.sendall(b"ping")
-            assert _recv_bytes(peer, 4) == b"ping"
-            assert spy.outcomes == ["SSLWantWriteError"]
-            assert r.thread.is_alive()
-            # The peer reads everything, then gets the close_notify while the relay
-            # still runs (the peer has not closed its own direction).
-            assert _recv_bytes(client, n) == up
-            client.settimeout(10.0)  # bounded: without the retry it never comes
-            try:
-                eof = client.recv(100)
-            except ssl.SSLZeroReturnError:
-                eof = b""
-            assert eof == b""
-            assert r.thread.is_alive()
-            assert spy.wait_calls(2, JOIN)  # the retry: it wrote the held record
-            assert spy.outcomes[1] in ("SSLWantReadError", "done")
-            client.sendall(b"reply")  # TLS half-close: this direction still works
-            client.unwrap()
-            assert _recv_bytes(peer, 5) == b"reply"
-            peer.settimeout(JOIN)
-            assert peer.recv(1) == b""
-            stats = r.join()
-            assert (stats.a_to_b, stats.b_to_a) == (n, 9)
-            assert (stats.a_end, stats.b_end, stats.failed) == (End.EOF, End.EOF, None)
+            yield client, peer, r, spy, up
             return
         finally:
             # The peers first: their EOFs end a relay still running (a closed fd
@@ -2011,6 +1985,53 @@ def test_a_close_notify_held_back_by_a_full_tls_side_is_sent_once_it_drains(
 
 
 @pytest.mark.parametrize("mode", TLS_MODES)
+def test_a_close_notify_held_back_by_a_full_tls_side_is_sent_once_it_drains(
+    listener: socket.socket,
+    tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext],
+    sizes_that_fill_the_tls_side: list[int],
+    mode: str,
+) -> None:
+    # The plain side's EOF becomes a close_notify toward the TLS side. When that
+    # side's send buffer is full (its peer is not reading), OpenSSL keeps the record
+    # and SSL_shutdown says WANT_WRITE: the relay must call it again once the socket
+    # is writable, not leave the peer without its EOF until the relay ends.
+    with _held_close_notify(listener, tls_contexts, sizes_that_fill_the_tls_side, mode) as (
+        client,
+        peer,
+        r,
+        spy,
+        up,
+    ):
+        # The other direction keeps flowing meanwhile, and nothing calls
+        # SSL_shutdown again while the TLS side stays full (no busy retry).
+        client.settimeout(JOIN)
+        client.sendall(b"ping")
+        assert _recv_bytes(peer, 4) == b"ping"
+        assert spy.outcomes == ["SSLWantWriteError"]
+        assert r.thread.is_alive()
+        # The peer reads everything, then gets the close_notify while the relay
+        # still runs (the peer has not closed its own direction).
+        assert _recv_bytes(client, len(up)) == up
+        client.settimeout(10.0)  # bounded: without the retry it never comes
+        try:
+            eof = client.recv(100)
+        except ssl.SSLZeroReturnError:
+            eof = b""
+        assert eof == b""
+        assert r.thread.is_alive()
+        assert spy.wait_calls(2, JOIN)  # the retry: it wrote the held record
+        assert spy.outcomes[1] in ("SSLWantReadError", "done")
+        client.sendall(b"reply")  # TLS half-close: this direction still works
+        client.unwrap()
+        assert _recv_bytes(peer, 5) == b"reply"
+        peer.settimeout(JOIN)
+        assert peer.recv(1) == b""
+        stats = r.join()
+        assert (stats.a_to_b, stats.b_to_a) == (len(up), 9)
+        assert (stats.a_end, stats.b_end, stats.failed) == (End.EOF, End.EOF, None)
+
+
+@pytest.mark.parametrize("mode", TLS_MODES)
 def test_a_held_back_close_notify_is_not_an_eof_until_it_is_out(
     listener: socket.socket,
     tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext],
@@ -2020,35 +2041,11 @@ def test_a_held_back_close_notify_is_not_an_eof_until_it_is_out(
     # The relay ends (idle timeout) while OpenSSL still holds the close_notify back:
     # the plain side's EOF never reached the TLS peer, so that side did not end
     # with a delivered EOF; it timed out, as a plain side with bytes pending does.
-    for n in sizes_that_fill_the_tls_side:
-        client, tls_side = _tiny_tls_pair(listener, tls_contexts)
-        plain, peer = tcp_pair(listener)
-        _wait_all_acked(tls_side)
-        spy = _ShutdownSpy(tls_side._sslobj)  # type: ignore[attr-defined]
-        tls_side._sslobj = spy  # type: ignore[attr-defined]
-        r = Relay.__new__(Relay)
-        r.client, r.a, r.b, r.backend = peer, plain, tls_side, client
-        r.stats, r.exc = None, None
-        r.thread = threading.Thread(target=r._run, args=(RUNNERS[mode], {"idle_timeout": 0.5}))
-        r.thread.start()
-        try:
-            peer.sendall(random.Random(n).randbytes(n))
-            peer.shutdown(socket.SHUT_WR)
-            assert spy.wait_calls(1, JOIN), "the relay never tried the close_notify"
-            if spy.outcomes[0] != "SSLWantWriteError":
-                client.close()  # not the case under test: end it, try the next size
-                r.join()
-                continue
-            stats = r.join()  # nobody reads: the idle timeout ends it
-            assert (stats.a_end, stats.b_end) == (End.TIMEOUT, End.TIMEOUT)
-            return
-        finally:
-            client.close()
-            peer.close()
-            r.thread.join(JOIN)
-            tls_side.close()
-            plain.close()
-    pytest.fail("the relay's close_notify never met a full TLS side")
+    with _held_close_notify(
+        listener, tls_contexts, sizes_that_fill_the_tls_side, mode, idle_timeout=0.5
+    ) as (_client, _peer, r, _spy, _up):
+        stats = r.join()  # nobody reads: the idle timeout ends it
+        assert (stats.a_end, stats.b_end) == (End.TIMEOUT, End.TIMEOUT)
 
 
 @pytest.mark.parametrize("close", [True, False])
