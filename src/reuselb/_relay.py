@@ -517,19 +517,19 @@ class _Relay:
             raise
 
     def abandon(self) -> None:
-        """The relay never ran: the caller keeps both sockets, as they were."""
+        """The relay never ran: the caller keeps both sockets, as they were.
+
+        Idempotent: begin() undoes itself and its caller's cleanup calls this too.
+        """
+        if self.abandoned:
+            return
         self.abandoned = True
         for flow in self.flows:
             flow.close_pipe()
         for sock, timeout, nodelay in self.saved:
-            _restore_timeout(sock, timeout)
-            # With close=True the old setting was not read (it costs a syscall on
-            # every start), so only begin() failing half-way can leave it set.
-            if self.nodelay_set and not self.close and _is_inet(sock):
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(  # type: ignore[attr-defined]
-                        socket.IPPROTO_TCP, socket.TCP_NODELAY, int(nodelay)
-                    )
+            # With close=True the old TCP_NODELAY was not read (it costs a syscall
+            # on every start), so only begin() failing half-way can leave it set.
+            _restore(sock, timeout, nodelay if self.nodelay_set and not self.close else None)
 
     # -------------------------------------------------------------- moving bytes
 
@@ -876,12 +876,7 @@ class _Relay:
             self.b.close()
         for sock, timeout, nodelay in () if self.close else self.saved:
             if sock.fileno() != -1:
-                _restore_timeout(sock, timeout)
-                if _is_inet(sock):
-                    with contextlib.suppress(OSError):
-                        sock.setsockopt(  # type: ignore[attr-defined]
-                            socket.IPPROTO_TCP, socket.TCP_NODELAY, int(nodelay)
-                        )
+                _restore(sock, timeout, nodelay)
         if len(self.flows) == 2:
             f0, f1 = self.flows
             moved, spliced = (f0.moved, f1.moved), f0.spliced + f1.spliced
@@ -904,6 +899,17 @@ class _Relay:
         )
         self.stats = stats
         return stats
+
+
+def _restore(sock: Side, timeout: float | None, nodelay: bool | None) -> None:
+    """Give *sock* back as the relay found it: its timeout (blocking mode) and, unless
+    *nodelay* is None, its TCP_NODELAY."""
+    _restore_timeout(sock, timeout)
+    if nodelay is not None and _is_inet(sock):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(  # type: ignore[union-attr]
+                socket.IPPROTO_TCP, socket.TCP_NODELAY, int(nodelay)
+            )
 
 
 def _tls_unread(sock: ssl.SSLSocket) -> bool:
