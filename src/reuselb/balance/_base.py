@@ -370,6 +370,8 @@ class BalancePolicy(abc.ABC):
                 "nodes", nodes, "must be an iterable of nodes or addresses, not one string"
             )
         self._lock = threading.Lock()
+        #: pick() runs without the lock (lock_free_pick; hash policies narrow it).
+        self._pick_unlocked = self.lock_free_pick
         self._slots: dict[Address, _Slot] = {}
         self._names: dict[str, Address] = {}
         #: the addresses that node names parse as (other than their own node's),
@@ -441,7 +443,7 @@ class BalancePolicy(abc.ABC):
             surrogate (no UTF-8 form).
         """
         k = self._key(key)
-        if self.lock_free_pick:
+        if self._pick_unlocked:
             return self._choose(k)
         with self._lock:
             return self._choose(k)
@@ -768,6 +770,8 @@ class HashPolicy(BalancePolicy):
             self._bound = _exact_factor(balance_factor)
         self._total_weight = 0
         super().__init__(nodes)
+        # Bounded picks read lease counts and the live set: only under the lock.
+        self._pick_unlocked = self.lock_free_pick and balance_factor is None
 
     @property
     def hasher(self) -> KeyHasher:
@@ -790,23 +794,6 @@ class HashPolicy(BalancePolicy):
         self._live = tuple(s.node for s in self._slots.values() if s.node.live)
         self._total_weight = sum(n.weight for n in self._live)
         self._rebuild()
-
-    def pick(self, key: Key = None) -> Node:
-        """The node for *key* (see :meth:`BalancePolicy.pick`).
-
-        :param key: ``str`` (UTF-8) or ``bytes``.
-        :returns: a live node.
-        :raises KeyRequired: no key.
-        :raises InvalidKey: the key is not str or bytes-like, or is a str with a
-            lone surrogate.
-        :raises NoNodeAvailable: no live node, or all over the load bound.
-        """
-        k = self._key(key)
-        # Bounded picks read lease counts and the live set: only under the lock.
-        if self.lock_free_pick and self._balance_factor is None:
-            return self._choose(k)
-        with self._lock:
-            return self._choose(k)
 
     @abc.abstractmethod
     def _candidates(self, key: bytes) -> Iterator[Node]:
