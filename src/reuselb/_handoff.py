@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ._errors import HandoffError, InvalidArgument, WrongSocketType
-from ._sockets import ReuseportGroup, check_open, check_seconds
+from ._sockets import _C_INT_MAX, ReuseportGroup, check_open, check_seconds
 
 __all__ = [
     "DrainResult",
@@ -295,7 +295,7 @@ def listen_fds(*, unset_environment: bool = True) -> dict[str, socket.socket]:
     if pid is None or count is None:
         return {}
     # 10 digits hold any pid (the kernel's limit is 2**22).
-    if _listen_number("LISTEN_PID", pid, 2**31 - 1) != os.getpid():
+    if _listen_number("LISTEN_PID", pid, _C_INT_MAX) != os.getpid():
         return {}
     n = _listen_number("LISTEN_FDS", count, _MAX_LISTEN_FDS)
     if names is None:
@@ -580,7 +580,7 @@ def inherited_sockets(*, unset_environment: bool = True) -> dict[str, socket.soc
                 or not fd_text.isdigit()
                 # An fd is a C int: a longer number would overflow set_inheritable.
                 or len(fd_text) > 10
-                or int(fd_text) > 2**31 - 1
+                or int(fd_text) > _C_INT_MAX
             ):
                 raise HandoffError(f"malformed {INHERIT_ENV} entry {item!r}")
             if name in out:

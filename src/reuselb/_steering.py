@@ -20,7 +20,7 @@ import struct
 from collections.abc import Iterable, Sequence
 
 from ._errors import InvalidArgument, SteeringError
-from ._sockets import ReuseportGroup, check_open
+from ._sockets import _C_INT_MAX, ReuseportGroup, check_open
 
 __all__ = [
     "attach_cpu_steering",
@@ -247,7 +247,7 @@ def set_incoming_cpu(sock: socket.socket, cpu: int) -> None:
     :raises OSError: the kernel refused.
     """
     check_open(sock)
-    if isinstance(cpu, bool) or not isinstance(cpu, int) or not 0 <= cpu <= 2**31 - 1:
+    if isinstance(cpu, bool) or not isinstance(cpu, int) or not 0 <= cpu <= _C_INT_MAX:
         raise InvalidArgument("cpu", cpu, "must be an int in 0..2**31-1")
     sock.setsockopt(socket.SOL_SOCKET, SO_INCOMING_CPU, cpu)
 
