@@ -67,10 +67,7 @@ class Address:
         if not isinstance(self.host, str):
             raise AddressError(value, f"host must be a str, got {type(self.host).__name__}")
         port = _check_port(self.port, value)
-        if ":" in self.host:
-            host = _canonical_v6(self.host, value)
-        else:
-            host = _canonical_host(self.host, value)
+        host = _canonical(self.host, value)
         # Frozen: the canonical forms go in through object.__setattr__.
         object.__setattr__(self, "host", host)
         object.__setattr__(self, "port", port)
@@ -218,9 +215,12 @@ def _parse_tuple(value: tuple[object, ...]) -> Address:
             raise AddressError(value, "a 4-tuple address must have an IPv6 host")
         if scope_id and "%" not in host:
             host = f"{host}%{scope_id}"
-    if ":" in host:
-        return _make(_canonical_v6(host, value), port)
-    return _make(_canonical_host(host, value), port)
+    return _make(_canonical(host, value), port)
+
+
+def _canonical(text: str, value: object) -> str:
+    """The canonical form of any host spelling (a colon means an IPv6 literal)."""
+    return _canonical_v6(text, value) if ":" in text else _canonical_host(text, value)
 
 
 def _canonical_v6(text: str, value: object) -> str:
