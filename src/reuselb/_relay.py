@@ -1485,14 +1485,13 @@ def _shutdown_hook(hub: _Hub) -> AsyncGenerator[None, None]:
 class _Driven:
     """A relay driven by a hub: reacts to events, re-arms its fds, ends its future."""
 
-    __slots__ = ("fds", "future", "hub", "masks", "relay", "stats", "timer")
+    __slots__ = ("fds", "future", "hub", "masks", "relay", "timer")
 
     def __init__(self, relay: _Relay, hub: _Hub, future: asyncio.Future[RelayStats]) -> None:
         self.relay, self.hub, self.future = relay, hub, future
         self.fds: list[int] = []
         self.masks: dict[int, int] = {}
         self.timer: asyncio.TimerHandle | None = None
-        self.stats: RelayStats | None = None
 
     def start(self) -> None:
         # No first read here: both fds are armed for reading, level-triggered, so
@@ -1593,17 +1592,20 @@ class _Driven:
             self.future.set_result(stats)
 
     def finalize(self) -> RelayStats:
-        if self.stats is not None:
-            return self.stats
+        # Only finalize() finishes a hub-driven relay, so relay.stats says whether
+        # it already ran.
+        stats = self.relay.stats
+        if stats is not None:
+            return stats
         # Unregister before the sockets close: epoll keys on the open file, and a
         # dup of it elsewhere would keep a closed fd's registration alive.
         self.detach()
-        self.stats = self.relay.finish()
+        stats = self.relay.finish()
         if isinstance(self.future, _RelayFuture):
             # Break the future <-> relay cycle: refcounting frees both at once,
             # not the cyclic GC after thousands of relays have piled up.
             self.future.driven = None
-        return self.stats
+        return stats
 
     def detach(self) -> None:
         self.relay.on_notify = None
