@@ -13,6 +13,7 @@ import socket
 import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -22,6 +23,7 @@ from reuselb import (
     SteeringError,
     WrongSocketType,
     _handoff,
+    attach_cpu_steering,
     connect_tcp,
     detach_steering,
     drain_close,
@@ -31,6 +33,7 @@ from reuselb import (
     reuseport_listener,
     send_sockets,
     steer_all_to,
+    tcp_migrate_req,
     udp_socket,
 )
 from tests.conftest import open_fds
@@ -795,3 +798,25 @@ def test_drain_close_migrate_path_updates_the_group() -> None:
     assert result["slots"] == ["m2", "m1"]  # the last member took the closed one's slot
     assert result["reached"] == [0, 1]
     assert result["migrated"] == 4
+
+
+def test_tcp_migrate_req_unknown_is_not_no(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # No such setting (Linux < 5.14) is None; a setting that cannot be read is an
+    # error, not "off" (drain_close would take the steer path on a guess).
+    monkeypatch.setattr(_handoff, "_MIGRATE_SYSCTL", str(tmp_path / "missing"))
+    assert tcp_migrate_req() is None
+    monkeypatch.setattr(_handoff, "_MIGRATE_SYSCTL", str(tmp_path))  # a directory
+    with pytest.raises(IsADirectoryError):
+        tcp_migrate_req()
+    (tmp_path / "on").write_text("1\n")
+    monkeypatch.setattr(_handoff, "_MIGRATE_SYSCTL", str(tmp_path / "on"))
+    assert tcp_migrate_req() is True
+
+
+def test_steering_strict_must_be_a_bool() -> None:
+    group = reuseport_group("127.0.0.1:0", 2)
+    try:
+        with pytest.raises(InvalidArgument, match="invalid strict 'no': must be a bool"):
+            attach_cpu_steering(group, strict="no")  # type: ignore[arg-type]
+    finally:
+        group.close()

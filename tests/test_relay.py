@@ -971,6 +971,10 @@ def test_bad_input(listener: socket.socket) -> None:
             pipe_splice(a, b, pipe_size=100)
         with pytest.raises(InvalidArgument, match="invalid idle_timeout 0"):
             pipe_splice(a, b, idle_timeout=0)
+        # close="no" read for its truth would close the caller's sockets.
+        with pytest.raises(InvalidArgument, match="invalid close 'no': must be a bool"):
+            pipe_splice(a, b, close="no")  # type: ignore[arg-type]
+        assert a.getblocking() and b.getblocking()
         with (
             socket.socket(type=socket.SOCK_DGRAM) as udp,
             pytest.raises(WrongSocketType, match="expected a SOCK_STREAM socket"),

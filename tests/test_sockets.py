@@ -11,7 +11,8 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -490,6 +491,85 @@ def test_kernel_refusing_the_option(fake_platform: pytest.MonkeyPatch) -> None:
     assert not reuselb.supports_reuseport(balanced=False)
     with pytest.raises(ReuseportUnsupported, match="kernel refused"):
         reuseport_group("127.0.0.1:0", 2)
+
+
+def test_probe_without_fds_is_an_error_and_not_remembered(
+    fake_platform: pytest.MonkeyPatch,
+) -> None:
+    # No fd left (EMFILE) says nothing about SO_REUSEPORT: the probe raises, and the
+    # next call, with fds again, probes afresh instead of answering "unsupported".
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    top = max(open_fds())
+    resource.setrlimit(resource.RLIMIT_NOFILE, (top + 1, hard))
+    fillers: list[int] = []
+    full: int | None = 0
+    try:
+        # Fill the holes below the highest fd: then no fd is left at all.
+        for _ in range(top + 1):
+            try:
+                fillers.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+            except OSError as exc:
+                full = exc.errno
+                break
+        assert full == errno.EMFILE
+        with pytest.raises(OSError, match="Too many open files") as info:
+            reuselb.supports_reuseport()
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert info.value.errno == errno.EMFILE
+    assert reuselb.supports_reuseport()
+    with reuseport_listener("127.0.0.1:0") as lst:
+        assert socket_info(lst).reuseport
+
+
+def test_probe_falls_back_to_ipv6_loopback(fake_platform: pytest.MonkeyPatch) -> None:
+    # An IPv6-only namespace has no 127.0.0.1: the probe answers from ::1.
+    real = _sockets._new_socket
+
+    def no_ipv4(family: socket.AddressFamily, kind: socket.SocketKind, nb: bool) -> socket.socket:
+        if family == socket.AF_INET:
+            raise OSError(errno.EAFNOSUPPORT, "no IPv4 here")
+        return real(family, kind, nb)
+
+    fake_platform.setattr(_sockets, "_new_socket", no_ipv4)
+    assert reuselb.supports_reuseport()
+
+
+_FLAG_CALLS: dict[str, Callable[[Any], object]] = {
+    "supports_reuseport(balanced)": lambda v: reuselb.supports_reuseport(balanced=v),
+    "tcp_socket(nodelay)": lambda v: tcp_socket(nodelay=v),
+    "tcp_socket(nonblocking)": lambda v: tcp_socket(nonblocking=v),
+    "udp_socket(nonblocking)": lambda v: udp_socket(nonblocking=v),
+    "reuseport_listener(nodelay)": lambda v: reuseport_listener("127.0.0.1:0", nodelay=v),
+    "reuseport_listener(balanced)": lambda v: reuseport_listener("127.0.0.1:0", balanced=v),
+    "reuseport_listener(dualstack)": lambda v: reuseport_listener(":0", dualstack=v),
+    "reuseport_udp(nonblocking)": lambda v: reuseport_udp("127.0.0.1:0", nonblocking=v),
+    "hold_port(balanced)": lambda v: reuselb.hold_port("127.0.0.1:0", balanced=v),
+    "reuseport_group(balanced)": lambda v: reuseport_group("127.0.0.1:0", 2, balanced=v),
+    "reuseport_group(nodelay)": lambda v: reuseport_group("127.0.0.1:0", 2, nodelay=v),
+    "connect_tcp(nodelay)": lambda v: connect_tcp("127.0.0.1:9", nodelay=v),
+    "connect_tcp(nonblocking)": lambda v: connect_tcp("127.0.0.1:9", nonblocking=v),
+    "listen_fds(unset_environment)": lambda v: reuselb.listen_fds(unset_environment=v),
+    "inherited_sockets(unset_environment)": lambda v: reuselb.inherited_sockets(
+        unset_environment=v
+    ),
+}
+
+
+@pytest.mark.parametrize("call", sorted(_FLAG_CALLS))
+@pytest.mark.parametrize("value", ["no", 0, None])
+def test_flags_must_be_bools(call: str, value: object, no_fd_leak: None) -> None:
+    # A flag read for its truth would turn "no" (from a config file) into True.
+    name = call[call.index("(") + 1 : -1]
+    with pytest.raises(InvalidArgument, match="must be a bool") as info:
+        _FLAG_CALLS[call](value)
+    assert info.value.name == name
+    assert info.value.value == value
+    assert repr(value) in str(info.value)
 
 
 def test_freebsd_uses_reuseport_lb() -> None:

@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ._errors import HandoffError, InvalidArgument, WrongSocketType
-from ._sockets import _C_INT_MAX, ReuseportGroup, check_open, check_seconds
+from ._sockets import _C_INT_MAX, ReuseportGroup, check_flag, check_open, check_seconds
 
 __all__ = [
     "DrainResult",
@@ -285,7 +285,9 @@ def listen_fds(*, unset_environment: bool = True) -> dict[str, socket.socket]:
         value; a repeated name whose ``"name.<fd>"`` is another fd's name counts), or
         an fd it lists is not open or not a socket (the message names
         the fd); every socket adopted so far is then closed.
+    :raises InvalidArgument: *unset_environment* is not a bool (nothing is read).
     """
+    unset_environment = check_flag("unset_environment", unset_environment)
     env = {key: os.environ.get(key) for key in _LISTEN_VARS}
     if unset_environment:
         # Before anything can raise: a child must never see them, error or not.
@@ -356,11 +358,13 @@ def tcp_migrate_req() -> bool | None:
     resetting them.
 
     :returns: True or False, or None where the kernel has no such setting (< 5.14).
+    :raises OSError: the setting exists but could not be read (e.g. ``EMFILE``, or
+        ``EACCES`` under a restrictive LSM): an unknown answer is not a "no".
     """
     try:
         with open(_MIGRATE_SYSCTL, encoding="ascii") as f:
             return f.read().strip() == "1"
-    except OSError:
+    except FileNotFoundError:
         return None
 
 
@@ -449,6 +453,8 @@ def drain_close(
     :raises WrongSocketType: *listener* is not a listening TCP socket.
     :raises SteeringError: the kernel refused the steering program (nothing was
         closed).
+    :raises OSError: ``net.ipv4.tcp_migrate_req`` could not be read (see
+        :func:`tcp_migrate_req`; nothing was closed).
     """
     listener = check_open(listener, "listener")
     if (
@@ -563,7 +569,9 @@ def inherited_sockets(*, unset_environment: bool = True) -> dict[str, socket.soc
     :raises HandoffError: the variable is malformed (an fd above a C int, a name
         given twice) or an fd is not an open socket
         (every socket adopted so far is then closed).
+    :raises InvalidArgument: *unset_environment* is not a bool (nothing is read).
     """
+    unset_environment = check_flag("unset_environment", unset_environment)
     value = os.environ.get(INHERIT_ENV)
     if unset_environment:
         os.environ.pop(INHERIT_ENV, None)

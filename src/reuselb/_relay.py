@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeAlias
 
 from ._errors import InvalidArgument, SocketClosed, WrongSocketType
+from ._sockets import check_flag
 
 __all__ = [
     "End",
@@ -446,7 +447,8 @@ class _Relay:
         ):
             raise InvalidArgument("pipe_size", pipe_size, "must be an int >= 4096 bytes")
         self.a, self.b = a, b
-        self.close = close
+        # close="no" must not mean True: the caller's sockets would be closed.
+        self.close = check_flag("close", close)
         self.idle_timeout = _check_idle_timeout(idle_timeout)
         self.started = time.monotonic()
         self.last = self.started

@@ -115,29 +115,51 @@ def _platform_option(platform: str) -> tuple[int | None, bool, str]:
     return opt, False, f"{platform} is not known to balance SO_REUSEPORT groups"
 
 
+# What a kernel (or a seccomp filter) that does not allow a SO_REUSEPORT group
+# answers: the option unknown, the second bind refused, the call forbidden. Any
+# other error (EMFILE, ENOBUFS...) says nothing about SO_REUSEPORT and is raised,
+# so that a probe made while the process was out of fds is not remembered as "no".
+_PROBE_REFUSED = frozenset(
+    {errno.ENOPROTOOPT, errno.EINVAL, errno.EOPNOTSUPP, errno.EADDRINUSE, errno.EPERM, errno.EACCES}
+)
+# No IPv4 loopback here (an IPv6-only namespace): probe on ::1 instead.
+_PROBE_NO_FAMILY = frozenset({errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL})
+
+
 def _probe(option: int) -> bool:
-    """Bind two sockets to one loopback port with *option*: does the kernel allow it?"""
-    first = second = None
-    try:
-        first = _new_socket(socket.AF_INET, socket.SOCK_STREAM, False)
-        first.setsockopt(socket.SOL_SOCKET, option, 1)
-        first.bind(("127.0.0.1", 0))
-        second = _new_socket(socket.AF_INET, socket.SOCK_STREAM, False)
-        second.setsockopt(socket.SOL_SOCKET, option, 1)
-        second.bind(first.getsockname())
-    except OSError:
-        return False
-    finally:
-        for s in (first, second):
-            if s is not None:
-                s.close()
-    return True
+    """Bind two sockets to one loopback port with *option*: does the kernel allow it?
+
+    :raises OSError: the probe could not run (e.g. EMFILE); nothing is learnt then.
+    """
+    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        first = second = None
+        try:
+            first = _new_socket(family, socket.SOCK_STREAM, False)
+            first.setsockopt(socket.SOL_SOCKET, option, 1)
+            first.bind((host, 0))
+            second = _new_socket(family, socket.SOCK_STREAM, False)
+            second.setsockopt(socket.SOL_SOCKET, option, 1)
+            second.bind(first.getsockname())
+        except OSError as exc:
+            if exc.errno in _PROBE_REFUSED:
+                return False
+            if exc.errno not in _PROBE_NO_FAMILY or family == socket.AF_INET6:
+                raise
+            continue
+        finally:
+            for s in (first, second):
+                if s is not None:
+                    s.close()
+        return True
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 @functools.cache
 def _capability() -> _Capability:
     # Probed once per process, by trying (a constant can exist on a kernel that
-    # rejects it, e.g. Linux < 3.9 or seccomp-filtered containers).
+    # rejects it, e.g. Linux < 3.9 or seccomp-filtered containers). A probe that
+    # raises is not cached (functools.cache keeps only results): the next call
+    # probes again.
     option, balances, reason = _platform_option(sys.platform)
     if option is None:
         return _Capability(None, False, False, reason)
@@ -158,7 +180,11 @@ def supports_reuseport(*, balanced: bool = True) -> bool:
         (Linux; FreeBSD with SO_REUSEPORT_LB), not only whether the option exists
         (macOS accepts it but sends everything to the last socket bound).
     :returns: True when the requested level is available.
+    :raises InvalidArgument: *balanced* is not a bool.
+    :raises OSError: the probe could not run (e.g. ``EMFILE``: no fd left); no
+        answer is remembered then, and the next call probes again.
     """
+    balanced = check_flag("balanced", balanced)
     cap = _capability()
     return cap.balances if balanced else cap.exists
 
@@ -209,10 +235,12 @@ def tcp_socket(
     :param nonblocking: create it with ``SOCK_NONBLOCK`` (Python timeout 0).
     :param nodelay: set ``TCP_NODELAY``.
     :returns: the socket; the caller owns it.
-    :raises InvalidArgument: *family* is not an IP family.
+    :raises InvalidArgument: *family* is not an IP family, or a flag is not a bool.
     :raises OSError: the kernel refused to create it.
     """
-    sock = _new_socket(_check_family(family), socket.SOCK_STREAM, nonblocking)
+    family = _check_family(family)
+    nodelay = check_flag("nodelay", nodelay)
+    sock = _new_socket(family, socket.SOCK_STREAM, check_flag("nonblocking", nonblocking))
     try:
         if nodelay:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -230,10 +258,12 @@ def udp_socket(
     :param family: ``AF_INET`` or ``AF_INET6``.
     :param nonblocking: create it with ``SOCK_NONBLOCK`` (Python timeout 0).
     :returns: the socket; the caller owns it.
-    :raises InvalidArgument: *family* is not an IP family.
+    :raises InvalidArgument: *family* is not an IP family, or *nonblocking* is not
+        a bool.
     :raises OSError: the kernel refused to create it.
     """
-    return _new_socket(_check_family(family), socket.SOCK_DGRAM, nonblocking)
+    family = _check_family(family)
+    return _new_socket(family, socket.SOCK_DGRAM, check_flag("nonblocking", nonblocking))
 
 
 def _somaxconn() -> int:
@@ -280,8 +310,10 @@ def _bound(
     balanced: bool,
     reuseaddr: bool,
 ) -> socket.socket:
+    dualstack = check_flag("dualstack", dualstack)
+    nonblocking = check_flag("nonblocking", nonblocking)
     addr = parse_address(address)
-    option = _reuseport_option(balanced)
+    option = _reuseport_option(check_flag("balanced", balanced))
     family, sockaddr = _bind_target(addr, kind, dualstack, address)
     sock = _new_socket(family, kind, nonblocking)
     try:
@@ -374,11 +406,12 @@ def reuseport_listener(
     :raises AddressInUse: a socket outside this reuseport group holds the address.
     :raises ReuseportUnsupported: the system cannot give what *balanced* asks for.
     :raises InvalidArgument: *backlog*, *fastopen* or *defer_accept* is not an int or
-        out of its range (checked before any socket is made).
+        out of its range, or a flag is not a bool (checked before any socket is made).
     :raises OSError: the kernel refused otherwise (for example ``PermissionError``
         for a port below 1024).
     """
     _check_listener_options(backlog, fastopen, defer_accept)
+    nodelay = check_flag("nodelay", nodelay)
     sock = _bound(
         address,
         socket.SOCK_STREAM,
@@ -424,6 +457,7 @@ def reuseport_udp(
     :raises HostNotFound: the host name does not resolve.
     :raises AddressInUse: a socket outside this reuseport group holds the address.
     :raises ReuseportUnsupported: the system cannot give what *balanced* asks for.
+    :raises InvalidArgument: a flag is not a bool.
     :raises OSError: the kernel refused otherwise.
     """
     return _bound(
@@ -456,6 +490,7 @@ def hold_port(
     :raises HostNotFound: the host name does not resolve.
     :raises AddressInUse: a socket outside this reuseport group holds the address.
     :raises ReuseportUnsupported: the system cannot give what *balanced* asks for.
+    :raises InvalidArgument: a flag is not a bool.
     :raises OSError: the kernel refused otherwise.
     """
     # No SO_REUSEADDR: Linux lets two SO_REUSEADDR sockets share a port while neither
@@ -586,8 +621,8 @@ def reuseport_group(
     :param kind: ``"tcp"`` (listening sockets) or ``"udp"`` (bound sockets).
     :param options: passed to :func:`reuseport_listener` or :func:`reuseport_udp`.
     :returns: a :class:`ReuseportGroup` owning the members.
-    :raises InvalidArgument: *count* < 1, *kind* unknown, or a listener option out
-        of range (before any socket is made).
+    :raises InvalidArgument: *count* < 1, *kind* unknown, a listener option out
+        of range or a flag not a bool (before any socket is made).
     :raises GroupMemberError: member *k* failed with an ``OSError`` or
         ``ValueError``; the cause is chained.
     :raises AddressError: the address is malformed, IPv4-mapped IPv6 without
@@ -610,7 +645,10 @@ def reuseport_group(
         )
     # Checked once up front: no member is worth making on a system that cannot
     # give the group the caller asked for.
-    _reuseport_option(bool(options.get("balanced", True)))
+    for flag in ("balanced", "dualstack", "nonblocking", "nodelay"):
+        if flag in options:
+            check_flag(flag, options[flag])
+    _reuseport_option(options.get("balanced", True))
     # So are the address's own faults (IPv4-mapped without dualstack, IPv4 with it):
     # they are the caller's, named as the caller wrote them, not "member 0 failed".
     _bind_target(
@@ -666,7 +704,7 @@ def connect_tcp(
     :param nonblocking: return the socket non-blocking.
     :returns: the connected socket; the caller owns it.
     :raises InvalidArgument: *timeout* is not a positive, finite int or float (at
-        most 1e9 seconds).
+        most 1e9 seconds), or a flag is not a bool.
     :raises AddressError: an address is malformed, *source* is not an address of
         this host, or *source* is of another family (IPv4/IPv6) than every address
         of the peer.
@@ -679,6 +717,8 @@ def connect_tcp(
         # Before any socket exists: settimeout() would raise OverflowError for inf
         # and TypeError for a str.
         timeout = check_seconds("timeout", timeout, allow_zero=False)
+    nodelay = check_flag("nodelay", nodelay)
+    nonblocking = check_flag("nonblocking", nonblocking)
     addr = parse_address(address)
     src = parse_address(source) if source is not None else None
     last: OSError | None = None
@@ -796,6 +836,19 @@ class SocketInfo:
     backlog: int | None
     queued: int | None
     inode: int
+
+
+def check_flag(name: str, value: object) -> bool:
+    """*value* if it is a bool.
+
+    A flag is not read for its truth: ``close="no"`` or ``nonblocking="false"``
+    (a value from a config file) would otherwise mean True.
+
+    :raises InvalidArgument: *value* is not a bool.
+    """
+    if value is True or value is False:
+        return value
+    raise InvalidArgument(name, value, "must be a bool (True or False)")
 
 
 def check_seconds(name: str, value: object, *, allow_zero: bool) -> float:

@@ -20,7 +20,7 @@ import struct
 from collections.abc import Iterable, Sequence
 
 from ._errors import InvalidArgument, SteeringError
-from ._sockets import _C_INT_MAX, ReuseportGroup, check_open
+from ._sockets import _C_INT_MAX, ReuseportGroup, check_flag, check_open
 
 __all__ = [
     "attach_cpu_steering",
@@ -107,11 +107,12 @@ def attach_cpu_steering(group: Iterable[socket.socket], *, strict: bool = True) 
     :param strict: require exactly one member per CPU (``os.cpu_count()``); with
         False, CPUs beyond the group fall back to the kernel's hash.
     :raises InvalidArgument: the group is empty or, with *strict*, its size differs
-        from the CPU count.
+        from the CPU count; *strict* is not a bool.
     :raises SteeringError: the kernel refused the program.
     :raises SocketClosed: a member is closed.
     :raises WrongSocketType: a member is not a socket object.
     """
+    strict = check_flag("strict", strict)
     n, via = _members(group)
     cpus = os.cpu_count() or 1
     if strict and n != cpus:
