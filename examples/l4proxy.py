@@ -116,8 +116,16 @@ def spawn(member: socket.socket, argv: list[str]) -> subprocess.Popen[str]:
     assert proc.stdout is not None
     if proc.stdout.readline().strip() != "ready":
         proc.kill()
+        reap(proc)
         raise RuntimeError(f"worker {proc.pid} failed to start")
     return proc
+
+
+def reap(proc: subprocess.Popen[str], timeout: float | None = None) -> None:
+    """Wait for a worker and close the pipe its "ready" line came through."""
+    proc.wait(timeout=timeout)
+    if proc.stdout is not None:
+        proc.stdout.close()
 
 
 def master(args: argparse.Namespace, argv: list[str]) -> int:
@@ -139,13 +147,13 @@ def master(args: argparse.Namespace, argv: list[str]) -> int:
             for i, member in enumerate(group):  # one by one: the new one first, then drain the old
                 old, procs[i] = procs[i], spawn(member, argv)
                 old.terminate()
-                old.wait()
+                reap(old)
             print(f"restarted workers={','.join(str(p.pid) for p in procs)}", flush=True)
     finally:
         for proc in procs:
             proc.terminate()
         for proc in procs:
-            proc.wait(timeout=args.drain_timeout + 5)
+            reap(proc, timeout=args.drain_timeout + 5)
         group.close()
     return 0
 

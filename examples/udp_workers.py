@@ -46,6 +46,9 @@ def spawn(member: socket.socket, index: int) -> subprocess.Popen[str]:
         send_sockets(parent, [member], names=["member"])
     assert proc.stdout is not None
     if proc.stdout.readline().strip() != "ready":
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
         raise RuntimeError(f"worker {index} failed to start")
     return proc
 
@@ -83,6 +86,9 @@ def master(address: str, count: int) -> int:
             if proc.stdout is not None:
                 proc.stdout.close()
         group.close()
+        signal.set_wakeup_fd(-1)
+        os.close(wake_r)
+        os.close(wake_w)
     return 0
 
 

@@ -61,6 +61,8 @@ def master(address: str, workers: int) -> int:
             proc.terminate()
         for proc in procs:
             proc.wait(timeout=10)
+            if proc.stdout is not None:
+                proc.stdout.close()  # the pipe the "ready" line came through
         holder.close()
     return 0
 

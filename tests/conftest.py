@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
+from typing import IO
 
 import pytest
 
@@ -51,3 +54,36 @@ def no_fd_leak() -> Iterator[None]:
     leaked = open_fds() - before
     # listdir itself opens a directory fd that is closed again; anything left is a leak.
     assert not leaked, f"leaked fds: {sorted(leaked)}"
+
+
+# Each example's stderr, by pid, until example_stderr() reads it.
+_STDERR: dict[int, IO[bytes]] = {}
+
+
+def popen_example(script: str, *args: str) -> subprocess.Popen[str]:
+    """Run an example script as a user would, stdout piped (its "ready" line).
+
+    ResourceWarning is shown (Python ignores it by default), so an example that
+    leaves a pipe or socket unclosed at exit says so on stderr, which is kept in a
+    file for :func:`example_stderr`.
+    """
+    err = tempfile.TemporaryFile()  # noqa: SIM115 (kept open until example_stderr)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-W", "always::ResourceWarning", script, *args],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
+    except BaseException:
+        err.close()
+        raise
+    _STDERR[proc.pid] = err
+    return proc
+
+
+def example_stderr(proc: subprocess.Popen[str]) -> str:
+    """What an example started by :func:`popen_example` wrote to stderr (read once)."""
+    with _STDERR.pop(proc.pid) as err:
+        err.seek(0)
+        return err.read().decode(errors="replace")

@@ -9,11 +9,12 @@ import select
 import signal
 import socket
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import example_stderr, popen_example
 
 pytestmark = pytest.mark.linux
 
@@ -21,11 +22,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def _start(script: str, *args: str) -> tuple[subprocess.Popen[str], str, list[int]]:
-    proc = subprocess.Popen(
-        [sys.executable, str(EXAMPLES / script), *args],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    proc = popen_example(str(EXAMPLES / script), *args)
     assert proc.stdout is not None
     ready, _, _ = select.select([proc.stdout], [], [], 60)
     line = proc.stdout.readline() if ready else ""
@@ -33,7 +30,7 @@ def _start(script: str, *args: str) -> tuple[subprocess.Popen[str], str, list[in
     if not m:
         proc.kill()
         proc.wait()
-        pytest.fail(f"{script} did not report ready: {line!r}")
+        pytest.fail(f"{script} did not report ready: {line!r}; stderr: {example_stderr(proc)}")
     return proc, m.group(1), [int(p) for p in m.group(2).split(",")]
 
 
@@ -54,6 +51,8 @@ def _stop(proc: subprocess.Popen[str], workers: list[int]) -> None:
     assert proc.wait(timeout=30) == 0
     if proc.stdout is not None:
         proc.stdout.close()
+    stderr = example_stderr(proc)
+    assert "ResourceWarning" not in stderr, stderr
     for pid in workers:  # no stray worker left behind
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
@@ -67,6 +66,8 @@ def http_example(request: pytest.FixtureRequest) -> Iterator[tuple[str, list[int
     finally:
         if proc.poll() is None:
             _stop(proc, workers)
+        else:
+            example_stderr(proc)
 
 
 def test_http_workers_share_one_port(http_example: tuple[str, list[int]]) -> None:

