@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
+import json
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 
 import pytest
 
@@ -27,34 +27,8 @@ from reuselb import (
     steer_all_to,
     tcp_migrate_req,
 )
-from tests.conftest import IS_ROOT
 
 pytestmark = pytest.mark.linux
-MIGRATE = "/proc/sys/net/ipv4/tcp_migrate_req"
-
-
-@contextlib.contextmanager
-def migrate_req(value: bool) -> Iterator[None]:
-    """Set net.ipv4.tcp_migrate_req for the test and restore it after."""
-    with open(MIGRATE) as f:
-        old = f.read().strip()
-    with open(MIGRATE, "w") as f:
-        f.write("1" if value else "0")
-    try:
-        yield
-    finally:
-        with open(MIGRATE, "w") as f:
-            f.write(old)
-
-
-def _sysctl_writable() -> bool:
-    if not IS_ROOT or not os.path.exists(MIGRATE):
-        return False
-    try:
-        with migrate_req(tcp_migrate_req() or False):
-            return True
-    except OSError:
-        return False
 
 
 def _queue_clients(port: int, n: int) -> list[socket.socket]:
@@ -86,14 +60,11 @@ def _replies(clients: list[socket.socket]) -> list[bytes | str]:
 
 
 @pytest.fixture
-def no_migration() -> Iterator[None]:
+def no_migration() -> None:
+    # Never switched off here: the setting belongs to the host's network namespace
+    # and other programs on it. A test that needs it on runs in a namespace of its own.
     if tcp_migrate_req():
-        if not _sysctl_writable():
-            pytest.skip("tcp_migrate_req is on and not writable here")
-        with migrate_req(False):
-            yield
-    else:
-        yield
+        pytest.skip("net.ipv4.tcp_migrate_req is on in this network namespace")
 
 
 def test_plain_close_resets_queued_connections(no_migration: None) -> None:
@@ -124,20 +95,66 @@ def test_drain_close_without_migration_accepts_the_queue(no_migration: None) -> 
     print("\ndrain_close (steer): 20 queued connections, 0 reset")
 
 
+_MIGRATE_CHILD = """
+import json
+from reuselb import connect_tcp, detach_steering, drain_close, reuseport_group, steer_all_to
+with open("/proc/sys/net/ipv4/tcp_migrate_req", "w") as f:
+    f.write("1")  # this network namespace only
+with reuseport_group("127.0.0.1:0", 2) as group:
+    steer_all_to(group, 1)
+    clients = []
+    for i in range(20):
+        c = connect_tcp(("127.0.0.1", group.port), timeout=30)
+        c.sendall(b"hello %d" % i)
+        clients.append(c)
+    detach_steering(group[0])
+    result = drain_close(group.take(1))
+    group[0].settimeout(10)
+    for _ in range(20):  # the kernel moved them to the remaining member
+        conn = group[0].accept()[0]
+        conn.settimeout(30)
+        conn.sendall(b"re:" + conn.recv(100))
+        conn.close()
+    replies = []
+    for c in clients:
+        c.settimeout(30)
+        try:
+            replies.append(c.recv(100).decode())
+        except ConnectionResetError:
+            replies.append("reset")
+        c.close()
+print(json.dumps({"path": result.path, "accepted": len(result.accepted), "replies": replies}))
+"""
+
+
 @pytest.mark.root
-@pytest.mark.skipif(not _sysctl_writable(), reason="net.ipv4.tcp_migrate_req is not writable here")
+@pytest.mark.skipif(
+    not (shutil.which("unshare") and shutil.which("ip")), reason="needs unshare(1) and ip(8)"
+)
 def test_drain_close_with_migration() -> None:
-    with migrate_req(True), reuseport_group("127.0.0.1:0", 2) as group:
-        steer_all_to(group, 1)
-        clients = _queue_clients(group.port, 20)
-        detach_steering(group[0])
-        result = drain_close(group.take(1))
-        assert result.path == "migrate"
-        assert result.accepted == []
-        group[0].settimeout(10)
-        migrated = [group[0].accept()[0] for _ in range(20)]  # the kernel moved them
-        _answer(migrated)
-        assert _replies(clients) == [b"re:hello %d" % i for i in range(20)]
+    # In a network namespace of its own: the host's tcp_migrate_req is never touched.
+    out = subprocess.run(
+        [
+            "unshare",
+            "--net",
+            "sh",
+            "-c",
+            'ip link set lo up && exec "$0" -c "$1"',
+            sys.executable,
+            _MIGRATE_CHILD,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,  # a failing child's stderr goes into the assertion message
+    )
+    if out.returncode != 0 and "unshare failed" in out.stderr:
+        pytest.skip(f"no new network namespace here: {out.stderr.strip()}")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["path"] == "migrate"
+    assert result["accepted"] == 0
+    assert result["replies"] == [f"re:hello {i}" for i in range(20)]
     print("\ndrain_close (tcp_migrate_req=1): 20 queued connections migrated, 0 reset")
 
 
