@@ -188,3 +188,43 @@ def test_hand_built_address_is_canonical() -> None:
         dataclasses.replace(a, port=70000)
     with pytest.raises(AddressError, match="port 70000 out of range"):
         a.with_port(70000)
+
+
+# --------------------------------------------------------------------------- 4-tuples
+
+
+@pytest.mark.parametrize(
+    ("value", "needle"),
+    [
+        # Before: "[::1%-1]:0" and "[::1%1099511627776]:0", then HostNotFound at bind.
+        (("::1", 0, 0, -1), "scope_id -1 out of range 0-4294967295"),
+        (("::1", 0, 0, 2**32), "scope_id 4294967296 out of range"),
+        (("::1", 0, 0, 2**40), "scope_id 1099511627776 out of range"),
+        # Before: any flowinfo was accepted and silently dropped.
+        (("::1", 0, -7, 0), "flowinfo -7 out of range 0-1048575"),
+        (("::1", 0, 2**20, 0), "flowinfo 1048576 out of range"),
+        # Before: the scope_id was ignored when the host had a zone.
+        (("fe80::1%4", 0, 0, 3), "zone '4' and scope_id 3 differ"),
+        (("fe80::1%eth0", 0, 0, 3), "zone 'eth0' and scope_id 3 differ"),
+    ],
+)
+def test_four_tuple_scope_id_and_flowinfo_are_checked(value: object, needle: str) -> None:
+    with pytest.raises(AddressError) as info:
+        parse_address(value)  # type: ignore[arg-type]
+    assert needle in str(info.value)
+    assert repr(value) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (("::1", 5, 2**20 - 1, 2**32 - 1), Address("::1%4294967295", 5)),
+        (("fe80::1%3", 5, 0, 3), Address("fe80::1%3", 5)),  # the same zone twice
+        (("fe80::1%eth0", 5, 0, 0), Address("fe80::1%eth0", 5)),  # 0: no scope given
+        (("fe80::1", 5, 7, 0), Address("fe80::1", 5)),
+    ],
+)
+def test_four_tuple_limits_accepted(value: object, expected: Address) -> None:
+    a = parse_address(value)  # type: ignore[arg-type]
+    assert a == expected
+    assert parse_address(str(a)) == a

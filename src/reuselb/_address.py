@@ -30,6 +30,10 @@ SockAddr: TypeAlias = tuple[str, int] | tuple[str, int, int, int]
 _PORT_RE = re.compile(r"[0-9]{1,5}\Z")
 _LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)\Z")
 _V4ISH_RE = re.compile(r"[0-9.]+\Z")
+# sockaddr_in6: sin6_scope_id is a u32 interface index, sin6_flowinfo carries a
+# 20-bit flow label (the traffic class bits above it are not the caller's to set).
+_SCOPE_ID_MAX = 2**32 - 1
+_FLOWINFO_MAX = 2**20 - 1
 
 
 def _host_family(host: str) -> socket.AddressFamily:
@@ -128,11 +132,18 @@ def parse_address(value: AddressLike, *, default_port: int | None = None) -> Add
     a bare ``int`` port (all interfaces), or an :class:`Address` (returned as is).
     A string without a port is accepted only when *default_port* is given.
 
+    In a 4-tuple a non-zero *scope_id* becomes the zone (``("fe80::1", 80, 0, 3)``
+    is ``[fe80::1%3]:80``); a host that already has a ``%zone`` must not give a
+    different one. *flowinfo* is checked and dropped: an :class:`Address` has no
+    flow label.
+
     :param value: the address.
     :param default_port: port to use when a string names only a host.
     :returns: the canonical :class:`Address`.
     :raises AddressError: the value is malformed, a port is out of ``0..65535``,
-        or an IPv6 literal lacks its brackets.
+        an IPv6 literal lacks its brackets, or a 4-tuple's *scope_id* is out of
+        ``0..2**32-1``, its *flowinfo* out of ``0..2**20-1``, or its *scope_id*
+        differs from the host's ``%zone``.
     """
     if isinstance(value, Address):
         return value
@@ -210,11 +221,30 @@ def _parse_tuple(value: tuple[object, ...]) -> Address:
         flowinfo, scope_id = value[2], value[3]
         if not all(isinstance(x, int) and not isinstance(x, bool) for x in (flowinfo, scope_id)):
             raise AddressError(value, "flowinfo and scope_id must be ints")
-        assert isinstance(scope_id, int)
+        assert isinstance(flowinfo, int) and isinstance(scope_id, int)
         if ":" not in host:
             raise AddressError(value, "a 4-tuple address must have an IPv6 host")
-        if scope_id and "%" not in host:
-            host = f"{host}%{scope_id}"
+        # The kernel's fields are a u32 interface index and a 20-bit flow label
+        # (sockaddr_in6). Out of range, the scope id would become a zone no lookup
+        # can resolve ("%-1") and fail later as HostNotFound; the flow label, which
+        # an Address does not keep, would be dropped without a word.
+        if not 0 <= scope_id <= _SCOPE_ID_MAX:
+            raise AddressError(value, f"scope_id {scope_id} out of range 0-{_SCOPE_ID_MAX}")
+        if not 0 <= flowinfo <= _FLOWINFO_MAX:
+            raise AddressError(value, f"flowinfo {flowinfo} out of range 0-{_FLOWINFO_MAX}")
+        if scope_id:
+            _, pct, zone = host.partition("%")
+            if not pct:
+                host = f"{host}%{scope_id}"
+            elif zone != str(scope_id):
+                # Two zones: which one the caller meant cannot be told without asking
+                # the kernel (a name may or may not be that index), and parsing is
+                # pure syntax. Keeping either silently could bind another interface.
+                raise AddressError(
+                    value,
+                    f"the host's zone {zone!r} and scope_id {scope_id} differ; "
+                    "give the zone once, in the host or as scope_id",
+                )
     return _make(_canonical(host, value), port)
 
 
