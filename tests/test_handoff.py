@@ -384,6 +384,27 @@ def test_inherit_bad_input(monkeypatch: pytest.MonkeyPatch) -> None:
         os.close(fds[1])
 
 
+def test_inherit_refuses_one_socket_under_two_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    from reuselb import inherit_sockets, inherited_sockets
+
+    with socket.socket() as s:
+        with pytest.raises(
+            InvalidArgument, match=rf"names fd {s.fileno()} twice \('web' and 'alias'\)"
+        ):
+            inherit_sockets({"web": s, "alias": s})
+        # A repeated fd in the variable (written by hand, or by an older reuselb):
+        # adopting it twice would give two socket objects one fd. The first name's
+        # socket is closed with the error, once; the cleanup must not close it
+        # again (a bare EBADF, or another file that took the number).
+        fd = os.dup(s.fileno())
+        monkeypatch.setenv("REUSELB_INHERITED_FDS", f"web={fd},alias={fd},bad=999999")
+        with pytest.raises(HandoffError, match=rf"gives fd {fd} twice \('web' and 'alias'\)"):
+            inherited_sockets()
+        with pytest.raises(OSError, match="Bad file descriptor"):
+            os.fstat(fd)
+        assert s.fileno() != -1
+
+
 def test_more_sockets_than_one_message_carries() -> None:
     """600 sockets: more than SCM_MAX_FD (253), so three chunks on one channel."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -540,19 +540,29 @@ def inherit_sockets(socks: Mapping[str, socket.socket]) -> tuple[list[int], dict
     (and only that exec) inherits them, then adopts them with
     :func:`inherited_sockets`. No other child, thread or exec sees them.
 
-    :param socks: ``{name: socket}``; names of letters, digits and ``_.:-``.
+    :param socks: ``{name: socket}``; names of letters, digits and ``_.:-``, one
+        name per socket: the same socket (fd) under two names is refused, since the
+        child would get one fd for both and closing one name would close the other.
     :returns: ``(pass_fds, env)``.
-    :raises InvalidArgument: no sockets, or a name that cannot travel in the variable.
+    :raises InvalidArgument: no sockets, a name that cannot travel in the variable,
+        or one socket (one fd) under two names.
     :raises SocketClosed: a socket is closed.
     :raises WrongSocketType: a value is not a socket object.
     """
     if not socks:
         raise InvalidArgument("socks", socks, "must name at least one socket")
-    pairs = []
+    pairs: list[tuple[str, int]] = []
+    names_by_fd: dict[int, str] = {}
     for name, sock in socks.items():
         if not isinstance(name, str) or not _NAME_RE.match(name):
             raise InvalidArgument("name", name, "must be 1-64 of letters, digits and _.:-")
-        pairs.append((name, check_open(sock).fileno()))
+        fd = check_open(sock).fileno()
+        if fd in names_by_fd:
+            raise InvalidArgument(
+                "socks", socks, f"names fd {fd} twice ({names_by_fd[fd]!r} and {name!r})"
+            )
+        names_by_fd[fd] = name
+        pairs.append((name, fd))
     env = {INHERIT_ENV: ",".join(f"{name}={fd}" for name, fd in pairs)}
     return [fd for _, fd in pairs], env
 
@@ -567,8 +577,8 @@ def inherited_sockets(*, unset_environment: bool = True) -> dict[str, socket.soc
     :param unset_environment: remove the variable (default True).
     :returns: ``{name: socket}``; empty when nothing was inherited.
     :raises HandoffError: the variable is malformed (an fd above a C int, a name
-        given twice) or an fd is not an open socket
-        (every socket adopted so far is then closed).
+        or an fd given twice) or an fd is not an open socket
+        (every socket adopted so far is then closed, each once).
     :raises InvalidArgument: *unset_environment* is not a bool (nothing is read).
     """
     unset_environment = check_flag("unset_environment", unset_environment)
@@ -578,6 +588,7 @@ def inherited_sockets(*, unset_environment: bool = True) -> dict[str, socket.soc
     if not value:
         return {}
     out: dict[str, socket.socket] = {}
+    names_by_fd: dict[int, str] = {}
     try:
         for item in value.split(","):
             name, sep, fd_text = item.partition("=")
@@ -594,11 +605,19 @@ def inherited_sockets(*, unset_environment: bool = True) -> dict[str, socket.soc
             if name in out:
                 raise HandoffError(f"{INHERIT_ENV} names {name!r} twice")
             fd = int(fd_text)
+            # Two socket objects on one fd: closing one would leave the other to
+            # close whatever file reuses the number next (and the cleanup below
+            # would close it twice). inherit_sockets never writes this.
+            if fd in names_by_fd:
+                raise HandoffError(
+                    f"{INHERIT_ENV} gives fd {fd} twice ({names_by_fd[fd]!r} and {name!r})"
+                )
             try:
                 os.set_inheritable(fd, False)
                 out[name] = socket.socket(fileno=fd)
             except OSError as exc:
                 raise HandoffError(f"inherited fd {fd} ({name!r}) is not a socket: {exc}") from None
+            names_by_fd[fd] = name
     except BaseException:
         for sock in out.values():
             sock.close()
