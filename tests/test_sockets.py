@@ -456,6 +456,73 @@ def test_socket_info_bad_input() -> None:
         assert info.backlog is None
 
 
+# --------------------------------------------------------------------------- link-local IPv6
+
+# The host's loopback has no link-local address, and the host's network must not be
+# touched: each of these tests runs a script in a network namespace of its own
+# (unshare needs root), where a veth pair gets fe80::abcd without duplicate address
+# detection, so the address is usable as soon as `ip` returns.
+_NETNS_SETUP = (
+    "ip link set lo up && ip link add d0 type veth peer name d1 && "
+    "ip link set d0 up && ip link set d1 up && ip -6 addr add fe80::abcd/64 dev d0 nodad"
+)
+_NETNS_PRELUDE = f"""
+import json, socket, subprocess
+from reuselb import *
+subprocess.run({_NETNS_SETUP!r}, shell=True, check=True)
+INDEX = socket.if_nametoindex("d0")
+out = {{"index": INDEX}}
+def outcome(call):
+    try:
+        result = call()
+    except Exception as exc:
+        return f"{{type(exc).__name__}}: {{exc}}"
+    if isinstance(result, socket.socket):
+        result.close()
+    return "ok"
+"""
+
+
+def _in_netns(script: str) -> dict[str, Any]:
+    """Run *script* in a fresh network namespace; it fills the dict ``out``."""
+    proc = subprocess.run(
+        [
+            "unshare",
+            "--net",
+            sys.executable,
+            "-c",
+            _NETNS_PRELUDE + script + "\nprint(json.dumps(out))",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result: dict[str, Any] = json.loads(proc.stdout.splitlines()[-1])
+    return result
+
+
+@pytest.mark.root
+@pytest.mark.ipv6
+def test_socket_info_address_keeps_the_link_local_zone() -> None:
+    # Before: socket_info() dropped the scope id, and its address could not be
+    # dialed or bound again (EINVAL).
+    out = _in_netns(
+        """
+with reuseport_listener("[fe80::abcd%d0]:0") as lst:
+    info = socket_info(lst)
+    out["address"] = str(info.address)
+    out["port"] = lst.getsockname()[1]
+    out["connect"] = outcome(lambda: connect_tcp(info.address, timeout=10))
+    out["rebind"] = outcome(lambda: reuseport_listener(info.address))
+"""
+    )
+    assert out["address"] == f"[fe80::abcd%{out['index']}]:{out['port']}"
+    assert out["connect"] == "ok"
+    assert out["rebind"] == "ok"
+
+
 # --------------------------------------------------------------------------- other systems
 
 

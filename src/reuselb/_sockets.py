@@ -811,7 +811,9 @@ class SocketInfo:
     :ivar fd: the file descriptor.
     :ivar family: ``AF_INET``/``AF_INET6``/...
     :ivar type: ``SOCK_STREAM``/``SOCK_DGRAM``/...
-    :ivar address: the bound address, or None when unbound.
+    :ivar address: the bound address, or None when unbound. A link-local IPv6
+        address keeps its zone (as the interface index: ``[fe80::1%2]:80``), so it
+        can be passed to :func:`connect_tcp` or a listener again.
     :ivar reuseport: SO_REUSEPORT is set.
     :ivar reuseaddr: SO_REUSEADDR is set.
     :ivar v6only: ``IPV6_V6ONLY`` for IPv6 sockets, None otherwise.
@@ -907,7 +909,9 @@ def socket_info(sock: socket.socket) -> SocketInfo:
         with contextlib.suppress(OSError, AddressError):
             name = sock.getsockname()
             if name[1] != 0:
-                address = parse_address(name if family == socket.AF_INET else name[:2])
+                # The whole IPv6 4-tuple: its scope id becomes the zone, without which
+                # a link-local address cannot be bound or dialed again (EINVAL).
+                address = parse_address(name)
     opt = _platform_option(sys.platform)[0]
     listening = flag(socket.SOL_SOCKET, getattr(socket, "SO_ACCEPTCONN", 30))
     inode = os.fstat(fd).st_ino
