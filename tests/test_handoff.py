@@ -7,6 +7,7 @@ import gc
 import json
 import math
 import os
+import re
 import resource
 import shutil
 import socket
@@ -233,6 +234,39 @@ def test_bad_arguments() -> None:
             send_sockets(a, [tcp, tcp], names=[1, "1"])  # type: ignore[list-item]
         with pytest.raises(InvalidArgument, match="must be an AF_UNIX socket"):
             send_sockets(tcp, [tcp])
+    finally:
+        for s in (a, b, tcp):
+            s.close()
+
+
+def test_bad_argument_types_raise_the_librarys_errors() -> None:
+    from reuselb import inherit_sockets
+
+    a, b = socket.socketpair()
+    tcp = reuseport_listener("127.0.0.1:0")
+    try:
+        # One socket where a list belongs is named, not a bare TypeError.
+        with pytest.raises(InvalidArgument, match="invalid socks <socket.*not one"):
+            send_sockets(a, tcp)  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgument, match="invalid socks None: must be a sequence"):
+            send_sockets(a, None)  # type: ignore[arg-type]
+        # A str is iterable, but "ab" is not the names ["a", "b"].
+        with pytest.raises(InvalidArgument, match="invalid names 'ab'"):
+            send_sockets(a, [tcp, tcp], names="ab")
+        with pytest.raises(InvalidArgument, match="invalid names 5: must be a sequence"):
+            send_sockets(a, [tcp], names=5)  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgument, match="invalid socks \\[<socket.*must be a mapping"):
+            inherit_sockets([tcp])  # type: ignore[arg-type]
+        for group in (tcp, 5):
+            with pytest.raises(InvalidArgument, match=re.escape(f"invalid group {group!r:.20}")):
+                drain_close(tcp, group=group)  # type: ignore[arg-type]
+            assert tcp.fileno() != -1
+        with pytest.raises(WrongSocketType, match="group member"):
+            drain_close(tcp, group=[tcp, "x"])  # type: ignore[list-item]
+        assert tcp.fileno() != -1
+        b.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            b.recv(1)  # every refusal came before anything was sent
     finally:
         for s in (a, b, tcp):
             s.close()

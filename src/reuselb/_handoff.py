@@ -24,6 +24,7 @@ import struct
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 from ._errors import HandoffError, InvalidArgument, WrongSocketType
 from ._sockets import _C_INT_MAX, ReuseportGroup, check_flag, check_open, check_seconds
@@ -57,6 +58,21 @@ def _describe(sock: socket.socket) -> dict[str, object]:
     return {"family": int(sock.family), "type": int(sock.type), "listening": listening}
 
 
+def _items(name: str, value: object, what: str) -> list[Any]:
+    """*value* as a list, if it is a collection of several things.
+
+    One socket, ``None`` or an int would otherwise fail with a bare ``TypeError``
+    from ``iter()``, and a str would be taken apart into one item per character.
+    """
+    if isinstance(value, (socket.socket, str, bytes)):
+        raise InvalidArgument(name, value, f"must be a sequence of {what}, not one")
+    try:
+        items = iter(cast("Iterable[Any]", value))
+    except TypeError:
+        raise InvalidArgument(name, value, f"must be a sequence of {what}") from None
+    return list(items)
+
+
 def _check_channel(channel: object) -> socket.socket:
     sock = check_open(channel, "handoff channel")
     if sock.family != socket.AF_UNIX:
@@ -82,30 +98,30 @@ def send_sockets(
         descriptors in one message (SCM_MAX_FD), so larger sets go in chunks: the
         first with the header, each further one on a one-byte marker.
     :param names: one unique name per socket; default ``"0"``, ``"1"``, ...
-    :raises InvalidArgument: no sockets, too many, names of the wrong count, repeated
-        or not ``str``, or a channel that is not a Unix socket.
+    :raises InvalidArgument: *socks* or *names* is not a sequence (one socket is not
+        a list of them), no sockets, too many, names of the wrong count, repeated or
+        not ``str``, or a channel that is not a Unix socket.
     :raises SocketClosed: a socket or the channel is closed.
     :raises WrongSocketType: a socket or the channel is not a socket object.
     :raises OSError: the channel failed.
     """
     channel = _check_channel(channel)
-    socks = list(socks)
-    if not socks or len(socks) > _MAX_SOCKETS:
-        raise InvalidArgument("socks", len(socks), f"must send 1 to {_MAX_SOCKETS} sockets")
-    names = [str(i) for i in range(len(socks))] if names is None else list(names)
-    for n in names:
+    items = _items("socks", socks, "sockets")
+    if not items or len(items) > _MAX_SOCKETS:
+        raise InvalidArgument("socks", len(items), f"must send 1 to {_MAX_SOCKETS} sockets")
+    labels = [str(i) for i in range(len(items))] if names is None else _items("names", names, "str")
+    for n in labels:
         # JSON keys are strings on the other side: 1 and "1" would collide there.
         if not isinstance(n, str):
             raise InvalidArgument("names", n, "each name must be a str")
-    if len(names) != len(socks) or len(set(names)) != len(names):
-        raise InvalidArgument("names", names, "need one unique name per socket")
-    for s in socks:
-        check_open(s)
+    if len(labels) != len(items) or len(set(labels)) != len(labels):
+        raise InvalidArgument("names", labels, "need one unique name per socket")
+    sent_socks = [check_open(s) for s in items]
     header = json.dumps(
-        {"sockets": [{"name": n, **_describe(s)} for n, s in zip(names, socks, strict=True)]}
+        {"sockets": [{"name": n, **_describe(s)} for n, s in zip(labels, sent_socks, strict=True)]}
     ).encode()
     payload = _HEADER.pack(_MAGIC, len(header)) + header
-    all_fds = [s.fileno() for s in socks]
+    all_fds = [s.fileno() for s in sent_socks]
     chunks = [all_fds[i : i + _MAX_FDS] for i in range(0, len(all_fds), _MAX_FDS)]
     # The first chunk rides on the header's first byte; the rest of the header
     # follows as plain stream data (sendmsg may send less than asked on a stream).
@@ -395,7 +411,7 @@ def _drain_members(
         slots = list(group._members)
         index = group._slot(listener)  # a member taken from it keeps its slot
     else:
-        slots = [check_open(m, "group member") for m in group]
+        slots = [check_open(m, "group member") for m in _items("group", group, "sockets")]
         index = next((i for i, m in enumerate(slots) if m is listener), -1)
     if index < 0:
         raise InvalidArgument("listener", listener, "is not a member of group")
@@ -445,10 +461,11 @@ def drain_close(
         than ``0`` and at most ``1e9``.
     :returns: a :class:`DrainResult`.
     :raises InvalidArgument: *grace* or *timeout* is not an int or float in range
-        (bools, NaN and infinities are refused), *listener* is not a member of
-        *group*, or (steer path) there is no *group*, no other member in it, or no
-        other member the :class:`~reuselb.ReuseportGroup` still holds to detach the
-        program through.
+        (bools, NaN and infinities are refused), *group* is neither a
+        :class:`~reuselb.ReuseportGroup` nor a sequence of sockets (one socket is
+        not a group), *listener* is not a member of *group*, or (steer path) there
+        is no *group*, no other member in it, or no other member the
+        :class:`~reuselb.ReuseportGroup` still holds to detach the program through.
     :raises SocketClosed: *listener* or a member of a plain *group* is closed.
     :raises WrongSocketType: *listener* is not a listening TCP socket.
     :raises SteeringError: the kernel refused the steering program (nothing was
@@ -544,11 +561,14 @@ def inherit_sockets(socks: Mapping[str, socket.socket]) -> tuple[list[int], dict
         name per socket: the same socket (fd) under two names is refused, since the
         child would get one fd for both and closing one name would close the other.
     :returns: ``(pass_fds, env)``.
-    :raises InvalidArgument: no sockets, a name that cannot travel in the variable,
-        or one socket (one fd) under two names.
+    :raises InvalidArgument: *socks* is not a mapping (a list has no names), no
+        sockets, a name that cannot travel in the variable, or one socket (one fd)
+        under two names.
     :raises SocketClosed: a socket is closed.
     :raises WrongSocketType: a value is not a socket object.
     """
+    if not isinstance(socks, Mapping):
+        raise InvalidArgument("socks", socks, "must be a mapping of name to socket")
     if not socks:
         raise InvalidArgument("socks", socks, "must name at least one socket")
     pairs: list[tuple[str, int]] = []
