@@ -272,6 +272,34 @@ def test_bad_argument_types_raise_the_librarys_errors() -> None:
             s.close()
 
 
+def test_adopted_sockets_keep_the_senders_blocking_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    from reuselb import inherited_sockets
+
+    nonblocking = reuseport_listener("127.0.0.1:0", nonblocking=True)
+    blocking = reuseport_listener("127.0.0.1:0")
+    a, b = socket.socketpair()
+    try:
+        send_sockets(a, [nonblocking, blocking], names=["nb", "b"])
+        received = recv_sockets(b)
+        fds = [os.dup(nonblocking.fileno()), os.dup(blocking.fileno())]
+        monkeypatch.setenv("REUSELB_INHERITED_FDS", f"nb={fds[0]},b={fds[1]}")
+        inherited = inherited_sockets()
+        for socks in (received, inherited):
+            with socks["nb"], socks["b"]:
+                # Python's view agrees with the fd: a non-blocking accept() with an
+                # empty queue is expected, not a "blocking" call that returns at once.
+                assert socks["nb"].gettimeout() == 0.0
+                with pytest.raises(BlockingIOError):
+                    socks["nb"].accept()
+                assert socks["b"].gettimeout() is None
+        # The flag is the sender's too (one file description): read, never changed.
+        assert not os.get_blocking(nonblocking.fileno())
+        assert os.get_blocking(blocking.fileno())
+    finally:
+        for s in (a, b, nonblocking, blocking):
+            s.close()
+
+
 _SYSTEMD_CHILD = """
 import json, os, sys
 from reuselb import listen_fds
@@ -279,6 +307,7 @@ socks = listen_fds()
 print(json.dumps({
     "names": sorted(socks),
     "types": {n: int(s.type) for n, s in socks.items()},
+    "timeouts": {n: s.gettimeout() for n, s in socks.items()},
     "inheritable": any(os.get_inheritable(s.fileno()) for s in socks.values()),
     "env_left": [k for k in os.environ if k.startswith("LISTEN_")],
 }))
@@ -303,7 +332,7 @@ os.execve(sys.executable, [sys.executable, "-c", sys.argv[3]], env)
     ],
 )
 def test_listen_fds_adopts_systemd_sockets(names: str, keys: tuple[str, str]) -> None:
-    tcp = reuseport_listener("127.0.0.1:0")
+    tcp = reuseport_listener("127.0.0.1:0", nonblocking=True)  # NonBlocking=yes
     udp = udp_socket()
     udp.bind(("127.0.0.1", 0))
     try:
@@ -329,6 +358,7 @@ def test_listen_fds_adopts_systemd_sockets(names: str, keys: tuple[str, str]) ->
     result = json.loads(out.stdout)
     assert result["names"] == sorted(keys)
     assert result["types"] == {keys[0]: socket.SOCK_STREAM, keys[1]: socket.SOCK_DGRAM}
+    assert result["timeouts"] == {keys[0]: 0.0, keys[1]: None}  # as systemd passed them
     assert result["inheritable"] is False
     assert result["env_left"] == []
 

@@ -134,6 +134,28 @@ def send_sockets(
         channel.sendmsg([_CHUNK_MARK], rights)
 
 
+def _adopt(fd: int) -> socket.socket:
+    """A socket object owning *fd*, blocking or not as the fd already is.
+
+    ``socket(fileno=)`` reads family and type from the kernel but not O_NONBLOCK:
+    it reports a blocking socket (``gettimeout()`` None) on an fd the sender made
+    non-blocking, and a "blocking" ``accept()`` then raises ``BlockingIOError`` at
+    once. The flag belongs to the open file description, which the sender still
+    shares, so it is read and the Python socket follows it; it is never changed.
+
+    :raises OSError: *fd* is not open or not a socket (it is then not owned).
+    """
+    nonblocking = not os.get_blocking(fd)
+    sock = socket.socket(fileno=fd)
+    if nonblocking:
+        try:
+            sock.settimeout(0)  # O_NONBLOCK is already set: only Python's view changes
+        except BaseException:
+            sock.detach()  # the caller still owns the fd on failure
+            raise
+    return sock
+
+
 def _take_fds(ancdata: list[tuple[int, int, bytes]], flags: int, fds: list[int]) -> None:
     for level, kind, cdata in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -210,7 +232,9 @@ def recv_sockets(channel: socket.socket) -> dict[str, socket.socket]:
 
     :param channel: the other end of the sender's Unix socket.
     :returns: ``{name: socket}``; every socket is close-on-exec and matches the
-        family, type and listening state the sender declared.
+        family, type and listening state the sender declared. A socket the sender
+        made non-blocking arrives non-blocking (``gettimeout()`` is 0): O_NONBLOCK
+        belongs to the file description both processes share, so it is not changed.
     :raises HandoffError: the message is malformed or truncated, or a socket is not
         what the sender said (every fd received is then closed).
     :raises InvalidArgument: the channel is not a Unix socket.
@@ -235,7 +259,7 @@ def recv_sockets(channel: socket.socket) -> dict[str, socket.socket]:
             raise HandoffError(f"header lists {len(meta)} sockets but {len(fds)} fds arrived")
         for name, want in meta:
             try:
-                sock = socket.socket(fileno=fds[wrapped])
+                sock = _adopt(fds[wrapped])
             except OSError as exc:  # ENOTSOCK: the sender passed some other file
                 raise HandoffError(f"handoff entry {name!r} is not a socket: {exc}") from None
             wrapped += 1
@@ -294,7 +318,8 @@ def listen_fds(*, unset_environment: bool = True) -> dict[str, socket.socket]:
     :param unset_environment: remove the ``LISTEN_*`` variables (default True).
     :returns: ``{name: socket}``; names from ``LISTEN_FDNAMES`` (a name repeated for
         several fds is kept by the first; the others are ``"name.<fd>"``), else
-        ``"fd3"``, ...
+        ``"fd3"``, ... A socket passed non-blocking (``NonBlocking=yes``) has
+        ``gettimeout()`` 0; its O_NONBLOCK flag is read, not changed.
         Empty when this process was not socket-activated (no ``LISTEN_PID`` or
         ``LISTEN_FDS``, or ``LISTEN_PID`` names another process).
     :raises HandoffError: a variable is malformed (the message names it and its
@@ -350,7 +375,7 @@ def listen_fds(*, unset_environment: bool = True) -> dict[str, socket.socket]:
                     f"{exc.strerror or exc}"
                 ) from None
             try:
-                sock = socket.socket(fileno=fd)  # family/type read from the kernel
+                sock = _adopt(fd)  # family/type read from the kernel
             except OSError as exc:
                 raise HandoffError(
                     f"LISTEN_FDS fd {fd} ({label!r}) is not a socket: {exc}"
@@ -595,7 +620,9 @@ def inherited_sockets(*, unset_environment: bool = True) -> dict[str, socket.soc
     never tries to adopt fds it does not have).
 
     :param unset_environment: remove the variable (default True).
-    :returns: ``{name: socket}``; empty when nothing was inherited.
+    :returns: ``{name: socket}``; empty when nothing was inherited. A socket the
+        parent made non-blocking has ``gettimeout()`` 0 (O_NONBLOCK is read, not
+        changed: the parent shares it).
     :raises HandoffError: the variable is malformed (an fd above a C int, a name
         or an fd given twice) or an fd is not an open socket
         (every socket adopted so far is then closed, each once).
@@ -634,7 +661,7 @@ def inherited_sockets(*, unset_environment: bool = True) -> dict[str, socket.soc
                 )
             try:
                 os.set_inheritable(fd, False)
-                out[name] = socket.socket(fileno=fd)
+                out[name] = _adopt(fd)
             except OSError as exc:
                 raise HandoffError(f"inherited fd {fd} ({name!r}) is not a socket: {exc}") from None
             names_by_fd[fd] = name
