@@ -199,6 +199,65 @@ def test_non_local_address() -> None:
         reuseport_listener("192.0.2.1:0")
 
 
+def _absent_interface_index() -> int:
+    return max(index for index, _name in socket.if_nameindex()) + 1000
+
+
+_BINDERS: list[Callable[[str], object]] = [
+    reuseport_listener,
+    reuseport_udp,
+    reuselb.hold_port,
+    lambda a: reuseport_group(a, 2),
+    lambda a: reuseport_group(a, 2, kind="udp"),
+]
+
+
+@pytest.mark.ipv6
+@pytest.mark.parametrize("binder", _BINDERS)
+def test_link_local_address_needs_a_zone_naming_an_interface(
+    binder: Callable[[str], object], no_fd_leak: None
+) -> None:
+    # Before: bare OSError EINVAL (no zone) and ENODEV (no such interface) that
+    # did not name the address; a group wrapped them in GroupMemberError.
+    absent = _absent_interface_index()
+    for value, needle in [
+        ("[fe80::abcd]:0", "a link-local address needs a zone"),
+        ("[ff02::1]:0", "a link-local address needs a zone"),
+        (f"[fe80::abcd%{absent}]:0", f"no interface with index {absent}"),
+    ]:
+        with pytest.raises(AddressError) as info:
+            binder(value)
+        assert needle in str(info.value)
+        assert repr(value) in str(info.value)
+
+
+@pytest.mark.ipv6
+def test_connect_to_link_local_literal_needs_a_zone_naming_an_interface(
+    no_fd_leak: None,
+) -> None:
+    # Before: "connect to [fe80::abcd]:1: Invalid argument", an OSError blaming the peer.
+    absent = _absent_interface_index()
+    with pytest.raises(AddressError, match=r"'\[fe80::abcd\]:1'.*needs a zone"):
+        connect_tcp("[fe80::abcd]:1", timeout=5)
+    with pytest.raises(AddressError, match=f"no interface with index {absent}"):
+        connect_tcp(f"[fe80::abcd%{absent}]:1", timeout=5)
+
+
+@pytest.mark.ipv6
+def test_bind_einval_and_enodev_are_address_errors(
+    monkeypatch: pytest.MonkeyPatch, no_fd_leak: None
+) -> None:
+    # What the up-front check cannot foresee (an interface removed meanwhile, an
+    # EINVAL it does not know of) still reaches bind(): the kernel's answer must
+    # come back as an AddressError naming the address, not as a bare OSError.
+    monkeypatch.setattr(_sockets, "_check_zone", lambda *args: None, raising=False)
+    absent = _absent_interface_index()
+    with pytest.raises(AddressError, match=r"fe80::abcd\]:0.*refused to bind it"):
+        reuseport_listener("[fe80::abcd]:0")
+    with pytest.raises(AddressError, match=f"no interface with index {absent}"):
+        reuseport_udp(f"[fe80::abcd%{absent}]:0")
+
+
 def test_unknown_host() -> None:
     with pytest.raises(reuselb.HostNotFound, match="no-such-host.invalid"):
         reuseport_listener("no-such-host.invalid:0")

@@ -276,6 +276,34 @@ def _somaxconn() -> int:
         return socket.SOMAXCONN
 
 
+def _check_zone(family: socket.AddressFamily, sockaddr: Any, value: object) -> None:
+    """Refuse a link-local IPv6 address whose zone names no interface, before any socket.
+
+    The same ``fe80::1`` can be on every link, so the kernel needs the interface
+    (``__ipv6_addr_needs_scope_id``: link-local unicast, and interface- or
+    link-local multicast) and answers ``bind``/``connect`` without one with a bare
+    EINVAL, and with an index no interface has with ENODEV. A numeric zone passes
+    getaddrinfo whether or not the interface exists, hence the lookup here. The
+    scope id of any other address is ignored by the kernel.
+    """
+    if family != socket.AF_INET6:
+        return
+    ip = ipaddress.IPv6Address(sockaddr[0].partition("%")[0])
+    if not (ip.is_link_local or (ip.is_multicast and (ip.packed[1] & 0x0F) in (1, 2))):
+        return
+    if not sockaddr[3]:
+        raise AddressError(
+            value,
+            f"a link-local address needs a zone naming its interface, e.g. [{ip}%eth0]",
+        )
+    try:
+        socket.if_indextoname(sockaddr[3])
+    except OSError:
+        raise AddressError(
+            value, f"no interface with index {sockaddr[3]} (the address's zone)"
+        ) from None
+
+
 def _bind_target(
     address: Address, kind: socket.SocketKind, dualstack: bool, value: object
 ) -> tuple[socket.AddressFamily, Any]:
@@ -298,6 +326,7 @@ def _bind_target(
                 f"{target[1][0]} is an IPv4-mapped address, which an IPv6-only socket "
                 f"cannot bind; bind {mapped} instead, or pass dualstack=True",
             )
+    _check_zone(target[0], target[1], value)
     return target
 
 
@@ -331,6 +360,17 @@ def _bound(
                 raise AddressInUse(str(parse_address(sockaddr)), exc.strerror or "") from None
             if exc.errno == errno.EADDRNOTAVAIL:
                 raise AddressError(str(addr), "not an address of this host") from None
+            if exc.errno == errno.ENODEV:
+                # The interface went away after _bind_target looked it up.
+                raise AddressError(
+                    str(addr), f"no interface with index {sockaddr[3]} (the address's zone)"
+                ) from None
+            if exc.errno == errno.EINVAL:
+                # Whatever EINVAL _bind_target cannot foresee is still this address's
+                # fault (the socket is new and unbound), not a failure to report bare.
+                raise AddressError(
+                    str(addr), f"the kernel refused to bind it ({exc.strerror})"
+                ) from None
             raise
     except BaseException:
         sock.close()
@@ -400,8 +440,10 @@ def reuseport_listener(
     :param balanced: require that the kernel balances the group (default); pass
         False to accept SO_REUSEPORT without balancing (macOS).
     :returns: the listening socket; the caller owns it.
-    :raises AddressError: the address is malformed, not an address of this host, or
-        an IPv4-mapped IPv6 address without *dualstack*.
+    :raises AddressError: the address is malformed, not an address of this host,
+        an IPv4-mapped IPv6 address without *dualstack*, a link-local IPv6 address
+        without a zone or with a zone naming no interface, or refused by ``bind``
+        with EINVAL.
     :raises HostNotFound: the host name does not resolve.
     :raises AddressInUse: a socket outside this reuseport group holds the address.
     :raises ReuseportUnsupported: the system cannot give what *balanced* asks for.
@@ -452,8 +494,9 @@ def reuseport_udp(
     :param nonblocking: create the socket non-blocking.
     :param balanced: require kernel balancing (see :func:`reuseport_listener`).
     :returns: the bound socket; the caller owns it.
-    :raises AddressError: the address is malformed, not local, or an IPv4-mapped
-        IPv6 address without *dualstack*.
+    :raises AddressError: the address is malformed, not local, an IPv4-mapped
+        IPv6 address without *dualstack*, a link-local IPv6 address without a zone
+        or with a zone naming no interface, or refused by ``bind`` with EINVAL.
     :raises HostNotFound: the host name does not resolve.
     :raises AddressInUse: a socket outside this reuseport group holds the address.
     :raises ReuseportUnsupported: the system cannot give what *balanced* asks for.
@@ -485,8 +528,9 @@ def hold_port(
     :param dualstack: as for :func:`reuseport_listener` (the workers must match).
     :param balanced: as for :func:`reuseport_listener`.
     :returns: the bound socket; close it to release the port.
-    :raises AddressError: the address is malformed, not local, or an IPv4-mapped
-        IPv6 address without *dualstack*.
+    :raises AddressError: the address is malformed, not local, an IPv4-mapped
+        IPv6 address without *dualstack*, a link-local IPv6 address without a zone
+        or with a zone naming no interface, or refused by ``bind`` with EINVAL.
     :raises HostNotFound: the host name does not resolve.
     :raises AddressInUse: a socket outside this reuseport group holds the address.
     :raises ReuseportUnsupported: the system cannot give what *balanced* asks for.
@@ -626,7 +670,8 @@ def reuseport_group(
     :raises GroupMemberError: member *k* failed with an ``OSError`` or
         ``ValueError``; the cause is chained.
     :raises AddressError: the address is malformed, IPv4-mapped IPv6 without
-        ``dualstack=True``, or IPv4 with it (before any socket is made).
+        ``dualstack=True``, IPv4 with it, or link-local IPv6 without a zone or with
+        a zone naming no interface (before any socket is made).
     :raises HostNotFound: the host name does not resolve (before any socket).
     :raises ReuseportUnsupported: see :func:`reuseport_listener` (before any socket).
     :raises TypeError: an option the factory does not take. Any other exception
@@ -705,9 +750,10 @@ def connect_tcp(
     :returns: the connected socket; the caller owns it.
     :raises InvalidArgument: *timeout* is not a positive, finite int or float (at
         most 1e9 seconds), or a flag is not a bool.
-    :raises AddressError: an address is malformed, *source* is not an address of
-        this host, or *source* is of another family (IPv4/IPv6) than every address
-        of the peer.
+    :raises AddressError: an address is malformed, *address* is a link-local IPv6
+        literal without a zone or with a zone naming no interface, *source* is not
+        an address of this host, or *source* is of another family (IPv4/IPv6) than
+        every address of the peer.
     :raises AddressInUse: *source* names a port that another socket holds.
     :raises HostNotFound: a host name does not resolve.
     :raises OSError: every candidate failed (the last error, naming the address:
@@ -724,6 +770,10 @@ def connect_tcp(
     last: OSError | None = None
     mismatch: ReuselbError | None = None
     for family, sockaddr in resolve_address(addr, socket.SOCK_STREAM, passive=False):
+        if addr.is_literal:
+            # The caller's own literal: the kernel's EINVAL/ENODEV would read as a
+            # connect failure of the peer. (A name's candidates are tried in turn.)
+            _check_zone(family, sockaddr, address)
         peer = parse_address(sockaddr)
         src_sockaddr = None
         if src is not None:
