@@ -34,6 +34,7 @@ from reuselb import (
     tcp_socket,
     udp_socket,
 )
+from reuselb._address import resolve_address
 from reuselb._demo import start_workers, stop_workers
 from tests.conftest import open_fds
 
@@ -473,6 +474,43 @@ def test_connect_tcp_source_of_the_other_family() -> None:
             with pytest.raises(reuselb.AddressInUse):
                 connect_tcp(peer, source=f"127.0.0.1:{held}", timeout=5)
         assert open_fds() == before
+
+
+@pytest.mark.ipv6
+def test_connect_tcp_source_bind_failure_blames_the_source(
+    monkeypatch: pytest.MonkeyPatch, no_fd_leak: None
+) -> None:
+    # Before: "connect to [::1]:<port>: Invalid argument" (or "No such device"),
+    # an OSError naming the peer, after trying every other peer address too.
+    with reuseport_listener("[::1]:0") as lst:
+        peer = f"[::1]:{lst.getsockname()[1]}"
+        with pytest.raises(AddressError, match=r"'\[fe80::abcd\]:0'.*needs a zone"):
+            connect_tcp(peer, source="[fe80::abcd]:0", timeout=5)
+
+        # With the up-front check off, the source reaches bind() (ENODEV here): the
+        # error still names the source, and the second candidate is not tried.
+        monkeypatch.setattr(_sockets, "_check_zone", lambda *args: None, raising=False)
+
+        def two_candidates(*args: Any, **kwargs: Any) -> Any:
+            found = resolve_address(*args, **kwargs)
+            return found if kwargs["passive"] else found * 2
+
+        made: list[socket.socket] = []
+        real_new_socket = _sockets._new_socket
+
+        def counting(*args: Any) -> socket.socket:
+            made.append(real_new_socket(*args))
+            return made[-1]
+
+        monkeypatch.setattr(_sockets, "resolve_address", two_candidates)
+        monkeypatch.setattr(_sockets, "_new_socket", counting)
+        source = f"[fe80::abcd%{_absent_interface_index()}]:0"
+        with pytest.raises(AddressError) as info:
+            connect_tcp(peer, source=source, timeout=5)
+        assert repr(source) in str(info.value)
+        assert "no interface with index" in str(info.value)
+        assert "connect to" not in str(info.value)
+        assert len(made) == 1 and made[0].fileno() == -1
 
 
 def test_connect_error_keeps_its_class_errno_and_cause() -> None:

@@ -752,8 +752,9 @@ def connect_tcp(
         most 1e9 seconds), or a flag is not a bool.
     :raises AddressError: an address is malformed, *address* is a link-local IPv6
         literal without a zone or with a zone naming no interface, *source* is not
-        an address of this host, or *source* is of another family (IPv4/IPv6) than
-        every address of the peer.
+        an address of this host, is link-local without a usable zone, is of another
+        family (IPv4/IPv6) than every address of the peer, or cannot be bound for
+        another reason (the ``OSError`` is chained; no other peer address is tried).
     :raises AddressInUse: *source* names a port that another socket holds.
     :raises HostNotFound: a host name does not resolve.
     :raises OSError: every candidate failed (the last error, naming the address:
@@ -794,29 +795,21 @@ def connect_tcp(
             except HostNotFound as exc:
                 mismatch = exc
                 continue
+            _check_zone(family, src_sockaddr, source)
         sock = _new_socket(family, socket.SOCK_STREAM, False)
         try:
             if nodelay:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if src_sockaddr is not None:
-                if src_sockaddr[1] == 0 and sys.platform.startswith("linux"):
-                    sock.setsockopt(socket.IPPROTO_IP, _IP_BIND_ADDRESS_NO_PORT, 1)
-                try:
-                    sock.bind(src_sockaddr)
-                except OSError as exc:
-                    # The source's fault, not the peer's: no other candidate can fix
-                    # it, and a connect error naming the peer would mislead.
-                    if exc.errno == errno.EADDRNOTAVAIL:
-                        raise AddressError(source, "not an address of this host") from None
-                    if exc.errno == errno.EADDRINUSE:
-                        raise AddressInUse(str(src), exc.strerror or "") from None
-                    raise
+            if src is not None and src_sockaddr is not None:
+                _bind_source(sock, src_sockaddr, source, src)
+        except BaseException:
+            sock.close()
+            raise
+        # Only the connect is the peer's: its failure moves on to the next candidate.
+        try:
             sock.settimeout(timeout)
             sock.connect(sockaddr)
             sock.settimeout(0.0 if nonblocking else None)
-        except (AddressError, AddressInUse):
-            sock.close()
-            raise
         except OSError as exc:
             sock.close()
             last = _connect_error(exc, peer)
@@ -830,6 +823,31 @@ def connect_tcp(
         assert mismatch is not None  # resolve_address never returns an empty list
         raise mismatch
     raise last
+
+
+def _bind_source(sock: socket.socket, sockaddr: Any, source: object, src: Address) -> None:
+    """Bind *sock* to connect_tcp's *source*: whatever bind says is the source's fault.
+
+    Raised, not recorded as a candidate's failure: no other address of the peer can
+    fix a source that does not bind, and a connect error naming the peer would
+    mislead.
+    """
+    if sockaddr[1] == 0 and sys.platform.startswith("linux"):
+        sock.setsockopt(socket.IPPROTO_IP, _IP_BIND_ADDRESS_NO_PORT, 1)
+    try:
+        sock.bind(sockaddr)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise AddressInUse(str(src), exc.strerror or "") from None
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise AddressError(source, "not an address of this host") from None
+        if exc.errno == errno.ENODEV:
+            # The zone's interface went away after _check_zone looked it up.
+            reason = f"no interface with index {sockaddr[3]} (the address's zone)"
+        else:
+            reason = f"the kernel refused to bind the source ({exc.strerror or exc})"
+        # Chained: the errno (EACCES for a port below 1024...) stays readable.
+        raise AddressError(source, reason) from exc
 
 
 def _family_name(family: socket.AddressFamily) -> str:
