@@ -14,6 +14,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,7 @@ from reuselb import (
     reuseport_group,
     reuseport_listener,
     send_sockets,
+    socket_info,
     steer_all_to,
     tcp_migrate_req,
     udp_socket,
@@ -798,6 +800,42 @@ def test_drain_close_listener_above_fd_1023(monkeypatch: pytest.MonkeyPatch) -> 
         finally:
             client.close()
         assert high.fileno() == -1
+
+
+def _wait_queued(member: socket.socket, n: int) -> int:
+    """The member's accept-queue length once it reaches *n* (or after 10 s)."""
+    # connect() returns when the client has the SYN-ACK; the server side queues
+    # the connection when it processes the client's ACK, a moment later.
+    deadline = time.monotonic() + 10
+    for _ in range(1_000_000):
+        queued = socket_info(member).queued
+        if queued == n or time.monotonic() > deadline:
+            break
+    return queued or 0
+
+
+def test_drain_close_timeout_still_takes_the_queue(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_handoff, "tcp_migrate_req", lambda: False)  # the steer path
+    with reuseport_group("127.0.0.1:0", 2) as group:
+        steer_all_to(group, 0)
+        clients = [connect_tcp(("127.0.0.1", group.port), timeout=5) for _ in range(50)]
+        try:
+            assert _wait_queued(group[0], 50) == 50
+            detach_steering(group[1])
+            # The deadline passes before the accept loop runs once: only the sweep
+            # after it can take the 50 connections (the old code reset them all).
+            result = drain_close(group[0], group=group, timeout=1e-9)
+            assert len(result.accepted) == 50
+            assert result.timed_out is True
+            for conn in result.accepted:
+                conn.sendall(b"ok")
+                conn.close()
+            for c in clients:
+                c.settimeout(5)
+                assert c.recv(2) == b"ok"
+        finally:
+            for c in clients:
+                c.close()
 
 
 _MIGRATE_CHILD = """

@@ -417,10 +417,29 @@ class DrainResult:
         ``"steer"`` (new SYNs were steered away and the queue was accepted here).
     :ivar accepted: connections taken from the member's queue; the caller owns
         them and hands them on (empty on the migrate path).
+    :ivar timed_out: the steer path reached *timeout* before the queue stayed empty
+        for *grace*. The connections already in the queue were still taken (one
+        last non-blocking sweep) and are in *accepted*, but a handshake still in
+        flight when the member closed was reset.
     """
 
     path: str
     accepted: list[socket.socket] = field(default_factory=list)
+    timed_out: bool = False
+
+
+_TCP_INFO = getattr(socket, "TCP_INFO", 11)
+
+
+def _queue_capacity(listener: socket.socket) -> int:
+    """How many connections the listener's accept queue holds when full."""
+    try:
+        # struct tcp_info of a listener: tcpi_unacked (offset 24) is the queue's
+        # length, tcpi_sacked (offset 28) its limit; the kernel takes one more.
+        info = listener.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 32)
+        return int(struct.unpack_from("=I", info, 28)[0]) + 1
+    except (OSError, struct.error):
+        return 65536  # net.core.somaxconn's usual ceiling
 
 
 def _drain_members(
@@ -482,8 +501,10 @@ def drain_close(
         way leaves the group's indexes stale). Optional with ``tcp_migrate_req=1``.
     :param grace: seconds the queue must stay empty before closing (steer path),
         ``0`` to ``1e9``.
-    :param timeout: give up accepting after this many seconds (steer path), more
-        than ``0`` and at most ``1e9``.
+    :param timeout: stop waiting for the queue to go quiet after this many seconds
+        (steer path), more than ``0`` and at most ``1e9``. What is queued then is
+        still accepted, and :attr:`DrainResult.timed_out` is set: a handshake still
+        in flight at that point is reset when the member closes.
     :returns: a :class:`DrainResult`.
     :raises InvalidArgument: *grace* or *timeout* is not an int or float in range
         (bools, NaN and infinities are refused), *group* is neither a
@@ -535,6 +556,7 @@ def drain_close(
 
     steer_away_from(members, index)
     accepted: list[socket.socket] = []
+    timed_out = False
     try:
         listener.setblocking(False)
         # poll, not select: select() refuses fds above 1023, common in a proxy.
@@ -542,7 +564,10 @@ def drain_close(
         poller.register(listener, select.POLLIN)
         deadline = time.monotonic() + timeout
         quiet_since = time.monotonic()
-        while (now := time.monotonic()) < deadline:
+        while True:
+            if (now := time.monotonic()) >= deadline:
+                timed_out = True
+                break
             try:
                 conn, _ = listener.accept()
             except BlockingIOError:
@@ -556,6 +581,18 @@ def drain_close(
             conn.setblocking(True)
             accepted.append(conn)
             quiet_since = time.monotonic()
+        if timed_out:
+            # The queue still holds connections that finished their handshake:
+            # closing now would reset them. New SYNs go to the other members, so
+            # the queue only shrinks; take what is in it. The count bound (two
+            # full queues) only matters if something else steers SYNs back here.
+            for _ in range(2 * _queue_capacity(listener)):
+                try:
+                    conn, _ = listener.accept()
+                except BlockingIOError:
+                    break
+                conn.setblocking(True)
+                accepted.append(conn)
     except BaseException:
         for conn in accepted:
             conn.close()
@@ -566,7 +603,7 @@ def drain_close(
         if isinstance(group, ReuseportGroup):
             group._remove(index)
         detach_steering(other)
-    return DrainResult("steer", accepted)
+    return DrainResult("steer", accepted, timed_out)
 
 
 #: The environment variable that carries ``name=fd`` pairs across one exec.
