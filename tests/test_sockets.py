@@ -34,6 +34,7 @@ from reuselb import (
     tcp_socket,
     udp_socket,
 )
+from reuselb import _steering as steering
 from reuselb._address import resolve_address
 from reuselb._demo import start_workers, stop_workers
 from tests.conftest import open_fds
@@ -334,6 +335,49 @@ def test_group_take_and_close() -> None:
     assert taken.fileno() != -1, "a taken member belongs to the caller"
     assert group.members == ()
     taken.close()
+
+
+@pytest.mark.parametrize("index", ["a", 1.0, True, None, slice(0, 2)])
+def test_group_index_must_be_an_int(index: object, no_fd_leak: None) -> None:
+    # Before: a bare TypeError from the list ("list indices must be integers"),
+    # and True silently meant member 1.
+    with reuseport_group("127.0.0.1:0", 2) as group:
+        calls: list[Callable[[Any], object]] = [group.take, group.fileno, group.__getitem__]
+        for call in calls:
+            with pytest.raises(InvalidArgument) as info:
+                call(index)
+            assert f"invalid index {index!r}: must be an int" in str(info.value)
+        assert len(group.members) == 2, "nothing was taken"
+        with pytest.raises(IndexError, match="no member 5: the group has 2"):
+            group.take(5)
+        # Negative indexes still count from the end.
+        with group.take(-1), pytest.raises(IndexError, match="member -1 was taken"):
+            group[-1]
+
+
+@pytest.mark.parametrize(
+    ("call", "needle"),
+    [
+        (lambda s: steering.steer_all_to(s, 0), "invalid group <socket.socket"),
+        (lambda s: steering.steer_away_from(s, 0), "invalid group <socket.socket"),
+        (steering.attach_hash_steering, "invalid group <socket.socket"),
+        (steering.attach_cpu_steering, "invalid group <socket.socket"),
+        (lambda s: steering.attach_cpu_steering(None), "invalid group None"),  # type: ignore[arg-type]
+        (lambda s: steering.steer_all_to(5, 0), "invalid group 5"),  # type: ignore[arg-type]
+    ],
+)
+def test_steering_refuses_what_is_not_a_group(
+    call: Callable[[socket.socket], None], needle: str, no_fd_leak: None
+) -> None:
+    # Before: TypeError "'socket' object is not iterable", naming no argument.
+    with reuseport_listener("127.0.0.1:0") as lst:
+        with pytest.raises(InvalidArgument) as info:
+            call(lst)
+        assert needle in str(info.value)
+        if isinstance(info.value.value, socket.socket):
+            assert "one socket is not a group" in str(info.value)
+    with pytest.raises(WrongSocketType, match="group member: expected a socket.socket, got str"):
+        steering.steer_all_to("ab", 0)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(

@@ -582,12 +582,17 @@ class ReuseportGroup:
         return self.address.port
 
     def fileno(self, index: int) -> int:
-        """The file descriptor of member *index*."""
+        """The file descriptor of member *index*.
+
+        :raises InvalidArgument: *index* is not an int.
+        :raises IndexError: no member at *index*, or it was taken.
+        """
         return self[index].fileno()
 
     def take(self, index: int) -> socket.socket:
         """Give member *index* to the caller: the group will no longer close it.
 
+        :raises InvalidArgument: *index* is not an int.
         :raises IndexError: no member at *index*, or it was already taken.
         """
         sock = self[index]
@@ -625,6 +630,12 @@ class ReuseportGroup:
         return len(self._members)
 
     def __getitem__(self, index: int) -> socket.socket:
+        # Checked here for every caller (take, fileno): a str would be a bare
+        # TypeError from the list, a bool a member (True is 1), a slice a list.
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise InvalidArgument("index", index, "must be an int")
+        if not -len(self._members) <= index < len(self._members):
+            raise IndexError(f"no member {index}: the group has {len(self._members)}")
         sock = self._members[index]
         if sock is None:
             raise IndexError(f"member {index} was taken from the group")

@@ -85,7 +85,23 @@ def _members(group: Iterable[socket.socket]) -> tuple[int, socket.socket]:
                 "group", group, "holds no member to attach through (all were taken)"
             )
         return size, check_open(via, "group member")
-    members = [check_open(s, "group member") for s in group]
+    # Checked, not left to iter(): one socket, None or an int would otherwise end
+    # in a bare TypeError ("'socket' object is not iterable") that names nothing.
+    # A single socket is refused even though only the first member is attached
+    # through: the program's modulus and indexes need the whole group.
+    if isinstance(group, socket.socket):
+        raise InvalidArgument(
+            "group",
+            group,
+            "one socket is not a group: pass the ReuseportGroup or all its members in join order",
+        )
+    try:
+        items = iter(group)
+    except TypeError:
+        raise InvalidArgument(
+            "group", group, "expected a ReuseportGroup or a sequence of sockets"
+        ) from None
+    members = [check_open(s, "group member") for s in items]
     if not members:
         raise InvalidArgument("group", group, "has no members")
     return len(members), members[0]
@@ -106,8 +122,9 @@ def attach_cpu_steering(group: Iterable[socket.socket], *, strict: bool = True) 
         step.)
     :param strict: require exactly one member per CPU (``os.cpu_count()``); with
         False, CPUs beyond the group fall back to the kernel's hash.
-    :raises InvalidArgument: the group is empty or, with *strict*, its size differs
-        from the CPU count; *strict* is not a bool.
+    :raises InvalidArgument: *group* is not a group or a sequence of sockets (one
+        socket is not a group), the group is empty or, with *strict*, its size
+        differs from the CPU count; *strict* is not a bool.
     :raises SteeringError: the kernel refused the program.
     :raises SocketClosed: a member is closed.
     :raises WrongSocketType: a member is not a socket object.
@@ -127,7 +144,8 @@ def steer_all_to(group: Iterable[socket.socket], index: int) -> None:
 
     Useful to fill one member's queue on purpose (tests, canaries).
 
-    :raises InvalidArgument: *index* is not a member's index.
+    :raises InvalidArgument: *group* is not a group or a non-empty sequence of
+        sockets (one socket is not a group), or *index* is not a member's index.
     :raises SteeringError: the kernel refused the program.
     :raises SocketClosed: a member is closed.
     :raises WrongSocketType: a member is not a socket object.
@@ -143,7 +161,9 @@ def steer_away_from(group: Iterable[socket.socket], index: int) -> None:
 
     Program: ``ld [SKF_AD_RANDOM]; a %= n-1; if a >= index: a += 1; ret a``.
 
-    :raises InvalidArgument: fewer than 2 members, or *index* out of range.
+    :raises InvalidArgument: *group* is not a group or a sequence of sockets (one
+        socket is not a group), it has fewer than 2 members, or *index* is out of
+        range.
     :raises SteeringError: the kernel refused the program.
     :raises SocketClosed: a member is closed.
     :raises WrongSocketType: a member is not a socket object.
@@ -198,7 +218,8 @@ def attach_hash_steering(group: Iterable[socket.socket]) -> None:
     this one is the same on every host and boot and predictable with
     :func:`hash_steering_index`, so a flow's member can be computed outside the kernel.
 
-    :raises InvalidArgument: the group is empty or not IPv4.
+    :raises InvalidArgument: *group* is not a group or a sequence of sockets (one
+        socket is not a group), or it is empty or not IPv4.
     :raises SteeringError: the kernel refused the program.
     :raises SocketClosed: a member is closed.
     :raises WrongSocketType: a member is not a socket object.
