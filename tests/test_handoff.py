@@ -838,6 +838,48 @@ def test_drain_close_timeout_still_takes_the_queue(monkeypatch: pytest.MonkeyPat
                 c.close()
 
 
+@pytest.mark.parametrize("size", [3, 2])
+def test_drain_close_keeps_the_accepted_when_a_member_closes_meanwhile(
+    monkeypatch: pytest.MonkeyPatch, size: int
+) -> None:
+    from reuselb import _steering
+
+    monkeypatch.setattr(_handoff, "tcp_migrate_req", lambda: False)  # the steer path
+    group = reuseport_group("127.0.0.1:0", size)
+    members = list(group)
+    steer_away_from = _steering.steer_away_from
+
+    def attach_then_lose_member_1(g: object, index: int) -> None:
+        steer_away_from(g, index)  # type: ignore[arg-type]
+        members[1].close()  # what another thread stopping its worker does, mid-drain
+
+    monkeypatch.setattr(_steering, "steer_away_from", attach_then_lose_member_1)
+    steer_all_to(group, 0)
+    clients = [connect_tcp(("127.0.0.1", group.port), timeout=5) for _ in range(5)]
+    try:
+        assert _wait_queued(members[0], 5) == 5
+        detach_steering(members[0])
+        result = drain_close(members[0], group=group, grace=0.05)
+        # Every queued connection is the caller's, whatever became of the detach.
+        assert len(result.accepted) == 5
+        for conn in result.accepted:
+            conn.sendall(b"ok")
+            conn.close()
+        for c in clients:
+            c.settimeout(5)
+            assert c.recv(2) == b"ok"
+        if size == 3:  # detached through member 2, the one still open
+            assert result.steering_error is None
+            assert _no_program(members[2])
+        else:  # no member left to detach through: said, not raised
+            assert isinstance(result.steering_error, SteeringError)
+            assert "no other member of the group is open" in str(result.steering_error)
+    finally:
+        for c in clients:
+            c.close()
+        group.close()
+
+
 _MIGRATE_CHILD = """
 import json, socket
 from reuselb import (

@@ -15,6 +15,7 @@ Rules of this module:
 from __future__ import annotations
 
 import array
+import errno
 import json
 import os
 import re
@@ -26,7 +27,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from ._errors import HandoffError, InvalidArgument, WrongSocketType
+from ._errors import HandoffError, InvalidArgument, SocketClosed, SteeringError, WrongSocketType
 from ._sockets import _C_INT_MAX, ReuseportGroup, check_flag, check_open, check_seconds
 
 __all__ = [
@@ -421,11 +422,19 @@ class DrainResult:
         for *grace*. The connections already in the queue were still taken (one
         last non-blocking sweep) and are in *accepted*, but a handshake still in
         flight when the member closed was reset.
+    :ivar steering_error: ``None`` when the group's steering was left as
+        documented; otherwise why not, e.g. the steer path could not detach its
+        program because every other member was closed meanwhile (by another
+        thread). The drain itself succeeded: *listener* is closed and *accepted*
+        holds every connection taken. The group may still carry drain_close's
+        program: re-attach yours, or call :func:`~reuselb.detach_steering`
+        through a member that is open.
     """
 
     path: str
     accepted: list[socket.socket] = field(default_factory=list)
     timed_out: bool = False
+    steering_error: Exception | None = None
 
 
 _TCP_INFO = getattr(socket, "TCP_INFO", 11)
@@ -440,6 +449,41 @@ def _queue_capacity(listener: socket.socket) -> int:
         return int(struct.unpack_from("=I", info, 28)[0]) + 1
     except (OSError, struct.error):
         return 65536  # net.core.somaxconn's usual ceiling
+
+
+def _detach_through(candidates: Iterable[socket.socket]) -> Exception | None:
+    """Detach the group's program through the first candidate that lets us.
+
+    Any member of the group will do, and the one chosen before the drain may have
+    been closed since by another thread: one failure must not leave the program
+    attached (nor lose the connections already accepted). Returns the error when
+    no candidate worked, ``None`` when the program is gone.
+    """
+    from ._steering import detach_steering
+
+    error: Exception | None = None
+    no_program = False
+    for member in candidates:
+        if member.fileno() == -1:
+            continue
+        try:
+            detach_steering(member)
+            return None
+        except SteeringError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, OSError) and cause.errno == errno.ENOENT:
+                # No program on this member's group (or the member is leaving it):
+                # try the others, but ENOENT from all of them means it is gone.
+                no_program = True
+            else:
+                error = exc
+        except SocketClosed as exc:  # closed by another thread since the check above
+            error = exc
+    if error is None and no_program:
+        return None
+    return error or SteeringError(
+        "detaching drain_close's steering program failed: no other member of the group is open"
+    )
 
 
 def _drain_members(
@@ -484,7 +528,9 @@ def drain_close(
       to the other members, the queue is accepted here until it stays empty for
       *grace* seconds (handshakes already in flight complete within that time on a
       LAN; raise it for long round trips), then the member is closed and the
-      program detached. The accepted connections are returned to the caller.
+      program detached (through any other member still open; if none lets it,
+      :attr:`DrainResult.steering_error` says why). The accepted connections are
+      returned to the caller, also then.
 
     Every argument is checked before anything changes: when this raises
     ``InvalidArgument`` or ``WrongSocketType``, *listener* is still open, *group*
@@ -552,7 +598,7 @@ def drain_close(
         raise InvalidArgument(
             "group", group, "holds no member besides listener to detach the steering through"
         )
-    from ._steering import detach_steering, steer_away_from
+    from ._steering import steer_away_from
 
     steer_away_from(members, index)
     accepted: list[socket.socket] = []
@@ -600,10 +646,14 @@ def drain_close(
     finally:
         listener.close()
         # The group first: it must mirror the kernel even if the detach fails.
+        candidates = [other, *members]
         if isinstance(group, ReuseportGroup):
             group._remove(index)
-        detach_steering(other)
-    return DrainResult("steer", accepted, timed_out)
+            candidates += [m for ref in group._taken.values() if (m := ref()) is not None]
+        # A failure is reported, not raised: raising here would drop the
+        # connections already accepted (reset when collected).
+        steering_error = _detach_through(m for m in candidates if m is not listener)
+    return DrainResult("steer", accepted, timed_out, steering_error)
 
 
 #: The environment variable that carries ``name=fd`` pairs across one exec.
