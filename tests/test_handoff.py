@@ -9,12 +9,14 @@ import math
 import os
 import re
 import resource
+import select
 import shutil
 import socket
 import struct
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -878,6 +880,86 @@ def test_drain_close_keeps_the_accepted_when_a_member_closes_meanwhile(
         for c in clients:
             c.close()
         group.close()
+
+
+def _landings(members: list[socket.socket], port: int, n: int) -> list[tuple[int, int]]:
+    """``(member index it reached, source port)`` for *n* new connections."""
+    out = []
+    for _ in range(n):
+        with socket.socket() as c:
+            c.bind(("127.0.0.1", 0))
+            c.connect(("127.0.0.1", port))
+            ready = select.select(members, [], [], 10)[0]
+            assert len(ready) == 1
+            ready[0].accept()[0].close()
+            out.append((members.index(ready[0]), c.getsockname()[1]))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["ReuseportGroup", "list"])
+@pytest.mark.parametrize("migrate", [False, True])
+def test_drain_close_restore_reattaches_the_callers_program(
+    monkeypatch: pytest.MonkeyPatch, kind: str, migrate: bool
+) -> None:
+    from reuselb import attach_hash_steering, hash_steering_index
+
+    # migrate=True only takes the migrate path's code: nothing is queued to move.
+    monkeypatch.setattr(_handoff, "tcp_migrate_req", lambda: migrate)
+    with reuseport_group("127.0.0.1:0", 3) as group:
+        s0, s1, s2 = group
+        attach_hash_steering(group)  # the caller's own program, for 3 members
+        seen: list[list[socket.socket]] = []
+
+        def restore(g: Iterable[socket.socket]) -> None:
+            seen.append(list(g))
+            attach_hash_steering(g)
+
+        drained = drain_close(
+            s0, group=group if kind == "ReuseportGroup" else [s0, s1, s2], restore=restore
+        )
+        assert drained.steering_error is None
+        # Called once, with the kernel's order after the close: s2 took slot 0.
+        assert seen == [[s2, s1]]
+        for m in (s1, s2):
+            m.setblocking(False)
+        for index, port in _landings([s2, s1], group.port, 24):
+            assert index == hash_steering_index("127.0.0.1", port, 2)
+
+
+def test_drain_close_restore_errors_are_reported_not_raised(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from reuselb import attach_hash_steering
+
+    monkeypatch.setattr(_handoff, "tcp_migrate_req", lambda: False)
+    with reuseport_group("127.0.0.1:0", 3) as group:
+        for bad in ("attach_hash_steering", 5):
+            with pytest.raises(InvalidArgument, match=f"invalid restore {bad!r}: must be a call"):
+                drain_close(group[0], group=group, restore=bad)  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgument, match="invalid restore .* needs the group"):
+            drain_close(group[0], restore=attach_hash_steering)
+        assert len(group) == 3 and all(m.fileno() != -1 for m in group)
+        assert _no_program(group[0])
+
+        steer_all_to(group, 0)
+        clients = [connect_tcp(("127.0.0.1", group.port), timeout=5) for _ in range(3)]
+        try:
+            assert _wait_queued(group[0], 3) == 3
+            detach_steering(group[0])
+            failure = RuntimeError("the caller's program did not attach")
+
+            def restore(g: Iterable[socket.socket]) -> None:
+                raise failure
+
+            result = drain_close(group[0], group=group, grace=0.05, restore=restore)
+            assert result.steering_error is failure
+            assert len(result.accepted) == 3  # not dropped by the caller's error
+            for conn in result.accepted:
+                conn.close()
+            assert _no_program(group[0])  # drain_close's own program is not left behind
+        finally:
+            for c in clients:
+                c.close()
 
 
 _MIGRATE_CHILD = """

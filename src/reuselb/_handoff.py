@@ -23,7 +23,7 @@ import select
 import socket
 import struct
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -423,12 +423,14 @@ class DrainResult:
         last non-blocking sweep) and are in *accepted*, but a handshake still in
         flight when the member closed was reset.
     :ivar steering_error: ``None`` when the group's steering was left as
-        documented; otherwise why not, e.g. the steer path could not detach its
-        program because every other member was closed meanwhile (by another
-        thread). The drain itself succeeded: *listener* is closed and *accepted*
-        holds every connection taken. The group may still carry drain_close's
-        program: re-attach yours, or call :func:`~reuselb.detach_steering`
-        through a member that is open.
+        documented (your program re-attached by *restore*, or no program at all);
+        otherwise why not: the exception *restore* raised (drain_close then
+        detached its own program), or the steer path could not detach its program
+        because every other member was closed meanwhile (by another thread). The
+        drain itself succeeded: *listener* is closed and *accepted* holds every
+        connection taken. The group may still carry drain_close's program:
+        re-attach yours, or call :func:`~reuselb.detach_steering` through a member
+        that is open.
     """
 
     path: str
@@ -486,6 +488,29 @@ def _detach_through(candidates: Iterable[socket.socket]) -> Exception | None:
     )
 
 
+def _restore(
+    restore: Callable[[Iterable[socket.socket]], object],
+    group: Iterable[socket.socket],
+    members: list[socket.socket],
+    index: int,
+) -> Exception | None:
+    """Call the caller's *restore* with the group *listener* left; its error, if any."""
+    if isinstance(group, ReuseportGroup):
+        remaining: Iterable[socket.socket] = group  # already updated by _remove()
+    else:
+        # The kernel's order after the close: the last member took the slot.
+        rest = list(members)
+        last = rest.pop()
+        if index < len(rest):
+            rest[index] = last
+        remaining = rest
+    try:
+        restore(remaining)
+    except Exception as exc:  # reported in DrainResult.steering_error
+        return exc
+    return None
+
+
 def _drain_members(
     listener: socket.socket, group: Iterable[socket.socket]
 ) -> tuple[list[socket.socket], int, socket.socket | None]:
@@ -516,6 +541,7 @@ def drain_close(
     group: Iterable[socket.socket] | None = None,
     grace: float = 0.2,
     timeout: float = 10.0,
+    restore: Callable[[Iterable[socket.socket]], object] | None = None,
 ) -> DrainResult:
     """Take one member out of a reuseport group without resetting a connection.
 
@@ -532,6 +558,16 @@ def drain_close(
       :attr:`DrainResult.steering_error` says why). The accepted connections are
       returned to the caller, also then.
 
+    **A steering program of yours does not survive.** The kernel keeps one program
+    per group and cannot hand it back, so the steer path replaces yours with its
+    own and removes that at the end: the kernel's hash picks members afterwards.
+    Your program would be wrong for the smaller group anyway (its size, and the
+    last member moved into the freed slot), so re-attach it for the new group:
+    pass *restore* (e.g. ``restore=attach_hash_steering``), which drain_close calls
+    with the group once *listener* has left it, on both paths. On the steer path
+    it replaces drain_close's program in one step, so the kernel's hash never
+    picks a member in between.
+
     Every argument is checked before anything changes: when this raises
     ``InvalidArgument`` or ``WrongSocketType``, *listener* is still open, *group*
     is as it was and no program is attached.
@@ -544,16 +580,25 @@ def drain_close(
         members taken from it with ``take()`` still count, as they are still in
         the kernel's group, and *listener* may be one of them (drain a taken
         member with its group to keep the group in step; closing it any other
-        way leaves the group's indexes stale). Optional with ``tcp_migrate_req=1``.
+        way leaves the group's indexes stale). Optional with ``tcp_migrate_req=1``
+        unless *restore* is given.
     :param grace: seconds the queue must stay empty before closing (steer path),
         ``0`` to ``1e9``.
     :param timeout: stop waiting for the queue to go quiet after this many seconds
         (steer path), more than ``0`` and at most ``1e9``. What is queued then is
         still accepted, and :attr:`DrainResult.timed_out` is set: a handshake still
         in flight at that point is reset when the member closes.
+    :param restore: called once *listener* has left the group, with the
+        remaining members in the kernel's order (the updated
+        :class:`~reuselb.ReuseportGroup`, or a new list for a plain sequence) to
+        attach your steering program for them. An exception it raises is not
+        raised again: it is in :attr:`DrainResult.steering_error` (on the steer
+        path drain_close then detaches its own program), since raising would drop
+        the connections already accepted.
     :returns: a :class:`DrainResult`.
     :raises InvalidArgument: *grace* or *timeout* is not an int or float in range
-        (bools, NaN and infinities are refused), *group* is neither a
+        (bools, NaN and infinities are refused), *restore* is not callable or is
+        given without *group*, *group* is neither a
         :class:`~reuselb.ReuseportGroup` nor a sequence of sockets (one socket is
         not a group), *listener* is not a member of *group*, or (steer path) there
         is no *group*, no other member in it, or no other member the
@@ -574,6 +619,10 @@ def drain_close(
         raise WrongSocketType("listener", "a listening TCP socket", repr(listener))
     grace = check_seconds("grace", grace, allow_zero=True)
     timeout = check_seconds("timeout", timeout, allow_zero=False)
+    if restore is not None and not callable(restore):
+        raise InvalidArgument("restore", restore, "must be a callable taking the group")
+    if restore is not None and group is None:
+        raise InvalidArgument("restore", restore, "needs the group to re-attach a program to")
     members: list[socket.socket] = []
     index = -1
     other: socket.socket | None = None
@@ -583,7 +632,10 @@ def drain_close(
         listener.close()
         if isinstance(group, ReuseportGroup):
             group._remove(index)
-        return DrainResult("migrate")
+        error = None
+        if restore is not None and group is not None:
+            error = _restore(restore, group, members, index)
+        return DrainResult("migrate", steering_error=error)
     if group is None:
         raise InvalidArgument(
             "group",
@@ -652,7 +704,14 @@ def drain_close(
             candidates += [m for ref in group._taken.values() if (m := ref()) is not None]
         # A failure is reported, not raised: raising here would drop the
         # connections already accepted (reset when collected).
-        steering_error = _detach_through(m for m in candidates if m is not listener)
+        steering_error = None
+        if restore is not None:
+            # After the close: the caller's program is for the group without
+            # listener. Attaching replaces drain_close's program in one step.
+            steering_error = _restore(restore, group, members, index)
+        if restore is None or steering_error is not None:
+            detach_error = _detach_through(m for m in candidates if m is not listener)
+            steering_error = steering_error or detach_error
     return DrainResult("steer", accepted, timed_out, steering_error)
 
 
