@@ -421,13 +421,14 @@ class DrainResult:
     :ivar timed_out: the steer path reached *timeout* before the queue stayed empty
         for *grace*. The connections already in the queue were still taken (one
         last non-blocking sweep) and are in *accepted*, but a handshake still in
-        flight when the member closed was reset.
+        flight when the member closed may have been reset.
     :ivar steering_error: ``None`` when the group's steering was left as
-        documented (your program re-attached by *restore*, or no program at all);
-        otherwise why not: the exception *restore* raised (drain_close then
-        detached its own program), or the steer path could not detach its program
-        because every other member was closed meanwhile (by another thread). The
-        drain itself succeeded: *listener* is closed and *accepted* holds every
+        documented: the program *restore* attached or, without *restore*, none
+        (steer path) or whatever it had (migrate path). Otherwise why not: the
+        exception *restore* raised (on the steer path drain_close then detached
+        its own program), or the steer path could not detach its program because
+        every other member was closed meanwhile (by another thread). The drain
+        itself succeeded: *listener* is closed and *accepted* holds every
         connection taken. The group may still carry drain_close's program:
         re-attach yours, or call :func:`~reuselb.detach_steering` through a member
         that is open.
