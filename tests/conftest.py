@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import IO
 
 import pytest
@@ -44,6 +45,36 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def open_fds() -> set[int]:
     """The file descriptors open in this process right now (Linux /proc)."""
     return {int(name) for name in os.listdir("/proc/self/fd")}
+
+
+@contextmanager
+def fds_left(free: int) -> Iterator[None]:
+    """Let this process open exactly *free* more fds, then fail with EMFILE.
+
+    Lowers the soft RLIMIT_NOFILE to just above the highest open fd plus *free*
+    and fills the holes below it (the kernel hands out the lowest free number).
+    """
+    import errno
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    top = max(open_fds())
+    fillers: list[int] = []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (top + 1, hard))
+    try:
+        for _ in range(top + 1):
+            try:
+                fillers.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+            except OSError as exc:
+                if exc.errno != errno.EMFILE:
+                    raise
+                break
+        resource.setrlimit(resource.RLIMIT_NOFILE, (top + 1 + free, hard))
+        yield
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 @pytest.fixture

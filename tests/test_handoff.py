@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import gc
 import json
@@ -41,7 +42,7 @@ from reuselb import (
     tcp_migrate_req,
     udp_socket,
 )
-from tests.conftest import open_fds
+from tests.conftest import fds_left, open_fds
 
 pytestmark = pytest.mark.linux
 
@@ -835,6 +836,41 @@ def test_drain_close_timeout_still_takes_the_queue(monkeypatch: pytest.MonkeyPat
             for c in clients:
                 c.settimeout(5)
                 assert c.recv(2) == b"ok"
+        finally:
+            for c in clients:
+                c.close()
+
+
+def test_drain_close_keeps_what_it_took_when_accept_runs_out_of_fds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_handoff, "tcp_migrate_req", lambda: False)  # the steer path
+    with reuseport_group("127.0.0.1:0", 2) as group:
+        steer_all_to(group, 0)
+        clients = [connect_tcp(("127.0.0.1", group.port), timeout=5) for _ in range(10)]
+        try:
+            assert _wait_queued(group[0], 10) == 10
+            detach_steering(group[1])
+            # Room for 3 accepted sockets: the 4th accept() fails with EMFILE. The 3
+            # taken are the caller's to serve (the old code closed them and raised).
+            listener = group[0]
+            with fds_left(3):
+                result = drain_close(listener, group=group, grace=0)
+            assert len(result.accepted) == 3
+            assert result.accept_error is not None
+            assert result.accept_error.errno == errno.EMFILE
+            assert listener.fileno() == -1
+            for conn in result.accepted:
+                conn.sendall(b"ok")
+                conn.close()
+            outcomes = []
+            for c in clients:
+                c.settimeout(5)
+                try:
+                    outcomes.append(c.recv(2))
+                except ConnectionResetError:
+                    outcomes.append(b"reset")  # still queued when the member closed
+            assert sorted(outcomes) == [b"ok"] * 3 + [b"reset"] * 7
         finally:
             for c in clients:
                 c.close()

@@ -37,7 +37,7 @@ from reuselb import (
 from reuselb import _steering as steering
 from reuselb._address import resolve_address
 from reuselb._demo import start_workers, stop_workers
-from tests.conftest import open_fds
+from tests.conftest import fds_left, open_fds
 
 pytestmark = pytest.mark.linux
 
@@ -706,28 +706,8 @@ def test_probe_without_fds_is_an_error_and_not_remembered(
 ) -> None:
     # No fd left (EMFILE) says nothing about SO_REUSEPORT: the probe raises, and the
     # next call, with fds again, probes afresh instead of answering "unsupported".
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    top = max(open_fds())
-    resource.setrlimit(resource.RLIMIT_NOFILE, (top + 1, hard))
-    fillers: list[int] = []
-    full: int | None = 0
-    try:
-        # Fill the holes below the highest fd: then no fd is left at all.
-        for _ in range(top + 1):
-            try:
-                fillers.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
-            except OSError as exc:
-                full = exc.errno
-                break
-        assert full == errno.EMFILE
-        with pytest.raises(OSError, match="Too many open files") as info:
-            reuselb.supports_reuseport()
-    finally:
-        for fd in fillers:
-            os.close(fd)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    with fds_left(0), pytest.raises(OSError, match="Too many open files") as info:
+        reuselb.supports_reuseport()
     assert info.value.errno == errno.EMFILE
     assert reuselb.supports_reuseport()
     with reuseport_listener("127.0.0.1:0") as lst:

@@ -432,13 +432,30 @@ class DrainResult:
         connection taken. The group may still carry drain_close's program:
         re-attach yours, or call :func:`~reuselb.detach_steering` through a member
         that is open.
+    :ivar accept_error: ``None``, or why the steer path stopped accepting early:
+        ``accept()`` failed for want of a resource (``EMFILE``, ``ENFILE``,
+        ``ENOBUFS``, ``ENOMEM``). The connections taken before are in *accepted*
+        (not closed: they are served or handed on like any other); those still
+        queued were reset when *listener* closed.
     """
 
     path: str
     accepted: list[socket.socket] = field(default_factory=list)
     timed_out: bool = False
     steering_error: Exception | None = None
+    accept_error: OSError | None = None
 
+
+# accept(2): Linux passes a queued connection's pending network error to accept(),
+# "treat them like EAGAIN by retrying": the next connection in the queue is fine.
+_ACCEPT_RETRY = frozenset(
+    getattr(errno, name)
+    for name in (
+        "ECONNABORTED", "EPROTO", "ENETDOWN", "ENOPROTOOPT", "EHOSTDOWN", "ENONET",
+        "EHOSTUNREACH", "EOPNOTSUPP", "ENETUNREACH",
+    )
+    if hasattr(errno, name)
+)  # fmt: skip
 
 _TCP_INFO = getattr(socket, "TCP_INFO", 11)
 
@@ -656,6 +673,32 @@ def drain_close(
     steer_away_from(members, index)
     accepted: list[socket.socket] = []
     timed_out = False
+    accept_error: OSError | None = None
+    # Two full queues: bounds the retries of take() and the sweep after a timeout.
+    # It only matters if something else steers new SYNs back to this member.
+    bound = 2 * _queue_capacity(listener)
+
+    def take() -> bool:
+        """Accept one queued connection: False when the queue is empty."""
+        nonlocal accept_error
+        # Each retry consumes one queued connection (whose error accept reported).
+        for _ in range(bound):
+            try:
+                conn, _ = listener.accept()
+            except BlockingIOError:
+                return False
+            except OSError as exc:
+                if exc.errno in _ACCEPT_RETRY:
+                    continue
+                # EMFILE and the like: keep what was taken (closing it would reset
+                # connections the caller can still serve) and say why we stopped.
+                accept_error = exc
+                return False
+            conn.setblocking(True)
+            accepted.append(conn)
+            return True
+        return False
+
     try:
         listener.setblocking(False)
         # poll, not select: select() refuses fds above 1023, common in a proxy.
@@ -667,31 +710,22 @@ def drain_close(
             if (now := time.monotonic()) >= deadline:
                 timed_out = True
                 break
-            try:
-                conn, _ = listener.accept()
-            except BlockingIOError:
-                if now - quiet_since >= grace:
-                    break
-                # Wake when a connection arrives, the quiet time is up or the
-                # deadline passes; one day at most per wait (poll takes a C int of ms).
-                wait = min(grace - (now - quiet_since), deadline - now, 86400.0)
-                poller.poll(max(wait, 0.0) * 1000)
+            if take():
+                quiet_since = time.monotonic()
                 continue
-            conn.setblocking(True)
-            accepted.append(conn)
-            quiet_since = time.monotonic()
+            if accept_error is not None or now - quiet_since >= grace:
+                break
+            # Wake when a connection arrives, the quiet time is up or the
+            # deadline passes; one day at most per wait (poll takes a C int of ms).
+            wait = min(grace - (now - quiet_since), deadline - now, 86400.0)
+            poller.poll(max(wait, 0.0) * 1000)
         if timed_out:
             # The queue still holds connections that finished their handshake:
             # closing now would reset them. New SYNs go to the other members, so
-            # the queue only shrinks; take what is in it. The count bound (two
-            # full queues) only matters if something else steers SYNs back here.
-            for _ in range(2 * _queue_capacity(listener)):
-                try:
-                    conn, _ = listener.accept()
-                except BlockingIOError:
+            # the queue only shrinks; take what is in it.
+            for _ in range(bound):
+                if not take():
                     break
-                conn.setblocking(True)
-                accepted.append(conn)
     except BaseException:
         for conn in accepted:
             conn.close()
@@ -713,7 +747,7 @@ def drain_close(
         if restore is None or steering_error is not None:
             detach_error = _detach_through(m for m in candidates if m is not listener)
             steering_error = steering_error or detach_error
-    return DrainResult("steer", accepted, timed_out, steering_error)
+    return DrainResult("steer", accepted, timed_out, steering_error, accept_error)
 
 
 #: The environment variable that carries ``name=fd`` pairs across one exec.
