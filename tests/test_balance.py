@@ -820,6 +820,23 @@ def test_lone_surrogate_key_is_an_invalid_key(kind: str, key: str) -> None:
         build(kind, []).pick(42)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("kind", sorted(FACTORIES))
+def test_released_memoryview_key_is_an_invalid_key(kind: str) -> None:
+    """bytes() of a released view raises a bare ValueError; every path names the key."""
+    p = build(kind, [(1, NodeState.UP), (2, NodeState.UP)])
+    view = memoryview(b"client-7")
+    assert p.pick(view) in p.live_nodes  # a live view is a valid key
+    view.release()
+    for call in (p.pick, p.acquire):
+        with pytest.raises(InvalidKey, match="memoryview was released") as info:
+            call(view)
+        assert info.value.key is view
+        assert "released memory" in str(info.value)  # the view's repr
+    assert p.active() == 0
+    with pytest.raises(InvalidKey, match="released"):
+        build(kind, []).pick(view)  # checked before "no node"
+
+
 @pytest.mark.parametrize("weight", [MAX_WEIGHT + 1, 2**48, 10**30])
 def test_weight_has_a_documented_upper_bound(weight: int) -> None:
     with pytest.raises(InvalidArgument, match=rf"invalid weight {weight}: .*0\.\.{MAX_WEIGHT}"):

@@ -196,7 +196,8 @@ def check_weight(weight: object) -> int:
 def key_bytes(key: object) -> bytes:
     """Encode a key the documented way: ``str`` as UTF-8, bytes-like as is.
 
-    :raises InvalidKey: not str or bytes-like, or a str with a lone surrogate.
+    :raises InvalidKey: not str or bytes-like, a str with a lone surrogate, or a
+        released memoryview.
     """
     if isinstance(key, str):
         try:
@@ -209,8 +210,15 @@ def key_bytes(key: object) -> bytes:
             ) from exc
     if isinstance(key, bytes):
         return key
-    if isinstance(key, (bytearray, memoryview)):
+    if isinstance(key, bytearray):
         return bytes(key)
+    if isinstance(key, memoryview):
+        try:
+            return bytes(key)
+        except ValueError:
+            # bytes() of a released view raises a bare ValueError ("operation
+            # forbidden on released memoryview object"): name the key instead.
+            raise InvalidKey(key, "the memoryview was released") from None
     raise InvalidKey(key)
 
 
@@ -439,8 +447,8 @@ class BalancePolicy(abc.ABC):
         :returns: a live node (up, weight > 0).
         :raises NoNodeAvailable: no node can take it (the reason says why).
         :raises KeyRequired: a hash policy was given no key.
-        :raises InvalidKey: the key is not str or bytes-like, or is a str with a lone
-            surrogate (no UTF-8 form).
+        :raises InvalidKey: the key is not str or bytes-like, is a str with a lone
+            surrogate (no UTF-8 form) or is a released memoryview.
         """
         k = self._key(key)
         if self._pick_unlocked:
@@ -455,8 +463,8 @@ class BalancePolicy(abc.ABC):
         :returns: a :class:`Lease` (a context manager) with ``.node``.
         :raises NoNodeAvailable: no node can take it.
         :raises KeyRequired: a hash policy was given no key.
-        :raises InvalidKey: the key is not str or bytes-like, or is a str with a lone
-            surrogate (no UTF-8 form).
+        :raises InvalidKey: the key is not str or bytes-like, is a str with a lone
+            surrogate (no UTF-8 form) or is a released memoryview.
         """
         k = self._key(key)
         with self._lock:
@@ -703,7 +711,8 @@ class BalancePolicy(abc.ABC):
         :returns: :class:`BalanceDiff` of this policy versus the changed copy.
         :raises NoNodeAvailable: this policy or the changed copy has no live node.
         :raises KeyRequired: a hash policy and a ``None`` key.
-        :raises InvalidKey: a key that is not str or bytes-like.
+        :raises InvalidKey: a key that is not str or bytes-like, has no UTF-8
+            form or is a released memoryview.
         :raises Exception: whatever *change* raises (for example ``UnknownNode``),
             unchanged; this policy is not touched either way.
         """
@@ -881,7 +890,8 @@ def diff(old: BalancePolicy, new: BalancePolicy, keys: Iterable[Key]) -> Balance
     :returns: :class:`BalanceDiff`.
     :raises NoNodeAvailable: either policy has no live node.
     :raises KeyRequired: a key is None and the policies hash keys.
-    :raises InvalidKey: a key is not str or bytes-like, or has no UTF-8 form.
+    :raises InvalidKey: a key is not str or bytes-like, has no UTF-8 form or
+        is a released memoryview.
     """
     a, b = old.copy(), new.copy()
     sample: Sequence[Key] = list(keys)
@@ -915,8 +925,8 @@ class TableHashPolicy(HashPolicy):
         :param key: ``str`` (UTF-8) or ``bytes``.
         :returns: a live node.
         :raises KeyRequired: no key.
-        :raises InvalidKey: the key is not str or bytes-like, or is a str with a
-            lone surrogate.
+        :raises InvalidKey: the key is not str or bytes-like, is a str with a
+            lone surrogate or is a released memoryview.
         :raises NoNodeAvailable: no live node, or all over the load bound.
         """
         fast = self._fast

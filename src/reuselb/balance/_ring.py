@@ -188,8 +188,8 @@ class RingHash(HashPolicy):
         :param key: ``str`` (UTF-8) or ``bytes``.
         :returns: a live node.
         :raises KeyRequired: no key.
-        :raises InvalidKey: the key is not str or bytes-like, or is a str with a
-            lone surrogate.
+        :raises InvalidKey: the key is not str or bytes-like, is a str with a
+            lone surrogate or is a released memoryview.
         :raises NoNodeAvailable: no live node, or all over the load bound.
         """
         # Hot path: str key, CRC hashing, no bound: one published tuple, no lock.

@@ -82,8 +82,8 @@ class RoundRobin(BalancePolicy):
         :param key: ignored (``str``/``bytes``/``None``), but checked as every policy
             checks it.
         :returns: a live node.
-        :raises InvalidKey: the key is not str or bytes-like, or is a str with a
-            lone surrogate.
+        :raises InvalidKey: the key is not str or bytes-like, is a str with a
+            lone surrogate or is a released memoryview.
         :raises NoNodeAvailable: no live node.
         """
         # The key is ignored but checked like everywhere else, so switching policy
