@@ -947,6 +947,96 @@ def test_relay_may_start_while_the_backend_connect_is_in_flight(
                 client.close()
 
 
+def _stuck_in_syn_sent() -> tuple[socket.socket, socket.socket, socket.socket]:
+    """(listener, filler, b): b's non-blocking connect to the listener is in flight.
+
+    The listener's accept queue (backlog 0) holds one connection, the filler's, so
+    the kernel drops b's SYN and b stays in SYN_SENT until its SYN is sent again
+    (after ~1 s), when the queue may have room or the listener may be gone.
+    """
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(0)
+    filler = socket.create_connection(lst.getsockname())
+    ready = select.poll()
+    ready.register(lst, select.POLLIN)
+    assert ready.poll(JOIN * 1000), "the filler is queued"
+    b = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    assert b.connect_ex(lst.getsockname()) == errno.EINPROGRESS
+    assert b.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == 2  # TCP_SYN_SENT
+    return lst, filler, b
+
+
+@pytest.mark.parametrize("mode", ["splice", "asyncio", "uvloop", "asyncio-selector"])
+def test_an_eof_before_any_byte_waits_for_the_backend_connect(
+    listener: socket.socket, mode: str
+) -> None:
+    # A client that half-closes before sending a byte ("server speaks first":
+    # SMTP, SSH, `nc -N host port </dev/null`) while b's connect is in flight:
+    # shutdown(SHUT_WR) on a socket in SYN_SENT makes Linux drop the connection
+    # attempt, so the half-close must wait until b is connected; a connect that
+    # fails meanwhile fails side b, as before.
+    client_ok, a_ok = tcp_pair(listener)
+    client_no, a_no = tcp_pair(listener)
+    lst_ok, filler_ok, b_ok = _stuck_in_syn_sent()
+    lst_no, filler_no, b_no = _stuck_in_syn_sent()
+    results: dict[str, RelayStats | BaseException] = {}
+
+    def run(name: str, a: socket.socket, b: socket.socket) -> None:
+        try:
+            results[name] = RUNNERS[mode](a, b, idle_timeout=30)
+        except BaseException as exc:
+            results[name] = exc
+
+    threads = [
+        threading.Thread(target=run, args=("ok", a_ok, b_ok)),
+        threading.Thread(target=run, args=("refused", a_no, b_no)),
+    ]
+    backend: socket.socket | None = None
+    try:
+        for c in (client_ok, client_no):
+            c.shutdown(socket.SHUT_WR)  # EOF, no byte
+        for t in threads:
+            t.start()
+        queued, _ = lst_ok.accept()  # room for b_ok's next SYN
+        queued.close()
+        lst_no.close()  # b_no's next SYN is refused
+        # b's SYN is sent again after ~1 s, then ~3 s: bounded by that, not a sleep.
+        lst_ok.settimeout(10)
+        backend, _ = lst_ok.accept()
+        backend.settimeout(JOIN)
+        assert backend.recv(16) == b"", "the client's EOF reached the backend"
+        backend.sendall(b"220 banner\r\n")
+        backend.shutdown(socket.SHUT_WR)
+        client_ok.settimeout(JOIN)
+        assert _recv_bytes(client_ok, 12) == b"220 banner\r\n"
+        assert client_ok.recv(16) == b""
+        for t in threads:
+            t.join(JOIN)
+        assert not any(t.is_alive() for t in threads)
+        ok, refused = results["ok"], results["refused"]
+        assert isinstance(ok, RelayStats), ok
+        assert (ok.a_to_b, ok.b_to_a, ok.a_end, ok.b_end, ok.failed) == (
+            0,
+            12,
+            End.EOF,
+            End.EOF,
+            None,
+        )
+        assert isinstance(refused, RelayStats), refused
+        assert refused.failed == "b" and refused.b_end is End.ERROR
+        assert refused.error is not None and refused.error.errno == errno.ECONNREFUSED
+        # Its half-close never went out: not an EOF.
+        assert refused.a_end is End.ABORTED
+    finally:
+        for t in threads:
+            t.join(JOIN)
+        for s in (client_ok, client_no, a_ok, a_no, lst_ok, filler_ok, b_ok, filler_no, b_no):
+            s.close()
+        if backend is not None:
+            backend.close()
+
+
 def test_close_false_leaves_sockets_to_the_caller(listener: socket.socket) -> None:
     r = Relay(listener, run_blocking, close=False)
     try:

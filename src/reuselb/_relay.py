@@ -329,11 +329,13 @@ class _Flow:
         self.pending = 0  # bytes read from src, not yet written to dst
         self.eof = False
         self.shut = False
-        # TLS destinations only (see _Relay._close_notify): this flow's close_notify
-        # waits until the relay has read what dst sent (`deferred`), or OpenSSL
-        # holds it back because dst's send buffer was full (`held`; the flow is not
-        # shut, and the drivers wait for dst to be writable to retry). Per flow:
-        # with TLS on both sides, both directions can wait at once.
+        # TLS destinations (see _Relay._close_notify): this flow's close_notify waits
+        # until the relay has read what dst sent (`deferred`), or OpenSSL holds it
+        # back because dst's send buffer was full (`held`). Any destination: the
+        # FIN waits for dst's non-blocking connect to complete (`held`, see
+        # _Relay._connected). While `held` the flow is not shut, and the drivers
+        # wait for dst to be writable to retry. Per flow: with TLS on both sides,
+        # both directions can wait at once.
         self.deferred = False
         self.held = False
         # The pipe looked full: splice-in returned EAGAIN with bytes pending. Slots are
@@ -460,9 +462,9 @@ class _Relay:
         self.deferring = 0
         # Bumped whenever a flow's `deferred` or `held` changes: the fallback driver
         # compares it around a pump to know when to re-register.
-        self.tls_changes = 0
+        self.hold_changes = 0
         # Called when a flow's `held` is set, or cleared without the flow being shut
-        # (the retry deferred until the TLS side's bytes are read): changes the
+        # (a TLS retry deferred until the TLS side's bytes are read): changes the
         # epoll hub does not compare per event.
         self.on_notify: Callable[[], None] | None = None
         # abandon() ran: the relay never started and the caller has the sockets.
@@ -563,6 +565,14 @@ class _Relay:
             if sslobj is not None:
                 self._close_notify(flow, dst, sslobj)
                 return
+        if flow.held or not flow.moved:
+            # Nothing went to dst: its connect may still be in flight (one test on
+            # the common path, where bytes went out and proved it connected).
+            reverse = self.flows[0] if flow is self.flows[1] else self.flows[1]
+            if (flow.held or not (reverse.moved or reverse.pending or reverse.eof)) and (
+                not self._connected(flow)
+            ):
+                return
         flow.shut = True
         self.ends.setdefault(flow.name, End.EOF)
         try:
@@ -573,6 +583,36 @@ class _Relay:
         except OSError as exc:
             if exc.errno != errno.ENOTCONN:
                 raise _Failure(_other(flow.name), End.RESET, exc) from None
+
+    def _connected(self, flow: _Flow) -> bool:
+        """Whether *flow*'s half-close may go out now: False (the flow is `held`) while
+        dst is not writable, i.e. its non-blocking connect is still in flight.
+
+        shutdown(SHUT_WR) on a TCP socket in SYN_SENT does not queue a FIN: Linux
+        (inet_shutdown) drops the connection attempt instead, and the backend
+        of a client that sent its EOF before a byte ("server speaks first": SMTP,
+        SSH banners, ``nc -N < /dev/null``) would never be reached. Called only
+        when no byte was exchanged with dst (a byte that went either way proves
+        it connected), so the common path pays nothing. A destination that is
+        merely full (the caller filled it before the relay) waits too, harmlessly:
+        the FIN would queue behind those bytes anyway.
+
+        :raises _Failure: dst has a pending error (its connect failed).
+        """
+        ready = _poll_out(flow.dst_fd)
+        if ready & _POLLERR:
+            _raise_pending_error(self, flow.dst_fd)
+        if ready:
+            if flow.held:
+                flow.held = False
+                self.hold_changes += 1
+            return True
+        if not flow.held:
+            flow.held = True
+            self.hold_changes += 1
+            if self.on_notify is not None:
+                self.on_notify()  # the hub arms dst for writing
+        return False
 
     def _close_notify(self, flow: _Flow, dst: ssl.SSLSocket, sslobj: Any) -> None:
         # A bare FIN under TLS is an "unexpected EOF": OpenSSL 3 answers it with a
@@ -590,21 +630,21 @@ class _Relay:
         held = flow.held
         if held:
             flow.held = False
-            self.tls_changes += 1
+            self.hold_changes += 1
         if not reverse.eof and _tls_unread(dst):
             # Also before a retry: once the held close_notify is out, CPython calls
             # SSL_shutdown a second time, and that call reads as described above.
             if not flow.deferred:
                 flow.deferred = True
                 self.deferring += 1
-                self.tls_changes += 1
+                self.hold_changes += 1
             if held and self.on_notify is not None:
                 self.on_notify()  # wait for the bytes to be read, not for writability
             return
         if flow.deferred:
             flow.deferred = False
             self.deferring -= 1
-            self.tls_changes += 1
+            self.hold_changes += 1
         flow.shut = True
         # The side's end is EOF once its close_notify is out (not when OpenSSL
         # holds it back: a timeout or reset meanwhile is how it ended).
@@ -624,7 +664,7 @@ class _Relay:
             if labelled:
                 del self.ends[flow.name]
             flow.held = True
-            self.tls_changes += 1
+            self.hold_changes += 1
             if not held and self.on_notify is not None:
                 self.on_notify()
             return
@@ -823,7 +863,7 @@ class _Relay:
         for flow in self.flows:
             if flow.wants_read:
                 masks[flow.src_fd] |= _POLLIN
-            # `held`: to retry a close_notify OpenSSL held back (the flow is not shut).
+            # `held`: to retry a half-close that waits for dst (the flow is not shut).
             if flow.wants_write or flow.held:
                 masks[flow.dst_fd] |= _POLLOUT
         return masks
@@ -1198,6 +1238,16 @@ def _drive(relay: _Relay, poller: Any, registered: dict[int, int], muted: set[in
             relay.step(fd, bool(ev & _POLLIN) or hup, bool(ev & _POLLOUT) or hup)
 
 
+def _poll_out(fd: int) -> int:
+    """*fd*'s poll events for writing, now (0: not writable, no error)."""
+    if not hasattr(select, "poll"):
+        return _POLLOUT  # nothing to ask: half-close at once, as always
+    poller = select.poll()
+    poller.register(fd, _POLLOUT)
+    events = poller.poll(0)
+    return events[0][1] if events else 0
+
+
 def _raise_pending_error(relay: _Relay, fd: int) -> None:
     for name, sock in (("a", relay.a), ("b", relay.b)):
         if sock.fileno() == fd:
@@ -1337,7 +1387,7 @@ async def _run_async_selector(relay: _Relay) -> RelayStats:
             elif src in readers:
                 loop.remove_reader(src)
                 readers.discard(src)
-            # A held-back close_notify waits for dst to be writable, as bytes do.
+            # A held-back half-close waits for dst to be writable, as bytes do.
             if flow.pending or (flow.held and not flow.shut):
                 if dst not in writers:
                     loop.add_writer(dst, on_ready, flow)
@@ -1349,7 +1399,7 @@ async def _run_async_selector(relay: _Relay) -> RelayStats:
     def on_ready(flow: _Flow) -> None:
         # The common case (a message read and written in full) leaves the flow
         # wanting exactly what it wanted before: nothing to re-register.
-        before = (flow.wants_read, flow.pending > 0, relay.tls_changes)
+        before = (flow.wants_read, flow.pending > 0, relay.hold_changes)
         try:
             if not flow.shut:
                 relay.pump(flow)
@@ -1358,10 +1408,11 @@ async def _run_async_selector(relay: _Relay) -> RelayStats:
             if not finished.done():
                 finished.set_result(None)
             return
-        # relay.tls_changes moves when this pump half-closed the *other* direction
+        # relay.hold_changes moves when this pump half-closed the *other* direction
         # (a TLS side's deferred close_notify), which may have ended the relay, or
-        # when OpenSSL held a close_notify back or finally sent it.
-        if flow.shut or (flow.wants_read, flow.pending > 0, relay.tls_changes) != before:
+        # when a half-close was held back (OpenSSL kept a close_notify, a FIN waits
+        # for the connect) or finally went out.
+        if flow.shut or (flow.wants_read, flow.pending > 0, relay.hold_changes) != before:
             settle()
 
     def on_timer() -> None:
@@ -1556,11 +1607,11 @@ class _Driven:
             self.masks[fd] = _ARM_IN
         if relay.idle_timeout is not None:
             self.timer = self.hub.loop.call_later(relay.idle_timeout, self.on_timer)
-        if not relay.flows[0].can_splice:
-            # Only a copied relay (TLS among them) can hold a close_notify back; the
-            # hub re-arms on the changes event() compares, and this is not one of
-            # them. (A cycle relay <-> driven, broken by detach().)
-            relay.on_notify = self.rearm
+        # A half-close held back (a TLS close_notify, or a FIN toward a socket still
+        # connecting) waits for dst to be writable: the hub re-arms on the changes
+        # event() compares, and this is not one of them. (A cycle relay <-> driven,
+        # broken by detach().)
+        relay.on_notify = self.rearm
 
     def event(self, fd: int, ev: int) -> None:
         relay = self.relay
@@ -1592,7 +1643,7 @@ class _Driven:
                 _raise_pending_error(relay, fd)
             if ev & _READ_EVENTS and not reader.shut and (reader.wants_read or ev & _EPOLLHUP):
                 relay.pump(reader, bool(ev & _EPOLLRDHUP))
-            # `writer.held` (a held-back close_notify to retry) is looked at only
+            # `writer.held` (a held-back half-close to retry) is looked at only
             # when no bytes are pending, i.e. never in a plain stream.
             if ev & _WRITE_EVENTS and (writer.pending or writer.held) and not writer.shut:
                 relay.pump(writer)
@@ -1620,7 +1671,8 @@ class _Driven:
                 mask = masks[fd] & _ARM_IN
             else:
                 mask = _ARM_IN if reader.wants_read else _EPOLLET
-            # A close_notify OpenSSL held back is written when the socket is writable.
+            # A held-back half-close (a close_notify OpenSSL kept, a FIN waiting
+            # for the connect) goes out when the socket is writable.
             if (writer.pending or writer.held) and not writer.shut:
                 mask |= _EPOLLOUT
             if masks[fd] != mask:
