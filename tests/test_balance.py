@@ -400,6 +400,39 @@ def test_bounded_load_caps_every_node(kind: str) -> None:
 # --------------------------------------------------------------------------- leases
 
 
+@pytest.mark.parametrize("kind", sorted(FACTORIES))
+def test_lease_node_is_the_live_node_picked_despite_a_racing_drain(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A drain landing right after acquire() picked must not show in lease.node."""
+    from reuselb.balance import _base
+
+    p = build(kind, [(1, NodeState.UP)])
+    only = p.nodes[0]
+
+    class RacedLease(_base.Lease):
+        __slots__ = ()
+
+        def __init__(self, policy: BalancePolicy, slot: _base._Slot) -> None:
+            # Another thread drains the node as the Lease is being built. If acquire()
+            # still held the lock, the drain waits for it (the join times out).
+            t = threading.Thread(target=policy.drain, args=(only,))
+            t.start()
+            t.join(0.3)
+            super().__init__(policy, slot)
+            racers.append(t)
+
+    racers: list[threading.Thread] = []
+    monkeypatch.setattr(_base, "Lease", RacedLease)
+    lease = p.acquire("k")
+    for t in racers:
+        t.join(10)
+    assert p.get(only).state is NodeState.DRAINING  # the drain did happen
+    assert lease.node.live and lease.node.state is NodeState.UP, lease.node
+    lease.release()
+    assert p.active() == 0
+
+
 def test_lease_release_once_and_removed_node() -> None:
     p = LeastConn([addr(0), addr(1)])
     with p.acquire() as lease:

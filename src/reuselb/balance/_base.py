@@ -309,7 +309,8 @@ class Lease:
     Use as a context manager, or call :meth:`release` exactly once. A lease on a
     node that was removed meanwhile still releases cleanly.
 
-    :ivar node: the node picked (snapshot at acquire time).
+    :ivar node: the node picked, as it was when picked (live); a later drain,
+        mark_down or set_weight does not change it.
     """
 
     __slots__ = ("_policy", "_released", "_slot", "node")
@@ -472,7 +473,10 @@ class BalancePolicy(abc.ABC):
             slot = self._slots[node.address]
             slot.active += 1
             self._total_active += 1
-        return Lease(self, slot)
+            # The Lease reads slot.node: built under the lock, it is the node just
+            # picked (live), not what a drain/mark_down/set_weight racing in right
+            # after the lock is released would have made of it.
+            return Lease(self, slot)
 
     def _release(self, lease: Lease) -> None:
         with self._lock:
