@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from reuselb import (
@@ -311,6 +311,38 @@ def test_least_conn_follows_weights_and_rotates_ties(weights: list[int]) -> None
     # idle pool: ties broken round robin, not always the first node
     firsts = [p.pick().address for _ in range(len(weights))]
     assert len(set(firsts)) == len(weights)
+
+
+@SETTINGS
+@given(
+    layout=st.lists(st.tuples(st.integers(1, 4), st.booleans()), min_size=2, max_size=10).filter(
+        lambda xs: any(not busy for _, busy in xs)
+    )
+)
+# the reproducers: one busy node among three (was 2000/1000 over 3,000 cycles), and
+# ten nodes with the eight middle ones busy (was 900/100)
+@example(layout=[(1, False), (1, False), (1, True)])
+@example(layout=[(1, False)] + [(1, True)] * 8 + [(1, False)])
+def test_least_conn_ties_take_turns_past_busier_nodes(layout: list[tuple[int, bool]]) -> None:
+    """Short acquire/release cycles share out evenly among the tied least-loaded nodes."""
+    p = LeastConn([Node(addr(i), weight=w) for i, (w, _) in enumerate(layout)])
+    idle = [addr(i) for i, (_, busy) in enumerate(layout) if not busy]
+    busy = [addr(i) for i, (_, b) in enumerate(layout) if b]
+    for a in idle:
+        p.drain(a)
+    held = [p.acquire() for _ in busy]  # an idle node always wins: one lease each
+    assert all(p.active(a) == 1 for a in busy)
+    for a in idle:
+        p.mark_up(a)
+    rounds = 6
+    got: collections.Counter[str] = collections.Counter()
+    for _ in range(rounds * len(idle)):
+        with p.acquire() as lease:  # the idle nodes all tie at 0 leases
+            got[str(lease.node.address)] += 1
+    assert got == {str(Node(a).address): rounds for a in idle}, got
+    for lease in held:
+        lease.release()
+    assert p.active() == 0
 
 
 def test_power_of_two_is_seedable_and_balances() -> None:

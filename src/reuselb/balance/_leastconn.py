@@ -21,9 +21,9 @@ __all__ = ["LeastConn", "PowerOfTwo"]
 class LeastConn(BalancePolicy):
     """Fewest active leases relative to weight (``active / weight``).
 
-    Ties are broken round robin: the scan starts one node further on each pick, so
-    an idle pool is walked in order instead of always giving the first node.
-    O(N) per pick under the lock.
+    Ties are broken round robin: the scan starts just after the node picked last,
+    so the nodes tied for the fewest leases take turns, an even share each, whatever
+    busier nodes sit between them. O(N) per pick under the lock.
 
     :param nodes: initial nodes.
     """
@@ -33,10 +33,13 @@ class LeastConn(BalancePolicy):
     def __init__(self, nodes: Iterable[NodeLike] = ()) -> None:
         self._next = 0
         self._ring: list[tuple[_Slot, int]] = []
+        #: each slot's position in ``_ring`` (one lookup per pick, not per node).
+        self._index: dict[_Slot, int] = {}
         super().__init__(nodes)
 
     def _rebuild(self) -> None:
         self._ring = [(self._slots[n.address], n.weight) for n in self._live]
+        self._index = {slot: i for i, (slot, _) in enumerate(self._ring)}
 
     def _choose(self, key: bytes | None) -> Node:
         ring = self._ring
@@ -44,7 +47,6 @@ class LeastConn(BalancePolicy):
         if not n:
             raise self._unavailable()
         start = self._next % n
-        self._next = start + 1
         best, best_w = ring[start]
         best_a = best.active
         for slot, w in itertools.chain(ring[start + 1 :], ring[:start]):
@@ -52,6 +54,10 @@ class LeastConn(BalancePolicy):
             # a / w < best_a / best_w without floats
             if a * best_w < best_a * w:
                 best, best_a, best_w = slot, a, w
+        # The next scan starts after the winner, not after ``start``: the first
+        # tied node after a busy run would otherwise win every scan that starts
+        # in the run (one busy node among three gave the next idle one 2/3).
+        self._next = self._index[best] + 1
         return best.node
 
 
