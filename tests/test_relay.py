@@ -760,6 +760,19 @@ def _assert_no_relay_fds_since(before: set[int]) -> None:
     assert not _epoll_fds(left), "the hub's epoll closed"
 
 
+def _how_it_ends(peer: socket.socket) -> str:
+    """Read *peer* to its end: "eof" (a clean FIN) or "reset"."""
+    peer.setblocking(True)
+    peer.settimeout(JOIN)
+    try:
+        for _ in range(100_000):  # bounded: each read takes at least one byte
+            if not peer.recv(1 << 20):
+                return "eof"
+    except ConnectionResetError:
+        return "reset"
+    raise AssertionError("no end in sight")
+
+
 @pytest.mark.parametrize("close", [True, False])
 @pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
 @pytest.mark.parametrize("api", ["coroutine", "start"])
@@ -800,6 +813,70 @@ def test_cancelling_the_async_relay_ends_it(
             s.close()
 
 
+@pytest.mark.parametrize("driver", ["hub", "fallback"])
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("api", ["coroutine", "start"])
+def test_a_cancel_resets_the_peer_of_a_stream_it_cut_off(
+    listener: socket.socket, monkeypatch: pytest.MonkeyPatch, driver: str, loop_kind: str, api: str
+) -> None:
+    # Cancelling a relay (close=True) used to close both sockets with a FIN: a peer
+    # whose stream was cut off mid-way took the EOF for the end of a complete
+    # response. Such a peer is reset now, as after an error or a timeout; a side
+    # whose incoming stream was complete keeps its normal close, so the bytes and
+    # the FIN already queued for it are not discarded.
+    if driver == "fallback":
+        monkeypatch.setattr(relay_mod, "_HAS_EPOLL", False)
+    run = uvloop.run if loop_kind == "uvloop" else asyncio.run
+    client, a = tcp_pair(listener)
+    b, backend = tcp_pair(listener)
+    client2, a2 = tcp_pair(listener)
+    b2, backend2 = tcp_pair(listener)
+    a2_view = a2.dup()  # a2's socket outlives the relay's close(): its SO_LINGER stays readable
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+
+        def start(x: socket.socket, y: socket.socket) -> asyncio.Future[RelayStats]:
+            if api == "coroutine":
+                return asyncio.ensure_future(async_pipe_splice(x, y))
+            return start_pipe_splice(x, y)
+
+        relays = [start(a, b), start(a2, b2)]
+        for s in (client, backend, client2, backend2):
+            s.setblocking(False)
+        # 1. A response cut off: the backend's EOF never came.
+        await loop.sock_sendall(backend, b"r" * 300_000)
+        assert await loop.sock_recv(client, 10) == b"r" * 10
+        # 2. The response complete (its EOF forwarded), the request cut off.
+        await loop.sock_sendall(backend2, b"complete")
+        backend2.shutdown(socket.SHUT_WR)
+        await loop.sock_sendall(client2, b"cut")
+        assert await loop.sock_recv(backend2, 3) == b"cut"
+        got = b""
+        for _ in range(10):  # bounded: each read takes a byte or is the EOF
+            chunk = await loop.sock_recv(client2, 100)
+            if not chunk:
+                break
+            got += chunk
+        assert got == b"complete"
+        for relay in relays:
+            relay.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await relay
+
+    try:
+        run(main())
+        assert a.fileno() == b.fileno() == a2.fileno() == b2.fileno() == -1
+        assert _how_it_ends(client) == "reset", "a truncated response is not a clean EOF"
+        assert _how_it_ends(backend) == "reset"
+        assert _how_it_ends(backend2) == "reset", "a truncated request is not a clean EOF"
+        linger = a2_view.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, 8)
+        assert linger[:4] == bytes(4), "a2 (its stream complete) closed normally"
+    finally:
+        for s in (client, backend, a, b, client2, backend2, a2, b2, a2_view):
+            s.close()
+
+
 @pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
 @pytest.mark.parametrize("close", [True, False])
 def test_loop_shutdown_ends_relays_started_without_a_task(
@@ -829,10 +906,9 @@ def test_loop_shutdown_ends_relays_started_without_a_task(
         assert futures[0].cancelled()
         if close:
             assert a.fileno() == b.fileno() == -1
-            # The peers are not left hanging: the client sees its side closed.
-            client.setblocking(True)
-            client.settimeout(JOIN)
-            assert client.recv(10) == b""
+            # The peers are not left hanging, and neither direction was complete
+            # (no EOF either way): both peers see a reset, never a clean EOF.
+            assert (_how_it_ends(client), _how_it_ends(backend)) == ("reset", "reset")
         else:
             assert a.fileno() != -1 and b.fileno() != -1
             assert a.getblocking() and b.getblocking()  # restored
@@ -1758,6 +1834,9 @@ def test_an_exception_out_of_the_blocking_wait_still_ends_the_relay(
         _assert_no_relay_fds_since(before)
         if close:
             assert a.fileno() == b.fileno() == -1
+            # Neither direction reached its EOF: both peers are reset, not sent a
+            # clean EOF that could pass for the end of a complete stream.
+            assert (_how_it_ends(backend), _how_it_ends(client)) == ("reset", "reset")
         else:
             assert a.fileno() != -1 and b.fileno() != -1
             assert (a.gettimeout(), b.gettimeout()) == (2.5, None)
@@ -2248,9 +2327,9 @@ def test_a_started_relay_cancelled_before_it_ran_is_still_ended(
             # Counts: listing /proc/self/fd takes the lowest free fd, one of a, b's now.
             assert len(open_fds()) == len(before) - 2
             _assert_no_relay_fds_since(before)
-            for peer in (client, backend):  # closed, not left open behind their backs
-                peer.settimeout(JOIN)
-                assert peer.recv(1) == b""
+            # Closed, not left open behind their backs; reset, as no direction
+            # reached its EOF (a clean EOF could pass for a complete stream).
+            assert (_how_it_ends(client), _how_it_ends(backend)) == ("reset", "reset")
         else:
             assert open_fds() == before
             _assert_no_relay_fds_since(before)

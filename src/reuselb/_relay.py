@@ -469,6 +469,8 @@ class _Relay:
         self.on_notify: Callable[[], None] | None = None
         # abandon() ran: the relay never started and the caller has the sockets.
         self.abandoned = False
+        # fail() or timeout() ran: the sides that had to be reset are set for it.
+        self.aborted = False
         # finish()'s result: the relay ends once, whoever ends it first.
         self.stats: RelayStats | None = None
         # TCP_NODELAY is set by begin(), once the start can no longer fail: a failed
@@ -880,12 +882,14 @@ class _Relay:
     # -------------------------------------------------------------- ending
 
     def fail(self, failure: _Failure) -> None:
+        self.aborted = True
         self.failed, self.error = failure.side, failure.error
         self.ends[failure.side] = failure.end
         self.ends.setdefault(_other(failure.side), End.ABORTED)
         self._abort(self.b if failure.side == "a" else self.a)
 
     def timeout(self) -> None:
+        self.aborted = True
         for name in ("a", "b"):
             self.ends.setdefault(name, End.TIMEOUT)
         for s in (self.a, self.b):
@@ -914,6 +918,18 @@ class _Relay:
         for flow in self.flows:
             flow.close_pipe()
         if self.close:
+            if not self.aborted:
+                # Ended from outside before both directions were done (a cancel, the
+                # loop's shutdown, an exception out of the blocking wait): a stream
+                # that did not reach its EOF is cut off, and what was in flight (in
+                # the pipe, in the sockets' buffers) is dropped. A plain close() would
+                # send its destination's peer a FIN, a clean EOF that could pass for
+                # a complete response: reset that side, as fail() and timeout() do.
+                # Not a side whose incoming direction was complete: its bytes and
+                # FIN are queued already, and SO_LINGER 0 would discard them.
+                for flow in self.flows:
+                    if not flow.shut:
+                        self._abort(flow.dst)
             self.a.close()
             self.b.close()
         for sock, timeout, nodelay in () if self.close else self.saved:
@@ -1159,7 +1175,9 @@ def pipe_splice(
     An exception raised while it waits (``KeyboardInterrupt``, or any exception from
     a signal handler) ends the relay as cancelling :func:`async_pipe_splice` does
     (pipes closed; sockets closed with ``close=True``, restored with ``close=False``)
-    and propagates.
+    and propagates. With ``close=True`` a side whose incoming stream was cut off
+    before its EOF is reset (``SO_LINGER`` 0), as after an error: its peer never
+    takes a truncated stream for a complete one.
     """
     relay = _Relay(a, b, pipe_size=pipe_size, idle_timeout=idle_timeout, close=close)
     return _run_blocking(relay)
@@ -1274,7 +1292,8 @@ async def async_pipe_splice(
     All relays of a loop share one epoll instance that the loop watches, so one
     thread drives thousands of relays; no thread is started. *b* may still be
     connecting (non-blocking ``connect`` in flight). Cancelling the task
-    ends the relay, closes its pipes (and the sockets, with ``close=True``) and
+    ends the relay, closes its pipes (and the sockets, with ``close=True``,
+    resetting a side whose incoming stream was cut off before its EOF) and
     re-raises :class:`asyncio.CancelledError`; a task cancelled before its first
     step never ran this coroutine, so its sockets are untouched and still the
     caller's (:func:`start_pipe_splice` owns them from the call on).
