@@ -1304,7 +1304,8 @@ async def async_pipe_splice(
     :param idle_timeout: as for :func:`pipe_splice`.
     :param close: as for :func:`pipe_splice`.
     :returns: :class:`RelayStats`.
-    :raises RuntimeError: the coroutine is not run by an event loop.
+    :raises RuntimeError: the coroutine is not run by an event loop, or the loop is
+        shutting down (it closed its async generators: nothing would end the relay).
     :raises WrongSocketType: a side is not a stream socket, or is a listening socket.
     :raises SocketClosed: a side is closed.
     :raises InvalidArgument: *a* and *b* are the same socket (or two fds of it), a
@@ -1345,7 +1346,8 @@ def start_pipe_splice(
     :param idle_timeout: as for :func:`pipe_splice`.
     :param close: as for :func:`pipe_splice`.
     :returns: an :class:`asyncio.Future` of :class:`RelayStats`.
-    :raises RuntimeError: no running event loop in this thread.
+    :raises RuntimeError: no running event loop in this thread, or the loop is
+        shutting down (it closed its async generators: nothing would end the relay).
     :raises WrongSocketType: a side is not a stream socket, or is a listening socket.
     :raises SocketClosed: a side is closed.
     :raises InvalidArgument: *a* and *b* are the same socket (or two fds of it), a
@@ -1358,6 +1360,7 @@ def start_pipe_splice(
     relay = _Relay(a, b, pipe_size=pipe_size, idle_timeout=idle_timeout, close=close)
     if not _HAS_EPOLL:
         try:
+            _refuse_late_start(loop)
             task = loop.create_task(_run_async_selector(relay))
             # A task cancelled before its first step never runs its coroutine: the
             # CancelledError is thrown into it before its first line, so its
@@ -1601,6 +1604,56 @@ def _shutdown_hook(hub: _Hub) -> AsyncGenerator[None, None]:
     return agen
 
 
+class _TooLate(Exception):
+    """Raised by :class:`_Probe` when the loop's async generators were closed."""
+
+
+class _Probe:
+    """Stands for an async generator in :func:`_refuse_late_start`."""
+
+    __slots__ = ("__weakref__",)  # the loop keeps its async generators in a WeakSet
+
+    def __repr__(self) -> str:
+        raise _TooLate
+
+    async def aclose(self) -> None:
+        """What a loop's shutdown would call; the probe never lives that long."""
+
+
+def _refuse_late_start(loop: asyncio.AbstractEventLoop) -> None:
+    """Raise RuntimeError if *loop* already closed its async generators.
+
+    A relay is ended at the loop's shutdown by the async generator the hub starts
+    (:func:`_shutdown_hook`); a task relay (the fallback driver) by the task
+    cancelling that ``asyncio.run`` does just before. Both run before
+    ``shutdown_default_executor()`` and ``loop.close()``, while the loop still runs
+    callbacks: a relay started from one then (an accept callback) would never be
+    ended, its sockets, pipes and the hub's epoll kept open and its peers left
+    waiting. There is no "loop closing" callback to end it later, so the start is
+    refused instead, the sockets given back unchanged as on every failed start.
+
+    How to know: asyncio keeps ``_asyncgens_shutdown_called`` in a Python
+    attribute, uvloop in a C field nobody can read. What both share is the
+    first-iteration hook they install (``sys.get_asyncgen_hooks()``), which warns
+    about an async generator started after the shutdown and formats the warning
+    with its ``repr()``: a probe whose ``repr()`` raises tells, before any warning
+    is issued. Otherwise the hook adds the probe to the loop's WeakSet of async
+    generators, which drops it as soon as the probe goes away, here.
+
+    :raises RuntimeError: the loop closed its async generators (it is shutting down).
+    """
+    firstiter = sys.get_asyncgen_hooks().firstiter
+    if firstiter is None:
+        return  # no loop hook: nothing ends relays at shutdown anyway
+    try:
+        firstiter(_Probe())  # type: ignore[arg-type]
+    except _TooLate:
+        raise RuntimeError(
+            f"{loop!r} is shutting down (its async generators were closed): a relay "
+            "started now would never be ended"
+        ) from None
+
+
 class _Driven:
     """A relay driven by a hub: reacts to events, re-arms its fds, ends its future."""
 
@@ -1764,6 +1817,8 @@ def _start_async(
     try:
         hub = _HUBS.get(loop)
         if hub is None:
+            # Only a new hub can be late: a loop's shutdown ends and drops its hub.
+            _refuse_late_start(loop)
             # Hubs of loops closed without an orderly shutdown (loop.close() alone):
             # their relays can never run again, so end them and free their fds now.
             # list() copies in one step: loops in other threads add and drop hubs.
@@ -1785,6 +1840,11 @@ def _start_async(
 
 async def _run_async(relay: _Relay) -> RelayStats:
     if not _HAS_EPOLL:
+        try:
+            _refuse_late_start(asyncio.get_running_loop())
+        except BaseException:
+            relay.abandon()
+            raise
         return await _run_async_selector(relay)
     driven = _start_async(relay, asyncio.get_running_loop())
     try:
