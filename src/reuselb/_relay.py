@@ -1652,6 +1652,8 @@ def _refuse_late_start(loop: asyncio.AbstractEventLoop) -> None:
             f"{loop!r} is shutting down (its async generators were closed): a relay "
             "started now would never be ended"
         ) from None
+    except Exception:
+        pass  # a foreign hook that cannot take the probe tells nothing: start as before
 
 
 class _Driven:
