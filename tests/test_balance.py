@@ -65,11 +65,20 @@ FACTORIES: dict[str, Callable[..., BalancePolicy]] = {
     "maglev": lambda nodes: MaglevHash(nodes, table_size=1009),
     "ring": lambda nodes: RingHash(nodes, vnodes=40),
     "ketama": lambda nodes: RingHash(nodes, ketama=True),
+    "ketama-libmemcached": lambda nodes: RingHash(nodes, ketama="libmemcached"),
     "rendezvous": lambda nodes: RendezvousHash(nodes, table_size=4096),
     "rendezvous-exact": lambda nodes: RendezvousHash(nodes, table_size=None),
     "maglev-bounded": lambda nodes: MaglevHash(nodes, table_size=1009, balance_factor=1.25),
 }
-HASHED = {"maglev", "ring", "ketama", "rendezvous", "rendezvous-exact", "maglev-bounded"}
+HASHED = {
+    "maglev",
+    "ring",
+    "ketama",
+    "ketama-libmemcached",
+    "rendezvous",
+    "rendezvous-exact",
+    "maglev-bounded",
+}
 
 
 def addr(i: int) -> str:
@@ -629,6 +638,140 @@ def test_ketama_matches_the_spec() -> None:
     ]
 
 
+# Reference vectors from libmemcached itself: Debian 12's libmemcached11 1.1.4 on
+# x86-64, computed once when the ketama="libmemcached" mode was added by a C program that
+# adds the servers with memcached_server_add_with_weight() under
+# MEMCACHED_BEHAVIOR_KETAMA_WEIGHTED, counts each server's points in the built
+# continuum (memcached_st.ketama.continuum) and maps the keys "key:0" .. "key:19999"
+# with memcached_generate_hash(); no memcached server is contacted. Each case: servers
+# (host, port, weight) in the order added, points per server, SHA-256 of the 20,000
+# owners' positions (one byte each), and a few keys with their owner's position (the
+# first ones where libketama's double-precision counts map elsewhere, when any do).
+LIBMEMCACHED_KETAMA = [
+    (  # 5 servers, weights 1 1 1 10 12
+        [
+            ("10.0.0.1", 11211, 1),
+            ("10.0.0.2", 11211, 1),
+            ("10.0.0.3", 11211, 1),
+            ("10.0.0.4", 11211, 10),
+            ("10.0.0.5", 11211, 12),
+        ],
+        [28, 28, 28, 320, 380],
+        "5dd35fa9560ca6461f8a4f094bd75aaf721cb083def75954e40fefe816c976e5",
+        [("key:9", 3), ("key:23", 3), ("key:89", 3), ("key:179", 4), ("key:0", 3), ("key:1", 4)],
+    ),
+    (  # 25 equal servers
+        [(f"10.0.1.{i}", 11211, 1) for i in range(1, 26)],
+        [156] * 25,
+        "7c1ca21beea559701a520460b03f68c41bcd3748996ae490ba2ad4080072515f",
+        [
+            ("key:48", 8),
+            ("key:111", 10),
+            ("key:127", 13),
+            ("key:198", 20),
+            ("key:0", 20),
+            ("key:1", 7),
+        ],
+    ),
+    (  # 10 equal servers
+        [(f"10.0.5.{i}", 11211, 1) for i in range(1, 11)],
+        [160] * 10,
+        "720824d79422a4ac85abf833b3fa870234f739acc1bf0baa3ea2437de0d9f318",
+        [("key:0", 0), ("key:1", 7)],
+    ),
+    (  # other ports, weights 3 5 7 1
+        [
+            ("10.0.2.1", 11212, 3),
+            ("10.0.2.2", 11213, 5),
+            ("10.0.2.3", 11214, 7),
+            ("10.0.2.4", 11215, 1),
+        ],
+        [120, 200, 280, 40],
+        "fba31a3519189a460a8a88d085a13c2728befdbc93214fe4b521d13828f95e6e",
+        [("key:0", 1), ("key:1", 2)],
+    ),
+    (  # weights 1 and 100
+        [("10.0.3.1", 11211, 1), ("10.0.3.2", 11211, 100)],
+        [0, 316],
+        "b473271113c7461a8fe3eadb8fb59f95ba13729e8d993d834162c6fdbddeac47",
+        [("key:0", 1), ("key:1", 1)],
+    ),
+    (  # 7 servers, weights 2..8 by hostname
+        [(f"cache-{i}.example", 11211, i + 2) for i in range(7)],
+        [64, 96, 128, 160, 192, 224, 256],
+        "9d3d3134f07d1afd3764a70558872908aab66d82952dac249edaa753df79404f",
+        [("key:0", 2), ("key:1", 1)],
+    ),
+]
+
+# (weights, digests per server) from the same libmemcached: vectors whose single-
+# precision counts differ from libketama's double-precision ones. The emulation was
+# also checked against it on 1,500 random vectors (2 to 100 servers, weights up to
+# 1000: all agreed). libmemcached 1.1.4 aborts past ~100 servers (an assertion on its
+# continuum size), so no vector goes beyond.
+LIBMEMCACHED_DIGESTS = [
+    ((8, 4, 12, 12, 4, 5, 4, 9, 12, 5), (42, 21, 63, 63, 21, 26, 21, 47, 63, 26)),
+    ((12, 11, 12, 4, 11), (47, 44, 47, 15, 44)),
+    ((4, 8, 4, 5, 8, 5, 4, 6, 1, 7, 3), (31, 63, 31, 40, 63, 40, 31, 48, 7, 56, 24)),
+    ((12, 5, 11, 8, 9, 3, 8), (60, 25, 54, 40, 45, 15, 40)),
+    ((10, 1, 4, 9, 12, 9, 11), (50, 5, 20, 45, 60, 45, 54)),
+    ((18, 29, 39, 97, 3, 20, 81, 70, 35, 92, 11), (15, 25, 34, 86, 2, 17, 71, 62, 31, 81, 9)),
+    ((12, 8, 9, 7, 6, 4, 7, 7, 6, 9), (63, 42, 47, 37, 31, 21, 37, 37, 31, 47)),
+    ((9, 7, 4, 7, 6, 12, 9, 6, 3, 12), (47, 37, 21, 37, 31, 63, 47, 31, 15, 63)),
+]
+
+
+def _libmemcached_nodes(servers: list[tuple[str, int, int]]) -> list[Node]:
+    # libmemcached's server string is "host" for port 11211, else "host:port": the name
+    return [
+        Node(addr(j), name=host if port == 11211 else f"{host}:{port}", weight=w)
+        for j, (host, port, w) in enumerate(servers)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("servers", "points", "sha", "sample"),
+    LIBMEMCACHED_KETAMA,
+    ids=["weighted", "25-equal", "10-equal", "ports", "1-and-100", "hostnames"],
+)
+def test_ketama_libmemcached_matches_libmemcached(
+    servers: list[tuple[str, int, int]], points: list[int], sha: str, sample: list[tuple[str, int]]
+) -> None:
+    from reuselb.balance import ketama_points as kp
+
+    nodes = _libmemcached_nodes(servers)
+    counts = collections.Counter(n.name for _, _, n in kp(nodes, libmemcached=True))
+    assert [counts[n.name] for n in nodes] == points
+    p = RingHash(nodes, ketama="libmemcached")
+    for key, owner in sample:
+        assert p.pick(key).name == nodes[owner].name, key
+    where = {n.name: j for j, n in enumerate(nodes)}
+    owners = bytes(where[p.pick(f"key:{k}").name] for k in range(20_000))
+    assert hashlib.sha256(owners).hexdigest() == sha
+    assert p.copy().pick("key:9") == p.pick("key:9")  # copy() keeps the mode
+    # libketama's double-precision counts: the same where they agree, else not
+    libketama = collections.Counter(n.name for _, _, n in ketama_points(nodes))
+    if [libketama[n.name] for n in nodes] == points:
+        assert RingHash(nodes, ketama="libketama").pick("key:0") == p.pick("key:0")
+    else:
+        q = RingHash(nodes, ketama=True)
+        assert any(q.pick(key) != p.pick(key) for key, _ in sample)
+
+
+@pytest.mark.parametrize(("weights", "digests"), LIBMEMCACHED_DIGESTS)
+def test_libmemcached_digests_are_single_precision(
+    weights: tuple[int, ...], digests: tuple[int, ...]
+) -> None:
+    from reuselb.balance import libmemcached_digests
+
+    total, n = sum(weights), len(weights)
+    assert tuple(libmemcached_digests(w, total, n) for w in weights) == digests
+    libketama = tuple(math.floor(w / total * 40 * n + 1e-10) for w in weights)
+    assert libketama != digests  # why the mode exists
+    # 25 or more equal servers: 39 digests (156 points) each, not 40
+    assert [libmemcached_digests(1, k, k) for k in (10, 24, 25, 100)] == [40, 40, 39, 39]
+
+
 def test_seed_and_secret_reshuffle_deterministically() -> None:
     nodes = [addr(i) for i in range(8)]
     ks = keys(300)
@@ -713,10 +856,10 @@ def test_diff_reports_moves_and_loads() -> None:
 def test_fast_and_general_paths_agree(kind: str, secret: bytes | None) -> None:
     """str keys take a lock-free fast path; bytes keys and acquire() the general one."""
     nodes = [Node(addr(i), weight=1 + i % 2) for i in range(7)]
-    if kind == "ketama":
+    if kind.startswith("ketama"):
         if secret:
             return
-        p: BalancePolicy = RingHash(nodes, ketama=True)
+        p: BalancePolicy = FACTORIES[kind](nodes)
     else:
         size = {"maglev": 1009, "rendezvous": 4096}.get(kind)
         opts: dict[str, object] = {"seed": 9}
@@ -933,7 +1076,7 @@ def test_power_of_two_seed_must_be_an_int(seed: object) -> None:
     assert PowerOfTwo([addr(0)], seed=2**80).pick() is not None  # big ints are fine
 
 
-@pytest.mark.parametrize("ketama", ["no", 1, 0, None])
+@pytest.mark.parametrize("ketama", ["no", 1, 0, None, "libmemcache", "LIBMEMCACHED", b"libketama"])
 def test_ketama_must_be_a_bool(ketama: object) -> None:
     with pytest.raises(InvalidArgument, match=rf"invalid ketama {re.escape(repr(ketama))}"):
         RingHash([addr(0)], ketama=ketama)  # type: ignore[arg-type]

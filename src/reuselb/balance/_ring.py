@@ -5,18 +5,23 @@ membership, weights or states change and published by one attribute store; an
 unbounded pick is one hash and one ``bisect`` (C), without the lock. Equal points
 are ordered by ``hash_id``, so the ring does not depend on insertion order.
 
-Ketama mode (``ketama=True``) reproduces libketama (last.fm) and libmemcached's
-``MEMCACHED_BEHAVIOR_KETAMA_WEIGHTED`` continuum:
+Ketama mode (``ketama=True``, or ``"libketama"``) reproduces libketama's (last.fm)
+continuum; ``ketama="libmemcached"`` reproduces libmemcached's weighted ketama
+(``MEMCACHED_BEHAVIOR_KETAMA_WEIGHTED``). Both:
 
 * server string ``"<hash_id>-<i>"`` where ``hash_id`` is the node's name, else
   ``"host:port"`` (libmemcached drops ``":11211"`` for the default port: give such
   nodes ``name="host"`` to match it);
-* ``floor(weight / total_weight * 40 * servers + 1e-10)`` MD5 digests per server,
-  ``i = 0 ..``, each giving 4 points: the digest's four little-endian 32-bit words;
+* ``D`` MD5 digests per server, ``i = 0 .. D-1``, each giving 4 points: the digest's
+  four little-endian 32-bit words;
 * a key's point is the first 4 bytes of MD5(key) read little-endian, and it maps
   to the first ring point ``>=`` it, wrapping to the first point.
 
-With equal weights that is 160 points per server, the ketama default. The seed and
+They differ in ``D`` only. libketama: ``floor(weight / total_weight * 40 * servers
++ 1e-10)`` computed in double precision (160 points per server with equal weights).
+libmemcached computes it in single precision (``float``; see
+:func:`libmemcached_digests`), which rounds some shares down by one digest: 39
+digests (156 points) per server for 25 or more equal-weight servers. The seed and
 secret options do not exist in ketama mode (they would break compatibility).
 """
 
@@ -24,17 +29,18 @@ from __future__ import annotations
 
 import hashlib
 import math
+import struct
 from array import array
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator
 from hashlib import md5 as _md5
-from typing import Any
+from typing import Any, Literal
 from zlib import crc32 as _crc32
 
 from .._errors import InvalidArgument
 from ._base import HashPolicy, Key, Node, NodeLike
 
-__all__ = ["MAX_VNODES", "RingHash", "ketama_points"]
+__all__ = ["KETAMA_MODES", "MAX_VNODES", "RingHash", "ketama_points", "libmemcached_digests"]
 
 #: The most points per weight unit: with MAX_WEIGHT (1000) a node then has at most
 #: a million points, so a rebuild stays bounded (seconds, not hours).
@@ -44,11 +50,51 @@ _ARC_SHIFT = 14
 _ARCS = 1 << (32 - _ARC_SHIFT)
 
 
-def ketama_points(nodes: list[Node]) -> list[tuple[int, str, Node]]:
+#: What ``RingHash(ketama=...)`` accepts besides False: whose continuum to build.
+KETAMA_MODES = (True, "libketama", "libmemcached")
+
+_F32 = struct.Struct("<f")
+
+
+def _f32(x: float) -> float:
+    """*x* rounded to the nearest IEEE single (C's ``(float)x``)."""
+    return float(_F32.unpack(_F32.pack(x))[0])
+
+
+def libmemcached_digests(weight: int, total: int, servers: int) -> int:
+    """MD5 digests (4 points each) libmemcached's weighted ketama gives one server.
+
+    libmemcached (``hosts.cc``, 1.0 and 1.1) computes, in C::
+
+        float pct = (float)weight / (float)total_weight;
+        pointer_per_server = (uint32_t)((floor((float)(pct * 160 / 4
+                              * (float)live_servers + 0.0000000001))) * 4);
+
+    with each ``float`` operation rounded to single precision (IEEE, as on x86-64
+    with SSE and on ARM64) and the ``+ 1e-10`` in double. Each step is emulated
+    here: one float operation computed in double and then rounded to single gives
+    the correctly rounded single result, since a double holds more than twice a
+    single's 24 bits.
+
+    :param weight: the server's weight.
+    :param total: the total weight of the live servers (> 0).
+    :param servers: the number of live servers.
+    :returns: the number of digests.
+    """
+    pct = _f32(_f32(weight) / _f32(total))
+    x = _f32(pct * 160.0)
+    x = _f32(x / 4.0)
+    x = _f32(x * _f32(servers))
+    return math.floor(_f32(x + 1e-10))
+
+
+def ketama_points(nodes: list[Node], *, libmemcached: bool = False) -> list[tuple[int, str, Node]]:
     """The ketama continuum of *nodes* as ``(point, hash_id, node)``, unsorted.
 
-    :param nodes: the servers; each gets ``floor(weight / total x 40 x N)`` MD5
-        digests of 4 points.
+    :param nodes: the servers; each gets ``floor(weight / total x 40 x N + 1e-10)``
+        MD5 digests of 4 points (in double precision, as libketama).
+    :param libmemcached: count the digests in single precision, as libmemcached's
+        weighted ketama does (:func:`libmemcached_digests`).
     :returns: the points; empty when there is no node or every weight is 0 (no
         server has a share to place).
     """
@@ -57,7 +103,10 @@ def ketama_points(nodes: list[Node]) -> list[tuple[int, str, Node]]:
     if total == 0:
         return out
     for n in nodes:
-        digests = math.floor(n.weight / total * 40 * len(nodes) + 1e-10)
+        if libmemcached:
+            digests = libmemcached_digests(n.weight, total, len(nodes))
+        else:
+            digests = math.floor(n.weight / total * 40 * len(nodes) + 1e-10)
         for i in range(digests):
             d = hashlib.md5(f"{n.hash_id}-{i}".encode()).digest()
             for j in range(4):
@@ -73,7 +122,10 @@ class RingHash(HashPolicy):
     :param nodes: initial nodes.
     :param vnodes: points per weight unit, ``1..MAX_VNODES`` (1000); ignored in
         ketama mode.
-    :param ketama: build a ketama-compatible continuum (MD5; see the module doc).
+    :param ketama: ``True`` or ``"libketama"``: build libketama's continuum (MD5;
+        see the module doc); ``"libmemcached"``: libmemcached's weighted ketama
+        continuum, whose point counts are computed in single precision (156 points
+        per server from 25 equal-weight servers on, where libketama has 160).
         A weighted ketama server whose share rounds down to no digest has no points
         and gets no keys (as in libketama); with ``balance_factor`` it takes a key
         only when every server with points is at its bound.
@@ -82,7 +134,7 @@ class RingHash(HashPolicy):
     :param balance_factor: bounded load (``>= 1``); the next candidates are the
         following ring points.
     :raises InvalidArgument: vnodes not an int in ``1..MAX_VNODES``, ketama not a
-        bool, or seed/secret with ketama.
+        bool, ``"libketama"`` or ``"libmemcached"``, or seed/secret with ketama.
     """
 
     name = "ring"
@@ -93,20 +145,24 @@ class RingHash(HashPolicy):
         nodes: Iterable[NodeLike] = (),
         *,
         vnodes: int = 160,
-        ketama: bool = False,
+        ketama: bool | Literal["libketama", "libmemcached"] = False,
         seed: int = 0,
         secret: bytes | None = None,
         balance_factor: float | None = None,
     ) -> None:
         if isinstance(vnodes, bool) or not isinstance(vnodes, int) or not 1 <= vnodes <= MAX_VNODES:
             raise InvalidArgument("vnodes", vnodes, f"must be an int in 1..{MAX_VNODES}")
-        if not isinstance(ketama, bool):
-            # a truthy "no" would silently switch the hash to MD5
-            raise InvalidArgument("ketama", ketama, "must be a bool")
-        if ketama and (seed or secret is not None):
+        if not isinstance(ketama, bool) and not (
+            isinstance(ketama, str) and ketama in KETAMA_MODES[1:]
+        ):
+            # a truthy "no" (or 1) would silently switch the hash to MD5
+            raise InvalidArgument("ketama", ketama, 'must be a bool, "libketama" or "libmemcached"')
+        if ketama is not False and (seed or secret is not None):
             raise InvalidArgument("ketama", ketama, "ketama mode takes no seed or secret")
         self._vnodes = vnodes
-        self._ketama = ketama
+        self._ketama_mode = ketama
+        self._ketama = ketama is not False
+        self._libmemcached = ketama == "libmemcached"
         self._crc_seed = seed if secret is None and not ketama else None
         self._ring: tuple[list[int], list[Node], tuple[array[int], list[Node | None]]] = (
             [],
@@ -121,7 +177,7 @@ class RingHash(HashPolicy):
         super().__init__(nodes, seed=seed, secret=secret, balance_factor=balance_factor)
 
     def _options(self) -> dict[str, Any]:
-        return {**super()._options(), "vnodes": self._vnodes, "ketama": self._ketama}
+        return {**super()._options(), "vnodes": self._vnodes, "ketama": self._ketama_mode}
 
     def _rebuild(self) -> None:
         live = list(self._live)
@@ -130,7 +186,7 @@ class RingHash(HashPolicy):
             self._publish()
             return
         if self._ketama:
-            pts = ketama_points(live)
+            pts = ketama_points(live, libmemcached=self._libmemcached)
         else:
             pts = []
             for n in live:
