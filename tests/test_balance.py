@@ -299,6 +299,41 @@ def test_round_robin_exact_weights_over_a_cycle(weights: list[int]) -> None:
         assert counts[Node(addr(i)).address] == 3 * w // g
 
 
+def _nginx_swrr(weights: list[int]) -> list[int]:
+    """nginx's smooth weighted round robin, step by step over every node (the spec)."""
+    live = [i for i, w in enumerate(weights) if w]
+    g = math.gcd(*(weights[i] for i in live))
+    total = sum(weights[i] for i in live) // g
+    current = dict.fromkeys(live, 0)
+    out = []
+    for _ in range(total):
+        for i in live:
+            current[i] += weights[i] // g
+        best = max(live, key=lambda i: (current[i], -i))  # the first on a tie
+        current[best] -= total
+        out.append(best)
+    return out
+
+
+@SETTINGS
+@given(
+    weights=st.lists(
+        st.one_of(st.sampled_from([0, 1, 2, 3, 6]), st.integers(1, 40)), min_size=1, max_size=12
+    ).filter(any)
+)
+@example(weights=[1000 - i % 2 for i in range(30)])  # heavy, two distinct weights
+@example(weights=[5, 1, 1, 5, 5, 1, 2])
+def test_round_robin_cycle_is_nginx_order_whatever_the_weights(weights: list[int]) -> None:
+    """The grouped build (nodes of equal weight simulated together) is nginx's order."""
+    nodes = [Node(addr(i), weight=w) for i, w in enumerate(weights)]
+    assert smooth_wrr_cycle(nodes) == [nodes[i] for i in _nginx_swrr(weights)]
+    p = RoundRobin(nodes)
+    p.mark_down(addr(0))  # a rebuild: same rule over the rest
+    rest = [0, *weights[1:]]
+    if any(rest):
+        assert list(p.schedule) == [p.get(addr(i)) for i in _nginx_swrr(rest)]
+
+
 def test_round_robin_is_nginx_smooth_order() -> None:
     a, b, c = Node("10.0.0.1:80", weight=5), Node("10.0.0.2:80"), Node("10.0.0.3:80")
     # nginx's documented example for weights 5, 1, 1: a a b a c a a.
