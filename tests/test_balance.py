@@ -941,17 +941,25 @@ def test_rendezvous_table_size_must_be_a_power_of_two() -> None:
 
 
 def _rendezvous_rule(p: RendezvousHash, group: int, bucket: int) -> int:
-    """Owner index of a bucket by the preference rule itself, one node at a time."""
+    """Owner index of a bucket by the preference rule itself, one node at a time.
+
+    Levels from the deepest sub-level (top + K: the top level's arrivals thinned K
+    times, on the top level's offsets) down to top, then top - 1 .. 0 on their own
+    offsets; at the first level where some node arrives, the smallest position d
+    wins, then the node order.
+    """
     pools = p._pools
     assert pools is not None
     nodes = p._table[1]
-    m, groups = pools.m, pools.groups
+    m, groups, top = pools.m, pools.groups, pools.top
     offsets = [p._offsets[n.hash_id] for n in nodes]
-    for lev in range(pools.top + 1):
-        e = pools.top - lev
+    sub = len(pools.levels) - (top + 1)
+    levels = [(top + k, 0) for k in range(sub, 0, -1)] + [(e, top - e) for e in range(top, -1, -1)]
+    assert pools.levels == levels
+    for e, row in levels:
         best: tuple[int, int] | None = None
         for j, n in enumerate(nodes):
-            d = (bucket - offsets[j][lev * groups + group]) % m
+            d = (bucket - offsets[j][row * groups + group]) % m
             if pools.node_bits(group, e, n.weight) >> d & 1 and (best is None or (d, j) < best):
                 best = (d, j)
         if best is not None:
@@ -966,6 +974,8 @@ def _rendezvous_rule(p: RendezvousHash, group: int, bucket: int) -> int:
         (1 << 18, [1, 1]),  # few arrivals: point-by-point levels first
         (1 << 18, [1] * 40),  # groups, dense passes, then the bucket-by-bucket tail
         (1 << 14, [7, 1, 300]),
+        (1 << 16, [1000] * 6 + [1, 999]),  # heavy: most buckets go at the sub-levels
+        (1024, [1000, 3, 1000]),  # the smallest table: dense sub-levels
     ],
 )
 def test_rendezvous_table_follows_its_preference_rule(size: int, weights: list[int]) -> None:
@@ -980,6 +990,14 @@ def test_rendezvous_table_follows_its_preference_rule(size: int, weights: list[i
     for _ in range(120):
         g, b = rng.randrange(pools.groups), rng.randrange(pools.m)
         assert owners[g * pools.m + _table_pos(pools.m, b)] == _rendezvous_rule(p, g, b)
+    # sub-levels are nested in the top level, so a bucket that only one node reaches
+    # there keeps that owner: the deeper level refines ties, it adds no arrival
+    for g in range(pools.groups):
+        for w in set(weights):
+            for e, _ in pools.levels[:-1]:
+                if e > pools.top:
+                    below = pools.node_bits(g, e - 1, w)
+                    assert pools.node_bits(g, e, w) & ~below == 0
 
 
 def test_rendezvous_default_table_moves_only_the_removed_nodes_keys() -> None:
@@ -1027,6 +1045,50 @@ def test_rendezvous_default_table_follows_weights_closely() -> None:
     for w, ratios in by_weight.items():
         # no systematic tilt toward light or heavy nodes
         assert abs(sum(ratios) / len(ratios) - 1) < 0.015, (w, ratios)
+
+
+def _rendezvous_shares(weights: list[int], size: int) -> list[tuple[int, float]]:
+    """(weight, bucket share / weight share - 1) per node of a tabulated rendezvous."""
+    p = RendezvousHash([Node(addr(i), weight=w) for i, w in enumerate(weights)], table_size=size)
+    owners, nodes = p._table
+    counts = collections.Counter(owners)
+    total = sum(weights)
+    return [(n.weight, counts[j] / len(owners) * total / n.weight - 1) for j, n in enumerate(nodes)]
+
+
+def test_rendezvous_table_balance_holds_for_heavy_weights() -> None:
+    """Weights are relative: 50 nodes of weight 1000 must not balance far worse than 50
+    of weight 1 (the top level's ~49 arrivals per bucket used to go by position: sd
+    0.76 and a node at 4.1x its share), and heavy nodes must get their share next to
+    lighter ones (weight-100 nodes used to get 1.73x theirs)."""
+    size = 1 << 17
+    light = [d for _, d in _rendezvous_shares([1] * 50, size)]
+    heavy = [d for _, d in _rendezvous_shares([1000] * 50, size)]
+    sd = math.sqrt(sum(d * d for d in heavy) / len(heavy))
+    print(f"sd of shares: weight 1 {math.sqrt(sum(d * d for d in light) / 50):.3f}, 1000 {sd:.3f}")
+    assert sd < 0.12 and max(map(abs, heavy)) < 0.3
+    mixed = _rendezvous_shares([1000] * 25 + [100] * 25, size)
+    for w in (1000, 100):
+        tilt = [d for weight, d in mixed if weight == w]
+        assert abs(sum(tilt) / len(tilt)) < 0.06, (w, tilt)
+
+
+def test_rendezvous_heavy_weights_move_only_the_removed_nodes_buckets() -> None:
+    ws = [1000, 999, 1, 500, 1000, 7, 640, 1000]
+    nodes = [Node(addr(i), weight=w) for i, w in enumerate(ws)]
+    p = RendezvousHash(nodes, table_size=1 << 16)
+    owners, old_nodes = p._table
+    for victim in (nodes[0], nodes[2], nodes[6]):
+        q = RendezvousHash([n for n in nodes if n != victim], table_size=1 << 16)
+        new_owners, new_nodes = q._table
+        gone = old_nodes.index(victim)
+        changed = [
+            i
+            for i, (a, b) in enumerate(zip(owners, new_owners, strict=True))
+            if old_nodes[a] != new_nodes[b]
+        ]
+        assert all(owners[i] == gone for i in changed)
+        assert len(changed) == sum(1 for a in owners if a == gone) > 0
 
 
 def test_rendezvous_table_past_256_nodes() -> None:
