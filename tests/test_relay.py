@@ -1161,6 +1161,80 @@ def test_an_eof_before_any_byte_waits_for_the_backend_connect(
             backend.close()
 
 
+# Linux socket options (include/uapi/linux/tcp.h); Python does not export them.
+_TCP_FASTOPEN_CONNECT = 30
+_TCP_FASTOPEN_NO_COOKIE = 34
+
+
+@pytest.mark.parametrize("mode", ["splice", "asyncio", "uvloop", "asyncio-selector"])
+def test_an_eof_before_any_byte_reaches_a_fast_open_backend(
+    listener: socket.socket, mode: str
+) -> None:
+    # With TCP_FASTOPEN_CONNECT, connect() returns 0 at once and b sits in
+    # SYN_SENT without having sent its SYN (it waits for the first write, to
+    # carry data), yet polls writable. The old relay took that for "connected"
+    # and forwarded the client's EOF with shutdown(SHUT_WR), which drops a
+    # connect in SYN_SENT: the backend was never reached and the client got a
+    # reset. The relay must start the connect, then half-close once connected.
+    client, a = tcp_pair(listener)
+    lst = socket.create_server(("127.0.0.1", 0))
+    b = socket.socket()
+    results: list[RelayStats | BaseException] = []
+
+    def run() -> None:
+        try:
+            results.append(RUNNERS[mode](a, b, idle_timeout=30))
+        except BaseException as exc:
+            results.append(exc)
+
+    thread = threading.Thread(target=run)
+    backend: socket.socket | None = None
+    try:
+        try:
+            b.setsockopt(socket.IPPROTO_TCP, _TCP_FASTOPEN_CONNECT, 1)
+            b.setsockopt(socket.IPPROTO_TCP, _TCP_FASTOPEN_NO_COOKIE, 1)  # no cookie cache
+        except OSError as exc:
+            pytest.skip(f"no TCP Fast Open client here: {exc}")
+        assert b.connect_ex(lst.getsockname()) == 0
+        assert b.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == 2  # TCP_SYN_SENT
+        writable = select.poll()
+        writable.register(b, select.POLLOUT)
+        assert writable.poll(0) == [(b.fileno(), select.POLLOUT)]  # and yet not connected
+        client.shutdown(socket.SHUT_WR)  # EOF, no byte ("server speaks first")
+        thread.start()
+        # The backend's connection arrives first; the client has nothing to read
+        # until the backend speaks (the old relay reset it at once instead).
+        ready, _, _ = select.select([lst, client], [], [], JOIN)
+        assert ready == [lst], "the backend was reached, the client not reset"
+        backend, _ = lst.accept()
+        backend.settimeout(JOIN)
+        assert backend.recv(16) == b"", "the client's EOF reached the backend"
+        backend.sendall(b"220 banner\r\n")
+        backend.shutdown(socket.SHUT_WR)
+        client.settimeout(JOIN)
+        assert _recv_bytes(client, 12) == b"220 banner\r\n"
+        assert client.recv(16) == b""
+        thread.join(JOIN)
+        assert not thread.is_alive()
+        stats = results[0]
+        assert isinstance(stats, RelayStats), stats
+        assert (stats.a_to_b, stats.b_to_a, stats.a_end, stats.b_end, stats.failed) == (
+            0,
+            12,
+            End.EOF,
+            End.EOF,
+            None,
+        )
+    finally:
+        if thread.is_alive():
+            client.close()
+            thread.join(JOIN)
+        for s in (client, a, b, lst):
+            s.close()
+        if backend is not None:
+            backend.close()
+
+
 def test_close_false_leaves_sockets_to_the_caller(listener: socket.socket) -> None:
     r = Relay(listener, run_blocking, close=False)
     try:

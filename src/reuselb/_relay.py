@@ -588,23 +588,48 @@ class _Relay:
 
     def _connected(self, flow: _Flow) -> bool:
         """Whether *flow*'s half-close may go out now: False (the flow is `held`) while
-        dst is not writable, i.e. its non-blocking connect is still in flight.
+        dst's connect is still in flight.
 
         shutdown(SHUT_WR) on a TCP socket in SYN_SENT does not queue a FIN: Linux
         (inet_shutdown) drops the connection attempt instead, and the backend
         of a client that sent its EOF before a byte ("server speaks first": SMTP,
         SSH banners, ``nc -N < /dev/null``) would never be reached. Called only
         when no byte was exchanged with dst (a byte that went either way proves
-        it connected), so the common path pays nothing. A destination that is
-        merely full (the caller filled it before the relay) waits too, harmlessly:
-        the FIN would queue behind those bytes anyway.
+        it connected), so the common path pays nothing.
+
+        SYN_SENT is read from TCP_INFO, not inferred from writability: a socket
+        with TCP_FASTOPEN_CONNECT whose connect() returned 0 sits in SYN_SENT
+        without having sent its SYN (the connect waits for the first write, to
+        carry data), and tcp_poll reports it writable. An empty send() starts
+        that connect (it returns EINPROGRESS); on an ordinary connect in flight
+        it only returns EAGAIN. Then the flow waits for dst to be writable, as
+        bytes would. A connected dst that is merely full (the caller filled it
+        before the relay) is half-closed at once: the FIN queues behind its bytes.
+        Sockets TCP_INFO cannot tell about (not TCP, a wrapper without
+        getsockopt) wait until poll says dst is writable, as before.
 
         :raises _Failure: dst has a pending error (its connect failed).
         """
-        ready = _poll_out(flow.dst_fd)
-        if ready & _POLLERR:
-            _raise_pending_error(self, flow.dst_fd)
-        if ready:
+        state = _tcp_state(flow.dst)
+        if state < 0:
+            ready = _poll_out(flow.dst_fd)
+            if ready & _POLLERR:
+                _raise_pending_error(self, flow.dst_fd)
+            connecting = not ready
+        elif state == _TCP_SYN_SENT:
+            try:
+                flow.dst.send(b"")  # starts a deferred (Fast Open) connect
+            except (BlockingIOError, InterruptedError):
+                pass  # EINPROGRESS (started), EAGAIN (in flight already)
+            except OSError as exc:
+                raise _Failure(_other(flow.name), _end_kind(exc), exc) from None
+            connecting = True
+        else:
+            if state == _TCP_CLOSE:
+                # A connect that failed (refused, timed out) ends here: its error.
+                _raise_pending_error(self, flow.dst_fd)
+            connecting = False
+        if not connecting:
             if flow.held:
                 flow.held = False
                 self.hold_changes += 1
@@ -1254,6 +1279,27 @@ def _drive(relay: _Relay, poller: Any, registered: dict[int, int], muted: set[in
             if hup and not registered.get(fd):
                 muted.add(fd)
             relay.step(fd, bool(ev & _POLLIN) or hup, bool(ev & _POLLOUT) or hup)
+
+
+# From include/net/tcp_states.h (tcpi_state, the first byte of struct tcp_info).
+# Linux's numbering: elsewhere _tcp_state() tells nothing and poll decides.
+_TCP_SYN_SENT = 2
+_TCP_CLOSE = 7
+_TCP_INFO = getattr(socket, "TCP_INFO", None) if sys.platform.startswith("linux") else None
+
+
+def _tcp_state(sock: Side) -> int:
+    """*sock*'s TCP state from TCP_INFO (one getsockopt), or -1 when it cannot tell."""
+    if _TCP_INFO is None:
+        return -1
+    getsockopt = getattr(sock, "getsockopt", None)
+    if not callable(getsockopt):
+        return -1
+    try:
+        info = getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)
+    except OSError:
+        return -1  # not TCP (AF_UNIX...)
+    return info[0] if isinstance(info, bytes) and info else -1
 
 
 def _poll_out(fd: int) -> int:
