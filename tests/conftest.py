@@ -9,7 +9,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import IO
+from typing import IO, Any
 
 import pytest
 
@@ -118,3 +118,37 @@ def example_stderr(proc: subprocess.Popen[str]) -> str:
     with _STDERR.pop(proc.pid) as err:
         err.seek(0)
         return err.read().decode(errors="replace")
+
+
+def run_in_netns(script: str) -> Any:
+    """Run a Python *script* in a new network namespace (loopback up); its JSON stdout.
+
+    Root only (the callers carry the ``root`` marker). Sysctls such as
+    ``net.ipv4.tcp_migrate_req`` are per namespace, so a script may turn them on
+    without changing what the host, or any other test, sees. Skips the test where
+    the kernel or container allows no new namespace.
+    """
+    import json
+    import shutil
+
+    if not (shutil.which("unshare") and shutil.which("ip")):
+        pytest.skip("needs unshare(1) and ip(8)")
+    out = subprocess.run(
+        [
+            "unshare",
+            "--net",
+            "sh",
+            "-c",
+            'ip link set lo up && exec "$0" -c "$1"',
+            sys.executable,
+            script,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,  # a failing child's stderr goes into the assertion message
+    )
+    if out.returncode != 0 and "unshare failed" in out.stderr:
+        pytest.skip(f"no new network namespace here: {out.stderr.strip()}")
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)

@@ -11,7 +11,6 @@ import os
 import re
 import resource
 import select
-import shutil
 import socket
 import struct
 import subprocess
@@ -42,7 +41,7 @@ from reuselb import (
     tcp_migrate_req,
     udp_socket,
 )
-from tests.conftest import fds_left, open_fds
+from tests.conftest import fds_left, open_fds, run_in_netns
 
 pytestmark = pytest.mark.linux
 
@@ -1049,31 +1048,10 @@ print(json.dumps(out))
 
 
 @pytest.mark.root
-@pytest.mark.skipif(
-    not (shutil.which("unshare") and shutil.which("ip")), reason="needs unshare(1) and ip(8)"
-)
 def test_drain_close_migrate_path_updates_the_group() -> None:
     # In a network namespace of its own, so turning tcp_migrate_req on cannot
     # change what other tests on this machine see.
-    out = subprocess.run(
-        [
-            "unshare",
-            "--net",
-            "sh",
-            "-c",
-            'ip link set lo up && exec "$0" -c "$1"',
-            sys.executable,
-            _MIGRATE_CHILD,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,  # a failing child's stderr goes into the assertion message
-    )
-    if out.returncode != 0 and "unshare failed" in out.stderr:
-        pytest.skip(f"no new network namespace here: {out.stderr.strip()}")
-    assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout)
+    result = run_in_netns(_MIGRATE_CHILD)
     assert result["migrate"] is True
     assert "is not a member of group" in result["outsider"]
     assert result["outsider_open"] is True

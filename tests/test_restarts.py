@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
 import select
-import shutil
 import signal
 import socket
 import subprocess
@@ -27,6 +25,7 @@ from reuselb import (
     steer_all_to,
     tcp_migrate_req,
 )
+from tests.conftest import run_in_netns
 
 pytestmark = pytest.mark.linux
 
@@ -129,30 +128,9 @@ print(json.dumps({"path": result.path, "accepted": len(result.accepted), "replie
 
 
 @pytest.mark.root
-@pytest.mark.skipif(
-    not (shutil.which("unshare") and shutil.which("ip")), reason="needs unshare(1) and ip(8)"
-)
 def test_drain_close_with_migration() -> None:
     # In a network namespace of its own: the host's tcp_migrate_req is never touched.
-    out = subprocess.run(
-        [
-            "unshare",
-            "--net",
-            "sh",
-            "-c",
-            'ip link set lo up && exec "$0" -c "$1"',
-            sys.executable,
-            _MIGRATE_CHILD,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,  # a failing child's stderr goes into the assertion message
-    )
-    if out.returncode != 0 and "unshare failed" in out.stderr:
-        pytest.skip(f"no new network namespace here: {out.stderr.strip()}")
-    assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout)
+    result = run_in_netns(_MIGRATE_CHILD)
     assert result["path"] == "migrate"
     assert result["accepted"] == 0
     assert result["replies"] == [f"re:hello {i}" for i in range(20)]
