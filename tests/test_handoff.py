@@ -16,7 +16,8 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ import pytest
 from reuselb import (
     HandoffError,
     InvalidArgument,
+    ReuseportGroup,
     SteeringError,
     WrongSocketType,
     _handoff,
@@ -816,63 +818,67 @@ def _wait_queued(member: socket.socket, n: int) -> int:
     return queued or 0
 
 
+@contextmanager
+def _queued_on_first(
+    group: ReuseportGroup | list[socket.socket], n: int
+) -> Iterator[list[socket.socket]]:
+    """*n* clients whose connections wait in ``group[0]``'s accept queue.
+
+    Steered there, then the program is detached (through any member: a group has
+    one), so the drain under test starts from a plain group. Closed on exit.
+    """
+    steer_all_to(group, 0)
+    clients = [connect_tcp(("127.0.0.1", group[0].getsockname()[1]), timeout=5) for _ in range(n)]
+    try:
+        assert _wait_queued(group[0], n) == n
+        detach_steering(group[0])
+        yield clients
+    finally:
+        for c in clients:
+            c.close()
+
+
+def _served(accepted: list[socket.socket], clients: list[socket.socket]) -> list[bytes]:
+    """Answer "ok" on every accepted connection; what each client then reads."""
+    for conn in accepted:
+        conn.sendall(b"ok")
+        conn.close()
+    out = []
+    for c in clients:
+        c.settimeout(5)
+        try:
+            out.append(c.recv(2))
+        except ConnectionResetError:
+            out.append(b"reset")  # was still queued when the member closed
+    return out
+
+
 def test_drain_close_timeout_still_takes_the_queue(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_handoff, "tcp_migrate_req", lambda: False)  # the steer path
-    with reuseport_group("127.0.0.1:0", 2) as group:
-        steer_all_to(group, 0)
-        clients = [connect_tcp(("127.0.0.1", group.port), timeout=5) for _ in range(50)]
-        try:
-            assert _wait_queued(group[0], 50) == 50
-            detach_steering(group[1])
-            # The deadline passes before the accept loop runs once: only the sweep
-            # after it can take the 50 connections (the old code reset them all).
-            result = drain_close(group[0], group=group, timeout=1e-9)
-            assert len(result.accepted) == 50
-            assert result.timed_out is True
-            for conn in result.accepted:
-                conn.sendall(b"ok")
-                conn.close()
-            for c in clients:
-                c.settimeout(5)
-                assert c.recv(2) == b"ok"
-        finally:
-            for c in clients:
-                c.close()
+    with reuseport_group("127.0.0.1:0", 2) as group, _queued_on_first(group, 50) as clients:
+        # The deadline passes before the accept loop runs once: only the sweep
+        # after it can take the 50 connections (the old code reset them all).
+        result = drain_close(group[0], group=group, timeout=1e-9)
+        assert len(result.accepted) == 50
+        assert result.timed_out is True
+        assert _served(result.accepted, clients) == [b"ok"] * 50
 
 
 def test_drain_close_keeps_what_it_took_when_accept_runs_out_of_fds(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(_handoff, "tcp_migrate_req", lambda: False)  # the steer path
-    with reuseport_group("127.0.0.1:0", 2) as group:
-        steer_all_to(group, 0)
-        clients = [connect_tcp(("127.0.0.1", group.port), timeout=5) for _ in range(10)]
-        try:
-            assert _wait_queued(group[0], 10) == 10
-            detach_steering(group[1])
-            # Room for 3 accepted sockets: the 4th accept() fails with EMFILE. The 3
-            # taken are the caller's to serve (the old code closed them and raised).
-            listener = group[0]
-            with fds_left(3):
-                result = drain_close(listener, group=group, grace=0)
-            assert len(result.accepted) == 3
-            assert result.accept_error is not None
-            assert result.accept_error.errno == errno.EMFILE
-            assert listener.fileno() == -1
-            for conn in result.accepted:
-                conn.sendall(b"ok")
-                conn.close()
-            outcomes = []
-            for c in clients:
-                c.settimeout(5)
-                try:
-                    outcomes.append(c.recv(2))
-                except ConnectionResetError:
-                    outcomes.append(b"reset")  # still queued when the member closed
-            assert sorted(outcomes) == [b"ok"] * 3 + [b"reset"] * 7
-        finally:
-            for c in clients:
-                c.close()
+    with reuseport_group("127.0.0.1:0", 2) as group, _queued_on_first(group, 10) as clients:
+        listener = group[0]
+        # Room for 3 accepted sockets: the 4th accept() fails with EMFILE. The 3
+        # taken are the caller's to serve (the old code closed them and raised).
+        with fds_left(3):
+            result = drain_close(listener, group=group, grace=0)
+        assert len(result.accepted) == 3
+        assert result.accept_error is not None
+        assert result.accept_error.errno == errno.EMFILE
+        assert listener.fileno() == -1
+        assert sorted(_served(result.accepted, clients)) == [b"ok"] * 3 + [b"reset"] * 7
 
 
 @pytest.mark.parametrize("size", [3, 2])
@@ -891,30 +897,17 @@ def test_drain_close_keeps_the_accepted_when_a_member_closes_meanwhile(
         members[1].close()  # what another thread stopping its worker does, mid-drain
 
     monkeypatch.setattr(_steering, "steer_away_from", attach_then_lose_member_1)
-    steer_all_to(group, 0)
-    clients = [connect_tcp(("127.0.0.1", group.port), timeout=5) for _ in range(5)]
-    try:
-        assert _wait_queued(members[0], 5) == 5
-        detach_steering(members[0])
+    with group, _queued_on_first(members, 5) as clients:
         result = drain_close(members[0], group=group, grace=0.05)
         # Every queued connection is the caller's, whatever became of the detach.
         assert len(result.accepted) == 5
-        for conn in result.accepted:
-            conn.sendall(b"ok")
-            conn.close()
-        for c in clients:
-            c.settimeout(5)
-            assert c.recv(2) == b"ok"
+        assert _served(result.accepted, clients) == [b"ok"] * 5
         if size == 3:  # detached through member 2, the one still open
             assert result.steering_error is None
             assert _no_program(members[2])
         else:  # no member left to detach through: said, not raised
             assert isinstance(result.steering_error, SteeringError)
             assert "no other member of the group is open" in str(result.steering_error)
-    finally:
-        for c in clients:
-            c.close()
-        group.close()
 
 
 def _landings(members: list[socket.socket], port: int, n: int) -> list[tuple[int, int]]:
@@ -976,11 +969,7 @@ def test_drain_close_restore_errors_are_reported_not_raised(
         assert len(group) == 3 and all(m.fileno() != -1 for m in group)
         assert _no_program(group[0])
 
-        steer_all_to(group, 0)
-        clients = [connect_tcp(("127.0.0.1", group.port), timeout=5) for _ in range(3)]
-        try:
-            assert _wait_queued(group[0], 3) == 3
-            detach_steering(group[0])
+        with _queued_on_first(group, 3):
             failure = RuntimeError("the caller's program did not attach")
 
             def restore(g: Iterable[socket.socket]) -> None:
@@ -992,9 +981,6 @@ def test_drain_close_restore_errors_are_reported_not_raised(
             for conn in result.accepted:
                 conn.close()
             assert _no_program(group[0])  # drain_close's own program is not left behind
-        finally:
-            for c in clients:
-                c.close()
 
 
 _MIGRATE_CHILD = """
