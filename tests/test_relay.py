@@ -155,15 +155,28 @@ def run_asyncio_wrapped(a: socket.socket, b: socket.socket, **kw: Any) -> RelayS
     return _check_wrapped(wa, wb, asyncio.run(async_pipe_splice(wa, wb, **kw)))
 
 
+# Relays in threads that force the fallback driver at once share one switch: each
+# saving and restoring the flag on its own left it False for the rest of the module
+# whenever the one that saved False (the other had set it) finished last.
+_NO_EPOLL_LOCK = threading.Lock()
+_no_epoll_state = {"users": 0, "saved": True}
+
+
 def run_asyncio_selector(a: socket.socket, b: socket.socket, **kw: Any) -> RelayStats:
     # The driver used where there is no epoll (macOS, BSD): the loop's own
     # add_reader/add_writer. Forced here so Linux CI runs it too.
-    saved = relay_mod._HAS_EPOLL
-    relay_mod._HAS_EPOLL = False
+    with _NO_EPOLL_LOCK:
+        if not _no_epoll_state["users"]:
+            _no_epoll_state["saved"] = relay_mod._HAS_EPOLL
+        _no_epoll_state["users"] += 1
+        relay_mod._HAS_EPOLL = False
     try:
         return asyncio.run(async_pipe_splice(a, b, **kw))
     finally:
-        relay_mod._HAS_EPOLL = saved
+        with _NO_EPOLL_LOCK:
+            _no_epoll_state["users"] -= 1
+            if not _no_epoll_state["users"]:
+                relay_mod._HAS_EPOLL = bool(_no_epoll_state["saved"])
 
 
 RUNNERS = {
