@@ -17,6 +17,7 @@ import select
 import socket
 import ssl
 import subprocess
+import sys
 import termios
 import threading
 import time
@@ -976,6 +977,102 @@ def test_a_relay_started_after_the_loop_closed_its_async_generators_is_refused(
         _assert_no_relay_fds_since(before)
         assert not relay_mod._HUBS
     finally:
+        for s in (client, a, b, backend):
+            s.close()
+
+
+def _chain_a_tracing_hook(seen: list[str]) -> Any:
+    """Install a firstiter hook that logs ``repr(agen)`` and chains to the loop's
+    own (a tracer or debug logger would); returns the hooks to put back."""
+    loop_hooks = sys.get_asyncgen_hooks()
+
+    def firstiter(agen: Any) -> None:
+        seen.append(f"{agen!r}")
+        if loop_hooks.firstiter is not None:
+            loop_hooks.firstiter(agen)
+
+    sys.set_asyncgen_hooks(firstiter=firstiter, finalizer=loop_hooks.finalizer)
+    return loop_hooks
+
+
+@pytest.mark.parametrize("driver", ["hub", "fallback"])
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("api", ["coroutine", "start"])
+def test_a_foreign_asyncgen_hook_that_reprs_does_not_refuse_a_running_loop(
+    listener: socket.socket, monkeypatch: pytest.MonkeyPatch, driver: str, loop_kind: str, api: str
+) -> None:
+    # The late-start check's probe raises from repr(); a foreign hook that calls
+    # repr() before chaining to the loop's hook made the check take a healthy,
+    # running loop for one shutting down, and the start was refused.
+    if driver == "fallback":
+        monkeypatch.setattr(relay_mod, "_HAS_EPOLL", False)
+    run = uvloop.run if loop_kind == "uvloop" else asyncio.run
+    client, a = tcp_pair(listener)
+    b, backend = tcp_pair(listener)
+    seen: list[str] = []
+
+    async def main() -> RelayStats:
+        loop_hooks = _chain_a_tracing_hook(seen)
+        try:
+            client.sendall(b"ping")
+            client.shutdown(socket.SHUT_WR)
+            backend.sendall(b"pong!")
+            backend.shutdown(socket.SHUT_WR)
+            if api == "start":
+                return await start_pipe_splice(a, b)
+            return await async_pipe_splice(a, b)
+        finally:
+            sys.set_asyncgen_hooks(firstiter=loop_hooks.firstiter, finalizer=loop_hooks.finalizer)
+
+    try:
+        stats = run(main())
+        assert (stats.a_to_b, stats.b_to_a, stats.a_end, stats.b_end) == (
+            4,
+            5,
+            End.EOF,
+            End.EOF,
+        )
+        backend.settimeout(JOIN)
+        client.settimeout(JOIN)
+        assert _recv_bytes(backend, 4) == b"ping" and backend.recv(16) == b""
+        assert _recv_bytes(client, 5) == b"pong!" and client.recv(16) == b""
+        # Only the hub's own shutdown generator went through the hook (chained).
+        assert [r.split()[0] for r in seen] == (["<async_generator"] if driver == "hub" else [])
+        assert not relay_mod._HUBS
+    finally:
+        for s in (client, a, b, backend):
+            s.close()
+
+
+@pytest.mark.parametrize("api", ["coroutine", "start"])
+def test_a_foreign_asyncgen_hook_does_not_hide_an_asyncio_loop_s_shutdown(
+    listener: socket.socket, api: str
+) -> None:
+    # asyncio says itself whether it closed its async generators: with a foreign
+    # hook in front of the loop's, a late start is still refused.
+    loop = asyncio.new_event_loop()
+    client, a = tcp_pair(listener)
+    b, backend = tcp_pair(listener)
+
+    async def late() -> None:
+        loop_hooks = _chain_a_tracing_hook([])
+        try:
+            if api == "start":
+                with pytest.raises(RuntimeError, match="shutting down"):
+                    start_pipe_splice(a, b)
+            else:
+                with pytest.raises(RuntimeError, match="shutting down"):
+                    await async_pipe_splice(a, b)
+        finally:
+            sys.set_asyncgen_hooks(firstiter=loop_hooks.firstiter, finalizer=loop_hooks.finalizer)
+
+    try:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.run_until_complete(late())
+        assert a.fileno() != -1 and b.fileno() != -1 and a.getblocking()
+        assert not relay_mod._HUBS
+    finally:
+        loop.close()
         for s in (client, a, b, backend):
             s.close()
 

@@ -1679,27 +1679,36 @@ def _refuse_late_start(loop: asyncio.AbstractEventLoop) -> None:
     refused instead, the sockets given back unchanged as on every failed start.
 
     How to know: asyncio keeps ``_asyncgens_shutdown_called`` in a Python
-    attribute, uvloop in a C field nobody can read. What both share is the
-    first-iteration hook they install (``sys.get_asyncgen_hooks()``), which warns
-    about an async generator started after the shutdown and formats the warning
-    with its ``repr()``: a probe whose ``repr()`` raises tells, before any warning
-    is issued. Otherwise the hook adds the probe to the loop's WeakSet of async
-    generators, which drops it as soon as the probe goes away, here.
+    attribute (private, but there since 3.6; read with a default, so a loop
+    without it goes on to the probe). uvloop keeps it in a C field nobody can
+    read, but its first-iteration hook (``sys.get_asyncgen_hooks()``), like
+    asyncio's, warns about an async generator started after the shutdown and
+    formats the warning with its ``repr()``: a probe whose ``repr()`` raises
+    tells, before any warning is issued. Otherwise the hook adds the probe to the
+    loop's WeakSet of async generators, which drops it as soon as the probe goes
+    away, here. The probe is trusted only with the loop's own hook: a foreign one
+    (a tracer that logs ``repr(agen)`` and chains to the loop's) may call
+    ``repr()`` itself on a healthy loop; with such a hook the relay starts, as
+    it did before the check.
 
     :raises RuntimeError: the loop closed its async generators (it is shutting down).
     """
-    firstiter = sys.get_asyncgen_hooks().firstiter
-    if firstiter is None:
-        return  # no loop hook: nothing ends relays at shutdown anyway
-    try:
-        firstiter(_Probe())  # type: ignore[arg-type]
-    except _TooLate:
+    closed = getattr(loop, "_asyncgens_shutdown_called", None)
+    if closed is None:
+        firstiter = sys.get_asyncgen_hooks().firstiter
+        if firstiter is None or getattr(firstiter, "__self__", None) is not loop:
+            return  # no hook, or a foreign one: it cannot tell
+        try:
+            firstiter(_Probe())  # type: ignore[arg-type]
+        except _TooLate:
+            closed = True
+        except Exception:
+            pass  # a loop hook that cannot take the probe tells nothing: start
+    if closed:
         raise RuntimeError(
             f"{loop!r} is shutting down (its async generators were closed): a relay "
             "started now would never be ended"
-        ) from None
-    except Exception:
-        pass  # a foreign hook that cannot take the probe tells nothing: start as before
+        )
 
 
 class _Driven:
