@@ -827,20 +827,42 @@ def test_cancelling_the_async_relay_ends_it(
             s.close()
 
 
-@pytest.mark.parametrize("driver", ["hub", "fallback"])
-@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+@dataclasses.dataclass
+class _Loop:
+    """Which loop and which relay driver an async test runs on (see ``on_loop``)."""
+
+    kind: str  # "asyncio" or "uvloop"
+    driver: str  # "hub" (epoll) or "fallback" (the selector driver)
+
+    def run(self, coro: Any) -> Any:
+        return uvloop.run(coro) if self.kind == "uvloop" else asyncio.run(coro)
+
+    def new(self) -> asyncio.AbstractEventLoop:
+        return uvloop.new_event_loop() if self.kind == "uvloop" else asyncio.new_event_loop()
+
+
+@pytest.fixture(
+    params=[(k, d) for d in ("hub", "fallback") for k in ("asyncio", "uvloop")],
+    ids=lambda p: f"{p[1]}-{p[0]}",
+)
+def on_loop(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> _Loop:
+    """Each loop (asyncio, uvloop) with each driver (the epoll hub, the fallback)."""
+    kind, driver = request.param
+    if driver == "fallback":
+        monkeypatch.setattr(relay_mod, "_HAS_EPOLL", False)
+    return _Loop(kind, driver)
+
+
 @pytest.mark.parametrize("api", ["coroutine", "start"])
 def test_a_cancel_resets_the_peer_of_a_stream_it_cut_off(
-    listener: socket.socket, monkeypatch: pytest.MonkeyPatch, driver: str, loop_kind: str, api: str
+    listener: socket.socket, on_loop: _Loop, api: str
 ) -> None:
     # Cancelling a relay (close=True) used to close both sockets with a FIN: a peer
     # whose stream was cut off mid-way took the EOF for the end of a complete
     # response. Such a peer is reset now, as after an error or a timeout; a side
     # whose incoming stream was complete keeps its normal close, so the bytes and
     # the FIN already queued for it are not discarded.
-    if driver == "fallback":
-        monkeypatch.setattr(relay_mod, "_HAS_EPOLL", False)
-    run = uvloop.run if loop_kind == "uvloop" else asyncio.run
+    run = on_loop.run
     client, a = tcp_pair(listener)
     b, backend = tcp_pair(listener)
     client2, a2 = tcp_pair(listener)
@@ -933,19 +955,15 @@ def test_loop_shutdown_ends_relays_started_without_a_task(
             s.close()
 
 
-@pytest.mark.parametrize("driver", ["hub", "fallback"])
-@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
 @pytest.mark.parametrize("api", ["coroutine", "start"])
 def test_a_relay_started_after_the_loop_closed_its_async_generators_is_refused(
-    listener: socket.socket, monkeypatch: pytest.MonkeyPatch, driver: str, loop_kind: str, api: str
+    listener: socket.socket, on_loop: _Loop, api: str
 ) -> None:
     # asyncio.run / uvloop.run close the loop's async generators (ending the hub's
     # relays) and then still run callbacks while the default executor shuts down.
     # A relay an accept callback started then was never ended: its sockets, pipes
     # and the hub's epoll stayed open. Refused now, the sockets given back as they were.
-    if driver == "fallback":
-        monkeypatch.setattr(relay_mod, "_HAS_EPOLL", False)
-    loop = uvloop.new_event_loop() if loop_kind == "uvloop" else asyncio.new_event_loop()
+    loop = on_loop.new()
     client, a = tcp_pair(listener)
     b, backend = tcp_pair(listener)
     a.settimeout(2.5)
@@ -995,18 +1013,14 @@ def _chain_a_tracing_hook(seen: list[str]) -> Any:
     return loop_hooks
 
 
-@pytest.mark.parametrize("driver", ["hub", "fallback"])
-@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
 @pytest.mark.parametrize("api", ["coroutine", "start"])
 def test_a_foreign_asyncgen_hook_that_reprs_does_not_refuse_a_running_loop(
-    listener: socket.socket, monkeypatch: pytest.MonkeyPatch, driver: str, loop_kind: str, api: str
+    listener: socket.socket, on_loop: _Loop, api: str
 ) -> None:
     # The late-start check's probe raises from repr(); a foreign hook that calls
     # repr() before chaining to the loop's hook made the check take a healthy,
     # running loop for one shutting down, and the start was refused.
-    if driver == "fallback":
-        monkeypatch.setattr(relay_mod, "_HAS_EPOLL", False)
-    run = uvloop.run if loop_kind == "uvloop" else asyncio.run
+    run = on_loop.run
     client, a = tcp_pair(listener)
     b, backend = tcp_pair(listener)
     seen: list[str] = []
@@ -1037,7 +1051,9 @@ def test_a_foreign_asyncgen_hook_that_reprs_does_not_refuse_a_running_loop(
         assert _recv_bytes(backend, 4) == b"ping" and backend.recv(16) == b""
         assert _recv_bytes(client, 5) == b"pong!" and client.recv(16) == b""
         # Only the hub's own shutdown generator went through the hook (chained).
-        assert [r.split()[0] for r in seen] == (["<async_generator"] if driver == "hub" else [])
+        assert [r.split()[0] for r in seen] == (
+            ["<async_generator"] if on_loop.driver == "hub" else []
+        )
         assert not relay_mod._HUBS
     finally:
         for s in (client, a, b, backend):
