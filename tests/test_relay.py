@@ -1406,6 +1406,21 @@ def test_bad_input(listener: socket.socket) -> None:
         b.close()
 
 
+def _start_in(form: str, x: socket.socket, y: socket.socket) -> None:
+    """Start a relay of *x* and *y* the *form* way: "blocking", "coroutine" or "start"."""
+    if form == "blocking":
+        pipe_splice(x, y, idle_timeout=5)
+        return
+
+    async def main() -> None:
+        if form == "start":
+            start_pipe_splice(x, y, idle_timeout=5)
+        else:
+            await asyncio.wait_for(async_pipe_splice(x, y, idle_timeout=5), 10)
+
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize("form", ["blocking", "coroutine", "start"])
 def test_a_listening_socket_is_not_a_relay_side(listener: socket.socket, form: str) -> None:
     # A listening socket carries no stream: the blocking form used to fail at its
@@ -1413,20 +1428,6 @@ def test_a_listening_socket_is_not_a_relay_side(listener: socket.socket, form: s
     # only when a connection comes in). Rejected up front, naming the side.
     a, b = tcp_pair(listener)
     lst = socket.create_server(("127.0.0.1", 0))
-
-    def start(x: socket.socket, y: socket.socket) -> None:
-        if form == "blocking":
-            pipe_splice(x, y, idle_timeout=5)
-            return
-
-        async def main() -> None:
-            if form == "start":
-                start_pipe_splice(x, y, idle_timeout=5)
-            else:
-                await asyncio.wait_for(async_pipe_splice(x, y, idle_timeout=5), 10)
-
-        asyncio.run(main())
-
     try:
         for x, y, side in ((lst, b, "a"), (a, lst, "b")):
             with pytest.raises(
@@ -1434,7 +1435,7 @@ def test_a_listening_socket_is_not_a_relay_side(listener: socket.socket, form: s
                 match=f"relay side {side}: expected a connected stream socket, "
                 "got a listening socket",
             ):
-                start(x, y)
+                _start_in(form, x, y)
             for s in (a, b, lst):  # nothing was touched
                 assert s.fileno() != -1 and s.getblocking()
     finally:
@@ -1448,24 +1449,10 @@ def test_two_fds_of_one_socket_are_the_same_socket(listener: socket.socket, form
     # back to a: the sides are compared as open sockets (fstat), not as fd numbers.
     client, a = tcp_pair(listener)
     dup = a.dup()
-
-    def start(x: socket.socket, y: socket.socket) -> None:
-        if form == "blocking":
-            pipe_splice(x, y, idle_timeout=1)
-            return
-
-        async def main() -> None:
-            if form == "start":
-                start_pipe_splice(x, y, idle_timeout=1)
-            else:
-                await asyncio.wait_for(async_pipe_splice(x, y, idle_timeout=1), 10)
-
-        asyncio.run(main())
-
     try:
         for x, y in ((a, dup), (dup, a)):
             with pytest.raises(InvalidArgument, match="is the same socket as a"):
-                start(x, y)
+                _start_in(form, x, y)
             for s in (a, dup):
                 assert s.fileno() != -1 and s.getblocking()
     finally:
