@@ -26,6 +26,7 @@ import subprocess
 import sys
 
 from reuselb import (
+    Lease,
     Node,
     NoNodeAvailable,
     async_pipe_splice,
@@ -48,7 +49,7 @@ async def serve(listener: socket.socket, args: argparse.Namespace) -> None:
     policy = make_policy(args.policy, args.backend)
     relays: set[asyncio.Task[None]] = set()
 
-    async def dial(key: str) -> tuple[socket.socket, object]:
+    async def dial(key: str) -> tuple[socket.socket, Lease]:
         for _ in range(len(policy)):  # each refusing backend is tried at most once
             lease = policy.acquire(key)
             sock = tcp_socket(lease.node.address.family or socket.AF_INET, nonblocking=True)
@@ -74,7 +75,7 @@ async def serve(listener: socket.socket, args: argparse.Namespace) -> None:
         try:
             await async_pipe_splice(client, backend_sock)
         finally:
-            lease.release()  # type: ignore[attr-defined]
+            lease.release()
 
     def on_accept() -> None:
         # Accept in our own reader callback rather than with a cancellable

@@ -111,7 +111,7 @@ def test_round_robin_reaches_both_redis_servers(redis_servers: list[int]) -> Non
 
 def test_redis_benchmark_through_the_proxy(redis_servers: list[int]) -> None:
     bench = shutil.which("redis-benchmark")
-    assert bench, "redis-benchmark is installed by .ci/run (Debian redis-tools)"
+    assert bench, "redis-benchmark not found: apt-get install redis-tools (see the README)"
     backends = [f"--backend=127.0.0.1:{p}" for p in redis_servers]
     proxy, port = _start_proxy(*backends, "--policy", "least-conn", "--workers", "2")
     try:

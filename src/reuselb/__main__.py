@@ -25,7 +25,9 @@ def _port(text: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m reuselb", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m reuselb", description="The reuselb demo (not library API)."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run the demonstration scenarios on loopback")
     demo.add_argument("--workers", type=_positive, default=3, help="worker processes (3)")
