@@ -196,6 +196,29 @@ def test_address_in_use_names_the_address() -> None:
         assert isinstance(info.value, OSError)
 
 
+def test_address_in_use_at_listen_is_address_in_use(
+    monkeypatch: pytest.MonkeyPatch, no_fd_leak: None
+) -> None:
+    # An outsider bound with SO_REUSEADDR only may share the port while neither
+    # listens; if it starts listening between the listener's bind() and listen(),
+    # listen() fails with EADDRINUSE. Before: a bare OSError, not AddressInUse.
+    with socket.socket() as outsider:
+        outsider.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        outsider.bind(("127.0.0.1", 0))
+        port = outsider.getsockname()[1]
+        real = _sockets._somaxconn
+
+        def outsider_listens_first() -> int:  # runs between bind() and listen()
+            outsider.listen()
+            return real()
+
+        monkeypatch.setattr(_sockets, "_somaxconn", outsider_listens_first)
+        with pytest.raises(AddressInUse) as info:
+            reuseport_listener(("127.0.0.1", port))
+        assert f"127.0.0.1:{port}" in str(info.value)
+        assert info.value.errno == errno.EADDRINUSE
+
+
 def test_non_local_address() -> None:
     with pytest.raises(AddressError, match="not an address of this host"):
         reuseport_listener("192.0.2.1:0")

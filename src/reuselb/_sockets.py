@@ -445,7 +445,9 @@ def reuseport_listener(
         without a zone or with a zone naming no interface, or refused by ``bind``
         with EINVAL.
     :raises HostNotFound: the host name does not resolve.
-    :raises AddressInUse: a socket outside this reuseport group holds the address.
+    :raises AddressInUse: a socket outside this reuseport group holds the address
+        (``bind`` refused it, or ``listen`` did: a socket bound with SO_REUSEADDR
+        only may share the port until one of the two listens).
     :raises ReuseportUnsupported: the system cannot give what *balanced* asks for.
     :raises InvalidArgument: *backlog*, *fastopen* or *defer_accept* is not an int or
         out of its range, or a flag is not a bool (checked before any socket is made).
@@ -469,7 +471,17 @@ def reuseport_listener(
             sock.setsockopt(socket.IPPROTO_TCP, _TCP_FASTOPEN, fastopen)
         if defer_accept is not None:
             sock.setsockopt(socket.IPPROTO_TCP, _TCP_DEFER_ACCEPT, defer_accept)
-        sock.listen(_somaxconn() if backlog is None else backlog)
+        try:
+            sock.listen(_somaxconn() if backlog is None else backlog)
+        except OSError as exc:
+            # Linux lets a socket with SO_REUSEADDR but without SO_REUSEPORT stay
+            # bound on the port next to ours while neither listens; if it starts
+            # listening between our bind() and listen(), the conflict shows here.
+            if exc.errno == errno.EADDRINUSE:
+                raise AddressInUse(
+                    str(parse_address(sock.getsockname())), exc.strerror or ""
+                ) from None
+            raise
     except BaseException:
         sock.close()
         raise
