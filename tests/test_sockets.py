@@ -360,6 +360,37 @@ def test_group_take_and_close() -> None:
     taken.close()
 
 
+def test_a_closed_group_says_it_is_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before: "member 0 was taken from the group" and, from steering, "all were
+    # taken", about members nobody took.
+    from reuselb import _handoff, drain_close
+
+    group = reuseport_group("127.0.0.1:0", 3)
+    taken = group.take(2)
+    try:
+        group.close()
+        assert "closed" in repr(group)
+        for call in (group.__getitem__, group.take, group.fileno):
+            with pytest.raises(IndexError, match="no member 0: the group is closed"):
+                call(0)
+        for steer in (
+            lambda: steering.steer_all_to(group, 0),
+            lambda: steering.steer_away_from(group, 0),
+            lambda: steering.attach_cpu_steering(group, strict=False),
+            lambda: steering.attach_hash_steering(group),
+        ):
+            with pytest.raises(InvalidArgument, match="the group is closed") as info:
+                steer()
+            assert "taken" not in str(info.value)
+        for migrate in (False, True):
+            monkeypatch.setattr(_handoff, "tcp_migrate_req", lambda m=migrate: m)
+            with pytest.raises(InvalidArgument, match="the group is closed"):
+                drain_close(taken, group=group)
+            assert taken.fileno() != -1, "refused before anything changed"
+    finally:
+        taken.close()
+
+
 @pytest.mark.parametrize("index", ["a", 1.0, True, None, slice(0, 2)])
 def test_group_index_must_be_an_int(index: object, no_fd_leak: None) -> None:
     # Before: a bare TypeError from the list ("list indices must be integers"),

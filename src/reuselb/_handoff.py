@@ -539,6 +539,8 @@ def _drain_members(
     it), so it still counts for the index and the size a steering program uses.
     """
     if isinstance(group, ReuseportGroup):
+        if group._closed:
+            raise InvalidArgument("group", group, "the group is closed")
         slots = list(group._members)
         index = group._slot(listener)  # a member taken from it keeps its slot
     else:
@@ -618,7 +620,8 @@ def drain_close(
         (bools, NaN and infinities are refused), *restore* is not callable or is
         given without *group*, *group* is neither a
         :class:`~reuselb.ReuseportGroup` nor a sequence of sockets (one socket is
-        not a group), *listener* is not a member of *group*, or (steer path) there
+        not a group), a :class:`~reuselb.ReuseportGroup` that is closed, *listener*
+        is not a member of *group*, or (steer path) there
         is no *group*, no other member in it, or no other member the
         :class:`~reuselb.ReuseportGroup` still holds to detach the program through.
     :raises SocketClosed: *listener* or a member of a plain *group* is closed.

@@ -580,6 +580,9 @@ class ReuseportGroup:
         # them now (a strong reference would keep a dropped socket's fd open). They
         # let drain_close() find a taken member's slot to keep the group in step.
         self._taken: dict[int, weakref.ref[socket.socket]] = {}
+        # Apart from the taken slots: after close() every slot is empty too, and
+        # "member 0 was taken" would then be wrong.
+        self._closed = False
         self.address = address
         self.kind: Kind = kind
 
@@ -597,7 +600,7 @@ class ReuseportGroup:
         """The file descriptor of member *index*.
 
         :raises InvalidArgument: *index* is not an int.
-        :raises IndexError: no member at *index*, or it was taken.
+        :raises IndexError: no member at *index*, it was taken, or the group is closed.
         """
         return self[index].fileno()
 
@@ -605,7 +608,8 @@ class ReuseportGroup:
         """Give member *index* to the caller: the group will no longer close it.
 
         :raises InvalidArgument: *index* is not an int.
-        :raises IndexError: no member at *index*, or it was already taken.
+        :raises IndexError: no member at *index*, it was already taken, or the group
+            is closed.
         """
         sock = self[index]
         self._members[index] = None
@@ -633,6 +637,7 @@ class ReuseportGroup:
 
     def close(self) -> None:
         """Close every member the group still owns (idempotent)."""
+        self._closed = True
         for i, sock in enumerate(self._members):
             if sock is not None:
                 sock.close()
@@ -646,6 +651,8 @@ class ReuseportGroup:
         # TypeError from the list, a bool a member (True is 1), a slice a list.
         if isinstance(index, bool) or not isinstance(index, int):
             raise InvalidArgument("index", index, "must be an int")
+        if self._closed:
+            raise IndexError(f"no member {index}: the group is closed")
         if not -len(self._members) <= index < len(self._members):
             raise IndexError(f"no member {index}: the group has {len(self._members)}")
         sock = self._members[index]
@@ -668,6 +675,8 @@ class ReuseportGroup:
         self.close()
 
     def __repr__(self) -> str:
+        if self._closed:
+            return f"<ReuseportGroup {self.kind} {self.address} closed>"
         return (
             f"<ReuseportGroup {self.kind} {self.address} "
             f"{len(self.members)}/{len(self._members)} members>"

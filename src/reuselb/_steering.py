@@ -78,6 +78,8 @@ def _members(group: Iterable[socket.socket]) -> tuple[int, socket.socket]:
         # member handed out with take() is still in it (it stays bound and listening
         # in whoever now owns it). Counting only the members the group still holds
         # would shift every index after a taken one and shrink the modulus.
+        if group._closed:
+            raise InvalidArgument("group", group, "the group is closed")
         size = len(group)
         via = next(iter(group), None)
         if via is None:
@@ -123,8 +125,9 @@ def attach_cpu_steering(group: Iterable[socket.socket], *, strict: bool = True) 
     :param strict: require exactly one member per CPU (``os.cpu_count()``); with
         False, CPUs beyond the group fall back to the kernel's hash.
     :raises InvalidArgument: *group* is not a group or a sequence of sockets (one
-        socket is not a group), the group is empty or, with *strict*, its size
-        differs from the CPU count; *strict* is not a bool.
+        socket is not a group), the group is empty, closed or has every member
+        taken, or, with *strict*, its size differs from the CPU count; *strict* is
+        not a bool.
     :raises SteeringError: the kernel refused the program.
     :raises SocketClosed: a member is closed.
     :raises WrongSocketType: a member is not a socket object.
@@ -145,7 +148,8 @@ def steer_all_to(group: Iterable[socket.socket], index: int) -> None:
     Useful to fill one member's queue on purpose (tests, canaries).
 
     :raises InvalidArgument: *group* is not a group or a non-empty sequence of
-        sockets (one socket is not a group), or *index* is not a member's index.
+        sockets (one socket is not a group), a group that is closed or has every
+        member taken, or *index* is not a member's index.
     :raises SteeringError: the kernel refused the program.
     :raises SocketClosed: a member is closed.
     :raises WrongSocketType: a member is not a socket object.
@@ -162,8 +166,8 @@ def steer_away_from(group: Iterable[socket.socket], index: int) -> None:
     Program: ``ld [SKF_AD_RANDOM]; a %= n-1; if a >= index: a += 1; ret a``.
 
     :raises InvalidArgument: *group* is not a group or a sequence of sockets (one
-        socket is not a group), it has fewer than 2 members, or *index* is out of
-        range.
+        socket is not a group), it has fewer than 2 members, is closed or has every
+        member taken, or *index* is out of range.
     :raises SteeringError: the kernel refused the program.
     :raises SocketClosed: a member is closed.
     :raises WrongSocketType: a member is not a socket object.
@@ -219,7 +223,8 @@ def attach_hash_steering(group: Iterable[socket.socket]) -> None:
     :func:`hash_steering_index`, so a flow's member can be computed outside the kernel.
 
     :raises InvalidArgument: *group* is not a group or a sequence of sockets (one
-        socket is not a group), or it is empty or not IPv4.
+        socket is not a group), or it is empty, closed, has every member taken or
+        is not IPv4.
     :raises SteeringError: the kernel refused the program.
     :raises SocketClosed: a member is closed.
     :raises WrongSocketType: a member is not a socket object.
