@@ -219,6 +219,26 @@ def test_address_in_use_at_listen_is_address_in_use(
         assert info.value.errno == errno.EADDRINUSE
 
 
+@pytest.mark.parametrize("reuseaddr", [False, True])
+def test_an_outsider_bound_without_reuseport_as_documented(reuseaddr: bool) -> None:
+    # docs/sockets.md: a bound, not listening socket without SO_REUSEPORT blocks
+    # the group only without SO_REUSEADDR; with it, members bind and the outsider
+    # then cannot listen (the docs once said every later bind failed).
+    with socket.socket() as outsider:
+        if reuseaddr:
+            outsider.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        outsider.bind(("127.0.0.1", 0))
+        port = outsider.getsockname()[1]
+        if not reuseaddr:
+            with pytest.raises(AddressInUse):
+                reuseport_listener(("127.0.0.1", port))
+            return
+        with reuseport_listener(("127.0.0.1", port)):
+            with pytest.raises(OSError, match="Address already in use") as info:
+                outsider.listen()
+            assert info.value.errno == errno.EADDRINUSE
+
+
 def test_non_local_address() -> None:
     with pytest.raises(AddressError, match="not an address of this host"):
         reuseport_listener("192.0.2.1:0")
