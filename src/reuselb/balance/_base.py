@@ -387,6 +387,13 @@ class BalancePolicy(abc.ABC):
         #: so a node cannot be added at an address that a name already stands for.
         self._name_addrs: dict[Address, set[str]] = {}
         self._total_active = 0
+        #: leases open on live nodes (up, weight > 0): the bounded-load average.
+        #: Leases still open on draining, down or weight-0 nodes are in
+        #: ``_total_active`` but not here. Kept by acquire/release, recounted by
+        #: ``_changed`` (every state, weight or membership change).
+        self._live_active = 0
+        #: total weight of the live nodes.
+        self._total_weight = 0
         #: live nodes (up, weight > 0) in insertion order; rebuilt on every change.
         self._live: tuple[Node, ...] = ()
         try:
@@ -473,6 +480,8 @@ class BalancePolicy(abc.ABC):
             slot = self._slots[node.address]
             slot.active += 1
             self._total_active += 1
+            if slot.node.live:
+                self._live_active += 1
             # The Lease reads slot.node: built under the lock, it is the node just
             # picked (live), not what a drain/mark_down/set_weight racing in right
             # after the lock is released would have made of it.
@@ -487,6 +496,8 @@ class BalancePolicy(abc.ABC):
             slot.active -= 1
             if slot.attached:
                 self._total_active -= 1
+                if slot.node.live:
+                    self._live_active -= 1
 
     def _key(self, key: object) -> bytes | None:
         if key is None:
@@ -694,7 +705,15 @@ class BalancePolicy(abc.ABC):
         return slot
 
     def _changed(self) -> None:
-        self._live = tuple(s.node for s in self._slots.values() if s.node.live)
+        live = []
+        live_active = 0
+        for s in self._slots.values():
+            if s.node.live:
+                live.append(s.node)
+                live_active += s.active
+        self._live = tuple(live)
+        self._live_active = live_active
+        self._total_weight = sum(n.weight for n in live)
         self._rebuild()
 
     # ----------------------------------------------------------------- copies, preview
@@ -753,11 +772,15 @@ def _exact_factor(factor: object) -> tuple[int, int]:
 class HashPolicy(BalancePolicy):
     """Shared parts of the key-hash policies: :class:`KeyHasher`, bounded load.
 
-    With ``balance_factor=c`` (``>= 1``), a node holding ``ceil(c * (A + 1) * w / W)``
-    or more leases (``A`` active leases in total, ``w/W`` its weight share) is passed
-    over and the key goes to the policy's next candidate (Mirrokni, Thorup and
-    Zadimoghaddam's consistent hashing with bounded loads; HAProxy's
-    ``hash-balance-factor``). It needs leases: plain ``pick`` sees the current
+    With ``balance_factor=c`` (``>= 1``), a node that the new lease would put above
+    ``ceil(c x average)`` is passed over and the key goes to the policy's next
+    candidate (Mirrokni, Thorup and Zadimoghaddam's consistent hashing with bounded
+    loads; HAProxy's ``hash-balance-factor``). Exactly: a node of weight ``w`` holding
+    ``a`` leases is passed over when ``a >= ceil(c * (A + 1) * w / W)``, where ``A``
+    counts the leases open on live nodes (up, weight > 0) and ``W`` is the live
+    nodes' total weight; leases still open on draining, down or weight-0 nodes count
+    in neither, so they do not loosen the live nodes' bound. It needs leases: plain
+    ``pick`` sees the current
     counts too, but does not add to them. Bounded picks read the counts, so they
     run under the lock. The bound is computed in exact integer arithmetic, with the
     factor read as the decimal it prints as (``1.1`` is 11/10), so scaling all
@@ -781,7 +804,6 @@ class HashPolicy(BalancePolicy):
         self._bound = (1, 1)
         if balance_factor is not None:
             self._bound = _exact_factor(balance_factor)
-        self._total_weight = 0
         super().__init__(nodes)
         # Bounded picks read lease counts and the live set: only under the lock.
         self._pick_unlocked = self.lock_free_pick and balance_factor is None
@@ -803,11 +825,6 @@ class HashPolicy(BalancePolicy):
             "balance_factor": self._balance_factor,
         }
 
-    def _changed(self) -> None:
-        self._live = tuple(s.node for s in self._slots.values() if s.node.live)
-        self._total_weight = sum(n.weight for n in self._live)
-        self._rebuild()
-
     @abc.abstractmethod
     def _candidates(self, key: bytes) -> Iterator[Node]:
         """Live nodes in this key's order of preference (may repeat)."""
@@ -819,8 +836,11 @@ class HashPolicy(BalancePolicy):
         # count, a < ceil(x) exactly when a < x, so compare
         # a * den * W < num * (A + 1) * w in ints. (With floats, 1.0 * 58 * 7 / 14
         # came to 29.000000000000004 and its ceil let a node take a 30th lease.)
+        # A counts the leases on live nodes only, as W weighs live nodes only:
+        # leases still open on a draining node must not raise the live nodes' bound
+        # (59 of them let one live node of two take all 60 leases of a hot key).
         num, den = self._bound
-        limit = num * (self._total_active + 1)
+        limit = num * (self._live_active + 1)
         scale = den * self._total_weight
         slots = self._slots
         live = self._live

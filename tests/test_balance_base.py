@@ -1,0 +1,113 @@
+"""The balance-policy base layer: bounded load, NoNodeAvailable reasons, leases,
+make_policy, diff/preview, duplicate names (no sockets: the policies are pure)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from fractions import Fraction
+
+import pytest
+
+from reuselb import NoNodeAvailable
+from reuselb.balance import (
+    HashPolicy,
+    MaglevHash,
+    Node,
+    RendezvousHash,
+    RingHash,
+)
+
+NODES = ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]
+
+BOUNDED: dict[str, Callable[..., HashPolicy]] = {
+    "maglev": lambda nodes, **kw: MaglevHash(nodes, table_size=1009, **kw),
+    "ring": lambda nodes, **kw: RingHash(nodes, vnodes=20, **kw),
+    "ketama": lambda nodes, **kw: RingHash(nodes, ketama=True, **kw),
+    "rendezvous": lambda nodes, **kw: RendezvousHash(nodes, table_size=1024, **kw),
+    "rendezvous-exact": lambda nodes, **kw: RendezvousHash(nodes, table_size=None, **kw),
+}
+
+
+def _ceil(x: Fraction) -> int:
+    return -(-x.numerator // x.denominator)
+
+
+# --------------------------------------------------------------------------- bounded load
+
+
+@pytest.mark.parametrize("kind", sorted(BOUNDED))
+@pytest.mark.parametrize("how", ["drain", "mark_down", "weight0"])
+def test_leases_on_a_node_that_takes_no_picks_do_not_loosen_the_bound(kind: str, how: str) -> None:
+    p = BOUNDED[kind](NODES, balance_factor=1.25)
+    busy = NODES[0]
+    # 59 leases on the first node (the only live one), then it stops taking picks
+    p.mark_down(NODES[1])
+    p.mark_down(NODES[2])
+    old = [p.acquire("warm") for _ in range(59)]
+    assert p.active(busy) == 59
+    p.mark_up(NODES[1])
+    p.mark_up(NODES[2])
+    if how == "drain":
+        p.drain(busy)
+    elif how == "mark_down":
+        p.mark_down(busy)
+    else:
+        p.set_weight(busy, 0)
+    hot = [p.acquire("one hot key") for _ in range(60)]
+    live = p.live_nodes
+    assert len(live) == 2
+    counts = [p.active(n) for n in live]
+    assert sum(counts) == 60
+    # no live node above ceil(1.25 x the live nodes' average): 38, not 60
+    assert max(counts) <= _ceil(Fraction(125, 100) * 60 / 2), counts
+    for lease in old + hot:
+        lease.release()
+    assert p.active() == 0
+
+
+@pytest.mark.parametrize("kind", sorted(BOUNDED))
+def test_bound_counts_only_leases_on_live_nodes_through_random_changes(kind: str) -> None:
+    r = random.Random(kind)
+    nodes = [Node(f"10.0.0.{i}:80", weight=r.randrange(1, 4)) for i in range(1, 6)]
+    factor = Fraction(5, 4)
+    p = BOUNDED[kind](nodes, balance_factor=1.25)
+    leases = []
+    for _ in range(1500):
+        op = r.random()
+        if op < 0.6:
+            live = p.live_nodes
+            a_live = sum(p.active(n) for n in live)
+            w_live = sum(n.weight for n in live)
+            try:
+                lease = p.acquire(r.choice(["hot", "hot", f"k{r.randrange(20)}"]))
+            except NoNodeAvailable:
+                assert not live
+                continue
+            node = lease.node
+            before = p.active(node) - 1
+            # the pick was allowed: before < ceil(c x (A_live + 1) x w / W)
+            assert before < factor * (a_live + 1) * node.weight / w_live
+            leases.append(lease)
+        elif op < 0.85 and leases:
+            leases.pop(r.randrange(len(leases))).release()
+        else:
+            n = r.choice(nodes)
+            change = r.randrange(5)
+            if n not in p:
+                p.add(n)
+            elif change == 0:
+                p.drain(n)
+            elif change == 1:
+                p.mark_down(n)
+            elif change == 2:
+                p.mark_up(n)
+            elif change == 3:
+                p.set_weight(n, r.randrange(0, 4))
+            else:
+                p.remove(n)
+    # the running count of leases on live nodes matches a recount
+    assert p._live_active == sum(p.active(n) for n in p.live_nodes)
+    for lease in leases:
+        lease.release()
+    assert p.active() == 0 and p._live_active == 0
