@@ -4,18 +4,23 @@ make_policy, diff/preview, duplicate names (no sockets: the policies are pure)."
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+import sys
+import threading
+from collections.abc import Callable, Iterator
 from fractions import Fraction
 
 import pytest
 
 from reuselb import NoNodeAvailable
 from reuselb.balance import (
+    BalancePolicy,
     HashPolicy,
+    LeastConn,
     MaglevHash,
     Node,
     RendezvousHash,
     RingHash,
+    RoundRobin,
 )
 
 NODES = ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]
@@ -111,3 +116,100 @@ def test_bound_counts_only_leases_on_live_nodes_through_random_changes(kind: str
     for lease in leases:
         lease.release()
     assert p.active() == 0 and p._live_active == 0
+
+
+# --------------------------------------------------------------------------- reasons
+
+RACED: dict[str, Callable[[list[str]], BalancePolicy]] = {
+    "round-robin": RoundRobin,
+    "least-conn": LeastConn,
+    "maglev": lambda nodes: MaglevHash(nodes, table_size=1009),
+    "maglev-bounded": lambda nodes: MaglevHash(nodes, table_size=1009, balance_factor=1.25),
+    "ring": lambda nodes: RingHash(nodes, vnodes=10),
+    "rendezvous": lambda nodes: RendezvousHash(nodes, table_size=1024),
+    "rendezvous-exact": lambda nodes: RendezvousHash(nodes, table_size=None),
+}
+
+A, B = "10.0.0.1:80", "10.0.0.2:80"
+
+# (set up, flip to a state with a live node, flip back, the only true reason)
+FLIPS: dict[str, tuple[Callable[[BalancePolicy], object], ...]] = {
+    "down/up": (
+        lambda p: (p.mark_down(A), p.mark_down(B)),
+        lambda p: p.mark_up(A),
+        lambda p: p.mark_down(A),
+    ),
+    "weight 0/1": (
+        lambda p: (p.set_weight(A, 0), p.set_weight(B, 0)),
+        lambda p: p.set_weight(A, 1),
+        lambda p: p.set_weight(A, 0),
+    ),
+    "draining/up": (
+        lambda p: (p.drain(A), p.drain(B)),
+        lambda p: p.mark_up(A),
+        lambda p: p.drain(A),
+    ),
+    "add/remove": (
+        lambda p: (p.remove(A), p.remove(B)),
+        lambda p: p.add(A),
+        lambda p: p.remove(A),
+    ),
+}
+TRUE_REASON = {
+    "down/up": "all nodes are down",
+    "weight 0/1": "all nodes have weight 0",
+    "draining/up": "all nodes are draining",
+    "add/remove": "no nodes",
+}
+
+
+@pytest.fixture
+def fast_switching() -> Iterator[None]:
+    """Switch threads every microsecond, so picks land inside changes."""
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(old)
+
+
+@pytest.mark.usefixtures("fast_switching")
+@pytest.mark.parametrize("flip", sorted(FLIPS))
+@pytest.mark.parametrize("kind", sorted(RACED))
+def test_no_node_reason_was_true_when_a_pick_races_a_change(kind: str, flip: str) -> None:
+    p = RACED[kind]([A, B])
+    setup, on, off = FLIPS[flip]
+    setup(p)
+    reasons: set[str] = set()
+    picked = [0]
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def picker() -> None:
+        try:
+            for _ in range(2_000_000):  # bounded: stop is set long before this
+                if stop.is_set():
+                    return
+                try:
+                    p.pick("k")
+                    picked[0] += 1
+                except NoNodeAvailable as exc:
+                    reasons.add(exc.reason)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    t = threading.Thread(target=picker)
+    t.start()
+    try:
+        for _ in range(800):
+            on(p)
+            off(p)
+    finally:
+        stop.set()
+        t.join(timeout=60)
+    assert not t.is_alive()
+    assert not errors, errors
+    # the only states were "nothing live, for the one true reason" and "A live"
+    assert reasons <= {TRUE_REASON[flip]}, reasons
+    assert p.active() == 0

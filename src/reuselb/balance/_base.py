@@ -394,6 +394,11 @@ class BalancePolicy(abc.ABC):
         self._live_active = 0
         #: total weight of the live nodes.
         self._total_weight = 0
+        #: why nothing can be picked, as of the last change that left no live node:
+        #: published by ``_changed`` before the rebuild publishes the empty lookup
+        #: structure, so :meth:`_unavailable` never reads the slots (which a change
+        #: mutates before it rebuilds) from a lock-free pick.
+        self._down_reason = "no nodes"
         #: live nodes (up, weight > 0) in insertion order; rebuilt on every change.
         self._live: tuple[Node, ...] = ()
         try:
@@ -426,19 +431,28 @@ class BalancePolicy(abc.ABC):
         return {}
 
     def _unavailable(self) -> NoNodeAvailable:
-        """The NoNodeAvailable to raise when :attr:`_live` is empty, with its reason."""
+        """The NoNodeAvailable to raise when :attr:`_live` is empty, with its reason.
+
+        Safe without the lock: the reason is the one :meth:`_changed` published for
+        the last membership with no live node, so a lock-free pick that read an
+        empty lookup structure reports why that membership had none, even when a
+        ``mark_up`` or ``add`` is halfway through (node changed, table not yet
+        rebuilt).
+        """
+        return NoNodeAvailable(self.name, self._down_reason)
+
+    def _reason_now(self) -> str:
+        """Why no node is live in the current slots (under the lock)."""
         slots = list(self._slots.values())
         if not slots:
-            reason = "no nodes"
-        elif all(s.node.state is NodeState.DOWN for s in slots):
-            reason = "all nodes are down"
-        elif all(s.node.state is NodeState.DRAINING for s in slots):
-            reason = "all nodes are draining"
-        elif all(s.node.weight == 0 for s in slots):
-            reason = "all nodes have weight 0"
-        else:
-            reason = "no node is up with a weight > 0"
-        return NoNodeAvailable(self.name, reason)
+            return "no nodes"
+        if all(s.node.state is NodeState.DOWN for s in slots):
+            return "all nodes are down"
+        if all(s.node.state is NodeState.DRAINING for s in slots):
+            return "all nodes are draining"
+        if all(s.node.weight == 0 for s in slots):
+            return "all nodes have weight 0"
+        return "no node is up with a weight > 0"
 
     def active_of(self, node: Node) -> int:
         """Active leases on *node* (no lock: for use inside ``_choose``)."""
@@ -714,7 +728,17 @@ class BalancePolicy(abc.ABC):
         self._live = tuple(live)
         self._live_active = live_active
         self._total_weight = sum(n.weight for n in live)
-        self._rebuild()
+        # The reason goes out before the rebuild publishes the empty structure, so a
+        # pick that finds it empty reads this reason or a later one, never a reason
+        # computed from slots that a later change is still rebuilding.
+        previous = self._down_reason
+        if not live:
+            self._down_reason = self._reason_now()
+        try:
+            self._rebuild()
+        except BaseException:
+            self._down_reason = previous  # the change is being undone
+            raise
 
     # ----------------------------------------------------------------- copies, preview
 
