@@ -15,6 +15,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -495,6 +496,136 @@ def test_more_sockets_than_one_message_carries() -> None:
     finally:
         for s in [a, b, *socks]:
             s.close()
+
+
+def _handoff_in_a_thread(
+    socks: list[socket.socket], names: list[str] | None
+) -> dict[str, socket.socket]:
+    """send_sockets in a thread (a large header fills the channel), recv_sockets here."""
+    a, b = socket.socketpair()
+    errors: list[BaseException] = []
+
+    def send() -> None:
+        try:
+            send_sockets(a, socks, names=names)
+        except BaseException as exc:
+            errors.append(exc)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    try:
+        got = recv_sockets(b)
+    finally:
+        b.close()  # unblocks a sender stuck on a receiver that gave up
+        sender.join(30)
+        a.close()
+    assert not errors, errors
+    return got
+
+
+@pytest.mark.parametrize(
+    ("count", "name_size"),
+    [
+        (17_000, None),  # default names: the old 1 MiB limit held 16,557 of them
+        (4_000, 255),  # names of the longest size (_MAX_NAME): 1.28 MB of header
+    ],
+)
+def test_a_header_over_one_mebibyte_is_received(count: int, name_size: int | None) -> None:
+    # Before: send_sockets took them, and recv_sockets refused any header over
+    # 1 MiB, so every such handoff failed although the docs promise 65,536.
+    names = None if name_size is None else [f"{i:0{name_size}d}" for i in range(count)]
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = count + len(open_fds()) + 64
+    try:
+        if soft < need:  # raising the hard limit needs root (CAP_SYS_RESOURCE)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (need, max(hard, need)))
+    except (ValueError, OSError) as exc:
+        pytest.skip(f"needs {need} fds (RLIMIT_NOFILE is {soft}/{hard}): {exc}")
+    one = udp_socket()
+    try:
+        # One socket sent *count* times: the sender needs one fd, the receiver
+        # gets one per SCM_RIGHTS entry.
+        got = _handoff_in_a_thread([one] * count, names)
+        try:
+            assert len(got) == count
+            assert list(got)[-1] == (str(count - 1) if names is None else names[-1])
+            inode = os.fstat(one.fileno()).st_ino
+            assert all(os.fstat(s.fileno()).st_ino == inode for s in got.values())
+        finally:
+            for s in got.values():
+                s.close()
+    finally:
+        one.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_the_largest_handoff_fits_the_receivers_limit() -> None:
+    # The documented maximum: 65,536 sockets whose names all have the longest
+    # size, with family and type numbers wider than any the kernel has.
+    names = [f"{i:0{_handoff._MAX_NAME}d}" for i in range(65536)]
+    widest = {"family": 65535, "type": 65535, "listening": False}
+    header = _handoff._header(names, [widest] * 65536)
+    assert len(header) == _handoff._MAX_JSON
+    assert json.loads(header)["sockets"][-1]["name"] == names[-1]
+    # A name of the longest size per character class is still taken.
+    for name in ("x" * 255, "\u00e9" * 42, "\U0001f600" * 21, '"' * 127):
+        assert len(json.dumps(name)) - 2 <= _handoff._MAX_NAME
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["x" * 256, "\u00e9" * 43, "\U0001f600" * 22, '"' * 128],
+    ids=["ascii", "latin", "astral", "escaped"],
+)
+def test_send_sockets_refuses_a_name_too_long_before_sending(name: str) -> None:
+    a, b = socket.socketpair()
+    try:
+        with udp_socket() as one, pytest.raises(InvalidArgument) as info:
+            send_sockets(a, [one, one], names=["ok", name])
+        assert info.value.value == name
+        assert f"invalid name {name!r}: is " in str(info.value)
+        assert "a name may have at most 255" in str(info.value)
+        with pytest.raises(BlockingIOError):
+            b.recv(1, socket.MSG_DONTWAIT)  # nothing was sent
+    finally:
+        a.close()
+        b.close()
+
+
+def test_send_sockets_refuses_a_header_too_large_before_sending(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Unreachable within the documented bounds; a limit made small shows that
+    # nothing is sent when it is exceeded (the receiver would refuse it).
+    monkeypatch.setattr(_handoff, "_MAX_JSON", 100)
+    a, b = socket.socketpair()
+    try:
+        with udp_socket() as one, pytest.raises(InvalidArgument) as info:
+            send_sockets(a, [one] * 3)
+        assert "invalid socks '3 sockets': header too large (" in str(info.value)
+        assert "bytes, limit 100)" in str(info.value)
+        with pytest.raises(BlockingIOError):
+            b.recv(1, socket.MSG_DONTWAIT)
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("kind", [socket.SOCK_STREAM, socket.SOCK_DGRAM])
+@pytest.mark.parametrize("excess", [1, None])
+def test_recv_sockets_names_a_header_too_large(kind: int, excess: int | None) -> None:
+    # Before: "not a reuselb handoff message", about a message that was one. Up
+    # to an absurd length field (None: the largest), refused before it is read.
+    length = 2**32 - 1 if excess is None else _handoff._MAX_JSON + excess
+    a, b = socket.socketpair(socket.AF_UNIX, kind)
+    try:
+        a.send(struct.pack("!4sI", b"RLB1", length) + b"{}")
+        with pytest.raises(HandoffError) as info:
+            recv_sockets(b)
+        assert f"header too large ({length} bytes, limit {_handoff._MAX_JSON})" in str(info.value)
+    finally:
+        a.close()
+        b.close()
 
 
 # --------------------------------------------------------------------------- listen_fds input

@@ -49,7 +49,39 @@ _MAX_FDS = 253
 # caller is almost certainly passing the wrong list.
 _MAX_SOCKETS = 65536
 _CHUNK_MARK = b"+"
-_MAX_JSON = 1 << 20
+#: Longest name send_sockets takes, in bytes of its JSON form: an ASCII character
+#: counts 1 (2 for " and \), any other is escaped as \uXXXX (6 bytes, 12 beyond
+#: U+FFFF). Bounded so that the largest handoff has a bounded header.
+_MAX_NAME = 255
+
+
+def _header(names: Sequence[str], kinds: Sequence[dict[str, object]]) -> bytes:
+    """The JSON header of one handoff (ASCII: json.dumps escapes the rest)."""
+    entries = [{"name": n, **k} for n, k in zip(names, kinds, strict=True)]
+    return json.dumps({"sockets": entries}).encode()
+
+
+def _max_header() -> int:
+    """The receiver's bound on the header: that of the largest handoff send_sockets takes.
+
+    _MAX_SOCKETS entries whose names all have _MAX_NAME bytes, with the widest
+    family and type numbers (an sa_family_t is 16 bits; a socket type is smaller):
+    15 bytes of ``{"sockets": []}``, 319 per entry and 2 between entries, so
+    21,037,069 bytes (about 20 MiB). Computed from one entry: building the whole
+    header would cost 20 MiB at import.
+    """
+    widest: dict[str, object] = {"family": 65535, "type": 65535, "listening": False}
+    empty = len(_header([], []))
+    entry = len(_header(["x" * _MAX_NAME], [widest])) - empty
+    return empty + _MAX_SOCKETS * entry + (_MAX_SOCKETS - 1) * len(", ")
+
+
+#: Every header send_sockets accepts fits; a length field beyond it is refused
+#: before anything is read or allocated.
+_MAX_JSON = _max_header()
+#: Bytes read per recvmsg() of a stream header: recvmsg allocates its whole
+#: buffer up front, whatever arrives.
+_READ_CHUNK = 1 << 20
 _MSG_CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0x40000000)
 _SO_ACCEPTCONN = getattr(socket, "SO_ACCEPTCONN", 30)
 
@@ -98,10 +130,14 @@ def send_sockets(
     :param socks: the sockets to send (up to 65,536). The kernel carries at most 253
         descriptors in one message (SCM_MAX_FD), so larger sets go in chunks: the
         first with the header, each further one on a one-byte marker.
-    :param names: one unique name per socket; default ``"0"``, ``"1"``, ...
+    :param names: one unique name per socket, each at most 255 bytes as JSON (an
+        ASCII character is one byte; JSON escapes any other as ``\\uXXXX``, 6 bytes,
+        12 beyond U+FFFF); default ``"0"``, ``"1"``, ... Within these bounds every
+        handoff fits the header size :func:`recv_sockets` accepts.
     :raises InvalidArgument: *socks* or *names* is not a sequence (one socket is not
-        a list of them), no sockets, too many, names of the wrong count, repeated or
-        not ``str``, or a channel that is not a Unix socket.
+        a list of them), no sockets, too many, names of the wrong count, repeated,
+        not ``str`` or too long, a header larger than the receiver accepts (checked
+        before anything is sent), or a channel that is not a Unix socket.
     :raises SocketClosed: a socket or the channel is closed.
     :raises WrongSocketType: a socket or the channel is not a socket object.
     :raises OSError: the channel failed.
@@ -115,12 +151,23 @@ def send_sockets(
         # JSON keys are strings on the other side: 1 and "1" would collide there.
         if not isinstance(n, str):
             raise InvalidArgument("names", n, "each name must be a str")
+        # Bounded so that the largest handoff's header fits the receiver's limit.
+        if (size := len(json.dumps(n)) - 2) > _MAX_NAME:
+            raise InvalidArgument(
+                "name", n, f"is {size} bytes as JSON; a name may have at most {_MAX_NAME}"
+            )
     if len(labels) != len(items) or len(set(labels)) != len(labels):
         raise InvalidArgument("names", labels, "need one unique name per socket")
     sent_socks = [check_open(s) for s in items]
-    header = json.dumps(
-        {"sockets": [{"name": n, **_describe(s)} for n, s in zip(labels, sent_socks, strict=True)]}
-    ).encode()
+    header = _header(labels, [_describe(s) for s in sent_socks])
+    # Refused here, before any byte is sent: the receiver would refuse it only
+    # after reading its length, and this side would see a broken channel, not why.
+    if len(header) > _MAX_JSON:
+        raise InvalidArgument(
+            "socks",
+            f"{len(items)} sockets",
+            f"header too large ({len(header)} bytes, limit {_MAX_JSON})",
+        )
     payload = _HEADER.pack(_MAGIC, len(header)) + header
     all_fds = [s.fileno() for s in sent_socks]
     chunks = [all_fds[i : i + _MAX_FDS] for i in range(0, len(all_fds), _MAX_FDS)]
@@ -167,24 +214,34 @@ def _take_fds(ancdata: list[tuple[int, int, bytes]], flags: int, fds: list[int])
 
 
 def _recv_exact(channel: socket.socket, n: int, fds: list[int]) -> bytes:
-    data = b""
+    # A bytearray: a header of megabytes comes in many reads, and bytes += bytes
+    # would copy everything read so far at each one.
+    data = bytearray()
     while len(data) < n:
         msg, ancdata, flags, _ = channel.recvmsg(
-            n - len(data), socket.CMSG_SPACE(_MAX_FDS * 4), _MSG_CMSG_CLOEXEC
+            min(n - len(data), _READ_CHUNK), socket.CMSG_SPACE(_MAX_FDS * 4), _MSG_CMSG_CLOEXEC
         )
         _take_fds(ancdata, flags, fds)
         if not msg:
             raise HandoffError(f"channel closed after {len(data)} of {n} header bytes")
         data += msg
-    return data
+    return bytes(data)
+
+
+def _check_length(magic: bytes, length: int) -> None:
+    if magic != _MAGIC:
+        raise HandoffError(f"not a reuselb handoff message (header {magic!r}, {length})")
+    if length > _MAX_JSON:
+        # No send_sockets writes one (it refuses first); a length field this large
+        # is not read, let alone allocated.
+        raise HandoffError(f"header too large ({length} bytes, limit {_MAX_JSON})")
 
 
 def _recv_header(channel: socket.socket, fds: list[int]) -> bytes:
     """The JSON header of one handoff, whatever the channel's type."""
     if channel.type == socket.SOCK_STREAM:
         magic, length = _HEADER.unpack(_recv_exact(channel, _HEADER.size, fds))
-        if magic != _MAGIC or length > _MAX_JSON:
-            raise HandoffError(f"not a reuselb handoff message (header {magic!r}, {length})")
+        _check_length(magic, length)
         return _recv_exact(channel, length, fds)
     # A datagram (or seqpacket) channel carries the whole header in one message:
     # reading it in two parts, as on a stream, would let the kernel discard the
@@ -194,10 +251,11 @@ def _recv_header(channel: socket.socket, fds: list[int]) -> bytes:
         _HEADER.size + _MAX_JSON + 1, socket.CMSG_SPACE(_MAX_FDS * 4), _MSG_CMSG_CLOEXEC
     )
     _take_fds(ancdata, flags, fds)
-    if flags & socket.MSG_TRUNC or len(msg) < _HEADER.size:
+    if len(msg) < _HEADER.size:
         raise HandoffError(f"not a reuselb handoff message ({len(msg)} bytes)")
     magic, length = _HEADER.unpack_from(msg)
-    if magic != _MAGIC or length != len(msg) - _HEADER.size:
+    _check_length(magic, length)
+    if flags & socket.MSG_TRUNC or length != len(msg) - _HEADER.size:
         raise HandoffError(f"not a reuselb handoff message (header {magic!r}, {length})")
     return msg[_HEADER.size :]
 
@@ -236,8 +294,10 @@ def recv_sockets(channel: socket.socket) -> dict[str, socket.socket]:
         family, type and listening state the sender declared. A socket the sender
         made non-blocking arrives non-blocking (``gettimeout()`` is 0): O_NONBLOCK
         belongs to the file description both processes share, so it is not changed.
-    :raises HandoffError: the message is malformed or truncated, or a socket is not
-        what the sender said (every fd received is then closed).
+    :raises HandoffError: the message is malformed or truncated, its header is
+        larger than any :func:`send_sockets` call writes ("header too large", about
+        20 MiB), or a socket is not what the sender said (every fd received is then
+        closed).
     :raises InvalidArgument: the channel is not a Unix socket.
     :raises SocketClosed: the channel is closed.
     :raises WrongSocketType: the channel is not a socket object.
