@@ -11,8 +11,9 @@ from fractions import Fraction
 
 import pytest
 
-from reuselb import NoNodeAvailable
+from reuselb import InvalidArgument, NoNodeAvailable, ReuselbError
 from reuselb.balance import (
+    POLICIES,
     BalancePolicy,
     HashPolicy,
     LeastConn,
@@ -21,6 +22,7 @@ from reuselb.balance import (
     RendezvousHash,
     RingHash,
     RoundRobin,
+    make_policy,
 )
 
 NODES = ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]
@@ -213,3 +215,56 @@ def test_no_node_reason_was_true_when_a_pick_races_a_change(kind: str, flip: str
     # the only states were "nothing live, for the one true reason" and "A live"
     assert reasons <= {TRUE_REASON[flip]}, reasons
     assert p.active() == 0
+
+
+# --------------------------------------------------------------------------- make_policy
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "bad", "takes"),
+    [
+        ("round-robin", {"balance_factor": 1.25}, "balance_factor", "no options"),
+        ("least-conn", {"table_size": 1009}, "table_size", "no options"),
+        ("p2c", {"seed": 1, "vnodes": 3}, "vnodes", "only seed"),
+        ("maglev", {"name": "x"}, "name", "only table_size, seed, secret, balance_factor"),
+        ("hash", {"nodes_": []}, "nodes_", "only table_size"),
+    ],
+)
+def test_make_policy_names_an_option_the_policy_does_not_take(
+    name: str, options: dict[str, object], bad: str, takes: str
+) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        make_policy(name, ["10.0.0.1:80"], **options)
+    exc = info.value
+    assert isinstance(exc, ReuselbError)
+    assert isinstance(exc, TypeError)  # what the class itself raised before
+    assert exc.name == bad
+    assert f"invalid {bad} " in str(exc)
+    assert f"not an option of {name!r}" in str(exc)
+    assert takes in str(exc)
+
+
+def test_make_policy_takes_every_option_of_the_policy_and_nodes_by_keyword() -> None:
+    p = make_policy("maglev", ["10.0.0.1:80"], table_size=1009, seed=3, balance_factor=1.5)
+    assert isinstance(p, MaglevHash) and p.table_size == 1009 and p.balance_factor == 1.5
+    q = make_policy("p2c", nodes=["10.0.0.1:80", "10.0.0.2:80"], seed=4)
+    assert len(q) == 2
+    assert len(make_policy("ring")) == 0
+    with pytest.raises(InvalidArgument, match="given twice"):
+        make_policy("ring", ["10.0.0.1:80"], nodes=["10.0.0.2:80"])
+
+
+def test_make_policy_passes_any_option_to_a_policy_that_takes_kwargs() -> None:
+    class Open(RoundRobin):
+        name = "open-test"
+
+        def __init__(self, nodes: object = (), **extra: object) -> None:
+            self.extra = extra
+            super().__init__(nodes)  # type: ignore[arg-type]
+
+    POLICIES["open-test"] = Open
+    try:
+        p = make_policy("open-test", ["10.0.0.1:80"], name="x", anything=1)
+    finally:
+        del POLICIES["open-test"]
+    assert isinstance(p, Open) and p.extra == {"name": "x", "anything": 1}
