@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -765,6 +766,85 @@ def test_listen_fds_names_an_fd_that_is_not_open() -> None:
     assert "LISTEN_FDS='2' lists fd 4 ('fd4'), which is not open" in result["error"]
     assert result["fd3_open_after"] is False  # the socket adopted before it was closed
     assert result["env_left"] == []
+
+
+_LAYOUT_CHILD = """
+import json, os, socket, sys
+# Act like systemd: fds 3, 4, ... as argv[1] spells them ("s" a socket, "f" a
+# file), inheritable, and LISTEN_FDS counting them all.
+spec = sys.argv[1]
+for i, kind in enumerate(spec):
+    if kind == "s":
+        s = socket.socket()
+        fd = s.detach()
+    else:
+        fd = os.open(os.devnull, os.O_RDONLY)
+    if fd != 3 + i:
+        os.dup2(fd, 3 + i, inheritable=True)
+        os.close(fd)
+    os.set_inheritable(3 + i, True)
+os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(spec)))
+from reuselb import HandoffError, listen_fds
+try:
+    listen_fds()
+    error = None
+except HandoffError as exc:
+    error = str(exc)
+fds = {}
+for i in range(len(spec)):
+    try:
+        fds[3 + i] = "inheritable" if os.get_inheritable(3 + i) else "cloexec"
+    except OSError:
+        fds[3 + i] = "closed"
+print(json.dumps({"error": error, "fds": fds}))
+"""
+
+
+def _listen_fds_with(spec: str) -> dict[str, Any]:
+    """Run listen_fds() in a child whose fds 3, 4, ... are laid out as *spec* says."""
+    out = subprocess.run(
+        [sys.executable, "-c", _LAYOUT_CHILD, spec],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    result: dict[str, Any] = json.loads(out.stdout)
+    result["fds"] = {int(fd): state for fd, state in result["fds"].items()}
+    return result
+
+
+def test_listen_fds_refuses_a_file_without_touching_it() -> None:
+    # Before: close-on-exec was set first and the fd refused after, so the
+    # caller's file (inheritable, as passed) lost its flag.
+    result = _listen_fds_with("f")
+    assert result["fds"] == {3: "inheritable"}
+    assert result["error"] is not None
+    assert "LISTEN_FDS fd 3 ('fd3') is not a socket: a character device" in result["error"]
+
+
+def test_inherited_sockets_refuses_a_file_without_touching_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from reuselb import inherited_sockets
+
+    # A stray variable naming a pipe (or stdout): refused, and its close-on-exec
+    # flag left alone (before: set, so every later child lost that fd).
+    r, w = os.pipe()
+    try:
+        os.set_inheritable(w, True)
+        monkeypatch.setenv("REUSELB_INHERITED_FDS", f"out={w}")
+        with pytest.raises(HandoffError) as info:
+            inherited_sockets()
+        assert os.get_inheritable(w) is True
+        assert not os.get_inheritable(r)
+        assert f"inherited fd {w} ('out') is not a socket: a FIFO" in str(info.value)
+    finally:
+        os.close(r)
+        os.close(w)
+    monkeypatch.setenv("REUSELB_INHERITED_FDS", f"gone={w}")
+    with pytest.raises(HandoffError, match=rf"inherited fd {w} \('gone'\) is not an open socket"):
+        inherited_sockets()
 
 
 # --------------------------------------------------------------------------- drain_close input

@@ -21,6 +21,7 @@ import os
 import re
 import select
 import socket
+import stat
 import struct
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -202,6 +203,31 @@ def _adopt(fd: int) -> socket.socket:
             sock.detach()  # the caller still owns the fd on failure
             raise
     return sock
+
+
+_FILE_KINDS = {
+    stat.S_IFREG: "a regular file",
+    stat.S_IFDIR: "a directory",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFIFO: "a FIFO",
+}
+
+
+def _socket_fd_problem(fd: int) -> tuple[bool, str] | None:
+    """Why *fd* is not an open socket: ``(open, detail)``; None when it is one.
+
+    Reads only (fstat): an fd it refuses is left exactly as it was. It may be
+    the caller's stdout named by a stray variable, whose close-on-exec flag is
+    not ours to set.
+    """
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError as exc:  # EBADF: the variable promises an fd we do not have
+        return False, exc.strerror or str(exc)
+    if stat.S_ISSOCK(mode):
+        return None
+    return True, _FILE_KINDS.get(stat.S_IFMT(mode), f"a file of mode {stat.S_IFMT(mode):#o}")
 
 
 def _take_fds(ancdata: list[tuple[int, int, bytes]], flags: int, fds: list[int]) -> None:
@@ -386,7 +412,8 @@ def listen_fds(*, unset_environment: bool = True) -> dict[str, socket.socket]:
     :raises HandoffError: a variable is malformed (the message names it and its
         value; a repeated name whose ``"name.<fd>"`` is another fd's name counts), or
         an fd it lists is not open or not a socket (the message names
-        the fd); every socket adopted so far is then closed.
+        the fd, whose flags are left as they were); every socket adopted so far
+        is then closed.
     :raises InvalidArgument: *unset_environment* is not a bool (nothing is read).
     """
     unset_environment = check_flag("unset_environment", unset_environment)
@@ -428,13 +455,16 @@ def listen_fds(*, unset_environment: bool = True) -> dict[str, socket.socket]:
     try:
         for i, (label, key) in enumerate(zip(labels, keys, strict=True)):
             fd = _LISTEN_FDS_START + i
-            try:
-                os.set_inheritable(fd, False)
-            except OSError as exc:  # EBADF: the variables promise more fds than we have
-                raise HandoffError(
-                    f"LISTEN_FDS={count!r} lists fd {fd} ({label!r}), which is not open: "
-                    f"{exc.strerror or exc}"
-                ) from None
+            # Before the flag is touched: a refused fd keeps its flags.
+            if (problem := _socket_fd_problem(fd)) is not None:
+                is_open, detail = problem
+                if not is_open:  # the variables promise more fds than we have
+                    raise HandoffError(
+                        f"LISTEN_FDS={count!r} lists fd {fd} ({label!r}), which is not open: "
+                        f"{detail}"
+                    )
+                raise HandoffError(f"LISTEN_FDS fd {fd} ({label!r}) is not a socket: {detail}")
+            os.set_inheritable(fd, False)
             try:
                 sock = _adopt(fd)  # family/type read from the kernel
             except OSError as exc:
@@ -868,8 +898,9 @@ def inherited_sockets(*, unset_environment: bool = True) -> dict[str, socket.soc
         parent made non-blocking has ``gettimeout()`` 0 (O_NONBLOCK is read, not
         changed: the parent shares it).
     :raises HandoffError: the variable is malformed (an fd above a C int, a name
-        or an fd given twice) or an fd is not an open socket
-        (every socket adopted so far is then closed, each once).
+        or an fd given twice) or an fd is not an open socket (its flags are left
+        as they were: a stray variable naming stdout does not make it
+        close-on-exec; every socket adopted so far is then closed, each once).
     :raises InvalidArgument: *unset_environment* is not a bool (nothing is read).
     """
     unset_environment = check_flag("unset_environment", unset_environment)
@@ -903,6 +934,12 @@ def inherited_sockets(*, unset_environment: bool = True) -> dict[str, socket.soc
                 raise HandoffError(
                     f"{INHERIT_ENV} gives fd {fd} twice ({names_by_fd[fd]!r} and {name!r})"
                 )
+            # Before the flag is touched: a stray variable naming stdout must
+            # not leave stdout close-on-exec for every later child.
+            if (problem := _socket_fd_problem(fd)) is not None:
+                is_open, detail = problem
+                state = "an open socket" if not is_open else "a socket"
+                raise HandoffError(f"inherited fd {fd} ({name!r}) is not {state}: {detail}")
             try:
                 os.set_inheritable(fd, False)
                 out[name] = _adopt(fd)
