@@ -3,6 +3,8 @@ make_policy, diff/preview, duplicate names (no sockets: the policies are pure)."
 
 from __future__ import annotations
 
+import copy
+import pickle
 import random
 import sys
 import threading
@@ -11,7 +13,7 @@ from fractions import Fraction
 
 import pytest
 
-from reuselb import InvalidArgument, NoNodeAvailable, ReuselbError
+from reuselb import InvalidArgument, LeaseReleased, NoNodeAvailable, ReuselbError
 from reuselb.balance import (
     POLICIES,
     BalancePolicy,
@@ -268,3 +270,35 @@ def test_make_policy_passes_any_option_to_a_policy_that_takes_kwargs() -> None:
     finally:
         del POLICIES["open-test"]
     assert isinstance(p, Open) and p.extra == {"name": "x", "anything": 1}
+
+
+# --------------------------------------------------------------------------- leases
+
+
+@pytest.mark.parametrize("how", ["copy", "deepcopy", "deepcopy in a list"])
+def test_copying_a_lease_gives_the_same_lease_not_a_second_release(how: str) -> None:
+    p = RoundRobin(["10.0.0.1:80"])
+    lease = p.acquire()
+    if how == "copy":
+        twin = copy.copy(lease)
+    elif how == "deepcopy":
+        twin = copy.deepcopy(lease)
+    else:
+        twin = copy.deepcopy([lease])[0]
+    assert twin is lease
+    twin.release()
+    with pytest.raises(LeaseReleased):
+        lease.release()
+    assert p.active() == 0
+    assert p.active("10.0.0.1:80") == 0
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_pickling_a_lease_raises_a_clear_type_error(protocol: int) -> None:
+    p = MaglevHash(["10.0.0.1:80"], table_size=1009)
+    with (
+        p.acquire("k") as lease,
+        pytest.raises(TypeError, match=r"cannot pickle <Lease 10\.0\.0\.1:80 active>"),
+    ):
+        pickle.dumps(lease, protocol)
+    assert p.active() == 0

@@ -31,7 +31,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, ClassVar, TypeAlias
+from typing import Any, ClassVar, NoReturn, SupportsIndex, TypeAlias
 
 from .._address import Address, AddressLike, parse_address
 from .._errors import (
@@ -307,7 +307,9 @@ class Lease:
     """A pick that counts as an active connection until released.
 
     Use as a context manager, or call :meth:`release` exactly once. A lease on a
-    node that was removed meanwhile still releases cleanly.
+    node that was removed meanwhile still releases cleanly. A lease is a handle:
+    ``copy.copy``/``copy.deepcopy`` return the lease itself, and pickling one
+    raises ``TypeError`` (it counts in one policy, in one process).
 
     :ivar node: the node picked, as it was when picked (live); a later drain,
         mark_down or set_weight does not change it.
@@ -343,6 +345,28 @@ class Lease:
     def __repr__(self) -> str:
         state = "released" if self._released else "active"
         return f"<Lease {self.node} {state}>"
+
+    # A Lease is a handle on one count in one policy: a copy would be a second
+    # handle that releases the same count again (the count went negative).
+
+    def __copy__(self) -> Lease:
+        """The lease itself: a lease is a handle, copying it gives no second lease."""
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Lease:
+        """The lease itself (see :meth:`__copy__`); its policy is not copied either."""
+        return self
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> NoReturn:
+        """:raises TypeError: always: a lease cannot be pickled."""
+        raise TypeError(
+            f"cannot pickle {self!r}: a Lease is a handle on one policy's lease count in "
+            "this process; release it where it was acquired and acquire anew elsewhere"
+        )
+
+    def __reduce__(self) -> NoReturn:
+        """:raises TypeError: always (see :meth:`__reduce_ex__`)."""
+        self.__reduce_ex__(0)
 
 
 # --------------------------------------------------------------------------- policy
