@@ -24,6 +24,7 @@ from reuselb.balance import (
     RendezvousHash,
     RingHash,
     RoundRobin,
+    diff,
     make_policy,
 )
 
@@ -302,3 +303,27 @@ def test_pickling_a_lease_raises_a_clear_type_error(protocol: int) -> None:
     ):
         pickle.dumps(lease, protocol)
     assert p.active() == 0
+
+
+# --------------------------------------------------------------------------- diff, preview
+
+
+@pytest.mark.parametrize("keys", [[], ["k1", "k2"]])
+def test_diff_and_preview_raise_when_a_side_has_no_live_node_even_without_keys(
+    keys: list[str],
+) -> None:
+    empty = MaglevHash([], table_size=1009)
+    one = MaglevHash(["10.0.0.1:80"], table_size=1009)
+    with pytest.raises(NoNodeAvailable, match="no nodes"):
+        diff(empty, empty, keys)
+    with pytest.raises(NoNodeAvailable, match="no nodes"):
+        diff(one, empty, keys)
+    with pytest.raises(NoNodeAvailable, match="no nodes"):
+        diff(empty, one, keys)
+    with pytest.raises(NoNodeAvailable, match="all nodes are down"):
+        one.preview(lambda p: p.mark_down("10.0.0.1:80"), keys)
+    with pytest.raises(NoNodeAvailable, match="all nodes are draining"):
+        RoundRobin(["10.0.0.1:80"]).preview(lambda p: p.drain("10.0.0.1:80"), keys)
+    assert one.active() == 0 and one.live_nodes  # not touched
+    d = one.preview(lambda p: p.add("10.0.0.2:80"), keys)
+    assert d.keys == len(keys)

@@ -780,7 +780,8 @@ class BalancePolicy(abc.ABC):
         :param change: callable applied to a copy of this policy.
         :param keys: sample keys (for hash policies; others pick once per key).
         :returns: :class:`BalanceDiff` of this policy versus the changed copy.
-        :raises NoNodeAvailable: this policy or the changed copy has no live node.
+        :raises NoNodeAvailable: this policy or the changed copy has no live node
+            (also with no keys).
         :raises KeyRequired: a hash policy and a ``None`` key.
         :raises InvalidKey: a key that is not str or bytes-like, has no UTF-8
             form or is a released memoryview.
@@ -960,13 +961,17 @@ def diff(old: BalancePolicy, new: BalancePolicy, keys: Iterable[Key]) -> Balance
     :param new: the policy after the change.
     :param keys: sample keys.
     :returns: :class:`BalanceDiff`.
-    :raises NoNodeAvailable: either policy has no live node.
+    :raises NoNodeAvailable: either policy has no live node (also with no keys).
     :raises KeyRequired: a key is None and the policies hash keys.
     :raises InvalidKey: a key is not str or bytes-like, has no UTF-8 form or
         is a released memoryview.
     """
     a, b = old.copy(), new.copy()
     sample: Sequence[Key] = list(keys)
+    # checked up front, so no keys (or keys that fail later) still report it
+    for policy in (a, b):
+        if not policy.live_nodes:
+            raise policy._unavailable()
     before: dict[Address, int] = {n.address: 0 for n in a.live_nodes}
     after: dict[Address, int] = {n.address: 0 for n in b.live_nodes}
     moved = 0
