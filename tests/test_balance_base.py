@@ -13,7 +13,13 @@ from fractions import Fraction
 
 import pytest
 
-from reuselb import InvalidArgument, LeaseReleased, NoNodeAvailable, ReuselbError
+from reuselb import (
+    DuplicateNode,
+    InvalidArgument,
+    LeaseReleased,
+    NoNodeAvailable,
+    ReuselbError,
+)
 from reuselb.balance import (
     POLICIES,
     BalancePolicy,
@@ -327,3 +333,32 @@ def test_diff_and_preview_raise_when_a_side_has_no_live_node_even_without_keys(
     assert one.active() == 0 and one.live_nodes  # not touched
     d = one.preview(lambda p: p.add("10.0.0.2:80"), keys)
     assert d.keys == len(keys)
+
+
+# --------------------------------------------------------------------------- duplicates
+
+
+def test_duplicate_address_names_the_other_nodes_name_that_spells_it() -> None:
+    # the name spells [::1]:80 another way, so the address alone would not tell
+    # the caller which node is in the way
+    named = Node("10.0.0.2:80", name="[0:0::1]:80")
+    p = RoundRobin([named])
+    with pytest.raises(DuplicateNode) as info:
+        p.add("[::1]:80")
+    msg = str(info.value)
+    assert info.value.ref == "[::1]:80"
+    assert "'[0:0::1]:80'" in msg and "10.0.0.2:80" in msg, msg
+    with pytest.raises(DuplicateNode, match=r"'\[0:0::1\]:80' \(the node at 10\.0\.0\.2:80\)"):
+        RoundRobin([named, "[::1]:80"])
+    assert len(p) == 1
+
+
+def test_duplicate_name_and_address_messages_say_what_they_clash_with() -> None:
+    p = RoundRobin([Node("10.0.0.1:80", name="a"), "[::1]:80"])
+    with pytest.raises(DuplicateNode, match=r"'a': the node at 10\.0\.0\.1:80 has this name"):
+        p.add(Node("10.0.0.2:80", name="a"))
+    with pytest.raises(DuplicateNode, match=r"spells the address of the node at \[::1\]:80"):
+        p.add(Node("10.0.0.3:80", name="[0::1]:80"))
+    with pytest.raises(DuplicateNode, match=r"'10\.0\.0\.1:80': a node with this address exists"):
+        p.add("10.0.0.1:80")
+    assert len(p) == 2

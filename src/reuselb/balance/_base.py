@@ -187,6 +187,13 @@ NodeLike: TypeAlias = "Node | AddressLike"
 NodeRef: TypeAlias = "Node | AddressLike"
 
 
+def _duplicate(ref: str, detail: str) -> DuplicateNode:
+    """A DuplicateNode for *ref* whose message says what it clashes with."""
+    exc = DuplicateNode(ref)
+    exc.args = (f"duplicate node {ref!r}: {detail}",)
+    return exc
+
+
 def check_weight(weight: object) -> int:
     if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= MAX_WEIGHT:
         raise InvalidArgument("weight", weight, f"must be an int in 0..{MAX_WEIGHT}")
@@ -585,13 +592,23 @@ class BalancePolicy(abc.ABC):
         return node
 
     def _add_locked(self, node: Node) -> None:
-        if node.address in self._slots or node.address in self._name_addrs:
-            raise DuplicateNode(str(node.address))
+        if node.address in self._slots:
+            raise _duplicate(str(node.address), "a node with this address exists")
+        names = self._name_addrs.get(node.address)
+        if names:
+            # another node's name spells this address: say which name, since it may
+            # be spelled otherwise ("[0:0::1]:80" for [::1]:80)
+            named = ", ".join(f"{n!r} (the node at {self._names[n]})" for n in sorted(names))
+            raise _duplicate(
+                str(node.address),
+                f"the address is spelled by another node's name: {named}; names are "
+                "looked up before addresses, so that name would hide this node",
+            )
         name = node.name
         name_addr: Address | None = None
         if name is not None:
             if name in self._names:
-                raise DuplicateNode(name)
+                raise _duplicate(name, f"the node at {self._names[name]} has this name")
             # Names are looked up before addresses, so a name that spells another
             # node's address would hide that node from get/remove/mark_down.
             try:
@@ -601,7 +618,11 @@ class BalancePolicy(abc.ABC):
             if name_addr == node.address:
                 name_addr = None  # names its own node: harmless
             elif name_addr is not None and name_addr in self._slots:
-                raise DuplicateNode(name)
+                raise _duplicate(
+                    name,
+                    f"the name spells the address of the node at {name_addr}; names are "
+                    "looked up before addresses, so it would hide that node",
+                )
         slot = self._slots[node.address] = _Slot(node)
         if name is not None:
             self._names[name] = node.address
