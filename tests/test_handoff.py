@@ -450,10 +450,11 @@ def test_inherit_bad_input(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("REUSELB_INHERITED_FDS", f"web={fds[0]},web={fds[1]}")
         with pytest.raises(HandoffError, match="names 'web' twice"):
             inherited_sockets()
-        # The first was adopted, so it is closed with the error; the second never was.
-        with pytest.raises(OSError, match="Bad file descriptor"):
-            os.fstat(fds[0])
-        os.close(fds[1])
+        # The variable is read whole before any fd is touched: neither was adopted,
+        # so both are still the caller's.
+        for fd in fds:
+            os.fstat(fd)
+            os.close(fd)
 
 
 def test_inherit_refuses_one_socket_under_two_names(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -465,15 +466,14 @@ def test_inherit_refuses_one_socket_under_two_names(monkeypatch: pytest.MonkeyPa
         ):
             inherit_sockets({"web": s, "alias": s})
         # A repeated fd in the variable (written by hand, or by an older reuselb):
-        # adopting it twice would give two socket objects one fd. The first name's
-        # socket is closed with the error, once; the cleanup must not close it
-        # again (a bare EBADF, or another file that took the number).
+        # adopting it twice would give two socket objects one fd. Refused before
+        # any fd is adopted, so the fd is left open, the caller's.
         fd = os.dup(s.fileno())
         monkeypatch.setenv("REUSELB_INHERITED_FDS", f"web={fd},alias={fd},bad=999999")
         with pytest.raises(HandoffError, match=rf"gives fd {fd} twice \('web' and 'alias'\)"):
             inherited_sockets()
-        with pytest.raises(OSError, match="Bad file descriptor"):
-            os.fstat(fd)
+        os.fstat(fd)
+        os.close(fd)
         assert s.fileno() != -1
 
 
@@ -764,7 +764,7 @@ def test_listen_fds_names_an_fd_that_is_not_open() -> None:
     assert result["fd4_open_before"] is False
     assert result["error"] is not None, "an fd that is not open must raise HandoffError"
     assert "LISTEN_FDS='2' lists fd 4 ('fd4'), which is not open" in result["error"]
-    assert result["fd3_open_after"] is False  # the socket adopted before it was closed
+    assert result["fd3_open_after"] is True  # checked before any fd was adopted
     assert result["env_left"] == []
 
 
@@ -845,6 +845,85 @@ def test_inherited_sockets_refuses_a_file_without_touching_it(
     monkeypatch.setenv("REUSELB_INHERITED_FDS", f"gone={w}")
     with pytest.raises(HandoffError, match=rf"inherited fd {w} \('gone'\) is not an open socket"):
         inherited_sockets()
+
+
+@pytest.mark.parametrize("spec", ["sfs", "ssf", "fss"])
+def test_listen_fds_checks_every_fd_before_touching_any(spec: str) -> None:
+    # Before: the sockets before the file were adopted and closed (a socket
+    # systemd passed, gone) and those after it left as they were; now a refusal
+    # changes nothing, whichever fd it is.
+    result = _listen_fds_with(spec)
+    assert result["fds"] == {3: "inheritable", 4: "inheritable", 5: "inheritable"}
+    bad = 3 + spec.index("f")
+    assert f"LISTEN_FDS fd {bad} ('fd{bad}') is not a socket: a character device" in (
+        result["error"] or ""
+    )
+
+
+def test_inherited_sockets_reads_the_whole_variable_before_touching_any_fd(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from reuselb import inherited_sockets
+
+    socks = [socket.socket() for _ in range(2)]
+    fds = [os.dup(s.fileno()) for s in socks]
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    try:
+        for fd in (*fds, devnull):
+            os.set_inheritable(fd, True)  # as after a pass_fds exec
+        for value, needle in [
+            (f"a={fds[0]},b={fds[1]},d=notanumber", "malformed"),
+            (f"a={fds[0]},bad={devnull},c={fds[1]}", f"inherited fd {devnull} ('bad')"),
+        ]:
+            monkeypatch.setenv("REUSELB_INHERITED_FDS", value)
+            with pytest.raises(HandoffError, match=re.escape(needle)):
+                inherited_sockets()
+            # Before: 'a' adopted then closed, 'c' left inheritable.
+            assert [os.get_inheritable(fd) for fd in (*fds, devnull)] == [True] * 3
+    finally:
+        for fd in (*fds, devnull):
+            os.close(fd)
+        for s in socks:
+            s.close()
+
+
+@pytest.mark.parametrize("failing", [0, 1, 2])
+def test_a_failed_adoption_leaves_no_listed_fd_inheritable(
+    monkeypatch: pytest.MonkeyPatch, failing: int
+) -> None:
+    from reuselb import inherited_sockets
+
+    # Every fd passes the checks, then adopting one fails (here: injected). The
+    # sockets adopted before it are closed; the rest stay open, and none of them
+    # leaks into a later child (before: those after it were left inheritable).
+    socks = [socket.socket() for _ in range(3)]
+    fds = [os.dup(s.fileno()) for s in socks]
+    for fd in fds:
+        os.set_inheritable(fd, True)
+    real = _handoff._adopt
+    calls = []
+
+    def flaky(fd: int) -> socket.socket:
+        calls.append(fd)
+        if len(calls) - 1 == failing:
+            raise OSError(errno.ENOMEM, "injected")
+        return real(fd)
+
+    monkeypatch.setattr(_handoff, "_adopt", flaky)
+    monkeypatch.setenv("REUSELB_INHERITED_FDS", ",".join(f"s{i}={fd}" for i, fd in enumerate(fds)))
+    try:
+        with pytest.raises(HandoffError, match=rf"fd {fds[failing]} \('s{failing}'\).*injected"):
+            inherited_sockets()
+        for i, fd in enumerate(fds):
+            if i < failing:  # adopted, then closed with the error
+                with pytest.raises(OSError, match="Bad file descriptor"):
+                    os.fstat(fd)
+            else:
+                assert os.get_inheritable(fd) is False
+                os.close(fd)
+    finally:
+        for s in socks:
+            s.close()
 
 
 # --------------------------------------------------------------------------- drain_close input

@@ -230,6 +230,50 @@ def _socket_fd_problem(fd: int) -> tuple[bool, str] | None:
     return True, _FILE_KINDS.get(stat.S_IFMT(mode), f"a file of mode {stat.S_IFMT(mode):#o}")
 
 
+def _adopt_listed(
+    listed: Sequence[tuple[str, int, str]],
+    refused: Callable[[int, str, bool, str], HandoffError],
+    what: str,
+) -> dict[str, socket.socket]:
+    """Adopt each ``(key, fd, label)`` of a variable: ``{key: socket}``.
+
+    Every fd is checked first, and a refusal changes nothing: no fd is adopted,
+    closed or made close-on-exec (a refused one may be the caller's stdout; the
+    others stay the caller's, to handle or close). Then every listed fd is made
+    close-on-exec before the first is adopted, as ``sd_listen_fds`` does: if an
+    adoption still fails, the sockets adopted so far are closed (each once) and
+    none of the rest leaks into a child.
+
+    :param refused: builds the error for ``(fd, label, is_open, detail)``.
+    :param what: how the error of a failed adoption names the fds.
+    :raises HandoffError: an fd is not an open socket, or could not be adopted.
+    """
+    for _, fd, label in listed:
+        if (problem := _socket_fd_problem(fd)) is not None:
+            raise refused(fd, label, *problem)
+    out: dict[str, socket.socket] = {}
+    try:
+        for _, fd, label in listed:
+            try:
+                os.set_inheritable(fd, False)
+            except OSError as exc:  # closed by another thread since the check
+                raise HandoffError(
+                    f"{what} fd {fd} ({label!r}) could not be adopted: {exc}"
+                ) from None
+        for key, fd, label in listed:
+            try:
+                out[key] = _adopt(fd)  # family/type read from the kernel
+            except OSError as exc:
+                raise HandoffError(
+                    f"{what} fd {fd} ({label!r}) could not be adopted: {exc}"
+                ) from None
+    except BaseException:
+        for sock in out.values():
+            sock.close()
+        raise
+    return out
+
+
 def _take_fds(ancdata: list[tuple[int, int, bytes]], flags: int, fds: list[int]) -> None:
     for level, kind, cdata in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -400,7 +444,9 @@ def listen_fds(*, unset_environment: bool = True) -> dict[str, socket.socket]:
     ``LISTEN_PID`` and ``LISTEN_FDS`` must be plain ASCII decimal numbers (1 or
     more), and ``LISTEN_FDNAMES``, when set, must hold exactly one name per fd;
     like ``sd_listen_fds_with_names``, anything else is an error, checked before
-    any fd is touched.
+    any fd is touched. So is every fd it lists (``fstat``: open, and a socket):
+    then all of them are made close-on-exec, as ``sd_listen_fds`` does, and only
+    then adopted.
 
     :param unset_environment: remove the ``LISTEN_*`` variables (default True).
     :returns: ``{name: socket}``; names from ``LISTEN_FDNAMES`` (a name repeated for
@@ -411,9 +457,11 @@ def listen_fds(*, unset_environment: bool = True) -> dict[str, socket.socket]:
         ``LISTEN_FDS``, or ``LISTEN_PID`` names another process).
     :raises HandoffError: a variable is malformed (the message names it and its
         value; a repeated name whose ``"name.<fd>"`` is another fd's name counts), or
-        an fd it lists is not open or not a socket (the message names
-        the fd, whose flags are left as they were); every socket adopted so far
-        is then closed.
+        an fd it lists is not open or not a socket (the message names the fd).
+        Either is found before any fd is touched: no fd is adopted, closed or
+        changed, and all stay the caller's. If adopting an fd fails after the
+        checks, the sockets adopted so far are closed and every listed fd is left
+        close-on-exec.
     :raises InvalidArgument: *unset_environment* is not a bool (nothing is read).
     """
     unset_environment = check_flag("unset_environment", unset_environment)
@@ -451,32 +499,19 @@ def listen_fds(*, unset_environment: bool = True) -> dict[str, socket.socket]:
                 f"{key!r}, which another fd already has"
             )
         keys.append(key)
-    out: dict[str, socket.socket] = {}
-    try:
-        for i, (label, key) in enumerate(zip(labels, keys, strict=True)):
-            fd = _LISTEN_FDS_START + i
-            # Before the flag is touched: a refused fd keeps its flags.
-            if (problem := _socket_fd_problem(fd)) is not None:
-                is_open, detail = problem
-                if not is_open:  # the variables promise more fds than we have
-                    raise HandoffError(
-                        f"LISTEN_FDS={count!r} lists fd {fd} ({label!r}), which is not open: "
-                        f"{detail}"
-                    )
-                raise HandoffError(f"LISTEN_FDS fd {fd} ({label!r}) is not a socket: {detail}")
-            os.set_inheritable(fd, False)
-            try:
-                sock = _adopt(fd)  # family/type read from the kernel
-            except OSError as exc:
-                raise HandoffError(
-                    f"LISTEN_FDS fd {fd} ({label!r}) is not a socket: {exc}"
-                ) from None
-            out[key] = sock
-    except BaseException:
-        for sock in out.values():
-            sock.close()
-        raise
-    return out
+
+    def refused(fd: int, label: str, is_open: bool, detail: str) -> HandoffError:
+        if not is_open:  # the variables promise more fds than we have
+            return HandoffError(
+                f"LISTEN_FDS={count!r} lists fd {fd} ({label!r}), which is not open: {detail}"
+            )
+        return HandoffError(f"LISTEN_FDS fd {fd} ({label!r}) is not a socket: {detail}")
+
+    listed = [
+        (key, _LISTEN_FDS_START + i, label)
+        for i, (label, key) in enumerate(zip(labels, keys, strict=True))
+    ]
+    return _adopt_listed(listed, refused, "LISTEN_FDS")
 
 
 _MIGRATE_SYSCTL = "/proc/sys/net/ipv4/tcp_migrate_req"
@@ -891,16 +926,20 @@ def inherited_sockets(*, unset_environment: bool = True) -> dict[str, socket.soc
 
     Each fd's family and type are read from the kernel, close-on-exec is set again
     at once, and the variable is removed from the environment (so a grandchild
-    never tries to adopt fds it does not have).
+    never tries to adopt fds it does not have). The whole variable, and every fd
+    it names (``fstat``: open, and a socket), is checked before any fd is touched;
+    then all are made close-on-exec, and only then adopted.
 
     :param unset_environment: remove the variable (default True).
     :returns: ``{name: socket}``; empty when nothing was inherited. A socket the
         parent made non-blocking has ``gettimeout()`` 0 (O_NONBLOCK is read, not
         changed: the parent shares it).
     :raises HandoffError: the variable is malformed (an fd above a C int, a name
-        or an fd given twice) or an fd is not an open socket (its flags are left
-        as they were: a stray variable naming stdout does not make it
-        close-on-exec; every socket adopted so far is then closed, each once).
+        or an fd given twice) or an fd is not an open socket. Either is found
+        before any fd is touched: no fd is adopted, closed or changed (a stray
+        variable naming stdout does not make it close-on-exec). If adopting an
+        fd fails after the checks, the sockets adopted so far are closed (each
+        once) and every listed fd is left close-on-exec.
     :raises InvalidArgument: *unset_environment* is not a bool (nothing is read).
     """
     unset_environment = check_flag("unset_environment", unset_environment)
@@ -909,45 +948,39 @@ def inherited_sockets(*, unset_environment: bool = True) -> dict[str, socket.soc
         os.environ.pop(INHERIT_ENV, None)
     if not value:
         return {}
-    out: dict[str, socket.socket] = {}
+    # The whole variable is read before any fd is looked at: an error in a later
+    # entry must not leave earlier fds adopted, closed or changed.
+    listed: list[tuple[str, int, str]] = []
+    names: set[str] = set()
     names_by_fd: dict[int, str] = {}
-    try:
-        for item in value.split(","):
-            name, sep, fd_text = item.partition("=")
-            if (
-                not sep
-                or not _NAME_RE.match(name)
-                or not fd_text.isascii()
-                or not fd_text.isdigit()
-                # An fd is a C int: a longer number would overflow set_inheritable.
-                or len(fd_text) > 10
-                or int(fd_text) > _C_INT_MAX
-            ):
-                raise HandoffError(f"malformed {INHERIT_ENV} entry {item!r}")
-            if name in out:
-                raise HandoffError(f"{INHERIT_ENV} names {name!r} twice")
-            fd = int(fd_text)
-            # Two socket objects on one fd: closing one would leave the other to
-            # close whatever file reuses the number next (and the cleanup below
-            # would close it twice). inherit_sockets never writes this.
-            if fd in names_by_fd:
-                raise HandoffError(
-                    f"{INHERIT_ENV} gives fd {fd} twice ({names_by_fd[fd]!r} and {name!r})"
-                )
-            # Before the flag is touched: a stray variable naming stdout must
-            # not leave stdout close-on-exec for every later child.
-            if (problem := _socket_fd_problem(fd)) is not None:
-                is_open, detail = problem
-                state = "an open socket" if not is_open else "a socket"
-                raise HandoffError(f"inherited fd {fd} ({name!r}) is not {state}: {detail}")
-            try:
-                os.set_inheritable(fd, False)
-                out[name] = _adopt(fd)
-            except OSError as exc:
-                raise HandoffError(f"inherited fd {fd} ({name!r}) is not a socket: {exc}") from None
-            names_by_fd[fd] = name
-    except BaseException:
-        for sock in out.values():
-            sock.close()
-        raise
-    return out
+    for item in value.split(","):
+        name, sep, fd_text = item.partition("=")
+        if (
+            not sep
+            or not _NAME_RE.match(name)
+            or not fd_text.isascii()
+            or not fd_text.isdigit()
+            # An fd is a C int: a longer number would overflow set_inheritable.
+            or len(fd_text) > 10
+            or int(fd_text) > _C_INT_MAX
+        ):
+            raise HandoffError(f"malformed {INHERIT_ENV} entry {item!r}")
+        if name in names:
+            raise HandoffError(f"{INHERIT_ENV} names {name!r} twice")
+        fd = int(fd_text)
+        # Two socket objects on one fd: closing one would leave the other to
+        # close whatever file reuses the number next. inherit_sockets never
+        # writes this.
+        if fd in names_by_fd:
+            raise HandoffError(
+                f"{INHERIT_ENV} gives fd {fd} twice ({names_by_fd[fd]!r} and {name!r})"
+            )
+        names.add(name)
+        names_by_fd[fd] = name
+        listed.append((name, fd, name))
+
+    def refused(fd: int, name: str, is_open: bool, detail: str) -> HandoffError:
+        state = "a socket" if is_open else "an open socket"
+        return HandoffError(f"inherited fd {fd} ({name!r}) is not {state}: {detail}")
+
+    return _adopt_listed(listed, refused, "inherited")
