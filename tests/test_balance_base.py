@@ -32,6 +32,7 @@ from reuselb.balance import (
     RoundRobin,
     diff,
     make_policy,
+    smooth_wrr_cycle,
 )
 
 NODES = ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]
@@ -362,3 +363,42 @@ def test_duplicate_name_and_address_messages_say_what_they_clash_with() -> None:
     with pytest.raises(DuplicateNode, match=r"'10\.0\.0\.1:80': a node with this address exists"):
         p.add("10.0.0.1:80")
     assert len(p) == 2
+
+
+# --------------------------------------------------------------------------- smooth_wrr_cycle
+
+
+def _forced(weight: object) -> Node:
+    """A Node whose weight was forced past its check."""
+    node = Node("10.0.0.9:80")
+    object.__setattr__(node, "weight", weight)
+    return node
+
+
+@pytest.mark.parametrize(
+    ("nodes", "param", "value"),
+    [
+        ("10.0.0.1:80", "nodes", "10.0.0.1:80"),
+        (5, "nodes", 5),
+        (["10.0.0.1:80"], "nodes", "10.0.0.1:80"),
+        ([Node("10.0.0.1:80"), None], "nodes", None),
+        ([Node("10.0.0.1:80"), _forced(-3)], "weight", -3),
+        ([_forced(2.5)], "weight", 2.5),
+        ([_forced(True)], "weight", True),
+        ([_forced(10**6)], "weight", 10**6),
+    ],
+)
+def test_smooth_wrr_cycle_refuses_bad_nodes_and_weights_naming_them(
+    nodes: object, param: str, value: object
+) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        smooth_wrr_cycle(nodes)  # type: ignore[arg-type]
+    assert info.value.name == param
+    assert info.value.value == value and type(info.value.value) is type(value)
+    assert repr(value) in str(info.value)
+
+
+def test_smooth_wrr_cycle_still_takes_any_iterable_of_nodes() -> None:
+    a, b, z = Node("10.0.0.1:80", weight=2), Node("10.0.0.2:80"), Node("10.0.0.3:80", weight=0)
+    assert smooth_wrr_cycle(iter([a, z, b])) == [a, b, a]
+    assert smooth_wrr_cycle(()) == smooth_wrr_cycle([z]) == []

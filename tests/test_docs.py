@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import reuselb
+import reuselb.balance
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -19,10 +20,22 @@ def test_every_public_name_is_in_the_api_reference() -> None:
     assert not missing, f"add to docs/api.md: {missing}"
 
 
+# Public functions of reuselb.balance whose ``:raises:`` is still being written
+# elsewhere (_ring.py); drop them from here once their docstrings have it.
+_RAISES_PENDING = {"reuselb.balance.ketama_points", "reuselb.balance.libmemcached_digests"}
+
+
 def test_every_public_function_documents_what_it_raises() -> None:
     undocumented = []
-    for name in reuselb.__all__:
-        obj = getattr(reuselb, name)
-        if callable(obj) and not isinstance(obj, type) and ":raises" not in (obj.__doc__ or ""):
-            undocumented.append(name)
+    for module in (reuselb, reuselb.balance):
+        for name in module.__all__:
+            obj = getattr(module, name)
+            qualified = f"{module.__name__}.{name}"
+            if (
+                callable(obj)
+                and not isinstance(obj, type)
+                and ":raises" not in (obj.__doc__ or "")
+                and qualified not in _RAISES_PENDING
+            ):
+                undocumented.append(qualified)
     assert not undocumented, undocumented

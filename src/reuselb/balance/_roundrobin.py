@@ -14,7 +14,8 @@ import math
 from collections.abc import Iterable
 from operator import add
 
-from ._base import BalancePolicy, Key, Node, NodeLike, key_bytes
+from .._errors import InvalidArgument
+from ._base import BalancePolicy, Key, Node, NodeLike, check_weight, key_bytes
 
 __all__ = ["RoundRobin", "smooth_wrr_cycle"]
 
@@ -32,10 +33,27 @@ def smooth_wrr_cycle(nodes: Iterable[Node]) -> list[Node]:
     with weights 1000 and 999 (a 99,950-entry cycle) take ~50 ms, where 100
     distinct weights near 1000 still take 0.5-0.7 s.
 
-    :param nodes: nodes with weight > 0.
+    :param nodes: :class:`Node` objects; those of weight 0 are left out.
     :returns: the cycle.
+    :raises InvalidArgument: *nodes* is a string or not iterable, an item is not a
+        :class:`Node`, or a weight is not an int in ``0..MAX_WEIGHT`` (a Node whose
+        weight was forced past its check); the error names the value.
     """
-    live = [n for n in nodes if n.weight > 0]
+    given: object = nodes  # typed Iterable[Node], but called with anything
+    if isinstance(given, (str, bytes)):
+        raise InvalidArgument("nodes", nodes, "must be an iterable of Node objects, not a string")
+    try:
+        items = iter(nodes)
+    except TypeError:
+        raise InvalidArgument("nodes", nodes, "must be an iterable of Node objects") from None
+    live = []
+    for n in items:
+        if not isinstance(n, Node):
+            raise InvalidArgument("nodes", n, f"must hold Node objects, not {type(n).__name__}")
+        # Node checks its weight, but a forced one (object.__setattr__) would turn
+        # into a negative-length or endless cycle here: check again, cheaply.
+        if check_weight(n.weight) > 0:
+            live.append(n)
     if not live:
         return []
     g = 0
