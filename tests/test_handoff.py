@@ -926,6 +926,74 @@ def test_a_failed_adoption_leaves_no_listed_fd_inheritable(
             s.close()
 
 
+def test_inherited_sockets_twice_never_wraps_one_fd_twice(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from reuselb import inherited_sockets
+
+    # Before: the second call made a second socket object on the same fd; closing
+    # both closed whatever file had taken the number in between.
+    with socket.socket() as s:
+        fd = os.dup(s.fileno())
+        monkeypatch.setenv("REUSELB_INHERITED_FDS", f"web={fd}")
+        first = inherited_sockets(unset_environment=False)["web"]
+        try:
+            with pytest.raises(HandoffError) as info:
+                inherited_sockets(unset_environment=False)
+            assert f"inherited fd {fd} ('web') is already adopted by an earlier call" in str(
+                info.value
+            )
+            assert first.fileno() == fd and os.get_inheritable(fd) is False
+            # Detached, the first object gives the fd up: it may be adopted again.
+            assert first.detach() == fd
+            again = inherited_sockets(unset_environment=False)["web"]
+            assert again.fileno() == fd
+            first = again
+        finally:
+            first.close()
+        # Closed: the number is free, and the variable now names nothing open.
+        with pytest.raises(HandoffError, match=rf"inherited fd {fd} \('web'\) is not an open"):
+            inherited_sockets()
+
+
+_ADOPT_TWICE_CHILD = """
+import json, os, socket
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+s.listen()
+fd = s.detach()
+if fd != 3:
+    os.dup2(fd, 3)
+    os.close(fd)
+os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="1", REUSELB_INHERITED_FDS="web=3")
+from reuselb import HandoffError, inherited_sockets, listen_fds
+first = listen_fds(unset_environment=False)["fd3"]
+errors = []
+for again in (lambda: listen_fds(unset_environment=False), inherited_sockets):
+    try:
+        again()
+        errors.append(None)
+    except HandoffError as exc:
+        errors.append(str(exc))
+print(json.dumps({"errors": errors, "first_open": first.fileno() == 3}))
+"""
+
+
+def test_listen_fds_twice_never_wraps_one_fd_twice() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", _ADOPT_TWICE_CHILD],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    result = json.loads(out.stdout)
+    assert result["first_open"] is True
+    again, inherited = result["errors"]
+    assert again is not None and "LISTEN_FDS fd 3 ('fd3') is already adopted" in again
+    assert inherited is not None and "inherited fd 3 ('web') is already adopted" in inherited
+
+
 # --------------------------------------------------------------------------- drain_close input
 
 

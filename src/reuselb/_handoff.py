@@ -23,7 +23,9 @@ import select
 import socket
 import stat
 import struct
+import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -230,6 +232,15 @@ def _socket_fd_problem(fd: int) -> tuple[bool, str] | None:
     return True, _FILE_KINDS.get(stat.S_IFMT(mode), f"a file of mode {stat.S_IFMT(mode):#o}")
 
 
+#: The sockets listen_fds() and inherited_sockets() made, by fd, while their
+#: objects live: with ``unset_environment=False`` a second call reads the same
+#: variable, and a second socket object on one fd would, closed, close the fd of
+#: the first (or a file that took its number). Weak: a dropped socket is gone.
+_ADOPTED: weakref.WeakValueDictionary[int, socket.socket] = weakref.WeakValueDictionary()
+#: One adoption at a time: two threads must not both find an fd free and adopt it.
+_ADOPTED_LOCK = threading.Lock()
+
+
 def _adopt_listed(
     listed: Sequence[tuple[str, int, str]],
     refused: Callable[[int, str, bool, str], HandoffError],
@@ -245,12 +256,29 @@ def _adopt_listed(
     none of the rest leaks into a child.
 
     :param refused: builds the error for ``(fd, label, is_open, detail)``.
-    :param what: how the error of a failed adoption names the fds.
-    :raises HandoffError: an fd is not an open socket, or could not be adopted.
+    :param what: how the errors name the fds.
+    :raises HandoffError: an fd is not an open socket, an earlier call's socket
+        still owns it, or it could not be adopted.
     """
+    with _ADOPTED_LOCK:
+        return _adopt_listed_locked(listed, refused, what)
+
+
+def _adopt_listed_locked(
+    listed: Sequence[tuple[str, int, str]],
+    refused: Callable[[int, str, bool, str], HandoffError],
+    what: str,
+) -> dict[str, socket.socket]:
     for _, fd, label in listed:
         if (problem := _socket_fd_problem(fd)) is not None:
             raise refused(fd, label, *problem)
+        # fileno() == fd: a socket closed (or detached) since gave the fd up.
+        if (owner := _ADOPTED.get(fd)) is not None and owner.fileno() == fd:
+            raise HandoffError(
+                f"{what} fd {fd} ({label!r}) is already adopted by an earlier call, as "
+                f"{owner!r}: use that socket, or close it first (two socket objects on "
+                "one fd would each close it)"
+            )
     out: dict[str, socket.socket] = {}
     try:
         for _, fd, label in listed:
@@ -271,6 +299,8 @@ def _adopt_listed(
         for sock in out.values():
             sock.close()
         raise
+    for sock in out.values():
+        _ADOPTED[sock.fileno()] = sock
     return out
 
 
@@ -449,6 +479,11 @@ def listen_fds(*, unset_environment: bool = True) -> dict[str, socket.socket]:
     then adopted.
 
     :param unset_environment: remove the ``LISTEN_*`` variables (default True).
+        With False a later call reads them again: while a socket an earlier call
+        (of this function or :func:`inherited_sockets`) returned for an fd is
+        open, it raises :class:`~reuselb.HandoffError` naming the fd rather than
+        wrap that fd in a second socket object (closing either would close the
+        other's fd, or whatever file took the number next).
     :returns: ``{name: socket}``; names from ``LISTEN_FDNAMES`` (a name repeated for
         several fds is kept by the first; the others are ``"name.<fd>"``), else
         ``"fd3"``, ... A socket passed non-blocking (``NonBlocking=yes``) has
@@ -456,8 +491,9 @@ def listen_fds(*, unset_environment: bool = True) -> dict[str, socket.socket]:
         Empty when this process was not socket-activated (no ``LISTEN_PID`` or
         ``LISTEN_FDS``, or ``LISTEN_PID`` names another process).
     :raises HandoffError: a variable is malformed (the message names it and its
-        value; a repeated name whose ``"name.<fd>"`` is another fd's name counts), or
-        an fd it lists is not open or not a socket (the message names the fd).
+        value; a repeated name whose ``"name.<fd>"`` is another fd's name counts),
+        an fd it lists is not open or not a socket, or is owned by a socket an
+        earlier call returned that is still open (the message names the fd).
         Either is found before any fd is touched: no fd is adopted, closed or
         changed, and all stay the caller's. If adopting an fd fails after the
         checks, the sockets adopted so far are closed and every listed fd is left
@@ -930,12 +966,18 @@ def inherited_sockets(*, unset_environment: bool = True) -> dict[str, socket.soc
     it names (``fstat``: open, and a socket), is checked before any fd is touched;
     then all are made close-on-exec, and only then adopted.
 
-    :param unset_environment: remove the variable (default True).
+    :param unset_environment: remove the variable (default True). With False a
+        later call reads it again: while a socket an earlier call (of this
+        function or :func:`listen_fds`) returned for an fd is open, it raises
+        :class:`~reuselb.HandoffError` naming the fd rather than wrap that fd in a
+        second socket object (closing either would close the other's fd, or
+        whatever file took the number next).
     :returns: ``{name: socket}``; empty when nothing was inherited. A socket the
         parent made non-blocking has ``gettimeout()`` 0 (O_NONBLOCK is read, not
         changed: the parent shares it).
     :raises HandoffError: the variable is malformed (an fd above a C int, a name
-        or an fd given twice) or an fd is not an open socket. Either is found
+        or an fd given twice), an fd is not an open socket, or an fd is owned by a
+        socket an earlier call returned that is still open. Each is found
         before any fd is touched: no fd is adopted, closed or changed (a stray
         variable naming stdout does not make it close-on-exec). If adopting an
         fd fails after the checks, the sockets adopted so far are closed (each
