@@ -1049,6 +1049,32 @@ def test_drain_close_refuses_a_listener_outside_the_group(
         assert len(group) == 2 and all(m.fileno() != -1 for m in group)
 
 
+@pytest.mark.parametrize("migrate", [True, False])
+@pytest.mark.parametrize("kind", ["alone", "list", "other member closed", "listener twice"])
+def test_drain_close_needs_another_open_member_on_both_paths(
+    monkeypatch: pytest.MonkeyPatch, migrate: bool, kind: str
+) -> None:
+    # Before, on the migrate path: the listener was closed, its queue reset (no
+    # member to migrate to) and the result said path="migrate", no error.
+    monkeypatch.setattr(_handoff, "tcp_migrate_req", lambda: migrate)
+    with reuseport_group("127.0.0.1:0", 1 if kind in ("alone", "list") else 2) as group:
+        listener = group[0]
+        target: ReuseportGroup | list[socket.socket] = group
+        if kind == "list":
+            target = [listener]
+        elif kind == "other member closed":
+            group[1].close()  # closed by hand: it left the kernel's group
+        elif kind == "listener twice":
+            target = [listener, listener]
+        before = list(group._members)
+        with pytest.raises(InvalidArgument) as info:
+            drain_close(listener, group=target)
+        assert "has no open member besides listener to take its connections" in str(info.value)
+        assert listener.fileno() != -1
+        assert group._members == before
+        assert _no_program(listener)
+
+
 def test_drain_close_refuses_a_socket_that_is_not_listening() -> None:
     with udp_socket() as udp, reuseport_group("127.0.0.1:0", 2) as group:
         with pytest.raises(WrongSocketType, match="expected a listening TCP socket"):

@@ -137,6 +137,50 @@ def test_drain_close_with_migration() -> None:
     print("\ndrain_close (tcp_migrate_req=1): 20 queued connections migrated, 0 reset")
 
 
+_MIGRATE_ALONE_CHILD = """
+import json
+from reuselb import InvalidArgument, connect_tcp, drain_close, reuseport_group
+with open("/proc/sys/net/ipv4/tcp_migrate_req", "w") as f:
+    f.write("1")  # this network namespace only
+out = {}
+with reuseport_group("127.0.0.1:0", 1) as group:
+    listener = group[0]
+    clients = [connect_tcp(("127.0.0.1", group.port), timeout=30) for _ in range(5)]
+    try:
+        out["path"] = drain_close(listener, group=group).path
+    except InvalidArgument as exc:
+        out["error"] = str(exc)
+    out["open"] = listener.fileno() != -1
+    if out["open"]:
+        listener.settimeout(10)
+        for _ in clients:  # still queued, not reset: the listener was not closed
+            conn = listener.accept()[0]
+            conn.sendall(b"ok")
+            conn.close()
+    replies = []
+    for c in clients:
+        c.settimeout(30)
+        try:
+            replies.append(c.recv(2).decode())
+        except ConnectionResetError:
+            replies.append("reset")
+        c.close()
+out["replies"] = replies
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.root
+def test_drain_close_with_migration_refuses_a_group_of_one() -> None:
+    # Before: the only member closed, its 5 queued connections reset (there is no
+    # member to migrate them to), and drain_close reported path="migrate".
+    result = run_in_netns(_MIGRATE_ALONE_CHILD)
+    assert result["replies"] == ["ok"] * 5
+    assert "path" not in result
+    assert "has no open member besides listener" in result["error"]
+    assert result["open"] is True
+
+
 def test_drain_close_needs_a_group_without_migration(no_migration: None) -> None:
     with reuseport_group("127.0.0.1:0", 2) as group:
         with pytest.raises(InvalidArgument, match="needs the group"):

@@ -690,6 +690,27 @@ def _restore(
     return None
 
 
+def _has_another_member(
+    listener: socket.socket,
+    group: Iterable[socket.socket],
+    members: list[socket.socket],
+    index: int,
+) -> bool:
+    """Whether *group* has a member besides *listener* that is still open.
+
+    A member taken from a :class:`ReuseportGroup` counts: it is in the kernel's
+    group for as long as anyone holds it, maybe another process, so closing it
+    here proves nothing. A held member closed here has left the group.
+    """
+    if isinstance(group, ReuseportGroup):
+        return any(
+            i != index and (m is None or m.fileno() != -1) for i, m in enumerate(group._members)
+        )
+    # A plain sequence (read once: it may be an iterator): every member in it was
+    # checked open by _drain_members.
+    return any(m is not listener for m in members)
+
+
 def _drain_members(
     listener: socket.socket, group: Iterable[socket.socket]
 ) -> tuple[list[socket.socket], int, socket.socket | None]:
@@ -762,7 +783,10 @@ def drain_close(
         the kernel's group, and *listener* may be one of them (drain a taken
         member with its group to keep the group in step; closing it any other
         way leaves the group's indexes stale). Optional with ``tcp_migrate_req=1``
-        unless *restore* is given.
+        unless *restore* is given; pass it anyway, since only with it can
+        drain_close check that another member will take the connections (the
+        kernel migrates them only to a member of the same group, and resets them
+        when there is none).
     :param grace: seconds the queue must stay empty before closing (steer path),
         ``0`` to ``1e9``.
     :param timeout: stop waiting for the queue to go quiet after this many seconds
@@ -782,9 +806,11 @@ def drain_close(
         given without *group*, *group* is neither a
         :class:`~reuselb.ReuseportGroup` nor a sequence of sockets (one socket is
         not a group), a :class:`~reuselb.ReuseportGroup` that is closed, *listener*
-        is not a member of *group*, or (steer path) there
-        is no *group*, no other member in it, or no other member the
-        :class:`~reuselb.ReuseportGroup` still holds to detach the program through.
+        is not a member of *group*, *group* has no open member besides *listener*
+        (on both paths: closing it would reset its queue; a member taken from a
+        :class:`~reuselb.ReuseportGroup` counts), or (steer path) there is no
+        *group*, or no other member the :class:`~reuselb.ReuseportGroup` still
+        holds to detach the program through.
     :raises SocketClosed: *listener* or a member of a plain *group* is closed.
     :raises WrongSocketType: *listener* is not a listening TCP socket.
     :raises SteeringError: the kernel refused the steering program (nothing was
@@ -810,6 +836,16 @@ def drain_close(
     other: socket.socket | None = None
     if group is not None:
         members, index, other = _drain_members(listener, group)
+        # On both paths: the kernel migrates to, or the program steers to, another
+        # member; with none, closing *listener* resets its queue, and the migrate
+        # path would report that as a success.
+        if not _has_another_member(listener, group, members, index):
+            raise InvalidArgument(
+                "group",
+                group,
+                "has no open member besides listener to take its connections "
+                "(closing it would reset them)",
+            )
     if tcp_migrate_req():
         listener.close()
         if isinstance(group, ReuseportGroup):
@@ -824,8 +860,6 @@ def drain_close(
             None,
             "without net.ipv4.tcp_migrate_req=1, drain_close needs the group to steer SYNs away",
         )
-    if len(members) < 2:
-        raise InvalidArgument("group", group, "has no other member to steer connections to")
     if other is None:
         # The program must be detached after the listener closes (before, new SYNs
         # could still hash to it and be reset), through a member that stays open.
