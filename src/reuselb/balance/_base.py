@@ -300,12 +300,15 @@ class KeyHasher:
 class _Slot:
     """A node's mutable record inside one policy (lease count, current snapshot)."""
 
-    __slots__ = ("active", "attached", "name_addr", "node")
+    __slots__ = ("active", "attached", "live", "name_addr", "node")
 
     def __init__(self, node: Node) -> None:
         self.node = node
         self.active = 0
         self.attached = True
+        #: ``node.live`` as of the last ``_changed`` (a plain attribute: acquire and
+        #: release read it on every lease, where the property cost ~0.15 us each).
+        self.live = node.live
         #: the other address the node's name spells, if any (see ``_add_locked``).
         self.name_addr: Address | None = None
 
@@ -525,7 +528,7 @@ class BalancePolicy(abc.ABC):
             slot = self._slots[node.address]
             slot.active += 1
             self._total_active += 1
-            if slot.node.live:
+            if slot.live:
                 self._live_active += 1
             # The Lease reads slot.node: built under the lock, it is the node just
             # picked (live), not what a drain/mark_down/set_weight racing in right
@@ -541,7 +544,7 @@ class BalancePolicy(abc.ABC):
             slot.active -= 1
             if slot.attached:
                 self._total_active -= 1
-                if slot.node.live:
+                if slot.live:
                     self._live_active -= 1
 
     def _key(self, key: object) -> bytes | None:
@@ -767,7 +770,8 @@ class BalancePolicy(abc.ABC):
         live = []
         live_active = 0
         for s in self._slots.values():
-            if s.node.live:
+            s.live = is_live = s.node.live
+            if is_live:
                 live.append(s.node)
                 live_active += s.active
         self._live = tuple(live)
