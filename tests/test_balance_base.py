@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import pickle
 import random
+import re
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -27,6 +28,7 @@ from reuselb.balance import (
     LeastConn,
     MaglevHash,
     Node,
+    NodeState,
     RendezvousHash,
     RingHash,
     RoundRobin,
@@ -402,3 +404,32 @@ def test_smooth_wrr_cycle_still_takes_any_iterable_of_nodes() -> None:
     a, b, z = Node("10.0.0.1:80", weight=2), Node("10.0.0.2:80"), Node("10.0.0.3:80", weight=0)
     assert smooth_wrr_cycle(iter([a, z, b])) == [a, b, a]
     assert smooth_wrr_cycle(()) == smooth_wrr_cycle([z]) == []
+
+
+def test_node_copies_are_the_node_and_pickles_round_trip() -> None:
+    node = Node("[::1]:80", name="a", weight=3, state=NodeState.DRAINING)
+    assert copy.copy(node) is node
+    assert copy.deepcopy({"n": node})["n"] is node
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        back = pickle.loads(pickle.dumps(node, protocol))
+        assert back == node
+        assert (back.name, back.weight, back.state) == ("a", 3, NodeState.DRAINING)
+
+
+@pytest.mark.parametrize(
+    ("name", "where"),
+    [
+        ("\x00rendezvous:rot:0:0", "U+0000 at index 0"),
+        ("a\nb", "U+000A at index 1"),
+        ("x\x7f", "U+007F at index 1"),
+        ("x\x85", "U+0085 at index 1"),
+    ],
+)
+def test_node_name_with_a_control_character_is_refused_naming_it(name: str, where: str) -> None:
+    with pytest.raises(InvalidArgument, match=re.escape(where)) as info:
+        Node("127.0.0.1:80", name=name)
+    assert repr(name) in str(info.value)
+
+
+def test_node_name_may_hold_other_unicode() -> None:
+    assert Node("127.0.0.1:80", name="caf\u00e9\u00a0\u200d").name == "caf\u00e9\u00a0\u200d"

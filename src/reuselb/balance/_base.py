@@ -26,6 +26,7 @@ import abc
 import enum
 import hashlib
 import math
+import re
 import threading
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -77,6 +78,10 @@ MAX_WEIGHT = 1000
 MAX_TABLE_SIZE = 2**24
 
 
+# Unicode category Cc: C0 controls, DEL and C1 controls.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
 class NodeState(enum.Enum):
     """Health of a node as the policy sees it."""
 
@@ -101,7 +106,8 @@ class Node:
     :param state: :class:`NodeState`.
     :raises AddressError: the address is malformed.
     :raises InvalidArgument: the weight is not an int in ``0..MAX_WEIGHT``, the name
-        is not a non-empty str, or the state is not a :class:`NodeState`.
+        is not a non-empty str, contains a control character (Unicode category Cc)
+        or has no UTF-8 form, or the state is not a :class:`NodeState`.
     """
 
     __slots__ = ("address", "name", "state", "weight")
@@ -131,6 +137,16 @@ class Node:
                 raise InvalidArgument(
                     "name", name, f"has no UTF-8 form (a lone surrogate at index {exc.start})"
                 ) from None
+            bad = _CONTROL.search(name)
+            if bad is not None:
+                # A control character garbles logs, and a leading NUL would let a
+                # name spell the labels of the rendezvous table's own hash streams.
+                raise InvalidArgument(
+                    "name",
+                    name,
+                    f"contains the control character U+{ord(bad.group()):04X} "
+                    f"at index {bad.start()}",
+                )
         object.__setattr__(self, "name", name)
         object.__setattr__(self, "weight", check_weight(weight))
         if not isinstance(state, NodeState):
@@ -139,6 +155,17 @@ class Node:
 
     def __setattr__(self, attr: str, value: object) -> None:
         raise AttributeError(f"Node is immutable; cannot set {attr!r}")
+
+    # Immutable, so a copy is the node itself; pickling (multiprocessing, caches)
+    # rebuilds it through the constructor, which __setattr__ would otherwise refuse.
+    def __copy__(self) -> Node:
+        return self
+
+    def __deepcopy__(self, memo: object) -> Node:
+        return self
+
+    def __reduce__(self) -> tuple[Callable[..., Node], tuple[object, ...]]:
+        return _restore_node, (self.address, self.name, self.weight, self.state)
 
     @property
     def hash_id(self) -> str:
@@ -179,6 +206,10 @@ class Node:
 
     def __str__(self) -> str:
         return self.hash_id
+
+
+def _restore_node(address: Address, name: str | None, weight: int, state: NodeState) -> Node:
+    return Node(address, name=name, weight=weight, state=state)
 
 
 #: What the constructors and ``add`` accept as a node.
