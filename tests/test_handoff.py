@@ -1075,6 +1075,37 @@ def test_drain_close_needs_another_open_member_on_both_paths(
         assert _no_program(listener)
 
 
+@pytest.mark.parametrize("migrate", [False, True])
+@pytest.mark.parametrize("odd", ["holder", "other port", "udp"])
+def test_drain_close_refuses_a_member_outside_the_listeners_group(
+    monkeypatch: pytest.MonkeyPatch, migrate: bool, odd: str
+) -> None:
+    from reuselb import hold_port, reuseport_udp
+
+    # Before: a hold_port() socket first in the list took the steering program
+    # into a group of its own; SYNs kept reaching the listener until the timeout.
+    monkeypatch.setattr(_handoff, "tcp_migrate_req", lambda: migrate)
+    with reuseport_group("127.0.0.1:0", 2) as group:
+        listener, rest = group[0], group[1]
+        port = group.port
+        if odd == "holder":
+            outsider = hold_port(f"127.0.0.1:{port}")
+            needle = "is not listening"
+        elif odd == "other port":
+            outsider = reuseport_listener("127.0.0.1:0")
+            needle = f"is TCP on {socket_info(outsider).address} but listener is TCP on "
+        else:
+            outsider = reuseport_udp(f"127.0.0.1:{port}")
+            needle = f"is UDP on 127.0.0.1:{port} but listener is TCP on 127.0.0.1:{port}"
+        with outsider:
+            with pytest.raises(InvalidArgument) as info:
+                drain_close(listener, group=[outsider, listener, rest], grace=0.05, timeout=2)
+            assert str(info.value).startswith(f"invalid group member 0 {outsider!r}: ")
+            assert needle in str(info.value)
+            assert listener.fileno() != -1
+            assert _no_program(listener)
+
+
 def test_drain_close_refuses_a_socket_that_is_not_listening() -> None:
     with udp_socket() as udp, reuseport_group("127.0.0.1:0", 2) as group:
         with pytest.raises(WrongSocketType, match="expected a listening TCP socket"):

@@ -454,6 +454,59 @@ def test_steering_refuses_what_is_not_a_group(
         steering.steer_all_to("ab", 0)  # type: ignore[arg-type]
 
 
+def test_steering_refuses_members_that_are_not_one_kernel_group(no_fd_leak: None) -> None:
+    # Before: the program was attached through members[0] whatever it was: a
+    # hold_port() socket got a group of its own and the listeners none, without
+    # an error; a socket on another port counted in the modulus.
+    with reuseport_group("127.0.0.1:0", 2) as group:
+        port = group.port
+        with reuselb.hold_port(f"127.0.0.1:{port}") as holder:
+            with pytest.raises(InvalidArgument) as info:
+                steering.steer_all_to([holder, *group], 1)
+            assert str(info.value).startswith(
+                f"invalid group member 0 {holder!r}: is not listening"
+            )
+        with reuseport_listener("127.0.0.1:0") as other:
+            with pytest.raises(InvalidArgument) as info:
+                steering.attach_hash_steering([*group, other])
+            assert f"invalid group member 2 {other!r}: is TCP on 127.0.0.1:" in str(info.value)
+            assert f"but group member 0 is TCP on 127.0.0.1:{port}" in str(info.value)
+        with (
+            reuseport_udp(f"127.0.0.1:{port}") as udp,
+            pytest.raises(InvalidArgument, match="invalid group member 1 .* is UDP on"),
+        ):
+            steering.steer_away_from([group[0], udp], 0)
+        with socket.socket() as plain:
+            plain.bind(("127.0.0.1", 0))
+            plain.listen()
+            with pytest.raises(InvalidArgument, match="lacks SO_REUSEPORT"):
+                steering.steer_all_to([plain], 0)
+        with (
+            socket.socket(socket.AF_UNIX) as unix,
+            pytest.raises(InvalidArgument, match="is not a TCP or UDP socket"),
+        ):
+            steering.steer_all_to([unix], 0)
+        # One group, its own way: a program is attached, and a UDP group's members
+        # (bound, never listening) are one group too.
+        steering.steer_all_to(list(group), 1)
+        steering.detach_steering(group[0])
+    with reuseport_group("127.0.0.1:0", 2, kind="udp") as udp_group:
+        steering.steer_away_from(udp_group, 1)
+        steering.detach_steering(udp_group[0])
+
+
+@pytest.mark.ipv6
+def test_steering_refuses_ipv6_members_of_both_v6only_settings(no_fd_leak: None) -> None:
+    # [::]:port with V6ONLY on and off: both bind, each in a group of its own.
+    with reuseport_listener("[::]:0") as v6only:
+        port = v6only.getsockname()[1]
+        with reuseport_listener(f"[::]:{port}", dualstack=True) as dual:
+            with pytest.raises(InvalidArgument) as info:
+                steering.steer_all_to([v6only, dual], 0)
+            assert "(dual-stack) but group member 0 is TCP on [::]:" in str(info.value)
+            assert "(IPv6-only)" in str(info.value)
+
+
 @pytest.mark.parametrize(
     ("count", "kind", "needle"),
     [

@@ -32,6 +32,7 @@ from typing import Any, cast
 
 from ._errors import HandoffError, InvalidArgument, SocketClosed, SteeringError, WrongSocketType
 from ._sockets import _C_INT_MAX, ReuseportGroup, check_flag, check_open, check_seconds
+from ._steering import _check_one_group
 
 __all__ = [
     "DrainResult",
@@ -806,7 +807,11 @@ def drain_close(
         given without *group*, *group* is neither a
         :class:`~reuselb.ReuseportGroup` nor a sequence of sockets (one socket is
         not a group), a :class:`~reuselb.ReuseportGroup` that is closed, *listener*
-        is not a member of *group*, *group* has no open member besides *listener*
+        is not a member of *group*, a member of *group* is not in the listener's
+        kernel group (not listening, as a :func:`~reuselb.hold_port` socket; not
+        TCP; without SO_REUSEPORT; or another address, ``IPV6_V6ONLY`` setting or
+        bound device: the message names the member), *group* has no open member
+        besides *listener*
         (on both paths: closing it would reset its queue; a member taken from a
         :class:`~reuselb.ReuseportGroup` counts), or (steer path) there is no
         *group*, or no other member the :class:`~reuselb.ReuseportGroup` still
@@ -836,6 +841,16 @@ def drain_close(
     other: socket.socket | None = None
     if group is not None:
         members, index, other = _drain_members(listener, group)
+        # Every member must be in the listener's kernel group: one that is not (a
+        # hold_port() socket, bound but not listening) would take the steering
+        # program into a group of its own, and SYNs would keep reaching listener.
+        # A held member closed by hand has left the group and is not compared.
+        _check_one_group(
+            [
+                ("listener", listener),
+                *((f"group member {i}", m) for i, m in enumerate(members) if m.fileno() != -1),
+            ]
+        )
         # On both paths: the kernel migrates to, or the program steers to, another
         # member; with none, closing *listener* resets its queue, and the migrate
         # path would report that as a success.

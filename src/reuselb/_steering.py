@@ -18,7 +18,9 @@ import os
 import socket
 import struct
 from collections.abc import Iterable, Sequence
+from typing import Any
 
+from ._address import parse_address
 from ._errors import InvalidArgument, SteeringError
 from ._sockets import _C_INT_MAX, ReuseportGroup, check_flag, check_open
 
@@ -36,6 +38,10 @@ __all__ = [
 SO_ATTACH_REUSEPORT_CBPF = 51
 SO_DETACH_REUSEPORT_BPF = 68
 SO_INCOMING_CPU = getattr(socket, "SO_INCOMING_CPU", 49)
+_SO_ACCEPTCONN = getattr(socket, "SO_ACCEPTCONN", 30)
+_SO_REUSEPORT = getattr(socket, "SO_REUSEPORT", 15)
+_SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
+_IFNAMSIZ = 16
 _SKF_AD_OFF = -0x1000
 _SKF_AD_CPU = 36
 _SKF_AD_RANDOM = 56
@@ -71,6 +77,86 @@ def _attach(sock: socket.socket, program: Sequence[Insn]) -> None:
         raise SteeringError(f"attaching the reuseport program failed: {exc}") from exc
 
 
+_GroupKey = tuple[int, int, tuple[Any, ...], bool, bytes]
+
+
+def _group_key(sock: socket.socket, name: str) -> _GroupKey:
+    """What the kernel compares to put *sock* in a reuseport group.
+
+    ``(family, type, address, IPV6_V6ONLY, bound device)``: sockets that differ in
+    any of them are in different groups, even on one port (the kernel's
+    reuseport_add_sock callers in inet_hashtables.c and udp.c; they also compare
+    the user id, which bind() already enforces). A TCP socket joins a group only
+    when it listens: a bound one, such as :func:`~reuselb.hold_port`'s, gets a
+    group of its own if a program is attached through it. Five syscalls at most.
+
+    :raises InvalidArgument: *sock* is in no group it could share: not TCP or UDP,
+        without SO_REUSEPORT, a TCP socket not listening, or not bound.
+    """
+    family, kind = sock.family, sock.type
+    if family not in (socket.AF_INET, socket.AF_INET6) or kind not in (
+        socket.SOCK_STREAM,
+        socket.SOCK_DGRAM,
+    ):
+        raise InvalidArgument(name, sock, "is not a TCP or UDP socket: it is in no reuseport group")
+    if not sock.getsockopt(socket.SOL_SOCKET, _SO_REUSEPORT):
+        raise InvalidArgument(name, sock, "lacks SO_REUSEPORT: it is in no reuseport group")
+    if kind == socket.SOCK_STREAM and not sock.getsockopt(socket.SOL_SOCKET, _SO_ACCEPTCONN):
+        raise InvalidArgument(
+            name,
+            sock,
+            "is not listening: a TCP socket joins its port's reuseport group only when "
+            "it listens (a hold_port() socket never does)",
+        )
+    address = sock.getsockname()
+    if address[1] == 0:
+        raise InvalidArgument(name, sock, "is not bound to a port: it is in no reuseport group")
+    v6only = family == socket.AF_INET6 and bool(
+        sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+    )
+    device = sock.getsockopt(socket.SOL_SOCKET, _SO_BINDTODEVICE, _IFNAMSIZ).rstrip(b"\0")
+    return family, kind, tuple(address), v6only, device
+
+
+def _describe_key(key: _GroupKey) -> str:
+    family, kind, address, v6only, device = key
+    text = f"{'TCP' if kind == socket.SOCK_STREAM else 'UDP'} on {parse_address(address)}"
+    if family == socket.AF_INET6:
+        text += " (IPv6-only)" if v6only else " (dual-stack)"
+    if device:
+        text += f" bound to device {device.decode(errors='replace')}"
+    return text
+
+
+def _check_one_group(named: Sequence[tuple[str, socket.socket]]) -> None:
+    """Refuse members that cannot all be in the first one's kernel reuseport group.
+
+    A program is attached through one member and governs that member's group,
+    and its indexes and modulus count the members given: an odd member (a
+    hold_port() socket, a socket on another address) would make it steer a
+    different group than the caller's, with no error from the kernel.
+
+    :param named: ``(name for errors, socket)`` pairs, the reference first; all open.
+    :raises InvalidArgument: a member can be in no group, or in another group than
+        the first (the message names both).
+    """
+    ref_name, ref = named[0]
+    want = _group_key(ref, ref_name)
+    seen = {id(ref)}
+    for name, sock in named[1:]:
+        if id(sock) in seen:  # a member listed twice (a stand-in for a taken one)
+            continue
+        seen.add(id(sock))
+        got = _group_key(sock, name)
+        if got != want:
+            raise InvalidArgument(
+                name,
+                sock,
+                f"is {_describe_key(got)} but {ref_name} is {_describe_key(want)}: "
+                "they are not in one kernel reuseport group",
+            )
+
+
 def _members(group: Iterable[socket.socket]) -> tuple[int, socket.socket]:
     """``(the group's size in the kernel, a member to attach the program through)``."""
     if isinstance(group, ReuseportGroup):
@@ -86,7 +172,17 @@ def _members(group: Iterable[socket.socket]) -> tuple[int, socket.socket]:
             raise InvalidArgument(
                 "group", group, "holds no member to attach through (all were taken)"
             )
-        return size, check_open(via, "group member")
+        check_open(via, "group member")
+        # The members it holds (a taken one may be in another process by now); one
+        # closed by hand has left the kernel's group and is not compared.
+        _check_one_group(
+            [
+                (f"group member {i}", m)
+                for i, m in enumerate(group._members)
+                if m is not None and (m is via or m.fileno() != -1)
+            ]
+        )
+        return size, via
     # Checked, not left to iter(): one socket, None or an int would otherwise end
     # in a bare TypeError ("'socket' object is not iterable") that names nothing.
     # A single socket is refused even though only the first member is attached
@@ -106,6 +202,7 @@ def _members(group: Iterable[socket.socket]) -> tuple[int, socket.socket]:
     members = [check_open(s, "group member") for s in items]
     if not members:
         raise InvalidArgument("group", group, "has no members")
+    _check_one_group([(f"group member {i}", m) for i, m in enumerate(members)])
     return len(members), members[0]
 
 
@@ -126,8 +223,12 @@ def attach_cpu_steering(group: Iterable[socket.socket], *, strict: bool = True) 
         False, CPUs beyond the group fall back to the kernel's hash.
     :raises InvalidArgument: *group* is not a group or a sequence of sockets (one
         socket is not a group), the group is empty, closed or has every member
-        taken, or, with *strict*, its size differs from the CPU count; *strict* is
-        not a bool.
+        taken, a member is not in the first one's kernel group (see below), or,
+        with *strict*, its size differs from the CPU count; *strict* is not a bool.
+        A member must be a listening TCP or a bound UDP socket with SO_REUSEPORT,
+        of the first member's family, type, address, ``IPV6_V6ONLY`` setting and
+        bound device (the kernel's rules for one group; the message names the
+        member). This holds for every steering function.
     :raises SteeringError: the kernel refused the program.
     :raises SocketClosed: a member is closed.
     :raises WrongSocketType: a member is not a socket object.
@@ -149,7 +250,8 @@ def steer_all_to(group: Iterable[socket.socket], index: int) -> None:
 
     :raises InvalidArgument: *group* is not a group or a non-empty sequence of
         sockets (one socket is not a group), a group that is closed or has every
-        member taken, or *index* is not a member's index.
+        member taken, a member not in the first one's kernel group (as for
+        :func:`attach_cpu_steering`), or *index* is not a member's index.
     :raises SteeringError: the kernel refused the program.
     :raises SocketClosed: a member is closed.
     :raises WrongSocketType: a member is not a socket object.
@@ -167,7 +269,8 @@ def steer_away_from(group: Iterable[socket.socket], index: int) -> None:
 
     :raises InvalidArgument: *group* is not a group or a sequence of sockets (one
         socket is not a group), it has fewer than 2 members, is closed or has every
-        member taken, or *index* is out of range.
+        member taken, a member is not in the first one's kernel group (as for
+        :func:`attach_cpu_steering`), or *index* is out of range.
     :raises SteeringError: the kernel refused the program.
     :raises SocketClosed: a member is closed.
     :raises WrongSocketType: a member is not a socket object.
@@ -223,8 +326,9 @@ def attach_hash_steering(group: Iterable[socket.socket]) -> None:
     :func:`hash_steering_index`, so a flow's member can be computed outside the kernel.
 
     :raises InvalidArgument: *group* is not a group or a sequence of sockets (one
-        socket is not a group), or it is empty, closed, has every member taken or
-        is not IPv4.
+        socket is not a group), or it is empty, closed, has every member taken,
+        has a member not in the first one's kernel group (as for
+        :func:`attach_cpu_steering`) or is not IPv4.
     :raises SteeringError: the kernel refused the program.
     :raises SocketClosed: a member is closed.
     :raises WrongSocketType: a member is not a socket object.
