@@ -1637,6 +1637,112 @@ def test_socket_like_objects_are_checked(listener: socket.socket) -> None:
         b.close()
 
 
+class _Rejects(Wrapped):
+    """A PROXY-protocol-like wrapper that raises *exc* (not an OSError) on bytes
+    starting with b"!" (a header it refuses)."""
+
+    def __init__(self, sock: socket.socket, exc: BaseException) -> None:
+        super().__init__(sock)
+        self.exc = exc
+
+    def recv_into(self, buffer: memoryview, /) -> int:
+        n = self._sock.recv_into(buffer)
+        if n and buffer[0] == ord("!"):
+            raise self.exc
+        return n
+
+
+def test_a_socket_like_raising_in_the_blocking_form_ends_the_relay(
+    listener: socket.socket,
+) -> None:
+    client, a = tcp_pair(listener)
+    b, backend = tcp_pair(listener)
+    try:
+        client.sendall(b"!bad header")
+        with pytest.raises(ValueError, match="bad header"):
+            pipe_splice(_Rejects(a, ValueError("bad header")), b)
+        assert a.fileno() == b.fileno() == -1
+        # Neither stream reached its EOF: both peers are reset, as after a cancel.
+        assert (_how_it_ends(client), _how_it_ends(backend)) == ("reset", "reset")
+    finally:
+        for s in (client, a, b, backend):
+            s.close()
+
+
+@pytest.mark.parametrize("api", ["coroutine", "start"])
+@pytest.mark.parametrize("kind", ["exception", "system-exit"])
+def test_a_socket_like_raising_ends_its_relay_and_spares_the_others(
+    listener: socket.socket, on_loop: _Loop, api: str, kind: str
+) -> None:
+    # A wrapper raising a non-OSError used to escape the hub's dispatch: the relay
+    # hung, never ended, and the other events of the same epoll batch were lost
+    # (edge-triggered: they never came again), hanging unrelated relays too.
+    # An Exception now ends that relay and is raised by its await; SystemExit and
+    # KeyboardInterrupt still leave the loop, after ending that relay as a cancel.
+    client, a = tcp_pair(listener)
+    b, backend = tcp_pair(listener)
+    client2, a2 = tcp_pair(listener)
+    b2, backend2 = tcp_pair(listener)
+    exc: BaseException = ValueError("bad header") if kind == "exception" else SystemExit(3)
+    handled: list[object] = []
+    loop = on_loop.new()
+    loop.set_exception_handler(lambda _loop, ctx: handled.append(ctx.get("exception")))
+
+    async def start() -> tuple[asyncio.Future[RelayStats], asyncio.Future[RelayStats]]:
+        def one(x: Any, y: socket.socket) -> asyncio.Future[RelayStats]:
+            if api == "coroutine":
+                return asyncio.ensure_future(async_pipe_splice(x, y))
+            return start_pipe_splice(x, y)
+
+        return one(_Rejects(a, exc), b), one(a2, b2)
+
+    def both_at_once() -> None:
+        # In one callback, so that both relays' events are in the hub's next batch
+        # (the refused one first).
+        client.sendall(b"!bad header")
+        client2.sendall(b"hello")
+        for _ in range(100):  # bounded: each select waits for a readiness change
+            if len(select.select([a, a2], [], [], JOIN)[0]) == 2:
+                return
+        raise AssertionError("the bytes never arrived")
+
+    async def bounded(fut: asyncio.Future[Any]) -> Any:
+        return await asyncio.wait_for(asyncio.shield(fut), 10)
+
+    try:
+        relay, relay2 = loop.run_until_complete(start())
+        loop.run_until_complete(asyncio.sleep(0))  # the coroutines start
+        loop.call_soon(both_at_once)
+        backend2.setblocking(False)
+        if kind == "exception":
+            with pytest.raises(ValueError, match="bad header"):
+                loop.run_until_complete(bounded(relay))
+        else:
+            with pytest.raises(SystemExit):
+                loop.run_until_complete(bounded(relay))
+            # Out of the loop, and the relay that raised it is ended as cancelled.
+            loop.run_until_complete(asyncio.wait([relay], timeout=10))
+            assert relay.cancelled()
+        assert a.fileno() == b.fileno() == -1
+        assert handled == [], "nothing left for the loop's exception handler"
+        # The other relay of the batch got its event.
+        got = loop.run_until_complete(asyncio.wait_for(loop.sock_recv(backend2, 100), 10))
+        assert got == b"hello"
+        client2.shutdown(socket.SHUT_WR)
+        backend2.shutdown(socket.SHUT_WR)
+        stats = loop.run_until_complete(bounded(relay2))
+        assert (stats.a_to_b, stats.a_end, stats.b_end) == (5, End.EOF, End.EOF)
+        assert (_how_it_ends(client), _how_it_ends(backend)) == ("reset", "reset")
+    finally:
+        with contextlib.suppress(BaseException):
+            for fut in (relay, relay2):
+                fut.cancel()
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+        for s in (client, a, b, backend, client2, a2, b2, backend2):
+            s.close()
+
+
 def test_thousand_relays_back_to_back_leak_nothing(listener: socket.socket) -> None:
     threads_before = threading.active_count()
     fds_before = open_fds()

@@ -35,7 +35,7 @@ import termios
 import threading
 import time
 import weakref
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeAlias
 
@@ -1196,6 +1196,8 @@ def pipe_splice(
         too, e.g. ``b = a.dup()``), or a bad option.
     :raises OSError: making a side non-blocking or setting ``TCP_NODELAY`` failed
         (the sockets are given back as they were), or ``poll`` failed.
+    :raises Exception: what a :class:`SocketLike` side's method raised that is not
+        an :class:`OSError` (the relay is ended first, as described below).
 
     An exception raised while it waits (``KeyboardInterrupt``, or any exception from
     a signal handler) ends the relay as cancelling :func:`async_pipe_splice` does
@@ -1358,6 +1360,8 @@ async def async_pipe_splice(
         bad option, or a socket is already in another running relay of this loop.
     :raises OSError: the loop's epoll instance could not be created (e.g. ``EMFILE``),
         or making a side non-blocking or setting ``TCP_NODELAY`` failed.
+    :raises Exception: what a :class:`SocketLike` side's method raised that is not
+        an :class:`OSError`; the relay was ended first (as :func:`pipe_splice` does).
 
     Whatever fails before the relay runs gives both sockets back as they were
     (blocking mode, ``TCP_NODELAY``), whatever *close* says.
@@ -1384,7 +1388,9 @@ def start_pipe_splice(
     cancelling :func:`async_pipe_splice` does (pipes closed; sockets closed with
     ``close=True``). A relay still running when the loop shuts down
     (``asyncio.run``, ``uvloop.run``, ``loop.shutdown_asyncgens()``) ends the same
-    way. Must be called from the loop's thread.
+    way. Must be called from the loop's thread. What a :class:`SocketLike` side's
+    method raises that is not an :class:`OSError` ends the relay and is set on the
+    future.
 
     :param a: a connected stream socket.
     :param b: a connected stream socket (its non-blocking connect may be in flight).
@@ -1471,17 +1477,26 @@ async def _run_async_selector(relay: _Relay) -> RelayStats:
         try:
             if not flow.shut:
                 relay.pump(flow)
+            # relay.hold_changes moves when this pump half-closed the *other*
+            # direction (a TLS side's deferred close_notify), which may have ended
+            # the relay, or when a half-close was held back (OpenSSL kept a
+            # close_notify, a FIN waits for the connect) or finally went out.
+            if flow.shut or (flow.wants_read, flow.pending > 0, relay.hold_changes) != before:
+                settle()
         except _Failure as failure:
             relay.fail(failure)
             if not finished.done():
                 finished.set_result(None)
-            return
-        # relay.hold_changes moves when this pump half-closed the *other* direction
-        # (a TLS side's deferred close_notify), which may have ended the relay, or
-        # when a half-close was held back (OpenSSL kept a close_notify, a FIN waits
-        # for the connect) or finally went out.
-        if flow.shut or (flow.wants_read, flow.pending > 0, relay.hold_changes) != before:
-            settle()
+        except Exception as exc:
+            # Not a socket error (a SocketLike method raising ValueError...): the
+            # coroutine raises it once the relay is ended, as pipe_splice does.
+            if not finished.done():
+                finished.set_exception(exc)
+        except BaseException:
+            # KeyboardInterrupt, SystemExit: out to the loop, as asyncio lets them
+            # out of callbacks; the relay ends as if cancelled.
+            finished.cancel()
+            raise
 
     def on_timer() -> None:
         nonlocal timer
@@ -1574,10 +1589,28 @@ class _Hub:
 
     def dispatch(self) -> None:
         owners = self.owners
-        for fd, ev in self.ep.poll(0):
+        events = iter(self.ep.poll(0))
+        for fd, ev in events:
             driven = owners.get(fd)
             if driven is not None:
-                driven.event(fd, ev)
+                try:
+                    driven.event(fd, ev)
+                except BaseException:
+                    # event() ends its own relay on any exception; one that still
+                    # escapes (KeyboardInterrupt, a wrapper's close() failing) goes
+                    # to the loop, but the rest of this batch belongs to other
+                    # relays, and an edge-triggered event not delivered never comes
+                    # back: re-arm their fds (EPOLL_CTL_MOD re-polls, so what is
+                    # ready is reported again at the hub's next wakeup).
+                    self.repoll(events)
+                    raise
+
+    def repoll(self, events: Iterator[tuple[int, int]]) -> None:
+        for fd, _ev in events:
+            driven = self.owners.get(fd)
+            if driven is not None:
+                with contextlib.suppress(OSError, ValueError, KeyError):
+                    self.ep.modify(fd, driven.masks[fd])
 
     def watch(self, fd: int, driven: _Driven) -> None:
         if fd in self.owners:
@@ -1746,26 +1779,24 @@ class _Driven:
         relay = self.relay
         f0, f1 = relay.flows
         reader, writer = (f0, f1) if f0.src_fd == fd else (f1, f0)
-        if not ev & ~_ARM_IN and reader.mode == _SMALL and not (reader.pending or reader.eof):
-            # Bytes (and perhaps the FIN) of short messages, the events of
-            # keep-alive traffic and of connection churn: only *reader* can change,
-            # and when its message went out in full it waits for exactly what it
-            # waited for before, so there is nothing to compare or re-arm.
-            try:
-                relay.pump(reader, ev != _EPOLLIN)
-            except _Failure as failure:
-                relay.fail(failure)
-                self.end()
-                return
-            if f0.shut and f1.shut:
-                self.end()
-            elif reader.pending or reader.mode != _SMALL:
-                self.rearm()  # stalled, or a stream now: what it waits for changed
-            return
-        # What the two flows wait for; the common event (a message read and
-        # written in full) changes none of it, and then there is nothing to re-arm.
-        before = (f0.wants_read, f0.pending, f0.shut, f1.wants_read, f1.pending, f1.shut)
+        # One try for the whole event (free in CPython 3.11+ until something raises):
+        # whatever escapes a relay must end that relay, not the hub's batch (see
+        # _Hub.dispatch), and must reach whoever awaits it.
         try:
+            if not ev & ~_ARM_IN and reader.mode == _SMALL and not (reader.pending or reader.eof):
+                # Bytes (and perhaps the FIN) of short messages, the events of
+                # keep-alive traffic and of connection churn: only *reader* can
+                # change, and when its message went out in full it waits for
+                # exactly what it waited for before: nothing to compare or re-arm.
+                relay.pump(reader, ev != _EPOLLIN)
+                if f0.shut and f1.shut:
+                    self.end()
+                elif reader.pending or reader.mode != _SMALL:
+                    self.rearm()  # stalled, or a stream now: what it waits for changed
+                return
+            # What the two flows wait for; the common event (a message read and
+            # written in full) changes none of it, and then there is nothing to re-arm.
+            before = (f0.wants_read, f0.pending, f0.shut, f1.wants_read, f1.pending, f1.shut)
             if ev & _EPOLLERR:
                 # A pending error (a reset) ends the relay now, even while it is not
                 # reading that side (its pipe is full).
@@ -1776,14 +1807,37 @@ class _Driven:
             # when no bytes are pending, i.e. never in a plain stream.
             if ev & _WRITE_EVENTS and (writer.pending or writer.held) and not writer.shut:
                 relay.pump(writer)
+            if f0.shut and f1.shut:
+                self.end()
+            elif before != (f0.wants_read, f0.pending, f0.shut, f1.wants_read, f1.pending, f1.shut):
+                self.rearm()
         except _Failure as failure:
             relay.fail(failure)
             self.end()
-            return
-        if f0.shut and f1.shut:
-            self.end()
-        elif before != (f0.wants_read, f0.pending, f0.shut, f1.wants_read, f1.pending, f1.shut):
-            self.rearm()
+        except Exception as exc:
+            # Not a socket error: a bug, or a SocketLike method raising something
+            # else (a PROXY-protocol wrapper's ValueError). The relay ends as an
+            # exception out of pipe_splice's wait ends it, and the await raises it.
+            self.crash(exc)
+        except BaseException:
+            # KeyboardInterrupt, SystemExit (e.g. from a signal handler): the loop
+            # lets them out of its callbacks, and so does the relay, after ending
+            # itself (its state may be torn mid-pump) as a cancel would.
+            self.crash(None)
+            raise
+
+    def crash(self, exc: Exception | None) -> None:
+        """Something other than a socket error escaped the relay: end it (pipes freed,
+        sockets closed or restored as *close* says) and fail its future with *exc*
+        (cancel it when None)."""
+        try:
+            self.finalize()
+        finally:
+            if not self.future.done():
+                if exc is None:
+                    self.future.cancel()
+                else:
+                    self.future.set_exception(exc)
 
     def rearm(self) -> None:
         # An fd is armed (always edge-triggered) for what its relay waits for:
@@ -1811,11 +1865,14 @@ class _Driven:
     def on_timer(self) -> None:
         left = self.relay.idle_left()
         assert left is not None
-        if left <= 0:
+        if left > 0:
+            self.timer = self.hub.loop.call_later(left, self.on_timer)
+            return
+        try:
             self.relay.timeout()
             self.end()
-        else:
-            self.timer = self.hub.loop.call_later(left, self.on_timer)
+        except Exception as exc:  # a SocketLike's shutdown() or close() failing
+            self.crash(exc)
 
     def end(self) -> None:
         stats = self.finalize()
