@@ -71,10 +71,11 @@ _E_SPARSE = 8
 _SPARSE_MAX = 1 << 13
 # When at most this many buckets are still empty, they are resolved one by one.
 _TAIL_MAX = 64
-# Rotations: rot[g][k] doubles weight 2**(k-1) pools into 2**k ones, and
-# rot[g][_BITS + k] places a node's weight bit k. Node weights stop at MAX_WEIGHT
-# (1000, 10 bits); _BITS stays 48 because the rotations are read at offsets that
-# depend on it, and changing them would change every table.
+# Rotations: rot[g][k] doubles weight 2**(k-1) pools into 2**k ones (unit i of a
+# node sits at rot[g][_BITS] plus rot[g][j + 1] for each set bit j of i; see
+# _Pools._unit_blocks). Node weights stop at MAX_WEIGHT (1000, 10 bits); _BITS
+# stays 48 because the rotations are read at offsets that depend on it, and
+# changing them would change every table.
 _BITS = 48
 _MAX_WEIGHT = (1 << _BITS) - 1
 _UNITS = 2 * _BITS
@@ -218,35 +219,46 @@ class _Pools:
             self._pos[(g, e, k)] = p
         return p
 
+    def _unit_blocks(self, g: int, w: int) -> Iterator[tuple[int, int]]:
+        """``(k, c)`` per set bit *k* of *w*: the weight's units in blocks of ``2**k``.
+
+        Unit ``i`` sits at rotation ``c0 + sum(rot[g][j + 1] for each set bit j of i)``,
+        ``c0 = rot[g][_BITS]``; a weight-*w* node has units ``0 .. w-1``, so weight
+        ``w + 1`` has every unit of weight *w* and one more (its arrivals are a
+        superset, at every level). Units ``0 .. w-1`` are, for each set bit *k* of
+        *w*, the ``2**k`` units whose bits above *k* are those of *w* and whose bit
+        *k* is clear: :meth:`_doubled` ``(k)`` (units ``0 .. 2**k - 1`` relative to
+        ``c0``) rotated by ``c0`` plus ``rot[g][j + 1]`` for the set bits ``j > k``
+        of *w*. So a weight costs one rotation per set bit, as before.
+        """
+        rot = self.rot[g]
+        c = rot[_BITS]
+        w = min(w, _MAX_WEIGHT)
+        for k in range(w.bit_length() - 1, -1, -1):
+            if w >> k & 1:
+                yield k, c
+                c = (c + rot[k + 1]) % self.m
+
     def node_bits(self, g: int, e: int, w: int) -> int:
         """Arrival pool of a weight-*w* node (before its own offset).
 
         The union of *w* unit pools at distinct rotations: *w* weight-1 nodes'
         worth of arrivals, as weighted HRW wants (one unit pool of density
         ``w * 2**-e`` would overweight heavy nodes when ``2**-e`` is not small).
+        The units are nested (:meth:`_unit_blocks`): raising a weight only adds
+        arrivals, so it only moves buckets to the node, as in HRW.
         """
         p = 0
-        k = 0
-        w = min(w, _MAX_WEIGHT)
-        while w:
-            if w & 1:
-                p |= self._rotate(self._doubled(g, e, k), self.rot[g][_BITS + k])
-            w >>= 1
-            k += 1
+        for k, c in self._unit_blocks(g, w):
+            p |= self._rotate(self._doubled(g, e, k), c)
         return p
 
     def node_positions(self, g: int, e: int, w: int) -> list[int]:
         """Sorted positions of :meth:`node_bits` (sparse pools only)."""
         mask = self.m - 1
         out: set[int] = set()
-        k = 0
-        w = min(w, _MAX_WEIGHT)
-        while w:
-            if w & 1:
-                c = self.rot[g][_BITS + k]
-                out.update((x + c) & mask for x in self._doubled_positions(g, e, k))
-            w >>= 1
-            k += 1
+        for k, c in self._unit_blocks(g, w):
+            out.update((x + c) & mask for x in self._doubled_positions(g, e, k))
         return sorted(out)
 
 
@@ -462,11 +474,14 @@ class RendezvousHash(HashPolicy):
 
     Tabulated balance depends on the total weight, although weights are relative:
     at the default 2**19 buckets each of 100 equal nodes owns a bucket share off
-    its weight share by 1.2% (standard deviation) at weight 1, 1.8% at 10, 3.4% at
-    100 and 5.4% at 1000 (the busiest node of 200,000 keys: 1.06x, 1.08x, 1.12x
-    and 1.15x the mean). The noise halves with 4x the buckets (2.7% at weight 1000
+    its weight share by 1.2% (standard deviation) at weight 1, 1.9% at 10, 3.4% at
+    100 and 6.6% at 1000 (the busiest node of 200,000 keys: 1.06x, 1.05x, 1.09x
+    and 1.20x the mean). The noise halves with 4x the buckets (3.2% at weight 1000
     and 2**21). Prefer small integer weights, a larger table, ``table_size=None``
-    (exact HRW) or :class:`MaglevHash` where weights must be large.
+    (exact HRW) or :class:`MaglevHash` where weights must be large. Changing one
+    node's weight moves keys as HRW does: raising it only moves keys to that node,
+    lowering it only moves keys away from it (a weight's arrivals are nested in the
+    next weight's).
 
     :param nodes: initial nodes.
     :param table_size: buckets of the tabulated mode (a power of two from 1024 to
