@@ -1,4 +1,4 @@
-"""Hash policies: tabulated RendezvousHash weight changes."""
+"""Hash policies: tabulated RendezvousHash weight changes, libketama digest counts."""
 
 from __future__ import annotations
 
@@ -211,3 +211,112 @@ def test_rendezvous_weight_one_tables_did_not_change(
 ) -> None:
     p = RendezvousHash([addr(i) for i in range(n)], table_size=size, seed=seed)
     assert _table_digest(p) == digest
+
+
+# --------------------------------------------------------------------------- libketama digests
+
+# Reference digest counts from libketama's own expression, evaluated by a C program
+# compiled with gcc 12.2 (Debian 12, x86-64, -O2; SSE arithmetic) when the emulation
+# was written: it reads "mem total numservers" and prints
+#     float pct = (float)mem / (float)total;
+#     unsigned int ks = floorf( pct * 40.0 * (float)numservers );
+# (ketama.c, ketama_create_continuum). For equal weights the count is that of every
+# server. The same program agreed with libketama_digests on ~1.3 million vectors
+# (equal weights up to 2,000 servers, random weight sets, random 64-bit totals).
+LIBKETAMA_EQUAL = {60: 40, 61: 39, 62: 40, 122: 39, 237: 39, 244: 39, 245: 40}
+LIBKETAMA_WEIGHTED = [
+    (  # weight 23: 7 digests (in double: 8)
+        "169 153 101 183 96 41 116 174 1 125 151 142 135 45 154 23 177 144 197 62 127 89 40",
+        "58 53 35 63 33 14 40 60 0 43 52 49 46 15 53 7 61 50 68 21 44 30 13",
+    ),
+    (  # weight 374: 31 (in double: 32)
+        "124 905 562 795 272 143 765 397 380 925 230 374 35 681 459 122 773 258 682 954 396 53",
+        "10 77 48 68 23 12 65 33 32 79 19 31 2 58 39 10 66 22 58 81 33 4",
+    ),
+    (  # weight 109: 7 (in double: 8)
+        "170 597 906 156 756 109 868 667 215 895 656",
+        "12 43 66 11 55 7 63 48 15 65 48",
+    ),
+    ("1 1 1 10 12", "8 8 8 80 96"),
+    ("1 100", "0 79"),
+]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split()]
+
+
+def _servers(n: int) -> list[str]:
+    return [f"10.0.{i // 200}.{i % 200 + 1}:11211" for i in range(n)]
+
+
+def test_libketama_digests_match_libketamas_c_expression() -> None:
+    from reuselb.balance._ring import libketama_digests
+
+    for n, digests in LIBKETAMA_EQUAL.items():
+        assert libketama_digests(1, n, n) == digests, n
+        assert libketama_digests(1000, 1000 * n, n) == digests, n
+    for weights, digests in LIBKETAMA_WEIGHTED:
+        ws = _ints(weights)
+        assert [libketama_digests(w, sum(ws), len(ws)) for w in ws] == _ints(digests)
+
+
+@pytest.mark.parametrize("args", [(1, 0, 1), (2, 1, 1), (True, 1, 1), (1.0, 2, 1), (1, 1, 0)])
+@pytest.mark.parametrize("kind", ["libketama", "libmemcached"])
+def test_digest_counts_refuse_bad_arguments(kind: str, args: tuple[object, object, object]) -> None:
+    from reuselb import InvalidArgument
+    from reuselb.balance import _ring
+
+    with pytest.raises(InvalidArgument):
+        getattr(_ring, f"{kind}_digests")(*args)
+
+
+def test_ketama_points_refuses_what_is_not_a_node() -> None:
+    from reuselb import InvalidArgument
+    from reuselb.balance import ketama_points
+
+    with pytest.raises(InvalidArgument, match="must be Node objects"):
+        ketama_points([Node(addr(0)), addr(1)])  # type: ignore[list-item]
+
+
+def _spec_continuum(servers: list[str], digests: list[int]) -> list[tuple[int, str]]:
+    """libketama's continuum, transcribed from ketama.c with given digest counts."""
+    cont = []
+    for s, d in zip(servers, digests, strict=True):
+        for k in range(d):
+            md5 = hashlib.md5(f"{s}-{k}".encode()).digest()
+            cont += [(int.from_bytes(md5[4 * h : 4 * h + 4], "little"), s) for h in range(4)]
+    cont.sort()
+    return cont
+
+
+@pytest.mark.parametrize("n", [60, 61, 122, 237])
+def test_ketama_continuum_has_libketamas_point_counts(n: int) -> None:
+    """61, 122 and 237 equal servers get 39 digests (156 points) each in libketama: the
+    share 1/n is rounded to a float below it. The count was computed in double (160)."""
+    import bisect
+    from collections import Counter
+
+    from reuselb.balance import RingHash
+
+    servers = _servers(n)
+    p = RingHash(servers, ketama=True)
+    points = Counter(o.hash_id for o in p._ring[1])
+    assert set(points.values()) == {4 * LIBKETAMA_EQUAL[n]}
+    cont = _spec_continuum(servers, [LIBKETAMA_EQUAL[n]] * n)
+    pts = [c[0] for c in cont]
+    for k in (f"key:{i}" for i in range(3000)):
+        h = int.from_bytes(hashlib.md5(k.encode()).digest()[:4], "little")
+        assert str(p.pick(k)) == cont[bisect.bisect_left(pts, h) % len(cont)][1], k
+
+
+@pytest.mark.parametrize(("weights", "digests"), LIBKETAMA_WEIGHTED)
+def test_weighted_ketama_points_follow_libketama(weights: str, digests: str) -> None:
+    from collections import Counter
+
+    from reuselb.balance import ketama_points
+
+    ws = _ints(weights)
+    nodes = [Node(s, weight=w) for s, w in zip(_servers(len(ws)), ws, strict=True)]
+    counts = Counter(hid for _, hid, _ in ketama_points(nodes))
+    assert [counts[n.hash_id] for n in nodes] == [4 * d for d in _ints(digests)]

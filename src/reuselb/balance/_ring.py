@@ -17,12 +17,15 @@ continuum; ``ketama="libmemcached"`` reproduces libmemcached's weighted ketama
 * a key's point is the first 4 bytes of MD5(key) read little-endian, and it maps
   to the first ring point ``>=`` it, wrapping to the first point.
 
-They differ in ``D`` only. libketama: ``floor(weight / total_weight * 40 * servers
-+ 1e-10)`` computed in double precision (160 points per server with equal weights).
-libmemcached computes it in single precision (``float``; see
-:func:`libmemcached_digests`), which rounds some shares down by one digest: 39
-digests (156 points) per server for 25 or more equal-weight servers. The seed and
-secret options do not exist in ketama mode (they would break compatibility).
+They differ in ``D`` only (both round the share in single precision, ``float``).
+libketama (:func:`libketama_digests`): ``floorf(pct * 40.0 * (float)servers)`` with
+``float pct = (float)weight / (float)total_weight``: 160 points per server with
+equal weights, except 156 (39 digests) for some server counts (61, 122, 237, 244,
+474, 488 below 500), where ``pct`` rounds down. libmemcached
+(:func:`libmemcached_digests`) rounds every step to ``float``, which drops more
+shares by one digest: 39 digests (156 points) per server for 25 or more
+equal-weight servers. The seed and secret options do not exist in ketama mode
+(they would break compatibility).
 """
 
 from __future__ import annotations
@@ -40,7 +43,14 @@ from zlib import crc32 as _crc32
 from .._errors import InvalidArgument
 from ._base import HashPolicy, Key, Node, NodeLike
 
-__all__ = ["KETAMA_MODES", "MAX_VNODES", "RingHash", "ketama_points", "libmemcached_digests"]
+__all__ = [
+    "KETAMA_MODES",
+    "MAX_VNODES",
+    "RingHash",
+    "ketama_points",
+    "libketama_digests",
+    "libmemcached_digests",
+]
 
 #: The most points per weight unit: with MAX_WEIGHT (1000) a node then has at most
 #: a million points, so a rebuild stays bounded (seconds, not hours).
@@ -54,11 +64,53 @@ _ARCS = 1 << (32 - _ARC_SHIFT)
 KETAMA_MODES = (True, "libketama", "libmemcached")
 
 _F32 = struct.Struct("<f")
+_ULONG_MAX = (1 << 64) - 1
+_UINT_MAX = (1 << 32) - 1
 
 
 def _f32(x: float) -> float:
     """*x* rounded to the nearest IEEE single (C's ``(float)x``)."""
     return float(_F32.unpack(_F32.pack(x))[0])
+
+
+def _check_counts(weight: int, total: int, servers: int) -> None:
+    for name, value, low, high in (
+        ("total", total, 1, _ULONG_MAX),
+        ("weight", weight, 0, total),
+        ("servers", servers, 1, _UINT_MAX),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise InvalidArgument(name, value, f"must be an int in {low}..{high}")
+
+
+def libketama_digests(weight: int, total: int, servers: int) -> int:
+    """MD5 digests (4 points each) libketama gives one server.
+
+    libketama (``ketama.c``, ``ketama_create_continuum``) computes, in C::
+
+        float pct = (float)slist[i].memory / (float)totalmemory;
+        unsigned int ks = floorf( pct * 40.0 * (float)numservers );
+
+    ``pct`` is rounded to single precision; ``40.0`` is a double, so the product
+    is computed in double (exactly: a 24-bit ``pct`` times 40 times the server
+    count fits in 53 bits); ``floorf`` takes a ``float``, so the product is rounded
+    to single precision before the floor. Each step is emulated here (IEEE single
+    and double, as on x86-64 and ARM64). The single-precision ``pct`` is why some
+    equal-weight server counts get 39 digests, not 40: ``(float)(1.0 / 61)`` is
+    below 1/61, and ``pct * 40.0 * 61`` rounds to the float just below 40.
+
+    :param weight: the server's weight (libketama's ``memory``): an int in
+        ``0..total``.
+    :param total: the total weight of the servers (an ``unsigned long``): an int
+        in ``1..2**64-1``.
+    :param servers: the number of servers (an ``unsigned int``): an int in
+        ``1..2**32-1``.
+    :returns: the number of digests.
+    :raises InvalidArgument: an argument is not an int in its range.
+    """
+    _check_counts(weight, total, servers)
+    pct = _f32(_f32(weight) / _f32(total))
+    return math.floor(_f32(pct * 40.0 * _f32(servers)))
 
 
 def libmemcached_digests(weight: int, total: int, servers: int) -> int:
@@ -76,11 +128,13 @@ def libmemcached_digests(weight: int, total: int, servers: int) -> int:
     the correctly rounded single result, since a double holds more than twice a
     single's 24 bits.
 
-    :param weight: the server's weight.
-    :param total: the total weight of the live servers (> 0).
-    :param servers: the number of live servers.
+    :param weight: the server's weight: an int in ``0..total``.
+    :param total: the total weight of the live servers: an int in ``1..2**64-1``.
+    :param servers: the number of live servers: an int in ``1..2**32-1``.
     :returns: the number of digests.
+    :raises InvalidArgument: an argument is not an int in its range.
     """
+    _check_counts(weight, total, servers)
     pct = _f32(_f32(weight) / _f32(total))
     x = _f32(pct * 160.0)
     x = _f32(x / 4.0)
@@ -91,13 +145,18 @@ def libmemcached_digests(weight: int, total: int, servers: int) -> int:
 def ketama_points(nodes: list[Node], *, libmemcached: bool = False) -> list[tuple[int, str, Node]]:
     """The ketama continuum of *nodes* as ``(point, hash_id, node)``, unsorted.
 
-    :param nodes: the servers; each gets ``floor(weight / total x 40 x N + 1e-10)``
-        MD5 digests of 4 points (in double precision, as libketama).
+    :param nodes: the servers; each gets ``floorf((float)(weight / total) x 40.0
+        x N)`` MD5 digests of 4 points, with libketama's single-precision
+        rounding (:func:`libketama_digests`).
     :param libmemcached: count the digests in single precision, as libmemcached's
         weighted ketama does (:func:`libmemcached_digests`).
     :returns: the points; empty when there is no node or every weight is 0 (no
         server has a share to place).
+    :raises InvalidArgument: an item of *nodes* is not a :class:`Node`.
     """
+    for n in nodes:
+        if not isinstance(n, Node):
+            raise InvalidArgument("nodes", n, "must be Node objects")
     total = sum(n.weight for n in nodes)
     out: list[tuple[int, str, Node]] = []
     if total == 0:
@@ -106,7 +165,7 @@ def ketama_points(nodes: list[Node], *, libmemcached: bool = False) -> list[tupl
         if libmemcached:
             digests = libmemcached_digests(n.weight, total, len(nodes))
         else:
-            digests = math.floor(n.weight / total * 40 * len(nodes) + 1e-10)
+            digests = libketama_digests(n.weight, total, len(nodes))
         for i in range(digests):
             d = hashlib.md5(f"{n.hash_id}-{i}".encode()).digest()
             for j in range(4):
@@ -124,8 +183,10 @@ class RingHash(HashPolicy):
         ketama mode.
     :param ketama: ``True`` or ``"libketama"``: build libketama's continuum (MD5;
         see the module doc); ``"libmemcached"``: libmemcached's weighted ketama
-        continuum, whose point counts are computed in single precision (156 points
-        per server from 25 equal-weight servers on, where libketama has 160).
+        continuum. Both round the point counts in single precision as their C
+        code does (:func:`libketama_digests`, :func:`libmemcached_digests`):
+        equal-weight servers get 160 points each in libketama (156 for some
+        counts: 61, 122, 237, 244, ...), 156 in libmemcached from 25 servers on.
         A weighted ketama server whose share rounds down to no digest has no points
         and gets no keys (as in libketama); with ``balance_factor`` it takes a key
         only when every server with points is at its bound.
