@@ -1,4 +1,4 @@
-"""Hash policies: tabulated RendezvousHash weight changes, libketama digest counts."""
+"""Hash policies: RendezvousHash weight changes, libketama digest counts, ring size."""
 
 from __future__ import annotations
 
@@ -320,3 +320,90 @@ def test_weighted_ketama_points_follow_libketama(weights: str, digests: str) -> 
     nodes = [Node(s, weight=w) for s, w in zip(_servers(len(ws)), ws, strict=True)]
     counts = Counter(hid for _, hid, _ in ketama_points(nodes))
     assert [counts[n.hash_id] for n in nodes] == [4 * d for d in _ints(digests)]
+
+
+# --------------------------------------------------------------------------- ring size
+
+
+def test_ring_refuses_more_than_max_points(monkeypatch: pytest.MonkeyPatch) -> None:
+    """vnodes x the total live weight above MAX_POINTS is refused by the constructor,
+    add, set_weight and mark_up, naming the node and the total; the policy is left as
+    it was. (A ring of 10 nodes of weight 1000 used to take 6 s and 319 MB, unchecked.)"""
+    from reuselb import InvalidArgument, NodeState
+    from reuselb.balance import RingHash, _ring
+
+    monkeypatch.setattr(_ring, "MAX_POINTS", 5000)
+    a, b, c = addr(0), addr(1), addr(2)
+    p = RingHash([Node(a, weight=10), Node(b, weight=10)], vnodes=100)
+    ring = p._ring
+    ks = keys(500)
+    picks = [p.pick(k) for k in ks]
+
+    def unchanged() -> None:
+        assert p._ring is ring or p._ring[:2] == ring[:2]
+        assert [p.pick(k) for k in ks] == picks
+
+    with pytest.raises(InvalidArgument, match=rf"{c}.*6,000 points.*MAX_POINTS \(5,000\)"):
+        p.add(Node(c, weight=40))
+    assert c not in p and len(p) == 2
+    unchanged()
+    with pytest.raises(InvalidArgument, match=rf"weight 50: node {a}: .*6,000 points"):
+        p.set_weight(a, 50)
+    assert p.get(a).weight == 10
+    unchanged()
+    p.mark_down(b)
+    p.set_weight(b, 45)  # not live: no points
+    with pytest.raises(InvalidArgument, match=rf"node {b}: .*5,500 points"):
+        p.mark_up(b)
+    assert p.get(b).state is NodeState.DOWN and p.get(b).weight == 45
+    p.set_weight(b, 40)
+    p.mark_up(b)  # exactly MAX_POINTS is allowed
+    assert len(p._ring[0]) == 5000
+    with pytest.raises(InvalidArgument, match="MAX_POINTS"):
+        RingHash([Node(a, weight=51)], vnodes=100)
+    # ketama rings have ~160 points per server whatever the weights: not limited
+    big = RingHash([Node(addr(i), weight=1000) for i in range(40)], ketama=True)
+    assert len(big._ring[0]) == 40 * 160  # over the (patched) MAX_POINTS of 5,000
+
+
+def test_ring_max_points_is_2_22_and_checked_before_building() -> None:
+    import time
+
+    from reuselb import InvalidArgument
+    from reuselb.balance import RingHash
+    from reuselb.balance._ring import MAX_POINTS
+
+    assert MAX_POINTS == 1 << 22
+    t = time.perf_counter()
+    with pytest.raises(InvalidArgument, match=r"5,000,000 points"):
+        RingHash([Node(addr(i), weight=1000) for i in range(5)], vnodes=1000)
+    assert time.perf_counter() - t < 1.0  # refused before the 5 million points are drawn
+
+
+def _ring_digest(p: object) -> str:
+    points, owners, (arcs, arc_nodes) = p._ring  # type: ignore[attr-defined]
+    h = hashlib.sha256(repr(points).encode())
+    h.update(repr([o.hash_id for o in owners]).encode())
+    h.update(bytes(arcs.tobytes()) if arcs.itemsize == 2 else arcs.tobytes())
+    h.update(repr([n.hash_id if n else None for n in arc_nodes]).encode())
+    return h.hexdigest()
+
+
+# The rings, points and arc table are those of the code before the faster rebuild
+# (commit 65dddc7: ``git archive 65dddc7 src | tar -x -C /tmp/old``, this digest under
+# ``PYTHONPATH=/tmp/old/src``): the rebuild sorts ints instead of tuples, same order.
+RING_DIGESTS = [
+    ({}, "e57d06f3fd9714eab0751b1969a1985b37d7e29fb21733edeac9f4149271364b"),
+    ({"vnodes": 7, "seed": 3}, "7d8bb9ebdf7df909c3341acff76ab944fb239cefce3e41682833e1d193ed761a"),
+    ({"secret": b"k" * 16}, "6a4f8613024976dd6f873e1cff5900aed1cab2e01292a922838e49ab4965fa8f"),
+    ({"ketama": True}, "722e12b76bd697a774621ce1dd821b1f99189ed521978113801a6234dc471343"),
+    ({"vnodes": 1000}, "94e51876f3e38bac20fcc8bf82fcbb3eb692574bae785848ecb4d22374a4d301"),
+]
+
+
+@pytest.mark.parametrize(("options", "digest"), RING_DIGESTS)
+def test_ring_points_did_not_change(options: dict[str, object], digest: str) -> None:
+    from reuselb.balance import RingHash
+
+    nodes = [Node(addr(i), weight=1 + i % 4, name=f"n{i}" if i % 3 else None) for i in range(30)]
+    assert _ring_digest(RingHash(nodes, **options)) == digest  # type: ignore[arg-type]
