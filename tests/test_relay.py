@@ -449,6 +449,101 @@ def test_idle_timeout(listener: socket.socket, mode: str) -> None:
         r.close()
 
 
+def _slow_reader_relay(lst: socket.socket, mode: str, **kw: object) -> Relay:
+    """A relay whose client reads nothing yet (a tiny receive buffer) while side *a*
+    can queue a whole response (a roomy send buffer)."""
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.connect(lst.getsockname())
+    a, _ = lst.accept()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2 << 20)
+    b, backend = tcp_pair(lst)
+    r = Relay.__new__(Relay)
+    r.client, r.a, r.b, r.backend = client, a, b, backend
+    r.stats, r.exc = None, None
+    r.thread = threading.Thread(target=r._run, args=(RUNNERS[mode], kw))
+    r.thread.start()
+    return r
+
+
+_TCP_FIN_WAIT1, _TCP_FIN_WAIT2 = 4, 5
+
+
+def _wait_half_closed(sock: socket.socket) -> None:
+    """Until *sock* has sent (or queued) its FIN: TCP state FIN_WAIT1/2 (bounded)."""
+    deadline = time.monotonic() + JOIN
+    while sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] not in (
+        _TCP_FIN_WAIT1,
+        _TCP_FIN_WAIT2,
+    ):
+        assert time.monotonic() < deadline, "the half-close never came"
+        select.select([], [], [], 0.005)  # no fd reports it: a bounded re-check
+
+
+def _read_to_end(sock: socket.socket) -> tuple[int, str]:
+    """Read *sock* to its end: (bytes read, "eof" or "reset")."""
+    sock.settimeout(JOIN)
+    got = 0
+    try:
+        for _ in range(100_000):  # bounded: each read takes at least one byte
+            chunk = sock.recv(1 << 20)
+            if not chunk:
+                return got, "eof"
+            got += len(chunk)
+    except ConnectionResetError:
+        return got, "reset"
+    raise AssertionError("no end in sight")
+
+
+# Not the fallback driver: it reads no more from b after b's EOF, and without epoll
+# it sees b's reset only at the next read or write of b (documented).
+@pytest.mark.parametrize("mode", [m for m in RUNNERS if m != "asyncio-selector"])
+def test_an_error_after_a_complete_response_does_not_discard_it(
+    listener: socket.socket, mode: str
+) -> None:
+    # The backend sends a full response and closes; the relay forwards every byte
+    # and the FIN, which wait in a's send queue for a slow client. The client's next
+    # byte then meets the closed backend's RST and fails side b. Resetting a
+    # (SO_LINGER 0) would throw away the complete response that RelayStats counts
+    # as delivered: a is closed normally, only an incomplete stream's side is reset.
+    n = 300_000
+    r = _slow_reader_relay(listener, mode)
+    try:
+        r.backend.sendall(b"r" * n)
+        r.backend.close()  # FIN; and an RST for whatever comes next
+        _wait_half_closed(r.a)  # every byte and the FIN are queued at a
+        r.client.sendall(b"x")
+        stats = r.join()
+        assert (stats.failed, stats.b_to_a) == ("b", n)
+        assert stats.error is not None and stats.error.errno in (errno.ECONNRESET, errno.EPIPE)
+        # b's stream was complete (its EOF delivered): it stays b's end.
+        assert (stats.a_end, stats.b_end) == (End.ABORTED, End.EOF)
+        assert _read_to_end(r.client) == (n, "eof")
+    finally:
+        r.client.close()
+
+
+@pytest.mark.parametrize("mode", list(RUNNERS))
+def test_an_idle_timeout_does_not_discard_a_complete_response(
+    listener: socket.socket, mode: str
+) -> None:
+    # A slow download: everything and the FIN were handed to the kernel, and the
+    # idle timeout fires while the client still reads. Its stream is complete: a is
+    # closed normally; b, whose stream from the client never ended, is reset.
+    n = 300_000
+    r = _slow_reader_relay(listener, mode, idle_timeout=0.5)
+    try:
+        r.backend.sendall(b"r" * n)
+        r.backend.shutdown(socket.SHUT_WR)
+        stats = r.join()
+        assert (stats.a_end, stats.b_end, stats.failed) == (End.TIMEOUT, End.EOF, None)
+        assert stats.b_to_a == n
+        assert _read_to_end(r.client) == (n, "eof")
+        assert _how_it_ends(r.backend) == "reset"
+    finally:
+        r.close()
+
+
 def test_einval_at_run_time_falls_back_to_copy(
     listener: socket.socket, monkeypatch: pytest.MonkeyPatch
 ) -> None:

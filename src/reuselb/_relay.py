@@ -120,6 +120,7 @@ class RelayStats:
     :ivar a_end: how side *a* ended.
     :ivar b_end: how side *b* ended.
     :ivar failed: ``"a"``, ``"b"`` or None: which side failed first (reset/error).
+        A side that sent its EOF (delivered) before it failed keeps ``End.EOF``.
     :ivar error: that side's exception, if any.
     :ivar spliced: True when splice(2) moved bytes. A direction starts by copying
         through a small per-thread buffer (cheaper than splice for short messages)
@@ -469,8 +470,6 @@ class _Relay:
         self.on_notify: Callable[[], None] | None = None
         # abandon() ran: the relay never started and the caller has the sockets.
         self.abandoned = False
-        # fail() or timeout() ran: the sides that had to be reset are set for it.
-        self.aborted = False
         # finish()'s result: the relay ends once, whoever ends it first.
         self.stats: RelayStats | None = None
         # TCP_NODELAY is set by begin(), once the start can no longer fail: a failed
@@ -907,22 +906,27 @@ class _Relay:
     # -------------------------------------------------------------- ending
 
     def fail(self, failure: _Failure) -> None:
-        self.aborted = True
         self.failed, self.error = failure.side, failure.error
-        self.ends[failure.side] = failure.end
+        # setdefault: a side whose EOF was delivered (its stream complete) keeps
+        # End.EOF if it fails afterwards (a backend resetting the client's next
+        # byte after its full response); `failed` and `error` say what came next.
+        self.ends.setdefault(failure.side, failure.end)
         self.ends.setdefault(_other(failure.side), End.ABORTED)
-        self._abort(self.b if failure.side == "a" else self.a)
+        if not self.close:
+            # Never leave the survivor hanging: a caller-owned socket gets a
+            # shutdown, so its peer sees EOF. (close=True: finish() resets it.)
+            self._abort(self.b if failure.side == "a" else self.a)
 
     def timeout(self) -> None:
-        self.aborted = True
         for name in ("a", "b"):
             self.ends.setdefault(name, End.TIMEOUT)
-        for s in (self.a, self.b):
-            self._abort(s)
+        if not self.close:
+            for s in (self.a, self.b):
+                self._abort(s)
 
     def _abort(self, sock: Side) -> None:
-        # Never leave the survivor hanging: with close=True reset it (SO_LINGER 0 makes
-        # close() send RST); a caller-owned socket gets a shutdown, so its peer sees EOF.
+        # With close=True reset it (SO_LINGER 0 makes close() send RST); a
+        # caller-owned socket gets a shutdown, so its peer sees EOF.
         try:
             if self.close:
                 # A wrapper without setsockopt can only be closed (its peer sees EOF).
@@ -943,18 +947,19 @@ class _Relay:
         for flow in self.flows:
             flow.close_pipe()
         if self.close:
-            if not self.aborted:
-                # Ended from outside before both directions were done (a cancel, the
-                # loop's shutdown, an exception out of the blocking wait): a stream
-                # that did not reach its EOF is cut off, and what was in flight (in
-                # the pipe, in the sockets' buffers) is dropped. A plain close() would
-                # send its destination's peer a FIN, a clean EOF that could pass for
-                # a complete response: reset that side, as fail() and timeout() do.
-                # Not a side whose incoming direction was complete: its bytes and
-                # FIN are queued already, and SO_LINGER 0 would discard them.
-                for flow in self.flows:
-                    if not flow.shut:
-                        self._abort(flow.dst)
+            # Ended before both directions were done (an error, the idle timeout, a
+            # cancel, the loop's shutdown, an exception out of the blocking wait):
+            # a stream that did not reach its EOF is cut off, and what was in
+            # flight (in the pipe, in the sockets' buffers) is dropped. A plain
+            # close() would send its destination's peer a FIN, a clean EOF that
+            # could pass for a complete response: reset that side. Not a side
+            # whose incoming direction was complete (its half-close went out):
+            # its bytes and FIN are queued already, maybe not yet sent (a slow
+            # reader), and SO_LINGER 0 would discard what RelayStats counts as
+            # delivered; it is closed normally.
+            for flow in self.flows:
+                if not flow.shut:
+                    self._abort(flow.dst)
             self.a.close()
             self.b.close()
         for sock, timeout, nodelay in () if self.close else self.saved:
@@ -1178,7 +1183,10 @@ def pipe_splice(
     When one side sends EOF, the other gets ``shutdown(SHUT_WR)`` after every byte
     before the EOF was delivered, and the other direction keeps flowing. A reset or
     error on one side ends the relay at once: the other side is reset (``close=True``)
-    or shut down (``close=False``). Both sockets get ``TCP_NODELAY`` while relaying.
+    or shut down (``close=False``), unless its incoming stream was complete (its
+    half-close forwarded): that side is closed normally, so what is queued for it
+    still goes out (the same after the idle timeout). Both sockets get
+    ``TCP_NODELAY`` while relaying.
 
     :param a: a connected stream socket (e.g. the client).
     :param b: a connected stream socket (e.g. the backend).
