@@ -22,11 +22,20 @@ from ._factory import POLICIES, make_policy
 from ._leastconn import LeastConn, PowerOfTwo
 from ._maglev import MaglevHash
 from ._rendezvous import RendezvousHash
-from ._ring import KETAMA_MODES, MAX_VNODES, RingHash, ketama_points, libmemcached_digests
+from ._ring import (
+    KETAMA_MODES,
+    MAX_POINTS,
+    MAX_VNODES,
+    RingHash,
+    ketama_points,
+    libketama_digests,
+    libmemcached_digests,
+)
 from ._roundrobin import RoundRobin, smooth_wrr_cycle
 
 __all__ = (
     "KETAMA_MODES",
+    "MAX_POINTS",
     "MAX_TABLE_SIZE",
     "MAX_VNODES",
     "MAX_WEIGHT",
@@ -49,6 +58,7 @@ __all__ = (
     "RoundRobin",
     "diff",
     "ketama_points",
+    "libketama_digests",
     "libmemcached_digests",
     "make_policy",
     "smooth_wrr_cycle",

@@ -600,7 +600,8 @@ class BalancePolicy(abc.ABC):
             node's address, or the address is another node's name.
         :raises InvalidArgument: bad weight or name, or the policy refused the new
             membership (:class:`MaglevHash`: ``table_size`` must stay greater than
-            100 x the live nodes); the policy is then left as it was.
+            100 x the live nodes; :class:`RingHash`: at most ``MAX_POINTS``
+            points); the policy is then left as it was.
         """
         if isinstance(address, Node):
             node = address
@@ -711,7 +712,8 @@ class BalancePolicy(abc.ABC):
         :raises UnknownNode: no such node.
         :raises InvalidArgument: the weight is not an int in ``0..MAX_WEIGHT``, or
             the policy refused the change (:class:`MaglevHash`: ``table_size`` must
-            stay greater than 100 x the live nodes); the node then keeps its weight.
+            stay greater than 100 x the live nodes; :class:`RingHash`: at most
+            ``MAX_POINTS`` points); the node then keeps its weight.
         """
         return self._set(ref, weight=check_weight(weight))
 
@@ -727,8 +729,9 @@ class BalancePolicy(abc.ABC):
 
         :raises UnknownNode: no such node.
         :raises InvalidArgument: the policy refused the change (:class:`MaglevHash`:
-            ``table_size`` must stay greater than 100 x the live nodes); the node
-            then keeps its state.
+            ``table_size`` must stay greater than 100 x the live nodes;
+            :class:`RingHash`: at most ``MAX_POINTS`` points); the node then keeps
+            its state.
         """
         return self._set(ref, state=NodeState.UP)
 
