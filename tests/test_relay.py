@@ -2414,6 +2414,68 @@ def test_a_start_failing_at_tcp_nodelay_gives_the_sockets_back(
             s.close()
 
 
+@pytest.mark.parametrize("form", ["blocking", "coroutine", "start", "fallback"])
+@pytest.mark.parametrize("close", [True, False])
+@pytest.mark.parametrize("was", [0, 1])
+def test_a_start_failing_at_b_s_tcp_nodelay_restores_a_s(
+    listener: socket.socket, monkeypatch: pytest.MonkeyPatch, form: str, close: bool, was: int
+) -> None:
+    # TCP_NODELAY is set on a, then on b: when b's fails, a's must be what it was,
+    # whatever close= says (with close=True its old value used not to be read, and
+    # a was given back with TCP_NODELAY on).
+    if form == "fallback":
+        monkeypatch.setattr(relay_mod, "_HAS_EPOLL", False)
+    x, peer = tcp_pair(listener)
+    client, raw = tcp_pair(listener)
+    y = _NoNodelay(fileno=raw.detach())
+    x.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, was)
+    x.settimeout(2.5)
+
+    async def main() -> None:
+        if form == "coroutine":
+            await async_pipe_splice(x, y, close=close)
+        else:
+            await start_pipe_splice(x, y, close=close)
+
+    def start() -> None:
+        if form == "blocking":
+            pipe_splice(x, y, close=close)
+        else:
+            asyncio.run(main())
+
+    try:
+        with pytest.raises(OSError, match="no TCP_NODELAY here"):
+            start()
+        for s in (x, y):
+            assert s.fileno() != -1
+        assert (x.gettimeout(), y.gettimeout()) == (2.5, None)
+        assert bool(x.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)) == bool(was)
+    finally:
+        for s in (client, y, x, peer):
+            s.close()
+
+
+@pytest.mark.parametrize("mode", ["splice", "copy-wrapped"])
+def test_close_false_leaves_tcp_nodelay_as_it_was(listener: socket.socket, mode: str) -> None:
+    # Whether it was on or off: on while relaying, then as the caller had it.
+    r = Relay.__new__(Relay)
+    r.client, r.a = tcp_pair(listener)
+    r.b, r.backend = tcp_pair(listener)
+    r.stats, r.exc = None, None
+    r.a.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    r.b.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
+    r.thread = threading.Thread(target=r._run, args=(RUNNERS[mode], {"close": False}))
+    r.thread.start()
+    try:
+        exchange(r, b"ping", b"pong")
+        r.join()
+        assert r.a.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        assert r.b.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+    finally:
+        for s in (r.client, r.a, r.b, r.backend):
+            s.close()
+
+
 @pytest.mark.parametrize("mode", TLS_MODES)
 def test_tls_on_both_sides_both_half_closes_arrive(
     roomy_listener: socket.socket,
