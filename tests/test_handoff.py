@@ -564,7 +564,7 @@ def test_the_largest_handoff_fits_the_receivers_limit() -> None:
     # The documented maximum: 65,536 sockets whose names all have the longest
     # size, with family and type numbers wider than any the kernel has.
     names = [f"{i:0{_handoff._MAX_NAME}d}" for i in range(65536)]
-    widest = {"family": 65535, "type": 65535, "listening": False}
+    widest: dict[str, object] = {"family": 65535, "type": 65535, "listening": False}
     header = _handoff._header(names, [widest] * 65536)
     assert len(header) == _handoff._MAX_JSON
     assert json.loads(header)["sockets"][-1]["name"] == names[-1]
@@ -1482,3 +1482,38 @@ def test_steering_strict_must_be_a_bool() -> None:
             attach_cpu_steering(group, strict="no")  # type: ignore[arg-type]
     finally:
         group.close()
+
+
+@pytest.mark.parametrize("kind", [socket.SOCK_DGRAM, socket.SOCK_SEQPACKET])
+def test_a_header_too_large_for_one_datagram_is_refused_naming_the_fix(kind: int) -> None:
+    # Before: a bare OSError EMSGSIZE from sendmsg, though the docs promised an
+    # InvalidArgument for any call that cannot arrive.
+    a, b = socket.socketpair(socket.AF_UNIX, kind)
+    with a, b, reuseport_listener("127.0.0.1:0") as listener:
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        before = open_fds()
+        with pytest.raises(InvalidArgument, match="SOCK_STREAM channel or raise SO_SNDBUF"):
+            send_sockets(a, [listener] * 200)
+        assert open_fds() == before
+        b.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            b.recv(1)  # nothing was sent
+
+
+@pytest.mark.parametrize("kind", [socket.SOCK_DGRAM, socket.SOCK_SEQPACKET])
+def test_a_datagram_handoff_is_received_into_a_buffer_of_its_own_size(kind: int) -> None:
+    import tracemalloc
+
+    a, b = socket.socketpair(socket.AF_UNIX, kind)
+    with a, b, reuseport_listener("127.0.0.1:0") as listener:
+        send_sockets(a, [listener], names=["web"])
+        tracemalloc.start()
+        try:
+            got = recv_sockets(b)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        with got["web"]:
+            assert got["web"].getsockname() == listener.getsockname()
+    # Before: recvmsg was handed the ~20 MiB limit and allocated all of it.
+    assert peak < 1 << 20, peak

@@ -455,3 +455,44 @@ def test_worker_restart_with_queued_connections(restart: str, no_migration: None
         assert replies == [b"re:hello %d" % i for i in range(40)]
     else:
         assert failed > 0  # what the kernel does to a closed member's queue
+
+
+_MIGRATE_CLOSED_GROUP_CHILD = """
+import json, socket
+from reuselb import connect_tcp, drain_close, reuseport_group
+
+with open("/proc/sys/net/ipv4/tcp_migrate_req", "w") as f:
+    f.write("1")
+with reuseport_group("127.0.0.1:0", 2) as group:
+    first, second = group.take(0), group.take(1)
+out = {"group": repr(group)}
+try:
+    out["path"] = drain_close(first, group=group).path
+except Exception as exc:
+    out["error"] = f"{type(exc).__name__}: {exc}"
+second.settimeout(5)
+c = connect_tcp(("127.0.0.1", group.port), timeout=5)
+conn, _ = second.accept()
+out["served_by_second"] = True
+conn.close(); c.close(); second.close()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.root
+def test_drain_close_with_migration_takes_a_closed_group_whose_members_were_taken() -> None:
+    # `with reuseport_group(...) as g: a, b = g.take(0), g.take(1)` closes g but not
+    # its members, which stay in the kernel's group. Before: "the group is closed".
+    result = run_in_netns(_MIGRATE_CLOSED_GROUP_CHILD)
+    assert "closed" in result["group"]
+    assert result.get("path") == "migrate", result.get("error")
+    assert result["served_by_second"] is True
+
+
+def test_drain_close_refuses_a_closed_group_with_nothing_taken() -> None:
+    with reuseport_group("127.0.0.1:0", 2) as group:
+        pass
+    with reuseport_group(("127.0.0.1", group.port), 1) as late:
+        with pytest.raises(InvalidArgument, match="the group is closed"):
+            drain_close(late[0], group=group)
+        assert late[0].fileno() != -1

@@ -393,18 +393,22 @@ def test_a_closed_group_says_it_is_closed(monkeypatch: pytest.MonkeyPatch) -> No
         for call in (group.__getitem__, group.take, group.fileno):
             with pytest.raises(IndexError, match="no member 0: the group is closed"):
                 call(0)
-        for steer in (
+        steers: list[Callable[[], object]] = [
             lambda: steering.steer_all_to(group, 0),
             lambda: steering.steer_away_from(group, 0),
             lambda: steering.attach_cpu_steering(group, strict=False),
             lambda: steering.attach_hash_steering(group),
-        ):
+        ]
+        for steer in steers:
             with pytest.raises(InvalidArgument, match="the group is closed") as info:
                 steer()
             assert "taken" not in str(info.value)
         for migrate in (False, True):
             monkeypatch.setattr(_handoff, "tcp_migrate_req", lambda m=migrate: m)
-            with pytest.raises(InvalidArgument, match="the group is closed"):
+            # The taken member is still in the kernel's group, so a closed group
+            # that gave it away is not refused as closed; but nothing else is left
+            # to take the connections.
+            with pytest.raises(InvalidArgument, match="no (open )?member besides listener"):
                 drain_close(taken, group=group)
             assert taken.fileno() != -1, "refused before anything changed"
     finally:

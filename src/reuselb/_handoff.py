@@ -178,7 +178,22 @@ def send_sockets(
     # The first chunk rides on the header's first byte; the rest of the header
     # follows as plain stream data (sendmsg may send less than asked on a stream).
     rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", chunks[0]))]
-    sent = channel.sendmsg([payload], rights)
+    try:
+        sent = channel.sendmsg([payload], rights)
+    except OSError as exc:
+        # A datagram or seqpacket channel sends the header as one message, which
+        # AF_UNIX caps at the channel's SO_SNDBUF (net/unix/af_unix.c): nothing has
+        # been sent, and the fix is the caller's (a stream channel, or a larger
+        # SO_SNDBUF), so say so rather than pass on EMSGSIZE.
+        if exc.errno == errno.EMSGSIZE and channel.type != socket.SOCK_STREAM:
+            raise InvalidArgument(
+                "socks",
+                f"{len(items)} sockets",
+                f"header of {len(payload)} bytes is over what one message on this "
+                f"{channel.type.name} channel can carry (its SO_SNDBUF); use a "
+                "SOCK_STREAM channel or raise SO_SNDBUF",
+            ) from exc
+        raise
     if sent < len(payload):
         channel.sendall(payload[sent:])
     for chunk in chunks[1:]:
@@ -275,10 +290,14 @@ def _adopt_listed_locked(
             raise refused(fd, label, *problem)
         # fileno() == fd: a socket closed (or detached) since gave the fd up.
         if (owner := _ADOPTED.get(fd)) is not None and owner.fileno() == fd:
+            how = (
+                "whose close() left the fd to its open makefile() objects: close those"
+                if getattr(owner, "_closed", False)
+                else "use that socket, or close it first"
+            )
             raise HandoffError(
                 f"{what} fd {fd} ({label!r}) is already adopted by an earlier call, as "
-                f"{owner!r}: use that socket, or close it first (two socket objects on "
-                "one fd would each close it)"
+                f"{owner!r}, {how} (two socket objects on one fd would each close it)"
             )
     out: dict[str, socket.socket] = {}
     try:
@@ -348,8 +367,14 @@ def _recv_header(channel: socket.socket, fds: list[int]) -> bytes:
     # reading it in two parts, as on a stream, would let the kernel discard the
     # rest of the datagram after the first read and then wait for one that never
     # comes.
+    # The datagram's real length first (MSG_TRUNC with MSG_PEEK reports it on AF_UNIX
+    # and consumes nothing; without a control buffer no fd is installed): recvmsg
+    # allocates the whole buffer it is given, and _MAX_JSON is ~20 MiB.
+    # (recv_into, not recv: CPython's recv would grow its 1-byte result to that length.)
+    size = channel.recv_into(bytearray(1), 1, socket.MSG_PEEK | socket.MSG_TRUNC)
+    want = min(max(size, _HEADER.size), _HEADER.size + _MAX_JSON + 1)
     msg, ancdata, flags, _ = channel.recvmsg(
-        _HEADER.size + _MAX_JSON + 1, socket.CMSG_SPACE(_MAX_FDS * 4), _MSG_CMSG_CLOEXEC
+        want, socket.CMSG_SPACE(_MAX_FDS * 4), _MSG_CMSG_CLOEXEC
     )
     _take_fds(ancdata, flags, fds)
     if len(msg) < _HEADER.size:
@@ -704,8 +729,11 @@ def _has_another_member(
     here proves nothing. A held member closed here has left the group.
     """
     if isinstance(group, ReuseportGroup):
+        # An empty slot is a taken member only if take() emptied it: close() empties
+        # the slots of the members it closed too, and those have left the group.
         return any(
-            i != index and (m is None or m.fileno() != -1) for i, m in enumerate(group._members)
+            i != index and (m.fileno() != -1 if m is not None else i in group._taken)
+            for i, m in enumerate(group._members)
         )
     # A plain sequence (read once: it may be an iterator): every member in it was
     # checked open by _drain_members.
@@ -722,7 +750,10 @@ def _drain_members(
     it), so it still counts for the index and the size a steering program uses.
     """
     if isinstance(group, ReuseportGroup):
-        if group._closed:
+        # A closed group still knows the members it gave away: they stay in the
+        # kernel's group (``with reuseport_group(...) as g: a, b = g.take(0),
+        # g.take(1)`` closes g but not them), so only a group with none is refused.
+        if group._closed and not group._taken:
             raise InvalidArgument("group", group, "the group is closed")
         slots = list(group._members)
         index = group._slot(listener)  # a member taken from it keeps its slot
