@@ -101,8 +101,8 @@ def test_rendezvous_weight_change_moves_picked_keys_like_hrw(w0: int, w1: int) -
     rest = sum(OTHERS)
     expected = abs(w1 / (rest + w1) - w0 / (rest + w0)) * len(ks)
     print(f"{w0} -> {w1}: tabulated {table}, exact {exact}, expected {expected:.0f}")
-    for moved in counts:
-        assert moved <= 1.5 * expected + 4 * math.sqrt(expected) + 4, (counts, expected)
+    for count in counts:
+        assert count <= 1.5 * expected + 4 * math.sqrt(expected) + 4, (counts, expected)
 
 
 @pytest.mark.parametrize(
@@ -253,9 +253,9 @@ def _servers(n: int) -> list[str]:
 def test_libketama_digests_match_libketamas_c_expression() -> None:
     from reuselb.balance._ring import libketama_digests
 
-    for n, digests in LIBKETAMA_EQUAL.items():
-        assert libketama_digests(1, n, n) == digests, n
-        assert libketama_digests(1000, 1000 * n, n) == digests, n
+    for n, each in LIBKETAMA_EQUAL.items():
+        assert libketama_digests(1, n, n) == each, n
+        assert libketama_digests(1000, 1000 * n, n) == each, n
     for weights, digests in LIBKETAMA_WEIGHTED:
         ws = _ints(weights)
         assert [libketama_digests(w, sum(ws), len(ws)) for w in ws] == _ints(digests)
