@@ -956,6 +956,25 @@ def test_inherited_sockets_twice_never_wraps_one_fd_twice(
             inherited_sockets()
 
 
+def test_a_refusal_says_when_a_makefile_still_holds_the_fd(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from reuselb import inherited_sockets
+
+    with socket.socket() as s:
+        fd = os.dup(s.fileno())
+        monkeypatch.setenv("REUSELB_INHERITED_FDS", f"web={fd}")
+        first = inherited_sockets(unset_environment=False)["web"]
+        stream = first.makefile("rb")
+        first.close()  # the fd stays open: the makefile() object still uses it
+        try:
+            with pytest.raises(HandoffError, match="open makefile"):
+                inherited_sockets(unset_environment=False)
+        finally:
+            stream.close()
+        assert fd not in open_fds()
+
+
 _ADOPT_TWICE_CHILD = """
 import json, os, socket
 s = socket.socket()
