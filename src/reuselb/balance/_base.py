@@ -27,8 +27,10 @@ import enum
 import hashlib
 import math
 import re
+import sys
 import threading
 import zlib
+from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -223,6 +225,17 @@ def _duplicate(ref: str, detail: str) -> DuplicateNode:
     exc = DuplicateNode(ref)
     exc.args = (f"duplicate node {ref!r}: {detail}",)
     return exc
+
+
+def words(data: bytes) -> array[int]:
+    """*data* as little-endian 32-bit words, whatever the host's byte order."""
+    a = array("I")
+    if a.itemsize != 4:  # pragma: no cover (no such CPython platform today)
+        a = array("L")
+    a.frombytes(data)
+    if sys.byteorder == "big":  # pragma: no cover
+        a.byteswap()
+    return a
 
 
 def check_weight(weight: object) -> int:

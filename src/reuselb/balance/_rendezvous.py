@@ -30,6 +30,7 @@ from typing import Any, TypeAlias
 
 from .._errors import InvalidArgument
 from ._base import MAX_TABLE_SIZE, HashPolicy, Key, KeyHasher, Node, NodeLike
+from ._base import words as _words
 
 __all__ = ["DEFAULT_BUCKETS", "RendezvousHash"]
 
@@ -86,17 +87,6 @@ def _mix64(z: int) -> int:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
     return z ^ (z >> 31)
-
-
-def _words(data: bytes) -> array[int]:
-    """*data* as little-endian 32-bit words, whatever the host's byte order."""
-    a = array("I")
-    if a.itemsize != 4:  # pragma: no cover (no such CPython platform today)
-        a = array("L")
-    a.frombytes(data)
-    if sys.byteorder == "big":  # pragma: no cover
-        a.byteswap()
-    return a
 
 
 def _pool_label(kind: str, group: int, e: int) -> str:

@@ -33,7 +33,6 @@ from __future__ import annotations
 import hashlib
 import math
 import struct
-import sys
 from array import array
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator
@@ -43,6 +42,7 @@ from zlib import crc32 as _crc32
 
 from .._errors import InvalidArgument
 from ._base import HashPolicy, Key, Node, NodeLike
+from ._base import words as _words
 
 __all__ = [
     "KETAMA_MODES",
@@ -73,17 +73,6 @@ KETAMA_MODES = (True, "libketama", "libmemcached")
 _F32 = struct.Struct("<f")
 _ULONG_MAX = (1 << 64) - 1
 _UINT_MAX = (1 << 32) - 1
-
-
-def _words(data: bytes) -> array[int]:
-    """*data* as little-endian 32-bit words, whatever the host's byte order."""
-    a = array("I")
-    if a.itemsize != 4:  # pragma: no cover (no such CPython platform today)
-        a = array("L")
-    a.frombytes(data)
-    if sys.byteorder == "big":  # pragma: no cover
-        a.byteswap()
-    return a
 
 
 def _f32(x: float) -> float:
