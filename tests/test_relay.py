@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import dataclasses
@@ -540,6 +541,191 @@ def test_an_idle_timeout_does_not_discard_a_complete_response(
         assert stats.b_to_a == n
         assert _read_to_end(r.client) == (n, "eof")
         assert _how_it_ends(r.backend) == "reset"
+    finally:
+        r.close()
+
+
+def _relay_on(
+    client: socket.socket, a: socket.socket, b: socket.socket, backend: socket.socket, mode: str
+) -> Relay:
+    """A relay under test on sockets the test set up itself."""
+    r = Relay.__new__(Relay)
+    r.client, r.a, r.b, r.backend = client, a, b, backend
+    r.stats, r.exc = None, None
+    r.thread = threading.Thread(target=r._run, args=(RUNNERS[mode], {}))
+    r.thread.start()
+    return r
+
+
+def _recv_soon(sock: socket.socket, n: int) -> bytes:
+    """*n* bytes from *sock*, each read within 10 s (a stalled relay fails the test
+    without waiting for JOIN)."""
+    sock.settimeout(10)
+    data = bytearray()
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        assert chunk, "EOF"
+        data += chunk
+    return bytes(data)
+
+
+def _recv_until_eof(sock: socket.socket, out: list[bytes]) -> None:
+    sock.settimeout(JOIN)
+    data = bytearray()
+    while chunk := sock.recv(1 << 20):
+        data += chunk
+    out.append(bytes(data))
+
+
+@pytest.mark.parametrize("mode", list(RUNNERS))
+@pytest.mark.parametrize("inline", [False, True], ids=["dropped", "oobinline"])
+@pytest.mark.parametrize("size", [3, 200 * 1024], ids=["short", "stream"])
+def test_tcp_urgent_data_neither_stalls_nor_truncates_the_stream(
+    listener: socket.socket, mode: str, inline: bool, size: int
+) -> None:
+    # splice stops at TCP's urgent mark: it returned EAGAIN there for ever (the
+    # blocking form spun on POLLIN, the others stalled), and 0 once the FIN was in,
+    # taken for the EOF: the rest of the stream was lost, and stats said clean EOF.
+    # recv passes the mark, dropping the urgent byte as read(2) does, or delivering
+    # it inline with SO_OOBINLINE; the relay must do the same, and promptly.
+    client, a = tcp_pair(listener)
+    b, backend = tcp_pair(listener)
+    if inline:
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
+    head = random.Random(size).randbytes(size)
+    urgent = b"!" if inline else b""
+    expected = head + urgent + b"tail" + head + urgent + b"end"
+    r = _relay_on(client, a, b, backend, mode)
+    try:
+        client.sendall(head)
+        assert _recv_bytes(backend, size) == head
+        client.send(b"!", socket.MSG_OOB)
+        client.sendall(b"tail")
+        # Before the client's FIN: neither stalled nor spinning (a relay spinning on
+        # the mark delivered nothing more until the FIN, and then nothing at all).
+        assert _recv_soon(backend, len(urgent) + 4) == urgent + b"tail"
+        client.sendall(head)  # and again: the stream goes on past the mark
+        client.send(b"!", socket.MSG_OOB)
+        client.sendall(b"end")
+        assert _recv_soon(backend, size + len(urgent) + 3) == head + urgent + b"end"
+        client.shutdown(socket.SHUT_WR)
+        got: list[bytes] = []
+        _recv_until_eof(backend, got)
+        assert got == [b""]
+        backend.shutdown(socket.SHUT_WR)
+        stats = r.join()
+        assert (stats.a_to_b, stats.a_end, stats.b_end) == (len(expected), End.EOF, End.EOF)
+        if size > 65536 and mode in ("splice", "asyncio", "uvloop", "asyncio-start"):
+            assert stats.spliced_bytes > 0
+    finally:
+        r.close()
+
+
+def _at_mark(sock: socket.socket) -> bool:
+    """Whether *sock*'s next byte to read is TCP's urgent mark (SIOCATMARK)."""
+    return fcntl.ioctl(sock.fileno(), 0x8905, bytes(4)) != bytes(4)
+
+
+@pytest.mark.parametrize("mode", list(RUNNERS))
+@pytest.mark.parametrize("inline", [False, True], ids=["dropped", "oobinline"])
+@pytest.mark.parametrize("fin", [False, True], ids=["then-fin", "fin-queued"])
+def test_tcp_urgent_data_after_bytes_still_in_the_pipe_keeps_the_order(
+    listener: socket.socket, mode: str, inline: bool, fin: bool
+) -> None:
+    # The relay reaches the urgent mark with bytes before it still in its pipe or
+    # buffer (the backend reads nothing yet): they go out first, then what follows
+    # the mark. (Splice says EAGAIN at the mark, or 0 when the FIN is queued too.)
+    client, a = tcp_pair(listener)
+    with socket.create_server(("127.0.0.1", 0)) as lst:
+        lst.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a slow backend
+        b, backend = tcp_pair(lst)
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    if inline:
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
+    rng = random.Random(f"{mode}{inline}{fin}")
+    warm = rng.randbytes(1 << 20)
+    # More than b and the backend hold, less than the relay's pipe (or copy buffer)
+    head = rng.randbytes(48 * 1024 if "copy" in mode else 400 * 1024)
+    tail = rng.randbytes(1000)
+    more = rng.randbytes(0 if fin else 1 << 20)  # a stream after the mark
+    expected = head + (b"!" if inline else b"") + tail
+    r = _relay_on(client, a, b, backend, mode)
+    try:
+        # A stream through the slow backend: the relay's reads fill its 64 KiB
+        # scratch, and the direction switches to splice (where splice is used).
+        client.sendall(warm)
+        assert _recv_soon(backend, len(warm)) == warm
+        client.sendall(head)
+        client.send(b"!", socket.MSG_OOB)
+        client.sendall(tail)
+        if fin:
+            client.shutdown(socket.SHUT_WR)
+        # The backend reads nothing until the relay has read everything before the
+        # mark (and, copying, perhaps past it: recv passes it in one go).
+        deadline = time.monotonic() + JOIN
+        while not (_at_mark(a) or _unread(a) == 0):
+            assert time.monotonic() < deadline, "the relay never reached the mark"
+            select.select([], [], [], 0.005)  # nothing to wait on: a bounded re-check
+        assert _recv_soon(backend, len(expected)) == expected
+        if not fin:
+            # Past the mark, a stream flows as before (back to splice, if it was).
+            sender = threading.Thread(target=_send_all_then_eof, args=(client, more))
+            sender.start()
+            assert _recv_soon(backend, len(more)) == more
+            sender.join(JOIN)
+        got: list[bytes] = []
+        _recv_until_eof(backend, got)
+        assert got == [b""]
+        backend.shutdown(socket.SHUT_WR)
+        stats = r.join()
+        total = len(warm) + len(expected) + len(more)
+        assert (stats.a_to_b, stats.a_end, stats.b_end) == (total, End.EOF, End.EOF)
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize("mode", list(RUNNERS))
+@pytest.mark.parametrize(
+    "case", ["tcp-oob", "tcp-oob-inline", "unix-scm-rights", "unix-oob", "unix-oob-inline"]
+)
+def test_a_read_that_stops_short_is_not_taken_for_an_empty_socket(
+    listener: socket.socket, mode: str, case: str
+) -> None:
+    # Short messages (no splice): a read that got less than it asked for was taken
+    # to mean "the socket is empty", and with edge-triggered epoll the relay waited
+    # for an event that never came. TCP recv stops just before the urgent mark, and
+    # an AF_UNIX recv after a message carrying fds (SCM_RIGHTS) or before an MSG_OOB
+    # byte, with more bytes waiting. Everything is queued before the relay starts,
+    # so its first read meets it.
+    if case.startswith("tcp"):
+        client, a = tcp_pair(listener)
+        b, backend = tcp_pair(listener)
+    else:
+        client, a = socket.socketpair()
+        b, backend = socket.socketpair()
+    r_fd, w_fd = os.pipe()
+    try:
+        if case.endswith("-inline"):
+            a.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
+        if case == "unix-scm-rights":
+            fds = array.array("i", [r_fd])
+            client.sendmsg([b"abc"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+            expected = b"abcdef"
+        else:
+            client.send(b"abcX", socket.MSG_OOB)  # "abc", then the urgent "X"
+            expected = b"abcXdef" if case.endswith("-inline") else b"abcdef"
+        client.send(b"def")
+    finally:
+        os.close(r_fd)  # the one in flight is the kernel's, dropped by the relay's recv
+        os.close(w_fd)
+    r = _relay_on(client, a, b, backend, mode)
+    try:
+        # Before the client's FIN or close: the relay did not wait for another event.
+        assert _recv_soon(backend, len(expected)) == expected
+        client.shutdown(socket.SHUT_WR)
+        backend.shutdown(socket.SHUT_WR)
+        stats = r.join()
+        assert (stats.a_to_b, stats.a_end, stats.b_end) == (len(expected), End.EOF, End.EOF)
     finally:
         r.close()
 

@@ -70,6 +70,9 @@ _LINGER_RESET = b"\x01\x00\x00\x00\x00\x00\x00\x00"
 _POLLIN = select.POLLIN if hasattr(select, "POLLIN") else 1
 _POLLOUT = select.POLLOUT if hasattr(select, "POLLOUT") else 4
 _POLLERR = select.POLLERR if hasattr(select, "POLLERR") else 8
+# TCP urgent data pending (see _Flow): asked for with POLLIN, never alone.
+_POLLPRI = select.POLLPRI if hasattr(select, "POLLPRI") else 2
+_POLLIN_PRI = _POLLIN | _POLLPRI
 # poll(2) takes its timeout as a C int of milliseconds, and CPython raises
 # OverflowError past INT_MAX (~24.8 days): longer waits are made of several polls.
 _POLL_MAX_MS = 2**31 - 1
@@ -286,6 +289,15 @@ class _Flow:
     (HAProxy's ``splice-auto`` makes the same bet). ``_COPY``: a private buffer,
     for TLS (decrypted bytes exist only in user space), non-Linux, and after
     splice said EINVAL.
+
+    TCP urgent data (``MSG_OOB``): splice (tcp_read_sock) stops at the urgent mark
+    and, at the mark, returns EAGAIN (or 0 once the FIN is in) for as long as the
+    mark is not passed; recv stops just before the mark and passes it at the next
+    call (dropping the urgent byte, or delivering it with ``SO_OOBINLINE``). So a
+    source's EPOLLPRI/POLLPRI sets ``urgent``: reads go on past a short read until
+    EAGAIN, and a splice that stops at the mark with the pipe empty switches the
+    flow back to ``_SMALL`` (bytes still in the pipe go out first), whose recv
+    passes the mark; the next full read brings it back to splice.
     """
 
     __slots__ = (
@@ -293,6 +305,7 @@ class _Flow:
         "blocked",
         "buf",
         "buffered",
+        "bursty",
         "can_splice",
         "cap",
         "deferred",
@@ -313,18 +326,23 @@ class _Flow:
         "src_fd",
         "start",
         "upgrade",
+        "urgent",
         "view",
     )
 
     def __init__(
-        self, name: str, src: Side, dst: Side, use_splice: bool, pipe_size: int, *, kernel: bool
+        self, name: str, src: Side, dst: Side, use_splice: bool, pipe_size: int, *, bursty: bool
     ) -> None:
         self.name = name
         self.src, self.dst = src, dst
         self.src_fd, self.dst_fd = src.fileno(), dst.fileno()
-        # TLS sockets and other wrappers may hold bytes poll cannot see: read them
-        # until EAGAIN (*kernel*: src is a plain kernel socket).
-        self.buffered = not kernel
+        # *bursty*: a read of src may stop short with more waiting. TLS sockets and
+        # other wrappers may hold bytes poll cannot see, and an AF_UNIX read stops
+        # after a message carrying fds (SCM_RIGHTS) or before an MSG_OOB byte. Such
+        # sources are read until EAGAIN (`buffered`), and so is a TCP source while
+        # urgent data is pending (`urgent`, see above).
+        self.bursty = self.buffered = bursty
+        self.urgent = False
         self.moved = 0
         self.spliced = 0  # of which through splice(2)
         self.pending = 0  # bytes read from src, not yet written to dst
@@ -383,6 +401,23 @@ class _Flow:
             return False
         self.mode = _SPLICE
         return True
+
+    def set_urgent(self) -> None:
+        """src reported urgent data (POLLPRI): see the class docstring."""
+        self.urgent = self.buffered = True
+
+    def clear_urgent(self) -> None:
+        """src was read until EAGAIN: its urgent mark, if any, is passed."""
+        self.urgent = False
+        self.buffered = self.bursty
+
+    def to_small(self) -> None:
+        """_SPLICE -> _SMALL at an urgent mark, the pipe empty: recv passes the mark."""
+        self.close_pipe()  # empty: back to the pool, for the next full read
+        self.mode = _SMALL
+        self.cap = _COPY_BUFFER
+        self.blocked = self.upgrade = False
+        self.set_urgent()
 
     def to_copy(self) -> None:
         """Switch to the copy path (splice said EINVAL), keeping pending bytes."""
@@ -485,8 +520,9 @@ class _Relay:
             # sockets. With close=True, only a start that fails at b's TCP_NODELAY
             # gives back a side whose TCP_NODELAY changed: a, set first. Its old
             # value is read (one getsockopt, ~0.5 us); b's is not needed.
+            fa = _raw_family(a)
             nodelay_a: bool | None = None
-            if _raw_family(a) in _INET:
+            if fa in _INET:
                 try:  # noqa: SIM105 (contextlib.suppress costs ~0.5 us per call here)
                     nodelay_a = _raw_getsockopt(a, _IPPROTO_TCP, _TCP_NODELAY) != 0
                 except OSError:
@@ -496,12 +532,16 @@ class _Relay:
                 (b, b.gettimeout(), None),
             ]
             kernel = (True, True)
+            unix_a, unix_b = fa == _AF_UNIX, _raw_family(b) == _AF_UNIX
         else:
             saved = [
                 (a, _timeout(a), _nodelay(a)),
                 (b, _timeout(b), None if close else _nodelay(b)),
             ]
             kernel = (_is_kernel_socket(a), _is_kernel_socket(b))
+            # (_raw_family: a kernel socket is a socket.socket.)
+            unix_a = kernel[0] and _raw_family(a) == _AF_UNIX
+            unix_b = kernel[1] and _raw_family(b) == _AF_UNIX
         self.saved = saved
         use_splice = _HAS_SPLICE and not force_copy and kernel[0] and kernel[1]
         self.flows: list[_Flow] = []
@@ -513,8 +553,11 @@ class _Relay:
                 if timeout != 0.0:
                     s.setblocking(False)  # type: ignore[attr-defined]
             size = pipe_size or _DEFAULT_PIPE
-            self.flows.append(_Flow("a", a, b, use_splice, size, kernel=kernel[0]))
-            self.flows.append(_Flow("b", b, a, use_splice, size, kernel=kernel[1]))
+            # A read of such a source may stop short with more waiting: see _Flow.
+            bursty_a = unix_a or not kernel[0]
+            bursty_b = unix_b or not kernel[1]
+            self.flows.append(_Flow("a", a, b, use_splice, size, bursty=bursty_a))
+            self.flows.append(_Flow("b", b, a, use_splice, size, bursty=bursty_b))
         except BaseException:
             self.abandon()
             raise
@@ -561,6 +604,13 @@ class _Relay:
             self._pump_small(flow, drain)
         if flow.mode != _SMALL:
             self._pump_buffered(flow, drain)
+            while flow.mode == _SMALL:
+                # Splice stopped at an urgent mark (Flow.to_small): recv passes it,
+                # and a full read after it goes back to splice.
+                self._pump_small(flow, drain)
+                if flow.mode == _SMALL:
+                    break
+                self._pump_buffered(flow, drain)
         if flow.eof and not flow.pending and not flow.shut:
             self._shut(flow)
         if self.deferring:
@@ -758,6 +808,8 @@ class _Relay:
             try:
                 n = src.recv_into(scratch)
             except (BlockingIOError, InterruptedError):
+                if flow.urgent:
+                    flow.clear_urgent()  # read until EAGAIN: past the mark
                 return
             except OSError as exc:
                 raise _Failure(flow.name, _end_kind(exc), exc) from None
@@ -779,7 +831,7 @@ class _Relay:
                 flow.left = bytes(scratch[m:n])
                 flow.pending = n - m
                 return
-            if n < size and not drain:
+            if n < size and not (drain or flow.buffered):
                 return  # a short read emptied the socket: no EAGAIN round trip
 
     def _send_left(self, flow: _Flow) -> bool:
@@ -838,8 +890,16 @@ class _Relay:
                 end = flow.start + flow.pending
                 n = flow.src.recv_into(flow.view[end : end + want])
         except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
-            if flow.pending and flow.mode == _SPLICE:
-                flow.blocked = True
+            if flow.mode == _SPLICE:
+                if flow.pending:
+                    flow.blocked = True  # the pipe is full, or see below
+                elif flow.urgent:
+                    # At the urgent mark splice returns EAGAIN until the mark is
+                    # passed, which only recv does. With bytes in the pipe the flow
+                    # waits as blocked: they go out first, then this comes again.
+                    flow.to_small()
+            elif flow.urgent:
+                flow.clear_urgent()  # read until EAGAIN: past the mark
             return 0
         except ssl.SSLZeroReturnError:
             # The TLS side's close_notify, its clean EOF. CPython returns 0 for it only
@@ -851,6 +911,15 @@ class _Relay:
             self._io_error(flow, exc, flow.name)
             return flow.cap  # retry at once on the copy path
         if n == 0:
+            if flow.mode == _SPLICE and _at_mark(flow.src_fd):
+                # Not the EOF: at the urgent mark splice returns 0 once the FIN is
+                # in, bytes still queued after the mark (one ioctl per spliced
+                # stream's end). Handled as EAGAIN at the mark is (above).
+                if flow.pending:
+                    flow.blocked = True
+                else:
+                    flow.to_small()
+                return 0
             flow.eof = True
             return 0
         flow.pending += n
@@ -888,6 +957,12 @@ class _Relay:
             self.last = time.monotonic()
         return n
 
+    def urgent(self, fd: int) -> None:
+        """*fd* reported urgent data (POLLPRI/EPOLLPRI): see :class:`_Flow`."""
+        for flow in self.flows:
+            if flow.src_fd == fd:
+                flow.set_urgent()
+
     def step(self, fd: int, readable: bool, writable: bool) -> None:
         """React to readiness of *fd*: pump the directions that touch it."""
         for flow in self.flows:
@@ -901,7 +976,7 @@ class _Relay:
         masks: dict[int, int] = {self.flows[0].src_fd: 0, self.flows[1].src_fd: 0}
         for flow in self.flows:
             if flow.wants_read:
-                masks[flow.src_fd] |= _POLLIN
+                masks[flow.src_fd] |= _POLLIN_PRI
             # `held`: to retry a half-close that waits for dst (the flow is not shut).
             if flow.wants_write or flow.held:
                 masks[flow.dst_fd] |= _POLLOUT
@@ -1012,6 +1087,19 @@ def _restore(sock: Side, timeout: float | None, nodelay: bool | None) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)  # type: ignore[union-attr]
 
 
+# Linux's (asm-generic) value; where an architecture has its own (alpha, mips...)
+# the ioctl fails and the mark is not seen: splice's 0 is the EOF, as before.
+_SIOCATMARK = getattr(termios, "SIOCATMARK", 0x8905)
+
+
+def _at_mark(fd: int) -> bool:
+    """Whether the next byte to read from *fd* is TCP's urgent mark (SIOCATMARK)."""
+    try:
+        return fcntl.ioctl(fd, _SIOCATMARK, _ZERO_INT) != _ZERO_INT
+    except OSError:
+        return False  # not a socket that has a mark
+
+
 def _tls_unread(sock: ssl.SSLSocket) -> bool:
     """Whether bytes *sock*'s peer sent wait unread: decrypted in OpenSSL, or still in
     the kernel's receive queue (FIONREAD)."""
@@ -1041,6 +1129,7 @@ def _check_idle_timeout(value: object) -> float | None:
 _raw_family = _socket.socket.family.__get__
 _raw_type = _socket.socket.type.__get__
 _INET = frozenset({int(socket.AF_INET), int(socket.AF_INET6)})
+_AF_UNIX = int(getattr(socket, "AF_UNIX", -1))
 
 
 def _end_kind(exc: OSError) -> End:
@@ -1200,7 +1289,9 @@ def pipe_splice(
     or shut down (``close=False``), unless its incoming stream was complete (its
     half-close forwarded): that side is closed normally, so what is queued for it
     still goes out (the same after the idle timeout). Both sockets get
-    ``TCP_NODELAY`` while relaying.
+    ``TCP_NODELAY`` while relaying. TCP urgent data (``MSG_OOB``) is dropped from
+    the stream as ``read(2)`` drops it, or relayed inline where the caller set
+    ``SO_OOBINLINE`` on the source.
 
     :param a: a connected stream socket (e.g. the client).
     :param b: a connected stream socket (e.g. the backend).
@@ -1298,11 +1389,13 @@ def _drive(relay: _Relay, poller: Any, registered: dict[int, int], muted: set[in
                 # relay is not reading that side (its pipe is full): end now, not
                 # at the idle timeout, and do not spin on the sticky POLLERR.
                 _raise_pending_error(relay, fd)
+            if ev & _POLLPRI:
+                relay.urgent(fd)  # reported only while the relay reads fd
             # POLLHUP/POLLERR wake both ways: the next read/write reports what happened.
-            hup = bool(ev & ~(_POLLIN | _POLLOUT))
+            hup = bool(ev & ~(_POLLIN_PRI | _POLLOUT))
             if hup and not registered.get(fd):
                 muted.add(fd)
-            relay.step(fd, bool(ev & _POLLIN) or hup, bool(ev & _POLLOUT) or hup)
+            relay.step(fd, bool(ev & _POLLIN_PRI) or hup, bool(ev & _POLLOUT) or hup)
 
 
 # From include/net/tcp_states.h (tcpi_state, the first byte of struct tcp_info).
@@ -1498,7 +1591,23 @@ async def _run_async_selector(relay: _Relay) -> RelayStats:
         before = (flow.wants_read, flow.pending > 0, relay.hold_changes)
         try:
             if not flow.shut:
-                relay.pump(flow)
+                if flow.mode == _SPLICE:  # never where there is no splice (no Linux)
+                    read = flow.moved + flow.pending
+                    relay.pump(flow)
+                    if (
+                        flow.moved + flow.pending == read
+                        and flow.wants_read
+                        and not flow.urgent
+                        and _at_mark(flow.src_fd)
+                    ):
+                        # The loop's selector does not report POLLPRI, and its
+                        # readiness is level-triggered: a splice stopped at an urgent
+                        # mark would be called again and again. Nothing was read:
+                        # one ioctl tells.
+                        flow.set_urgent()
+                        relay.pump(flow)
+                else:
+                    relay.pump(flow)
             # relay.hold_changes moves when this pump half-closed the *other*
             # direction (a TLS side's deferred close_notify), which may have ended
             # the relay, or when a half-close was held back (OpenSSL kept a
@@ -1584,11 +1693,15 @@ _EPOLLHUP = getattr(select, "EPOLLHUP", 16)
 _EPOLLRDHUP = getattr(select, "EPOLLRDHUP", 0x2000)
 _EPOLLET = getattr(select, "EPOLLET", 1 << 31)
 _HAS_EPOLL = hasattr(select, "epoll")
-_READ_EVENTS = _EPOLLIN | _EPOLLRDHUP | _EPOLLHUP | _EPOLLERR
+_EPOLLPRI = getattr(select, "EPOLLPRI", 2)
+_READ_EVENTS = _EPOLLIN | _EPOLLPRI | _EPOLLRDHUP | _EPOLLHUP | _EPOLLERR
 _WRITE_EVENTS = _EPOLLOUT | _EPOLLHUP | _EPOLLERR
 # RDHUP with IN: a peer's FIN comes flagged with its last bytes, and the relay reads
 # the EOF in the same wakeup (one event less per closed connection).
-_ARM_IN = _EPOLLIN | _EPOLLRDHUP | _EPOLLET
+# PRI: TCP urgent data, which stops splice at its mark (see _Flow).
+_ARM_IN = _EPOLLIN | _EPOLLPRI | _EPOLLRDHUP | _EPOLLET
+# The events of the fast path in _Driven.event: bytes, perhaps with the FIN.
+_NOT_PLAIN_READ = ~(_EPOLLIN | _EPOLLRDHUP)
 
 
 class _Hub:
@@ -1805,7 +1918,11 @@ class _Driven:
         # whatever escapes a relay must end that relay, not the hub's batch (see
         # _Hub.dispatch), and must reach whoever awaits it.
         try:
-            if not ev & ~_ARM_IN and reader.mode == _SMALL and not (reader.pending or reader.eof):
+            if (
+                not ev & _NOT_PLAIN_READ
+                and reader.mode == _SMALL
+                and not (reader.pending or reader.eof)
+            ):
                 # Bytes (and perhaps the FIN) of short messages, the events of
                 # keep-alive traffic and of connection churn: only *reader* can
                 # change, and when its message went out in full it waits for
@@ -1823,6 +1940,8 @@ class _Driven:
                 # A pending error (a reset) ends the relay now, even while it is not
                 # reading that side (its pipe is full).
                 _raise_pending_error(relay, fd)
+            if ev & _EPOLLPRI:
+                reader.set_urgent()
             if ev & _READ_EVENTS and not reader.shut and (reader.wants_read or ev & _EPOLLHUP):
                 relay.pump(reader, bool(ev & _EPOLLRDHUP))
             # `writer.held` (a held-back half-close to retry) is looked at only
