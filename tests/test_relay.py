@@ -1026,6 +1026,50 @@ def test_a_forked_child_does_not_share_pooled_pipes(listener: socket.socket) -> 
     assert release_pipes() == 1
 
 
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_a_forked_child_does_not_share_the_hubs_epoll(
+    listener: socket.socket, loop_kind: str
+) -> None:
+    # The hub's epoll fd (library-owned, as the pooled pipes are) is closed in a
+    # forked child, which would otherwise share the epoll instance with its parent
+    # and keep it alive; a loop the child runs starts a hub of its own.
+    run = uvloop.run if loop_kind == "uvloop" else asyncio.run
+    client, a = tcp_pair(listener)
+    b, backend = tcp_pair(listener)
+    reports: list[bytes] = []
+
+    async def main() -> None:
+        relay = start_pipe_splice(a, b)
+        hub_fd = relay_mod._HUBS[asyncio.get_running_loop()].fd
+        assert _epoll_fds({hub_fd}) == [hub_fd]
+        rd, wr = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child: is the parent's hub fd still open? any hub left?
+            os.write(wr, repr((_epoll_fds({hub_fd}), len(relay_mod._HUBS))).encode())
+            os._exit(0)
+        os.close(wr)
+        reports.append(os.read(rd, 4096))
+        os.close(rd)
+        os.waitpid(pid, 0)
+        # The parent's relay is untouched.
+        client.setblocking(False)
+        backend.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(client, b"ping")
+        assert await loop.sock_recv(backend, 4) == b"ping"
+        client.shutdown(socket.SHUT_WR)
+        backend.shutdown(socket.SHUT_WR)
+        stats = await relay
+        assert (stats.a_to_b, stats.a_end, stats.b_end) == (4, End.EOF, End.EOF)
+
+    try:
+        run(main())
+        assert reports == [b"([], 0)"]
+    finally:
+        for s in (client, a, b, backend):
+            s.close()
+
+
 def test_a_thread_s_idle_pipes_close_with_the_thread(listener: socket.socket) -> None:
     before = open_fds()
     out: list[RelayStats] = []

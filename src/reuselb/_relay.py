@@ -1794,6 +1794,29 @@ class _Hub:
 _HUBS: dict[asyncio.AbstractEventLoop, _Hub] = {}
 
 
+def _forget_hubs_in_child() -> None:
+    # A forked child inherits every hub's epoll fd, an instance it would share with
+    # its parent (an epoll instance lives on in the kernel while any fd refers to
+    # it). Its loops are the parent's and do not run here: close the fds and start
+    # afresh; a loop the child runs gets a hub of its own. (The relays' sockets
+    # are left alone: their fds are copies, as for any socket across fork().)
+    hubs = list(_HUBS.values())
+    _HUBS.clear()
+    for hub in hubs:
+        closer, hub.closer = hub.closer, None
+        if closer is not None:
+            # Finished now (hub.closer is None: it does nothing), so that no
+            # asyncgen finalizer calls into the parent's loop when it is collected.
+            with contextlib.suppress(StopIteration, RuntimeError):
+                closer.aclose().send(None)
+        with contextlib.suppress(OSError, ValueError):
+            hub.ep.close()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_hubs_in_child)
+
+
 async def _loop_shutdown(hub: _Hub) -> AsyncGenerator[None, None]:
     try:
         yield
