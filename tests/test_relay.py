@@ -1768,6 +1768,47 @@ def test_a_listening_socket_is_not_a_relay_side(listener: socket.socket, form: s
             s.close()
 
 
+class _Sub(socket.socket):
+    """A socket.socket subclass: checked by the generic path, not the fast one."""
+
+
+@pytest.mark.parametrize("form", ["blocking", "coroutine", "start"])
+@pytest.mark.parametrize("kind", ["tcp", "tcp-refused", "tcp-subclass", "unix"])
+def test_a_socket_never_connected_is_not_a_relay_side(
+    listener: socket.socket, form: str, kind: str
+) -> None:
+    # A TCP socket with no connect() (or whose blocking connect failed) was relayed
+    # and reported later as a reset (EPIPE at the first byte): rejected up front now,
+    # naming the side, like a listening socket. A connect still in flight is fine
+    # (test_relay_may_start_while_the_backend_connect_is_in_flight).
+    a, b = socket.socketpair() if kind == "unix" else tcp_pair(listener)
+    if kind == "unix":
+        lone = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    elif kind == "tcp-subclass":
+        lone = _Sub()
+    else:
+        lone = socket.socket()
+        if kind == "tcp-refused":
+            with socket.socket() as closed_port:
+                closed_port.bind(("127.0.0.1", 0))
+                port = closed_port.getsockname()[1]
+            with pytest.raises(ConnectionRefusedError):
+                lone.connect(("127.0.0.1", port))
+    try:
+        for x, y, side in ((lone, b, "a"), (a, lone, "b")):
+            with pytest.raises(
+                WrongSocketType,
+                match=f"relay side {side}: expected a connected stream socket, "
+                "got a socket neither connected nor connecting",
+            ):
+                _start_in(form, x, y)
+            for s in (a, b, lone):  # nothing was touched
+                assert s.fileno() != -1 and s.getblocking()
+    finally:
+        for s in (a, b, lone):
+            s.close()
+
+
 @pytest.mark.parametrize("form", ["blocking", "coroutine", "start"])
 def test_two_fds_of_one_socket_are_the_same_socket(listener: socket.socket, form: str) -> None:
     # `b = a.dup()` passes an fd comparison, and the relay then echoed a's bytes
