@@ -1752,19 +1752,26 @@ def test_a_listening_socket_is_not_a_relay_side(listener: socket.socket, form: s
     # first read (ENOTCONN), the asyncio form to wait forever (it polls readable
     # only when a connection comes in). Rejected up front, naming the side.
     a, b = tcp_pair(listener)
-    lst = socket.create_server(("127.0.0.1", 0))
+    _refused_as_either_side(
+        form, a, b, socket.create_server(("127.0.0.1", 0)), "a listening socket"
+    )
+
+
+def _refused_as_either_side(
+    form: str, a: socket.socket, b: socket.socket, odd: socket.socket, got: str
+) -> None:
+    """*odd* in place of a, then of b, is refused naming the side; all three closed."""
     try:
-        for x, y, side in ((lst, b, "a"), (a, lst, "b")):
+        for x, y, side in ((odd, b, "a"), (a, odd, "b")):
             with pytest.raises(
                 WrongSocketType,
-                match=f"relay side {side}: expected a connected stream socket, "
-                "got a listening socket",
+                match=f"relay side {side}: expected a connected stream socket, got {got}",
             ):
                 _start_in(form, x, y)
-            for s in (a, b, lst):  # nothing was touched
+            for s in (a, b, odd):  # nothing was touched
                 assert s.fileno() != -1 and s.getblocking()
     finally:
-        for s in (a, b, lst):
+        for s in (a, b, odd):
             s.close()
 
 
@@ -1794,19 +1801,7 @@ def test_a_socket_never_connected_is_not_a_relay_side(
                 port = closed_port.getsockname()[1]
             with pytest.raises(ConnectionRefusedError):
                 lone.connect(("127.0.0.1", port))
-    try:
-        for x, y, side in ((lone, b, "a"), (a, lone, "b")):
-            with pytest.raises(
-                WrongSocketType,
-                match=f"relay side {side}: expected a connected stream socket, "
-                "got a socket neither connected nor connecting",
-            ):
-                _start_in(form, x, y)
-            for s in (a, b, lone):  # nothing was touched
-                assert s.fileno() != -1 and s.getblocking()
-    finally:
-        for s in (a, b, lone):
-            s.close()
+    _refused_as_either_side(form, a, b, lone, "a socket neither connected nor connecting")
 
 
 @pytest.mark.parametrize("form", ["blocking", "coroutine", "start"])
