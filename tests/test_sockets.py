@@ -549,6 +549,7 @@ def test_group_all_or_nothing(monkeypatch: pytest.MonkeyPatch, failing: int) -> 
     assert f"member {failing} of 4 failed" in str(info.value)
     assert "injected" in str(info.value)
     assert isinstance(info.value.__cause__, OSError)
+    assert info.value.errno == errno.EMFILE  # the member's code, as a plain OSError has it
     assert all(s.fileno() == -1 for s in made)
     assert open_fds() == before
 
@@ -583,6 +584,7 @@ def test_group_member_conflict_is_reported() -> None:
         with pytest.raises(GroupMemberError, match="member 0 of 2 failed") as info:
             reuseport_group(plain.getsockname(), 2)
         assert isinstance(info.value.__cause__, AddressInUse)
+        assert info.value.errno == errno.EADDRINUSE
 
 
 # --------------------------------------------------------------------------- clients

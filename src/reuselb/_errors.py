@@ -143,6 +143,9 @@ class GroupMemberError(ReuselbError, OSError):
 
     :ivar index: zero-based index of the member that failed.
     :ivar count: how many members were asked for.
+    :ivar errno: the member's own ``errno`` (``EMFILE``, ``EADDRINUSE``, ...) when it
+        failed with an :class:`OSError`, else ``None``, so that code written for the
+        plain socket calls (``exc.errno == errno.EMFILE``) reads the cause here too.
     The original exception is chained as ``__cause__``.
     """
 
@@ -155,6 +158,10 @@ class GroupMemberError(ReuselbError, OSError):
             f"reuseport group on {address}: member {index} of {count} failed "
             f"({type(cause).__name__}: {cause}); the {index} member(s) already made were closed",
         )
+        # OSError's one-argument form leaves errno None; the message above is kept
+        # as the only argument (str() is unchanged), the code is copied over.
+        if isinstance(cause, OSError):
+            self.errno = cause.errno
 
     def __str__(self) -> str:
         return str(self.args[0])
