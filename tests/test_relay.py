@@ -2031,7 +2031,7 @@ def test_a_socket_like_raising_in_the_blocking_form_ends_the_relay(
 
 
 @pytest.mark.parametrize("api", ["coroutine", "start"])
-@pytest.mark.parametrize("kind", ["exception", "system-exit"])
+@pytest.mark.parametrize("kind", ["exception", "stop-iteration", "system-exit"])
 def test_a_socket_like_raising_ends_its_relay_and_spares_the_others(
     listener: socket.socket, on_loop: _Loop, api: str, kind: str
 ) -> None:
@@ -2044,7 +2044,13 @@ def test_a_socket_like_raising_ends_its_relay_and_spares_the_others(
     b, backend = tcp_pair(listener)
     client2, a2 = tcp_pair(listener)
     b2, backend2 = tcp_pair(listener)
-    exc: BaseException = ValueError("bad header") if kind == "exception" else SystemExit(3)
+    # StopIteration cannot be set on a future (asyncio raises TypeError): the await
+    # used to hang; it raises RuntimeError from it, as a coroutine would (PEP 479).
+    exc: BaseException = {
+        "exception": ValueError("bad header"),
+        "stop-iteration": StopIteration("bad header"),
+        "system-exit": SystemExit(3),
+    }[kind]
     handled: list[object] = []
     loop = on_loop.new()
     loop.set_exception_handler(lambda _loop, ctx: handled.append(ctx.get("exception")))
@@ -2078,6 +2084,10 @@ def test_a_socket_like_raising_ends_its_relay_and_spares_the_others(
         if kind == "exception":
             with pytest.raises(ValueError, match="bad header"):
                 loop.run_until_complete(bounded(relay))
+        elif kind == "stop-iteration":
+            with pytest.raises(RuntimeError, match="StopIteration") as info:
+                loop.run_until_complete(bounded(relay))
+            assert info.value.__cause__ is exc
         else:
             with pytest.raises(SystemExit):
                 loop.run_until_complete(bounded(relay))

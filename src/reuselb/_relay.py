@@ -461,6 +461,22 @@ class _Flow:
         return self.shut
 
 
+def _settable(exc: Exception) -> Exception:
+    """*exc*, or a RuntimeError from it if it is a StopIteration.
+
+    ``Future.set_exception(StopIteration())`` raises TypeError (asyncio refuses it:
+    it would end a generator awaiting the future), which left a relay whose
+    SocketLike raised StopIteration ended but its future never done. A coroutine
+    turns a StopIteration raised inside it into RuntimeError (PEP 479); so does
+    this, with the original chained as ``__cause__``.
+    """
+    if isinstance(exc, StopIteration):
+        wrapped = RuntimeError(f"a relayed socket raised StopIteration: {exc!r}")
+        wrapped.__cause__ = exc
+        return wrapped
+    return exc
+
+
 class _Failure(Exception):
     def __init__(self, side: str, end: End, error: OSError) -> None:
         self.side, self.end, self.error = side, end, error
@@ -1659,7 +1675,7 @@ async def _run_async_selector(relay: _Relay) -> RelayStats:
             # Not a socket error (a SocketLike method raising ValueError...): the
             # coroutine raises it once the relay is ended, as pipe_splice does.
             if not finished.done():
-                finished.set_exception(exc)
+                finished.set_exception(_settable(exc))
         except BaseException:
             # KeyboardInterrupt, SystemExit: out to the loop, as asyncio lets them
             # out of callbacks; the relay ends as if cancelled.
@@ -2038,7 +2054,7 @@ class _Driven:
                 if exc is None:
                     self.future.cancel()
                 else:
-                    self.future.set_exception(exc)
+                    self.future.set_exception(_settable(exc))
 
     def rearm(self) -> None:
         # An fd is armed (always edge-triggered) for what its relay waits for:
