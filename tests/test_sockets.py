@@ -269,6 +269,10 @@ def test_link_local_address_needs_a_zone_naming_an_interface(
         ("[fe80::abcd]:0", "a link-local address needs a zone"),
         ("[ff02::1]:0", "a link-local address needs a zone"),
         (f"[fe80::abcd%{absent}]:0", f"no interface with index {absent}"),
+        # Before: HostNotFound "unknown host ...: Name or service not known", glibc's
+        # EAI_NONAME for a literal that never goes to DNS.
+        ("[fe80::abcd%nosuchif0]:0", "no interface named 'nosuchif0'"),
+        ("[2001:db8::1%nosuchif0]:0", "no interface named 'nosuchif0'"),
     ]:
         with pytest.raises(AddressError) as info:
             binder(value)
@@ -286,6 +290,10 @@ def test_connect_to_link_local_literal_needs_a_zone_naming_an_interface(
         connect_tcp("[fe80::abcd]:1", timeout=5)
     with pytest.raises(AddressError, match=f"no interface with index {absent}"):
         connect_tcp(f"[fe80::abcd%{absent}]:1", timeout=5)
+    with pytest.raises(AddressError, match=r"'\[fe80::abcd%nosuchif0\]:1'.*no interface named"):
+        connect_tcp("[fe80::abcd%nosuchif0]:1", timeout=5)
+    with pytest.raises(AddressError, match=r"'\[fe80::1%nosuchif0\]:0'.*no interface named"):
+        connect_tcp("[::1]:1", source="[fe80::1%nosuchif0]:0", timeout=5)
 
 
 @pytest.mark.ipv6
@@ -301,6 +309,20 @@ def test_bind_einval_and_enodev_are_address_errors(
         reuseport_listener("[fe80::abcd]:0")
     with pytest.raises(AddressError, match=f"no interface with index {absent}"):
         reuseport_udp(f"[fe80::abcd%{absent}]:0")
+
+
+@pytest.mark.ipv6
+def test_a_zone_may_name_its_interface(no_fd_leak: None) -> None:
+    # glibc resolves a named zone for link-local addresses only: "[::1%lo]" was
+    # HostNotFound, though "[::1%1]" bound (the kernel ignores the scope of a
+    # non-link-local address). A name gives the same sockaddr as its index.
+    index = socket.if_nametoindex("lo")
+    with reuseport_listener("[::1%lo]:0") as by_name:
+        assert by_name.getsockname()[:2] == ("::1", by_name.getsockname()[1])
+        with connect_tcp(by_name.getsockname()[:2], source="[::1%lo]:0", timeout=5) as c:
+            assert c.getsockname()[0] == "::1"
+    with reuseport_udp(f"[::1%{index}]:0") as by_index:
+        assert by_index.getsockname()[0] == "::1"
 
 
 def test_unknown_host() -> None:

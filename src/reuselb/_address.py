@@ -284,15 +284,33 @@ def resolve_address(
     *,
     passive: bool,
     family: socket.AddressFamily = socket.AF_UNSPEC,
+    value: object = None,
 ) -> list[tuple[socket.AddressFamily, SockAddr]]:
     """Turn an :class:`Address` into ``(family, sockaddr)`` candidates, in preference order.
 
     Literals never touch DNS. The wildcard ``""`` is ``0.0.0.0`` when *passive*
     (binding) and ``127.0.0.1`` otherwise, unless *family* asks for IPv6.
 
+    :param value: what the caller wrote, for error messages (default: *address*).
     :raises HostNotFound: the name does not resolve (for *family*, if given).
+    :raises AddressError: an IPv6 literal's zone names no interface of this host.
     """
     host = address.host
+    literal, pct, zone = host.partition("%")
+    if pct and not zone.isdigit():
+        # glibc's getaddrinfo answers a named zone with EAI_NONAME ("Name or service
+        # not known") when no interface has that name, and also when the address is
+        # not link-local ("::1%lo"; it looks names up for link-local scopes only),
+        # which would read as a DNS failure of a literal that never goes to DNS.
+        # The index is what the sockaddr carries either way: look the name up here,
+        # name the zone if it is unknown, and hand getaddrinfo the number.
+        try:
+            host = f"{literal}%{socket.if_nametoindex(zone)}"
+        except OSError:
+            raise AddressError(
+                str(address) if value is None else value,
+                f"no interface named {zone!r} (the address's zone)",
+            ) from None
     if host == "":
         if family == socket.AF_INET6:
             host = "::" if passive else "::1"

@@ -314,7 +314,7 @@ def _bind_target(
         if address.family == socket.AF_INET:
             raise AddressError(value, "dualstack=True needs an IPv6 or wildcard address, not IPv4")
     family = socket.AF_INET6 if dualstack else socket.AF_UNSPEC
-    target = resolve_address(address, kind, passive=True, family=family)[0]
+    target = resolve_address(address, kind, passive=True, family=family, value=value)[0]
     if target[0] == socket.AF_INET6 and not dualstack:
         # Every IPv6 socket made here is V6ONLY unless dualstack, and Linux refuses
         # to bind a V6ONLY socket to an IPv4-mapped address with a bare EINVAL
@@ -802,7 +802,7 @@ def connect_tcp(
     src = parse_address(source) if source is not None else None
     last: OSError | None = None
     mismatch: ReuselbError | None = None
-    for family, sockaddr in resolve_address(addr, socket.SOCK_STREAM, passive=False):
+    for family, sockaddr in resolve_address(addr, socket.SOCK_STREAM, passive=False, value=address):
         if addr.is_literal:
             # The caller's own literal: the kernel's EINVAL/ENODEV would read as a
             # connect failure of the peer. (A name's candidates are tried in turn.)
@@ -822,7 +822,7 @@ def connect_tcp(
                 continue
             try:
                 src_sockaddr = resolve_address(
-                    src, socket.SOCK_STREAM, passive=True, family=family
+                    src, socket.SOCK_STREAM, passive=True, family=family, value=source
                 )[0][1]
             except HostNotFound as exc:
                 mismatch = exc
