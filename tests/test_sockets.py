@@ -37,7 +37,7 @@ from reuselb import (
 from reuselb import _steering as steering
 from reuselb._address import resolve_address
 from reuselb._demo import start_workers, stop_workers
-from tests.conftest import fds_left, open_fds
+from tests.conftest import fds_left, open_fds, run_in_netns
 
 pytestmark = pytest.mark.linux
 
@@ -867,6 +867,61 @@ def test_probe_without_fds_is_an_error_and_not_remembered(
     assert reuselb.supports_reuseport()
     with reuseport_listener("127.0.0.1:0") as lst:
         assert socket_info(lst).reuseport
+
+
+# Run by run_in_netns: ip_local_port_range is per network namespace, so narrowing
+# it there leaves the host's alone. Two sockets per family take both ports.
+_PORTS_EXHAUSTED = """
+import json, socket
+import reuselb
+RANGE = "/proc/sys/net/ipv4/ip_local_port_range"
+with open(RANGE) as f:
+    wide = f.read()
+with open(RANGE, "w") as f:
+    f.write("40000 40001")
+hogs = []
+for _ in range(2):
+    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        s = socket.socket(family, socket.SOCK_STREAM)
+        s.bind((host, 0))
+        hogs.append(s)
+out = {}
+def outcome(call):
+    try:
+        result = call()
+    except OSError as exc:
+        return [type(exc).__name__, exc.errno, str(exc)]
+    if isinstance(result, socket.socket):
+        result.close()
+        return "socket"
+    return result
+"""
+
+
+@pytest.mark.root
+def test_probe_without_a_free_port_is_an_error_and_not_remembered() -> None:
+    # Before: the probe's first bind (port 0) failing with EADDRINUSE was taken as
+    # the kernel refusing SO_REUSEPORT, and remembered: every later listener of the
+    # process raised ReuseportUnsupported, long after ports were free again.
+    out = run_in_netns(
+        _PORTS_EXHAUSTED
+        + """
+out["exhausted"] = outcome(reuselb.supports_reuseport)
+for s in hogs:
+    s.close()
+with open(RANGE, "w") as f:
+    f.write(wide)
+out["freed"] = outcome(reuselb.supports_reuseport)
+out["listener"] = outcome(lambda: reuselb.reuseport_listener("127.0.0.1:0"))
+print(json.dumps(out))
+"""
+    )
+    assert isinstance(out["exhausted"], list), out
+    kind, err, message = out["exhausted"]
+    assert (kind, err) == ("OSError", errno.EADDRINUSE)
+    assert "no free port left in the ephemeral range" in message
+    assert out["freed"] is True
+    assert out["listener"] == "socket"
 
 
 def test_probe_falls_back_to_ipv6_loopback(fake_platform: pytest.MonkeyPatch) -> None:

@@ -116,9 +116,11 @@ def _platform_option(platform: str) -> tuple[int | None, bool, str]:
 
 
 # What a kernel (or a seccomp filter) that does not allow a SO_REUSEPORT group
-# answers: the option unknown, the second bind refused, the call forbidden. Any
-# other error (EMFILE, ENOBUFS...) says nothing about SO_REUSEPORT and is raised,
-# so that a probe made while the process was out of fds is not remembered as "no".
+# answers: the option unknown, the second bind refused, the call forbidden. Only
+# the SO_REUSEPORT setsockopt and the second bind can say so: any other error
+# (EMFILE, ENOBUFS...; EADDRINUSE from the first bind, when no ephemeral port is
+# free) says nothing about SO_REUSEPORT and is raised, so that a probe made while
+# the process was out of fds or ports is not remembered as "no".
 _PROBE_REFUSED = frozenset(
     {errno.ENOPROTOOPT, errno.EINVAL, errno.EOPNOTSUPP, errno.EADDRINUSE, errno.EPERM, errno.EACCES}
 )
@@ -129,28 +131,49 @@ _PROBE_NO_FAMILY = frozenset({errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL})
 def _probe(option: int) -> bool:
     """Bind two sockets to one loopback port with *option*: does the kernel allow it?
 
-    :raises OSError: the probe could not run (e.g. EMFILE); nothing is learnt then.
+    Only the SO_REUSEPORT setsockopts and the second bind answer the question.
+
+    :raises OSError: the probe could not run (e.g. EMFILE, or EADDRINUSE when the
+        first bind found no free ephemeral port); nothing is learnt then.
     """
     for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
-        first = second = None
-        try:
-            first = _new_socket(family, socket.SOCK_STREAM, False)
-            first.setsockopt(socket.SOL_SOCKET, option, 1)
-            first.bind((host, 0))
-            second = _new_socket(family, socket.SOCK_STREAM, False)
-            second.setsockopt(socket.SOL_SOCKET, option, 1)
-            second.bind(first.getsockname())
-        except OSError as exc:
-            if exc.errno in _PROBE_REFUSED:
-                return False
-            if exc.errno not in _PROBE_NO_FAMILY or family == socket.AF_INET6:
+        with contextlib.ExitStack() as made:
+            try:
+                first = made.enter_context(_new_socket(family, socket.SOCK_STREAM, False))
+            except OSError as exc:
+                if exc.errno in _PROBE_NO_FAMILY and family == socket.AF_INET:
+                    continue
                 raise
-            continue
-        finally:
-            for s in (first, second):
-                if s is not None:
-                    s.close()
-        return True
+            try:
+                first.setsockopt(socket.SOL_SOCKET, option, 1)
+            except OSError as exc:
+                if exc.errno in _PROBE_REFUSED:
+                    return False
+                raise
+            try:
+                first.bind((host, 0))
+            except OSError as exc:
+                if exc.errno in _PROBE_NO_FAMILY and family == socket.AF_INET:
+                    continue
+                if exc.errno == errno.EADDRINUSE:
+                    # Port 0 and EADDRINUSE: every port of the namespace's
+                    # net.ipv4.ip_local_port_range is taken. One socket with
+                    # SO_REUSEPORT says nothing about a group yet.
+                    raise OSError(
+                        exc.errno,
+                        f"cannot probe SO_REUSEPORT: no free port left in the ephemeral "
+                        f"range (net.ipv4.ip_local_port_range) to bind {host} port 0",
+                    ) from exc
+                raise
+            second = made.enter_context(_new_socket(family, socket.SOCK_STREAM, False))
+            try:
+                second.setsockopt(socket.SOL_SOCKET, option, 1)
+                second.bind(first.getsockname())
+            except OSError as exc:
+                if exc.errno in _PROBE_REFUSED:
+                    return False
+                raise
+            return True
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -181,8 +204,9 @@ def supports_reuseport(*, balanced: bool = True) -> bool:
         (macOS accepts it but sends everything to the last socket bound).
     :returns: True when the requested level is available.
     :raises InvalidArgument: *balanced* is not a bool.
-    :raises OSError: the probe could not run (e.g. ``EMFILE``: no fd left); no
-        answer is remembered then, and the next call probes again.
+    :raises OSError: the probe could not run (``EMFILE``: no fd left;
+        ``EADDRINUSE``: no free port left in the ephemeral range); no answer is
+        remembered then, and the next call probes again.
     """
     balanced = check_flag("balanced", balanced)
     cap = _capability()
