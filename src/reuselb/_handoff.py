@@ -87,6 +87,23 @@ _MAX_JSON = _max_header()
 #: buffer up front, whatever arrives.
 _READ_CHUNK = 1 << 20
 _MSG_CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0x40000000)
+#: SCM_PIDFD (Linux 6.5+, <asm-generic/socket.h>): a pidfd of the sender, installed
+#: as an fd in the receiver when the channel has SO_PASSPIDFD set.
+_SCM_PIDFD = getattr(socket, "SCM_PIDFD", 4)
+#: Control buffer of every recvmsg here. The kernel writes, in this order (net/core/
+#: scm.c, __scm_recv_common and scm_recv_unix): SCM_CREDENTIALS when the channel
+#: has SO_PASSCRED (a struct ucred, 12 bytes), SCM_SECURITY when it has SO_PASSSEC
+#: (the sender's security label: a few dozen bytes, but an SELinux context with MLS
+#: categories can run to kilobytes), SCM_RIGHTS (up to SCM_MAX_FD fds), then
+#: SCM_PIDFD with SO_PASSPIDFD (one int). A buffer sized for the fds alone leaves
+#: none of them room: the fds that do not fit are closed by the kernel and flagged
+#: MSG_CTRUNC, so a full chunk of 253 always failed on a channel with SO_PASSCRED.
+_CMSG_BUFSIZE = (
+    socket.CMSG_SPACE(12)  # struct ucred
+    + socket.CMSG_SPACE(4096)  # security label
+    + socket.CMSG_SPACE(_MAX_FDS * 4)
+    + socket.CMSG_SPACE(4)  # pidfd
+)
 _SO_ACCEPTCONN = getattr(socket, "SO_ACCEPTCONN", 30)
 
 
@@ -325,10 +342,23 @@ def _adopt_listed_locked(
 
 
 def _take_fds(ancdata: list[tuple[int, int, bytes]], flags: int, fds: list[int]) -> None:
+    """Add the SCM_RIGHTS fds of one recvmsg to *fds*; close any other fd it installed.
+
+    The caller owns what lands in *fds* (it closes them on failure). With
+    SO_PASSPIDFD set on the channel (Linux 6.5+) the kernel also installs a pidfd
+    of the sender in every recvmsg that has a control buffer (SCM_PIDFD): nobody
+    asked this function for it, so it is closed here, before any error is raised.
+
+    :raises HandoffError: the control data was truncated (MSG_CTRUNC).
+    """
+    others: list[int] = []
     for level, kind, cdata in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            usable = len(cdata) - len(cdata) % 4
-            fds.extend(array.array("i", cdata[:usable]))
+        if level != socket.SOL_SOCKET or kind not in (socket.SCM_RIGHTS, _SCM_PIDFD):
+            continue
+        usable = len(cdata) - len(cdata) % 4
+        (fds if kind == socket.SCM_RIGHTS else others).extend(array.array("i", cdata[:usable]))
+    for fd in others:
+        os.close(fd)
     if flags & socket.MSG_CTRUNC:
         raise HandoffError("control data truncated: descriptors were lost in transit")
 
@@ -339,7 +369,7 @@ def _recv_exact(channel: socket.socket, n: int, fds: list[int]) -> bytes:
     data = bytearray()
     while len(data) < n:
         msg, ancdata, flags, _ = channel.recvmsg(
-            min(n - len(data), _READ_CHUNK), socket.CMSG_SPACE(_MAX_FDS * 4), _MSG_CMSG_CLOEXEC
+            min(n - len(data), _READ_CHUNK), _CMSG_BUFSIZE, _MSG_CMSG_CLOEXEC
         )
         _take_fds(ancdata, flags, fds)
         if not msg:
@@ -373,9 +403,7 @@ def _recv_header(channel: socket.socket, fds: list[int]) -> bytes:
     # (recv_into, not recv: CPython's recv would grow its 1-byte result to that length.)
     size = channel.recv_into(bytearray(1), 1, socket.MSG_PEEK | socket.MSG_TRUNC)
     want = min(max(size, _HEADER.size), _HEADER.size + _MAX_JSON + 1)
-    msg, ancdata, flags, _ = channel.recvmsg(
-        want, socket.CMSG_SPACE(_MAX_FDS * 4), _MSG_CMSG_CLOEXEC
-    )
+    msg, ancdata, flags, _ = channel.recvmsg(want, _CMSG_BUFSIZE, _MSG_CMSG_CLOEXEC)
     _take_fds(ancdata, flags, fds)
     if len(msg) < _HEADER.size:
         raise HandoffError(f"not a reuselb handoff message ({len(msg)} bytes)")
