@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
@@ -388,6 +388,30 @@ def test_group_port_zero_uses_first_members_port() -> None:
         assert group.address.port == group.port
         assert group.fileno(1) == group[1].fileno()
         assert "3/3 members" in repr(group)
+
+
+@pytest.mark.parametrize("kind", ["tcp", "udp"])
+def test_group_resolves_a_name_once(
+    monkeypatch: pytest.MonkeyPatch, kind: Literal["tcp", "udp"], no_fd_leak: None
+) -> None:
+    # Before: each member resolved the name again, and with DNS round robin the
+    # members landed on different addresses: two kernel groups reported as one.
+    real = socket.getaddrinfo
+    lookups = 0
+
+    def round_robin(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        nonlocal lookups
+        if host != "web.internal":
+            return real(host, port, *args, **kwargs)
+        lookups += 1
+        hosts = ["127.0.0.1", "127.0.0.2"][:: 1 if lookups % 2 else -1]
+        return [info for h in hosts for info in real(h, port, *args, **kwargs)]
+
+    monkeypatch.setattr(socket, "getaddrinfo", round_robin)
+    with reuseport_group("web.internal:0", 4, kind=kind) as group:
+        assert len({m.getsockname() for m in group}) == 1
+        assert group.address == reuselb.Address("web.internal", group.port)
+        steering.attach_cpu_steering(group, strict=False)  # checks one kernel group
 
 
 def test_group_take_and_close() -> None:

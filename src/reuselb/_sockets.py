@@ -713,8 +713,10 @@ def reuseport_group(
     """*count* members bound to one port, made all or nothing.
 
     With port 0 the kernel picks a free port for the first member and the rest bind
-    to it. If any member fails, every member already made is closed and the error
-    says which member failed and why.
+    to it. A host name is resolved once: the other members bind the address the
+    first one got, so all are in one kernel group even when the name has several
+    addresses. If any member fails, every member already made is closed and the
+    error says which member failed and why.
 
     :param address: see :func:`reuseport_listener`.
     :param count: how many members (>= 1).
@@ -759,15 +761,22 @@ def reuseport_group(
         address,
     )
     members: list[socket.socket] = []
+    # What the members bind: after member 0, the address it actually got. A host
+    # name resolved again per member could give another address each time (DNS
+    # round robin, a changed /etc/hosts), and members on two addresses are two
+    # kernel groups. The 4-tuple keeps an IPv6 scope id as the zone.
+    target = addr
     try:
         for index in range(count):
             try:
-                sock = factory(addr, **options)
+                sock = factory(target, **options)
             except (OSError, ValueError) as exc:
                 raise GroupMemberError(index, count, str(addr), exc) from exc
             members.append(sock)
             if index == 0:
-                addr = addr.with_port(sock.getsockname()[1])
+                bound = sock.getsockname()
+                addr = addr.with_port(bound[1])
+                target = parse_address(bound)
     except BaseException:
         # Whatever stopped the loop (a member's error, a TypeError from an unknown
         # option, KeyboardInterrupt between two members), the group is all or
