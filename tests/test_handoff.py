@@ -172,6 +172,94 @@ def test_malformed_header_closes_each_fd_once(entries: object, match: str) -> No
             s.close()
 
 
+def _udp_entries(n: int) -> list[dict[str, object]]:
+    return [
+        {
+            "name": f"s{i}",
+            "family": int(socket.AF_INET),
+            "type": int(socket.SOCK_DGRAM),
+            "listening": False,
+        }
+        for i in range(n)
+    ]
+
+
+def _send_forged(channel: socket.socket, payload: bytes, fds: list[int]) -> None:
+    rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
+    channel.sendmsg([payload], rights)
+
+
+def _forged_header(entries: list[dict[str, object]]) -> bytes:
+    header = json.dumps({"sockets": entries}).encode()
+    return struct.pack("!4sI", b"RLB1", len(header)) + header
+
+
+@pytest.mark.parametrize("kind", [socket.SOCK_STREAM, socket.SOCK_DGRAM], ids=["stream", "dgram"])
+def test_a_header_with_too_few_descriptors_is_refused_at_once(kind: int) -> None:
+    # Before: recv_sockets waited for a chunk no sender sends (send_sockets always
+    # puts min(n, 253) fds on the header): it blocked until the channel's timeout,
+    # and on a stream read the next handoff's first byte as the chunk's marker.
+    a, b = socket.socketpair(socket.AF_UNIX, kind)
+    udp, good = udp_socket(), udp_socket()
+    try:
+        b.settimeout(10)  # a hang fails as TimeoutError, not as a stuck test
+        before = open_fds()
+        _send_forged(a, _forged_header(_udp_entries(2)), [udp.fileno()])
+        send_sockets(a, [good], names=["good"])  # queued behind the bad one
+        with pytest.raises(HandoffError, match="header lists 2 sockets but 1 descriptor came"):
+            recv_sockets(b)
+        assert open_fds() == before
+        got = recv_sockets(b)  # the stream is still in step
+        assert os.fstat(got["good"].fileno()).st_ino == os.fstat(good.fileno()).st_ino
+        got["good"].close()
+    finally:
+        for s in (a, b, udp, good):
+            s.close()
+
+
+@pytest.mark.parametrize(
+    ("chunk", "then_close", "match"),
+    [
+        (
+            [],
+            True,
+            r"closed after 0 of 1 marker bytes of the chunk of descriptors after 253 of 300",
+        ),
+        (10, False, r"chunk of descriptors after 253 of 300 has 10 descriptors, expected 47"),
+        (0, False, r"chunk of descriptors after 253 of 300 has 0 descriptors, expected 47"),
+        (
+            b"?",
+            False,
+            r"expected the marker of the chunk of descriptors after 253 of 300, got b'\?'",
+        ),
+    ],
+    ids=["closed", "short", "empty", "wrong-marker"],
+)
+def test_a_chunk_that_is_not_what_the_header_promised_is_refused(
+    chunk: object, then_close: bool, match: str
+) -> None:
+    # Before: a closed channel read as "N of 1 header bytes", a short chunk was
+    # taken and the next one awaited, and a wrong marker was only "expected a chunk".
+    a, b = socket.socketpair()
+    udp = udp_socket()
+    try:
+        b.settimeout(10)
+        before = open_fds()
+        _send_forged(a, _forged_header(_udp_entries(300)), [udp.fileno()] * 253)
+        if isinstance(chunk, int):
+            _send_forged(a, b"+", [udp.fileno()] * chunk)
+        elif isinstance(chunk, bytes):
+            _send_forged(a, chunk, [udp.fileno()] * 47)
+        if then_close:
+            a.shutdown(socket.SHUT_WR)  # the sender is gone before the chunk's marker
+        with pytest.raises(HandoffError, match=match):
+            recv_sockets(b)
+        assert open_fds() == before
+    finally:
+        for s in (a, b, udp):
+            s.close()
+
+
 def test_deeply_nested_header_is_malformed_not_a_recursion_error() -> None:
     # json's decoder recurses once per level: 5,000 levels is 10 KB, far under the
     # size limit, and used to escape as a bare RecursionError.

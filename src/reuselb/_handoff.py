@@ -363,7 +363,14 @@ def _take_fds(ancdata: list[tuple[int, int, bytes]], flags: int, fds: list[int])
         raise HandoffError("control data truncated: descriptors were lost in transit")
 
 
-def _recv_exact(channel: socket.socket, n: int, fds: list[int]) -> bytes:
+def _recv_exact(
+    channel: socket.socket, n: int, fds: list[int], what: str = "header bytes"
+) -> bytes:
+    """*n* bytes of the channel, adding the fds that come with them to *fds*.
+
+    :param what: what the bytes are, for the error when the channel closes early.
+    :raises HandoffError: the channel closed first, or control data was truncated.
+    """
     # A bytearray: a header of megabytes comes in many reads, and bytes += bytes
     # would copy everything read so far at each one.
     data = bytearray()
@@ -373,9 +380,40 @@ def _recv_exact(channel: socket.socket, n: int, fds: list[int]) -> bytes:
         )
         _take_fds(ancdata, flags, fds)
         if not msg:
-            raise HandoffError(f"channel closed after {len(data)} of {n} header bytes")
+            raise HandoffError(f"channel closed after {len(data)} of {n} {what}")
         data += msg
     return bytes(data)
+
+
+def _descriptors(n: int) -> str:
+    return f"{n} descriptor{'' if n == 1 else 's'}"
+
+
+def _recv_chunks(channel: socket.socket, count: int, fds: list[int]) -> None:
+    """Receive the fds of a handoff of *count* sockets that did not come with the header.
+
+    send_sockets puts exactly ``min(count, 253)`` fds on the header and each further
+    chunk of up to 253 on a one-byte marker, so any other number is refused at
+    once: waiting for fds that no sender will send would block, and on a stream
+    channel read the next handoff's first byte as a marker.
+
+    :raises HandoffError: a wrong count of fds, a wrong marker, or the channel closed.
+    """
+    if len(fds) != min(count, _MAX_FDS):
+        raise HandoffError(
+            f"header lists {count} socket{'' if count == 1 else 's'} but "
+            f"{_descriptors(len(fds))} came with it"
+            + ("" if count <= _MAX_FDS else f" (a sender puts {_MAX_FDS} on the header)")
+        )
+    while len(fds) < count:  # further chunks, one marker byte each
+        before = len(fds)
+        want = min(count - before, _MAX_FDS)
+        chunk = f"the chunk of descriptors after {before} of {count}"
+        mark = _recv_exact(channel, 1, fds, what=f"marker bytes of {chunk}")
+        if mark != _CHUNK_MARK:
+            raise HandoffError(f"expected the marker of {chunk}, got {mark!r}")
+        if len(fds) - before != want:
+            raise HandoffError(f"{chunk} has {_descriptors(len(fds) - before)}, expected {want}")
 
 
 def _check_length(magic: bytes, length: int) -> None:
@@ -450,8 +488,10 @@ def recv_sockets(channel: socket.socket) -> dict[str, socket.socket]:
         belongs to the file description both processes share, so it is not changed.
     :raises HandoffError: the message is malformed or truncated, its header is
         larger than any :func:`send_sockets` call writes ("header too large", about
-        20 MiB), or a socket is not what the sender said (every fd received is then
-        closed).
+        20 MiB), the header or a chunk comes with another number of descriptors
+        than :func:`send_sockets` puts on it (refused at once, without waiting for
+        more), the channel closes before the last chunk, or a socket is not what
+        the sender said (every fd received is then closed).
     :raises InvalidArgument: the channel is not a Unix socket.
     :raises SocketClosed: the channel is closed.
     :raises WrongSocketType: the channel is not a socket object.
@@ -466,12 +506,7 @@ def recv_sockets(channel: socket.socket) -> dict[str, socket.socket]:
     wrapped = 0
     try:
         meta = _parse_header(_recv_header(channel, fds))
-        while len(fds) < len(meta):  # further chunks, one marker byte each
-            before = len(fds)
-            if _recv_exact(channel, 1, fds) != _CHUNK_MARK or len(fds) == before:
-                raise HandoffError(f"expected a chunk of descriptors after {before}")
-        if len(meta) != len(fds):
-            raise HandoffError(f"header lists {len(meta)} sockets but {len(fds)} fds arrived")
+        _recv_chunks(channel, len(meta), fds)
         for name, want in meta:
             try:
                 sock = _adopt(fds[wrapped])
