@@ -37,6 +37,7 @@ from reuselb import (
     send_sockets,
     tcp_socket,
 )
+from reuselb.balance import POLICIES
 
 
 def backend(text: str) -> Node:
@@ -169,7 +170,7 @@ def main() -> int:
         required=True,
         help="host:port[,weight]; repeat for each backend",
     )
-    parser.add_argument("--policy", default="round-robin", help="any make_policy() name")
+    parser.add_argument("--policy", default="round-robin", choices=sorted(POLICIES))
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--connect-timeout", type=float, default=3.0)
     parser.add_argument("--retry-after", type=float, default=5.0)
@@ -177,6 +178,8 @@ def main() -> int:
     parser.add_argument("--channel-fd", type=int, help=argparse.SUPPRESS)
     argv = sys.argv[1:]
     args = parser.parse_args(argv)
+    if args.workers < 1:  # 0 would print "ready" and serve nothing
+        parser.error(f"--workers must be at least 1, not {args.workers}")
     if args.channel_fd is None:
         return master(args, argv)
     with socket.socket(fileno=args.channel_fd) as channel:

@@ -99,6 +99,8 @@ def main() -> int:
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--channel-fd", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.workers < 1:  # 0 would print "ready" and serve nothing
+        parser.error(f"--workers must be at least 1, not {args.workers}")
     if args.worker is not None:
         worker(args.channel_fd, args.worker)
         return 0

@@ -73,6 +73,8 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.workers < 1:  # 0 would print "ready" and serve nothing
+        parser.error(f"--workers must be at least 1, not {args.workers}")
     if args.worker:
         worker(args.worker)
         return 0

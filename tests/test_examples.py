@@ -9,6 +9,7 @@ import select
 import signal
 import socket
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -107,3 +108,32 @@ def test_udp_workers_keep_flows_when_a_worker_dies() -> None:
         for f in flows:
             f.close()
         _stop(proc, workers)
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "message"),
+    [
+        ("prefork_http.py", ["--workers", "0"], "--workers must be at least 1, not 0"),
+        ("udp_workers.py", ["--workers", "-1"], "--workers must be at least 1, not -1"),
+        ("uvicorn_reuseport.py", ["--workers", "0"], "--workers must be at least 1, not 0"),
+        (
+            "l4proxy.py",
+            ["--backend", "127.0.0.1:1", "--policy", "bogus"],
+            "invalid choice: 'bogus'",
+        ),
+        ("l4proxy.py", ["--backend", "127.0.0.1:1", "--workers", "0"], "at least 1, not 0"),
+    ],
+)
+def test_examples_refuse_bad_arguments_up_front(script: str, args: list[str], message: str) -> None:
+    # Before: --workers 0 printed "ready" and served nothing (or exited 0), and a bad
+    # policy name came out of a worker as two tracebacks.
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), "--listen", "127.0.0.1:0", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr and "ready" not in done.stdout
