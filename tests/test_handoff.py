@@ -1242,6 +1242,29 @@ def test_drain_close_needs_another_open_member_on_both_paths(
 
 
 @pytest.mark.parametrize("migrate", [False, True])
+@pytest.mark.parametrize("with_other", [False, True], ids=["dup only", "dup and a member"])
+def test_drain_close_does_not_take_a_dup_of_the_listener_for_another_member(
+    monkeypatch: pytest.MonkeyPatch, migrate: bool, with_other: bool
+) -> None:
+    # Before: group=[lst, lst.dup()] passed the "another open member" check (objects
+    # compared, not sockets) and drain_close reported success, while the dup kept
+    # the listener's socket, its queue and its place in the kernel group.
+    monkeypatch.setattr(_handoff, "tcp_migrate_req", lambda: migrate)
+    with reuseport_group("127.0.0.1:0", 2) as group:
+        listener = group[0]
+        with listener.dup() as twin:
+            target = [listener, twin, group[1]] if with_other else [listener, twin]
+            with pytest.raises(InvalidArgument) as info:
+                drain_close(listener, group=target, grace=0, timeout=1)
+            assert str(info.value).startswith(f"invalid group member 1 {twin!r}: ")
+            assert "is the same socket as listener" in str(info.value)
+            assert listener.fileno() != -1
+            assert _no_program(listener)
+            # The check itself compares sockets: a dup is the listener.
+            assert not _handoff._has_another_member(listener, target[:2], target[:2], 0)
+
+
+@pytest.mark.parametrize("migrate", [False, True])
 @pytest.mark.parametrize("odd", ["holder", "other port", "udp"])
 def test_drain_close_refuses_a_member_outside_the_listeners_group(
     monkeypatch: pytest.MonkeyPatch, migrate: bool, odd: str

@@ -536,6 +536,12 @@ def test_steering_refuses_members_that_are_not_one_kernel_group(no_fd_leak: None
             pytest.raises(InvalidArgument, match="is not a TCP or UDP socket"),
         ):
             steering.steer_all_to([unix], 0)
+        # A dup is the same socket under another fd: the kernel group has it once.
+        with group[1].dup() as twin:
+            with pytest.raises(InvalidArgument) as info:
+                steering.attach_hash_steering([*group, twin])
+            assert str(info.value).startswith(f"invalid group member 2 {twin!r}: ")
+            assert "is the same socket as group member 1" in str(info.value)
         # One group, its own way: a program is attached, and a UDP group's members
         # (bound, never listening) are one group too.
         steering.steer_all_to(list(group), 1)

@@ -799,8 +799,11 @@ def _has_another_member(
             for i, m in enumerate(group._members)
         )
     # A plain sequence (read once: it may be an iterator): every member in it was
-    # checked open by _drain_members.
-    return any(m is not listener for m in members)
+    # checked open by _drain_members. Compared as kernel sockets (inodes), not as
+    # objects: a dup() of the listener is the listener, and would keep its socket
+    # (and queue) open after listener.close().
+    mine = os.fstat(listener.fileno()).st_ino
+    return any(os.fstat(m.fileno()).st_ino != mine for m in members)
 
 
 def _drain_members(
@@ -904,7 +907,9 @@ def drain_close(
         is not a member of *group*, a member of *group* is not in the listener's
         kernel group (not listening, as a :func:`~reuselb.hold_port` socket; not
         TCP; without SO_REUSEPORT; or another address, ``IPV6_V6ONLY`` setting or
-        bound device: the message names the member), *group* has no open member
+        bound device: the message names the member), a member is the same socket
+        as *listener* or another member under another fd (a ``dup()``: one inode;
+        it would keep the listener's socket open), *group* has no open member
         besides *listener*
         (on both paths: closing it would reset its queue; a member taken from a
         :class:`~reuselb.ReuseportGroup` counts), or (steer path) there is no

@@ -137,16 +137,31 @@ def _check_one_group(named: Sequence[tuple[str, socket.socket]]) -> None:
     different group than the caller's, with no error from the kernel.
 
     :param named: ``(name for errors, socket)`` pairs, the reference first; all open.
-    :raises InvalidArgument: a member can be in no group, or in another group than
-        the first (the message names both).
+    :raises InvalidArgument: a member can be in no group, is in another group than
+        the first, or is a socket already listed under another fd (a dup: the same
+        inode); the message names both.
     """
     ref_name, ref = named[0]
     want = _group_key(ref, ref_name)
     seen = {id(ref)}
+    # The kernel's group holds sockets, not fds: a dup() (or an fd received for
+    # a socket already listed) is the same socket, one inode, under another fd.
+    # Listed twice it would count as two members (a program's modulus one too
+    # large), and drain_close would take it for another member to hand the
+    # listener's connections to, while its fd keeps the listener's socket open.
+    names_by_inode = {os.fstat(ref.fileno()).st_ino: ref_name}
     for name, sock in named[1:]:
         if id(sock) in seen:  # a member listed twice (a stand-in for a taken one)
             continue
         seen.add(id(sock))
+        inode = os.fstat(sock.fileno()).st_ino
+        if (same := names_by_inode.setdefault(inode, name)) != name:
+            raise InvalidArgument(
+                name,
+                sock,
+                f"is the same socket as {same} (one inode, {inode}, under another fd: "
+                "a dup); a kernel reuseport group holds each socket once",
+            )
         got = _group_key(sock, name)
         if got != want:
             raise InvalidArgument(
@@ -228,7 +243,8 @@ def attach_cpu_steering(group: Iterable[socket.socket], *, strict: bool = True) 
         A member must be a listening TCP or a bound UDP socket with SO_REUSEPORT,
         of the first member's family, type, address, ``IPV6_V6ONLY`` setting and
         bound device (the kernel's rules for one group; the message names the
-        member). This holds for every steering function.
+        member), and listed once: a ``dup()`` of a member (the same socket, one
+        inode) is refused. This holds for every steering function.
     :raises SteeringError: the kernel refused the program.
     :raises SocketClosed: a member is closed.
     :raises WrongSocketType: a member is not a socket object.
