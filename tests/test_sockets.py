@@ -907,21 +907,28 @@ import reuselb
 RANGE = "/proc/sys/net/ipv4/ip_local_port_range"
 with open(RANGE) as f:
     wide = f.read()
-with open(RANGE, "w") as f:
-    f.write("40000 40001")
 hogs = []
-for _ in range(2):
-    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
-        s = socket.socket(family, socket.SOCK_STREAM)
-        s.bind((host, 0))
-        hogs.append(s)
+def exhaust():
+    with open(RANGE, "w") as f:
+        f.write("40000 40001")
+    for _ in range(2):
+        for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+            for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                s = socket.socket(family, kind)
+                s.bind((host, 0))
+                hogs.append(s)
+def free():
+    for s in hogs:
+        s.close()
+    with open(RANGE, "w") as f:
+        f.write(wide)
 out = {}
 def outcome(call):
     try:
         result = call()
     except OSError as exc:
         return [type(exc).__name__, exc.errno, str(exc)]
-    if isinstance(result, socket.socket):
+    if isinstance(result, (socket.socket, reuselb.ReuseportGroup)):
         result.close()
         return "socket"
     return result
@@ -936,11 +943,9 @@ def test_probe_without_a_free_port_is_an_error_and_not_remembered() -> None:
     out = run_in_netns(
         _PORTS_EXHAUSTED
         + """
+exhaust()
 out["exhausted"] = outcome(reuselb.supports_reuseport)
-for s in hogs:
-    s.close()
-with open(RANGE, "w") as f:
-    f.write(wide)
+free()
 out["freed"] = outcome(reuselb.supports_reuseport)
 out["listener"] = outcome(lambda: reuselb.reuseport_listener("127.0.0.1:0"))
 print(json.dumps(out))
@@ -952,6 +957,35 @@ print(json.dumps(out))
     assert "no free port left in the ephemeral range" in message
     assert out["freed"] is True
     assert out["listener"] == "socket"
+
+
+@pytest.mark.root
+def test_port_zero_without_a_free_port_says_so() -> None:
+    # Before: AddressInUse blamed "a socket that is not in a reuseport group with
+    # this one (it lacks SO_REUSEPORT...)": for port 0 no socket holds the address,
+    # the ephemeral range is used up.
+    out = run_in_netns(
+        _PORTS_EXHAUSTED
+        + """
+assert reuselb.supports_reuseport()  # probed while ports are free
+exhaust()
+for name, call in (
+    ("listener", lambda: reuselb.reuseport_listener("127.0.0.1:0")),
+    ("udp", lambda: reuselb.reuseport_udp("[::1]:0")),
+    ("hold_port", lambda: reuselb.hold_port("127.0.0.1:0")),
+    ("group", lambda: reuselb.reuseport_group("127.0.0.1:0", 2)),
+):
+    out[name] = outcome(call)
+free()
+print(json.dumps(out))
+"""
+    )
+    for name in ("listener", "udp", "hold_port", "group"):
+        kind, err, message = out[name]
+        assert kind == ("GroupMemberError" if name == "group" else "AddressInUse"), out[name]
+        assert err == errno.EADDRINUSE
+        assert "no free port left in the ephemeral range" in message
+        assert "SO_REUSEPORT" not in message
 
 
 def test_probe_falls_back_to_ipv6_loopback(fake_platform: pytest.MonkeyPatch) -> None:

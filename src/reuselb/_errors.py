@@ -104,15 +104,25 @@ class AddressInUse(ReuselbError, OSError):
     """``bind`` failed with EADDRINUSE.
 
     On Linux this means another socket holds the address *without* SO_REUSEPORT
-    (or under another user id, which the kernel also refuses to share).
+    (or under another user id, which the kernel also refuses to share), or, for
+    port 0 (*ephemeral*), that no port of the ephemeral range was free.
     """
 
-    def __init__(self, address: str, detail: str = "") -> None:
+    def __init__(self, address: str, detail: str = "", *, ephemeral: bool = False) -> None:
         self.address = address
-        msg = (
-            f"address {address} is already in use by a socket that is not in a reuseport "
-            "group with this one (it lacks SO_REUSEPORT, or belongs to another user id)"
-        )
+        if ephemeral:
+            # bind() to port 0 answers EADDRINUSE when the kernel found no free port
+            # in net.ipv4.ip_local_port_range: no other socket is at fault.
+            msg = (
+                f"no free port left in the ephemeral range (net.ipv4.ip_local_port_range) "
+                f"to bind {address}"
+            )
+        else:
+            msg = (
+                f"address {address} is already in use by a socket that is not in a "
+                "reuseport group with this one (it lacks SO_REUSEPORT, or belongs to "
+                "another user id)"
+            )
         if detail:
             msg = f"{msg}: {detail}"
         OSError.__init__(self, _errno.EADDRINUSE, msg)

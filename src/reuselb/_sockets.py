@@ -381,7 +381,9 @@ def _bound(
             sock.bind(sockaddr)
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                raise AddressInUse(str(parse_address(sockaddr)), exc.strerror or "") from None
+                raise AddressInUse(
+                    str(parse_address(sockaddr)), exc.strerror or "", ephemeral=sockaddr[1] == 0
+                ) from None
             if exc.errno == errno.EADDRNOTAVAIL:
                 raise AddressError(str(addr), "not an address of this host") from None
             if exc.errno == errno.ENODEV:
@@ -471,7 +473,8 @@ def reuseport_listener(
     :raises HostNotFound: the host name does not resolve.
     :raises AddressInUse: a socket outside this reuseport group holds the address
         (``bind`` refused it, or ``listen`` did: a socket bound with SO_REUSEADDR
-        only may share the port until one of the two listens).
+        only may share the port until one of the two listens), or, for port 0, no
+        port of the ephemeral range is free.
     :raises ReuseportUnsupported: the system cannot give what *balanced* asks for.
     :raises InvalidArgument: *backlog*, *fastopen* or *defer_accept* is not an int or
         out of its range, or a flag is not a bool (checked before any socket is made).
@@ -534,7 +537,8 @@ def reuseport_udp(
         IPv6 address without *dualstack*, a link-local IPv6 address without a zone
         or with a zone naming no interface, or refused by ``bind`` with EINVAL.
     :raises HostNotFound: the host name does not resolve.
-    :raises AddressInUse: a socket outside this reuseport group holds the address.
+    :raises AddressInUse: a socket outside this reuseport group holds the address,
+        or, for port 0, no port of the ephemeral range is free.
     :raises ReuseportUnsupported: the system cannot give what *balanced* asks for.
     :raises InvalidArgument: a flag is not a bool.
     :raises OSError: the kernel refused otherwise.
@@ -568,7 +572,8 @@ def hold_port(
         IPv6 address without *dualstack*, a link-local IPv6 address without a zone
         or with a zone naming no interface, or refused by ``bind`` with EINVAL.
     :raises HostNotFound: the host name does not resolve.
-    :raises AddressInUse: a socket outside this reuseport group holds the address.
+    :raises AddressInUse: a socket outside this reuseport group holds the address,
+        or, for port 0, no port of the ephemeral range is free.
     :raises ReuseportUnsupported: the system cannot give what *balanced* asks for.
     :raises InvalidArgument: a flag is not a bool.
     :raises OSError: the kernel refused otherwise.
@@ -903,7 +908,7 @@ def _bind_source(sock: socket.socket, sockaddr: Any, source: object, src: Addres
         sock.bind(sockaddr)
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
-            raise AddressInUse(str(src), exc.strerror or "") from None
+            raise AddressInUse(str(src), exc.strerror or "", ephemeral=sockaddr[1] == 0) from None
         if exc.errno == errno.EADDRNOTAVAIL:
             raise AddressError(source, "not an address of this host") from None
         if exc.errno == errno.ENODEV:
