@@ -228,3 +228,31 @@ def test_four_tuple_limits_accepted(value: object, expected: Address) -> None:
     a = parse_address(value)  # type: ignore[arg-type]
     assert a == expected
     assert parse_address(str(a)) == a
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "[fe80::1%4294967296]:80",
+        "[::1%99999999999]:0",
+        ("fe80::1%4294967296", 80),
+        ("fe80::1%4294967296", 80, 0, 0),
+    ],
+)
+def test_a_numeric_zone_beyond_a_u32_is_refused_when_parsed(value: object) -> None:
+    # Before: it parsed, and failed only at bind or connect, as HostNotFound
+    # ("Name or service not known"), though a literal never goes to DNS.
+    with pytest.raises(AddressError) as info:
+        parse_address(value)  # type: ignore[arg-type]
+    assert "out of range 0-4294967295" in str(info.value)
+    assert repr(value) in str(info.value)
+    zone = str(value[0] if isinstance(value, tuple) else value).split("%")[1].split("]")[0]
+    assert f"zone {zone} " in str(info.value)
+    with pytest.raises(AddressError, match="zone 4294967296 out of range"):
+        Address("fe80::1%4294967296", 80)
+
+
+def test_the_largest_numeric_zone_is_accepted() -> None:
+    a = parse_address("[fe80::1%4294967295]:80")
+    assert a == parse_address(("fe80::1", 80, 0, 2**32 - 1))
+    assert parse_address(str(a)) == a

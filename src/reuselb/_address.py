@@ -141,7 +141,8 @@ def parse_address(value: AddressLike, *, default_port: int | None = None) -> Add
     :param default_port: port to use when a string names only a host.
     :returns: the canonical :class:`Address`.
     :raises AddressError: the value is malformed, a port is out of ``0..65535``,
-        an IPv6 literal lacks its brackets, or a 4-tuple's *scope_id* is out of
+        an IPv6 literal lacks its brackets or has a numeric ``%zone`` above
+        ``2**32-1``, or a 4-tuple's *scope_id* is out of
         ``0..2**32-1``, its *flowinfo* out of ``0..2**20-1``, or its *scope_id*
         differs from the host's ``%zone``.
     """
@@ -257,6 +258,12 @@ def _canonical_v6(text: str, value: object) -> str:
     addr, pct, zone = text.partition("%")
     if pct and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", zone):
         raise AddressError(value, f"invalid IPv6 zone {zone!r}")
+    if pct and zone.isdigit() and int(zone) > _SCOPE_ID_MAX:
+        # A numeric zone is the interface index itself (sin6_scope_id, a u32), as a
+        # 4-tuple's scope_id is. Beyond it getaddrinfo takes the digits for an
+        # interface name, finds none and answers "Name or service not known":
+        # a HostNotFound for a literal that never goes to DNS.
+        raise AddressError(value, f"zone {zone} out of range 0-{_SCOPE_ID_MAX}")
     try:
         ip = ipaddress.IPv6Address(addr)
     except ValueError as exc:
