@@ -114,3 +114,27 @@ def test_demo_runs_every_scenario_by_default() -> None:
     assert out.returncode == 0, out.stderr
     assert "distribution:" in out.stdout
     assert "per backend:" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--port", "abc"], "argument --port: expected a whole number, got 'abc'"),
+        (["--workers", "x"], "argument --workers: expected a whole number, got 'x'"),
+        (["--requests", "1_0"], "argument --requests: expected a whole number, got '1_0'"),
+        (["--port", "70000"], "argument --port: port 70000 out of range 0-65535"),
+        (["--clients", "0"], "argument --clients: must be >= 1, got 0"),
+    ],
+)
+def test_demo_names_a_bad_number(
+    args: list[str], needle: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before: int()'s ValueError reached argparse, which said "invalid _port value".
+    from reuselb.__main__ import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["demo", *args])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert needle in err
+    assert "invalid _" not in err

@@ -4,21 +4,34 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Sequence
 
 from ._errors import ReuselbError
 
 
+def _number(text: str) -> int:
+    """*text* as a decimal int, or an error naming *text* (argparse names the option).
+
+    A ValueError from ``int()`` would reach the user as "invalid _port value",
+    naming this module's helper, not the bad value. ASCII digits only: ``int()``
+    would also take "1_0", " 5" and digits of other scripts.
+    """
+    if not re.fullmatch(r"-?[0-9]{1,20}", text):
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
+    return int(text)
+
+
 def _positive(text: str) -> int:
-    value = int(text)
+    value = _number(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
 
 
 def _port(text: str) -> int:
-    value = int(text)
+    value = _number(text)
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"port {value} out of range 0-65535")
     return value
