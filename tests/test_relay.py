@@ -3116,3 +3116,88 @@ def test_a_started_relay_cancelled_before_it_ran_is_still_ended(
     finally:
         for s in (client, backend, a, b):
             s.close()
+
+
+class _ReadAhead(Wrapped):
+    """A wrapper that read further than it gave out (a PROXY-protocol parser whose
+    first recv took the header and the first bytes after it): those bytes are in
+    the wrapper, none in the kernel socket."""
+
+    def __init__(self, sock: socket.socket, held: bytes) -> None:
+        super().__init__(sock)
+        self.held = held
+
+    def recv_into(self, buffer: memoryview, /) -> int:
+        if not self.held:
+            return super().recv_into(buffer)
+        n = min(len(buffer), len(self.held))
+        buffer[:n] = self.held[:n]
+        self.held = self.held[n:]
+        self.received += n
+        return n
+
+
+@pytest.mark.parametrize("mode", [*TLS_MODES, "asyncio-start"])
+@pytest.mark.parametrize("side", ["a", "b"])
+@pytest.mark.parametrize("kind", ["tls", "read-ahead-wrapper"])
+def test_bytes_a_side_holds_outside_the_kernel_are_relayed_at_once(
+    roomy_listener: socket.socket,
+    tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext],
+    mode: str,
+    side: str,
+    kind: str,
+) -> None:
+    # A proxy read its routing header (7 bytes) from a TLS side: OpenSSL decrypted
+    # the whole record, and the rest of it waits in OpenSSL (pending()), none in
+    # the kernel socket. The epoll hub relied on EPOLL_CTL_ADD to report bytes
+    # already waiting: it polls the kernel socket only, so they were never relayed.
+    # A wrapper that read ahead holds bytes the same way.
+    payload = b"payload-in-the-same-record"
+    plain, peer = _roomy_pair(roomy_listener)
+    held: ssl.SSLSocket | _ReadAhead
+    client: socket.socket
+    if kind == "tls":
+        client, tls_side = _tls_pair(roomy_listener, tls_contexts)
+        raw: socket.socket = tls_side
+        client.sendall(b"HEADER:" + payload)  # one TLS record
+        tls_side.settimeout(JOIN)
+        assert tls_side.recv(7) == b"HEADER:"
+        assert tls_side.pending() == len(payload)
+        held = tls_side
+    else:
+        client, raw = _roomy_pair(roomy_listener)
+        client.sendall(b"HEADER:" + payload)
+        head = _recv_bytes(raw, 7 + len(payload))  # one read of the parser's
+        held = _ReadAhead(raw, head[7:])
+    assert _unread(raw) == 0  # nothing in the kernel socket: no edge to come
+    a, b = (held, plain) if side == "a" else (plain, held)
+    r = Relay.__new__(Relay)
+    r.client, r.a, r.b, r.backend = client, a, b, peer  # type: ignore[assignment]
+    r.stats, r.exc = None, None
+    # (The idle timeout only ends a relay that stalls, as before the fix.)
+    r.thread = threading.Thread(target=r._run, args=(RUNNERS[mode], {"idle_timeout": 30}))
+    r.thread.start()
+    try:
+        assert _recv_soon(peer, len(payload)) == payload
+        peer.shutdown(socket.SHUT_WR)
+        client.settimeout(JOIN)
+        assert client.recv(100) == b""  # the relay's half-close (a close_notify for TLS)
+        if isinstance(client, ssl.SSLSocket):
+            client.unwrap()  # the client's own close_notify
+        else:
+            client.shutdown(socket.SHUT_WR)
+        assert _recv_until_eof_bytes(peer) == b""
+        stats = r.join()
+        moved = (stats.a_to_b, stats.b_to_a)
+        assert moved == ((len(payload), 0) if side == "a" else (0, len(payload)))
+        assert (stats.a_end, stats.b_end, stats.failed) == (End.EOF, End.EOF, None)
+    finally:
+        for s in (client, raw, plain, peer):
+            s.close()
+        r.thread.join(JOIN)
+
+
+def _recv_until_eof_bytes(sock: socket.socket) -> bytes:
+    out: list[bytes] = []
+    _recv_until_eof(sock, out)
+    return out[0]

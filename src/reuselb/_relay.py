@@ -559,6 +559,11 @@ class _Relay:
             unix_a = kernel[0] and _raw_family(a) == _AF_UNIX
             unix_b = kernel[1] and _raw_family(b) == _AF_UNIX
         self.saved = saved
+        # A side that is not a kernel socket (an ssl.SSLSocket, a SocketLike) may
+        # hold bytes its fd does not show: decrypted in OpenSSL, or in a wrapper's
+        # own buffer. The epoll hub must read such a source once at the start
+        # (_Driven.prime): EPOLL_CTL_ADD reports only what is in the kernel socket.
+        self.opaque = not (kernel[0] and kernel[1])
         use_splice = _HAS_SPLICE and not force_copy and kernel[0] and kernel[1]
         self.flows: list[_Flow] = []
         # The scratch of the thread that runs the relay (the one creating it: the
@@ -1598,7 +1603,10 @@ def start_pipe_splice(
     except BaseException:
         relay.abandon()
         raise
-    future.driven = _start_async(relay, loop, future)
+    driven = future.driven = _start_async(relay, loop, future)
+    if relay.opaque:
+        # After future.driven is set: a relay that ends here breaks that cycle.
+        driven.prime()
     return future
 
 
@@ -1986,6 +1994,24 @@ class _Driven:
         # broken by detach().)
         relay.on_notify = self.rearm
 
+    def prime(self) -> None:
+        """Read once, now, each source that may hold bytes its fd does not show.
+
+        start() relies on EPOLL_CTL_ADD to report bytes already waiting, but it
+        polls the kernel socket only: an ssl.SSLSocket whose caller read part of a
+        TLS record (a proxy's ``recv(7)`` of a routing header) has the rest
+        decrypted inside OpenSSL (``pending()``), with nothing left in the kernel,
+        so no edge ever comes and the relay would wait for bytes it already has; a
+        SocketLike may buffer the same way. Such a source is read as if it had
+        reported readable (until EAGAIN: it is bursty); plain sockets never get
+        here. The blocking and fallback drivers pump both flows at the start anyway.
+        """
+        for flow in self.relay.flows:
+            if self.relay.stats is not None:
+                return  # the first read ended the relay
+            if not _is_kernel_socket(flow.src):
+                self.event(flow.src_fd, _EPOLLIN)
+
     def event(self, fd: int, ev: int) -> None:
         relay = self.relay
         f0, f1 = relay.flows
@@ -2179,6 +2205,8 @@ async def _run_async(relay: _Relay) -> RelayStats:
         return await _run_async_selector(relay)
     driven = _start_async(relay, asyncio.get_running_loop())
     try:
+        if relay.opaque:
+            driven.prime()
         return await driven.future
     finally:
         driven.finalize()  # a no-op unless cancelled: then the relay ends here
