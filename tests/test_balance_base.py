@@ -314,6 +314,55 @@ def test_pickling_a_lease_raises_a_clear_type_error(protocol: int) -> None:
     assert p.active() == 0
 
 
+# --------------------------------------------------------------------------- policy copies
+
+COPY_CASES: dict[str, Callable[[list[str]], BalancePolicy]] = {
+    "round-robin": RoundRobin,
+    "least-conn": LeastConn,
+    "p2c": lambda n: make_policy("p2c", n, seed=7),
+    "maglev-bounded": lambda n: MaglevHash(n, table_size=1009, balance_factor=1.25),
+    "ring": lambda n: RingHash(n, vnodes=10),
+    "rendezvous": lambda n: RendezvousHash(n, table_size=1024, seed=3),
+}
+
+
+@pytest.mark.parametrize("kind", list(COPY_CASES))
+@pytest.mark.parametrize("how", ["copy", "deepcopy", "deepcopy in a list"])
+def test_copying_a_policy_gives_an_independent_policy_without_leases(kind: str, how: str) -> None:
+    p = COPY_CASES[kind](NODES)
+    held = [p.acquire("k1") for _ in range(3)]
+    if how == "copy":
+        q = copy.copy(p)
+    elif how == "deepcopy":
+        q = copy.deepcopy(p)
+    else:
+        q = copy.deepcopy([p])[0]
+    assert type(q) is type(p) and q is not p
+    assert q.nodes == p.nodes and q.active() == 0  # leases stay with the original
+    if isinstance(p, HashPolicy):
+        assert isinstance(q, HashPolicy)
+        assert q.hasher.seed == p.hasher.seed and q.balance_factor == p.balance_factor
+    # a change to the copy leaves the original as it was (it corrupted it: the two
+    # shared their node records, and the original's next acquire raised KeyError)
+    for n in NODES[1:]:
+        q.remove(n)
+    assert len(q) == 1 and len(p) == 3 and p.active() == 3
+    for i in range(20):
+        p.acquire(f"key-{i}").release()
+    for lease in held:
+        lease.release()
+    assert p.active() == 0 and q.active() == 0
+
+
+@pytest.mark.parametrize("kind", list(COPY_CASES))
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_pickling_a_policy_raises_a_type_error_naming_it(kind: str, protocol: int) -> None:
+    p = COPY_CASES[kind](NODES)
+    cls = type(p).__name__
+    with pytest.raises(TypeError, match=rf"cannot pickle {cls} policy .*policy\.copy\(\)"):
+        pickle.dumps(p, protocol)
+
+
 # --------------------------------------------------------------------------- diff, preview
 
 

@@ -839,8 +839,41 @@ class BalancePolicy(abc.ABC):
     # ----------------------------------------------------------------- copies, preview
 
     def copy(self) -> BalancePolicy:
-        """A new policy of the same class, options and nodes, with no leases."""
+        """A new policy of the same class, options and nodes, with no leases.
+
+        Nothing is shared with this policy: the copy has its own lock, node records
+        and lookup structure, and changes to either leave the other as it is. It
+        starts afresh: no open leases (leases count in the policy that made them),
+        round robin at the start of its cycle, :class:`PowerOfTwo` with a new
+        generator from its ``seed`` option.
+        """
         return type(self)(self.nodes, **self._options())
+
+    # A policy owns a lock and per-node lease records: a shallow copy would share
+    # them (a change to the "copy" corrupted the original), and pickle/deepcopy
+    # choked on the lock ("cannot pickle '_thread.lock' object").
+
+    def __copy__(self) -> BalancePolicy:
+        """An independent :meth:`copy`: same class, options and nodes, no leases."""
+        return self.copy()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> BalancePolicy:
+        """An independent :meth:`copy` (no leases), as for :meth:`__copy__`."""
+        return self.copy()
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> NoReturn:
+        """:raises TypeError: always: a policy cannot be pickled."""
+        cls = type(self).__name__
+        raise TypeError(
+            f"cannot pickle {cls} policy {self!r}: it holds a lock and the lease counts "
+            f"of this process; use policy.copy() for a copy here, or build one in the "
+            f"other process from policy.nodes and the same options ({cls}(nodes, ...) "
+            "or make_policy)"
+        )
+
+    def __reduce__(self) -> NoReturn:
+        """:raises TypeError: always (see :meth:`__reduce_ex__`)."""
+        self.__reduce_ex__(0)
 
     def preview(
         self, change: Callable[[BalancePolicy], object], keys: Iterable[Key]
