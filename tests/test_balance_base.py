@@ -9,12 +9,16 @@ import random
 import re
 import sys
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 from fractions import Fraction
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from reuselb import (
+    Address,
     DuplicateNode,
     InvalidArgument,
     LeaseReleased,
@@ -385,6 +389,73 @@ def test_diff_and_preview_raise_when_a_side_has_no_live_node_even_without_keys(
     assert one.active() == 0 and one.live_nodes  # not touched
     d = one.preview(lambda p: p.add("10.0.0.2:80"), keys)
     assert d.keys == len(keys)
+
+
+BOUNDED_KINDS: dict[str, Callable[[list[str]], HashPolicy]] = {
+    "maglev": lambda n: MaglevHash(n, table_size=1009, balance_factor=1.25),
+    "ring": lambda n: RingHash(n, vnodes=20, balance_factor=1.25),
+    "rendezvous": lambda n: RendezvousHash(n, table_size=1024, balance_factor=1.25),
+    "rendezvous-exact": lambda n: RendezvousHash(n, table_size=None, balance_factor=1.25),
+}
+
+
+@pytest.mark.parametrize("kind", list(BOUNDED_KINDS))
+@given(hot=st.lists(st.integers(0, 4), min_size=1, max_size=80), drained=st.integers(0, 4))
+@settings(max_examples=15, deadline=None)
+def test_preview_and_diff_of_a_bounded_policy_map_keys_as_pick_does(
+    kind: str, hot: list[int], drained: int
+) -> None:
+    nodes = [f"10.0.0.{i}:80" for i in range(1, 6)]
+    p = BOUNDED_KINDS[kind](nodes)
+    held = [p.acquire(f"hot-{h}") for h in hot]  # open leases on a few hot keys
+    keys = [f"hot-{i}" for i in range(5)] + [f"cold-{i}" for i in range(20)]
+    now = [p.pick(k).address for k in keys]
+
+    def loads(picked: list[Address]) -> dict[Address, int]:
+        return {a: n for a, n in Counter(picked).items() if n}
+
+    # the copies carry the open lease counts: preview and diff saw a lease-free
+    # policy, so a bounded policy's preview differed from its own pick()
+    d = p.preview(lambda q: None, keys)
+    assert {a: n for a, n in d.before.items() if n} == loads(now) and d.moved == 0
+    assert {a: n for a, n in diff(p, p, keys).after.items() if n} == loads(now)
+    d = p.preview(lambda q: q.drain(nodes[drained]), keys)
+    assert p.active() == len(hot)  # not touched
+    p.drain(nodes[drained])
+    later = [p.pick(k).address for k in keys]
+    assert {a: n for a, n in d.after.items() if n} == loads(later)
+    assert d.moved == sum(x != y for x, y in zip(now, later, strict=True))
+    for lease in held:
+        lease.release()
+
+
+@pytest.mark.parametrize(
+    "keys", ["user42", b"user42", bytearray(b"k"), memoryview(b"k"), None, 5, 1.5]
+)
+def test_diff_and_preview_refuse_keys_that_are_not_a_sample_of_keys(keys: object) -> None:
+    p = MaglevHash(NODES, table_size=1009)
+    # one str was sampled per character (diff(p, p, "user42").keys was 6); None or
+    # 5 gave a bare TypeError
+    with pytest.raises(InvalidArgument, match=r"invalid keys .*must be an iterable of keys") as e:
+        diff(p, p, keys)  # type: ignore[arg-type]
+    assert e.value.name == "keys" and e.value.value is keys
+    with pytest.raises(InvalidArgument, match=r"invalid keys .*must be an iterable of keys") as e:
+        p.preview(lambda q: q.remove(NODES[0]), keys)  # type: ignore[arg-type]
+    assert e.value.name == "keys" and e.value.value is keys
+    assert len(p) == 3
+
+
+def test_diff_and_preview_refuse_what_is_not_a_policy_or_a_change() -> None:
+    p = MaglevHash(NODES, table_size=1009)
+    for args, name, bad in (((p, 5), "new", 5), ((None, p), "old", None), ((p, "x"), "new", "x")):
+        # diff(p, 5, keys) gave AttributeError: 'int' object has no attribute 'copy'
+        with pytest.raises(InvalidArgument, match=r"must be a BalancePolicy") as e:
+            diff(args[0], args[1], ["k"])  # type: ignore[arg-type]
+        assert e.value.name == name and e.value.value is bad
+    with pytest.raises(InvalidArgument, match=r"invalid change 5: must be a callable") as e:
+        p.preview(5, ["k"])  # type: ignore[arg-type]
+    assert e.value.name == "change"
+    assert diff(p, p, iter(["a", "b"])).keys == 2  # any iterable, once
 
 
 # --------------------------------------------------------------------------- duplicates

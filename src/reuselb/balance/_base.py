@@ -881,10 +881,17 @@ class BalancePolicy(abc.ABC):
         """What *change* would do, without applying it.
 
         ``change`` is called on a copy (e.g. ``lambda p: p.remove("10.0.0.3:80")``).
+        Both sides are copies that carry this policy's open lease counts (see
+        :func:`diff`), so with bounded load (``balance_factor``) ``before`` is what
+        :meth:`pick` answers now and ``after`` what it would answer once the change
+        is made, leases still open.
 
         :param change: callable applied to a copy of this policy.
-        :param keys: sample keys (for hash policies; others pick once per key).
+        :param keys: sample keys (for hash policies; others pick once per key): an
+            iterable of keys, not one str or bytes.
         :returns: :class:`BalanceDiff` of this policy versus the changed copy.
+        :raises InvalidArgument: *change* is not callable, or *keys* is one str or
+            bytes-like key or not iterable (the error names the value).
         :raises NoNodeAvailable: this policy or the changed copy has no live node
             (also with no keys).
         :raises KeyRequired: a hash policy and a ``None`` key.
@@ -893,9 +900,35 @@ class BalancePolicy(abc.ABC):
         :raises Exception: whatever *change* raises (for example ``UnknownNode``),
             unchanged; this policy is not touched either way.
         """
-        new = self.copy()
-        change(new)
-        return diff(self, new, keys)
+        if not callable(change):
+            raise InvalidArgument(
+                "change", change, "must be a callable that changes the policy copy it is given"
+            )
+        sample = _sample(keys)
+        before = self._copy_with_leases()
+        after = self._copy_with_leases()
+        change(after)
+        return _compare(before, after, sample)
+
+    def _copy_with_leases(self) -> BalancePolicy:
+        """:meth:`copy`, with this policy's open lease counts on the same nodes.
+
+        Only the counts: there is no :class:`Lease` to release in the copy. Picks
+        that read counts (bounded load, least-conn) then answer as this policy's do.
+        """
+        clone = self.copy()
+        with self._lock:
+            counts = [(a, s.active) for a, s in self._slots.items() if s.active]
+        if counts:
+            with clone._lock:
+                for addr, n in counts:
+                    slot = clone._slots.get(addr)
+                    if slot is not None:
+                        slot.active += n
+                        clone._total_active += n
+                        if slot.live:
+                            clone._live_active += n
+        return clone
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {len(self._slots)} nodes, {len(self._live)} live>"
@@ -1060,19 +1093,45 @@ def diff(old: BalancePolicy, new: BalancePolicy, keys: Iterable[Key]) -> Balance
     """Share of *keys* that map to another node in *new* than in *old*, and loads.
 
     Neither policy is changed: both are copied first, so round-robin counters
-    and leases stay as they are. Only hash policies give a meaningful ``moved``.
+    and leases stay as they are. The copies carry each policy's open lease counts,
+    so where picks read them (bounded-load hash policies, :class:`LeastConn`) each
+    side maps the keys as its :meth:`~BalancePolicy.pick` does now. Only hash
+    policies give a meaningful ``moved``.
 
     :param old: the policy as it is.
     :param new: the policy after the change.
-    :param keys: sample keys.
+    :param keys: sample keys: an iterable of keys, not one str or bytes.
     :returns: :class:`BalanceDiff`.
+    :raises InvalidArgument: *old* or *new* is not a :class:`BalancePolicy`, or
+        *keys* is one str or bytes-like key or not iterable (the error names the
+        value).
     :raises NoNodeAvailable: either policy has no live node (also with no keys).
     :raises KeyRequired: a key is None and the policies hash keys.
     :raises InvalidKey: a key is not str or bytes-like, has no UTF-8 form or
         is a released memoryview.
     """
-    a, b = old.copy(), new.copy()
-    sample: Sequence[Key] = list(keys)
+    for name, policy in (("old", old), ("new", new)):
+        if not isinstance(policy, BalancePolicy):
+            raise InvalidArgument(name, policy, "must be a BalancePolicy")
+    sample = _sample(keys)
+    return _compare(old._copy_with_leases(), new._copy_with_leases(), sample)
+
+
+def _sample(keys: object) -> list[Key]:
+    """*keys* as a list, refusing one key (a str would be sampled per character)."""
+    if isinstance(keys, (str, bytes, bytearray, memoryview)):
+        raise InvalidArgument(
+            "keys", keys, "must be an iterable of keys, not one key (wrap it in a list)"
+        )
+    try:
+        items = iter(keys)  # type: ignore[call-overload]
+    except TypeError:
+        raise InvalidArgument("keys", keys, "must be an iterable of keys") from None
+    return list(items)
+
+
+def _compare(a: BalancePolicy, b: BalancePolicy, sample: Sequence[Key]) -> BalanceDiff:
+    """Map *sample* with *a* and with *b* (copies: picks may advance their state)."""
     # checked up front, so no keys (or keys that fail later) still report it
     for policy in (a, b):
         if not policy.live_nodes:
