@@ -3201,3 +3201,102 @@ def _recv_until_eof_bytes(sock: socket.socket) -> bytes:
     out: list[bytes] = []
     _recv_until_eof(sock, out)
     return out[0]
+
+
+def _steal_fd_number(
+    sock: socket.socket, lst: socket.socket
+) -> tuple[socket.socket, socket.socket]:
+    """Close *sock* behind its relay's back and give its fd number to a new, unrelated
+    connection (as the kernel does, lowest free fd first; dup2 makes it certain):
+    (the new socket, holding that number, and its peer)."""
+    old = sock.fileno()
+    peer, victim = tcp_pair(lst)
+    sock.close()
+    os.dup2(victim.fileno(), old)
+    victim.close()
+    return socket.socket(fileno=old), peer
+
+
+@pytest.mark.parametrize("mode", list(RUNNERS))
+def test_a_side_closed_behind_the_relay_never_reaches_a_socket_given_its_fd_number(
+    listener: socket.socket, mode: str
+) -> None:
+    # The relay keeps each side's fd number (for splice, poll, epoll). The caller
+    # closed b mid-relay and the kernel gave that number to an unrelated connection:
+    # splice on the kept number sent connection 1's bytes there, counted as
+    # delivered. The relay must see that b is closed and end as b's failure.
+    r = Relay(listener, RUNNERS[mode])
+    stolen: socket.socket | None = None
+    peer: socket.socket | None = None
+    try:
+        first = b"x" * 300_000  # a stream: the splice forms switch to splice
+        r.client.sendall(first)
+        _recv_bytes(r.backend, len(first))
+        stolen, peer = _steal_fd_number(r.b, listener)
+        r.client.sendall(b"SECRET-OF-CONNECTION-1" * 4000)
+        stats = r.join()
+        assert (stats.failed, stats.b_end, stats.a_end) == ("b", End.ERROR, End.ABORTED)
+        assert isinstance(stats.error, OSError) and stats.error.errno == errno.EBADF
+        assert "closed" in str(stats.error)
+        assert (stats.a_to_b, stats.b_to_a) == (len(first), 0)  # nothing more delivered
+        # Nothing went to the unrelated connection: its first byte is its own.
+        stolen.sendall(b"M")
+        assert _recv_bytes(peer, 1) == b"M"
+        assert stolen.fileno() != -1  # and the relay did not close it either
+    finally:
+        r.close()
+        for s in (stolen, peer):
+            if s is not None:
+                s.close()
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("api", ["coroutine", "start"])
+def test_a_side_closed_behind_a_hub_relay_gives_its_fd_number_up(
+    listener: socket.socket, loop_kind: str, api: str
+) -> None:
+    # The hub maps fd numbers to relays. A relay whose side was closed by the caller
+    # (and saw no event since: nothing tells epoll's user about a close) kept the
+    # number, and a new relay of the socket given that number was refused ("is
+    # already in a running relay"). The new relay takes the number; the old one
+    # ends as that side's failure, without touching the number.
+    run = uvloop.run if loop_kind == "uvloop" else asyncio.run
+    client, a = tcp_pair(listener)
+    b, backend = tcp_pair(listener)
+    c2, d = tcp_pair(listener)
+    stolen: socket.socket | None = None
+    peer: socket.socket | None = None
+
+    async def main() -> RelayStats:
+        nonlocal stolen, peer
+        loop = asyncio.get_running_loop()
+        first: asyncio.Future[RelayStats]
+        if api == "start":
+            first = start_pipe_splice(a, b)
+        else:
+            first = loop.create_task(async_pipe_splice(a, b))
+            for _ in range(100):  # a few loop iterations until the task started it
+                if loop in relay_mod._HUBS and a.fileno() in relay_mod._HUBS[loop].owners:
+                    break
+                await asyncio.sleep(0)
+        assert b.fileno() in relay_mod._HUBS[loop].owners
+        stolen, peer = _steal_fd_number(b, listener)
+        second = start_pipe_splice(stolen, d)  # was refused
+        stats = await asyncio.wait_for(first, JOIN)
+        await loop.run_in_executor(None, peer.sendall, b"hello")
+        assert await loop.run_in_executor(None, _recv_bytes, c2, 5) == b"hello"
+        peer.shutdown(socket.SHUT_WR)
+        c2.shutdown(socket.SHUT_WR)
+        second_stats = await asyncio.wait_for(second, JOIN)
+        assert (second_stats.a_to_b, second_stats.failed) == (5, None)
+        return stats
+
+    try:
+        stats = run(main())
+        assert (stats.failed, stats.b_end, stats.a_end) == ("b", End.ERROR, End.ABORTED)
+        assert isinstance(stats.error, OSError) and stats.error.errno == errno.EBADF
+        assert _how_it_ends(client) == "reset"  # a's stream was cut off
+    finally:
+        for s in (client, backend, c2, d, a, stolen, peer):
+            if s is not None:
+                s.close()
