@@ -279,6 +279,30 @@ def test_ketama_points_refuses_what_is_not_a_node() -> None:
         ketama_points([Node(addr(0)), addr(1)])  # type: ignore[list-item]
 
 
+@pytest.mark.parametrize("libmemcached", [False, True])
+def test_ketama_points_reads_any_iterable_once(libmemcached: bool) -> None:
+    from reuselb.balance import ketama_points
+
+    nodes = [Node(addr(0)), Node(addr(1), weight=3)]
+    want = ketama_points(nodes, libmemcached=libmemcached)
+    assert len(want) == 320
+    # a generator was consumed by the Node check and gave no points at all
+    assert ketama_points((n for n in nodes), libmemcached=libmemcached) == want
+    assert ketama_points(iter(nodes), libmemcached=libmemcached) == want
+    assert ketama_points(tuple(nodes), libmemcached=libmemcached) == want
+
+
+@pytest.mark.parametrize("bad", [None, 5, addr(0), addr(0).encode()])
+def test_ketama_points_refuses_a_string_or_a_non_iterable_naming_it(bad: object) -> None:
+    from reuselb import InvalidArgument
+    from reuselb.balance import ketama_points
+
+    # None and 5 gave a bare TypeError ("'NoneType' object is not iterable")
+    with pytest.raises(InvalidArgument, match=r"invalid nodes .*must be an iterable of Node") as e:
+        ketama_points(bad)  # type: ignore[arg-type]
+    assert e.value.name == "nodes" and e.value.value is bad
+
+
 def _spec_continuum(servers: list[str], digests: list[int]) -> list[tuple[int, str]]:
     """libketama's continuum, transcribed from ketama.c with given digest counts."""
     cont = []
@@ -364,6 +388,30 @@ def test_ring_refuses_more_than_max_points(monkeypatch: pytest.MonkeyPatch) -> N
     # ketama rings have ~160 points per server whatever the weights: not limited
     big = RingHash([Node(addr(i), weight=1000) for i in range(40)], ketama=True)
     assert len(big._ring[0]) == 40 * 160  # over the (patched) MAX_POINTS of 5,000
+
+
+def test_ring_too_big_at_construction_names_the_heaviest_node(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from reuselb import InvalidArgument
+    from reuselb.balance import RingHash, _ring
+
+    monkeypatch.setattr(_ring, "MAX_POINTS", 5000)
+    light = Node(addr(0), weight=1)
+    heavy = [Node(addr(i), weight=w) for i, w in ((1, 20), (2, 30), (3, 25))]
+    # every node is new at construction, and the first one (weight 1) was named
+    for nodes in ([light, *heavy], [*heavy, light], [light, heavy[0], heavy[1]]):
+        total = 100 * sum(n.weight for n in nodes)
+        with pytest.raises(InvalidArgument) as e:
+            RingHash(nodes, vnodes=100)
+        assert e.value.name == "weight" and e.value.value == 30
+        msg = str(e.value)
+        assert f"node {addr(2)} (the heaviest live node)" in msg, msg
+        assert f"{total:,} points (100 vnodes x total weight" in msg, msg
+    # a change names the node that grew, even when it is the lightest
+    p = RingHash([Node(addr(1), weight=49), Node(addr(2), weight=1)], vnodes=100)
+    with pytest.raises(InvalidArgument, match=rf"invalid weight 1: node {addr(3)}: .*5,100"):
+        p.add(Node(addr(3), weight=1))
 
 
 def test_ring_max_points_is_2_22_and_checked_before_building() -> None:

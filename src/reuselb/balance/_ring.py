@@ -149,30 +149,44 @@ def libmemcached_digests(weight: int, total: int, servers: int) -> int:
     return math.floor(_f32(x + 1e-10))
 
 
-def ketama_points(nodes: list[Node], *, libmemcached: bool = False) -> list[tuple[int, str, Node]]:
+def ketama_points(
+    nodes: Iterable[Node], *, libmemcached: bool = False
+) -> list[tuple[int, str, Node]]:
     """The ketama continuum of *nodes* as ``(point, hash_id, node)``, unsorted.
 
-    :param nodes: the servers; each gets ``floorf((float)(weight / total) x 40.0
+    :param nodes: the servers, any iterable of :class:`Node` (read once, so a
+        generator works too); each gets ``floorf((float)(weight / total) x 40.0
         x N)`` MD5 digests of 4 points, with libketama's single-precision
         rounding (:func:`libketama_digests`).
     :param libmemcached: count the digests in single precision, as libmemcached's
         weighted ketama does (:func:`libmemcached_digests`).
     :returns: the points; empty when there is no node or every weight is 0 (no
         server has a share to place).
-    :raises InvalidArgument: an item of *nodes* is not a :class:`Node`.
+    :raises InvalidArgument: *nodes* is a string or not iterable, or an item of
+        *nodes* is not a :class:`Node`; the error names the value.
     """
-    for n in nodes:
+    given: object = nodes  # typed Iterable[Node], but called with anything
+    if isinstance(given, (str, bytes)):
+        raise InvalidArgument("nodes", nodes, "must be an iterable of Node objects, not a string")
+    try:
+        items = iter(nodes)
+    except TypeError:
+        raise InvalidArgument("nodes", nodes, "must be an iterable of Node objects") from None
+    # One pass: the checks below and the points read the same list (a generator
+    # was consumed by the checks, and gave no points).
+    servers = list(items)
+    for n in servers:
         if not isinstance(n, Node):
             raise InvalidArgument("nodes", n, "must be Node objects")
-    total = sum(n.weight for n in nodes)
+    total = sum(n.weight for n in servers)
     out: list[tuple[int, str, Node]] = []
     if total == 0:
         return out
-    for n in nodes:
+    for n in servers:
         if libmemcached:
-            digests = libmemcached_digests(n.weight, total, len(nodes))
+            digests = libmemcached_digests(n.weight, total, len(servers))
         else:
-            digests = libketama_digests(n.weight, total, len(nodes))
+            digests = libketama_digests(n.weight, total, len(servers))
         for i in range(digests):
             d = hashlib.md5(f"{n.hash_id}-{i}".encode()).digest()
             for j in range(4):
@@ -323,15 +337,20 @@ class RingHash(HashPolicy):
         total = self._vnodes * sum(n.weight for n in live)
         if total <= MAX_POINTS:
             return
-        # name the node that grew (added, raised or brought back), else the heaviest
-        grown = [n for n in live if self._weights.get(n.hash_id, 0) < n.weight]
-        node = grown[0] if grown else max(live, key=lambda n: n.weight)
+        # Name the heaviest node that grew (added, raised or brought back); when
+        # none did, or all did (the constructor, or the first node up since none
+        # was live), that is the heaviest node of all. The first node that grew
+        # named a weight-1 node when the other nodes' 1000s made the ring too big.
+        grown = [n for n in live if self._weights.get(n.hash_id, 0) < n.weight] or live
+        node = max(grown, key=lambda n: n.weight)
+        which = " (the heaviest live node)" if len(grown) == len(live) > 1 else ""
         raise InvalidArgument(
             "weight",
             node.weight,
-            f"node {node.address}: the ring would have {total:,} points "
+            f"node {node.address}{which}: the ring would have {total:,} points "
             f"({self._vnodes} vnodes x total weight {total // self._vnodes:,} of "
-            f"{len(live)} live nodes), over MAX_POINTS ({MAX_POINTS:,})",
+            f"{len(live)} live nodes), over MAX_POINTS ({MAX_POINTS:,}); lower the "
+            "weights or vnodes",
         )
 
     def _publish(self) -> None:
