@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -333,6 +333,101 @@ def test_bad_arguments() -> None:
     finally:
         for s in (a, b, tcp):
             s.close()
+
+
+def _unordered(kind: str, items: list[Any]) -> object:
+    """*items* as an iterable that is not a sequence: its order is not theirs to keep."""
+    if kind == "set":
+        return set(items)
+    if kind == "frozenset":
+        return frozenset(items)
+    if kind == "dict":
+        return dict.fromkeys(items)
+    if kind == "dict values":
+        return dict(enumerate(items)).values()
+    if kind == "generator":
+        return (x for x in items)
+    assert kind == "iterator"
+    return iter(items)
+
+
+_UNORDERED = ["set", "frozenset", "dict", "dict values", "generator", "iterator"]
+
+
+@pytest.mark.parametrize("kind", _UNORDERED)
+def test_send_sockets_takes_only_sequences(kind: str, no_fd_leak: None) -> None:
+    # Before: any iterable was taken; names={"web", "api"} were paired with the
+    # sockets in set order, which changes with PYTHONHASHSEED: "web" arrived as the
+    # api socket in about half the runs, with no error.
+    a, b = socket.socketpair()
+    try:
+        with reuseport_listener("127.0.0.1:0") as web, reuseport_listener("127.0.0.1:0") as api:
+            names = _unordered(kind, ["web", "api"])
+            with pytest.raises(InvalidArgument) as info:
+                send_sockets(a, [web, api], names=names)  # type: ignore[arg-type]
+            assert str(info.value).startswith(f"invalid names {names!r}: must be a sequence")
+            socks = _unordered(kind, [web, api])
+            with pytest.raises(InvalidArgument) as info:
+                send_sockets(a, socks, names=["web", "api"])  # type: ignore[arg-type]
+            assert str(info.value).startswith(f"invalid socks {socks!r}: must be a sequence")
+            if kind in ("set", "frozenset"):
+                assert "not a set: a set's order is arbitrary" in str(info.value)
+            b.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                b.recv(1)  # refused before anything was sent
+            assert web.fileno() != -1 and api.fileno() != -1
+            # A tuple is a sequence: it pairs by position like a list.
+            send_sockets(a, (web, api), names=("web", "api"))
+            b.setblocking(True)
+            got = recv_sockets(b)
+            try:
+                assert got["web"].getsockname() == web.getsockname()
+                assert got["api"].getsockname() == api.getsockname()
+            finally:
+                for s in got.values():
+                    s.close()
+    finally:
+        a.close()
+        b.close()
+
+
+def test_send_sockets_refuses_a_reuseport_group(no_fd_leak: None) -> None:
+    # A group iterates over the members it holds, skipping taken ones: positions in
+    # it are not its slots, so the caller passes group.members.
+    a, b = socket.socketpair()
+    try:
+        with reuseport_group("127.0.0.1:0", 2) as group:
+            with pytest.raises(InvalidArgument, match="pass group.members"):
+                send_sockets(a, group)  # type: ignore[arg-type]
+            send_sockets(a, group.members)
+            got = recv_sockets(b)
+            assert sorted(got) == ["0", "1"]
+            for s in got.values():
+                s.close()
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("migrate", [True, False])
+@pytest.mark.parametrize("kind", _UNORDERED)
+def test_drain_close_takes_only_a_sequence_group(
+    monkeypatch: pytest.MonkeyPatch, migrate: bool, kind: str, no_fd_leak: None
+) -> None:
+    # Before: group=set(members) was taken as "join order", and restore= got the
+    # remaining members in set order: a CPU- or index-based program re-attached
+    # through it steered to the wrong members (20 of 20 runs).
+    monkeypatch.setattr(_handoff, "tcp_migrate_req", lambda: migrate)
+    restored: list[object] = []
+    with reuseport_group("127.0.0.1:0", 3) as group:
+        members = list(group.members)
+        bad = _unordered(kind, members)
+        with pytest.raises(InvalidArgument) as info:
+            drain_close(members[0], group=bad, restore=restored.append)  # type: ignore[arg-type]
+        assert str(info.value).startswith(f"invalid group {bad!r}: must be a sequence")
+        assert all(m.fileno() != -1 for m in members), "nothing was closed"
+        assert _no_program(members[0])
+        assert restored == []
 
 
 def test_bad_argument_types_raise_the_librarys_errors() -> None:
@@ -1542,7 +1637,7 @@ def test_drain_close_restore_reattaches_the_callers_program(
         attach_hash_steering(group)  # the caller's own program, for 3 members
         seen: list[list[socket.socket]] = []
 
-        def restore(g: Iterable[socket.socket]) -> None:
+        def restore(g: ReuseportGroup | Sequence[socket.socket]) -> None:
             seen.append(list(g))
             attach_hash_steering(g)
 

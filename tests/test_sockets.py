@@ -504,6 +504,51 @@ def test_steering_refuses_what_is_not_a_group(
         steering.steer_all_to("ab", 0)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("kind", ["set", "frozenset", "dict", "generator", "iterator"])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda g: steering.steer_all_to(g, 0),
+        lambda g: steering.steer_away_from(g, 0),
+        steering.attach_hash_steering,
+        lambda g: steering.attach_cpu_steering(g, strict=False),
+    ],
+    ids=["steer_all_to", "steer_away_from", "attach_hash_steering", "attach_cpu_steering"],
+)
+def test_steering_takes_only_a_sequence_group(
+    call: Callable[[object], None], kind: str, no_fd_leak: None
+) -> None:
+    # Before: a set (or a generator, a dict of members) was taken as the group in
+    # join order: the program went on through whichever member came first, and an
+    # index named whichever member the set's order put there.
+    with reuseport_group("127.0.0.1:0", 3) as group:
+        members = list(group.members)
+        bad: object
+        if kind == "set":
+            bad = set(members)
+        elif kind == "frozenset":
+            bad = frozenset(members)
+        elif kind == "dict":
+            bad = dict.fromkeys(members)
+        elif kind == "generator":
+            bad = (m for m in members)
+        else:
+            bad = iter(members)
+        with pytest.raises(InvalidArgument) as info:
+            call(bad)
+        assert str(info.value).startswith(
+            f"invalid group {bad!r}: must be a ReuseportGroup or a sequence of sockets"
+        )
+        # Refused before a program was attached: detaching finds none.
+        with pytest.raises(reuselb.SteeringError) as detach:
+            steering.detach_steering(members[0])
+        assert isinstance(detach.value.__cause__, OSError)
+        assert detach.value.__cause__.errno == errno.ENOENT
+        # The same members as a tuple are a group.
+        call(tuple(members))
+        steering.detach_steering(members[0])
+
+
 def test_steering_refuses_members_that_are_not_one_kernel_group(no_fd_leak: None) -> None:
     # Before: the program was attached through members[0] whatever it was: a
     # hold_port() socket got a group of its own and the listeners none, without

@@ -28,11 +28,11 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 from ._errors import HandoffError, InvalidArgument, SocketClosed, SteeringError, WrongSocketType
 from ._sockets import _C_INT_MAX, ReuseportGroup, check_flag, check_open, check_seconds
-from ._steering import _check_one_group
+from ._steering import _as_sequence, _check_one_group
 
 __all__ = [
     "DrainResult",
@@ -113,18 +113,23 @@ def _describe(sock: socket.socket) -> dict[str, object]:
 
 
 def _items(name: str, value: object, what: str) -> list[Any]:
-    """*value* as a list, if it is a collection of several things.
+    """*value* as a list, if it is a sequence of several things.
 
     One socket, ``None`` or an int would otherwise fail with a bare ``TypeError``
     from ``iter()``, and a str would be taken apart into one item per character.
+    Only a sequence is taken (see :func:`_as_sequence`): names are paired with
+    sockets, and a group's members with the kernel's indexes, by position, which
+    a set's or a dict's order does not keep.
     """
     if isinstance(value, (socket.socket, str, bytes)):
         raise InvalidArgument(name, value, f"must be a sequence of {what}, not one")
-    try:
-        items = iter(cast("Iterable[Any]", value))
-    except TypeError:
-        raise InvalidArgument(name, value, f"must be a sequence of {what}") from None
-    return list(items)
+    if isinstance(value, ReuseportGroup):
+        # It iterates over the members it holds, skipping taken ones, so positions
+        # in it are not its slots: the caller says which members are meant.
+        raise InvalidArgument(
+            name, value, "must be a sequence of sockets: pass group.members (a tuple)"
+        )
+    return _as_sequence(name, value, f"a sequence of {what} (a list or tuple)")
 
 
 def _check_channel(channel: object) -> socket.socket:
@@ -148,15 +153,19 @@ def send_sockets(
     queue lives as long as any process holds it).
 
     :param channel: a connected ``AF_UNIX`` stream or datagram socket.
-    :param socks: the sockets to send (up to 65,536). The kernel carries at most 253
-        descriptors in one message (SCM_MAX_FD), so larger sets go in chunks: the
-        first with the header, each further one on a one-byte marker.
-    :param names: one unique name per socket, each at most 255 bytes as JSON (an
+    :param socks: the sockets to send, a sequence such as a list or tuple (up to
+        65,536). The kernel carries at most 253 descriptors in one message
+        (SCM_MAX_FD), so larger handoffs go in chunks: the first with the header,
+        each further one on a one-byte marker.
+    :param names: a sequence of one unique name per socket, the n-th naming the
+        n-th socket, each at most 255 bytes as JSON (an
         ASCII character is one byte; JSON escapes any other as ``\\uXXXX``, 6 bytes,
         12 beyond U+FFFF); default ``"0"``, ``"1"``, ... Within these bounds every
         handoff fits the header size :func:`recv_sockets` accepts.
-    :raises InvalidArgument: *socks* or *names* is not a sequence (one socket is not
-        a list of them), no sockets, too many, names of the wrong count, repeated,
+    :raises InvalidArgument: *socks* or *names* is not a sequence (one socket or a
+        str is not a list of them; a set, a mapping, an iterator or a
+        :class:`~reuselb.ReuseportGroup` is refused, since names are paired
+        with sockets by position), no sockets, too many, names of the wrong count, repeated,
         not ``str`` or too long, a header larger than the receiver accepts (checked
         before anything is sent), or a channel that is not a Unix socket.
     :raises SocketClosed: a socket or the channel is closed.
@@ -757,14 +766,14 @@ def _detach_through(candidates: Iterable[socket.socket]) -> Exception | None:
 
 
 def _restore(
-    restore: Callable[[Iterable[socket.socket]], object],
-    group: Iterable[socket.socket],
+    restore: Callable[[ReuseportGroup | Sequence[socket.socket]], object],
+    group: ReuseportGroup | Sequence[socket.socket],
     members: list[socket.socket],
     index: int,
 ) -> Exception | None:
     """Call the caller's *restore* with the group *listener* left; its error, if any."""
     if isinstance(group, ReuseportGroup):
-        remaining: Iterable[socket.socket] = group  # already updated by _remove()
+        remaining: ReuseportGroup | Sequence[socket.socket] = group  # already updated by _remove()
     else:
         # The kernel's order after the close: the last member took the slot.
         rest = list(members)
@@ -781,7 +790,7 @@ def _restore(
 
 def _has_another_member(
     listener: socket.socket,
-    group: Iterable[socket.socket],
+    group: ReuseportGroup | Sequence[socket.socket],
     members: list[socket.socket],
     index: int,
 ) -> bool:
@@ -798,7 +807,7 @@ def _has_another_member(
             i != index and (m.fileno() != -1 if m is not None else i in group._taken)
             for i, m in enumerate(group._members)
         )
-    # A plain sequence (read once: it may be an iterator): every member in it was
+    # A plain sequence (its list, in *members*): every member in it was
     # checked open by _drain_members. Compared as kernel sockets (inodes), not as
     # objects: a dup() of the listener is the listener, and would keep its socket
     # (and queue) open after listener.close().
@@ -807,7 +816,7 @@ def _has_another_member(
 
 
 def _drain_members(
-    listener: socket.socket, group: Iterable[socket.socket]
+    listener: socket.socket, group: ReuseportGroup | Sequence[socket.socket]
 ) -> tuple[list[socket.socket], int, socket.socket | None]:
     """``(members in kernel order, the listener's index, another member we hold)``.
 
@@ -838,10 +847,10 @@ def _drain_members(
 def drain_close(
     listener: socket.socket,
     *,
-    group: Iterable[socket.socket] | None = None,
+    group: ReuseportGroup | Sequence[socket.socket] | None = None,
     grace: float = 0.2,
     timeout: float = 10.0,
-    restore: Callable[[Iterable[socket.socket]], object] | None = None,
+    restore: Callable[[ReuseportGroup | Sequence[socket.socket]], object] | None = None,
 ) -> DrainResult:
     """Take one member out of a reuseport group without resetting a connection.
 
@@ -874,7 +883,9 @@ def drain_close(
 
     :param listener: the member to remove, a listening TCP socket; it is closed on
         return.
-    :param group: every member in join order, *listener* included. A
+    :param group: every member in join order, *listener* included: a
+        :class:`~reuselb.ReuseportGroup` or a sequence of sockets (a list or
+        tuple; not a set, whose order is not join order). A
         :class:`~reuselb.ReuseportGroup` is updated on both paths the way the
         kernel reorders its members (the last one takes the closed one's slot);
         members taken from it with ``take()`` still count, as they are still in
@@ -902,9 +913,11 @@ def drain_close(
     :raises InvalidArgument: *grace* or *timeout* is not an int or float in range
         (bools, NaN and infinities are refused), *restore* is not callable or is
         given without *group*, *group* is neither a
-        :class:`~reuselb.ReuseportGroup` nor a sequence of sockets (one socket is
-        not a group), a :class:`~reuselb.ReuseportGroup` that is closed, *listener*
-        is not a member of *group*, a member of *group* is not in the listener's
+        :class:`~reuselb.ReuseportGroup` nor a sequence of sockets such as a list
+        or tuple (one socket is not a group; a set, a mapping or an iterator is
+        refused: positions are the kernel's indexes), a
+        :class:`~reuselb.ReuseportGroup` that is closed, *listener* is not a
+        member of *group*, a member of *group* is not in the listener's
         kernel group (not listening, as a :func:`~reuselb.hold_port` socket; not
         TCP; without SO_REUSEPORT; or another address, ``IPV6_V6ONLY`` setting or
         bound device: the message names the member), a member is the same socket

@@ -17,7 +17,8 @@ import ctypes
 import os
 import socket
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 from ._address import parse_address
@@ -64,6 +65,37 @@ _GOLDEN32 = 2654435761
 _INSN = struct.Struct("=HBBI")
 
 Insn = tuple[int, int, int, int]
+
+
+def _as_sequence(name: str, value: object, expected: str) -> list[Any]:
+    """*value*'s items as a list, if it is a :class:`collections.abc.Sequence`.
+
+    Every caller gives positions a meaning: a steering program returns an index
+    into the group in join order, and a handoff pairs the n-th name with the
+    n-th socket. A set iterates in an arbitrary order (for str items it changes
+    with PYTHONHASHSEED, so from one run to the next), and so does a frozenset;
+    a mapping iterates over its keys; an iterator is read once, and a call that
+    then fails has consumed it. Taking any iterable turned those into wrong
+    pairings and wrong indexes without an error, so only a sequence is taken.
+    A str is a sequence too: callers that must refuse one check it first.
+
+    :raises InvalidArgument: *value* is not a sequence; the message names it and,
+        for a set, a mapping or an iterator, says why it cannot stand for one.
+    """
+    if isinstance(value, Sequence):
+        return list(value)
+    if isinstance(value, AbstractSet):
+        why = (
+            ", not a set: a set's order is arbitrary (for str items it changes "
+            "with PYTHONHASHSEED) and positions count here"
+        )
+    elif isinstance(value, Mapping):
+        why = ", not a mapping: pass a list or tuple of the items in order"
+    elif isinstance(value, Iterator):
+        why = ", not an iterator (or generator): pass a list or tuple"
+    else:
+        why = ""
+    raise InvalidArgument(name, value, f"must be {expected}{why}")
 
 
 def _attach(sock: socket.socket, program: Sequence[Insn]) -> None:
@@ -172,7 +204,7 @@ def _check_one_group(named: Sequence[tuple[str, socket.socket]]) -> None:
             )
 
 
-def _members(group: Iterable[socket.socket]) -> tuple[int, socket.socket]:
+def _members(group: ReuseportGroup | Sequence[socket.socket]) -> tuple[int, socket.socket]:
     """``(the group's size in the kernel, a member to attach the program through)``."""
     if isinstance(group, ReuseportGroup):
         # A BPF program's return value indexes the kernel's array of the group, and a
@@ -208,12 +240,8 @@ def _members(group: Iterable[socket.socket]) -> tuple[int, socket.socket]:
             group,
             "one socket is not a group: pass the ReuseportGroup or all its members in join order",
         )
-    try:
-        items = iter(group)
-    except TypeError:
-        raise InvalidArgument(
-            "group", group, "expected a ReuseportGroup or a sequence of sockets"
-        ) from None
+    # Only a sequence: the program's indexes are positions in it (see _as_sequence).
+    items = _as_sequence("group", group, "a ReuseportGroup or a sequence of sockets")
     members = [check_open(s, "group member") for s in items]
     if not members:
         raise InvalidArgument("group", group, "has no members")
@@ -221,7 +249,9 @@ def _members(group: Iterable[socket.socket]) -> tuple[int, socket.socket]:
     return len(members), members[0]
 
 
-def attach_cpu_steering(group: Iterable[socket.socket], *, strict: bool = True) -> None:
+def attach_cpu_steering(
+    group: ReuseportGroup | Sequence[socket.socket], *, strict: bool = True
+) -> None:
     """Send each new connection to the member whose index is the CPU that took its SYN.
 
     Program: ``ld [SKF_AD_CPU]; ret a``. Bind the members in CPU order (member *i* is
@@ -229,7 +259,9 @@ def attach_cpu_steering(group: Iterable[socket.socket], *, strict: bool = True) 
     where its packets already are: no cross-CPU wake-up.
 
     :param group: the members in join order (a :class:`~reuselb.ReuseportGroup` or a
-        sequence of sockets); the program is attached through the first. Members
+        sequence of sockets, such as a list or tuple: a set, a mapping or an
+        iterator is refused, since positions are the kernel's indexes); the
+        program is attached through the first. Members
         taken from a group with ``take()`` keep their index: they stay in the
         kernel's group while they are open. (When a member closes, the kernel moves
         the last member into its slot; :func:`~reuselb.drain_close` keeps a group in
@@ -237,7 +269,8 @@ def attach_cpu_steering(group: Iterable[socket.socket], *, strict: bool = True) 
     :param strict: require exactly one member per CPU (``os.cpu_count()``); with
         False, CPUs beyond the group fall back to the kernel's hash.
     :raises InvalidArgument: *group* is not a group or a sequence of sockets (one
-        socket is not a group), the group is empty, closed or has every member
+        socket is not a group, nor is a set, a mapping or an iterator of them:
+        the message names it), the group is empty, closed or has every member
         taken, a member is not in the first one's kernel group (see below), or,
         with *strict*, its size differs from the CPU count; *strict* is not a bool.
         A member must be a listening TCP or a bound UDP socket with SO_REUSEPORT,
@@ -259,13 +292,14 @@ def attach_cpu_steering(group: Iterable[socket.socket], *, strict: bool = True) 
     _attach(via, [(_LD_W_ABS, 0, 0, _SKF_AD_OFF + _SKF_AD_CPU), (_RET_A, 0, 0, 0)])
 
 
-def steer_all_to(group: Iterable[socket.socket], index: int) -> None:
+def steer_all_to(group: ReuseportGroup | Sequence[socket.socket], index: int) -> None:
     """Send every new connection to member *index* (``ld #index; ret a``).
 
     Useful to fill one member's queue on purpose (tests, canaries).
 
     :raises InvalidArgument: *group* is not a group or a non-empty sequence of
-        sockets (one socket is not a group), a group that is closed or has every
+        sockets (one socket, a set, a mapping or an iterator is not; as for
+        :func:`attach_cpu_steering`), a group that is closed or has every
         member taken, a member not in the first one's kernel group (as for
         :func:`attach_cpu_steering`), or *index* is not a member's index.
     :raises SteeringError: the kernel refused the program.
@@ -278,13 +312,14 @@ def steer_all_to(group: Iterable[socket.socket], index: int) -> None:
     _attach(via, [(_LD_IMM, 0, 0, index), (_RET_A, 0, 0, 0)])
 
 
-def steer_away_from(group: Iterable[socket.socket], index: int) -> None:
+def steer_away_from(group: ReuseportGroup | Sequence[socket.socket], index: int) -> None:
     """Spread new connections over every member except *index*.
 
     Program: ``ld [SKF_AD_RANDOM]; a %= n-1; if a >= index: a += 1; ret a``.
 
     :raises InvalidArgument: *group* is not a group or a sequence of sockets (one
-        socket is not a group), it has fewer than 2 members, is closed or has every
+        socket, a set, a mapping or an iterator is not; as for
+        :func:`attach_cpu_steering`), it has fewer than 2 members, is closed or has every
         member taken, a member is not in the first one's kernel group (as for
         :func:`attach_cpu_steering`), or *index* is out of range.
     :raises SteeringError: the kernel refused the program.
@@ -329,7 +364,7 @@ def hash_steering_index(src_ip: str, src_port: int, members: int) -> int:
     return ((((ip ^ src_port) * _GOLDEN32) & 0xFFFFFFFF) >> 16) % members
 
 
-def attach_hash_steering(group: Iterable[socket.socket]) -> None:
+def attach_hash_steering(group: ReuseportGroup | Sequence[socket.socket]) -> None:
     """Steer by the client's address: a stable, documented member per (source IP, port).
 
     Program (IPv4 without IP options, which a SYN practically never carries)::
@@ -342,7 +377,8 @@ def attach_hash_steering(group: Iterable[socket.socket]) -> None:
     :func:`hash_steering_index`, so a flow's member can be computed outside the kernel.
 
     :raises InvalidArgument: *group* is not a group or a sequence of sockets (one
-        socket is not a group), or it is empty, closed, has every member taken,
+        socket, a set, a mapping or an iterator is not; as for
+        :func:`attach_cpu_steering`), or it is empty, closed, has every member taken,
         has a member not in the first one's kernel group (as for
         :func:`attach_cpu_steering`) or is not IPv4.
     :raises SteeringError: the kernel refused the program.
