@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 
@@ -138,3 +139,67 @@ def test_demo_names_a_bad_number(
     err = capsys.readouterr().err
     assert needle in err
     assert "invalid _" not in err
+
+
+def test_demo_refuses_a_port_another_server_listens_on() -> None:
+    # Before: the workers joined the other server's reuseport group (same user,
+    # SO_REUSEPORT), the kernel gave it part of the demo's connections, and the demo
+    # died after ~10 s with a TimeoutError traceback.
+    from reuselb import reuseport_listener
+
+    with reuseport_listener("127.0.0.1:0", nonblocking=True) as stranger:
+        port = stranger.getsockname()[1]
+        out = subprocess.run(
+            [sys.executable, "-m", "reuselb", "demo", "reuseport", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert out.returncode == 1, out.stderr
+        assert "Traceback" not in out.stderr
+        assert f"reuselb demo: port {port} on 127.0.0.1 is already in use" in out.stderr
+        assert "workers" not in out.stdout, "refused before any worker started"
+        with pytest.raises(BlockingIOError):
+            stranger.accept()  # no demo client reached the other server
+
+
+def test_demo_port_with_time_wait_leftovers_is_free() -> None:
+    # The port check must not take an earlier run's TIME_WAIT connections for a
+    # listener: the same --port runs twice in a row.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "reuselb", "demo", "reuseport"]
+    for _ in range(2):
+        out = subprocess.run(
+            [*cmd, "--port", str(port), "--requests", "5"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert out.returncode == 0, out.stderr
+        assert len(re.findall(r"-> worker (\d+)", out.stdout)) == 5
+
+
+def test_demo_reports_an_unanswered_connection_without_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A server that starts listening on the port after the check is not caught by
+    # it: its share of the connections never gets an answer. Before, that ended in
+    # a TimeoutError traceback; now the demo says what happened and exits 1.
+    from reuselb import _demo, reuseport_listener, steer_all_to
+    from reuselb.__main__ import main
+
+    with reuseport_listener("127.0.0.1:0") as stranger:
+        port = stranger.getsockname()[1]
+        # Every connection to the group goes to member 0, the stranger (it joined
+        # first), so the first client waits in vain: no luck of the hash involved.
+        steer_all_to([stranger], 0)
+        monkeypatch.setattr(_demo, "_refuse_a_taken_port", lambda port: None, raising=False)
+        monkeypatch.setattr(_demo, "_ANSWER_TIMEOUT", 0.5, raising=False)
+        rc = main(["demo", "reuseport", "--port", str(port), "--requests", "3"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert f"reuselb demo: connection 1 to 127.0.0.1:{port} got no answer within 0.5 s" in err

@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from ._demo import proxy_scenario, reuseport_scenario
+    from ._demo import DemoError, proxy_scenario, reuseport_scenario
 
     try:
         if args.scenario in ("all", "reuseport"):
@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.scenario in ("all", "proxy"):
             print()
             proxy_scenario(args.clients)
-    except ReuselbError as exc:
+    except (ReuselbError, DemoError) as exc:
         print(f"reuselb demo: {exc}", file=sys.stderr)
         return 1
     except BrokenPipeError:

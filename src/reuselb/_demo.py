@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import functools
 import os
 import select
@@ -22,9 +23,43 @@ from ._relay import RelayStats, async_pipe_splice
 from ._sockets import connect_tcp, hold_port, reuseport_listener
 from .balance import RoundRobin
 
-__all__ = ["proxy_scenario", "reuseport_scenario", "start_workers", "stop_workers"]
+__all__ = ["DemoError", "proxy_scenario", "reuseport_scenario", "start_workers", "stop_workers"]
 
 _READY_TIMEOUT = 20.0
+#: Seconds a demo client waits to connect and for a worker's answer.
+_ANSWER_TIMEOUT = 10.0
+
+
+class DemoError(RuntimeError):
+    """A scenario could not run; the message says why (``python -m reuselb`` prints it)."""
+
+
+def _refuse_a_taken_port(port: int) -> None:
+    """Raise :class:`DemoError` if a socket listens on (or holds) ``127.0.0.1:port``.
+
+    The demo's workers and its hold_port() socket join with SO_REUSEPORT, which the
+    kernel lets every socket of this user id share: on a port where another of the
+    user's servers listens with it, the workers would join *that* group and the
+    kernel would hand part of the demo's connections to the other server, whose
+    clients time out. A socket without SO_REUSEPORT cannot share a port with a
+    listener (nor with a socket bound without SO_REUSEADDR), so binding one is the
+    test. It sets SO_REUSEADDR so that an earlier run's connections in TIME_WAIT on
+    this port do not count: they are not listeners, and the kernel still refuses
+    the bind next to one. (A server that starts listening between this check and
+    the workers' start is not caught: the answers then say so.)
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            raise DemoError(
+                f"port {port} on 127.0.0.1 is already in use by another socket (the demo's "
+                "workers must be the only listeners there, or they would share its "
+                "connections): choose a free port, or omit --port to let the kernel pick one"
+            ) from None
 
 
 def _worker_main(port: int) -> int:
@@ -51,7 +86,7 @@ def _worker_main(port: int) -> int:
 def start_workers(count: int, port: int) -> list[subprocess.Popen[str]]:
     """Start *count* worker processes listening on *port*; return once all are ready.
 
-    :raises RuntimeError: a worker did not report ready in time (all are stopped).
+    :raises DemoError: a worker did not report ready in time (all are stopped).
     """
     procs: list[subprocess.Popen[str]] = []
     try:
@@ -70,7 +105,7 @@ def start_workers(count: int, port: int) -> list[subprocess.Popen[str]]:
             ready, _, _ = select.select([proc.stdout], [], [], deadline - time.monotonic())
             line = proc.stdout.readline() if ready else ""
             if not line.startswith("ready"):
-                raise RuntimeError(f"demo worker {proc.pid} did not start (got {line!r})")
+                raise DemoError(f"demo worker {proc.pid} did not start (got {line!r})")
     except BaseException:
         stop_workers(procs)
         raise
@@ -95,8 +130,17 @@ def stop_workers(procs: Sequence[subprocess.Popen[str]]) -> None:
 def reuseport_scenario(workers: int = 3, requests: int = 20, port: int = 0) -> dict[int, int]:
     """Kernel balancing: *workers* processes, one reuseport listener each, one port.
 
+    :param port: the port, or 0 for one the kernel picks.
     :returns: connections served per worker PID.
+    :raises DemoError: *port* is in use by another socket (checked before any worker
+        starts), a worker did not start, or a connection got no answer, or one
+        that is not a demo worker's PID, within 10 seconds.
+    :raises AddressInUse: *port* was taken by a socket without SO_REUSEPORT.
     """
+    if port:
+        # The kernel's own pick (port 0) is free; a port given by the user may be
+        # another server's, whose group the workers would join.
+        _refuse_a_taken_port(port)
     with hold_port(("127.0.0.1", port)) as holder:
         port = holder.getsockname()[1]
         print(f"reuseport: {workers} workers, each with its own listener on 127.0.0.1:{port}")
@@ -104,10 +148,28 @@ def reuseport_scenario(workers: int = 3, requests: int = 20, port: int = 0) -> d
         try:
             served: collections.Counter[int] = collections.Counter({p.pid: 0 for p in procs})
             for i in range(requests):
-                with connect_tcp(("127.0.0.1", port), timeout=10) as conn:
-                    conn.settimeout(10)
-                    local_port = conn.getsockname()[1]
-                    pid = int(conn.makefile().readline())
+                where = f"connection {i + 1} to 127.0.0.1:{port}"
+                try:
+                    with connect_tcp(("127.0.0.1", port), timeout=_ANSWER_TIMEOUT) as conn:
+                        conn.settimeout(_ANSWER_TIMEOUT)
+                        local_port = conn.getsockname()[1]
+                        line = conn.makefile().readline()
+                except (TimeoutError, ConnectionError) as exc:
+                    # A worker answers at once: silence means the connection went to
+                    # a socket that is not one (or a worker hung).
+                    raise DemoError(
+                        f"{where} got no answer within {_ANSWER_TIMEOUT:g} s ({exc}): "
+                        "is another server listening on the port?"
+                    ) from None
+                try:
+                    pid = int(line)
+                except ValueError:
+                    pid = -1  # not a PID: refused below with what came
+                if pid not in served:
+                    raise DemoError(
+                        f"{where} was answered with {line!r}, not the PID of a demo "
+                        "worker: is another server listening on the port?"
+                    )
                 served[pid] += 1
                 print(f"  connection {i + 1:3d} from port {local_port:5d} -> worker {pid}")
         finally:
