@@ -433,6 +433,29 @@ def test_maglev_removal_moves_close_to_one_over_n() -> None:
     assert len(p) == n  # preview applied the change to a copy only
 
 
+@given(
+    weights=st.lists(st.integers(1, MAX_WEIGHT), min_size=1, max_size=40),
+    size=st.sampled_from([4099, 7919]),
+    seed=st.integers(0, 2**32 - 1),
+)
+@example(weights=[1000] + [1] * 38, size=4099, seed=0)
+@settings(max_examples=40, deadline=None)
+def test_maglev_table_shares_are_within_the_documented_bound(
+    weights: list[int], size: int, seed: int
+) -> None:
+    """MaglevHash's docstring: within one entry of M * w / W for equal weights; within
+    1 + N * w / W otherwise (it claimed "within one" for any weights: [1000] + [1] * 50
+    at M = 65537 give the heavy node +20.8)."""
+    p = MaglevHash([Node(addr(i), weight=w) for i, w in enumerate(weights)], table_size=size)
+    owned = collections.Counter(n.address for n in p._table)
+    n, total = len(weights), sum(weights)
+    for node in p.nodes:
+        error = abs(owned[node.address] - size * node.weight / total)
+        assert error < 1 + n * node.weight / total, (node, error)
+        if len(set(weights)) == 1:
+            assert error < 1, (node, error)
+
+
 def test_weighted_hash_policies_follow_weights() -> None:
     ws = [1, 2, 3, 4]
     total = sum(ws)
