@@ -3300,3 +3300,65 @@ def test_a_side_closed_behind_a_hub_relay_gives_its_fd_number_up(
         for s in (client, backend, c2, d, a, stolen, peer):
             if s is not None:
                 s.close()
+
+
+class _CloseRaises(Wrapped):
+    """A wrapper whose close() closes its socket, then raises (an instrumented
+    wrapper flushing its log, say)."""
+
+    closes = 0
+
+    def close(self) -> None:
+        self.closes += 1
+        self._sock.close()
+        raise ValueError("flushing the wrapper's log failed")
+
+
+@pytest.mark.parametrize(
+    "form", ["blocking", "asyncio", "uvloop", "asyncio-start", "fallback", "fallback-start"]
+)
+@pytest.mark.parametrize("how", ["eof", "reset"])
+def test_a_wrapper_whose_close_raises_does_not_leak_the_other_side(
+    listener: socket.socket, monkeypatch: pytest.MonkeyPatch, form: str, how: str
+) -> None:
+    # close=True closed a, then b: a wrapper a whose close() raised left b open. The
+    # asyncio form then ended the relay twice (end, then the crash path), calling
+    # a.close() again, and the loop's exception handler got the second failure.
+    if form.startswith("fallback"):
+        monkeypatch.setattr(relay_mod, "_HAS_EPOLL", False)
+    client, a = tcp_pair(listener)
+    b, backend = tcp_pair(listener)
+    wa = _CloseRaises(a)
+    handled: list[dict[str, Any]] = []
+    if how == "eof":
+        client.sendall(b"hi")
+        client.shutdown(socket.SHUT_WR)
+        backend.shutdown(socket.SHUT_WR)
+    else:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, relay_mod._LINGER_RESET)
+        client.close()
+
+    async def main() -> RelayStats:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _loop, context: handled.append(context))
+        if form.endswith("start"):
+            return await start_pipe_splice(wa, b, idle_timeout=JOIN)
+        return await async_pipe_splice(wa, b, idle_timeout=JOIN)
+
+    def run() -> object:
+        if form == "blocking":
+            return pipe_splice(wa, b, idle_timeout=JOIN)
+        return uvloop.run(main()) if form == "uvloop" else asyncio.run(main())
+
+    try:
+        with pytest.raises(ValueError, match="flushing the wrapper's log failed"):
+            run()
+        assert (a.fileno(), b.fileno()) == (-1, -1)  # b closed whatever a did
+        assert wa.closes == 1  # the relay ended once
+        assert handled == []  # the await raised it, nothing went to the loop
+        if how == "eof":
+            assert _recv_bytes(backend, 2) == b"hi"
+            assert backend.recv(10) == b""
+    finally:
+        for s in (client, backend, a, b):
+            s.close()

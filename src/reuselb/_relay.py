@@ -1092,6 +1092,7 @@ class _Relay:
     def finish(self) -> RelayStats:
         if self.stats is not None:
             return self.stats
+        error: BaseException | None = None
         for flow in self.flows:
             flow.close_pipe()
         if self.close:
@@ -1105,11 +1106,26 @@ class _Relay:
             # its bytes and FIN are queued already, maybe not yet sent (a slow
             # reader), and SO_LINGER 0 would discard what RelayStats counts as
             # delivered; it is closed normally.
+            #
+            # Every step runs whatever an earlier one raised (a SocketLike's close()
+            # may raise after closing its socket, e.g. flushing a log): b must not
+            # be leaked because a's wrapper failed. The first exception is raised
+            # once the stats are recorded, so a second finish() (the hub's crash
+            # path, the fallback's done callback) closes nothing twice.
             for flow in self.flows:
                 if not flow.shut:
-                    self._abort(flow.dst)
-            self.a.close()
-            self.b.close()
+                    try:
+                        self._abort(flow.dst)
+                    except BaseException as exc:
+                        error = error or exc
+            try:
+                self.a.close()
+            except BaseException as exc:
+                error = error or exc
+            try:
+                self.b.close()
+            except BaseException as exc:
+                error = error or exc
         for sock, timeout, nodelay in () if self.close else self.saved:
             if sock.fileno() != -1:
                 _restore(sock, timeout, nodelay)
@@ -1134,6 +1150,8 @@ class _Relay:
             spliced_bytes=spliced,
         )
         self.stats = stats
+        if error is not None:
+            raise error
         return stats
 
 
@@ -1894,7 +1912,12 @@ class _Hub:
         and this epoll fd open, and their peers waiting, for the life of the process.
         """
         for driven in list(dict.fromkeys(self.owners.values())):
-            driven.finalize()  # detaches; the last one closes the hub
+            try:
+                driven.finalize()  # detaches; the last one closes the hub
+            except Exception as exc:  # a SocketLike's close(): the await raises it
+                if not driven.future.done():
+                    with contextlib.suppress(RuntimeError):
+                        driven.future.set_exception(_settable(exc))
             if not driven.future.done():
                 with contextlib.suppress(RuntimeError):  # a closed loop's callbacks
                     driven.future.cancel()
@@ -2106,8 +2129,7 @@ class _Driven:
             elif before != (f0.wants_read, f0.pending, f0.shut, f1.wants_read, f1.pending, f1.shut):
                 self.rearm()
         except _Failure as failure:
-            relay.fail(failure)
-            self.end()
+            self.fail(failure)
         except Exception as exc:
             # Not a socket error: a bug, or a SocketLike method raising something
             # else (a PROXY-protocol wrapper's ValueError). The relay ends as an
@@ -2132,10 +2154,16 @@ class _Driven:
         new relay (:meth:`_Hub.watch`): end this relay as that side's failure,
         without touching *fd* again."""
         self.fds.remove(fd)
+        self.fail(self.relay.closed_behind(name))
+
+    def fail(self, failure: _Failure) -> None:
+        """End the relay as *failure* says. Ending it calls the sides' shutdown() or
+        close(), and a SocketLike's may raise: that ends the relay as any exception
+        from a wrapper does (the await raises it), not in the loop's handler."""
         try:
-            self.relay.fail(self.relay.closed_behind(name))
+            self.relay.fail(failure)
             self.end()
-        except Exception as exc:  # a SocketLike's shutdown() or close() failing
+        except Exception as exc:
             self.crash(exc)
         except BaseException:
             self.crash(None)
@@ -2147,6 +2175,15 @@ class _Driven:
         (cancel it when None)."""
         try:
             self.finalize()
+        except Exception as late:
+            # A wrapper's close() failed too, or only it (end() raised, and this is
+            # its second finalize, which closes nothing again): the await raises
+            # the first exception.
+            if exc is None:
+                raise
+            add_note = getattr(exc, "add_note", None)  # Python 3.11+
+            if late is not exc and add_note is not None:
+                add_note(f"and ending the relay raised {late!r}")
         finally:
             if not self.future.done():
                 if exc is None:
@@ -2210,12 +2247,13 @@ class _Driven:
         # Unregister before the sockets close: epoll keys on the open file, and a
         # dup of it elsewhere would keep a closed fd's registration alive.
         self.detach()
-        stats = self.relay.finish()
-        if isinstance(self.future, _RelayFuture):
-            # Break the future <-> relay cycle: refcounting frees both at once,
-            # not the cyclic GC after thousands of relays have piled up.
-            self.future.driven = None
-        return stats
+        try:
+            return self.relay.finish()  # may raise what a wrapper's close() raised
+        finally:
+            if isinstance(self.future, _RelayFuture):
+                # Break the future <-> relay cycle: refcounting frees both at once,
+                # not the cyclic GC after thousands of relays have piled up.
+                self.future.driven = None
 
     def detach(self) -> None:
         self.relay.on_notify = None
@@ -2238,7 +2276,15 @@ class _RelayFuture(asyncio.Future[RelayStats]):
         if not super().cancel(msg):
             return False
         if self.driven is not None:
-            self.driven.finalize()
+            try:
+                self.driven.finalize()
+            except Exception as exc:
+                # A SocketLike's close() failed as the relay ended: the future is
+                # cancelled and cannot hold it, and cancel() may be called by asyncio
+                # itself (wait_for, gather): report it as a failed callback is.
+                self.get_loop().call_exception_handler(
+                    {"message": "closing a cancelled relay's sockets failed", "exception": exc}
+                )
         return True
 
 
