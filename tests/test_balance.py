@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from reuselb import (
+    AddressError,
     BalancePolicy,
     DuplicateNode,
     InvalidArgument,
@@ -1355,6 +1356,26 @@ def test_docstrings_list_what_the_methods_raise(cls: type[BalancePolicy]) -> Non
     for method in ("mark_up", "set_weight", "add"):
         # MaglevHash refuses a change that breaks its table bound with InvalidArgument
         assert ":raises InvalidArgument:" in _raises(getattr(cls, method)), (cls, method)
+
+
+@pytest.mark.parametrize("cls", list(dict.fromkeys(POLICIES.values())), ids=lambda c: c.__name__)
+def test_policy_class_docstrings_list_what_the_constructor_raises(
+    cls: type[BalancePolicy],
+) -> None:
+    # RoundRobin and LeastConn listed nothing, the others InvalidArgument only
+    doc = _raises(cls)
+    for exc in ("DuplicateNode", "AddressError", "InvalidArgument"):
+        assert f":raises {exc}:" in doc, (cls.__name__, exc)
+    with pytest.raises(DuplicateNode):
+        cls([addr(0), addr(0)])
+    with pytest.raises(DuplicateNode):
+        cls([Node(addr(0), name="a"), Node(addr(1), name="a")])
+    with pytest.raises(AddressError):
+        cls(["10.0.0.1:99999"])
+    with pytest.raises(InvalidArgument):
+        cls(addr(0))
+    with pytest.raises(InvalidArgument):
+        cls(None)  # type: ignore[arg-type]
 
 
 def test_maglev_refused_set_weight_keeps_the_weight() -> None:

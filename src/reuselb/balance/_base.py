@@ -63,21 +63,21 @@ __all__ = [
     "diff",
 ]
 
-#: What ``pick``/``acquire`` accept as a key: text is hashed as its UTF-8 bytes.
 Key: TypeAlias = "str | bytes | bytearray | memoryview | None"
+"""What ``pick``/``acquire`` accept as a key: text is hashed as its UTF-8 bytes."""
 
-#: The largest node weight. Weights are relative, so 1000 steps are plenty; the
-#: bound keeps every rebuild bounded: a ring builds ``vnodes x weight`` points per
-#: node (1000 x 160 = 160,000, ~0.5 s) and a round-robin cycle ``sum(weights)``
-#: entries, so an unbounded weight (``10**30``) would hang or overflow instead.
 MAX_WEIGHT = 1000
+"""The largest node weight. Weights are relative, so 1000 steps are plenty; the
+bound keeps every rebuild bounded: a ring builds ``vnodes x weight`` points per
+node (1000 x 160 = 160,000, ~0.5 s) and a round-robin cycle ``sum(weights)``
+entries, so an unbounded weight (``10**30``) would hang or overflow instead."""
 
-#: The largest ``table_size`` of the table policies (Maglev, tabulated rendezvous).
-#: Builds are linear in the table: for 100 nodes here, Maglev takes ~0.04 s at
-#: 65,537 entries and ~2 s at 1,048,573; rendezvous ~0.04 s at 2**19 and ~0.5 s at
-#: 2**22. Without a bound a typo (``table_size=10**12``) would run for hours, and
-#: Maglev's primality check alone for minutes, before anything is reported.
 MAX_TABLE_SIZE = 2**24
+"""The largest ``table_size`` of the table policies (Maglev, tabulated rendezvous).
+Builds are linear in the table: for 100 nodes here, Maglev takes ~0.04 s at
+65,537 entries and ~2 s at 1,048,573; rendezvous ~0.04 s at 2**19 and ~0.5 s at
+2**22. Without a bound a typo (``table_size=10**12``) would run for hours, and
+Maglev's primality check alone for minutes, before anything is reported."""
 
 
 # Unicode category Cc: C0 controls, DEL and C1 controls.
@@ -214,10 +214,11 @@ def _restore_node(address: Address, name: str | None, weight: int, state: NodeSt
     return Node(address, name=name, weight=weight, state=state)
 
 
-#: What the constructors and ``add`` accept as a node.
 NodeLike: TypeAlias = "Node | AddressLike"
-#: How a node already in a policy is named: the Node, its address or its name.
+"""What the constructors and ``add`` accept as a node."""
+
 NodeRef: TypeAlias = "Node | AddressLike"
+"""How a node already in a policy is named: the Node, its address or its name."""
 
 
 def _duplicate(ref: str, detail: str) -> DuplicateNode:
@@ -974,6 +975,16 @@ class HashPolicy(BalancePolicy):
     weights by the same number never changes it. A live node that the policy's
     candidate order never reaches (a ketama server with no points, a Maglev node
     with no table entry) still takes the key when every other node is at its bound.
+
+    :param nodes: initial nodes (``Node`` objects or addresses).
+    :param seed: the :class:`KeyHasher` seed, an int in ``0..2**32-1``.
+    :param secret: the :class:`KeyHasher` secret (1 to 64 bytes), or None.
+    :param balance_factor: bounded load: a finite number ``>= 1``, or None.
+    :raises InvalidArgument: seed, secret or balance_factor is out of range, or
+        *nodes* is one address string or not iterable at all.
+    :raises DuplicateNode: two nodes share an address or a name, or one node's name
+        is another node's address.
+    :raises AddressError: an address in *nodes* is malformed.
     """
 
     needs_key = True

@@ -16,7 +16,6 @@ from ._roundrobin import RoundRobin
 
 __all__ = ["POLICIES", "make_policy"]
 
-#: Every name ``make_policy`` accepts, and its class (``"hash"`` is Maglev).
 POLICIES: dict[str, type[BalancePolicy]] = {
     "round-robin": RoundRobin,
     "least-conn": LeastConn,
@@ -26,6 +25,7 @@ POLICIES: dict[str, type[BalancePolicy]] = {
     "ring": RingHash,
     "rendezvous": RendezvousHash,
 }
+"""Every name ``make_policy`` accepts, and its class (``"hash"`` is Maglev)."""
 
 
 #: make_policy's default nodes (compared by identity: ``nodes != ()`` would run a

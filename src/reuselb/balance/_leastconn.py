@@ -26,6 +26,10 @@ class LeastConn(BalancePolicy):
     busier nodes sit between them. O(N) per pick under the lock.
 
     :param nodes: initial nodes.
+    :raises DuplicateNode: two nodes share an address or a name, or one node's name
+        is another node's address.
+    :raises AddressError: an address in *nodes* is malformed.
+    :raises InvalidArgument: *nodes* is one address string or not iterable at all.
     """
 
     name = "least-conn"
@@ -71,7 +75,11 @@ class PowerOfTwo(BalancePolicy):
     :param nodes: initial nodes.
     :param seed: an int seeding the policy's own ``random.Random`` (tests, replay),
         or None for a fresh random seed.
-    :raises InvalidArgument: the seed is not an int or None.
+    :raises InvalidArgument: the seed is not an int or None, or *nodes* is one
+        address string or not iterable at all.
+    :raises DuplicateNode: two nodes share an address or a name, or one node's name
+        is another node's address.
+    :raises AddressError: an address in *nodes* is malformed.
     """
 
     name = "p2c"

@@ -54,21 +54,21 @@ __all__ = [
     "libmemcached_digests",
 ]
 
-#: The most points per weight unit (``vnodes``).
 MAX_VNODES = 1000
+"""The most points per weight unit (``vnodes``)."""
 
-#: The most points a ring (``ketama=False``) may have: ``vnodes`` x the total
-#: weight of the live nodes. A change that would exceed it raises InvalidArgument
-#: and leaves the policy as it was. 2**22 (4,194,304) points take ~6 s to build
-#: and ~200 MB (see :class:`RingHash`).
 MAX_POINTS = 1 << 22
+"""The most points a ring (``ketama=False``) may have: ``vnodes`` x the total
+weight of the live nodes. A change that would exceed it raises InvalidArgument
+and leaves the policy as it was. 2**22 (4,194,304) points take ~6 s to build
+and ~200 MB (see :class:`RingHash`)."""
 
 _ARC_SHIFT = 14
 _ARCS = 1 << (32 - _ARC_SHIFT)
 
 
-#: What ``RingHash(ketama=...)`` accepts besides False: whose continuum to build.
 KETAMA_MODES = (True, "libketama", "libmemcached")
+"""What ``RingHash(ketama=...)`` accepts besides False: whose continuum to build."""
 
 _F32 = struct.Struct("<f")
 _ULONG_MAX = (1 << 64) - 1
@@ -228,10 +228,15 @@ class RingHash(HashPolicy):
     :param balance_factor: bounded load (``>= 1``); the next candidates are the
         following ring points.
     :raises InvalidArgument: vnodes not an int in ``1..MAX_VNODES``, ketama not a
-        bool, ``"libketama"`` or ``"libmemcached"``, seed/secret with ketama, or
+        bool, ``"libketama"`` or ``"libmemcached"``, seed/secret with ketama, seed,
+        secret or balance_factor out of range (see :class:`KeyHasher`,
+        :class:`HashPolicy`), *nodes* one address string or not iterable at all, or
         ``vnodes`` x the total weight of the live nodes above :data:`MAX_POINTS`
         (raised by ``add``, ``set_weight`` and ``mark_up`` too, which then leave
         the policy as it was).
+    :raises DuplicateNode: two nodes share an address or a name, or one node's name
+        is another node's address.
+    :raises AddressError: an address in *nodes* is malformed.
     """
 
     name = "ring"

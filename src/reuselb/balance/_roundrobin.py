@@ -103,6 +103,10 @@ class RoundRobin(BalancePolicy):
     in O(distinct weights x cycle length): see :func:`smooth_wrr_cycle`.
 
     :param nodes: initial nodes.
+    :raises DuplicateNode: two nodes share an address or a name, or one node's name
+        is another node's address.
+    :raises AddressError: an address in *nodes* is malformed.
+    :raises InvalidArgument: *nodes* is one address string or not iterable at all.
     """
 
     name = "round-robin"
