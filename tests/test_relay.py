@@ -3362,3 +3362,60 @@ def test_a_wrapper_whose_close_raises_does_not_leak_the_other_side(
     finally:
         for s in (client, backend, a, b):
             s.close()
+
+
+_SO_ZEROCOPY = getattr(socket, "SO_ZEROCOPY", 60)
+_MSG_ZEROCOPY = getattr(socket, "MSG_ZEROCOPY", 0x4000000)
+
+
+# Not the fallback driver: it waits with the loop's add_reader (level-triggered;
+# asyncio reports EPOLLERR as readable), used only where there is no epoll, and
+# no such system has a socket error queue.
+@pytest.mark.parametrize("mode", [m for m in RUNNERS if m != "asyncio-selector"])
+def test_a_side_s_error_queue_does_not_make_the_relay_spin(
+    listener: socket.socket, mode: str
+) -> None:
+    # A side whose error queue holds something the caller has not read (here the
+    # MSG_ZEROCOPY completion of the banner it sent before the relay) polls POLLERR
+    # with SO_ERROR 0, and poll(2) reports POLLERR whatever the mask: the blocking
+    # form polled again at once, 100 % CPU until the relay ended. The queue is the
+    # caller's: it must still be there afterwards.
+    client, a = tcp_pair(listener)
+    b, backend = tcp_pair(listener)
+    banner = b"220 ready\r\n" * 100
+    b.setsockopt(socket.SOL_SOCKET, _SO_ZEROCOPY, 1)
+    assert b.send(banner, _MSG_ZEROCOPY) == len(banner)
+    p = select.poll()
+    p.register(b, 0)
+    assert p.poll(JOIN * 1000) == [(b.fileno(), select.POLLERR)]  # the completion
+    assert b.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+    cpu: list[float] = []
+
+    def runner(x: socket.socket, y: socket.socket, **kw: Any) -> RelayStats:
+        t0 = time.thread_time()  # the relay's own thread (the loop's, for asyncio)
+        try:
+            return RUNNERS[mode](x, y, **kw)
+        finally:
+            cpu.append(time.thread_time() - t0)
+
+    r = Relay.__new__(Relay)
+    r.client, r.a, r.b, r.backend = client, a, b, backend
+    r.stats, r.exc = None, None
+    r.thread = threading.Thread(target=r._run, args=(runner, {"idle_timeout": 0.5, "close": False}))
+    r.thread.start()
+    try:
+        assert _recv_bytes(backend, len(banner)) == banner
+        client.sendall(b"ping")  # the relay still moves bytes both ways meanwhile
+        assert _recv_bytes(backend, 4) == b"ping"
+        backend.sendall(b"pong")
+        assert _recv_bytes(client, 4) == b"pong"
+        stats = r.join()  # then nothing: the idle timeout ends it
+        assert (stats.a_end, stats.b_end) == (End.TIMEOUT, End.TIMEOUT)
+        assert (stats.a_to_b, stats.b_to_a) == (4, 4)
+        assert cpu[0] < 0.25, f"{cpu[0]:.2f} s of CPU in a relay idle for 0.5 s"
+        # The completion is still there for its owner to read.
+        _data, ancdata, _flags, _addr = b.recvmsg(1, 1024, socket.MSG_ERRQUEUE)
+        assert ancdata
+    finally:
+        for s in (client, backend, a, b):
+            s.close()

@@ -1496,12 +1496,14 @@ def _drive(relay: _Relay, poller: Any, registered: dict[int, int], muted: set[in
             # Capped: the loop polls again until a long timeout is due.
             wait = min(_POLL_MAX_MS, int(left * 1000) + 1)
         events = poller.poll(wait)
+        noise = False
         for fd, ev in events:
             if ev & _POLLERR:
                 # A pending socket error (a reset) is reported here even when the
                 # relay is not reading that side (its pipe is full): end now, not
                 # at the idle timeout, and do not spin on the sticky POLLERR.
                 _raise_pending_error(relay, fd)
+                noise = True  # POLLERR, and no error: see below
             if ev & _POLLPRI:
                 relay.urgent(fd)  # reported only while the relay reads fd
             # POLLHUP/POLLERR wake both ways: the next read/write reports what happened.
@@ -1509,6 +1511,74 @@ def _drive(relay: _Relay, poller: Any, registered: dict[int, int], muted: set[in
             if hup and not registered.get(fd):
                 muted.add(fd)
             relay.step(fd, bool(ev & _POLLIN_PRI) or hup, bool(ev & _POLLOUT) or hup)
+        if noise and not relay.done and _HAS_EPOLL_ET:
+            # POLLERR with SO_ERROR 0: the socket's error queue is not empty
+            # (MSG_ZEROCOPY completions, SO_TIMESTAMPING TX timestamps, IP_RECVERR
+            # reports that its owner has not read with MSG_ERRQUEUE yet). tcp_poll
+            # reports POLLERR for as long as it is not empty, and poll(2) reports
+            # POLLERR whatever the mask: every poll would return at once, a 100 %
+            # CPU spin until the relay ends. The queue is the caller's: reading it
+            # would take the completions they wait for. poll cannot be told to
+            # leave out one fd's errors while still watching its bytes, so the rest
+            # of this relay waits edge-triggered, where that state is reported once
+            # per change, not at every wait.
+            _drive_edge(relay)
+            return
+
+
+# Where there is no epoll (not Linux) there is no socket error queue either.
+_HAS_EPOLL_ET = hasattr(select, "epoll")
+
+
+def _drive_edge(relay: _Relay) -> None:
+    """The rest of a blocking relay on an edge-triggered epoll (see :func:`_drive`).
+
+    Edges are safe for the same reasons as in the asyncio form's hub: a flow stops
+    reading only at EAGAIN (both flows now read until EAGAIN, as bursty sources
+    do, so a FIN behind the last bytes is not left for an edge that already came),
+    at its EOF, or when it stalls, and an fd is re-armed with EPOLL_CTL_MOD, which
+    re-polls it, whenever what the relay waits for on it changes.
+    """
+    for flow in relay.flows:
+        flow.bursty = flow.buffered = True
+    ep = select.epoll()
+    try:
+        armed: dict[int, int] = {}
+        while not relay.done:
+            for fd, mask in relay.interest().items():
+                if armed.get(fd) == mask:
+                    continue
+                events = _EPOLLET
+                if mask & _POLLIN:
+                    events |= _EPOLLIN | _EPOLLPRI
+                if mask & _POLLOUT:
+                    events |= _EPOLLOUT
+                for name in ("a", "b"):
+                    if relay.lost(name):  # never arm a number its side gave up
+                        raise relay.closed_behind(name)
+                if fd in armed:
+                    ep.modify(fd, events)
+                else:
+                    ep.register(fd, events)
+                armed[fd] = mask
+            left = relay.idle_left()
+            if left is None:
+                wait = -1.0
+            elif left <= 0:
+                relay.timeout()
+                break
+            else:
+                wait = min(_POLL_MAX_MS / 1000, left + 0.001)
+            for fd, ev in ep.poll(wait):
+                if ev & _EPOLLERR:
+                    _raise_pending_error(relay, fd)  # a real error still ends it now
+                if ev & _EPOLLPRI:
+                    relay.urgent(fd)
+                hup = bool(ev & (_EPOLLERR | _EPOLLHUP))
+                readable = bool(ev & (_EPOLLIN | _EPOLLPRI)) or hup
+                relay.step(fd, readable, bool(ev & _EPOLLOUT) or hup)
+    finally:
+        ep.close()
 
 
 # From include/net/tcp_states.h (tcpi_state, the first byte of struct tcp_info).
