@@ -26,13 +26,13 @@ import struct
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, KeysView, Mapping, Sequence, ValuesView
 from dataclasses import dataclass, field
 from typing import Any
 
 from ._errors import HandoffError, InvalidArgument, SocketClosed, SteeringError, WrongSocketType
 from ._sockets import _C_INT_MAX, ReuseportGroup, check_flag, check_open, check_seconds
-from ._steering import _as_sequence, _check_one_group
+from ._steering import GroupLike, _as_sequence, _check_one_group
 
 __all__ = [
     "DrainResult",
@@ -141,9 +141,9 @@ def _check_channel(channel: object) -> socket.socket:
 
 def send_sockets(
     channel: socket.socket,
-    socks: Sequence[socket.socket],
+    socks: Sequence[socket.socket] | ValuesView[socket.socket],
     *,
-    names: Sequence[str] | None = None,
+    names: Sequence[str] | KeysView[str] | None = None,
 ) -> None:
     """Send sockets to another process over a Unix socket (SCM_RIGHTS).
 
@@ -767,13 +767,13 @@ def _detach_through(candidates: Iterable[socket.socket]) -> Exception | None:
 
 def _restore(
     restore: Callable[[ReuseportGroup | Sequence[socket.socket]], object],
-    group: ReuseportGroup | Sequence[socket.socket],
+    group: GroupLike,
     members: list[socket.socket],
     index: int,
 ) -> Exception | None:
     """Call the caller's *restore* with the group *listener* left; its error, if any."""
     if isinstance(group, ReuseportGroup):
-        remaining: ReuseportGroup | Sequence[socket.socket] = group  # already updated by _remove()
+        remaining: ReuseportGroup | Sequence[socket.socket] = group  # updated by _remove()
     else:
         # The kernel's order after the close: the last member took the slot.
         rest = list(members)
@@ -790,7 +790,7 @@ def _restore(
 
 def _has_another_member(
     listener: socket.socket,
-    group: ReuseportGroup | Sequence[socket.socket],
+    group: GroupLike,
     members: list[socket.socket],
     index: int,
 ) -> bool:
@@ -816,7 +816,7 @@ def _has_another_member(
 
 
 def _drain_members(
-    listener: socket.socket, group: ReuseportGroup | Sequence[socket.socket]
+    listener: socket.socket, group: GroupLike
 ) -> tuple[list[socket.socket], int, socket.socket | None]:
     """``(members in kernel order, the listener's index, another member we hold)``.
 
@@ -847,7 +847,7 @@ def _drain_members(
 def drain_close(
     listener: socket.socket,
     *,
-    group: ReuseportGroup | Sequence[socket.socket] | None = None,
+    group: GroupLike | None = None,
     grace: float = 0.2,
     timeout: float = 10.0,
     restore: Callable[[ReuseportGroup | Sequence[socket.socket]], object] | None = None,

@@ -133,8 +133,8 @@ def _probe(option: int) -> bool:
 
     Only the SO_REUSEPORT setsockopts and the second bind answer the question.
 
-    :raises OSError: the probe could not run (e.g. EMFILE, or EADDRINUSE when the
-        first bind found no free ephemeral port); nothing is learnt then.
+    :raises AddressInUse: the first bind found no free ephemeral port.
+    :raises OSError: the probe could not run (e.g. EMFILE); nothing is learnt then.
     """
     for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
         with contextlib.ExitStack() as made:
@@ -159,10 +159,14 @@ def _probe(option: int) -> bool:
                     # Port 0 and EADDRINUSE: every port of the namespace's
                     # net.ipv4.ip_local_port_range is taken. One socket with
                     # SO_REUSEPORT says nothing about a group yet.
-                    raise OSError(
-                        exc.errno,
-                        f"cannot probe SO_REUSEPORT: no free port left in the ephemeral "
-                        f"range (net.ipv4.ip_local_port_range) to bind {host} port 0",
+                    # AddressInUse, as the caller's own port-0 bind would raise
+                    # (its docs promise that type); a fixed-port caller learns that
+                    # the probe, not its address, lacked a port.
+                    raise AddressInUse(
+                        f"{host} port 0",
+                        "the SO_REUSEPORT probe needs one; nothing was remembered, "
+                        "the next call probes again",
+                        ephemeral=True,
                     ) from exc
                 raise
             second = made.enter_context(_new_socket(family, socket.SOCK_STREAM, False))
@@ -204,9 +208,10 @@ def supports_reuseport(*, balanced: bool = True) -> bool:
         (macOS accepts it but sends everything to the last socket bound).
     :returns: True when the requested level is available.
     :raises InvalidArgument: *balanced* is not a bool.
-    :raises OSError: the probe could not run (``EMFILE``: no fd left;
-        ``EADDRINUSE``: no free port left in the ephemeral range); no answer is
-        remembered then, and the next call probes again.
+    :raises AddressInUse: the probe found no free port in the ephemeral range (an
+        ``OSError`` with ``EADDRINUSE``); no answer is remembered then, and the next
+        call probes again.
+    :raises OSError: the probe could not run (``EMFILE``: no fd left); the same.
     """
     balanced = check_flag("balanced", balanced)
     cap = _capability()

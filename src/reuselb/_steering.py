@@ -17,9 +17,9 @@ import ctypes
 import os
 import socket
 import struct
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence, ValuesView
 from collections.abc import Set as AbstractSet
-from typing import Any
+from typing import Any, TypeAlias, cast
 
 from ._address import parse_address
 from ._errors import InvalidArgument, SteeringError
@@ -67,6 +67,18 @@ _INSN = struct.Struct("=HBBI")
 Insn = tuple[int, int, int, int]
 
 
+# A dict's keys(), values() and items() keep insertion order and match each other
+# position by position (so do an OrderedDict's, subclasses of these): as good as a
+# sequence here, and ``send_sockets(ch, d.values(), names=d.keys())`` is natural.
+# (dict_keys and dict_items register as sets, whose order is otherwise arbitrary.)
+_ORDERED: tuple[type, ...] = (Sequence, type({}.keys()), type({}.values()), type({}.items()))
+
+#: What the steering functions and :func:`~reuselb.drain_close` take as a group: a
+#: :class:`~reuselb.ReuseportGroup`, or its members in join order as a sequence (or
+#: a dict's ``values()``, which keep insertion order).
+GroupLike: TypeAlias = "ReuseportGroup | Sequence[socket.socket] | ValuesView[socket.socket]"
+
+
 def _as_sequence(name: str, value: object, expected: str) -> list[Any]:
     """*value*'s items as a list, if it is a :class:`collections.abc.Sequence`.
 
@@ -76,14 +88,15 @@ def _as_sequence(name: str, value: object, expected: str) -> list[Any]:
     with PYTHONHASHSEED, so from one run to the next), and so does a frozenset;
     a mapping iterates over its keys; an iterator is read once, and a call that
     then fails has consumed it. Taking any iterable turned those into wrong
-    pairings and wrong indexes without an error, so only a sequence is taken.
+    pairings and wrong indexes without an error, so only a sequence (or a dict's
+    ordered keys/values/items view) is taken.
     A str is a sequence too: callers that must refuse one check it first.
 
     :raises InvalidArgument: *value* is not a sequence; the message names it and,
         for a set, a mapping or an iterator, says why it cannot stand for one.
     """
-    if isinstance(value, Sequence):
-        return list(value)
+    if isinstance(value, _ORDERED):
+        return list(cast("Iterable[Any]", value))
     if isinstance(value, AbstractSet):
         why = (
             ", not a set: a set's order is arbitrary (for str items it changes "
@@ -204,7 +217,7 @@ def _check_one_group(named: Sequence[tuple[str, socket.socket]]) -> None:
             )
 
 
-def _members(group: ReuseportGroup | Sequence[socket.socket]) -> tuple[int, socket.socket]:
+def _members(group: GroupLike) -> tuple[int, socket.socket]:
     """``(the group's size in the kernel, a member to attach the program through)``."""
     if isinstance(group, ReuseportGroup):
         # A BPF program's return value indexes the kernel's array of the group, and a
@@ -249,9 +262,7 @@ def _members(group: ReuseportGroup | Sequence[socket.socket]) -> tuple[int, sock
     return len(members), members[0]
 
 
-def attach_cpu_steering(
-    group: ReuseportGroup | Sequence[socket.socket], *, strict: bool = True
-) -> None:
+def attach_cpu_steering(group: GroupLike, *, strict: bool = True) -> None:
     """Send each new connection to the member whose index is the CPU that took its SYN.
 
     Program: ``ld [SKF_AD_CPU]; ret a``. Bind the members in CPU order (member *i* is
@@ -292,7 +303,7 @@ def attach_cpu_steering(
     _attach(via, [(_LD_W_ABS, 0, 0, _SKF_AD_OFF + _SKF_AD_CPU), (_RET_A, 0, 0, 0)])
 
 
-def steer_all_to(group: ReuseportGroup | Sequence[socket.socket], index: int) -> None:
+def steer_all_to(group: GroupLike, index: int) -> None:
     """Send every new connection to member *index* (``ld #index; ret a``).
 
     Useful to fill one member's queue on purpose (tests, canaries).
@@ -312,7 +323,7 @@ def steer_all_to(group: ReuseportGroup | Sequence[socket.socket], index: int) ->
     _attach(via, [(_LD_IMM, 0, 0, index), (_RET_A, 0, 0, 0)])
 
 
-def steer_away_from(group: ReuseportGroup | Sequence[socket.socket], index: int) -> None:
+def steer_away_from(group: GroupLike, index: int) -> None:
     """Spread new connections over every member except *index*.
 
     Program: ``ld [SKF_AD_RANDOM]; a %= n-1; if a >= index: a += 1; ret a``.
@@ -364,7 +375,7 @@ def hash_steering_index(src_ip: str, src_port: int, members: int) -> int:
     return ((((ip ^ src_port) * _GOLDEN32) & 0xFFFFFFFF) >> 16) % members
 
 
-def attach_hash_steering(group: ReuseportGroup | Sequence[socket.socket]) -> None:
+def attach_hash_steering(group: GroupLike) -> None:
     """Steer by the client's address: a stable, documented member per (source IP, port).
 
     Program (IPv4 without IP options, which a SYN practically never carries)::
