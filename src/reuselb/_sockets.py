@@ -473,8 +473,8 @@ def reuseport_listener(
     :returns: the listening socket; the caller owns it.
     :raises AddressError: the address is malformed, not an address of this host,
         an IPv4-mapped IPv6 address without *dualstack*, a link-local IPv6 address
-        without a zone or with a zone naming no interface, or refused by ``bind``
-        with EINVAL.
+        without a zone, an IPv6 address whose zone names no interface, or refused by
+        ``bind`` with EINVAL.
     :raises HostNotFound: the host name does not resolve.
     :raises AddressInUse: a socket outside this reuseport group holds the address
         (``bind`` refused it, or ``listen`` did: a socket bound with SO_REUSEADDR
@@ -539,8 +539,9 @@ def reuseport_udp(
     :param balanced: require kernel balancing (see :func:`reuseport_listener`).
     :returns: the bound socket; the caller owns it.
     :raises AddressError: the address is malformed, not local, an IPv4-mapped
-        IPv6 address without *dualstack*, a link-local IPv6 address without a zone
-        or with a zone naming no interface, or refused by ``bind`` with EINVAL.
+        IPv6 address without *dualstack*, a link-local IPv6 address without a zone,
+        an IPv6 address whose zone names no interface, or refused by ``bind`` with
+        EINVAL.
     :raises HostNotFound: the host name does not resolve.
     :raises AddressInUse: a socket outside this reuseport group holds the address,
         or, for port 0, no port of the ephemeral range is free.
@@ -574,8 +575,9 @@ def hold_port(
     :param balanced: as for :func:`reuseport_listener`.
     :returns: the bound socket; close it to release the port.
     :raises AddressError: the address is malformed, not local, an IPv4-mapped
-        IPv6 address without *dualstack*, a link-local IPv6 address without a zone
-        or with a zone naming no interface, or refused by ``bind`` with EINVAL.
+        IPv6 address without *dualstack*, a link-local IPv6 address without a zone,
+        an IPv6 address whose zone names no interface, or refused by ``bind`` with
+        EINVAL.
     :raises HostNotFound: the host name does not resolve.
     :raises AddressInUse: a socket outside this reuseport group holds the address,
         or, for port 0, no port of the ephemeral range is free.
@@ -738,8 +740,8 @@ def reuseport_group(
     :raises GroupMemberError: member *k* failed with an ``OSError`` or
         ``ValueError``; the cause is chained.
     :raises AddressError: the address is malformed, IPv4-mapped IPv6 without
-        ``dualstack=True``, IPv4 with it, or link-local IPv6 without a zone or with
-        a zone naming no interface (before any socket is made).
+        ``dualstack=True``, IPv4 with it, link-local IPv6 without a zone, or IPv6
+        with a zone naming no interface (before any socket is made).
     :raises HostNotFound: the host name does not resolve (before any socket).
     :raises ReuseportUnsupported: see :func:`reuseport_listener` (before any socket).
     :raises TypeError: an option the factory does not take. Any other exception
@@ -826,8 +828,8 @@ def connect_tcp(
     :raises InvalidArgument: *timeout* is not a positive, finite int or float (at
         most 1e9 seconds), or a flag is not a bool.
     :raises AddressError: an address is malformed, *address* is a link-local IPv6
-        literal without a zone or with a zone naming no interface, *source* is not
-        an address of this host, is link-local without a usable zone, is of another
+        literal without a zone or an IPv6 literal whose zone names no interface,
+        *source* is not an address of this host, is link-local without a usable zone, is of another
         family (IPv4/IPv6) than every address of the peer, or cannot be bound for
         another reason (the ``OSError`` is chained; no other peer address is tried).
     :raises AddressInUse: *source* names a port that another socket holds.
