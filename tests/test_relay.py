@@ -3251,6 +3251,38 @@ def test_a_side_closed_behind_the_relay_never_reaches_a_socket_given_its_fd_numb
 
 
 @pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_a_detached_side_re_wrapped_is_still_in_its_relay(
+    listener: socket.socket, loop_kind: str
+) -> None:
+    # detach() leaves fileno() at -1 while the fd (and the relay's socket) lives on:
+    # not a closed side. Starting the re-wrapped socket in a second relay raised a
+    # bare FileExistsError from epoll_ctl; it is the documented InvalidArgument.
+    run = uvloop.run if loop_kind == "uvloop" else asyncio.run
+    client, a = tcp_pair(listener)
+    b, backend = tcp_pair(listener)
+    c, c_peer = tcp_pair(listener)
+    rewrapped: socket.socket | None = None
+
+    async def main() -> None:
+        nonlocal rewrapped
+        first = start_pipe_splice(a, b, close=False)
+        rewrapped = socket.socket(fileno=a.detach())
+        with pytest.raises(InvalidArgument, match="is already in a running relay"):
+            start_pipe_splice(rewrapped, c)
+        assert c.fileno() != -1 and not first.done()
+        first.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await first
+
+    try:
+        run(main())
+    finally:
+        for s in (client, a, b, backend, c, c_peer, rewrapped):
+            if s is not None:
+                s.close()
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
 @pytest.mark.parametrize("api", ["coroutine", "start"])
 def test_a_side_closed_behind_a_hub_relay_gives_its_fd_number_up(
     listener: socket.socket, loop_kind: str, api: str
@@ -3359,6 +3391,98 @@ def test_a_wrapper_whose_close_raises_does_not_leak_the_other_side(
         if how == "eof":
             assert _recv_bytes(backend, 2) == b"hi"
             assert backend.recv(10) == b""
+    finally:
+        for s in (client, backend, a, b):
+            s.close()
+
+
+class _RejectsAndCloseRaises(_CloseRaises):
+    """A wrapper refusing a header (ValueError from recv_into) whose close() then
+    fails too: two exceptions end the relay."""
+
+    def recv_into(self, buffer: memoryview, /) -> int:
+        n = self._sock.recv_into(buffer)
+        if n and buffer[0] == ord("!"):
+            raise TypeError("bad header")
+        return n
+
+
+@pytest.mark.parametrize(
+    "form", ["blocking", "asyncio", "uvloop", "asyncio-start", "fallback", "fallback-start"]
+)
+def test_the_first_exception_ends_the_relay_and_a_failing_close_is_noted(
+    listener: socket.socket, monkeypatch: pytest.MonkeyPatch, form: str
+) -> None:
+    # The blocking form and the fallback driver raised what the wrapper's close()
+    # raised in finish(), the relay's first exception only as its __context__ (a
+    # KeyboardInterrupt too, turned into an Exception that `except Exception` takes).
+    # As the hub does, the first one is raised, with the close failure as a note.
+    if form.startswith("fallback"):
+        monkeypatch.setattr(relay_mod, "_HAS_EPOLL", False)
+    client, a = tcp_pair(listener)
+    b, backend = tcp_pair(listener)
+    wa = _RejectsAndCloseRaises(a)
+    handled: list[dict[str, Any]] = []
+    client.sendall(b"!header")
+
+    async def main() -> RelayStats:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _loop, context: handled.append(context))
+        if form.endswith("start"):
+            return await start_pipe_splice(wa, b, idle_timeout=JOIN)
+        return await async_pipe_splice(wa, b, idle_timeout=JOIN)
+
+    def run() -> object:
+        if form == "blocking":
+            return pipe_splice(wa, b, idle_timeout=JOIN)
+        return uvloop.run(main()) if form == "uvloop" else asyncio.run(main())
+
+    try:
+        with pytest.raises(TypeError, match="bad header") as info:
+            run()
+        notes = getattr(info.value, "__notes__", [])
+        assert any("flushing the wrapper's log failed" in n for n in notes), notes
+        assert (a.fileno(), b.fileno()) == (-1, -1)
+        assert wa.closes == 1
+        assert handled == []
+    finally:
+        for s in (client, backend, a, b):
+            s.close()
+
+
+def test_an_interrupt_is_not_replaced_by_a_failing_close(listener: socket.socket) -> None:
+    # KeyboardInterrupt out of the blocking wait (a signal handler's) must reach the
+    # caller as itself, not as the wrapper's close() error with it as __context__.
+    client, a = tcp_pair(listener)
+    b, backend = tcp_pair(listener)
+    wa = _CloseRaises(a)
+    real_poll = select.poll
+
+    class Interrupting:
+        def __init__(self) -> None:
+            self._poll = real_poll()
+
+        def register(self, fd: int, mask: int) -> None:
+            self._poll.register(fd, mask)
+
+        def modify(self, fd: int, mask: int) -> None:
+            self._poll.modify(fd, mask)
+
+        def unregister(self, fd: int) -> None:
+            self._poll.unregister(fd)
+
+        def poll(self, timeout: float | None = None) -> list[tuple[int, int]]:
+            raise KeyboardInterrupt
+
+    try:
+        with contextlib.ExitStack() as stack:
+            mp = stack.enter_context(pytest.MonkeyPatch.context())
+            mp.setattr(select, "poll", Interrupting)
+            with pytest.raises(KeyboardInterrupt) as info:
+                pipe_splice(wa, b, idle_timeout=JOIN)
+        notes = getattr(info.value, "__notes__", [])
+        assert any("flushing the wrapper's log failed" in n for n in notes), notes
+        assert (a.fileno(), b.fileno()) == (-1, -1)
     finally:
         for s in (client, backend, a, b):
             s.close()

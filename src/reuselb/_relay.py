@@ -1453,18 +1453,42 @@ def _run_blocking(relay: _Relay) -> RelayStats:
     # Whatever escapes (KeyboardInterrupt or another exception from a signal
     # handler, MemoryError...) still ends the relay as cancelling the asyncio form
     # does: pipes closed, sockets closed (close=True) or restored (close=False).
+    pending: BaseException | None = None
     try:
         _drive(relay, poller, registered, muted)
     except _Failure as failure:
         relay.fail(failure)
+    except BaseException as exc:
+        pending = exc
+        raise
     finally:
         try:
             for fd in registered:
                 with contextlib.suppress(KeyError, ValueError):
                     poller.unregister(fd)
         finally:
-            stats = relay.finish()
+            stats = _finish_after(relay, pending)
     return stats
+
+
+def _finish_after(relay: _Relay, pending: BaseException | None) -> RelayStats:
+    """``relay.finish()`` from a ``finally`` that *pending* may be leaving.
+
+    What ``finish()`` raises (a SocketLike's ``close()`` failing) would replace the
+    exception already ending the relay, a KeyboardInterrupt included, which
+    ``except Exception`` would then swallow. It is noted on *pending* instead, and
+    the first exception goes on, as the hub's crash path does.
+    """
+    try:
+        return relay.finish()
+    except Exception as late:
+        if pending is None or late is pending:
+            raise
+        add_note = getattr(pending, "add_note", None)  # Python 3.11+
+        if add_note is not None:
+            add_note(f"and ending the relay raised {late!r}")
+        assert relay.stats is not None  # finish() records them before raising
+        return relay.stats
 
 
 def _drive(relay: _Relay, poller: Any, registered: dict[int, int], muted: set[int]) -> None:
@@ -1833,6 +1857,7 @@ async def _run_async_selector(relay: _Relay) -> RelayStats:
     except BaseException:
         finished.cancel()
         raise
+    pending: BaseException | None = None
     try:
         try:
             for flow in relay.flows:
@@ -1844,6 +1869,9 @@ async def _run_async_selector(relay: _Relay) -> RelayStats:
             timer = loop.call_later(relay.idle_timeout, on_timer)
         settle()
         await finished
+    except BaseException as exc:
+        pending = exc
+        raise
     finally:
         if timer is not None:
             timer.cancel()
@@ -1851,7 +1879,7 @@ async def _run_async_selector(relay: _Relay) -> RelayStats:
             loop.remove_reader(fd)
         for fd in writers:
             loop.remove_writer(fd)
-        stats = relay.finish()
+        stats = _finish_after(relay, pending)
     return stats
 
 
@@ -1945,7 +1973,14 @@ class _Hub:
         # still holds the number the kernel gave to this new socket. The number is
         # this relay's now: taken over first, so that ending the old relay neither
         # unregisters it nor closes the hub when it was the only other relay.
-        self.ep.register(fd, _ARM_IN)
+        try:
+            self.ep.register(fd, _ARM_IN)
+        except FileExistsError:
+            # The number still names the file the running relay registered: its
+            # socket object let go of the fd without closing it (detach(), or a
+            # socket.socket(fileno=...) over the same fd), so fileno() reads -1
+            # while the relay's socket lives on. Not lost, and not a second relay's.
+            raise InvalidArgument("socket", fd, "is already in a running relay") from None
         self.owners[fd] = driven
         if owner is not None and lost is not None:
             owner.lose(fd, lost)
