@@ -3334,6 +3334,23 @@ def test_a_side_closed_behind_a_hub_relay_gives_its_fd_number_up(
                 s.close()
 
 
+def _relay_in_form(form: str, x: Any, y: socket.socket, handled: list[dict[str, Any]]) -> object:
+    """Relay *x* and *y* (idle timeout JOIN) the way *form* says, on a new loop whose
+    exception handler appends to *handled*: "blocking", "asyncio", "uvloop",
+    "asyncio-start", or those two with "fallback" (the caller patches _HAS_EPOLL)."""
+
+    async def main() -> RelayStats:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _loop, context: handled.append(context))
+        if form.endswith("start"):
+            return await start_pipe_splice(x, y, idle_timeout=JOIN)
+        return await async_pipe_splice(x, y, idle_timeout=JOIN)
+
+    if form == "blocking":
+        return pipe_splice(x, y, idle_timeout=JOIN)
+    return uvloop.run(main()) if form == "uvloop" else asyncio.run(main())
+
+
 class _CloseRaises(Wrapped):
     """A wrapper whose close() closes its socket, then raises (an instrumented
     wrapper flushing its log, say)."""
@@ -3370,21 +3387,9 @@ def test_a_wrapper_whose_close_raises_does_not_leak_the_other_side(
         client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, relay_mod._LINGER_RESET)
         client.close()
 
-    async def main() -> RelayStats:
-        loop = asyncio.get_running_loop()
-        loop.set_exception_handler(lambda _loop, context: handled.append(context))
-        if form.endswith("start"):
-            return await start_pipe_splice(wa, b, idle_timeout=JOIN)
-        return await async_pipe_splice(wa, b, idle_timeout=JOIN)
-
-    def run() -> object:
-        if form == "blocking":
-            return pipe_splice(wa, b, idle_timeout=JOIN)
-        return uvloop.run(main()) if form == "uvloop" else asyncio.run(main())
-
     try:
         with pytest.raises(ValueError, match="flushing the wrapper's log failed"):
-            run()
+            _relay_in_form(form, wa, b, handled)
         assert (a.fileno(), b.fileno()) == (-1, -1)  # b closed whatever a did
         assert wa.closes == 1  # the relay ended once
         assert handled == []  # the await raised it, nothing went to the loop
@@ -3425,21 +3430,9 @@ def test_the_first_exception_ends_the_relay_and_a_failing_close_is_noted(
     handled: list[dict[str, Any]] = []
     client.sendall(b"!header")
 
-    async def main() -> RelayStats:
-        loop = asyncio.get_running_loop()
-        loop.set_exception_handler(lambda _loop, context: handled.append(context))
-        if form.endswith("start"):
-            return await start_pipe_splice(wa, b, idle_timeout=JOIN)
-        return await async_pipe_splice(wa, b, idle_timeout=JOIN)
-
-    def run() -> object:
-        if form == "blocking":
-            return pipe_splice(wa, b, idle_timeout=JOIN)
-        return uvloop.run(main()) if form == "uvloop" else asyncio.run(main())
-
     try:
         with pytest.raises(TypeError, match="bad header") as info:
-            run()
+            _relay_in_form(form, wa, b, handled)
         notes = getattr(info.value, "__notes__", [])
         assert any("flushing the wrapper's log failed" in n for n in notes), notes
         assert (a.fileno(), b.fileno()) == (-1, -1)

@@ -239,6 +239,26 @@ def words(data: bytes) -> array[int]:
     return a
 
 
+def node_list(nodes: Iterable[Node]) -> list[Node]:
+    """*nodes* read once into a list of :class:`Node` (a generator gives its items once).
+
+    :raises InvalidArgument: *nodes* is a string or not iterable, or an item is not
+        a :class:`Node`; the error names the value.
+    """
+    given: object = nodes  # typed Iterable[Node], but called with anything
+    if isinstance(given, (str, bytes)):
+        raise InvalidArgument("nodes", nodes, "must be an iterable of Node objects, not a string")
+    try:
+        it = iter(nodes)
+    except TypeError:
+        raise InvalidArgument("nodes", nodes, "must be an iterable of Node objects") from None
+    items = list(it)  # (a TypeError raised by the iteration itself is not ours)
+    for n in items:
+        if not isinstance(n, Node):
+            raise InvalidArgument("nodes", n, f"must be Node objects, not {type(n).__name__}")
+    return items
+
+
 def check_weight(weight: object) -> int:
     if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= MAX_WEIGHT:
         raise InvalidArgument("weight", weight, f"must be an int in 0..{MAX_WEIGHT}")

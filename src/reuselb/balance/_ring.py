@@ -41,7 +41,7 @@ from typing import Any, Literal
 from zlib import crc32 as _crc32
 
 from .._errors import InvalidArgument
-from ._base import HashPolicy, Key, Node, NodeLike
+from ._base import HashPolicy, Key, Node, NodeLike, node_list
 from ._base import words as _words
 
 __all__ = [
@@ -165,19 +165,9 @@ def ketama_points(
     :raises InvalidArgument: *nodes* is a string or not iterable, or an item of
         *nodes* is not a :class:`Node`; the error names the value.
     """
-    given: object = nodes  # typed Iterable[Node], but called with anything
-    if isinstance(given, (str, bytes)):
-        raise InvalidArgument("nodes", nodes, "must be an iterable of Node objects, not a string")
-    try:
-        items = iter(nodes)
-    except TypeError:
-        raise InvalidArgument("nodes", nodes, "must be an iterable of Node objects") from None
-    # One pass: the checks below and the points read the same list (a generator
-    # was consumed by the checks, and gave no points).
-    servers = list(items)
-    for n in servers:
-        if not isinstance(n, Node):
-            raise InvalidArgument("nodes", n, "must be Node objects")
+    # One pass: the checks and the points read the same list (a generator was
+    # consumed by the checks, and gave no points).
+    servers = node_list(nodes)
     total = sum(n.weight for n in servers)
     out: list[tuple[int, str, Node]] = []
     if total == 0:

@@ -14,8 +14,7 @@ import math
 from collections.abc import Iterable
 from operator import add
 
-from .._errors import InvalidArgument
-from ._base import BalancePolicy, Key, Node, NodeLike, check_weight, key_bytes
+from ._base import BalancePolicy, Key, Node, NodeLike, check_weight, key_bytes, node_list
 
 __all__ = ["RoundRobin", "smooth_wrr_cycle"]
 
@@ -39,17 +38,8 @@ def smooth_wrr_cycle(nodes: Iterable[Node]) -> list[Node]:
         :class:`Node`, or a weight is not an int in ``0..MAX_WEIGHT`` (a Node whose
         weight was forced past its check); the error names the value.
     """
-    given: object = nodes  # typed Iterable[Node], but called with anything
-    if isinstance(given, (str, bytes)):
-        raise InvalidArgument("nodes", nodes, "must be an iterable of Node objects, not a string")
-    try:
-        items = iter(nodes)
-    except TypeError:
-        raise InvalidArgument("nodes", nodes, "must be an iterable of Node objects") from None
     live = []
-    for n in items:
-        if not isinstance(n, Node):
-            raise InvalidArgument("nodes", n, f"must hold Node objects, not {type(n).__name__}")
+    for n in node_list(nodes):
         # Node checks its weight, but a forced one (object.__setattr__) would turn
         # into a negative-length or endless cycle here: check again, cheaply.
         if check_weight(n.weight) > 0:
