@@ -20,8 +20,10 @@ import argparse
 import asyncio
 import contextlib
 import os
+import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 
@@ -29,6 +31,7 @@ from reuselb import (
     Lease,
     Node,
     NoNodeAvailable,
+    ReuseportGroup,
     async_pipe_splice,
     make_policy,
     parse_address,
@@ -71,6 +74,8 @@ async def serve(listener: socket.socket, args: argparse.Namespace) -> None:
         try:
             backend_sock, lease = await dial(peer[0])
         except NoNodeAvailable:
+            # Reset, not FIN: an orderly EOF could pass for an empty, complete answer.
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             client.close()
             return
         try:
@@ -132,32 +137,92 @@ def reap(proc: subprocess.Popen[str], timeout: float | None = None) -> None:
 
 def master(args: argparse.Namespace, argv: list[str]) -> int:
     # Handlers first: a SIGHUP sent as soon as "ready" is read must not meet the
-    # default action (terminate) and take the master and its listeners down.
+    # default action (terminate) and take the master and its listeners down. The
+    # wakeup fd makes waiting race-free: a signal arriving just before select()
+    # still leaves a byte that wakes it.
     events: list[int] = []
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    wake_r, wake_w = os.pipe()
+    for fd in (wake_r, wake_w):
+        os.set_blocking(fd, False)
+    signal.set_wakeup_fd(wake_w)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
         signal.signal(sig, lambda signum, frame: events.append(signum))
     group = reuseport_group(args.listen, args.workers)
-    procs = [spawn(member, argv) for member in group]
-    print(f"ready {group.address} workers={','.join(str(p.pid) for p in procs)}", flush=True)
+    members = list(group.members)
+    procs: dict[int, subprocess.Popen[str]] = {}
     try:
+        for i, member in enumerate(members):
+            procs[i] = spawn(member, argv)
+        print(
+            f"ready {group.address} workers={','.join(str(p.pid) for p in procs.values())}",
+            flush=True,
+        )
         while True:
-            if not events:
-                signal.pause()
-                continue
-            if events.pop(0) != signal.SIGHUP:
+            while not events:
+                select.select([wake_r], [], [])
+                with contextlib.suppress(BlockingIOError):
+                    os.read(wake_r, 512)
+            got = events.pop(0)
+            if got == signal.SIGCHLD:
+                replace_dead(procs, members, group, argv)
+            elif got == signal.SIGHUP:
+                restart(procs, members, argv)
+            else:
                 break
-            for i, member in enumerate(group):  # one by one: the new one first, then drain the old
-                old, procs[i] = procs[i], spawn(member, argv)
-                old.terminate()
-                reap(old)
-            print(f"restarted workers={','.join(str(p.pid) for p in procs)}", flush=True)
     finally:
-        for proc in procs:
+        signal.set_wakeup_fd(-1)
+        for proc in procs.values():
             proc.terminate()
-        for proc in procs:
+        for proc in procs.values():
             reap(proc, timeout=args.drain_timeout + 5)
         group.close()
+        os.close(wake_r)
+        os.close(wake_w)
     return 0
+
+
+def restart(
+    procs: dict[int, subprocess.Popen[str]], members: list[socket.socket], argv: list[str]
+) -> None:
+    """Zero-drop restart, one worker at a time: the new one first, then drain the old.
+
+    A new worker that does not start (a bad deploy) stops the restart: the old
+    workers keep serving, and the error is reported.
+    """
+    for i in list(procs):
+        try:
+            new = spawn(members[i], argv)
+        except (OSError, RuntimeError) as exc:
+            print(f"restart stopped, old workers kept: {exc}", flush=True)
+            return
+        old, procs[i] = procs[i], new
+        old.terminate()
+        reap(old)
+    print(f"restarted workers={','.join(str(p.pid) for p in procs.values())}", flush=True)
+
+
+def replace_dead(
+    procs: dict[int, subprocess.Popen[str]],
+    members: list[socket.socket],
+    group: ReuseportGroup,
+    argv: list[str],
+) -> None:
+    """Replace a worker that died. Its member stays open in the master, so the
+    kernel keeps queueing connections there: they wait for the new worker. If
+    none starts, the member leaves the group (its queued connections are reset,
+    new ones go to the other members) rather than hang."""
+    for i, proc in list(procs.items()):
+        if proc.poll() is None:
+            continue  # alive (or a worker restart() already reaped and replaced)
+        reap(proc)
+        try:
+            procs[i] = spawn(members[i], argv)
+        except (OSError, RuntimeError) as exc:
+            del procs[i]
+            group.take(group.members.index(members[i])).close()
+            print(f"worker {proc.pid} died and was not replaced: {exc}", flush=True)
+            continue
+        print(f"replaced worker {proc.pid} -> {procs[i].pid}", flush=True)
 
 
 def main() -> int:
@@ -182,6 +247,9 @@ def main() -> int:
         parser.error(f"--workers must be at least 1, not {args.workers}")
     if args.channel_fd is None:
         return master(args, argv)
+    # A SIGHUP to the whole process group (a terminal hangup, kill -HUP -PGID) is
+    # the master's cue to restart: the worker must not die of it.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     with socket.socket(fileno=args.channel_fd) as channel:
         listener = recv_sockets(channel)["listener"]
     asyncio.run(serve(listener, args))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import select
 import shutil
@@ -82,13 +83,15 @@ def _start_proxy(*args: str) -> tuple[subprocess.Popen[str], int]:
     return proc, int(m.group(1))
 
 
-def _stop(proc: subprocess.Popen[str]) -> None:
+def _stop(proc: subprocess.Popen[str]) -> str:
+    """SIGTERM the proxy, check it exits cleanly; what it wrote to stderr."""
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0
     if proc.stdout is not None:
         proc.stdout.close()
     stderr = example_stderr(proc)
     assert "ResourceWarning" not in stderr, stderr
+    return stderr
 
 
 def test_round_robin_reaches_both_redis_servers(redis_servers: list[int]) -> None:
@@ -197,3 +200,66 @@ def test_sighup_restarts_workers_without_dropping(redis_servers: list[int]) -> N
     print(f"\n{done} connections, {len(failures)} failed across a SIGHUP restart")
     assert done > 0
     assert not failures, failures[:3]
+
+
+def _ping(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+        c.sendall(b"PING\r\n")
+        return c.recv(16)
+
+
+def _workers(line: str) -> list[int]:
+    return [int(p) for p in line.rsplit("workers=", 1)[1].split(",")]
+
+
+def test_a_killed_worker_is_replaced(redis_servers: list[int]) -> None:
+    # Before: the master never reaped a dead worker, and kept its member open, so
+    # the kernel went on queueing about half the new connections there, unserved.
+    backends = [f"--backend=127.0.0.1:{p}" for p in redis_servers]
+    proxy = popen_example(
+        str(PROXY), "--listen", "127.0.0.1:0", "--drain-timeout", "10", *backends,
+        "--workers", "2",
+    )  # fmt: skip
+    assert proxy.stdout is not None
+    try:
+        line = proxy.stdout.readline()
+        port, (victim, _) = int(line.split()[1].rsplit(":", 1)[1]), _workers(line)
+        os.kill(victim, signal.SIGKILL)
+        ready, _, _ = select.select([proxy.stdout], [], [], 60)
+        replaced = proxy.stdout.readline() if ready else ""
+        assert replaced.startswith(f"replaced worker {victim} -> "), replaced
+        # Every member is served again: 40 new connections all get their answer.
+        assert [_ping(port) for _ in range(40)] == [b"+PONG\r\n"] * 40
+    finally:
+        _stop(proxy)
+
+
+def test_a_restart_whose_new_worker_fails_keeps_the_old_workers(
+    redis_servers: list[int], tmp_path: Path
+) -> None:
+    # Before: spawn() raised out of the master's SIGHUP loop, whose cleanup then
+    # terminated the healthy workers: a bad deploy took the proxy down.
+    script = tmp_path / "l4proxy.py"
+    shutil.copy(PROXY, script)
+    backends = [f"--backend=127.0.0.1:{p}" for p in redis_servers]
+    proxy = popen_example(
+        str(script), "--listen", "127.0.0.1:0", "--drain-timeout", "10", *backends,
+        "--workers", "2",
+    )  # fmt: skip
+    assert proxy.stdout is not None
+    try:
+        line = proxy.stdout.readline()
+        port, workers = int(line.split()[1].rsplit(":", 1)[1]), _workers(line)
+        # The bad deploy: the file the next workers start from no longer runs.
+        script.write_text("raise SystemExit('broken deploy')\n")
+        proxy.send_signal(signal.SIGHUP)
+        ready, _, _ = select.select([proxy.stdout], [], [], 60)
+        status = proxy.stdout.readline() if ready else ""
+        assert status.startswith("restart stopped, old workers kept: worker "), status
+        # The master is still there, with the same workers, serving.
+        assert proxy.poll() is None
+        assert all(os.path.exists(f"/proc/{pid}") for pid in workers)
+        assert [_ping(port) for _ in range(10)] == [b"+PONG\r\n"] * 10
+    finally:
+        stderr = _stop(proxy)
+    assert "broken deploy" in stderr  # the new worker's own complaint

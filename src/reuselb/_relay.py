@@ -1471,6 +1471,16 @@ def _run_blocking(relay: _Relay) -> RelayStats:
     return stats
 
 
+def _note(exc: BaseException, text: str) -> None:
+    """``exc.add_note(text)``, also before Python 3.11 (PEP 678: a ``__notes__``
+    list, which 3.11+ tracebacks print and the exceptiongroup backport shows)."""
+    add_note = getattr(exc, "add_note", None)
+    if add_note is not None:
+        add_note(text)
+    else:  # Python 3.10
+        setattr(exc, "__notes__", [*getattr(exc, "__notes__", ()), text])  # noqa: B010
+
+
 def _finish_after(relay: _Relay, pending: BaseException | None) -> RelayStats:
     """``relay.finish()`` from a ``finally`` that *pending* may be leaving.
 
@@ -1484,9 +1494,7 @@ def _finish_after(relay: _Relay, pending: BaseException | None) -> RelayStats:
     except Exception as late:
         if pending is None or late is pending:
             raise
-        add_note = getattr(pending, "add_note", None)  # Python 3.11+
-        if add_note is not None:
-            add_note(f"and ending the relay raised {late!r}")
+        _note(pending, f"and ending the relay raised {late!r}")
         assert relay.stats is not None  # finish() records them before raising
         return relay.stats
 
@@ -2286,9 +2294,8 @@ class _Driven:
             # the first exception.
             if exc is None:
                 raise
-            add_note = getattr(exc, "add_note", None)  # Python 3.11+
-            if late is not exc and add_note is not None:
-                add_note(f"and ending the relay raised {late!r}")
+            if late is not exc:
+                _note(exc, f"and ending the relay raised {late!r}")
         finally:
             if not self.future.done():
                 if exc is None:
