@@ -11,7 +11,10 @@
 * SIGTERM: workers stop accepting, finish their relays, exit; the master exits.
 * SIGHUP: zero-drop restart. A new worker gets the *same* listener, then the old
   one drains and exits. The listener never closes (the master holds it), so no
-  queued connection is reset.
+  queued connection is reset. A new worker that does not start stops the restart
+  and the old ones keep serving.
+* a worker that dies is replaced on the same listener (connections queued there
+  wait for it); if none starts, that listener leaves the group.
 """
 
 from __future__ import annotations
