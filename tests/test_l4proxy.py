@@ -70,17 +70,23 @@ def redis_servers() -> Iterator[list[int]]:
             proc.wait(timeout=10)
 
 
-def _start_proxy(*args: str) -> tuple[subprocess.Popen[str], int]:
-    proc = popen_example(str(PROXY), "--listen", "127.0.0.1:0", "--drain-timeout", "10", *args)
+def _launch(script: Path, *args: str) -> tuple[subprocess.Popen[str], int, list[int]]:
+    """Start the proxy *script*; its process, port and worker pids."""
+    proc = popen_example(str(script), "--listen", "127.0.0.1:0", "--drain-timeout", "10", *args)
     assert proc.stdout is not None
     ready, _, _ = select.select([proc.stdout], [], [], 60)
     line = proc.stdout.readline() if ready else ""
-    m = re.match(r"ready \S+:(\d+) workers=", line)
+    m = re.match(r"ready \S+:(\d+) workers=([\d,]+)", line)
     if not m:
         proc.kill()
         proc.wait()
         pytest.fail(f"proxy did not start: {line!r}; stderr: {example_stderr(proc)}")
-    return proc, int(m.group(1))
+    return proc, int(m.group(1)), [int(p) for p in m.group(2).split(",")]
+
+
+def _start_proxy(*args: str) -> tuple[subprocess.Popen[str], int]:
+    proc, port, _ = _launch(PROXY, *args)
+    return proc, port
 
 
 def _stop(proc: subprocess.Popen[str]) -> str:
@@ -208,22 +214,13 @@ def _ping(port: int) -> bytes:
         return c.recv(16)
 
 
-def _workers(line: str) -> list[int]:
-    return [int(p) for p in line.rsplit("workers=", 1)[1].split(",")]
-
-
 def test_a_killed_worker_is_replaced(redis_servers: list[int]) -> None:
     # Before: the master never reaped a dead worker, and kept its member open, so
     # the kernel went on queueing about half the new connections there, unserved.
     backends = [f"--backend=127.0.0.1:{p}" for p in redis_servers]
-    proxy = popen_example(
-        str(PROXY), "--listen", "127.0.0.1:0", "--drain-timeout", "10", *backends,
-        "--workers", "2",
-    )  # fmt: skip
+    proxy, port, (victim, _) = _launch(PROXY, *backends, "--workers", "2")
     assert proxy.stdout is not None
     try:
-        line = proxy.stdout.readline()
-        port, (victim, _) = int(line.split()[1].rsplit(":", 1)[1]), _workers(line)
         os.kill(victim, signal.SIGKILL)
         ready, _, _ = select.select([proxy.stdout], [], [], 60)
         replaced = proxy.stdout.readline() if ready else ""
@@ -242,14 +239,9 @@ def test_a_restart_whose_new_worker_fails_keeps_the_old_workers(
     script = tmp_path / "l4proxy.py"
     shutil.copy(PROXY, script)
     backends = [f"--backend=127.0.0.1:{p}" for p in redis_servers]
-    proxy = popen_example(
-        str(script), "--listen", "127.0.0.1:0", "--drain-timeout", "10", *backends,
-        "--workers", "2",
-    )  # fmt: skip
+    proxy, port, workers = _launch(script, *backends, "--workers", "2")
     assert proxy.stdout is not None
     try:
-        line = proxy.stdout.readline()
-        port, workers = int(line.split()[1].rsplit(":", 1)[1]), _workers(line)
         # The bad deploy: the file the next workers start from no longer runs.
         script.write_text("raise SystemExit('broken deploy')\n")
         proxy.send_signal(signal.SIGHUP)
