@@ -34,9 +34,6 @@ def test_every_public_balance_name_is_in_the_api_reference() -> None:
     assert not missing, f"add to docs/api.md: {missing}"
 
 
-# Public functions of reuselb.balance whose ``:raises:`` is still being written
-# elsewhere (_ring.py); drop them from here once their docstrings have it.
-
 
 def test_every_public_function_documents_what_it_raises() -> None:
     undocumented = []
