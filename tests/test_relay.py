@@ -17,6 +17,7 @@ import resource
 import select
 import socket
 import ssl
+import stat
 import subprocess
 import sys
 import termios
@@ -197,6 +198,8 @@ RUNNERS = {
 class Relay:
     """A relay under test in a thread: client <-> [a relay b] <-> backend."""
 
+    ended = math.inf  # time.monotonic() when the runner returned or raised
+
     def __init__(self, lst: socket.socket, runner: Runner, **kw: object) -> None:
         self.client, self.a = tcp_pair(lst)
         self.b, self.backend = tcp_pair(lst)
@@ -210,6 +213,8 @@ class Relay:
             self.stats = runner(self.a, self.b, **kw)
         except BaseException as exc:
             self.exc = exc
+        finally:
+            self.ended = time.monotonic()
 
     def join(self) -> RelayStats:
         self.thread.join(JOIN)
@@ -262,7 +267,12 @@ def exchange(r: Relay, up: bytes, down: bytes) -> tuple[tuple[int, str], tuple[i
 def test_integrity_both_ways_at_once(listener: socket.socket, mode: str, size: object) -> None:
     rng = random.Random(f"{mode}{size}")
     n_up = rng.randrange(1, 3 << 20) if size == "random" else int(size)  # type: ignore[call-overload]
-    n_down = rng.randrange(1, 3 << 20) if size == "random" else max(0, int(size) - 12345)  # type: ignore[call-overload]
+    if size == "random":
+        n_down = rng.randrange(1, 3 << 20)
+    elif size == 1:
+        n_down = 1  # one byte each way
+    else:
+        n_down = max(0, int(size) - 12345)  # type: ignore[call-overload]
     up, down = rng.randbytes(n_up), rng.randbytes(n_down)
     r = Relay(listener, RUNNERS[mode])
     try:
@@ -332,8 +342,11 @@ def test_reset_mid_stream_ends_promptly(listener: socket.socket, mode: str) -> N
         r.backend.setsockopt(
             socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
         )
+        reset_at = time.monotonic()
         r.backend.close()  # RST to the relay, with unread data
         stats = r.join()
+        # Promptly: ~0.1-0.3 ms here; 2 s is scheduling noise, not a timeout met.
+        assert r.ended - reset_at < 2.0, f"ended {r.ended - reset_at:.3f} s after the reset"
         assert stats.failed == "b"
         assert stats.b_end is End.RESET
         assert stats.a_end is End.ABORTED
@@ -448,6 +461,49 @@ def test_idle_timeout(listener: socket.socket, mode: str) -> None:
             r.client.recv(1)
     finally:
         r.close()
+
+
+@pytest.mark.parametrize("group", ["epoll", "fallback"])
+def test_traffic_resets_the_idle_timer(listener: socket.socket, group: str) -> None:
+    # idle_timeout counts from the last byte moved either way, not from the start:
+    # a byte every fifth of it, for three periods, keeps the relay alive; then it
+    # ends about one period after the last byte. Every form at once (the fallback
+    # driver alone: forcing it is module-wide), so the pacing is paid once.
+    idle, tick, ticks = 0.5, 0.1, 15
+    modes = (
+        ["asyncio-selector"]
+        if group == "fallback"
+        else [m for m in RUNNERS if m != "asyncio-selector"]
+    )
+    relays = {m: Relay(listener, RUNNERS[m], idle_timeout=idle) for m in modes}
+    last_sent = dict.fromkeys(modes, 0.0)
+    last_moved = dict.fromkeys(modes, 0.0)
+    try:
+        started = time.monotonic()
+        for i in range(ticks):  # bounded: each recv is bounded by JOIN
+            for m, r in relays.items():
+                src, dst = (r.client, r.backend) if i % 2 == 0 else (r.backend, r.client)
+                last_sent[m] = time.monotonic()
+                src.sendall(b"%d" % (i % 10))
+                assert _recv_bytes(dst, 1) == b"%d" % (i % 10), m  # an ended relay: EOF
+                last_moved[m] = time.monotonic()
+            time.sleep(tick)  # the pacing under test, not a synchronisation
+        trickled = time.monotonic() - started
+        assert trickled > 2.5 * idle
+        for m, r in relays.items():
+            assert r.thread.is_alive() and r.stats is None, f"{m} ended while bytes moved"
+        for m, r in relays.items():
+            stats = r.join()
+            after = r.ended - last_sent[m]
+            assert idle - 0.02 <= after, f"{m} ended {after:.3f} s after the last byte"
+            assert r.ended - last_moved[m] <= idle + 2.0, f"{m} ended {after:.3f} s after"
+            assert (stats.a_end, stats.b_end) == (End.TIMEOUT, End.TIMEOUT), m
+            assert (stats.a_to_b, stats.b_to_a) == ((ticks + 1) // 2, ticks // 2), m
+    finally:
+        for r in relays.values():
+            r.close()
+        for r in relays.values():
+            r.thread.join(JOIN)
 
 
 def _slow_reader_relay(lst: socket.socket, mode: str, **kw: object) -> Relay:
@@ -2114,22 +2170,57 @@ def test_a_socket_like_raising_ends_its_relay_and_spares_the_others(
             s.close()
 
 
-def test_thousand_relays_back_to_back_leak_nothing(listener: socket.socket) -> None:
+def _send_then_read_to_eof(
+    client: socket.socket, blob: bytes, backend: socket.socket, out: list[int]
+) -> None:
+    client.sendall(blob)
+    client.shutdown(socket.SHUT_WR)
+    backend.settimeout(JOIN)
+    n = 0
+    while chunk := backend.recv(1 << 20):
+        n += len(chunk)
+    out.append(n)
+
+
+@pytest.mark.parametrize("form", ["blocking", "asyncio", "uvloop"])
+def test_thousand_relays_back_to_back_leak_nothing(listener: socket.socket, form: str) -> None:
+    # Each relay moves a stream (its first read fills the 64 KiB scratch: it takes a
+    # pipe and splices the rest) and a short reply; pipes go back to this thread's
+    # pool, the loop's hub closes with each loop. release_pipes() leaves nothing.
+    blob = random.Random(form).randbytes(128 << 10)
+    if form != "blocking":  # the loop implementation's own first-run fds
+        (uvloop.run if form == "uvloop" else asyncio.run)(asyncio.sleep(0))
+    release_pipes()
     threads_before = threading.active_count()
     fds_before = open_fds()
     for i in range(1000):
         client, a = tcp_pair(listener)
         b, backend = tcp_pair(listener)
-        client.sendall(b"%d" % i)
-        client.shutdown(socket.SHUT_WR)
-        backend.sendall(b"ok")
+        got: list[int] = []
+        peer = threading.Thread(target=_send_then_read_to_eof, args=(client, blob, backend, got))
+        peer.start()
+        backend.sendall(b"%d" % i)
         backend.shutdown(socket.SHUT_WR)
-        stats = pipe_splice(a, b)  # in this thread: both sides already sent EOF
-        assert (stats.a_to_b, stats.b_to_a) == (len(b"%d" % i), 2)
-        assert backend.recv(16) == b"%d" % i
-        assert client.recv(16) == b"ok"
+        _wait_unread(a, 64 << 10)  # so the relay's first read fills its scratch
+        if form == "blocking":
+            stats = pipe_splice(a, b)  # in this thread
+        else:
+            run = uvloop.run if form == "uvloop" else asyncio.run
+            stats = run(async_pipe_splice(a, b))
+        peer.join(JOIN)
+        assert got == [len(blob)]
+        assert (stats.a_to_b, stats.b_to_a) == (len(blob), len(b"%d" % i))
+        assert stats.spliced_bytes > 0, i
+        client.settimeout(JOIN)
+        assert _recv_bytes(client, len(b"%d" % i)) == b"%d" % i
         client.close()
         backend.close()
+    left = open_fds() - fds_before
+    assert len(left) <= 2 * relay_mod._POOL_MAX and all(_is_pipe(fd) for fd in left)
+    release_pipes()
+    left = open_fds() - fds_before
+    assert not [fd for fd in left if _is_pipe(fd)], "pipes closed"
+    assert not _epoll_fds(left), "no hub's epoll left"
     assert open_fds() == fds_before
     assert threading.active_count() == threads_before
 
@@ -2140,9 +2231,16 @@ def test_thousand_concurrent_relays_on_one_loop(listener: socket.socket, loop_ki
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 20000)), hard))
     n = 1000
     pairs = [(tcp_pair(listener), tcp_pair(listener)) for _ in range(n)]
+    runner = uvloop.run if loop_kind == "uvloop" else asyncio.run
+    # The loop implementation's own first-run fds (uvloop keeps a pipe of its own
+    # from its first loop on) are not the relays': open them before the snapshot.
+    runner(asyncio.sleep(0))
     fds_before = open_fds()
+    reached = 0
+    held: list[int] = []  # the hub's owners once every relay had moved its request
 
-    async def one(i: int) -> tuple[RelayStats, bytes, bytes]:
+    async def one(i: int, all_running: asyncio.Event) -> tuple[RelayStats, bytes, bytes]:
+        nonlocal reached
         (client, a), (b, backend) = pairs[i]
         loop = asyncio.get_running_loop()
         for s in (client, backend):
@@ -2153,6 +2251,17 @@ def test_thousand_concurrent_relays_on_one_loop(listener: socket.socket, loop_ki
         got = b""
         while chunk := await loop.sock_recv(backend, 100):
             got += chunk
+        # Hold every relay open (the backend has not answered) until all 1,000 are
+        # here: they really run at once, each side in the loop's one hub.
+        reached += 1
+        if reached == n:
+            owners = relay_mod._HUBS[loop].owners
+            held.append(
+                sum(x.fileno() in owners and y.fileno() in owners for (_, x), (y, _) in pairs)
+            )
+            all_running.set()
+        await all_running.wait()
+        assert not relay.done()
         await loop.sock_sendall(backend, got.upper())
         backend.shutdown(socket.SHUT_WR)
         back = b""
@@ -2161,9 +2270,10 @@ def test_thousand_concurrent_relays_on_one_loop(listener: socket.socket, loop_ki
         return await relay, got, back
 
     async def main() -> list[tuple[RelayStats, bytes, bytes]]:
-        return await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(n))), JOIN)
+        all_running = asyncio.Event()
+        relays = (one(i, all_running) for i in range(n))
+        return await asyncio.wait_for(asyncio.gather(*relays), JOIN)
 
-    runner = uvloop.run if loop_kind == "uvloop" else asyncio.run
     threads = threading.active_count()
     try:
         results = runner(main())
@@ -2171,6 +2281,7 @@ def test_thousand_concurrent_relays_on_one_loop(listener: socket.socket, loop_ki
         for (client, _a), (_b, backend) in pairs:
             client.close()
             backend.close()
+    assert held == [n]  # 1,000 relays running at once, both sides of each in the hub
     assert threading.active_count() == threads  # no thread per relay
     for i, (stats, got, back) in enumerate(results):
         assert got == b"hello %d" % i
@@ -2235,13 +2346,38 @@ def test_loops_in_several_threads_each_get_their_own_hub(listener: socket.socket
 
 
 @pytest.mark.parametrize("mode", ["splice", "copy", "asyncio", "uvloop"])
-def test_ping_pong_has_no_nagle_or_cork_stalls(listener: socket.socket, mode: str) -> None:
+def test_ping_pong_has_no_nagle_or_cork_stalls(
+    listener: socket.socket, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    # 1-byte messages on a fresh relay are copied (short messages never take a pipe),
+    # so SPLICE_F_MORE, which corks the spliced last chunk (40-200 ms per trip),
+    # went unseen: warm both directions first (a stream each way switches the relay
+    # to splice for good), then ping-pong through the pipes.
+    out_sizes: list[int] = []  # what each pipe -> socket splice delivered
+    real_splice = os.splice
+
+    def counting_splice(src: int, dst: int, count: int, *args: Any, **kw: Any) -> int:
+        n = real_splice(src, dst, count, *args, **kw)
+        if stat.S_ISFIFO(os.fstat(src).st_mode):
+            out_sizes.append(n)
+        return n
+
+    monkeypatch.setattr(os, "splice", counting_splice)
     r = Relay(listener, RUNNERS[mode])
-    stalls = 0
+    stalls = trips = 0
     try:
         for s in (r.client, r.backend):
             s.settimeout(JOIN)
-        for _ in range(1000):
+        warm = random.Random(mode).randbytes(1 << 20)
+        for src, dst in ((r.client, r.backend), (r.backend, r.client)):
+            src.sendall(warm)
+            assert _recv_bytes(dst, len(warm)) == warm
+        # TCP_NODELAY on both relayed sockets while the relay runs (Nagle's stall).
+        for side in (r.a, r.b):
+            assert side.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        warmed = len(out_sizes)
+        while trips < 1000:
+            trips += 1
             t0 = time.monotonic()
             r.client.sendall(b"?")
             assert r.backend.recv(1) == b"?"
@@ -2249,13 +2385,24 @@ def test_ping_pong_has_no_nagle_or_cork_stalls(listener: socket.socket, mode: st
             assert r.client.recv(1) == b"!"
             if time.monotonic() - t0 > 0.035:  # a Nagle/cork stall is 40-200 ms
                 stalls += 1
+                if stalls > 10:
+                    break  # failing anyway: not 1000 stalls of 200 ms
         r.client.shutdown(socket.SHUT_WR)
         r.backend.shutdown(socket.SHUT_WR)
-        r.join()
+        stats = r.join()
     finally:
         r.close()
-    print(f"\n{mode}: 1000 round trips, {stalls} over 35 ms")
+    print(f"\n{mode}: {trips} round trips, {stalls} over 35 ms")
     assert stalls <= 10  # scheduling noise on a busy box, not a 40 ms stall per trip
+    assert (stats.a_to_b, stats.b_to_a) == (len(warm) + trips, len(warm) + trips)
+    if mode == "copy":
+        assert stats.spliced_bytes == 0 and not out_sizes
+    else:
+        assert stats.spliced_bytes > 0
+        # The 1-byte messages themselves went through the pipes, one splice each
+        # way per trip (a splice delivering 1 byte during the warm-up is not seen).
+        assert out_sizes[warmed:].count(1) >= 2 * trips
+        assert stats.spliced_bytes >= sum(out_sizes[warmed:]) >= 2 * trips
 
 
 # --------------------------------------------------------------------------- regressions
