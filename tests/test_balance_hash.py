@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+import zlib
 
 import pytest
 
@@ -455,3 +456,209 @@ def test_ring_points_did_not_change(options: dict[str, object], digest: str) -> 
 
     nodes = [Node(addr(i), weight=1 + i % 4, name=f"n{i}" if i % 3 else None) for i in range(30)]
     assert _ring_digest(RingHash(nodes, **options)) == digest  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- pinned mappings
+
+# The key -> node mapping is API ("Hashing: the stability promise" in
+# docs/policies/index.md): these digests pin it. They were recorded from the code at
+# commit a472174 (``git archive a472174 src | tar -x -C /tmp/pins`` and the helpers
+# below under ``PYTHONPATH=/tmp/pins/src``); a change here is a breaking change, not a
+# digest to update. Each digest is the SHA-256 of the owner (by node address) of every
+# key in PIN_KEYS, one ``address\n`` per key; for Maglev also of the whole table.
+PIN_KEYS = [f"192.168.{i // 256 % 256}.{i % 256}:{1024 + i}" for i in range(4000)]
+
+
+def _pin_nodes(kind: str) -> list[Node]:
+    if kind == "plain":
+        return [Node(addr(i)) for i in range(30)]
+    return [Node(addr(i), weight=1 + i % 4, name=f"n{i}" if i % 3 else None) for i in range(30)]
+
+
+def _owners_digest(p: object) -> str:
+    h = hashlib.sha256()
+    for k in PIN_KEYS:
+        h.update(f"{p.pick(k).address}\n".encode())  # type: ignore[attr-defined]
+    return h.hexdigest()
+
+
+def _maglev_table_digest(p: object) -> str:
+    table = p._table  # type: ignore[attr-defined]
+    return hashlib.sha256("\n".join(str(n.address) for n in table).encode()).hexdigest()
+
+
+MAGLEV_DIGESTS = [
+    (
+        "plain",
+        {},
+        "859563305abccf5f57f50c9b2d76d38aa083d0666f7de4a77d319b47c904f2c8",
+        "3d92b51f40057c4f5686aeaf495019b9bb61c2b07b2d5e535955175326281590",
+    ),
+    (
+        "mixed",
+        {},
+        "0505e0eb48512222e0befa7b619df5ca97029f4995bac78234ecd46326899644",
+        "c096e6f511bc5a6c3299656648958690273b050153335cdc64f89646faed1e74",
+    ),
+    (
+        "mixed",
+        {"seed": 7},
+        "37a73d93032d700440d481d3aa8f644b6b0a851bfaaca7b1354ad156629d9144",
+        "beb00f5f74b7ad05f34a330a77b4e5f4def835a811a85ec93767ef6e58e5a5ea",
+    ),
+    (
+        "plain",
+        {"table_size": 4099, "seed": 0xFFFFFFFF},
+        "ee062f9d7063d45e94688d85905b8ae00e05ba7274b1d6e4f2e9ae785cf8e538",
+        "694ae569a63fdecfc7e6701412a135e8a6dc263655d09a724276048c75f8b2b1",
+    ),
+    (
+        "mixed",
+        {"secret": b"k" * 16},
+        "82ba1cfe2bb06dd530419c1ad936d743855acfec1944ccc07ff6c47cde641581",
+        "90ab9ce66202bb9df56db262b13a4ec1b5beb34d134df4b3d8814661ddba447c",
+    ),
+    (
+        "plain",
+        {"secret": b"s3cret", "seed": 5},
+        "aa231894af80caaa147ffe981d0c7b87fb1d58a5b4d4285b4ea4e31e12595c6d",
+        "0f453a5121c220b9fbb9725075f59ea84e3aab66eea2f5f90a637b1082796a12",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("nodes", "options", "owners", "table"),
+    MAGLEV_DIGESTS,
+    ids=["plain", "mixed", "seed", "4099-seed", "secret", "secret-seed"],
+)
+def test_maglev_mapping_did_not_change(
+    nodes: str, options: dict[str, object], owners: str, table: str
+) -> None:
+    from reuselb.balance import MaglevHash
+
+    p = MaglevHash(_pin_nodes(nodes), **options)  # type: ignore[arg-type]
+    assert _maglev_table_digest(p) == table
+    assert _owners_digest(p) == owners
+
+
+KEYED_DIGESTS = [
+    (
+        "rendezvous",
+        "plain",
+        {"table_size": None},
+        "698f5061367220d018ad86c8ee8f4393d965ad21bb2c1e869dab2dab6849b4e2",
+    ),
+    (
+        "rendezvous",
+        "mixed",
+        {"table_size": None},
+        "167e57721067bdf0518f0b9723ac010f330de8fa3b88e20cf43fe3a5d5c65763",
+    ),
+    (
+        "rendezvous",
+        "mixed",
+        {"table_size": None, "seed": 7},
+        "fb4a0c3c0ed99aba3f7b2cd8fcba09c4948c4dc02f2d65fe045b7aeb77c21be2",
+    ),
+    (
+        "rendezvous",
+        "plain",
+        {"table_size": None, "secret": b"s3cret", "seed": 5},
+        "521a49701682589fdb44eca0ce56996038fbb604b67799ec6006ef8d25167a0e",
+    ),
+    (
+        "rendezvous",
+        "mixed",
+        {"table_size": 4096, "secret": b"k" * 16, "seed": 0x01020304},
+        "30971bd378c9de4f4f5194346ffd77383bd0faab6144829f7e37261b7311b3eb",
+    ),
+    (
+        "ring",
+        "mixed",
+        {"secret": b"s3cret", "seed": 5},
+        "6c34c8d02d01edbb4983ce5ee8425e1ab8c96d04381190d669fb9c3c151bfa6b",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("kind", "nodes", "options", "owners"),
+    KEYED_DIGESTS,
+    ids=["exact", "exact-mixed", "exact-seed", "exact-secret", "table-secret", "ring-secret"],
+)
+def test_exact_rendezvous_and_secret_mappings_did_not_change(
+    kind: str, nodes: str, options: dict[str, object], owners: str
+) -> None:
+    from reuselb.balance import RingHash
+
+    cls = RendezvousHash if kind == "rendezvous" else RingHash
+    assert _owners_digest(cls(_pin_nodes(nodes), **options)) == owners  # type: ignore[arg-type]
+
+
+# Tabulated rendezvous with every weight >= 2 (the weight-1 tables are pinned above);
+# recorded at commit a472174 like MAGLEV_DIGESTS, with _table_digest.
+WEIGHTED_TABLE_DIGESTS = [
+    (
+        [2, 3, 5, 8, 2, 4, 10, 7, 3, 6, 9, 2, 5, 4, 12],
+        1 << 19,
+        0,
+        "bcee29e70de3d72d984c3400a60ea2ffe3cd12770024117c747fadc7663d706c",
+    ),
+    (
+        [2, 3, 5, 8, 2, 4, 10, 7, 3, 6, 9, 2, 5, 4, 12],
+        4096,
+        7,
+        "f6d2e3daa5e8711badb359ca51b4c84a0d96004f2d313e6d0fbdbce9eaaaa6d3",
+    ),
+    ([2] * 20, 1 << 16, 0, "819be52865ccda176e76b7ebb084988b0b5e59fb7719d3130ed33a5cd6a49db6"),
+    (
+        [100, 2, 3, 64, 17],
+        1 << 18,
+        0xFFFFFFFF,
+        "53a49cc156f0dea45bc8dc3bc5485634bc88aa40a8dd910a6922fd0b1e5e7e63",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("weights", "size", "seed", "digest"),
+    WEIGHTED_TABLE_DIGESTS,
+    ids=["default", "4096-seed", "all-2", "heavy"],
+)
+def test_rendezvous_weighted_tables_did_not_change(
+    weights: list[int], size: int, seed: int, digest: str
+) -> None:
+    nodes = [Node(addr(i), weight=w) for i, w in enumerate(weights)]
+    assert _table_digest(RendezvousHash(nodes, table_size=size, seed=seed)) == digest
+
+
+# KeyHasher(seed, secret).hash32(key), recorded at commit a472174. The secret rows use
+# seeds whose 16-byte salt differs in big- and little-endian order.
+KEY_HASH_VECTORS = [
+    (0, None, b"", 0x00000000),
+    (0, None, b"abc", 0x352441C2),
+    (0xFFFFFFFF, None, b"abc", 0x359A672F),
+    (0, b"k", b"abc", 0x40D1CF6A),
+    (1, b"k", b"abc", 0x1AE704AD),
+    (0x01020304, b"s3cret", b"192.168.0.1:1024", 0xD06EC615),
+    (0xFFFFFFFF, b"k" * 64, b"", 0x1A5B0F5A),
+    (5, b"s3cret", "é".encode(), 0xD5C61D8E),
+]
+
+
+@pytest.mark.parametrize(
+    ("seed", "secret", "key", "value"),
+    KEY_HASH_VECTORS,
+    ids=[f"{'crc' if v[1] is None else 'blake2b'}-{i}" for i, v in enumerate(KEY_HASH_VECTORS)],
+)
+def test_key_hash_vectors(seed: int, secret: bytes | None, key: bytes, value: int) -> None:
+    from reuselb.balance import KeyHasher
+
+    assert KeyHasher(seed, secret).hash32(key) == value
+    # ... which is the documented construction
+    if secret is None:
+        assert zlib.crc32(key, seed) == value
+    else:
+        h = hashlib.blake2b(key, digest_size=4, key=secret, salt=seed.to_bytes(16, "little"))
+        assert int.from_bytes(h.digest(), "little") == value
