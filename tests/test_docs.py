@@ -34,7 +34,6 @@ def test_every_public_balance_name_is_in_the_api_reference() -> None:
     assert not missing, f"add to docs/api.md: {missing}"
 
 
-
 def test_every_public_function_documents_what_it_raises() -> None:
     undocumented = []
     for module in (reuselb, reuselb.balance):
