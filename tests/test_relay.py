@@ -968,6 +968,24 @@ def test_pipes_are_cloexec_sized_and_closed(listener: socket.socket) -> None:
     assert open_fds() == before
 
 
+def test_pipe_size_is_capped_at_pipe_max_size(listener: socket.socket) -> None:
+    # F_SETPIPE_SZ lets a process with CAP_SYS_RESOURCE (root, as in CI) go past
+    # /proc/sys/fs/pipe-max-size: a pipe_size of 1 GiB would pin that much kernel
+    # memory per relay. The relay caps the request at the sysctl's value.
+    with open("/proc/sys/fs/pipe-max-size", encoding="ascii") as f:
+        limit = int(f.read())
+    before = open_fds()
+    stats, got, data = _stream_through(listener, 4 << 20, pipe_size=1 << 30)
+    assert got == [(len(data), hashlib.sha256(data).hexdigest())]
+    assert stats.spliced_bytes > 0
+    pipes = [fd for fd in open_fds() - before if _is_pipe(fd)]
+    assert len(pipes) == 2
+    for fd in pipes:
+        assert fcntl.fcntl(fd, 1032) == limit  # F_GETPIPE_SZ
+    assert release_pipes() == 1
+    assert open_fds() == before
+
+
 def test_pipes_are_reused_empty_and_released(listener: socket.socket) -> None:
     before = open_fds()
     seen: list[set[int]] = []
