@@ -786,8 +786,11 @@ def test_a_read_that_stops_short_is_not_taken_for_an_empty_socket(
         r.close()
 
 
+@pytest.mark.parametrize(
+    "mode", ["splice", "asyncio", "uvloop", "asyncio-start", "asyncio-selector"]
+)
 def test_einval_at_run_time_falls_back_to_copy(
-    listener: socket.socket, monkeypatch: pytest.MonkeyPatch
+    listener: socket.socket, monkeypatch: pytest.MonkeyPatch, mode: str
 ) -> None:
     real = os.splice
     calls = 0
@@ -801,7 +804,7 @@ def test_einval_at_run_time_falls_back_to_copy(
 
     monkeypatch.setattr(os, "splice", flaky)
     data = os.urandom(3 << 20)
-    r = Relay(listener, run_blocking)
+    r = Relay(listener, RUNNERS[mode])
     try:
         got_up, got_down = exchange(r, data, data[::-1])
         stats = r.join()
