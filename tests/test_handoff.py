@@ -532,26 +532,17 @@ def test_listen_fds_adopts_systemd_sockets(names: str, keys: tuple[str, str]) ->
     udp = udp_socket()
     udp.bind(("127.0.0.1", 0))
     try:
-        out = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                _WRAPPER,
-                str(tcp.fileno()),
-                str(udp.fileno()),
-                _SYSTEMD_CHILD,
-                names,
-            ],
-            pass_fds=[tcp.fileno(), udp.fileno()],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
+        result = _child_json(
+            _WRAPPER,
+            str(tcp.fileno()),
+            str(udp.fileno()),
+            _SYSTEMD_CHILD,
+            names,
+            pass_fds=(tcp.fileno(), udp.fileno()),
         )
     finally:
         tcp.close()
         udp.close()
-    result = json.loads(out.stdout)
     assert result["names"] == sorted(keys)
     assert result["types"] == {keys[0]: socket.SOCK_STREAM, keys[1]: socket.SOCK_DGRAM}
     assert result["timeouts"] == {keys[0]: 0.0, keys[1]: None}  # as systemd passed them
@@ -1012,15 +1003,9 @@ os.execve(sys.executable, [sys.executable, "-c", sys.argv[2]], env)
 
 def test_listen_fds_names_an_fd_that_is_not_open() -> None:
     with reuseport_listener("127.0.0.1:0") as tcp:
-        out = subprocess.run(
-            [sys.executable, "-c", _ONE_FD_WRAPPER, str(tcp.fileno()), _COUNT_CHILD],
-            pass_fds=[tcp.fileno()],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
+        result = _child_json(
+            _ONE_FD_WRAPPER, str(tcp.fileno()), _COUNT_CHILD, pass_fds=(tcp.fileno(),)
         )
-    result = json.loads(out.stdout)
     assert result["fd4_open_before"] is False
     assert result["error"] is not None, "an fd that is not open must raise HandoffError"
     assert "LISTEN_FDS='2' lists fd 4 ('fd4'), which is not open" in result["error"]
@@ -1060,16 +1045,24 @@ print(json.dumps({"error": error, "fds": fds}))
 """
 
 
-def _listen_fds_with(spec: str) -> dict[str, Any]:
-    """Run listen_fds() in a child whose fds 3, 4, ... are laid out as *spec* says."""
+def _child_json(*args: str, pass_fds: tuple[int, ...] = ()) -> dict[str, Any]:
+    """Run ``python -c *args*`` (a child script and its arguments) with *pass_fds*
+    inherited, and return the JSON object it prints."""
     out = subprocess.run(
-        [sys.executable, "-c", _LAYOUT_CHILD, spec],
+        [sys.executable, "-c", *args],
+        pass_fds=pass_fds,
         capture_output=True,
         text=True,
         timeout=60,
         check=True,
     )
     result: dict[str, Any] = json.loads(out.stdout)
+    return result
+
+
+def _listen_fds_with(spec: str) -> dict[str, Any]:
+    """Run listen_fds() in a child whose fds 3, 4, ... are laid out as *spec* says."""
+    result = _child_json(_LAYOUT_CHILD, spec)
     result["fds"] = {int(fd): state for fd, state in result["fds"].items()}
     return result
 
@@ -1246,14 +1239,7 @@ print(json.dumps({"errors": errors, "first_open": first.fileno() == 3}))
 
 
 def test_listen_fds_twice_never_wraps_one_fd_twice() -> None:
-    out = subprocess.run(
-        [sys.executable, "-c", _ADOPT_TWICE_CHILD],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    result = json.loads(out.stdout)
+    result = _child_json(_ADOPT_TWICE_CHILD)
     assert result["first_open"] is True
     again, inherited = result["errors"]
     assert again is not None and "LISTEN_FDS fd 3 ('fd3') is already adopted" in again
