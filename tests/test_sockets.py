@@ -1013,6 +1013,34 @@ print(json.dumps(out))
 
 
 @pytest.mark.root
+def test_probe_without_a_free_tcp_port_answers_from_udp() -> None:
+    # Before: a process whose TCP ephemeral ports were all taken (a proxy holding
+    # ~28k outgoing connections) could not make its first reuseport listener even
+    # on a fixed port, because the probe binds TCP port 0. UDP ports are counted
+    # apart: the probe answers from UDP, and the fixed-port listener is made.
+    out = run_in_netns(
+        _PORTS_EXHAUSTED
+        + """
+with open(RANGE, "w") as f:
+    f.write("40000 40001")
+for _ in range(2):
+    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        s = socket.socket(family, socket.SOCK_STREAM)
+        s.bind((host, 0))
+        hogs.append(s)
+out["tcp_port0"] = outcome(lambda: socket.create_server(("127.0.0.1", 0)))
+out["fixed"] = outcome(lambda: reuselb.reuseport_listener("127.0.0.1:40500"))
+out["supported"] = outcome(reuselb.supports_reuseport)
+free()
+print(json.dumps(out))
+"""
+    )
+    assert out["tcp_port0"][:2] == ["OSError", errno.EADDRINUSE], out  # TCP truly used up
+    assert out["fixed"] == "socket", out
+    assert out["supported"] is True
+
+
+@pytest.mark.root
 def test_port_zero_without_a_free_port_says_so() -> None:
     # Before: AddressInUse blamed "a socket that is not in a reuseport group with
     # this one (it lacks SO_REUSEPORT...)": for port 0 no socket holds the address,

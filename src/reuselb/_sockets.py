@@ -132,52 +132,58 @@ def _probe(option: int) -> bool:
     """Bind two sockets to one loopback port with *option*: does the kernel allow it?
 
     Only the SO_REUSEPORT setsockopts and the second bind answer the question.
+    TCP first; when no TCP port of the ephemeral range is free (a proxy holding
+    ~28k outgoing connections has used them up), UDP, whose ports are counted
+    apart and whose SO_REUSEPORT groups came with the same kernels (Linux 3.9).
 
-    :raises AddressInUse: the first bind found no free ephemeral port.
+    :raises AddressInUse: the first bind found no free ephemeral port, TCP or UDP.
     :raises OSError: the probe could not run (e.g. EMFILE); nothing is learnt then.
     """
     for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
-        with contextlib.ExitStack() as made:
-            try:
-                first = made.enter_context(_new_socket(family, socket.SOCK_STREAM, False))
-            except OSError as exc:
-                if exc.errno in _PROBE_NO_FAMILY and family == socket.AF_INET:
-                    continue
-                raise
-            try:
-                first.setsockopt(socket.SOL_SOCKET, option, 1)
-            except OSError as exc:
-                if exc.errno in _PROBE_REFUSED:
-                    return False
-                raise
-            try:
-                first.bind((host, 0))
-            except OSError as exc:
-                if exc.errno in _PROBE_NO_FAMILY and family == socket.AF_INET:
-                    continue
-                if exc.errno == errno.EADDRINUSE:
-                    # Port 0 and EADDRINUSE: every port of the namespace's
-                    # net.ipv4.ip_local_port_range is taken. One socket with
-                    # SO_REUSEPORT says nothing about a group yet.
-                    # AddressInUse, as the caller's own port-0 bind would raise
-                    # (its docs promise that type); a fixed-port caller learns that
-                    # the probe, not its address, lacked a port.
-                    raise AddressInUse(
-                        f"{host} port 0",
-                        "the SO_REUSEPORT probe needs one; nothing was remembered, "
-                        "the next call probes again",
-                        ephemeral=True,
-                    ) from exc
-                raise
-            second = made.enter_context(_new_socket(family, socket.SOCK_STREAM, False))
-            try:
-                second.setsockopt(socket.SOL_SOCKET, option, 1)
-                second.bind(first.getsockname())
-            except OSError as exc:
-                if exc.errno in _PROBE_REFUSED:
-                    return False
-                raise
-            return True
+        for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+            with contextlib.ExitStack() as made:
+                try:
+                    first = made.enter_context(_new_socket(family, kind, False))
+                except OSError as exc:
+                    if exc.errno in _PROBE_NO_FAMILY and family == socket.AF_INET:
+                        break
+                    raise
+                try:
+                    first.setsockopt(socket.SOL_SOCKET, option, 1)
+                except OSError as exc:
+                    if exc.errno in _PROBE_REFUSED:
+                        return False
+                    raise
+                try:
+                    first.bind((host, 0))
+                except OSError as exc:
+                    if exc.errno in _PROBE_NO_FAMILY and family == socket.AF_INET:
+                        break
+                    if exc.errno == errno.EADDRINUSE:
+                        if kind == socket.SOCK_STREAM:
+                            continue  # no free TCP port: UDP answers the same question
+                        # Port 0 and EADDRINUSE for TCP and UDP: every port of the
+                        # namespace's net.ipv4.ip_local_port_range is taken. One
+                        # socket with SO_REUSEPORT says nothing about a group yet.
+                        # AddressInUse, as the caller's own port-0 bind would raise
+                        # (its docs promise that type); a fixed-port caller learns
+                        # that the probe, not its address, lacked a port.
+                        raise AddressInUse(
+                            f"{host} port 0",
+                            "the SO_REUSEPORT probe needs one (TCP or UDP); nothing was "
+                            "remembered, the next call probes again",
+                            ephemeral=True,
+                        ) from exc
+                    raise
+                second = made.enter_context(_new_socket(family, kind, False))
+                try:
+                    second.setsockopt(socket.SOL_SOCKET, option, 1)
+                    second.bind(first.getsockname())
+                except OSError as exc:
+                    if exc.errno in _PROBE_REFUSED:
+                        return False
+                    raise
+                return True
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -208,7 +214,7 @@ def supports_reuseport(*, balanced: bool = True) -> bool:
         (macOS accepts it but sends everything to the last socket bound).
     :returns: True when the requested level is available.
     :raises InvalidArgument: *balanced* is not a bool.
-    :raises AddressInUse: the probe found no free port in the ephemeral range (an
+    :raises AddressInUse: the probe found no free TCP or UDP port in the ephemeral range (an
         ``OSError`` with ``EADDRINUSE``); no answer is remembered then, and the next
         call probes again.
     :raises OSError: the probe could not run (``EMFILE``: no fd left); the same.
