@@ -31,9 +31,11 @@ from typing import Any
 import pytest
 import uvloop
 
+import reuselb
 import reuselb._relay as relay_mod
 from reuselb import (
     End,
+    Fallback,
     InvalidArgument,
     RelayStats,
     SocketClosed,
@@ -3704,3 +3706,181 @@ def test_a_side_s_error_queue_does_not_make_the_relay_spin(
     finally:
         for s in (client, backend, a, b):
             s.close()
+
+
+# --------------------------------------------------------------------------- why it copied
+
+FORMS = ["blocking", "asyncio", "uvloop", "asyncio-start", "fallback", "fallback-start"]
+
+
+def _queued_relay(
+    form: str,
+    lst: socket.socket,
+    up: bytes,
+    wrap: Callable[[socket.socket, socket.socket], tuple[socket.socket, Any]] | None = None,
+) -> RelayStats:
+    """Relay *up* from a client to a backend in *form* (see :func:`_relay_in_form`;
+    the caller patches _HAS_EPOLL for the fallback forms), every byte queued at side
+    a before the relay starts, so its first read is a full one when *up* is larger
+    than 64 KiB. *wrap(client, a)* may replace both ends (TLS, a wrapper)."""
+    client, a = _roomy_pair(lst)
+    b, backend = _roomy_pair(lst)
+    x: Any = a
+    if wrap is not None:
+        client, x = wrap(client, a)
+    got: list[bytes] = []
+    reader = threading.Thread(target=_recv_until_eof, args=(backend, got))
+    try:
+        client.sendall(up)
+        _wait_unread(x, len(up))
+        # A bare FIN: the TLS client's too (SSLSocket.shutdown drops the TLS state
+        # first), read as its EOF (suppress_ragged_eofs).
+        socket.socket.shutdown(client, socket.SHUT_WR)
+        reader.start()
+        backend.shutdown(socket.SHUT_WR)
+        handled: list[dict[str, Any]] = []
+        stats = _relay_in_form(form, x, b, handled)
+        reader.join(JOIN)
+        assert not reader.is_alive() and not handled
+        assert isinstance(stats, RelayStats)
+        assert b"".join(got) == up and stats.a_to_b == len(up)
+        return stats
+    finally:
+        for s in (client, a, x, b, backend):
+            s.close()
+
+
+def _forms(form: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if form.startswith("fallback"):
+        monkeypatch.setattr(relay_mod, "_HAS_EPOLL", False)
+
+
+_STREAM = 512 * 1024  # queued at once: the first read fills the 64 KiB scratch
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("size", [5, _STREAM], ids=["short", "stream"])
+def test_a_relay_that_could_splice_has_no_fallback(
+    roomy_listener: socket.socket, monkeypatch: pytest.MonkeyPatch, form: str, size: int
+) -> None:
+    # Copying short messages is the relay's choice, not a fallback: None both ways.
+    _forms(form, monkeypatch)
+    stats = _queued_relay(form, roomy_listener, os.urandom(size))
+    assert stats.fallback is None
+    assert stats.spliced is (size == _STREAM)
+    if size == _STREAM:
+        assert stats.spliced_bytes >= _STREAM - (64 << 10)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_no_splice_on_the_platform_is_the_fallback(
+    roomy_listener: socket.socket, monkeypatch: pytest.MonkeyPatch, form: str
+) -> None:
+    _forms(form, monkeypatch)
+    monkeypatch.setattr(relay_mod, "_HAS_SPLICE", False)
+    stats = _queued_relay(form, roomy_listener, os.urandom(_STREAM))
+    assert (stats.fallback, stats.spliced_bytes) == (Fallback.UNSUPPORTED, 0)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_a_tls_side_is_the_fallback(
+    roomy_listener: socket.socket,
+    tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext],
+    monkeypatch: pytest.MonkeyPatch,
+    form: str,
+) -> None:
+    _forms(form, monkeypatch)
+
+    def tls(client: socket.socket, a: socket.socket) -> tuple[socket.socket, Any]:
+        tls_client, tls_a = _handshake(client, a, tls_contexts)
+        return tls_client, tls_a
+
+    stats = _queued_relay(form, roomy_listener, os.urandom(_STREAM), tls)
+    assert (stats.fallback, stats.spliced_bytes) == (Fallback.TLS, 0)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_a_wrapper_side_is_the_fallback(
+    roomy_listener: socket.socket, monkeypatch: pytest.MonkeyPatch, form: str
+) -> None:
+    _forms(form, monkeypatch)
+    stats = _queued_relay(form, roomy_listener, os.urandom(_STREAM), lambda c, a: (c, Wrapped(a)))
+    assert (stats.fallback, stats.spliced_bytes) == (Fallback.WRAPPER, 0)
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("where", ["splice-in", "splice-out"])
+def test_splice_s_einval_is_the_fallback(
+    roomy_listener: socket.socket, monkeypatch: pytest.MonkeyPatch, form: str, where: str
+) -> None:
+    _forms(form, monkeypatch)
+    real = os.splice
+    failed: list[int] = []
+
+    def einval(src: int, dst: int, count: int, *args: Any, **kw: Any) -> int:
+        # splice-in reads a socket into a pipe, splice-out the other way round.
+        if stat.S_ISFIFO(os.fstat(src).st_mode) == (where == "splice-out"):
+            failed.append(src)
+            raise OSError(errno.EINVAL, "injected EINVAL")
+        return real(src, dst, count, *args, **kw)
+
+    monkeypatch.setattr(os, "splice", einval)
+    stats = _queued_relay(form, roomy_listener, os.urandom(_STREAM))
+    assert failed, "the stream switched to splice and met the EINVAL"
+    assert (stats.fallback, stats.spliced_bytes) == (Fallback.EINVAL, 0)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_no_pipe_for_a_stream_is_the_fallback(
+    roomy_listener: socket.socket, monkeypatch: pytest.MonkeyPatch, form: str
+) -> None:
+    _forms(form, monkeypatch)
+    asked: list[int] = []
+
+    def no_pipe(size: int) -> tuple[int, int, int]:
+        asked.append(size)
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(relay_mod, "_take_pipe", no_pipe)
+    stats = _queued_relay(form, roomy_listener, os.urandom(_STREAM))
+    assert asked == [1 << 20], "one try, then the direction copies for good"
+    assert (stats.fallback, stats.spliced_bytes) == (Fallback.NO_PIPE, 0)
+
+
+def test_the_first_start_time_reason_is_the_fallback(
+    roomy_listener: socket.socket,
+    tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # TLS on one side, a wrapper on the other: TLS, as documented; no splice at all
+    # comes before both.
+    def both(client: socket.socket, a: socket.socket) -> tuple[ssl.SSLSocket, ssl.SSLSocket]:
+        tls_client, tls_a = _handshake(client, a, tls_contexts)
+        return tls_client, tls_a
+
+    def run(up: bytes) -> RelayStats:
+        client, a = _roomy_pair(roomy_listener)
+        b, backend = _roomy_pair(roomy_listener)
+        tls_client, tls_a = both(client, a)
+        try:
+            tls_client.sendall(up)
+            socket.socket.shutdown(tls_client, socket.SHUT_WR)
+            backend.shutdown(socket.SHUT_WR)
+            stats = pipe_splice(tls_a, Wrapped(b), idle_timeout=JOIN)
+            assert _recv_bytes(backend, len(up)) == up
+            return stats
+        finally:
+            for s in (client, a, tls_client, tls_a, b, backend):
+                s.close()
+
+    assert run(b"hello").fallback is Fallback.TLS
+    monkeypatch.setattr(relay_mod, "_HAS_SPLICE", False)
+    assert run(b"hello").fallback is Fallback.UNSUPPORTED
+
+
+def test_relay_stats_built_positionally_still_work() -> None:
+    # The field added last has a default: a RelayStats built from the nine fields
+    # it had before still builds, with no fallback.
+    stats = RelayStats(1, 2, End.EOF, End.EOF, None, None, True, 0.5, 3)
+    assert stats.fallback is None and stats.spliced_bytes == 3
+    assert "Fallback" in reuselb.__all__ and reuselb.Fallback is relay_mod.Fallback

@@ -40,6 +40,7 @@ from ._handoff import (
 )
 from ._relay import (
     End,
+    Fallback,
     RelayStats,
     SocketLike,
     async_pipe_splice,
@@ -129,6 +130,7 @@ __all__ = (
     "send_sockets",
     # relay
     "End",
+    "Fallback",
     "RelayStats",
     "async_pipe_splice",
     "pipe_splice",

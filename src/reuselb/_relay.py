@@ -44,6 +44,7 @@ from ._sockets import check_flag
 
 __all__ = [
     "End",
+    "Fallback",
     "RelayStats",
     "SocketLike",
     "async_pipe_splice",
@@ -114,6 +115,30 @@ class End(str, enum.Enum):
     ABORTED = "aborted"
 
 
+class Fallback(str, enum.Enum):
+    """Why a relay moved bytes through the copy path instead of splice(2)
+    (:attr:`RelayStats.fallback`).
+
+    The first three are decided when the relay starts and hold for both directions;
+    the last two happen to one direction while it runs, when it first tries splice.
+    """
+
+    #: no splice here: not Linux, or a Python without ``os.splice``
+    UNSUPPORTED = "unsupported"
+    #: a side is an ``ssl.SSLSocket``: its bytes exist in clear only in user space
+    TLS = "tls"
+    #: a side is not a kernel socket (a :class:`SocketLike` wrapper, or a
+    #: ``socket.socket`` subclass overriding ``recv_into``/``send``): its bytes must
+    #: pass through its own methods
+    WRAPPER = "wrapper"
+    #: splice(2) failed with ``EINVAL`` at run time: that direction copies from then
+    #: on (the bytes already in its pipe are carried over)
+    EINVAL = "einval"
+    #: no pipe could be had (``EMFILE``, ``ENFILE``...) when a direction was to start
+    #: splicing: that direction copies from then on
+    NO_PIPE = "no-pipe"
+
+
 @dataclass(frozen=True)
 class RelayStats:
     """What a relay did.
@@ -128,10 +153,22 @@ class RelayStats:
     :ivar spliced: True when splice(2) moved bytes. A direction starts by copying
         through a small per-thread buffer (cheaper than splice for short messages)
         and switches to splice at the first read of a full 64 KiB; TLS sockets,
-        non-Linux systems and splice's EINVAL keep it on the copy path.
+        non-Linux systems and splice's EINVAL keep it on the copy path
+        (``fallback`` says which).
     :ivar spliced_bytes: how many of the bytes delivered (both ways) went through
         splice(2), zero copy.
     :ivar duration: seconds from start to end.
+    :ivar fallback: why splice(2) was kept off, or None when it never was. A
+        start-time reason (:attr:`Fallback.UNSUPPORTED`, :attr:`Fallback.TLS`,
+        :attr:`Fallback.WRAPPER`, the first that applies in that order) covers both
+        directions and is set even if no byte moved. Otherwise it is the first
+        run-time fallback of either direction (:attr:`Fallback.EINVAL`,
+        :attr:`Fallback.NO_PIPE`), which says nothing about the other direction
+        (it may have spliced: see ``spliced_bytes``). Copying short messages before
+        a direction's first full 64 KiB read is not a fallback: a relay of short
+        messages only reports ``spliced`` False and ``fallback`` None. Last, with
+        a default, so that positional constructions of the first nine fields keep
+        working.
     """
 
     a_to_b: int
@@ -143,6 +180,7 @@ class RelayStats:
     spliced: bool
     duration: float
     spliced_bytes: int
+    fallback: Fallback | None = None
 
 
 def _pipe_capacity_limit() -> int:
@@ -564,7 +602,17 @@ class _Relay:
         # own buffer. The epoll hub must read such a source once at the start
         # (_Driven.prime): EPOLL_CTL_ADD reports only what is in the kernel socket.
         self.opaque = not (kernel[0] and kernel[1])
+        # force_copy (tests only): relay as where there is no splice.
         use_splice = _HAS_SPLICE and not force_copy and kernel[0] and kernel[1]
+        # RelayStats.fallback: the start-time reason here, or the first run-time one.
+        self.fallback: Fallback | None = None
+        if not use_splice:
+            if not _HAS_SPLICE or force_copy:
+                self.fallback = Fallback.UNSUPPORTED
+            elif isinstance(a, ssl.SSLSocket) or isinstance(b, ssl.SSLSocket):
+                self.fallback = Fallback.TLS
+            else:
+                self.fallback = Fallback.WRAPPER
         self.flows: list[_Flow] = []
         # The scratch of the thread that runs the relay (the one creating it: the
         # caller of pipe_splice, or the loop's thread for async_pipe_splice).
@@ -853,7 +901,9 @@ class _Relay:
             if flow.upgrade:
                 if flow.to_splice():
                     return
-                flow.upgrade = False
+                flow.upgrade = False  # and for good: can_splice is False now
+                if self.fallback is None:
+                    self.fallback = Fallback.NO_PIPE
             try:
                 n = src.recv_into(scratch)
             except (BlockingIOError, InterruptedError):
@@ -989,6 +1039,8 @@ class _Relay:
             # A socket the kernel cannot splice (seen with some socket types): keep
             # the bytes already in the pipe and carry on through the copy path.
             flow.to_copy()
+            if self.fallback is None:
+                self.fallback = Fallback.EINVAL
             return
         raise self.failure(side, exc) from None
 
@@ -1135,7 +1187,7 @@ class _Relay:
         else:  # the start failed part way
             moved, spliced = (0, 0), 0
         # Not RelayStats(...): a frozen dataclass's __init__ sets each field through
-        # object.__setattr__ (~2.4 us for these nine, ~0.7 us this way), paid by
+        # object.__setattr__ (~2.4 us for these ten, ~0.7 us this way), paid by
         # every relay under connection churn.
         stats = object.__new__(RelayStats)
         stats.__dict__.update(
@@ -1148,6 +1200,7 @@ class _Relay:
             spliced=spliced > 0,
             duration=time.monotonic() - self.started,
             spliced_bytes=spliced,
+            fallback=self.fallback,
         )
         self.stats = stats
         if error is not None:
