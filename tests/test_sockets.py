@@ -790,6 +790,45 @@ def test_connect_tcp_source_bind_failure_blames_the_source(
         assert len(made) == 1 and made[0].fileno() == -1
 
 
+def test_enodev_from_an_ipv4_bind_is_reported_not_an_index_error(
+    monkeypatch: pytest.MonkeyPatch, no_fd_leak: None
+) -> None:
+    # Before: IndexError("tuple index out of range") from every factory: the ENODEV
+    # branch read the IPv6 scope id, sockaddr[3], of an IPv4 2-tuple. A seccomp
+    # filter (a container runtime's profile) can make bind() fail with any errno.
+    reuselb.supports_reuseport()  # the probe binds too: run it before the patch
+    with socket.create_server(("127.0.0.1", 0)) as peer:
+        port = peer.getsockname()[1]
+        real_bind = socket.socket.bind
+
+        def enodev_for_ipv4(self: socket.socket, address: Any) -> None:
+            if self.family == socket.AF_INET:
+                raise OSError(errno.ENODEV, os.strerror(errno.ENODEV))
+            real_bind(self, address)
+
+        monkeypatch.setattr(socket.socket, "bind", enodev_for_ipv4)
+        makers: list[Callable[[], object]] = [
+            lambda: reuseport_listener("127.0.0.1:0"),
+            lambda: reuseport_udp("127.0.0.1:0"),
+            lambda: reuselb.hold_port("127.0.0.1:0"),
+        ]
+        for make in makers:
+            with pytest.raises(OSError, match="No such device") as info:
+                make()
+            assert type(info.value) is OSError and info.value.errno == errno.ENODEV
+        with pytest.raises(GroupMemberError) as member:
+            reuseport_group("127.0.0.1:0", 2)
+        assert isinstance(member.value.__cause__, OSError)
+        assert member.value.__cause__.errno == errno.ENODEV
+        # connect_tcp blames the source, as for any other errno bind gives it.
+        with pytest.raises(AddressError) as source:
+            connect_tcp(f"127.0.0.1:{port}", source="127.0.0.1:0", timeout=5)
+        assert "'127.0.0.1:0'" in str(source.value)
+        assert "No such device" in str(source.value)
+        assert isinstance(source.value.__cause__, OSError)
+        assert source.value.__cause__.errno == errno.ENODEV
+
+
 def test_connect_error_keeps_its_class_errno_and_cause() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

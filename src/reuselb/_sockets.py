@@ -397,8 +397,10 @@ def _bound(
                 ) from None
             if exc.errno == errno.EADDRNOTAVAIL:
                 raise AddressError(str(addr), "not an address of this host") from None
-            if exc.errno == errno.ENODEV:
-                # The interface went away after _bind_target looked it up.
+            if exc.errno == errno.ENODEV and family == socket.AF_INET6 and sockaddr[3]:
+                # The interface went away after _bind_target looked it up. Only an
+                # IPv6 sockaddr has a zone (an IPv4 one is a 2-tuple); an ENODEV
+                # without one (a seccomp filter can return any errno) is left bare.
                 raise AddressError(
                     str(addr), f"no interface with index {sockaddr[3]} (the address's zone)"
                 ) from None
@@ -924,8 +926,9 @@ def _bind_source(sock: socket.socket, sockaddr: Any, source: object, src: Addres
             raise AddressInUse(str(src), exc.strerror or "", ephemeral=sockaddr[1] == 0) from None
         if exc.errno == errno.EADDRNOTAVAIL:
             raise AddressError(source, "not an address of this host") from None
-        if exc.errno == errno.ENODEV:
-            # The zone's interface went away after _check_zone looked it up.
+        if exc.errno == errno.ENODEV and sock.family == socket.AF_INET6 and sockaddr[3]:
+            # The zone's interface went away after _check_zone looked it up. Only an
+            # IPv6 sockaddr has a zone: an IPv4 2-tuple has no sockaddr[3].
             reason = f"no interface with index {sockaddr[3]} (the address's zone)"
         else:
             reason = f"the kernel refused to bind the source ({exc.strerror or exc})"
