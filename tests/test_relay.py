@@ -2644,6 +2644,9 @@ def test_a_copy_read_that_fills_the_buffer_tail_reads_on(listener: socket.socket
     b.connect(listener.getsockname())
     backend, _ = listener.accept()
     backend.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    # Pumped by hand before the driver's begin(), which makes the sides non-blocking.
+    a.setblocking(False)
+    b.setblocking(False)
     relay = relay_mod._Relay(a, b, pipe_size=None, idle_timeout=None, close=True, force_copy=True)
     flow = relay.flows[0]
     first, second = os.urandom(60_000), os.urandom(70_000)
@@ -3884,3 +3887,123 @@ def test_relay_stats_built_positionally_still_work() -> None:
     stats = RelayStats(1, 2, End.EOF, End.EOF, None, None, True, 0.5, 3)
     assert stats.fallback is None and stats.spliced_bytes == 3
     assert "Fallback" in reuselb.__all__ and reuselb.Fallback is relay_mod.Fallback
+
+
+# --------------------------------------------------------------------------- failed starts
+
+
+class _SetblockingFails(Wrapped):
+    """A wrapper whose setblocking() fails: the step of a start after TCP_NODELAY."""
+
+    def setblocking(self, flag: bool, /) -> None:
+        raise OSError(errno.EOPNOTSUPP, "no non-blocking mode here")
+
+
+def _flags(sock: socket.socket) -> tuple[float | None, bool, int]:
+    """What a failed start must give back: the socket object's timeout, its open
+    file's O_NONBLOCK (shared by every fd and object of that file) and TCP_NODELAY."""
+    nonblocking = bool(fcntl.fcntl(sock.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK)
+    return sock.gettimeout(), nonblocking, sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
+_FAILED_STARTS = [
+    *[(f, "in-another-relay") for f in ("coroutine", "start", "uvloop-start")],
+    *[(f, "no-fd-for-the-hub") for f in ("coroutine", "start")],
+    ("blocking", "no-poll"),
+    *[
+        (f, c)
+        for f in ("blocking", "coroutine", "start", "fallback", "fallback-start")
+        for c in ("tcp-nodelay", "wrapper-setblocking")
+    ],
+]
+
+
+@pytest.mark.parametrize("close", [True, False])
+@pytest.mark.parametrize(("form", "cause"), _FAILED_STARTS)
+def test_a_failed_start_leaves_a_shared_file_s_blocking_mode_alone(
+    listener: socket.socket, monkeypatch: pytest.MonkeyPatch, form: str, cause: str, close: bool
+) -> None:
+    # Side a is a socket object whose timeout (None: blocking) disagrees with its open
+    # file's flag (O_NONBLOCK), as a socket detach()ed and re-wrapped, made with
+    # socket(fileno=...) or received from another process is: the file is shared
+    # with a relay or process that made it non-blocking. A failed start "restored"
+    # a with settimeout(None), which cleared O_NONBLOCK on the shared file: a relay
+    # still running on it then blocked its thread (the whole loop, for a hub) in
+    # the next recv or splice.
+    if form.startswith("fallback"):
+        monkeypatch.setattr(relay_mod, "_HAS_EPOLL", False)
+    client, raw = tcp_pair(listener)
+    z, z_peer = tcp_pair(listener)
+    peer, other = tcp_pair(listener)
+    other.settimeout(2.5)
+    y: Any = other
+    if cause == "tcp-nodelay":
+        y = other = _NoNodelay(fileno=other.detach())  # fails after a's is set
+        other.settimeout(2.5)
+    elif cause == "wrapper-setblocking":
+        y = _SetblockingFails(other)
+    shared: socket.socket | None = None
+    before: list[tuple[float | None, bool, int]] = []
+
+    def flags() -> list[tuple[float | None, bool, int]]:
+        assert shared is not None
+        return [_flags(shared), _flags(other)]
+
+    def start() -> object:
+        x = shared
+        assert x is not None
+        if form == "blocking":
+            return pipe_splice(x, y, close=close)
+
+        async def main() -> object:
+            if form in ("coroutine", "fallback"):
+                return await async_pipe_splice(x, y, close=close)
+            return await start_pipe_splice(x, y, close=close)
+
+        return asyncio.run(main())
+
+    async def in_another_relay() -> None:
+        nonlocal shared
+        running = start_pipe_splice(raw, z, close=False)  # raw's file: non-blocking
+        shared = socket.socket(fileno=raw.detach())
+        before.extend(flags())
+        with pytest.raises(InvalidArgument, match="is already in a running relay"):
+            await (async_pipe_splice if form == "coroutine" else _started)(shared, y, close=close)
+        assert flags() == before
+        assert not running.done()
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+
+    try:
+        if cause == "in-another-relay":
+            (uvloop.run if form.startswith("uvloop") else asyncio.run)(in_another_relay())
+        else:
+            raw.setblocking(False)  # as the file's other owner left it
+            shared = socket.socket(fileno=raw.detach())
+            before.extend(flags())
+            if cause == "no-fd-for-the-hub":
+                monkeypatch.setattr(select, "epoll", _raises(errno.EMFILE))
+            elif cause == "no-poll":
+                monkeypatch.setattr(select, "poll", _raises(errno.ENOMEM))
+            with pytest.raises(OSError, match="injected|no TCP_NODELAY|no non-blocking"):
+                start()
+            monkeypatch.undo()
+            assert flags() == before
+        assert before[0][:2] == (None, True) and before[1][:2] == (2.5, True)
+    finally:
+        for s in (client, raw, z, z_peer, peer, other, shared):
+            if s is not None:
+                s.close()
+
+
+async def _started(a: Any, b: Any, **kw: Any) -> RelayStats:
+    """start_pipe_splice(a, b, **kw) as an awaitable whose await raises what it raised."""
+    return await start_pipe_splice(a, b, **kw)
+
+
+def _raises(code: int) -> Callable[..., Any]:
+    def fail(*_args: Any) -> Any:
+        raise OSError(code, f"injected {os.strerror(code)}")
+
+    return fail

@@ -561,9 +561,18 @@ class _Relay:
         self.abandoned = False
         # finish()'s result: the relay ends once, whoever ends it first.
         self.stats: RelayStats | None = None
-        # TCP_NODELAY is set by begin(), once the start can no longer fail: a failed
-        # start then has only the blocking mode to restore.
+        # TCP_NODELAY and the blocking mode are changed by begin(), once nothing
+        # else can fail the start, so that a start refused before (a socket already
+        # in a relay, no fd for the hub's epoll, a loop shutting down) touches
+        # neither. Restoring a timeout is not an exact undo: settimeout() sets
+        # O_NONBLOCK on the open file from the timeout alone, and a socket object
+        # whose file is shared (detach() and re-wrapped, socket(fileno=...), a dup
+        # or an fd received from another process) may have a timeout that disagrees
+        # with the file's flag, which another relay or process relies on.
         self.nodelay_set = False
+        # How many entries of `unblocking` had setblocking(False) called by begin():
+        # only those are restored.
+        self.unblocked = 0
         # What close=False must restore, and what a failed start restores: each
         # side's timeout and old TCP_NODELAY (True: on already, begin() leaves it
         # alone; False: begin() turns it on, restoring turns it off; None: not
@@ -587,16 +596,20 @@ class _Relay:
             ]
             kernel = (True, True)
             unix_a, unix_b = fa == _AF_UNIX, _raw_family(b) == _AF_UNIX
+            unblocking = saved
         else:
-            saved = [
-                (a, _timeout(a), _nodelay(a)),
-                (b, _timeout(b), None if close else _nodelay(b)),
-            ]
+            # b's TCP_NODELAY is read whatever close says: a wrapper's setblocking()
+            # may fail after begin() set it.
+            saved = [(a, _timeout(a), _nodelay(a)), (b, _timeout(b), _nodelay(b))]
+            # A socket's own setblocking() cannot fail on an open fd; a wrapper's may.
+            # Wrappers first, so that such a failure finds the other side untouched.
+            unblocking = saved[::-1] if _own_setblocking(a) else saved
             kernel = (_is_kernel_socket(a), _is_kernel_socket(b))
             # (_raw_family: a kernel socket is a socket.socket.)
             unix_a = kernel[0] and _raw_family(a) == _AF_UNIX
             unix_b = kernel[1] and _raw_family(b) == _AF_UNIX
         self.saved = saved
+        self.unblocking = unblocking
         # A side that is not a kernel socket (an ssl.SSLSocket, a SocketLike) may
         # hold bytes its fd does not show: decrypted in OpenSSL, or in a wrapper's
         # own buffer. The epoll hub must read such a source once at the start
@@ -618,9 +631,6 @@ class _Relay:
         # caller of pipe_splice, or the loop's thread for async_pipe_splice).
         self.scratch = _scratch()
         try:
-            for s, timeout, _nd in saved:
-                if timeout != 0.0:
-                    s.setblocking(False)  # type: ignore[attr-defined]
             size = pipe_size or _DEFAULT_PIPE
             # A read of such a source may stop short with more waiting: see _Flow.
             bursty_a = unix_a or not kernel[0]
@@ -632,19 +642,44 @@ class _Relay:
             raise
 
     def begin(self) -> None:
-        """The start succeeded: set TCP_NODELAY (undone by :meth:`abandon` if it fails).
+        """Nothing else can fail the start: set TCP_NODELAY, then make the sides
+        non-blocking (undone by :meth:`abandon` if this fails).
 
         The relay forwards bytes as they come; holding a small segment back (Nagle)
-        would add a 40-200 ms stall per request/response.
+        would add a 40-200 ms stall per request/response. The drivers call this
+        last, after the steps that may refuse the start, and before any I/O.
         """
         self.nodelay_set = True
         try:
             for s, _timeout, nodelay in self.saved:
                 if nodelay is not True and _is_inet(s):
                     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[attr-defined]
+            for s, timeout, _nd in self.unblocking:
+                if timeout != 0.0:
+                    # Counted first: a wrapper's setblocking() that raises may have
+                    # changed something, and its settimeout() is its own undo.
+                    self.unblocked += 1
+                    s.setblocking(False)  # type: ignore[attr-defined]
         except BaseException:
             self.abandon()
             raise
+
+    def _give_back(self) -> None:
+        """Restore what begin() changed: the timeouts of the sides it made
+        non-blocking, and each TCP_NODELAY it turned on (read: not None)."""
+        done = 0
+        for sock, timeout, _nd in self.unblocking:
+            if done == self.unblocked:
+                break
+            if timeout != 0.0:
+                done += 1
+                if sock.fileno() != -1:
+                    _restore_timeout(sock, timeout)
+        if self.nodelay_set:
+            for sock, _timeout, nodelay in self.saved:
+                if nodelay is False and sock.fileno() != -1 and _is_inet(sock):
+                    with contextlib.suppress(OSError):
+                        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)  # type: ignore[attr-defined]
 
     def abandon(self) -> None:
         """The relay never ran: the caller keeps both sockets, as they were.
@@ -656,10 +691,10 @@ class _Relay:
         self.abandoned = True
         for flow in self.flows:
             flow.close_pipe()
-        for sock, timeout, nodelay in self.saved:
-            # begin() sets a's TCP_NODELAY first: when b's fails, a's is restored
-            # (whatever close says; b's, not read with close=True, did not change).
-            _restore(sock, timeout, nodelay if self.nodelay_set else None)
+        # begin() sets a's TCP_NODELAY first: when b's fails, a's is restored
+        # (whatever close says; b's, not read with close=True on the fast path, did
+        # not change: nothing after it can fail there).
+        self._give_back()
 
     def closed_behind(self, name: str) -> _Failure:
         """Side *name* was closed by someone else while the relay ran.
@@ -1178,9 +1213,8 @@ class _Relay:
                 self.b.close()
             except BaseException as exc:
                 error = error or exc
-        for sock, timeout, nodelay in () if self.close else self.saved:
-            if sock.fileno() != -1:
-                _restore(sock, timeout, nodelay)
+        if not self.close:
+            self._give_back()
         if len(self.flows) == 2:
             f0, f1 = self.flows
             moved, spliced = (f0.moved, f1.moved), f0.spliced + f1.spliced
@@ -1208,14 +1242,9 @@ class _Relay:
         return stats
 
 
-def _restore(sock: Side, timeout: float | None, nodelay: bool | None) -> None:
-    """Give *sock* back as the relay found it: its timeout (blocking mode) and, when
-    *nodelay* is False (it was off, the relay turned it on), its TCP_NODELAY. True:
-    it was on and the relay left it alone; None: the old value was not read."""
-    _restore_timeout(sock, timeout)
-    if nodelay is False and _is_inet(sock):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)  # type: ignore[union-attr]
+def _own_setblocking(sock: object) -> bool:
+    """Whether *sock*'s setblocking() is the socket's own (it cannot fail on an open fd)."""
+    return getattr(type(sock), "setblocking", None) is _socket.socket.setblocking
 
 
 # Linux's (asm-generic) value; where an architecture has its own (alpha, mips...)
@@ -1490,12 +1519,12 @@ def pipe_splice(
 
 
 def _run_blocking(relay: _Relay) -> RelayStats:
-    relay.begin()
     try:
         poller = select.poll()
     except BaseException:
         relay.abandon()
         raise
+    relay.begin()
     registered: dict[int, int] = {}
     # fds that reported POLLHUP while the relay wanted nothing from them. poll reports
     # POLLHUP/POLLERR even for an empty mask, and HUP stays set (both directions shut,
