@@ -1673,6 +1673,99 @@ def test_drain_close_restore_errors_are_reported_not_raised(
             assert _no_program(group[0])  # drain_close's own program is not left behind
 
 
+def _still_open(fds: set[int]) -> set[int]:
+    """Those of *fds* open now (open_fds() lists its own directory fd, closed since)."""
+    out = set()
+    for fd in fds:
+        try:
+            os.fstat(fd)
+        except OSError:
+            continue
+        out.add(fd)
+    return out
+
+
+def _server_sides(clients: list[socket.socket]) -> list[str]:
+    """For each client, what became of its server side: "closed", "reset" or "open"."""
+    out = []
+    for c in clients:
+        c.settimeout(5)  # a FIN over loopback arrives at once; 5 s only bounds a failure
+        try:
+            out.append("closed" if c.recv(1) == b"" else "data")
+        except ConnectionResetError:
+            out.append("reset")
+        except TimeoutError:
+            out.append("open")
+    return out
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit])
+def test_drain_close_restore_interrupted_closes_the_accepted_and_detaches(
+    monkeypatch: pytest.MonkeyPatch, interrupt: type[BaseException]
+) -> None:
+    # Before: the interrupt escaped the finally: the 3 accepted connections were
+    # neither returned nor closed, and drain_close's program stayed attached.
+    monkeypatch.setattr(_handoff, "tcp_migrate_req", lambda: False)  # the steer path
+    with reuseport_group("127.0.0.1:0", 2) as group, _queued_on_first(group, 3) as clients:
+        listener, other = group
+        before = _still_open(open_fds())
+
+        def restore(g: Iterable[socket.socket]) -> None:
+            raise interrupt("Ctrl-C while re-attaching")
+
+        try:
+            drain_close(listener, group=group, grace=0.05, restore=restore)
+        except interrupt:
+            # Checked while the traceback (which keeps drain_close's frame and its
+            # locals alive) exists: closed by drain_close, not by the collector.
+            leaked = _still_open(open_fds() - before)
+            served = _server_sides(clients)
+        else:
+            pytest.fail("the interrupt from restore was swallowed")
+        assert leaked == set()
+        assert served == ["closed"] * 3
+        assert listener.fileno() == -1
+        assert list(group) == [other]
+        assert _no_program(other)
+
+
+def test_drain_close_interrupted_right_after_accept_closes_that_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Before: a connection accept() had returned but drain_close had not yet
+    # recorded was closed by no one (the ones recorded were), open until collected.
+    monkeypatch.setattr(_handoff, "tcp_migrate_req", lambda: False)  # the steer path
+    with reuseport_group("127.0.0.1:0", 2) as group, _queued_on_first(group, 3) as clients:
+        listener, other = group
+        before = _still_open(open_fds())
+        real_setblocking = socket.socket.setblocking
+        calls = 0
+
+        def interrupted_at_the_second(self: socket.socket, flag: bool) -> None:
+            nonlocal calls
+            if flag:  # drain_close sets each accepted connection blocking
+                calls += 1
+                if calls == 2:
+                    raise KeyboardInterrupt("a signal right after accept()")
+            real_setblocking(self, flag)
+
+        monkeypatch.setattr(socket.socket, "setblocking", interrupted_at_the_second)
+        try:
+            drain_close(listener, group=group, grace=0.05)
+        except KeyboardInterrupt:
+            leaked = _still_open(open_fds() - before)  # while the traceback lives
+            served = _server_sides(clients)
+        else:
+            pytest.fail("the interrupt was swallowed")
+        monkeypatch.undo()
+        assert calls == 2
+        assert leaked == set()
+        # Two accepted and closed; the third still queued when the listener closed.
+        assert served == ["closed", "closed", "reset"]
+        assert listener.fileno() == -1
+        assert _no_program(other)
+
+
 _MIGRATE_CHILD = """
 import json, socket
 from reuselb import (

@@ -879,7 +879,9 @@ def drain_close(
 
     Every argument is checked before anything changes: when this raises
     ``InvalidArgument`` or ``WrongSocketType``, *listener* is still open, *group*
-    is as it was and no program is attached.
+    is as it was and no program is attached. An interrupt (``KeyboardInterrupt``
+    from a signal handler) during the drain propagates after the connections
+    accepted so far are closed, *listener* too; *restore* is still called.
 
     :param listener: the member to remove, a listening TCP socket; it is closed on
         return.
@@ -905,10 +907,14 @@ def drain_close(
     :param restore: called once *listener* has left the group, with the
         remaining members in the kernel's order (the updated
         :class:`~reuselb.ReuseportGroup`, or a new list for a plain sequence) to
-        attach your steering program for them. An exception it raises is not
+        attach your steering program for them. An ``Exception`` it raises is not
         raised again: it is in :attr:`DrainResult.steering_error` (on the steer
         path drain_close then detaches its own program), since raising would drop
-        the connections already accepted.
+        the connections already accepted. A ``KeyboardInterrupt`` or
+        ``SystemExit`` (any ``BaseException`` that is not an ``Exception``)
+        propagates, *listener* closed and the group updated as on return; on the
+        steer path drain_close first detaches the program and closes the
+        connections it accepted (no result can carry them to you).
     :returns: a :class:`DrainResult`.
     :raises InvalidArgument: *grace* or *timeout* is not an int or float in range
         (bools, NaN and infinities are refused), *restore* is not callable or is
@@ -1019,8 +1025,10 @@ def drain_close(
                 # connections the caller can still serve) and say why we stopped.
                 accept_error = exc
                 return False
-            conn.setblocking(True)
+            # Owned before anything else runs: an interrupt at setblocking() (a
+            # signal handler raising) must not leave a connection no one closes.
             accepted.append(conn)
+            conn.setblocking(True)
             return True
         return False
 
@@ -1065,10 +1073,22 @@ def drain_close(
         # A failure is reported, not raised: raising here would drop the
         # connections already accepted (reset when collected).
         steering_error = None
-        if restore is not None:
-            # After the close: the caller's program is for the group without
-            # listener. Attaching replaces drain_close's program in one step.
-            steering_error = _restore(restore, group, members, index)
+        try:
+            if restore is not None:
+                # After the close: the caller's program is for the group without
+                # listener. Attaching replaces drain_close's program in one step.
+                steering_error = _restore(restore, group, members, index)
+        except BaseException:
+            # KeyboardInterrupt or SystemExit from restore (_restore keeps an
+            # Exception): it propagates, so no DrainResult reaches the caller and
+            # the accepted connections would be owned by nobody, and the program
+            # (for the group before the close) would stay attached.
+            try:
+                _detach_through(m for m in candidates if m is not listener)
+            finally:
+                for conn in accepted:
+                    conn.close()
+            raise
         if restore is None or steering_error is not None:
             detach_error = _detach_through(m for m in candidates if m is not listener)
             steering_error = steering_error or detach_error
