@@ -4007,3 +4007,54 @@ def _raises(code: int) -> Callable[..., Any]:
         raise OSError(code, f"injected {os.strerror(code)}")
 
     return fail
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("api", ["coroutine", "start"])
+def test_a_hub_whose_shutdown_hook_fails_to_start_leaves_nothing_open(
+    listener: socket.socket, monkeypatch: pytest.MonkeyPatch, loop_kind: str, api: str
+) -> None:
+    # The hub's shutdown hook is an async generator started at once, which calls the
+    # running first-iteration hook: a foreign one may raise. The hub's epoll fd was
+    # left open, watched by the loop, for the loop's life.
+    client, a = tcp_pair(listener)
+    b, backend = tcp_pair(listener)
+
+    def refuses(agen: Any) -> None:
+        raise RuntimeError("this tracer refuses async generators")
+
+    made: list[select.epoll] = []
+    real_epoll = select.epoll
+
+    def recording() -> select.epoll:
+        made.append(real_epoll())
+        return made[-1]
+
+    async def main() -> None:
+        before = open_fds()  # the loop's own epoll and pipes included
+        monkeypatch.setattr(select, "epoll", recording)
+        old = sys.get_asyncgen_hooks()
+        sys.set_asyncgen_hooks(firstiter=refuses, finalizer=old.finalizer)
+        try:
+            with pytest.raises(RuntimeError, match="refuses async generators"):
+                await (async_pipe_splice if api == "coroutine" else _started)(a, b)
+        finally:
+            sys.set_asyncgen_hooks(*old)
+        assert not relay_mod._HUBS
+        # (fd numbers alone can mislead: a number closed meanwhile may be reused.)
+        assert len(made) == 1 and made[0].closed, "the hub's epoll closed"
+        _assert_no_relay_fds_since(before)
+        assert (a.gettimeout(), b.gettimeout()) == (None, None)
+        # The loop goes on and the next relay gets a hub of its own.
+        client.sendall(b"ping")
+        client.shutdown(socket.SHUT_WR)
+        backend.shutdown(socket.SHUT_WR)
+        stats = await start_pipe_splice(a, b, idle_timeout=JOIN)
+        assert (stats.a_to_b, stats.failed) == (4, None)
+
+    try:
+        (uvloop.run if loop_kind == "uvloop" else asyncio.run)(main())
+        assert _recv_bytes(backend, 4) == b"ping"
+    finally:
+        for s in (client, a, b, backend):
+            s.close()

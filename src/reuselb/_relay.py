@@ -2021,12 +2021,20 @@ class _Hub:
         self.fd = self.ep.fileno()
         self.owners: dict[int, _Driven] = {}
         self.closer: AsyncGenerator[None, None] | None = None
+        reading = False
         try:
             loop.add_reader(self.fd, self.dispatch)
+            reading = True
+            # Starting the hook calls the loop's first-iteration hook, which may be
+            # a foreign one that raises (or warnings turned into errors): the
+            # epoll fd and the loop's reader on it must not outlive this hub.
+            self.closer = _shutdown_hook(self)
         except BaseException:
+            if reading:
+                with contextlib.suppress(Exception):
+                    loop.remove_reader(self.fd)
             self.ep.close()
             raise
-        self.closer = _shutdown_hook(self)
 
     def dispatch(self) -> None:
         owners = self.owners
