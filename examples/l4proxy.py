@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import os
 import select
 import signal
@@ -31,9 +32,11 @@ import subprocess
 import sys
 
 from reuselb import (
+    BalancePolicy,
     Lease,
     Node,
     NoNodeAvailable,
+    ReuselbError,
     ReuseportGroup,
     async_pipe_splice,
     make_policy,
@@ -51,9 +54,15 @@ def backend(text: str) -> Node:
     return Node(parse_address(addr), weight=int(weight or 1))
 
 
-async def serve(listener: socket.socket, args: argparse.Namespace) -> None:
+def seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value < math.inf:  # also refuses nan, which fails every comparison
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text!r}")
+    return value
+
+
+async def serve(listener: socket.socket, policy: BalancePolicy, args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
-    policy = make_policy(args.policy, args.backend)
     relays: set[asyncio.Task[None]] = set()
 
     async def dial(key: str) -> tuple[socket.socket, Lease]:
@@ -240,14 +249,20 @@ def main() -> int:
     )
     parser.add_argument("--policy", default="round-robin", choices=sorted(POLICIES))
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--connect-timeout", type=float, default=3.0)
-    parser.add_argument("--retry-after", type=float, default=5.0)
-    parser.add_argument("--drain-timeout", type=float, default=30.0)
+    parser.add_argument("--connect-timeout", type=seconds, default=3.0)
+    parser.add_argument("--retry-after", type=seconds, default=5.0)
+    parser.add_argument("--drain-timeout", type=seconds, default=30.0)
     parser.add_argument("--channel-fd", type=int, help=argparse.SUPPRESS)
     argv = sys.argv[1:]
     args = parser.parse_args(argv)
     if args.workers < 1:  # 0 would print "ready" and serve nothing
         parser.error(f"--workers must be at least 1, not {args.workers}")
+    # Built here, in the master too, so that a bad backend list (the same backend
+    # twice) is refused now rather than by every worker as it starts.
+    try:
+        policy = make_policy(args.policy, args.backend)
+    except ReuselbError as exc:
+        parser.error(f"argument --backend: {exc}")
     if args.channel_fd is None:
         return master(args, argv)
     # A SIGHUP to the whole process group (a terminal hangup, kill -HUP -PGID) is
@@ -255,7 +270,7 @@ def main() -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     with socket.socket(fileno=args.channel_fd) as channel:
         listener = recv_sockets(channel)["listener"]
-    asyncio.run(serve(listener, args))
+    asyncio.run(serve(listener, policy, args))
     return 0
 
 

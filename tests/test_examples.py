@@ -127,13 +127,40 @@ def test_udp_workers_keep_flows_when_a_worker_dies() -> None:
 def test_examples_refuse_bad_arguments_up_front(script: str, args: list[str], message: str) -> None:
     # Before: --workers 0 printed "ready" and served nothing (or exited 0), and a bad
     # policy name came out of a worker as two tracebacks.
+    _assert_refused(script, ["--listen", "127.0.0.1:0", *args], message)
+
+
+def _assert_refused(script: str, args: list[str], *messages: str) -> None:
+    """*script* run with *args* exits 2 (a usage error), says *messages*, no traceback."""
     done = subprocess.run(
-        [sys.executable, str(EXAMPLES / script), "--listen", "127.0.0.1:0", *args],
+        [sys.executable, str(EXAMPLES / script), *args],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
     assert done.returncode == 2, (done.stdout, done.stderr)
-    assert message in done.stderr
+    assert all(m in done.stderr for m in messages), done.stderr
     assert "Traceback" not in done.stderr and "ready" not in done.stdout
+
+
+_BACKEND = ["--backend", "127.0.0.1:1"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        # Before: each worker died on DuplicateNode, then the master on "worker N
+        # failed to start": two tracebacks, status 1.
+        ([*_BACKEND, *_BACKEND], "argument --backend: duplicate node '127.0.0.1:1'"),
+        # Before: accepted. -1 printed "ready" then reset every client; -10 crashed
+        # the master on SIGTERM (TimeoutExpired) before its cleanup.
+        ([*_BACKEND, "--connect-timeout", "-1"], "--connect-timeout: must be a positive"),
+        ([*_BACKEND, "--connect-timeout", "0"], "number of seconds, not '0'"),
+        ([*_BACKEND, "--drain-timeout", "-10"], "--drain-timeout: must be a positive"),
+        ([*_BACKEND, "--retry-after", "nan"], "number of seconds, not 'nan'"),
+        ([*_BACKEND, "--retry-after", "inf"], "number of seconds, not 'inf'"),
+    ],
+)
+def test_l4proxy_refuses_bad_backends_and_timeouts(args: list[str], message: str) -> None:
+    _assert_refused("l4proxy.py", ["--listen", "127.0.0.1:0", "--workers", "1", *args], message)
