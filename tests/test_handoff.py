@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import gc
@@ -12,6 +13,7 @@ import re
 import resource
 import select
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -1156,11 +1158,11 @@ def test_a_failed_adoption_leaves_no_listed_fd_inheritable(
     real = _handoff._adopt
     calls = []
 
-    def flaky(fd: int) -> socket.socket:
+    def flaky(fd: int, holder: socket.socket) -> socket.socket:
         calls.append(fd)
         if len(calls) - 1 == failing:
             raise OSError(errno.ENOMEM, "injected")
-        return real(fd)
+        return real(fd, holder)
 
     monkeypatch.setattr(_handoff, "_adopt", flaky)
     monkeypatch.setenv("REUSELB_INHERITED_FDS", ",".join(f"s{i}={fd}" for i, fd in enumerate(fds)))
@@ -1175,6 +1177,97 @@ def test_a_failed_adoption_leaves_no_listed_fd_inheritable(
                 assert os.get_inheritable(fd) is False
                 os.close(fd)
     finally:
+        for s in socks:
+            s.close()
+
+
+def _interrupt_after_init_with_fileno(monkeypatch: pytest.MonkeyPatch, at: int) -> list[int]:
+    """Make the *at*-th ``socket.socket.__init__(fileno=fd)`` raise KeyboardInterrupt
+    once it has taken the fd (a signal handler raising at the next bytecode).
+
+    Returns the fds seen, in order.
+    """
+    real_init = socket.socket.__init__
+    seen: list[int] = []
+
+    def init(self: socket.socket, *args: Any, **kwargs: Any) -> None:
+        real_init(self, *args, **kwargs)
+        if kwargs.get("fileno") is not None:
+            seen.append(kwargs["fileno"])
+            if len(seen) == at:
+                raise KeyboardInterrupt("a signal right after socket(fileno=fd)")
+
+    monkeypatch.setattr(socket.socket, "__init__", init)
+    return seen
+
+
+def test_recv_sockets_interrupted_mid_adoption_closes_each_fd_once(
+    monkeypatch: pytest.MonkeyPatch, no_fd_leak: None
+) -> None:
+    # Before: the interrupted fd was closed by recv_sockets' cleanup and again by
+    # the socket object that had taken it, when collected: by then the number was
+    # another file's (here a pipe's), closed behind its owner's back.
+    a, b = socket.socketpair()
+    socks = [udp_socket() for _ in range(2)]
+    r, w = os.pipe()  # before: its numbers are not the received fds'
+    try:
+        send_sockets(a, socks)
+        seen = _interrupt_after_init_with_fileno(monkeypatch, 2)
+        interrupted = None
+        try:
+            recv_sockets(b)
+        except KeyboardInterrupt as exc:
+            interrupted = exc  # keeps the traceback, and an object it holds, alive
+        monkeypatch.undo()
+        assert interrupted is not None and len(seen) == 2
+        for fd in seen:  # both received fds closed by the cleanup
+            with pytest.raises(OSError, match="Bad file descriptor"):
+                os.fstat(fd)
+        # Another file takes the interrupted fd's number, as any open() might.
+        os.dup2(r, seen[1])
+        try:
+            del interrupted
+            gc.collect()
+            assert os.fstat(seen[1]).st_ino == os.fstat(r).st_ino  # still the pipe's
+        finally:
+            os.close(seen[1])
+    finally:
+        os.close(r)
+        os.close(w)
+        for s in (a, b, *socks):
+            s.close()
+
+
+def test_inherited_sockets_interrupted_mid_adoption_leaves_that_fd_the_callers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from reuselb import inherited_sockets
+
+    # Before: the socket object interrupted after taking the 2nd fd was dropped
+    # still owning it and closed it when collected: an fd not adopted is the
+    # caller's, and must stay open.
+    socks = [socket.socket() for _ in range(3)]
+    fds = [os.dup(s.fileno()) for s in socks]
+    monkeypatch.setenv("REUSELB_INHERITED_FDS", ",".join(f"s{i}={fd}" for i, fd in enumerate(fds)))
+    seen = _interrupt_after_init_with_fileno(monkeypatch, 2)
+    try:
+        interrupted = None
+        try:
+            inherited_sockets()
+        except KeyboardInterrupt as exc:
+            interrupted = exc
+        monkeypatch.undo()
+        assert interrupted is not None and seen == fds[:2]
+        del interrupted
+        gc.collect()
+        with pytest.raises(OSError, match="Bad file descriptor"):
+            os.fstat(fds[0])  # adopted, then closed with the error
+        for fd in fds[1:]:
+            assert stat.S_ISSOCK(os.fstat(fd).st_mode)  # still open, still the caller's
+    finally:
+        for fd in fds[1:]:
+            with contextlib.suppress(OSError):  # closed already only if the test failed
+                os.close(fd)
         for s in socks:
             s.close()
 

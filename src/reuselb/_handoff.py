@@ -227,8 +227,20 @@ def send_sockets(
         channel.sendmsg([_CHUNK_MARK], rights)
 
 
-def _adopt(fd: int) -> socket.socket:
-    """A socket object owning *fd*, blocking or not as the fd already is.
+def _new_holder() -> socket.socket:
+    """A socket object that owns no fd yet (``fileno()`` is -1), for :func:`_adopt`.
+
+    Made, and kept by the caller, before it takes an fd: whatever interrupts the
+    adoption, the fd's owner is then the object if its ``fileno()`` is the fd, the
+    caller's list otherwise. A ``socket.socket(fileno=fd)`` that an interrupt (a
+    signal handler raising) stops after it took the fd leaves an object nobody
+    holds, which closes the fd again when collected: by then maybe another file.
+    """
+    return socket.socket.__new__(socket.socket)
+
+
+def _adopt(fd: int, holder: socket.socket) -> socket.socket:
+    """*holder*, now owning *fd*, blocking or not as the fd already is.
 
     ``socket(fileno=)`` reads family and type from the kernel but not O_NONBLOCK:
     it reports a blocking socket (``gettimeout()`` None) on an fd the sender made
@@ -236,17 +248,21 @@ def _adopt(fd: int) -> socket.socket:
     once. The flag belongs to the open file description, which the sender still
     shares, so it is read and the Python socket follows it; it is never changed.
 
-    :raises OSError: *fd* is not open or not a socket (it is then not owned).
+    :param holder: from :func:`_new_holder`, already in the caller's cleanup list.
+    :raises OSError: *fd* is not open or not a socket. On any exception (an
+        interrupt included) *holder* is left owning no fd (``fileno()`` -1): the
+        caller still owns *fd*.
     """
-    nonblocking = not os.get_blocking(fd)
-    sock = socket.socket(fileno=fd)
-    if nonblocking:
-        try:
-            sock.settimeout(0)  # O_NONBLOCK is already set: only Python's view changes
-        except BaseException:
-            sock.detach()  # the caller still owns the fd on failure
-            raise
-    return sock
+    try:
+        nonblocking = not os.get_blocking(fd)
+        socket.socket.__init__(holder, fileno=fd)
+        if nonblocking:
+            holder.settimeout(0)  # O_NONBLOCK is already set: only Python's view changes
+    except BaseException:
+        # Gives the fd back if __init__ took it (a no-op on a fileno() of -1).
+        holder.detach()
+        raise
+    return holder
 
 
 _FILE_KINDS = {
@@ -326,6 +342,9 @@ def _adopt_listed_locked(
                 f"{owner!r}, {how} (two socket objects on one fd would each close it)"
             )
     out: dict[str, socket.socket] = {}
+    # Held before it takes its fd (see _new_holder): an interrupt right after an
+    # adoption still finds the socket here and closes it, as documented.
+    made: list[socket.socket] = []
     try:
         for _, fd, label in listed:
             try:
@@ -335,15 +354,19 @@ def _adopt_listed_locked(
                     f"{what} fd {fd} ({label!r}) could not be adopted: {exc}"
                 ) from None
         for key, fd, label in listed:
+            made.append(holder := _new_holder())
             try:
-                out[key] = _adopt(fd)  # family/type read from the kernel
+                out[key] = _adopt(fd, holder)  # family/type read from the kernel
             except OSError as exc:
                 raise HandoffError(
                     f"{what} fd {fd} ({label!r}) could not be adopted: {exc}"
                 ) from None
     except BaseException:
-        for sock in out.values():
-            sock.close()
+        for sock in made:
+            # A holder that did not take its fd has none to close (and close()
+            # needs what socket.__init__ sets up).
+            if sock.fileno() != -1:
+                sock.close()
         raise
     for sock in out.values():
         _ADOPTED[sock.fileno()] = sock
@@ -500,7 +523,8 @@ def recv_sockets(channel: socket.socket) -> dict[str, socket.socket]:
         20 MiB), the header or a chunk comes with another number of descriptors
         than :func:`send_sockets` puts on it (refused at once, without waiting for
         more), the channel closes before the last chunk, or a socket is not what
-        the sender said (every fd received is then closed).
+        the sender said (every fd received is then closed, as it is on any other
+        exception, ``KeyboardInterrupt`` included: each exactly once).
     :raises InvalidArgument: the channel is not a Unix socket.
     :raises SocketClosed: the channel is closed.
     :raises WrongSocketType: the channel is not a socket object.
@@ -508,29 +532,34 @@ def recv_sockets(channel: socket.socket) -> dict[str, socket.socket]:
     """
     channel = _check_channel(channel)
     fds: list[int] = []
-    # fds[:wrapped] are owned by socket objects in *out*, fds[wrapped:] by nobody
-    # yet: a failure closes each one exactly once (a second close could hit an
-    # unrelated file that reused the number).
+    # Each fd received is owned by the object in *made* whose fileno() it is, or
+    # else by *fds* alone; an object joins *made* before it takes its fd. A
+    # failure at any point (an interrupt between two statements included) closes
+    # each fd exactly once: a second close could hit an unrelated file that
+    # reused the number.
+    made: list[socket.socket] = []
     out: dict[str, socket.socket] = {}
-    wrapped = 0
     try:
         meta = _parse_header(_recv_header(channel, fds))
         _recv_chunks(channel, len(meta), fds)
-        for name, want in meta:
+        for (name, want), fd in zip(meta, fds, strict=True):  # _recv_chunks checked the count
+            made.append(holder := _new_holder())
             try:
-                sock = _adopt(fds[wrapped])
+                sock = _adopt(fd, holder)
             except OSError as exc:  # ENOTSOCK: the sender passed some other file
                 raise HandoffError(f"handoff entry {name!r} is not a socket: {exc}") from None
-            wrapped += 1
             out[name] = sock
             got = _describe(sock)
             if got != want:
                 raise HandoffError(f"socket {name!r} is {got}, sender said {want}")
     except BaseException:
-        for sock in out.values():
-            sock.close()
-        for fd in fds[wrapped:]:
-            os.close(fd)
+        owned = {sock.fileno() for sock in made}
+        for sock in made:
+            if sock.fileno() != -1:  # close() needs what socket.__init__ sets up
+                sock.close()
+        for fd in fds:
+            if fd not in owned:
+                os.close(fd)
         raise
     return out
 
