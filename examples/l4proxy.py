@@ -147,7 +147,7 @@ def reap(proc: subprocess.Popen[str], timeout: float | None = None) -> None:
         proc.stdout.close()
 
 
-def master(args: argparse.Namespace, argv: list[str]) -> int:
+def master(group: ReuseportGroup, args: argparse.Namespace, argv: list[str]) -> int:
     # Handlers first: a SIGHUP sent as soon as "ready" is read must not meet the
     # default action (terminate) and take the master and its listeners down. The
     # wakeup fd makes waiting race-free: a signal arriving just before select()
@@ -159,7 +159,6 @@ def master(args: argparse.Namespace, argv: list[str]) -> int:
     signal.set_wakeup_fd(wake_w)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
         signal.signal(sig, lambda signum, frame: events.append(signum))
-    group = reuseport_group(args.listen, args.workers)
     members = list(group.members)
     procs: dict[int, subprocess.Popen[str]] = {}
     try:
@@ -187,7 +186,6 @@ def master(args: argparse.Namespace, argv: list[str]) -> int:
             proc.terminate()
         for proc in procs.values():
             reap(proc, timeout=args.drain_timeout + 5)
-        group.close()
         os.close(wake_r)
         os.close(wake_w)
     return 0
@@ -264,7 +262,13 @@ def main() -> int:
     except ReuselbError as exc:
         parser.error(f"argument --backend: {exc}")
     if args.channel_fd is None:
-        return master(args, argv)
+        # a bad --listen (malformed, not local, in use) is a usage error, like --workers 0
+        try:
+            group = reuseport_group(args.listen, args.workers)
+        except (ReuselbError, OSError) as exc:
+            parser.error(f"argument --listen: {exc}")
+        with group:
+            return master(group, args, argv)
     # A SIGHUP to the whole process group (a terminal hangup, kill -HUP -PGID) is
     # the master's cue to restart: the worker must not die of it.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)

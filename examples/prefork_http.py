@@ -17,10 +17,11 @@ import argparse
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 
-from reuselb import hold_port, parse_address, reuseport_listener
+from reuselb import ReuselbError, hold_port, parse_address, reuseport_listener
 
 
 async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -46,8 +47,7 @@ async def worker(address: str) -> None:
         await stop.wait()
 
 
-def master(address: str, workers: int) -> int:
-    holder = hold_port(address)  # holds the port; never listens
+def master(holder: socket.socket, workers: int) -> int:
     bound = parse_address(holder.getsockname()[:2])
     cmd = [sys.executable, __file__, "--worker", str(bound)]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(workers)]
@@ -75,7 +75,6 @@ def master(address: str, workers: int) -> int:
             proc.wait(timeout=10)
             if proc.stdout is not None:
                 proc.stdout.close()  # the pipe the "ready" line came through
-        holder.close()
     return 0
 
 
@@ -90,7 +89,13 @@ def main() -> int:
     if args.worker:
         asyncio.run(worker(args.worker))
         return 0
-    return master(args.listen, args.workers)
+    # a bad --listen (malformed, not local, in use) is a usage error, like --workers 0
+    try:
+        holder = hold_port(args.listen)  # holds the port; never listens
+    except (ReuselbError, OSError) as exc:
+        parser.error(f"argument --listen: {exc}")
+    with holder:
+        return master(holder, args.workers)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import socket
 import subprocess
 import sys
 
-from reuselb import recv_sockets, reuseport_group, send_sockets
+from reuselb import ReuselbError, ReuseportGroup, recv_sockets, reuseport_group, send_sockets
 
 
 def worker(channel_fd: int, index: int) -> None:
@@ -53,8 +53,7 @@ def spawn(member: socket.socket, index: int) -> subprocess.Popen[str]:
     return proc
 
 
-def master(address: str, count: int) -> int:
-    group = reuseport_group(address, count, kind="udp")  # kept open for the master's life
+def master(group: ReuseportGroup) -> int:
     procs = [spawn(member, i) for i, member in enumerate(group)]
     print(f"ready {group.address} workers={','.join(str(p.pid) for p in procs)}", flush=True)
     wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
@@ -85,7 +84,6 @@ def master(address: str, count: int) -> int:
             proc.wait(timeout=10)
             if proc.stdout is not None:
                 proc.stdout.close()
-        group.close()
         signal.set_wakeup_fd(-1)
         os.close(wake_r)
         os.close(wake_w)
@@ -104,7 +102,13 @@ def main() -> int:
     if args.worker is not None:
         worker(args.channel_fd, args.worker)
         return 0
-    return master(args.listen, args.workers)
+    # a bad --listen (malformed, not local, in use) is a usage error, like --workers 0
+    try:
+        group = reuseport_group(args.listen, args.workers, kind="udp")
+    except (ReuselbError, OSError) as exc:
+        parser.error(f"argument --listen: {exc}")
+    with group:  # kept open for the master's life
+        return master(group)
 
 
 if __name__ == "__main__":

@@ -16,13 +16,14 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import subprocess
 import sys
 from typing import Any
 
 import uvicorn
 
-from reuselb import hold_port, parse_address, reuseport_listener
+from reuselb import ReuselbError, hold_port, parse_address, reuseport_listener
 
 
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -42,8 +43,7 @@ def worker(address: str) -> None:
     server.run(sockets=[listener])  # uvicorn serves on our socket; SIGTERM stops it
 
 
-def master(address: str, workers: int) -> int:
-    holder = hold_port(address)  # holds the port for the group; never listens
+def master(holder: socket.socket, workers: int) -> int:
     bound = parse_address(holder.getsockname()[:2])
     cmd = [sys.executable, __file__, "--worker", str(bound)]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(workers)]
@@ -63,7 +63,6 @@ def master(address: str, workers: int) -> int:
             proc.wait(timeout=10)
             if proc.stdout is not None:
                 proc.stdout.close()  # the pipe the "ready" line came through
-        holder.close()
     return 0
 
 
@@ -78,7 +77,13 @@ def main() -> int:
     if args.worker:
         worker(args.worker)
         return 0
-    return master(args.listen, args.workers)
+    # a bad --listen (malformed, not local, in use) is a usage error, like --workers 0
+    try:
+        holder = hold_port(args.listen)  # holds the port for the group; never listens
+    except (ReuselbError, OSError) as exc:
+        parser.error(f"argument --listen: {exc}")
+    with holder:
+        return master(holder, args.workers)
 
 
 if __name__ == "__main__":

@@ -164,3 +164,39 @@ _BACKEND = ["--backend", "127.0.0.1:1"]
 )
 def test_l4proxy_refuses_bad_backends_and_timeouts(args: list[str], message: str) -> None:
     _assert_refused("l4proxy.py", ["--listen", "127.0.0.1:0", "--workers", "1", *args], message)
+
+
+SCRIPTS = ["prefork_http.py", "udp_workers.py", "uvicorn_reuseport.py", "l4proxy.py"]
+
+
+def _listen_args(script: str, listen: str) -> list[str]:
+    return ["--listen", listen, "--workers", "1", *(_BACKEND if script == "l4proxy.py" else [])]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize(
+    ("listen", "message"),
+    [
+        ("bogus", "invalid address 'bogus': no port given"),
+        ("192.0.2.1:0", "'192.0.2.1:0': not an address of this host"),  # TEST-NET-1
+        ("[fe80::1]:0", "'[fe80::1]:0': a link-local address needs a zone"),
+        ("127.0.0.1:65536", "port 65536 out of range"),
+    ],
+)
+def test_examples_refuse_a_bad_listen_address(script: str, listen: str, message: str) -> None:
+    # Before: a traceback (AddressError, or GroupMemberError), status 1.
+    _assert_refused(script, _listen_args(script, listen), "argument --listen: ", message)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_examples_refuse_a_listen_address_in_use(script: str) -> None:
+    # A socket without SO_REUSEPORT holds the port: no reuseport socket can join it.
+    kind = socket.SOCK_DGRAM if script == "udp_workers.py" else socket.SOCK_STREAM
+    with socket.socket(socket.AF_INET, kind) as holder:
+        holder.bind(("127.0.0.1", 0))
+        if kind == socket.SOCK_STREAM:
+            holder.listen()
+        listen = f"127.0.0.1:{holder.getsockname()[1]}"
+        _assert_refused(
+            script, _listen_args(script, listen), "--listen: ", f"{listen} is already in use"
+        )
