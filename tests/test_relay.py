@@ -1170,12 +1170,31 @@ def _epoll_fds(fds: set[int]) -> list[int]:
     return found
 
 
-def _assert_no_relay_fds_since(before: set[int]) -> None:
-    """No pipe and no hub epoll opened since *before* is still open."""
+def _open_files() -> set[tuple[int, str]]:
+    """(fd, what it is) for every open fd: ``pipe:[inode]``, ``socket:[inode]``...
+
+    By number alone, a pipe closed and another opened at the same number (the
+    kernel hands out the lowest free one) would look like nothing changed.
+    """
+    out = set()
+    for name in os.listdir("/proc/self/fd"):
+        # (FileNotFoundError: the descriptor listdir used to read /proc/self/fd)
+        with contextlib.suppress(FileNotFoundError):
+            out.add((int(name), os.readlink(f"/proc/self/fd/{name}")))
+    return out
+
+
+def _assert_no_relay_fds_since(before: set[tuple[int, str]]) -> None:
+    """No pipe and no hub epoll opened since *before* is still open.
+
+    Pipes are told apart by inode; every epoll reads ``anon_inode:[eventpoll]``,
+    so a new one at a reused number is missed (tests that must see the hub's
+    epoll closed record the object itself).
+    """
     release_pipes()
-    left = open_fds() - before
-    assert not [fd for fd in left if _is_pipe(fd)], "pipes closed"
-    assert not _epoll_fds(left), "the hub's epoll closed"
+    left = _open_files() - before
+    assert not [fd for fd, what in left if what.startswith("pipe:")], "pipes closed"
+    assert not [fd for fd, what in left if what == "anon_inode:[eventpoll]"], "epoll closed"
 
 
 def _how_it_ends(peer: socket.socket) -> str:
@@ -1201,7 +1220,7 @@ def test_cancelling_the_async_relay_ends_it(
     run(asyncio.sleep(0))  # uvloop keeps one process-wide pipe from its first run on
     client, a = tcp_pair(listener)
     b, backend = tcp_pair(listener)
-    before = open_fds()
+    before = _open_files()
 
     async def main() -> None:
         task = (
@@ -1329,7 +1348,7 @@ def test_loop_shutdown_ends_relays_started_without_a_task(
     run(asyncio.sleep(0))  # uvloop keeps one process-wide pipe from its first run on
     client, a = tcp_pair(listener)
     b, backend = tcp_pair(listener)
-    before = open_fds()
+    before = _open_files()
     futures: list[asyncio.Future[RelayStats]] = []
 
     async def main() -> None:
@@ -1373,7 +1392,7 @@ def test_a_relay_started_after_the_loop_closed_its_async_generators_is_refused(
     a.settimeout(2.5)
     for peer in (client, backend):  # the old code then ran a relay to its end
         peer.shutdown(socket.SHUT_WR)
-    before = open_fds()
+    before = _open_files()
 
     async def late() -> None:
         if api == "start":
@@ -2692,7 +2711,7 @@ def test_an_exception_out_of_the_blocking_wait_still_ends_the_relay(
     b, backend = _roomy_pair(roomy_listener)
     a.settimeout(2.5)
     up = os.urandom(300_000)  # a stream: the direction switches to a pipe
-    before = open_fds()
+    before = _open_files()
     pipes_at_interrupt: list[list[int]] = []
     real_poll = select.poll
 
@@ -2705,7 +2724,9 @@ def test_an_exception_out_of_the_blocking_wait_still_ends_the_relay(
             self.unregister = self._poll.unregister
 
         def poll(self, timeout: int | None = None) -> list[tuple[int, int]]:
-            pipes_at_interrupt.append([fd for fd in open_fds() - before if _is_pipe(fd)])
+            pipes_at_interrupt.append(
+                [fd for fd, what in _open_files() - before if what.startswith("pipe:")]
+            )
             raise KeyboardInterrupt
 
     try:
@@ -2783,7 +2804,7 @@ def test_a_failed_async_start_gives_both_sockets_back_as_they_were(
     z, backend = tcp_pair(listener)
     y, peer = tcp_pair(listener)
     y.settimeout(2.5)
-    before = open_fds()
+    before = _open_files()
     real_epoll = select.epoll
 
     def no_fd() -> select.epoll:
@@ -3258,7 +3279,7 @@ def test_a_started_relay_cancelled_before_it_ran_is_still_ended(
     a.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
     b.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     release_pipes()
-    before = open_fds()
+    before = _open_files()
 
     async def main() -> None:
         future = start_pipe_splice(a, b, close=close)
@@ -3272,13 +3293,13 @@ def test_a_started_relay_cancelled_before_it_ran_is_still_ended(
         if close:
             assert a.fileno() == b.fileno() == -1
             # Counts: listing /proc/self/fd takes the lowest free fd, one of a, b's now.
-            assert len(open_fds()) == len(before) - 2
+            assert len(_open_files()) == len(before) - 2
             _assert_no_relay_fds_since(before)
             # Closed, not left open behind their backs; reset, as no direction
             # reached its EOF (a clean EOF could pass for a complete stream).
             assert (_how_it_ends(client), _how_it_ends(backend)) == ("reset", "reset")
         else:
-            assert open_fds() == before
+            assert _open_files() == before
             _assert_no_relay_fds_since(before)
             assert a.getblocking() and b.getblocking()
             assert a.gettimeout() is None and b.gettimeout() is None
@@ -4031,7 +4052,7 @@ def test_a_hub_whose_shutdown_hook_fails_to_start_leaves_nothing_open(
         return made[-1]
 
     async def main() -> None:
-        before = open_fds()  # the loop's own epoll and pipes included
+        before = _open_files()  # the loop's own epoll and pipes included
         monkeypatch.setattr(select, "epoll", recording)
         old = sys.get_asyncgen_hooks()
         sys.set_asyncgen_hooks(firstiter=refuses, finalizer=old.finalizer)
