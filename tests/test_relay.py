@@ -3732,6 +3732,50 @@ def test_a_side_s_error_queue_does_not_make_the_relay_spin(
             s.close()
 
 
+@pytest.mark.parametrize("mode", ["splice", "copy"])
+def test_a_relay_waiting_edge_triggered_moves_streams_both_ways_intact(
+    listener: socket.socket, mode: str
+) -> None:
+    # A side with an unread error queue puts the blocking form on its edge-triggered
+    # epoll wait from the start. Edge-triggered, an event the relay does not act on
+    # at once is never reported again: a missed re-arm when a direction stalls and
+    # resumes (its interest changes, epoll_ctl MOD) hangs the relay instead of
+    # spinning it. So: streams both ways at once, then the half-closes; the upstream
+    # is far larger than every buffer on the way and outlasts the short downstream,
+    # so it resumes on side b's writable events alone (with b never armed for
+    # EPOLLOUT this test hangs).
+    client, a = tcp_pair(listener)
+    b, backend = tcp_pair(listener)
+    banner = b"220 ready\r\n" * 100
+    b.setsockopt(socket.SOL_SOCKET, _SO_ZEROCOPY, 1)
+    assert b.send(banner, _MSG_ZEROCOPY) == len(banner)
+    p = select.poll()
+    p.register(b, 0)
+    assert p.poll(JOIN * 1000) == [(b.fileno(), select.POLLERR)]
+    rng = random.Random(mode)
+    up, down = rng.randbytes(48 << 20), rng.randbytes((1 << 20) + 12345)
+    r = Relay.__new__(Relay)
+    r.client, r.a, r.b, r.backend = client, a, b, backend
+    r.stats, r.exc = None, None
+    r.thread = threading.Thread(target=r._run, args=(RUNNERS[mode], {"close": False}))
+    r.thread.start()
+    try:
+        assert _recv_bytes(backend, len(banner)) == banner
+        got_up, got_down = exchange(r, up, down)
+        stats = r.join()
+        assert got_up == (len(up), hashlib.sha256(up).hexdigest())
+        assert got_down == (len(down), hashlib.sha256(down).hexdigest())
+        assert (stats.a_to_b, stats.b_to_a) == (len(up), len(down))
+        assert (stats.a_end, stats.b_end, stats.failed) == (End.EOF, End.EOF, None)
+        assert stats.spliced == (mode == "splice")
+        # Still the caller's, unread.
+        _data, ancdata, _flags, _addr = b.recvmsg(1, 1024, socket.MSG_ERRQUEUE)
+        assert ancdata
+    finally:
+        for s in (client, backend, a, b):
+            s.close()
+
+
 # --------------------------------------------------------------------------- why it copied
 
 FORMS = ["blocking", "asyncio", "uvloop", "asyncio-start", "fallback", "fallback-start"]
