@@ -373,32 +373,27 @@ def _how_it_ends(sock: socket.socket) -> str:
     raise AssertionError("no end in sight")
 
 
-def _check_reset_end(stats: RelayStats, failed: str, tls: bool) -> None:
-    """*failed* reset its connection: RelayStats names it and says how."""
+def _check_reset_end(stats: RelayStats, failed: str) -> None:
+    """*failed* reset its connection: RelayStats names it and says how, the same
+    for a TLS side as for a plain one (End.RESET, whether the relay met the reset
+    in a read, a write, a close_notify or poll's POLLERR)."""
     ends = (stats.a_end, stats.b_end) if failed == "a" else (stats.b_end, stats.a_end)
     assert stats.failed == failed
     assert isinstance(stats.error, OSError)
-    if tls and isinstance(stats.error, ssl.SSLEOFError):
-        # CPython (3.10+, SSL_write_ex/SSL_read_ex) reports a reset met inside
-        # OpenSSL as "EOF occurred in violation of protocol", not ECONNRESET: the
-        # relay reports the error it got. (A reset seen by poll first, through
-        # SO_ERROR, is End.RESET as for a plain side.)
-        assert ends == (End.ERROR, End.ABORTED), stats
-    else:
-        assert ends == (End.RESET, End.ABORTED), stats
-        assert stats.error.errno in (errno.ECONNRESET, errno.EPIPE), stats.error
+    assert ends == (End.RESET, End.ABORTED), stats
+    assert stats.error.errno in (errno.ECONNRESET, errno.EPIPE), stats.error
 
 
-# The resetting peer's side is plain, the other one TLS. A TLS side's own reset is
-# not in this matrix: where the relay meets it (a read, a write or poll's POLLERR)
-# decides whether it is taken for a reset or for a clean EOF (a defect, see
-# test_a_tls_side_s_reset_is_not_taken_for_its_eof, which meets it every time).
+# Every peer resets, TLS or plain, while receiving and while sending. A TLS peer's
+# reset is met by the relay inside OpenSSL, where CPython reports it as a ragged
+# EOF (SSLEOFError, or a read of 0): taken for the side's clean EOF, it once made
+# the relay half-close the survivor after a truncated stream and wait on (here,
+# until the join timed out).
 RESETS = [
     (who, while_, sides)
     for sides in SIDES
     for who in ("client", "backend")
     for while_ in ("receiving", "sending")
-    if not SIDES[sides][who == "backend"]
 ]
 
 
@@ -435,17 +430,11 @@ def test_a_reset_mid_stream_ends_the_relay_and_resets_the_other_side(
         stats = r.join()
         # Promptly: a few ms here; 2 s is scheduling noise, not a timeout met.
         assert r.ended - reset_at < 2.0, f"ended {r.ended - reset_at:.3f} s after the reset"
-        _check_reset_end(stats, failed, SIDES[sides][failed == "b"])
+        _check_reset_end(stats, failed)
     finally:
         setup.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: a TLS side's reset is relayed as a clean EOF (CPython reports "
-    "ECONNRESET under TLS as a ragged EOF, recv_into returns 0): the other peer gets a "
-    "FIN after a truncated stream, and the relay waits on instead of ending",
-)
 @pytest.mark.parametrize("form", list(FORMS))
 @pytest.mark.parametrize("sides", ["client-tls", "backend-tls"])
 def test_a_tls_side_s_reset_is_not_taken_for_its_eof(
@@ -467,10 +456,7 @@ def test_a_tls_side_s_reset_is_not_taken_for_its_eof(
     try:
         resetter.sendall(b"x" * 50_000)
         _reset(resetter)
-        deadline = time.monotonic() + JOIN
-        while dead.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != _TCP_CLOSE:
-            assert time.monotonic() < deadline, "the reset never arrived"
-            select.select([], [], [], 0.001)  # no fd reports it: a bounded re-check
+        _wait_for_reset(dead)
         r = Running(FORMS[form], setup, idle_timeout=JOIN)
         survivor_end = _how_it_ends(survivor)
         # Promptly (a few ms here); a relay that took the reset for an EOF waits on.
@@ -479,7 +465,68 @@ def test_a_tls_side_s_reset_is_not_taken_for_its_eof(
         survivor.close()  # ends a relay still waiting for it
         stats = r.join()
         assert (survivor_end, ended) == ("reset", True), stats
-        _check_reset_end(stats, failed, tls=True)
+        _check_reset_end(stats, failed)
+    finally:
+        setup.close()
+
+
+def _wait_for_reset(sock: socket.socket) -> None:
+    """Until *sock*'s kernel socket has taken its peer's RST (bounded)."""
+    deadline = time.monotonic() + JOIN
+    while sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != _TCP_CLOSE:
+        assert time.monotonic() < deadline, "the reset never arrived"
+        select.select([], [], [], 0.001)  # no fd reports it: a bounded re-check
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.parametrize("tls", [True, False], ids=["tls-backend", "plain-backend"])
+@pytest.mark.parametrize("before", ["request", "eof"])
+def test_a_dead_backend_met_by_a_write_or_close_notify_is_a_reset(
+    listener: socket.socket,
+    contexts: tuple[ssl.SSLContext, ssl.SSLContext],
+    form: str,
+    tls: bool,
+    before: str,
+) -> None:
+    # The backend dies (RST) before the relay starts, after the client sent a
+    # request or only its EOF. The blocking form pumps a -> b first, so it meets
+    # the reset in a write: the request's (CPython raises SSLEOFError for it, once
+    # taken for End.ERROR) or the close_notify carrying the client's EOF (which
+    # SSL_shutdown reports as ECONNRESET). The hub forms read the TLS side first
+    # (_Driven.prime), where the reset reads as 0 (once taken for the backend's
+    # clean EOF: the client was half-closed, not reset). A TLS backend must end as
+    # a plain one does (the control).
+    client, a = connected_pair(listener, None)
+    try:
+        b, backend = connected_pair(listener, contexts if tls else None)
+    except BaseException:
+        client.close()
+        a.close()
+        raise
+    setup = Setup(client, a, b, backend)
+    try:
+        if before == "request":
+            client.sendall(b"x" * 1000)
+        else:
+            client.shutdown(socket.SHUT_WR)
+        assert select.select([a], [], [], JOIN)[0]  # it is there for the relay's read
+        # b takes what it was sent (a TLS 1.3 server's session tickets): with
+        # nothing unread the close_notify is not deferred (see _Relay._close_notify).
+        b.setblocking(False)
+        with pytest.raises((ssl.SSLWantReadError, BlockingIOError)):
+            b.recv(1)
+        b.setblocking(True)
+        _reset(backend)
+        _wait_for_reset(b)
+        stats = Running(FORMS[form], setup, idle_timeout=JOIN).join()
+        assert (stats.failed, stats.b_end) == ("b", End.RESET), stats
+        assert isinstance(stats.error, OSError)
+        assert stats.error.errno in (errno.ECONNRESET, errno.EPIPE), stats.error
+        # The client's EOF, if it went out (towards a dead socket) before the reset
+        # was seen, keeps a's End.EOF: its stream was complete.
+        assert stats.a_end in ((End.ABORTED,) if before == "request" else (End.ABORTED, End.EOF))
+        assert stats.a_to_b == 0  # nothing reached the dead backend
+        assert _how_it_ends(client) == "reset"  # never a clean EOF toward it
     finally:
         setup.close()
 

@@ -712,7 +712,20 @@ class _Relay:
         the relay's back, whichever call met it)."""
         if exc.errno == errno.EBADF and self.lost(name):
             return self.closed_behind(name)
+        if isinstance(exc, (ssl.SSLEOFError, ssl.SSLSyscallError)):
+            # A TLS side's transport failed under OpenSSL: a reset reads as these
+            # (see _tls_reset), and is one for End as for a plain side. Protocol
+            # errors (a bad record, an alert) stay End.ERROR.
+            return self._tls_failure(name, exc)
         return _Failure(name, _end_kind(exc), exc)
+
+    def _tls_failure(self, name: str, exc: OSError) -> _Failure:
+        """Side *name* (TLS) failed with *exc*, which may be its reset in disguise."""
+        reset = _tls_reset(self.a if name == "a" else self.b)
+        if reset is None:
+            return _Failure(name, End.ERROR, exc)
+        reset.__cause__ = exc
+        return _Failure(name, _end_kind(reset), reset)
 
     def lost(self, name: str) -> bool:
         """Whether side *name* no longer owns the fd number the relay keeps for it."""
@@ -894,7 +907,10 @@ class _Relay:
             # its peer closed right after reading ours, before the second call). No
             # record was read, so nothing was discarded: that is the side's EOF, as
             # a recv() meeting the same FIN reports it (suppress_ragged_eofs, the
-            # default). Only a socket that asked for strict EOFs fails here.
+            # default). Only a socket that asked for strict EOFs fails here. (Not a
+            # reset: CPython keeps SSL_shutdown's errno and raises the OSError it is,
+            # ConnectionResetError or BrokenPipeError, handled below; unlike a
+            # read's or a write's, see _tls_reset.)
             if not reverse.eof:
                 # (typeshed does not declare the attribute; ssl.SSLSocket has it.)
                 if not getattr(dst, "suppress_ragged_eofs", True):
@@ -1061,6 +1077,14 @@ class _Relay:
                 else:
                     flow.to_small()
                 return 0
+            if flow.mode == _COPY and (reset := _tls_reset(flow.src)) is not None:
+                # A TLS side's 0 may be its reset (see _tls_reset): end as a plain
+                # side's read of the reset does, never forward it as a half-close
+                # after a truncated stream. One isinstance test per EOF for other
+                # sides. A close_notify (or a bare FIN) followed by an RST that
+                # arrived before this check is reported as a reset too: the 0 does
+                # not say which it was, and the connection is reset by now.
+                raise _Failure(flow.name, _end_kind(reset), reset)
             flow.eof = True
             return 0
         flow.pending += n
@@ -1714,6 +1738,44 @@ def _tcp_state(sock: Side) -> int:
     except OSError:
         return -1  # not TCP (AF_UNIX...)
     return info[0] if isinstance(info, bytes) and info else -1
+
+
+def _tls_reset(sock: object) -> OSError | None:
+    """If *sock* is a TLS side whose connection was reset, the reset as a plain
+    side's read would report it; None otherwise (or when it cannot tell).
+
+    Asked only when a TLS side's read said EOF (0) or its I/O raised
+    ``SSLEOFError``/``SSLSyscallError``: CPython 3.10+ reports an ``ECONNRESET``
+    met inside OpenSSL by a read or a write as ``SSLEOFError`` ("EOF occurred in
+    violation of protocol"), and
+    ``recv_into`` returns 0 for it (``suppress_ragged_eofs``, the default), so
+    the exception cannot tell a reset from a ragged EOF and the 0 cannot tell
+    it from a ``close_notify`` either. The kernel can: Linux moves a socket to
+    ``TCP_CLOSE`` when an RST arrives (``tcp_reset`` -> ``tcp_done``), while a
+    FIN leaves it in ``CLOSE_WAIT``. (A socket also reaches ``TCP_CLOSE`` after
+    both FINs crossed, through ``TIME_WAIT``, but the relay never sends a FIN on
+    a TLS side: its half-close is a ``close_notify`` record. Only a caller who
+    shut the TCP connection under TLS down before the relay would see that FIN
+    exchange taken for a reset.) Not a socket whose TLS layer is gone
+    (``_sslobj`` None: its reads are plain ``recv``, which report a reset as
+    such). Where there is no ``TCP_INFO`` (:func:`_tcp_state` says -1) nothing
+    changes: such a reset reads as that side's EOF.
+
+    The error is the socket's pending one (``SO_ERROR``) if OpenSSL's ``recv``
+    left it there, else ``ECONNRESET`` (the ``recv`` that met the reset consumed
+    it; ``ETIMEDOUT``, a keepalive or user timeout, ends in ``TCP_CLOSE`` too and
+    is also a reset for :class:`End`).
+    """
+    if not isinstance(sock, ssl.SSLSocket) or getattr(sock, "_sslobj", None) is None:
+        return None
+    if _tcp_state(sock) != _TCP_CLOSE:
+        return None
+    try:
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    except OSError:
+        err = 0
+    code = err or errno.ECONNRESET
+    return OSError(code, f"{os.strerror(code)} (under TLS, which reported it as an EOF)")
 
 
 def _poll_out(fd: int) -> int:
