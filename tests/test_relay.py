@@ -821,6 +821,8 @@ def test_einval_at_run_time_falls_back_to_copy(
 
 
 def _make_cert(tmp: Path) -> tuple[str, str]:
+    """(cert, key) paths of a self-signed certificate for "localhost", made now with
+    openssl(1) in *tmp* (an EC key: cheaper handshakes than RSA's)."""
     key, cert = tmp / "key.pem", tmp / "cert.pem"
     subprocess.run(
         [
@@ -828,12 +830,16 @@ def _make_cert(tmp: Path) -> tuple[str, str]:
             "req",
             "-x509",
             "-newkey",
-            "rsa:2048",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
             "-nodes",
             "-days",
             "1",
             "-subj",
             "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost",
             "-keyout",
             str(key),
             "-out",
@@ -3679,6 +3685,29 @@ _SO_ZEROCOPY = getattr(socket, "SO_ZEROCOPY", 60)
 _MSG_ZEROCOPY = getattr(socket, "MSG_ZEROCOPY", 0x4000000)
 
 
+def _relay_with_an_error_queue(lst: socket.socket, runner: Runner, **kw: object) -> Relay:
+    """A relay started (in a thread) with side b's error queue holding the
+    MSG_ZEROCOPY completion of a banner b sent before; the backend has read the
+    banner when this returns. POLLERR with SO_ERROR 0 on b: the blocking form
+    waits edge-triggered from its first poll."""
+    client, a = tcp_pair(lst)
+    b, backend = tcp_pair(lst)
+    banner = b"220 ready\r\n" * 100
+    b.setsockopt(socket.SOL_SOCKET, _SO_ZEROCOPY, 1)
+    assert b.send(banner, _MSG_ZEROCOPY) == len(banner)
+    p = select.poll()
+    p.register(b, 0)
+    assert p.poll(JOIN * 1000) == [(b.fileno(), select.POLLERR)]  # the completion
+    assert b.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+    r = Relay.__new__(Relay)
+    r.client, r.a, r.b, r.backend = client, a, b, backend
+    r.stats, r.exc = None, None
+    r.thread = threading.Thread(target=r._run, args=(runner, kw))
+    r.thread.start()
+    assert _recv_bytes(backend, len(banner)) == banner
+    return r
+
+
 # Not the fallback driver: it waits with the loop's add_reader (level-triggered;
 # asyncio reports EPOLLERR as readable), used only where there is no epoll, and
 # no such system has a socket error queue.
@@ -3691,15 +3720,6 @@ def test_a_side_s_error_queue_does_not_make_the_relay_spin(
     # with SO_ERROR 0, and poll(2) reports POLLERR whatever the mask: the blocking
     # form polled again at once, 100 % CPU until the relay ended. The queue is the
     # caller's: it must still be there afterwards.
-    client, a = tcp_pair(listener)
-    b, backend = tcp_pair(listener)
-    banner = b"220 ready\r\n" * 100
-    b.setsockopt(socket.SOL_SOCKET, _SO_ZEROCOPY, 1)
-    assert b.send(banner, _MSG_ZEROCOPY) == len(banner)
-    p = select.poll()
-    p.register(b, 0)
-    assert p.poll(JOIN * 1000) == [(b.fileno(), select.POLLERR)]  # the completion
-    assert b.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
     cpu: list[float] = []
 
     def runner(x: socket.socket, y: socket.socket, **kw: Any) -> RelayStats:
@@ -3709,13 +3729,9 @@ def test_a_side_s_error_queue_does_not_make_the_relay_spin(
         finally:
             cpu.append(time.thread_time() - t0)
 
-    r = Relay.__new__(Relay)
-    r.client, r.a, r.b, r.backend = client, a, b, backend
-    r.stats, r.exc = None, None
-    r.thread = threading.Thread(target=r._run, args=(runner, {"idle_timeout": 0.5, "close": False}))
-    r.thread.start()
+    r = _relay_with_an_error_queue(listener, runner, idle_timeout=0.5, close=False)
+    client, a, b, backend = r.client, r.a, r.b, r.backend
     try:
-        assert _recv_bytes(backend, len(banner)) == banner
         client.sendall(b"ping")  # the relay still moves bytes both ways meanwhile
         assert _recv_bytes(backend, 4) == b"ping"
         backend.sendall(b"pong")
@@ -3744,23 +3760,11 @@ def test_a_relay_waiting_edge_triggered_moves_streams_both_ways_intact(
     # is far larger than every buffer on the way and outlasts the short downstream,
     # so it resumes on side b's writable events alone (with b never armed for
     # EPOLLOUT this test hangs).
-    client, a = tcp_pair(listener)
-    b, backend = tcp_pair(listener)
-    banner = b"220 ready\r\n" * 100
-    b.setsockopt(socket.SOL_SOCKET, _SO_ZEROCOPY, 1)
-    assert b.send(banner, _MSG_ZEROCOPY) == len(banner)
-    p = select.poll()
-    p.register(b, 0)
-    assert p.poll(JOIN * 1000) == [(b.fileno(), select.POLLERR)]
     rng = random.Random(mode)
     up, down = rng.randbytes(48 << 20), rng.randbytes((1 << 20) + 12345)
-    r = Relay.__new__(Relay)
-    r.client, r.a, r.b, r.backend = client, a, b, backend
-    r.stats, r.exc = None, None
-    r.thread = threading.Thread(target=r._run, args=(RUNNERS[mode], {"close": False}))
-    r.thread.start()
+    r = _relay_with_an_error_queue(listener, RUNNERS[mode], close=False)
+    client, a, b, backend = r.client, r.a, r.b, r.backend
     try:
-        assert _recv_bytes(backend, len(banner)) == banner
         got_up, got_down = exchange(r, up, down)
         stats = r.join()
         assert got_up == (len(up), hashlib.sha256(up).hexdigest())

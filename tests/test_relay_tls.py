@@ -26,7 +26,6 @@ import select
 import shutil
 import socket
 import ssl
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -38,6 +37,7 @@ from reuselb import End, RelayStats, release_pipes
 from tests.conftest import open_fds
 from tests.test_relay import (
     JOIN,
+    _make_cert,
     run_asyncio,
     run_asyncio_selector,
     run_blocking,
@@ -77,37 +77,12 @@ def listener() -> Iterator[socket.socket]:
 
 @pytest.fixture(scope="module")
 def contexts(tmp_path_factory: pytest.TempPathFactory) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    """(server, client) contexts for a self-signed certificate made now (openssl(1),
-    as tests/test_relay.py does; an EC key keeps the many handshakes cheap)."""
+    """(server, client) contexts for a self-signed certificate made now (openssl(1);
+    an EC key keeps the many handshakes cheap)."""
     if shutil.which("openssl") is None:
         pytest.skip("needs the openssl command to make a certificate")
     tmp = tmp_path_factory.mktemp("tls")
-    key, cert = tmp / "key.pem", tmp / "cert.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
+    cert, key = _make_cert(tmp)
     server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server.load_cert_chain(cert, key)
     return server, ssl.create_default_context(cafile=str(cert))
