@@ -3780,6 +3780,66 @@ def test_a_relay_waiting_edge_triggered_moves_streams_both_ways_intact(
             s.close()
 
 
+class _NoGetsockopt(Wrapped):
+    """A wrapper with setsockopt but no getsockopt (relay.md: getsockopt is optional)."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "getsockopt":
+            raise AttributeError(name)
+        return getattr(self._sock, name)
+
+
+class _GetsockoptFails(Wrapped):
+    """A wrapper whose getsockopt() refuses (a proxy object that forwards only some
+    options, say)."""
+
+    def getsockopt(self, *args: object) -> int:
+        raise OSError(errno.EOPNOTSUPP, "not forwarded")
+
+
+@pytest.mark.parametrize("form", ["blocking", "asyncio", "uvloop", "asyncio-start"])
+@pytest.mark.parametrize("side", ["a", "b"])
+@pytest.mark.parametrize("wrapper", [_NoGetsockopt, _GetsockoptFails])
+@pytest.mark.parametrize("nodelay", [0, 1])
+def test_a_side_whose_tcp_nodelay_cannot_be_read_keeps_its_own(
+    listener: socket.socket, form: str, side: str, wrapper: type[Wrapped], nodelay: int
+) -> None:
+    # Before: a wrapper without getsockopt failed the relay with AttributeError (as
+    # side b since this release's start reordering; as side a before it), and one
+    # whose read failed was taken for "off": with close=False the relay then turned
+    # the caller's TCP_NODELAY off. What cannot be read is left alone, either way.
+    client, a = tcp_pair(listener)
+    b, backend = tcp_pair(listener)
+    try:
+        raw = a if side == "a" else b
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, nodelay)
+        w = wrapper(raw)
+        x, y = (w, b) if side == "a" else (a, w)
+        client.sendall(b"request")
+        client.shutdown(socket.SHUT_WR)
+        backend.sendall(b"response")
+        backend.shutdown(socket.SHUT_WR)
+
+        async def main() -> RelayStats:
+            if form == "asyncio-start":
+                return await start_pipe_splice(x, y, idle_timeout=JOIN, close=False)
+            return await async_pipe_splice(x, y, idle_timeout=JOIN, close=False)
+
+        if form == "blocking":
+            stats = pipe_splice(x, y, idle_timeout=JOIN, close=False)
+        else:
+            stats = uvloop.run(main()) if form == "uvloop" else asyncio.run(main())
+        assert (stats.a_to_b, stats.b_to_a) == (7, 8)
+        assert (stats.a_end, stats.b_end, stats.failed) == (End.EOF, End.EOF, None)
+        assert stats.fallback is Fallback.WRAPPER
+        assert _recv_bytes(backend, 7) == b"request" and _recv_bytes(client, 8) == b"response"
+        assert raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == nodelay
+        assert raw.gettimeout() is None  # blocking, as it was
+    finally:
+        for s in (client, backend, a, b):
+            s.close()
+
+
 # --------------------------------------------------------------------------- why it copied
 
 FORMS = ["blocking", "asyncio", "uvloop", "asyncio-start", "fallback", "fallback-start"]

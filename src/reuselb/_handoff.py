@@ -524,7 +524,9 @@ def recv_sockets(channel: socket.socket) -> dict[str, socket.socket]:
         than :func:`send_sockets` puts on it (refused at once, without waiting for
         more), the channel closes before the last chunk, or a socket is not what
         the sender said (every fd received is then closed, as it is on any other
-        exception, ``KeyboardInterrupt`` included: each exactly once).
+        exception, each exactly once; a ``KeyboardInterrupt`` from a signal handler
+        too, except one raised in the instant between ``recvmsg`` returning and
+        its descriptors being recorded, which leaves that message's fds open).
     :raises InvalidArgument: the channel is not a Unix socket.
     :raises SocketClosed: the channel is closed.
     :raises WrongSocketType: the channel is not a socket object.

@@ -1325,12 +1325,22 @@ def _other(name: str) -> str:
 
 
 def _nodelay(sock: Side) -> bool:
+    """*sock*'s TCP_NODELAY before the relay, as :attr:`_Relay.saved` keeps it.
+
+    A wrapper without a ``getsockopt``, or whose read fails, counts as on (True):
+    begin() then leaves it alone. Setting what cannot be read could not be undone,
+    and a caller's socket is given back as it was (the relay used to take a failed
+    read for off, and turned TCP_NODELAY off under close=False).
+    """
     if not _is_inet(sock):
         return False
+    getsockopt = getattr(sock, "getsockopt", None)
+    if not callable(getsockopt):
+        return True
     try:
-        return bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))  # type: ignore[union-attr]
+        return bool(getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
     except OSError:
-        return False
+        return True
 
 
 def _is_kernel_socket(sock: object) -> bool:
