@@ -410,6 +410,45 @@ def test_a_reset_mid_stream_ends_the_relay_and_resets_the_other_side(
         setup.close()
 
 
+@pytest.fixture(scope="module")
+def no_ticket_contexts(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """As :func:`contexts`, but the server sends no TLS 1.3 session tickets."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a certificate")
+    cert, key = _make_cert(tmp_path_factory.mktemp("tls-no-tickets"))
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(cert, key)
+    server.num_tickets = 0
+    return server, ssl.create_default_context(cafile=str(cert))
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_a_tls_client_that_sends_and_closes_is_an_eof_without_session_tickets(
+    listener: socket.socket, no_ticket_contexts: tuple[ssl.SSLContext, ssl.SSLContext], form: str
+) -> None:
+    # relay.md's advice for fire-and-forget TLS 1.3 clients: with session tickets
+    # unread, such a client's close() is an RST (a reset, End.RESET, since the TLS
+    # reset check); with none sent, it is a FIN: the request arrives whole, then a
+    # clean EOF, and the reset check must not take it for a reset.
+    setup = make_setup(listener, no_ticket_contexts, "client-tls")
+    try:
+        assert isinstance(setup.client, ssl.SSLSocket) and setup.client.version() == "TLSv1.3"
+        r = Running(FORMS[form], setup, idle_timeout=JOIN)
+        request = random.Random(form).randbytes(1000)
+        setup.client.sendall(request)
+        setup.client.close()  # no close_notify, nothing read: a bare FIN
+        setup.backend.settimeout(JOIN)
+        assert _recv_exactly(setup.backend, 1000) == request
+        assert setup.backend.recv(1) == b""  # a clean EOF, not a reset
+        setup.backend.close()
+        stats = r.join()
+        assert (stats.a_to_b, stats.a_end) == (1000, End.EOF)
+    finally:
+        setup.close()
+
+
 @pytest.mark.parametrize("form", list(FORMS))
 @pytest.mark.parametrize("sides", ["client-tls", "backend-tls"])
 def test_a_tls_side_s_reset_is_not_taken_for_its_eof(

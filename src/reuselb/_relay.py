@@ -1077,13 +1077,11 @@ class _Relay:
                 else:
                     flow.to_small()
                 return 0
-            if flow.mode == _COPY and (reset := _tls_reset(flow.src)) is not None:
+            if flow.mode == _COPY and (reset := _tls_reset(flow.src, after_eof=True)) is not None:
                 # A TLS side's 0 may be its reset (see _tls_reset): end as a plain
                 # side's read of the reset does, never forward it as a half-close
                 # after a truncated stream. One isinstance test per EOF for other
-                # sides. A close_notify (or a bare FIN) followed by an RST that
-                # arrived before this check is reported as a reset too: the 0 does
-                # not say which it was, and the connection is reset by now.
+                # sides. An RST after the peer's FIN (EPIPE) is still its EOF.
                 raise _Failure(flow.name, _end_kind(reset), reset)
             flow.eof = True
             return 0
@@ -1750,7 +1748,7 @@ def _tcp_state(sock: Side) -> int:
     return info[0] if isinstance(info, bytes) and info else -1
 
 
-def _tls_reset(sock: object) -> OSError | None:
+def _tls_reset(sock: object, *, after_eof: bool = False) -> OSError | None:
     """If *sock* is a TLS side whose connection was reset, the reset as a plain
     side's read would report it; None otherwise (or when it cannot tell).
 
@@ -1775,6 +1773,16 @@ def _tls_reset(sock: object) -> OSError | None:
     left it there, else ``ECONNRESET`` (the ``recv`` that met the reset consumed
     it; ``ETIMEDOUT``, a keepalive or user timeout, ends in ``TCP_CLOSE`` too and
     is also a reset for :class:`End`).
+
+    *after_eof* (a read returned 0): an RST that came after the peer's FIN does
+    not make the stream before it a truncated one. Linux's ``tcp_reset`` leaves
+    ``EPIPE`` pending for a socket in ``CLOSE_WAIT`` (``ECONNRESET`` otherwise),
+    and a ``recv`` that meets the FIN returns 0 without taking it. The common
+    cause is this very read: OpenSSL 3 answers a FIN without ``close_notify``
+    (a "ragged" EOF, what most clients that just ``close()`` send) with a fatal
+    alert, and a peer that has closed its socket answers that with an RST, on
+    loopback before this check runs. That is the side's EOF, as it was before
+    this check existed; the next write toward it fails as a plain side's does.
     """
     if not isinstance(sock, ssl.SSLSocket) or getattr(sock, "_sslobj", None) is None:
         return None
@@ -1784,6 +1792,8 @@ def _tls_reset(sock: object) -> OSError | None:
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     except OSError:
         err = 0
+    if after_eof and err == errno.EPIPE:
+        return None
     code = err or errno.ECONNRESET
     return OSError(code, f"{os.strerror(code)} (under TLS, which reported it as an EOF)")
 
