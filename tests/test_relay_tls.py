@@ -29,6 +29,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import uvloop
@@ -79,12 +80,19 @@ def listener() -> Iterator[socket.socket]:
 def contexts(tmp_path_factory: pytest.TempPathFactory) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     """(server, client) contexts for a self-signed certificate made now (openssl(1);
     an EC key keeps the many handshakes cheap)."""
+    return _tls_contexts(tmp_path_factory.mktemp("tls"))
+
+
+def _tls_contexts(
+    tmp: Path, num_tickets: int | None = None
+) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     if shutil.which("openssl") is None:
         pytest.skip("needs the openssl command to make a certificate")
-    tmp = tmp_path_factory.mktemp("tls")
     cert, key = _make_cert(tmp)
     server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server.load_cert_chain(cert, key)
+    if num_tickets is not None:
+        server.num_tickets = num_tickets
     return server, ssl.create_default_context(cafile=str(cert))
 
 
@@ -415,13 +423,7 @@ def no_ticket_contexts(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     """As :func:`contexts`, but the server sends no TLS 1.3 session tickets."""
-    if shutil.which("openssl") is None:
-        pytest.skip("needs the openssl command to make a certificate")
-    cert, key = _make_cert(tmp_path_factory.mktemp("tls-no-tickets"))
-    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server.load_cert_chain(cert, key)
-    server.num_tickets = 0
-    return server, ssl.create_default_context(cafile=str(cert))
+    return _tls_contexts(tmp_path_factory.mktemp("tls-no-tickets"), num_tickets=0)
 
 
 @pytest.mark.parametrize("form", list(FORMS))
