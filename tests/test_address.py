@@ -6,6 +6,7 @@ import dataclasses
 import enum
 import socket
 import string
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -108,6 +109,106 @@ def test_unknown_host() -> None:
     with pytest.raises(HostNotFound, match=r"unknown host .no-such-host\.invalid.") as info:
         resolve_address(Address("no-such-host.invalid", 1), socket.SOCK_STREAM, passive=False)
     assert isinstance(info.value, OSError)
+
+
+@pytest.fixture
+def ipv4_only_localhost(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ "localhost" is 127.0.0.1 only, as in an /etc/hosts without "::1 localhost".
+
+    Real where the hosts file is so (glibc answers from it, no DNS); where localhost
+    has ::1 too, getaddrinfo is made to answer as glibc then does: EAI_NONAME
+    ("Name or service not known") for an AF_INET6 lookup of it.
+    """
+    families = {info[0] for info in socket.getaddrinfo("localhost", 0)}
+    if socket.AF_INET not in families:
+        pytest.skip("localhost has no IPv4 address here")
+    if socket.AF_INET6 not in families:
+        return
+    real = socket.getaddrinfo
+
+    def v4_only(host: Any, port: Any, family: int = 0, *args: Any) -> Any:
+        if host != "localhost":
+            return real(host, port, family, *args)
+        if family == socket.AF_INET6:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return real(host, port, socket.AF_INET, *args)
+
+    monkeypatch.setattr(socket, "getaddrinfo", v4_only)
+
+
+@pytest.mark.usefixtures("ipv4_only_localhost")
+def test_a_name_of_the_other_family_only_is_not_an_unknown_host() -> None:
+    # Before: HostNotFound "unknown host 'localhost': Name or service not known",
+    # as if the name did not resolve at all, for a name that resolves (to IPv4).
+    with pytest.raises(AddressError) as info:
+        resolve_address(
+            Address("localhost", 80),
+            socket.SOCK_STREAM,
+            passive=True,
+            family=socket.AF_INET6,
+            value="localhost:80",
+        )
+    assert not isinstance(info.value, HostNotFound)
+    assert str(info.value) == (
+        "invalid address 'localhost:80': 'localhost' has no IPv6 address, only IPv4 (127.0.0.1)"
+    )
+    assert resolve_address(
+        Address("localhost", 80), socket.SOCK_STREAM, passive=True, family=socket.AF_INET
+    ) == [(socket.AF_INET, ("127.0.0.1", 80))]
+
+
+def _fake_resolver(
+    monkeypatch: pytest.MonkeyPatch, names: dict[str, list[str]], error: int = socket.EAI_NONAME
+) -> list[int]:
+    """getaddrinfo answering *names* (name -> IPs) from memory, never from DNS.
+
+    A name without an address in the family asked for, or not listed, fails with
+    *error*. Returns the families asked for, one per lookup.
+    """
+    asked: list[int] = []
+
+    def fake(host: Any, port: Any, family: int = 0, socktype: int = 0, *args: Any) -> Any:
+        asked.append(family)
+        infos = [
+            (fam, socktype, 0, "", (ip, port) if fam == socket.AF_INET else (ip, port, 0, 0))
+            for ip in names.get(host, [])
+            for fam in [socket.AF_INET6 if ":" in ip else socket.AF_INET]
+            if family in (socket.AF_UNSPEC, fam)
+        ]
+        if not infos:
+            raise socket.gaierror(error, "Name or service not known")
+        return infos
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake)
+    return asked
+
+
+def test_an_ipv6_only_name_asked_for_ipv4_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_resolver(monkeypatch, {"v6.test": ["2001:db8::1", "2001:db8::2"]})
+    with pytest.raises(AddressError) as info:
+        resolve_address(
+            Address("v6.test", 1), socket.SOCK_DGRAM, passive=False, family=socket.AF_INET
+        )
+    assert "'v6.test' has no IPv4 address, only IPv6 (2001:db8::1, 2001:db8::2)" in str(info.value)
+    assert "'v6.test:1'" in str(info.value)  # no value given: the Address names itself
+
+
+@pytest.mark.parametrize(
+    ("error", "lookups"),
+    # A name unknown in every family: looked up again without the family, still
+    # HostNotFound. A DNS failure (EAI_AGAIN) says nothing about families: no
+    # second lookup, the first answer stands.
+    [(socket.EAI_NONAME, 2), (socket.EAI_AGAIN, 1)],
+)
+def test_a_name_that_does_not_resolve_stays_host_not_found(
+    monkeypatch: pytest.MonkeyPatch, error: int, lookups: int
+) -> None:
+    asked = _fake_resolver(monkeypatch, {}, error)
+    with pytest.raises(HostNotFound, match="unknown host 'nowhere.test'"):
+        resolve_address(
+            Address("nowhere.test", 1), socket.SOCK_STREAM, passive=True, family=socket.AF_INET6
+        )
+    assert asked == [socket.AF_INET6, socket.AF_UNSPEC][:lookups]
 
 
 _hosts = st.one_of(

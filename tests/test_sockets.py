@@ -38,6 +38,7 @@ from reuselb import _steering as steering
 from reuselb._address import resolve_address
 from reuselb._demo import start_workers, stop_workers
 from tests.conftest import fds_left, open_fds, run_in_netns
+from tests.test_address import ipv4_only_localhost  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.linux
 
@@ -359,6 +360,30 @@ def test_dualstack_wildcard_takes_ipv4() -> None:
             assert peer[0] == "::1"
     with pytest.raises(AddressError, match="dualstack=True needs an IPv6"):
         reuseport_listener("127.0.0.1:0", dualstack=True)
+
+
+@pytest.mark.usefixtures("ipv4_only_localhost")
+def test_dualstack_with_a_name_without_ipv6_says_so(no_fd_leak: None) -> None:
+    # Before: HostNotFound "unknown host 'localhost': Name or service not known",
+    # for a name that resolves (to 127.0.0.1), only not to the IPv6 address that
+    # dualstack=True needs.
+    expected = (
+        "invalid address 'localhost:0': 'localhost' has no IPv6 address, only IPv4 "
+        "(127.0.0.1); dualstack=True needs an IPv6 or wildcard address"
+    )
+    calls: list[Callable[[], object]] = [
+        lambda: reuseport_listener("localhost:0", dualstack=True),
+        lambda: reuseport_udp("localhost:0", dualstack=True),
+        lambda: reuselb.hold_port("localhost:0", dualstack=True),
+        lambda: reuseport_group("localhost:0", 2, kind="udp", dualstack=True),
+    ]
+    for call in calls:
+        with pytest.raises(AddressError) as info:
+            call()
+        assert not isinstance(info.value, reuselb.HostNotFound)
+        assert str(info.value) == expected
+    with reuseport_listener("localhost:0") as lst:  # without dualstack: IPv4
+        assert lst.getsockname()[0] == "127.0.0.1"
 
 
 # --------------------------------------------------------------------------- UDP
@@ -751,6 +776,30 @@ def test_connect_tcp_source_of_the_other_family() -> None:
             with pytest.raises(reuselb.AddressInUse):
                 connect_tcp(peer, source=f"127.0.0.1:{held}", timeout=5)
         assert open_fds() == before
+
+
+@pytest.mark.ipv6
+@pytest.mark.usefixtures("ipv4_only_localhost")
+def test_connect_tcp_source_name_without_the_peers_family(no_fd_leak: None) -> None:
+    # Before: HostNotFound "unknown host 'localhost': Name or service not known",
+    # though the docstring promised AddressError for a source of another family
+    # than every peer address, and "localhost" resolves (to 127.0.0.1).
+    with reuseport_listener("[::1]:0") as lst:
+        port = lst.getsockname()[1]
+        with pytest.raises(AddressError) as info:
+            connect_tcp(("::1", port), source="localhost:0", timeout=5)
+        assert not isinstance(info.value, reuselb.HostNotFound)
+        assert str(info.value) == (
+            "invalid address 'localhost:0': 'localhost' has no IPv6 address, only IPv4 "
+            f"(127.0.0.1), and the peer [::1]:{port} is IPv6"
+        )
+    # A peer of its family: it dials.
+    with (
+        reuseport_listener("127.0.0.1:0") as lst,
+        connect_tcp(lst.getsockname(), source="localhost:0", timeout=5) as c,
+    ):
+        assert c.getsockname()[0] == "127.0.0.1"
+        lst.accept()[0].close()
 
 
 @pytest.mark.ipv6

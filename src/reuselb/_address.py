@@ -16,7 +16,7 @@ import ipaddress
 import re
 import socket
 from dataclasses import dataclass
-from typing import TypeAlias, cast
+from typing import Any, TypeAlias, cast
 
 from ._errors import AddressError, HostNotFound
 
@@ -299,8 +299,10 @@ def resolve_address(
     (binding) and ``127.0.0.1`` otherwise, unless *family* asks for IPv6.
 
     :param value: what the caller wrote, for error messages (default: *address*).
-    :raises HostNotFound: the name does not resolve (for *family*, if given).
-    :raises AddressError: an IPv6 literal's zone names no interface of this host.
+    :raises HostNotFound: the name does not resolve, in any family.
+    :raises AddressError: an IPv6 literal's zone names no interface of this host, or
+        the name resolves, but not in *family* (it has IPv4 addresses only, say, and
+        *family* is ``AF_INET6``).
     """
     host = address.host
     literal, pct, zone = host.partition("%")
@@ -323,13 +325,25 @@ def resolve_address(
             host = "::" if passive else "::1"
         else:
             host = "0.0.0.0" if passive else "127.0.0.1"
-    flags = socket.AI_NUMERICHOST if _host_family(host) != socket.AF_UNSPEC else 0
+    numeric = _host_family(host) != socket.AF_UNSPEC
+    flags = socket.AI_NUMERICHOST if numeric else 0
     if passive:
         flags |= socket.AI_PASSIVE
     try:
         infos = socket.getaddrinfo(host, address.port, family, socktype, 0, flags)
     except socket.gaierror as exc:
+        if family != socket.AF_UNSPEC and not numeric and exc.errno in _NO_ADDRESS_CODES:
+            reason = _other_family(host, address.port, family, socktype, flags)
+            if reason is not None:
+                raise AddressError(str(address) if value is None else value, reason) from None
         raise HostNotFound(host, exc.strerror or str(exc)) from None
+    out = _ip_entries(infos)
+    if not out:
+        raise HostNotFound(host, "no IPv4 or IPv6 address")
+    return out
+
+
+def _ip_entries(infos: list[Any]) -> list[tuple[socket.AddressFamily, SockAddr]]:
     out: list[tuple[socket.AddressFamily, SockAddr]] = []
     for fam, _type, _proto, _canon, sockaddr in infos:
         # getaddrinfo may list AF_UNIX/AF_PACKET-free entries only on exotic
@@ -337,6 +351,39 @@ def resolve_address(
         entry = (socket.AddressFamily(fam), cast(SockAddr, sockaddr[:4]))
         if entry[0] in (socket.AF_INET, socket.AF_INET6) and entry not in out:
             out.append(entry)
-    if not out:
-        raise HostNotFound(host, "no IPv4 or IPv6 address")
     return out
+
+
+# What glibc answers a lookup restricted to one family when the name has addresses
+# of the other family only: EAI_NONAME from /etc/hosts ("localhost" with just
+# 127.0.0.1 asked for AF_INET6), EAI_NODATA or EAI_ADDRFAMILY from DNS. The same
+# codes mean "no such name" too, hence the second lookup to tell the two apart.
+_NO_ADDRESS_CODES = frozenset(
+    getattr(socket, name)
+    for name in ("EAI_NONAME", "EAI_NODATA", "EAI_ADDRFAMILY")
+    if hasattr(socket, name)
+)
+
+
+def _other_family(
+    host: str, port: int, family: socket.AddressFamily, socktype: socket.SocketKind, flags: int
+) -> str | None:
+    """Why *host*, not found in *family*, failed: it resolves in the other family only.
+
+    None when the name does not resolve at all (or the second lookup failed too,
+    e.g. a DNS timeout): HostNotFound is then the truth. Reporting a name that
+    resolves as HostNotFound ("Name or service not known") sent the caller looking
+    for a DNS fault.
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socktype, 0, flags)
+    except socket.gaierror:
+        return None
+    found = _ip_entries(infos)
+    if not found or any(fam == family for fam, _ in found):
+        # No IP address at all, or (the hosts file or DNS changed between the two
+        # lookups) one in *family* after all: the first answer stands.
+        return None
+    wanted, other = ("IPv6", "IPv4") if family == socket.AF_INET6 else ("IPv4", "IPv6")
+    addresses = ", ".join(dict.fromkeys(sockaddr[0] for _, sockaddr in found))
+    return f"{host!r} has no {wanted} address, only {other} ({addresses})"

@@ -349,7 +349,16 @@ def _bind_target(
         if address.family == socket.AF_INET:
             raise AddressError(value, "dualstack=True needs an IPv6 or wildcard address, not IPv4")
     family = socket.AF_INET6 if dualstack else socket.AF_UNSPEC
-    target = resolve_address(address, kind, passive=True, family=family, value=value)[0]
+    try:
+        target = resolve_address(address, kind, passive=True, family=family, value=value)[0]
+    except AddressError as exc:
+        if address.is_literal:
+            raise  # a zone naming no interface: nothing to do with dualstack
+        # A name with IPv4 addresses only (say "localhost" in an /etc/hosts without
+        # ::1): resolve_address says so, and why an IPv6 address was wanted is here.
+        raise AddressError(
+            value, f"{exc.reason}; dualstack=True needs an IPv6 or wildcard address"
+        ) from None
     if target[0] == socket.AF_INET6 and not dualstack:
         # Every IPv6 socket made here is V6ONLY unless dualstack, and Linux refuses
         # to bind a V6ONLY socket to an IPv4-mapped address with a bare EINVAL
@@ -480,10 +489,10 @@ def reuseport_listener(
         False to accept SO_REUSEPORT without balancing (macOS).
     :returns: the listening socket; the caller owns it.
     :raises AddressError: the address is malformed, not an address of this host,
-        an IPv4-mapped IPv6 address without *dualstack*, a link-local IPv6 address
-        without a zone, an IPv6 address whose zone names no interface, or refused by
-        ``bind`` with EINVAL.
-    :raises HostNotFound: the host name does not resolve.
+        an IPv4-mapped IPv6 address without *dualstack*, a name without an IPv6
+        address with *dualstack*, a link-local IPv6 address without a zone, an IPv6
+        address whose zone names no interface, or refused by ``bind`` with EINVAL.
+    :raises HostNotFound: the host name does not resolve (in any family).
     :raises AddressInUse: a socket outside this reuseport group holds the address
         (``bind`` refused it, or ``listen`` did: a socket bound with SO_REUSEADDR
         only may share the port until one of the two listens), or, for port 0, no
@@ -547,10 +556,10 @@ def reuseport_udp(
     :param balanced: require kernel balancing (see :func:`reuseport_listener`).
     :returns: the bound socket; the caller owns it.
     :raises AddressError: the address is malformed, not local, an IPv4-mapped
-        IPv6 address without *dualstack*, a link-local IPv6 address without a zone,
-        an IPv6 address whose zone names no interface, or refused by ``bind`` with
-        EINVAL.
-    :raises HostNotFound: the host name does not resolve.
+        IPv6 address without *dualstack*, a name without an IPv6 address with
+        *dualstack*, a link-local IPv6 address without a zone, an IPv6 address whose
+        zone names no interface, or refused by ``bind`` with EINVAL.
+    :raises HostNotFound: the host name does not resolve (in any family).
     :raises AddressInUse: a socket outside this reuseport group holds the address,
         or, for port 0, no port of the ephemeral range is free.
     :raises ReuseportUnsupported: the system cannot give what *balanced* asks for.
@@ -583,10 +592,10 @@ def hold_port(
     :param balanced: as for :func:`reuseport_listener`.
     :returns: the bound socket; close it to release the port.
     :raises AddressError: the address is malformed, not local, an IPv4-mapped
-        IPv6 address without *dualstack*, a link-local IPv6 address without a zone,
-        an IPv6 address whose zone names no interface, or refused by ``bind`` with
-        EINVAL.
-    :raises HostNotFound: the host name does not resolve.
+        IPv6 address without *dualstack*, a name without an IPv6 address with
+        *dualstack*, a link-local IPv6 address without a zone, an IPv6 address whose
+        zone names no interface, or refused by ``bind`` with EINVAL.
+    :raises HostNotFound: the host name does not resolve (in any family).
     :raises AddressInUse: a socket outside this reuseport group holds the address,
         or, for port 0, no port of the ephemeral range is free.
     :raises ReuseportUnsupported: the system cannot give what *balanced* asks for.
@@ -748,9 +757,11 @@ def reuseport_group(
     :raises GroupMemberError: member *k* failed with an ``OSError`` or
         ``ValueError``; the cause is chained.
     :raises AddressError: the address is malformed, IPv4-mapped IPv6 without
-        ``dualstack=True``, IPv4 with it, link-local IPv6 without a zone, or IPv6
-        with a zone naming no interface (before any socket is made).
-    :raises HostNotFound: the host name does not resolve (before any socket).
+        ``dualstack=True``, IPv4 (or a name without an IPv6 address) with it,
+        link-local IPv6 without a zone, or IPv6 with a zone naming no interface
+        (before any socket is made).
+    :raises HostNotFound: the host name does not resolve, in any family (before
+        any socket).
     :raises ReuseportUnsupported: see :func:`reuseport_listener` (before any socket).
     :raises TypeError: an option the factory does not take. Any other exception
         (``KeyboardInterrupt`` included) also propagates unchanged, after the
@@ -837,11 +848,13 @@ def connect_tcp(
         most 1e9 seconds), or a flag is not a bool.
     :raises AddressError: an address is malformed, *address* is a link-local IPv6
         literal without a zone or an IPv6 literal whose zone names no interface,
-        *source* is not an address of this host, is link-local without a usable zone, is of another
-        family (IPv4/IPv6) than every address of the peer, or cannot be bound for
-        another reason (the ``OSError`` is chained; no other peer address is tried).
+        *source* is not an address of this host, is link-local without a usable
+        zone, is of another family (IPv4/IPv6) than every address of the peer (for
+        a name: has no address in any of the peer's families), or cannot be bound
+        for another reason (the ``OSError`` is chained; no other peer address is
+        tried).
     :raises AddressInUse: *source* names a port that another socket holds.
-    :raises HostNotFound: a host name does not resolve.
+    :raises HostNotFound: a host name does not resolve (in any family).
     :raises OSError: every candidate failed (the last error, naming the address:
         ``ConnectionRefusedError``, ``TimeoutError``, ...; the original is chained).
     """
@@ -879,6 +892,17 @@ def connect_tcp(
                 )[0][1]
             except HostNotFound as exc:
                 mismatch = exc
+                continue
+            except AddressError as exc:
+                # A source name with no address of this peer's family ("localhost"
+                # with 127.0.0.1 only, for a peer on ::1): another candidate of the
+                # peer may fit it. A literal's AddressError (a zone naming no
+                # interface) is the source's own fault, whatever the peer.
+                if src.is_literal:
+                    raise
+                mismatch = AddressError(
+                    source, f"{exc.reason}, and the peer {peer} is {_family_name(family)}"
+                )
                 continue
             _check_zone(family, src_sockaddr, source)
         sock = _new_socket(family, socket.SOCK_STREAM, False)
