@@ -30,6 +30,7 @@ from reuselb import (
     HandoffError,
     InvalidArgument,
     ReuseportGroup,
+    SocketClosed,
     SteeringError,
     WrongSocketType,
     _handoff,
@@ -1395,26 +1396,85 @@ def test_drain_close_refuses_a_listener_outside_the_group(
 
 
 @pytest.mark.parametrize("migrate", [True, False])
-@pytest.mark.parametrize("kind", ["alone", "list", "other member closed", "listener twice"])
+@pytest.mark.parametrize("kind", ["alone", "list"])
 def test_drain_close_needs_another_open_member_on_both_paths(
     monkeypatch: pytest.MonkeyPatch, migrate: bool, kind: str
 ) -> None:
     # Before, on the migrate path: the listener was closed, its queue reset (no
     # member to migrate to) and the result said path="migrate", no error.
     monkeypatch.setattr(_handoff, "tcp_migrate_req", lambda: migrate)
-    with reuseport_group("127.0.0.1:0", 1 if kind in ("alone", "list") else 2) as group:
+    with reuseport_group("127.0.0.1:0", 1) as group:
         listener = group[0]
         target: ReuseportGroup | list[socket.socket] = group
         if kind == "list":
             target = [listener]
-        elif kind == "other member closed":
-            group[1].close()  # closed by hand: it left the kernel's group
-        elif kind == "listener twice":
-            target = [listener, listener]
         before = list(group._members)
         with pytest.raises(InvalidArgument) as info:
             drain_close(listener, group=target)
         assert "has no open member besides listener to take its connections" in str(info.value)
+        assert listener.fileno() != -1
+        assert group._members == before
+        assert _no_program(listener)
+
+
+@pytest.mark.parametrize("migrate", [True, False])
+@pytest.mark.parametrize(
+    ("order", "again", "first"),
+    [((0, 0), 1, 0), ((0, 1, 0), 2, 0), ((1, 0, 0), 2, 1), ((0, 1, 1), 2, 1)],
+)
+def test_drain_close_refuses_a_socket_listed_twice(
+    monkeypatch: pytest.MonkeyPatch, migrate: bool, order: tuple[int, ...], again: int, first: int
+) -> None:
+    # Before: group=[a, b, a] was taken for a group of 3 (the repeat was passed
+    # over as a stand-in for a taken member): the steer path attached a program
+    # for 3 members, restore= got the closed listener back (SocketClosed in
+    # steering_error) and the group was left with no program; [a, a] closed the
+    # listener on the migrate path with no member to migrate to.
+    from reuselb import attach_hash_steering
+
+    monkeypatch.setattr(_handoff, "tcp_migrate_req", lambda: migrate)
+    restored: list[object] = []
+
+    def restore(group: object) -> None:
+        restored.append(group)
+        attach_hash_steering(group)  # type: ignore[arg-type]
+
+    with reuseport_group("127.0.0.1:0", 2) as group:
+        listener = group[0]
+        target = [group[i] for i in order]
+        with pytest.raises(InvalidArgument) as info:
+            drain_close(listener, group=target, restore=restore, grace=0, timeout=1)
+        assert str(info.value).startswith(
+            f"invalid group member {again} {target[again]!r}: is group member {first} "
+            "listed again: a kernel reuseport group holds each socket once"
+        )
+        assert listener.fileno() != -1
+        assert restored == []
+        assert _no_program(listener)
+
+
+@pytest.mark.parametrize("migrate", [True, False])
+@pytest.mark.parametrize(("closed", "listener_at"), [(1, 0), (2, 0), (0, 2), (1, 2)])
+def test_drain_close_refuses_a_group_member_closed_by_hand(
+    monkeypatch: pytest.MonkeyPatch, migrate: bool, closed: int, listener_at: int
+) -> None:
+    # Before: on the migrate path the listener was closed and the group updated
+    # from indexes the kernel no longer had (a member closed by hand left its
+    # group, and the kernel moved the last member into its slot), so the group
+    # and a restore= program were wrong; the steer path refused it with a
+    # SocketClosed naming no member.
+    monkeypatch.setattr(_handoff, "tcp_migrate_req", lambda: migrate)
+    with reuseport_group("127.0.0.1:0", 3) as group:
+        members = list(group)
+        listener = members[listener_at]
+        members[closed].close()
+        before = list(group._members)
+        with pytest.raises(SocketClosed) as info:
+            drain_close(listener, group=group, grace=0, timeout=1)
+        assert str(info.value).startswith(
+            f"group member {closed} is closed: {members[closed]!r}; closed by hand, it "
+            "left the kernel's reuseport group"
+        )
         assert listener.fileno() != -1
         assert group._members == before
         assert _no_program(listener)
@@ -1673,13 +1733,13 @@ def test_drain_close_keeps_the_accepted_when_a_member_closes_meanwhile(
     monkeypatch.setattr(_handoff, "tcp_migrate_req", lambda: False)  # the steer path
     group = reuseport_group("127.0.0.1:0", size)
     members = list(group)
-    steer_away_from = _steering.steer_away_from
+    attach_away_from = _steering._attach_away_from
 
-    def attach_then_lose_member_1(g: object, index: int) -> None:
-        steer_away_from(g, index)  # type: ignore[arg-type]
+    def attach_then_lose_member_1(via: socket.socket, n: int, index: int) -> None:
+        attach_away_from(via, n, index)
         members[1].close()  # what another thread stopping its worker does, mid-drain
 
-    monkeypatch.setattr(_steering, "steer_away_from", attach_then_lose_member_1)
+    monkeypatch.setattr(_steering, "_attach_away_from", attach_then_lose_member_1)
     with group, _queued_on_first(members, 5) as clients:
         result = drain_close(members[0], group=group, grace=0.05)
         # Every queued connection is the caller's, whatever became of the detach.

@@ -219,8 +219,11 @@ def test_cpu_steering_lands_on_the_member_of_the_cpu() -> None:
         assert len(landed) == 5 * len(cpus)
         assert all(cpu == index == incoming for cpu, index, incoming in landed)
         detach_steering(group[0])
-        with pytest.raises(InvalidArgument, match="one member per CPU"):
-            attach_cpu_steering(list(group) * 2)
+    with (
+        reuseport_group("127.0.0.1:0", len(cpus) + 1) as bigger,
+        pytest.raises(InvalidArgument, match="one member per CPU"),
+    ):
+        attach_cpu_steering(bigger)
 
 
 @pytest.mark.parametrize("kind", ["tcp", "udp"])

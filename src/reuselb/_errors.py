@@ -141,11 +141,14 @@ class WrongSocketType(ReuselbError, ValueError):
 
 
 class SocketClosed(ReuselbError, ValueError):
-    """A closed socket (``fileno() == -1``) was passed where an open one is needed."""
+    """A closed socket (``fileno() == -1``) was passed where an open one is needed.
 
-    def __init__(self, sock: Any, what: str = "socket") -> None:
+    :ivar sock: the closed socket.
+    """
+
+    def __init__(self, sock: Any, what: str = "socket", detail: str = "") -> None:
         self.sock = sock
-        super().__init__(f"{what} is closed: {sock!r}")
+        super().__init__(f"{what} is closed: {sock!r}" + (f"; {detail}" if detail else ""))
 
 
 class GroupMemberError(ReuselbError, OSError):

@@ -32,7 +32,7 @@ from typing import Any
 
 from ._errors import HandoffError, InvalidArgument, SocketClosed, SteeringError, WrongSocketType
 from ._sockets import _C_INT_MAX, ReuseportGroup, check_flag, check_open, check_seconds
-from ._steering import GroupLike, _as_sequence, _check_one_group
+from ._steering import GroupLike, _as_sequence, _check_one_group, _held_members, _refuse_repeats
 
 __all__ = [
     "DrainResult",
@@ -829,7 +829,8 @@ def _has_another_member(
 
     A member taken from a :class:`ReuseportGroup` counts: it is in the kernel's
     group for as long as anyone holds it, maybe another process, so closing it
-    here proves nothing. A held member closed here has left the group.
+    here proves nothing. _drain_members refused a held member closed by hand (it
+    has left the group); one another thread closes since does not count.
     """
     if isinstance(group, ReuseportGroup):
         # An empty slot is a taken member only if take() emptied it: close() empties
@@ -854,6 +855,13 @@ def _drain_members(
     A :class:`ReuseportGroup` keeps a slot for each member it gave away with
     ``take()``: that member is still in the kernel's group (its new owner holds
     it), so it still counts for the index and the size a steering program uses.
+
+    :raises SocketClosed: a member of a plain *group*, or one a
+        :class:`ReuseportGroup` holds, is closed (see ``_steering._held_members``:
+        closed by hand, it left the kernel's group and the group's indexes are
+        stale, so the group would be updated wrong and a program steer to the
+        wrong members).
+    :raises InvalidArgument: a socket object listed twice in a plain *group*.
     """
     if isinstance(group, ReuseportGroup):
         # A closed group still knows the members it gave away: they stay in the
@@ -861,10 +869,16 @@ def _drain_members(
         # g.take(1)`` closes g but not them), so only a group with none is refused.
         if group._closed and not group._taken:
             raise InvalidArgument("group", group, "the group is closed")
+        _held_members(group)
         slots = list(group._members)
         index = group._slot(listener)  # a member taken from it keeps its slot
     else:
-        slots = [check_open(m, "group member") for m in _items("group", group, "sockets")]
+        listed = [check_open(m, "group member") for m in _items("group", group, "sockets")]
+        # Listed twice, the listener (or another member) counted twice in the
+        # program's size, the steer path attached a program for a group the
+        # kernel does not have, and restore= got the closed listener back.
+        _refuse_repeats([(f"group member {i}", m) for i, m in enumerate(listed)])
+        slots = list(listed)
         index = next((i for i, m in enumerate(slots) if m is listener), -1)
     if index < 0:
         raise InvalidArgument("listener", listener, "is not a member of group")
@@ -909,10 +923,11 @@ def drain_close(
     picks a member in between.
 
     Every argument is checked before anything changes: when this raises
-    ``InvalidArgument`` or ``WrongSocketType``, *listener* is still open, *group*
-    is as it was and no program is attached. An interrupt (``KeyboardInterrupt``
-    from a signal handler) during the drain propagates after the connections
-    accepted so far are closed, *listener* too; *restore* is still called.
+    ``InvalidArgument``, ``SocketClosed`` or ``WrongSocketType``, *listener* is
+    still open, *group* is as it was and no program is attached. An interrupt
+    (``KeyboardInterrupt`` from a signal handler) during the drain propagates
+    after the connections accepted so far are closed, *listener* too; *restore*
+    is still called.
 
     :param listener: the member to remove, a listening TCP socket; it is closed on
         return.
@@ -957,7 +972,8 @@ def drain_close(
         member of *group*, a member of *group* is not in the listener's
         kernel group (not listening, as a :func:`~reuselb.hold_port` socket; not
         TCP; without SO_REUSEPORT; or another address, ``IPV6_V6ONLY`` setting or
-        bound device: the message names the member), a member is the same socket
+        bound device: the message names the member), a socket object is listed
+        twice in *group*, a member is the same socket
         as *listener* or another member under another fd (a ``dup()``: one inode;
         it would keep the listener's socket open), *group* has no open member
         besides *listener*
@@ -965,7 +981,10 @@ def drain_close(
         :class:`~reuselb.ReuseportGroup` counts), or (steer path) there is no
         *group*, or no other member the :class:`~reuselb.ReuseportGroup` still
         holds to detach the program through.
-    :raises SocketClosed: *listener* or a member of a plain *group* is closed.
+    :raises SocketClosed: *listener* is closed, or a member of *group*: one in a
+        sequence, or one a :class:`~reuselb.ReuseportGroup` holds (closed by hand,
+        it has left the kernel's group, whose last member moved into its slot: the
+        group's indexes are stale; the message names it). Nothing was changed.
     :raises WrongSocketType: *listener* is not a listening TCP socket.
     :raises SteeringError: the kernel refused the steering program (nothing was
         closed).
@@ -993,11 +1012,13 @@ def drain_close(
         # Every member must be in the listener's kernel group: one that is not (a
         # hold_port() socket, bound but not listening) would take the steering
         # program into a group of its own, and SYNs would keep reaching listener.
-        # A held member closed by hand has left the group and is not compared.
+        # The listener is compared once, as the reference: its own slot and the
+        # slots it stands in for (members taken from a ReuseportGroup) are left
+        # out, and _drain_members refused a plain group listing it twice.
         _check_one_group(
             [
                 ("listener", listener),
-                *((f"group member {i}", m) for i, m in enumerate(members) if m.fileno() != -1),
+                *((f"group member {i}", m) for i, m in enumerate(members) if m is not listener),
             ]
         )
         # On both paths: the kernel migrates to, or the program steers to, another
@@ -1030,9 +1051,12 @@ def drain_close(
         raise InvalidArgument(
             "group", group, "holds no member besides listener to detach the steering through"
         )
-    from ._steering import steer_away_from
+    # Not steer_away_from(members, ...): *members* lists the listener again for
+    # each member taken from a ReuseportGroup (the size must count them), which a
+    # caller's list may not do. Everything the program needs was checked above.
+    from ._steering import _attach_away_from
 
-    steer_away_from(members, index)
+    _attach_away_from(members[0], len(members), index)
     accepted: list[socket.socket] = []
     timed_out = False
     accept_error: OSError | None = None

@@ -22,7 +22,7 @@ from collections.abc import Set as AbstractSet
 from typing import Any, TypeAlias, cast
 
 from ._address import parse_address
-from ._errors import InvalidArgument, SteeringError
+from ._errors import InvalidArgument, SocketClosed, SteeringError
 from ._sockets import _C_INT_MAX, ReuseportGroup, check_flag, check_open
 
 __all__ = [
@@ -182,13 +182,16 @@ def _check_one_group(named: Sequence[tuple[str, socket.socket]]) -> None:
     different group than the caller's, with no error from the kernel.
 
     :param named: ``(name for errors, socket)`` pairs, the reference first; all open.
+        A caller that stands a member in for one it does not hold (drain_close, for
+        the members taken from a :class:`~reuselb.ReuseportGroup`) leaves the
+        stand-ins out.
     :raises InvalidArgument: a member can be in no group, is in another group than
-        the first, or is a socket already listed under another fd (a dup: the same
-        inode); the message names both.
+        the first, is listed twice, or is a socket already listed under another fd
+        (a dup: the same inode); the message names both.
     """
+    _refuse_repeats(named)
     ref_name, ref = named[0]
     want = _group_key(ref, ref_name)
-    seen = {id(ref)}
     # The kernel's group holds sockets, not fds: a dup() (or an fd received for
     # a socket already listed) is the same socket, one inode, under another fd.
     # Listed twice it would count as two members (a program's modulus one too
@@ -196,9 +199,6 @@ def _check_one_group(named: Sequence[tuple[str, socket.socket]]) -> None:
     # listener's connections to, while its fd keeps the listener's socket open.
     names_by_inode = {os.fstat(ref.fileno()).st_ino: ref_name}
     for name, sock in named[1:]:
-        if id(sock) in seen:  # a member listed twice (a stand-in for a taken one)
-            continue
-        seen.add(id(sock))
         inode = os.fstat(sock.fileno()).st_ino
         if (same := names_by_inode.setdefault(inode, name)) != name:
             raise InvalidArgument(
@@ -217,6 +217,60 @@ def _check_one_group(named: Sequence[tuple[str, socket.socket]]) -> None:
             )
 
 
+def _refuse_repeats(named: Sequence[tuple[str, socket.socket]]) -> None:
+    """Refuse a socket object listed twice.
+
+    The kernel's group holds each socket once, and a program's indexes and
+    modulus count the members listed: ``[a, a, b]`` for a group of two made
+    ``attach_hash_steering`` take the modulus 3 (a third of the clients hashed to
+    an index with no member, so to the kernel's hash) and ``steer_all_to(..., 2)``
+    an index the kernel does not have.
+
+    :raises InvalidArgument: naming the second listing and the first.
+    """
+    first: dict[int, str] = {}
+    for name, sock in named:
+        if (earlier := first.setdefault(id(sock), name)) != name:
+            raise InvalidArgument(
+                name,
+                sock,
+                f"is {earlier} listed again: a kernel reuseport group holds each socket "
+                "once (list every member once, in join order)",
+            )
+
+
+def _held_members(group: ReuseportGroup) -> list[tuple[str, socket.socket]]:
+    """``(name for errors, member)`` for each member *group* holds, in slot order.
+
+    A slot the group emptied itself is skipped: take() emptied it (that member is
+    still in the kernel's group, held by its new owner, maybe in another process)
+    or close() did (then the group is closed, every slot empty). A member the
+    group still holds is closed only by hand, and has left the kernel's group:
+    the kernel moved the group's last member into its slot
+    (reuseport_detach_sock), which the group, not told, did not mirror.
+    Counting it kept every index past it and the modulus one too high:
+    ``steer_all_to(g, 1)`` after ``g[1].close()`` in a group of 3 sent every
+    connection to member 2, and ``steer_all_to(g, 2)`` let the kernel's hash pick.
+
+    :raises SocketClosed: a member the group holds is closed; the message names it.
+    """
+    held = []
+    for i, m in enumerate(group._members):
+        if m is None:
+            continue
+        if m.fileno() == -1:
+            raise SocketClosed(
+                m,
+                f"group member {i}",
+                "closed by hand, it left the kernel's reuseport group, which moved its "
+                "last member into the slot: the group's indexes no longer match the "
+                "kernel's (drain_close(member, group=group) takes a member out and keeps "
+                "them in step; or pass the open members as a list, in the kernel's order)",
+            )
+        held.append((f"group member {i}", m))
+    return held
+
+
 def _members(group: GroupLike) -> tuple[int, socket.socket]:
     """``(the group's size in the kernel, a member to attach the program through)``."""
     if isinstance(group, ReuseportGroup):
@@ -226,23 +280,14 @@ def _members(group: GroupLike) -> tuple[int, socket.socket]:
         # would shift every index after a taken one and shrink the modulus.
         if group._closed:
             raise InvalidArgument("group", group, "the group is closed")
-        size = len(group)
-        via = next(iter(group), None)
-        if via is None:
+        # The members it holds (a taken one may be in another process by now).
+        held = _held_members(group)
+        if not held:
             raise InvalidArgument(
                 "group", group, "holds no member to attach through (all were taken)"
             )
-        check_open(via, "group member")
-        # The members it holds (a taken one may be in another process by now); one
-        # closed by hand has left the kernel's group and is not compared.
-        _check_one_group(
-            [
-                (f"group member {i}", m)
-                for i, m in enumerate(group._members)
-                if m is not None and (m is via or m.fileno() != -1)
-            ]
-        )
-        return size, via
+        _check_one_group(held)
+        return len(group), held[0][1]
     # Checked, not left to iter(): one socket, None or an int would otherwise end
     # in a bare TypeError ("'socket' object is not iterable") that names nothing.
     # A single socket is refused even though only the first member is attached
@@ -287,10 +332,16 @@ def attach_cpu_steering(group: GroupLike, *, strict: bool = True) -> None:
         A member must be a listening TCP or a bound UDP socket with SO_REUSEPORT,
         of the first member's family, type, address, ``IPV6_V6ONLY`` setting and
         bound device (the kernel's rules for one group; the message names the
-        member), and listed once: a ``dup()`` of a member (the same socket, one
-        inode) is refused. This holds for every steering function.
+        member), and listed once: the same socket object twice, or a ``dup()`` of
+        a member (the same socket, one inode), is refused. This holds for every
+        steering function.
     :raises SteeringError: the kernel refused the program.
-    :raises SocketClosed: a member is closed.
+    :raises SocketClosed: a member is closed: one in the sequence, or one the
+        :class:`~reuselb.ReuseportGroup` holds (closed by hand, it has left the
+        kernel's group, whose last member moved into its slot: the group's
+        indexes are stale; the message names it). A member given away with
+        ``take()`` is not checked: it may be open in another process. This holds
+        for every steering function.
     :raises WrongSocketType: a member is not a socket object.
     """
     strict = check_flag("strict", strict)
@@ -314,7 +365,7 @@ def steer_all_to(group: GroupLike, index: int) -> None:
         member taken, a member not in the first one's kernel group (as for
         :func:`attach_cpu_steering`), or *index* is not a member's index.
     :raises SteeringError: the kernel refused the program.
-    :raises SocketClosed: a member is closed.
+    :raises SocketClosed: a member is closed (as for :func:`attach_cpu_steering`).
     :raises WrongSocketType: a member is not a socket object.
     """
     n, via = _members(group)
@@ -334,7 +385,7 @@ def steer_away_from(group: GroupLike, index: int) -> None:
         member taken, a member is not in the first one's kernel group (as for
         :func:`attach_cpu_steering`), or *index* is out of range.
     :raises SteeringError: the kernel refused the program.
-    :raises SocketClosed: a member is closed.
+    :raises SocketClosed: a member is closed (as for :func:`attach_cpu_steering`).
     :raises WrongSocketType: a member is not a socket object.
     """
     n, via = _members(group)
@@ -342,6 +393,16 @@ def steer_away_from(group: GroupLike, index: int) -> None:
         raise InvalidArgument("group", f"{n} member", "needs another member to steer to")
     if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < n:
         raise InvalidArgument("index", index, f"must be 0..{n - 1}")
+    _attach_away_from(via, n, index)
+
+
+def _attach_away_from(via: socket.socket, n: int, index: int) -> None:
+    """Attach :func:`steer_away_from`'s program through *via*, for a group of *n*.
+
+    Nothing is checked: drain_close calls it with a group it checked itself, whose
+    size counts the members taken from a :class:`~reuselb.ReuseportGroup`, which
+    it does not hold and so cannot list.
+    """
     _attach(
         via,
         [
@@ -393,7 +454,7 @@ def attach_hash_steering(group: GroupLike) -> None:
         has a member not in the first one's kernel group (as for
         :func:`attach_cpu_steering`) or is not IPv4.
     :raises SteeringError: the kernel refused the program.
-    :raises SocketClosed: a member is closed.
+    :raises SocketClosed: a member is closed (as for :func:`attach_cpu_steering`).
     :raises WrongSocketType: a member is not a socket object.
     """
     n, via = _members(group)

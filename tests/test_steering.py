@@ -1,0 +1,124 @@
+"""Steering programs: which groups the steering functions take, and their errors."""
+
+from __future__ import annotations
+
+import errno
+import select
+import socket
+from collections.abc import Callable, Sequence
+
+import pytest
+
+from reuselb import (
+    InvalidArgument,
+    SocketClosed,
+    SteeringError,
+    attach_cpu_steering,
+    attach_hash_steering,
+    connect_tcp,
+    detach_steering,
+    reuseport_group,
+    reuseport_listener,
+    steer_all_to,
+    steer_away_from,
+)
+
+pytestmark = pytest.mark.linux
+
+Steer = Callable[[Sequence[socket.socket]], None]
+_STEERS: list[Steer] = [
+    lambda g: steer_all_to(g, 1),
+    lambda g: steer_away_from(g, 0),
+    attach_hash_steering,
+    lambda g: attach_cpu_steering(g, strict=False),
+]
+_STEER_IDS = ["steer_all_to", "steer_away_from", "attach_hash_steering", "attach_cpu_steering"]
+
+
+def _no_program(member: socket.socket) -> bool:
+    """True when *member*'s group has no steering program."""
+    try:
+        detach_steering(member)
+    except SteeringError as exc:
+        cause = exc.__cause__
+        if not isinstance(cause, OSError) or cause.errno != errno.ENOENT:
+            raise
+        return True
+    return False
+
+
+def _lands_on(members: Sequence[socket.socket], port: int) -> int:
+    """The index in *members* of the member one new connection reaches."""
+    with connect_tcp(("127.0.0.1", port)):
+        ready = select.select(list(members), [], [], 10)[0]
+        assert len(ready) == 1
+        ready[0].accept()[0].close()
+        return list(members).index(ready[0])
+
+
+@pytest.mark.parametrize("steer", _STEERS, ids=_STEER_IDS)
+@pytest.mark.parametrize(
+    ("order", "again", "first"), [((0, 0, 1), 1, 0), ((0, 1, 1), 2, 1), ((0, 1, 0), 2, 0)]
+)
+def test_a_socket_listed_twice_is_refused(
+    steer: Steer, order: tuple[int, ...], again: int, first: int
+) -> None:
+    # Before: the same object listed twice was taken for two members (meant for
+    # drain_close's stand-ins): [a, a, b] gave attach_hash_steering the modulus
+    # 3 for a kernel group of 2, and steer_all_to(..., 2) an index the kernel
+    # does not have (its hash picked instead).
+    with reuseport_group("127.0.0.1:0", 2) as group:
+        listed = [group[i] for i in order]
+        for kind in (list, tuple):
+            with pytest.raises(InvalidArgument) as info:
+                steer(kind(listed))
+            assert str(info.value) == (
+                f"invalid group member {again} {listed[again]!r}: is group member {first} "
+                "listed again: a kernel reuseport group holds each socket once (list every "
+                "member once, in join order)"
+            )
+            assert _no_program(group[0]), "refused before a program was attached"
+
+
+def test_a_member_listed_twice_is_refused_before_the_cpu_count() -> None:
+    with (
+        reuseport_group("127.0.0.1:0", 1) as group,
+        pytest.raises(InvalidArgument, match="is group member 0 listed again"),
+    ):
+        attach_cpu_steering([group[0]] * 2)
+
+
+@pytest.mark.parametrize("steer", _STEERS, ids=_STEER_IDS)
+@pytest.mark.parametrize("closed", [0, 1, 2])
+def test_a_group_member_closed_by_hand_is_refused(steer: Steer, closed: int) -> None:
+    # Before: a closed member was skipped but still counted; the kernel had moved
+    # the last member into its slot, so the program's indexes and modulus were
+    # stale (steer_all_to(g, 1) after g[1].close() sent everything to member 2).
+    with reuseport_group("127.0.0.1:0", 3) as group:
+        members = list(group)
+        members[closed].close()
+        with pytest.raises(SocketClosed) as info:
+            steer(group)  # type: ignore[arg-type]
+        assert str(info.value).startswith(
+            f"group member {closed} is closed: {members[closed]!r}; closed by hand, it "
+            "left the kernel's reuseport group"
+        )
+        assert info.value.sock is members[closed]
+        assert all(_no_program(m) for m in members if m.fileno() != -1)
+        # What the message suggests: the open members as a list, in the kernel's
+        # order (the last one moved into the closed one's slot).
+        kernel = members[:]
+        kernel[closed] = kernel[-1]
+        kernel.pop()
+        for index in (1, 0):
+            steer_all_to(kernel, index)
+            assert _lands_on(kernel, group.port) == index
+
+
+def test_a_taken_member_is_not_checked() -> None:
+    # A member given away with take() may be open in another process: the group
+    # cannot tell, so it still counts, closed here or not.
+    with reuseport_group("127.0.0.1:0", 3) as group:
+        group.take(1).close()
+        steer_all_to(group, 2)
+        detach_steering(group[0])
