@@ -1480,6 +1480,17 @@ def test_drain_close_refuses_a_group_member_closed_by_hand(
         assert _no_program(listener)
 
 
+def test_detach_through_passes_over_a_member_in_no_group() -> None:
+    # A member another thread shut down is in no group: detach_steering refuses
+    # it (InvalidArgument), which must not escape drain_close's cleanup.
+    with reuseport_group("127.0.0.1:0", 3) as group:
+        steer_all_to(group, 0)
+        group[1].shutdown(socket.SHUT_RD)
+        assert _handoff._detach_through([group[1], group[2]]) is None
+        assert _no_program(group[0])
+        assert _handoff._detach_through([group[1]]) is not None
+
+
 @pytest.mark.parametrize("migrate", [False, True])
 @pytest.mark.parametrize("with_other", [False, True], ids=["dup only", "dup and a member"])
 def test_drain_close_does_not_take_a_dup_of_the_listener_for_another_member(

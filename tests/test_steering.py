@@ -17,11 +17,14 @@ from reuselb import (
     attach_hash_steering,
     connect_tcp,
     detach_steering,
+    hold_port,
     reuseport_group,
     reuseport_listener,
     steer_all_to,
     steer_away_from,
+    tcp_socket,
 )
+from reuselb import _steering as steering
 
 pytestmark = pytest.mark.linux
 
@@ -40,8 +43,7 @@ def _no_program(member: socket.socket) -> bool:
     try:
         detach_steering(member)
     except SteeringError as exc:
-        cause = exc.__cause__
-        if not isinstance(cause, OSError) or cause.errno != errno.ENOENT:
+        if exc.errno != errno.ENOENT:
             raise
         return True
     return False
@@ -122,3 +124,42 @@ def test_a_taken_member_is_not_checked() -> None:
         group.take(1).close()
         steer_all_to(group, 2)
         detach_steering(group[0])
+
+
+def test_steering_error_carries_the_kernels_errno() -> None:
+    # Before: errno was always None and the message only quoted the OSError.
+    with reuseport_listener("127.0.0.1:0") as listener:
+        with pytest.raises(SteeringError) as info:
+            detach_steering(listener)
+        assert info.value.errno == errno.ENOENT
+        assert isinstance(info.value, OSError)
+        assert isinstance(info.value.__cause__, OSError)
+        assert info.value.__cause__.errno == errno.ENOENT
+        assert str(info.value) == (
+            "detaching the reuseport program failed: no program is attached to the "
+            "member's reuseport group ([Errno 2] No such file or directory)"
+        )
+        # A program the kernel refuses (an opcode cBPF does not have).
+        with pytest.raises(SteeringError) as info:
+            steering._attach(listener, [(0xFFFF, 0, 0, 0)])
+        assert info.value.errno == errno.EINVAL
+        assert str(info.value).startswith("attaching the reuseport program failed: [Errno 22]")
+
+
+def test_detach_steering_refuses_a_socket_in_no_group() -> None:
+    # Before: SteeringError with the kernel's bare EINVAL or ENOENT.
+    with tcp_socket() as plain:
+        with pytest.raises(InvalidArgument) as info:
+            detach_steering(plain)
+        assert str(info.value) == (
+            f"invalid member {plain!r}: lacks SO_REUSEPORT: it is in no reuseport group"
+        )
+    with (
+        hold_port("127.0.0.1:0") as holder,
+        pytest.raises(InvalidArgument, match="is not listening"),
+    ):
+        detach_steering(holder)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as unbound:
+        unbound.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        with pytest.raises(InvalidArgument, match="is not bound to a port"):
+            detach_steering(unbound)

@@ -269,11 +269,21 @@ class HandoffError(ReuselbError, OSError):
 
 
 class SteeringError(ReuselbError, OSError):
-    """The kernel refused a reuseport BPF program (or there was none to detach)."""
+    """The kernel refused a reuseport BPF program (or there was none to detach).
 
-    def __init__(self, reason: str) -> None:
+    :ivar reason: what failed, and why.
+    :ivar errno: the kernel's own ``errno`` when it refused (``ENOENT``: no program
+        to detach; ``EINVAL``, ``ENOMEM``, ...), else ``None``, so that code written
+        for the plain ``setsockopt`` (``exc.errno == errno.ENOENT``) reads it here
+        too. The kernel's :class:`OSError` is chained as ``__cause__``.
+    """
+
+    def __init__(self, reason: str, errno: int | None = None) -> None:
         self.reason = reason
         OSError.__init__(self, reason)
+        # OSError's one-argument form leaves errno None; the message stays the only
+        # argument (str() is unchanged) and the code is set on its own.
+        self.errno = errno
 
     def __str__(self) -> str:
         return str(self.args[0])

@@ -780,19 +780,25 @@ def _detach_through(candidates: Iterable[socket.socket]) -> Exception | None:
             detach_steering(member)
             return None
         except SteeringError as exc:
-            cause = exc.__cause__
-            if isinstance(cause, OSError) and cause.errno == errno.ENOENT:
-                # No program on this member's group (or the member is leaving it):
-                # try the others, but ENOENT from all of them means it is gone.
+            if exc.errno == errno.ENOENT:
+                # No program on this member's group: try the others, but ENOENT
+                # from all of them means it is gone.
                 no_program = True
             else:
                 error = exc
-        except SocketClosed as exc:  # closed by another thread since the check above
+        except InvalidArgument:
+            # In no group any more (shut down by another thread): it can neither
+            # detach the program nor say that there is none. Try the others.
+            continue
+        # Closed by another thread since the check above: SocketClosed, or EBADF
+        # from one of detach_steering's getsockopt() checks.
+        except (SocketClosed, OSError) as exc:
             error = exc
     if error is None and no_program:
         return None
     return error or SteeringError(
-        "detaching drain_close's steering program failed: no other member of the group is open"
+        "detaching drain_close's steering program failed: no other member of the group is open "
+        "(and still in it)"
     )
 
 

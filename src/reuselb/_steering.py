@@ -14,6 +14,7 @@ Rules of this module:
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import socket
 import struct
@@ -119,7 +120,7 @@ def _attach(sock: socket.socket, program: Sequence[Insn]) -> None:
     try:
         sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
     except OSError as exc:
-        raise SteeringError(f"attaching the reuseport program failed: {exc}") from exc
+        raise SteeringError(f"attaching the reuseport program failed: {exc}", exc.errno) from exc
 
 
 _GroupKey = tuple[int, int, tuple[Any, ...], bool, bytes]
@@ -335,7 +336,7 @@ def attach_cpu_steering(group: GroupLike, *, strict: bool = True) -> None:
         member), and listed once: the same socket object twice, or a ``dup()`` of
         a member (the same socket, one inode), is refused. This holds for every
         steering function.
-    :raises SteeringError: the kernel refused the program.
+    :raises SteeringError: the kernel refused the program (its ``errno``).
     :raises SocketClosed: a member is closed: one in the sequence, or one the
         :class:`~reuselb.ReuseportGroup` holds (closed by hand, it has left the
         kernel's group, whose last member moved into its slot: the group's
@@ -364,7 +365,7 @@ def steer_all_to(group: GroupLike, index: int) -> None:
         :func:`attach_cpu_steering`), a group that is closed or has every
         member taken, a member not in the first one's kernel group (as for
         :func:`attach_cpu_steering`), or *index* is not a member's index.
-    :raises SteeringError: the kernel refused the program.
+    :raises SteeringError: the kernel refused the program (its ``errno``).
     :raises SocketClosed: a member is closed (as for :func:`attach_cpu_steering`).
     :raises WrongSocketType: a member is not a socket object.
     """
@@ -384,7 +385,7 @@ def steer_away_from(group: GroupLike, index: int) -> None:
         :func:`attach_cpu_steering`), it has fewer than 2 members, is closed or has every
         member taken, a member is not in the first one's kernel group (as for
         :func:`attach_cpu_steering`), or *index* is out of range.
-    :raises SteeringError: the kernel refused the program.
+    :raises SteeringError: the kernel refused the program (its ``errno``).
     :raises SocketClosed: a member is closed (as for :func:`attach_cpu_steering`).
     :raises WrongSocketType: a member is not a socket object.
     """
@@ -453,7 +454,7 @@ def attach_hash_steering(group: GroupLike) -> None:
         :func:`attach_cpu_steering`), or it is empty, closed, has every member taken,
         has a member not in the first one's kernel group (as for
         :func:`attach_cpu_steering`) or is not IPv4.
-    :raises SteeringError: the kernel refused the program.
+    :raises SteeringError: the kernel refused the program (its ``errno``).
     :raises SocketClosed: a member is closed (as for :func:`attach_cpu_steering`).
     :raises WrongSocketType: a member is not a socket object.
     """
@@ -478,16 +479,33 @@ def attach_hash_steering(group: GroupLike) -> None:
 def detach_steering(member: socket.socket) -> None:
     """Remove the group's program; the kernel's 4-tuple hash chooses again.
 
-    :param member: any member of the group.
-    :raises SteeringError: no program was attached, or the kernel refused.
+    :param member: any member of the group, checked as the steering functions
+        check theirs.
+    :raises InvalidArgument: *member* is in no reuseport group: not TCP or UDP,
+        without SO_REUSEPORT, a TCP socket not listening, or not bound (the
+        message says which; the kernel's answer, ``EINVAL`` or ``ENOENT``, said
+        neither).
+    :raises SteeringError: no program was attached to *member*'s group
+        (``errno`` ``ENOENT``), or the kernel refused (its ``errno``).
     :raises SocketClosed: *member* is closed.
     :raises WrongSocketType: *member* is not a socket object.
     """
     check_open(member, "group member")
+    _group_key(member, "member")
     try:
         member.setsockopt(socket.SOL_SOCKET, SO_DETACH_REUSEPORT_BPF, 0)
     except OSError as exc:
-        raise SteeringError(f"detaching the reuseport program failed: {exc}") from exc
+        # reuseport_detach_prog(): ENOENT when the group has no program; a member
+        # of no group (EINVAL without SO_REUSEPORT, ENOENT otherwise) was refused
+        # by _group_key above.
+        why = (
+            "no program is attached to the member's reuseport group"
+            if exc.errno == errno.ENOENT
+            else "the kernel refused"
+        )
+        raise SteeringError(
+            f"detaching the reuseport program failed: {why} ({exc})", exc.errno
+        ) from exc
 
 
 def set_incoming_cpu(sock: socket.socket, cpu: int) -> None:
