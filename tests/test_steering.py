@@ -17,9 +17,12 @@ from reuselb import (
     attach_hash_steering,
     connect_tcp,
     detach_steering,
+    get_incoming_cpu,
     hold_port,
     reuseport_group,
     reuseport_listener,
+    reuseport_udp,
+    set_incoming_cpu,
     steer_all_to,
     steer_away_from,
     tcp_socket,
@@ -163,3 +166,26 @@ def test_detach_steering_refuses_a_socket_in_no_group() -> None:
         unbound.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         with pytest.raises(InvalidArgument, match="is not bound to a port"):
             detach_steering(unbound)
+
+
+def test_incoming_cpu_is_minus_one_until_the_kernel_records_one() -> None:
+    # What get_incoming_cpu's docstring says.
+    with tcp_socket() as fresh:
+        assert get_incoming_cpu(fresh) == -1
+    with reuseport_listener("127.0.0.1:0") as listener:
+        with connect_tcp(listener.getsockname()):
+            listener.accept()[0].close()
+        assert get_incoming_cpu(listener) == -1  # no SYN's CPU is recorded
+        set_incoming_cpu(listener, 0)
+        assert get_incoming_cpu(listener) == 0
+    with (
+        reuseport_udp("127.0.0.1:0") as server,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client,
+    ):
+        client.sendto(b"x", server.getsockname())
+        server.recv(1)
+        assert get_incoming_cpu(server) == -1  # unconnected: nothing recorded
+        server.connect(client.getsockname())
+        client.sendto(b"x", server.getsockname())
+        server.recv(1)
+        assert get_incoming_cpu(server) >= 0

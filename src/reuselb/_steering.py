@@ -509,8 +509,13 @@ def detach_steering(member: socket.socket) -> None:
 
 
 def set_incoming_cpu(sock: socket.socket, cpu: int) -> None:
-    """Set SO_INCOMING_CPU: among reuseport listeners, Linux prefers the member whose
+    """Set SO_INCOMING_CPU: among reuseport members, Linux prefers the one whose
     incoming CPU matches the CPU handling the SYN (a softer form of steering).
+
+    Inside a reuseport group this works from Linux 6.2 on: from 4.6 (the array
+    lookup of reuseport groups) the kernel ignored the option there and hashed
+    as usual, until commit b261eda84ec1 ("soreuseport: Fix socket selection for
+    SO_INCOMING_CPU"). A steering program, where one is attached, chooses instead.
 
     :raises InvalidArgument: *cpu* is not an int in ``0..2**31-1`` (the option is a C
         int; the kernel stores any such value, a CPU that does not exist matches no
@@ -528,6 +533,10 @@ def set_incoming_cpu(sock: socket.socket, cpu: int) -> None:
 def get_incoming_cpu(sock: socket.socket) -> int:
     """SO_INCOMING_CPU: for an accepted socket, the CPU that last received its packets.
 
+    :returns: the CPU, or the one :func:`set_incoming_cpu` set; ``-1`` when there
+        is neither: a socket that has received nothing, a listener (it records the
+        CPU of none of its SYNs) or an unconnected UDP socket (the kernel records
+        it for connected ones only).
     :raises SocketClosed: *sock* is closed.
     :raises WrongSocketType: *sock* is not a socket object.
     :raises OSError: the kernel refused.
