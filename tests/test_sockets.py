@@ -8,6 +8,7 @@ import fcntl
 import json
 import math
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -399,6 +400,135 @@ def test_udp_member_never_reuseaddr() -> None:
             assert not info.inheritable
     with reuseport_udp("127.0.0.1:0", nonblocking=True) as s:
         assert s.getblocking() is False
+
+
+def _ephemeral_span() -> int:
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        low, high = map(int, f.read().split())
+    return high - low + 1
+
+
+@pytest.mark.parametrize(
+    ("host", "kind"),
+    [
+        ("127.0.0.1", "udp"),
+        ("127.0.0.1", "group"),
+        pytest.param("::1", "udp", marks=pytest.mark.ipv6),
+    ],
+)
+def test_udp_port_zero_never_takes_a_port_another_reuseport_socket_holds(
+    host: str, kind: str, no_fd_leak: None
+) -> None:
+    # Before: Linux's UDP autobind (udp_lib_get_port) counts a port held only by
+    # SO_REUSEPORT sockets of the same user as free for a socket that has
+    # SO_REUSEPORT too, so a port-0 member (set before bind) landed on a port of
+    # another group, or another service, of this user and split its datagrams:
+    # with 1,000 such ports held, about one try in 28 of the default 28,232-port
+    # range. The tries are enough for 25 expected collisions on old code (it
+    # passes with odds of e^-25); the member now gets a port no socket holds.
+    import resource
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = max(open_fds()) + 1_100
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} < {wanted}")
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    others: list[socket.socket] = []
+    try:
+        # Another service of this user: plain SO_REUSEPORT UDP sockets on port 0.
+        for _ in range(1_000):
+            other = socket.socket(family, socket.SOCK_DGRAM)
+            others.append(other)
+            other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            other.bind((host, 0))
+        held = {o.getsockname()[1] for o in others}
+        shared = []
+        for _ in range(min(math.ceil(25 * _ephemeral_span() / len(held)), 5_000)):
+            if kind == "group":
+                with reuseport_group(f"{host}:0", 2, kind="udp") as group:
+                    port = group.port
+            else:
+                with reuseport_udp((host, 0)) as member:
+                    port = member.getsockname()[1]
+            if port in held:
+                shared.append(port)
+        assert not shared, f"port-0 members joined held ports {shared}"
+    finally:
+        for other in others:
+            other.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def _datagrams_per_member(
+    members: tuple[socket.socket, ...], dest: tuple[str, int], count: int
+) -> list[int]:
+    """Send *count* datagrams to *dest*, each from a new client port; who got each."""
+    family = socket.AF_INET6 if ":" in dest[0] else socket.AF_INET
+    for i in range(count):
+        with socket.socket(family, socket.SOCK_DGRAM) as client:
+            client.sendto(b"%d" % i, dest)
+    got = [0] * len(members)
+    while sum(got) < count:
+        ready = select.select(list(members), [], [], 10)[0]
+        assert ready, f"{count - sum(got)} of {count} datagrams never arrived: {got}"
+        for member in ready:
+            member.recv(16)
+            got[members.index(member)] += 1
+    return got
+
+
+@pytest.mark.parametrize(
+    ("address", "dualstack", "dest"),
+    [
+        ("127.0.0.1:0", False, "127.0.0.1"),
+        pytest.param("[::1]:0", False, "::1", marks=pytest.mark.ipv6),
+        pytest.param(":0", True, "127.0.0.1", marks=pytest.mark.ipv6),
+        pytest.param(":0", True, "::1", marks=pytest.mark.ipv6),
+    ],
+)
+def test_a_port_zero_udp_member_is_a_kernel_group(
+    address: str, dualstack: bool, dest: str, no_fd_leak: None
+) -> None:
+    # A port-0 UDP member gets SO_REUSEPORT only after bind (see the test above).
+    # It must still be a full kernel group: steerable alone (a socket given the
+    # option after bind has no group of its own until another joins, and the
+    # kernel refuses a program through it with EINVAL), with later members
+    # joining it in order and the kernel's hash spreading datagrams over all.
+    with reuseport_udp(address, dualstack=dualstack) as lone:
+        steering.steer_all_to([lone], 0)
+        steering.detach_steering(lone)
+    with reuseport_group(address, 3, kind="udp", dualstack=dualstack) as group:
+        target = (dest, group.port)
+        steering.steer_all_to(group, 0)  # attached through member 0
+        steering.detach_steering(group[0])
+        # 90 client ports: a member misses them all with odds 3 * (2/3)**90, ~4e-16.
+        assert 0 not in _datagrams_per_member(group.members, target, 90)
+        steering.steer_all_to(group, 2)  # join order is the kernel's index order
+        assert _datagrams_per_member(group.members, target, 20) == [0, 0, 20]
+        # A member of another program joins the port as reuseport_udp's would.
+        with socket.socket(group[0].family, socket.SOCK_DGRAM) as late:
+            late.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if late.family == socket.AF_INET6:
+                late.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dualstack else 1)
+            late.bind(group[0].getsockname())
+            steering.steer_all_to([*group.members, late], 3)
+            assert _datagrams_per_member((*group.members, late), target, 10) == [0, 0, 0, 10]
+
+
+def test_a_port_zero_udp_member_that_cannot_start_its_group_is_closed(no_fd_leak: None) -> None:
+    # Its group is started by a helper socket (see _start_group), the second fd of
+    # the call: when there is none, the member made first is closed, not leaked.
+    assert reuselb.supports_reuseport()  # probed with fds to spare
+    with fds_left(1):
+        with pytest.raises(OSError, match="Too many open files") as info:
+            reuseport_udp("127.0.0.1:0")
+        assert info.value.errno == errno.EMFILE
+        with pytest.raises(GroupMemberError) as group_info:
+            reuseport_group("127.0.0.1:0", 1, kind="udp")
+        assert group_info.value.errno == errno.EMFILE
+        udp_socket().close()  # the one fd is free again
 
 
 # --------------------------------------------------------------------------- groups
@@ -1155,6 +1285,53 @@ print(json.dumps(out))
         assert err == errno.EADDRINUSE
         assert "no free port left in the ephemeral range" in message
         assert "SO_REUSEPORT" not in message
+
+
+@pytest.mark.root
+def test_udp_port_zero_takes_the_one_free_port_of_a_narrow_range() -> None:
+    # The same fault as test_udp_port_zero_never_takes_a_port_another_reuseport_
+    # socket_holds, made certain: with 9 of the 10 ports of the range held by
+    # another service's SO_REUSEPORT UDP sockets (same user), a port-0 member used
+    # to take one of them 9 times in 10, the probe (on UDP when no TCP port is
+    # free) joined them too, and with all 10 held both "succeeded". Now every member
+    # gets the one free port, and with none free they raise AddressInUse.
+    out = run_in_netns(
+        _PORTS_EXHAUSTED
+        + """
+assert reuselb.supports_reuseport()  # probed while ports are free
+with open(RANGE, "w") as f:
+    f.write("40000 40009")
+def hold(port):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    hogs.append(s)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    s.bind(("0.0.0.0", port))
+for port in range(40000, 40009):
+    hold(port)
+ports = set()
+for _ in range(20):
+    with reuselb.reuseport_udp("127.0.0.1:0") as s:
+        ports.add(s.getsockname()[1])
+    with reuselb.reuseport_group("127.0.0.1:0", 2, kind="udp") as g:
+        ports.add(g.port)
+out["ports"] = sorted(ports)
+hold(40009)
+out["full"] = outcome(lambda: reuselb.reuseport_udp("127.0.0.1:0"))
+for _ in range(10):  # no TCP port free either: the probe tries UDP
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind(("127.0.0.1", 0))
+    hogs.append(s)
+reuselb._sockets._capability.cache_clear()
+out["probe"] = outcome(reuselb.supports_reuseport)
+free()
+print(json.dumps(out))
+"""
+    )
+    assert out["ports"] == [40009], out
+    for name in ("full", "probe"):
+        kind, err, message = out[name]
+        assert (kind, err) == ("AddressInUse", errno.EADDRINUSE), out
+        assert "no free port left in the ephemeral range" in message
 
 
 def test_probe_falls_back_to_ipv6_loopback(fake_platform: pytest.MonkeyPatch) -> None:

@@ -6,7 +6,8 @@ Rules of this module:
   ``fork()+exec()`` in another thread can never inherit it (setting FD_CLOEXEC
   afterwards leaves a window; see PEP 446);
 * SO_REUSEPORT is set before ``bind``: the kernel decides group membership at bind
-  time (socket(7));
+  time (socket(7)). One exception: a UDP socket binding port 0 on Linux gets it
+  just after, so that it gets a port no other socket holds (_udp_option_after_bind);
 * every factory closes what it made when it fails, and never closes a socket the
   caller passed in;
 * asking for a kernel-balanced listener on a system whose kernel does not balance
@@ -148,12 +149,13 @@ def _probe(option: int) -> bool:
                     if exc.errno in _PROBE_NO_FAMILY and family == socket.AF_INET:
                         break
                     raise
-                try:
-                    first.setsockopt(socket.SOL_SOCKET, option, 1)
-                except OSError as exc:
-                    if exc.errno in _PROBE_REFUSED:
-                        return False
-                    raise
+                # UDP on Linux: the option after bind, as _bound gives it to a port-0
+                # UDP member; set before, the first bind could pick a port another
+                # group of this user holds (see _udp_option_after_bind), and both probe
+                # sockets would take a share of that group's datagrams meanwhile.
+                after_bind = _udp_option_after_bind(kind)
+                if not after_bind and not _probe_option(first, option):
+                    return False
                 try:
                     first.bind((host, 0))
                 except OSError as exc:
@@ -175,6 +177,8 @@ def _probe(option: int) -> bool:
                             ephemeral=True,
                         ) from exc
                     raise
+                if after_bind and not _probe_option(first, option):
+                    return False
                 second = made.enter_context(_new_socket(family, kind, False))
                 try:
                     second.setsockopt(socket.SOL_SOCKET, option, 1)
@@ -185,6 +189,20 @@ def _probe(option: int) -> bool:
                     raise
                 return True
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _probe_option(sock: socket.socket, option: int) -> bool:
+    """Set *option* on a probe socket: False when the kernel refuses it.
+
+    :raises OSError: any other error, which says nothing about SO_REUSEPORT.
+    """
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, option, 1)
+    except OSError as exc:
+        if exc.errno in _PROBE_REFUSED:
+            return False
+        raise
+    return True
 
 
 @functools.cache
@@ -388,11 +406,16 @@ def _bound(
     addr = parse_address(address)
     option = _reuseport_option(check_flag("balanced", balanced))
     family, sockaddr = _bind_target(addr, kind, dualstack, address)
+    # Linux's UDP autobind takes a port that only SO_REUSEPORT sockets of this user
+    # hold for one that has SO_REUSEPORT too (see _udp_option_after_bind): a port-0
+    # UDP member is bound without it, so it gets a port no socket holds.
+    after_bind = sockaddr[1] == 0 and _udp_option_after_bind(kind)
     sock = _new_socket(family, kind, nonblocking)
     try:
         if reuseaddr:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, option, 1)
+        if not after_bind:
+            sock.setsockopt(socket.SOL_SOCKET, option, 1)
         if family == socket.AF_INET6:
             # Explicit either way: the default comes from net.ipv6.bindv6only and a
             # [::] member with V6ONLY off also takes IPv4 (and conflicts with 0.0.0.0).
@@ -420,10 +443,53 @@ def _bound(
                     str(addr), f"the kernel refused to bind it ({exc.strerror})"
                 ) from None
             raise
+        if after_bind:
+            sock.setsockopt(socket.SOL_SOCKET, option, 1)
+            _start_group(sock, option)
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+def _udp_option_after_bind(kind: socket.SocketKind) -> bool:
+    """Whether a UDP socket binding port 0 gets SO_REUSEPORT only after ``bind``.
+
+    Linux's UDP autobind (``udp_lib_get_port``) treats a port whose sockets all
+    have SO_REUSEPORT and this user id as free for a new socket that has
+    SO_REUSEPORT too (``udp_lib_lport_inuse``), so a port-0 member could land on a
+    port another group, or another program, of the same user holds, join its group
+    and take a share of its datagrams (TCP's ``inet_csk_find_open_port`` skips such
+    ports). Bound without the option, the socket gets a port no socket holds; the
+    option set afterwards lets the group's other members join it. Linux only:
+    FreeBSD puts a socket in its SO_REUSEPORT_LB group when it binds, so the option
+    must come first there.
+    """
+    return kind == socket.SOCK_DGRAM and sys.platform.startswith("linux")
+
+
+def _start_group(sock: socket.socket, option: int) -> None:
+    """Make *sock*, bound without SO_REUSEPORT and given it since, a kernel group.
+
+    Linux makes a socket's group (``sk_reuseport_cb``) when the socket binds with
+    SO_REUSEPORT, or when a second socket joins it (``reuseport_add_sock`` makes
+    it for the first). Until then a socket given the option after ``bind`` has
+    none, and a reuseport BPF program attached through it fails with EINVAL
+    (``reuseport_attach_prog``): a one-member group could not be steered. So a
+    helper joins and leaves at once; the group stays, with *sock* its member 0.
+    A datagram that reaches the helper in those microseconds, sent to a port the
+    kernel has just chosen, is lost.
+
+    :raises OSError: the helper could not be made or bound (e.g. EMFILE).
+    """
+    with _new_socket(sock.family, socket.SOCK_DGRAM, False) as helper:
+        helper.setsockopt(socket.SOL_SOCKET, option, 1)
+        if sock.family == socket.AF_INET6:
+            # The kernel groups only sockets with the same V6ONLY setting.
+            v6only = sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+            helper.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, v6only)
+        # getsockname() keeps an IPv6 scope id, so the helper binds the same device.
+        helper.bind(sock.getsockname())
 
 
 def _positive_int(name: str, value: object, *, minimum: int, maximum: int | None = None) -> int:
@@ -549,6 +615,15 @@ def reuseport_udp(
     SO_REUSEADDR on UDP lets any local process bind the same port and steal
     datagrams (CPython's asyncio dropped ``reuse_address`` for UDP for this reason);
     SO_REUSEPORT keeps the same-user-id check.
+
+    With port 0 the socket gets a port that no socket holds. Linux's UDP autobind
+    would hand a socket that has SO_REUSEPORT a port held only by SO_REUSEPORT
+    sockets of the same user, joining their group and taking a share of their
+    datagrams; so on Linux this socket binds first and sets SO_REUSEPORT just after
+    (a helper socket joins and leaves at once to start the kernel group, which a
+    steering program needs: the call briefly uses a second fd). Members that bind
+    the port afterwards join it. Other code of the same user that binds port 0 with
+    SO_REUSEPORT set can still be handed this port by the kernel later, and join.
 
     :param address: see :func:`reuseport_listener`.
     :param dualstack: for IPv6 or wildcard addresses, take IPv4 too.
@@ -741,11 +816,13 @@ def reuseport_group(
 ) -> ReuseportGroup:
     """*count* members bound to one port, made all or nothing.
 
-    With port 0 the kernel picks a free port for the first member and the rest bind
-    to it. A host name is resolved once: the other members bind the address the
-    first one got, so all are in one kernel group even when the name has several
-    addresses. If any member fails, every member already made is closed and the
-    error says which member failed and why.
+    With port 0 the kernel picks a port that no socket holds for the first member
+    (for UDP on Linux, because that member sets SO_REUSEPORT only after ``bind``:
+    see :func:`reuseport_udp`) and the rest bind to it. A host name is resolved
+    once: the other members bind the address the first one got, so all are in one
+    kernel group even when the name has several addresses. If any member fails,
+    every member already made is closed and the error says which member failed and
+    why.
 
     :param address: see :func:`reuseport_listener`.
     :param count: how many members (>= 1).
