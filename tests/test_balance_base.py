@@ -21,6 +21,7 @@ from reuselb import (
     Address,
     DuplicateNode,
     InvalidArgument,
+    Lease,
     LeaseReleased,
     NoNodeAvailable,
     ReuselbError,
@@ -365,6 +366,75 @@ def test_pickling_a_policy_raises_a_type_error_naming_it(kind: str, protocol: in
     cls = type(p).__name__
     with pytest.raises(TypeError, match=rf"cannot pickle {cls} policy .*policy\.copy\(\)"):
         pickle.dumps(p, protocol)
+
+
+# --------------------------------------------------------------------------- failed rebuilds
+
+REBUILT: dict[str, Callable[..., BalancePolicy]] = {
+    **COPY_CASES,
+    "maglev": lambda n: MaglevHash(n, table_size=1009),
+    "ketama": lambda n: RingHash(n, ketama=True),
+    "rendezvous-exact": lambda n: RendezvousHash(n, table_size=None),
+}
+
+
+@pytest.mark.parametrize("error", [MemoryError, KeyboardInterrupt])
+@pytest.mark.parametrize("kind", sorted(REBUILT))
+def test_remove_whose_rebuild_fails_leaves_the_policy_as_it_was(
+    kind: str, error: type[BaseException]
+) -> None:
+    # the node in the middle has a name that spells another address, so its
+    # name, the address its name stands for and its place in the order come back
+    nodes = [
+        Node("10.0.0.1:80"),
+        Node("10.0.0.2:80", name="10.0.0.9:80", weight=2),
+        Node("10.0.0.3:80"),
+    ]
+    p = REBUILT[kind](nodes)
+    keys = [f"k{i}" for i in range(40)]
+    victim = nodes[1]
+
+    def acquire_on(address: Address) -> Lease:
+        for i in range(500):  # bounded; every policy here reaches each node
+            lease = p.acquire(f"find-{i}") if p.needs_key else p.acquire()
+            if lease.node.address == address:
+                return lease
+            lease.release()
+        raise AssertionError(f"no lease on {address}")
+
+    held_node = nodes[0].address
+    held = acquire_on(held_node)
+    lease = acquire_on(victim.address)
+    before = (p.nodes, p.live_nodes, p.active(), p.active(victim), p.active(held_node))
+    mapping = [p.pick(k).address for k in keys] if p.needs_key else None
+    rebuild = p._rebuild
+    calls = [0]
+
+    def fails_once() -> None:
+        calls[0] += 1
+        if calls[0] == 1:
+            raise error  # as a MemoryError or a Ctrl-C in the middle of a ring rebuild
+        rebuild()
+
+    p._rebuild = fails_once  # type: ignore[method-assign]
+    with pytest.raises(error):
+        p.remove("10.0.0.9:80")  # by its name
+    p._rebuild = rebuild  # type: ignore[method-assign]
+    # it was gone from the records but still in the lookup table: pick() returned
+    # it, acquire() raised KeyError
+    assert (p.nodes, p.live_nodes, p.active(), p.active(victim), p.active(held_node)) == before
+    assert p.get("10.0.0.9:80") == victim
+    with pytest.raises(DuplicateNode, match="spelled by another node's name"):
+        p.add("10.0.0.9:80")
+    if mapping is not None:
+        assert [p.pick(k).address for k in keys] == mapping
+    for k in keys:
+        (p.acquire(k) if p.needs_key else p.acquire()).release()
+    lease.release()
+    held.release()
+    assert p.active() == 0
+    assert p.remove(victim) == victim and len(p) == 2
+    p.add("10.0.0.9:80")  # the name went with its node
 
 
 # --------------------------------------------------------------------------- diff, preview

@@ -702,13 +702,26 @@ class BalancePolicy(abc.ABC):
     def remove(self, ref: NodeRef) -> Node:
         """Remove a node; its open leases still release cleanly.
 
+        If the rebuild fails (a ``MemoryError``, or a ``KeyboardInterrupt`` during a
+        long ring rebuild), the node is put back, with its name and open leases, and
+        the policy is left as it was; the exception propagates.
+
         :returns: the removed node.
         :raises UnknownNode: no such node.
         """
         with self._lock:
             slot = self._find(ref)
+            order = list(self._slots)
             self._detach(slot)
-            self._changed()
+            try:
+                self._changed()
+            except BaseException:
+                # Undo, as add() and _set() do: otherwise the node was gone from the
+                # records but still in the lookup structure the failed rebuild did
+                # not replace, so pick() returned it and acquire() raised KeyError.
+                self._reattach(slot, order)
+                self._changed()
+                raise
         return slot.node
 
     def _detach(self, slot: _Slot) -> None:
@@ -724,6 +737,25 @@ class BalancePolicy(abc.ABC):
                     del self._name_addrs[spelled]
         slot.attached = False
         self._total_active -= slot.active
+
+    def _reattach(self, slot: _Slot, order: list[Address]) -> None:
+        """Undo :meth:`_detach`: *slot* back at its place in *order* (the keys of
+        ``_slots`` before), so round robin's cycle and :attr:`nodes` keep their order.
+        """
+        addr = slot.node.address
+        slots = self._slots
+        slots[addr] = slot
+        # Move the nodes that came after it back behind it (a dict keeps insertion
+        # order); each is popped and stored again, so the others stay in place.
+        for later in order[order.index(addr) + 1 :]:
+            slots[later] = slots.pop(later)
+        name = slot.node.name
+        if name is not None:
+            self._names[name] = addr
+            if slot.name_addr is not None:
+                self._name_addrs.setdefault(slot.name_addr, set()).add(name)
+        slot.attached = True
+        self._total_active += slot.active
 
     def _set(
         self, ref: NodeRef, *, weight: int | None = None, state: NodeState | None = None
