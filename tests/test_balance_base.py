@@ -499,6 +499,55 @@ def test_preview_and_diff_of_a_bounded_policy_map_keys_as_pick_does(
         lease.release()
 
 
+@pytest.mark.parametrize("kind", ["ring", "maglev", "rendezvous", "round-robin"])
+def test_preview_takes_both_sides_from_one_snapshot(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    factories: dict[str, Callable[[list[str]], BalancePolicy]] = {
+        "ring": lambda n: RingHash(n, vnodes=20),
+        "maglev": lambda n: MaglevHash(n, table_size=1009),
+        "rendezvous": lambda n: RendezvousHash(n, table_size=1024),
+        "round-robin": RoundRobin,
+    }
+    nodes = [f"10.0.0.{i}:80" for i in range(1, 6)]
+    p = factories[kind](nodes)
+    keys = [f"user-{i}" for i in range(300)]
+    fresh = p.copy()  # round robin's copies start their cycle afresh
+    now = Counter(fresh.pick(k).address for k in keys)
+    options = p._options
+    changed: list[str] = []
+
+    def options_then_a_change_from_another_thread() -> dict[str, object]:
+        # Each copy is built with _options(). Before the fix preview() built the
+        # two sides one after the other, each from its own read of the nodes, so
+        # a health check that marked a node down in between (while a big ring was
+        # being copied, up to seconds) was counted as moved by the change.
+        if not changed:
+            p.mark_down(nodes[2])
+            changed.append(nodes[2])
+        return options()
+
+    monkeypatch.setattr(p, "_options", options_then_a_change_from_another_thread)
+    d = p.preview(lambda q: None, keys)
+    assert changed  # the change did land inside preview()
+    assert d.moved == 0 and d.before == d.after
+    # both sides are the policy as it was when preview() was called
+    assert {a: n for a, n in d.before.items() if n} == now
+
+
+def test_diff_of_least_conn_starts_the_tie_break_afresh_as_documented() -> None:
+    p = LeastConn(NODES)
+    assert p.pick().address == Node(NODES[0]).address  # the tie-break moves on
+    d = diff(p, p, ["k"])
+    # each side is a copy whose tie-break starts at the first node again, not p's
+    # next pick; the docstring said each side "maps the keys as its pick() does now"
+    assert {str(a): n for a, n in d.before.items() if n} == {NODES[0]: 1}
+    assert p.pick().address == Node(NODES[1]).address
+    doc = " ".join((diff.__doc__ or "").split())
+    assert "tie-break at its first node" in doc and "not the policy's own next picks" in doc
+    assert "LeastConn`) each side maps the keys as its" not in doc
+
+
 @pytest.mark.parametrize(
     "keys", ["user42", b"user42", bytearray(b"k"), memoryview(b"k"), None, 5, 1.5]
 )

@@ -934,7 +934,9 @@ class BalancePolicy(abc.ABC):
         """What *change* would do, without applying it.
 
         ``change`` is called on a copy (e.g. ``lambda p: p.remove("10.0.0.3:80")``).
-        Both sides are copies that carry this policy's open lease counts (see
+        Both sides are copies of one snapshot of this policy (its nodes and open
+        lease counts, read together), so a change another thread makes meanwhile
+        is not counted as moved by *change*. They carry the lease counts (see
         :func:`diff`), so with bounded load (``balance_factor``) ``before`` is what
         :meth:`pick` answers now and ``after`` what it would answer once the change
         is made, leases still open.
@@ -958,8 +960,11 @@ class BalancePolicy(abc.ABC):
                 "change", change, "must be a callable that changes the policy copy it is given"
             )
         sample = _sample(keys)
+        # One snapshot for both sides: two copies taken one after the other (each
+        # a full rebuild, up to seconds for a big ring) counted a change another
+        # thread made in between as moved by *change*.
         before = self._copy_with_leases()
-        after = self._copy_with_leases()
+        after = before._copy_with_leases()
         change(after)
         return _compare(before, after, sample)
 
@@ -968,10 +973,13 @@ class BalancePolicy(abc.ABC):
 
         Only the counts: there is no :class:`Lease` to release in the copy. Picks
         that read counts (bounded load, least-conn) then answer as this policy's do.
+        The nodes and the counts are read under one hold of the lock, so they are
+        of one moment; the copy is built after the lock is released.
         """
-        clone = self.copy()
         with self._lock:
+            nodes = tuple(s.node for s in self._slots.values())
             counts = [(a, s.active) for a, s in self._slots.items() if s.active]
+        clone = type(self)(nodes, **self._options())
         if counts:
             with clone._lock:
                 for addr, n in counts:
@@ -1157,9 +1165,14 @@ def diff(old: BalancePolicy, new: BalancePolicy, keys: Iterable[Key]) -> Balance
 
     Neither policy is changed: both are copied first, so round-robin counters
     and leases stay as they are. The copies carry each policy's open lease counts,
-    so where picks read them (bounded-load hash policies, :class:`LeastConn`) each
-    side maps the keys as its :meth:`~BalancePolicy.pick` does now. Only hash
-    policies give a meaningful ``moved``.
+    so a bounded-load hash policy's side maps the keys as its
+    :meth:`~BalancePolicy.pick` does now. A copy's own pick state starts afresh
+    (see :meth:`~BalancePolicy.copy`): round robin at the start of its cycle,
+    :class:`LeastConn`'s tie-break at its first node (ties among equally loaded
+    nodes go in node order, not where the policy's rotation stands) and
+    :class:`PowerOfTwo`'s generator from its seed, so for those policies a side is
+    what a fresh policy with these nodes and lease counts would pick, not the
+    policy's own next picks. Only hash policies give a meaningful ``moved``.
 
     :param old: the policy as it is.
     :param new: the policy after the change.
