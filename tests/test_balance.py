@@ -1315,6 +1315,55 @@ def test_one_address_string_is_not_a_node_list() -> None:
                 factory(bad)
 
 
+@pytest.mark.parametrize("kind", sorted(FACTORIES))
+def test_a_mapping_of_address_to_weight_is_not_a_node_list(kind: str) -> None:
+    weights = {addr(0): 5, addr(1): 1}
+    # iterating it gave its keys: every node at weight 1, the weights dropped silently
+    with pytest.raises(InvalidArgument, match=r"not a mapping .*Node\(address, weight=w\)") as e:
+        FACTORIES[kind](weights)
+    assert e.value.name == "nodes" and e.value.value is weights
+    # what the message suggests, and a mapping's keys view, are taken
+    nodes = [Node(address, weight=w) for address, w in weights.items()]
+    assert [n.weight for n in FACTORIES[kind](nodes).nodes] == [5, 1]
+    assert len(FACTORIES[kind](weights.keys())) == 2
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_make_policy_refuses_a_mapping_of_nodes(name: str) -> None:
+    with pytest.raises(InvalidArgument, match="invalid nodes .*not a mapping"):
+        make_policy(name, {addr(0): 3, addr(1): 1})
+
+
+@pytest.mark.parametrize(
+    ("secret", "what"),
+    [
+        ("s3cr3t-from-env-0123456789", "str, length 26"),
+        (bytearray(b"s3cr3t-bytes"), "bytearray, length 12"),
+        (memoryview(b"s3cr3t-view"), "memoryview, length 11"),
+        (b"s3cr3t" * 11, "bytes, length 66"),
+        (b"", "bytes, length 0"),
+        (123456789, "int"),
+    ],
+    ids=["str", "bytearray", "memoryview", "too-long", "empty", "int"],
+)
+def test_an_invalid_secret_is_never_shown(secret: object, what: str) -> None:
+    shown = str(secret)[2:-1] if isinstance(secret, bytes) else str(secret)
+    for make in (
+        lambda: KeyHasher(0, secret),  # type: ignore[arg-type]
+        lambda: MaglevHash([addr(0)], table_size=211, secret=secret),  # type: ignore[arg-type]
+        lambda: make_policy("ring", [addr(0)], secret=secret),
+    ):
+        with pytest.raises(InvalidArgument) as e:
+            make()
+        # the message echoed it: "invalid secret 's3cr3t-from-env-0123456789'"
+        for text in (str(e.value), repr(e.value), *map(str, e.value.args)):
+            assert "s3cr3t" not in text and (not shown or shown not in text), text
+        assert f"invalid secret ({what}; not shown): must be 1 to 64 bytes" in str(e.value)
+        assert e.value.name == "secret" and e.value.value is secret
+    with pytest.raises(InvalidArgument, match=r"encode a str first \(secret\.encode\(\)\)"):
+        KeyHasher(0, "x")  # type: ignore[arg-type]
+
+
 def test_ketama_points_of_weightless_nodes() -> None:
     assert ketama_points([]) == []
     assert ketama_points([Node("10.0.0.1:80", weight=0), Node("10.0.0.2:80", weight=0)]) == []

@@ -295,6 +295,17 @@ def test_ketama_points_reads_any_iterable_once(libmemcached: bool) -> None:
     assert ketama_points(tuple(nodes), libmemcached=libmemcached) == want
 
 
+@pytest.mark.parametrize("flag", ["no", "", 1, 0, None, "libmemcached"])
+def test_ketama_points_libmemcached_must_be_a_bool(flag: object) -> None:
+    from reuselb import InvalidArgument
+    from reuselb.balance import ketama_points
+
+    # a truthy "no" switched to libmemcached's point counts, as RingHash(ketama=)
+    # refuses for the same reason
+    with pytest.raises(InvalidArgument, match=f"invalid libmemcached {flag!r}: must be a bool"):
+        ketama_points([Node(addr(0))], libmemcached=flag)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("bad", [None, 5, addr(0), addr(0).encode()])
 def test_ketama_points_refuses_a_string_or_a_non_iterable_naming_it(bad: object) -> None:
     from reuselb import InvalidArgument

@@ -31,7 +31,7 @@ import sys
 import threading
 import zlib
 from array import array
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, ClassVar, NoReturn, SupportsIndex, TypeAlias
@@ -298,6 +298,26 @@ def key_bytes(key: object) -> bytes:
 # --------------------------------------------------------------------------- hashing
 
 
+def _bad_secret(secret: object) -> InvalidArgument:
+    """The InvalidArgument for a bad *secret*, naming only its type and length.
+
+    InvalidArgument's message shows ``repr(value)``, which put the secret itself
+    into the message (and so into logs and tracebacks): a str read from the
+    environment was printed in full. ``exc.value`` still holds what was passed.
+    """
+    what = type(secret).__name__
+    if isinstance(secret, Sized):
+        what += f", length {len(secret)}"
+    hint = "; encode a str first (secret.encode())" if isinstance(secret, str) else ""
+    # built with a stand-in value, so the secret is never formatted at all
+    exc = InvalidArgument("secret", None, "")
+    exc.value = secret
+    exc.args = (
+        f"invalid secret ({what}; not shown): must be 1 to 64 bytes (a bytes object){hint}",
+    )
+    return exc
+
+
 class KeyHasher:
     """The stable key hash every hash policy uses (part of the API's stability promise).
 
@@ -313,7 +333,8 @@ class KeyHasher:
 
     :param seed: int in ``0..2**32-1``.
     :param secret: optional BLAKE2b key (1 to 64 bytes).
-    :raises InvalidArgument: seed out of range or secret not 1-64 bytes.
+    :raises InvalidArgument: seed out of range or secret not 1-64 bytes; for the
+        secret the message names only its type and length, never its content.
     """
 
     __slots__ = ("hash32", "secret", "seed")
@@ -322,7 +343,7 @@ class KeyHasher:
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 0xFFFFFFFF:
             raise InvalidArgument("seed", seed, "must be an int in 0..2**32-1")
         if secret is not None and (not isinstance(secret, bytes) or not 1 <= len(secret) <= 64):
-            raise InvalidArgument("secret", secret, "must be 1 to 64 bytes")
+            raise _bad_secret(secret)
         self.seed = seed
         self.secret = secret
         self.hash32: Callable[[bytes], int]
@@ -460,8 +481,9 @@ class BalancePolicy(abc.ABC):
     :raises DuplicateNode: two nodes share an address or a name, or one node's name
         is another node's address.
     :raises AddressError: an address is malformed.
-    :raises InvalidArgument: *nodes* is one address string or not iterable at all,
-        or a policy option is out of range.
+    :raises InvalidArgument: *nodes* is one address string, a mapping (its keys
+        would be read and its values dropped) or not iterable at all, or a policy
+        option is out of range.
     """
 
     #: the name ``make_policy`` knows this policy by.
@@ -477,6 +499,16 @@ class BalancePolicy(abc.ABC):
             # address '1'"), which hides the real mistake
             raise InvalidArgument(
                 "nodes", nodes, "must be an iterable of nodes or addresses, not one string"
+            )
+        if isinstance(nodes, Mapping):
+            # iterating a mapping gives its keys: {address: weight} (uhashring's
+            # HashRing takes one) built every node at weight 1 without a word
+            raise InvalidArgument(
+                "nodes",
+                nodes,
+                "must be an iterable of nodes or addresses, not a mapping (only its keys "
+                "would be read, and weights in its values lost): pass "
+                "[Node(address, weight=w) for address, w in mapping.items()]",
             )
         self._lock = threading.Lock()
         #: pick() runs without the lock (lock_free_pick; hash policies narrow it).
@@ -1042,7 +1074,7 @@ class HashPolicy(BalancePolicy):
     :param secret: the :class:`KeyHasher` secret (1 to 64 bytes), or None.
     :param balance_factor: bounded load: a finite number ``>= 1``, or None.
     :raises InvalidArgument: seed, secret or balance_factor is out of range, or
-        *nodes* is one address string or not iterable at all.
+        *nodes* is one address string, a mapping or not iterable at all.
     :raises DuplicateNode: two nodes share an address or a name, or one node's name
         is another node's address.
     :raises AddressError: an address in *nodes* is malformed.

@@ -29,7 +29,8 @@ class LeastConn(BalancePolicy):
     :raises DuplicateNode: two nodes share an address or a name, or one node's name
         is another node's address.
     :raises AddressError: an address in *nodes* is malformed.
-    :raises InvalidArgument: *nodes* is one address string or not iterable at all.
+    :raises InvalidArgument: *nodes* is one address string, a mapping or not
+        iterable at all.
     """
 
     name = "least-conn"
@@ -76,7 +77,7 @@ class PowerOfTwo(BalancePolicy):
     :param seed: an int seeding the policy's own ``random.Random`` (tests, replay),
         or None for a fresh random seed.
     :raises InvalidArgument: the seed is not an int or None, or *nodes* is one
-        address string or not iterable at all.
+        address string, a mapping or not iterable at all.
     :raises DuplicateNode: two nodes share an address or a name, or one node's name
         is another node's address.
     :raises AddressError: an address in *nodes* is malformed.

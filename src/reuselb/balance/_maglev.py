@@ -166,7 +166,7 @@ class MaglevHash(TableHashPolicy):
     :raises InvalidArgument: table_size is not a prime, is above ``MAX_TABLE_SIZE``
         or is too small for the nodes; seed, secret or balance_factor is out of
         range (see :class:`KeyHasher`, :class:`HashPolicy`); or *nodes* is one
-        address string or not iterable at all.
+        address string, a mapping or not iterable at all.
         Later, :meth:`add`, :meth:`mark_up` and :meth:`set_weight` raise it too when
         the change would leave ``table_size <= 100 x`` the live nodes; the policy is
         then left as it was.

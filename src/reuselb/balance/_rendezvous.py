@@ -484,7 +484,7 @@ class RendezvousHash(HashPolicy):
     :raises InvalidArgument: table_size is not None or a power of two in
         ``1024..MAX_TABLE_SIZE``; seed, secret or balance_factor is out of range
         (see :class:`KeyHasher`, :class:`HashPolicy`); or *nodes* is one address
-        string or not iterable at all.
+        string, a mapping or not iterable at all.
     :raises DuplicateNode: two nodes share an address or a name, or one node's name
         is another node's address.
     :raises AddressError: an address in *nodes* is malformed.

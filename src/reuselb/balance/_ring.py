@@ -162,9 +162,14 @@ def ketama_points(
         weighted ketama does (:func:`libmemcached_digests`).
     :returns: the points; empty when there is no node or every weight is 0 (no
         server has a share to place).
-    :raises InvalidArgument: *nodes* is a string or not iterable, or an item of
-        *nodes* is not a :class:`Node`; the error names the value.
+    :raises InvalidArgument: *libmemcached* is not a bool, *nodes* is a string or
+        not iterable, or an item of *nodes* is not a :class:`Node`; the error names
+        the value.
     """
+    if not isinstance(libmemcached, bool):
+        # a truthy "no" (or 1) silently switched to libmemcached's point counts,
+        # as RingHash(ketama=...) refuses for the same reason
+        raise InvalidArgument("libmemcached", libmemcached, "must be a bool")
     # One pass: the checks and the points read the same list (a generator was
     # consumed by the checks, and gave no points).
     servers = node_list(nodes)
@@ -220,10 +225,10 @@ class RingHash(HashPolicy):
     :raises InvalidArgument: vnodes not an int in ``1..MAX_VNODES``, ketama not a
         bool, ``"libketama"`` or ``"libmemcached"``, seed/secret with ketama, seed,
         secret or balance_factor out of range (see :class:`KeyHasher`,
-        :class:`HashPolicy`), *nodes* one address string or not iterable at all, or
-        ``vnodes`` x the total weight of the live nodes above :data:`MAX_POINTS`
-        (raised by ``add``, ``set_weight`` and ``mark_up`` too, which then leave
-        the policy as it was).
+        :class:`HashPolicy`), *nodes* one address string, a mapping or not iterable
+        at all, or ``vnodes`` x the total weight of the live nodes above
+        :data:`MAX_POINTS` (raised by ``add``, ``set_weight`` and ``mark_up`` too,
+        which then leave the policy as it was).
     :raises DuplicateNode: two nodes share an address or a name, or one node's name
         is another node's address.
     :raises AddressError: an address in *nodes* is malformed.

@@ -96,7 +96,8 @@ class RoundRobin(BalancePolicy):
     :raises DuplicateNode: two nodes share an address or a name, or one node's name
         is another node's address.
     :raises AddressError: an address in *nodes* is malformed.
-    :raises InvalidArgument: *nodes* is one address string or not iterable at all.
+    :raises InvalidArgument: *nodes* is one address string, a mapping or not
+        iterable at all.
     """
 
     name = "round-robin"
