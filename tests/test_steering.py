@@ -52,6 +52,12 @@ def _no_program(member: socket.socket) -> bool:
     return False
 
 
+_NO_PROGRAM = (
+    "no program is attached, or the socket is in no kernel reuseport group (e.g. "
+    "SO_REUSEPORT set after a UDP socket's bind or a TCP socket's listen)"
+)
+
+
 def _lands_on(members: Sequence[socket.socket], port: int) -> int:
     """The index in *members* of the member one new connection reaches."""
     with connect_tcp(("127.0.0.1", port)):
@@ -139,8 +145,8 @@ def test_steering_error_carries_the_kernels_errno() -> None:
         assert isinstance(info.value.__cause__, OSError)
         assert info.value.__cause__.errno == errno.ENOENT
         assert str(info.value) == (
-            "detaching the reuseport program failed: no program is attached to the "
-            "member's reuseport group ([Errno 2] No such file or directory)"
+            f"detaching the reuseport program failed: {_NO_PROGRAM} "
+            "([Errno 2] No such file or directory)"
         )
         # A program the kernel refuses (an opcode cBPF does not have).
         with pytest.raises(SteeringError) as info:
@@ -166,6 +172,50 @@ def test_detach_steering_refuses_a_socket_in_no_group() -> None:
         unbound.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         with pytest.raises(InvalidArgument, match="is not bound to a port"):
             detach_steering(unbound)
+    with socket.socket(socket.AF_UNIX) as unix:
+        with pytest.raises(InvalidArgument) as info:
+            detach_steering(unix)
+        assert str(info.value) == (
+            f"invalid member {unix!r}: is not a TCP or UDP socket: it is in no reuseport group"
+        )
+
+
+@pytest.mark.parametrize("kind", ["tcp", "udp"])
+def test_detach_steering_through_a_member_whose_so_reuseport_was_cleared(kind: str) -> None:
+    # Before: InvalidArgument "lacks SO_REUSEPORT: it is in no reuseport group",
+    # checked before the kernel was asked. Cleared after joining (it stops other
+    # sockets joining the port), the option leaves the member in its group.
+    with reuseport_group("127.0.0.1:0", 2, kind=kind) as group:  # type: ignore[arg-type]
+        steer_all_to(group, 1)
+        for member in group:
+            member.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 0)
+        detach_steering(group[0])
+        # No program is left: the kernel's ENOENT, not "in no group".
+        with pytest.raises(SteeringError) as info:
+            detach_steering(group[1])
+        assert info.value.errno == errno.ENOENT
+        assert str(info.value).startswith(f"detaching the reuseport program failed: {_NO_PROGRAM}")
+
+
+@pytest.mark.parametrize("kind", [socket.SOCK_STREAM, socket.SOCK_DGRAM], ids=["tcp", "udp"])
+def test_detach_steering_on_a_socket_given_so_reuseport_too_late(
+    kind: socket.SocketKind,
+) -> None:
+    # Before: "no program is attached to the member's reuseport group", but the
+    # socket is in no group: given SO_REUSEPORT after bind (UDP) or listen (TCP),
+    # it has none, and the kernel answers ENOENT as for no program.
+    with socket.socket(socket.AF_INET, kind) as late:
+        late.bind(("127.0.0.1", 0))
+        if kind == socket.SOCK_STREAM:
+            late.listen()
+        late.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        with pytest.raises(SteeringError) as info:
+            detach_steering(late)
+        assert info.value.errno == errno.ENOENT
+        assert str(info.value) == (
+            f"detaching the reuseport program failed: {_NO_PROGRAM} "
+            "([Errno 2] No such file or directory)"
+        )
 
 
 def test_incoming_cpu_is_minus_one_until_the_kernel_records_one() -> None:

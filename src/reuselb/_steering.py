@@ -126,7 +126,7 @@ def _attach(sock: socket.socket, program: Sequence[Insn]) -> None:
 _GroupKey = tuple[int, int, tuple[Any, ...], bool, bytes]
 
 
-def _group_key(sock: socket.socket, name: str) -> _GroupKey:
+def _group_key(sock: socket.socket, name: str, *, option: bool = True) -> _GroupKey:
     """What the kernel compares to put *sock* in a reuseport group.
 
     ``(family, type, address, IPV6_V6ONLY, bound device)``: sockets that differ in
@@ -136,8 +136,14 @@ def _group_key(sock: socket.socket, name: str) -> _GroupKey:
     when it listens: a bound one, such as :func:`~reuselb.hold_port`'s, gets a
     group of its own if a program is attached through it. Five syscalls at most.
 
+    :param option: whether SO_REUSEPORT is required. A socket needs it to join a
+        group, but one whose option was cleared after it joined stays in the group
+        (the kernel checks the option only when a socket joins), so
+        :func:`detach_steering` passes ``False`` after the kernel's ``ENOENT``,
+        which it returns for a socket in no group only when it has the option.
     :raises InvalidArgument: *sock* is in no group it could share: not TCP or UDP,
-        without SO_REUSEPORT, a TCP socket not listening, or not bound.
+        without SO_REUSEPORT (when *option*), a TCP socket not listening, or not
+        bound.
     """
     family, kind = sock.family, sock.type
     if family not in (socket.AF_INET, socket.AF_INET6) or kind not in (
@@ -145,7 +151,7 @@ def _group_key(sock: socket.socket, name: str) -> _GroupKey:
         socket.SOCK_DGRAM,
     ):
         raise InvalidArgument(name, sock, "is not a TCP or UDP socket: it is in no reuseport group")
-    if not sock.getsockopt(socket.SOL_SOCKET, _SO_REUSEPORT):
+    if option and not sock.getsockopt(socket.SOL_SOCKET, _SO_REUSEPORT):
         raise InvalidArgument(name, sock, "lacks SO_REUSEPORT: it is in no reuseport group")
     if kind == socket.SOCK_STREAM and not sock.getsockopt(socket.SOL_SOCKET, _SO_ACCEPTCONN):
         raise InvalidArgument(
@@ -479,33 +485,54 @@ def attach_hash_steering(group: GroupLike) -> None:
 def detach_steering(member: socket.socket) -> None:
     """Remove the group's program; the kernel's 4-tuple hash chooses again.
 
-    :param member: any member of the group, checked as the steering functions
-        check theirs.
-    :raises InvalidArgument: *member* is in no reuseport group: not TCP or UDP,
-        without SO_REUSEPORT, a TCP socket not listening, or not bound (the
-        message says which; the kernel's answer, ``EINVAL`` or ``ENOENT``, said
-        neither).
-    :raises SteeringError: no program was attached to *member*'s group
-        (``errno`` ``ENOENT``), or the kernel refused (its ``errno``).
+    The kernel is asked first: a member whose SO_REUSEPORT was cleared after it
+    joined (which stops other sockets joining the port) is still in its group, and
+    the program is detached through it. Only when the kernel refuses is *member*
+    checked, to say why.
+
+    :param member: any member of the group.
+    :raises InvalidArgument: the kernel refused (``EINVAL`` or ``ENOENT``) and
+        *member* is in no reuseport group: not TCP or UDP, without SO_REUSEPORT
+        and in no group (``EINVAL``), a TCP socket not listening (such as a
+        :func:`~reuselb.hold_port` socket), or not bound. The message says which;
+        the kernel's code said neither.
+    :raises SteeringError: ``errno`` ``ENOENT``: no program is attached to
+        *member*'s group, or *member* looks like a member but is in no kernel
+        group: it got SO_REUSEPORT after it was bound (UDP) or listening (TCP),
+        and the kernel makes a socket's group only when it binds or listens with
+        the option (or another socket joins it). Any other ``errno``: the kernel
+        refused.
     :raises SocketClosed: *member* is closed.
     :raises WrongSocketType: *member* is not a socket object.
     """
     check_open(member, "group member")
-    _group_key(member, "member")
     try:
         member.setsockopt(socket.SOL_SOCKET, SO_DETACH_REUSEPORT_BPF, 0)
     except OSError as exc:
-        # reuseport_detach_prog(): ENOENT when the group has no program; a member
-        # of no group (EINVAL without SO_REUSEPORT, ENOENT otherwise) was refused
-        # by _group_key above.
+        code = exc.errno
+        # reuseport_detach_prog(): EINVAL for a socket in no group and without
+        # SO_REUSEPORT; ENOENT for one in no group with it, or in a group without a
+        # program. So after ENOENT the option proves nothing (cleared after joining,
+        # the member is still in its group) and is not checked; what _group_key
+        # finds besides is a socket the kernel has in no group.
+        no_group: InvalidArgument | None = None
+        if code in (errno.EINVAL, errno.ENOENT):
+            try:
+                _group_key(member, "member", option=code == errno.EINVAL)
+            except InvalidArgument as refused:
+                no_group = refused
+        if no_group is not None:
+            raise no_group from exc
+        # A socket that passes _group_key can still be in no kernel group: one given
+        # SO_REUSEPORT after bind (UDP) or listen (TCP) has none (see
+        # _sockets._start_group), and the kernel answers ENOENT as for no program.
         why = (
-            "no program is attached to the member's reuseport group"
-            if exc.errno == errno.ENOENT
+            "no program is attached, or the socket is in no kernel reuseport group "
+            "(e.g. SO_REUSEPORT set after a UDP socket's bind or a TCP socket's listen)"
+            if code == errno.ENOENT
             else "the kernel refused"
         )
-        raise SteeringError(
-            f"detaching the reuseport program failed: {why} ({exc})", exc.errno
-        ) from exc
+        raise SteeringError(f"detaching the reuseport program failed: {why} ({exc})", code) from exc
 
 
 def set_incoming_cpu(sock: socket.socket, cpu: int) -> None:
