@@ -126,6 +126,36 @@ def test_a_group_member_closed_by_hand_is_refused(steer: Steer, closed: int) -> 
             assert _lands_on(kernel, group.port) == index
 
 
+@pytest.mark.parametrize("steer", _STEERS, ids=_STEER_IDS)
+def test_a_udp_group_member_closed_by_hand_is_told_only_what_works(steer: Steer) -> None:
+    # Before: the message suggested drain_close(member, group=group) for a UDP
+    # group too, which takes listening TCP sockets only (WrongSocketType).
+    with reuseport_group("127.0.0.1:0", 3, kind="udp") as group:
+        members = list(group)
+        members[1].close()
+        with pytest.raises(SocketClosed) as info:
+            steer(group)  # type: ignore[arg-type]
+        assert str(info.value) == (
+            f"group member 1 is closed: {members[1]!r}; closed by hand, it left the "
+            "kernel's reuseport group, which moved its last member into the slot: the "
+            "group's indexes no longer match the kernel's (pass the open members as a "
+            "list, in the kernel's order)"
+        )
+        # What it suggests works: member 2 moved into slot 1.
+        kernel = [members[0], members[2]]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            for index in (1, 0):
+                steer_all_to(kernel, index)
+                client.sendto(b"x", ("127.0.0.1", group.port))
+                ready = select.select(kernel, [], [], 10)[0]
+                assert ready == [kernel[index]]
+                ready[0].recv(1)
+    with reuseport_group("127.0.0.1:0", 2) as tcp_group:  # TCP keeps both remedies
+        tcp_group[1].close()
+        with pytest.raises(SocketClosed, match=r"drain_close\(member, group=group\)"):
+            steer(tcp_group)  # type: ignore[arg-type]
+
+
 def test_a_taken_member_is_not_checked() -> None:
     # A member given away with take() may be open in another process: the group
     # cannot tell, so it still counts, closed here or not.

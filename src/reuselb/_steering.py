@@ -259,20 +259,28 @@ def _held_members(group: ReuseportGroup) -> list[tuple[str, socket.socket]]:
     ``steer_all_to(g, 1)`` after ``g[1].close()`` in a group of 3 sent every
     connection to member 2, and ``steer_all_to(g, 2)`` let the kernel's hash pick.
 
-    :raises SocketClosed: a member the group holds is closed; the message names it.
+    :raises SocketClosed: a member the group holds is closed; the message names it
+        and the remedies that work for the group's kind.
     """
     held = []
     for i, m in enumerate(group._members):
         if m is None:
             continue
         if m.fileno() == -1:
+            # drain_close is for listening TCP sockets (WrongSocketType for UDP), so
+            # a UDP group is told only of the list.
+            remedy = "pass the open members as a list, in the kernel's order"
+            if group.kind == "tcp":
+                remedy = (
+                    "drain_close(member, group=group) takes a member out and keeps them "
+                    f"in step; or {remedy}"
+                )
             raise SocketClosed(
                 m,
                 f"group member {i}",
                 "closed by hand, it left the kernel's reuseport group, which moved its "
                 "last member into the slot: the group's indexes no longer match the "
-                "kernel's (drain_close(member, group=group) takes a member out and keeps "
-                "them in step; or pass the open members as a list, in the kernel's order)",
+                f"kernel's ({remedy})",
             )
         held.append((f"group member {i}", m))
     return held
