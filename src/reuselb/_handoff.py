@@ -790,8 +790,8 @@ def _detach_through(candidates: Iterable[socket.socket]) -> Exception | None:
             # In no group any more (shut down by another thread): it can neither
             # detach the program nor say that there is none. Try the others.
             continue
-        # Closed by another thread since the check above: SocketClosed, or EBADF
-        # from one of detach_steering's getsockopt() checks.
+        # Closed by another thread since the check above: SocketClosed, or a
+        # SteeringError with EBADF from detach_steering's setsockopt().
         except (SocketClosed, OSError) as exc:
             error = exc
     if error is None and no_program:
