@@ -1364,6 +1364,73 @@ def test_an_invalid_secret_is_never_shown(secret: object, what: str) -> None:
         KeyHasher(0, "x")  # type: ignore[arg-type]
 
 
+class _LenRaises:
+    def __len__(self) -> int:
+        raise RuntimeError("no length")
+
+    def __repr__(self) -> str:
+        return "_LenRaises('s3cr3t')"
+
+
+class _LenNegative:
+    def __len__(self) -> int:
+        return -1  # noqa: PLE0303 - the bad length is the point: len() raises ValueError
+
+    def __repr__(self) -> str:
+        return "_LenNegative('s3cr3t')"
+
+
+class _LenHuge:
+    def __len__(self) -> int:
+        return 2**100
+
+    def __repr__(self) -> str:
+        return "_LenHuge('s3cr3t')"
+
+
+def _released_view() -> memoryview:
+    view = memoryview(b"s3cr3t-released")
+    view.release()
+    return view
+
+
+@pytest.mark.parametrize(
+    ("make_secret", "what"),
+    [
+        (_released_view, "memoryview"),
+        (_LenRaises, "_LenRaises"),
+        (_LenNegative, "_LenNegative"),
+        (_LenHuge, "_LenHuge"),
+    ],
+    ids=["released-memoryview", "len-raises", "len-negative", "len-huge"],
+)
+def test_an_invalid_secret_without_a_length_is_still_invalid_argument(
+    make_secret: Callable[[], object], what: str
+) -> None:
+    # len() itself raised while the message was built: a bare ValueError (released
+    # view, __len__ -> -1), RuntimeError or OverflowError (__len__ -> 2**100)
+    # escaped instead of the InvalidArgument; the length is left out instead.
+    secret = make_secret()
+    for make, reason in (
+        (lambda: KeyHasher(0, secret), "must be 1 to 64 bytes"),  # type: ignore[arg-type]
+        (
+            lambda: MaglevHash([addr(0)], table_size=211, secret=secret),  # type: ignore[arg-type]
+            "must be 1 to 64 bytes",
+        ),
+        (lambda: make_policy("ring", [addr(0)], secret=secret), "must be 1 to 64 bytes"),
+        (
+            lambda: make_policy("round-robin", [addr(0)], secret=secret),
+            "not an option of 'round-robin'",
+        ),
+    ):
+        with pytest.raises(InvalidArgument) as e:
+            make()
+        for text in (str(e.value), repr(e.value), *map(str, e.value.args)):
+            assert "s3cr3t" not in text, text
+        assert str(e.value).startswith(f"invalid secret ({what}; not shown): {reason}")
+        assert e.value.name == "secret" and e.value.value is secret
+
+
 def test_ketama_points_of_weightless_nodes() -> None:
     assert ketama_points([]) == []
     assert ketama_points([Node("10.0.0.1:80", weight=0), Node("10.0.0.2:80", weight=0)]) == []

@@ -261,6 +261,27 @@ def test_make_policy_names_an_option_the_policy_does_not_take(
     assert takes in str(exc)
 
 
+@pytest.mark.parametrize(
+    ("name", "takes"),
+    [("round-robin", "no options"), ("least-conn", "no options"), ("p2c", "only seed")],
+)
+def test_make_policy_never_shows_a_secret_the_policy_does_not_take(name: str, takes: str) -> None:
+    # a config switched from "maglev" to a policy without a key, the key still set:
+    # the message was "invalid secret b'TOPSECRET-from-env': not an option of ..."
+    secret = b"TOPSECRET-from-env"
+    with pytest.raises(InvalidArgument) as info:
+        make_policy(name, ["10.0.0.1:80"], secret=secret)
+    exc = info.value
+    for text in (str(exc), repr(exc), *map(str, exc.args)):
+        assert "TOPSECRET" not in text, text
+    assert str(exc) == (
+        f"invalid secret (bytes, length 18; not shown): not an option of {name!r} "
+        f"({type(make_policy(name)).__name__}), which takes {takes}"
+    )
+    assert isinstance(exc, TypeError)  # still what the class itself raised
+    assert exc.name == "secret" and exc.value is secret
+
+
 def test_make_policy_takes_every_option_of_the_policy_and_nodes_by_keyword() -> None:
     p = make_policy("maglev", ["10.0.0.1:80"], table_size=1009, seed=3, balance_factor=1.5)
     assert isinstance(p, MaglevHash) and p.table_size == 1009 and p.balance_factor == 1.5

@@ -34,7 +34,7 @@ from array import array
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, ClassVar, NoReturn, SupportsIndex, TypeAlias
+from typing import Any, ClassVar, NoReturn, SupportsIndex, TypeAlias, TypeVar
 
 from .._address import Address, AddressLike, parse_address
 from .._errors import (
@@ -298,24 +298,46 @@ def key_bytes(key: object) -> bytes:
 # --------------------------------------------------------------------------- hashing
 
 
-def _bad_secret(secret: object) -> InvalidArgument:
-    """The InvalidArgument for a bad *secret*, naming only its type and length.
+def _describe_secret(secret: object) -> str:
+    """*secret*'s type and, when ``len()`` gives it, its length: never its content.
 
-    InvalidArgument's message shows ``repr(value)``, which put the secret itself
+    What error messages show instead of ``repr(secret)``, which put the secret itself
     into the message (and so into logs and tracebacks): a str read from the
-    environment was printed in full. ``exc.value`` still holds what was passed.
+    environment was printed in full.
     """
     what = type(secret).__name__
-    if isinstance(secret, Sized):
-        what += f", length {len(secret)}"
-    hint = "; encode a str first (secret.encode())" if isinstance(secret, str) else ""
-    # built with a stand-in value, so the secret is never formatted at all
-    exc = InvalidArgument("secret", None, "")
+    try:
+        if isinstance(secret, Sized):
+            what += f", length {len(secret)}"
+    except Exception:
+        # len() itself raises for some Sized values: ValueError for a released
+        # memoryview or a __len__ returning -1, OverflowError for one returning
+        # 2**100, TypeError for a 0-d numpy array. Describing a bad secret must not
+        # replace the InvalidArgument being built with that error.
+        pass
+    return what
+
+
+_InvalidT = TypeVar("_InvalidT", bound=InvalidArgument)
+
+
+def _secret_error(secret: object, reason: str, cls: type[_InvalidT]) -> _InvalidT:
+    """A *cls* (an InvalidArgument) for the ``secret`` argument *secret*, whose
+    message names only its type and length (:func:`_describe_secret`).
+
+    ``exc.value`` still holds what was passed; the exception is built with a stand-in
+    value, so the secret is never formatted at all.
+    """
+    exc = cls("secret", None, "")
     exc.value = secret
-    exc.args = (
-        f"invalid secret ({what}; not shown): must be 1 to 64 bytes (a bytes object){hint}",
-    )
+    exc.args = (f"invalid secret ({_describe_secret(secret)}; not shown): {reason}",)
     return exc
+
+
+def _bad_secret(secret: object) -> InvalidArgument:
+    """The InvalidArgument for a bad *secret*, naming only its type and length."""
+    hint = "; encode a str first (secret.encode())" if isinstance(secret, str) else ""
+    return _secret_error(secret, f"must be 1 to 64 bytes (a bytes object){hint}", InvalidArgument)
 
 
 class KeyHasher:

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from .._errors import InvalidArgument, UnknownPolicy
-from ._base import BalancePolicy, NodeLike
+from ._base import BalancePolicy, NodeLike, _secret_error
 from ._leastconn import LeastConn, PowerOfTwo
 from ._maglev import MaglevHash
 from ._rendezvous import RendezvousHash
@@ -72,7 +72,8 @@ def make_policy(
     :raises UnknownPolicy: unknown name.
     :raises InvalidArgument: an option the policy does not take (the error names it
         and lists the options the policy takes; it is also a ``TypeError``, as the
-        policy's class raises), an option out of range, the nodes given twice
+        policy's class raises; a ``secret=`` is described by its type and length only,
+        never shown), an option out of range, the nodes given twice
         (positionally and as ``nodes=``), or *nodes* is not an iterable of nodes.
     :raises DuplicateNode: two nodes share an address or a name.
     :raises AddressError: an address is malformed.
@@ -90,9 +91,11 @@ def make_policy(
         for option, value in options.items():
             if option not in accepted:
                 takes = f"only {', '.join(accepted)}" if accepted else "no options"
-                raise _UnknownOption(
-                    option,
-                    value,
-                    f"not an option of {name!r} ({cls.__name__}), which takes {takes}",
-                )
+                reason = f"not an option of {name!r} ({cls.__name__}), which takes {takes}"
+                if option == "secret":
+                    # A config switched from "maglev" to "round-robin" still
+                    # carries its key: name its type and length only, as the hash
+                    # policies do for a bad secret, or the key lands in the logs.
+                    raise _secret_error(value, reason, _UnknownOption)
+                raise _UnknownOption(option, value, reason)
     return cls(nodes, **options)
