@@ -1561,6 +1561,60 @@ def test_relays_of_a_loop_closed_without_shutdown_end_with_the_next_hub(
             s.close()
 
 
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_relays_of_a_loop_closed_without_shutdown_end_when_a_busy_loop_starts_one(
+    listener: socket.socket, loop_kind: str
+) -> None:
+    # Closed loops' hubs were looked for only when a loop made a new hub: a proxy
+    # whose loop always has a relay running never makes one, so a loop closed with
+    # loop.close() alone kept its relays' sockets, pipes and epoll fd, and itself,
+    # for the life of the process, its relays' peers waiting with no EOF or reset.
+    new_loop = uvloop.new_event_loop if loop_kind == "uvloop" else asyncio.new_event_loop
+    k_client, ka = tcp_pair(listener)
+    kb, k_backend = tcp_pair(listener)
+    client, a = tcp_pair(listener)
+    b, backend = tcp_pair(listener)
+    client2, a2 = tcp_pair(listener)
+    b2, backend2 = tcp_pair(listener)
+    busy, closed = new_loop(), new_loop()
+    try:
+
+        async def start(x: socket.socket, y: socket.socket) -> asyncio.Future[RelayStats]:
+            return start_pipe_splice(x, y)
+
+        kept = busy.run_until_complete(start(ka, kb))  # the busy loop's hub stays
+        before = _open_files()
+        try:
+            old = closed.run_until_complete(start(a, b))
+            old_hub = relay_mod._HUBS[closed]
+        finally:
+            closed.close()
+        assert not old.done() and a.fileno() != -1  # nothing ran it down yet
+
+        async def second() -> RelayStats:
+            future = start_pipe_splice(a2, b2)
+            assert a.fileno() == b.fileno() == -1  # the closed loop's relay ended
+            client2.shutdown(socket.SHUT_WR)
+            backend2.shutdown(socket.SHUT_WR)
+            return await asyncio.wait_for(future, JOIN)
+
+        stats = busy.run_until_complete(second())
+        assert (stats.a_end, stats.b_end) == (End.EOF, End.EOF)
+        assert old.cancelled() and old_hub.ep.closed
+        assert closed not in relay_mod._HUBS and busy in relay_mod._HUBS
+        _assert_no_relay_fds_since(before)
+        # Its peers are not left waiting: cut off mid-way, they are reset.
+        assert (_how_it_ends(client), _how_it_ends(backend)) == ("reset", "reset")
+        assert not kept.done()
+        kept.cancel()
+        busy.run_until_complete(busy.shutdown_asyncgens())
+        assert not relay_mod._HUBS
+    finally:
+        busy.close()
+        for s in (k_client, ka, kb, k_backend, client, a, b, backend, client2, a2, b2, backend2):
+            s.close()
+
+
 def test_a_hub_closed_when_idle_leaves_no_shutdown_work(listener: socket.socket) -> None:
     # The hub's shutdown hook is an async generator; a hub that closes itself (its
     # last relay ended) finishes it, so the loop has nothing to close at shutdown

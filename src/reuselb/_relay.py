@@ -2177,7 +2177,8 @@ class _Hub:
         if not self.owners and not self.ep.closed:
             # Nothing left: give the fd back rather than hold it for the loop's life.
             if _HUBS.get(self.loop) is self:
-                del _HUBS[self.loop]
+                # pop: _end_closed_hubs in another thread may have taken it meanwhile.
+                _HUBS.pop(self.loop, None)
             with contextlib.suppress(Exception):
                 self.loop.remove_reader(self.fd)
             self.ep.close()
@@ -2572,6 +2573,26 @@ class _RelayFuture(asyncio.Future[RelayStats]):
         return True
 
 
+def _end_closed_hubs() -> None:
+    """End the relays of loops closed without an orderly shutdown (``loop.close()``
+    alone) and close their hubs: they can never run again, and would keep their
+    sockets, pipes, epoll fd and loop for the life of the process, their peers
+    waiting. Called by a start on any loop, in any thread.
+    """
+    # list() copies in one step: loops in other threads add and drop hubs. The pop
+    # makes one caller the closed hub's only one: two threads may find it at once.
+    for old in list(_HUBS.values()):
+        if old.loop.is_closed() and _HUBS.pop(old.loop, None) is old:
+            try:
+                old.shutdown()
+            except BaseException:
+                # KeyboardInterrupt mid-way: back in the list, for the next start
+                # to end the rest.
+                if old.owners:
+                    _HUBS.setdefault(old.loop, old)
+                raise
+
+
 def _start_async(
     relay: _Relay, loop: asyncio.AbstractEventLoop, future: asyncio.Future[RelayStats] | None = None
 ) -> _Driven:
@@ -2582,14 +2603,14 @@ def _start_async(
     hub: _Hub | None = None
     try:
         hub = _HUBS.get(loop)
+        if len(_HUBS) > (0 if hub is None else 1):
+            # Another loop has a hub, which may be a closed loop's: looked for at
+            # every start, not only at a new hub's, or a proxy whose loop always
+            # has a relay would never free it (one len() per start otherwise).
+            _end_closed_hubs()
         if hub is None:
             # Only a new hub can be late: a loop's shutdown ends and drops its hub.
             _refuse_late_start(loop)
-            # Hubs of loops closed without an orderly shutdown (loop.close() alone):
-            # their relays can never run again, so end them and free their fds now.
-            # list() copies in one step: loops in other threads add and drop hubs.
-            for old in [h for h in list(_HUBS.values()) if h.loop.is_closed()]:
-                old.shutdown()
             hub = _HUBS[loop] = _Hub(loop)
         driven = _Driven(relay, hub, future if future is not None else loop.create_future())
         driven.start()
