@@ -2004,6 +2004,91 @@ def test_a_socket_cannot_be_in_two_async_relays_at_once(listener: socket.socket)
             s.close()
 
 
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("api", ["coroutine", "start"])
+@pytest.mark.parametrize("second", ["dup-as-a", "dup-as-b", "original-as-b"])
+def test_a_dup_of_a_socket_in_a_running_relay_is_refused(
+    listener: socket.socket, loop_kind: str, api: str, second: str
+) -> None:
+    # The hub knew its sockets by fd number, and epoll takes a dup of a registered
+    # socket for another file: a second relay of a.dup() started, both relays read
+    # a, and the client's bytes went to the second relay's backend (2000 of 2000).
+    # Refused now, as the socket itself is, and nothing of it or c is touched.
+    run = uvloop.run if loop_kind == "uvloop" else asyncio.run
+    client, a = tcp_pair(listener)
+    b, backend = tcp_pair(listener)
+    c, c_peer = tcp_pair(listener)
+    dup = a.dup()
+    first_sock, second_sock = (dup, a) if second == "original-as-b" else (a, dup)
+    listed = first_sock.fileno()
+
+    async def main() -> RelayStats:
+        loop = asyncio.get_running_loop()
+        first = start_pipe_splice(first_sock, b)
+        pair = (second_sock, c) if second == "dup-as-a" else (c, second_sock)
+        refused = f"is the socket of fd {listed}, which is in a running relay"
+        if api == "start":
+            with pytest.raises(InvalidArgument, match=refused):
+                start_pipe_splice(*pair)
+        else:
+            with pytest.raises(InvalidArgument, match=refused):
+                # Bounded: the old code ran this relay until c's peer ended it.
+                await asyncio.wait_for(async_pipe_splice(*pair), 5.0)
+        assert c.fileno() != -1 and second_sock.fileno() != -1
+        assert c.getblocking() and c.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+        assert not first.done()
+        client.setblocking(False)
+        await loop.sock_sendall(client, b"m" * 2000)
+        client.shutdown(socket.SHUT_WR)
+        got = await loop.run_in_executor(None, _recv_bytes, backend, 2000)
+        assert got == b"m" * 2000  # every byte to the first relay's backend
+        backend.shutdown(socket.SHUT_WR)
+        return await asyncio.wait_for(first, JOIN)
+
+    try:
+        stats = run(main())
+        assert (stats.a_to_b, stats.a_end, stats.b_end) == (2000, End.EOF, End.EOF)
+        c_peer.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            c_peer.recv(1)  # nothing reached the unrelated backend
+        assert second_sock.fileno() != -1  # still the caller's
+    finally:
+        for s in (client, a, b, backend, c, c_peer, dup):
+            s.close()
+
+
+def test_a_socket_sharing_an_inode_number_with_a_relayed_one_is_not_refused(
+    listener: socket.socket,
+) -> None:
+    # sockfs numbers sockets from a 32-bit counter, which a busy proxy wraps in
+    # hours: a socket relayed that long and a new one may share an inode number.
+    # The hub confirms a match with SO_COOKIE before it refuses the second socket.
+    client, a = tcp_pair(listener)
+    b, backend = tcp_pair(listener)
+    c, c_peer = tcp_pair(listener)
+    d, d_peer = tcp_pair(listener)
+
+    async def main() -> RelayStats:
+        loop = asyncio.get_running_loop()
+        first = start_pipe_splice(a, b)
+        hub = relay_mod._HUBS[loop]
+        # As if c's inode number were a's (the counter wrapped while a was relayed).
+        hub.sockets[os.fstat(c.fileno()).st_ino] = a.fileno()
+        second = start_pipe_splice(c, d)
+        for peer in (client, backend, c_peer, d_peer):
+            peer.shutdown(socket.SHUT_WR)
+        await asyncio.wait_for(first, JOIN)
+        return await asyncio.wait_for(second, JOIN)
+
+    try:
+        stats = asyncio.run(main())
+        assert (stats.a_end, stats.b_end) == (End.EOF, End.EOF)
+        assert not relay_mod._HUBS
+    finally:
+        for s in (client, a, b, backend, c, c_peer, d, d_peer):
+            s.close()
+
+
 def test_start_pipe_splice_checks_before_it_starts(listener: socket.socket) -> None:
     client, a = tcp_pair(listener)
     b, backend = tcp_pair(listener)

@@ -533,7 +533,8 @@ class _Relay:
         close: bool,
         force_copy: bool = False,
     ) -> None:
-        _check_pair(a, b)
+        # Each side's sockfs inode, or None (a wrapper): see _Hub.watch.
+        self.inodes = _check_pair(a, b)
         if pipe_size is not None and (
             isinstance(pipe_size, bool) or not isinstance(pipe_size, int) or pipe_size < 4096
         ):
@@ -1418,17 +1419,56 @@ def _not_a_stream(sock: socket.socket) -> str | None:
     return "a listening socket" if _listening(sock) else None
 
 
-def _same_file(fa: int, fb: int) -> bool:
-    """Whether two fds are the same open socket (``b = a.dup()``): every socket lives
-    on sockfs with an inode of its own, which a dup shares."""
+def _inode(sock: object, fd: int) -> int | None:
+    """The sockfs inode of *sock* (whose ``fileno()`` is *fd*), which every fd of the
+    socket shares (``a.dup()``, ``socket(fileno=...)``), or None for a wrapper, whose
+    ``fileno()`` may be anything pollable (it is not compared)."""
+    if not isinstance(sock, socket.socket):
+        return None
     try:
-        sa, sb = _fstat(fa), _fstat(fb)
+        return _fstat(fd).st_ino
     except OSError:
-        return False  # an fd closed behind the socket's back: the relay reports it
-    return sa.st_ino == sb.st_ino and sa.st_dev == sb.st_dev
+        return None  # an fd closed behind the socket's back: the relay reports it
 
 
-def _check_pair(a: object, b: object) -> None:
+# Linux's SO_COOKIE (asm-generic and x86: 57; since Linux 4.12), which CPython does
+# not export: a 64-bit number the kernel gives each socket once and never again.
+_SO_COOKIE = int(getattr(socket, "SO_COOKIE", 57 if sys.platform.startswith("linux") else -1))
+
+
+def _cookie(fd: int) -> bytes | None:
+    """The SO_COOKIE of the socket *fd* names, or None where it cannot be read (no
+    SO_COOKIE). :raises OSError: *fd* is closed or not a socket."""
+    probe = socket.socket(fileno=fd)  # OSError (EBADF, ENOTSOCK) before it owns fd
+    try:
+        return probe.getsockopt(_SOL_SOCKET, _SO_COOKIE, 8)
+    except OSError:
+        return None
+    finally:
+        probe.detach()  # fd is not the probe's to close
+
+
+def _same_socket(fd: int, other: int, inode: int) -> bool:
+    """Whether fd *other*, which the hub lists for sockfs inode *inode*, still names
+    the socket of fd *fd*, which has that inode (a dup): asked only on that match.
+
+    The inode alone could be wrong: sockfs numbers sockets from a 32-bit counter
+    (get_next_ino), which a busy proxy wraps in hours, so a socket kept that long
+    and a new one may share it; and *other* may have been closed behind its
+    relay's back (the relay ends at its next event). The cookie tells them apart.
+    """
+    try:
+        mine, theirs = _cookie(fd), _cookie(other)
+        if mine is None or theirs is None:
+            return _fstat(other).st_ino == inode  # no SO_COOKIE: the inode must do
+    except OSError:
+        return False  # *other* is closed, or no longer a socket
+    return mine == theirs
+
+
+def _check_pair(a: object, b: object) -> tuple[int | None, int | None]:
+    """Refuse a pair that cannot be relayed; return the sides' sockfs inodes (see
+    :func:`_inode`), which the asyncio hub keys its sockets by."""
     if a.__class__ is socket.socket and b.__class__ is socket.socket:
         # The common case, checked without the generic lookups below (relays are
         # started thousands of times a second under connection churn), the helpers
@@ -1458,7 +1498,7 @@ def _check_pair(a: object, b: object) -> None:
                 if streams:
                     sa, sb = _fstat(fa), _fstat(fb)
                     if sa.st_ino != sb.st_ino or sa.st_dev != sb.st_dev:
-                        return
+                        return sa.st_ino, sb.st_ino
             except OSError:
                 pass  # the checks below say which side and what
     for name, sock in (("a", a), ("b", b)):
@@ -1485,14 +1525,12 @@ def _check_pair(a: object, b: object) -> None:
         if what is not None:
             raise WrongSocketType(f"relay side {name}", "a connected stream socket", what)
     fa, fb = a.fileno(), b.fileno()  # type: ignore[attr-defined]
-    if (
-        a is b
-        or fa == fb
-        # Two fds of one socket (a dup): compared only where fileno() is known to
-        # be the kernel socket; a wrapper's fileno() may be anything pollable.
-        or (isinstance(a, socket.socket) and isinstance(b, socket.socket) and _same_file(fa, fb))
-    ):
+    # Two fds of one socket (a dup): compared only where fileno() is known to be the
+    # kernel socket (sockfs: one st_dev for all sockets).
+    ia, ib = _inode(a, fa), _inode(b, fb)
+    if a is b or fa == fb or (ia is not None and ia == ib):
         raise InvalidArgument("b", b, "is the same socket as a")
+    return ia, ib
 
 
 def pipe_splice(
@@ -1852,7 +1890,9 @@ async def async_pipe_splice(
         is neither connected nor connecting (no ``connect()``, or one that failed).
     :raises SocketClosed: a side is closed.
     :raises InvalidArgument: *a* and *b* are the same socket (or two fds of it), a
-        bad option, or a socket is already in another running relay of this loop.
+        bad option, or a socket is already in another running relay of this loop
+        (also as another fd of it, e.g. ``a.dup()``; a :class:`SocketLike` is known
+        by its ``fileno()``; checked by the loop's epoll hub, i.e. on Linux).
     :raises OSError: the loop's epoll instance could not be created (e.g. ``EMFILE``),
         or making a side non-blocking or setting ``TCP_NODELAY`` failed.
     :raises Exception: what a :class:`SocketLike` side's method raised that is not
@@ -1899,7 +1939,9 @@ def start_pipe_splice(
         is neither connected nor connecting (no ``connect()``, or one that failed).
     :raises SocketClosed: a side is closed.
     :raises InvalidArgument: *a* and *b* are the same socket (or two fds of it), a
-        bad option, or a socket is already in another running relay of this loop.
+        bad option, or a socket is already in another running relay of this loop
+        (also as another fd of it, e.g. ``a.dup()``; a :class:`SocketLike` is known
+        by its ``fileno()``; checked by the loop's epoll hub, i.e. on Linux).
     :raises OSError: the loop's epoll instance could not be created (e.g. ``EMFILE``),
         or making a side non-blocking or setting ``TCP_NODELAY`` failed. As for every
         failure above, nothing was started and both sockets are as they were.
@@ -2095,13 +2137,20 @@ _NOT_PLAIN_READ = ~(_EPOLLIN | _EPOLLRDHUP)
 class _Hub:
     """One epoll instance per event loop, shared by all of that loop's relays."""
 
-    __slots__ = ("closer", "ep", "fd", "loop", "owners")
+    __slots__ = ("closer", "ep", "fd", "inodes", "loop", "owners", "sockets")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.ep = select.epoll()  # close-on-exec since Python 3.4
         self.fd = self.ep.fileno()
         self.owners: dict[int, _Driven] = {}
+        # Which fd number watches each socket (by sockfs inode), and back: epoll
+        # keys a registration on the open file *and* the fd number, so it takes a
+        # dup of a watched socket as another file, and `owners` (by number) does
+        # not see it either; two relays would then read one socket. Wrappers'
+        # fds are not listed (see _inode).
+        self.sockets: dict[int, int] = {}
+        self.inodes: dict[int, int] = {}
         self.closer: AsyncGenerator[None, None] | None = None
         reading = False
         try:
@@ -2143,11 +2192,17 @@ class _Hub:
                 with contextlib.suppress(OSError, ValueError, KeyError):
                     self.ep.modify(fd, driven.masks[fd])
 
-    def watch(self, fd: int, driven: _Driven) -> None:
+    def watch(self, fd: int, driven: _Driven, inode: int | None) -> None:
         owner = self.owners.get(fd)
         lost = None if owner is None else owner.lost(fd)
         if owner is not None and lost is None:
             raise InvalidArgument("socket", fd, "is already in a running relay")
+        if inode is not None:
+            other = self.sockets.get(inode)
+            if other is not None and other != fd and _same_socket(fd, other, inode):
+                raise InvalidArgument(
+                    "socket", fd, f"is the socket of fd {other}, which is in a running relay"
+                )
         # A relay whose socket was closed behind its back (close() removed it from
         # the epoll: the kernel drops an fd's registration with its last reference)
         # still holds the number the kernel gave to this new socket. The number is
@@ -2162,12 +2217,25 @@ class _Hub:
             # while the relay's socket lives on. Not lost, and not a second relay's.
             raise InvalidArgument("socket", fd, "is already in a running relay") from None
         self.owners[fd] = driven
+        if owner is not None:
+            self.forget(fd)  # the lost socket's entry: that relay never unwatches fd
+        if inode is not None:
+            self.sockets[inode] = fd
+            self.inodes[fd] = inode
         if owner is not None and lost is not None:
             owner.lose(fd, lost)
+
+    def forget(self, fd: int) -> None:
+        inode = self.inodes.pop(fd, None)
+        if inode is not None and self.sockets.get(inode) == fd:
+            del self.sockets[inode]
 
     def unwatch(self, fd: int, driven: _Driven) -> None:
         if self.owners.get(fd) is driven:
             del self.owners[fd]
+            inode = self.inodes.pop(fd, None)  # forget(), inlined: once per side
+            if inode is not None and self.sockets.get(inode) == fd:
+                del self.sockets[inode]
             try:  # noqa: SIM105 (contextlib.suppress costs ~0.5 us per call here)
                 self.ep.unregister(fd)
             except (OSError, ValueError):
@@ -2339,12 +2407,12 @@ class _Driven:
         # nothing to say costs no recv/EAGAIN round trip.
         relay = self.relay
         hub = self.hub
-        for flow in relay.flows:
+        for flow, inode in zip(relay.flows, relay.inodes, strict=True):  # a's, b's
             fd = flow.src_fd
             # Listed first: whatever watch() did before it failed, detach() undoes
             # (unwatch() lets go only of an fd this relay owns).
             self.fds.append(fd)
-            hub.watch(fd, self)
+            hub.watch(fd, self, inode)
             self.masks[fd] = _ARM_IN
         if relay.idle_timeout is not None:
             self.timer = self.hub.loop.call_later(relay.idle_timeout, self.on_timer)
