@@ -105,7 +105,41 @@ def test_resolve_literals_without_dns() -> None:
     assert fam == socket.AF_INET6 and sa[:2] == ("::1", 5)
 
 
-def test_unknown_host() -> None:
+def _fake_resolver(
+    monkeypatch: pytest.MonkeyPatch, names: dict[str, list[str]], error: int = socket.EAI_NONAME
+) -> list[int]:
+    """getaddrinfo answering *names* (name -> IPs) from memory, never from DNS.
+
+    A name without an address in the family asked for, or not listed, fails with
+    *error*. A numeric lookup (AI_NUMERICHOST: a literal, which never goes to DNS)
+    gets the real answer. Returns the families asked for, one per name lookup.
+    """
+    real = socket.getaddrinfo
+    asked: list[int] = []
+
+    def fake(host: Any, port: Any, family: int = 0, socktype: int = 0, *rest: int) -> Any:
+        if len(rest) > 1 and rest[1] & socket.AI_NUMERICHOST:  # (proto, flags)
+            return real(host, port, family, socktype, *rest)
+        asked.append(family)
+        infos = [
+            (fam, socktype, 0, "", (ip, port) if fam == socket.AF_INET else (ip, port, 0, 0))
+            for ip in names.get(host, [])
+            for fam in [socket.AF_INET6 if ":" in ip else socket.AF_INET]
+            if family in (socket.AF_UNSPEC, fam)
+        ]
+        if not infos:
+            raise socket.gaierror(error, "Name or service not known")
+        return infos
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake)
+    return asked
+
+
+def test_unknown_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A name no resolver knows, answered from memory: a real lookup of even a
+    # reserved name (.invalid, RFC 6761) leaves the host, and without a reachable
+    # DNS server glibc answers EAI_AGAIN after its timeouts.
+    _fake_resolver(monkeypatch, {})
     with pytest.raises(HostNotFound, match=r"unknown host .no-such-host\.invalid.") as info:
         resolve_address(Address("no-such-host.invalid", 1), socket.SOCK_STREAM, passive=False)
     assert isinstance(info.value, OSError)
@@ -115,25 +149,13 @@ def test_unknown_host() -> None:
 def ipv4_only_localhost(monkeypatch: pytest.MonkeyPatch) -> None:
     """ "localhost" is 127.0.0.1 only, as in an /etc/hosts without "::1 localhost".
 
-    Real where the hosts file is so (glibc answers from it, no DNS); where localhost
-    has ::1 too, getaddrinfo is made to answer as glibc then does: EAI_NONAME
-    ("Name or service not known") for an AF_INET6 lookup of it.
+    Always from memory (other names unknown, literals real): with the usual
+    "hosts: files dns", glibc asks DNS for an AF_INET6 lookup of a name the hosts
+    file lists for IPv4 only, so a real lookup needs a DNS server and fails offline
+    (EAI_AGAIN, "Temporary failure in name resolution"). The fake answers as glibc
+    does when the server does not know the name either: EAI_NONAME.
     """
-    families = {info[0] for info in socket.getaddrinfo("localhost", 0)}
-    if socket.AF_INET not in families:
-        pytest.skip("localhost has no IPv4 address here")
-    if socket.AF_INET6 not in families:
-        return
-    real = socket.getaddrinfo
-
-    def v4_only(host: Any, port: Any, family: int = 0, *args: Any) -> Any:
-        if host != "localhost":
-            return real(host, port, family, *args)
-        if family == socket.AF_INET6:
-            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-        return real(host, port, socket.AF_INET, *args)
-
-    monkeypatch.setattr(socket, "getaddrinfo", v4_only)
+    _fake_resolver(monkeypatch, {"localhost": ["127.0.0.1"]})
 
 
 @pytest.mark.usefixtures("ipv4_only_localhost")
@@ -155,32 +177,6 @@ def test_a_name_of_the_other_family_only_is_not_an_unknown_host() -> None:
     assert resolve_address(
         Address("localhost", 80), socket.SOCK_STREAM, passive=True, family=socket.AF_INET
     ) == [(socket.AF_INET, ("127.0.0.1", 80))]
-
-
-def _fake_resolver(
-    monkeypatch: pytest.MonkeyPatch, names: dict[str, list[str]], error: int = socket.EAI_NONAME
-) -> list[int]:
-    """getaddrinfo answering *names* (name -> IPs) from memory, never from DNS.
-
-    A name without an address in the family asked for, or not listed, fails with
-    *error*. Returns the families asked for, one per lookup.
-    """
-    asked: list[int] = []
-
-    def fake(host: Any, port: Any, family: int = 0, socktype: int = 0, *args: Any) -> Any:
-        asked.append(family)
-        infos = [
-            (fam, socktype, 0, "", (ip, port) if fam == socket.AF_INET else (ip, port, 0, 0))
-            for ip in names.get(host, [])
-            for fam in [socket.AF_INET6 if ":" in ip else socket.AF_INET]
-            if family in (socket.AF_UNSPEC, fam)
-        ]
-        if not infos:
-            raise socket.gaierror(error, "Name or service not known")
-        return infos
-
-    monkeypatch.setattr(socket, "getaddrinfo", fake)
-    return asked
 
 
 def test_an_ipv6_only_name_asked_for_ipv4_says_so(monkeypatch: pytest.MonkeyPatch) -> None:

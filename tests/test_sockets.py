@@ -39,7 +39,7 @@ from reuselb import _steering as steering
 from reuselb._address import resolve_address
 from reuselb._demo import start_workers, stop_workers
 from tests.conftest import fds_left, open_fds, run_in_netns
-from tests.test_address import ipv4_only_localhost  # noqa: F401 (a fixture)
+from tests.test_address import _fake_resolver, ipv4_only_localhost  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.linux
 
@@ -327,7 +327,8 @@ def test_a_zone_may_name_its_interface(no_fd_leak: None) -> None:
         assert by_index.getsockname()[0] == "::1"
 
 
-def test_unknown_host() -> None:
+def test_unknown_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_resolver(monkeypatch, {})  # no query leaves the host
     with pytest.raises(reuselb.HostNotFound, match="no-such-host.invalid"):
         reuseport_listener("no-such-host.invalid:0")
 
@@ -881,7 +882,7 @@ def test_connect_tcp_rejects_bad_timeouts_before_making_a_socket(timeout: object
     assert open_fds() == before
 
 
-def test_connect_tcp_source_of_the_other_family() -> None:
+def test_connect_tcp_source_of_the_other_family(monkeypatch: pytest.MonkeyPatch) -> None:
     with reuseport_listener("127.0.0.1:0") as lst:
         peer = lst.getsockname()
         before = open_fds()
@@ -890,7 +891,9 @@ def test_connect_tcp_source_of_the_other_family() -> None:
         message = str(info.value)
         assert "'[::1]:0'" in message
         assert f"source is IPv6 but the peer 127.0.0.1:{peer[1]} is IPv4" in message
-        # An unknown source name is reported as itself, message intact.
+        # An unknown source name is reported as itself, message intact (the name
+        # answered from memory: no query leaves the host).
+        _fake_resolver(monkeypatch, {})
         with pytest.raises(reuselb.HostNotFound) as unknown:
             connect_tcp(peer, source="no-such-host.invalid:0", timeout=5)
         assert "unknown host 'no-such-host.invalid'" in str(unknown.value)
