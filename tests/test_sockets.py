@@ -339,6 +339,7 @@ def test_ipv6_listener_is_v6only() -> None:
         info = socket_info(lst)
         assert info.family == socket.AF_INET6
         assert info.v6only is True
+        lst.settimeout(10)
         with connect_tcp(("::1", lst.getsockname()[1]), timeout=5):
             conn, _ = lst.accept()
             conn.close()
@@ -848,6 +849,7 @@ def test_group_member_conflict_is_reported() -> None:
 
 def test_connect_tcp() -> None:
     with reuseport_listener("127.0.0.1:0") as lst:
+        lst.settimeout(10)
         port = lst.getsockname()[1]
         with connect_tcp(f"127.0.0.1:{port}", source="127.0.0.1:0", timeout=5) as c:
             assert not os.get_inheritable(c.fileno())
@@ -932,6 +934,7 @@ def test_connect_tcp_source_name_without_the_peers_family(no_fd_leak: None) -> N
         connect_tcp(lst.getsockname(), source="localhost:0", timeout=5) as c,
     ):
         assert c.getsockname()[0] == "127.0.0.1"
+        lst.settimeout(10)
         lst.accept()[0].close()
 
 
@@ -1451,6 +1454,7 @@ def test_nothing_is_inherited_across_exec() -> None:
     group = reuseport_group("127.0.0.1:0", 2)
     try:
         lst = socks[2]
+        lst.settimeout(10)
         client = connect_tcp(lst.getsockname())
         accepted, _ = lst.accept()
         socks += [client, accepted]

@@ -253,6 +253,7 @@ def test_incoming_cpu_is_minus_one_until_the_kernel_records_one() -> None:
     with tcp_socket() as fresh:
         assert get_incoming_cpu(fresh) == -1
     with reuseport_listener("127.0.0.1:0") as listener:
+        listener.settimeout(10)  # a connection that never arrives fails, not hangs
         with connect_tcp(listener.getsockname()):
             listener.accept()[0].close()
         assert get_incoming_cpu(listener) == -1  # no SYN's CPU is recorded
@@ -262,6 +263,7 @@ def test_incoming_cpu_is_minus_one_until_the_kernel_records_one() -> None:
         reuseport_udp("127.0.0.1:0") as server,
         socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client,
     ):
+        server.settimeout(10)
         client.sendto(b"x", server.getsockname())
         server.recv(1)
         assert get_incoming_cpu(server) == -1  # unconnected: nothing recorded
