@@ -43,6 +43,24 @@ from tests.test_address import _fake_resolver, ipv4_only_localhost  # noqa: F401
 
 pytestmark = pytest.mark.linux
 
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _case_in_netns(case: Callable[..., object], *args: object) -> Any:
+    """Call this module's function *case* with *args* in a new network namespace.
+
+    For the cases that bind the wildcard address, every interface of the host:
+    there the only interface is the namespace's own loopback. Root only (see
+    :func:`run_in_netns`); returns what *case* returns, through JSON. A failing
+    assertion in *case* fails the test with the child's traceback.
+    """
+    return run_in_netns(
+        "import json, sys\n"
+        f"sys.path.insert(0, {_REPO!r})\n"
+        "from tests import test_sockets\n"
+        f"print(json.dumps(test_sockets.{case.__name__}(*{args!r})))\n"
+    )
+
 
 def _cloexec(sock: socket.socket) -> bool:
     return bool(fcntl.fcntl(sock.fileno(), fcntl.F_GETFD) & fcntl.FD_CLOEXEC)
@@ -345,22 +363,29 @@ def test_ipv6_listener_is_v6only() -> None:
             conn.close()
 
 
+def _dualstack_wildcard_peers() -> list[object]:
+    """Run by _case_in_netns (binds [::]): the V6ONLY flag, and the peer of each family."""
+    with reuseport_listener(":0", dualstack=True) as lst:
+        lst.settimeout(10)
+        info = socket_info(lst)
+        out: list[object] = [info.family == socket.AF_INET6, info.v6only]
+        for host in ("127.0.0.1", "::1"):
+            with connect_tcp((host, lst.getsockname()[1]), timeout=5):
+                conn, peer = lst.accept()
+                conn.close()
+                out.append(peer[0])
+    return out
+
+
+@pytest.mark.root
 @pytest.mark.ipv6
 def test_dualstack_wildcard_takes_ipv4() -> None:
-    with reuseport_listener(":0", dualstack=True) as lst:
-        info = socket_info(lst)
-        assert info.family == socket.AF_INET6
-        assert info.v6only is False
-        port = lst.getsockname()[1]
-        with connect_tcp(("127.0.0.1", port), timeout=5):
-            lst.settimeout(10)
-            conn, peer = lst.accept()
-            with conn:
-                assert peer[0] == "::ffff:127.0.0.1"
-        with connect_tcp(("::1", port), timeout=5):
-            conn, peer = lst.accept()
-            conn.close()
-            assert peer[0] == "::1"
+    # Only the wildcard is dual-stack: bind() sets V6ONLY on any other IPv6
+    # address (inet6_bind), so this binds [::] and runs in a namespace of its own.
+    assert _case_in_netns(_dualstack_wildcard_peers) == [True, False, "::ffff:127.0.0.1", "::1"]
+
+
+def test_dualstack_needs_an_ipv6_or_wildcard_address() -> None:
     with pytest.raises(AddressError, match="dualstack=True needs an IPv6"):
         reuseport_listener("127.0.0.1:0", dualstack=True)
 
@@ -486,8 +511,10 @@ def _datagrams_per_member(
     [
         ("127.0.0.1:0", False, "127.0.0.1"),
         pytest.param("[::1]:0", False, "::1", marks=pytest.mark.ipv6),
-        pytest.param(":0", True, "127.0.0.1", marks=pytest.mark.ipv6),
-        pytest.param(":0", True, "::1", marks=pytest.mark.ipv6),
+        # Dual-stack is the wildcard's alone (inet6_bind sets V6ONLY on any other
+        # IPv6 address): these bind [::], in a network namespace of their own.
+        pytest.param(":0", True, "127.0.0.1", marks=[pytest.mark.ipv6, pytest.mark.root]),
+        pytest.param(":0", True, "::1", marks=[pytest.mark.ipv6, pytest.mark.root]),
     ],
 )
 def test_a_port_zero_udp_member_is_a_kernel_group(
@@ -498,6 +525,14 @@ def test_a_port_zero_udp_member_is_a_kernel_group(
     # option after bind has no group of its own until another joins, and the
     # kernel refuses a program through it with EINVAL), with later members
     # joining it in order and the kernel's hash spreading datagrams over all.
+    if reuselb.parse_address(address).is_wildcard:
+        assert _case_in_netns(_port_zero_udp_kernel_group, address, dualstack, dest) is None
+    else:
+        _port_zero_udp_kernel_group(address, dualstack, dest)
+
+
+def _port_zero_udp_kernel_group(address: str, dualstack: bool, dest: str) -> None:
+    """test_a_port_zero_udp_member_is_a_kernel_group's case (_case_in_netns runs it too)."""
     with reuseport_udp(address, dualstack=dualstack) as lone:
         steering.steer_all_to([lone], 0)
         steering.detach_steering(lone)
@@ -537,7 +572,7 @@ def test_a_port_zero_udp_member_that_cannot_start_its_group_is_closed(no_fd_leak
 
 
 def test_group_port_zero_uses_first_members_port() -> None:
-    with reuseport_group(":0", 3) as group:
+    with reuseport_group("127.0.0.1:0", 3) as group:
         ports = {m.getsockname()[1] for m in group}
         assert ports == {group.port}
         assert group.port != 0
@@ -756,16 +791,25 @@ def test_steering_refuses_members_that_are_not_one_kernel_group(no_fd_leak: None
         steering.detach_steering(udp_group[0])
 
 
-@pytest.mark.ipv6
-def test_steering_refuses_ipv6_members_of_both_v6only_settings(no_fd_leak: None) -> None:
-    # [::]:port with V6ONLY on and off: both bind, each in a group of its own.
+def _both_v6only_settings_refused() -> str:
+    """Run by _case_in_netns (binds [::]): steer_all_to's error for [::] of both settings."""
     with reuseport_listener("[::]:0") as v6only:
         port = v6only.getsockname()[1]
         with reuseport_listener(f"[::]:{port}", dualstack=True) as dual:
             with pytest.raises(InvalidArgument) as info:
                 steering.steer_all_to([v6only, dual], 0)
-            assert "(dual-stack) but group member 0 is TCP on [::]:" in str(info.value)
-            assert "(IPv6-only)" in str(info.value)
+            return str(info.value)
+
+
+@pytest.mark.root
+@pytest.mark.ipv6
+def test_steering_refuses_ipv6_members_of_both_v6only_settings() -> None:
+    # [::]:port with V6ONLY on and off: both bind, each in a group of its own.
+    # Only the wildcard has both settings (inet6_bind sets V6ONLY on any other
+    # IPv6 address): it binds every interface, so in a namespace of its own.
+    message = _case_in_netns(_both_v6only_settings_refused)
+    assert "(dual-stack) but group member 0 is TCP on [::]:" in message
+    assert "(IPv6-only)" in message
 
 
 @pytest.mark.parametrize(
@@ -1360,7 +1404,7 @@ _FLAG_CALLS: dict[str, Callable[[Any], object]] = {
     "udp_socket(nonblocking)": lambda v: udp_socket(nonblocking=v),
     "reuseport_listener(nodelay)": lambda v: reuseport_listener("127.0.0.1:0", nodelay=v),
     "reuseport_listener(balanced)": lambda v: reuseport_listener("127.0.0.1:0", balanced=v),
-    "reuseport_listener(dualstack)": lambda v: reuseport_listener(":0", dualstack=v),
+    "reuseport_listener(dualstack)": lambda v: reuseport_listener("[::1]:0", dualstack=v),
     "reuseport_udp(nonblocking)": lambda v: reuseport_udp("127.0.0.1:0", nonblocking=v),
     "hold_port(balanced)": lambda v: reuselb.hold_port("127.0.0.1:0", balanced=v),
     "reuseport_group(balanced)": lambda v: reuseport_group("127.0.0.1:0", 2, balanced=v),
