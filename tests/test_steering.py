@@ -156,12 +156,30 @@ def test_a_udp_group_member_closed_by_hand_is_told_only_what_works(steer: Steer)
             steer(tcp_group)  # type: ignore[arg-type]
 
 
+def _always_lands_on(members: Sequence[socket.socket], port: int) -> int:
+    """The index in *members* that 20 new connections all reach (each its own port).
+
+    Twenty: a group of n members without the program spreads them by the hash of
+    their ports, and all 20 land on one member with odds n * n**-20 (2e-6 for 2).
+    """
+    landed = {_lands_on(members, port) for _ in range(20)}
+    assert len(landed) == 1, f"connections landed on members {sorted(landed)}"
+    return landed.pop()
+
+
 def test_a_taken_member_is_not_checked() -> None:
     # A member given away with take() may be open in another process: the group
-    # cannot tell, so it still counts, closed here or not.
+    # cannot tell, so it still counts, closed here or not, and keeps its index.
     with reuseport_group("127.0.0.1:0", 3) as group:
-        group.take(1).close()
-        steer_all_to(group, 2)
+        with group.take(1) as taken:  # open, as in the process it went to
+            kernel = [group[0], taken, group[2]]
+            for index in (2, 1):  # not shifted down past the taken slot
+                steer_all_to(group, index)
+                assert _always_lands_on(kernel, group.port) == index
+        # Closed here, not checked: the kernel moved member 2 into its slot, and
+        # the index of the member before it still holds.
+        steer_all_to(group, 0)
+        assert _always_lands_on([group[0], group[2]], group.port) == 0
         detach_steering(group[0])
 
 
