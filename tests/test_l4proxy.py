@@ -8,8 +8,10 @@ import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,9 +33,39 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+#: redis-server writes this (log level notice, the default) once it listens
+REDIS_READY = b"Ready to accept connections"
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], port: int, timeout: float = 30) -> None:
+    """Wait for *proc* (redis-server) to log that it listens; fail the test if it
+    exits (its port taken meanwhile) or says nothing of the kind within *timeout*.
+
+    Its log, not a client's PING: redis-py retries a refused connection, ~4 s a
+    PING, so a poll of 200 PINGs could wait some 13 minutes and then go on anyway.
+    """
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    deadline = time.monotonic() + timeout
+    log = b""
+    while REDIS_READY not in log:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        chunk = os.read(fd, 65536) if ready else b""
+        if not chunk:  # the deadline passed, or redis-server exited (EOF)
+            why = "exited" if ready else f"not ready after {timeout} s"
+            proc.kill()
+            proc.wait()
+            pytest.fail(
+                f"redis-server on port {port} {why} (status {proc.returncode}): "
+                f"{log.decode(errors='replace')}"
+            )
+        log += chunk
+
+
 @pytest.fixture
 def redis_servers() -> Iterator[list[int]]:
-    procs, ports = [], []
+    procs: list[subprocess.Popen[bytes]] = []
+    ports: list[int] = []
     try:
         for _ in range(2):
             port = _free_port()
@@ -50,24 +82,21 @@ def redis_servers() -> Iterator[list[int]]:
                         "--appendonly",
                         "no",
                     ],
-                    stdout=subprocess.DEVNULL,
+                    # its log, read until it says it listens; a few lines more at
+                    # most (its shutdown) until the pipe is closed below
+                    stdout=subprocess.PIPE,
                 )
             )
             ports.append(port)
-        for port in ports:
-            client = redis.Redis(port=port, socket_connect_timeout=1)
-            for _ in range(200):  # bounded: redis-server needs a moment to bind
-                try:
-                    client.ping()
-                    break
-                except redis.ConnectionError:
-                    select.select([], [], [], 0.05)
-            client.close()
+        for proc, port in zip(procs, ports, strict=True):
+            _wait_ready(proc, port)
         yield ports
     finally:
         for proc in procs:
             proc.terminate()
             proc.wait(timeout=10)
+            assert proc.stdout is not None
+            proc.stdout.close()
 
 
 def _launch(script: Path, *args: str) -> tuple[subprocess.Popen[str], int, list[int]]:
@@ -152,22 +181,57 @@ def test_redis_benchmark_through_the_proxy(redis_servers: list[int]) -> None:
         _stop(proxy)
 
 
-def test_refusing_backend_is_marked_down(redis_servers: list[int]) -> None:
-    dead = _free_port()  # nothing listens here: connect is refused
-    proxy, port = _start_proxy(
-        f"--backend=127.0.0.1:{dead}",
-        f"--backend=127.0.0.1:{redis_servers[0]}",
-        "--policy",
-        "round-robin",
-        "--workers",
-        "1",
-    )
-    try:
-        for _ in range(10):
-            with redis.Redis(port=port, socket_timeout=10) as client:
-                assert client.ping()
-    finally:
-        _stop(proxy)
+#: getsockopt(SOL_SOCKET, SO_MEMINFO): the socket's memory counters (Linux 4.6),
+#: SK_MEMINFO_DROPS (the 9th u32) among them. Not in Python's socket module.
+SO_MEMINFO = 55
+
+
+def _drops(sock: socket.socket) -> int:
+    """What the kernel dropped on *sock*: on a listener, every SYN it turned away."""
+    return int(struct.unpack("9I", sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, 36))[8])
+
+
+def test_a_failing_backend_is_marked_down(redis_servers: list[int]) -> None:
+    # The failing backend: a listener whose accept queue is full, so the kernel drops
+    # every SYN sent to it (tcp_conn_request: sk_acceptq_is_full) and the proxy's
+    # connect times out. dial() marks a backend down for a timeout as for a refusal
+    # (an RST from a closed port), and unlike a refusal every attempt is counted on
+    # the listener itself: each dropped SYN adds one to its sk_drops (SO_MEMINFO).
+    # dial() tries the next backend either way, so the PINGs alone would pass with
+    # no mark_down at all.
+    with socket.socket() as dead, socket.socket() as filler:
+        dead.bind(("127.0.0.1", 0))
+        dead.listen(0)  # the queue is full once it holds one connection
+        filler.settimeout(10)
+        filler.connect(dead.getsockname())
+        # readable once the handshake has put the connection in the accept queue
+        assert select.select([dead], [], [], 10)[0], "the accept queue did not fill"
+        before = _drops(dead)
+        proxy, port = _start_proxy(
+            f"--backend=127.0.0.1:{dead.getsockname()[1]}",
+            f"--backend=127.0.0.1:{redis_servers[0]}",
+            "--policy",
+            "round-robin",
+            "--workers",
+            "1",  # the mark is the worker's own: one worker, one mark
+            # below the 1 s of the first SYN retransmission: one SYN an attempt
+            "--connect-timeout",
+            "0.5",
+            "--retry-after",
+            "600",  # not back up while the test runs
+        )
+        try:
+            for _ in range(10):
+                with redis.Redis(port=port, socket_timeout=10) as client:
+                    assert client.ping()
+        finally:
+            _stop(proxy)
+        attempts = _drops(dead) - before
+    # Round robin alternates between the two backends, so without the mark each of
+    # the 10 connections dials the dead one first (10 attempts). With it, one; or 2
+    # if the worker stalled past the first SYN retransmission before giving up.
+    print(f"\nSYNs the dead backend turned away: {attempts}")
+    assert 1 <= attempts <= 2, attempts
 
 
 def test_sighup_restarts_workers_without_dropping(redis_servers: list[int]) -> None:
