@@ -543,26 +543,64 @@ def test_lease_node_is_the_live_node_picked_despite_a_racing_drain(
 
     p = build(kind, [(1, NodeState.UP)])
     only = p.nodes[0]
+    order: list[str] = []
+    at_lock = threading.Event()  # the drain thread has reached the policy's lock
+    drained = threading.Event()
+
+    class WatchedLock:
+        """The policy's lock, saying who holds it and when the drain reaches it."""
+
+        def __init__(self) -> None:
+            self._lock = threading.Lock()
+            self.owner: int | None = None
+
+        def __enter__(self) -> None:
+            if threading.current_thread() is drainer:
+                order.append("drain at the lock")
+                at_lock.set()
+            self._lock.acquire()
+            self.owner = threading.get_ident()
+
+        def __exit__(self, *exc: object) -> None:
+            self.owner = None
+            self._lock.release()
+
+    def drain() -> None:
+        p.drain(only)
+        order.append("drained")
+        drained.set()
+
+    drainer = threading.Thread(target=drain)
 
     class RacedLease(_base.Lease):
         __slots__ = ()
 
         def __init__(self, policy: BalancePolicy, slot: _base._Slot) -> None:
-            # Another thread drains the node as the Lease is being built. If acquire()
-            # still held the lock, the drain waits for it (the join times out).
-            t = threading.Thread(target=policy.drain, args=(only,))
-            t.start()
-            t.join(0.3)
+            # Another thread drains the node as the Lease is being built, forced
+            # into the earliest place it can land: before the Lease reads the node
+            # if acquire() no longer holds the lock, else right after the lock is
+            # released (then it waits at the lock, behind this thread).
+            drainer.start()
+            assert at_lock.wait(10), "the drain thread never reached the policy's lock"
+            if lock.owner != threading.get_ident():
+                assert drained.wait(10), "the drain did not land with the lock free"
+            order.append("lease built")
             super().__init__(policy, slot)
-            racers.append(t)
 
-    racers: list[threading.Thread] = []
+    lock = WatchedLock()
+    p._lock = lock  # type: ignore[assignment]
     monkeypatch.setattr(_base, "Lease", RacedLease)
     lease = p.acquire("k")
-    for t in racers:
-        t.join(10)
+    drainer.join(10)
+    assert not drainer.is_alive()
+    # the race did happen: the drain was under way before the Lease was built
+    assert order[0] == "drain at the lock" and set(order) == {
+        "drain at the lock",
+        "lease built",
+        "drained",
+    }, order
     assert p.get(only).state is NodeState.DRAINING  # the drain did happen
-    assert lease.node.live and lease.node.state is NodeState.UP, lease.node
+    assert lease.node.live and lease.node.state is NodeState.UP, (lease.node, order)
     lease.release()
     assert p.active() == 0
 
@@ -994,14 +1032,21 @@ def test_diff_reports_moves_and_loads() -> None:
     assert rr.pick() != first  # diff did not advance the live counter
 
 
-@pytest.mark.parametrize("kind", sorted(HASHED - {"maglev-bounded"}))
-@pytest.mark.parametrize("secret", [None, b"k"])
+@pytest.mark.parametrize(
+    ("kind", "secret"),
+    [
+        (kind, secret)
+        for kind in sorted(HASHED - {"maglev-bounded"})
+        for secret in (None, b"k")
+        # ketama's hash is libketama's MD5, unkeyed: a secret is refused
+        # (test_ketama_takes_no_seed_or_secret)
+        if not (secret and kind.startswith("ketama"))
+    ],
+)
 def test_fast_and_general_paths_agree(kind: str, secret: bytes | None) -> None:
     """str keys take a lock-free fast path; bytes keys and acquire() the general one."""
     nodes = [Node(addr(i), weight=1 + i % 2) for i in range(7)]
     if kind.startswith("ketama"):
-        if secret:
-            return
         p: BalancePolicy = FACTORIES[kind](nodes)
     else:
         size = {"maglev": 1009, "rendezvous": 4096}.get(kind)
@@ -1285,6 +1330,18 @@ def test_power_of_two_seed_must_be_an_int(seed: object) -> None:
 def test_ketama_must_be_a_bool(ketama: object) -> None:
     with pytest.raises(InvalidArgument, match=rf"invalid ketama {re.escape(repr(ketama))}"):
         RingHash([addr(0)], ketama=ketama)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("ketama", [True, "libketama", "libmemcached"])
+@pytest.mark.parametrize("option", [{"secret": b"k"}, {"seed": 3}], ids=["secret", "seed"])
+def test_ketama_takes_no_seed_or_secret(ketama: object, option: dict[str, object]) -> None:
+    # ketama's points and key hashes are libketama's MD5 digests, unkeyed: a secret or
+    # seed could not change them, so the ring would not be the keyed one asked for
+    with pytest.raises(
+        InvalidArgument,
+        match=rf"invalid ketama {re.escape(repr(ketama))}: ketama mode takes no seed or secret",
+    ):
+        RingHash([addr(0)], ketama=ketama, **option)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("factor", [float("nan"), float("inf"), 0.999, 0, "2", True])
