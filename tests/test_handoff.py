@@ -766,7 +766,7 @@ def _handoff_in_a_thread(
         except BaseException as exc:
             errors.append(exc)
 
-    sender = threading.Thread(target=send)
+    sender = threading.Thread(target=send, daemon=True)
     sender.start()
     try:
         got = recv_sockets(b)

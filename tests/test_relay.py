@@ -207,7 +207,7 @@ class Relay:
         self.b, self.backend = tcp_pair(lst)
         self.stats: RelayStats | None = None
         self.exc: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, args=(runner, kw))
+        self.thread = threading.Thread(target=self._run, args=(runner, kw), daemon=True)
         self.thread.start()
 
     def _run(self, runner: Runner, kw: dict[str, object]) -> None:
@@ -248,10 +248,10 @@ def exchange(r: Relay, up: bytes, down: bytes) -> tuple[tuple[int, str], tuple[i
     got_up: list[tuple[int, str]] = []
     got_down: list[tuple[int, str]] = []
     threads = [
-        threading.Thread(target=_send_all_then_eof, args=(r.client, up)),
-        threading.Thread(target=_send_all_then_eof, args=(r.backend, down)),
-        threading.Thread(target=_recv_digest, args=(r.backend, got_up)),
-        threading.Thread(target=_recv_digest, args=(r.client, got_down)),
+        threading.Thread(target=_send_all_then_eof, args=(r.client, up), daemon=True),
+        threading.Thread(target=_send_all_then_eof, args=(r.backend, down), daemon=True),
+        threading.Thread(target=_recv_digest, args=(r.backend, got_up), daemon=True),
+        threading.Thread(target=_recv_digest, args=(r.client, got_down), daemon=True),
     ]
     for t in threads:
         t.start()
@@ -520,7 +520,7 @@ def _slow_reader_relay(lst: socket.socket, mode: str, **kw: object) -> Relay:
     r = Relay.__new__(Relay)
     r.client, r.a, r.b, r.backend = client, a, b, backend
     r.stats, r.exc = None, None
-    r.thread = threading.Thread(target=r._run, args=(RUNNERS[mode], kw))
+    r.thread = threading.Thread(target=r._run, args=(RUNNERS[mode], kw), daemon=True)
     r.thread.start()
     return r
 
@@ -610,7 +610,7 @@ def _relay_on(
     r = Relay.__new__(Relay)
     r.client, r.a, r.b, r.backend = client, a, b, backend
     r.stats, r.exc = None, None
-    r.thread = threading.Thread(target=r._run, args=(RUNNERS[mode], {}))
+    r.thread = threading.Thread(target=r._run, args=(RUNNERS[mode], {}), daemon=True)
     r.thread.start()
     return r
 
@@ -727,7 +727,7 @@ def test_tcp_urgent_data_after_bytes_still_in_the_pipe_keeps_the_order(
         assert _recv_soon(backend, len(expected)) == expected
         if not fin:
             # Past the mark, a stream flows as before (back to splice, if it was).
-            sender = threading.Thread(target=_send_all_then_eof, args=(client, more))
+            sender = threading.Thread(target=_send_all_then_eof, args=(client, more), daemon=True)
             sender.start()
             assert _recv_soon(backend, len(more)) == more
             sender.join(JOIN)
@@ -865,7 +865,7 @@ def test_tls_socket_uses_the_copy_path(listener: socket.socket, tmp_path: Path) 
         tls_a = server_ctx.wrap_socket(raw_a, server_side=True)
         result.append(pipe_splice(tls_a, b))
 
-    t = threading.Thread(target=terminate_tls)
+    t = threading.Thread(target=terminate_tls, daemon=True)
     t.start()
     client = client_ctx.wrap_socket(raw_client, server_hostname="localhost")
     up, down = os.urandom(1 << 20), os.urandom(300_000)
@@ -879,7 +879,7 @@ def test_tls_socket_uses_the_copy_path(listener: socket.socket, tmp_path: Path) 
         backend.sendall(down)
         backend.shutdown(socket.SHUT_WR)  # forwarded to the TLS side as close_notify
 
-    bk = threading.Thread(target=backend_side)
+    bk = threading.Thread(target=backend_side, daemon=True)
     bk.start()
     try:
         client.sendall(up)
@@ -942,8 +942,8 @@ def _stream_through(
     data = os.urandom(size)
     got: list[tuple[int, str]] = []
     threads = [
-        threading.Thread(target=_send_all_then_eof, args=(client, data)),
-        threading.Thread(target=_recv_digest, args=(backend, got)),
+        threading.Thread(target=_send_all_then_eof, args=(client, data), daemon=True),
+        threading.Thread(target=_recv_digest, args=(backend, got), daemon=True),
     ]
     for t in threads:
         t.start()
@@ -1080,7 +1080,9 @@ def test_a_pipe_with_bytes_in_it_is_never_reused(listener: socket.socket) -> Non
         sent = _fill(client, 64 << 20)  # backend never reads: the pipe fills up
         assert sent > 1 << 20
         stats: list[RelayStats] = []
-        t = threading.Thread(target=lambda: stats.append(pipe_splice(a, b, idle_timeout=0.5)))
+        t = threading.Thread(
+            target=lambda: stats.append(pipe_splice(a, b, idle_timeout=0.5)), daemon=True
+        )
         t.start()
         t.join(JOIN)
         assert stats[0].a_end is End.TIMEOUT
@@ -1158,7 +1160,9 @@ def test_a_forked_child_does_not_share_the_hubs_epoll(
 def test_a_thread_s_idle_pipes_close_with_the_thread(listener: socket.socket) -> None:
     before = open_fds()
     out: list[RelayStats] = []
-    t = threading.Thread(target=lambda: out.append(_stream_through(listener, 4 << 20)[0]))
+    t = threading.Thread(
+        target=lambda: out.append(_stream_through(listener, 4 << 20)[0]), daemon=True
+    )
     t.start()
     t.join(JOIN)
     assert out[0].spliced_bytes > 0  # that thread had a pipe in its pool
@@ -1722,8 +1726,8 @@ def test_an_eof_before_any_byte_waits_for_the_backend_connect(
             results[name] = exc
 
     threads = [
-        threading.Thread(target=run, args=("ok", a_ok, b_ok)),
-        threading.Thread(target=run, args=("refused", a_no, b_no)),
+        threading.Thread(target=run, args=("ok", a_ok, b_ok), daemon=True),
+        threading.Thread(target=run, args=("refused", a_no, b_no), daemon=True),
     ]
     backend: socket.socket | None = None
     try:
@@ -1796,7 +1800,7 @@ def test_an_eof_before_any_byte_reaches_a_fast_open_backend(
         except BaseException as exc:
             results.append(exc)
 
-    thread = threading.Thread(target=run)
+    thread = threading.Thread(target=run, daemon=True)
     backend: socket.socket | None = None
     try:
         try:
@@ -2194,7 +2198,7 @@ def test_a_minimal_socket_like_object_is_relayed_by_copying(
                 return pipe_splice(Minimal(x), Minimal(y), idle_timeout=60)
             return asyncio.run(async_pipe_splice(Minimal(x), Minimal(y), idle_timeout=60))
 
-        r.thread = threading.Thread(target=r._run, args=(runner, {}))
+        r.thread = threading.Thread(target=r._run, args=(runner, {}), daemon=True)
         r.thread.start()
         got_up, got_down = exchange(r, up, down)
         stats = r.join()
@@ -2384,7 +2388,9 @@ def test_thousand_relays_back_to_back_leak_nothing(listener: socket.socket, form
         client, a = tcp_pair(listener)
         b, backend = tcp_pair(listener)
         got: list[int] = []
-        peer = threading.Thread(target=_send_then_read_to_eof, args=(client, blob, backend, got))
+        peer = threading.Thread(
+            target=_send_then_read_to_eof, args=(client, blob, backend, got), daemon=True
+        )
         peer.start()
         backend.sendall(b"%d" % i)
         backend.shutdown(socket.SHUT_WR)
@@ -2510,7 +2516,7 @@ def test_loops_in_several_threads_each_get_their_own_hub(listener: socket.socket
         except BaseException as exc:
             errors.append(exc)
 
-    workers = [threading.Thread(target=thread, args=(t,)) for t in range(n_threads)]
+    workers = [threading.Thread(target=thread, args=(t,), daemon=True) for t in range(n_threads)]
     try:
         for w in workers:
             w.start()
@@ -2662,7 +2668,8 @@ def _handshake(
     """Wrap a connected pair in TLS: (client, server side), handshake done."""
     server: list[ssl.SSLSocket] = []
     t = threading.Thread(
-        target=lambda: server.append(contexts[0].wrap_socket(raw_server, server_side=True))
+        target=lambda: server.append(contexts[0].wrap_socket(raw_server, server_side=True)),
+        daemon=True,
     )
     t.start()
     try:
@@ -2699,7 +2706,7 @@ def test_tls_half_close_waits_until_the_tls_side_s_bytes_are_read(
         r = Relay.__new__(Relay)
         r.client, r.a, r.b, r.backend = client, plain, tls_side, peer
         r.stats, r.exc = None, None
-        r.thread = threading.Thread(target=r._run, args=(RUNNERS[mode], {}))
+        r.thread = threading.Thread(target=r._run, args=(RUNNERS[mode], {}), daemon=True)
         r.thread.start()
         seen: list[bytes] = []
 
@@ -2708,7 +2715,7 @@ def test_tls_half_close_waits_until_the_tls_side_s_bytes_are_read(
             seen.append(client.recv(100))  # the relay's close_notify: a clean EOF
             client.unwrap()  # then the client's own close_notify
 
-        t = threading.Thread(target=tls_client)
+        t = threading.Thread(target=tls_client, daemon=True)
         t.start()
         got: list[tuple[int, str]] = []
         _recv_digest(peer, got)  # every byte, then the EOF from the client's close_notify
@@ -2829,7 +2836,7 @@ def test_a_copy_read_that_fills_the_buffer_tail_reads_on(listener: socket.socket
         client.shutdown(socket.SHUT_WR)
         backend.shutdown(socket.SHUT_WR)
         got: list[tuple[int, str]] = []
-        reader = threading.Thread(target=_recv_digest, args=(backend, got))
+        reader = threading.Thread(target=_recv_digest, args=(backend, got), daemon=True)
         reader.start()
         try:
             stats = relay_mod._run_blocking(relay)
@@ -3079,7 +3086,7 @@ def test_close_false_leaves_tcp_nodelay_as_it_was(listener: socket.socket, mode:
     r.stats, r.exc = None, None
     r.a.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     r.b.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
-    r.thread = threading.Thread(target=r._run, args=(RUNNERS[mode], {"close": False}))
+    r.thread = threading.Thread(target=r._run, args=(RUNNERS[mode], {"close": False}), daemon=True)
     r.thread.start()
     try:
         exchange(r, b"ping", b"pong")
@@ -3311,7 +3318,7 @@ def _held_close_notify(
         r = Relay.__new__(Relay)
         r.client, r.a, r.b, r.backend = peer, plain, tls_side, client
         r.stats, r.exc = None, None
-        r.thread = threading.Thread(target=r._run, args=(RUNNERS[mode], kw))
+        r.thread = threading.Thread(target=r._run, args=(RUNNERS[mode], kw), daemon=True)
         r.thread.start()
         try:
             up = random.Random(n).randbytes(n)
@@ -3514,7 +3521,9 @@ def test_bytes_a_side_holds_outside_the_kernel_are_relayed_at_once(
     r.client, r.a, r.b, r.backend = client, a, b, peer  # type: ignore[assignment]
     r.stats, r.exc = None, None
     # (The idle timeout only ends a relay that stalls, as before the fix.)
-    r.thread = threading.Thread(target=r._run, args=(RUNNERS[mode], {"idle_timeout": 30}))
+    r.thread = threading.Thread(
+        target=r._run, args=(RUNNERS[mode], {"idle_timeout": 30}), daemon=True
+    )
     r.thread.start()
     try:
         assert _recv_soon(peer, len(payload)) == payload
@@ -3841,7 +3850,7 @@ def _relay_with_an_error_queue(lst: socket.socket, runner: Runner, **kw: object)
     r = Relay.__new__(Relay)
     r.client, r.a, r.b, r.backend = client, a, b, backend
     r.stats, r.exc = None, None
-    r.thread = threading.Thread(target=r._run, args=(runner, kw))
+    r.thread = threading.Thread(target=r._run, args=(runner, kw), daemon=True)
     r.thread.start()
     assert _recv_bytes(backend, len(banner)) == banner
     return r
@@ -4000,7 +4009,7 @@ def _queued_relay(
     if wrap is not None:
         client, x = wrap(client, a)
     got: list[bytes] = []
-    reader = threading.Thread(target=_recv_until_eof, args=(backend, got))
+    reader = threading.Thread(target=_recv_until_eof, args=(backend, got), daemon=True)
     try:
         client.sendall(up)
         _wait_unread(x, len(up))

@@ -144,7 +144,7 @@ def test_a_backend_that_never_reads_bounds_what_the_relay_holds(
         except BaseException as exc:
             failed.append(exc)
 
-    thread = threading.Thread(target=relay)
+    thread = threading.Thread(target=relay, daemon=True)
     thread.start()
     try:
         # Warm up: the relay runs (its loop, buffers and pipes exist) before the

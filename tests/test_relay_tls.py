@@ -113,7 +113,7 @@ def handshake(
 
     raw_client.settimeout(JOIN)
     raw_server.settimeout(JOIN)
-    t = threading.Thread(target=accept)
+    t = threading.Thread(target=accept, daemon=True)
     t.start()
     try:
         client = contexts[1].wrap_socket(raw_client, server_hostname="localhost")
@@ -173,7 +173,7 @@ class Running:
     def __init__(self, runner: Runner, setup: Setup, **kw: object) -> None:
         self.stats: RelayStats | None = None
         self.exc: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, args=(runner, setup, kw))
+        self.thread = threading.Thread(target=self._run, args=(runner, setup, kw), daemon=True)
         self.thread.start()
 
     def _run(self, runner: Runner, setup: Setup, kw: dict[str, object]) -> None:
@@ -279,8 +279,12 @@ def exchange(setup: Setup, up: bytes, down: bytes) -> tuple[PeerResult, PeerResu
     at_client: list[PeerResult] = []
     at_backend: list[PeerResult] = []
     threads = [
-        threading.Thread(target=run_peer, args=(setup.client, up, len(down), at_client)),
-        threading.Thread(target=run_peer, args=(setup.backend, down, len(up), at_backend)),
+        threading.Thread(
+            target=run_peer, args=(setup.client, up, len(down), at_client), daemon=True
+        ),
+        threading.Thread(
+            target=run_peer, args=(setup.backend, down, len(up), at_backend), daemon=True
+        ),
     ]
     for t in threads:
         t.start()
@@ -652,7 +656,7 @@ def test_a_backend_that_does_not_read_makes_the_relay_wait(
         assert 1 << 20 < sent < 64 << 20  # past the relay's buffer, short of the stream
         assert r.thread.is_alive() and r.stats is None, "the stalled relay ended"
         got: list[tuple[int, str]] = []
-        reader = threading.Thread(target=_read_all, args=(setup.backend, got))
+        reader = threading.Thread(target=_read_all, args=(setup.backend, got), daemon=True)
         reader.start()
         pusher.complete()  # a TLS record OpenSSL held half-sent goes out now
         deadline = time.monotonic() + JOIN

@@ -207,7 +207,7 @@ def test_cpu_steering_lands_on_the_member_of_the_cpu() -> None:
                 for _ in range(5):
                     connect_tcp(("127.0.0.1", group.port)).close()
 
-            t = threading.Thread(target=dial)
+            t = threading.Thread(target=dial, daemon=True)
             t.start()
             t.join(30)
             for index, member in enumerate(group):
