@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import IO, Any
 
@@ -74,6 +74,41 @@ def fds_left(free: int) -> Iterator[None]:
     finally:
         for fd in fillers:
             os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.fixture
+def fd_limit() -> Iterator[Callable[[int], None]]:
+    """A function that lets this test open fds up to a number, for this test only.
+
+    ``fd_limit(n)`` raises the soft ``RLIMIT_NOFILE`` to at least *n* (the limit is
+    one above the highest fd number allowed, not a count), and the hard limit too
+    where it is below *n*, which needs ``CAP_SYS_RESOURCE``: without it the test
+    skips, saying how many fds it needs. Both limits are put back when the test
+    ends, so no later test passes only because an earlier one raised them.
+
+    :raises pytest.skip.Exception: when the hard limit is below *n* and may not be
+        raised.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+
+    def raise_to(n: int) -> None:
+        now_soft, now_hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if now_soft != resource.RLIM_INFINITY and now_soft < n:
+            new_hard = now_hard
+            if now_hard != resource.RLIM_INFINITY and now_hard < n:
+                new_hard = n
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (n, new_hard))
+            except (ValueError, OSError) as exc:
+                # EPERM without CAP_SYS_RESOURCE, or above fs.nr_open.
+                pytest.skip(f"needs {n} fds (RLIMIT_NOFILE is {now_soft}/{now_hard}): {exc}")
+
+    try:
+        yield raise_to
+    finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 

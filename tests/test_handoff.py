@@ -10,7 +10,6 @@ import json
 import math
 import os
 import re
-import resource
 import select
 import socket
 import stat
@@ -19,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -659,11 +658,9 @@ def test_inherit_refuses_one_socket_under_two_names(monkeypatch: pytest.MonkeyPa
         assert s.fileno() != -1
 
 
-def test_more_sockets_than_one_message_carries() -> None:
+def test_more_sockets_than_one_message_carries(fd_limit: Callable[[int], None]) -> None:
     """600 sockets: more than SCM_MAX_FD (253), so three chunks on one channel."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < 2000:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    fd_limit(max(open_fds()) + 2 * 600 + 64)  # the 600 sent and the 600 received
     a, b = socket.socketpair()
     socks = [udp_socket() for _ in range(600)]
     before = open_fds()
@@ -706,13 +703,13 @@ def _pass(channel: socket.socket, what: str) -> None:
 )
 @pytest.mark.parametrize("count", [3, 253, 600])
 @pytest.mark.parametrize("passing", ["cred", "pidfd", "cred+pidfd"])
-def test_a_channel_that_passes_credentials_or_pidfds(kind: int, count: int, passing: str) -> None:
+def test_a_channel_that_passes_credentials_or_pidfds(
+    kind: int, count: int, passing: str, fd_limit: Callable[[int], None]
+) -> None:
     # Before: with SO_PASSPIDFD the pidfd the kernel installs at each recvmsg leaked
     # (one per message), and with SO_PASSCRED the credentials took the control
     # buffer's room, so a full chunk (253 fds) always failed with MSG_CTRUNC.
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < 2000:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    fd_limit(max(open_fds()) + 2 * count + 64)  # sent, received, a pidfd a message
     a, b = socket.socketpair(socket.AF_UNIX, kind)
     socks = [udp_socket() for _ in range(count)]
     try:
@@ -785,17 +782,13 @@ def _handoff_in_a_thread(
         (4_000, 255),  # names of the longest size (_MAX_NAME): 1.28 MB of header
     ],
 )
-def test_a_header_over_one_mebibyte_is_received(count: int, name_size: int | None) -> None:
+def test_a_header_over_one_mebibyte_is_received(
+    count: int, name_size: int | None, fd_limit: Callable[[int], None]
+) -> None:
     # Before: send_sockets took them, and recv_sockets refused any header over
     # 1 MiB, so every such handoff failed although the docs promise 65,536.
     names = None if name_size is None else [f"{i:0{name_size}d}" for i in range(count)]
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    need = count + len(open_fds()) + 64
-    try:
-        if soft < need:  # raising the hard limit needs root (CAP_SYS_RESOURCE)
-            resource.setrlimit(resource.RLIMIT_NOFILE, (need, max(hard, need)))
-    except (ValueError, OSError) as exc:
-        pytest.skip(f"needs {need} fds (RLIMIT_NOFILE is {soft}/{hard}): {exc}")
+    fd_limit(max(open_fds()) + count + 64)  # (skips where the hard limit is lower)
     one = udp_socket()
     try:
         # One socket sent *count* times: the sender needs one fd, the receiver
@@ -811,7 +804,6 @@ def test_a_header_over_one_mebibyte_is_received(count: int, name_size: int | Non
                 s.close()
     finally:
         one.close()
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_the_largest_handoff_fits_the_receivers_limit() -> None:
@@ -1636,11 +1628,11 @@ def test_drain_close_needs_a_member_the_group_still_holds(
         s0.close()
 
 
-def test_drain_close_listener_above_fd_1023(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_drain_close_listener_above_fd_1023(
+    monkeypatch: pytest.MonkeyPatch, fd_limit: Callable[[int], None]
+) -> None:
     monkeypatch.setattr(_handoff, "tcp_migrate_req", lambda: False)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft <= 1500:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    fd_limit(1500 + 64)  # fd 1500 below the limit, and room for a few more above it
     with reuseport_group("127.0.0.1:0", 2) as group:
         # select() refuses fds above 1023; a busy proxy has them.
         fd = group.take(1).detach()
