@@ -56,6 +56,14 @@ def listener() -> Iterator[socket.socket]:
         yield lst
 
 
+@pytest.fixture(autouse=True)
+def _empty_pipe_pool() -> None:
+    """Each test starts with this thread's pipe pool empty: the tests that count the
+    pipes release_pipes() closes (or take an fd snapshot with none idle) would
+    otherwise count those a failed test before them left pooled."""
+    release_pipes()
+
+
 def tcp_pair(lst: socket.socket) -> tuple[socket.socket, socket.socket]:
     c = socket.create_connection(lst.getsockname())
     s, _ = lst.accept()
