@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import socket
 import subprocess
 import sys
+import time
+from typing import IO
 
 import pytest
 
@@ -42,6 +45,27 @@ def test_demo_runs_and_cleans_up() -> None:
             os.kill(int(pid), 0)
 
 
+def _first_lines(stream: IO[bytes], n: int, timeout: float) -> str:
+    """The first *n* lines a child writes to *stream*, waiting at most *timeout* s in
+    all (a bare readline() waits forever on a child that hangs before writing).
+
+    :raises AssertionError: the lines did not come in time, or the child closed its
+        end before writing them.
+    """
+    deadline = time.monotonic() + timeout
+    got = b""
+    while got.count(b"\n") < n:
+        left = deadline - time.monotonic()
+        assert left > 0 and select.select([stream], [], [], left)[0], (
+            f"no {n} lines within {timeout} s: {got!r}"
+        )
+        # os.read, not stream.read: the file object's buffer would hide bytes from select.
+        chunk = os.read(stream.fileno(), 4096)
+        assert chunk, f"EOF before {n} lines: {got!r}"
+        got += chunk
+    return b"".join(got.splitlines(keepends=True)[:n]).decode()
+
+
 def test_demo_reader_going_away_is_quiet_and_cleans_up() -> None:
     # `python -m reuselb demo | head`: 400 lines overflow stdio's 8 KiB pipe buffer, so
     # the demo writes again after the reader closed and gets EPIPE mid-run.
@@ -49,16 +73,18 @@ def test_demo_reader_going_away_is_quiet_and_cleans_up() -> None:
         [sys.executable, "-m", "reuselb", "demo", "reuseport", "--requests", "400"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        text=True,
     )
     assert proc.stdout is not None and proc.stderr is not None
-    first = proc.stdout.readline() + proc.stdout.readline()
-    proc.stdout.close()
     try:
-        err = proc.stderr.read()
-        rc = proc.wait(timeout=60)
+        first = _first_lines(proc.stdout, 2, timeout=60)
+        proc.stdout.close()
+        # communicate(timeout=): a bare stderr.read() waits forever on a demo that
+        # hangs instead of dying of the EPIPE. (It reads stderr only: stdout is closed.)
+        err = proc.communicate(timeout=60)[1].decode(errors="replace")
+        rc = proc.returncode
     finally:
-        proc.stderr.close()
+        for stream in (proc.stdout, proc.stderr):
+            stream.close()
         if proc.poll() is None:
             proc.kill()
             proc.wait()

@@ -70,20 +70,29 @@ def test_listener_queue_survives_handoff_to_another_process() -> None:
     client = connect_tcp(lst.getsockname())  # queued, not yet accepted
     client.sendall(b"queued before handoff")
     parent, child = socket.socketpair()
+    proc: subprocess.Popen[str] | None = None
     try:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", _RECEIVER, str(child.fileno())],
-            pass_fds=[child.fileno()],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        child.close()
+        with child:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", _RECEIVER, str(child.fileno())],
+                pass_fds=[child.fileno()],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
         send_sockets(parent, [lst], names=["web"])
         lst.close()  # the old process lets go; the queue lives on in the new one
         out, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0
         assert out.strip() == "queued before handoff"
     finally:
+        if proc is not None:
+            # communicate(timeout=) raises TimeoutExpired and leaves the child running.
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=30)
+            if proc.stdout is not None:
+                proc.stdout.close()
+        lst.close()
         parent.close()
         client.close()
 

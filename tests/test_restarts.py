@@ -325,6 +325,37 @@ while True:
 """
 
 
+def _wait_ready(proc: subprocess.Popen[str], timeout: float = 30) -> None:
+    """Wait for the worker *proc*'s "ready" line; kill and reap it if none comes.
+
+    select() first: a bare readline() waits forever on a worker stuck before its
+    "ready" (in recv_sockets, an import). The line is one flushed write, so once
+    the pipe is readable the whole line is there.
+
+    :raises AssertionError: no "ready" within *timeout* s, or something else came.
+    """
+    assert proc.stdout is not None
+    try:
+        assert select.select([proc.stdout], [], [], timeout)[0], (
+            f"worker {proc.pid} not ready within {timeout} s"
+        )
+        line = proc.stdout.readline()
+        assert line.strip() == "ready", f"worker {proc.pid} said {line!r}"
+    except BaseException:
+        _reap(proc)
+        raise
+
+
+def _reap(proc: subprocess.Popen[str]) -> None:
+    """Kill *proc* (if it still runs), wait for it and close its pipes."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(timeout=30)
+    for stream in (proc.stdin, proc.stdout):
+        if stream is not None:
+            stream.close()
+
+
 def _udp_worker(member: socket.socket, index: int) -> subprocess.Popen[str]:
     parent, child = socket.socketpair()
     with parent, child:
@@ -334,9 +365,12 @@ def _udp_worker(member: socket.socket, index: int) -> subprocess.Popen[str]:
             stdout=subprocess.PIPE,
             text=True,
         )
-        send_sockets(parent, [member], names=["member"])
-    assert proc.stdout is not None
-    assert proc.stdout.readline().strip() == "ready"
+        try:
+            send_sockets(parent, [member], names=["member"])
+        except BaseException:
+            _reap(proc)
+            raise
+    _wait_ready(proc)
     return proc
 
 
@@ -392,6 +426,9 @@ for line in sys.stdin:                     # commands from the test, one per lin
         try:
             while True:
                 conn, _ = lst.accept()
+                # accept() gives a blocking socket: a client that sends nothing
+                # would stop the worker, and the test, for good.
+                conn.settimeout(5)
                 conn.sendall(b"re:" + conn.recv(16))
                 conn.close()
         except TimeoutError:
@@ -409,9 +446,13 @@ def _paused_worker(member: socket.socket) -> tuple[subprocess.Popen[str], socket
         text=True,
     )
     child.close()
-    send_sockets(parent, [member], names=["listener"])
-    assert proc.stdout is not None
-    assert proc.stdout.readline().strip() == "ready"
+    try:
+        send_sockets(parent, [member], names=["listener"])
+        _wait_ready(proc)  # (reaps the worker if it is not ready)
+    except BaseException:
+        _reap(proc)
+        parent.close()
+        raise
     return proc, parent
 
 
