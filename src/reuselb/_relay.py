@@ -1569,7 +1569,8 @@ def pipe_splice(
         are reported there, not raised.
     :raises WrongSocketType: a side is not a stream socket, is a listening socket, or
         is neither connected nor connecting (no ``connect()``, or one that failed).
-    :raises SocketClosed: a side is closed.
+    :raises SocketClosed: a side is closed (also by a relay of a loop closed with
+        ``loop.close()`` alone that held it: every start ends those first).
     :raises InvalidArgument: *a* and *b* are the same socket (two fds of one socket
         too, e.g. ``b = a.dup()``), or a bad option.
     :raises OSError: making a side non-blocking or setting ``TCP_NODELAY`` failed
@@ -1584,6 +1585,7 @@ def pipe_splice(
     before its EOF is reset (``SO_LINGER`` 0), as after an error: its peer never
     takes a truncated stream for a complete one.
     """
+    _sweep_closed_hubs(None)
     relay = _Relay(a, b, pipe_size=pipe_size, idle_timeout=idle_timeout, close=close)
     return _run_blocking(relay)
 
@@ -1888,7 +1890,8 @@ async def async_pipe_splice(
         shutting down (it closed its async generators: nothing would end the relay).
     :raises WrongSocketType: a side is not a stream socket, is a listening socket, or
         is neither connected nor connecting (no ``connect()``, or one that failed).
-    :raises SocketClosed: a side is closed.
+    :raises SocketClosed: a side is closed (also by a relay of a loop closed with
+        ``loop.close()`` alone that held it: every start ends those first).
     :raises InvalidArgument: *a* and *b* are the same socket (or two fds of it), a
         bad option, or a socket is already in another running relay of this loop
         (also as another fd of it, e.g. ``a.dup()``; a :class:`SocketLike` is known
@@ -1901,7 +1904,8 @@ async def async_pipe_splice(
     Whatever fails before the relay runs gives both sockets back as they were
     (blocking mode, ``TCP_NODELAY``), whatever *close* says.
     """
-    asyncio.get_running_loop()  # RuntimeError before touching the sockets
+    # RuntimeError before touching the sockets
+    _sweep_closed_hubs(asyncio.get_running_loop())
     relay = _Relay(a, b, pipe_size=pipe_size, idle_timeout=idle_timeout, close=close)
     return await _run_async(relay)
 
@@ -1937,7 +1941,8 @@ def start_pipe_splice(
         shutting down (it closed its async generators: nothing would end the relay).
     :raises WrongSocketType: a side is not a stream socket, is a listening socket, or
         is neither connected nor connecting (no ``connect()``, or one that failed).
-    :raises SocketClosed: a side is closed.
+    :raises SocketClosed: a side is closed (also by a relay of a loop closed with
+        ``loop.close()`` alone that held it: every start ends those first).
     :raises InvalidArgument: *a* and *b* are the same socket (or two fds of it), a
         bad option, or a socket is already in another running relay of this loop
         (also as another fd of it, e.g. ``a.dup()``; a :class:`SocketLike` is known
@@ -1947,6 +1952,7 @@ def start_pipe_splice(
         failure above, nothing was started and both sockets are as they were.
     """
     loop = asyncio.get_running_loop()  # RuntimeError before touching the sockets
+    _sweep_closed_hubs(loop)
     relay = _Relay(a, b, pipe_size=pipe_size, idle_timeout=idle_timeout, close=close)
     if not _HAS_EPOLL:
         try:
@@ -2645,7 +2651,7 @@ def _end_closed_hubs() -> None:
     """End the relays of loops closed without an orderly shutdown (``loop.close()``
     alone) and close their hubs: they can never run again, and would keep their
     sockets, pipes, epoll fd and loop for the life of the process, their peers
-    waiting. Called by a start on any loop, in any thread.
+    waiting. Called by every start, in any thread (see :func:`_sweep_closed_hubs`).
     """
     # list() copies in one step: loops in other threads add and drop hubs. The pop
     # makes one caller the closed hub's only one: two threads may find it at once.
@@ -2661,6 +2667,24 @@ def _end_closed_hubs() -> None:
                 raise
 
 
+def _sweep_closed_hubs(loop: asyncio.AbstractEventLoop | None) -> None:
+    """Run :func:`_end_closed_hubs` if a loop other than *loop* (the starting relay's,
+    or None for the blocking form) has a hub, which may be a closed loop's.
+
+    Every start calls this first, before it builds its :class:`_Relay`: a closed
+    loop's relay may hold the very sockets being started, and ending it closes them
+    (``close=True``) or gives them back blocking, with their old ``TCP_NODELAY``
+    (``close=False``). A relay built before would have recorded them as that relay
+    left them (non-blocking, ``TCP_NODELAY`` on), so its begin() would not make them
+    non-blocking, and a blocking splice or recv would freeze the new relay's loop;
+    or its start would meet their fds closed (a bare OSError, not SocketClosed).
+    Looked for at every start, not only at a new hub's, or a proxy whose loop always
+    has a relay would never free them (a len() and a lookup per start otherwise).
+    """
+    if len(_HUBS) > (loop in _HUBS):
+        _end_closed_hubs()
+
+
 def _start_async(
     relay: _Relay, loop: asyncio.AbstractEventLoop, future: asyncio.Future[RelayStats] | None = None
 ) -> _Driven:
@@ -2671,11 +2695,6 @@ def _start_async(
     hub: _Hub | None = None
     try:
         hub = _HUBS.get(loop)
-        if len(_HUBS) > (0 if hub is None else 1):
-            # Another loop has a hub, which may be a closed loop's: looked for at
-            # every start, not only at a new hub's, or a proxy whose loop always
-            # has a relay would never free it (one len() per start otherwise).
-            _end_closed_hubs()
         if hub is None:
             # Only a new hub can be late: a loop's shutdown ends and drops its hub.
             _refuse_late_start(loop)

@@ -1,0 +1,266 @@
+"""The asyncio relay hub's bookkeeping across loops: relays of loops closed with
+``loop.close()`` alone ended before a start reads its sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import uvloop
+
+import reuselb._relay as relay_mod
+from reuselb import (
+    End,
+    RelayStats,
+    SocketClosed,
+    async_pipe_splice,
+    pipe_splice,
+    start_pipe_splice,
+)
+
+pytestmark = pytest.mark.linux
+# Every wait is bounded by this; a relay blocked in a syscall (the loop frozen) is
+# woken by _watchdog after WATCHDOG seconds, so such a test fails, never hangs.
+JOIN = 30.0
+WATCHDOG = 10.0
+
+
+@pytest.fixture(scope="module")
+def listener() -> Iterator[socket.socket]:
+    with socket.create_server(("127.0.0.1", 0), backlog=128) as lst:
+        yield lst
+
+
+@pytest.fixture(autouse=True)
+def _no_hub_left() -> Iterator[None]:
+    """A test that fails mid-way may leave a closed loop's hub: ended here, so that
+    the next test's start does not end it (and its sockets) instead."""
+    yield
+    relay_mod._end_closed_hubs()
+
+
+def tcp_pair(lst: socket.socket) -> tuple[socket.socket, socket.socket]:
+    c = socket.create_connection(lst.getsockname(), timeout=JOIN)
+    s, _ = lst.accept()
+    c.settimeout(None)  # blocking, as a caller's socket usually is
+    return c, s
+
+
+def _nonblocking(sock: socket.socket) -> bool:
+    """Whether the open file of *sock* has O_NONBLOCK (what the kernel does, not what
+    the socket object's timeout says)."""
+    return bool(fcntl.fcntl(sock.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK)
+
+
+@contextlib.contextmanager
+def _watchdog(*peers: socket.socket) -> Iterator[None]:
+    """Close *peers* if the block has not ended after WATCHDOG seconds: a relay stuck
+    in a blocking recv or splice on their sockets (and its loop with it) wakes up,
+    and the test fails on what it finds instead of hanging."""
+
+    def fire() -> None:
+        for peer in peers:
+            with contextlib.suppress(OSError):
+                peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+            peer.close()  # a reset: wakes a splice into a full buffer too
+
+    timer = threading.Timer(WATCHDOG, fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+def _new_loop(kind: str) -> asyncio.AbstractEventLoop:
+    return uvloop.new_event_loop() if kind == "uvloop" else asyncio.new_event_loop()
+
+
+async def _start_on_running_loop(
+    a: socket.socket, b: socket.socket, **kw: Any
+) -> asyncio.Future[RelayStats]:
+    return start_pipe_splice(a, b, **kw)
+
+
+def _relay_on_closed_loop(
+    kind: str, a: socket.socket, b: socket.socket, *, close: bool
+) -> asyncio.Future[RelayStats]:
+    """A relay of *a* and *b* on a loop then closed with ``loop.close()`` alone: it
+    runs no more, and holds the sockets until a start elsewhere ends it."""
+    loop = _new_loop(kind)
+    try:
+        return loop.run_until_complete(_start_on_running_loop(a, b, close=close))
+    finally:
+        loop.close()
+
+
+async def _start(api: str, a: socket.socket, b: socket.socket) -> asyncio.Future[RelayStats]:
+    """A relay of *a* and *b* on the running loop, started by *api*; returns once
+    the start ran (what it raised, raised)."""
+    if api == "start":
+        return start_pipe_splice(a, b)
+    task = asyncio.get_running_loop().create_task(async_pipe_splice(a, b))
+    await asyncio.sleep(0)  # one loop step: the task's first step, the start, ran
+    if task.done():
+        task.result()  # the start's exception
+    return task
+
+
+async def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    loop = asyncio.get_running_loop()
+    data = bytearray()
+    while len(data) < n:
+        chunk = await loop.sock_recv(sock, n - len(data))
+        assert chunk, f"EOF after {len(data)} of {n} bytes"
+        data += chunk
+    return bytes(data)
+
+
+class _Ticks:
+    """The longest gap between the runs of a 10 ms timer on the running loop: a loop
+    frozen in a blocking syscall shows it as a gap that long."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.last = time.monotonic()
+        self.longest = 0.0
+        self.handle = self.loop.call_later(0.01, self.tick)
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        self.longest = max(self.longest, now - self.last)
+        self.last = now
+        self.handle = self.loop.call_later(0.01, self.tick)
+
+    def stop(self) -> float:
+        self.handle.cancel()
+        return max(self.longest, time.monotonic() - self.last)
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("api", ["start", "coroutine"])
+@pytest.mark.parametrize("busy", [True, False], ids=["busy-loop", "new-hub"])
+def test_a_closed_loop_s_close_false_relay_of_the_same_sockets_ends_before_the_start(
+    listener: socket.socket, loop_kind: str, api: str, busy: bool
+) -> None:
+    # A start ended the relays of loops closed with loop.close() alone only after it
+    # had built its own relay, which records each socket's timeout and TCP_NODELAY:
+    # a close=False relay of the same sockets on such a loop then gave them back
+    # blocking, after the new relay had read them non-blocking (as that relay left
+    # them), so it never made them non-blocking, and its first recv or splice with
+    # nothing to read blocked the whole loop (5 s, until the peers closed).
+    client, a = tcp_pair(listener)
+    b, backend = tcp_pair(listener)
+    k_client, ka = tcp_pair(listener)
+    kb, k_backend = tcp_pair(listener)
+    loop = _new_loop(loop_kind)
+    data = os.urandom(1 << 18)  # a stream: the relay splices it
+    try:
+        # With busy, the loop has a hub already (the sweep ran at every start of
+        # it), else the start makes one (it ran when a new hub was made).
+        kept = loop.run_until_complete(_start_on_running_loop(ka, kb)) if busy else None
+        first = _relay_on_closed_loop(loop_kind, a, b, close=False)
+        assert _nonblocking(a) and _nonblocking(b)  # the old relay made them so
+
+        async def second() -> RelayStats:
+            relay = await _start(api, a, b)
+            assert first.cancelled()  # the closed loop's relay ended
+            # The new relay made them non-blocking (and the old one gave them
+            # back first: nothing left to undo them later).
+            assert _nonblocking(a) and _nonblocking(b), "the relay runs on blocking sockets"
+            assert a.gettimeout() == b.gettimeout() == 0.0
+            assert a.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            ticks = _Ticks()
+            client.setblocking(False)
+            backend.setblocking(False)
+            loop = asyncio.get_running_loop()
+            sending = loop.create_task(loop.sock_sendall(client, data))
+            got = await asyncio.wait_for(_recv_exactly(backend, len(data)), JOIN)
+            await asyncio.wait_for(sending, JOIN)
+            assert got == data
+            assert ticks.stop() < WATCHDOG / 2, "the loop stalled while relaying"
+            client.shutdown(socket.SHUT_WR)
+            backend.shutdown(socket.SHUT_WR)
+            return await asyncio.wait_for(relay, JOIN)
+
+        with _watchdog(client, backend):
+            stats = loop.run_until_complete(second())
+        assert (stats.a_to_b, stats.a_end, stats.b_end) == (len(data), End.EOF, End.EOF)
+        assert list(relay_mod._HUBS) == ([loop] if busy else [])
+        if kept is not None:
+            kept.cancel()
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        assert not relay_mod._HUBS
+    finally:
+        loop.close()
+        for s in (client, a, b, backend, k_client, ka, kb, k_backend):
+            s.close()
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("api", ["start", "coroutine"])
+def test_a_start_of_sockets_a_closed_loop_s_relay_closes_raises_socket_closed(
+    listener: socket.socket, loop_kind: str, api: str
+) -> None:
+    # The same with the old relay close=True: ending it closes a and b, which the
+    # new relay, built before, had taken for open; its start raised a bare OSError
+    # (EBADF) instead of the SocketClosed the docs promise for a closed side.
+    client, a = tcp_pair(listener)
+    b, backend = tcp_pair(listener)
+    loop = _new_loop(loop_kind)
+    try:
+        first = _relay_on_closed_loop(loop_kind, a, b, close=True)
+
+        async def second() -> None:
+            with pytest.raises(SocketClosed, match="relay side a is closed"):
+                await _start(api, a, b)
+
+        loop.run_until_complete(second())
+        assert first.cancelled() and a.fileno() == b.fileno() == -1
+        assert not relay_mod._HUBS  # the closed loop's hub ended, and no new one kept
+        # Cut off mid-way by the old relay's end, its peers are reset, not left waiting.
+        for peer in (client, backend):
+            peer.settimeout(JOIN)
+            with pytest.raises(ConnectionResetError):
+                peer.recv(1)
+    finally:
+        loop.close()
+        for s in (client, a, b, backend):
+            s.close()
+
+
+def test_a_blocking_relay_ends_a_closed_loop_s_relay_of_its_sockets_first(
+    listener: socket.socket,
+) -> None:
+    # pipe_splice is a start too: it did not end closed loops' relays at all, so
+    # one holding its sockets (close=False) kept them, and was still to give them
+    # back blocking under a later relay; pipe_splice itself took them as the old
+    # relay left them, and gave them back non-blocking at its end.
+    client, a = tcp_pair(listener)
+    b, backend = tcp_pair(listener)
+    try:
+        first = _relay_on_closed_loop("asyncio", a, b, close=False)
+        client.sendall(b"request")
+        client.shutdown(socket.SHUT_WR)
+        backend.sendall(b"response")
+        backend.shutdown(socket.SHUT_WR)
+        stats = pipe_splice(a, b, close=False, idle_timeout=JOIN)
+        assert first.cancelled()
+        assert not relay_mod._HUBS
+        assert (stats.a_to_b, stats.b_to_a) == (7, 8)
+        assert (stats.a_end, stats.b_end) == (End.EOF, End.EOF)
+        # Given back as the caller had them before either relay.
+        assert a.getblocking() and b.getblocking()
+        assert not _nonblocking(a) and not _nonblocking(b)
+    finally:
+        for s in (client, a, b, backend):
+            s.close()
