@@ -1,5 +1,6 @@
-"""The asyncio relay hub's bookkeeping across loops: relays of loops closed with
-``loop.close()`` alone ended before a start reads its sockets."""
+"""The asyncio relay hub's bookkeeping across loops and sockets: relays of loops closed
+with ``loop.close()`` alone ended before a start reads its sockets, and the check
+that refuses a dup of a relayed socket (sockfs inode numbers, SO_COOKIE)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -19,6 +20,7 @@ import uvloop
 import reuselb._relay as relay_mod
 from reuselb import (
     End,
+    InvalidArgument,
     RelayStats,
     SocketClosed,
     async_pipe_splice,
@@ -263,4 +265,160 @@ def test_a_blocking_relay_ends_a_closed_loop_s_relay_of_its_sockets_first(
         assert not _nonblocking(a) and not _nonblocking(b)
     finally:
         for s in (client, a, b, backend):
+            s.close()
+
+
+@contextlib.contextmanager
+def _inode_numbers(monkeypatch: pytest.MonkeyPatch, numbers: dict[int, int]) -> Iterator[None]:
+    """The relay's fstat reports inode ``numbers[fd]`` for the fds listed: sockfs
+    numbers sockets from a 32-bit counter (get_next_ino), which a busy proxy wraps
+    in hours, so a socket relayed that long and a new one may share a number."""
+    real: Callable[[int], os.stat_result] = os.fstat
+
+    class _Stat:
+        def __init__(self, st: os.stat_result, ino: int) -> None:
+            self.st_ino, self.st_dev = ino, st.st_dev
+
+    def fstat(fd: int) -> object:
+        st = real(fd)
+        return _Stat(st, numbers[fd]) if fd in numbers else st
+
+    with monkeypatch.context() as patched:
+        patched.setattr(relay_mod, "_fstat", fstat)
+        yield
+
+
+def test_a_refused_start_leaves_a_blocking_socket_blocking_under_a_default_timeout(
+    listener: socket.socket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # To tell a dup from a socket sharing its inode number, the hub read SO_COOKIE
+    # through a probe socket.socket(fileno=fd), and CPython sets O_NONBLOCK on every
+    # new socket object's file while socket.setdefaulttimeout() is in force: a start
+    # then refused (b already relayed) left the caller's blocking c non-blocking,
+    # and its next recv raised BlockingIOError. Read through the held objects now.
+    client, a = tcp_pair(listener)
+    b, backend = tcp_pair(listener)
+    c, c_peer = tcp_pair(listener)
+    default = socket.getdefaulttimeout()
+
+    async def main() -> None:
+        first = start_pipe_splice(a, b)
+        socket.setdefaulttimeout(JOIN)  # an application-wide default
+        wrapped = {c.fileno(): os.fstat(a.fileno()).st_ino}  # c has a's number
+        refused = pytest.raises(InvalidArgument, match="is already in a running relay")
+        with _inode_numbers(monkeypatch, wrapped), refused:
+            start_pipe_splice(c, b)  # b is: refused after c's check
+        assert not _nonblocking(c), "the refused start made c non-blocking"
+        assert c.getblocking() and c.gettimeout() is None
+        assert not first.done()
+        first.cancel()
+
+    try:
+        asyncio.run(main())
+        c_peer.sendall(b"x")
+        assert c.recv(1) == b"x"  # a blocking read: waits for the byte
+    finally:
+        socket.setdefaulttimeout(default)
+        for s in (client, a, b, backend, c, c_peer):
+            s.close()
+
+
+@pytest.mark.parametrize("ends_first", ["twin", "first"])
+def test_a_dup_is_refused_after_a_socket_sharing_its_inode_number_ends(
+    listener: socket.socket, monkeypatch: pytest.MonkeyPatch, ends_first: str
+) -> None:
+    # The hub kept one fd per inode number: a second socket with a relayed one's
+    # number (the counter wrapped) replaced the first one's entry, and the end of
+    # its relay deleted it, so a dup of the first socket, still relayed, was then
+    # accepted, and two relays read it. Each socket is listed now. (ends_first
+    # "first": the entry of the socket still relayed is the twin's.)
+    client, a = tcp_pair(listener)
+    b, backend = tcp_pair(listener)
+    c_client, c = tcp_pair(listener)
+    d, d_backend = tcp_pair(listener)
+    e, e_peer = tcp_pair(listener)
+    number = os.fstat(a.fileno()).st_ino
+    dups: list[socket.socket] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        first = start_pipe_splice(a, b)
+        with _inode_numbers(monkeypatch, {c.fileno(): number}):
+            twin = start_pipe_splice(c, d)  # another socket: other cookie, accepted
+        hub = relay_mod._HUBS[loop]
+        ended, kept, kept_peers = (
+            (twin, a, (client, backend))
+            if ends_first == "twin"
+            else (first, c, (c_client, d_backend))
+        )
+        live = first if ends_first == "twin" else twin
+        ended.cancel()
+        assert hub.sockets.get(number) == kept.fileno()  # the socket still relayed
+        dup = kept.dup()
+        dups.append(dup)
+        kept_fd = kept.fileno()
+        wrapped = {dup.fileno(): number, c.fileno(): number}
+        refused = pytest.raises(InvalidArgument, match=f"is the socket of fd {kept_fd},")
+        with _inode_numbers(monkeypatch, wrapped), refused:
+            start_pipe_splice(dup, e)
+        assert e.getblocking() and dup.fileno() != -1  # nothing touched
+        # The relay still running has its bytes, all of them.
+        source, sink = kept_peers
+        source.setblocking(False)
+        sink.setblocking(False)
+        await loop.sock_sendall(source, b"m" * 2000)
+        assert await asyncio.wait_for(_recv_exactly(sink, 2000), JOIN) == b"m" * 2000
+        source.shutdown(socket.SHUT_WR)
+        sink.shutdown(socket.SHUT_WR)
+        stats = await asyncio.wait_for(live, JOIN)
+        assert (stats.a_to_b, stats.a_end, stats.b_end) == (2000, End.EOF, End.EOF)
+        assert not hub.owners and not hub.sockets and not hub.inodes and not hub.twins
+
+    try:
+        asyncio.run(main())
+        e_peer.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            e_peer.recv(1)  # nothing reached the unrelated socket
+        assert not relay_mod._HUBS
+    finally:
+        for s in (client, a, b, backend, c_client, c, d, d_backend, e, e_peer, *dups):
+            s.close()
+
+
+def test_three_sockets_sharing_an_inode_number_are_all_listed_until_they_end(
+    listener: socket.socket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The bookkeeping is exact however the relays of sockets sharing a number end:
+    # a dup of each one still relayed is refused, and nothing is left behind.
+    pairs = [(tcp_pair(listener), tcp_pair(listener)) for _ in range(3)]
+    sides = [(a, b) for (_client, a), (b, _backend) in pairs]
+    number = os.fstat(sides[0][0].fileno()).st_ino
+    other, other_peer = tcp_pair(listener)  # the second side of each refused start
+    dups: list[socket.socket] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        with _inode_numbers(monkeypatch, {a.fileno(): number for a, _b in sides}):
+            futures = [start_pipe_splice(a, b) for a, b in sides]
+        hub = relay_mod._HUBS[loop]
+        for ending in (1, 0, 2):
+            futures[ending].cancel()
+            for i, (a, _b) in enumerate(sides):
+                if futures[i].done():
+                    continue
+                dup = a.dup()
+                dups.append(dup)
+                refused = pytest.raises(InvalidArgument, match=f"socket of fd {a.fileno()},")
+                with _inode_numbers(monkeypatch, {dup.fileno(): number}), refused:
+                    start_pipe_splice(dup, other)
+        assert not hub.owners and not hub.sockets and not hub.inodes and not hub.twins
+
+    try:
+        asyncio.run(main())
+        assert not relay_mod._HUBS
+    finally:
+        for (client, a), (b, backend) in pairs:
+            for s in (client, a, b, backend):
+                s.close()
+        for s in (other, other_peer, *dups):
             s.close()

@@ -1436,33 +1436,41 @@ def _inode(sock: object, fd: int) -> int | None:
 _SO_COOKIE = int(getattr(socket, "SO_COOKIE", 57 if sys.platform.startswith("linux") else -1))
 
 
-def _cookie(fd: int) -> bytes | None:
-    """The SO_COOKIE of the socket *fd* names, or None where it cannot be read (no
-    SO_COOKIE). :raises OSError: *fd* is closed or not a socket."""
-    probe = socket.socket(fileno=fd)  # OSError (EBADF, ENOTSOCK) before it owns fd
+def _cookie(sock: socket.socket) -> bytes | None:
+    """The SO_COOKIE of *sock*, or None where it cannot be read (no SO_COOKIE, or
+    *sock* is closed). Read through the socket object the relay already holds: a
+    probe ``socket.socket(fileno=fd)`` would set O_NONBLOCK on the caller's file
+    whenever ``socket.setdefaulttimeout()`` is in force (CPython's init_sockobject
+    applies the default timeout to every new socket object), and a refused start
+    must not touch the socket."""
     try:
-        return probe.getsockopt(_SOL_SOCKET, _SO_COOKIE, 8)
+        return _raw_getsockopt(sock, _SOL_SOCKET, _SO_COOKIE, 8)
     except OSError:
         return None
-    finally:
-        probe.detach()  # fd is not the probe's to close
 
 
-def _same_socket(fd: int, other: int, inode: int) -> bool:
-    """Whether fd *other*, which the hub lists for sockfs inode *inode*, still names
-    the socket of fd *fd*, which has that inode (a dup): asked only on that match.
+def _same_socket(sock: socket.socket, other: Side, other_fd: int, inode: int) -> bool:
+    """Whether *other*, the socket a running relay watches as fd *other_fd* (which the
+    hub lists for sockfs inode *inode*), is the socket of *sock*, which has that
+    inode (a dup): asked only on that match.
 
     The inode alone could be wrong: sockfs numbers sockets from a 32-bit counter
     (get_next_ino), which a busy proxy wraps in hours, so a socket kept that long
-    and a new one may share it; and *other* may have been closed behind its
-    relay's back (the relay ends at its next event). The cookie tells them apart.
+    and a new one may share it. The cookie tells them apart. Where *other* no
+    longer holds *other_fd* (closed or detached behind its relay's back: the relay
+    ends at its next event), or there is no SO_COOKIE, the inode of what
+    *other_fd* names now must do (fstat changes nothing).
     """
-    try:
-        mine, theirs = _cookie(fd), _cookie(other)
-        if mine is None or theirs is None:
-            return _fstat(other).st_ino == inode  # no SO_COOKIE: the inode must do
-    except OSError:
-        return False  # *other* is closed, or no longer a socket
+    mine = _cookie(sock)
+    theirs = None
+    # (A listed socket is a socket.socket: wrappers are not listed, see _inode.)
+    if isinstance(other, socket.socket) and other.fileno() == other_fd:
+        theirs = _cookie(other)
+    if mine is None or theirs is None:
+        try:
+            return _fstat(other_fd).st_ino == inode
+        except OSError:
+            return False  # *other_fd* is closed: not a running relay's socket
     return mine == theirs
 
 
@@ -2143,7 +2151,7 @@ _NOT_PLAIN_READ = ~(_EPOLLIN | _EPOLLRDHUP)
 class _Hub:
     """One epoll instance per event loop, shared by all of that loop's relays."""
 
-    __slots__ = ("closer", "ep", "fd", "inodes", "loop", "owners", "sockets")
+    __slots__ = ("closer", "ep", "fd", "inodes", "loop", "owners", "sockets", "twins")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -2157,6 +2165,12 @@ class _Hub:
         # fds are not listed (see _inode).
         self.sockets: dict[int, int] = {}
         self.inodes: dict[int, int] = {}
+        # The fds of further sockets whose inode number a listed one has: sockfs
+        # numbers sockets from a 32-bit counter, which wraps, so two live sockets
+        # may share one. Listed too, or the first one's entry would be overwritten
+        # and, once the second's relay ended, a dup of the first accepted. (Empty
+        # nearly always: unwatch() looks at it only when it is not.)
+        self.twins: dict[int, list[int]] = {}
         self.closer: AsyncGenerator[None, None] | None = None
         reading = False
         try:
@@ -2198,17 +2212,20 @@ class _Hub:
                 with contextlib.suppress(OSError, ValueError, KeyError):
                     self.ep.modify(fd, driven.masks[fd])
 
-    def watch(self, fd: int, driven: _Driven, inode: int | None) -> None:
+    def watch(self, fd: int, driven: _Driven, inode: int | None, sock: Side) -> None:
+        """Register *sock* (fd *fd*, sockfs inode *inode*, or None for a wrapper) for
+        *driven*'s relay.
+
+        :raises InvalidArgument: *sock* is in another running relay of the hub, by
+            this fd or another fd of it (a dup).
+        :raises OSError: epoll refused the fd.
+        """
         owner = self.owners.get(fd)
         lost = None if owner is None else owner.lost(fd)
         if owner is not None and lost is None:
             raise InvalidArgument("socket", fd, "is already in a running relay")
-        if inode is not None:
-            other = self.sockets.get(inode)
-            if other is not None and other != fd and _same_socket(fd, other, inode):
-                raise InvalidArgument(
-                    "socket", fd, f"is the socket of fd {other}, which is in a running relay"
-                )
+        if inode is not None and inode in self.sockets and isinstance(sock, socket.socket):
+            self.refuse_dup(fd, sock, inode)
         # A relay whose socket was closed behind its back (close() removed it from
         # the epoll: the kernel drops an fd's registration with its last reference)
         # still holds the number the kernel gave to this new socket. The number is
@@ -2226,22 +2243,55 @@ class _Hub:
         if owner is not None:
             self.forget(fd)  # the lost socket's entry: that relay never unwatches fd
         if inode is not None:
-            self.sockets[inode] = fd
             self.inodes[fd] = inode
+            if self.sockets.setdefault(inode, fd) != fd:
+                self.twins.setdefault(inode, []).append(fd)  # another socket's number
         if owner is not None and lost is not None:
             owner.lose(fd, lost)
 
+    def refuse_dup(self, fd: int, sock: socket.socket, inode: int) -> None:
+        """Raise InvalidArgument if a socket the hub lists for *inode* is *sock*
+        (fd *fd*) itself, i.e. *sock* is a dup of a relayed socket.
+
+        :raises InvalidArgument: it is.
+        """
+        for other in (self.sockets[inode], *self.twins.get(inode, ())):
+            owner = self.owners.get(other)
+            if (
+                other != fd
+                and owner is not None
+                and _same_socket(sock, owner.source(other), other, inode)
+            ):
+                raise InvalidArgument(
+                    "socket", fd, f"is the socket of fd {other}, which is in a running relay"
+                )
+
     def forget(self, fd: int) -> None:
+        """Drop *fd*'s inode entry: its relay let go of it, or lost it."""
         inode = self.inodes.pop(fd, None)
-        if inode is not None and self.sockets.get(inode) == fd:
-            del self.sockets[inode]
+        if inode is None:
+            return
+        twins = self.twins.get(inode)
+        if twins is None:
+            if self.sockets.get(inode) == fd:
+                del self.sockets[inode]
+            return
+        if fd in twins:
+            twins.remove(fd)
+        elif self.sockets.get(inode) == fd:
+            self.sockets[inode] = twins.pop()  # a twin still relayed stays listed
+        if not twins:
+            del self.twins[inode]
 
     def unwatch(self, fd: int, driven: _Driven) -> None:
         if self.owners.get(fd) is driven:
             del self.owners[fd]
-            inode = self.inodes.pop(fd, None)  # forget(), inlined: once per side
-            if inode is not None and self.sockets.get(inode) == fd:
-                del self.sockets[inode]
+            if self.twins:
+                self.forget(fd)  # some inode number is shared: the whole bookkeeping
+            else:
+                inode = self.inodes.pop(fd, None)  # forget(), inlined: once per side
+                if inode is not None and self.sockets.get(inode) == fd:
+                    del self.sockets[inode]
             try:  # noqa: SIM105 (contextlib.suppress costs ~0.5 us per call here)
                 self.ep.unregister(fd)
             except (OSError, ValueError):
@@ -2418,7 +2468,7 @@ class _Driven:
             # Listed first: whatever watch() did before it failed, detach() undoes
             # (unwatch() lets go only of an fd this relay owns).
             self.fds.append(fd)
-            hub.watch(fd, self, inode)
+            hub.watch(fd, self, inode, flow.src)
             self.masks[fd] = _ARM_IN
         if relay.idle_timeout is not None:
             self.timer = self.hub.loop.call_later(relay.idle_timeout, self.on_timer)
@@ -2501,6 +2551,11 @@ class _Driven:
             # itself (its state may be torn mid-pump) as a cancel would.
             self.crash(None)
             raise
+
+    def source(self, fd: int) -> Side:
+        """The side this relay watches as fd *fd*."""
+        f0, f1 = self.relay.flows
+        return f0.src if f0.src_fd == fd else f1.src
 
     def lost(self, fd: int) -> str | None:
         """The side whose fd *fd* was, if it was closed behind the relay's back."""
