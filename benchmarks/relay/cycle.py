@@ -4,9 +4,14 @@ Pre-connected loopback TCP pairs each get what one HTTP/1.1 "Connection: close"
 exchange brings: the request and the client's FIN queued on side a, the response
 and the server's FIN queued on side b. Timed: ``start_pipe_splice`` for every pair
 on one asyncio loop until every relay has ended (start, three events, half-closes,
-close). Not timed: connecting, accepting, queuing. The figure is wall time per
-relay on one thread, which is its CPU time (syscalls included); the best of the
-repetitions is reported, as the machine is shared.
+close). Not timed: connecting, accepting, queuing.
+
+Two figures per relay: the thread's CPU time (``time.thread_time()``, user and
+system, syscalls included: every relay runs on the loop's one thread) and wall time.
+They are not the same on a shared machine: wall time also counts the time another
+process held the CPU (a busy neighbour on the same CPU nearly doubled it, with the
+same CPU time), so compare CPU figures; wall time shows how much the run was
+disturbed. The best and the median of the repetitions are reported.
 
 For an A/B comparison run two source trees alternately on the same CPU::
 
@@ -40,7 +45,8 @@ def _pairs(listener: socket.socket, n: int) -> list[tuple[socket.socket, socket.
     return out
 
 
-async def _one_round(listener: socket.socket, n: int) -> float:
+async def _one_round(listener: socket.socket, n: int) -> tuple[float, float]:
+    """(thread CPU seconds, wall seconds) per relay for *n* relays."""
     clients = _pairs(listener, n)  # (client, a)
     servers = _pairs(listener, n)  # (b, server)
     try:
@@ -53,20 +59,20 @@ async def _one_round(listener: socket.socket, n: int) -> float:
             b.setblocking(False)  # as a backend dialled non-blocking would be
             sides.append((a, b))
         gc.collect()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         futures = [start_pipe_splice(a, b) for a, b in sides]
         stats = await asyncio.gather(*futures)
-        elapsed = time.perf_counter() - t0
+        cpu, wall = time.thread_time() - c0, time.perf_counter() - t0
         for st in stats:  # the work was done, not skipped
             assert (st.a_to_b, st.b_to_a) == (len(REQ), len(RESP)), st
-        return elapsed / n
+        return cpu / n, wall / n
     finally:
         for x, y in clients + servers:
             x.close()
             y.close()
 
 
-async def _main(n: int, reps: int) -> list[float]:
+async def _main(n: int, reps: int) -> list[tuple[float, float]]:
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(4096)
@@ -78,10 +84,13 @@ def main() -> None:
     parser.add_argument("--relays", type=int, default=4000, help="relays per repetition")
     parser.add_argument("--reps", type=int, default=5, help="repetitions")
     args = parser.parse_args()
-    per_relay = sorted(asyncio.run(_main(args.relays, args.reps)))
+    runs = asyncio.run(_main(args.relays, args.reps))
+    cpu = sorted(c for c, _ in runs)
+    wall = sorted(w for _, w in runs)
     print(
-        f"us per relay: best {per_relay[0] * 1e6:.1f}, "
-        f"median {statistics.median(per_relay) * 1e6:.1f} "
+        f"us per relay, thread CPU: best {cpu[0] * 1e6:.1f}, "
+        f"median {statistics.median(cpu) * 1e6:.1f}; "
+        f"wall: best {wall[0] * 1e6:.1f}, median {statistics.median(wall) * 1e6:.1f} "
         f"({args.reps} x {args.relays} relays)"
     )
 
