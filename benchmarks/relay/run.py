@@ -1,6 +1,7 @@
 """Relay benchmark: reuselb relays against the peers a user would pick, side by side.
 
     bash benchmarks/relay/setup.sh && python benchmarks/relay/run.py [--quick] [--rounds N]
+    python benchmarks/relay/run.py --only NAME [NAME ...] [--out DIR] [--rounds N]
 
 Every relay forwards 127.0.0.1:A -> 127.0.0.1:B and runs pinned to CPU 1; the load
 generators and backends run pinned to CPU 0. Loads:
@@ -12,14 +13,24 @@ generators and backends run pinned to CPU 0. Loads:
 
 Relay CPU is utime+stime of the relay process, its reaped children (cutime+cstime,
 for socat's fork per connection) and its live descendants (nginx's worker), read
-from /proc/PID/stat. Results go to stdout (a table with ratios), results.json and
-docs/img/relay-*.svg.
+from /proc/PID/stat. wrk's socket errors (connect+read+write+timeout) and non-2xx
+responses are counted per load and round; the table and results.json give the largest
+count of any round (a median would hide errors in a minority of rounds), and a row
+with any is marked, as wrk's req/s counts failed responses too.
+
+Results go to stdout (a table with ratios to the Go relay and to the plain Python copy
+relay), results.json and relay-*.svg charts. A full run (no ``--only``) writes
+benchmarks/relay/results.json and docs/img/relay-*.svg, the figures
+docs/performance.md cites; a partial run (``--only``) writes to
+benchmarks/relay/work/partial/ (git-ignored) so that it never replaces them. ``--out
+DIR`` writes DIR/results.json and DIR/relay-*.svg instead, for either.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -123,11 +134,19 @@ def relay_cmd(name: str, listen: int, target: int, work: Path) -> list[str]:
         return [*py, mode, str(listen), str(target)]
     if name == "go io.Copy":
         return [str(HERE / "work" / "gorelay"), f"127.0.0.1:{listen}", f"127.0.0.1:{target}"]
-    if name == "haproxy (mode tcp)":
+    if name in ("haproxy (mode tcp)", "haproxy (mode tcp, splice)"):
         cfg = work / f"haproxy-{listen}.cfg"
+        # HAProxy copies through user space (recvfrom/sendto) unless told to splice,
+        # while Go's io.Copy and reuselb splice(2): the second row lets it splice both
+        # ways. "option splice-auto" is not enough here: with HAProxy 2.6.12 its
+        # heuristics never spliced iperf3's stream on loopback (0 splice calls against
+        # ~290k recvfrom in 3 s, perf syscall counters), so the row forces splicing.
+        # Both rows are kept: the plain one is HAProxy's default.
+        splice = "  option splice-request\n  option splice-response\n" if "splice" in name else ""
         cfg.write_text(
             "global\n  nbthread 1\n  maxconn 4000\n"
             "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n"
+            f"{splice}"
             f"listen relay\n  bind 127.0.0.1:{listen}\n  server b 127.0.0.1:{target}\n"
         )
         return ["haproxy", "-f", str(cfg), "-db"]
@@ -157,6 +176,7 @@ RELAYS = [
     "python threads copy (baseline)",
     "go io.Copy",
     "haproxy (mode tcp)",
+    "haproxy (mode tcp, splice)",
     "nginx stream",
     "socat",
 ]
@@ -233,21 +253,38 @@ def http(name: str, work: Path, seconds: int, close: bool) -> dict[str, float]:
             timeout=seconds + 60,
         ).stdout
         cpu = cpu_seconds(relay.pid) - c0
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    total = float(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
-    errors = re.search(r"Socket errors: (.*)", out)
-    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    requests = re.search(r"(\d+) requests in", out)
+    if not rps or not requests:
+        raise RuntimeError(f"{name}: no figures in wrk's output: {out!r}")
+    total = float(requests.group(1))
+    socket_errors, non2xx = wrk_errors(out)
     return {
-        "rps": rps,
+        "rps": float(rps.group(1)),
         "cpu_s_per_10k": cpu / total * 1e4 if total else float("nan"),
-        "errors": 1.0 if errors or non2xx else 0.0,
+        "socket_errors": float(socket_errors),
+        "non2xx": float(non2xx),
     }
+
+
+def wrk_errors(out: str) -> tuple[int, int]:
+    """(socket errors, non-2xx/3xx responses) from wrk's report; wrk prints neither line
+    when the count is zero."""
+    sock = 0
+    if "Socket errors:" in out:
+        m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+        if not m:  # a format this parser does not know: fail rather than report 0
+            raise RuntimeError(f"unparsed wrk error line in {out!r}")
+        sock = sum(int(x) for x in m.groups())
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return sock, int(non2xx.group(1)) if non2xx else 0
 
 
 def svg_bars(title: str, unit: str, values: dict[str, float], path: Path) -> None:
     """A horizontal bar chart as plain SVG (no plotting dependency)."""
     width, row, left = 760, 26, 290
-    top = max(values.values()) or 1.0
+    # a failed load is NaN: an empty bar labelled "nan", not allowed to set the scale
+    top = max((v for v in values.values() if not math.isnan(v)), default=0.0) or 1.0
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{40 + row * len(values)}" '
         'font-family="sans-serif" font-size="13">',
@@ -255,7 +292,7 @@ def svg_bars(title: str, unit: str, values: dict[str, float], path: Path) -> Non
     ]
     for i, (label, value) in enumerate(values.items()):
         y = 32 + i * row
-        w = (width - left - 90) * value / top
+        w = 0.0 if math.isnan(value) else (width - left - 90) * value / top
         color = "#2b7bb9" if label.startswith("reuselb") else "#999999"
         parts += [
             f'<text x="10" y="{y + 15}">{label}</text>',
@@ -266,14 +303,87 @@ def svg_bars(title: str, unit: str, values: dict[str, float], path: Path) -> Non
     path.write_text("\n".join(parts) + "\n")
 
 
+METRICS = ("gbit_s", "cpu_s_per_gb", "keepalive_rps", "keepalive_cpu_s_per_10k", "churn_cps")
+ERRORS = ("keepalive_socket_errors", "keepalive_non2xx", "churn_socket_errors", "churn_non2xx")
+GO, PLAIN = "go io.Copy", "python threads copy (baseline)"
+
+
+def errors_cell(e: dict[str, float], rounds: int) -> str:
+    """ "0", or each load's largest socket-error and non-2xx counts of any round."""
+    if not e["rounds_with_errors"]:
+        return "0"
+    return (
+        f"keep-alive {e['keepalive_socket_errors']:,.0f}/{e['keepalive_non2xx']:,.0f}, "
+        f"churn {e['churn_socket_errors']:,.0f}/{e['churn_non2xx']:,.0f} "
+        f"({e['rounds_with_errors']:.0f} of {rounds} rounds)"
+    )
+
+
+def table(
+    med: dict[str, dict[str, float]], errors: dict[str, dict[str, float]], rounds: int
+) -> str:
+    """The markdown table docs/performance.md shows: medians, ratios, error counts."""
+    go, base = med.get(GO), med.get(PLAIN)
+    lines = [
+        "| relay | Gbit/s | CPU-s/GB | keep-alive req/s | CPU-s/10k req | churn conn/s "
+        "| bulk vs Go | CPU/GB vs Go | keep-alive vs Go | churn vs Go "
+        "| bulk vs plain Python | CPU/GB vs plain Python | keep-alive vs plain Python "
+        "| churn vs plain Python | wrk errors, max of a round (socket/non-2xx) |",
+        "|" + "---|" * 15,
+    ]
+    for n, m in med.items():
+
+        def ratio(key: str, ref: dict[str, float] | None, m: dict[str, float] = m) -> str:
+            return f"{m[key] / ref[key]:.2f}" if ref and ref[key] else "-"
+
+        mark = " (errors)" if errors[n]["rounds_with_errors"] else ""
+        lines.append(
+            f"| {n}{mark} | {m['gbit_s']:.2f} | {m['cpu_s_per_gb']:.3f} | {m['keepalive_rps']:,.0f} | "
+            f"{m['keepalive_cpu_s_per_10k']:.3f} | {m['churn_cps']:,.0f} | "
+            + " | ".join(
+                ratio(k, ref)
+                for ref in (go, base)
+                for k in ("gbit_s", "cpu_s_per_gb", "keepalive_rps", "churn_cps")
+            )
+            + f" | {errors_cell(errors[n], rounds)} |"
+        )
+    if any(e["rounds_with_errors"] for e in errors.values()):
+        lines.append(
+            "\n(errors): wrk reported socket errors or non-2xx responses in at least one "
+            "round; its req/s counts those responses too."
+        )
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 s per load instead of 4")
     parser.add_argument("--rounds", type=int, default=1, help="rounds; the median is reported")
-    parser.add_argument("--only", nargs="*", help="relay names to run (default: all)")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=RELAYS,
+        metavar="NAME",
+        help="run only these relays (quote each name); one of: " + "; ".join(RELAYS),
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="write results.json and relay-*.svg here (default: benchmarks/relay/ and "
+        "docs/img/ for a full run, benchmarks/relay/work/partial/ with --only)",
+    )
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, not {args.rounds}")
     seconds = 2 if args.quick else 4
-    names = [n for n in RELAYS if not args.only or n in args.only]
+    names = [n for n in RELAYS if args.only is None or n in args.only]
+    if args.out is not None:
+        json_path, img = args.out / "results.json", args.out
+    elif args.only is None:
+        json_path, img = HERE / "results.json", ROOT / "docs" / "img"
+    else:  # never replace the full run's figures, which the docs cite, with a subset
+        img = HERE / "work" / "partial"
+        json_path = img / "results.json"
     missing = [
         t for t in ("iperf3", "wrk", "nginx", "haproxy", "socat", "taskset") if not shutil.which(t)
     ]
@@ -282,6 +392,7 @@ def main() -> int:
             f"missing {missing or 'work/gorelay'}: run benchmarks/relay/setup.sh", file=sys.stderr
         )
         return 2
+    load_start = os.getloadavg()
     samples: dict[str, dict[str, list[float]]] = {n: {} for n in names}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -295,7 +406,10 @@ def main() -> int:
                         "keepalive_rps": ka["rps"],
                         "keepalive_cpu_s_per_10k": ka["cpu_s_per_10k"],
                         "churn_cps": ch["rps"],
-                        "http_errors": ka["errors"] + ch["errors"],
+                        "keepalive_socket_errors": ka["socket_errors"],
+                        "keepalive_non2xx": ka["non2xx"],
+                        "churn_socket_errors": ch["socket_errors"],
+                        "churn_non2xx": ch["non2xx"],
                     }
                 )
                 for k, v in res.items():
@@ -305,30 +419,34 @@ def main() -> int:
                     + ", ".join(f"{k}={v:.3g}" for k, v in res.items()),
                     flush=True,
                 )
-    med = {n: {k: statistics.median(v) for k, v in m.items()} for n, m in samples.items()}
-    go = med.get("go io.Copy")
-    base = med.get("python threads copy (baseline)")
-    header = (
-        "| relay | Gbit/s | CPU-s/GB | keep-alive req/s | CPU-s/10k req | churn conn/s "
-        "| bulk vs Go | CPU/GB vs Go | keep-alive vs Go | churn vs Go | keep-alive vs plain Python |"
-    )
-    print("\n" + header + "\n|" + "---|" * 11)
-    for n, m in med.items():
-
-        def ratio(key: str, ref: dict[str, float] | None, m: dict[str, float] = m) -> str:
-            return f"{m[key] / ref[key]:.2f}" if ref and ref[key] else "-"
-
-        print(
-            f"| {n} | {m['gbit_s']:.2f} | {m['cpu_s_per_gb']:.3f} | {m['keepalive_rps']:,.0f} | "
-            f"{m['keepalive_cpu_s_per_10k']:.3f} | {m['churn_cps']:,.0f} | {ratio('gbit_s', go)} | "
-            f"{ratio('cpu_s_per_gb', go)} | {ratio('keepalive_rps', go)} | {ratio('churn_cps', go)} | "
-            f"{ratio('keepalive_rps', base)} |"
+    med = {n: {k: statistics.median(m[k]) for k in METRICS} for n, m in samples.items()}
+    errors = {
+        n: {
+            **{k: max(m[k]) for k in ERRORS},
+            "rounds_with_errors": float(
+                sum(any(m[k][r] for k in ERRORS) for r in range(args.rounds))
+            ),
+        }
+        for n, m in samples.items()
+    }
+    print("\n" + table(med, errors, args.rounds))
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "rounds": args.rounds,
+                "loadavg_start": load_start,
+                "loadavg_end": os.getloadavg(),
+                "median": med,
+                "wrk_errors_max_of_rounds": errors,
+                "per_round": samples,
+            },
+            indent=2,
         )
-    (HERE / "results.json").write_text(
-        json.dumps({"seconds": seconds, "rounds": args.rounds, "median": med}, indent=2) + "\n"
+        + "\n"
     )
-    img = ROOT / "docs" / "img"
-    img.mkdir(exist_ok=True)
+    img.mkdir(parents=True, exist_ok=True)
     svg_bars(
         "Bulk throughput (iperf3), Gbit/s",
         "Gbit/s",
@@ -353,6 +471,7 @@ def main() -> int:
         {n: m["churn_cps"] for n, m in med.items()},
         img / "relay-churn.svg",
     )
+    print(f"wrote {json_path} and {img}/relay-*.svg", file=sys.stderr)
     return 0
 
 
