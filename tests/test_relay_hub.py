@@ -422,3 +422,319 @@ def test_three_sockets_sharing_an_inode_number_are_all_listed_until_they_end(
                 s.close()
         for s in (other, other_peer, *dups):
             s.close()
+
+
+class _Parked:
+    """A blocking pipe_splice in thread "sweeper", stopped in the sweep it makes first
+    just as it starts ending the relays of the closed loop *closed* (at the top of
+    ``_Hub.shutdown``, where a GIL switch may come in its first syscall): the moment
+    a start in another thread races it. The sweeper goes on when this thread's start
+    looks at *closed* (calls its ``is_closed()``: it found the hub, and waits for the
+    sweep if it waits at all), or when :meth:`release` is called; never later than
+    JOIN seconds."""
+
+    def __init__(
+        self,
+        listener: socket.socket,
+        monkeypatch: pytest.MonkeyPatch,
+        closed: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.parked, self.go = threading.Event(), threading.Event()
+        self.errors: list[BaseException] = []
+        self.stats: list[RelayStats] = []
+        x, xp = tcp_pair(listener)
+        y, yp = tcp_pair(listener)
+        self.sockets = (x, xp, y, yp)
+        xp.shutdown(socket.SHUT_WR)  # EOF both ways: ends once it runs
+        yp.shutdown(socket.SHUT_WR)
+        real = relay_mod._Hub.shutdown
+
+        def shutdown(hub: relay_mod._Hub) -> None:
+            if threading.current_thread().name == "sweeper":
+                self.parked.set()
+                self.go.wait(JOIN)
+            real(hub)
+
+        main = threading.get_ident()
+
+        def is_closed() -> bool:
+            if threading.get_ident() == main and self.parked.is_set():
+                self.go.set()  # the start saw the hub being ended
+            return True
+
+        monkeypatch.setattr(relay_mod._Hub, "shutdown", shutdown)
+        monkeypatch.setattr(closed, "is_closed", is_closed)
+
+        def sweep() -> None:
+            try:
+                self.stats.append(pipe_splice(x, y, idle_timeout=JOIN))
+            except BaseException as exc:  # reported by join()
+                self.errors.append(exc)
+
+        self.thread = threading.Thread(target=sweep, name="sweeper", daemon=True)
+        self.thread.start()
+        assert self.parked.wait(JOIN), "the sweeper never reached the closed loop's hub"
+
+    def release(self) -> None:
+        self.go.set()
+
+    def join(self) -> None:
+        self.go.set()
+        self.thread.join(JOIN)
+        assert not self.thread.is_alive(), "the sweeper is stuck"
+        for s in self.sockets:
+            s.close()
+        assert not self.errors, self.errors
+        assert [(s.a_end, s.b_end) for s in self.stats] == [(End.EOF, End.EOF)]
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_a_start_waits_for_the_closed_loop_s_relays_another_thread_is_ending(
+    listener: socket.socket, monkeypatch: pytest.MonkeyPatch, loop_kind: str
+) -> None:
+    # A sweep took a closed loop's hub out of _HUBS before it ended the hub's
+    # relays, and shutdown() makes syscalls that let other threads run: a start in
+    # another thread then found no closed loop's hub, took a and b as the closed
+    # loop's close=False relay left them (non-blocking), and that relay gave them
+    # back blocking a moment later: the new relay ran on blocking sockets and froze
+    # its loop at its first read (82 in 3000 starts, unpatched, on 2 cores). The
+    # hub stays listed until its relays have ended, and the start waits for them.
+    client, a = tcp_pair(listener)
+    b, backend = tcp_pair(listener)
+    closed = asyncio.new_event_loop()  # an instance is_closed() can be patched on
+    loop = _new_loop(loop_kind)
+    data = os.urandom(1 << 18)
+    started: list[asyncio.Future[RelayStats]] = []
+    try:
+        try:
+            first = closed.run_until_complete(_start_on_running_loop(a, b, close=False))
+        finally:
+            closed.close()
+        sweeper = _Parked(listener, monkeypatch, closed)
+
+        async def second() -> RelayStats:
+            try:
+                started.append(start_pipe_splice(a, b))
+                ended_first = first.cancelled()
+            finally:
+                sweeper.release()  # if the start did not wait, the sweep goes on now
+            sweeper.join()
+            assert _nonblocking(a) and _nonblocking(b), "the relay runs on blocking sockets"
+            assert ended_first, "the start did not wait for the closed loop's relay"
+            ticks = _Ticks()
+            client.setblocking(False)
+            backend.setblocking(False)
+            loop = asyncio.get_running_loop()
+            sending = loop.create_task(loop.sock_sendall(client, data))
+            got = await asyncio.wait_for(_recv_exactly(backend, len(data)), JOIN)
+            await asyncio.wait_for(sending, JOIN)
+            assert got == data
+            assert ticks.stop() < WATCHDOG / 2, "the loop stalled while relaying"
+            client.shutdown(socket.SHUT_WR)
+            backend.shutdown(socket.SHUT_WR)
+            return await asyncio.wait_for(started[0], JOIN)
+
+        with _watchdog(client, backend):
+            stats = loop.run_until_complete(second())
+        assert (stats.a_to_b, stats.a_end, stats.b_end) == (len(data), End.EOF, End.EOF)
+        assert list(relay_mod._HUBS) == []
+    finally:
+        for future in started:
+            future.cancel()
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+        for s in (client, a, b, backend):
+            s.close()
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_a_start_racing_the_end_of_a_closed_loop_s_relay_that_closes_its_sockets(
+    listener: socket.socket, monkeypatch: pytest.MonkeyPatch, loop_kind: str
+) -> None:
+    # The same with the closed loop's relay close=True: the start in the other
+    # thread returned a future for a and b, the sweep then closed them, and the
+    # new relay, its fds gone from its epoll, stayed pending forever. It raises
+    # SocketClosed now, as when the sweep is its own.
+    client, a = tcp_pair(listener)
+    b, backend = tcp_pair(listener)
+    closed = asyncio.new_event_loop()
+    loop = _new_loop(loop_kind)
+    started: list[asyncio.Future[RelayStats]] = []
+    try:
+        try:
+            first = closed.run_until_complete(_start_on_running_loop(a, b, close=True))
+        finally:
+            closed.close()
+        sweeper = _Parked(listener, monkeypatch, closed)
+
+        async def second() -> None:
+            try:
+                with pytest.raises(SocketClosed, match="relay side a is closed"):
+                    started.append(start_pipe_splice(a, b))
+            finally:
+                sweeper.release()
+                sweeper.join()
+
+        loop.run_until_complete(second())
+        assert first.cancelled() and a.fileno() == b.fileno() == -1
+        assert not relay_mod._HUBS
+    finally:
+        for future in started:
+            future.cancel()
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+        for s in (client, a, b, backend):
+            s.close()
+
+
+def _blocking_relay(listener: socket.socket) -> Callable[[], RelayStats]:
+    """A blocking pipe_splice (a start: it sweeps first) of two sockets whose peers
+    have sent their EOF, to run in any thread: the callable returned runs it."""
+    x, xp = tcp_pair(listener)
+    y, yp = tcp_pair(listener)
+    xp.shutdown(socket.SHUT_WR)
+    yp.shutdown(socket.SHUT_WR)
+
+    def run() -> RelayStats:
+        try:
+            return pipe_splice(x, y, idle_timeout=JOIN)
+        finally:
+            for s in (x, xp, y, yp):
+                s.close()
+
+    return run
+
+
+def _blocking_relay_in_a_thread(listener: socket.socket) -> RelayStats:
+    """:func:`_blocking_relay` run in a daemon thread, joined (JOIN at most: a start
+    stuck on the sweep fails the test, never hangs it); returns its stats."""
+    run = _blocking_relay(listener)
+    out: list[RelayStats | BaseException] = []
+
+    def target() -> None:
+        try:
+            out.append(run())
+        except BaseException as exc:  # raised in the joining thread
+            out.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(JOIN)
+    assert not thread.is_alive(), "a start waits for ever on the sweep"
+    (result,) = out
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+def test_a_sweep_interrupted_part_way_is_finished_by_the_next_start(
+    listener: socket.socket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A KeyboardInterrupt between two of a closed loop's relays: the relay that
+    # ended has its future settled (it was left pending for ever: no longer the
+    # hub's, no later shutdown saw it), the hub stays listed and is not taken for
+    # one being ended, and the next start, in any thread, ends the rest.
+    pairs = [(tcp_pair(listener), tcp_pair(listener)) for _ in range(2)]
+    sides = [(a, b) for (_client, a), (b, _backend) in pairs]
+    x, x_peer = tcp_pair(listener)
+    y, y_peer = tcp_pair(listener)
+    closed = asyncio.new_event_loop()
+
+    async def start_both() -> list[asyncio.Future[RelayStats]]:
+        return [start_pipe_splice(a, b, close=False) for a, b in sides]
+
+    try:
+        try:
+            futures = closed.run_until_complete(start_both())
+        finally:
+            closed.close()
+        hub = relay_mod._HUBS[closed]
+        real = relay_mod._Driven.finalize
+        calls: list[object] = []
+
+        def finalize(driven: relay_mod._Driven) -> RelayStats:
+            stats = real(driven)
+            calls.append(driven)
+            if len(calls) == 1:
+                raise KeyboardInterrupt  # Ctrl-C as the first relay has ended
+            return stats
+
+        with monkeypatch.context() as patched:
+            patched.setattr(relay_mod._Driven, "finalize", finalize)
+            x_peer.shutdown(socket.SHUT_WR)  # were it to run, it would end
+            y_peer.shutdown(socket.SHUT_WR)
+            with pytest.raises(KeyboardInterrupt):
+                pipe_splice(x, y, close=False, idle_timeout=JOIN)
+        assert x.getblocking() and not _nonblocking(x)  # the start never built its relay
+        assert futures[0].cancelled()
+        assert not _nonblocking(sides[0][0]) and not _nonblocking(sides[0][1])
+        assert not futures[1].done() and _nonblocking(sides[1][0])  # still held
+        assert relay_mod._HUBS.get(closed) is hub and not hub.ending
+        # A start in another thread is not locked out, and ends the rest.
+        assert _blocking_relay_in_a_thread(listener).a_end is End.EOF
+        assert futures[1].cancelled() and hub.ep.closed
+        assert not _nonblocking(sides[1][0]) and not _nonblocking(sides[1][1])
+        assert not relay_mod._HUBS
+    finally:
+        for (client, a), (b, backend) in pairs:
+            for s in (client, a, b, backend):
+                s.close()
+        for s in (x, x_peer, y, y_peer):
+            s.close()
+
+
+class _StartsOnClose:
+    """A SocketLike side whose close() closes its socket, then runs *then* (which
+    starts another relay)."""
+
+    def __init__(self, sock: socket.socket, then: Callable[[], None]) -> None:
+        self._sock, self._then = sock, then
+
+    def close(self) -> None:
+        self._sock.close()
+        self._then()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+def test_a_start_made_by_a_wrapper_s_close_as_a_sweep_ends_its_relay_does_not_wait(
+    listener: socket.socket,
+) -> None:
+    # A closed loop's relay's end closes its wrapper side, whose close() may start
+    # a relay in the sweeping thread: that start finds the hub being ended, which
+    # it must not wait for (its own thread holds the sweep; a lock that is not
+    # reentrant would wait for ever) nor end again from within its shutdown().
+    pairs = [(tcp_pair(listener), tcp_pair(listener)) for _ in range(2)]
+    (_client1, a1), (b1, _backend1) = pairs[0]
+    (_client2, a2), (b2, _backend2) = pairs[1]
+    closed = asyncio.new_event_loop()
+    run_nested = _blocking_relay(listener)
+    seen: list[object] = []
+    futures: list[asyncio.Future[RelayStats]] = []
+
+    def nested() -> None:
+        seen.append(run_nested())
+        seen.append(futures[1].done())  # the rest of the loop's relays: not yet
+        seen.append(closed in relay_mod._HUBS)
+
+    async def start_both() -> None:
+        futures.append(start_pipe_splice(_StartsOnClose(a1, nested), b1))
+        futures.append(start_pipe_splice(a2, b2, close=False))
+
+    try:
+        try:
+            closed.run_until_complete(start_both())
+        finally:
+            closed.close()
+        assert _blocking_relay_in_a_thread(listener).a_end is End.EOF  # the sweep
+        stats, rest_done, listed = seen
+        assert isinstance(stats, RelayStats) and (stats.a_end, stats.b_end) == (End.EOF,) * 2
+        assert (rest_done, listed) == (False, True)
+        assert futures[0].cancelled() and futures[1].cancelled()
+        assert a1.fileno() == b1.fileno() == -1 and not _nonblocking(a2)
+        assert not relay_mod._HUBS
+    finally:
+        for (client, a), (b, backend) in pairs:
+            for s in (client, a, b, backend):
+                s.close()

@@ -2151,10 +2151,14 @@ _NOT_PLAIN_READ = ~(_EPOLLIN | _EPOLLRDHUP)
 class _Hub:
     """One epoll instance per event loop, shared by all of that loop's relays."""
 
-    __slots__ = ("closer", "ep", "fd", "inodes", "loop", "owners", "sockets", "twins")
+    __slots__ = ("closer", "ending", "ep", "fd", "inodes", "loop", "owners", "sockets", "twins")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
+        # True while _end_closed_hubs ends this (closed) loop's relays: the hub
+        # stays in _HUBS until the last of them has given its sockets back (see
+        # close_if_idle), and a start that finds it there waits for the end.
+        self.ending = False
         self.ep = select.epoll()  # close-on-exec since Python 3.4
         self.fd = self.ep.fileno()
         self.owners: dict[int, _Driven] = {}
@@ -2300,8 +2304,13 @@ class _Hub:
     def close_if_idle(self) -> None:
         if not self.owners and not self.ep.closed:
             # Nothing left: give the fd back rather than hold it for the loop's life.
-            if _HUBS.get(self.loop) is self:
-                # pop: _end_closed_hubs in another thread may have taken it meanwhile.
+            # A hub being ended stays listed: this runs as its last relay detaches,
+            # before that relay gives its sockets back, and a start in another
+            # thread that found no closed loop's hub would read them meanwhile
+            # (_end_closed_hubs drops it once the whole shutdown() has run).
+            if not self.ending and _HUBS.get(self.loop) is self:
+                # pop: another thread may drop it meanwhile (a sweep, or a closed
+                # loop's relay cancelled from the thread that holds its future).
                 _HUBS.pop(self.loop, None)
             with contextlib.suppress(Exception):
                 self.loop.remove_reader(self.fd)
@@ -2328,13 +2337,21 @@ class _Hub:
                 if not driven.future.done():
                     with contextlib.suppress(RuntimeError):
                         driven.future.set_exception(_settable(exc))
-            if not driven.future.done():
-                with contextlib.suppress(RuntimeError):  # a closed loop's callbacks
-                    driven.future.cancel()
+            finally:
+                # Also when a KeyboardInterrupt ends the loop here: a relay that
+                # ended (or was detached) is no longer the hub's, and the next
+                # shutdown() would never settle its future.
+                if not driven.future.done():
+                    with contextlib.suppress(RuntimeError):  # a closed loop's callbacks
+                        driven.future.cancel()
         self.close_if_idle()
 
 
 _HUBS: dict[asyncio.AbstractEventLoop, _Hub] = {}
+# Held while a closed loop's hub is ended (see _end_closed_hubs); taken only by a
+# start that finds such a hub, never on the way of one that finds none. Reentrant:
+# ending a relay calls a SocketLike's close(), which may start a relay itself.
+_SWEEP_LOCK = threading.RLock()
 
 
 def _forget_hubs_in_child() -> None:
@@ -2343,6 +2360,10 @@ def _forget_hubs_in_child() -> None:
     # it). Its loops are the parent's and do not run here: close the fds and start
     # afresh; a loop the child runs gets a hub of its own. (The relays' sockets
     # are left alone: their fds are copies, as for any socket across fork().)
+    # A lock another thread of the parent held at the fork stays held in the child,
+    # where that thread does not exist: the child's first sweep would wait forever.
+    global _SWEEP_LOCK  # noqa: PLW0603 (a new lock, not the parent's copy)
+    _SWEEP_LOCK = threading.RLock()
     hubs = list(_HUBS.values())
     _HUBS.clear()
     for hub in hubs:
@@ -2706,20 +2727,38 @@ def _end_closed_hubs() -> None:
     """End the relays of loops closed without an orderly shutdown (``loop.close()``
     alone) and close their hubs: they can never run again, and would keep their
     sockets, pipes, epoll fd and loop for the life of the process, their peers
-    waiting. Called by every start, in any thread (see :func:`_sweep_closed_hubs`).
+    waiting. Called by every start, in any thread (see :func:`_sweep_closed_hubs`);
+    returns once no closed loop's hub is left, other than one being ended further
+    up this thread's stack (a start made by a SocketLike's close() that it calls).
     """
-    # list() copies in one step: loops in other threads add and drop hubs. The pop
-    # makes one caller the closed hub's only one: two threads may find it at once.
-    for old in list(_HUBS.values()):
-        if old.loop.is_closed() and _HUBS.pop(old.loop, None) is old:
+    # list() copies in one step: loops in other threads add and drop hubs. No lock
+    # for the look (the common case: every hub's loop open, or none but this one).
+    for hub in list(_HUBS.values()):
+        if hub.loop.is_closed():
+            break
+    else:
+        return
+    # One thread at a time ends closed loops' hubs, and each stays in _HUBS until
+    # its shutdown() has run (close_if_idle leaves an ending hub listed): a start
+    # in another thread that comes meanwhile finds it, and waits here for the
+    # relays, and what they give back or close, to end before it reads its own
+    # sockets. (A hub dropped before its relays ended let such a start see
+    # nothing to end, and build its relay on sockets a close=False relay was
+    # about to give back blocking, or a close=True one to close.)
+    with _SWEEP_LOCK:
+        for old in list(_HUBS.values()):
+            # ending: this thread is ending it already, further up the stack.
+            if old.ending or not old.loop.is_closed() or _HUBS.get(old.loop) is not old:
+                continue
             try:
+                old.ending = True
                 old.shutdown()
-            except BaseException:
-                # KeyboardInterrupt mid-way: back in the list, for the next start
-                # to end the rest.
-                if old.owners:
-                    _HUBS.setdefault(old.loop, old)
-                raise
+            finally:
+                # Also on KeyboardInterrupt part-way: the hub stays listed, not
+                # ending, so the next start ends the rest.
+                old.ending = False
+            if _HUBS.get(old.loop) is old:
+                _HUBS.pop(old.loop, None)  # its relays have all ended: let it go
 
 
 def _sweep_closed_hubs(loop: asyncio.AbstractEventLoop | None) -> None:
@@ -2733,8 +2772,10 @@ def _sweep_closed_hubs(loop: asyncio.AbstractEventLoop | None) -> None:
     left them (non-blocking, ``TCP_NODELAY`` on), so its begin() would not make them
     non-blocking, and a blocking splice or recv would freeze the new relay's loop;
     or its start would meet their fds closed (a bare OSError, not SocketClosed).
-    Looked for at every start, not only at a new hub's, or a proxy whose loop always
-    has a relay would never free them (a len() and a lookup per start otherwise).
+    Relays another thread is ending at that moment are waited for, for the same
+    reason (see :func:`_end_closed_hubs`). Looked for at every start, not only at a
+    new hub's, or a proxy whose loop always has a relay would never free them (a
+    len() and a lookup per start otherwise).
     """
     if len(_HUBS) > (loop in _HUBS):
         _end_closed_hubs()
