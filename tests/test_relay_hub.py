@@ -738,3 +738,36 @@ def test_a_start_made_by_a_wrapper_s_close_as_a_sweep_ends_its_relay_does_not_wa
         for (client, a), (b, backend) in pairs:
             for s in (client, a, b, backend):
                 s.close()
+
+
+def test_two_sockets_sharing_an_inode_number_are_relayed_together(
+    listener: socket.socket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The pair check took two sockets with one sockfs inode number for one socket
+    # (a dup) and refused them ("is the same socket as a"): numbers come from a
+    # 32-bit counter, which a busy proxy wraps, so a pooled backend connection and
+    # a new client may share one. SO_COOKIE tells them apart, as in the hub.
+    client, a = tcp_pair(listener)
+    b, backend = tcp_pair(listener)
+    dup = a.dup()
+    number = os.fstat(a.fileno()).st_ino
+    try:
+        client.sendall(b"request")
+        client.shutdown(socket.SHUT_WR)
+        backend.sendall(b"response")
+        backend.shutdown(socket.SHUT_WR)
+        with _inode_numbers(monkeypatch, {b.fileno(): number}):
+            stats = pipe_splice(a, b, close=False, idle_timeout=JOIN)
+            assert (stats.a_to_b, stats.b_to_a) == (7, 8)
+            assert (stats.a_end, stats.b_end) == (End.EOF, End.EOF)
+            # A dup is still refused; so are the two where SO_COOKIE cannot be read
+            # (the shared number must do then).
+            with pytest.raises(InvalidArgument, match="is the same socket as a"):
+                pipe_splice(a, dup)
+            monkeypatch.setattr(relay_mod, "_cookie", lambda sock: None)
+            with pytest.raises(InvalidArgument, match="is the same socket as a"):
+                pipe_splice(a, b)
+        assert a.getblocking() and b.getblocking() and dup.getblocking()
+    finally:
+        for s in (client, a, b, backend, dup):
+            s.close()

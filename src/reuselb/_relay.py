@@ -1536,9 +1536,20 @@ def _check_pair(a: object, b: object) -> tuple[int | None, int | None]:
     # Two fds of one socket (a dup): compared only where fileno() is known to be the
     # kernel socket (sockfs: one st_dev for all sockets).
     ia, ib = _inode(a, fa), _inode(b, fb)
-    if a is b or fa == fb or (ia is not None and ia == ib):
+    if a is b or fa == fb or (ia is not None and ia == ib and _same_cookie(a, b)):
         raise InvalidArgument("b", b, "is the same socket as a")
     return ia, ib
+
+
+def _same_cookie(a: object, b: object) -> bool:
+    """Whether *a* and *b*, two fds sharing a sockfs inode number, are one socket (a
+    dup) rather than two whose numbers collide: sockfs numbers sockets from a 32-bit
+    counter (get_next_ino), which a busy proxy wraps in hours, so a pooled backend
+    connection kept that long and a new client may share one. SO_COOKIE tells them
+    apart; where either cannot be read (no SO_COOKIE), the shared number must do."""
+    assert isinstance(a, socket.socket) and isinstance(b, socket.socket)  # _inode's
+    ca, cb = _cookie(a), _cookie(b)
+    return ca is None or cb is None or ca == cb
 
 
 def pipe_splice(
