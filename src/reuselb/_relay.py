@@ -87,6 +87,11 @@ class SocketLike(Protocol):
     ``setblocking`` method) non-blocking, and its ``fileno()`` polls readable when
     ``recv_into`` may return bytes. Such sides are always copied, never spliced:
     the bytes must pass through the object's own methods.
+
+    ``close()`` of a side whose asyncio loop was closed without shutting it down is
+    called by the next relay start, under a process-wide lock that starts in other
+    threads then wait for: it must not wait for another thread that may be starting
+    a relay (see "When the loop shuts down" in docs/relay.md).
     """
 
     def fileno(self) -> int: ...
