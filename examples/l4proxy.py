@@ -8,13 +8,21 @@
 * each worker runs asyncio: accept, ``policy.acquire()`` a backend (leases, so
   ``least-conn`` works), connect, ``async_pipe_splice`` both ways, release;
 * a backend that refuses is marked down and retried after ``--retry-after`` s;
-* SIGTERM: workers stop accepting, finish their relays, exit; the master exits.
+* SIGTERM or SIGINT (Ctrl-C): workers stop accepting, finish their relays (at
+  most ``--drain-timeout`` s), exit; the master closes its listeners at once, so
+  new connections are refused rather than queued for nobody, and exits. Workers
+  ignore SIGINT and SIGHUP: a terminal sends them to the whole process group, and
+  it is the master's to decide (a worker dying of Ctrl-C would cut its relays).
 * SIGHUP: zero-drop restart. A new worker gets the *same* listener, then the old
   one drains and exits. The listener never closes (the master holds it), so no
   queued connection is reset. A new worker that does not start stops the restart
-  and the old ones keep serving.
+  and the old ones keep serving. A SIGTERM or SIGINT stops the restart at once.
 * a worker that dies is replaced on the same listener (connections queued there
   wait for it); if none starts, that listener leaves the group.
+* a master that dies (kill -9, the OOM killer) takes its workers with it: they
+  stop accepting and drain, as on SIGTERM, instead of serving on unsupervised.
+* out of file descriptors (EMFILE): accepting pauses briefly (the connections
+  wait in the kernel's queue), a client whose backend connection fails is reset.
 """
 
 from __future__ import annotations
@@ -22,6 +30,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import math
 import os
 import select
@@ -48,10 +58,23 @@ from reuselb import (
 )
 from reuselb.balance import POLICIES
 
+#: How long accepting pauses after accept() failed for want of a resource (EMFILE).
+ACCEPT_PAUSE = 0.1
+
 
 def backend(text: str) -> Node:
     addr, _, weight = text.partition(",")
-    return Node(parse_address(addr), weight=int(weight or 1))
+    # argparse turns a ValueError into a bare "invalid backend value": say why.
+    try:
+        number = int(weight or 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid weight {weight!r} in {text!r}: must be a whole number"
+        ) from None
+    try:
+        return Node(parse_address(addr), weight=number)
+    except ReuselbError as exc:  # the address, or a weight out of range
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
 
 
 def seconds(text: str) -> float:
@@ -61,14 +84,48 @@ def seconds(text: str) -> float:
     return value
 
 
+def reset(sock: socket.socket) -> None:
+    """Close *sock* with a reset, not a FIN: an orderly EOF could pass for an empty,
+    complete answer. A socket already closed is left alone."""
+    if sock.fileno() == -1:
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
 async def serve(listener: socket.socket, policy: BalancePolicy, args: argparse.Namespace) -> None:
+    """A worker: relay every connection *listener* accepts until SIGTERM, or until
+    the master's end of ``args.master_fd`` (None: not watched) closes; then drain."""
     loop = asyncio.get_running_loop()
     relays: set[asyncio.Task[None]] = set()
+    last_report: dict[str, float] = {}
+    held_back: dict[str, int] = {}
+
+    def report(kind: str, message: str) -> None:
+        # At most a line a second of each kind: out of fds, every accept and every
+        # dial fails, and a line (or a traceback) each would flood the log.
+        if loop.time() - last_report.get(kind, -math.inf) < 1:
+            held_back[kind] = held_back.get(kind, 0) + 1
+            return
+        more = held_back.pop(kind, 0)
+        more_text = f" ({more} more since the last such line)" if more else ""
+        print(f"l4proxy worker {os.getpid()}: {message}{more_text}", file=sys.stderr, flush=True)
+        last_report[kind] = loop.time()
 
     async def dial(key: str) -> tuple[socket.socket, Lease]:
+        """A connected backend socket and its lease.
+
+        :raises NoNodeAvailable: every backend refused or timed out (each is marked down).
+        :raises OSError: no socket could be made (``EMFILE``, ``ENFILE``, ``ENOBUFS``):
+            a failure of this host, so no backend is marked down.
+        """
         for _ in range(len(policy)):  # each refusing backend is tried at most once
             lease = policy.acquire(key)
-            sock = tcp_socket(lease.node.address.family or socket.AF_INET, nonblocking=True)
+            try:
+                sock = tcp_socket(lease.node.address.family or socket.AF_INET, nonblocking=True)
+            except BaseException:
+                lease.release()  # or least-conn counts this connection for ever
+                raise
             try:
                 addr = (lease.node.address.host, lease.node.address.port)
                 await asyncio.wait_for(loop.sock_connect(sock, addr), args.connect_timeout)
@@ -79,27 +136,51 @@ async def serve(listener: socket.socket, policy: BalancePolicy, args: argparse.N
                     policy.mark_down(lease.node)
                     loop.call_later(args.retry_after, policy.mark_up, lease.node)
                 continue
+            except BaseException:  # cancelled: the drain timed out
+                sock.close()
+                lease.release()
+                raise
             return sock, lease
         raise NoNodeAvailable(policy.name, "every backend refused")
 
     async def relay(client: socket.socket, peer: tuple[str, int]) -> None:
+        # A client this does not hand to a relay is reset by finished().
         try:
             backend_sock, lease = await dial(peer[0])
         except NoNodeAvailable:
-            # Reset, not FIN: an orderly EOF could pass for an empty, complete answer.
-            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            client.close()
+            return
+        except OSError as exc:
+            report("dial", f"no backend connection for {peer[0]}: {exc}")
             return
         try:
             await async_pipe_splice(client, backend_sock)
+        except (ReuselbError, OSError, RuntimeError) as exc:
+            # A relay that fails to start gives both sockets back open (docs/relay.md,
+            # Ownership), e.g. no fd for the loop's epoll instance (EMFILE).
+            report("start", f"relay for {peer[0]} not started: {exc}")
+            reset(backend_sock)
         finally:
             lease.release()
+
+    def finished(task: asyncio.Task[None], *, client: socket.socket) -> None:
+        relays.discard(task)
+        # Still open: no relay took it (no backend, a failed start, cancelled before
+        # it ran). The client gets a reset, now, not a FIN whenever it is collected.
+        reset(client)
+
+    pause: asyncio.TimerHandle | None = None
+
+    def resume() -> None:
+        nonlocal pause
+        pause = None
+        loop.add_reader(listener.fileno(), on_accept)
 
     def on_accept() -> None:
         # Accept in our own reader callback rather than with a cancellable
         # loop.sock_accept(): cancelling one whose callback is already queued lets
         # that callback accept into the cancelled future (CPython 3.11), and the
         # connection is never served. Here every accept gets its relay at once.
+        nonlocal pause
         for _ in range(64):  # a bounded batch per wakeup
             try:
                 client, peer = listener.accept()
@@ -107,30 +188,59 @@ async def serve(listener: socket.socket, policy: BalancePolicy, args: argparse.N
                 return
             except ConnectionAbortedError:
                 continue
+            except OSError as exc:
+                # EMFILE, ENFILE, ENOBUFS, ENOMEM: accept(2) fails before it takes
+                # the connection off the queue, so the listener stays readable and
+                # retrying at once would spin. Pause; the connections wait queued.
+                report("accept", f"accept failed, pausing accepts for {ACCEPT_PAUSE} s: {exc}")
+                loop.remove_reader(listener.fileno())
+                pause = loop.call_later(ACCEPT_PAUSE, resume)
+                return
             client.setblocking(False)
             task = asyncio.ensure_future(relay(client, peer))
             relays.add(task)
-            task.add_done_callback(relays.discard)
+            task.add_done_callback(functools.partial(finished, client=client))
 
     listener.setblocking(False)
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
+    master_fd = getattr(args, "master_fd", None)
+    if master_fd is not None:
+
+        def master_gone() -> None:
+            # EOF: the master's end closed, i.e. the master died (kill -9, OOM). Serving
+            # on would leave an unsupervised orphan in the group, which a new master
+            # on the same port would share the connections with.
+            loop.remove_reader(master_fd)
+            report("master", "the master is gone: stopping")
+            stop.set()
+
+        loop.add_reader(master_fd, master_gone)
     loop.add_reader(listener.fileno(), on_accept)
     print("ready", flush=True)
     await stop.wait()
     # remove_reader() also cancels a callback already queued: no accept after this,
     # so what waits in the queue is the next worker's.
     loop.remove_reader(listener.fileno())
-    listener.close()  # our fd only: the master still holds the socket and its queue
+    if pause is not None:
+        pause.cancel()
+    if master_fd is not None:
+        loop.remove_reader(master_fd)
+    # Our fd only: in a restart the master still holds the socket and its queue for
+    # the next worker; in a stop it has closed its own, and the last close resets
+    # what is still queued.
+    listener.close()
     if relays:
         await asyncio.wait(relays, timeout=args.drain_timeout)
 
 
-def spawn(member: socket.socket, argv: list[str]) -> subprocess.Popen[str]:
+def spawn(member: socket.socket, argv: list[str], lifeline: int) -> subprocess.Popen[str]:
     parent, child = socket.socketpair()
     with parent, child:
         cmd = [sys.executable, __file__, *argv, "--channel-fd", str(child.fileno())]
-        proc = subprocess.Popen(cmd, pass_fds=[child.fileno()], stdout=subprocess.PIPE, text=True)
+        cmd += ["--master-fd", str(lifeline)]
+        fds = [child.fileno(), lifeline]
+        proc = subprocess.Popen(cmd, pass_fds=fds, stdout=subprocess.PIPE, text=True)
         send_sockets(parent, [member], names=["listener"])
     assert proc.stdout is not None
     if proc.stdout.readline().strip() != "ready":
@@ -141,10 +251,53 @@ def spawn(member: socket.socket, argv: list[str]) -> subprocess.Popen[str]:
 
 
 def reap(proc: subprocess.Popen[str], timeout: float | None = None) -> None:
-    """Wait for a worker and close the pipe its "ready" line came through."""
-    proc.wait(timeout=timeout)
+    """Wait for a worker and close the pipe its "ready" line came through; one not
+    gone after *timeout* s is killed."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
     if proc.stdout is not None:
         proc.stdout.close()
+
+
+#: The signals that stop the proxy; SIGINT is Ctrl-C.
+STOP = frozenset({signal.SIGTERM, signal.SIGINT})
+
+
+@dataclasses.dataclass
+class Pool:
+    """The master's workers (one per member of the group) and what starting one takes."""
+
+    group: ReuseportGroup
+    argv: list[str]
+    #: the read end of the pipe whose EOF tells the workers that the master is gone
+    lifeline: int
+    #: the signals received and not yet handled, in order
+    events: list[int]
+    #: the read end of the signal wakeup fd
+    wake_r: int
+    members: list[socket.socket] = dataclasses.field(init=False)
+    procs: dict[int, subprocess.Popen[str]] = dataclasses.field(default_factory=dict)
+    #: old workers a restart told to stop, not yet gone
+    draining: list[subprocess.Popen[str]] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.members = list(self.group.members)
+
+    def spawn(self, i: int) -> subprocess.Popen[str]:
+        return spawn(self.members[i], self.argv, self.lifeline)
+
+    def stopping(self) -> bool:
+        return not STOP.isdisjoint(self.events)
+
+    def wait_signal(self) -> None:
+        """Sleep until a signal arrives, race-free: a signal that came after the
+        caller last looked at the events has left its byte in the wakeup fd."""
+        select.select([self.wake_r], [], [])
+        with contextlib.suppress(BlockingIOError):
+            os.read(self.wake_r, 512)
 
 
 def master(group: ReuseportGroup, args: argparse.Namespace, argv: list[str]) -> int:
@@ -157,82 +310,100 @@ def master(group: ReuseportGroup, args: argparse.Namespace, argv: list[str]) -> 
     for fd in (wake_r, wake_w):
         os.set_blocking(fd, False)
     signal.set_wakeup_fd(wake_w)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+    for sig in (*STOP, signal.SIGHUP, signal.SIGCHLD):
         signal.signal(sig, lambda signum, frame: events.append(signum))
-    members = list(group.members)
-    procs: dict[int, subprocess.Popen[str]] = {}
+    # The workers' lifeline: they hold its read end, only the master its write end
+    # (os.pipe() fds are close-on-exec). However the master ends, kill -9 included,
+    # the kernel closes the write end, and every worker reads EOF and stops.
+    life_r, life_w = os.pipe()
+    pool = Pool(group, argv, life_r, events, wake_r)
     try:
-        for i, member in enumerate(members):
-            procs[i] = spawn(member, argv)
+        for i in range(len(pool.members)):
+            pool.procs[i] = pool.spawn(i)
         print(
-            f"ready {group.address} workers={','.join(str(p.pid) for p in procs.values())}",
+            f"ready {group.address} workers={','.join(str(p.pid) for p in pool.procs.values())}",
             flush=True,
         )
-        while True:
-            while not events:
-                select.select([wake_r], [], [])
-                with contextlib.suppress(BlockingIOError):
-                    os.read(wake_r, 512)
+        while not pool.stopping():  # a stop goes before anything queued
+            if not events:
+                pool.wait_signal()
+                continue
             got = events.pop(0)
             if got == signal.SIGCHLD:
-                replace_dead(procs, members, group, argv)
+                replace_dead(pool)
             elif got == signal.SIGHUP:
-                restart(procs, members, argv)
-            else:
-                break
+                restart(pool)
     finally:
         signal.set_wakeup_fd(-1)
-        for proc in procs.values():
+        workers = [*pool.procs.values(), *pool.draining]
+        for proc in workers:
             proc.terminate()
-        for proc in procs.values():
+        # Our copies of the listeners go now, not after the drain: the workers close
+        # theirs as they stop, so the port refuses new clients at once. Held open,
+        # the kernel would go on completing handshakes for a queue nobody accepts
+        # from, and reset those clients only when the master exits. (A connection
+        # queued but not yet accepted when the last worker closes is reset then.)
+        group.close()
+        for proc in workers:
             reap(proc, timeout=args.drain_timeout + 5)
-        os.close(wake_r)
-        os.close(wake_w)
+        for fd in (wake_r, wake_w, life_r, life_w):
+            os.close(fd)
     return 0
 
 
-def restart(
-    procs: dict[int, subprocess.Popen[str]], members: list[socket.socket], argv: list[str]
-) -> None:
+def restart(pool: Pool) -> None:
     """Zero-drop restart, one worker at a time: the new one first, then drain the old.
 
     A new worker that does not start (a bad deploy) stops the restart: the old
-    workers keep serving, and the error is reported.
+    workers keep serving, and the error is reported. A stop signal ends the
+    restart at once, even while an old worker drains: the master then stops every
+    worker, those in ``pool.draining`` too, and they drain together rather than
+    one ``--drain-timeout`` after another.
     """
-    for i in list(procs):
+    for i in list(pool.procs):
+        if pool.stopping():
+            break
         try:
-            new = spawn(members[i], argv)
+            new = pool.spawn(i)
         except (OSError, RuntimeError) as exc:
             print(f"restart stopped, old workers kept: {exc}", flush=True)
             return
-        old, procs[i] = procs[i], new
+        old, pool.procs[i] = pool.procs[i], new
         old.terminate()
+        pool.draining.append(old)
+        print(f"worker {old.pid} draining, replaced by {new.pid}", flush=True)
+        # Its exit is a SIGCHLD, whose byte wakes us as a stop signal's does.
+        while old.poll() is None and not pool.stopping():
+            pool.wait_signal()
+        if old.returncode is None:
+            break
+        pool.draining.remove(old)
         reap(old)
-    print(f"restarted workers={','.join(str(p.pid) for p in procs.values())}", flush=True)
+    else:
+        workers = ",".join(str(p.pid) for p in pool.procs.values())
+        print(f"restarted workers={workers}", flush=True)
+        return
+    print("restart stopped: stopping", flush=True)
 
 
-def replace_dead(
-    procs: dict[int, subprocess.Popen[str]],
-    members: list[socket.socket],
-    group: ReuseportGroup,
-    argv: list[str],
-) -> None:
+def replace_dead(pool: Pool) -> None:
     """Replace a worker that died. Its member stays open in the master, so the
     kernel keeps queueing connections there: they wait for the new worker. If
     none starts, the member leaves the group (its queued connections are reset,
     new ones go to the other members) rather than hang."""
-    for i, proc in list(procs.items()):
+    for i, proc in list(pool.procs.items()):
         if proc.poll() is None:
             continue  # alive (or a worker restart() already reaped and replaced)
         reap(proc)
         try:
-            procs[i] = spawn(members[i], argv)
+            pool.procs[i] = pool.spawn(i)
         except (OSError, RuntimeError) as exc:
-            del procs[i]
-            group.take(group.members.index(members[i])).close()
+            del pool.procs[i]
+            member = pool.members[i]
+            pool.group.take(pool.group.members.index(member)).close()
             print(f"worker {proc.pid} died and was not replaced: {exc}", flush=True)
             continue
-        print(f"replaced worker {proc.pid} -> {procs[i].pid}", flush=True)
+        print(f"replaced worker {proc.pid} -> {pool.procs[i].pid}", flush=True)
 
 
 def main() -> int:
@@ -251,6 +422,7 @@ def main() -> int:
     parser.add_argument("--retry-after", type=seconds, default=5.0)
     parser.add_argument("--drain-timeout", type=seconds, default=30.0)
     parser.add_argument("--channel-fd", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--master-fd", type=int, help=argparse.SUPPRESS)
     argv = sys.argv[1:]
     args = parser.parse_args(argv)
     if args.workers < 1:  # 0 would print "ready" and serve nothing
@@ -269,12 +441,18 @@ def main() -> int:
             parser.error(f"argument --listen: {exc}")
         with group:
             return master(group, args, argv)
-    # A SIGHUP to the whole process group (a terminal hangup, kill -HUP -PGID) is
-    # the master's cue to restart: the worker must not die of it.
+    # A SIGHUP or SIGINT to the whole process group (a terminal hangup or Ctrl-C,
+    # kill -HUP -PGID) is the master's cue to restart or to stop, and the master
+    # tells the workers (SIGTERM): a worker dying of it would cut its relays.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     with socket.socket(fileno=args.channel_fd) as channel:
         listener = recv_sockets(channel)["listener"]
-    asyncio.run(serve(listener, policy, args))
+    try:
+        asyncio.run(serve(listener, policy, args))
+    finally:
+        if args.master_fd is not None:
+            os.close(args.master_fd)
     return 0
 
 

