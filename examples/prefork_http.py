@@ -7,8 +7,10 @@ one of them. Run it, then try ``curl -s http://127.0.0.1:8080/`` a few times:
     python examples/prefork_http.py --listen 127.0.0.1:8080 --workers 4
 
 The master holds the port with a bound, never-listening reuseport socket (it gets
-no connections), starts the workers, prints one ``ready`` line and waits for
-SIGTERM/SIGINT, then stops every worker.
+no connections), starts the workers, prints one ``ready`` line, replaces a worker
+that dies, and on SIGTERM or SIGINT (Ctrl-C) stops every worker and exits 0.
+Workers stop at EOF on their stdin, a pipe from the master, so they also stop
+when the master is killed (kill -9, the OOM killer): none outlives it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -25,15 +28,21 @@ from reuselb import ReuselbError, hold_port, parse_address, reuseport_listener
 
 
 async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    await reader.readuntil(b"\r\n\r\n")  # the request head; the body is ignored
-    body = f"hello from worker {os.getpid()}\n".encode()
-    writer.write(
-        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n"
-        + f"Content-Length: {len(body)}\r\n\r\n".encode()
-        + body
-    )
-    await writer.drain()
-    writer.close()
+    try:
+        await reader.readuntil(b"\r\n\r\n")  # the request head; the body is ignored
+        body = f"hello from worker {os.getpid()}\n".encode()
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        await writer.drain()
+    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+        # The client closed before a whole head (a port probe, a TCP health check) or
+        # reset, or sent a head over the reader's 64 KiB limit: nothing to answer.
+        pass
+    finally:
+        writer.close()
 
 
 async def worker(address: str) -> None:
@@ -42,39 +51,83 @@ async def worker(address: str) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
+    # The master never writes to our stdin: it becomes readable only at EOF, when the
+    # master closed it or died (the kernel closes a dead process's pipe ends).
+    loop.add_reader(sys.stdin.fileno(), stop.set)
     print("ready", flush=True)
     async with server:
         await stop.wait()
 
 
+def start_workers(cmd: list[str], count: int) -> list[subprocess.Popen[str]]:
+    """Start *count* workers and return them once each has said "ready".
+
+    :raises RuntimeError: a worker exited before it was ready (all *count* are stopped).
+    """
+    procs = [
+        subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        for _ in range(count)
+    ]
+    for proc in procs:
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != "ready":
+            stop_workers(procs)
+            raise RuntimeError(f"worker {proc.pid} failed to start")
+    return procs
+
+
+def stop_workers(procs: list[subprocess.Popen[str]]) -> None:
+    """Close each worker's stdin (it stops at EOF) and reap it; SIGKILL after 10 s."""
+    for proc in procs:
+        if proc.stdin is not None:
+            proc.stdin.close()
+    for proc in procs:
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()  # the pipe the "ready" line came through
+
+
 def master(holder: socket.socket, workers: int) -> int:
     bound = parse_address(holder.getsockname()[:2])
     cmd = [sys.executable, __file__, "--worker", str(bound)]
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(workers)]
     stopping = False
 
     def stop(signum: int, frame: object) -> None:
         nonlocal stopping
         stopping = True
 
+    # Handlers first, so that a SIGTERM right after "ready" cannot kill the master
+    # by the default action. A signal also writes to the wakeup fd, so one that
+    # comes just before select() still wakes it (no lost wakeup).
+    wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGINT, stop)  # Ctrl-C; the workers ignore it and get EOF
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # a worker died
+    procs: list[subprocess.Popen[str]] = []
     try:
-        for proc in procs:
-            assert proc.stdout is not None
-            if proc.stdout.readline().strip() != "ready":
-                print(f"worker {proc.pid} failed to start", file=sys.stderr)
-                return 1
+        procs = start_workers(cmd, workers)
         print(f"ready http://{bound} workers={','.join(str(p.pid) for p in procs)}", flush=True)
         while not stopping:
-            signal.pause()
+            select.select([wake_r], [], [])
+            os.read(wake_r, 4096)
+            for i, proc in enumerate(procs):
+                if not stopping and proc.poll() is not None:  # died (now reaped)
+                    stop_workers([proc])
+                    procs[i] = start_workers(cmd, 1)[0]
+                    print(f"replaced worker {i}: {proc.pid} -> {procs[i].pid}", flush=True)
+    except RuntimeError as exc:
+        print(exc, file=sys.stderr)
+        return 1
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait(timeout=10)
-            if proc.stdout is not None:
-                proc.stdout.close()  # the pipe the "ready" line came through
+        stop_workers(procs)
+        signal.set_wakeup_fd(-1)
+        os.close(wake_r)
+        os.close(wake_w)
     return 0
 
 
@@ -87,13 +140,17 @@ def main() -> int:
     if args.workers < 1:  # 0 would print "ready" and serve nothing
         parser.error(f"--workers must be at least 1, not {args.workers}")
     if args.worker:
+        # Ctrl-C sends SIGINT to the whole process group: the master stops the workers.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         asyncio.run(worker(args.worker))
         return 0
     # a bad --listen (malformed, not local, in use) is a usage error, like --workers 0
     try:
         holder = hold_port(args.listen)  # holds the port; never listens
-    except (ReuselbError, OSError) as exc:
+    except ReuselbError as exc:  # its message names the address
         parser.error(f"argument --listen: {exc}")
+    except OSError as exc:  # e.g. EACCES: a port below 1024 without CAP_NET_BIND_SERVICE
+        parser.error(f"argument --listen: cannot bind {args.listen}: {exc.strerror or exc}")
     with holder:
         return master(holder, args.workers)
 

@@ -9,12 +9,15 @@ members and never closes them; worker i receives member i over a Unix socket
 (``send_sockets``). When a worker dies, datagrams wait in its member's queue, the
 master starts a replacement with the *same* member, and no flow moves.
 
-Each worker answers ``<index> <pid> <datagram>``. SIGTERM stops everything.
+Each worker answers ``<index> <pid> <datagram>``. SIGTERM or SIGINT (Ctrl-C) stops
+everything. Workers stop at EOF on their stdin, a pipe from the master, so they also
+stop when the master is killed (kill -9, the OOM killer): none outlives it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import select
 import signal
@@ -29,9 +32,20 @@ def worker(channel_fd: int, index: int) -> None:
     with socket.socket(fileno=channel_fd) as channel:
         member = recv_sockets(channel)["member"]
     print("ready", flush=True)
-    while True:
-        data, peer = member.recvfrom(65535)
-        member.sendto(f"{index} {os.getpid()} ".encode() + data, peer)
+    stdin = sys.stdin.fileno()
+    with member:
+        while True:
+            readable, _, _ = select.select([member, stdin], [], [])
+            # The master never writes to our stdin: it is readable only at EOF, when
+            # the master closed it or died (the kernel closes a dead process's pipes).
+            if stdin in readable:
+                return
+            data, peer = member.recvfrom(65535)
+            # An answer that cannot be sent is lost, as a datagram may be, and the
+            # worker goes on: e.g. EMSGSIZE, the prefix making the answer to a
+            # datagram near the UDP maximum (65,507 bytes over IPv4) too long.
+            with contextlib.suppress(OSError):
+                member.sendto(f"{index} {os.getpid()} ".encode() + data, peer)
 
 
 def spawn(member: socket.socket, index: int) -> subprocess.Popen[str]:
@@ -40,50 +54,66 @@ def spawn(member: socket.socket, index: int) -> subprocess.Popen[str]:
         proc = subprocess.Popen(
             [sys.executable, __file__, "--worker", str(index), "--channel-fd", str(child.fileno())],
             pass_fds=[child.fileno()],
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
         )
         send_sockets(parent, [member], names=["member"])
     assert proc.stdout is not None
     if proc.stdout.readline().strip() != "ready":
-        proc.kill()
-        proc.wait()
-        proc.stdout.close()
+        stop_workers([proc])
         raise RuntimeError(f"worker {index} failed to start")
     return proc
 
 
+def stop_workers(procs: list[subprocess.Popen[str]]) -> None:
+    """Close each worker's stdin (it stops at EOF) and reap it; SIGKILL after 10 s."""
+    for proc in procs:
+        if proc.stdin is not None:
+            proc.stdin.close()
+    for proc in procs:
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()  # the pipe the "ready" line came through
+
+
 def master(group: ReuseportGroup) -> int:
-    procs = [spawn(member, i) for i, member in enumerate(group)]
-    print(f"ready {group.address} workers={','.join(str(p.pid) for p in procs)}", flush=True)
-    wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-    signal.set_wakeup_fd(wake_w)  # SIGCHLD/SIGTERM wake the select below
     stop = False
 
     def on_term(signum: int, frame: object) -> None:
         nonlocal stop
         stop = True
 
+    # Handlers first, so that a SIGTERM right after "ready" cannot kill the master
+    # by the default action. A signal also writes to the wakeup fd, so one that
+    # comes just before select() still wakes it (no lost wakeup).
+    wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, on_term)
-    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+    signal.signal(signal.SIGINT, on_term)  # Ctrl-C; the workers ignore it and get EOF
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # a worker died
+    procs: list[subprocess.Popen[str]] = []
     try:
+        for i, member in enumerate(group):
+            procs.append(spawn(member, i))
+        print(f"ready {group.address} workers={','.join(str(p.pid) for p in procs)}", flush=True)
         while not stop:
             select.select([wake_r], [], [])
             os.read(wake_r, 4096)
             for i, proc in enumerate(procs):
                 if not stop and proc.poll() is not None:  # died: same member, new worker
-                    if proc.stdout is not None:
-                        proc.stdout.close()
+                    stop_workers([proc])
                     procs[i] = spawn(group[i], i)
                     print(f"replaced worker {i}: {proc.pid} -> {procs[i].pid}", flush=True)
+    except RuntimeError as exc:
+        print(exc, file=sys.stderr)
+        return 1
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait(timeout=10)
-            if proc.stdout is not None:
-                proc.stdout.close()
+        stop_workers(procs)
         signal.set_wakeup_fd(-1)
         os.close(wake_r)
         os.close(wake_w)
@@ -100,6 +130,8 @@ def main() -> int:
     if args.workers < 1:  # 0 would print "ready" and serve nothing
         parser.error(f"--workers must be at least 1, not {args.workers}")
     if args.worker is not None:
+        # Ctrl-C sends SIGINT to the whole process group: the master stops the workers.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         worker(args.channel_fd, args.worker)
         return 0
     # a bad --listen (malformed, not local, in use) is a usage error, like --workers 0

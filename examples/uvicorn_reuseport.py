@@ -8,17 +8,23 @@ across N queues:
     pip install uvicorn
     python examples/uvicorn_reuseport.py --listen 127.0.0.1:8000 --workers 4
 
-Replace ``app`` with your application (any ASGI callable).
+Replace ``app`` with your application (any ASGI callable). The master replaces a
+worker that dies, and on SIGTERM or SIGINT (Ctrl-C) stops every worker and exits 0.
+Workers stop at EOF on their stdin, a pipe from the master, so they also stop when
+the master is killed (kill -9, the OOM killer): none outlives it.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import select
 import signal
 import socket
 import subprocess
 import sys
+import threading
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -35,34 +41,100 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+class Server(uvicorn.Server):
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Ctrl-C sends SIGINT to the whole process group and the master stops the
+        # workers; uvicorn would also shut down and then re-raise SIGINT (a
+        # KeyboardInterrupt traceback per worker), so a worker ignores it.
+        if sig != signal.SIGINT:
+            super().handle_exit(sig, frame)
+
+
 def worker(address: str) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # until uvicorn installs handle_exit
     listener = reuseport_listener(address)
-    config = uvicorn.Config(app, log_level="warning", lifespan="off")
-    server = uvicorn.Server(config)
+    server = Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+
+    def stop_at_eof() -> None:
+        # The master never writes to our stdin: read() returns at EOF, when the
+        # master closed it or died (the kernel closes a dead process's pipe ends).
+        sys.stdin.read()
+        server.should_exit = True  # uvicorn checks it every 0.1 s, then shuts down
+
+    threading.Thread(target=stop_at_eof, daemon=True).start()
     print("ready", flush=True)
-    server.run(sockets=[listener])  # uvicorn serves on our socket; SIGTERM stops it
+    server.run(sockets=[listener])  # uvicorn serves on our socket; SIGTERM stops it too
+
+
+def start_workers(cmd: list[str], count: int) -> list[subprocess.Popen[str]]:
+    """Start *count* workers and return them once each has said "ready".
+
+    :raises RuntimeError: a worker exited before it was ready (all *count* are stopped).
+    """
+    procs = [
+        subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        for _ in range(count)
+    ]
+    for proc in procs:
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != "ready":
+            stop_workers(procs)
+            raise RuntimeError(f"worker {proc.pid} failed to start")
+    return procs
+
+
+def stop_workers(procs: list[subprocess.Popen[str]]) -> None:
+    """Close each worker's stdin (it stops at EOF) and reap it; SIGKILL after 10 s."""
+    for proc in procs:
+        if proc.stdin is not None:
+            proc.stdin.close()
+    for proc in procs:
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()  # the pipe the "ready" line came through
 
 
 def master(holder: socket.socket, workers: int) -> int:
     bound = parse_address(holder.getsockname()[:2])
     cmd = [sys.executable, __file__, "--worker", str(bound)]
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(workers)]
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    stopping = False
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    # Handlers first, so that a SIGTERM right after "ready" cannot kill the master
+    # by the default action. A signal also writes to the wakeup fd, so one that
+    # comes just before select() still wakes it (no lost wakeup).
+    wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)  # Ctrl-C; the workers ignore it and get EOF
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # a worker died
+    procs: list[subprocess.Popen[str]] = []
     try:
-        for proc in procs:
-            assert proc.stdout is not None
-            if proc.stdout.readline().strip() != "ready":
-                return 1
+        procs = start_workers(cmd, workers)
         print(f"ready http://{bound} workers={','.join(str(p.pid) for p in procs)}", flush=True)
-        for proc in procs:
-            proc.wait()
+        while not stopping:
+            select.select([wake_r], [], [])
+            os.read(wake_r, 4096)
+            for i, proc in enumerate(procs):
+                if not stopping and proc.poll() is not None:  # died (now reaped)
+                    stop_workers([proc])
+                    procs[i] = start_workers(cmd, 1)[0]
+                    print(f"replaced worker {i}: {proc.pid} -> {procs[i].pid}", flush=True)
+    except RuntimeError as exc:
+        print(exc, file=sys.stderr)
+        return 1
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait(timeout=10)
-            if proc.stdout is not None:
-                proc.stdout.close()  # the pipe the "ready" line came through
+        stop_workers(procs)
+        signal.set_wakeup_fd(-1)
+        os.close(wake_r)
+        os.close(wake_w)
     return 0
 
 
@@ -80,8 +152,10 @@ def main() -> int:
     # a bad --listen (malformed, not local, in use) is a usage error, like --workers 0
     try:
         holder = hold_port(args.listen)  # holds the port for the group; never listens
-    except (ReuselbError, OSError) as exc:
+    except ReuselbError as exc:  # its message names the address
         parser.error(f"argument --listen: {exc}")
+    except OSError as exc:  # e.g. EACCES: a port below 1024 without CAP_NET_BIND_SERVICE
+        parser.error(f"argument --listen: cannot bind {args.listen}: {exc.strerror or exc}")
     with holder:
         return master(holder, args.workers)
 

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import re
 import select
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -200,3 +205,216 @@ def test_examples_refuse_a_listen_address_in_use(script: str) -> None:
         _assert_refused(
             script, _listen_args(script, listen), "--listen: ", f"{listen} is already in use"
         )
+
+
+class _Lines:
+    """The lines a child writes to a pipe, each waited for under a deadline (a bare
+    readline() waits forever on a child that hangs; select() on a buffered file object
+    misses lines already in its buffer)."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self.fd = stream.fileno()
+        self.buf = b""
+
+    def next(self, timeout: float) -> str:
+        """The next line, or "" if none came within *timeout* s or the pipe closed."""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.fd], [], [], left)[0]:
+                return ""
+            chunk = os.read(self.fd, 4096)
+            if not chunk:
+                return ""
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return line.decode()
+
+
+class _Job:
+    """An example running as a shell runs a foreground job: a process group of its own."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], err: IO[bytes]) -> None:
+        self.proc = proc
+        self.err = err
+        assert proc.stdout is not None
+        self.lines = _Lines(proc.stdout)
+        line = self.lines.next(60)
+        m = re.match(r"ready (?:http://)?(\S+) workers=([\d,]+)", line)
+        assert m, f"not ready: {line!r}; stderr: {self.stderr()}"
+        self.hostport = m.group(1)
+        self.workers = [int(p) for p in m.group(2).split(",")]
+
+    def stderr(self) -> str:
+        """Everything master and workers wrote to stderr so far."""
+        self.err.seek(0)
+        return self.err.read().decode(errors="replace")
+
+
+@contextlib.contextmanager
+def _job(script: str, *args: str) -> Iterator[_Job]:
+    """Run *script* in a process group of its own until its "ready" line, so that
+    os.killpg() reaches the master and its workers as Ctrl-C in a terminal does.
+
+    At the end the whole group is SIGKILLed (with any worker a master left behind)
+    and the master reaped, whatever the test did.
+    """
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-W", "always::ResourceWarning", str(EXAMPLES / script), *args],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            start_new_session=True,
+        )
+        try:
+            yield _Job(proc, err)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+            assert proc.stdout is not None
+            proc.stdout.close()
+
+
+def _assert_reaped(pids: list[int]) -> None:
+    for pid in pids:  # not even a zombie: the master waited for it
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+@pytest.mark.parametrize("script", ["prefork_http.py", "udp_workers.py", "uvicorn_reuseport.py"])
+def test_ctrl_c_stops_an_example_quietly(script: str) -> None:
+    # Ctrl-C sends SIGINT to the whole foreground process group. Before, every
+    # worker died with a KeyboardInterrupt traceback (uvicorn's master too, status
+    # -2); now the workers ignore it and the master stops them as on SIGTERM.
+    with _job(script, "--listen", "127.0.0.1:0", "--workers", "2") as job:
+        os.killpg(job.proc.pid, signal.SIGINT)
+        rc = job.proc.wait(timeout=30)
+        err = job.stderr()
+        assert rc == 0, err
+        assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+        assert "ResourceWarning" not in err, err
+        _assert_reaped(job.workers)
+
+
+@pytest.mark.parametrize("script", ["prefork_http.py", "udp_workers.py", "uvicorn_reuseport.py"])
+def test_workers_exit_when_the_master_is_killed(script: str) -> None:
+    # Before, after kill -9 of the master (or the OOM killer) its workers served on
+    # for ever, unsupervised; a new master on the port joined their group. Each
+    # worker now stops at EOF of a pipe from the master, which the kernel closes.
+    with _job(script, "--listen", "127.0.0.1:0", "--workers", "2") as job:
+        # pidfds, taken while the master is alive: no PID reuse can fool them, and
+        # one becomes readable when its process exits (not a child of this one).
+        pidfds = [os.pidfd_open(pid) for pid in job.workers]
+        try:
+            job.proc.kill()
+            job.proc.wait(timeout=30)
+            deadline = time.monotonic() + 30
+            running = list(pidfds)
+            while running and time.monotonic() < deadline:
+                exited, _, _ = select.select(running, [], [], deadline - time.monotonic())
+                running = [fd for fd in running if fd not in exited]
+            assert not running, f"{len(running)} worker(s) still running 30 s after the master"
+            assert "Traceback" not in job.stderr(), job.stderr()
+        finally:
+            for fd in pidfds:
+                os.close(fd)
+
+
+@pytest.mark.parametrize("script", ["prefork_http.py", "uvicorn_reuseport.py"])
+def test_http_examples_replace_a_dead_worker(script: str) -> None:
+    # Before, a dead worker stayed a zombie and was not replaced: with every worker
+    # dead, prefork's master ran on with the port refusing everyone and uvicorn's
+    # exited 0 without a word. Now each is reaped and replaced, as udp_workers does.
+    with _job(script, "--listen", "127.0.0.1:0", "--workers", "2") as job:
+        for pid in job.workers:
+            os.kill(pid, signal.SIGKILL)
+        replaced = {}
+        for _ in job.workers:
+            line = job.lines.next(60)
+            m = re.fullmatch(r"replaced worker \d: (\d+) -> (\d+)", line)
+            assert m, f"{line!r}; stderr: {job.stderr()}"
+            replaced[int(m.group(1))] = int(m.group(2))
+        assert sorted(replaced) == sorted(job.workers)
+        _assert_reaped(job.workers)
+        pid = int(re.findall(r"\d+", _get(job.hostport))[-1])
+        assert pid in replaced.values()
+        job.proc.send_signal(signal.SIGTERM)
+        assert job.proc.wait(timeout=30) == 0, job.stderr()
+        _assert_reaped(list(replaced.values()))
+
+
+def test_prefork_http_ignores_clients_that_send_no_whole_request() -> None:
+    # A port probe or TCP health check (connect, close) and a head over asyncio's
+    # 64 KiB line limit each logged an "Unhandled exception in client_connected_cb"
+    # traceback (IncompleteReadError, LimitOverrunError) in the worker.
+    with _job("prefork_http.py", "--listen", "127.0.0.1:0", "--workers", "1") as job:
+        host, port = job.hostport.rsplit(":", 1)
+        for _ in range(3):
+            socket.create_connection((host, int(port)), timeout=30).close()
+        with socket.create_connection((host, int(port)), timeout=30) as big:
+            big.sendall(b"GET /" + b"a" * 70_000)
+            assert big.recv(100) == b""  # no answer; the worker closed it
+        assert "hello from worker" in _get(job.hostport)  # the worker is still serving
+        # A graceful stop: the worker's loop runs every callback already scheduled,
+        # such as asyncio's logging of a handler's exception, before it exits.
+        job.proc.send_signal(signal.SIGTERM)
+        assert job.proc.wait(timeout=30) == 0
+        err = job.stderr()
+        assert "Traceback" not in err and "Unhandled exception" not in err, err
+
+
+def test_udp_worker_survives_an_answer_too_long_to_send() -> None:
+    # Any client could kill a worker: the answer to a 65,507-byte datagram (the
+    # IPv4 maximum) plus its prefix is too long, and sendto's EMSGSIZE was uncaught.
+    with (
+        _job("udp_workers.py", "--listen", "127.0.0.1:0", "--workers", "1") as job,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client,
+    ):
+        host, port = job.hostport.rsplit(":", 1)
+        client.settimeout(30)
+        client.sendto(b"x" * 65_507, (host, int(port)))
+        client.sendto(b"small", (host, int(port)))  # queued behind the big one
+        index, pid, data = client.recv(200).split()
+        assert (index, int(pid), data) == (b"0", job.workers[0], b"small"), job.stderr()
+        job.proc.send_signal(signal.SIGTERM)
+        assert job.proc.wait(timeout=30) == 0
+        assert "Traceback" not in job.stderr(), job.stderr()
+
+
+def _without_bind_privilege() -> list[str]:
+    """A command prefix under which binding port 1 fails with EACCES.
+
+    Root keeps CAP_NET_BIND_SERVICE unless setpriv(1) (util-linux) drops it from the
+    bounding set for the command it runs.
+    """
+    with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as f:
+        if int(f.read()) <= 1:
+            pytest.skip("net.ipv4.ip_unprivileged_port_start is 0 or 1: no port needs a privilege")
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("needs setpriv(1) to run without CAP_NET_BIND_SERVICE as root")
+    return [setpriv, "--bounding-set", "-net_bind_service"]
+
+
+@pytest.mark.parametrize("script", ["prefork_http.py", "udp_workers.py", "uvicorn_reuseport.py"])
+def test_examples_name_a_listen_address_they_may_not_bind(script: str) -> None:
+    # Before: "argument --listen: [Errno 13] Permission denied", no address named.
+    done = subprocess.run(
+        [
+            *_without_bind_privilege(),
+            sys.executable,
+            str(EXAMPLES / script),
+            *_listen_args(script, "127.0.0.1:1"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert "argument --listen: " in done.stderr, done.stderr
+    assert "127.0.0.1:1" in done.stderr and "Permission denied" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
