@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import select
+import shutil
+import signal
 import socket
+import struct
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from typing import IO
 
@@ -229,3 +235,109 @@ def test_demo_reports_an_unanswered_connection_without_a_traceback(
     assert rc == 1
     err = capsys.readouterr().err
     assert f"reuselb demo: connection 1 to 127.0.0.1:{port} got no answer within 0.5 s" in err
+
+
+def test_demo_reports_a_reset_connection_as_a_reset(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before, any ConnectionError, even a reset that came at once, was reported as
+    # "got no answer within 10 s (Connection reset by peer)".
+    from reuselb import _demo, reuseport_listener, steer_all_to
+    from reuselb.__main__ import main
+
+    with reuseport_listener("127.0.0.1:0") as stranger:
+        port = stranger.getsockname()[1]
+        steer_all_to([stranger], 0)  # every connection goes to the stranger (member 0)
+        stranger.settimeout(30)
+
+        def reset_one() -> None:
+            conn, _ = stranger.accept()
+            # SO_LINGER with a zero timeout: close() sends RST, not FIN.
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
+
+        resetter = threading.Thread(target=reset_one, daemon=True)
+        resetter.start()
+        monkeypatch.setattr(_demo, "_refuse_a_taken_port", lambda port: None, raising=False)
+        try:
+            rc = main(["demo", "reuseport", "--port", str(port), "--requests", "3"])
+        finally:
+            resetter.join(30)
+    assert rc == 1
+    err = capsys.readouterr().err
+    # (A reset that comes before the timed connect() has read SO_ERROR is reported
+    # as connect_tcp's error, one that comes later by the read of the answer.)
+    assert f"reuselb demo: connection 1 to 127.0.0.1:{port} failed (" in err, err
+    assert "Connection reset by peer" in err, err
+    assert "got no answer" not in err, err
+
+
+@pytest.mark.parametrize(
+    ("args", "lines"),
+    [
+        # the "reuseport:" line and the first connection's: every worker is serving
+        (["reuseport", "--requests", "100000"], 2),
+        # an empty line and the "proxy:" line: its backends and listener are up
+        (["proxy", "--clients", "100000"], 2),
+    ],
+    ids=["reuseport", "proxy"],
+)
+def test_demo_ctrl_c_is_quiet_and_cleans_up(args: list[str], lines: int) -> None:
+    # Ctrl-C sends SIGINT to the whole foreground process group. Before: a
+    # KeyboardInterrupt traceback from the demo and from each worker, status -2
+    # (or 1, with a worker's reset connection reported as a 10 s timeout).
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # each line as it is printed
+    with tempfile.TemporaryFile() as errfile:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "reuselb", "demo", *args],
+            stdout=subprocess.PIPE,
+            stderr=errfile,
+            env=env,
+            start_new_session=True,  # a process group of its own, as a shell's job
+        )
+        assert proc.stdout is not None
+        try:
+            _first_lines(proc.stdout, lines, timeout=60)
+            with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+                workers = [int(pid) for pid in f.read().split()]
+            os.killpg(proc.pid, signal.SIGINT)
+            proc.communicate(timeout=60)  # drains stdout: the demo never blocks on it
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+            proc.stdout.close()
+        errfile.seek(0)
+        err = errfile.read().decode(errors="replace")
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert len(workers) == (3 if args[0] == "reuseport" else 0)
+    for pid in workers:  # reaped by the demo before it exited
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_demo_names_a_port_it_may_not_bind() -> None:
+    # Before: a PermissionError traceback (status 1) that did not name the port.
+    with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as f:
+        if int(f.read()) <= 1:
+            pytest.skip("net.ipv4.ip_unprivileged_port_start is 0 or 1: no port needs a privilege")
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        # Root keeps CAP_NET_BIND_SERVICE unless setpriv(1) (util-linux) drops it from
+        # the bounding set for the command it runs.
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("needs setpriv(1) to run without CAP_NET_BIND_SERVICE as root")
+        prefix = [setpriv, "--bounding-set", "-net_bind_service"]
+    out = subprocess.run(
+        [*prefix, sys.executable, "-m", "reuselb", "demo", "reuseport", "--port", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 1, out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+    assert "reuselb demo: port 1 on 127.0.0.1 may not be bound by this process" in out.stderr
+    assert "workers" not in out.stdout, "refused before any worker started"

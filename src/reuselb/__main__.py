@@ -67,6 +67,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ReuselbError, DemoError) as exc:
         print(f"reuselb demo: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        # Ctrl-C. The scenarios stopped their workers in their `finally` (the workers
+        # ignore SIGINT, which the terminal sends to the whole process group): exit
+        # with the status a shell gives a process killed by SIGINT (128 + 2), no
+        # traceback.
+        return 130
     except BrokenPipeError:
         # The reader went away (`... | head`). The scenarios already stopped their
         # workers in their `finally`; point stdout at /dev/null so the interpreter's

@@ -13,17 +13,22 @@ import errno
 import functools
 import os
 import select
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar
 
 from ._relay import RelayStats, async_pipe_splice
 from ._sockets import connect_tcp, hold_port, reuseport_listener
 from .balance import RoundRobin
 
 __all__ = ["DemoError", "proxy_scenario", "reuseport_scenario", "start_workers", "stop_workers"]
+
+_T = TypeVar("_T")
 
 _READY_TIMEOUT = 20.0
 #: Seconds a demo client waits to connect and for a worker's answer.
@@ -35,7 +40,8 @@ class DemoError(RuntimeError):
 
 
 def _refuse_a_taken_port(port: int) -> None:
-    """Raise :class:`DemoError` if a socket listens on (or holds) ``127.0.0.1:port``.
+    """Raise :class:`DemoError` if a socket listens on (or holds) ``127.0.0.1:port``,
+    or if this process may not bind the port at all.
 
     The demo's workers and its hold_port() socket join with SO_REUSEPORT, which the
     kernel lets every socket of this user id share: on a port where another of the
@@ -47,14 +53,25 @@ def _refuse_a_taken_port(port: int) -> None:
     this port do not count: they are not listeners, and the kernel still refuses
     the bind next to one. (A server that starts listening between this check and
     the workers' start is not caught: the answers then say so.)
+
+    :raises DemoError: the port is taken, or the kernel refused the bind otherwise
+        (``EACCES``: a port below ``net.ipv4.ip_unprivileged_port_start``, 1024 by
+        default, without ``CAP_NET_BIND_SERVICE``); the message names the port.
     """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(("127.0.0.1", port))
         except OSError as exc:
+            if exc.errno == errno.EACCES:
+                raise DemoError(
+                    f"port {port} on 127.0.0.1 may not be bound by this process "
+                    f"({exc.strerror}): ports below net.ipv4.ip_unprivileged_port_start "
+                    "(1024 by default) need root or CAP_NET_BIND_SERVICE; choose a "
+                    "higher port, or omit --port to let the kernel pick one"
+                ) from None
             if exc.errno != errno.EADDRINUSE:
-                raise
+                raise DemoError(f"port {port} on 127.0.0.1 cannot be bound: {exc}") from None
             raise DemoError(
                 f"port {port} on 127.0.0.1 is already in use by another socket (the demo's "
                 "workers must be the only listeners there, or they would share its "
@@ -66,8 +83,12 @@ def _worker_main(port: int) -> int:
     """A demo worker: its own reuseport listener; answers each connection with its PID.
 
     It stops when its stdin reaches EOF (the parent closed it or died), so a
-    crashed demo never leaves a worker behind.
+    crashed demo never leaves a worker behind. It ignores SIGINT: Ctrl-C sends it to
+    the whole process group and the parent stops its workers itself (a worker dying
+    of it first printed a KeyboardInterrupt traceback and reset the connection the
+    parent's client was making).
     """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     listener = reuseport_listener(("127.0.0.1", port))
     with listener:
         sys.stdout.write(f"ready {os.getpid()}\n")
@@ -132,10 +153,12 @@ def reuseport_scenario(workers: int = 3, requests: int = 20, port: int = 0) -> d
 
     :param port: the port, or 0 for one the kernel picks.
     :returns: connections served per worker PID.
-    :raises DemoError: *port* is in use by another socket (checked before any worker
-        starts), a worker did not start, or a connection got no answer, or one
-        that is not a demo worker's PID, within 10 seconds.
+    :raises DemoError: *port* is in use by another socket or may not be bound
+        (checked before any worker starts), a worker did not start, a connection
+        was reset or refused, or it got no answer, or one that is not a demo
+        worker's PID, within 10 seconds.
     :raises AddressInUse: *port* was taken by a socket without SO_REUSEPORT.
+    :raises KeyboardInterrupt: Ctrl-C, once the workers are stopped.
     """
     if port:
         # The kernel's own pick (port 0) is free; a port given by the user may be
@@ -154,12 +177,20 @@ def reuseport_scenario(workers: int = 3, requests: int = 20, port: int = 0) -> d
                         conn.settimeout(_ANSWER_TIMEOUT)
                         local_port = conn.getsockname()[1]
                         line = conn.makefile().readline()
-                except (TimeoutError, ConnectionError) as exc:
+                except TimeoutError:
                     # A worker answers at once: silence means the connection went to
                     # a socket that is not one (or a worker hung).
                     raise DemoError(
-                        f"{where} got no answer within {_ANSWER_TIMEOUT:g} s ({exc}): "
+                        f"{where} got no answer within {_ANSWER_TIMEOUT:g} s: "
                         "is another server listening on the port?"
+                    ) from None
+                except ConnectionError as exc:
+                    # Reset or refused, however soon: a listener closed with the
+                    # connection in its queue (a worker exited), or another server
+                    # on the port closed it, or nothing listens there any more.
+                    raise DemoError(
+                        f"{where} failed ({exc}): did a demo worker exit, or is another "
+                        "server listening on the port?"
                     ) from None
                 try:
                     pid = int(line)
@@ -239,12 +270,51 @@ async def _proxy(clients: int) -> list[tuple[int, str, int, int, bool]]:
     ]
 
 
+async def _cancelled_by_ctrl_c(main: Coroutine[Any, Any, _T]) -> _T:
+    """Await *main*; Ctrl-C cancels it, then raises KeyboardInterrupt.
+
+    This is what ``asyncio.run`` does itself since Python 3.11. On 3.10 the
+    KeyboardInterrupt came out of whichever task ran when SIGINT arrived, which
+    kept it as its exception: after the demo had stopped, the event loop logged
+    "Task exception was never retrieved" with a traceback. Left alone where the
+    SIGINT handler is not Python's default (the caller's own) or where no signal
+    handler can be set (not the main thread).
+
+    :raises KeyboardInterrupt: SIGINT came while *main* ran (and it is cancelled).
+    """
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        return await main
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    interrupted = False
+
+    def on_sigint() -> None:
+        nonlocal interrupted
+        interrupted = True
+        task.cancel()
+
+    loop.add_signal_handler(signal.SIGINT, on_sigint)
+    try:
+        return await main
+    except asyncio.CancelledError:
+        if interrupted:
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)  # back to default_int_handler
+
+
 def proxy_scenario(clients: int = 10) -> list[tuple[int, str, int, int, bool]]:
     """A round-robin L4 proxy built from reuselb parts, in front of two embedded backends.
 
     :returns: (client, answer, bytes client->backend, bytes backend->client, spliced).
+    :raises KeyboardInterrupt: Ctrl-C, once the backends and the listener are closed.
     """
-    rows = asyncio.run(_proxy(clients))
+    rows = asyncio.run(_cancelled_by_ctrl_c(_proxy(clients)))
     for i, answer, up, down, spliced in rows:
         print(
             f"  client {i + 1:2d}: {answer:<40} relayed {up}+{down} bytes, "
