@@ -790,8 +790,9 @@ def _detach_through(candidates: Iterable[socket.socket]) -> Exception | None:
             # In no group any more (shut down by another thread): it can neither
             # detach the program nor say that there is none. Try the others.
             continue
-        # Closed by another thread since the check above: SocketClosed, or a
-        # SteeringError with EBADF from detach_steering's setsockopt().
+        # Closed by another thread since the check above: SocketClosed, or an
+        # OSError from _group_key's getsockopt()/fstat() as detach_steering explains
+        # a refusal (a SteeringError, EBADF included, is handled above).
         except (SocketClosed, OSError) as exc:
             error = exc
     if error is None and no_program:
@@ -884,7 +885,7 @@ def _drain_members(
         # program's size, the steer path attached a program for a group the
         # kernel does not have, and restore= got the closed listener back.
         _refuse_repeats([(f"group member {i}", m) for i, m in enumerate(listed)])
-        slots = list(listed)
+        slots = list(listed)  # a copy only for its type (list[socket | None]; invariant)
         index = next((i for i, m in enumerate(slots) if m is listener), -1)
     if index < 0:
         raise InvalidArgument("listener", listener, "is not a member of group")

@@ -1466,17 +1466,13 @@ def _same_socket(sock: socket.socket, other: Side, other_fd: int, inode: int) ->
     ends at its next event), or there is no SO_COOKIE, the inode of what
     *other_fd* names now must do (fstat changes nothing).
     """
-    mine = _cookie(sock)
-    theirs = None
     # (A listed socket is a socket.socket: wrappers are not listed, see _inode.)
     if isinstance(other, socket.socket) and other.fileno() == other_fd:
-        theirs = _cookie(other)
-    if mine is None or theirs is None:
-        try:
-            return _fstat(other_fd).st_ino == inode
-        except OSError:
-            return False  # *other_fd* is closed: not a running relay's socket
-    return mine == theirs
+        return _same_cookie(sock, other)
+    try:
+        return _fstat(other_fd).st_ino == inode
+    except OSError:
+        return False  # *other_fd* is closed: not a running relay's socket
 
 
 def _check_pair(a: object, b: object) -> tuple[int | None, int | None]:
@@ -2791,7 +2787,8 @@ def _sweep_closed_hubs(loop: asyncio.AbstractEventLoop | None) -> None:
     Relays another thread is ending at that moment are waited for, for the same
     reason (see :func:`_end_closed_hubs`). Looked for at every start, not only at a
     new hub's, or a proxy whose loop always has a relay would never free them (a
-    len() and a lookup per start otherwise).
+    len() and a lookup per start with one loop; with hubs of several loops, a copy
+    of the list and an ``is_closed()`` per loop).
     """
     if len(_HUBS) > (loop in _HUBS):
         _end_closed_hubs()

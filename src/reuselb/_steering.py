@@ -523,14 +523,11 @@ def detach_steering(member: socket.socket) -> None:
         # program. So after ENOENT the option proves nothing (cleared after joining,
         # the member is still in its group) and is not checked; what _group_key
         # finds besides is a socket the kernel has in no group.
-        no_group: InvalidArgument | None = None
         if code in (errno.EINVAL, errno.ENOENT):
             try:
                 _group_key(member, "member", option=code == errno.EINVAL)
             except InvalidArgument as refused:
-                no_group = refused
-        if no_group is not None:
-            raise no_group from exc
+                raise refused from exc
         # A socket that passes _group_key can still be in no kernel group: one given
         # SO_REUSEPORT after bind (UDP) or listen (TCP) has none (see
         # _sockets._start_group), and the kernel answers ENOENT as for no program.
