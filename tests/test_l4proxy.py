@@ -540,6 +540,10 @@ def _wait_refused(port: int, timeout: float = 10, attempts: int = 2000) -> None:
             c = socket.create_connection(("127.0.0.1", port), timeout=2)
         except ConnectionRefusedError:
             return
+        except ConnectionResetError:
+            # Reset at once, before connect() returned: a connection queued on a
+            # listener that was just closed (the kernel resets its accept queue).
+            continue
         with c:
             c.sendall(b"PING\r\n")
             try:
