@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -315,6 +316,59 @@ def test_demo_ctrl_c_is_quiet_and_cleans_up(args: list[str], lines: int) -> None
     for pid in workers:  # reaped by the demo before it exited
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_demo_backend_ends_quietly_on_a_reset_and_answers_otherwise() -> None:
+    # Ctrl-C cancels the proxy's relays, which reset their upstream connections
+    # with a request in flight. Before, the embedded backend let the
+    # ConnectionResetError out of a task nobody awaited: Python 3.10 then logged
+    # "Task exception was never retrieved" with a traceback after the demo's
+    # quiet exit (seen in CI).
+    from reuselb import _demo
+
+    async def serve(reset: bool) -> tuple[list[BaseException | None], bytes]:
+        outcomes: list[BaseException | None] = []
+        done = asyncio.Event()
+
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                await _demo._backend("backend-9", reader, writer)
+                outcomes.append(None)
+            except BaseException as exc:  # what leaked is the finding
+                outcomes.append(exc)
+            finally:
+                done.set()
+
+        server = await asyncio.start_server(handler, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        loop = asyncio.get_running_loop()
+        client = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        try:
+            await loop.sock_connect(client, ("127.0.0.1", port))
+            answer = b""
+            if reset:
+                # SO_LINGER 0: close() sends RST, the backend's read fails
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                client.close()
+            else:
+                await loop.sock_sendall(client, b"hello\n")
+                for _ in range(100):  # bounded: the answer is one short line
+                    chunk = await asyncio.wait_for(loop.sock_recv(client, 4096), 10)
+                    if not chunk:
+                        break
+                    answer += chunk
+            await asyncio.wait_for(done.wait(), 10)
+        finally:
+            client.close()
+            server.close()
+            await server.wait_closed()
+        return outcomes, answer
+
+    outcomes, _ = asyncio.run(serve(reset=True))
+    assert outcomes == [None]
+    outcomes, answer = asyncio.run(serve(reset=False))
+    assert outcomes == [None]
+    assert answer == b"backend-9 answers 'hello'\n"
 
 
 def test_demo_names_a_port_it_may_not_bind() -> None:

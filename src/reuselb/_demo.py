@@ -211,19 +211,29 @@ def reuseport_scenario(workers: int = 3, requests: int = 20, port: int = 0) -> d
     return dict(served)
 
 
-async def _proxy(clients: int) -> list[tuple[int, str, int, int, bool]]:
-    loop = asyncio.get_running_loop()
+async def _backend(name: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answer one line with *name*; a connection the proxy reset ends quietly.
 
-    async def backend(
-        name: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+    asyncio.start_server runs this as a task nobody awaits: an exception that
+    left it was logged as "Task exception was never retrieved", with a
+    traceback, when the task was collected. Ctrl-C makes that happen: it
+    cancels the proxy's relays, whose upstream sockets then close with the
+    request or the answer in flight (a reset, seen at readline() or drain()).
+    """
+    try:
         request = await reader.readline()
         writer.write(f"{name} answers {request.decode().strip()!r}\n".encode())
         await writer.drain()
+    except ConnectionError:
+        pass  # the proxy went away: nobody is left to answer
+    finally:
         writer.close()
 
+
+async def _proxy(clients: int) -> list[tuple[int, str, int, int, bool]]:
+    loop = asyncio.get_running_loop()
     servers = [
-        await asyncio.start_server(functools.partial(backend, f"backend-{i}"), "127.0.0.1", 0)
+        await asyncio.start_server(functools.partial(_backend, f"backend-{i}"), "127.0.0.1", 0)
         for i in (1, 2)
     ]
     policy = RoundRobin([s.sockets[0].getsockname() for s in servers])
