@@ -693,3 +693,33 @@ def test_node_name_with_a_control_character_is_refused_naming_it(name: str, wher
 
 def test_node_name_may_hold_other_unicode() -> None:
     assert Node("127.0.0.1:80", name="caf\u00e9\u00a0\u200d").name == "caf\u00e9\u00a0\u200d"
+
+
+@pytest.mark.parametrize("attr", ["address", "name", "weight", "state"])
+def test_deleting_a_node_attribute_is_refused_and_leaves_the_policy_working(attr: str) -> None:
+    # del emptied the slot of the node the policy stores (get() returns it), and the
+    # next rebuild (set_weight of another node, copy()) raised AttributeError on it
+    p = RoundRobin(["10.0.0.1:80", "10.0.0.2:80"])
+    node = p.get("10.0.0.1:80")
+    with pytest.raises(AttributeError, match=rf"Node is immutable; cannot delete {attr!r}"):
+        delattr(node, attr)
+    assert node == Node("10.0.0.1:80")
+    p.set_weight("10.0.0.2:80", 3)
+    assert p.copy().nodes == p.nodes == (node, Node("10.0.0.2:80", weight=3))
+
+
+@pytest.mark.parametrize("kind", ["round-robin", "maglev"])
+def test_running_init_again_on_a_built_node_is_refused(kind: str) -> None:
+    # n.__init__(...) rewrote the policy's stored node in place: the policy then
+    # listed and returned a node at an address it never added
+    p = make_policy(kind, ["10.0.0.1:80", "10.0.0.2:80"])
+    node = p.get("10.0.0.1:80")
+    with pytest.raises(
+        AttributeError, match=r"Node is immutable; cannot run __init__ again .* 10\.0\.0\.1:80"
+    ):
+        node.__init__("10.9.9.9:1", weight=7)  # type: ignore[misc]
+    assert node == Node("10.0.0.1:80") and p.get("10.0.0.1:80") is node
+    assert p.nodes == (node, Node("10.0.0.2:80"))
+    # a fresh Node, a replace() and an unpickled copy are built once, as before
+    assert Node("10.9.9.9:1", weight=7).replace(weight=2).weight == 2
+    assert pickle.loads(pickle.dumps(node)) == node
