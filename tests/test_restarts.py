@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -93,6 +94,112 @@ def test_drain_close_without_migration_accepts_the_queue(no_migration: None) -> 
             group[0].settimeout(10)
             group[0].accept()[0].close()
     print("\ndrain_close (steer): 20 queued connections, 0 reset")
+
+
+def _deferred_clients(
+    monkeypatch: pytest.MonkeyPatch | None,
+) -> tuple[list[bytes | str], int, bool, float]:
+    """3 clients connected to a defer_accept=1 member, which is then drained.
+
+    The clients send only after the drain: until then the kernel keeps each as a
+    request (TCP_DEFER_ACCEPT), not in the accept queue. *monkeypatch*, when given,
+    makes sock_diag unreadable. Returns (replies, accepted, timed_out, seconds).
+    """
+    import reuselb._handoff
+
+    if monkeypatch is not None:
+        monkeypatch.setattr(
+            reuselb._handoff, "_diag_requests", lambda family, port: None, raising=False
+        )
+    with reuseport_group("127.0.0.1:0", 2, defer_accept=1) as group:
+        steer_all_to(group, 1)
+        clients = [connect_tcp(("127.0.0.1", group.port), timeout=5) for _ in range(3)]
+        start = time.monotonic()
+        result = drain_close(group[1], group=group, grace=0.05)
+        took = time.monotonic() - start
+        for i, c in enumerate(clients):
+            c.sendall(b"hello %d" % i)
+        _answer(result.accepted)
+        return _replies(clients), len(result.accepted), result.timed_out, took
+
+
+def test_drain_close_waits_for_deferred_handshakes(no_migration: None) -> None:
+    # Before: the queue was empty (the kernel keeps a deferred connection as a
+    # request), so the drain ended after grace and the 3 clients were reset.
+    replies, accepted, timed_out, took = _deferred_clients(None)
+    print(f"\ndrain_close, defer_accept=1: 3 deferred clients taken in {took:.2f} s")
+    assert replies == [b"re:hello %d" % i for i in range(3)]
+    assert accepted == 3
+    assert timed_out is False
+
+
+def test_drain_close_without_sock_diag_waits_out_defer_accept(
+    no_migration: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # sock_diag unreadable (a sandbox without netlink): the listener's
+    # TCP_DEFER_ACCEPT period bounds how long a deferred handshake waits.
+    replies, accepted, timed_out, took = _deferred_clients(monkeypatch)
+    assert replies == [b"re:hello %d" % i for i in range(3)]
+    assert accepted == 3
+    assert timed_out is False
+    assert took >= 1.0  # the period (1 s), not grace
+
+
+_FULL_QUEUE_CHILD = """
+import json, socket, time
+from reuselb import connect_tcp, drain_close, reuseport_group, steer_all_to
+
+def overflows():
+    with open("/proc/net/netstat") as f:  # this network namespace's counters
+        head, values = [line.split() for line in f if line.startswith("TcpExt:")][:2]
+    return int(values[head.index("ListenOverflows")])
+
+out = {}
+with reuseport_group("127.0.0.1:0", 2, backlog=2) as group:  # the queue holds 3
+    steer_all_to(group, 0)
+    late = socket.socket()
+    # A connecting socket with TCP_DEFER_ACCEPT delays its final ACK (by up to
+    # 200 ms, hoping to send data with it): its request waits meanwhile ...
+    late.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
+    late.connect(("127.0.0.1", group.port))
+    # ... while 3 other clients fill the queue, so the kernel drops that ACK and
+    # keeps the request until a SYN-ACK retransmission is answered (1 s after).
+    early = [connect_tcp(("127.0.0.1", group.port), timeout=5) for _ in range(3)]
+    deadline = time.monotonic() + 5
+    while not overflows() and time.monotonic() < deadline:
+        time.sleep(0.01)  # polls the kernel's counter: the ACK's drop is not an event
+    out["overflowed"] = overflows() > 0
+    result = drain_close(group[0], group=group, grace=0.05)
+    late.sendall(b"late")
+    late.settimeout(5)
+    out["accepted"] = len(result.accepted)
+    out["late"] = [
+        c.recv(10).decode() for c in result.accepted if c.getpeername() == late.getsockname()
+    ]
+    for c in result.accepted:
+        c.close()
+    try:
+        out["late_client"] = "open" if late.recv(1) == b"" else "data"
+    except ConnectionResetError:
+        out["late_client"] = "reset"
+    late.close()
+    for c in early:
+        c.close()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.root
+def test_drain_close_waits_for_a_handshake_behind_a_full_queue() -> None:
+    # In a network namespace of its own: tcp_migrate_req off (its default there) and
+    # its own TcpExt counters. Before: the drain took the 3 queued connections, ended
+    # after grace, and the 4th client, whose final ACK the full queue had dropped,
+    # was reset when it sent.
+    result = run_in_netns(_FULL_QUEUE_CHILD)
+    assert result["overflowed"] is True
+    assert result["late"] == ["late"]
+    assert result["accepted"] == 4
+    assert result["late_client"] == "open"
 
 
 _MIGRATE_CHILD = """

@@ -31,7 +31,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._errors import HandoffError, InvalidArgument, SocketClosed, SteeringError, WrongSocketType
-from ._sockets import _C_INT_MAX, ReuseportGroup, check_flag, check_open, check_seconds
+from ._sockets import (
+    _C_INT_MAX,
+    _TCP_DEFER_ACCEPT,
+    ReuseportGroup,
+    _diag_requests,
+    check_flag,
+    check_open,
+    check_seconds,
+)
 from ._steering import GroupLike, _as_sequence, _check_one_group, _held_members, _refuse_repeats
 
 __all__ = [
@@ -709,9 +717,11 @@ class DrainResult:
     :ivar accepted: connections taken from the member's queue; the caller owns
         them and hands them on (empty on the migrate path).
     :ivar timed_out: the steer path reached *timeout* before the queue stayed empty
-        for *grace*. The connections already in the queue were still taken (one
-        last non-blocking sweep) and are in *accepted*, but a handshake still in
-        flight when the member closed may have been reset.
+        for *grace* and the handshakes it waits for had ended (a
+        ``TCP_DEFER_ACCEPT`` period longer than *timeout*, say). The connections
+        already in the queue were still taken (one last non-blocking sweep) and are
+        in *accepted*, but a handshake still in flight when the member closed may
+        have been reset.
     :ivar steering_error: ``None`` when the group's steering was left as
         documented: the program *restore* attached or, without *restore*, none
         (steer path) or whatever it had (migrate path). Otherwise why not: the
@@ -759,6 +769,80 @@ def _queue_capacity(listener: socket.socket) -> int:
         return int(struct.unpack_from("=I", info, 28)[0]) + 1
     except (OSError, struct.error):
         return 65536  # net.core.somaxconn's usual ceiling
+
+
+# How often the steer path asks the kernel again whether the handshakes it waits for
+# have ended. One that completes wakes the drain at once (its connection is queued);
+# only one that ends otherwise (the client gave up, the kernel dropped it) or that
+# another member's queue took is seen this late.
+_RECHECK = 0.05
+
+
+def _handshakes(listener: socket.socket) -> set[int] | None:
+    """The kernel's pending handshakes that may be *listener*'s: their cookies.
+
+    A connection whose handshake has not completed in the kernel's eyes is a request
+    sock, counted in the listener's SYN queue but not in its accept queue, and
+    ``close()`` drops it: the client, which may already think itself connected, is
+    reset by the next segment it sends. Two kinds outlive a short *grace*:
+
+    * with ``TCP_DEFER_ACCEPT``, the kernel takes the client's final ACK but keeps
+      the request until data arrives, or until the defer period ends and a last
+      SYN-ACK is answered (``tcp_check_req()``; ``syn_ack_recalc()``);
+    * on an accept queue that was full when the final ACK came, the kernel drops the
+      ACK and keeps the request (``tcp_abort_on_overflow=0``), to complete it when
+      the client answers the next SYN-ACK retransmission, 1, 3, 7 ... s after the
+      SYN.
+
+    No interface says which listener a request belongs to (sock_diag reports it
+    with no inode), so this is every request in state SYN_RECV on the listener's
+    local port and address (any address for a wildcard listener), of IPv4 too for
+    an IPv6 listener that takes it. Taken once steering sends new SYNs elsewhere,
+    it is a superset of the listener's that only shrinks: the cookies are never
+    reused. None when sock_diag could not be read.
+    """
+    try:
+        host = listener.getsockname()[0].partition("%")[0]  # no zone: fe80::1%lo
+        mine = socket.inet_pton(listener.family, host)
+        families = [int(listener.family)]
+        if listener.family == socket.AF_INET6 and not listener.getsockopt(
+            socket.IPPROTO_IPV6, socket.IPV6_V6ONLY
+        ):
+            families.append(socket.AF_INET)  # IPv4 clients of a dual-stack listener
+        port = listener.getsockname()[1]
+    except OSError:
+        return None
+    wildcard = not any(mine)
+    cookies: set[int] = set()
+    for family in families:
+        found = _diag_requests(family, port)
+        if found is None:
+            return None
+        for fam, src, cookie in found:
+            if fam == socket.AF_INET:
+                local = src[:4]
+                if len(mine) == 16:  # an IPv6 listener sees IPv4 as ::ffff:a.b.c.d
+                    local = b"\0" * 10 + b"\xff\xff" + local
+            else:
+                local = src
+            if wildcard or local == mine:
+                cookies.add(cookie)
+    return cookies
+
+
+def _defer_hold(listener: socket.socket, grace: float) -> float:
+    """How long a deferred handshake of *listener* may wait for the kernel; 0 without.
+
+    ``TCP_DEFER_ACCEPT`` reads back as the kernel keeps it: the sum of the SYN-ACK
+    timeouts it covers (1 + 2 + 4 = 7 s for 5). The request's timers may fire up to
+    an eighth late (the timer wheel's granularity), and the last SYN-ACK's answer
+    takes up to *grace* (as any handshake in flight): a quarter more, plus *grace*.
+    """
+    try:
+        defer = listener.getsockopt(socket.IPPROTO_TCP, _TCP_DEFER_ACCEPT)
+    except OSError:
+        return 0.0
+    return defer * 1.25 + grace if defer > 0 else 0.0
 
 
 def _detach_through(candidates: Iterable[socket.socket]) -> Exception | None:
@@ -914,10 +998,25 @@ def drain_close(
     * otherwise (Linux 4.5+, needs *group*): a reuseport cBPF program sends new SYNs
       to the other members, the queue is accepted here until it stays empty for
       *grace* seconds (handshakes already in flight complete within that time on a
-      LAN; raise it for long round trips), then the member is closed and the
+      LAN; raise it for long round trips) and the handshakes the kernel still
+      holds for the listener have ended, then the member is closed and the
       program detached (through any other member still open; if none lets it,
       :attr:`DrainResult.steering_error` says why). The accepted connections are
       returned to the caller, also then.
+
+    On the steer path a client whose ``connect()`` has returned may not be in the
+    accept queue yet, and closing the member would reset it. The kernel keeps it as
+    a request until the handshake is complete on its side: on a listener with
+    ``TCP_DEFER_ACCEPT`` (*defer_accept*) until the client sends data or the defer
+    period ends; when the final ACK found the accept queue full, until the client
+    answers a SYN-ACK retransmission (1, 3, 7 ... seconds after its SYN). So the
+    steer path also waits, up to *timeout*, until the requests pending on the
+    listener's port and address when the drain began have ended (sock_diag, as
+    ``ss -t state syn-recv`` reads them; it cannot tell which member holds a
+    request, so another member's count too). Where sock_diag cannot be read it
+    waits out the listener's ``TCP_DEFER_ACCEPT`` period instead (a quarter more,
+    plus *grace*), and a request behind a full queue may then be reset. Keep
+    *timeout* above the defer period.
 
     **A steering program of yours does not survive.** The kernel keeps one program
     per group and cannot hand it back, so the steer path replaces yours with its
@@ -953,10 +1052,11 @@ def drain_close(
         when there is none).
     :param grace: seconds the queue must stay empty before closing (steer path),
         ``0`` to ``1e9``.
-    :param timeout: stop waiting for the queue to go quiet after this many seconds
-        (steer path), more than ``0`` and at most ``1e9``. What is queued then is
-        still accepted, and :attr:`DrainResult.timed_out` is set: a handshake still
-        in flight at that point is reset when the member closes.
+    :param timeout: stop waiting for the queue to go quiet, and for pending
+        handshakes, after this many seconds (steer path), more than ``0`` and at
+        most ``1e9``. What is queued then is still accepted, and
+        :attr:`DrainResult.timed_out` is set: a handshake still in flight at that
+        point is reset when the member closes.
     :param restore: called once *listener* has left the group, with the
         remaining members in the kernel's order (the updated
         :class:`~reuselb.ReuseportGroup`, or a new list for a plain sequence) to
@@ -1099,8 +1199,23 @@ def drain_close(
         # poll, not select: select() refuses fds above 1023, common in a proxy.
         poller = select.poll()
         poller.register(listener, select.POLLIN)
-        deadline = time.monotonic() + timeout
-        quiet_since = time.monotonic()
+        start = time.monotonic()
+        deadline = start + timeout
+        quiet_since = start
+        # The handshakes the listener may still complete (see _handshakes): taken
+        # now that the program sends every new SYN to another member, so no new one
+        # is the listener's. (A SYN the kernel is handling on another CPU while the
+        # program is attached may still pick the listener and add its request a few
+        # microseconds after this; its handshake gets *grace*, as before.)
+        pending = _handshakes(listener)
+        # Where sock_diag cannot be read (no netlink in a sandbox), wait out the
+        # listener's TCP_DEFER_ACCEPT period instead: a deferred handshake whose
+        # client sends nothing is queued when the kernel's last SYN-ACK of that
+        # period is answered. A request stuck behind a full queue is not covered then.
+        hold_until = start
+        if pending is None:
+            hold_until += _defer_hold(listener, grace)
+            pending = set()
         while True:
             if (now := time.monotonic()) >= deadline:
                 timed_out = True
@@ -1108,11 +1223,26 @@ def drain_close(
             if take():
                 quiet_since = time.monotonic()
                 continue
-            if accept_error is not None or now - quiet_since >= grace:
+            if accept_error is not None:
                 break
-            # Wake when a connection arrives, the quiet time is up or the
-            # deadline passes; one day at most per wait (poll takes a C int of ms).
-            wait = min(grace - (now - quiet_since), deadline - now, 86400.0)
+            if now - quiet_since < grace:
+                # Wake when a connection arrives or the quiet time is up.
+                wait = grace - (now - quiet_since)
+            else:
+                if pending:
+                    # Ended handshakes leave the kernel's list: completed ones were
+                    # queued (and taken above if they were the listener's), the
+                    # others were dropped.
+                    current = _handshakes(listener)
+                    if current is None:  # sock_diag failed since: as if never read
+                        hold_until = max(hold_until, start + _defer_hold(listener, grace))
+                        current = set()
+                    pending &= current
+                if not pending and now >= hold_until:
+                    break
+                wait = _RECHECK if pending else hold_until - now
+            # One day at most per wait (poll takes a C int of ms).
+            wait = min(wait, deadline - now, 86400.0)
             poller.poll(max(wait, 0.0) * 1000)
         if timed_out:
             # The queue still holds connections that finished their handshake:

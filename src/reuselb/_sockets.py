@@ -28,7 +28,7 @@ import socket
 import struct
 import sys
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
@@ -1193,47 +1193,111 @@ def socket_info(sock: socket.socket) -> SocketInfo:
 
 # sock_diag (netlink) is the only interface that reports a listener's backlog
 # limit: /proc/net/tcp shows the current queue but not the limit. `ss -lt` reads
-# the same fields (idiag_rqueue = queued, idiag_wqueue = max backlog).
+# the same fields (idiag_rqueue = queued, idiag_wqueue = max backlog). It also lists
+# the request socks of handshakes not yet accepted (`ss -t state syn-recv`).
 _NETLINK_SOCK_DIAG = 4
 _SOCK_DIAG_BY_FAMILY = 20
 _NLMSG_ERROR = 2
 _NLMSG_DONE = 3
 _NLM_F_REQUEST_DUMP = 0x1 | 0x300
+_TCP_SYN_RECV_STATE = 3
 _TCP_LISTEN_STATE = 10
 _NLMSGHDR = struct.Struct("=IHHII")
-_DIAG_REQ = struct.Struct("=BBBxI48x")
+# struct inet_diag_req_v2: family, protocol, ext, pad, states, then struct
+# inet_diag_sockid, of which only idiag_sport (network order) is set: the kernel's
+# dump skips sockets on other local ports.
+_DIAG_REQ = struct.Struct("=BBBxI2s46x")
+# struct inet_diag_msg: family, state, timer, retrans, then inet_diag_sockid
+# (sport, dport, src, dst in network order; ifindex; the socket's cookie) ...
+_DIAG_HEAD = struct.Struct("=BBBB2s2s16s16sIQ")
+# ... then expires, rqueue, wqueue, uid, inode.
 _DIAG_MSG = struct.Struct("=BBBB48xIIIII")
 
 
-def _diag_listener(family: socket.AddressFamily, inode: int) -> tuple[int, int] | None:
+def _sock_diag(family: int, states: int, port: int, visit: Callable[[bytes, int], bool]) -> bool:
+    """Dump the TCP sockets of *family* in *states* (a bit per TCP state).
+
+    Only sockets on local *port* when it is not 0. Calls ``visit(data, offset)``
+    with each ``struct inet_diag_msg`` until it returns True. Returns False when
+    the dump could not be read whole (no netlink, an error, a hang), True when it
+    was, or *visit* stopped it.
+    """
+    family_netlink = getattr(socket, "AF_NETLINK", None)  # Linux only
+    if family_netlink is None:
+        return False
     try:
-        nl = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | _CLOEXEC, _NETLINK_SOCK_DIAG)
+        nl = socket.socket(family_netlink, socket.SOCK_DGRAM | _CLOEXEC, _NETLINK_SOCK_DIAG)
     except OSError:
-        return None
+        return False
     with nl:
         nl.settimeout(2.0)
-        req = _DIAG_REQ.pack(family, socket.IPPROTO_TCP, 0, 1 << _TCP_LISTEN_STATE)
-        nl.send(
-            _NLMSGHDR.pack(
-                _NLMSGHDR.size + len(req), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST_DUMP, 1, 0
+        req = _DIAG_REQ.pack(family, socket.IPPROTO_TCP, 0, states, port.to_bytes(2, "big"))
+        try:
+            nl.send(
+                _NLMSGHDR.pack(
+                    _NLMSGHDR.size + len(req), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST_DUMP, 1, 0
+                )
+                + req
             )
-            + req
-        )
-        # Bounded: a dump of all listeners of one family, in at most 10,000 datagrams.
+        except OSError:
+            return False
+        # Bounded: a dump of one family's sockets, in at most 10,000 datagrams.
         for _ in range(10_000):
             try:
                 data = nl.recv(65536)
             except OSError:
-                return None
+                return False
             offset = 0
             while offset + _NLMSGHDR.size <= len(data):
                 length, mtype, _f, _s, _p = _NLMSGHDR.unpack_from(data, offset)
-                if mtype in (_NLMSG_DONE, _NLMSG_ERROR) or length < _NLMSGHDR.size:
-                    return None
-                body = offset + _NLMSGHDR.size
-                if len(data) >= body + _DIAG_MSG.size:
-                    *_head, _exp, rqueue, wqueue, _uid, ino = _DIAG_MSG.unpack_from(data, body)
-                    if ino == inode:
-                        return rqueue, wqueue
+                if mtype == _NLMSG_ERROR or length < _NLMSGHDR.size:
+                    return False
+                if mtype == _NLMSG_DONE:
+                    # Its payload is the dump's status: 0, or a negative errno.
+                    body = offset + _NLMSGHDR.size
+                    return len(data) < body + 4 or struct.unpack_from("=i", data, body)[0] == 0
+                if len(data) >= offset + _NLMSGHDR.size + _DIAG_MSG.size and visit(
+                    data, offset + _NLMSGHDR.size
+                ):
+                    return True
                 offset += (length + 3) & ~3
+        return False
+
+
+def _diag_listener(family: socket.AddressFamily, inode: int) -> tuple[int, int] | None:
+    found: tuple[int, int] | None = None
+
+    def visit(data: bytes, offset: int) -> bool:
+        nonlocal found
+        *_head, _exp, rqueue, wqueue, _uid, ino = _DIAG_MSG.unpack_from(data, offset)
+        if ino == inode:
+            found = rqueue, wqueue
+        return found is not None
+
+    _sock_diag(family, 1 << _TCP_LISTEN_STATE, 0, visit)
+    return found
+
+
+def _diag_requests(family: int, port: int) -> list[tuple[int, bytes, int]] | None:
+    """``(family, local address, cookie)`` of each handshake on local TCP *port*.
+
+    What the kernel lists in state SYN_RECV: the request socks (one per SYN
+    answered whose connection is not in an accept queue yet) and Fast Open
+    children in SYN_RECV. The local address is 16 bytes, an IPv4 one in the first
+    4; the cookie is unique for the network namespace's lifetime. None when
+    sock_diag could not be read.
+    """
+    found: list[tuple[int, bytes, int]] = []
+
+    def visit(data: bytes, offset: int) -> bool:
+        fam, state, _t, _r, sport, _dp, src, _dst, _if, cookie = _DIAG_HEAD.unpack_from(
+            data, offset
+        )
+        # The kernel filters by port and state already; checked again, cheaply.
+        if state == _TCP_SYN_RECV_STATE and int.from_bytes(sport, "big") == port:
+            found.append((fam, src, cookie))
+        return False
+
+    if not _sock_diag(family, 1 << _TCP_SYN_RECV_STATE, port, visit):
         return None
+    return found
