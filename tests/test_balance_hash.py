@@ -6,6 +6,8 @@ import hashlib
 import itertools
 import math
 import random
+import re
+import sys
 import zlib
 
 import pytest
@@ -875,3 +877,76 @@ def test_key_hash_vectors(seed: int, secret: bytes | None, key: bytes, value: in
     else:
         h = hashlib.blake2b(key, digest_size=4, key=secret, salt=seed.to_bytes(16, "little"))
         assert int.from_bytes(h.digest(), "little") == value
+
+
+@pytest.mark.parametrize(
+    ("seed", "secret", "key", "value"),
+    KEY_HASH_VECTORS,
+    ids=[f"{'crc' if v[1] is None else 'blake2b'}-{i}" for i, v in enumerate(KEY_HASH_VECTORS)],
+)
+def test_hash32_takes_a_key_as_the_policies_do(
+    seed: int, secret: bytes | None, key: bytes, value: int
+) -> None:
+    # KeyHasher's docstring said str keys are hashed as UTF-8, but hash32("abc")
+    # raised a bare TypeError: it now hashes any key a policy takes, the same way
+    from reuselb.balance import KeyHasher
+
+    hash32 = KeyHasher(seed, secret).hash32
+    spread = memoryview(bytes(b for c in key for b in (c, 0)))[::2]  # not contiguous
+    for same in (key.decode(), bytearray(key), memoryview(b"<" + key + b">")[1:-1], spread):
+        assert hash32(same) == value, same
+
+
+@pytest.mark.parametrize("secret", [None, b"k"])
+def test_hash32_names_a_key_it_cannot_hash(secret: bytes | None) -> None:
+    from reuselb import InvalidKey
+    from reuselb.balance import KeyHasher
+
+    hasher = KeyHasher(3, secret)
+    released = memoryview(b"abc")
+    released.release()
+    for key, reason in [
+        (5, "expected str or bytes, got int"),
+        (None, "expected str or bytes, got NoneType"),
+        ("x\udc80", "lone surrogate"),
+        (released, "the memoryview was released"),
+    ]:
+        with pytest.raises(InvalidKey, match=re.escape(reason)) as info:
+            hasher.hash32(key)  # type: ignore[arg-type]
+        assert info.value.key is key and isinstance(info.value, TypeError)
+        assert repr(key) in str(info.value)
+        if reason.startswith("expected"):
+            assert info.value.__context__ is None  # not raised inside the except clause
+
+
+@pytest.mark.parametrize(
+    ("text", "nbytes", "name", "reason"),
+    [
+        ("n1", -1, "nbytes", "must be an int in 0..sys.maxsize"),  # was SystemError
+        ("n1", sys.maxsize + 1, "nbytes", "must be an int in 0..sys.maxsize"),  # OverflowError
+        ("n1", 8.0, "nbytes", "must be an int in 0..sys.maxsize"),
+        ("n1", True, "nbytes", "must be an int in 0..sys.maxsize"),
+        (b"n1", 8, "text", "must be a str, not bytes"),  # was AttributeError
+        (None, 8, "text", "must be a str, not NoneType"),
+        # was UnicodeEncodeError
+        ("n\udc80", 8, "text", "has no UTF-8 form (a lone surrogate at index 1)"),
+    ],
+)
+def test_node_bytes_and_node_int_name_a_bad_argument(
+    text: object, nbytes: object, name: str, reason: str
+) -> None:
+    from reuselb import InvalidArgument
+    from reuselb.balance import KeyHasher
+
+    hasher = KeyHasher(1, b"k")
+    bad = text if name == "text" else nbytes
+    for call in (hasher.node_bytes, hasher.node_int):
+        with pytest.raises(InvalidArgument, match=re.escape(reason)) as info:
+            call(text, nbytes)  # type: ignore[arg-type]
+        assert info.value.name == name and info.value.value is bad
+        assert f"invalid {name} {bad!r}" in str(info.value)
+    # what the policies pass is hashed as before (the pinned digests check the rest)
+    assert hasher.node_bytes("n1", 0) == b""
+    assert hasher.node_int("n1", 8) == int.from_bytes(
+        hashlib.shake_128(b"k" + (1).to_bytes(4, "little") + b"n1").digest(8), "little"
+    )

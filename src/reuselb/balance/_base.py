@@ -371,7 +371,10 @@ def _bad_secret(secret: object) -> InvalidArgument:
 class KeyHasher:
     """The stable key hash every hash policy uses (part of the API's stability promise).
 
-    * without *secret*: ``zlib.crc32(key_bytes, seed)`` (CRC-32/ISO-HDLC, the
+    ``hasher.hash32(key)`` is the key's 32-bit hash (an int in ``0..2**32-1``), the
+    one a policy's pick starts from:
+
+    * without *secret*: ``zlib.crc32(key, seed)`` (CRC-32/ISO-HDLC, the
       zlib/PNG/Ethernet CRC, started from *seed* instead of 0). Fast (~60 ns), the
       same on every host and Python version. A seed reshuffles the mapping but CRC
       is linear: someone who can send chosen keys can still make them collide.
@@ -379,7 +382,15 @@ class KeyHasher:
       16-byte little-endian *seed* as the salt, read as a little-endian int. Keys
       cannot be aimed at one node without the secret; costs ~4x the CRC.
 
-    Keys are hashed as bytes: ``str`` keys as their UTF-8 encoding.
+    ``hash32`` takes a key as the policies do (:data:`Key` without None) and hashes
+    its bytes: a ``str`` as its UTF-8 encoding, a bytes-like object (any buffer,
+    such as ``bytes``, ``bytearray`` or a ``memoryview``) as its bytes, so
+    ``hasher.hash32("k") == hasher.hash32(b"k")``. A key with no bytes (an int, None, a
+    str with a lone surrogate, a released memoryview) raises
+    :class:`~reuselb.InvalidKey` naming it.
+
+    :meth:`node_bytes` and :meth:`node_int` hash a node's identity
+    (:attr:`Node.hash_id`) when a policy builds its table, ring or scores.
 
     :param seed: int in ``0..2**32-1``.
     :param secret: optional BLAKE2b key (1 to 64 bytes).
@@ -396,12 +407,22 @@ class KeyHasher:
             raise _bad_secret(secret)
         self.seed = seed
         self.secret = secret
-        self.hash32: Callable[[bytes], int]
+        self.hash32: Callable[[str | bytes | bytearray | memoryview], int]
+        # The policies pass bytes (key_bytes() ran first), so bytes go straight to
+        # the hash; only what the hash refuses is converted as a policy's key would
+        # be, in the except clause, so a bytes key pays nothing for it (a try
+        # costs nothing on CPython 3.11+ until it raises). crc32 and blake2b raise
+        # TypeError for a str or a non-buffer, ValueError for a released memoryview
+        # and BufferError for a non-contiguous one, which key_bytes() copies.
         if secret is None:
             crc32 = zlib.crc32
 
-            def _crc(data: bytes) -> int:
-                return crc32(data, seed)
+            def _crc(data: str | bytes | bytearray | memoryview) -> int:
+                try:
+                    return crc32(data, seed)  # type: ignore[arg-type]
+                except (TypeError, ValueError, BufferError):
+                    pass  # (converted outside the except clause: an InvalidKey has no context)
+                return crc32(key_bytes(data), seed)
 
             self.hash32 = _crc
         else:
@@ -411,9 +432,14 @@ class KeyHasher:
             copy = keyed.copy
             from_bytes = int.from_bytes
 
-            def _keyed(data: bytes) -> int:
+            def _keyed(data: str | bytes | bytearray | memoryview) -> int:
                 h = copy()
-                h.update(data)
+                try:
+                    h.update(data)  # type: ignore[arg-type]
+                    return from_bytes(h.digest(), "little")
+                except (TypeError, ValueError, BufferError):
+                    pass  # (update() raised before hashing anything: h is as copied)
+                h.update(key_bytes(data))
                 return from_bytes(h.digest(), "little")
 
             self.hash32 = _keyed
@@ -422,12 +448,38 @@ class KeyHasher:
         """*nbytes* pseudo-random bytes for a node identity (build time, not per pick).
 
         SHAKE-128 of ``secret || seed (4 bytes LE) || text (UTF-8)``.
+
+        :param text: a node's identity (:attr:`Node.hash_id`): a str with a UTF-8 form.
+        :param nbytes: how many bytes, an int in ``0..sys.maxsize``.
+        :raises InvalidArgument: *text* is not a str or has no UTF-8 form (a lone
+            surrogate), or *nbytes* is not an int in ``0..sys.maxsize``; the error
+            names the value.
         """
+        if (
+            isinstance(nbytes, bool)
+            or not isinstance(nbytes, int)
+            or not 0 <= nbytes <= sys.maxsize
+        ):
+            # hashlib's own errors named neither the argument nor the value: a
+            # negative count raised SystemError ("Negative size passed to
+            # PyBytes_FromStringAndSize"), one above sys.maxsize OverflowError.
+            raise InvalidArgument("nbytes", nbytes, "must be an int in 0..sys.maxsize")
+        if not isinstance(text, str):
+            raise InvalidArgument("text", text, f"must be a str, not {type(text).__name__}")
+        try:
+            data = text.encode()
+        except UnicodeEncodeError as exc:
+            raise InvalidArgument(
+                "text", text, f"has no UTF-8 form (a lone surrogate at index {exc.start})"
+            ) from None
         prefix = (self.secret or b"") + self.seed.to_bytes(4, "little")
-        return hashlib.shake_128(prefix + text.encode()).digest(nbytes)
+        return hashlib.shake_128(prefix + data).digest(nbytes)
 
     def node_int(self, text: str, nbytes: int = 8) -> int:
-        """A little-endian int from :meth:`node_bytes`."""
+        """A little-endian int from :meth:`node_bytes`.
+
+        :raises InvalidArgument: as :meth:`node_bytes`.
+        """
         return int.from_bytes(self.node_bytes(text, nbytes), "little")
 
 
