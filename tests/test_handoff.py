@@ -738,6 +738,32 @@ def test_a_channel_that_passes_credentials_or_pidfds(
 
 
 @pytest.mark.linux
+@pytest.mark.parametrize("free", [0, 4])
+@pytest.mark.parametrize("passing", ["", "pidfd"])
+def test_recv_sockets_at_the_fd_limit_says_so(free: int, passing: str) -> None:
+    # The kernel installs the fds it can, closes the rest and sets MSG_CTRUNC.
+    # Before: "descriptors were lost in transit", nothing about the fd limit; with
+    # SO_PASSPIDFD a bare OSError (EBADF: the pidfd field held -EMFILE, not an fd,
+    # and was closed).
+    a, b = socket.socketpair()
+    socks = [udp_socket() for _ in range(10)]
+    try:
+        if passing:
+            _pass(b, passing)
+        send_sockets(a, socks)
+        before = open_fds()
+        with fds_left(free), pytest.raises(HandoffError) as info:
+            recv_sockets(b)
+        message = str(info.value)
+        assert f"installed {free} descriptor" in message
+        assert "fd limit (RLIMIT_NOFILE" in message
+        assert open_fds() == before  # the ones installed were closed
+    finally:
+        for s in [a, b, *socks]:
+            s.close()
+
+
+@pytest.mark.linux
 @pytest.mark.parametrize("kind", [socket.SOCK_STREAM, socket.SOCK_DGRAM], ids=["stream", "dgram"])
 def test_a_refused_handoff_on_a_pidfd_channel_leaks_nothing(kind: int) -> None:
     # The error paths close the pidfd too: it is not among the handoff's fds.

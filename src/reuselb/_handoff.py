@@ -389,18 +389,55 @@ def _take_fds(ancdata: list[tuple[int, int, bytes]], flags: int, fds: list[int])
     of the sender in every recvmsg that has a control buffer (SCM_PIDFD): nobody
     asked this function for it, so it is closed here, before any error is raised.
 
-    :raises HandoffError: the control data was truncated (MSG_CTRUNC).
+    :raises HandoffError: the control data was truncated (MSG_CTRUNC); the message
+        names the receiver's fd limit when that is why.
     """
     others: list[int] = []
+    received = 0
+    # The room the kernel had for SCM_RIGHTS: what the control messages written
+    # before it (credentials, security label) left of the buffer. SCM_PIDFD comes
+    # after it, so it does not count.
+    room = _CMSG_BUFSIZE
     for level, kind, cdata in ancdata:
-        if level != socket.SOL_SOCKET or kind not in (socket.SCM_RIGHTS, _SCM_PIDFD):
-            continue
-        usable = len(cdata) - len(cdata) % 4
-        (fds if kind == socket.SCM_RIGHTS else others).extend(array.array("i", cdata[:usable]))
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(cdata) - len(cdata) % 4
+            fds.extend(array.array("i", cdata[:usable]))
+            received += usable // 4
+        elif level == socket.SOL_SOCKET and kind == _SCM_PIDFD:
+            others.extend(array.array("i", cdata[: len(cdata) - len(cdata) % 4]))
+        elif not received:
+            room -= socket.CMSG_SPACE(len(cdata))
     for fd in others:
-        os.close(fd)
+        # scm_pidfd_recv() writes pidfd_prepare()'s result into the message even
+        # when it failed: a negative errno (-EMFILE at the fd limit), not an fd.
+        if fd >= 0:
+            os.close(fd)
     if flags & socket.MSG_CTRUNC:
+        # scm_detach_fds() installs fds until the buffer is full or installing one
+        # fails, closes the rest and sets MSG_CTRUNC in both cases. Fewer than the
+        # buffer had room for: installing failed, almost always with EMFILE (this
+        # process at its RLIMIT_NOFILE); an LSM refusing one (EPERM) is the other
+        # way. The sender still has its sockets.
+        fits = (room - socket.CMSG_LEN(0)) // 4
+        if received < fits:
+            raise HandoffError(
+                f"control data truncated: the kernel installed {_descriptors(received)} "
+                f"of the message, fewer than the buffer has room for, and closed the "
+                f"rest: this process is probably at its fd limit (RLIMIT_NOFILE soft "
+                f"limit {_nofile_limit()}); close some or raise the limit, and send again"
+            )
         raise HandoffError("control data truncated: descriptors were lost in transit")
+
+
+def _nofile_limit() -> str:
+    """The soft RLIMIT_NOFILE, for an error message."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return "unknown"
+    return "unlimited" if soft == resource.RLIM_INFINITY else str(soft)
 
 
 def _recv_exact(
@@ -531,7 +568,9 @@ def recv_sockets(channel: socket.socket) -> dict[str, socket.socket]:
         20 MiB), the header or a chunk comes with another number of descriptors
         than :func:`send_sockets` puts on it (refused at once, without waiting for
         more), the channel closes before the last chunk, or a socket is not what
-        the sender said (every fd received is then closed, as it is on any other
+        the sender said, or this process ran out of fds (at ``RLIMIT_NOFILE`` the
+        kernel installs what it can and closes the rest; the message says so) (every
+        fd received is then closed, as it is on any other
         exception, each exactly once; a ``KeyboardInterrupt`` from a signal handler
         too, except one raised in the instant between ``recvmsg`` returning and
         its descriptors being recorded, which leaves that message's fds open).
