@@ -38,7 +38,7 @@ from reuselb import (
 from reuselb import _steering as steering
 from reuselb._address import resolve_address
 from reuselb._demo import start_workers, stop_workers
-from tests.conftest import fds_left, open_fds, run_in_netns
+from tests.conftest import HAS_IPV6, fds_left, open_fds, run_in_netns
 from tests.test_address import _fake_resolver, ipv4_only_localhost  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.linux
@@ -390,6 +390,36 @@ def test_dualstack_needs_an_ipv6_or_wildcard_address() -> None:
         reuseport_listener("127.0.0.1:0", dualstack=True)
 
 
+def test_dualstack_refuses_ipv4s_any_address_saying_why(no_fd_leak: None) -> None:
+    # Before: "dualstack=True needs an IPv6 or wildcard address, not IPv4", for an
+    # address that is a wildcard (Address.is_wildcard), and no docstring said so.
+    expected = (
+        "invalid address '0.0.0.0:8080': dualstack=True needs an IPv6 address or the "
+        "any-address of both families (':8080', '*:8080' or '[::]:8080'), not 0.0.0.0, "
+        "which is IPv4's alone"
+    )
+    factories: list[Callable[..., object]] = [
+        reuseport_listener,
+        reuseport_udp,
+        reuselb.hold_port,
+    ]
+    for factory in factories:
+        with pytest.raises(AddressError) as info:
+            factory("0.0.0.0:8080", dualstack=True)
+        assert str(info.value) == expected
+        # Documented where the others are: ":raises AddressError: ... an IPv4
+        # address with *dualstack* (``0.0.0.0`` too ...".
+        raises = (factory.__doc__ or "").split(":raises AddressError:")[1].split(":raises")[0]
+        assert "``0.0.0.0`` too" in " ".join(raises.split())
+    with pytest.raises(AddressError, match="not an IPv4 address"):
+        reuseport_listener("127.0.0.1:0", dualstack=True)
+    # The spellings the message offers do bind both families.
+    for spelling in (":0", "*:0", "[::]:0") if HAS_IPV6 else ():
+        with reuseport_listener(spelling, dualstack=True) as lst:
+            assert lst.family == socket.AF_INET6
+            assert lst.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 0
+
+
 @pytest.mark.usefixtures("ipv4_only_localhost")
 def test_dualstack_with_a_name_without_ipv6_says_so(no_fd_leak: None) -> None:
     # Before: HostNotFound "unknown host 'localhost': Name or service not known",
@@ -397,7 +427,8 @@ def test_dualstack_with_a_name_without_ipv6_says_so(no_fd_leak: None) -> None:
     # dualstack=True needs.
     expected = (
         "invalid address 'localhost:0': 'localhost' has no IPv6 address, only IPv4 "
-        "(127.0.0.1); dualstack=True needs an IPv6 or wildcard address"
+        "(127.0.0.1); dualstack=True needs an IPv6 address or the any-address of both "
+        "families (':0', '*:0' or '[::]:0')"
     )
     calls: list[Callable[[], object]] = [
         lambda: reuseport_listener("localhost:0", dualstack=True),

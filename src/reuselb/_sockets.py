@@ -357,6 +357,15 @@ def _check_zone(family: socket.AddressFamily, sockaddr: Any, value: object) -> N
         ) from None
 
 
+# The addresses a dual-stack socket binds: parse_address gives the any-address of
+# both families (host "", bound as "::" with V6ONLY off) for ":port", "*:port", an
+# int port and ("", port) or ("*", port).
+_DUALSTACK_NEEDS = (
+    "dualstack=True needs an IPv6 address or the any-address of both families "
+    "(':{port}', '*:{port}' or '[::]:{port}')"
+)
+
+
 def _bind_target(
     address: Address, kind: socket.SocketKind, dualstack: bool, value: object
 ) -> tuple[socket.AddressFamily, Any]:
@@ -365,7 +374,14 @@ def _bind_target(
         if address.host == "":
             return socket.AF_INET6, ("::", address.port, 0, 0)
         if address.family == socket.AF_INET:
-            raise AddressError(value, "dualstack=True needs an IPv6 or wildcard address, not IPv4")
+            # 0.0.0.0 is a wildcard too (Address.is_wildcard), but of IPv4 alone: an
+            # AF_INET socket, which V6ONLY does not apply to, never takes IPv6.
+            what = (
+                "not 0.0.0.0, which is IPv4's alone"
+                if address.is_wildcard
+                else "not an IPv4 address"
+            )
+            raise AddressError(value, f"{_DUALSTACK_NEEDS.format(port=address.port)}, {what}")
     family = socket.AF_INET6 if dualstack else socket.AF_UNSPEC
     try:
         target = resolve_address(address, kind, passive=True, family=family, value=value)[0]
@@ -375,7 +391,7 @@ def _bind_target(
         # A name with IPv4 addresses only (say "localhost" in an /etc/hosts without
         # ::1): resolve_address says so, and why an IPv6 address was wanted is here.
         raise AddressError(
-            value, f"{exc.reason}; dualstack=True needs an IPv6 or wildcard address"
+            value, f"{exc.reason}; {_DUALSTACK_NEEDS.format(port=address.port)}"
         ) from None
     if target[0] == socket.AF_INET6 and not dualstack:
         # Every IPv6 socket made here is V6ONLY unless dualstack, and Linux refuses
@@ -542,7 +558,9 @@ def reuseport_listener(
         interfaces), ``(host, port)`` or an int port; see :func:`parse_address`.
     :param backlog: accept queue length, ``1`` to ``2**31 - 1`` (the kernel caps it at
         ``net.core.somaxconn``); ``None`` means that cap.
-    :param dualstack: for IPv6 or wildcard addresses, accept IPv4 too (V6ONLY off).
+    :param dualstack: for an IPv6 address or the any-address of both families
+        (``":port"``, ``"*:port"``, ``"[::]:port"``), accept IPv4 too (V6ONLY off);
+        not for IPv4 addresses, ``0.0.0.0`` included.
         Without it IPv6 listeners set ``IPV6_V6ONLY``.
     :param nonblocking: create the socket non-blocking.
     :param fastopen: enable TCP Fast Open with this many pending requests, ``1`` to
@@ -555,9 +573,11 @@ def reuseport_listener(
         False to accept SO_REUSEPORT without balancing (macOS).
     :returns: the listening socket; the caller owns it.
     :raises AddressError: the address is malformed, not an address of this host,
-        an IPv4-mapped IPv6 address without *dualstack*, a name without an IPv6
-        address with *dualstack*, a link-local IPv6 address without a zone, an IPv6
-        address whose zone names no interface, or refused by ``bind`` with EINVAL.
+        an IPv4-mapped IPv6 address without *dualstack*, an IPv4 address with
+        *dualstack* (``0.0.0.0`` too: it is IPv4's any-address alone; ``":port"``
+        or ``"[::]:port"`` is both families'), a name without an IPv6 address with
+        *dualstack*, a link-local IPv6 address without a zone, an IPv6 address
+        whose zone names no interface, or refused by ``bind`` with EINVAL.
     :raises HostNotFound: the host name does not resolve (in any family).
     :raises AddressInUse: a socket outside this reuseport group holds the address
         (``bind`` refused it, or ``listen`` did: a socket bound with SO_REUSEADDR
@@ -626,12 +646,15 @@ def reuseport_udp(
     SO_REUSEPORT set can still be handed this port by the kernel later, and join.
 
     :param address: see :func:`reuseport_listener`.
-    :param dualstack: for IPv6 or wildcard addresses, take IPv4 too.
+    :param dualstack: for an IPv6 address or the any-address of both families, take
+        IPv4 too (see :func:`reuseport_listener`).
     :param nonblocking: create the socket non-blocking.
     :param balanced: require kernel balancing (see :func:`reuseport_listener`).
     :returns: the bound socket; the caller owns it.
     :raises AddressError: the address is malformed, not local, an IPv4-mapped
-        IPv6 address without *dualstack*, a name without an IPv6 address with
+        IPv6 address without *dualstack*, an IPv4 address with *dualstack*
+        (``0.0.0.0`` too: it is IPv4's any-address alone; ``":port"`` or
+        ``"[::]:port"`` is both families'), a name without an IPv6 address with
         *dualstack*, a link-local IPv6 address without a zone, an IPv6 address whose
         zone names no interface, or refused by ``bind`` with EINVAL.
     :raises HostNotFound: the host name does not resolve (in any family).
@@ -667,7 +690,9 @@ def hold_port(
     :param balanced: as for :func:`reuseport_listener`.
     :returns: the bound socket; close it to release the port.
     :raises AddressError: the address is malformed, not local, an IPv4-mapped
-        IPv6 address without *dualstack*, a name without an IPv6 address with
+        IPv6 address without *dualstack*, an IPv4 address with *dualstack*
+        (``0.0.0.0`` too: it is IPv4's any-address alone; ``":port"`` or
+        ``"[::]:port"`` is both families'), a name without an IPv6 address with
         *dualstack*, a link-local IPv6 address without a zone, an IPv6 address whose
         zone names no interface, or refused by ``bind`` with EINVAL.
     :raises HostNotFound: the host name does not resolve (in any family).
@@ -834,7 +859,8 @@ def reuseport_group(
     :raises GroupMemberError: member *k* failed with an ``OSError`` or
         ``ValueError``; the cause is chained.
     :raises AddressError: the address is malformed, IPv4-mapped IPv6 without
-        ``dualstack=True``, IPv4 (or a name without an IPv6 address) with it,
+        ``dualstack=True``, IPv4 (``0.0.0.0`` included, IPv4's any-address alone;
+        or a name without an IPv6 address) with it,
         link-local IPv6 without a zone, or IPv6 with a zone naming no interface
         (before any socket is made).
     :raises HostNotFound: the host name does not resolve, in any family (before
