@@ -13,6 +13,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from decimal import Decimal
+from fractions import Fraction
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -1348,6 +1350,84 @@ def test_ketama_takes_no_seed_or_secret(ketama: object, option: dict[str, object
 def test_balance_factor_out_of_range(factor: object) -> None:
     with pytest.raises(InvalidArgument, match=rf"invalid balance_factor {re.escape(repr(factor))}"):
         MaglevHash([addr(0)], balance_factor=factor)  # type: ignore[arg-type]
+
+
+class _IntLike:
+    """An int-like number that is not an int (as numpy's integers are): ``__index__``."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def __index__(self) -> int:
+        return self.value
+
+    def __repr__(self) -> str:
+        return f"_IntLike({self.value})"
+
+
+@pytest.mark.parametrize(
+    ("factor", "reason"),
+    [
+        (Fraction(3, 4), "must be >= 1"),
+        (Decimal("0.99"), "must be >= 1"),
+        (_IntLike(0), "must be >= 1"),
+        (0.999, "must be >= 1"),
+        (Decimal("NaN"), "must be finite"),
+        (Decimal("sNaN"), "must be finite"),  # (comparing it raises InvalidOperation)
+        (Decimal("Infinity"), "must be finite"),
+        (float("nan"), "must be finite"),
+        (float("-inf"), "must be finite"),
+        (True, "must be a real number (int, float, Fraction or Decimal) >= 1, not a bool"),
+        ("2", "must be a real number (int, float, Fraction or Decimal) >= 1, not str"),
+        (2 + 0j, "must be a real number (int, float, Fraction or Decimal) >= 1, not complex"),
+    ],
+)
+def test_balance_factor_refusal_says_what_is_wrong(factor: object, reason: str) -> None:
+    # the message said "must be a finite number >= 1" for any refusal, even of
+    # Fraction(5, 4) or Decimal("1.25"), which are
+    with pytest.raises(InvalidArgument, match=re.escape(f": {reason}")) as info:
+        RingHash([addr(0)], balance_factor=factor)  # type: ignore[arg-type]
+    assert info.value.value is factor
+    assert str(info.value).startswith(f"invalid balance_factor {factor!r}: ")
+
+
+@pytest.mark.parametrize(
+    "factor", [Fraction(11, 10), Decimal("1.1"), 1.1], ids=["Fraction", "Decimal", "float"]
+)
+def test_balance_factor_may_be_a_fraction_or_a_decimal_taken_exactly(factor: object) -> None:
+    # Fraction(5, 4), Decimal("1.25") were refused as not "a finite number >= 1";
+    # they are 11/10 exactly: ten leases over eleven nodes put one on each of ten
+    nodes = [addr(i) for i in range(11)]
+    p = MaglevHash(nodes, table_size=1201, balance_factor=factor)  # type: ignore[arg-type]
+    leases = [p.acquire("hot") for _ in range(10)]
+    assert sorted(p.active(n) for n in nodes) == [0] + [1] * 10
+    clone = p.copy()
+    assert isinstance(clone, MaglevHash)
+    assert p.balance_factor is factor and clone.balance_factor is factor
+    for lease in leases:
+        lease.release()
+    # ... and just above 11/10 a second lease fits where 11/10 allows none
+    above = Fraction(11, 10) + Fraction(1, 10**30)
+    q = MaglevHash(nodes, table_size=1201, balance_factor=above)
+    more = [q.acquire("hot") for _ in range(10)]
+    assert max(q.active(n) for n in nodes) == 2
+    for lease in more:
+        lease.release()
+
+
+def test_balance_factor_may_be_int_like() -> None:
+    # numpy's int64(2) was refused: an object with __index__ is taken as that int
+    nodes = [addr(i) for i in range(4)]
+
+    def loads(factor: object) -> list[int]:
+        p = MaglevHash(nodes, table_size=1009, balance_factor=factor)  # type: ignore[arg-type]
+        leases = [p.acquire("hot") for _ in range(12)]
+        counts = sorted(p.active(n) for n in nodes)
+        for lease in leases:
+            lease.release()
+        return counts
+
+    assert loads(_IntLike(2)) == loads(2) == loads(Fraction(2)) != loads(1)
 
 
 def test_balance_factor_may_be_a_huge_int() -> None:

@@ -26,6 +26,8 @@ import abc
 import enum
 import hashlib
 import math
+import numbers
+import operator
 import re
 import sys
 import threading
@@ -33,6 +35,7 @@ import zlib
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass
+from decimal import Decimal
 from fractions import Fraction
 from typing import Any, ClassVar, NoReturn, SupportsIndex, TypeAlias, TypeVar
 
@@ -1131,25 +1134,68 @@ class BalancePolicy(abc.ABC):
 
 
 def _exact_factor(factor: object) -> tuple[int, int]:
-    """*factor* (a finite number >= 1) as an exact fraction ``(num, den)``.
+    """*factor* (a finite real number >= 1) as an exact fraction ``(num, den)``.
 
-    A float is read as the shortest decimal that reads back as it, which is what
-    the caller wrote (``1.1`` -> 11/10, where ``Fraction(1.1)`` is 1.1000...0888).
+    A float (numpy's float64 is one) is read as the shortest decimal that reads back
+    as it, which is what the caller wrote (``1.1`` -> 11/10, where ``Fraction(1.1)``
+    is 1.1000...0888). An int, a ``Fraction`` (any :class:`numbers.Rational`), a
+    ``Decimal`` or an int-like object (``__index__``: numpy's integers) is taken
+    exactly; another real type (:class:`numbers.Real`: numpy's float32) as
+    ``float(factor)``.
+
+    :raises InvalidArgument: *factor* is a bool, not a real number (a str, a
+        complex), NaN, infinite or below 1; the message names it.
     """
-    bad = InvalidArgument("balance_factor", factor, "must be a finite number >= 1")
-    if isinstance(factor, bool) or not isinstance(factor, (int, float)):
-        raise bad
-    if isinstance(factor, float):
-        if not (factor >= 1.0 and math.isfinite(factor)):  # also refuses nan
-            raise bad
-        # float.__repr__, not repr(): a float subclass may print itself otherwise
-        # (numpy 2's float64 is "np.float64(1.25)").
-        exact = Fraction(float.__repr__(factor))
-    else:
-        if factor < 1:
-            raise bad
+
+    def bad(reason: str) -> InvalidArgument:
+        return InvalidArgument("balance_factor", factor, reason)
+
+    kinds = "a real number (int, float, Fraction or Decimal)"
+    if isinstance(factor, bool):
+        raise bad(f"must be {kinds} >= 1, not a bool")
+    exact: Fraction
+    if isinstance(factor, int):  # first: the common case, and 10**400 has no float
         exact = Fraction(factor)
+    elif isinstance(factor, Decimal):
+        if not factor.is_finite():  # (comparing a signalling NaN would raise)
+            raise bad("must be finite")
+        exact = Fraction(factor)  # exact: Decimal("1.1") is 11/10
+    elif isinstance(factor, float):
+        exact = _exact_float(factor, bad)
+    elif hasattr(type(factor), "__index__"):  # numpy's integers, and any int-like
+        try:
+            exact = Fraction(operator.index(factor))  # type: ignore[arg-type]
+        except (TypeError, ValueError, ArithmeticError):  # (its __index__ refused)
+            raise bad(f"must be {kinds} >= 1") from None
+    # The ABCs are registered, not inherited (a third-party rational, numpy's
+    # float32): nothing promises their numerator or float() work, so a failure
+    # there is this bad factor, not an error of ours.
+    elif isinstance(factor, numbers.Rational):
+        try:
+            num, den = operator.index(factor.numerator), operator.index(factor.denominator)
+            exact = Fraction(num, den)
+        except (TypeError, ValueError, ArithmeticError):
+            raise bad(f"must be {kinds} >= 1") from None
+    elif isinstance(factor, numbers.Real):
+        try:
+            as_float = float(factor)
+        except (TypeError, ValueError, ArithmeticError):
+            raise bad(f"must be {kinds} >= 1") from None
+        exact = _exact_float(as_float, bad)
+    else:
+        raise bad(f"must be {kinds} >= 1, not {type(factor).__name__}")
+    if exact < 1:
+        raise bad("must be >= 1")
     return exact.numerator, exact.denominator
+
+
+def _exact_float(factor: float, bad: Callable[[str], InvalidArgument]) -> Fraction:
+    """A finite *factor* as the decimal it prints as (see :func:`_exact_factor`)."""
+    if not math.isfinite(factor):
+        raise bad("must be finite")
+    # float.__repr__, not repr(): a float subclass may print itself otherwise
+    # (numpy 2's float64 is "np.float64(1.25)").
+    return Fraction(float.__repr__(factor))
 
 
 class HashPolicy(BalancePolicy):
@@ -1163,19 +1209,23 @@ class HashPolicy(BalancePolicy):
     counts the leases open on live nodes (up, weight > 0) and ``W`` is the live
     nodes' total weight; leases still open on draining, down or weight-0 nodes count
     in neither, so they do not loosen the live nodes' bound. It needs leases: plain
-    ``pick`` sees the current
-    counts too, but does not add to them. Bounded picks read the counts, so they
-    run under the lock. The bound is computed in exact integer arithmetic, with the
-    factor read as the decimal it prints as (``1.1`` is 11/10), so scaling all
-    weights by the same number never changes it. A live node that the policy's
-    candidate order never reaches (a ketama server with no points, a Maglev node
-    with no table entry) still takes the key when every other node is at its bound.
+    ``pick`` sees the current counts too, but does not add to them. Bounded picks
+    read the counts, so they run under the lock. The bound is computed in exact
+    integer arithmetic, so scaling all weights by the same number never changes it:
+    a float factor is read as the decimal it prints as (``1.1`` is 11/10), an int,
+    ``Fraction``, ``Decimal`` or int-like (``__index__``: numpy's integers) exactly,
+    and another :class:`numbers.Real` (numpy's float32) as ``float(c)``. A live node
+    that the policy's candidate order never reaches (a ketama server with no points,
+    a Maglev node with no table entry) still takes the key when every other node is
+    at its bound.
 
     :param nodes: initial nodes (``Node`` objects or addresses).
     :param seed: the :class:`KeyHasher` seed, an int in ``0..2**32-1``.
     :param secret: the :class:`KeyHasher` secret (1 to 64 bytes), or None.
-    :param balance_factor: bounded load: a finite number ``>= 1``, or None.
-    :raises InvalidArgument: seed, secret or balance_factor is out of range, or
+    :param balance_factor: bounded load: a finite real number ``>= 1`` (an int,
+        float, ``Fraction``, ``Decimal`` or any real number, as above), or None.
+    :raises InvalidArgument: seed or secret is out of range; balance_factor is a
+        bool, not a real number (a str, a complex), NaN, infinite or below 1; or
         *nodes* is one address string, a mapping or not iterable at all.
     :raises DuplicateNode: two nodes share an address or a name, or one node's name
         is another node's address.
@@ -1190,7 +1240,7 @@ class HashPolicy(BalancePolicy):
         *,
         seed: int = 0,
         secret: bytes | None = None,
-        balance_factor: float | None = None,
+        balance_factor: float | Fraction | Decimal | None = None,
     ) -> None:
         self._hasher = KeyHasher(seed, secret)
         self._balance_factor = balance_factor
@@ -1207,8 +1257,8 @@ class HashPolicy(BalancePolicy):
         return self._hasher
 
     @property
-    def balance_factor(self) -> float | None:
-        """The bounded-load factor, or None."""
+    def balance_factor(self) -> float | Fraction | Decimal | None:
+        """The bounded-load factor as given, or None."""
         return self._balance_factor
 
     def _options(self) -> dict[str, Any]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Iterable, Iterator
+from decimal import Decimal
+from fractions import Fraction
 from typing import Any
 
 from .._errors import InvalidArgument
@@ -161,8 +163,8 @@ class MaglevHash(TableHashPolicy):
         rebuild with more live nodes raises.
     :param seed: reshuffles the mapping (see :class:`KeyHasher`).
     :param secret: keyed hash so chosen keys cannot aim at one node.
-    :param balance_factor: bounded load (``>= 1``); the next candidates are the
-        following table entries.
+    :param balance_factor: bounded load, a finite real number ``>= 1`` (see
+        :class:`HashPolicy`); the next candidates are the following table entries.
     :raises InvalidArgument: table_size is not a prime, is above ``MAX_TABLE_SIZE``
         or is too small for the nodes; seed, secret or balance_factor is out of
         range (see :class:`KeyHasher`, :class:`HashPolicy`); or *nodes* is one
@@ -185,7 +187,7 @@ class MaglevHash(TableHashPolicy):
         table_size: int = DEFAULT_TABLE_SIZE,
         seed: int = 0,
         secret: bytes | None = None,
-        balance_factor: float | None = None,
+        balance_factor: float | Fraction | Decimal | None = None,
     ) -> None:
         if (
             isinstance(table_size, bool)

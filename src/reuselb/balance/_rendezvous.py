@@ -26,6 +26,8 @@ import sys
 import zlib
 from array import array
 from collections.abc import Iterable, Iterator
+from decimal import Decimal
+from fractions import Fraction
 from typing import Any, TypeAlias
 
 from .._errors import InvalidArgument
@@ -479,8 +481,9 @@ class RendezvousHash(HashPolicy):
         or ``None`` for exact per-key scoring (O(N) per pick).
     :param seed: reshuffles the mapping (see :class:`KeyHasher`).
     :param secret: keyed hash so chosen keys cannot aim at one node.
-    :param balance_factor: bounded load (``>= 1``); the next candidates are the
-        next-highest scores (exact) or the following buckets (tabulated).
+    :param balance_factor: bounded load, a finite real number ``>= 1`` (see
+        :class:`HashPolicy`); the next candidates are the next-highest scores
+        (exact) or the following buckets (tabulated).
     :raises InvalidArgument: table_size is not None or a power of two in
         ``1024..MAX_TABLE_SIZE``; seed, secret or balance_factor is out of range
         (see :class:`KeyHasher`, :class:`HashPolicy`); or *nodes* is one address
@@ -500,7 +503,7 @@ class RendezvousHash(HashPolicy):
         table_size: int | None = DEFAULT_BUCKETS,
         seed: int = 0,
         secret: bytes | None = None,
-        balance_factor: float | None = None,
+        balance_factor: float | Fraction | Decimal | None = None,
     ) -> None:
         if table_size is not None and (
             isinstance(table_size, bool)

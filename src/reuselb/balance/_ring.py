@@ -36,6 +36,8 @@ import struct
 from array import array
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator
+from decimal import Decimal
+from fractions import Fraction
 from hashlib import md5 as _md5
 from typing import Any, Literal
 from zlib import crc32 as _crc32
@@ -220,8 +222,8 @@ class RingHash(HashPolicy):
         only when every server with points is at its bound.
     :param seed: reshuffles the mapping (see :class:`KeyHasher`).
     :param secret: keyed hash so chosen keys cannot aim at one node.
-    :param balance_factor: bounded load (``>= 1``); the next candidates are the
-        following ring points.
+    :param balance_factor: bounded load, a finite real number ``>= 1`` (see
+        :class:`HashPolicy`); the next candidates are the following ring points.
     :raises InvalidArgument: vnodes not an int in ``1..MAX_VNODES``, ketama not a
         bool, ``"libketama"`` or ``"libmemcached"``, seed/secret with ketama, seed,
         secret or balance_factor out of range (see :class:`KeyHasher`,
@@ -245,7 +247,7 @@ class RingHash(HashPolicy):
         ketama: bool | Literal["libketama", "libmemcached"] = False,
         seed: int = 0,
         secret: bytes | None = None,
-        balance_factor: float | None = None,
+        balance_factor: float | Fraction | Decimal | None = None,
     ) -> None:
         if isinstance(vnodes, bool) or not isinstance(vnodes, int) or not 1 <= vnodes <= MAX_VNODES:
             raise InvalidArgument("vnodes", vnodes, f"must be an int in 1..{MAX_VNODES}")
