@@ -1773,8 +1773,8 @@ def test_drain_close_keeps_the_accepted_when_a_member_closes_meanwhile(
     members = list(group)
     attach_away_from = _steering._attach_away_from
 
-    def attach_then_lose_member_1(via: socket.socket, n: int, index: int) -> None:
-        attach_away_from(via, n, index)
+    def attach_then_lose_member_1(via: socket.socket, n: int, index: int, name: str) -> None:
+        attach_away_from(via, n, index, name)
         members[1].close()  # what another thread stopping its worker does, mid-drain
 
     monkeypatch.setattr(_steering, "_attach_away_from", attach_then_lose_member_1)

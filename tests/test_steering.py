@@ -198,9 +198,42 @@ def test_steering_error_carries_the_kernels_errno() -> None:
         )
         # A program the kernel refuses (an opcode cBPF does not have).
         with pytest.raises(SteeringError) as info:
-            steering._attach(listener, [(0xFFFF, 0, 0, 0)])
+            steering._attach(listener, [(0xFFFF, 0, 0, 0)], "listener")
         assert info.value.errno == errno.EINVAL
-        assert str(info.value).startswith("attaching the reuseport program failed: [Errno 22]")
+        assert str(info.value).startswith("attaching the reuseport program through listener (")
+        assert str(info.value).endswith("([Errno 22] Invalid argument)")
+
+
+@pytest.mark.parametrize("kind", ["tcp", "udp"])
+@pytest.mark.parametrize(
+    "steer",
+    [
+        lambda g: steer_all_to(g, 0),
+        attach_hash_steering,
+        lambda g: attach_cpu_steering(g, strict=False),
+    ],
+    ids=["steer_all_to", "attach_hash_steering", "attach_cpu_steering"],
+)
+def test_attach_through_a_member_in_no_kernel_group_names_it(kind: str, steer: Steer) -> None:
+    # SO_REUSEPORT set after listen (TCP) or bind (UDP): every check passes, but the
+    # kernel made no group. Before: "attaching the reuseport program failed: [Errno
+    # 22] Invalid argument", naming neither the member nor the cause.
+    with (
+        tcp_socket() if kind == "tcp" else socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    ) as sock:
+        sock.bind(("127.0.0.1", 0))
+        if kind == "tcp":
+            sock.listen()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        with pytest.raises(SteeringError) as info:
+            steer([sock])
+        assert info.value.errno == errno.EINVAL
+        port = sock.getsockname()[1]
+        reason = _NO_PROGRAM.removeprefix("no program is attached, or ")
+        assert str(info.value) == (
+            f"attaching the reuseport program through group member 0 (127.0.0.1:{port}) "
+            f"failed: {reason} ([Errno 22] Invalid argument)"
+        )
 
 
 def test_detach_steering_refuses_a_socket_in_no_group() -> None:

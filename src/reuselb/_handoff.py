@@ -1202,7 +1202,9 @@ def drain_close(
     # caller's list may not do. Everything the program needs was checked above.
     from ._steering import _attach_away_from
 
-    _attach_away_from(members[0], len(members), index)
+    _attach_away_from(
+        members[0], len(members), index, "listener" if members[0] is listener else "group member 0"
+    )
     accepted: list[socket.socket] = []
     timed_out = False
     accept_error: OSError | None = None

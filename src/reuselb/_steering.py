@@ -23,7 +23,7 @@ from collections.abc import Set as AbstractSet
 from typing import Any, TypeAlias, cast
 
 from ._address import parse_address
-from ._errors import InvalidArgument, SocketClosed, SteeringError
+from ._errors import AddressError, InvalidArgument, SocketClosed, SteeringError
 from ._sockets import _C_INT_MAX, ReuseportGroup, check_flag, check_open
 
 __all__ = [
@@ -112,7 +112,15 @@ def _as_sequence(name: str, value: object, expected: str) -> list[Any]:
     raise InvalidArgument(name, value, f"must be {expected}{why}")
 
 
-def _attach(sock: socket.socket, program: Sequence[Insn]) -> None:
+#: Why a socket that looks like a member (_group_key passes it) is in no kernel group.
+_NO_KERNEL_GROUP = (
+    "the socket is in no kernel reuseport group (e.g. SO_REUSEPORT set after a UDP "
+    "socket's bind or a TCP socket's listen)"
+)
+
+
+def _attach(sock: socket.socket, program: Sequence[Insn], name: str) -> None:
+    """Attach *program* to the group of *sock*, which errors call *name*."""
     code = b"".join(_INSN.pack(op, jt, jf, k & 0xFFFFFFFF) for op, jt, jf, k in program)
     buf = ctypes.create_string_buffer(code, len(code))
     # struct sock_fprog { unsigned short len; struct sock_filter *filter; }
@@ -120,7 +128,21 @@ def _attach(sock: socket.socket, program: Sequence[Insn]) -> None:
     try:
         sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
     except OSError as exc:
-        raise SteeringError(f"attaching the reuseport program failed: {exc}", exc.errno) from exc
+        # reuseport_attach_prog(): EINVAL for a socket bound or listening (hashed)
+        # without a group: the kernel makes a socket's group only when it binds or
+        # listens with SO_REUSEPORT. The callers checked the option, the listening
+        # state and the port (_group_key), so it got the option afterwards. (The
+        # other EINVAL, from bpf_check_classic(), is for an invalid program, and
+        # this module's programs are valid.)
+        why = f"{_NO_KERNEL_GROUP} " if exc.errno == errno.EINVAL else ""
+        try:
+            where = f" ({parse_address(sock.getsockname())})"
+        except (OSError, AddressError):
+            where = ""
+        raise SteeringError(
+            f"attaching the reuseport program through {name}{where} failed: {why}({exc})",
+            exc.errno,
+        ) from exc
 
 
 _GroupKey = tuple[int, int, tuple[Any, ...], bool, bytes]
@@ -286,8 +308,8 @@ def _held_members(group: ReuseportGroup) -> list[tuple[str, socket.socket]]:
     return held
 
 
-def _members(group: GroupLike) -> tuple[int, socket.socket]:
-    """``(the group's size in the kernel, a member to attach the program through)``."""
+def _members(group: GroupLike) -> tuple[int, socket.socket, str]:
+    """``(the group's size in the kernel, a member to attach through, its name)``."""
     if isinstance(group, ReuseportGroup):
         # A BPF program's return value indexes the kernel's array of the group, and a
         # member handed out with take() is still in it (it stays bound and listening
@@ -302,7 +324,7 @@ def _members(group: GroupLike) -> tuple[int, socket.socket]:
                 "group", group, "holds no member to attach through (all were taken)"
             )
         _check_one_group(held)
-        return len(group), held[0][1]
+        return len(group), held[0][1], held[0][0]
     # Checked, not left to iter(): one socket, None or an int would otherwise end
     # in a bare TypeError ("'socket' object is not iterable") that names nothing.
     # A single socket is refused even though only the first member is attached
@@ -319,7 +341,7 @@ def _members(group: GroupLike) -> tuple[int, socket.socket]:
     if not members:
         raise InvalidArgument("group", group, "has no members")
     _check_one_group([(f"group member {i}", m) for i, m in enumerate(members)])
-    return len(members), members[0]
+    return len(members), members[0], "group member 0"
 
 
 def attach_cpu_steering(group: GroupLike, *, strict: bool = True) -> None:
@@ -350,7 +372,10 @@ def attach_cpu_steering(group: GroupLike, *, strict: bool = True) -> None:
         member), and listed once: the same socket object twice, or a ``dup()`` of
         a member (the same socket, one inode), is refused. This holds for every
         steering function.
-    :raises SteeringError: the kernel refused the program (its ``errno``).
+    :raises SteeringError: the kernel refused the program (its ``errno``):
+        ``EINVAL`` when the member it was attached through (named in the message)
+        is in no kernel group although it looks like a member, having got
+        SO_REUSEPORT after a UDP socket's bind or a TCP socket's listen.
     :raises SocketClosed: a member is closed: one in the sequence, or one the
         :class:`~reuselb.ReuseportGroup` holds (closed by hand, it has left the
         kernel's group, whose last member moved into its slot: the group's
@@ -360,13 +385,13 @@ def attach_cpu_steering(group: GroupLike, *, strict: bool = True) -> None:
     :raises WrongSocketType: a member is not a socket object.
     """
     strict = check_flag("strict", strict)
-    n, via = _members(group)
+    n, via, name = _members(group)
     cpus = os.cpu_count() or 1
     if strict and n != cpus:
         raise InvalidArgument(
             "group", f"{n} members", f"cpu steering needs one member per CPU ({cpus})"
         )
-    _attach(via, [(_LD_W_ABS, 0, 0, _SKF_AD_OFF + _SKF_AD_CPU), (_RET_A, 0, 0, 0)])
+    _attach(via, [(_LD_W_ABS, 0, 0, _SKF_AD_OFF + _SKF_AD_CPU), (_RET_A, 0, 0, 0)], name)
 
 
 def steer_all_to(group: GroupLike, index: int) -> None:
@@ -379,14 +404,17 @@ def steer_all_to(group: GroupLike, index: int) -> None:
         :func:`attach_cpu_steering`), a group that is closed or has every
         member taken, a member not in the first one's kernel group (as for
         :func:`attach_cpu_steering`), or *index* is not a member's index.
-    :raises SteeringError: the kernel refused the program (its ``errno``).
+    :raises SteeringError: the kernel refused the program (its ``errno``):
+        ``EINVAL`` when the member it was attached through (named in the message)
+        is in no kernel group although it looks like a member, having got
+        SO_REUSEPORT after a UDP socket's bind or a TCP socket's listen.
     :raises SocketClosed: a member is closed (as for :func:`attach_cpu_steering`).
     :raises WrongSocketType: a member is not a socket object.
     """
-    n, via = _members(group)
+    n, via, name = _members(group)
     if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < n:
         raise InvalidArgument("index", index, f"must be 0..{n - 1}")
-    _attach(via, [(_LD_IMM, 0, 0, index), (_RET_A, 0, 0, 0)])
+    _attach(via, [(_LD_IMM, 0, 0, index), (_RET_A, 0, 0, 0)], name)
 
 
 def steer_away_from(group: GroupLike, index: int) -> None:
@@ -399,20 +427,23 @@ def steer_away_from(group: GroupLike, index: int) -> None:
         :func:`attach_cpu_steering`), it has fewer than 2 members, is closed or has every
         member taken, a member is not in the first one's kernel group (as for
         :func:`attach_cpu_steering`), or *index* is out of range.
-    :raises SteeringError: the kernel refused the program (its ``errno``).
+    :raises SteeringError: the kernel refused the program (its ``errno``):
+        ``EINVAL`` when the member it was attached through (named in the message)
+        is in no kernel group although it looks like a member, having got
+        SO_REUSEPORT after a UDP socket's bind or a TCP socket's listen.
     :raises SocketClosed: a member is closed (as for :func:`attach_cpu_steering`).
     :raises WrongSocketType: a member is not a socket object.
     """
-    n, via = _members(group)
+    n, via, name = _members(group)
     if n < 2:
         raise InvalidArgument("group", f"{n} member", "needs another member to steer to")
     if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < n:
         raise InvalidArgument("index", index, f"must be 0..{n - 1}")
-    _attach_away_from(via, n, index)
+    _attach_away_from(via, n, index, name)
 
 
-def _attach_away_from(via: socket.socket, n: int, index: int) -> None:
-    """Attach :func:`steer_away_from`'s program through *via*, for a group of *n*.
+def _attach_away_from(via: socket.socket, n: int, index: int, name: str) -> None:
+    """Attach :func:`steer_away_from`'s program through *via* (*name*), for a group of *n*.
 
     Nothing is checked: drain_close calls it with a group it checked itself, whose
     size counts the members taken from a :class:`~reuselb.ReuseportGroup`, which
@@ -427,6 +458,7 @@ def _attach_away_from(via: socket.socket, n: int, index: int) -> None:
             (_ALU_ADD_K, 0, 0, 1),
             (_RET_A, 0, 0, 0),
         ],
+        name,
     )
 
 
@@ -468,11 +500,14 @@ def attach_hash_steering(group: GroupLike) -> None:
         :func:`attach_cpu_steering`), or it is empty, closed, has every member taken,
         has a member not in the first one's kernel group (as for
         :func:`attach_cpu_steering`) or is not IPv4.
-    :raises SteeringError: the kernel refused the program (its ``errno``).
+    :raises SteeringError: the kernel refused the program (its ``errno``):
+        ``EINVAL`` when the member it was attached through (named in the message)
+        is in no kernel group although it looks like a member, having got
+        SO_REUSEPORT after a UDP socket's bind or a TCP socket's listen.
     :raises SocketClosed: a member is closed (as for :func:`attach_cpu_steering`).
     :raises WrongSocketType: a member is not a socket object.
     """
-    n, via = _members(group)
+    n, via, name = _members(group)
     if via.family != socket.AF_INET:
         raise InvalidArgument("group", via, "hash steering reads IPv4 headers only")
     _attach(
@@ -487,6 +522,7 @@ def attach_hash_steering(group: GroupLike) -> None:
             (_ALU_MOD_K, 0, 0, n),
             (_RET_A, 0, 0, 0),
         ],
+        name,
     )
 
 
@@ -532,8 +568,7 @@ def detach_steering(member: socket.socket) -> None:
         # SO_REUSEPORT after bind (UDP) or listen (TCP) has none (see
         # _sockets._start_group), and the kernel answers ENOENT as for no program.
         why = (
-            "no program is attached, or the socket is in no kernel reuseport group "
-            "(e.g. SO_REUSEPORT set after a UDP socket's bind or a TCP socket's listen)"
+            f"no program is attached, or {_NO_KERNEL_GROUP}"
             if code == errno.ENOENT
             else "the kernel refused"
         )
