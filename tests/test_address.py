@@ -60,6 +60,45 @@ def test_default_port() -> None:
 
 
 @pytest.mark.parametrize(
+    ("default_port", "reason"),
+    [
+        (-5, "default_port -5 out of range 0-65535"),
+        (99999, "default_port 99999 out of range 0-65535"),
+        ("http", "default_port must be an int, got str 'http'"),
+        (True, "default_port must be an int, got bool True"),
+        (80.0, "default_port must be an int, got float 80.0"),
+    ],
+)
+@pytest.mark.parametrize(
+    "value",
+    ["127.0.0.1:80", "db.local", 8080, ("::1", 80), Address("h", 1)],
+    ids=["with-port", "host-only", "int", "tuple", "Address"],
+)
+def test_a_bad_default_port_is_refused_even_when_unused(
+    value: object, default_port: object, reason: str
+) -> None:
+    # Before: accepted, and ignored, wherever the address had a port of its own, so
+    # a bad default (from a config file) passed until the one address without one.
+    with pytest.raises(AddressError) as info:
+        parse_address(value, default_port=default_port)  # type: ignore[arg-type]
+    assert info.value.reason == reason
+    assert info.value.value == value
+
+
+def test_a_default_port_is_kept_as_a_plain_int() -> None:
+    import enum
+
+    class Port(enum.IntEnum):
+        REDIS = 6379
+
+    parsed = parse_address("db.local", default_port=Port.REDIS)
+    assert parsed == Address("db.local", 6379)
+    assert type(parsed.port) is int
+    assert parse_address("db.local:1", default_port=0).port == 1  # 0 and 65535 are ports
+    assert parse_address("db.local", default_port=65535).port == 65535
+
+
+@pytest.mark.parametrize(
     ("value", "needle"),
     [
         ("127.0.0.1:70000", "port 70000 out of range"),

@@ -138,14 +138,23 @@ def parse_address(value: AddressLike, *, default_port: int | None = None) -> Add
     flow label.
 
     :param value: the address.
-    :param default_port: port to use when a string names only a host.
+    :param default_port: port to use when a string names only a host, an int in
+        ``0..65535``; checked whether or not it is used.
     :returns: the canonical :class:`Address`.
     :raises AddressError: the value is malformed, a port is out of ``0..65535``,
         an IPv6 literal lacks its brackets or has a numeric ``%zone`` above
         ``2**32-1``, or a 4-tuple's *scope_id* is out of
         ``0..2**32-1``, its *flowinfo* out of ``0..2**20-1``, or its *scope_id*
-        differs from the host's ``%zone``.
+        differs from the host's ``%zone``; or *default_port* is not ``None`` nor an
+        int in ``0..65535`` (a bool or a service name such as ``"http"`` is not),
+        even where *value* has a port of its own (the message names
+        *default_port*).
     """
+    if default_port is not None:
+        # Up front, not only where a host without a port needs it: a bad default
+        # (from a config file, say) would otherwise pass until the one address that
+        # lacks a port, far from where it was set.
+        default_port = _check_port(default_port, value, "default_port")
     if isinstance(value, Address):
         return value
     if isinstance(value, bool):
@@ -163,11 +172,12 @@ def parse_address(value: AddressLike, *, default_port: int | None = None) -> Add
     )
 
 
-def _check_port(port: object, value: object) -> int:
+def _check_port(port: object, value: object, name: str = "port") -> int:
     if isinstance(port, bool) or not isinstance(port, int):
-        raise AddressError(value, f"port must be an int, got {type(port).__name__}")
+        got = f"{type(port).__name__} {port!r}" if name != "port" else type(port).__name__
+        raise AddressError(value, f"{name} must be an int, got {got}")
     if not 0 <= port <= 65535:
-        raise AddressError(value, f"port {port} out of range 0-65535")
+        raise AddressError(value, f"{name} {port} out of range 0-65535")
     # int() turns an int subclass (an IntEnum) into the plain int every Address holds.
     return int(port)
 
@@ -208,7 +218,7 @@ def _parse_str(value: str, default_port: int | None) -> Address:
 def _default(value: object, default_port: int | None) -> int:
     if default_port is None:
         raise AddressError(value, "no port given (expected 'host:port')")
-    return _check_port(default_port, value)
+    return default_port  # parse_address checked it
 
 
 def _parse_tuple(value: tuple[object, ...]) -> Address:
