@@ -10,13 +10,16 @@ The master holds the port with a bound, never-listening reuseport socket (it get
 no connections), starts the workers, prints one ``ready`` line, replaces a worker
 that dies, and on SIGTERM or SIGINT (Ctrl-C) stops every worker and exits 0.
 Workers stop at EOF on their stdin, a pipe from the master, so they also stop
-when the master is killed (kill -9, the OOM killer): none outlives it.
+when the master is killed (kill -9, the OOM killer): none outlives it. A stopping
+worker closes the connections it holds: a client that has not sent a whole request
+gets EOF, an answer being sent is finished first (for up to 5 s).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import select
 import signal
@@ -25,6 +28,10 @@ import subprocess
 import sys
 
 from reuselb import ReuselbError, hold_port, parse_address, reuseport_listener
+
+#: Seconds a stopping worker gives answers already being sent (the master kills a
+#: worker still running after 10 s).
+STOP_GRACE = 5.0
 
 
 async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -47,16 +54,63 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
 
 async def worker(address: str) -> None:
     listener = reuseport_listener(address)
-    server = await asyncio.start_server(handle, sock=listener)  # asyncio owns it now
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    writers: set[asyncio.StreamWriter] = set()  # the connections being served
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if stop.is_set():  # accepted just as the worker began to stop
+            writer.close()
+            return
+        writers.add(writer)
+        try:
+            await handle(reader, writer)
+        finally:
+            writers.discard(writer)
+
+    server = await asyncio.start_server(serve, sock=listener)  # asyncio owns it now
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     # The master never writes to our stdin: it becomes readable only at EOF, when the
     # master closed it or died (the kernel closes a dead process's pipe ends).
     loop.add_reader(sys.stdin.fileno(), stop.set)
     print("ready", flush=True)
-    async with server:
-        await stop.wait()
+    await stop.wait()
+    await stop_serving(server, writers)
+
+
+async def stop_serving(server: asyncio.Server, writers: set[asyncio.StreamWriter]) -> None:
+    """Stop accepting, close every connection and wait for their handlers to end.
+
+    A connection is closed, not waited for: a client may stay connected without
+    sending a whole request head (a slow client, a TCP health check that holds its
+    connection). From Python 3.12.1 on ``Server.wait_closed()`` waits for every
+    connection to close, so one such client held the worker until the master
+    killed it 10 s later; and a handler still running when the worker returns is
+    cancelled by ``asyncio.run()``, which Python 3.11 reports as "Exception in
+    callback ... CancelledError" with a traceback (CPython gh-113538). Closed, a
+    handler waiting for the head reads EOF and ends as for a client that left; an
+    answer already being written is sent first (``close()`` flushes the buffer),
+    for up to ``STOP_GRACE`` s, then the connection is aborted.
+    """
+    server.close()  # the listener closes: connections still queued on it are reset
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + STOP_GRACE
+    me = asyncio.current_task()
+    # Every other task, not only the handlers seen so far: asyncio.run() would cancel
+    # whatever is left, and that includes an accept asyncio had under way, whose
+    # handler starts later (and sees ``stop`` set).
+    while (left := deadline - loop.time()) > 0 and (rest := asyncio.all_tasks() - {me}):
+        for writer in writers:
+            writer.close()
+        await asyncio.wait(rest, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+    if rest := asyncio.all_tasks() - {me}:  # a client that does not read its answer
+        for writer in writers:
+            writer.transport.abort()  # its drain() returns, the handler ends
+        await asyncio.wait(rest, timeout=1)
+    # From Python 3.12.1 on this waits for the connections' transports to close (no
+    # longer any): bounded all the same, the master kills a worker that hangs.
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(server.wait_closed(), 1)
 
 
 def start_workers(cmd: list[str], count: int) -> list[subprocess.Popen[str]]:

@@ -364,6 +364,38 @@ def test_prefork_http_ignores_clients_that_send_no_whole_request() -> None:
         assert "Traceback" not in err and "Unhandled exception" not in err, err
 
 
+#: Seconds a stop may take: far more than one takes, far less than the 10 s after
+#: which the master kills a worker that has not exited.
+_STOPPED_WITHIN = 5
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_prefork_http_stops_with_an_idle_client_connected(stop: signal.Signals) -> None:
+    # A client connected that has sent no request yet (a slow client, a health check
+    # that holds its connection). Before: from Python 3.12.1 on, Server.wait_closed()
+    # waited for it to leave, so the worker ran on until the master killed it after
+    # 10 s; on 3.11 asyncio.run() cancelled its handler, which asyncio logged as
+    # "Exception in callback ... CancelledError" with a traceback (CPython gh-113538).
+    with _job("prefork_http.py", "--listen", "127.0.0.1:0", "--workers", "1") as job:
+        host, port = job.hostport.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=30) as idle:
+            # One worker, one accept queue, served in order: once this later request
+            # is answered, the idle connection's handler is running.
+            assert "hello from worker" in _get(job.hostport)
+            if stop == signal.SIGINT:
+                os.killpg(job.proc.pid, stop)  # Ctrl-C: the whole process group
+            else:
+                job.proc.send_signal(stop)
+            try:
+                rc = job.proc.wait(timeout=_STOPPED_WITHIN)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"still running {_STOPPED_WITHIN} s after {stop.name}; {job.stderr()}")
+            assert idle.recv(100) == b""  # closed unanswered: it asked nothing
+        assert rc == 0, job.stderr()
+        assert job.stderr() == ""
+        _assert_reaped(job.workers)
+
+
 def test_udp_worker_survives_an_answer_too_long_to_send() -> None:
     # Any client could kill a worker: the answer to a 65,507-byte datagram (the
     # IPv4 maximum) plus its prefix is too long, and sendto's EMSGSIZE was uncaught.
