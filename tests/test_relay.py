@@ -3838,6 +3838,73 @@ def test_an_interrupt_is_not_replaced_by_a_failing_close(listener: socket.socket
             s.close()
 
 
+class _ShutdownRaises(Wrapped):
+    """A wrapper whose shutdown() raises *exc*: with close=False the idle timeout
+    calls it, so that the peers see EOF."""
+
+    def __init__(self, sock: socket.socket, exc: BaseException) -> None:
+        super().__init__(sock)
+        self.exc = exc
+
+    def shutdown(self, how: int, /) -> None:
+        raise self.exc
+
+
+@pytest.mark.parametrize("api", ["coroutine", "start"])
+@pytest.mark.parametrize("kind", ["exception", "keyboard-interrupt"])
+def test_a_wrapper_raising_at_the_idle_timeout_ends_its_relay(
+    listener: socket.socket, on_loop: _Loop, api: str, kind: str
+) -> None:
+    # The idle timeout's shutdown() of a wrapper side that raised: the fallback
+    # driver's timer let a ValueError go to the loop's exception handler and a
+    # KeyboardInterrupt out of the loop, its task pending for ever; the hub's let a
+    # KeyboardInterrupt out with the relay still in the hub, its future pending and
+    # its sockets non-blocking. The await raises the exception now, or, for a
+    # KeyboardInterrupt (which still leaves the loop), is cancelled; either way the
+    # sockets are given back as they were.
+    client, a = tcp_pair(listener)
+    b, backend = tcp_pair(listener)
+    exc = ValueError("the wrapper refuses") if kind == "exception" else KeyboardInterrupt()
+    handled: list[object] = []
+    loop = on_loop.new()
+    loop.set_exception_handler(lambda _loop, ctx: handled.append(ctx.get("exception")))
+
+    async def start() -> asyncio.Future[RelayStats]:
+        wa = _ShutdownRaises(a, exc)
+        if api == "start":
+            return start_pipe_splice(wa, b, idle_timeout=0.05, close=False)
+        return asyncio.ensure_future(async_pipe_splice(wa, b, idle_timeout=0.05, close=False))
+
+    relay: asyncio.Future[RelayStats] | None = None
+    try:
+        relay = loop.run_until_complete(start())
+        # Bounded waits for the relay's end (the idle timeout is 50 ms); 10 s is
+        # long past it: the old drivers never ended these relays.
+        if kind == "exception":
+            with pytest.raises(ValueError, match="the wrapper refuses"):
+                loop.run_until_complete(asyncio.wait_for(asyncio.shield(relay), 10))
+        else:
+            with pytest.raises(KeyboardInterrupt):
+                loop.run_until_complete(asyncio.wait([relay], timeout=10))
+            # A task ends at its next step: the loop runs again.
+            loop.run_until_complete(asyncio.wait([relay], timeout=10))
+            assert relay.cancelled()
+        assert handled == [], "nothing left for the loop's exception handler"
+        assert loop not in relay_mod._HUBS  # the hub closed with its only relay
+        # close=False: the sockets are open and blocking again, as before the relay.
+        assert a.getblocking() and b.getblocking()
+        for sock in (a, b):
+            assert not fcntl.fcntl(sock.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
+    finally:
+        with contextlib.suppress(BaseException):
+            if relay is not None:
+                relay.cancel()
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+        for s in (client, a, b, backend):
+            s.close()
+
+
 _SO_ZEROCOPY = getattr(socket, "SO_ZEROCOPY", 60)
 _MSG_ZEROCOPY = getattr(socket, "MSG_ZEROCOPY", 0x4000000)
 

@@ -771,3 +771,68 @@ def test_two_sockets_sharing_an_inode_number_are_relayed_together(
     finally:
         for s in (client, a, b, backend, dup):
             s.close()
+
+
+class _Closing:
+    """A SocketLike side that counts its close() calls; close() closes the socket,
+    then raises *raises* (if given) or runs *then* (if given)."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        raises: type[BaseException] | None = None,
+        then: Callable[[], object] | None = None,
+    ) -> None:
+        self._sock, self._raises, self._then = sock, raises, then
+        self.closes = 0
+
+    def close(self) -> None:
+        self.closes += 1
+        self._sock.close()
+        if self._raises is not None:
+            raise self._raises
+        if self._then is not None:
+            self._then()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("api", ["start", "coroutine"])
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, SystemExit])
+def test_an_interrupt_from_a_wrapper_s_close_at_the_idle_timeout_cancels_the_relay(
+    listener: socket.socket, loop_kind: str, api: str, exc: type[BaseException]
+) -> None:
+    # The idle timeout's path (_Driven.on_timer) caught only Exception: a
+    # KeyboardInterrupt or SystemExit out of a wrapper's close() left the loop with
+    # the relay's future (or its task's await) pending for ever. As on every other
+    # path, the relay is ended as a cancel ends it, then the exception goes on.
+    client, a = tcp_pair(listener)
+    b, backend = tcp_pair(listener)
+    wa = _Closing(a, raises=exc)
+    loop = _new_loop(loop_kind)
+
+    async def start() -> asyncio.Future[RelayStats]:
+        if api == "start":
+            return start_pipe_splice(wa, b, idle_timeout=0.05)
+        return asyncio.ensure_future(async_pipe_splice(wa, b, idle_timeout=0.05))
+
+    relay: asyncio.Future[RelayStats] | None = None
+    try:
+        relay = loop.run_until_complete(start())
+        with pytest.raises(exc):
+            loop.run_until_complete(asyncio.wait([relay], timeout=JOIN))
+        loop.run_until_complete(asyncio.wait([relay], timeout=JOIN))  # a task's last step
+        assert relay.cancelled()
+        assert a.fileno() == b.fileno() == -1 and wa.closes == 1
+        assert loop not in relay_mod._HUBS
+    finally:
+        with contextlib.suppress(BaseException):
+            if relay is not None:
+                relay.cancel()
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+        for s in (client, a, b, backend):
+            s.close()

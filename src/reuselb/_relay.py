@@ -2085,12 +2085,24 @@ async def _run_async_selector(relay: _Relay) -> RelayStats:
         nonlocal timer
         left = relay.idle_left()
         assert left is not None
-        if left <= 0:
-            relay.timeout()
-            if not finished.done():
-                finished.set_result(None)
-        else:
+        if left > 0:
             timer = loop.call_later(left, on_timer)
+            return
+        # timeout() calls the sides' shutdown() with close=False, and a wrapper's
+        # may raise. Handled as on_ready does: unhandled, a ValueError went to the
+        # loop's exception handler (a KeyboardInterrupt out of the loop) and the
+        # task stayed pending for ever, its timer spent and nothing left to wake it.
+        try:
+            relay.timeout()
+        except Exception as exc:
+            if not finished.done():
+                finished.set_exception(_settable(exc))
+            return
+        except BaseException:
+            finished.cancel()
+            raise
+        if not finished.done():
+            finished.set_result(None)
 
     try:
         relay.begin()
@@ -2679,6 +2691,13 @@ class _Driven:
             self.end()
         except Exception as exc:  # a SocketLike's shutdown() or close() failing
             self.crash(exc)
+        except BaseException:
+            # KeyboardInterrupt, SystemExit (a signal handler, a wrapper's shutdown()
+            # or close()): out to the loop as from event(), after ending the relay
+            # as a cancel would. Nothing else would: its timer has fired, and with
+            # close=False it stayed in the hub, its sockets non-blocking.
+            self.crash(None)
+            raise
 
     def end(self) -> None:
         stats = self.finalize()
