@@ -652,7 +652,7 @@ def test_a_sweep_interrupted_part_way_is_finished_by_the_next_start(
         real = relay_mod._Driven.finalize
         calls: list[object] = []
 
-        def finalize(driven: relay_mod._Driven) -> RelayStats:
+        def finalize(driven: relay_mod._Driven) -> RelayStats | None:
             stats = real(driven)
             calls.append(driven)
             if len(calls) == 1:
@@ -833,6 +833,211 @@ def test_an_interrupt_from_a_wrapper_s_close_at_the_idle_timeout_cancels_the_rel
             if relay is not None:
                 relay.cancel()
             loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+        for s in (client, a, b, backend):
+            s.close()
+
+
+@pytest.mark.parametrize("how", ["cancel", "idle-timeout", "task-cancel"])
+@pytest.mark.parametrize("where", ["after-detach", "mid-detach"])
+@pytest.mark.parametrize("close", [True, False], ids=["close", "keep"])
+def test_an_interrupt_as_a_relay_leaves_its_hub_still_ends_it(
+    listener: socket.socket, monkeypatch: pytest.MonkeyPatch, how: str, where: str, close: bool
+) -> None:
+    # A KeyboardInterrupt from a signal handler landing in _Driven.detach() (most
+    # often in one of its epoll_ctl calls), between taking the relay out of the hub
+    # and finish(): nothing ended it any more. Its sockets stayed open (or, with
+    # close=False, non-blocking), its pipes held, its future pending for ever. The
+    # relay is ended all the same now, the rest of its detach done, and the
+    # interrupt goes on.
+    client, a = tcp_pair(listener)
+    b, backend = tcp_pair(listener)
+    relays: list[relay_mod._Relay] = []
+    armed: list[bool] = []
+    real_begin = relay_mod._Relay.begin
+    real_unwatch = relay_mod._Hub.unwatch
+    real_close_if_idle = relay_mod._Hub.close_if_idle
+
+    def begin(relay: relay_mod._Relay) -> None:
+        relays.append(relay)
+        real_begin(relay)
+
+    def interrupt() -> None:
+        if armed:
+            armed.clear()
+            raise KeyboardInterrupt  # what the default SIGINT handler raises
+
+    def unwatch(hub: relay_mod._Hub, fd: int, driven: relay_mod._Driven) -> None:
+        real_unwatch(hub, fd, driven)
+        if where == "mid-detach":
+            interrupt()  # the first side unwatched, the other not
+
+    def close_if_idle(hub: relay_mod._Hub) -> None:
+        real_close_if_idle(hub)
+        if where == "after-detach":
+            interrupt()  # the relay is out of the hub, the hub closed
+
+    monkeypatch.setattr(relay_mod._Relay, "begin", begin)
+    monkeypatch.setattr(relay_mod._Hub, "unwatch", unwatch)
+    monkeypatch.setattr(relay_mod._Hub, "close_if_idle", close_if_idle)
+    loop = asyncio.new_event_loop()
+
+    async def start() -> asyncio.Future[RelayStats]:
+        if how == "task-cancel":
+            task = asyncio.ensure_future(async_pipe_splice(a, b, close=close))
+            await asyncio.sleep(0)  # its first step: the relay runs
+            return task
+        return start_pipe_splice(
+            a, b, close=close, idle_timeout=0.05 if how == "idle-timeout" else None
+        )
+
+    relay: asyncio.Future[RelayStats] | None = None
+    try:
+        relay = loop.run_until_complete(start())
+        ending = relay
+
+        def end() -> None:
+            if how != "idle-timeout":
+                ending.cancel()
+            if how != "cancel":  # a task's cancel, the timer: the loop runs them
+                loop.run_until_complete(asyncio.wait([ending], timeout=JOIN))
+
+        armed.append(True)
+        with pytest.raises(KeyboardInterrupt):
+            end()
+        assert not armed, "the interrupt came from elsewhere"
+        (ended,) = relays
+        assert ended.stats is not None, "the relay was never finished"
+        assert [(f.pipe_r, f.pipe_w) for f in ended.flows] == [(-1, -1)] * 2
+        assert loop not in relay_mod._HUBS  # the hub closed with its only relay
+        assert relay.done()
+        if how == "task-cancel":
+            # What a task does with a KeyboardInterrupt out of its coroutine.
+            assert isinstance(relay.exception(), KeyboardInterrupt)
+        else:
+            assert relay.cancelled()
+        if close:
+            assert a.fileno() == b.fileno() == -1
+        else:
+            assert not _nonblocking(a) and not _nonblocking(b)
+    finally:
+        armed.clear()
+        with contextlib.suppress(BaseException):
+            if relay is not None:
+                relay.cancel()
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+        for s in (client, a, b, backend):
+            s.close()
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_a_closed_loop_s_relay_cancelled_as_another_thread_s_start_ends_it_ends_once(
+    listener: socket.socket, monkeypatch: pytest.MonkeyPatch, loop_kind: str
+) -> None:
+    # A start_pipe_splice future of a loop closed with loop.close() alone, cancelled
+    # by the thread holding it while a start in another thread (the sweep) was
+    # ending that very relay: both ran finish(), so each side's close() was called
+    # twice and a pipe could be pooled by both threads (one fd in two pools: a
+    # later EBADF, or the close of an unrelated file given that number). Here the
+    # sweep is held inside the wrapper's close() until the cancel either waits for
+    # the sweep's lock (it is let go then) or has returned.
+    client, a = tcp_pair(listener)
+    b, backend = tcp_pair(listener)
+    parked, go = threading.Event(), threading.Event()
+
+    def hold_the_sweeper() -> None:
+        if threading.current_thread().name == "sweeper":
+            parked.set()
+            go.wait(JOIN)
+
+    wa = _Closing(a, then=hold_the_sweeper)
+    closed = _new_loop(loop_kind)
+    real_lock = relay_mod._SWEEP_LOCK
+    main = threading.get_ident()
+
+    class Watched:
+        """_SWEEP_LOCK, letting the sweeper go on as this thread waits for it."""
+
+        def __enter__(self) -> None:
+            if threading.get_ident() == main and parked.is_set():
+                go.set()
+            real_lock.acquire()
+
+        def __exit__(self, *exc_info: object) -> None:
+            real_lock.release()
+
+    out: list[object] = []
+    sweep = _blocking_relay(listener)
+
+    def sweeper() -> None:
+        try:
+            out.append(sweep())
+        except BaseException as exc:  # raised in this thread below
+            out.append(exc)
+
+    thread = threading.Thread(target=sweeper, name="sweeper", daemon=True)
+    try:
+        try:
+            relay = closed.run_until_complete(_start_on_running_loop(wa, b))  # type: ignore[arg-type]
+        finally:
+            closed.close()
+        monkeypatch.setattr(relay_mod, "_SWEEP_LOCK", Watched())
+        thread.start()
+        assert parked.wait(JOIN), "the sweep never closed the wrapper"
+        try:
+            relay.cancel()
+        finally:
+            go.set()
+        thread.join(JOIN)
+        assert not thread.is_alive(), "the sweeper is stuck"
+        (stats,) = out
+        assert isinstance(stats, RelayStats), stats
+        assert (stats.a_end, stats.b_end) == (End.EOF, End.EOF)
+        assert wa.closes == 1, "the relay was ended twice"
+        assert relay.cancelled()
+        assert a.fileno() == b.fileno() == -1
+        assert not relay_mod._HUBS
+    finally:
+        go.set()
+        for s in (client, a, b, backend):
+            s.close()
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_a_wrapper_s_close_cancelling_its_own_relay_is_called_once(
+    listener: socket.socket, loop_kind: str
+) -> None:
+    # Ending a relay calls its wrapper's close(), which may cancel the relay's own
+    # future (a wrapper that stops what it belongs to): that cancel ended the relay
+    # again, from within its end, and every close() ran twice. A relay being ended
+    # is ended once.
+    client, a = tcp_pair(listener)
+    b, backend = tcp_pair(listener)
+    futures: list[asyncio.Future[RelayStats]] = []
+
+    def cancel_the_relay() -> None:
+        futures[0].cancel()
+
+    wa = _Closing(a, then=cancel_the_relay)
+    loop = _new_loop(loop_kind)
+
+    async def run() -> None:
+        futures.append(start_pipe_splice(wa, b))
+        client.shutdown(socket.SHUT_WR)
+        backend.shutdown(socket.SHUT_WR)
+        await asyncio.wait(futures, timeout=JOIN)
+
+    try:
+        loop.run_until_complete(run())
+        assert wa.closes == 1
+        assert futures[0].cancelled()  # the close()'s cancel came before the result
+        assert a.fileno() == b.fileno() == -1
+        assert loop not in relay_mod._HUBS
+    finally:
+        for future in futures:
+            future.cancel()
+        loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
         for s in (client, a, b, backend):
             s.close()

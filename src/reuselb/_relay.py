@@ -1947,7 +1947,10 @@ def start_pipe_splice(
     cancelling :func:`async_pipe_splice` does (pipes closed; sockets closed with
     ``close=True``). A relay still running when the loop shuts down
     (``asyncio.run``, ``uvloop.run``, ``loop.shutdown_asyncgens()``) ends the same
-    way. Must be called from the loop's thread. What a :class:`SocketLike` side's
+    way; so does one of a loop closed with ``loop.close()`` alone, at the next start
+    (a cancel of its future meanwhile waits for such a start ending it, in any
+    thread, and returns False if that start ended it first). Must be called from the
+    loop's thread. What a :class:`SocketLike` side's
     method raises that is not an :class:`OSError` ends the relay and is set on the
     future.
 
@@ -2493,13 +2496,14 @@ def _refuse_late_start(loop: asyncio.AbstractEventLoop) -> None:
 class _Driven:
     """A relay driven by a hub: reacts to events, re-arms its fds, ends its future."""
 
-    __slots__ = ("fds", "future", "hub", "masks", "relay", "timer")
+    __slots__ = ("ending", "fds", "future", "hub", "masks", "relay", "timer")
 
     def __init__(self, relay: _Relay, hub: _Hub, future: asyncio.Future[RelayStats]) -> None:
         self.relay, self.hub, self.future = relay, hub, future
         self.fds: list[int] = []
         self.masks: dict[int, int] = {}
         self.timer: asyncio.TimerHandle | None = None
+        self.ending = False  # finalize() is running (see there)
 
     def start(self) -> None:
         # No first read here: both fds are armed for reading, edge-triggered
@@ -2701,21 +2705,48 @@ class _Driven:
 
     def end(self) -> None:
         stats = self.finalize()
-        if not self.future.done():
+        if stats is not None and not self.future.done():
             self.future.set_result(stats)
 
-    def finalize(self) -> RelayStats:
+    def finalize(self) -> RelayStats | None:
+        """End the relay, once: take it out of the hub, then finish() it.
+
+        :returns: its stats, or None while this thread is ending it further up the
+            stack (a SocketLike's ``close()`` cancelling its own relay's future).
+        :raises BaseException: what ``finish()`` raised (a SocketLike's ``close()``),
+            or what interrupted the detach (a KeyboardInterrupt), once the relay has
+            ended all the same.
+        """
         # Only finalize() finishes a hub-driven relay, so relay.stats says whether
-        # it already ran.
+        # it already ran, and `ending` whether it is running: a finalize() reentered
+        # meanwhile (from a wrapper's close()) ran finish()'s body a second time,
+        # every close() twice. Another thread never comes in between: a loop's
+        # relays are ended in its thread, and a closed loop's (off it) only under
+        # _SWEEP_LOCK, by the sweep or by _RelayFuture.cancel.
         stats = self.relay.stats
-        if stats is not None:
+        if stats is not None or self.ending:
             return stats
-        # Unregister before the sockets close: epoll keys on the open file, and a
-        # dup of it elsewhere would keep a closed fd's registration alive.
-        self.detach()
+        self.ending = True
         try:
+            try:
+                # Unregister before the sockets close: epoll keys on the open file,
+                # and a dup of it elsewhere would keep a closed fd's registration
+                # alive.
+                self.detach()
+            except BaseException as exc:
+                # A KeyboardInterrupt from a signal handler, most likely in one of
+                # detach()'s epoll_ctl calls: the relay is out of the hub (or partly),
+                # where nothing would end it any more (its future pending for ever,
+                # its sockets and four pipe fds held). What is left of the detach
+                # (each step is idempotent), then the finish, then the interrupt.
+                try:
+                    self.detach()
+                finally:
+                    _finish_after(self.relay, exc)
+                raise
             return self.relay.finish()  # may raise what a wrapper's close() raised
         finally:
+            self.ending = False  # an interrupted finish() may be run again
             if isinstance(self.future, _RelayFuture):
                 # Break the future <-> relay cycle: refcounting frees both at once,
                 # not the cyclic GC after thousands of relays have piled up.
@@ -2739,6 +2770,20 @@ class _RelayFuture(asyncio.Future[RelayStats]):
     driven: _Driven | None
 
     def cancel(self, msg: Any | None = None) -> bool:
+        if self.get_loop().is_closed():
+            # Another thread's start may be ending this closed loop's relays at this
+            # moment (_end_closed_hubs), this one among them: both ran finish(), each
+            # side's close() twice, and a pipe closed by one was pooled by the other
+            # (two threads' pools then held one fd: a later EBADF, or a close of an
+            # unrelated file that took the number). Under the sweep's lock the relay
+            # has one ender: this waits for a sweep under way, which ends the relay
+            # and cancels the future first (this then returns False), or the sweep
+            # waits for this cancel and finds the relay gone from its hub.
+            with _SWEEP_LOCK:
+                return self._cancel(msg)
+        return self._cancel(msg)
+
+    def _cancel(self, msg: Any | None) -> bool:
         if not super().cancel(msg):
             return False
         if self.driven is not None:
