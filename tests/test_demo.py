@@ -318,6 +318,60 @@ def test_demo_ctrl_c_is_quiet_and_cleans_up(args: list[str], lines: int) -> None
             os.kill(pid, 0)
 
 
+def test_demo_ctrl_c_with_relays_open_is_quiet() -> None:
+    # Ctrl-C while the proxy relays connections whose clients have not sent their
+    # line yet, so the backends' handlers wait for it. Before, nothing ended those
+    # connections: from Python 3.12.1 on the backends' Server.wait_closed() waited
+    # for them, and the demo hung until these clients left; on 3.11 asyncio.run()
+    # cancelled each waiting handler, logged as "Exception in callback ...
+    # CancelledError" with a traceback (CPython gh-113538).
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # each line as it is printed
+    with tempfile.TemporaryFile() as errfile:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "reuselb", "demo", "proxy", "--clients", "100000"],
+            stdout=subprocess.PIPE,
+            stderr=errfile,
+            env=env,
+            start_new_session=True,  # a process group of its own, as a shell's job
+        )
+        assert proc.stdout is not None
+        held: list[socket.socket] = []
+        try:
+            # an empty line and the "proxy:" line: its backends and listener are up
+            m = re.search(r"proxy: 127\.0\.0\.1:(\d+) ", _first_lines(proc.stdout, 2, 60))
+            assert m, "no proxy address"
+            port = int(m.group(1))
+            for _ in range(4):  # two per backend (round-robin), among the demo's own
+                held.append(socket.create_connection(("127.0.0.1", port), timeout=30))
+            # One listener and one loop, each queue served in order: once a later
+            # connection is answered, the held ones are relayed to their backends.
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as probe:
+                probe.sendall(b"probe\n")
+                answer = b""
+                for _ in range(100):  # bounded: the answer is one short line
+                    chunk = probe.recv(4096)
+                    answer += chunk
+                    if not chunk or b"\n" in answer:
+                        break
+                assert b"answers 'probe'" in answer, answer
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pytest.fail("the demo did not exit after Ctrl-C while connections were relayed")
+        finally:
+            for sock in held:
+                sock.close()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+            proc.stdout.close()
+        errfile.seek(0)
+        err = errfile.read().decode(errors="replace")
+    assert proc.returncode == 130, err
+    assert err == ""
+
+
 def test_demo_backend_ends_quietly_on_a_reset_and_answers_otherwise() -> None:
     # Ctrl-C cancels the proxy's relays, which reset their upstream connections
     # with a request in flight. Before, the embedded backend let the

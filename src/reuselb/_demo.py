@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import errno
 import functools
 import os
@@ -214,9 +215,9 @@ def reuseport_scenario(workers: int = 3, requests: int = 20, port: int = 0) -> d
 async def _backend(name: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """Answer one line with *name*; a connection the proxy reset ends quietly.
 
-    asyncio.start_server runs this as a task nobody awaits: an exception that
-    left it was logged as "Task exception was never retrieved", with a
-    traceback, when the task was collected. Ctrl-C makes that happen: it
+    It runs as a task whose result nobody reads: an exception that left it was
+    logged as "Task exception was never retrieved", with a traceback, when the
+    task was collected. Ctrl-C makes that happen: it
     cancels the proxy's relays, whose upstream sockets then close with the
     request or the answer in flight (a reset, seen at readline() or drain()).
     """
@@ -228,52 +229,153 @@ async def _backend(name: str, reader: asyncio.StreamReader, writer: asyncio.Stre
         pass  # the proxy went away: nobody is left to answer
     finally:
         writer.close()
+        # A reset is also the exception of the future wait_closed() awaits: left
+        # unread, Python 3.13 logged it when that future was collected ("Future
+        # exception was never retrieved", with a traceback).
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+class _Backends:
+    """The proxy scenario's two embedded backends, and the connections they serve."""
+
+    def __init__(self) -> None:
+        self.servers: list[asyncio.Server] = []
+        #: each connection's handler task, and its writer
+        self.handlers: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
+
+    async def start(self) -> None:
+        for i in (1, 2):
+            connected = functools.partial(self._connected, f"backend-{i}")
+            self.servers.append(await asyncio.start_server(connected, "127.0.0.1", 0))
+
+    def _connected(
+        self, name: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        # The handler's task is made here, not by asyncio (which makes one for a
+        # callback that returns a coroutine and keeps it to itself), so that close()
+        # can wait for it: a handler still running when asyncio.run() returns is
+        # cancelled, and for asyncio's own task Python 3.11 logs that as "Exception
+        # in callback ... CancelledError" with a traceback (CPython gh-113538).
+        task = asyncio.ensure_future(_backend(name, reader, writer))
+        self.handlers[task] = writer
+        task.add_done_callback(self.handlers.pop)
+
+    async def close(self) -> None:
+        """Stop accepting, close every connection and wait for the handlers to end."""
+        for server in self.servers:
+            server.close()
+        # Closed, not waited for: a handler waiting for its line reads EOF and ends.
+        # (From Python 3.12.1 on, Server.wait_closed() waits for every connection
+        # to close, however long its peer keeps it open.)
+        for writer in self.handlers.values():
+            writer.close()
+        if self.handlers:
+            await asyncio.wait(list(self.handlers))
+        for server in self.servers:
+            await server.wait_closed()
+
+
+def _close(sock: socket.socket, _: object) -> None:
+    """Close *sock* (a done callback's signature; closing a closed socket does nothing)."""
+    sock.close()
+
+
+async def _end(tasks: Sequence[asyncio.Future[Any]]) -> None:
+    """Cancel *tasks* and wait until each has ended (an exception other than the
+    cancellation is left in its task, which asyncio logs if nobody retrieves it)."""
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks)
 
 
 async def _proxy(clients: int) -> list[tuple[int, str, int, int, bool]]:
     loop = asyncio.get_running_loop()
-    servers = [
-        await asyncio.start_server(functools.partial(_backend, f"backend-{i}"), "127.0.0.1", 0)
-        for i in (1, 2)
-    ]
-    policy = RoundRobin([s.sockets[0].getsockname() for s in servers])
-    listener = reuseport_listener("127.0.0.1:0", nonblocking=True)
-    port = listener.getsockname()[1]
-    print(f"proxy: 127.0.0.1:{port} -> {', '.join(str(n) for n in policy.nodes)} (round-robin)")
-    stats: dict[int, RelayStats] = {}  # by the client's source port
-
-    async def proxy_one(client: socket.socket, client_port: int) -> None:
-        with policy.acquire() as lease:
-            upstream = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-            await loop.sock_connect(upstream, (lease.node.address.host, lease.node.address.port))
-            stats[client_port] = await async_pipe_splice(client, upstream)
-
-    async def accept_loop() -> None:
-        tasks = []
-        for _ in range(clients):
-            client, peer = await loop.sock_accept(listener)
-            tasks.append(asyncio.ensure_future(proxy_one(client, peer[1])))
-        await asyncio.gather(*tasks)
-
-    acceptor = asyncio.ensure_future(accept_loop())
-    rows = []
+    backends = _Backends()
+    relays: list[asyncio.Task[None]] = []  # proxy_one() for each accepted connection
+    talk: asyncio.Task[list[tuple[int, str, int]]] | None = None
+    listener: socket.socket | None = None
     try:
-        for i in range(clients):
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            source = writer.get_extra_info("sockname")[1]
-            writer.write(f"hello {i}\n".encode())
-            await writer.drain()
-            answer = (await reader.readline()).decode().strip()
-            writer.close()
-            await writer.wait_closed()
-            rows.append((i, answer, source))
-        await asyncio.wait_for(acceptor, 30)
+        await backends.start()
+        policy = RoundRobin([s.sockets[0].getsockname() for s in backends.servers])
+        listener = reuseport_listener("127.0.0.1:0", nonblocking=True)
+        port = listener.getsockname()[1]
+        print(f"proxy: 127.0.0.1:{port} -> {', '.join(str(n) for n in policy.nodes)} (round-robin)")
+        stats: dict[int, RelayStats] = {}  # by the client's source port
+        accept_failed: asyncio.Future[OSError] = loop.create_future()
+
+        async def proxy_one(client: socket.socket, client_port: int) -> None:
+            upstream = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            try:
+                with policy.acquire() as lease:
+                    addr = (lease.node.address.host, lease.node.address.port)
+                    await loop.sock_connect(upstream, addr)
+                    stats[client_port] = await async_pipe_splice(client, upstream)
+            finally:
+                upstream.close()  # the relay closed it, unless it never ran
+
+        def on_accept(listener: socket.socket) -> None:
+            # Accepted in a reader callback rather than by awaiting loop.sock_accept():
+            # Ctrl-C cancelled the pending sock_accept() whose callback asyncio had
+            # already queued, which then ran on the listener closed meanwhile and
+            # logged "Exception in callback ... _sock_accept ... Bad file descriptor"
+            # (InvalidStateError: it set the cancelled future), or took a connection
+            # into the cancelled future, lost. remove_reader() also cancels an
+            # on_accept() already queued, so nothing is accepted after it.
+            while len(relays) < clients:
+                try:
+                    client, peer = listener.accept()
+                except (BlockingIOError, InterruptedError):
+                    return
+                except ConnectionAbortedError:
+                    continue  # reset while it waited in the queue
+                except OSError as exc:  # EMFILE, ENOBUFS: it would fail again at once
+                    loop.remove_reader(listener.fileno())
+                    accept_failed.set_result(exc)
+                    return
+                client.setblocking(False)
+                relay = asyncio.ensure_future(proxy_one(client, peer[1]))
+                # Closed by the relay, unless it never ran: e.g. cancelled (Ctrl-C)
+                # before its first step, or the connect to the backend failed.
+                relay.add_done_callback(functools.partial(_close, client))
+                relays.append(relay)
+            loop.remove_reader(listener.fileno())
+
+        async def run_clients() -> list[tuple[int, str, int]]:
+            rows = []
+            for i in range(clients):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                try:
+                    source = writer.get_extra_info("sockname")[1]
+                    writer.write(f"hello {i}\n".encode())
+                    await writer.drain()
+                    answer = (await reader.readline()).decode().strip()
+                finally:
+                    writer.close()  # also when cancelled (Ctrl-C)
+                await writer.wait_closed()
+                rows.append((i, answer, source))
+            return rows
+
+        loop.add_reader(listener.fileno(), on_accept, listener)
+        talk = asyncio.ensure_future(run_clients())
+        first: list[asyncio.Future[Any]] = [talk, accept_failed]
+        await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
+        if accept_failed.done():
+            raise DemoError(f"the proxy could not accept a connection: {accept_failed.result()}")
+        rows = talk.result()
+        await asyncio.wait_for(asyncio.gather(*relays), 30)
     finally:
-        acceptor.cancel()
-        listener.close()
-        for s in servers:
-            s.close()
-            await s.wait_closed()
+        # In this order, so that nothing is left to fail or be cancelled later: no
+        # accept any more, then the clients and relays end (closing the sockets of
+        # each), then the backends, whose connections the relays no longer use (a
+        # relay connecting to a backend closed under it failed with a reset that no
+        # one retrieved: "Task exception was never retrieved").
+        if listener is not None:
+            loop.remove_reader(listener.fileno())
+            listener.close()  # connections still queued on it are reset
+        await _end([*([talk] if talk is not None else []), *relays])
+        await backends.close()
     return [
         (i, answer, stats[src].a_to_b, stats[src].b_to_a, stats[src].spliced)
         for i, answer, src in rows
@@ -322,7 +424,9 @@ def proxy_scenario(clients: int = 10) -> list[tuple[int, str, int, int, bool]]:
     """A round-robin L4 proxy built from reuselb parts, in front of two embedded backends.
 
     :returns: (client, answer, bytes client->backend, bytes backend->client, spliced).
-    :raises KeyboardInterrupt: Ctrl-C, once the backends and the listener are closed.
+    :raises DemoError: the proxy's ``accept()`` failed (e.g. ``EMFILE``).
+    :raises KeyboardInterrupt: Ctrl-C, once the relays have ended and the listener and
+        the backends (with their connections) are closed.
     """
     rows = asyncio.run(_cancelled_by_ctrl_c(_proxy(clients)))
     for i, answer, up, down, spliced in rows:
