@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import re
 import select
@@ -16,7 +17,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import IO
+from typing import IO, Any
 
 import pytest
 
@@ -370,6 +371,33 @@ def test_demo_ctrl_c_with_relays_open_is_quiet() -> None:
         err = errfile.read().decode(errors="replace")
     assert proc.returncode == 130, err
     assert err == ""
+
+
+def test_demo_proxy_reports_a_failed_accept(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before, the proxy's accept loop died of the error and the demo's client
+    # waited for ever for an answer to a connection nobody would accept.
+    from reuselb import _demo, reuseport_listener
+
+    class OutOfFds(socket.socket):
+        def accept(self) -> tuple[socket.socket, Any]:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    def listener(address: str, *, nonblocking: bool) -> socket.socket:
+        return OutOfFds(fileno=reuseport_listener(address, nonblocking=nonblocking).detach())
+
+    monkeypatch.setattr(_demo, "reuseport_listener", listener)
+
+    async def run() -> None:
+        with pytest.raises(_demo.DemoError) as caught:
+            await asyncio.wait_for(_demo._proxy(1), 30)
+        assert str(caught.value) == (
+            f"the proxy could not accept a connection: [Errno {errno.EMFILE}] "
+            f"{os.strerror(errno.EMFILE)}"
+        )
+        # nothing left running: the client, the relays, the backends' handlers
+        assert asyncio.all_tasks() == {asyncio.current_task()}
+
+    asyncio.run(run())
 
 
 def test_demo_backend_ends_quietly_on_a_reset_and_answers_otherwise() -> None:
