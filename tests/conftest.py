@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -75,6 +76,25 @@ def fds_left(free: int) -> Iterator[None]:
         for fd in fillers:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _sigint_as_in_a_terminal() -> Iterator[None]:
+    # Tests of Ctrl-C send SIGINT to a child and expect it to stop, as a terminal's
+    # foreground job does. A pytest started as a background job of a
+    # non-interactive shell (`pytest &`, nohup) has SIGINT ignored, and exec()
+    # passes SIG_IGN on, so every child would ignore the Ctrl-C (the library
+    # rightly leaves an ignored SIGINT alone) and those tests would fail. A handled
+    # signal is reset to SIG_DFL at exec(), so Python's own handler here gives each
+    # child the default disposition.
+    ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    if ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        if ignored:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @pytest.fixture
