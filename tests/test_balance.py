@@ -1441,6 +1441,46 @@ def test_balance_factor_may_be_a_huge_int() -> None:
         lease.release()
 
 
+def test_balance_factor_of_a_mutable_int_like_reads_back_the_bound_in_use() -> None:
+    # An int-like value that can change in place (numpy's 0-d arrays) was kept as
+    # given: after a change the property, copy() and preview() said 7 while picks
+    # went on bounding at 2, and a copy bounded at 7.
+    factor = _IntLike(2)
+    nodes = [addr(i) for i in range(4)]
+    p = MaglevHash(nodes, table_size=1009, balance_factor=factor)  # type: ignore[arg-type]
+    factor.value = 7
+    assert p.balance_factor == 2 and type(p.balance_factor) is int
+    clone = p.copy()
+    assert isinstance(clone, MaglevHash)
+    assert clone.balance_factor == 2
+
+
+class _NoExactValue(Decimal):
+    """A Decimal whose exact value must not be taken (``Fraction()`` asks for it)."""
+
+    def as_integer_ratio(self) -> tuple[int, int]:
+        raise AssertionError(f"the exact value of {self!r} was computed")
+
+
+@pytest.mark.parametrize("exponent", [-20_000_000, 20_000_000])
+def test_balance_factor_decimal_with_a_huge_exponent_is_not_made_exact(exponent: int) -> None:
+    # Decimal("1e-20000000") was made an exact Fraction (an int of 20 million
+    # digits, 17 s) before the "< 1" check; "1e20000000" the same, then every
+    # bounded pick multiplied 66-million-bit ints. The first is refused at once,
+    # the second bounds nothing, like any factor above all lease counts.
+    factor = _NoExactValue(f"1e{exponent}")
+    if exponent < 0:
+        with pytest.raises(InvalidArgument, match="must be >= 1"):
+            MaglevHash([addr(0), addr(1)], table_size=211, balance_factor=factor)
+        return
+    p = MaglevHash([addr(0), addr(1)], table_size=211, balance_factor=factor)
+    leases = [p.acquire("hot") for _ in range(20)]
+    assert len({lease.node for lease in leases}) == 1
+    assert p.balance_factor == Decimal(f"1e{exponent}")
+    for lease in leases:
+        lease.release()
+
+
 def test_one_address_string_is_not_a_node_list() -> None:
     for factory in FACTORIES.values():
         with pytest.raises(InvalidArgument, match=r"invalid nodes '10\.0\.0\.1:80'"):

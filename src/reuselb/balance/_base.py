@@ -1133,15 +1133,19 @@ class BalancePolicy(abc.ABC):
         return f"<{type(self).__name__} {len(self._slots)} nodes, {len(self._live)} live>"
 
 
-def _exact_factor(factor: object) -> tuple[int, int]:
-    """*factor* (a finite real number >= 1) as an exact fraction ``(num, den)``.
+def _exact_factor(factor: object) -> tuple[int, int, float | Fraction | Decimal]:
+    """*factor* (a finite real number >= 1) as an exact fraction ``(num, den, kept)``.
 
     A float (numpy's float64 is one) is read as the shortest decimal that reads back
     as it, which is what the caller wrote (``1.1`` -> 11/10, where ``Fraction(1.1)``
     is 1.1000...0888). An int, a ``Fraction`` (any :class:`numbers.Rational`), a
     ``Decimal`` or an int-like object (``__index__``: numpy's integers) is taken
     exactly; another real type (:class:`numbers.Real`: numpy's float32) as
-    ``float(factor)``.
+    ``float(factor)``. *kept* is *factor* itself if its type is exactly int, float,
+    ``Fraction`` or ``Decimal`` (immutable), else the int, ``Fraction`` or float it
+    was read as. A ``Decimal`` above ``10**400`` bounds nothing any lease count
+    could reach and is read as ``10**400``: its exact value would be an int of
+    ~exponent digits (``Decimal("1e20000000")`` took 17 s).
 
     :raises InvalidArgument: *factor* is a bool, not a real number (a str, a
         complex), NaN, infinite or below 1; the message names it.
@@ -1154,19 +1158,29 @@ def _exact_factor(factor: object) -> tuple[int, int]:
     if isinstance(factor, bool):
         raise bad(f"must be {kinds} >= 1, not a bool")
     exact: Fraction
+    kept: float | Fraction | Decimal
     if isinstance(factor, int):  # first: the common case, and 10**400 has no float
         exact = Fraction(factor)
+        kept = factor if type(factor) is int else int(factor)
     elif isinstance(factor, Decimal):
         if not factor.is_finite():  # (comparing a signalling NaN would raise)
             raise bad("must be finite")
-        exact = Fraction(factor)  # exact: Decimal("1.1") is 11/10
+        # Compared before Fraction(): Decimal("1e-20000000") is short, its exact
+        # value is not.
+        if factor < 1:
+            raise bad("must be >= 1")
+        exact = Fraction(factor) if factor.adjusted() <= 400 else Fraction(10**400)
+        kept = factor if type(factor) is Decimal else Decimal(factor)
     elif isinstance(factor, float):
         exact = _exact_float(factor, bad)
+        kept = factor if type(factor) is float else float(factor)
     elif hasattr(type(factor), "__index__"):  # numpy's integers, and any int-like
         try:
-            exact = Fraction(operator.index(factor))  # type: ignore[arg-type]
+            as_int = operator.index(factor)  # type: ignore[arg-type]
         except (TypeError, ValueError, ArithmeticError):  # (its __index__ refused)
             raise bad(f"must be {kinds} >= 1") from None
+        exact = Fraction(as_int)
+        kept = as_int
     # The ABCs are registered, not inherited (a third-party rational, numpy's
     # float32): nothing promises their numerator or float() work, so a failure
     # there is this bad factor, not an error of ours.
@@ -1176,17 +1190,19 @@ def _exact_factor(factor: object) -> tuple[int, int]:
             exact = Fraction(num, den)
         except (TypeError, ValueError, ArithmeticError):
             raise bad(f"must be {kinds} >= 1") from None
+        kept = factor if type(factor) is Fraction else exact
     elif isinstance(factor, numbers.Real):
         try:
             as_float = float(factor)
         except (TypeError, ValueError, ArithmeticError):
             raise bad(f"must be {kinds} >= 1") from None
         exact = _exact_float(as_float, bad)
+        kept = as_float
     else:
         raise bad(f"must be {kinds} >= 1, not {type(factor).__name__}")
     if exact < 1:
         raise bad("must be >= 1")
-    return exact.numerator, exact.denominator
+    return exact.numerator, exact.denominator, kept
 
 
 def _exact_float(factor: float, bad: Callable[[str], InvalidArgument]) -> Fraction:
@@ -1246,7 +1262,12 @@ class HashPolicy(BalancePolicy):
         self._balance_factor = balance_factor
         self._bound = (1, 1)
         if balance_factor is not None:
-            self._bound = _exact_factor(balance_factor)
+            num, den, kept = _exact_factor(balance_factor)
+            self._bound = (num, den)
+            # What the property, copy() and preview() read back: the caller's value
+            # when it cannot change, else the number it was read as (a numpy 0-d
+            # array is int-like and can be changed in place under the bound in use).
+            self._balance_factor = kept
         super().__init__(nodes)
         # Bounded picks read lease counts and the live set: only under the lock.
         self._pick_unlocked = self.lock_free_pick and balance_factor is None
