@@ -33,9 +33,11 @@ from typing import Any
 from ._errors import HandoffError, InvalidArgument, SocketClosed, SteeringError, WrongSocketType
 from ._sockets import (
     _C_INT_MAX,
+    _DIAG_HEAD,
     _TCP_DEFER_ACCEPT,
+    _TCP_SYN_RECV_STATE,
     ReuseportGroup,
-    _diag_requests,
+    _sock_diag,
     check_flag,
     check_open,
     check_seconds,
@@ -817,8 +819,33 @@ def _queue_capacity(listener: socket.socket) -> int:
 _RECHECK = 0.05
 
 
-def _handshakes(listener: socket.socket) -> set[int] | None:
-    """The kernel's pending handshakes that may be *listener*'s: their cookies.
+def _diag_handshakes(family: int, port: int) -> list[tuple[int, bytes, int, int]] | None:
+    """``(family, local address, cookie, retransmissions)`` of each handshake on *port*.
+
+    What sock_diag lists in state SYN_RECV on local TCP *port* (see
+    ``_sockets._diag_requests``), with ``idiag_retrans``: for a request sock the
+    kernel's ``req->num_retrans`` (``inet_req_diag_fill()``), the SYN-ACKs it
+    retransmitted (``inet_rtx_syn_ack()`` counts each one sent), a byte. None when
+    sock_diag could not be read.
+    """
+    found: list[tuple[int, bytes, int, int]] = []
+
+    def visit(data: bytes, offset: int) -> bool:
+        fam, state, _t, retrans, sport, _dp, src, _dst, _if, cookie = _DIAG_HEAD.unpack_from(
+            data, offset
+        )
+        # The kernel filters by port and state already; checked again, cheaply.
+        if state == _TCP_SYN_RECV_STATE and int.from_bytes(sport, "big") == port:
+            found.append((fam, src, cookie, retrans))
+        return False
+
+    if not _sock_diag(family, 1 << _TCP_SYN_RECV_STATE, port, visit):
+        return None
+    return found
+
+
+def _handshakes(listener: socket.socket) -> dict[int, int] | None:
+    """The kernel's pending handshakes that may be *listener*'s: cookie to retransmits.
 
     A connection whose handshake has not completed in the kernel's eyes is a request
     sock, counted in the listener's SYN queue but not in its accept queue, and
@@ -838,7 +865,9 @@ def _handshakes(listener: socket.socket) -> set[int] | None:
     local port and address (any address for a wildcard listener), of IPv4 too for
     an IPv6 listener that takes it. Taken once steering sends new SYNs elsewhere,
     it is a superset of the listener's that only shrinks: the cookies are never
-    reused. None when sock_diag could not be read.
+    reused. Each cookie maps to the SYN-ACKs the kernel has retransmitted for that
+    request so far (see :func:`drain_close` for why that count matters). None when
+    sock_diag could not be read.
     """
     try:
         host = listener.getsockname()[0].partition("%")[0]  # no zone: fe80::1%lo
@@ -852,12 +881,12 @@ def _handshakes(listener: socket.socket) -> set[int] | None:
     except OSError:
         return None
     wildcard = not any(mine)
-    cookies: set[int] = set()
+    requests: dict[int, int] = {}
     for family in families:
-        found = _diag_requests(family, port)
+        found = _diag_handshakes(family, port)
         if found is None:
             return None
-        for fam, src, cookie in found:
+        for fam, src, cookie, retrans in found:
             if fam == socket.AF_INET:
                 local = src[:4]
                 if len(mine) == 16:  # an IPv6 listener sees IPv4 as ::ffff:a.b.c.d
@@ -865,8 +894,8 @@ def _handshakes(listener: socket.socket) -> set[int] | None:
             else:
                 local = src
             if wildcard or local == mine:
-                cookies.add(cookie)
-    return cookies
+                requests[cookie] = retrans
+    return requests
 
 
 def _defer_hold(listener: socket.socket, grace: float) -> float:
@@ -1052,7 +1081,11 @@ def drain_close(
     steer path also waits, up to *timeout*, until the requests pending on the
     listener's port and address when the drain began have ended (sock_diag, as
     ``ss -t state syn-recv`` reads them; it cannot tell which member holds a
-    request, so another member's count too). Where sock_diag cannot be read it
+    request, so another member's count too). A request whose SYN-ACK the kernel
+    retransmits after that and that is still pending *grace* later is not waited
+    for: a live client answers within a round trip (a deferred one gets no SYN-ACK
+    until its defer period ends), so its client is gone, e.g. a scanner's SYN,
+    which the kernel keeps for about a minute. Where sock_diag cannot be read it
     waits out the listener's ``TCP_DEFER_ACCEPT`` period instead (a quarter more,
     plus *grace*), and a request behind a full queue may then be reset. Keep
     *timeout* above the defer period.
@@ -1089,8 +1122,9 @@ def drain_close(
         drain_close check that another member will take the connections (the
         kernel migrates them only to a member of the same group, and resets them
         when there is none).
-    :param grace: seconds the queue must stay empty before closing (steer path),
-        ``0`` to ``1e9``.
+    :param grace: seconds the queue must stay empty before closing, and a pending
+        request is waited for after a SYN-ACK retransmission (steer path), ``0`` to
+        ``1e9``.
     :param timeout: stop waiting for the queue to go quiet, and for pending
         handshakes, after this many seconds (steer path), more than ``0`` and at
         most ``1e9``. What is queued then is still accepted, and
@@ -1248,6 +1282,7 @@ def drain_close(
         # is the listener's. (A SYN the kernel is handling on another CPU while the
         # program is attached may still pick the listener and add its request a few
         # microseconds after this; its handshake gets *grace*, as before.)
+        # Each maps to its SYN-ACK retransmissions when first seen (below).
         pending = _handshakes(listener)
         # Where sock_diag cannot be read (no netlink in a sandbox), wait out the
         # listener's TCP_DEFER_ACCEPT period instead: a deferred handshake whose
@@ -1256,7 +1291,9 @@ def drain_close(
         hold_until = start
         if pending is None:
             hold_until += _defer_hold(listener, grace)
-            pending = set()
+            pending = {}
+        # When each pending request was first seen to have retransmitted since.
+        resent: dict[int, float] = {}
         while True:
             if (now := time.monotonic()) >= deadline:
                 timed_out = True
@@ -1277,8 +1314,26 @@ def drain_close(
                     current = _handshakes(listener)
                     if current is None:  # sock_diag failed since: as if never read
                         hold_until = max(hold_until, start + _defer_hold(listener, grace))
-                        current = set()
-                    pending &= current
+                        current = {}
+                    for cookie, retrans in list(pending.items()):
+                        if cookie not in current:
+                            del pending[cookie]
+                        elif current[cookie] != retrans:
+                            # A request that retransmits its SYN-ACK is not one that
+                            # can still complete unseen: a deferred client's ACKed
+                            # request gets no SYN-ACK until its defer period ends
+                            # (syn_ack_recalc()), and one whose ACK a full queue
+                            # dropped completes when the client answers the first
+                            # retransmission, now that the drain makes room; either
+                            # answer comes within a round trip. Still pending *grace*
+                            # later, at a later check, its client is gone (a SYN
+                            # whose sender vanished, a scanner): it would retransmit
+                            # for a minute (tcp_synack_retries=5), possibly held by
+                            # another member, so it is not waited for.
+                            if cookie not in resent:
+                                resent[cookie] = now
+                            elif now - resent[cookie] >= grace:
+                                del pending[cookie]
                 if not pending and now >= hold_until:
                     break
                 wait = _RECHECK if pending else hold_until - now
