@@ -822,8 +822,11 @@ _RECHECK = 0.05
 def _diag_handshakes(family: int, port: int) -> list[tuple[int, bytes, int, int]] | None:
     """``(family, local address, cookie, retransmissions)`` of each handshake on *port*.
 
-    What sock_diag lists in state SYN_RECV on local TCP *port* (see
-    ``_sockets._diag_requests``), with ``idiag_retrans``: for a request sock the
+    What sock_diag lists in state SYN_RECV on local TCP *port*: the request socks
+    (one per SYN answered whose connection is not in an accept queue yet) and Fast
+    Open children in SYN_RECV. The local address is 16 bytes, an IPv4 one in the
+    first 4; the cookie is unique for the network namespace's lifetime. With
+    ``idiag_retrans``: for a request sock the
     kernel's ``req->num_retrans`` (``inet_req_diag_fill()``), the SYN-ACKs it
     retransmitted (``inet_rtx_syn_ack()`` counts each one sent), a byte. None when
     sock_diag could not be read.

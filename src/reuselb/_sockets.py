@@ -1302,28 +1302,3 @@ def _diag_listener(family: socket.AddressFamily, inode: int) -> tuple[int, int] 
 
     _sock_diag(family, 1 << _TCP_LISTEN_STATE, 0, visit)
     return found
-
-
-def _diag_requests(family: int, port: int) -> list[tuple[int, bytes, int]] | None:
-    """``(family, local address, cookie)`` of each handshake on local TCP *port*.
-
-    What the kernel lists in state SYN_RECV: the request socks (one per SYN
-    answered whose connection is not in an accept queue yet) and Fast Open
-    children in SYN_RECV. The local address is 16 bytes, an IPv4 one in the first
-    4; the cookie is unique for the network namespace's lifetime. None when
-    sock_diag could not be read.
-    """
-    found: list[tuple[int, bytes, int]] = []
-
-    def visit(data: bytes, offset: int) -> bool:
-        fam, state, _t, _r, sport, _dp, src, _dst, _if, cookie = _DIAG_HEAD.unpack_from(
-            data, offset
-        )
-        # The kernel filters by port and state already; checked again, cheaply.
-        if state == _TCP_SYN_RECV_STATE and int.from_bytes(sport, "big") == port:
-            found.append((fam, src, cookie))
-        return False
-
-    if not _sock_diag(family, 1 << _TCP_SYN_RECV_STATE, port, visit):
-        return None
-    return found
