@@ -1041,3 +1041,88 @@ def test_a_wrapper_s_close_cancelling_its_own_relay_is_called_once(
         loop.close()
         for s in (client, a, b, backend):
             s.close()
+
+
+class _CancelsItselfThenRaises:
+    """A SocketLike whose close() cancels its own relay's future, then raises."""
+
+    def __init__(self, sock: socket.socket, then: Callable[[], object]) -> None:
+        self.sock, self.then = sock, then
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def recv_into(self, buf: Any) -> int:
+        return self.sock.recv_into(buf)
+
+    def send(self, data: Any) -> int:
+        return self.sock.send(data)
+
+    def shutdown(self, how: int) -> None:
+        self.sock.shutdown(how)
+
+    def setblocking(self, flag: bool) -> None:
+        self.sock.setblocking(flag)
+
+    def close(self) -> None:
+        self.sock.close()
+        self.then()
+        raise ValueError("flush failed")
+
+
+def test_a_wrapper_s_close_that_cancels_its_relay_then_raises_is_reported() -> None:
+    # The relay ends at both EOFs; its close() cancels the future (which cannot hold
+    # an exception any more), then raises. Before, the ValueError went nowhere: the
+    # await raised CancelledError and the loop's exception handler got nothing.
+    client, a = socket.socketpair()
+    b, backend = socket.socketpair()
+    a.setblocking(False)
+    handled: list[dict[str, Any]] = []
+    futures: list[asyncio.Future[RelayStats]] = []
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda _l, ctx: handled.append(ctx))
+        wrapper = _CancelsItselfThenRaises(a, lambda: futures[0].cancel())  # noqa: PLW0108 (not made yet)
+        futures.append(start_pipe_splice(wrapper, b, close=True))
+        client.shutdown(socket.SHUT_WR)
+        backend.shutdown(socket.SHUT_WR)
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(futures[0], 10)
+
+    try:
+        asyncio.run(main())
+        assert [(h.get("message"), type(h.get("exception"))) for h in handled] == [
+            ("closing a cancelled relay's sockets failed", ValueError)
+        ]
+        assert a.fileno() == -1 and b.fileno() == -1
+    finally:
+        for s in (client, a, b, backend):
+            s.close()
+
+
+def test_cancelling_a_closed_loop_s_future_with_callbacks_ends_its_relay() -> None:
+    # The C Future marks itself cancelled, then fails to schedule its callbacks on
+    # the closed loop (RuntimeError "Event loop is closed"). Before, that error left
+    # cancel() before the relay was ended: sockets held, the peer waiting, and a
+    # second cancel() returned False, until some other start's sweep.
+    a1, a2 = socket.socketpair()
+    b1, b2 = socket.socketpair()
+    loop = asyncio.new_event_loop()
+
+    async def start() -> asyncio.Future[RelayStats]:
+        return start_pipe_splice(a1, b1, close=True)
+
+    try:
+        future = loop.run_until_complete(start())
+        future.add_done_callback(lambda _f: None)
+        loop.close()
+        assert future.cancel() is True
+        assert future.cancelled()
+        assert a1.fileno() == -1 and b1.fileno() == -1
+        a2.settimeout(10)
+        assert a2.recv(10) == b""  # the peer sees the end at once
+        assert future.cancel() is False
+    finally:
+        loop.close()
+        for s in (a1, a2, b1, b2):
+            s.close()

@@ -2364,6 +2364,8 @@ class _Hub:
                 if not driven.future.done():
                     with contextlib.suppress(RuntimeError):
                         driven.future.set_exception(_settable(exc))
+                elif driven.future.cancelled():  # (its close() cancelled it first)
+                    _report_lost(self.loop, exc)
             finally:
                 # Also when a KeyboardInterrupt ends the loop here: a relay that
                 # ended (or was detached) is no longer the hub's, and the next
@@ -2653,6 +2655,11 @@ class _Driven:
                     self.future.cancel()
                 else:
                     self.future.set_exception(_settable(exc))
+            elif exc is not None and self.future.cancelled():
+                # A wrapper's close() cancelled its own relay's future, then
+                # raised: the future cannot hold it, so it goes where a cancel
+                # puts it (_RelayFuture._cancel), not nowhere.
+                _report_lost(self.future.get_loop(), exc)
 
     def rearm(self) -> None:
         # An fd is armed (always edge-triggered) for what its relay waits for:
@@ -2784,8 +2791,16 @@ class _RelayFuture(asyncio.Future[RelayStats]):
         return self._cancel(msg)
 
     def _cancel(self, msg: Any | None) -> bool:
-        if not super().cancel(msg):
-            return False
+        try:
+            if not super().cancel(msg):
+                return False
+        except RuntimeError:
+            # A closed loop's future with done-callbacks: the C Future marks itself
+            # cancelled, then fails to schedule them ("Event loop is closed"). The
+            # relay must still end here, or it keeps its sockets, pipes and the hub
+            # until some later start's sweep, its peers waiting.
+            if not self.cancelled():
+                raise
         if self.driven is not None:
             try:
                 self.driven.finalize()
@@ -2793,10 +2808,16 @@ class _RelayFuture(asyncio.Future[RelayStats]):
                 # A SocketLike's close() failed as the relay ended: the future is
                 # cancelled and cannot hold it, and cancel() may be called by asyncio
                 # itself (wait_for, gather): report it as a failed callback is.
-                self.get_loop().call_exception_handler(
-                    {"message": "closing a cancelled relay's sockets failed", "exception": exc}
-                )
+                _report_lost(self.get_loop(), exc)
         return True
+
+
+def _report_lost(loop: asyncio.AbstractEventLoop, exc: Exception) -> None:
+    """Hand *exc*, from closing a relay whose future is cancelled, to *loop*'s
+    exception handler: the future cannot hold it any more."""
+    loop.call_exception_handler(
+        {"message": "closing a cancelled relay's sockets failed", "exception": exc}
+    )
 
 
 def _end_closed_hubs() -> None:
