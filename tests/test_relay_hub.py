@@ -1126,3 +1126,40 @@ def test_cancelling_a_closed_loop_s_future_with_callbacks_ends_its_relay() -> No
         loop.close()
         for s in (a1, a2, b1, b2):
             s.close()
+
+
+def test_a_wrong_thread_s_cancel_of_a_running_debug_loop_s_future_leaves_the_relay() -> None:
+    # asyncio's debug mode refuses call_soon from another thread (RuntimeError
+    # "Non-thread-safe operation") after the C Future has marked itself cancelled.
+    # Only a closed loop's RuntimeError may be taken as a cancel that happened:
+    # taking this one too ended the relay (sockets closed, hub changed) from the
+    # wrong thread while its loop ran, and hid the error.
+    a1, a2 = socket.socketpair()
+    b1, b2 = socket.socketpair()
+    loop = asyncio.new_event_loop()
+    loop.set_debug(True)
+    started = threading.Event()
+    stop = asyncio.Event()
+    futures: list[asyncio.Future[RelayStats]] = []
+
+    async def main() -> None:
+        futures.append(start_pipe_splice(a1, b1, close=True))
+        futures[0].add_done_callback(lambda _f: None)
+        started.set()
+        await asyncio.wait_for(stop.wait(), 10)
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
+    thread.start()
+    try:
+        assert started.wait(10)
+        with pytest.raises(RuntimeError, match="Non-thread-safe"):
+            futures[0].cancel()
+        assert a1.fileno() != -1 and b1.fileno() != -1  # the relay is the loop's still
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(10)
+        with contextlib.suppress(BaseException):
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+        for s in (a1, a2, b1, b2):
+            s.close()

@@ -2799,7 +2799,10 @@ class _RelayFuture(asyncio.Future[RelayStats]):
             # cancelled, then fails to schedule them ("Event loop is closed"). The
             # relay must still end here, or it keeps its sockets, pipes and the hub
             # until some later start's sweep, its peers waiting.
-            if not self.cancelled():
+            # Only that case: a wrong thread's cancel() of a running debug-mode loop
+            # raises here too, after the same marking, and must not end the relay
+            # from that thread.
+            if not (self.cancelled() and self.get_loop().is_closed()):
                 raise
         if self.driven is not None:
             try:
