@@ -571,11 +571,11 @@ def recv_sockets(channel: socket.socket) -> dict[str, socket.socket]:
         than :func:`send_sockets` puts on it (refused at once, without waiting for
         more), the channel closes before the last chunk, or a socket is not what
         the sender said, or this process ran out of fds (at ``RLIMIT_NOFILE`` the
-        kernel installs what it can and closes the rest; the message says so) (every
-        fd received is then closed, as it is on any other
-        exception, each exactly once; a ``KeyboardInterrupt`` from a signal handler
-        too, except one raised in the instant between ``recvmsg`` returning and
-        its descriptors being recorded, which leaves that message's fds open).
+        kernel installs what it can and closes the rest; the message says so).
+        Every fd received is then closed, as it is on any other exception, each
+        exactly once; a ``KeyboardInterrupt`` from a signal handler too, except one
+        raised in the instant between ``recvmsg`` returning and its descriptors
+        being recorded, which leaves that message's fds open.
     :raises InvalidArgument: the channel is not a Unix socket.
     :raises SocketClosed: the channel is closed.
     :raises WrongSocketType: the channel is not a socket object.
@@ -825,11 +825,11 @@ def _diag_handshakes(family: int, port: int) -> list[tuple[int, bytes, int, int]
     What sock_diag lists in state SYN_RECV on local TCP *port*: the request socks
     (one per SYN answered whose connection is not in an accept queue yet) and Fast
     Open children in SYN_RECV. The local address is 16 bytes, an IPv4 one in the
-    first 4; the cookie is unique for the network namespace's lifetime. With
-    ``idiag_retrans``: for a request sock the
-    kernel's ``req->num_retrans`` (``inet_req_diag_fill()``), the SYN-ACKs it
-    retransmitted (``inet_rtx_syn_ack()`` counts each one sent), a byte. None when
-    sock_diag could not be read.
+    first 4; the cookie is unique for the network namespace's lifetime. The
+    retransmissions are ``idiag_retrans``, for a request sock the kernel's
+    ``req->num_retrans`` (``inet_req_diag_fill()``): the SYN-ACKs it retransmitted
+    (``inet_rtx_syn_ack()`` counts each one sent), a byte. None when sock_diag
+    could not be read.
     """
     found: list[tuple[int, bytes, int, int]] = []
 
