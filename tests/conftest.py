@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import IO, Any
 
@@ -76,6 +78,26 @@ def fds_left(free: int) -> Iterator[None]:
         for fd in fillers:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def end_loop(
+    loop: asyncio.AbstractEventLoop,
+    *,
+    cancel: Iterable[asyncio.Future[Any] | None] = (),
+    close: Iterable[socket.socket] = (),
+) -> None:
+    """A relay test's teardown: cancel *cancel* (None skipped), shut the loop down
+    (its hub's relays end), close it, then close *close*. An error while shutting
+    down is not the test's finding (the test has failed already, or asserted what it
+    checks), so it does not hide the test's own exception."""
+    with contextlib.suppress(BaseException):
+        for future in cancel:
+            if future is not None:
+                future.cancel()
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    loop.close()
+    for sock in close:
+        sock.close()
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -44,7 +44,7 @@ from reuselb import (
     release_pipes,
     start_pipe_splice,
 )
-from tests.conftest import open_fds
+from tests.conftest import end_loop, open_fds
 
 pytestmark = pytest.mark.linux
 JOIN = 120.0
@@ -2359,13 +2359,11 @@ def test_a_socket_like_raising_ends_its_relay_and_spares_the_others(
         assert (stats.a_to_b, stats.a_end, stats.b_end) == (5, End.EOF, End.EOF)
         assert (_how_it_ends(client), _how_it_ends(backend)) == ("reset", "reset")
     finally:
-        with contextlib.suppress(BaseException):
-            for fut in (relay, relay2):
-                fut.cancel()
-            loop.run_until_complete(loop.shutdown_asyncgens())
-        loop.close()
-        for s in (client, a, b, backend, client2, a2, b2, backend2):
-            s.close()
+        end_loop(
+            loop,
+            cancel=(relay, relay2),
+            close=(client, a, b, backend, client2, a2, b2, backend2),
+        )
 
 
 def _send_then_read_to_eof(
@@ -3896,13 +3894,7 @@ def test_a_wrapper_raising_at_the_idle_timeout_ends_its_relay(
         for sock in (a, b):
             assert not fcntl.fcntl(sock.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
     finally:
-        with contextlib.suppress(BaseException):
-            if relay is not None:
-                relay.cancel()
-            loop.run_until_complete(loop.shutdown_asyncgens())
-        loop.close()
-        for s in (client, a, b, backend):
-            s.close()
+        end_loop(loop, cancel=[relay], close=(client, a, b, backend))
 
 
 _SO_ZEROCOPY = getattr(socket, "SO_ZEROCOPY", 60)

@@ -27,6 +27,7 @@ from reuselb import (
     pipe_splice,
     start_pipe_splice,
 )
+from tests.conftest import end_loop
 
 pytestmark = pytest.mark.linux
 # Every wait is bounded by this; a relay blocked in a syscall (the loop frozen) is
@@ -829,13 +830,7 @@ def test_an_interrupt_from_a_wrapper_s_close_at_the_idle_timeout_cancels_the_rel
         assert a.fileno() == b.fileno() == -1 and wa.closes == 1
         assert loop not in relay_mod._HUBS
     finally:
-        with contextlib.suppress(BaseException):
-            if relay is not None:
-                relay.cancel()
-            loop.run_until_complete(loop.shutdown_asyncgens())
-        loop.close()
-        for s in (client, a, b, backend):
-            s.close()
+        end_loop(loop, cancel=[relay], close=(client, a, b, backend))
 
 
 @pytest.mark.parametrize("how", ["cancel", "idle-timeout", "task-cancel"])
@@ -922,13 +917,7 @@ def test_an_interrupt_as_a_relay_leaves_its_hub_still_ends_it(
             assert not _nonblocking(a) and not _nonblocking(b)
     finally:
         armed.clear()
-        with contextlib.suppress(BaseException):
-            if relay is not None:
-                relay.cancel()
-            loop.run_until_complete(loop.shutdown_asyncgens())
-        loop.close()
-        for s in (client, a, b, backend):
-            s.close()
+        end_loop(loop, cancel=[relay], close=(client, a, b, backend))
 
 
 @pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
@@ -1158,8 +1147,4 @@ def test_a_wrong_thread_s_cancel_of_a_running_debug_loop_s_future_leaves_the_rel
     finally:
         loop.call_soon_threadsafe(stop.set)
         thread.join(10)
-        with contextlib.suppress(BaseException):
-            loop.run_until_complete(loop.shutdown_asyncgens())
-        loop.close()
-        for s in (a1, a2, b1, b2):
-            s.close()
+        end_loop(loop, close=(a1, a2, b1, b2))
