@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import ipaddress
 import socket
 import string
+import sys
 from typing import Any
 
 import pytest
@@ -324,6 +326,46 @@ def test_hand_built_address_is_canonical() -> None:
         dataclasses.replace(a, port=70000)
     with pytest.raises(AddressError, match="port 70000 out of range"):
         a.with_port(70000)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("[::ffff:10.0.0.1]:80", "[::ffff:a00:1]:80"),
+        ("[::FFFF:a00:1]:80", "[::ffff:a00:1]:80"),
+        (("::ffff:10.0.0.1", 80), "[::ffff:a00:1]:80"),
+        (("::ffff:10.0.0.1", 80, 0, 3), "[::ffff:a00:1%3]:80"),
+        ("[::ffff:10.0.0.1%eth0]:80", "[::ffff:a00:1%eth0]:80"),
+        (Address("0:0:0:0:0:ffff:127.0.0.1", 80), "[::ffff:7f00:1]:80"),
+        ("[::ffff:0.0.0.0]:1", "[::ffff:0:0]:1"),
+        ("[::ffff:0.0.1.0]:1", "[::ffff:0:100]:1"),
+        ("[::ffff:255.255.255.255]:1", "[::ffff:ffff:ffff]:1"),
+        # Not IPv4-mapped: written in hex by every Python already.
+        ("[::10.0.0.1]:80", "[::a00:1]:80"),
+        ("[::ffff:0:10.0.0.1]:80", "[::ffff:0:a00:1]:80"),
+        ("[64:ff9b::10.0.0.1]:80", "[64:ff9b::a00:1]:80"),
+    ],
+)
+def test_an_ipv4_mapped_address_is_written_in_hex_on_every_python(
+    value: Any, expected: str
+) -> None:
+    # Python 3.13's ipaddress writes ::ffff:10.0.0.1 dotted (CPython gh-87799),
+    # 3.10-3.12 in hex; str(Address) is a node's hash_id, so it must not follow.
+    addr = parse_address(value)
+    assert str(addr) == expected
+    assert parse_address(str(addr)) == addr
+
+
+@given(st.integers(0, 2**32 - 1))
+def test_every_ipv4_mapped_address_is_hex_and_round_trips(v4: int) -> None:
+    ip = ipaddress.IPv6Address((0xFFFF << 32) | v4)
+    addr = Address(f"::ffff:{ipaddress.IPv4Address(v4)}", 1)
+    assert "." not in addr.host
+    assert ipaddress.IPv6Address(addr.host) == ip
+    assert parse_address(str(addr)) == addr
+    if sys.version_info < (3, 13):
+        # What 3.10-3.12 wrote, so that the mappings made there stay.
+        assert addr.host == ip.compressed
 
 
 # --------------------------------------------------------------------------- 4-tuples

@@ -118,6 +118,26 @@ def test_node_parses_address_and_is_immutable() -> None:
     assert n == Node("10.0.0.1:80", name="a", weight=2)
 
 
+def test_an_ipv4_mapped_node_is_placed_the_same_on_every_python() -> None:
+    # hash_id is str(address), which places the node: Python 3.13 wrote an
+    # IPv4-mapped address dotted (::ffff:10.0.0.1) where 3.10-3.12 wrote hex, so such
+    # a node moved with the Python version. The picks were recorded on 3.11.
+    assert Node("[::ffff:10.0.0.1]:80").hash_id == "[::ffff:a00:1]:80"
+    assert Node(("::FFFF:10.0.0.2", 80)).hash_id == "[::ffff:a00:2]:80"
+    nodes = [f"[::ffff:10.0.0.{i}]:80" for i in (1, 2, 3)]
+    for cls in (MaglevHash, RingHash, RendezvousHash):
+        p = cls(nodes)
+        picks = "".join(str(p.pick(f"key-{i}").address)[-5] for i in range(2000))
+        assert hashlib.sha256(picks.encode()).hexdigest()[:16] == MAPPED_PICKS[cls.__name__]
+
+
+MAPPED_PICKS = {
+    "MaglevHash": "d2be2c137ec01284",
+    "RingHash": "651b39a1aef6727d",
+    "RendezvousHash": "48d9e002b2b17675",
+}
+
+
 @pytest.mark.parametrize("weight", [-1, 1.5, True, "2"])
 def test_bad_weight(weight: object) -> None:
     with pytest.raises(InvalidArgument, match="weight"):

@@ -53,8 +53,9 @@ class Address:
     one address compare equal (``Address("::FFFF:0:1", 80) == Address("::ffff:0:1", 80)``).
 
     :ivar host: ``""`` for all interfaces; an IPv4 literal; an IPv6 literal
-        without brackets, compressed and lower-case (a zone stays as ``%zone``);
-        or a lower-case host name.
+        without brackets, compressed, lower-case and all in hex on every Python
+        version (``::ffff:a00:1``, not ``::ffff:10.0.0.1``), a zone kept as
+        ``%zone``; or a lower-case host name.
     :ivar port: ``0`` to ``65535``; ``0`` asks the kernel for a free port.
     :raises AddressError: *host* is not a str, not an IP literal or a host name, or
         *port* is not an int in ``0..65535`` (a bool is refused).
@@ -278,7 +279,28 @@ def _canonical_v6(text: str, value: object) -> str:
         ip = ipaddress.IPv6Address(addr)
     except ValueError as exc:
         raise AddressError(value, f"{addr!r} is not an IPv6 address ({exc})") from None
-    return f"{ip.compressed}%{zone}" if pct else ip.compressed
+    text = _v6_text(ip)
+    return f"{text}%{zone}" if pct else text
+
+
+def _v6_text(ip: ipaddress.IPv6Address) -> str:
+    """*ip* compressed (longest zero run as ``::``), lower-case and all in hex.
+
+    ``ip.compressed`` is not the same on every Python: 3.13 writes an IPv4-mapped
+    address with its IPv4 part dotted (``::ffff:10.0.0.1``, CPython gh-87799) where
+    3.10-3.12 write hex (``::ffff:a00:1``). The host is in ``str(Address)`` and so in
+    a node's ``hash_id``, which places the node in the hash policies, whose mapping
+    must not depend on the Python version. The hex form is kept, so mappings made on
+    3.10-3.12 stay as they were.
+    """
+    if ip.ipv4_mapped is None:
+        # Every other form (IPv4-compatible ``::a00:1``, NAT64 ``64:ff9b::a00:1``,
+        # ``::ffff:0:a00:1``) is written in hex by 3.10-3.13 alike.
+        return ip.compressed
+    # ::ffff:0:0/96: the five zero hextets are the longest zero run whatever the
+    # IPv4 part, so the compressed form is always "::ffff:" and two hex hextets.
+    low = int(ip) & 0xFFFFFFFF
+    return f"::ffff:{low >> 16:x}:{low & 0xFFFF:x}"
 
 
 def _canonical_host(text: str, value: object) -> str:
