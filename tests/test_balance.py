@@ -1531,6 +1531,34 @@ def test_make_policy_refuses_a_mapping_of_nodes(name: str) -> None:
         make_policy(name, {addr(0): 3, addr(1): 1})
 
 
+@pytest.mark.parametrize("name", sorted(POLICIES))
+@pytest.mark.parametrize(
+    ("nodes", "parsed"),
+    [
+        (("10.0.0.1", 80), "10.0.0.1:80"),
+        (("backend", 80), "backend:80"),
+        (("::1", 80), "[::1]:80"),
+        (("fe80::1", 80, 0, 3), "[fe80::1%3]:80"),
+    ],
+)
+def test_one_address_tuple_is_not_a_node_list(
+    name: str, nodes: tuple[str, int] | tuple[str, int, int, int], parsed: str
+) -> None:
+    # Iterated, ("10.0.0.1", 80) was the address "10.0.0.1" and the port 80, and
+    # failed as "invalid address '10.0.0.1': no port given".
+    with pytest.raises(InvalidArgument, match=f"not one address \\({re.escape(parsed)}\\)") as e:
+        make_policy(name, nodes)
+    assert e.value.name == "nodes" and e.value.value is nodes
+    assert repr(nodes) in str(e.value)
+    # what the message suggests is taken, and so are tuples of addresses, even
+    # ones whose second item is a port (the node on all interfaces)
+    assert [str(n.address) for n in make_policy(name, [nodes]).nodes] == [parsed]
+    pair = ("10.0.0.1:80", "10.0.0.2:80")
+    assert [str(n.address) for n in make_policy(name, pair).nodes] == list(pair)
+    mixed = make_policy(name, ("10.0.0.1:80", 8080))
+    assert [str(n.address) for n in mixed.nodes] == ["10.0.0.1:80", "*:8080"]
+
+
 @pytest.mark.parametrize(
     ("secret", "what"),
     [

@@ -41,6 +41,7 @@ from typing import Any, ClassVar, NoReturn, SupportsIndex, TypeAlias, TypeVar
 
 from .._address import Address, AddressLike, parse_address
 from .._errors import (
+    AddressError,
     DuplicateNode,
     InvalidArgument,
     InvalidKey,
@@ -586,9 +587,9 @@ class BalancePolicy(abc.ABC):
     :raises DuplicateNode: two nodes share an address or a name, or one node's name
         is another node's address.
     :raises AddressError: an address is malformed.
-    :raises InvalidArgument: *nodes* is one address string, a mapping (its keys
-        would be read and its values dropped) or not iterable at all, or a policy
-        option is out of range.
+    :raises InvalidArgument: *nodes* is one address (a string, or a ``(host, port)``
+        or IPv6 4-tuple), a mapping (its keys would be read and its values dropped)
+        or not iterable at all, or a policy option is out of range.
     """
 
     #: the name ``make_policy`` knows this policy by.
@@ -615,6 +616,23 @@ class BalancePolicy(abc.ABC):
                 "would be read, and weights in its values lost): pass "
                 "[Node(address, weight=w) for address, w in mapping.items()]",
             )
+        if isinstance(nodes, tuple) and len(nodes) in (2, 4) and isinstance(nodes[0], str):
+            # ("10.0.0.1", 80) iterated is the address "10.0.0.1" (no port) and the
+            # port 80: it failed as "invalid address '10.0.0.1': no port given".
+            # Refused only when parse_address takes the whole tuple as one address:
+            # its first item is then a bare host, which no node address is, so no
+            # tuple that is a collection of nodes ("10.0.0.1:80", "10.0.0.2:80") is.
+            try:
+                one = parse_address(nodes)
+            except AddressError:
+                pass
+            else:
+                raise InvalidArgument(
+                    "nodes",
+                    nodes,
+                    f"must be an iterable of nodes or addresses, not one address ({one}): "
+                    f"pass [{nodes!r}] for a policy of that one node",
+                )
         self._lock = threading.Lock()
         #: pick() runs without the lock (lock_free_pick; hash policies narrow it).
         self._pick_unlocked = self.lock_free_pick
