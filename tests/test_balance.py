@@ -6,15 +6,18 @@ import collections
 import hashlib
 import json
 import math
+import mmap
 import os
 import re
 import subprocess
 import sys
 import threading
 import time
+from array import array
 from collections.abc import Callable
 from decimal import Decimal
 from fractions import Fraction
+from typing import cast
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -1315,6 +1318,46 @@ def test_released_memoryview_key_is_an_invalid_key(kind: str) -> None:
     assert p.active() == 0
     with pytest.raises(InvalidKey, match="released"):
         build(kind, []).pick(view)  # checked before "no node"
+
+
+@pytest.mark.parametrize("kind", sorted(FACTORIES))
+def test_any_buffer_is_a_key_hashed_as_its_bytes(kind: str) -> None:
+    """A key is taken as KeyHasher.hash32 takes it (its docstring: "any buffer")."""
+    p = build(kind, [(1, NodeState.UP), (1, NodeState.UP), (1, NodeState.UP)])
+    for raw in (b"session-1", b"", bytes(range(256))):
+        key = array("B", raw)
+        # array('B') raised InvalidKey "expected str or bytes, got array", though
+        # p.hasher.hash32(key) hashed it
+        picked = p.pick(key)  # type: ignore[arg-type]
+        if kind in HASHED:
+            assert picked == p.pick(raw) == p.pick(memoryview(raw))
+            hasher = cast(HashPolicy, p).hasher
+            assert hasher.hash32(key) == hasher.hash32(raw)  # type: ignore[arg-type]
+        with p.acquire(key) as lease:  # type: ignore[arg-type]
+            assert lease.node in p.live_nodes
+        key.append(0)  # the key's buffer is not held (an export blocks resizing)
+    if kind in HASHED:
+        wide = array("H", [1, 2, 3])  # in this CPU's byte order, as memoryview(wide) is
+        assert p.pick(wide) == p.pick(wide.tobytes()) == p.pick(memoryview(wide))  # type: ignore[arg-type]
+    with pytest.raises(InvalidKey, match=r"expected str or bytes, got list") as info:
+        p.pick([1, 2])  # type: ignore[arg-type]
+    assert info.value.__context__ is None
+
+
+@pytest.mark.parametrize("kind", sorted(FACTORIES))
+def test_a_buffer_that_cannot_be_read_is_an_invalid_key(kind: str) -> None:
+    p = build(kind, [(1, NodeState.UP), (1, NodeState.UP)])
+    m = mmap.mmap(-1, 16)
+    assert p.pick(m) in p.live_nodes  # type: ignore[arg-type]
+    m.close()
+    for call in (p.pick, p.acquire):
+        with pytest.raises(InvalidKey, match=r"its buffer cannot be read \(mmap closed") as e:
+            call(m)  # type: ignore[arg-type]
+        assert e.value.key is m and e.value.__context__ is None
+    assert p.active() == 0
+    if kind in HASHED:
+        with pytest.raises(InvalidKey, match="its buffer cannot be read"):
+            cast(HashPolicy, p).hasher.hash32(m)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("weight", [MAX_WEIGHT + 1, 2**48, 10**30])

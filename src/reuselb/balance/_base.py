@@ -68,7 +68,10 @@ __all__ = [
 ]
 
 Key: TypeAlias = "str | bytes | bytearray | memoryview | None"
-"""What ``pick``/``acquire`` accept as a key: text is hashed as its UTF-8 bytes."""
+"""What ``pick``/``acquire`` accept as a key: text is hashed as its UTF-8 bytes.
+
+Any other buffer (an ``array.array``, an ``mmap``) is taken too, as its bytes.
+"""
 
 MAX_WEIGHT = 1000
 """The largest node weight. Weights are relative, so 1000 steps are plenty; the
@@ -301,8 +304,12 @@ def check_weight(weight: object) -> int:
 def key_bytes(key: object) -> bytes:
     """Encode a key the documented way: ``str`` as UTF-8, bytes-like as is.
 
-    :raises InvalidKey: not str or bytes-like, a str with a lone surrogate, or a
-        released memoryview.
+    Bytes-like is any buffer (``bytes``, ``bytearray``, ``memoryview``, an
+    ``array.array``, an ``mmap``, ...), read as its bytes in C order, as
+    :meth:`KeyHasher.hash32` reads it.
+
+    :raises InvalidKey: not str or bytes-like, a str with a lone surrogate, a
+        released memoryview, or a buffer that cannot be read (a closed ``mmap``).
     """
     if isinstance(key, str):
         try:
@@ -324,7 +331,24 @@ def key_bytes(key: object) -> bytes:
             # bytes() of a released view raises a bare ValueError ("operation
             # forbidden on released memoryview object"): name the key instead.
             raise InvalidKey(key, "the memoryview was released") from None
-    raise InvalidKey(key)
+    # Any other buffer, as KeyHasher.hash32 (zlib.crc32, blake2b's update) takes it:
+    # an array('B') was refused here while hash32 hashed it. Last, so str and bytes
+    # keys pay nothing for it.
+    reason: str | None = None
+    try:
+        view = memoryview(key)  # type: ignore[arg-type]
+    except TypeError:
+        pass  # not a buffer: InvalidKey's own "expected str or bytes, got ..."
+    except (ValueError, BufferError) as exc:
+        # A closed mmap ("mmap closed or invalid"), an exporter that refuses.
+        reason = f"its buffer cannot be read ({exc})"
+    else:
+        # Released at once: while a view is held, an array cannot grow (BufferError).
+        with view:
+            return view.tobytes()
+    # Raised outside the except clause, so an InvalidKey has no context (memoryview's
+    # TypeError would only repeat it).
+    raise InvalidKey(key, reason)
 
 
 # --------------------------------------------------------------------------- hashing
@@ -719,8 +743,9 @@ class BalancePolicy(abc.ABC):
     def pick(self, key: Key = None) -> Node:
         """Choose a node for one request without counting it.
 
-        :param key: ``str`` (hashed as UTF-8) or ``bytes``; hash policies need it,
-            the others ignore it.
+        :param key: ``str`` (hashed as UTF-8) or bytes-like (``bytes``,
+            ``bytearray``, ``memoryview`` or any other buffer, hashed as its bytes);
+            hash policies need it, the others ignore it.
         :returns: a live node (up, weight > 0).
         :raises NoNodeAvailable: no node can take it (the reason says why).
         :raises KeyRequired: a hash policy was given no key.
