@@ -41,6 +41,7 @@ from reuselb import (
     recv_sockets,
     reuseport_group,
     reuseport_listener,
+    reuseport_udp,
     send_sockets,
     socket_info,
     steer_all_to,
@@ -504,6 +505,56 @@ def test_adopted_sockets_keep_the_senders_blocking_mode(monkeypatch: pytest.Monk
         assert os.get_blocking(blocking.fileno())
     finally:
         for s in (a, b, nonblocking, blocking):
+            s.close()
+
+
+def test_adoption_under_a_default_timeout_leaves_the_senders_flag_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Before: with socket.setdefaulttimeout() in force, socket(fileno=) applied the
+    # default with ioctl(FIONBIO), setting O_NONBLOCK on the file description the
+    # sender shares: its blocking listener's accept() raised BlockingIOError at once,
+    # and the received socket claimed a 5 s timeout.
+    from reuselb import inherited_sockets
+
+    # Made before the default is set, which would make them non-blocking too.
+    nonblocking = reuseport_listener("127.0.0.1:0", nonblocking=True)
+    blocking = reuseport_listener("127.0.0.1:0")
+    udp = reuseport_udp("127.0.0.1:0")  # not SOCK_STREAM: its type is read, not guessed
+    senders = {"nb": nonblocking, "b": blocking, "udp": udp}
+    a, b = socket.socketpair()
+    received: dict[str, socket.socket] = {}
+    inherited: dict[str, socket.socket] = {}
+    default = socket.getdefaulttimeout()
+    try:
+        send_sockets(a, list(senders.values()), names=list(senders))
+        fds = {name: os.dup(s.fileno()) for name, s in senders.items()}
+        monkeypatch.setenv(
+            "REUSELB_INHERITED_FDS", ",".join(f"{name}={fd}" for name, fd in fds.items())
+        )
+        socket.setdefaulttimeout(5.0)  # an application-wide default, e.g. for HTTP clients
+        try:
+            received = recv_sockets(b)
+            inherited = inherited_sockets()
+        finally:
+            socket.setdefaulttimeout(default)
+        # The sender's sockets: one file description with those received.
+        flags = {n: os.get_blocking(s.fileno()) for n, s in senders.items()}
+        assert flags == {"nb": False, "b": True, "udp": True}
+        for socks in (received, inherited):
+            assert {n: s.gettimeout() for n, s in socks.items()} == {
+                "nb": 0.0,
+                "b": None,
+                "udp": None,
+            }
+            assert {n: s.type for n, s in socks.items()} == {
+                "nb": socket.SOCK_STREAM,
+                "b": socket.SOCK_STREAM,
+                "udp": socket.SOCK_DGRAM,
+            }
+            assert socks["udp"].getsockname() == udp.getsockname()
+    finally:
+        for s in (a, b, *senders.values(), *received.values(), *inherited.values()):
             s.close()
 
 

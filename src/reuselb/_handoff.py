@@ -34,6 +34,7 @@ from ._errors import HandoffError, InvalidArgument, SocketClosed, SteeringError,
 from ._sockets import (
     _C_INT_MAX,
     _DIAG_HEAD,
+    _NONBLOCK,
     _TCP_DEFER_ACCEPT,
     _TCP_SYN_RECV_STATE,
     ReuseportGroup,
@@ -256,7 +257,9 @@ def _adopt(fd: int, holder: socket.socket) -> socket.socket:
     it reports a blocking socket (``gettimeout()`` None) on an fd the sender made
     non-blocking, and a "blocking" ``accept()`` then raises ``BlockingIOError`` at
     once. The flag belongs to the open file description, which the sender still
-    shares, so it is read and the Python socket follows it; it is never changed.
+    shares, so it is read and the Python socket follows it; it is never changed,
+    whatever ``socket.setdefaulttimeout()`` says (the socket does not take the
+    default timeout: that would need O_NONBLOCK set under the sender).
 
     :param holder: from :func:`_new_holder`, already in the caller's cleanup list.
     :raises OSError: *fd* is not open or not a socket. On any exception (an
@@ -264,10 +267,28 @@ def _adopt(fd: int, holder: socket.socket) -> socket.socket:
         caller still owns *fd*.
     """
     try:
-        nonblocking = not os.get_blocking(fd)
-        socket.socket.__init__(holder, fileno=fd)
-        if nonblocking:
-            holder.settimeout(0)  # O_NONBLOCK is already set: only Python's view changes
+        blocking = os.get_blocking(fd)
+        if blocking and socket.getdefaulttimeout() is None:
+            # No default timeout: CPython's init leaves the flag alone (and reads
+            # the type itself), so the socket is blocking, as the fd is.
+            socket.socket.__init__(holder, fileno=fd)
+        else:
+            # With a default timeout in force CPython's init_sockobject applies it
+            # with ioctl(FIONBIO), setting O_NONBLOCK on the description the sender
+            # shares (its blocking accept() then raises BlockingIOError), unless
+            # the type has SOCK_NONBLOCK: then it takes the socket as non-blocking
+            # (timeout 0) and makes no call. A type given is kept, not read from
+            # the kernel, so a guess is replaced by the real one (SO_TYPE).
+            socket.socket.__init__(holder, -1, socket.SOCK_STREAM | _NONBLOCK, -1, fd)
+            kind = holder.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+            if kind != socket.SOCK_STREAM:
+                holder.detach()
+                socket.socket.__init__(holder, -1, kind | _NONBLOCK, -1, fd)
+        if blocking and holder.gettimeout() is not None:
+            # A blocking fd under a default timeout (or one another thread set in
+            # between): Python's view is made blocking. CPython cannot say so
+            # without ioctl(FIONBIO, 0), which writes the value just read.
+            holder.settimeout(None)
     except BaseException:
         # Gives the fd back if __init__ took it (a no-op on a fileno() of -1).
         holder.detach()
@@ -563,8 +584,10 @@ def recv_sockets(channel: socket.socket) -> dict[str, socket.socket]:
     :param channel: the other end of the sender's Unix socket.
     :returns: ``{name: socket}``; every socket is close-on-exec and matches the
         family, type and listening state the sender declared. A socket the sender
-        made non-blocking arrives non-blocking (``gettimeout()`` is 0): O_NONBLOCK
-        belongs to the file description both processes share, so it is not changed.
+        made non-blocking arrives non-blocking (``gettimeout()`` is 0), a blocking
+        one blocking (``gettimeout()`` None, whatever ``socket.setdefaulttimeout()``
+        says): O_NONBLOCK belongs to the file description both processes share, so
+        it is read, not changed.
     :raises HandoffError: the message is malformed or truncated, its header is
         larger than any :func:`send_sockets` call writes ("header too large", about
         20 MiB), the header or a chunk comes with another number of descriptors
@@ -665,7 +688,9 @@ def listen_fds(*, unset_environment: bool = True) -> dict[str, socket.socket]:
     :returns: ``{name: socket}``; names from ``LISTEN_FDNAMES`` (a name repeated for
         several fds is kept by the first; the others are ``"name.<fd>"``), else
         ``"fd3"``, ... A socket passed non-blocking (``NonBlocking=yes``) has
-        ``gettimeout()`` 0; its O_NONBLOCK flag is read, not changed.
+        ``gettimeout()`` 0, a blocking one None (whatever
+        ``socket.setdefaulttimeout()`` says); its O_NONBLOCK flag is read, not
+        changed.
         Empty when this process was not socket-activated (no ``LISTEN_PID`` or
         ``LISTEN_FDS``, or ``LISTEN_PID`` names another process).
     :raises HandoffError: a variable is malformed (the message names it and its
@@ -1445,7 +1470,8 @@ def inherited_sockets(*, unset_environment: bool = True) -> dict[str, socket.soc
         second socket object (closing either would close the other's fd, or
         whatever file took the number next).
     :returns: ``{name: socket}``; empty when nothing was inherited. A socket the
-        parent made non-blocking has ``gettimeout()`` 0 (O_NONBLOCK is read, not
+        parent made non-blocking has ``gettimeout()`` 0, a blocking one None
+        (whatever ``socket.setdefaulttimeout()`` says; O_NONBLOCK is read, not
         changed: the parent shares it).
     :raises HandoffError: the variable is malformed (an fd above a C int, a name
         or an fd given twice), an fd is not an open socket, or an fd is owned by a
