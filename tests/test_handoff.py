@@ -1971,6 +1971,62 @@ def test_drain_close_restore_interrupted_closes_the_accepted_and_detaches(
         assert _no_program(other)
 
 
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit])
+def test_drain_close_interrupted_in_its_detach_closes_the_accepted_and_detaches(
+    monkeypatch: pytest.MonkeyPatch, interrupt: type[BaseException]
+) -> None:
+    # Before: without restore, an interrupt in the final detach left the 3 accepted
+    # connections owned by nobody (open until collected) and the program attached.
+    monkeypatch.setattr(_handoff, "tcp_migrate_req", lambda: False)  # the steer path
+    real_detach = _handoff._detach_through
+    calls = 0
+
+    def interrupted_once(candidates: Iterable[socket.socket]) -> Exception | None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise interrupt("a signal as the detach starts")
+        return real_detach(candidates)
+
+    monkeypatch.setattr(_handoff, "_detach_through", interrupted_once)
+    with reuseport_group("127.0.0.1:0", 2) as group, _queued_on_first(group, 3) as clients:
+        listener, other = group
+        before = _still_open(open_fds())
+        try:
+            drain_close(listener, group=group, grace=0.05)
+        except interrupt:
+            leaked = _still_open(open_fds() - before)  # while the traceback lives
+            served = _server_sides(clients)
+        else:
+            pytest.fail("the interrupt was swallowed")
+        assert leaked == set()
+        assert served == ["closed"] * 3
+        assert listener.fileno() == -1
+        assert list(group) == [other]
+        assert _no_program(other)
+
+
+def test_drain_close_interrupted_before_its_drain_leaves_no_program(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Before: the accept queue's size was read after the program was attached and
+    # before the try that detaches it: an interrupt there left the program attached
+    # with the listener open, which then got no new connection.
+    monkeypatch.setattr(_handoff, "tcp_migrate_req", lambda: False)  # the steer path
+
+    def interrupted(listener: socket.socket) -> int:
+        raise KeyboardInterrupt("a signal as the queue's size is read")
+
+    monkeypatch.setattr(_handoff, "_queue_capacity", interrupted)
+    with reuseport_group("127.0.0.1:0", 2) as group:
+        listener, other = group
+        with pytest.raises(KeyboardInterrupt):
+            drain_close(listener, group=group, grace=0.05)
+        assert listener.fileno() != -1
+        assert list(group) == [listener, other]
+        assert _no_program(other)
+
+
 def test_drain_close_interrupted_right_after_accept_closes_that_connection(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -1133,7 +1133,8 @@ def drain_close(
     still open, *group* is as it was and no program is attached. An interrupt
     (``KeyboardInterrupt`` from a signal handler) during the drain propagates
     after the connections accepted so far are closed, *listener* too; *restore*
-    is still called.
+    is still called. One while drain_close detaches its program at the end closes
+    the accepted connections as well, once the detach has been tried again.
 
     :param listener: the member to remove, a listening TCP socket; it is closed on
         return.
@@ -1264,14 +1265,14 @@ def drain_close(
     # caller's list may not do. Everything the program needs was checked above.
     from ._steering import _attach_away_from
 
-    _attach_away_from(
-        members[0], len(members), index, "listener" if members[0] is listener else "group member 0"
-    )
     accepted: list[socket.socket] = []
     timed_out = False
     accept_error: OSError | None = None
     # Two full queues: bounds the retries of take() and the sweep after a timeout.
     # It only matters if something else steers new SYNs back to this member.
+    # Read before the program is attached: an interrupt between the attach and the
+    # try below would leave the program attached and the listener open, taking no
+    # new connection.
     bound = 2 * _queue_capacity(listener)
 
     def take() -> bool:
@@ -1297,6 +1298,10 @@ def drain_close(
             return True
         return False
 
+    # Nothing may run between the attach and the try: see *bound* above.
+    _attach_away_from(
+        members[0], len(members), index, "listener" if members[0] is listener else "group member 0"
+    )
     try:
         listener.setblocking(False)
         # poll, not select: select() refuses fds above 1023, common in a proxy.
@@ -1406,7 +1411,20 @@ def drain_close(
                     conn.close()
             raise
         if restore is None or steering_error is not None:
-            detach_error = _detach_through(m for m in candidates if m is not listener)
+            try:
+                detach_error = _detach_through(m for m in candidates if m is not listener)
+            except BaseException:
+                # KeyboardInterrupt or SystemExit (from a signal handler) during the
+                # detach: as from restore above, no DrainResult reaches the caller,
+                # so the accepted connections are closed here, after one more try
+                # at the detach (the interrupted one may not have reached the
+                # kernel; one that did makes this one find no program).
+                try:
+                    _detach_through(m for m in candidates if m is not listener)
+                finally:
+                    for conn in accepted:
+                        conn.close()
+                raise
             steering_error = steering_error or detach_error
     return DrainResult("steer", accepted, timed_out, steering_error, accept_error)
 
