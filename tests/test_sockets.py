@@ -988,6 +988,26 @@ def test_connect_tcp_source_of_the_other_family(monkeypatch: pytest.MonkeyPatch)
         assert open_fds() == before
 
 
+def test_connect_tcp_source_in_use_names_the_source(no_fd_leak: None) -> None:
+    # Before: "address 127.0.0.1:<port> is already in use by a socket that is not in
+    # a reuseport group with this one (it lacks SO_REUSEPORT, or belongs to another
+    # user id)": false of a holder with SO_REUSEPORT and our uid; it is connect_tcp's
+    # own socket that has no SO_REUSEPORT.
+    with (
+        reuseport_listener("127.0.0.1:0") as peer,
+        reuseport_listener("127.0.0.1:0") as holder,
+    ):
+        source = holder.getsockname()
+        with pytest.raises(reuselb.AddressInUse) as info:
+            connect_tcp(peer.getsockname(), source=source, timeout=5)
+        assert str(info.value) == (
+            f"source address 127.0.0.1:{source[1]} is in use by another socket: "
+            f"{os.strerror(errno.EADDRINUSE)}"
+        )
+        assert info.value.errno == errno.EADDRINUSE
+        assert info.value.address == f"127.0.0.1:{source[1]}"
+
+
 @pytest.mark.ipv6
 @pytest.mark.usefixtures("ipv4_only_localhost")
 def test_connect_tcp_source_name_without_the_peers_family(no_fd_leak: None) -> None:

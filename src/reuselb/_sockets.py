@@ -1050,7 +1050,9 @@ def _bind_source(sock: socket.socket, sockaddr: Any, source: object, src: Addres
         sock.bind(sockaddr)
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
-            raise AddressInUse(str(src), exc.strerror or "", ephemeral=sockaddr[1] == 0) from None
+            if sockaddr[1] == 0:
+                raise AddressInUse(str(src), exc.strerror or "", ephemeral=True) from None
+            raise _source_in_use(src, exc.strerror or "") from None
         if exc.errno == errno.EADDRNOTAVAIL:
             raise AddressError(source, "not an address of this host") from None
         if exc.errno == errno.ENODEV and sock.family == socket.AF_INET6 and sockaddr[3]:
@@ -1061,6 +1063,21 @@ def _bind_source(sock: socket.socket, sockaddr: Any, source: object, src: Addres
             reason = f"the kernel refused to bind the source ({exc.strerror or exc})"
         # Chained: the errno (EACCES for a port below 1024...) stays readable.
         raise AddressError(source, reason) from exc
+
+
+def _source_in_use(src: Address, detail: str) -> AddressInUse:
+    """The AddressInUse of a connect_tcp *source* whose port another socket holds.
+
+    Not AddressInUse's own message, which blames the holder ("lacks SO_REUSEPORT,
+    or belongs to another user id"): connect_tcp's socket has no SO_REUSEPORT, so
+    any socket holding the port refuses it, whatever that socket's options.
+    """
+    exc = AddressInUse(str(src), detail)
+    msg = f"source address {src} is in use by another socket"
+    # OSError.__init__ again, as AddressInUse.__init__ calls it: errno, strerror
+    # and args (which __str__ reads) all take the new message.
+    OSError.__init__(exc, errno.EADDRINUSE, f"{msg}: {detail}" if detail else msg)
+    return exc
 
 
 def _family_name(family: socket.AddressFamily) -> str:
