@@ -330,6 +330,23 @@ def test_garbage_and_eof() -> None:
         b.close()
 
 
+def test_a_closed_seqpacket_channel_is_named_closed_not_garbage() -> None:
+    # Before: "not a reuselb handoff message (0 bytes)", as if the sender had sent
+    # something; the stream path said "channel closed after 0 of 8 header bytes".
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        b.settimeout(10)  # a hang fails as TimeoutError, not as a stuck test
+        a.send(b"")  # an empty message reads as the end does, but is not one
+        with pytest.raises(HandoffError, match=r"not a reuselb handoff message \(0 bytes\)"):
+            recv_sockets(b)
+        a.close()
+        with pytest.raises(HandoffError, match="channel closed after 0 of 8 header bytes"):
+            recv_sockets(b)
+    finally:
+        a.close()
+        b.close()
+
+
 def test_bad_arguments() -> None:
     a, b = socket.socketpair()
     tcp = socket.socket()

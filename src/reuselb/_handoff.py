@@ -116,6 +116,7 @@ _CMSG_BUFSIZE = (
     + socket.CMSG_SPACE(4)  # pidfd
 )
 _SO_ACCEPTCONN = getattr(socket, "SO_ACCEPTCONN", 30)
+_POLLRDHUP = getattr(select, "POLLRDHUP", 0x2000)  # Linux's, since 2.6.17
 
 
 def _describe(sock: socket.socket) -> dict[str, object]:
@@ -525,6 +526,18 @@ def _check_length(magic: bytes, length: int) -> None:
         raise HandoffError(f"header too large ({length} bytes, limit {_MAX_JSON})")
 
 
+def _shut_for_reading(channel: socket.socket) -> bool:
+    """Whether *channel* will read nothing more: its peer closed or shut down writing.
+
+    Asked with poll (it waits for nothing and reads nothing): POLLRDHUP is set once
+    the kernel marks the socket RCV_SHUTDOWN, which an AF_UNIX stream or seqpacket
+    peer's close does (a datagram peer's does not: there is no end to report).
+    """
+    poller = select.poll()
+    poller.register(channel, select.POLLIN | _POLLRDHUP)
+    return any(events & _POLLRDHUP for _, events in poller.poll(0))
+
+
 def _recv_header(channel: socket.socket, fds: list[int]) -> bytes:
     """The JSON header of one handoff, whatever the channel's type."""
     if channel.type == socket.SOCK_STREAM:
@@ -543,6 +556,12 @@ def _recv_header(channel: socket.socket, fds: list[int]) -> bytes:
     want = min(max(size, _HEADER.size), _HEADER.size + _MAX_JSON + 1)
     msg, ancdata, flags, _ = channel.recvmsg(want, _CMSG_BUFSIZE, _MSG_CMSG_CLOEXEC)
     _take_fds(ancdata, flags, fds)
+    if not msg and not ancdata and _shut_for_reading(channel):
+        # A seqpacket channel whose peer closed (or shut down writing) reads as an
+        # empty message, as an empty message does; the kernel's RCV_SHUTDOWN
+        # (POLLRDHUP) tells the end from one. (An empty message followed by the
+        # close reads as the close: the handoff got nothing either way.)
+        raise HandoffError(f"channel closed after 0 of {_HEADER.size} header bytes")
     if len(msg) < _HEADER.size:
         raise HandoffError(f"not a reuselb handoff message ({len(msg)} bytes)")
     magic, length = _HEADER.unpack_from(msg)
