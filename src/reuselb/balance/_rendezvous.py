@@ -2,8 +2,9 @@
 
 Rules of this module: pure (no I/O), stdlib only, deterministic everywhere: every
 random choice is read from SHAKE-128 (:meth:`KeyHasher.node_bytes`), never from
-``hash()``. Ties are broken by ``hash_id`` order, which does not depend on the
-other nodes, so removing a node never changes the winner among the remaining ones.
+``hash()``. Ties are broken by what each node brings alone (a tie score per node
+and bucket in the table, then ``hash_id`` order), never by the other nodes, so
+removing a node never changes the winner among the remaining ones.
 
 *Tabulated* (default, ``table_size=2**19``): a key goes to bucket
 ``hash32(key) % table_size`` and each bucket has one owner, so a pick is O(1) and
@@ -22,6 +23,8 @@ is that of the keys themselves.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import sys
 import zlib
 from array import array
@@ -38,6 +41,8 @@ __all__ = ["DEFAULT_BUCKETS", "RendezvousHash"]
 
 # What a rendezvous pick reads: (ranked, owners, nodes); see RendezvousHash.__init__.
 _Snapshot: TypeAlias = "tuple[tuple[tuple[Node, int], ...], bytes | array[int], tuple[Node, ...]]"
+# What _tabulate reads per (offset row, group): offsets, node order, any shared offset.
+_Layout: TypeAlias = "tuple[list[int], list[int], bool]"
 
 #: Buckets of the tabulated mode by default: 2**19 keeps the bucket-count noise
 #: (under sqrt(N / table_size) per node) well under the keys' own noise.
@@ -74,6 +79,15 @@ _E_SPARSE = 8
 _SPARSE_MAX = 1 << 13
 # When at most this many buckets are still empty, they are resolved one by one.
 _TAIL_MAX = 64
+# Tie scores: two nodes whose offsets are equal in a group (and offset row) have the
+# same arrivals there (the lighter one's units), so they tie at equal d wherever both
+# arrive. Index order gave all such buckets to the lower index, and the other node
+# lost nearly every bucket those levels decide in that group (birthdays among 2**17
+# offsets: a table of 1,000 nodes has ~15 such pairs at the first level). Ties now go
+# by a per-(node, bucket) score of up to this many bits, read from shared random bit
+# sets at the node's own tie offset, then by index: each keeps about half. Only the
+# leading bits that some tie still needs are read.
+_TIE_BITS = 32
 # Rotations: rot[g][k] doubles weight 2**(k-1) pools into 2**k ones (unit i of a
 # node sits at rot[g][_BITS] plus rot[g][j + 1] for each set bit j of i; see
 # _Pools._unit_blocks). Node weights stop at MAX_WEIGHT (1000, 10 bits); _BITS
@@ -103,8 +117,9 @@ class _Pools:
     The unit pool ``(g, e)`` holds each bucket of group ``g`` with probability
     about ``2**-e``. A node's arrivals at a level are a pool rotated by the node's
     own offset, so they depend on the node and the seed only, never on the others.
-    Built lazily and kept for the policy's lifetime (they do not change with
-    membership).
+    The tie planes ``(g, i)`` (:meth:`tie_bits`) hold bit *i* of every bucket's tie
+    scores, read at each node's tie offset. Built lazily and kept for the policy's
+    lifetime (they do not change with membership).
     """
 
     def __init__(self, hasher: KeyHasher, size: int, groups: int) -> None:
@@ -113,7 +128,13 @@ class _Pools:
         self.m = size // groups
         self.groups = groups
         self.full = (1 << self.m) - 1
+        #: A node's words (SHAKE-128 of its identity, 32 bits each): its offset in
+        #: group g for offset row r at ``r * groups + g``, its tie offset in group g
+        #: at ``tie_base + g`` (after the rows, so the offsets are those of the
+        #: versions that had no tie offsets: SHAKE's output is a prefix-stable stream).
+        self.tie_base = (self.top + 1) * groups
         self._rand: dict[tuple[int, int], int] = {}
+        self._tie: dict[tuple[int, int], tuple[int, bytes]] = {}
         self._bits: dict[tuple[int, ...], int] = {}
         self._pos: dict[tuple[int, ...], list[int]] = {}
         rot = _words(hasher.node_bytes(_pool_label("rot", 0, 0), 4 * groups * _UNITS))
@@ -180,6 +201,25 @@ class _Pools:
                 a = int.from_bytes(buf, "little")
             self._bits[(g, e)] = a
         return a
+
+    def _tie_plane(self, g: int, i: int) -> tuple[int, bytes]:
+        t = self._tie.get((g, i))
+        if t is None:
+            raw = self.hasher.node_bytes(_pool_label("tie", g, i), self.m // 8)
+            t = self._tie[(g, i)] = (int.from_bytes(raw, "little"), raw)
+        return t
+
+    def tie_bits(self, g: int, i: int, t: int) -> int:
+        """Bit *i* of every bucket's tie score for tie offset *t*, as a bitmap.
+
+        Bucket ``b`` reads bit ``(b - t) mod m`` of the tie plane ``(g, i)``.
+        """
+        return self._rotate(self._tie_plane(g, i)[0], t)
+
+    def tie_bit(self, g: int, i: int, t: int, b: int) -> int:
+        """Bit *i* of bucket *b*'s tie score for tie offset *t* (:meth:`tie_bits`)."""
+        x = (b - t) & (self.m - 1)
+        return self._tie_plane(g, i)[1][x >> 3] >> (x & 7) & 1
 
     def _rotate(self, a: int, c: int) -> int:
         if not c:
@@ -283,6 +323,74 @@ def _to_bytes(planes: list[int], m: int) -> bytes:
     return b"".join(out)
 
 
+def _contains(sorted_list: list[int], x: int) -> bool:
+    i = bisect.bisect_left(sorted_list, x)
+    return i < len(sorted_list) and sorted_list[i] == x
+
+
+def _layout(offsets: list[array[int]], idx: int, mask: int, cache: dict[int, _Layout]) -> _Layout:
+    """Every node's offset ``s`` at word *idx*, the nodes by decreasing ``s`` (then
+    index), and whether two of them share an ``s``. Cached per (offset row, group):
+    the top level and its sub-levels all read row 0."""
+    lay = cache.get(idx)
+    if lay is None:
+        svals = [o[idx] & mask for o in offsets]
+        # sorted() is stable also with reverse=True: equal s stay in index order
+        order = sorted(range(len(svals)), key=svals.__getitem__, reverse=True)
+        lay = cache[idx] = (svals, order, len(set(svals)) < len(svals))
+    return lay
+
+
+def _tie_pick(pools: _Pools, g: int, b: int, tied: list[tuple[int, int]]) -> int:
+    """The winner at bucket *b* of group *g* among *tied* (index, tie offset) pairs,
+    which arrive at the same level and ``d``: the smallest tie score, its bit 0
+    (most significant) first, read only while several remain; then the lowest index
+    (*tied* is in index order). :func:`_tie_split` is the same rule over bitmaps."""
+    for i in range(_TIE_BITS):
+        if len(tied) < 2:
+            break
+        zeros = [x for x in tied if not pools.tie_bit(g, i, x[1], b)]
+        if zeros:
+            tied = zeros
+    return tied[0][0]
+
+
+def _tie_split(pools: _Pools, g: int, ts: list[int], xs: list[int]) -> list[int]:
+    """The buckets won by nodes of one offset ``s`` (index order, tie offsets *ts*)
+    out of *xs*, their arrivals at one level in buckets no earlier arrival took.
+
+    A bucket in several ``xs`` is a tie at equal ``d``: it goes by :func:`_tie_pick`'s
+    rule, bit-sliced (bit *i* of every contested bucket's score per node at once).
+    """
+    contested = seen = 0
+    for x in xs:
+        contested |= seen & x
+        seen |= x
+    if not contested:
+        return xs
+    alive = [x & contested for x in xs]
+    for i in range(_TIE_BITS):
+        ones = [pools.tie_bits(g, i, t) for t in ts]
+        # where some candidate has a 0 bit, the candidates with a 1 bit drop out
+        zero = 0
+        for a, o in zip(alive, ones, strict=True):
+            zero |= a ^ (a & o)
+        alive = [a ^ (a & o & zero) for a, o in zip(alive, ones, strict=True)]
+        seen = left = 0
+        for a in alive:
+            left |= seen & a
+            seen |= a
+        if not left:
+            break
+    won = []
+    taken = 0
+    for x, a in zip(xs, alive, strict=True):
+        mine = a ^ (a & taken)  # equal scores throughout: the lowest index
+        taken |= mine
+        won.append((x ^ (x & contested)) | mine)
+    return won
+
+
 def _tabulate(pools: _Pools, offsets: list[array[int]], weights: list[int]) -> array[int] | bytes:
     """The owner (index into *weights*) of every bucket, in table order.
 
@@ -292,12 +400,17 @@ def _tabulate(pools: _Pools, offsets: list[array[int]], weights: list[int]) -> a
     probability ``2**-e`` (each level doubles the rate); a node's arrivals at a
     level are ``pools.node_bits(g, e, w)`` rotated by the node's own offset ``s``,
     so position ``d = (b - s) mod m`` of that pool decides bucket ``b``. Within a
-    level the arrival with the smallest ``d`` wins (then ``hash_id`` order): a
-    per-bucket cyclic order of the nodes, so no node is always first on ties.
-    Before the top level come its sub-levels ``top + K .. top + 1``: its own
-    arrivals (each weight unit's), thinned by one random halving per sub-level, on
-    its offsets, so the top level's ties go first to the earliest arrival, as in
-    HRW, and only then by ``d``. ``pools.levels`` lists the levels in this order.
+    level the arrival with the smallest ``d`` wins: a per-bucket cyclic order of
+    the nodes, so no node is always first on ties. Before the top level come its
+    sub-levels ``top + K .. top + 1``: its own arrivals (each weight unit's),
+    thinned by one random halving per sub-level, on its offsets, so the top level's
+    ties go first to the earliest arrival, as in HRW, and only then by ``d``.
+    ``pools.levels`` lists the levels in this order.
+
+    Equal ``d`` at a bucket means equal offsets: nodes whose offsets coincide in a
+    group and row have the same arrivals there (up to the lighter one's weight).
+    Such ties go by per-(node, bucket) tie scores (:func:`_tie_pick`), then
+    ``hash_id`` order; tables without such nodes never read a tie score.
 
     Every bucket's preference order is thus fixed by the nodes' identities, seed
     and secret alone; removing a node only hands its own buckets to the next
@@ -315,6 +428,7 @@ def _tabulate(pools: _Pools, offsets: list[array[int]], weights: list[int]) -> a
     claims: list[dict[int, int]] = [{} for _ in range(groups)]
     truncs = [(1 << (m - i * (m >> 3))) - 1 for i in range(8)]
     positions: dict[tuple[int, int, int], list[int]] = {}
+    layouts: dict[int, _Layout] = {}
     sparse_done = False
     for lev, (e, offset_row) in enumerate(pools.levels):
         base = offset_row * groups
@@ -324,11 +438,12 @@ def _tabulate(pools: _Pools, offsets: list[array[int]], weights: list[int]) -> a
             and total * m * groups >> e <= _SPARSE_MAX
         ):
             for g in range(groups):
+                svals, _, shared = _layout(offsets, base + g, mask, layouts)
                 # Candidates as ints ordered by (d, node, bucket): sort, then the
                 # first candidate of each bucket is its winner at this level.
                 cands: list[int] = []
                 for j in range(n):
-                    s = offsets[j][base + g] & mask
+                    s = svals[j]
                     key = (g, e, weights[j])
                     pos = positions.get(key)
                     if pos is None:
@@ -337,10 +452,35 @@ def _tabulate(pools: _Pools, offsets: list[array[int]], weights: list[int]) -> a
                     cands.extend((((d * n + dj) << shift) | ((d + s) & mask)) for d in pos)
                 cands.sort()
                 taken = claims[g]
+                if not shared:
+                    for c in cands:
+                        b = c & mask
+                        if b not in taken:
+                            taken[b] = (c >> shift) % n
+                    continue
+                by_s: dict[int, list[int]] = {}
+                for j, s in enumerate(svals):
+                    by_s.setdefault(s, []).append(j)
+                dup = [len(by_s[s]) > 1 for s in svals]
+                fresh = []
                 for c in cands:
                     b = c & mask
                     if b not in taken:
-                        taken[b] = (c >> shift) % n
+                        j = taken[b] = (c >> shift) % n
+                        if dup[j]:
+                            fresh.append(b)
+                # A bucket won at this level by a node that shares its offset: the
+                # others with an arrival at the same d tie with it.
+                for b in fresh:
+                    s = svals[taken[b]]
+                    d = (b - s) & mask
+                    tied = [
+                        (k, offsets[k][pools.tie_base + g] & mask)
+                        for k in by_s[s]
+                        if _contains(positions[(g, e, weights[k])], d)
+                    ]
+                    if len(tied) > 1:
+                        taken[b] = _tie_pick(pools, g, b, tied)
             continue
         if not sparse_done:
             sparse_done = True
@@ -355,7 +495,7 @@ def _tabulate(pools: _Pools, offsets: list[array[int]], weights: list[int]) -> a
             em = empty[g]
             if not em:
                 continue
-            order = sorted(range(n), key=lambda j: (-(offsets[j][base + g] & mask), j))
+            svals, order, shared = _layout(offsets, base + g, mask, layouts)
             by_weight: dict[int, list[int]] = {}
             recs = []
             for j in order:
@@ -366,22 +506,54 @@ def _tabulate(pools: _Pools, offsets: list[array[int]], weights: list[int]) -> a
                     # low m - s bits, and shifting fewer bits is most of the cost.
                     p = pools.node_bits(g, e, w)
                     cut = by_weight[w] = [p & trunc for trunc in truncs]
-                s = offsets[j][base + g] & mask
+                s = svals[j]
                 recs.append((s, j, cut[(s << 3) // m], cut[0]))
+            ties: list[tuple[list[int], list[int], list[int], list[int]]] = []
+            if shared:
+                # Nodes sharing an offset become one record of their arrivals'
+                # union, marked by a negative index into ties; _tie_split divides
+                # what the union wins.
+                merged = []
+                for s, same in itertools.groupby(recs, key=lambda r: r[0]):
+                    rs = list(same)
+                    if len(rs) == 1:
+                        merged.append(rs[0])
+                        continue
+                    js = [r[1] for r in rs]
+                    ts = [offsets[j][pools.tie_base + g] & mask for j in js]
+                    ties.append((js, [r[2] for r in rs], [r[3] for r in rs], ts))
+                    low = p = 0
+                    for r in rs:
+                        low |= r[2]
+                        p |= r[3]
+                    merged.append((s, ~(len(ties) - 1), low, p))
+                recs = merged
             row = acc[g]
             # Pass 1: buckets b >= s (d = b - s), nodes by decreasing s = increasing d.
             for s, j, low, _ in recs:
                 won = (low << s) & em
                 if won:
                     em ^= won
-                    row[j] |= won
+                    if j >= 0:
+                        row[j] |= won
+                    else:
+                        js, lows, _, ts = ties[~j]
+                        xs = [(x << s) & won for x in lows]
+                        for k, x in zip(js, _tie_split(pools, g, ts, xs), strict=True):
+                            row[k] |= x
             # Pass 2: buckets b < s (d = b - s + m), again by increasing d.
             for s, j, _, p in recs:
                 if s:
                     won = (p >> (m - s)) & em
                     if won:
                         em ^= won
-                        row[j] |= won
+                        if j >= 0:
+                            row[j] |= won
+                        else:
+                            js, _, ps, ts = ties[~j]
+                            xs = [(x >> (m - s)) & won for x in ps]
+                            for k, x in zip(js, _tie_split(pools, g, ts, xs), strict=True):
+                                row[k] |= x
             empty[g] = em
             left += em.bit_count()
         if left <= _TAIL_MAX:
@@ -445,17 +617,25 @@ def _tail(
             em ^= low
             b = low.bit_length() - 1
             for e, row in pools.levels[start:]:
-                best: tuple[int, int] | None = None
+                best_d = m
+                best: list[int] = []
                 for j in range(n):
                     d = (b - (offsets[j][row * groups + g] & mask)) & mask
                     key = (g, e, weights[j])
                     bits = cache.get(key)
                     if bits is None:
                         bits = cache[key] = pools.node_bits(*key).to_bytes(m >> 3, "little")
-                    if bits[d >> 3] >> (d & 7) & 1 and (best is None or (d, j) < best):
-                        best = (d, j)
-                if best is not None:
-                    claims[g][b] = best[1]
+                    if bits[d >> 3] >> (d & 7) & 1 and d <= best_d:
+                        if d < best_d:
+                            best_d, best = d, [j]
+                        else:  # the same offset: a tie (see _tabulate)
+                            best.append(j)
+                if best:
+                    if len(best) > 1:
+                        tied = [(k, offsets[k][pools.tie_base + g] & mask) for k in best]
+                        claims[g][b] = _tie_pick(pools, g, b, tied)
+                    else:
+                        claims[g][b] = best[0]
                     break
         empty[g] = 0
 
@@ -470,10 +650,14 @@ class RendezvousHash(HashPolicy):
     100 and 6.6% at 1000 (the busiest node of 200,000 keys: 1.06x, 1.05x, 1.09x
     and 1.20x the mean). The noise halves with 4x the buckets (3.2% at weight 1000
     and 2**21). Prefer small integer weights, a larger table, ``table_size=None``
-    (exact HRW) or :class:`MaglevHash` where weights must be large. Changing one
-    node's weight moves keys as HRW does: raising it only moves keys to that node,
-    lowering it only moves keys away from it (a weight's arrivals are nested in the
-    next weight's).
+    (exact HRW) or :class:`MaglevHash` where weights must be large. Two nodes that
+    share a random offset in a group of 2**17 buckets (by chance: ~N**2 / 2**16
+    pairs at the first level of the default table) split their common arrivals, so
+    each keeps about half of the buckets that level decides there, which is most of
+    them with a large total weight or a small table (docs/policies/hashing.md,
+    "Shared offsets"). Changing one node's weight moves keys as HRW does: raising it
+    only moves keys to that node, lowering it only moves keys away from it (a
+    weight's arrivals are nested in the next weight's).
 
     :param nodes: initial nodes.
     :param table_size: buckets of the tabulated mode (a power of two from 1024 to
@@ -553,8 +737,9 @@ class RendezvousHash(HashPolicy):
         groups = _groups(self._size)
         if self._pools is None:
             self._pools = _Pools(self._hasher, self._size, groups)
-        # A node's offsets depend on its identity only: cached across rebuilds.
-        nbytes = 4 * (self._pools.top + 1) * groups
+        # A node's offsets and tie offsets (see _Pools.tie_base) depend on its
+        # identity only: cached across rebuilds.
+        nbytes = 4 * (self._pools.tie_base + groups)
         old = self._offsets
         offsets = {
             n.hash_id: old.get(n.hash_id) or _words(self._hasher.node_bytes(n.hash_id, nbytes))
