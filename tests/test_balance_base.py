@@ -4,14 +4,17 @@ make_policy, diff/preview, duplicate names (no sockets: the policies are pure)."
 from __future__ import annotations
 
 import copy
+import mmap
 import pickle
 import random
 import re
 import sys
 import threading
+from array import array
 from collections import Counter
 from collections.abc import Callable, Iterator
 from fractions import Fraction
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -28,6 +31,7 @@ from reuselb import (
 )
 from reuselb.balance import (
     POLICIES,
+    BalanceDiff,
     BalancePolicy,
     HashPolicy,
     LeastConn,
@@ -583,6 +587,42 @@ def test_diff_and_preview_refuse_keys_that_are_not_a_sample_of_keys(keys: object
         p.preview(lambda q: q.remove(NODES[0]), keys)  # type: ignore[arg-type]
     assert e.value.name == "keys" and e.value.value is keys
     assert len(p) == 3
+
+
+def test_diff_and_preview_refuse_one_array_or_mmap_key() -> None:
+    p = MaglevHash(NODES, table_size=1009)
+
+    def via_diff(keys: Any) -> BalanceDiff:
+        return diff(p, p, keys)
+
+    def via_preview(keys: Any) -> BalanceDiff:
+        return p.preview(lambda q: None, keys)
+
+    m = mmap.mmap(-1, 3)
+    m.write(b"abc")
+    try:
+        for key in (array("B", b"abc"), m):
+            assert p.pick(key) in p.live_nodes  # type: ignore[arg-type]  # one key
+            # taken as an iterable of keys: the mmap was sampled byte by byte
+            # (diff(...).keys was 3), the array failed as InvalidKey naming the int 97
+            for call in (via_diff, via_preview):
+                with pytest.raises(
+                    InvalidArgument, match=r"invalid keys .*not one key \(wrap it in a list\)"
+                ) as e:
+                    call(key)
+                assert e.value.name == "keys" and e.value.value is key
+                assert call([key]).keys == 1
+    finally:
+        m.close()
+
+
+def test_diff_and_preview_take_a_buffer_that_is_a_collection_of_keys() -> None:
+    # a buffer is not one key as such: a numpy "S" array iterates as its bytes keys
+    np = pytest.importorskip("numpy")
+    p = MaglevHash(NODES, table_size=1009)
+    keys = np.array([b"a", b"b", b"c"], dtype="S1")
+    assert diff(p, MaglevHash(NODES[:2], table_size=1009), keys).keys == 3
+    assert p.preview(lambda q: q.remove(NODES[0]), keys).keys == 3
 
 
 def test_diff_and_preview_refuse_what_is_not_a_policy_or_a_change() -> None:

@@ -26,6 +26,7 @@ import abc
 import enum
 import hashlib
 import math
+import mmap
 import numbers
 import operator
 import re
@@ -1443,8 +1444,16 @@ def diff(old: BalancePolicy, new: BalancePolicy, keys: Iterable[Key]) -> Balance
 
 
 def _sample(keys: object) -> list[Key]:
-    """*keys* as a list, refusing one key (a str would be sampled per character)."""
-    if isinstance(keys, (str, bytes, bytearray, memoryview)):
+    """*keys* as a list, refusing one key (a str would be sampled per character).
+
+    :raises InvalidArgument: *keys* is one str or bytes-like key or not iterable.
+    """
+    # An array.array and an mmap are keys too (key_bytes reads any buffer), and
+    # both iterate: an mmap by its bytes, each a one-byte key (sampled without a
+    # word), an array by its ints (InvalidKey naming an int, not the array). Only
+    # these two: not every buffer is one key, a numpy "S" array is an iterable of
+    # bytes keys.
+    if isinstance(keys, (str, bytes, bytearray, memoryview, array, mmap.mmap)):
         raise InvalidArgument(
             "keys", keys, "must be an iterable of keys, not one key (wrap it in a list)"
         )
