@@ -1602,6 +1602,44 @@ def test_one_address_tuple_is_not_a_node_list(
     assert [str(n.address) for n in mixed.nodes] == ["10.0.0.1:80", "*:8080"]
 
 
+@pytest.mark.parametrize("name", sorted(POLICIES))
+@pytest.mark.parametrize(
+    ("nodes", "reason"),
+    [
+        (("10.0.0.1", "80"), "port must be an int, got str"),
+        (("10.0.0.1", 99999), "port 99999 out of range 0-65535"),
+        (("10.0.0.1", 80, 0), "expected (host, port) or a 4-tuple, got 3 items"),
+        (("::1", 80, 0, -1), "scope_id -1 out of range 0-4294967295"),
+        (("[::1]", 80), "'[::1]' is not an IPv6 address"),
+        (("10.0.0.1", None), "port must be an int, got NoneType"),
+    ],
+)
+def test_one_malformed_address_tuple_says_what_is_wrong_with_it(
+    name: str, nodes: tuple[object, ...], reason: str
+) -> None:
+    # Only a tuple parse_address took as one address was refused as one: these
+    # were iterated and failed as "invalid address '10.0.0.1': no port given",
+    # hiding the bad port or scope id. Their first item is a host without a port,
+    # so iterating them could only ever fail on it.
+    with pytest.raises(AddressError, match=re.escape(reason)) as e:
+        make_policy(name, nodes)  # type: ignore[arg-type]
+    assert e.value.value is nodes and repr(nodes) in str(e.value)
+    assert "no port given" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_a_tuple_that_may_be_a_node_list_is_still_iterated(name: str) -> None:
+    # an address with its port first: a collection (the second is the node *:81)
+    mixed = make_policy(name, ("10.0.0.1:80", 81, "[::1]:82"))
+    assert [str(n.address) for n in mixed.nodes] == ["10.0.0.1:80", "*:81", "[::1]:82"]
+    # a bare host and then an address (a str, a tuple, an Address, a Node) reads as
+    # a collection whose first node lacks its port: the error is that one's
+    node = Node("10.0.0.2:80")
+    for second in ("10.0.0.2:80", "10.0.0.2", ("10.0.0.2", 80), node, node.address):
+        with pytest.raises(AddressError, match="^invalid address '10.0.0.1': no port given"):
+            make_policy(name, ("10.0.0.1", second))
+
+
 @pytest.mark.parametrize(
     ("secret", "what"),
     [

@@ -42,7 +42,6 @@ from typing import Any, ClassVar, NoReturn, SupportsIndex, TypeAlias, TypeVar
 
 from .._address import Address, AddressLike, parse_address
 from .._errors import (
-    AddressError,
     DuplicateNode,
     InvalidArgument,
     InvalidKey,
@@ -597,6 +596,32 @@ class Lease:
         self.__reduce_ex__(0)
 
 
+def _one_address(nodes: tuple[object, ...]) -> bool:
+    """True when *nodes* can only be one address, not a collection of nodes.
+
+    So it is when its first item is a host without a port (``"10.0.0.1"``,
+    ``"::1"``, ``"[::1]"``: parse_address refuses each as a node) and its second is
+    a port (an int, or digits in a str) or anything else that no node address is:
+    not a str, tuple, :class:`Node` or :class:`Address`. ``("10.0.0.1:80", 81)``
+    (an address and the node on all interfaces at port 81) and
+    ``("10.0.0.1", "10.0.0.2:80")`` (a collection with a bad first node, which
+    fails on it) are not.
+    """
+    if len(nodes) < 2 or not isinstance(nodes[0], str):
+        return False
+    host, second = nodes[0], nodes[1]
+    # parse_address's syntax: a port follows "]" in brackets, or the one ":"
+    # outside them; more than one ":" without brackets is an IPv6 literal alone.
+    if host.startswith("["):
+        if not host.endswith("]"):
+            return False
+    elif host.count(":") == 1:
+        return False
+    if isinstance(second, str):
+        return second.isascii() and second.isdigit()
+    return not isinstance(second, (tuple, Node, Address))
+
+
 # --------------------------------------------------------------------------- policy
 
 
@@ -611,7 +636,9 @@ class BalancePolicy(abc.ABC):
     :param nodes: initial nodes (``Node`` objects or addresses).
     :raises DuplicateNode: two nodes share an address or a name, or one node's name
         is another node's address.
-    :raises AddressError: an address is malformed.
+    :raises AddressError: an address is malformed, or *nodes* is a tuple that can
+        only be one address and a malformed one (``("10.0.0.1", 99999)``: the
+        error is parse_address's for the tuple).
     :raises InvalidArgument: *nodes* is one address (a string, or a ``(host, port)``
         or IPv6 4-tuple), a mapping (its keys would be read and its values dropped)
         or not iterable at all, or a policy option is out of range.
@@ -641,23 +668,21 @@ class BalancePolicy(abc.ABC):
                 "would be read, and weights in its values lost): pass "
                 "[Node(address, weight=w) for address, w in mapping.items()]",
             )
-        if isinstance(nodes, tuple) and len(nodes) in (2, 4) and isinstance(nodes[0], str):
+        if isinstance(nodes, tuple) and _one_address(nodes):
             # ("10.0.0.1", 80) iterated is the address "10.0.0.1" (no port) and the
-            # port 80: it failed as "invalid address '10.0.0.1': no port given".
-            # Refused only when parse_address takes the whole tuple as one address:
-            # its first item is then a bare host, which no node address is, so no
-            # tuple that is a collection of nodes ("10.0.0.1:80", "10.0.0.2:80") is.
-            try:
-                one = parse_address(nodes)
-            except AddressError:
-                pass
-            else:
-                raise InvalidArgument(
-                    "nodes",
-                    nodes,
-                    f"must be an iterable of nodes or addresses, not one address ({one}): "
-                    f"pass [{nodes!r}] for a policy of that one node",
-                )
+            # port 80: it failed as "invalid address '10.0.0.1': no port given",
+            # and so did a bad one, ("10.0.0.1", 99999) or ("::1", 80, 0, -1), whose
+            # real fault (the port, the scope id) went unsaid. Such a tuple iterated
+            # always fails on its first item (a bare host is no node address), so
+            # this changes only which error is raised: parse_address's own for a bad
+            # address, or the one saying it is one address.
+            one = parse_address(nodes)
+            raise InvalidArgument(
+                "nodes",
+                nodes,
+                f"must be an iterable of nodes or addresses, not one address ({one}): "
+                f"pass [{nodes!r}] for a policy of that one node",
+            )
         self._lock = threading.Lock()
         #: pick() runs without the lock (lock_free_pick; hash policies narrow it).
         self._pick_unlocked = self.lock_free_pick
@@ -1286,10 +1311,12 @@ class HashPolicy(BalancePolicy):
         float, ``Fraction``, ``Decimal`` or any real number, as above), or None.
     :raises InvalidArgument: seed or secret is out of range; balance_factor is a
         bool, not a real number (a str, a complex), NaN, infinite or below 1; or
-        *nodes* is one address string, a mapping or not iterable at all.
+        *nodes* is one address (a string or a tuple), a mapping or not iterable at
+        all.
     :raises DuplicateNode: two nodes share an address or a name, or one node's name
         is another node's address.
-    :raises AddressError: an address in *nodes* is malformed.
+    :raises AddressError: an address in *nodes* is malformed, or *nodes* is a tuple
+        that can only be one address and a malformed one.
     """
 
     needs_key = True
