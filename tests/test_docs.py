@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -97,13 +99,11 @@ def _connect_once_listening(proc: subprocess.Popen[bytes], port: int) -> socket.
 _STOPPED_WITHIN = 10
 
 
-@pytest.mark.linux
-def test_asyncio_recipe_stops_on_ctrl_c_with_an_idle_client() -> None:
-    # The recipe served with `async with server: await server.serve_forever()`. From
-    # Python 3.12.1 on Server.wait_closed(), which a cancelled serve_forever() calls,
-    # waits until every client has left, so with a client connected idle Ctrl-C did not
-    # stop it; on 3.11 it died of the KeyboardInterrupt (status -2) after asyncio logged
-    # "Exception in callback ... CancelledError" for the idle handler (CPython gh-113538).
+@contextlib.contextmanager
+def _asyncio_recipe() -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """docs/recipes.md's asyncio recipe running on a free port: (process, port).
+
+    Its stderr is a pipe; a process still running at the end is killed."""
     code = _section_code("recipes.md", "asyncio: serve on a reuseport listener")
     assert code.count('"127.0.0.1:9000"') == 1, code
     # A bound SO_REUSEPORT socket that does not listen holds a free port: the recipe's
@@ -117,24 +117,60 @@ def test_asyncio_recipe_stops_on_ctrl_c_with_an_idle_client() -> None:
             [sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
         try:
-            with _connect_once_listening(proc, port) as idle:
-                with socket.create_connection(("127.0.0.1", port), timeout=10) as echo:
-                    echo.sendall(b"hello\n")
-                    answer = b""
-                    while not answer.endswith(b"\n") and (chunk := echo.recv(100)):
-                        answer += chunk
-                    # One listener, its queue accepted in order: once this later
-                    # connection is answered, the idle one's handler is running.
-                    assert answer == b"hello\n"
-                proc.send_signal(signal.SIGINT)
-                try:
-                    _, err = proc.communicate(timeout=_STOPPED_WITHIN)
-                except subprocess.TimeoutExpired:
-                    pytest.fail(f"still running {_STOPPED_WITHIN} s after SIGINT")
-                assert idle.recv(100) == b""  # closed unanswered: it asked nothing
-            assert proc.returncode == 0, err.decode(errors="replace")
-            assert err == b""
+            yield proc, port
         finally:
             if proc.poll() is None:
                 proc.kill()
             proc.communicate()
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> bytes:
+    """Ctrl-C *proc*; its stderr once it has exited within _STOPPED_WITHIN."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=_STOPPED_WITHIN)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"still running {_STOPPED_WITHIN} s after SIGINT")
+    return err
+
+
+@pytest.mark.linux
+def test_asyncio_recipe_stops_on_ctrl_c_with_an_idle_client() -> None:
+    # The recipe served with `async with server: await server.serve_forever()`. From
+    # Python 3.12.1 on Server.wait_closed(), which a cancelled serve_forever() calls,
+    # waits until every client has left, so with a client connected idle Ctrl-C did not
+    # stop it; on 3.11 it died of the KeyboardInterrupt (status -2) after asyncio logged
+    # "Exception in callback ... CancelledError" for the idle handler (CPython gh-113538).
+    with _asyncio_recipe() as (proc, port):
+        with _connect_once_listening(proc, port) as idle:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as echo:
+                echo.sendall(b"hello\n")
+                answer = b""
+                while not answer.endswith(b"\n") and (chunk := echo.recv(100)):
+                    answer += chunk
+                # One listener, its queue accepted in order: once this later
+                # connection is answered, the idle one's handler is running.
+                assert answer == b"hello\n"
+            err = _stop(proc)
+            assert idle.recv(100) == b""  # closed unanswered: it asked nothing
+        assert proc.returncode == 0, err.decode(errors="replace")
+        assert err == b""
+
+
+@pytest.mark.linux
+def test_asyncio_recipe_ends_a_connection_whose_line_is_too_long() -> None:
+    # StreamReader.readline() raises ValueError for a line over its 64 KiB limit; the
+    # handler caught only ConnectionError, so asyncio logged "Unhandled exception in
+    # client_connected_cb" with the traceback for every such client.
+    with _asyncio_recipe() as (proc, port):
+        with _connect_once_listening(proc, port) as client:
+            try:
+                client.sendall(b"x" * (70 * 1024))  # no newline, over the limit
+                # bounded by the socket's timeout: the handler closes it
+                while client.recv(65536):
+                    pass
+            except (ConnectionResetError, BrokenPipeError):
+                pass  # closed with the line unread: the kernel sends a reset
+            err = _stop(proc)
+        assert proc.returncode == 0, err.decode(errors="replace")
+        assert err == b"", err.decode(errors="replace")
