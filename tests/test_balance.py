@@ -1339,7 +1339,7 @@ def test_any_buffer_is_a_key_hashed_as_its_bytes(kind: str) -> None:
     if kind in HASHED:
         wide = array("H", [1, 2, 3])  # in this CPU's byte order, as memoryview(wide) is
         assert p.pick(wide) == p.pick(wide.tobytes()) == p.pick(memoryview(wide))  # type: ignore[arg-type]
-    with pytest.raises(InvalidKey, match=r"expected str or bytes, got list") as info:
+    with pytest.raises(InvalidKey, match=r"expected str or a bytes-like object, got list") as info:
         p.pick([1, 2])  # type: ignore[arg-type]
     assert info.value.__context__ is None
 

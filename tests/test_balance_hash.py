@@ -1105,8 +1105,8 @@ def test_hash32_names_a_key_it_cannot_hash(secret: bytes | None) -> None:
     released = memoryview(b"abc")
     released.release()
     for key, reason in [
-        (5, "expected str or bytes, got int"),
-        (None, "expected str or bytes, got NoneType"),
+        (5, "expected str or a bytes-like object, got int"),
+        (None, "expected str or a bytes-like object, got NoneType"),
         ("x\udc80", "lone surrogate"),
         (released, "the memoryview was released"),
     ]:

@@ -245,7 +245,9 @@ class InvalidKey(ReuselbError, TypeError):
     def __init__(self, key: object, reason: str | None = None) -> None:
         self.key = key
         self.reason = (
-            f"expected str or bytes, got {type(key).__name__}" if reason is None else reason
+            f"expected str or a bytes-like object, got {type(key).__name__}"
+            if reason is None
+            else reason
         )
         super().__init__(f"invalid key {key!r}: {self.reason}")
 

@@ -338,7 +338,8 @@ def key_bytes(key: object) -> bytes:
     try:
         view = memoryview(key)  # type: ignore[arg-type]
     except TypeError:
-        pass  # not a buffer: InvalidKey's own "expected str or bytes, got ..."
+        # not a buffer: InvalidKey's own "expected str or a bytes-like object, got ..."
+        pass
     except (ValueError, BufferError) as exc:
         # A closed mmap ("mmap closed or invalid"), an exporter that refuses.
         reason = f"its buffer cannot be read ({exc})"
