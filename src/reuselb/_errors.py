@@ -37,8 +37,43 @@ __all__ = [
 ]
 
 
+def _rebuild(
+    cls: type[ReuselbError],
+    args: tuple[Any, ...],
+    state: dict[str, Any],
+    os_fields: tuple[Any, ...] | None,
+) -> ReuselbError:
+    # Rebuild without calling the subclass's __init__: its parameters are the
+    # offending values, not the message in args, so calling it again with args
+    # nested the message ("unknown node \"unknown node 'n'\"") or failed outright.
+    exc = cls.__new__(cls)
+    if isinstance(exc, OSError) and os_fields is not None:
+        OSError.__init__(exc, *args)
+        exc.errno, exc.strerror, exc.filename, exc.filename2 = os_fields
+    else:
+        Exception.__init__(exc, *args)
+    exc.__dict__.update(state)
+    return exc
+
+
 class ReuselbError(Exception):
-    """Base class of every exception raised by reuselb."""
+    """Base class of every exception raised by reuselb.
+
+    Every subclass survives :mod:`pickle` and :func:`copy.copy` with its message,
+    ``args``, attributes and, for the :class:`OSError` ones, ``errno`` intact (so an
+    error raised in a worker process reads the same in its parent), provided its
+    attributes can be pickled (:class:`SocketClosed`'s socket cannot).
+    """
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # BaseException.__reduce__ gives (cls, args, __dict__): unpickling calls
+        # cls(*args), but our __init__s take the offending values and build the
+        # message from them, so args (the message) do not fit them. errno is kept
+        # apart: GroupMemberError and SteeringError set it after OSError.__init__.
+        os_fields = None
+        if isinstance(self, OSError):
+            os_fields = (self.errno, self.strerror, self.filename, self.filename2)
+        return (_rebuild, (type(self), self.args, dict(self.__dict__), os_fields))
 
 
 class InvalidArgument(ReuselbError, ValueError):
