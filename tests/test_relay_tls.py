@@ -578,6 +578,56 @@ def test_idle_timeout(
         setup.close()
 
 
+@pytest.mark.parametrize("form", list(FORMS))
+def test_a_tls_side_whose_handshake_comes_late_costs_no_cpu(
+    listener: socket.socket, contexts: tuple[ssl.SSLContext, ssl.SSLContext], form: str
+) -> None:
+    # a is wrapped with do_handshake_on_connect=False (as a non-blocking server
+    # wraps what it accepts), and the backend speaks first (an SMTP banner): the
+    # relay's write of the banner to a meets the unfinished handshake, and OpenSSL
+    # says it must read first (SSLWantReadError). The blocking form and the
+    # fallback driver waited for a to be writable, which it was all along: their
+    # level-triggered poll returned at once, again and again, a 100 % CPU spin
+    # until the client's handshake came. Now they wait for a to be readable.
+    raw_client, raw_a = connected_pair(listener, None)
+    a = contexts[0].wrap_socket(raw_a, server_side=True, do_handshake_on_connect=False)
+    try:
+        b, backend = connected_pair(listener, None)
+    except BaseException:
+        raw_client.close()
+        a.close()
+        raise
+    setup = Setup(raw_client, a, b, backend)
+    try:
+        backend.sendall(b"220 banner\r\n")
+        r = Running(FORMS[form], setup, idle_timeout=JOIN)
+        assert r.thread.ident is not None
+        clock = time.pthread_getcpuclockid(r.thread.ident)
+        cpu, wall = time.clock_gettime(clock), time.monotonic()
+        # The client's handshake comes 0.5 s late: the delay is what is tested.
+        time.sleep(0.5)
+        cpu, wall = time.clock_gettime(clock) - cpu, time.monotonic() - wall
+        raw_client.settimeout(JOIN)
+        client = setup.client = contexts[1].wrap_socket(raw_client, server_hostname="localhost")
+        assert _recv_exactly(client, 12) == b"220 banner\r\n"
+        client.sendall(b"QUIT\r\n")
+        backend.settimeout(JOIN)
+        assert _recv_exactly(backend, 6) == b"QUIT\r\n"
+        backend.shutdown(socket.SHUT_WR)  # a close_notify toward the client
+        assert client.recv(1) == b""
+        client.unwrap()  # the client's close_notify: its EOF
+        assert backend.recv(1) == b""
+        stats = r.join()
+    finally:
+        setup.close()
+    # The relay's thread slept in poll: a few ms of CPU (its start), not the wait.
+    # (A spin got 40-100 % of a CPU here, or less on a busy machine: the bound is
+    # well below that and far above a sleeping thread's.)
+    assert cpu < 0.1 * wall, f"{cpu:.3f} s of CPU in {wall:.3f} s"
+    assert (stats.a_to_b, stats.b_to_a) == (6, 12)
+    assert (stats.a_end, stats.b_end, stats.failed) == (End.EOF, End.EOF, None), stats
+
+
 class Pusher:
     """Sends a known stream from a non-blocking socket, as fast as it is taken."""
 

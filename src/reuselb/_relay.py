@@ -363,6 +363,7 @@ class _Flow:
         "pending",
         "pipe_r",
         "pipe_w",
+        "read_needs_write",
         "shut",
         "spliced",
         "src",
@@ -371,6 +372,7 @@ class _Flow:
         "upgrade",
         "urgent",
         "view",
+        "write_needs_read",
     )
 
     def __init__(
@@ -400,6 +402,13 @@ class _Flow:
         # both directions can wait at once.
         self.deferred = False
         self.held = False
+        # TLS: OpenSSL must read before it can write (`write_needs_read`: dst's
+        # handshake is unfinished, a renegotiation) or write before it can read
+        # (`read_needs_write`: a handshake record that src's send buffer had no room
+        # for). The poll-based drivers then wait for the other readiness of that fd
+        # (see _Relay._write): waiting for the usual one spins on a level-triggered
+        # poll, or never ends.
+        self.write_needs_read = self.read_needs_write = False
         # The pipe looked full: splice-in returned EAGAIN with bytes pending. Slots are
         # pages and partly-filled slots count as used, so EAGAIN can come long before
         # `pending == cap` (sozu-proxy#1323); wait for the write side, not for src.
@@ -556,8 +565,12 @@ class _Relay:
         # How many flows have a deferred close_notify (_Flow.deferred): pump() looks
         # at the flows only when some do, one int test otherwise.
         self.deferring = 0
-        # Bumped whenever a flow's `deferred` or `held` changes: the fallback driver
-        # compares it around a pump to know when to re-register.
+        # How many flows wait for the other readiness of a TLS side (_Flow.
+        # write_needs_read, read_needs_write): pump() and step() look only when some do.
+        self.crossing = 0
+        # Bumped whenever a flow's `deferred`, `held`, `write_needs_read` or
+        # `read_needs_write` changes: the fallback driver compares it around a pump
+        # to know when to re-register.
         self.hold_changes = 0
         # Called when a flow's `held` is set, or cleared without the flow being shut
         # (a TLS retry deferred until the TLS side's bytes are read): changes the
@@ -765,6 +778,17 @@ class _Relay:
                     # The other direction moved (it reads the TLS side this
                     # half-close waits for): perhaps everything it sent is read now.
                     self._shut(other)
+        if self.crossing:
+            reverse = self.flows[0] if flow is self.flows[1] else self.flows[1]
+            if reverse.write_needs_read or reverse.read_needs_write:
+                # This flow read the TLS side *reverse* writes, or wrote the one it
+                # reads: that may have moved OpenSSL on (taken the handshake bytes
+                # *reverse* waited for, so that no poll will report them again).
+                # *reverse* goes back to waiting for its usual readiness, which
+                # retries it at once if OpenSSL is still stuck (once per event of
+                # this flow's, never a spin).
+                self._uncross(reverse, reading=True)
+                self._uncross(reverse, reading=False)
 
     def _shut(self, flow: _Flow) -> None:
         """Every byte before *flow*'s EOF was delivered (pending == 0): half-close its
@@ -939,6 +963,32 @@ class _Relay:
             if not reverse.eof:
                 self._take_eof(reverse)
 
+    def _cross(self, flow: _Flow, *, reading: bool) -> None:
+        """*flow*'s read (*reading*) or write met OpenSSL's need of the other I/O."""
+        if reading:
+            if flow.read_needs_write:
+                return
+            flow.read_needs_write = True
+        else:
+            if flow.write_needs_read:
+                return
+            flow.write_needs_read = True
+        self.crossing += 1
+        self.hold_changes += 1
+
+    def _uncross(self, flow: _Flow, *, reading: bool) -> None:
+        """Undo :meth:`_cross`: *flow* waits for its usual readiness again."""
+        if reading:
+            if not flow.read_needs_write:
+                return
+            flow.read_needs_write = False
+        else:
+            if not flow.write_needs_read:
+                return
+            flow.write_needs_read = False
+        self.crossing -= 1
+        self.hold_changes += 1
+
     def _take_eof(self, flow: _Flow) -> None:
         """*flow*'s source ended inside SSL_shutdown: no read will report it again."""
         flow.eof = True
@@ -1050,9 +1100,16 @@ class _Relay:
                     raise self.closed_behind(flow.name)
                 n = os.splice(flow.src_fd, flow.pipe_w, want, flags=_SPLICE_FLAGS)
             else:
+                if flow.read_needs_write:
+                    self._uncross(flow, reading=True)  # set again if OpenSSL still is
                 end = flow.start + flow.pending
                 n = flow.src.recv_into(flow.view[end : end + want])
-        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+        except ssl.SSLWantWriteError:
+            # OpenSSL must write before it reads on (see _Flow.read_needs_write):
+            # src being readable changes nothing, src being writable does.
+            self._cross(flow, reading=True)
+            return 0
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
             if flow.mode == _SPLICE:
                 if flow.pending:
                     flow.blocked = True  # the pipe is full, or see below
@@ -1117,8 +1174,20 @@ class _Relay:
                 n = os.splice(flow.pipe_r, flow.dst_fd, flow.pending, flags=_SPLICE_FLAGS)
                 flow.spliced += n
             else:
+                if flow.write_needs_read:
+                    self._uncross(flow, reading=False)  # set again if OpenSSL still is
                 n = flow.dst.send(flow.view[flow.start : flow.start + flow.pending])
-        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+        except ssl.SSLWantReadError:
+            # OpenSSL must read before it can write: dst's TLS handshake is not done
+            # (an SSLSocket wrapped with do_handshake_on_connect=False whose peer has
+            # not sent its part yet) or is being redone. dst is writable all along,
+            # so waiting for that, the blocking form's and the fallback driver's
+            # level-triggered poll reported it at once, again and again: a 100 %
+            # CPU spin until the peer's handshake came. The flow waits for dst to be
+            # readable instead (see _Flow.write_needs_read).
+            self._cross(flow, reading=False)
+            return 0
+        except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError):
             return 0
         except OSError as exc:
             self._io_error(flow, exc, _other(flow.name))
@@ -1143,7 +1212,17 @@ class _Relay:
         for flow in self.flows:
             if flow.shut:
                 continue
-            if (readable and flow.src_fd == fd) or (writable and flow.dst_fd == fd):
+            if (
+                (readable and flow.src_fd == fd)
+                or (writable and flow.dst_fd == fd)
+                or (
+                    self.crossing
+                    and (
+                        (readable and flow.dst_fd == fd and flow.write_needs_read)
+                        or (writable and flow.src_fd == fd and flow.read_needs_write)
+                    )
+                )
+            ):
                 self.pump(flow)
 
     def interest(self) -> dict[int, int]:
@@ -1151,10 +1230,11 @@ class _Relay:
         masks: dict[int, int] = {self.flows[0].src_fd: 0, self.flows[1].src_fd: 0}
         for flow in self.flows:
             if flow.wants_read:
-                masks[flow.src_fd] |= _POLLIN_PRI
+                # (read_needs_write: OpenSSL must write first, see _Flow.)
+                masks[flow.src_fd] |= _POLLOUT if flow.read_needs_write else _POLLIN_PRI
             # `held`: to retry a half-close that waits for dst (the flow is not shut).
             if flow.wants_write or flow.held:
-                masks[flow.dst_fd] |= _POLLOUT
+                masks[flow.dst_fd] |= _POLLIN if flow.write_needs_read else _POLLOUT
         return masks
 
     @property
@@ -2009,36 +2089,54 @@ async def _run_async_selector(relay: _Relay) -> RelayStats:
     # what the relay waits for changes.
     loop = asyncio.get_running_loop()
     finished: asyncio.Future[None] = loop.create_future()
-    readers: set[int] = set()
-    writers: set[int] = set()
+    # fd -> the flow its reader or writer callback pumps.
+    readers: dict[int, _Flow] = {}
+    writers: dict[int, _Flow] = {}
     timer: asyncio.TimerHandle | None = None
 
+    def arm(fd: int, flow: _Flow | None, table: dict[int, _Flow], writer: bool) -> None:
+        """Have *fd*'s reader (writer) pump *flow*, or nothing if it is None."""
+        armed = table.get(fd)
+        if armed is flow:
+            return
+        if armed is not None:
+            (loop.remove_writer if writer else loop.remove_reader)(fd)
+            del table[fd]
+        if flow is not None:
+            (loop.add_writer if writer else loop.add_reader)(fd, on_ready, flow)
+            table[fd] = flow
+
     def settle() -> None:
-        # Each fd is the source of one direction and the destination of the other,
-        # so a reader on fd X always serves the flow reading X, a writer the flow
-        # writing X; callbacks get their flow and need no lookup.
+        # Each fd is the source of one direction and the destination of the other:
+        # a reader on fd X serves the flow reading X, a writer the flow writing X,
+        # and callbacks get their flow and need no lookup. Except while OpenSSL
+        # needs the other I/O of a TLS side (_Flow.write_needs_read,
+        # read_needs_write): then the flow writing X waits for X to be readable, or
+        # the one reading it for X to be writable (after the flow that usually
+        # waits for that readiness, whose pump sends the other back to its own).
         if finished.done():
             return
         if relay.done:
             finished.set_result(None)
             return
-        for flow in relay.flows:
-            src, dst = flow.src_fd, flow.dst_fd
-            if flow.wants_read and not flow.shut:
-                if src not in readers:
-                    loop.add_reader(src, on_ready, flow)
-                    readers.add(src)
-            elif src in readers:
-                loop.remove_reader(src)
-                readers.discard(src)
-            # A held-back half-close waits for dst to be writable, as bytes do.
-            if flow.pending or (flow.held and not flow.shut):
-                if dst not in writers:
-                    loop.add_writer(dst, on_ready, flow)
-                    writers.add(dst)
-            elif dst in writers:
-                loop.remove_writer(dst)
-                writers.discard(dst)
+        f0, f1 = relay.flows
+        for reading, writing in ((f0, f1), (f1, f0)):
+            reads = reading.wants_read and not reading.shut
+            # A held-back half-close waits for its destination to be writable, as
+            # bytes do.
+            writes = bool(writing.pending) or (writing.held and not writing.shut)
+            reader = writer = None
+            if reads and not reading.read_needs_write:
+                reader = reading
+            elif writes and writing.write_needs_read:
+                reader = writing
+            if writes and not writing.write_needs_read:
+                writer = writing
+            elif reads and reading.read_needs_write:
+                writer = reading
+            fd = reading.src_fd
+            arm(fd, reader, readers, False)
+            arm(fd, writer, writers, True)
 
     def on_ready(flow: _Flow) -> None:
         # The common case (a message read and written in full) leaves the flow
