@@ -17,6 +17,7 @@ half-closes has stopped sending, as a request/response protocol would have.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import errno
 import hashlib
@@ -576,6 +577,100 @@ def test_idle_timeout(
         assert _how_it_ends(setup.backend) == "reset"
     finally:
         setup.close()
+
+
+def _slow_reader_pair(
+    lst: socket.socket, contexts: tuple[ssl.SSLContext, ssl.SSLContext] | None
+) -> tuple[socket.socket, socket.socket]:
+    """(client, a) on loopback, as over a real link to a slow client: the client
+    advertises a 1 KiB MSS and a 64 KiB receive buffer (loopback's 64 KiB segments
+    would move its bytes in bursts), a has a fixed 2 MiB send buffer (SO_SNDBUF 1 MiB,
+    doubled), as autotuning gives a fast link. TLS (client, server) if *contexts*."""
+    c = socket.socket()
+    try:
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 1024)
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+        c.connect(lst.getsockname())
+    except BaseException:
+        c.close()
+        raise
+    s, _ = lst.accept()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    if contexts is None:
+        return c, s
+    return handshake(c, s, contexts)
+
+
+# A TLS client in every form; the plain control where the code paths differ
+# (blocking: poll; asyncio: the epoll hub).
+SLOW_READERS = [(form, True) for form in FORMS] + [("blocking", False), ("asyncio", False)]
+
+
+@pytest.mark.parametrize(
+    ("form", "tls"),
+    SLOW_READERS,
+    ids=[f"{form}-{'tls' if tls else 'plain'}-client" for form, tls in SLOW_READERS],
+)
+def test_idle_timeout_spares_a_slow_reader(
+    listener: socket.socket, request: pytest.FixtureRequest, form: str, tls: bool
+) -> None:
+    # The client reads a download at ~320 KB/s, its bytes leaving the relay's send
+    # queue toward it all the while. The relay once counted only its own reads and
+    # writes as activity, and heard of that progress only when poll said a was
+    # writable, which TCP says once a third of the send buffer is free (~0.7 MB
+    # here: 2 s at this pace), so the relay ended as idle after 0.5 s (with 0.25
+    # of 4 MiB delivered). A TLS side
+    # hid more: SSLSocket.send() raises SSLWantWriteError until all of its up to
+    # 64 KiB are out. The plain client is the same case without TLS.
+    contexts = request.getfixturevalue("contexts") if tls else None
+    client, a = _slow_reader_pair(listener, contexts)
+    try:
+        b, backend = connected_pair(listener, None)
+    except BaseException:
+        client.close()
+        a.close()
+        raise
+    setup = Setup(client, a, b, backend)
+    data = random.Random(form).randbytes(4 << 20)  # more than the way holds
+    try:
+        r = Running(FORMS[form], setup, idle_timeout=0.5)
+
+        def push() -> None:
+            with contextlib.suppress(OSError):  # reported by the relay's stats
+                backend.sendall(data)
+                backend.shutdown(socket.SHUT_WR)
+
+        pusher = threading.Thread(target=push, daemon=True)
+        pusher.start()
+        client.settimeout(JOIN)
+        h, got = hashlib.sha256(), 0
+        # 1 s (two idle timeouts) at 16 KiB per 50 ms, then as fast as it comes. The
+        # pause between reads is the slow client's pace, not a synchronisation.
+        slow = 20 * (16 << 10)
+        while True:
+            try:
+                chunk = client.recv(16 << 10 if got < slow else 1 << 16)
+            except ssl.SSLZeroReturnError:
+                chunk = b""
+            except ConnectionResetError:
+                break  # (reported below)
+            if not chunk:
+                break
+            h.update(chunk)
+            got += len(chunk)
+            if got < slow:
+                time.sleep(0.05)
+        pusher.join(JOIN)
+        if got < len(data):  # cut off (a TLS client reads a reset as its EOF)
+            raise AssertionError(f"{got} of {len(data)} bytes came: {r.join()}")
+        client.setblocking(False)
+        assert half_close(client)  # the client's EOF: the relay ends
+        stats = r.join()
+    finally:
+        setup.close()
+    assert (got, h.hexdigest()) == (len(data), digest(data))
+    assert (stats.a_end, stats.b_end, stats.failed) == (End.EOF, End.EOF, None), stats
+    assert stats.b_to_a == len(data)
 
 
 @pytest.mark.parametrize("form", list(FORMS))

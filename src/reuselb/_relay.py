@@ -363,6 +363,8 @@ class _Flow:
         "pending",
         "pipe_r",
         "pipe_w",
+        "queued",
+        "queued_moved",
         "read_needs_write",
         "shut",
         "spliced",
@@ -409,6 +411,10 @@ class _Flow:
         # (see _Relay._write): waiting for the usual one spins on a level-triggered
         # poll, or never ends.
         self.write_needs_read = self.read_needs_write = False
+        # idle_timeout: dst's send queue (SIOCOUTQ) when this flow's write last
+        # stalled, and `moved` then (the value is of that stall only while no write
+        # of this flow succeeded since). See _Relay.note_queue.
+        self.queued = self.queued_moved = -1
         # The pipe looked full: splice-in returned EAGAIN with bytes pending. Slots are
         # pages and partly-filled slots count as used, so EAGAIN can come long before
         # `pending == cap` (sozu-proxy#1323); wait for the write side, not for src.
@@ -1000,6 +1006,8 @@ class _Relay:
         # shared by every relay of this thread, so nothing may stay in it; what
         # dst does not take is kept in `left`, and reading waits until it is out.
         if flow.pending and not self._send_left(flow):
+            if self.idle_timeout is not None:
+                self.note_queue(flow)
             return
         scratch = self.scratch
         size = len(scratch)
@@ -1036,6 +1044,8 @@ class _Relay:
             if m < n:
                 flow.left = bytes(scratch[m:n])
                 flow.pending = n - m
+                if self.idle_timeout is not None:
+                    self.note_queue(flow)
                 return
             if n < size and not (drain or flow.buffered):
                 return  # a short read emptied the socket: no EAGAIN round trip
@@ -1084,6 +1094,8 @@ class _Relay:
                 n = self._write(flow)
                 progress = progress or n > 0
                 can_write = n >= before
+                if not can_write and self.idle_timeout is not None:
+                    self.note_queue(flow)
                 if n > 0 and (full or flow.mode == _SPLICE):
                     can_read = True  # the pipe or buffer has room again
 
@@ -1244,7 +1256,43 @@ class _Relay:
     def idle_left(self) -> float | None:
         if self.idle_timeout is None:
             return None
-        return self.last + self.idle_timeout - time.monotonic()
+        left = self.last + self.idle_timeout - time.monotonic()
+        if left <= 0:
+            for flow in self.flows:
+                if flow.pending and flow.queued_moved == flow.moved:
+                    self.note_queue(flow)  # may find bytes left since: not idle
+            left = self.last + self.idle_timeout - time.monotonic()
+        return left
+
+    def note_queue(self, flow: _Flow) -> None:
+        """*flow*'s write stalled (dst is full), or the idle timeout is due while it
+        is: bytes that left dst's send queue since its last stall are activity.
+
+        A slow reader's kernel takes bytes from dst's send queue as it reads, but
+        the relay hears of it only when poll reports dst writable, and TCP does that
+        only once a third of the send buffer is free (sk_stream_is_writeable): with
+        a send buffer autotuned to megabytes, a reader taking less than that per
+        ``idle_timeout`` saw its download ended as idle. A TLS destination hid more:
+        CPython enables no partial writes (SSL_MODE_ENABLE_PARTIAL_WRITE), so
+        ``SSLSocket.send`` raises SSLWantWriteError until all it was given is out
+        (up to 64 KiB here), though records reach the kernel as room comes. The
+        kernel's count of bytes not yet acknowledged by the peer (SIOCOUTQ) changes
+        exactly when they move: one ioctl per stall, and one per flow when the
+        timeout is due. Unchanged (a peer that does not read, its window closed):
+        idle, as before.
+        """
+        if flow.dst.fileno() != flow.dst_fd:
+            return  # closed behind the relay's back: its number is not dst's any more
+        try:
+            out = fcntl.ioctl(flow.dst_fd, _SIOCOUTQ, _ZERO_INT)
+            queued = int.from_bytes(out, sys.byteorder, signed=True)
+        except OSError:
+            return  # not a TCP socket, or no SIOCOUTQ here: poll alone decides
+        if flow.queued_moved == flow.moved and queued != flow.queued:
+            # The same stall (no write of this flow succeeded since), and its queue
+            # changed: the kernel sent bytes, or OpenSSL put more of a record in.
+            self.last = time.monotonic()
+        flow.queued, flow.queued_moved = queued, flow.moved
 
     # -------------------------------------------------------------- ending
 
@@ -1358,6 +1406,11 @@ def _own_setblocking(sock: object) -> bool:
 # Linux's (asm-generic) value; where an architecture has its own (alpha, mips...)
 # the ioctl fails and the mark is not seen: splice's 0 is the EOF, as before.
 _SIOCATMARK = getattr(termios, "SIOCATMARK", 0x8905)
+
+
+# Bytes in a socket's send queue not yet acknowledged by its peer (TIOCOUTQ; Linux's
+# asm-generic value where termios does not have it).
+_SIOCOUTQ = getattr(termios, "TIOCOUTQ", 0x5411)
 
 
 def _at_mark(fd: int) -> bool:
