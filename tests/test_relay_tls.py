@@ -7,11 +7,16 @@ terminates TLS), on the backend side (the relay originates it) or on both, in ea
 form: blocking ``pipe_splice``, ``async_pipe_splice`` on asyncio and uvloop,
 ``start_pipe_splice``, and the fallback driver used where there is no epoll.
 
-docs/relay.md says not to rely on a half-close toward a TLS side that is still
-sending (the relay's ``close_notify`` goes out through ``SSL_shutdown``, whose read
-discards application data it meets). No test here does: a peer half-closes only
-once it has received every byte the other peer sends, so the side the relay then
-half-closes has stopped sending, as a request/response protocol would have.
+docs/relay.md says where a half-close toward a TLS side loses bytes: the relay's
+``close_notify`` goes out through ``SSL_shutdown``, which CPython calls twice, and
+OpenSSL discards application data the second call's read meets. That includes a
+backend answering a request or the EOF itself just as the client's EOF reaches it,
+not only a peer that streams. The integrity tests stay out of that window: a peer
+half-closes only once it has received every byte the other peer sends, so the side
+the relay then half-closes has stopped sending. Two tests go into it on purpose
+(the answer made to arrive in the window every time, and met there by chance) and
+check that a lost answer is reported (b failed, the ``ssl.SSLError``) and the client
+reset, never given a clean EOF.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import fcntl
 import hashlib
 import os
 import random
@@ -27,6 +33,7 @@ import select
 import shutil
 import socket
 import ssl
+import termios
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -35,6 +42,7 @@ from pathlib import Path
 import pytest
 import uvloop
 
+import reuselb._relay as relay_mod
 from reuselb import End, RelayStats, release_pipes
 from tests.conftest import open_fds
 from tests.test_relay import (
@@ -332,6 +340,136 @@ def test_integrity_both_ways_at_once(
     assert (stats.a_to_b, stats.b_to_a) == (len(up), len(down))
     assert (stats.a_end, stats.b_end, stats.failed, stats.error) == (End.EOF, End.EOF, None, None)
     assert (stats.spliced, stats.spliced_bytes) == (False, 0)  # TLS is copied
+
+
+# ------------------------------------------------- a half-close toward a TLS side
+
+
+_REQUEST = b"GET / HTTP/1.0\r\n\r\n"
+_ANSWER = b"HTTP/1.0 200 OK\r\n\r\n" + b"x" * 2000
+
+
+def _check_lost_answer(stats: RelayStats, got: bytes, client_end: str) -> None:
+    """The relay's close_notify toward the TLS backend (the client's EOF) made
+    OpenSSL discard the backend's answer: reported, and the client reset."""
+    assert (stats.failed, stats.b_end, stats.a_end) == ("b", End.ERROR, End.EOF), stats
+    assert isinstance(stats.error, ssl.SSLError), stats.error
+    assert stats.error.reason == "APPLICATION_DATA_AFTER_CLOSE_NOTIFY", stats.error
+    assert (stats.a_to_b, stats.b_to_a) == (len(_REQUEST), len(got))
+    assert got != _ANSWER
+    assert client_end == "reset"  # never a clean EOF after a lost answer
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_an_answer_met_by_the_close_notify_s_read_is_reported_lost(
+    listener: socket.socket,
+    contexts: tuple[ssl.SSLContext, ssl.SSLContext],
+    form: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # docs/relay.md, "TLS half-close": the relay forwards the client's EOF to the
+    # TLS backend as a close_notify through SSL_shutdown, which CPython calls twice;
+    # the second call reads, and OpenSSL discards application data it meets there
+    # (APPLICATION_DATA_AFTER_CLOSE_NOTIFY). Here the backend's answer is made to
+    # arrive in that window every time: the relay's check that nothing from the
+    # backend waits unread (_tls_unread) waits until the whole answer is in b's
+    # receive queue, then says nothing is. The answer is lost: RelayStats says so
+    # (b failed, the SSLError) and the client is reset, never given a clean EOF.
+    setup = make_setup(listener, contexts, "backend-tls")
+    real = relay_mod._tls_unread
+    go = threading.Event()
+    answered = threading.Event()
+
+    def late_answer(sock: ssl.SSLSocket) -> bool:
+        if sock is not setup.b or go.is_set():
+            return real(sock)
+        queued = _unread(sock)  # (a TLS 1.3 server's session tickets, maybe)
+        go.set()
+        deadline = time.monotonic() + JOIN
+        # The answer is one TLS record: 22 bytes of header, type and tag more.
+        while not (answered.is_set() and _unread(sock) >= queued + len(_ANSWER) + 22):
+            assert time.monotonic() < deadline, "the answer never arrived"
+            select.select([], [], [], 0.001)  # bounded re-check, as _wait_for_reset
+        return False
+
+    def backend() -> None:
+        setup.backend.settimeout(JOIN)
+        with contextlib.suppress(OSError):  # the relay's end: checked by its stats
+            assert _recv_exactly(setup.backend, len(_REQUEST)) == _REQUEST
+            if go.wait(JOIN):
+                setup.backend.sendall(_ANSWER)
+                answered.set()
+                setup.backend.recv(1)
+
+    monkeypatch.setattr(relay_mod, "_tls_unread", late_answer)
+    server = threading.Thread(target=backend, daemon=True)
+    server.start()
+    try:
+        setup.client.sendall(_REQUEST)
+        setup.client.shutdown(socket.SHUT_WR)  # HTTP/1.0-style: request, then EOF
+        stats = Running(FORMS[form], setup, idle_timeout=JOIN).join()
+        server.join(JOIN)
+        assert go.is_set() and answered.is_set()
+        _check_lost_answer(stats, b"", _how_it_ends(setup.client))
+    finally:
+        setup.close()
+
+
+def _unread(sock: socket.socket) -> int:
+    """Bytes in *sock*'s kernel receive queue (FIONREAD)."""
+    return int.from_bytes(fcntl.ioctl(sock.fileno(), termios.FIONREAD, bytes(4)), "little")
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_a_tls_backend_answering_the_eof_gets_its_answer_through_or_reported_lost(
+    listener: socket.socket, contexts: tuple[ssl.SSLContext, ssl.SSLContext], form: str
+) -> None:
+    # The same window, met by chance: the client sends its request and its EOF
+    # at once, and the TLS backend answers the EOF (the relay's close_notify) at
+    # once. The answer may arrive between SSL_shutdown's two calls (more often when
+    # other threads hold the GIL the second call needs: here the backend's and this
+    # test's). Whichever happens, the relay says it: the client has the whole answer
+    # and a clean EOF, or b failed, the answer is lost and the client is reset. Never
+    # a clean EOF after part of it, never a silent loss.
+    outcomes = {"delivered": 0, "lost": 0}
+    for _ in range(10):
+        setup = make_setup(listener, contexts, "backend-tls")
+
+        def backend(sock: socket.socket = setup.backend) -> None:
+            sock.settimeout(JOIN)
+            with contextlib.suppress(OSError):  # the relay's end: checked by its stats
+                request = b""
+                while chunk := sock.recv(1 << 16):  # to the close_notify
+                    request += chunk
+                sock.sendall(_ANSWER)
+                sock.unwrap()  # type: ignore[attr-defined]
+
+        server = threading.Thread(target=backend, daemon=True)
+        server.start()
+        try:
+            r = Running(FORMS[form], setup, idle_timeout=JOIN)
+            setup.client.sendall(_REQUEST)
+            setup.client.shutdown(socket.SHUT_WR)
+            setup.client.settimeout(JOIN)
+            got = b""
+            try:
+                while chunk := setup.client.recv(1 << 16):
+                    got += chunk
+                client_end = "eof"
+            except ConnectionResetError:
+                client_end = "reset"
+            stats = r.join()
+            server.join(JOIN)
+            if client_end == "eof" and got == _ANSWER:
+                assert (stats.a_end, stats.b_end, stats.failed) == (End.EOF, End.EOF, None)
+                assert (stats.a_to_b, stats.b_to_a) == (len(_REQUEST), len(_ANSWER))
+                outcomes["delivered"] += 1
+            else:
+                _check_lost_answer(stats, got, client_end)
+                outcomes["lost"] += 1
+        finally:
+            setup.close()
+    assert sum(outcomes.values()) == 10, outcomes
 
 
 # --------------------------------------------------------------------------- faults
