@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -2079,6 +2080,149 @@ def test_drain_close_interrupted_right_after_accept_closes_that_connection(
         assert served == ["closed", "closed", "reset"]
         assert listener.fileno() == -1
         assert _no_program(other)
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit])
+def test_drain_close_interrupted_in_its_attach_detaches_and_leaves_the_listener(
+    monkeypatch: pytest.MonkeyPatch, interrupt: type[BaseException]
+) -> None:
+    # Before: a signal arriving during setsockopt(SO_ATTACH_REUSEPORT_CBPF) is
+    # handled as the call returns, inside _steering._attach, after the kernel
+    # attached the program: it stayed attached, steering every new connection away
+    # from a listener left open with its queue, which no one drained.
+    from reuselb import _steering
+
+    monkeypatch.setattr(_handoff, "tcp_migrate_req", lambda: False)  # the steer path
+    real_attach = _steering._attach
+
+    def attached_then_interrupted(*args: Any) -> None:
+        real_attach(*args)
+        raise interrupt("a signal during the attach")
+
+    with reuseport_group("127.0.0.1:0", 2) as group, _queued_on_first(group, 3):
+        listener, other = group
+        monkeypatch.setattr(_steering, "_attach", attached_then_interrupted)
+        before = _still_open(open_fds())
+        with pytest.raises(interrupt):
+            drain_close(listener, group=group, grace=0.05)
+        assert _still_open(open_fds() - before) == set()
+        # As before the call: listener open in the group with its queue, no program.
+        assert list(group) == [listener, other]
+        assert socket_info(listener).queued == 3
+        assert _no_program(other)
+
+
+def test_drain_close_refused_steering_closes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    from reuselb import _steering
+
+    monkeypatch.setattr(_handoff, "tcp_migrate_req", lambda: False)  # the steer path
+
+    def refused(*args: Any) -> None:
+        raise SteeringError("attaching the reuseport program failed: (refused)", errno.ENOMEM)
+
+    with reuseport_group("127.0.0.1:0", 2) as group, _queued_on_first(group, 3):
+        listener, other = group
+        monkeypatch.setattr(_steering, "_attach", refused)
+        with pytest.raises(SteeringError, match="refused"):
+            drain_close(listener, group=group, grace=0.05)
+        assert list(group) == [listener, other]
+        assert socket_info(listener).queued == 3
+        assert _no_program(other)
+
+
+def _nested_code(code: types.CodeType) -> set[types.CodeType]:
+    """*code* and the code of every function, comprehension and genexpr in it."""
+    out = {code}
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            out |= _nested_code(const)
+    return out
+
+
+def _interrupted_at_line(k: int, with_restore: bool) -> tuple[str, list[str]]:
+    """Drain with a KeyboardInterrupt raised at the *k*-th line event of drain_close.
+
+    Line events of drain_close and of the functions defined in it count. Returns
+    where it was raised (``""``: drain_close returned first) and what it left
+    behind.
+    """
+    codes = _nested_code(drain_close.__code__)
+    count = 0
+    fired = ""
+
+    def tracer(frame: types.FrameType, event: str, arg: object) -> Any:
+        if frame.f_code not in codes:
+            return None
+
+        def local(frame: types.FrameType, event: str, arg: object) -> Any:
+            nonlocal count, fired
+            if event == "line":
+                count += 1
+                if count == k:
+                    fired = f"{frame.f_code.co_name}:{frame.f_lineno}"
+                    # Raising from the trace function also removes it.
+                    raise KeyboardInterrupt(fired)
+            return local
+
+        return local
+
+    with reuseport_group("127.0.0.1:0", 2) as group, _queued_on_first(group, 3):
+        listener, other = group
+        before = _still_open(open_fds())
+        restored: list[object] = []
+        restore = restored.append if with_restore else None
+        previous = sys.gettrace()
+        leaked: set[int] = set()
+        try:
+            sys.settrace(tracer)
+            try:
+                result = drain_close(listener, group=group, grace=0.01, restore=restore)
+            finally:
+                sys.settrace(previous)
+        except KeyboardInterrupt:
+            # While the traceback (which keeps drain_close's frames) lives.
+            leaked = _still_open(open_fds() - before)
+        else:
+            for conn in result.accepted:
+                conn.close()
+        state = (listener.fileno() != -1, listener in group.members)
+        # A program left once restore ran is the caller's to replace (this restore
+        # attaches none, so drain_close's stays, as on return).
+        program = not restored and not _no_program(other)
+    where = fired or "return"
+    problems = []
+    if leaked:
+        problems.append(f"{where}: fds {sorted(leaked)} left open")
+    if state not in ((True, True), (False, False)):
+        problems.append(f"{where}: listener open, in the group: {state}")
+    if program:
+        problems.append(f"{where}: drain_close's program left attached")
+    return fired, problems
+
+
+@pytest.mark.parametrize("with_restore", [False, True])
+@pytest.mark.parametrize("migrate", [False, True])
+def test_drain_close_interrupted_at_any_line_leaves_nothing_behind(
+    monkeypatch: pytest.MonkeyPatch, migrate: bool, with_restore: bool
+) -> None:
+    # A KeyboardInterrupt (a signal handler raising) at every line drain_close (or
+    # a function of its own) runs. Before, one in its cleanup (the listener's
+    # close, the group's update, between restore and the detach, at the return)
+    # left the accepted connections owned by nobody, the program attached and the
+    # group listing the closed listener; so did one on the migrate path between
+    # the close and the group's update, and one right after accept(). The listener
+    # must end open in the group or closed and out of it.
+    monkeypatch.setattr(_handoff, "tcp_migrate_req", lambda: migrate)
+    problems: list[str] = []
+    # A few hundred line events at most; the bound only stops a runaway loop.
+    for k in range(1, 2000):
+        fired, found = _interrupted_at_line(k, with_restore)
+        problems += found
+        if not fired:
+            break
+    else:
+        pytest.fail("drain_close ran more line events than the bound")
+    assert problems == []
 
 
 _MIGRATE_CHILD = """

@@ -1150,10 +1150,15 @@ def drain_close(
     Every argument is checked before anything changes: when this raises
     ``InvalidArgument``, ``SocketClosed`` or ``WrongSocketType``, *listener* is
     still open, *group* is as it was and no program is attached. An interrupt
-    (``KeyboardInterrupt`` from a signal handler) during the drain propagates
-    after the connections accepted so far are closed, *listener* too; *restore*
-    is still called. One while drain_close detaches its program at the end closes
-    the accepted connections as well, once the detach has been tried again.
+    (``KeyboardInterrupt`` or ``SystemExit`` from a signal handler) propagates
+    from any point and leaves one of two states: *listener* open in *group* with
+    its queue and no program attached, as before the call (an interrupt before
+    *listener* starts to leave, or during the steer path's attach, whose program
+    is detached again), or *listener* closed and *group* updated, with the
+    connections accepted so far closed (no result can carry them to you) and
+    drain_close's program detached, once more if the interrupt came during the
+    detach. *restore* is still called after an interrupt during the drain (its
+    program, or none, then stays attached).
 
     :param listener: the member to remove, a listening TCP socket; it is closed on
         return.
@@ -1259,10 +1264,28 @@ def drain_close(
                 "has no open member besides listener to take its connections "
                 "(closing it would reset them)",
             )
-    if tcp_migrate_req():
-        listener.close()
-        if isinstance(group, ReuseportGroup):
+    # The group's size before *listener* leaves it: leave() removes the slot only
+    # while the size is unchanged (_remove pops one), so the handlers below can call
+    # it again after an interrupt without removing a second member.
+    size = len(group) if isinstance(group, ReuseportGroup) else 0
+
+    def leave() -> None:
+        """Take *listener* out of *group*, then close it; safe to call again."""
+        # The group first: it must mirror the kernel even if the close is where an
+        # interrupt (a signal handler raising) comes.
+        if isinstance(group, ReuseportGroup) and len(group) == size:
             group._remove(index)
+        listener.close()
+
+    if tcp_migrate_req():
+        try:
+            leave()
+        except BaseException:
+            # An interrupt between the update and the close would leave an open
+            # listener the group no longer lists (or, the other way round, a closed
+            # one it still lists, with stale indexes).
+            leave()
+            raise
         error = None
         if restore is not None and group is not None:
             error = _restore(restore, group, members, index)
@@ -1289,10 +1312,8 @@ def drain_close(
     accept_error: OSError | None = None
     # Two full queues: bounds the retries of take() and the sweep after a timeout.
     # It only matters if something else steers new SYNs back to this member.
-    # Read before the program is attached: an interrupt between the attach and the
-    # try below would leave the program attached and the listener open, taking no
-    # new connection.
     bound = 2 * _queue_capacity(listener)
+    candidates = [other, *members]
 
     def take() -> bool:
         """Accept one queued connection: False when the queue is empty."""
@@ -1300,7 +1321,10 @@ def drain_close(
         # Each retry consumes one queued connection (whose error accept reported).
         for _ in range(bound):
             try:
-                conn, _ = listener.accept()
+                # Owned as accept() returns, in one statement: an interrupt (a
+                # signal handler raising) before the append would leave a
+                # connection no one closes (kept open by the traceback's frame).
+                accepted.append(listener.accept()[0])
             except BlockingIOError:
                 return False
             except OSError as exc:
@@ -1310,142 +1334,178 @@ def drain_close(
                 # connections the caller can still serve) and say why we stopped.
                 accept_error = exc
                 return False
-            # Owned before anything else runs: an interrupt at setblocking() (a
-            # signal handler raising) must not leave a connection no one closes.
-            accepted.append(conn)
-            conn.setblocking(True)
+            accepted[-1].setblocking(True)
             return True
         return False
 
-    # Nothing may run between the attach and the try: see *bound* above.
-    _attach_away_from(
-        members[0], len(members), index, "listener" if members[0] is listener else "group member 0"
-    )
-    try:
-        listener.setblocking(False)
-        # poll, not select: select() refuses fds above 1023, common in a proxy.
-        poller = select.poll()
-        poller.register(listener, select.POLLIN)
-        start = time.monotonic()
-        deadline = start + timeout
-        quiet_since = start
-        # The handshakes the listener may still complete (see _handshakes): taken
-        # now that the program sends every new SYN to another member, so no new one
-        # is the listener's. (A SYN the kernel is handling on another CPU while the
-        # program is attached may still pick the listener and add its request a few
-        # microseconds after this; its handshake gets *grace*, as before.)
-        # Each maps to its SYN-ACK retransmissions when first seen (below).
-        pending = _handshakes(listener)
-        # Where sock_diag cannot be read (no netlink in a sandbox), wait out the
-        # listener's TCP_DEFER_ACCEPT period instead: a deferred handshake whose
-        # client sends nothing is queued when the kernel's last SYN-ACK of that
-        # period is answered. A request stuck behind a full queue is not covered then.
-        hold_until = start
-        if pending is None:
-            hold_until += _defer_hold(listener, grace)
-            pending = {}
-        # When each pending request was first seen to have retransmitted since.
-        resent: dict[int, float] = {}
-        while True:
-            if (now := time.monotonic()) >= deadline:
-                timed_out = True
-                break
-            if take():
-                quiet_since = time.monotonic()
-                continue
-            if accept_error is not None:
-                break
-            if now - quiet_since < grace:
-                # Wake when a connection arrives or the quiet time is up.
-                wait = grace - (now - quiet_since)
-            else:
-                if pending:
-                    # Ended handshakes leave the kernel's list: completed ones were
-                    # queued (and taken above if they were the listener's), the
-                    # others were dropped.
-                    current = _handshakes(listener)
-                    if current is None:  # sock_diag failed since: as if never read
-                        hold_until = max(hold_until, start + _defer_hold(listener, grace))
-                        current = {}
-                    for cookie, retrans in list(pending.items()):
-                        if cookie not in current:
-                            del pending[cookie]
-                        elif current[cookie] != retrans:
-                            # A request that retransmits its SYN-ACK is not one that
-                            # can still complete unseen: a deferred client's ACKed
-                            # request gets no SYN-ACK until its defer period ends
-                            # (syn_ack_recalc()), and one whose ACK a full queue
-                            # dropped completes when the client answers the first
-                            # retransmission, now that the drain makes room; either
-                            # answer comes within a round trip. Still pending *grace*
-                            # later, at a later check, its client is gone (a SYN
-                            # whose sender vanished, a scanner): it would retransmit
-                            # for a minute (tcp_synack_retries=5), possibly held by
-                            # another member, so it is not waited for.
-                            if cookie not in resent:
-                                resent[cookie] = now
-                            elif now - resent[cookie] >= grace:
-                                del pending[cookie]
-                if not pending and now >= hold_until:
-                    break
-                wait = _RECHECK if pending else hold_until - now
-            # One day at most per wait (poll takes a C int of ms).
-            wait = min(wait, deadline - now, 86400.0)
-            poller.poll(max(wait, 0.0) * 1000)
-        if timed_out:
-            # The queue still holds connections that finished their handshake:
-            # closing now would reset them. New SYNs go to the other members, so
-            # the queue only shrinks; take what is in it.
-            for _ in range(bound):
-                if not take():
-                    break
-    except BaseException:
-        for conn in accepted:
-            conn.close()
-        raise
-    finally:
-        listener.close()
-        # The group first: it must mirror the kernel even if the detach fails.
-        candidates = [other, *members]
+    def detach() -> Exception | None:
+        """Detach drain_close's program through a member other than *listener*."""
+        held = candidates
         if isinstance(group, ReuseportGroup):
-            group._remove(index)
-            candidates += [m for ref in group._taken.values() if (m := ref()) is not None]
-        # A failure is reported, not raised: raising here would drop the
-        # connections already accepted (reset when collected).
-        steering_error = None
+            held = held + [m for ref in group._taken.values() if (m := ref()) is not None]
+        return _detach_through(m for m in held if m is not listener)
+
+    def drain() -> BaseException | None:
+        """Take the queued connections until the queue stays quiet (see above).
+
+        Returns the exception that stopped it (an interrupt, or any error), which
+        drain_close raises once *listener* has left the group and restore was
+        called. Returned, not caught by a ``try`` in drain_close: CPython leaves a
+        nested ``try`` statement's own instruction (a ``NOP``, where a trace
+        function may raise) out of the enclosing ``try``'s handler range.
+        """
+        nonlocal timed_out
         try:
-            if restore is not None:
-                # After the close: the caller's program is for the group without
-                # listener. Attaching replaces drain_close's program in one step.
-                steering_error = _restore(restore, group, members, index)
-        except BaseException:
-            # KeyboardInterrupt or SystemExit from restore (_restore keeps an
-            # Exception): it propagates, so no DrainResult reaches the caller and
-            # the accepted connections would be owned by nobody, and the program
-            # (for the group before the close) would stay attached.
+            listener.setblocking(False)
+            # poll, not select: select() refuses fds above 1023, common in a proxy.
+            poller = select.poll()
+            poller.register(listener, select.POLLIN)
+            start = time.monotonic()
+            deadline = start + timeout
+            quiet_since = start
+            # The handshakes the listener may still complete (see _handshakes):
+            # taken now that the program sends every new SYN to another member, so
+            # no new one is the listener's. (A SYN the kernel is handling on another
+            # CPU while the program is attached may still pick the listener and add
+            # its request a few microseconds after this; its handshake gets *grace*,
+            # as before.) Each maps to its SYN-ACK retransmissions when first seen.
+            pending = _handshakes(listener)
+            # Where sock_diag cannot be read (no netlink in a sandbox), wait out the
+            # listener's TCP_DEFER_ACCEPT period instead: a deferred handshake whose
+            # client sends nothing is queued when the kernel's last SYN-ACK of that
+            # period is answered. A request stuck behind a full queue is not
+            # covered then.
+            hold_until = start
+            if pending is None:
+                hold_until += _defer_hold(listener, grace)
+                pending = {}
+            # When each pending request was first seen to have retransmitted since.
+            resent: dict[int, float] = {}
+            while True:
+                if (now := time.monotonic()) >= deadline:
+                    timed_out = True
+                    break
+                if take():
+                    quiet_since = time.monotonic()
+                    continue
+                if accept_error is not None:
+                    break
+                if now - quiet_since < grace:
+                    # Wake when a connection arrives or the quiet time is up.
+                    wait = grace - (now - quiet_since)
+                else:
+                    if pending:
+                        # Ended handshakes leave the kernel's list: completed ones
+                        # were queued (and taken above if they were the listener's),
+                        # the others were dropped.
+                        current = _handshakes(listener)
+                        if current is None:  # sock_diag failed since: as if never read
+                            hold_until = max(hold_until, start + _defer_hold(listener, grace))
+                            current = {}
+                        for cookie, retrans in list(pending.items()):
+                            if cookie not in current:
+                                del pending[cookie]
+                            elif current[cookie] != retrans:
+                                # A request that retransmits its SYN-ACK is not one
+                                # that can still complete unseen: a deferred
+                                # client's ACKed request gets no SYN-ACK until its
+                                # defer period ends (syn_ack_recalc()), and one
+                                # whose ACK a full queue dropped completes when the
+                                # client answers the first retransmission, now that
+                                # the drain makes room; either answer comes within a
+                                # round trip. Still pending *grace* later, at a later
+                                # check, its client is gone (a SYN whose sender
+                                # vanished, a scanner): it would retransmit for a
+                                # minute (tcp_synack_retries=5), possibly held by
+                                # another member, so it is not waited for.
+                                if cookie not in resent:
+                                    resent[cookie] = now
+                                elif now - resent[cookie] >= grace:
+                                    del pending[cookie]
+                    if not pending and now >= hold_until:
+                        break
+                    wait = _RECHECK if pending else hold_until - now
+                # One day at most per wait (poll takes a C int of ms).
+                wait = min(wait, deadline - now, 86400.0)
+                poller.poll(max(wait, 0.0) * 1000)
+            if timed_out:
+                # The queue still holds connections that finished their handshake:
+                # closing now would reset them. New SYNs go to the other members, so
+                # the queue only shrinks; take what is in it.
+                for _ in range(bound):
+                    if not take():
+                        break
+        except BaseException as exc:
+            return exc
+        return None
+
+    # The attach and everything after it share the handler at the end, so no point
+    # lies between the program being attached and the code that removes it. An
+    # interrupt can come as the attach's setsockopt() returns (a signal arriving
+    # during the call is handled then, inside _attach), after the kernel attached
+    # the program: *attaching* is cleared only once the attach has returned, so a
+    # handler that finds it set detaches the program and leaves *listener* open.
+    attaching = True
+    # Whether restore attached the caller's program (it replaced drain_close's,
+    # which is then not to be detached: that would detach the caller's).
+    restored = False
+    drain_error: BaseException | None = None
+    try:
+        _attach_away_from(
+            members[0],
+            len(members),
+            index,
+            "listener" if members[0] is listener else "group member 0",
+        )
+        attaching = False
+        # An interrupt (or any error) during the drain: *listener* still leaves the
+        # group and restore is still called; then it propagates, and the handler
+        # at the end closes the accepted connections.
+        drain_error = drain()
+        leave()
+        steering_error = None
+        if restore is not None:
+            # After the close: the caller's program is for the group without
+            # listener. Attaching replaces drain_close's program in one step.
+            steering_error = _restore(restore, group, members, index)
+            restored = steering_error is None
+        if not restored:
+            # A failure is reported, not raised: raising here would drop the
+            # connections already accepted (reset when collected). restore's error,
+            # if any, is the one reported.
+            detach_error = detach()
+            steering_error = steering_error or detach_error
+        if drain_error is not None:
+            raise drain_error
+        return DrainResult("steer", accepted, timed_out, steering_error, accept_error)
+    except BaseException as exc:
+        if attaching:
+            # The kernel refused the program (SteeringError): nothing changed. Any
+            # other exception came during the attach, which may have attached the
+            # program before the signal's handler ran: detached again, *listener*
+            # is left open in its group, as before the call.
+            if not isinstance(exc, SteeringError):
+                detach()
+            raise
+        # KeyboardInterrupt or SystemExit from a signal handler at any point after
+        # the attach, or from restore (_restore keeps an Exception), or the drain's
+        # error raised again above: no DrainResult reaches the caller, so the
+        # accepted connections would be owned by nobody. The group is updated and
+        # the listener closed (again: leave() may be where it came), and the
+        # program (for the group before the close) detached unless restore replaced
+        # it; one more try if the interrupt came during the detach (one that reached
+        # the kernel makes this one find no program). Each step runs even if a
+        # second signal interrupts the one before.
+        try:
+            leave()
+        finally:
             try:
-                _detach_through(m for m in candidates if m is not listener)
+                if not restored:
+                    detach()
             finally:
                 for conn in accepted:
                     conn.close()
-            raise
-        if restore is None or steering_error is not None:
-            try:
-                detach_error = _detach_through(m for m in candidates if m is not listener)
-            except BaseException:
-                # KeyboardInterrupt or SystemExit (from a signal handler) during the
-                # detach: as from restore above, no DrainResult reaches the caller,
-                # so the accepted connections are closed here, after one more try
-                # at the detach (the interrupted one may not have reached the
-                # kernel; one that did makes this one find no program).
-                try:
-                    _detach_through(m for m in candidates if m is not listener)
-                finally:
-                    for conn in accepted:
-                        conn.close()
-                raise
-            steering_error = steering_error or detach_error
-    return DrainResult("steer", accepted, timed_out, steering_error, accept_error)
+        raise
 
 
 #: The environment variable that carries ``name=fd`` pairs across one exec.
