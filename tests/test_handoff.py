@@ -348,6 +348,31 @@ def test_a_closed_seqpacket_channel_is_named_closed_not_garbage() -> None:
         b.close()
 
 
+def test_a_seqpacket_handoff_queued_before_the_close_is_not_taken_for_the_end() -> None:
+    # Before: an empty message, then a handoff, then the sender's close: the first
+    # call read the empty message, saw POLLRDHUP and said "channel closed", though
+    # the handoff was still queued (86 bytes) and the next call returned it.
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener = reuseport_listener("127.0.0.1:0")
+    got: dict[str, socket.socket] = {}
+    try:
+        b.settimeout(10)  # a hang fails as TimeoutError, not as a stuck test
+        a.send(b"")
+        send_sockets(a, [listener], names=["web"])
+        a.close()
+        with pytest.raises(HandoffError, match=r"not a reuselb handoff message \(0 bytes\)"):
+            recv_sockets(b)
+        got = recv_sockets(b)
+        assert list(got) == ["web"]
+        assert got["web"].getsockname() == listener.getsockname()
+        # Now the end: nothing is queued any more.
+        with pytest.raises(HandoffError, match="channel closed after 0 of 8 header bytes"):
+            recv_sockets(b)
+    finally:
+        for sock in (a, b, listener, *got.values()):
+            sock.close()
+
+
 def test_bad_arguments() -> None:
     a, b = socket.socketpair()
     tcp = socket.socket()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import array
 import errno
+import fcntl
 import json
 import os
 import re
@@ -23,6 +24,7 @@ import select
 import socket
 import stat
 import struct
+import termios
 import threading
 import time
 import weakref
@@ -531,11 +533,24 @@ def _shut_for_reading(channel: socket.socket) -> bool:
 
     Asked with poll (it waits for nothing and reads nothing): POLLRDHUP is set once
     the kernel marks the socket RCV_SHUTDOWN, which an AF_UNIX stream or seqpacket
-    peer's close does (a datagram peer's does not: there is no end to report).
+    peer's close does (a datagram peer's does not: there is no end to report). The
+    flag says that no more will come, not that nothing is left: messages the peer
+    sent before it closed are still queued, and are read before the end. So the
+    queue must be empty too (FIONREAD, the kernel's SIOCINQ: on an AF_UNIX stream or
+    seqpacket socket, the bytes of every queued message), read after the flag, when
+    the peer can add nothing more. A queued empty message counts 0 bytes as well,
+    but it reads as the end does, and carries nothing either way.
     """
     poller = select.poll()
     poller.register(channel, select.POLLIN | _POLLRDHUP)
-    return any(events & _POLLRDHUP for _, events in poller.poll(0))
+    if not any(events & _POLLRDHUP for _, events in poller.poll(0)):
+        return False
+    try:
+        queued = fcntl.ioctl(channel.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    except OSError:
+        return False  # unknown: not said to be closed
+    count: int = struct.unpack("i", queued)[0]
+    return count == 0
 
 
 def _recv_header(channel: socket.socket, fds: list[int]) -> bytes:
@@ -559,8 +574,9 @@ def _recv_header(channel: socket.socket, fds: list[int]) -> bytes:
     if not msg and not ancdata and _shut_for_reading(channel):
         # A seqpacket channel whose peer closed (or shut down writing) reads as an
         # empty message, as an empty message does; the kernel's RCV_SHUTDOWN
-        # (POLLRDHUP) tells the end from one. (An empty message followed by the
-        # close reads as the close: the handoff got nothing either way.)
+        # (POLLRDHUP) with nothing left queued tells the end from one. An empty
+        # message followed by a handoff and the close is not the end: the next call
+        # reads the handoff.
         raise HandoffError(f"channel closed after 0 of {_HEADER.size} header bytes")
     if len(msg) < _HEADER.size:
         raise HandoffError(f"not a reuselb handoff message ({len(msg)} bytes)")
