@@ -1608,3 +1608,67 @@ def test_hold_port_reserves_without_taking_connections() -> None:
                 with connect_tcp(("127.0.0.1", port), timeout=5):
                     worker.settimeout(10)
                     worker.accept()[0].close()
+
+
+@pytest.mark.parametrize("taken", [False, True])
+def test_group_removal_interrupted_at_any_line_is_all_or_nothing(taken: bool) -> None:
+    # drain_close takes a member out with _remove and, after an interrupt, tells a
+    # finished removal by the size. _remove used to pop the last member before moving
+    # it into the freed slot: a signal handler raising between the two left the
+    # closed member listed and the last one in no slot (closed by the garbage
+    # collector, resetting the clients queued on it).
+    import types
+
+    def run(k: int) -> tuple[bool, list[str | None], dict[int, str | None]]:
+        count = 0
+        code = reuselb.ReuseportGroup._remove.__code__
+
+        def tracer(frame: types.FrameType, event: str, arg: object) -> Any:
+            if frame.f_code is not code:
+                return None
+
+            def local(frame: types.FrameType, event: str, arg: object) -> Any:
+                nonlocal count
+                if event == "line":
+                    count += 1
+                    if count == k:
+                        raise KeyboardInterrupt
+                return local
+
+            return local
+
+        with reuseport_group("127.0.0.1:0", 3) as group:
+            m0, m1, m2 = group.members
+            if taken:
+                group.take(2)
+            previous = sys.gettrace()
+            interrupted = False
+            try:
+                sys.settrace(tracer)
+                try:
+                    group._remove(0)
+                finally:
+                    sys.settrace(previous)
+            except KeyboardInterrupt:
+                interrupted = True
+            members = list(group._members)
+            slots = {i: ref() for i, ref in group._taken.items()}
+            names = {id(m0): "m0", id(m1): "m1", id(m2): "m2", id(None): None}
+            state = ([names[id(m)] for m in members], {i: names[id(s)] for i, s in slots.items()})
+            for m in (m0, m1, m2):  # a removed or taken member is not the group's
+                m.close()
+        return interrupted, *state
+
+    before = (["m0", "m1", None], {2: "m2"}) if taken else (["m0", "m1", "m2"], {})
+    after = ([None, "m1"], {0: "m2"}) if taken else (["m2", "m1"], {})
+    seen_interrupts = 0
+    for k in range(1, 200):  # bounded: _remove has a few dozen line events at most
+        interrupted, members, slots = run(k)
+        assert (members, slots) in (before, after), (k, members, slots)
+        if not interrupted:
+            assert (members, slots) == after
+            break
+        seen_interrupts += 1
+    else:
+        pytest.fail("_remove never completed")
+    assert seen_interrupts >= 3

@@ -779,14 +779,22 @@ class ReuseportGroup:
     def _remove(self, index: int) -> None:
         # Mirror the kernel: when a member leaves, the last member takes its slot in
         # the group's array (net/core/sock_reuseport.c), and BPF indexes follow that.
-        last_index = len(self._members) - 1
-        last = self._members.pop()
-        last_taken = self._taken.pop(last_index, None)
-        self._taken.pop(index, None)
+        # The new state is built aside and published by one tuple assignment (no
+        # call between the two stores, so no signal handler runs there): drain_close
+        # tells a finished removal by the size, and an interrupt after a pop() but
+        # before the move left the closed member listed and the last one dropped
+        # (closed by the garbage collector, resetting the clients in its queue).
+        members = self._members[:]
+        taken = dict(self._taken)
+        last_index = len(members) - 1
+        last = members.pop()
+        last_taken = taken.pop(last_index, None)
+        taken.pop(index, None)
         if index < last_index:
-            self._members[index] = last
+            members[index] = last
             if last_taken is not None:
-                self._taken[index] = last_taken
+                taken[index] = last_taken
+        self._members, self._taken = members, taken
 
     def close(self) -> None:
         """Close every member the group still owns (idempotent)."""
