@@ -1340,6 +1340,9 @@ def drain_close(
                 # Owned as accept() returns, in one statement: an interrupt (a
                 # signal handler raising) before the append would leave a
                 # connection no one closes (kept open by the traceback's frame).
+                # One window stays: socket.accept() wraps the fd only after
+                # _accept() returned it, and a handler raising in between leaks
+                # that fd (documented in docs/restarts.md).
                 accepted.append(listener.accept()[0])
             except BlockingIOError:
                 return False
