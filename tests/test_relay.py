@@ -1164,6 +1164,165 @@ def test_a_forked_child_does_not_share_the_hubs_epoll(
             s.close()
 
 
+def _file_id(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def _fork_reporting(
+    files: dict[int, tuple[int, int]], peers: list[socket.socket]
+) -> tuple[int, int, bytes]:
+    """Fork a child that closes its copies of *peers* (the test's ends: the parent's
+    close of one must reach the other end), reports which of *files* (fd -> its
+    file's (st_dev, st_ino) here) it still has open on that file, then lives on
+    until the returned fd is closed (or JOIN seconds). Returns the child's pid, that
+    fd and the report."""
+    rd, wr = os.pipe()
+    go_rd, go_wr = os.pipe()
+    with warnings.catch_warnings():
+        # Python 3.12+ warns at a fork with other threads running (a blocking relay's
+        # thread): the child runs nothing of theirs, and no lock they may hold.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # child: only os-level calls, then os._exit whatever happens
+        code = 1
+        try:
+            os.close(go_wr)  # or the parent's close would not be its EOF
+            os.close(rd)
+            for peer in peers:
+                os.close(peer.fileno())  # fd level: the socket objects are the parent's
+            still = []
+            for fd, file in files.items():
+                with contextlib.suppress(OSError):
+                    if _file_id(fd) == file:
+                        still.append(fd)
+            os.write(wr, repr(sorted(still)).encode())
+            select.select([go_rd], [], [], JOIN)  # EOF once the parent closes go_wr
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(wr)
+    os.close(go_rd)
+    try:
+        report = os.read(rd, 4096) if select.select([rd], [], [], JOIN)[0] else b"none"
+    finally:
+        os.close(rd)
+    return pid, go_wr, report
+
+
+def _peer_sees_the_end(sock: socket.socket) -> str:
+    """What *sock*, which expects nothing more, sees within 10 s: 'reset', 'eof' or
+    'nothing' (its connection still open at the other end)."""
+    sock.settimeout(10.0)
+    try:
+        while sock.recv(65536):
+            pass
+    except ConnectionResetError:
+        return "reset"
+    except TimeoutError:
+        return "nothing"
+    return "eof"
+
+
+@pytest.mark.parametrize("close", [True, False])
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_a_forked_child_lets_go_of_a_running_relay_s_pipes_and_owned_sockets(
+    listener: socket.socket, loop_kind: str, close: bool
+) -> None:
+    # A relay mid-transfer at a fork: its pipe holds bytes (the backend does not
+    # read). The child, where it does not run, closes the pipe's fds: they kept the
+    # pipe (and its bytes) for the child's life. With close=True it also lets go of
+    # its copies of the sockets the relay owns: while the child held them, the
+    # parent's cancel closed nothing but its own fds, and the client saw neither
+    # the reset nor an EOF until the child exited. close=False: the caller's
+    # sockets, which the child keeps as any socket across fork().
+    loop = uvloop.new_event_loop() if loop_kind == "uvloop" else asyncio.new_event_loop()
+    client, a = tcp_pair(listener)
+    b, backend = tcp_pair(listener)
+    relay: asyncio.Future[RelayStats] | None = None
+
+    async def start() -> relay_mod._RelayFuture:
+        future = start_pipe_splice(a, b, close=close)
+        assert isinstance(future, relay_mod._RelayFuture) and future.driven is not None
+        flow = future.driven.relay.flows[0]  # client -> backend
+        client.setblocking(False)
+        deadline = time.monotonic() + JOIN
+        while not (flow.pipe_r >= 0 and flow.pending):  # until its pipe holds bytes
+            assert time.monotonic() < deadline, "the relay's pipe never filled"
+            with contextlib.suppress(BlockingIOError):
+                client.send(b"x" * 65536)
+            await asyncio.sleep(0.005)  # nothing to wait on: a bounded re-check
+        return future
+
+    try:
+        relay = loop.run_until_complete(start())
+        assert relay.driven is not None
+        flows = relay.driven.relay.flows
+        pipes = [fd for flow in flows for fd in (flow.pipe_r, flow.pipe_w) if fd >= 0]
+        sides = [a.fileno(), b.fileno()]
+        files = {fd: _file_id(fd) for fd in pipes + sides}
+        pid, go, report = _fork_reporting(files, [client, backend])
+        try:
+            relay.cancel()  # this thread's loop, not running: ends it at once
+            seen = _peer_sees_the_end(client) if close else "not asked"
+        finally:
+            os.close(go)
+            os.waitpid(pid, 0)
+        # The parent's own pipes: closed by the cancel (they held bytes: not pooled).
+        assert not any(_is_pipe(fd) for fd in pipes)
+        assert report == repr([] if close else sorted(sides)).encode()
+        assert seen == ("reset" if close else "not asked")
+    finally:
+        end_loop(loop, cancel=[relay], close=[client, a, b, backend])
+
+
+def test_a_forked_child_lets_go_of_a_blocking_relay_s_pipes_and_sockets(
+    listener: socket.socket,
+) -> None:
+    # pipe_splice running in another thread at the fork: its relay lives in that
+    # thread's frame, and the thread does not exist in the child, where its pipes
+    # stayed open and unreachable, and its sockets (close=True) open, for the
+    # child's life: the client saw no reset when the relay ended in the parent.
+    pipes_before = {fd for fd in open_fds() if _is_pipe(fd)}
+    client, a = tcp_pair(listener)
+    b, backend = tcp_pair(listener)
+    sides = [a.fileno(), b.fileno()]
+    stats: list[RelayStats] = []
+    thread = threading.Thread(target=lambda: stats.append(pipe_splice(a, b)), daemon=True)
+    thread.start()
+    try:
+        client.setblocking(False)
+        deadline = time.monotonic() + JOIN
+        while True:  # until its pipe holds bytes (the backend does not read)
+            assert time.monotonic() < deadline, "the relay's pipe never filled"
+            with contextlib.suppress(BlockingIOError):
+                client.send(b"x" * 65536)
+            # The relay thread's only pipe (a new thread: nothing pooled).
+            pipes = sorted(fd for fd in open_fds() - pipes_before if _is_pipe(fd))
+            if pipes and fcntl.ioctl(pipes[0], termios.FIONREAD, bytes(4)) != bytes(4):
+                break
+            select.select([], [], [], 0.005)  # nothing to wait on: a bounded re-check
+        assert len(pipes) == 2
+        files = {fd: _file_id(fd) for fd in pipes + sides}
+        pid, go, report = _fork_reporting(files, [client, backend])
+        try:
+            # The backend resets: the relay fails there and resets the client.
+            backend.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+            backend.close()
+            thread.join(JOIN)
+            seen = _peer_sees_the_end(client)
+        finally:
+            os.close(go)
+            os.waitpid(pid, 0)
+        assert stats[0].failed == "b"
+        assert report == b"[]"
+        assert seen == "reset"
+    finally:
+        for s in (client, backend):
+            s.close()
+        thread.join(JOIN)
+
+
 def test_a_thread_s_idle_pipes_close_with_the_thread(listener: socket.socket) -> None:
     before = open_fds()
     out: list[RelayStats] = []

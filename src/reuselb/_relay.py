@@ -30,6 +30,7 @@ import os
 import select
 import socket
 import ssl
+import stat
 import sys
 import termios
 import threading
@@ -688,6 +689,9 @@ class _Relay:
         except BaseException:
             self.abandon()
             raise
+        # Running from here until finish(): a forked child closes its pipes and, with
+        # close=True, its copies of the sockets (see _end_relays_in_child).
+        _RUNNING.add(self)
 
     def _give_back(self) -> None:
         """Restore what begin() changed: the timeouts of the sides it made
@@ -714,6 +718,7 @@ class _Relay:
         if self.abandoned:
             return
         self.abandoned = True
+        _RUNNING.discard(self)
         for flow in self.flows:
             flow.close_pipe()
         # begin() sets a's TCP_NODELAY first: when b's fails, a's is restored
@@ -1393,6 +1398,7 @@ class _Relay:
             fallback=self.fallback,
         )
         self.stats = stats
+        _RUNNING.discard(self)  # last: a fork until here still frees what it holds
         if error is not None:
             raise error
         return stats
@@ -1737,6 +1743,11 @@ def pipe_splice(
     and propagates. With ``close=True`` a side whose incoming stream was cut off
     before its EOF is reset (``SO_LINGER`` 0), as after an error: its peer never
     takes a truncated stream for a complete one.
+
+    A child forked while the relay runs (from another thread) closes its copies of
+    the relay's pipes, and of its sockets with ``close=True``: the relay does not run
+    there, and they would keep the pipes' memory, and the connections, for the
+    child's life.
     """
     _sweep_closed_hubs(None)
     relay = _Relay(a, b, pipe_size=pipe_size, idle_timeout=idle_timeout, close=close)
@@ -2085,7 +2096,8 @@ def start_pipe_splice(
     thread, and returns False if that start ended it first). Must be called from the
     loop's thread. What a :class:`SocketLike` side's
     method raises that is not an :class:`OSError` ends the relay and is set on the
-    future.
+    future. A child forked while the relay runs closes its copies of the relay's
+    pipes, and of its sockets with ``close=True``.
 
     :param a: a connected stream socket.
     :param b: a connected stream socket (its non-blocking connect may be in flight).
@@ -2538,8 +2550,8 @@ def _forget_hubs_in_child() -> None:
     # A forked child inherits every hub's epoll fd, an instance it would share with
     # its parent (an epoll instance lives on in the kernel while any fd refers to
     # it). Its loops are the parent's and do not run here: close the fds and start
-    # afresh; a loop the child runs gets a hub of its own. (The relays' sockets
-    # are left alone: their fds are copies, as for any socket across fork().)
+    # afresh; a loop the child runs gets a hub of its own. (Their relays' pipes and
+    # sockets: _end_relays_in_child, which runs next.)
     # A lock another thread of the parent held at the fork stays held in the child,
     # where that thread does not exist: the child's first sweep would wait forever.
     global _SWEEP_LOCK  # noqa: PLW0603 (a new lock, not the parent's copy)
@@ -2557,8 +2569,87 @@ def _forget_hubs_in_child() -> None:
             hub.ep.close()
 
 
+# Every relay between begin() and the end of finish(), in any thread and driver (the
+# hubs', the blocking form's, the fallback's): what a forked child must let go of.
+# Strong references, but a running relay is held by its driver anyway (a hub, a
+# thread's frame, a task). set.add/discard are atomic under the GIL.
+_RUNNING: set[_Relay] = set()
+
+
+def _end_relays_in_child() -> None:
+    """In a forked child: close the running relays' pipes, and the child's copies of
+    the sockets of those that own them (``close=True``).
+
+    The child inherits every fd of its parent, but none of the relays runs here (a
+    hub's loop is the parent's, and its epoll fd is closed; a blocking relay's
+    thread does not exist in the child). Their pipes (two fds each, up to *pipe_size*
+    of kernel memory while they hold bytes) would stay open and unreachable for the
+    child's life. And a socket is closed only when its last fd is: the parent's
+    close() of a relay it cancelled would send neither the reset nor the EOF while
+    the child lives (``multiprocessing`` forks by default on Linux up to Python 3.13).
+
+    Runs in the child right after fork() (an at-fork hook): it must not raise,
+    and calls no code of the caller's (a ``SocketLike``'s methods may take a lock a
+    thread of the parent held at the fork, which nobody would release here). A
+    relay's sockets are the caller's with ``close=False``, and stay open, as any
+    socket across fork(); so do a ``SocketLike``'s, whose fd is the wrapper's
+    business. One ``close`` per pipe fd, an ``fstat`` and a ``dup2`` per socket.
+    """
+    relays = list(_RUNNING)
+    _RUNNING.clear()
+    for relay in relays:
+        for flow in relay.flows:
+            # The numbers are forgotten first, so that nothing in the child closes or
+            # pools them again once the kernel reuses them. (Library-owned: a flow
+            # sets them to -1 before closing or pooling its pipe, and only after
+            # the pipe was made, so a fork in another thread's close_pipe() or
+            # to_splice() never has them name something else.)
+            r, w = flow.pipe_r, flow.pipe_w
+            flow.pipe_r = flow.pipe_w = -1
+            for fd in (r, w):
+                if fd >= 0:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+    placeholder = -1
+    try:
+        for relay in relays:
+            if not relay.close:
+                continue
+            for sock, inode in zip((relay.a, relay.b), relay.inodes, strict=True):
+                if inode is None:
+                    continue  # a SocketLike (see above)
+                # The C method: no Python override of a socket.socket subclass.
+                fd = _socket.socket.fileno(sock)  # type: ignore[arg-type]
+                try:
+                    # The relay's socket still, not a number reused after a close
+                    # behind its back (which the relay would have reported).
+                    st = os.fstat(fd) if fd >= 0 else None
+                    if st is None or st.st_ino != inode or not stat.S_ISSOCK(st.st_mode):
+                        continue
+                    if placeholder < 0:
+                        # Opened after the pipes and the hubs' epoll fds were
+                        # closed: those free numbers in a child of a parent that had
+                        # reached its fd limit.
+                        placeholder = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+                    # Replaced, not closed: the child's socket object still holds
+                    # the number, and its close() (or its finalizer) must not close
+                    # whatever file the kernel would give that number next. The
+                    # child's reference to the socket goes; the parent's fd, a
+                    # reference of its own, is untouched.
+                    os.dup2(placeholder, fd, inheritable=False)
+                except OSError:
+                    # fstat or dup2 refused, or no /dev/null (a chroot): this copy
+                    # stays, as it did before (the pipes are closed all the same).
+                    continue
+    finally:
+        if placeholder >= 0:
+            os.close(placeholder)
+
+
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_hubs_in_child)
+    # After the hubs: their epoll fds are closed by then (see above).
+    os.register_at_fork(after_in_child=_end_relays_in_child)
 
 
 async def _loop_shutdown(hub: _Hub) -> AsyncGenerator[None, None]:
