@@ -1117,34 +1117,62 @@ def test_cancelling_a_closed_loop_s_future_with_callbacks_ends_its_relay() -> No
             s.close()
 
 
-def test_a_wrong_thread_s_cancel_of_a_running_debug_loop_s_future_leaves_the_relay() -> None:
-    # asyncio's debug mode refuses call_soon from another thread (RuntimeError
-    # "Non-thread-safe operation") after the C Future has marked itself cancelled.
-    # Only a closed loop's RuntimeError may be taken as a cancel that happened:
-    # taking this one too ended the relay (sockets closed, hub changed) from the
-    # wrong thread while its loop ran, and hid the error.
-    a1, a2 = socket.socketpair()
-    b1, b2 = socket.socketpair()
-    loop = asyncio.new_event_loop()
+class _ClosedIn(socket.socket):
+    """A socket that records the thread its close() ran in."""
+
+    threads: list[int]
+
+    def close(self) -> None:
+        self.threads.append(threading.get_ident())
+        super().close()
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_a_wrong_thread_s_cancel_of_a_running_debug_loop_s_future_ends_the_relay_there(
+    loop_kind: str,
+) -> None:
+    # A debug-mode loop's call_soon refuses another thread (RuntimeError
+    # "Non-thread-safe operation") after the C Future has marked itself cancelled,
+    # and drops its done-callbacks. The relay must not end in the wrong thread
+    # (2ace530: its loop runs it), but it must end: it ran on, bytes flowing, its
+    # future cancelled, a later cancel() from the loop's thread returning False, and
+    # a task awaiting it waited for ever. Its loop ends it now, and wakes the task.
+    threads: list[int] = []
+    a1, a2, b1, b2 = (
+        _ClosedIn(fileno=sock.detach()) for _ in range(2) for sock in socket.socketpair()
+    )
+    for sock in (a1, a2, b1, b2):
+        sock.threads = threads
+    loop = uvloop.new_event_loop() if loop_kind == "uvloop" else asyncio.new_event_loop()
     loop.set_debug(True)
     started = threading.Event()
     stop = asyncio.Event()
     futures: list[asyncio.Future[RelayStats]] = []
+    waiters: list[asyncio.Task[Any]] = []
 
     async def main() -> None:
         futures.append(start_pipe_splice(a1, b1, close=True))
-        futures[0].add_done_callback(lambda _f: None)
+        waiters.append(asyncio.ensure_future(asyncio.wait_for(futures[0], JOIN)))
+        await asyncio.sleep(0)  # the waiter awaits it: a done-callback
         started.set()
-        await asyncio.wait_for(stop.wait(), 10)
+        await asyncio.wait_for(stop.wait(), JOIN)
 
     thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
     thread.start()
     try:
-        assert started.wait(10)
+        assert started.wait(JOIN)
         with pytest.raises(RuntimeError, match="Non-thread-safe"):
             futures[0].cancel()
-        assert a1.fileno() != -1 and b1.fileno() != -1  # the relay is the loop's still
+        # The peers see the end (AF_UNIX: EOF; nothing while the relay ran on).
+        for peer in (a2, b2):
+            peer.settimeout(WATCHDOG)
+            assert peer.recv(100) == b""
+        woken = asyncio.run_coroutine_threadsafe(asyncio.wait([waiters[0]]), loop)
+        woken.result(JOIN)
+        assert waiters[0].cancelled()  # its await raised CancelledError
+        assert threads[:2] == [thread.ident, thread.ident]  # a1, b1: in the loop's thread
+        assert a1.fileno() == -1 and b1.fileno() == -1
     finally:
         loop.call_soon_threadsafe(stop.set)
-        thread.join(10)
-        end_loop(loop, close=(a1, a2, b1, b2))
+        thread.join(JOIN)
+        end_loop(loop, close=[a1, a2, b1, b2])

@@ -2094,10 +2094,13 @@ def start_pipe_splice(
     way; so does one of a loop closed with ``loop.close()`` alone, at the next start
     (a cancel of its future meanwhile waits for such a start ending it, in any
     thread, and returns False if that start ended it first). Must be called from the
-    loop's thread. What a :class:`SocketLike` side's
-    method raises that is not an :class:`OSError` ends the relay and is set on the
-    future. A child forked while the relay runs closes its copies of the relay's
-    pipes, and of its sockets with ``close=True``.
+    loop's thread, and the future cancelled there (``loop.call_soon_threadsafe(
+    future.cancel)`` from another thread): a debug-mode loop's ``cancel()`` from
+    another thread raises :class:`RuntimeError` as for any asyncio future, and the
+    relay then ends in the loop's thread, its future's callbacks run there. What a
+    :class:`SocketLike` side's method raises that is not an :class:`OSError` ends the
+    relay and is set on the future. A child forked while the relay runs closes its
+    copies of the relay's pipes, and of its sockets with ``close=True``.
 
     :param a: a connected stream socket.
     :param b: a connected stream socket (its non-blocking connect may be in flight).
@@ -3033,6 +3036,8 @@ class _RelayFuture(asyncio.Future[RelayStats]):
         return self._cancel(msg)
 
     def _cancel(self, msg: Any | None) -> bool:
+        # The done-callbacks, which asyncio drops when it cannot schedule them (below).
+        callbacks = getattr(self, "_callbacks", None) or ()
         try:
             if not super().cancel(msg):
                 return False
@@ -3041,11 +3046,30 @@ class _RelayFuture(asyncio.Future[RelayStats]):
             # cancelled, then fails to schedule them ("Event loop is closed"). The
             # relay must still end here, or it keeps its sockets, pipes and the hub
             # until some later start's sweep, its peers waiting.
-            # Only that case: a wrong thread's cancel() of a running debug-mode loop
-            # raises here too, after the same marking, and must not end the relay
-            # from that thread.
-            if not (self.cancelled() and self.get_loop().is_closed()):
+            if not self.cancelled():
                 raise
+            loop = self.get_loop()
+            if not loop.is_closed():
+                # A wrong thread's cancel() of a running debug-mode loop's future
+                # (asyncio's and uvloop's call_soon check the thread only then):
+                # marked cancelled the same way, then "Non-thread-safe operation",
+                # the callbacks dropped. The relay must not end in this thread, which
+                # its loop's thread may be running at this moment, but it must end:
+                # the future is done, so a later cancel() returns False, and the
+                # relay ran on, its bytes flowing, until the loop's shutdown. Its
+                # loop ends it, then runs the callbacks (a task awaiting the future
+                # gets its CancelledError instead of waiting for ever); the error
+                # still tells the caller. (A loop closed meanwhile: the next
+                # start's sweep ends the relay.)
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(self._end_cancelled, callbacks)
+                raise
+        self._end_relay()
+        return True
+
+    def _end_relay(self) -> None:
+        """End the relay of this cancelled future, in its loop's thread (or under
+        _SWEEP_LOCK for a closed loop's)."""
         if self.driven is not None:
             try:
                 self.driven.finalize()
@@ -3054,7 +3078,17 @@ class _RelayFuture(asyncio.Future[RelayStats]):
                 # cancelled and cannot hold it, and cancel() may be called by asyncio
                 # itself (wait_for, gather): report it as a failed callback is.
                 _report_lost(self.get_loop(), exc)
-        return True
+
+    def _end_cancelled(self, callbacks: Any) -> None:
+        """On the loop, after another thread's cancel() raised: end the relay, then
+        schedule the done-callbacks *callbacks* ((callback, context) pairs) that
+        asyncio could not."""
+        try:
+            self._end_relay()
+        finally:
+            loop = self.get_loop()
+            for callback, context in callbacks:
+                loop.call_soon(callback, self, context=context)
 
 
 def _report_lost(loop: asyncio.AbstractEventLoop, exc: Exception) -> None:
