@@ -2525,6 +2525,52 @@ def test_a_socket_like_raising_ends_its_relay_and_spares_the_others(
         )
 
 
+class _FilenoFails(Wrapped):
+    """A wrapper whose ``fileno()`` raises ValueError (as a closed io-style wrapper's
+    does) when the relay asks it as its idle timeout is due, to read a stalled
+    destination's send queue; only then, so that no other call meets it first."""
+
+    def fileno(self) -> int:
+        if sys._getframe(2).f_code.co_name == "idle_left":  # <- note_queue <- here
+            raise ValueError("I/O operation on closed wrapper")
+        return self._sock.fileno()
+
+
+@pytest.mark.parametrize(
+    "mode", ["splice", "asyncio", "uvloop", "asyncio-start", "asyncio-selector"]
+)
+def test_a_socket_like_raising_when_the_idle_timeout_is_due_ends_the_relay(
+    listener: socket.socket, mode: str
+) -> None:
+    # When the idle timeout is due, the relay asks a stalled destination's fileno()
+    # (to read its send queue). The asyncio forms asked outside their timer's
+    # handling of wrapper errors: the ValueError went to the loop's exception
+    # handler and the relay never ended (its timer spent). It ends the relay, and
+    # the await raises it, as any wrapper's non-OSError does.
+    def runner(a: socket.socket, b: socket.socket, **kw: object) -> RelayStats:
+        return RUNNERS[mode](_FilenoFails(a), b, **kw)  # type: ignore[arg-type]
+
+    r = Relay(listener, runner, idle_timeout=0.5)
+    r.client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    r.a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+
+    def flood() -> None:
+        # The client reads nothing: the relay's b -> a direction stalls on a.
+        with contextlib.suppress(OSError):
+            r.backend.sendall(b"x" * (8 << 20))
+
+    feeder = threading.Thread(target=flood, daemon=True)
+    feeder.start()
+    try:
+        r.thread.join(10)
+        assert not r.thread.is_alive(), "the relay did not end at its idle timeout"
+        assert isinstance(r.exc, ValueError), r.exc
+        assert "closed wrapper" in str(r.exc)
+    finally:
+        r.close()
+        feeder.join(JOIN)
+
+
 def _send_then_read_to_eof(
     client: socket.socket, blob: bytes, backend: socket.socket, out: list[int]
 ) -> None:

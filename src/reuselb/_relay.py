@@ -2252,16 +2252,17 @@ async def _run_async_selector(relay: _Relay) -> RelayStats:
 
     def on_timer() -> None:
         nonlocal timer
-        left = relay.idle_left()
-        assert left is not None
-        if left > 0:
-            timer = loop.call_later(left, on_timer)
-            return
-        # timeout() calls the sides' shutdown() with close=False, and a wrapper's
-        # may raise. Handled as on_ready does: unhandled, a ValueError went to the
+        # idle_left() calls dst's fileno() (note_queue), and timeout() the sides'
+        # shutdown() with close=False: a wrapper's may raise (a closed io-style
+        # wrapper's ValueError). Handled as on_ready does: unhandled, it went to the
         # loop's exception handler (a KeyboardInterrupt out of the loop) and the
         # task stayed pending for ever, its timer spent and nothing left to wake it.
         try:
+            left = relay.idle_left()
+            assert left is not None
+            if left > 0:
+                timer = loop.call_later(left, on_timer)
+                return
             relay.timeout()
         except Exception as exc:
             if not finished.done():
@@ -2937,15 +2938,19 @@ class _Driven:
                 masks[fd] = mask
 
     def on_timer(self) -> None:
-        left = self.relay.idle_left()
-        assert left is not None
-        if left > 0:
-            self.timer = self.hub.loop.call_later(left, self.on_timer)
-            return
         try:
+            # idle_left() calls dst's fileno() (note_queue): a wrapper's may raise
+            # too (a closed io-style wrapper's ValueError), and unhandled it went to
+            # the loop's exception handler, the relay pending for ever (its timer
+            # spent, its sockets perhaps silent).
+            left = self.relay.idle_left()
+            assert left is not None
+            if left > 0:
+                self.timer = self.hub.loop.call_later(left, self.on_timer)
+                return
             self.relay.timeout()
             self.end()
-        except Exception as exc:  # a SocketLike's shutdown() or close() failing
+        except Exception as exc:  # a SocketLike's fileno(), shutdown() or close()
             self.crash(exc)
         except BaseException:
             # KeyboardInterrupt, SystemExit (a signal handler, a wrapper's shutdown()
