@@ -1061,3 +1061,83 @@ def test_hundred_tls_relays_back_to_back_leave_nothing_behind(
     assert open_fds() == fds_before
     assert threading.active_count() == threads_before
     assert release_pipes() == 0  # this thread never pooled a pipe
+
+
+@pytest.mark.parametrize("form", ["asyncio", "uvloop", "start"])
+def test_a_tls_read_that_must_write_first_goes_on_once_the_side_is_writable(
+    listener: socket.socket, tmp_path: Path, form: str
+) -> None:
+    # TLS 1.3 post-handshake client auth through a relay whose side b is its TLS
+    # client: the backend's CertificateRequest comes before its "ping", and the
+    # relay's read of it must first write a ~30 KB certificate chain that b's small
+    # send buffer cannot take while the backend does not read (SSLWantWriteError).
+    # The hub forms waited only for b to be readable: nothing came, and the relay
+    # stalled until its idle timeout. It goes on once b is writable.
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a certificate")
+    cert, key = _make_cert(tmp_path)
+    chain = tmp_path / "chain.pem"
+    chain.write_text(Path(cert).read_text() * 50)  # extra chain certificates: bulk
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(cert, key)
+    server.verify_mode = ssl.CERT_REQUIRED
+    server.post_handshake_auth = True
+    server.load_verify_locations(cert)
+    client_ctx = ssl.create_default_context(cafile=cert)
+    client_ctx.post_handshake_auth = True
+    client_ctx.load_cert_chain(str(chain), key)
+    client, a = connected_pair(listener, None)
+    raw_b = socket.socket()
+    raw_b.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    raw_b.connect(listener.getsockname())
+    raw_backend, _ = listener.accept()
+    raw_backend.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+    made: list[ssl.SSLSocket] = []
+    accept = threading.Thread(
+        target=lambda: made.append(server.wrap_socket(raw_backend, server_side=True))
+    )
+    accept.start()
+    b = client_ctx.wrap_socket(raw_b, server_hostname="localhost")
+    accept.join(JOIN)
+    backend = made[0]
+    idle = 20.0
+    done: list[RelayStats] = []
+
+    def run() -> None:
+        async def main() -> RelayStats:
+            if form == "start":
+                return await relay_mod.start_pipe_splice(a, b, idle_timeout=idle)
+            return await relay_mod.async_pipe_splice(a, b, idle_timeout=idle)
+
+        done.append(uvloop.run(main()) if form == "uvloop" else asyncio.run(main()))
+
+    relay = threading.Thread(target=run, daemon=True)
+    relay.start()
+    try:
+        backend.verify_client_post_handshake()
+        backend.sendall(b"ping")  # the CertificateRequest goes out before it
+        # The relay's certificate fills b's buffers while the backend reads nothing.
+        for _ in range(2000):  # bounded: each select waits for a readiness change
+            if select.select([backend], [], [], JOIN)[0] and _unread(backend) >= 2048:
+                break
+        client.settimeout(JOIN)
+
+        def answer() -> None:
+            if client.recv(4) == b"ping":
+                client.sendall(b"pong")
+
+        answering = threading.Thread(target=answer, daemon=True)
+        answering.start()
+        started = time.monotonic()
+        backend.settimeout(idle)
+        assert backend.recv(4) == b"pong"
+        answering.join(JOIN)
+        assert time.monotonic() - started < idle / 4
+        assert backend.getpeercert()
+    finally:
+        for s in (client, backend):
+            s.close()
+        relay.join(JOIN)
+        for s in (a, b):
+            s.close()
+    assert done

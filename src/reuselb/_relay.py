@@ -2804,7 +2804,7 @@ class _Driven:
             if (
                 not ev & _NOT_PLAIN_READ
                 and reader.mode == _SMALL
-                and not (reader.pending or reader.eof)
+                and not (reader.pending or reader.eof or relay.crossing)
             ):
                 # Bytes (and perhaps the FIN) of short messages, the events of
                 # keep-alive traffic and of connection churn: only *reader* can
@@ -2819,6 +2819,14 @@ class _Driven:
             # What the two flows wait for; the common event (a message read and
             # written in full) changes none of it, and then there is nothing to re-arm.
             before = (f0.wants_read, f0.pending, f0.shut, f1.wants_read, f1.pending, f1.shut)
+            # A TLS read OpenSSL answered with SSLWantWriteError (_Flow.
+            # read_needs_write: a handshake message, e.g. the ~26 KB certificate
+            # chain a TLS 1.3 post-handshake CertificateRequest asks for, that
+            # the socket's send buffer had no room for) waits for its fd to be
+            # writable. Edge-triggered, nothing else retries it: the bytes that
+            # followed may sit decrypted in OpenSSL, and no readable edge comes.
+            crossed = (f0.read_needs_write, f1.read_needs_write) if relay.crossing else None
+            changes = relay.hold_changes
             if ev & _EPOLLERR:
                 # A pending error (a reset) ends the relay now, even while it is not
                 # reading that side (its pipe is full).
@@ -2831,9 +2839,26 @@ class _Driven:
             # when no bytes are pending, i.e. never in a plain stream.
             if ev & _WRITE_EVENTS and (writer.pending or writer.held) and not writer.shut:
                 relay.pump(writer)
+            if ev & _WRITE_EVENTS and reader.read_needs_write and not reader.shut:
+                relay.pump(reader)  # OpenSSL's pending write may go now, the read on
+            if crossed is not None:
+                for flow, was in zip((f0, f1), crossed, strict=True):
+                    if was and not (flow.read_needs_write or flow.shut) and flow.wants_read:
+                        # Sent back to its usual wait by the other flow's write (which
+                        # flushed OpenSSL's pending bytes): what OpenSSL now lets it
+                        # read may already be inside it, so read now, not at an edge
+                        # that may never come (one read more when it read on itself).
+                        relay.pump(flow)
             if f0.shut and f1.shut:
                 self.end()
-            elif before != (f0.wants_read, f0.pending, f0.shut, f1.wants_read, f1.pending, f1.shut):
+            elif relay.hold_changes != changes or before != (
+                f0.wants_read,
+                f0.pending,
+                f0.shut,
+                f1.wants_read,
+                f1.pending,
+                f1.shut,
+            ):
                 self.rearm()
         except _Failure as failure:
             self.fail(failure)
@@ -2923,8 +2948,11 @@ class _Driven:
             else:
                 mask = _ARM_IN if reader.wants_read else _EPOLLET
             # A held-back half-close (a close_notify OpenSSL kept, a FIN waiting
-            # for the connect) goes out when the socket is writable.
-            if (writer.pending or writer.held) and not writer.shut:
+            # for the connect) goes out when the socket is writable, and so does
+            # the handshake message a TLS read must write first (read_needs_write).
+            if ((writer.pending or writer.held) and not writer.shut) or (
+                reader.read_needs_write and reader.wants_read and not reader.shut
+            ):
                 mask |= _EPOLLOUT
             if masks[fd] != mask:
                 try:
