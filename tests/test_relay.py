@@ -535,6 +535,42 @@ def _slow_reader_relay(lst: socket.socket, mode: str, **kw: object) -> Relay:
     return r
 
 
+@pytest.mark.parametrize("mode", ["splice", "asyncio", "asyncio-selector"])
+def test_a_reader_that_stops_is_ended_within_two_idle_timeouts(
+    listener: socket.socket, mode: str
+) -> None:
+    # A slow reader keeps the relay alive (its send queue moving counts); once it
+    # stops for good, the relay ends between one and two idle_timeout after the last
+    # byte moved: the queue is sampled when a write stalls and when the timeout is
+    # due, and a sample that finds it moved since the last one restarts the clock.
+    idle = 0.5
+    r = _slow_reader_relay(listener, mode, idle_timeout=idle)
+
+    def push() -> None:
+        with contextlib.suppress(OSError):
+            r.backend.sendall(b"x" * (16 << 20))
+
+    feeder = threading.Thread(target=push, daemon=True)
+    feeder.start()
+    try:
+        r.client.settimeout(JOIN)
+        started = time.monotonic()
+        while time.monotonic() - started < 2 * idle:  # bounded: twice the timeout
+            assert r.client.recv(1024)
+            time.sleep(idle / 10)  # the pacing under test, not a synchronisation
+        last = time.monotonic()
+        assert r.thread.is_alive(), "the relay ended while its reader read"
+        r.thread.join(JOIN)
+        assert not r.thread.is_alive() and r.exc is None, r.exc
+        assert r.stats is not None
+        assert r.stats.b_end is End.TIMEOUT
+        after = r.ended - last
+        assert idle - 0.02 <= after <= 2 * idle + 1.0, f"ended {after:.3f} s after"
+    finally:
+        r.close()
+        feeder.join(JOIN)
+
+
 _TCP_FIN_WAIT1, _TCP_FIN_WAIT2 = 4, 5
 
 
