@@ -4647,3 +4647,38 @@ def test_a_hub_whose_shutdown_hook_fails_to_start_leaves_nothing_open(
     finally:
         for s in (client, a, b, backend):
             s.close()
+
+
+def test_a_close_false_relay_whose_timeout_restore_raises_is_freed() -> None:
+    # With close=False, finish() gives the sockets their timeouts back; a socket
+    # subclass's settimeout() raising a non-OSError there (or a signal handler's
+    # exception) got out before the relay left the running set kept for fork(), so
+    # the relay and both sockets stayed referenced for the process's life.
+    import weakref
+
+    class Refusing(socket.socket):
+        def settimeout(self, value: float | None) -> None:
+            raise RuntimeError("settimeout refused")
+
+    def run() -> tuple[weakref.ref[socket.socket], weakref.ref[socket.socket]]:
+        x, y = socket.socketpair()
+        p, q = socket.socketpair()
+        a = Refusing(fileno=y.detach())
+        b = Refusing(fileno=p.detach())
+        try:
+            x.sendall(b"hi")
+            x.shutdown(socket.SHUT_WR)
+            q.shutdown(socket.SHUT_WR)
+            with pytest.raises(RuntimeError, match="settimeout refused"):
+                pipe_splice(a, b, close=False)
+            assert a.fileno() != -1 and b.fileno() != -1  # the caller's still
+            assert q.recv(10) == b"hi"
+        finally:
+            for s in (a, b, x, q):
+                s.close()
+        return weakref.ref(a), weakref.ref(b)
+
+    refs = run()
+    gc.collect()
+    assert not relay_mod._RUNNING
+    assert [r() for r in refs] == [None, None]

@@ -1375,7 +1375,14 @@ class _Relay:
             except BaseException as exc:
                 error = error or exc
         if not self.close:
-            self._give_back()
+            # As for close=True: a SocketLike's settimeout(), or a signal handler,
+            # may raise here; the stats are recorded (and the relay leaves
+            # _RUNNING, which would otherwise pin it and its sockets for the
+            # process's life) before the error goes on.
+            try:
+                self._give_back()
+            except BaseException as exc:
+                error = error or exc
         if len(self.flows) == 2:
             f0, f1 = self.flows
             moved, spliced = (f0.moved, f1.moved), f0.spliced + f1.spliced
@@ -2096,8 +2103,10 @@ def start_pipe_splice(
     thread, and returns False if that start ended it first). Must be called from the
     loop's thread, and the future cancelled there (``loop.call_soon_threadsafe(
     future.cancel)`` from another thread): a debug-mode loop's ``cancel()`` from
-    another thread raises :class:`RuntimeError` as for any asyncio future, and the
-    relay then ends in the loop's thread, its future's callbacks run there. What a
+    another thread of a future with done-callbacks raises :class:`RuntimeError` as
+    for any asyncio future, and the relay then ends in the loop's thread, its
+    future's callbacks run there; one without (nothing awaits it), or on a loop not
+    in debug mode, is not checked and ends the relay in the calling thread. What a
     :class:`SocketLike` side's method raises that is not an :class:`OSError` ends the
     relay and is set on the future. A child forked while the relay runs closes its
     copies of the relay's pipes, and of its sockets with ``close=True``.
