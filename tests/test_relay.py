@@ -4682,3 +4682,34 @@ def test_a_close_false_relay_whose_timeout_restore_raises_is_freed() -> None:
     gc.collect()
     assert not relay_mod._RUNNING
     assert [r() for r in refs] == [None, None]
+
+
+@pytest.mark.parametrize("refusing", ["a", "b"])
+def test_a_close_false_relay_gives_the_other_side_back_when_a_timeout_restore_raises(
+    refusing: str,
+) -> None:
+    # _give_back() stopped at the first side whose settimeout() raised: the other
+    # side, made non-blocking by the relay, was handed back non-blocking.
+    class Refusing(socket.socket):
+        def settimeout(self, value: float | None) -> None:
+            raise RuntimeError("settimeout refused")
+
+    x, y = socket.socketpair()
+    p, q = socket.socketpair()
+    a: socket.socket = Refusing(fileno=y.detach()) if refusing == "a" else y
+    b: socket.socket = Refusing(fileno=p.detach()) if refusing == "b" else p
+    other = b if refusing == "a" else a
+    try:
+        other.settimeout(7.5)
+        x.sendall(b"hi")
+        x.shutdown(socket.SHUT_WR)
+        q.shutdown(socket.SHUT_WR)
+        with pytest.raises(RuntimeError, match="settimeout refused"):
+            pipe_splice(a, b, close=False)
+        assert q.recv(10) == b"hi"
+        assert other.gettimeout() == 7.5
+        other.settimeout(None)
+        assert os.get_blocking(other.fileno())
+    finally:
+        for s in (a, b, x, q):
+            s.close()

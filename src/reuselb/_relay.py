@@ -696,19 +696,31 @@ class _Relay:
     def _give_back(self) -> None:
         """Restore what begin() changed: the timeouts of the sides it made
         non-blocking, and each TCP_NODELAY it turned on (read: not None)."""
+        # Each side is given back whatever the other's wrapper raised (a socket
+        # subclass's settimeout(), a signal handler): b must not be left
+        # non-blocking because a's failed. The first exception goes on at the end.
+        error: BaseException | None = None
         done = 0
         for sock, timeout, _nd in self.unblocking:
             if done == self.unblocked:
                 break
             if timeout != 0.0:
                 done += 1
-                if sock.fileno() != -1:
-                    _restore_timeout(sock, timeout)
+                try:
+                    if sock.fileno() != -1:
+                        _restore_timeout(sock, timeout)
+                except BaseException as exc:
+                    error = error or exc
         if self.nodelay_set:
             for sock, _timeout, nodelay in self.saved:
-                if nodelay is False and sock.fileno() != -1 and _is_inet(sock):
-                    with contextlib.suppress(OSError):
-                        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)  # type: ignore[attr-defined]
+                try:
+                    if nodelay is False and sock.fileno() != -1 and _is_inet(sock):
+                        with contextlib.suppress(OSError):
+                            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)  # type: ignore[attr-defined]
+                except BaseException as exc:
+                    error = error or exc
+        if error is not None:
+            raise error
 
     def abandon(self) -> None:
         """The relay never ran: the caller keeps both sockets, as they were.
