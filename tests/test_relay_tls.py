@@ -160,18 +160,29 @@ class Setup:
             s.close()
 
 
-def make_setup(
-    lst: socket.socket, contexts: tuple[ssl.SSLContext, ssl.SSLContext], sides: str
+def with_backend(
+    lst: socket.socket,
+    client: socket.socket,
+    a: socket.socket,
+    contexts: tuple[ssl.SSLContext, ssl.SSLContext] | None,
 ) -> Setup:
-    tls_a, tls_b = SIDES[sides]
-    client, a = connected_pair(lst, contexts if tls_a else None)
+    """The setup of a made (client, a) pair and a new (b, backend) pair, TLS with
+    *contexts*; (client, a) is closed if the second pair cannot be made."""
     try:
-        b, backend = connected_pair(lst, contexts if tls_b else None)
+        b, backend = connected_pair(lst, contexts)
     except BaseException:
         client.close()
         a.close()
         raise
     return Setup(client, a, b, backend)
+
+
+def make_setup(
+    lst: socket.socket, contexts: tuple[ssl.SSLContext, ssl.SSLContext], sides: str
+) -> Setup:
+    tls_a, tls_b = SIDES[sides]
+    client, a = connected_pair(lst, contexts if tls_a else None)
+    return with_backend(lst, client, a, contexts if tls_b else None)
 
 
 class Running:
@@ -658,13 +669,8 @@ def test_a_dead_backend_met_by_a_write_or_close_notify_is_a_reset(
     # The plain-backend control takes no certificate: it runs without openssl(1).
     contexts = request.getfixturevalue("contexts") if tls else None
     client, a = connected_pair(listener, None)
-    try:
-        b, backend = connected_pair(listener, contexts)
-    except BaseException:
-        client.close()
-        a.close()
-        raise
-    setup = Setup(client, a, b, backend)
+    setup = with_backend(listener, client, a, contexts)
+    b, backend = setup.b, setup.backend
     try:
         if before == "request":
             client.sendall(b"x" * 1000)
@@ -762,13 +768,8 @@ def test_idle_timeout_spares_a_slow_reader(
     # 64 KiB are out. The plain client is the same case without TLS.
     contexts = request.getfixturevalue("contexts") if tls else None
     client, a = _slow_reader_pair(listener, contexts)
-    try:
-        b, backend = connected_pair(listener, None)
-    except BaseException:
-        client.close()
-        a.close()
-        raise
-    setup = Setup(client, a, b, backend)
+    setup = with_backend(listener, client, a, None)
+    backend = setup.backend
     data = random.Random(form).randbytes(4 << 20)  # more than the way holds
     try:
         r = Running(FORMS[form], setup, idle_timeout=0.5)
@@ -824,13 +825,8 @@ def test_a_tls_side_whose_handshake_comes_late_costs_no_cpu(
     # until the client's handshake came. Now they wait for a to be readable.
     raw_client, raw_a = connected_pair(listener, None)
     a = contexts[0].wrap_socket(raw_a, server_side=True, do_handshake_on_connect=False)
-    try:
-        b, backend = connected_pair(listener, None)
-    except BaseException:
-        raw_client.close()
-        a.close()
-        raise
-    setup = Setup(raw_client, a, b, backend)
+    setup = with_backend(listener, raw_client, a, None)
+    backend = setup.backend
     try:
         backend.sendall(b"220 banner\r\n")
         r = Running(FORMS[form], setup, idle_timeout=JOIN)
