@@ -167,7 +167,11 @@ with reuseport_group("127.0.0.1:0", 2, backlog=2) as group:  # the queue holds 3
     while not overflows() and time.monotonic() < deadline:
         time.sleep(0.01)  # polls the kernel's counter: the ACK's drop is not an event
     out["overflowed"] = overflows() > 0
-    result = drain_close(group[0], group=group, grace=0.05)
+    # grace: how long the late request may take to complete once its SYN-ACK was
+    # retransmitted (~1 s in) before it is given up; 0.05 s was too short for the
+    # client's answer on a loaded machine. Still under 1 s, so a drain that ended
+    # after grace without waiting for the request (the old bug) fails here.
+    result = drain_close(group[0], group=group, grace=0.5)
     late.sendall(b"late")
     late.settimeout(5)
     out["accepted"] = len(result.accepted)
