@@ -4649,6 +4649,14 @@ def test_a_hub_whose_shutdown_hook_fails_to_start_leaves_nothing_open(
             s.close()
 
 
+class _RefusingTimeout(socket.socket):
+    """A socket subclass whose settimeout() raises (what a close=False relay calls
+    to give the timeout back)."""
+
+    def settimeout(self, value: float | None) -> None:
+        raise RuntimeError("settimeout refused")
+
+
 def test_a_close_false_relay_whose_timeout_restore_raises_is_freed() -> None:
     # With close=False, finish() gives the sockets their timeouts back; a socket
     # subclass's settimeout() raising a non-OSError there (or a signal handler's
@@ -4656,15 +4664,11 @@ def test_a_close_false_relay_whose_timeout_restore_raises_is_freed() -> None:
     # the relay and both sockets stayed referenced for the process's life.
     import weakref
 
-    class Refusing(socket.socket):
-        def settimeout(self, value: float | None) -> None:
-            raise RuntimeError("settimeout refused")
-
     def run() -> tuple[weakref.ref[socket.socket], weakref.ref[socket.socket]]:
         x, y = socket.socketpair()
         p, q = socket.socketpair()
-        a = Refusing(fileno=y.detach())
-        b = Refusing(fileno=p.detach())
+        a = _RefusingTimeout(fileno=y.detach())
+        b = _RefusingTimeout(fileno=p.detach())
         try:
             x.sendall(b"hi")
             x.shutdown(socket.SHUT_WR)
@@ -4690,14 +4694,10 @@ def test_a_close_false_relay_gives_the_other_side_back_when_a_timeout_restore_ra
 ) -> None:
     # _give_back() stopped at the first side whose settimeout() raised: the other
     # side, made non-blocking by the relay, was handed back non-blocking.
-    class Refusing(socket.socket):
-        def settimeout(self, value: float | None) -> None:
-            raise RuntimeError("settimeout refused")
-
     x, y = socket.socketpair()
     p, q = socket.socketpair()
-    a: socket.socket = Refusing(fileno=y.detach()) if refusing == "a" else y
-    b: socket.socket = Refusing(fileno=p.detach()) if refusing == "b" else p
+    a: socket.socket = _RefusingTimeout(fileno=y.detach()) if refusing == "a" else y
+    b: socket.socket = _RefusingTimeout(fileno=p.detach()) if refusing == "b" else p
     other = b if refusing == "a" else a
     try:
         other.settimeout(7.5)
