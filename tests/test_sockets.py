@@ -386,7 +386,7 @@ def test_dualstack_wildcard_takes_ipv4() -> None:
 
 
 def test_dualstack_needs_an_ipv6_or_wildcard_address() -> None:
-    with pytest.raises(AddressError, match="dualstack=True needs an IPv6"):
+    with pytest.raises(AddressError, match="dualstack=True needs the any-address"):
         reuseport_listener("127.0.0.1:0", dualstack=True)
 
 
@@ -394,9 +394,9 @@ def test_dualstack_refuses_ipv4s_any_address_saying_why(no_fd_leak: None) -> Non
     # Before: "dualstack=True needs an IPv6 or wildcard address, not IPv4", for an
     # address that is a wildcard (Address.is_wildcard), and no docstring said so.
     expected = (
-        "invalid address '0.0.0.0:8080': dualstack=True needs an IPv6 address or the "
-        "any-address of both families (':8080', '*:8080' or '[::]:8080'), not 0.0.0.0, "
-        "which is IPv4's alone"
+        "invalid address '0.0.0.0:8080': dualstack=True needs the any-address of both "
+        "families (':8080', '*:8080' or '[::]:8080') or an IPv4-mapped IPv6 address, "
+        "not 0.0.0.0, which is IPv4's alone"
     )
     factories: list[Callable[..., object]] = [
         reuseport_listener,
@@ -427,8 +427,8 @@ def test_dualstack_with_a_name_without_ipv6_says_so(no_fd_leak: None) -> None:
     # dualstack=True needs.
     expected = (
         "invalid address 'localhost:0': 'localhost' has no IPv6 address, only IPv4 "
-        "(127.0.0.1); dualstack=True needs an IPv6 address or the any-address of both "
-        "families (':0', '*:0' or '[::]:0')"
+        "(127.0.0.1); dualstack=True needs the any-address of both families (':0', "
+        "'*:0' or '[::]:0') or an IPv4-mapped IPv6 address"
     )
     calls: list[Callable[[], object]] = [
         lambda: reuseport_listener("localhost:0", dualstack=True),
@@ -443,6 +443,52 @@ def test_dualstack_with_a_name_without_ipv6_says_so(no_fd_leak: None) -> None:
         assert str(info.value) == expected
     with reuseport_listener("localhost:0") as lst:  # without dualstack: IPv4
         assert lst.getsockname()[0] == "127.0.0.1"
+
+
+def test_dualstack_refuses_a_specific_ipv6_address(no_fd_leak: None) -> None:
+    # Before: accepted, but Linux's bind() sets IPV6_V6ONLY on a socket bound to a
+    # specific, non-mapped IPv6 address (__inet6_bind), so the "dual-stack" listener
+    # was IPv6-only and IPv4 clients of its port were refused.
+    expected = (
+        "invalid address '[::1]:0': dualstack=True needs the any-address of both "
+        "families (':0', '*:0' or '[::]:0') or an IPv4-mapped IPv6 address, not ::1: "
+        "Linux makes a socket bound to any other IPv6 address IPv6-only"
+    )
+    calls: list[Callable[[], object]] = [
+        lambda: reuseport_listener("[::1]:0", dualstack=True),
+        lambda: reuseport_udp("[::1]:0", dualstack=True),
+        lambda: reuselb.hold_port("[::1]:0", dualstack=True),
+        lambda: reuseport_group("[::1]:0", 2, dualstack=True),
+        lambda: reuseport_group("[::1]:0", 2, kind="udp", dualstack=True),
+    ]
+    for call in calls:
+        with pytest.raises(AddressError) as info:
+            call()
+        assert not isinstance(info.value, reuselb.GroupMemberError)
+        assert str(info.value) == expected
+    # A 4-tuple, a zoned link-local address and a multicast one are specific too.
+    for value in (("::1", 0, 0, 0), "[fe80::1%1]:0", "[ff02::1%1]:0", "[2001:db8::1]:0"):
+        with pytest.raises(AddressError, match=r"dualstack=True needs .*IPv6-only"):
+            reuseport_listener(value, dualstack=True)
+    # Documented with the others.
+    for factory in (reuseport_listener, reuseport_udp, reuselb.hold_port, reuseport_group):
+        raises = (factory.__doc__ or "").split(":raises AddressError:")[1].split(":raises")[0]
+        assert "other than ``::`` or an IPv4-mapped" in " ".join(raises.split())
+
+
+@pytest.mark.ipv6
+def test_dualstack_still_binds_the_any_address_and_mapped_addresses() -> None:
+    # What _DUALSTACK_NEEDS offers: "::" takes both families, a mapped address IPv4
+    # to that address (bind() leaves V6ONLY off for IPV6_ADDR_MAPPED).
+    for value in ("[::]:0", ("::", 0, 0, 0), "[::ffff:127.0.0.1]:0"):
+        with reuseport_listener(value, dualstack=True) as lst:
+            assert lst.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 0
+    group = reuseport_group("[::ffff:127.0.0.1]:0", 2, kind="udp", dualstack=True)
+    with group, udp_socket() as client:
+        client.sendto(b"x", ("127.0.0.1", group.port))
+        got = select.select(list(group), [], [], 5)[0]
+        assert len(got) == 1
+        assert got[0].recvfrom(16)[0] == b"x"
 
 
 # --------------------------------------------------------------------------- UDP

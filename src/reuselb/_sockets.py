@@ -359,10 +359,13 @@ def _check_zone(family: socket.AddressFamily, sockaddr: Any, value: object) -> N
 
 # The addresses a dual-stack socket binds: parse_address gives the any-address of
 # both families (host "", bound as "::" with V6ONLY off) for ":port", "*:port", an
-# int port and ("", port) or ("*", port).
+# int port and ("", port) or ("*", port); "::" itself; and an IPv4-mapped address,
+# which takes IPv4 to that address alone. Linux's bind() sets IPV6_V6ONLY on a
+# socket bound to any other IPv6 address (net/ipv6/af_inet6.c, __inet6_bind: not
+# IPV6_ADDR_ANY and not IPV6_ADDR_MAPPED), so dualstack would take no IPv4 there.
 _DUALSTACK_NEEDS = (
-    "dualstack=True needs an IPv6 address or the any-address of both families "
-    "(':{port}', '*:{port}' or '[::]:{port}')"
+    "dualstack=True needs the any-address of both families (':{port}', '*:{port}' "
+    "or '[::]:{port}') or an IPv4-mapped IPv6 address"
 )
 
 
@@ -393,12 +396,22 @@ def _bind_target(
         raise AddressError(
             value, f"{exc.reason}; {_DUALSTACK_NEEDS.format(port=address.port)}"
         ) from None
-    if target[0] == socket.AF_INET6 and not dualstack:
-        # Every IPv6 socket made here is V6ONLY unless dualstack, and Linux refuses
-        # to bind a V6ONLY socket to an IPv4-mapped address with a bare EINVAL
-        # (net/ipv6/af_inet6.c, __inet6_bind): say why before making the socket.
-        mapped = ipaddress.IPv6Address(target[1][0].partition("%")[0]).ipv4_mapped
-        if mapped is not None:
+    if target[0] == socket.AF_INET6:
+        ip = ipaddress.IPv6Address(target[1][0].partition("%")[0])
+        mapped = ip.ipv4_mapped
+        if dualstack and not ip.is_unspecified and mapped is None:
+            # Linux's bind() turns IPV6_V6ONLY back on for a specific, non-mapped
+            # IPv6 address (__inet6_bind), so dualstack=True would silently give an
+            # IPv6-only socket: no IPv4 client ever reaches it.
+            raise AddressError(
+                value,
+                f"{_DUALSTACK_NEEDS.format(port=address.port)}, not {target[1][0]}: "
+                "Linux makes a socket bound to any other IPv6 address IPv6-only",
+            )
+        if mapped is not None and not dualstack:
+            # Every IPv6 socket made here is V6ONLY unless dualstack, and Linux
+            # refuses to bind a V6ONLY socket to an IPv4-mapped address with a bare
+            # EINVAL (net/ipv6/af_inet6.c, __inet6_bind): say why before making it.
             raise AddressError(
                 value,
                 f"{target[1][0]} is an IPv4-mapped address, which an IPv6-only socket "
@@ -558,10 +571,12 @@ def reuseport_listener(
         interfaces), ``(host, port)`` or an int port; see :func:`parse_address`.
     :param backlog: accept queue length, ``1`` to ``2**31 - 1`` (the kernel caps it at
         ``net.core.somaxconn``); ``None`` means that cap.
-    :param dualstack: for an IPv6 address or the any-address of both families
-        (``":port"``, ``"*:port"``, ``"[::]:port"``), accept IPv4 too (V6ONLY off);
-        not for IPv4 addresses, ``0.0.0.0`` included.
-        Without it IPv6 listeners set ``IPV6_V6ONLY``.
+    :param dualstack: for ``::``, the any-address of both families (``":port"``,
+        ``"*:port"``, ``"[::]:port"``), accept IPv4 too (V6ONLY off); an
+        IPv4-mapped address (``"[::ffff:127.0.0.1]:port"``) is accepted too and
+        takes IPv4 to that address alone. Not for IPv4 addresses (``0.0.0.0``
+        included) nor any other IPv6 address: Linux's ``bind`` makes a socket on
+        one IPv6-only. Without it IPv6 listeners set ``IPV6_V6ONLY``.
     :param nonblocking: create the socket non-blocking.
     :param fastopen: enable TCP Fast Open with this many pending requests, ``1`` to
         ``2**31 - 1`` (the kernel caps it at ``net.core.somaxconn``).
@@ -575,9 +590,10 @@ def reuseport_listener(
     :raises AddressError: the address is malformed, not an address of this host,
         an IPv4-mapped IPv6 address without *dualstack*, an IPv4 address with
         *dualstack* (``0.0.0.0`` too: it is IPv4's any-address alone; ``":port"``
-        or ``"[::]:port"`` is both families'), a name without an IPv6 address with
-        *dualstack*, a link-local IPv6 address without a zone, an IPv6 address
-        whose zone names no interface, or refused by ``bind`` with EINVAL.
+        or ``"[::]:port"`` is both families'), an IPv6 address other than ``::``
+        or an IPv4-mapped one with *dualstack*, a name without an IPv6 address
+        with *dualstack*, a link-local IPv6 address without a zone, an IPv6
+        address whose zone names no interface, or refused by ``bind`` with EINVAL.
     :raises HostNotFound: the host name does not resolve (in any family).
     :raises AddressInUse: a socket outside this reuseport group holds the address
         (``bind`` refused it, or ``listen`` did: a socket bound with SO_REUSEADDR
@@ -646,15 +662,16 @@ def reuseport_udp(
     SO_REUSEPORT set can still be handed this port by the kernel later, and join.
 
     :param address: see :func:`reuseport_listener`.
-    :param dualstack: for an IPv6 address or the any-address of both families, take
-        IPv4 too (see :func:`reuseport_listener`).
+    :param dualstack: for ``::`` (or an IPv4-mapped address), the any-address of
+        both families, take IPv4 too (see :func:`reuseport_listener`).
     :param nonblocking: create the socket non-blocking.
     :param balanced: require kernel balancing (see :func:`reuseport_listener`).
     :returns: the bound socket; the caller owns it.
     :raises AddressError: the address is malformed, not local, an IPv4-mapped
         IPv6 address without *dualstack*, an IPv4 address with *dualstack*
         (``0.0.0.0`` too: it is IPv4's any-address alone; ``":port"`` or
-        ``"[::]:port"`` is both families'), a name without an IPv6 address with
+        ``"[::]:port"`` is both families'), an IPv6 address other than ``::`` or an
+        IPv4-mapped one with *dualstack*, a name without an IPv6 address with
         *dualstack*, a link-local IPv6 address without a zone, an IPv6 address whose
         zone names no interface, or refused by ``bind`` with EINVAL.
     :raises HostNotFound: the host name does not resolve (in any family).
@@ -692,7 +709,8 @@ def hold_port(
     :raises AddressError: the address is malformed, not local, an IPv4-mapped
         IPv6 address without *dualstack*, an IPv4 address with *dualstack*
         (``0.0.0.0`` too: it is IPv4's any-address alone; ``":port"`` or
-        ``"[::]:port"`` is both families'), a name without an IPv6 address with
+        ``"[::]:port"`` is both families'), an IPv6 address other than ``::`` or an
+        IPv4-mapped one with *dualstack*, a name without an IPv6 address with
         *dualstack*, a link-local IPv6 address without a zone, an IPv6 address whose
         zone names no interface, or refused by ``bind`` with EINVAL.
     :raises HostNotFound: the host name does not resolve (in any family).
@@ -868,7 +886,8 @@ def reuseport_group(
         ``ValueError``; the cause is chained.
     :raises AddressError: the address is malformed, IPv4-mapped IPv6 without
         ``dualstack=True``, IPv4 (``0.0.0.0`` included, IPv4's any-address alone;
-        or a name without an IPv6 address) with it,
+        or a name without an IPv6 address) or IPv6 other than ``::`` or an
+        IPv4-mapped address with it,
         link-local IPv6 without a zone, or IPv6 with a zone naming no interface
         (before any socket is made).
     :raises HostNotFound: the host name does not resolve, in any family (before
