@@ -616,6 +616,39 @@ def test_diff_and_preview_refuse_one_array_or_mmap_key() -> None:
         m.close()
 
 
+def test_diff_and_preview_refuse_one_ctypes_buffer_key() -> None:
+    # pick() takes any buffer as one key, so these pick as b"user42" (or "ab") does;
+    # diff() and preview() iterated them instead, sampling a c_char array's bytes
+    # as six one-byte keys (BalanceDiff(keys=6)) and a c_wchar array's characters.
+    import ctypes
+
+    p = MaglevHash(NODES, table_size=1009)
+    one_keys: list[Any] = [
+        (ctypes.c_char * 6).from_buffer_copy(b"user42"),
+        ctypes.create_string_buffer(b"user42"),
+        (ctypes.c_ubyte * 3)(1, 2, 3),
+        ctypes.create_unicode_buffer("ab"),
+        ctypes.c_int(7),  # 0-d: one scalar, not iterable at all
+    ]
+    assert p.pick(one_keys[0]) is p.pick(b"user42")
+    for key in one_keys:
+        assert p.pick(key) in p.live_nodes
+        calls: tuple[Callable[[Any], BalanceDiff], ...] = (
+            lambda k: diff(p, p, k),
+            lambda k: p.preview(lambda q: None, k),
+        )
+        for call in calls:
+            with pytest.raises(
+                InvalidArgument, match=r"invalid keys .*not one key \(wrap it in a list\)"
+            ) as e:
+                call(key)
+            assert e.value.name == "keys" and e.value.value is key
+            assert call([key]).keys == 1
+    # a 2-D buffer iterates by its rows, each one key: sampled as before
+    rows = ((ctypes.c_char * 2) * 3)()
+    assert diff(p, p, rows).keys == 3
+
+
 def test_diff_and_preview_take_a_buffer_that_is_a_collection_of_keys() -> None:
     # A buffer is not one key as such: a ctypes array of char pointers exports a
     # buffer (of pointers) and iterates as its bytes keys, as a numpy "S" array does.

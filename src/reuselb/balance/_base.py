@@ -777,7 +777,8 @@ class BalancePolicy(abc.ABC):
         :raises NoNodeAvailable: no node can take it (the reason says why).
         :raises KeyRequired: a hash policy was given no key.
         :raises InvalidKey: the key is not str or bytes-like, is a str with a lone
-            surrogate (no UTF-8 form) or is a released memoryview.
+            surrogate (no UTF-8 form), is a released memoryview or is a buffer that
+            cannot be read (a closed ``mmap``).
         """
         k = self._key(key)
         if self._pick_unlocked:
@@ -793,7 +794,8 @@ class BalancePolicy(abc.ABC):
         :raises NoNodeAvailable: no node can take it.
         :raises KeyRequired: a hash policy was given no key.
         :raises InvalidKey: the key is not str or bytes-like, is a str with a lone
-            surrogate (no UTF-8 form) or is a released memoryview.
+            surrogate (no UTF-8 form), is a released memoryview or is a buffer that
+            cannot be read (a closed ``mmap``).
         """
         k = self._key(key)
         with self._lock:
@@ -1151,15 +1153,16 @@ class BalancePolicy(abc.ABC):
 
         :param change: callable applied to a copy of this policy.
         :param keys: sample keys (for hash policies; others pick once per key): an
-            iterable of keys, not one str or bytes.
+            iterable of keys, not one key (see :func:`diff`).
         :returns: :class:`BalanceDiff` of this policy versus the changed copy.
-        :raises InvalidArgument: *change* is not callable, or *keys* is one str or
-            bytes-like key or not iterable (the error names the value).
+        :raises InvalidArgument: *change* is not callable, or *keys* is one key (as
+            :func:`diff` tells it) or not iterable (the error names the value).
         :raises NoNodeAvailable: this policy or the changed copy has no live node
             (also with no keys).
         :raises KeyRequired: a hash policy and a ``None`` key.
         :raises InvalidKey: a key that is not str or bytes-like, has no UTF-8
-            form or is a released memoryview.
+            form, is a released memoryview or is a buffer that cannot be read (a
+            closed ``mmap``).
         :raises Exception: whatever *change* raises (for example ``UnknownNode``),
             unchanged; this policy is not touched either way.
         """
@@ -1454,15 +1457,19 @@ def diff(old: BalancePolicy, new: BalancePolicy, keys: Iterable[Key]) -> Balance
 
     :param old: the policy as it is.
     :param new: the policy after the change.
-    :param keys: sample keys: an iterable of keys, not one str or bytes.
+    :param keys: sample keys: an iterable of keys, not one key. One key is a
+        ``str`` or a buffer whose items are single bytes, characters or numbers
+        (``bytes``, ``bytearray``, ``memoryview``, ``array.array``, ``mmap``, a
+        ctypes ``c_char`` array or ``create_string_buffer()``): iterating it would
+        sample its characters or bytes as keys. A buffer of other items (a ctypes
+        array of ``c_char_p``, a numpy ``"S"`` array) is an iterable of keys.
     :returns: :class:`BalanceDiff`.
     :raises InvalidArgument: *old* or *new* is not a :class:`BalancePolicy`, or
-        *keys* is one str or bytes-like key or not iterable (the error names the
-        value).
+        *keys* is one key (as above) or not iterable (the error names the value).
     :raises NoNodeAvailable: either policy has no live node (also with no keys).
     :raises KeyRequired: a key is None and the policies hash keys.
-    :raises InvalidKey: a key is not str or bytes-like, has no UTF-8 form or
-        is a released memoryview.
+    :raises InvalidKey: a key is not str or bytes-like, has no UTF-8 form, is a
+        released memoryview or is a buffer that cannot be read (a closed ``mmap``).
     """
     for name, policy in (("old", old), ("new", new)):
         if not isinstance(policy, BalancePolicy):
@@ -1471,17 +1478,43 @@ def diff(old: BalancePolicy, new: BalancePolicy, keys: Iterable[Key]) -> Balance
     return _compare(old._copy_with_leases(), new._copy_with_leases(), sample)
 
 
+# A buffer's item format (struct syntax, byte-order prefix stripped) when its items
+# are single bytes, characters or numbers: iterating such a buffer gives one-byte
+# bytes (ctypes c_char: 'c'), one-character strs (ctypes c_wchar, array 'u'/'w'),
+# bools, ints or floats, never whole keys.
+_SCALAR_FORMATS = frozenset("cbB?hHiIlLqQnNefduw")
+
+
+def _one_key(keys: object) -> bool:
+    """True when *keys* is one key that iterates as its characters, bytes or numbers."""
+    if isinstance(keys, (str, bytes, bytearray, memoryview, array, mmap.mmap)):
+        return True
+    # key_bytes takes any buffer as one key, so a ctypes c_char array (or
+    # create_string_buffer) of b"user42" picks as b"user42" does, but it iterates as
+    # six one-byte keys and diff() sampled those without a word. Not every buffer is
+    # one key, though: a ctypes array of c_char_p ('<z') or a numpy "S" array ('3s')
+    # iterates as whole bytes keys, and a 2-D buffer by its rows. Tell them apart by
+    # what iteration yields, read from the buffer's format.
+    try:
+        view = memoryview(keys)  # type: ignore[arg-type]
+    except (TypeError, ValueError, BufferError):
+        # not a buffer, or one that cannot be read now: iterate it as before
+        return False
+    with view:
+        # 0-d: one scalar (a ctypes c_int, a numpy 0-d array), which is not iterable
+        return view.ndim == 0 or (view.ndim == 1 and view.format.lstrip("@=<>!") in _SCALAR_FORMATS)
+
+
 def _sample(keys: object) -> list[Key]:
     """*keys* as a list, refusing one key (a str would be sampled per character).
 
-    :raises InvalidArgument: *keys* is one str or bytes-like key or not iterable.
+    :raises InvalidArgument: *keys* is one key (a str or a buffer of single bytes,
+        characters or numbers, see :func:`diff`) or not iterable.
     """
     # An array.array and an mmap are keys too (key_bytes reads any buffer), and
     # both iterate: an mmap by its bytes, each a one-byte key (sampled without a
-    # word), an array by its ints (InvalidKey naming an int, not the array). Only
-    # these two: not every buffer is one key, a numpy "S" array is an iterable of
-    # bytes keys.
-    if isinstance(keys, (str, bytes, bytearray, memoryview, array, mmap.mmap)):
+    # word), an array by its ints (InvalidKey naming an int, not the array).
+    if _one_key(keys):
         raise InvalidArgument(
             "keys", keys, "must be an iterable of keys, not one key (wrap it in a list)"
         )
@@ -1525,11 +1558,13 @@ class TableHashPolicy(HashPolicy):
     def pick(self, key: Key = None) -> Node:
         """The node for *key* (see :meth:`BalancePolicy.pick`).
 
-        :param key: ``str`` (UTF-8) or ``bytes``.
+        :param key: ``str`` (hashed as UTF-8) or bytes-like (any buffer, hashed as
+            its bytes).
         :returns: a live node.
         :raises KeyRequired: no key.
         :raises InvalidKey: the key is not str or bytes-like, is a str with a
-            lone surrogate or is a released memoryview.
+            lone surrogate, is a released memoryview or is a buffer that cannot be
+            read (a closed ``mmap``).
         :raises NoNodeAvailable: no live node, or all over the load bound.
         """
         fast = self._fast

@@ -763,11 +763,13 @@ class RendezvousHash(HashPolicy):
     def pick(self, key: Key = None) -> Node:
         """The node for *key* (see :meth:`BalancePolicy.pick`).
 
-        :param key: ``str`` (UTF-8) or ``bytes``.
+        :param key: ``str`` (hashed as UTF-8) or bytes-like (any buffer, hashed as
+            its bytes).
         :returns: a live node.
         :raises KeyRequired: no key.
         :raises InvalidKey: the key is not str or bytes-like, is a str with a
-            lone surrogate or is a released memoryview.
+            lone surrogate, is a released memoryview or is a buffer that cannot be
+            read (a closed ``mmap``).
         :raises NoNodeAvailable: no live node, or all over the load bound.
         """
         # Hot path: str key, CRC hashing, no bound: one published tuple, no lock.

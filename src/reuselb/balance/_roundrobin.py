@@ -120,11 +120,12 @@ class RoundRobin(BalancePolicy):
     def pick(self, key: Key = None) -> Node:
         """The next node of the cycle; *key* is checked but ignored.
 
-        :param key: ignored (``str``/``bytes``/``None``), but checked as every policy
-            checks it.
+        :param key: ignored (``str``, bytes-like or ``None``), but checked as every
+            policy checks it.
         :returns: a live node.
         :raises InvalidKey: the key is not str or bytes-like, is a str with a
-            lone surrogate or is a released memoryview.
+            lone surrogate, is a released memoryview or is a buffer that cannot be
+            read (a closed ``mmap``).
         :raises NoNodeAvailable: no live node.
         """
         # The key is ignored but checked like everywhere else, so switching policy
