@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import select
 import socket
 from collections.abc import Callable, Sequence
@@ -322,3 +323,48 @@ def test_incoming_cpu_is_minus_one_until_the_kernel_records_one() -> None:
         client.sendto(b"x", server.getsockname())
         server.recv(1)
         assert get_incoming_cpu(server) >= 0
+
+
+def _accepted_per_member(group: Sequence[socket.socket], port: int, n: int) -> list[int]:
+    clients = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(n)]
+    try:
+        got = [0] * len(group)
+        for _ in range(n):  # each round accepts at least one, or select timed out
+            ready = select.select(list(group), [], [], 10)[0]
+            assert ready, f"only {sum(got)} of {n} connections arrived"
+            for member in ready:
+                member.accept()[0].close()
+                got[list(group).index(member)] += 1
+            if sum(got) == n:
+                break
+        return got
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_set_incoming_cpu_minus_one_clears_the_preference() -> None:
+    # Before: InvalidArgument "must be an int in 0..2**31-1", though -1 is the
+    # kernel's "no CPU" (every socket's default): a preference once set could not
+    # be undone, and from Linux 6.2 the member kept every SYN its CPU handled.
+    cpu = min(os.sched_getaffinity(0))
+    with reuseport_group("127.0.0.1:0", 2) as group:
+        set_incoming_cpu(group[0], cpu)
+        set_incoming_cpu(group[0], -1)
+        assert get_incoming_cpu(group[0]) == -1
+        # The group is hashed again: with this thread (and so loopback's SYN
+        # processing) on that CPU, a kept preference would give member 1 nothing.
+        affinity = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, {cpu})
+        try:
+            got = _accepted_per_member(group, group.port, 40)
+        finally:
+            os.sched_setaffinity(0, affinity)
+        assert sum(got) == 40 and min(got) > 0, got
+    with tcp_socket() as sock:
+        for bad in (-2, 2**31, 0.0, True):
+            with pytest.raises(InvalidArgument) as info:
+                set_incoming_cpu(sock, bad)  # type: ignore[arg-type]
+            assert str(info.value) == (
+                f"invalid cpu {bad!r}: must be -1 (clear) or an int in 0..2**31-1"
+            )

@@ -584,16 +584,24 @@ def set_incoming_cpu(sock: socket.socket, cpu: int) -> None:
     as usual, until commit b261eda84ec1 ("soreuseport: Fix socket selection for
     SO_INCOMING_CPU"). A steering program, where one is attached, chooses instead.
 
-    :raises InvalidArgument: *cpu* is not an int in ``0..2**31-1`` (the option is a C
-        int; the kernel stores any such value, a CPU that does not exist matches no
-        SYN).
+    :param sock: the socket (a reuseport member, for the preference to matter).
+    :param cpu: the CPU whose SYNs this member should take, or ``-1`` to clear the
+        preference (every socket's default, which :func:`get_incoming_cpu` reads
+        back): the member is then picked by the hash again.
+    :raises InvalidArgument: *cpu* is not ``-1`` or an int in ``0..2**31-1`` (the
+        option is a C int; the kernel stores any such value, a CPU that does not
+        exist matches no SYN).
     :raises SocketClosed: *sock* is closed.
     :raises WrongSocketType: *sock* is not a socket object.
     :raises OSError: the kernel refused.
     """
     check_open(sock)
-    if isinstance(cpu, bool) or not isinstance(cpu, int) or not 0 <= cpu <= _C_INT_MAX:
-        raise InvalidArgument("cpu", cpu, "must be an int in 0..2**31-1")
+    # -1 is the kernel's "no CPU" (sk_incoming_cpu's initial value): setting it
+    # takes the member out of the group's count of CPU-bound members
+    # (reuseport_update_incoming_cpu), so the group is hashed as before. Other
+    # negative values the kernel also stores as "none"; they are refused as typos.
+    if isinstance(cpu, bool) or not isinstance(cpu, int) or not -1 <= cpu <= _C_INT_MAX:
+        raise InvalidArgument("cpu", cpu, "must be -1 (clear) or an int in 0..2**31-1")
     sock.setsockopt(socket.SOL_SOCKET, SO_INCOMING_CPU, cpu)
 
 
