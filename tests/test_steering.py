@@ -357,7 +357,7 @@ def test_set_incoming_cpu_minus_one_clears_the_preference() -> None:
         affinity = os.sched_getaffinity(0)
         os.sched_setaffinity(0, {cpu})
         try:
-            got = _accepted_per_member(group, group.port, 40)
+            got = _accepted_per_member(list(group), group.port, 40)
         finally:
             os.sched_setaffinity(0, affinity)
         assert sum(got) == 40 and min(got) > 0, got
