@@ -1312,6 +1312,28 @@ def test_probe_without_fds_is_an_error_and_not_remembered(
         assert socket_info(lst).reuseport
 
 
+def test_group_probe_without_fds_raises_the_documented_oserror(
+    fake_platform: pytest.MonkeyPatch,
+) -> None:
+    # Before: the bare OSError (and the probe's AddressInUse) from the first call's
+    # SO_REUSEPORT probe were in no :raises: of reuseport_group, which listed only
+    # GroupMemberError for an OSError.
+    before = open_fds()
+    with (
+        fds_left(1),
+        pytest.raises(OSError, match="Too many open files") as info,
+    ):  # the probe needs two
+        reuseport_group("127.0.0.1:0", 2)
+    assert info.value.errno == errno.EMFILE
+    assert not isinstance(info.value, reuselb.GroupMemberError)
+    assert open_fds() == before
+    doc = " ".join((reuseport_group.__doc__ or "").split())
+    assert ":raises OSError: that probe could not run (``EMFILE``: no fd left)" in doc
+    assert ":raises AddressInUse: the process's first SO_REUSEPORT probe" in doc
+    with reuseport_group("127.0.0.1:0", 2) as group:  # probed afresh
+        assert len(group) == 2
+
+
 # Run by run_in_netns: ip_local_port_range is per network namespace, so narrowing
 # it there leaves the host's alone. Two sockets per family take both ports.
 _PORTS_EXHAUSTED = """

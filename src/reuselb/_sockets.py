@@ -893,6 +893,11 @@ def reuseport_group(
     :raises HostNotFound: the host name does not resolve, in any family (before
         any socket).
     :raises ReuseportUnsupported: see :func:`reuseport_listener` (before any socket).
+    :raises AddressInUse: the process's first SO_REUSEPORT probe (see
+        :func:`supports_reuseport`) found no free TCP or UDP port in the ephemeral
+        range (before any member is made; the next call probes again).
+    :raises OSError: that probe could not run (``EMFILE``: no fd left), before any
+        member is made; the next call probes again.
     :raises TypeError: an option the factory does not take. Any other exception
         (``KeyboardInterrupt`` included) also propagates unchanged, after the
         members already made are closed.
