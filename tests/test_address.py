@@ -329,6 +329,28 @@ def test_hand_built_address_is_canonical() -> None:
 
 
 @pytest.mark.parametrize(
+    ("port", "reason"),
+    [
+        ("8080", "new port must be an int, got str '8080'"),
+        (8080.0, "new port must be an int, got float 8080.0"),
+        (None, "new port must be an int, got NoneType None"),
+        (True, "new port must be an int, got bool True"),
+        (70000, "new port 70000 out of range 0-65535"),
+        (-1, "new port -1 out of range 0-65535"),
+    ],
+)
+def test_with_port_names_the_rejected_port(port: object, reason: str) -> None:
+    # Before: "invalid address Address(host='127.0.0.1', port=80): port must be an
+    # int, got str", which named the address's valid port 80 and not the bad one.
+    a = parse_address("127.0.0.1:80")
+    with pytest.raises(AddressError) as info:
+        a.with_port(port)  # type: ignore[arg-type]
+    assert str(info.value) == f"invalid address {a!r}: {reason}"
+    assert info.value.value == a
+    assert info.value.reason == reason
+
+
+@pytest.mark.parametrize(
     ("value", "expected"),
     [
         ("[::ffff:10.0.0.1]:80", "[::ffff:a00:1]:80"),

@@ -95,9 +95,12 @@ class Address:
     def with_port(self, port: int) -> Address:
         """The same host with another port.
 
-        :raises AddressError: *port* is not an int in ``0..65535``.
+        :raises AddressError: *port* is not an int in ``0..65535`` (a bool is
+            refused); the message names this address and the rejected port.
         """
-        return _make(self.host, _check_port(port, self))
+        # Named "new port": the error's value is this address, whose own port is
+        # valid, so the reason has to show the rejected one.
+        return _make(self.host, _check_port(port, self, "new port"))
 
     def __str__(self) -> str:
         if self.host == "":
