@@ -1149,3 +1149,35 @@ def test_node_bytes_and_node_int_name_a_bad_argument(
     assert hasher.node_int("n1", 8) == int.from_bytes(
         hashlib.shake_128(b"k" + (1).to_bytes(4, "little") + b"n1").digest(8), "little"
     )
+
+
+@pytest.mark.parametrize("secret", [None, b"k"])
+def test_key_hasher_is_immutable(secret: bytes | None) -> None:
+    # policy.hasher.seed = 12345 was accepted: the live picks kept seed 0 (hash32
+    # captured it) while copy(), preview() and diff() rebuilt from the new seed, so
+    # a copy agreed with its policy on about one key in ten.
+    import copy
+
+    from reuselb import MaglevHash
+    from reuselb.balance import KeyHasher
+
+    nodes = [addr(i) for i in range(10)]
+    p = MaglevHash(nodes, table_size=1009, seed=7, secret=secret)
+    hasher = p.hasher
+    for attr in ("seed", "secret", "hash32"):
+        before = getattr(hasher, attr)
+        with pytest.raises(AttributeError, match=f"KeyHasher is immutable; cannot set '{attr}'"):
+            setattr(hasher, attr, 12345)
+        with pytest.raises(AttributeError, match=f"KeyHasher is immutable; cannot delete '{attr}'"):
+            delattr(hasher, attr)
+        assert getattr(hasher, attr) is before
+    with pytest.raises(AttributeError, match="cannot run __init__ again"):
+        hasher.__init__(12345)  # type: ignore[misc]
+    assert (hasher.seed, hasher.secret) == (7, secret)
+    assert copy.copy(hasher) is hasher and copy.deepcopy(hasher) is hasher
+    ks = keys(500)
+    c = p.copy()
+    assert [c.pick(k) for k in ks] == [p.pick(k) for k in ks]
+    assert p.preview(lambda q: None, ks).moved == 0
+    # a new hasher is built as before
+    assert KeyHasher(7, secret).hash32("k") == hasher.hash32("k")

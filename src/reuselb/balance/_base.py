@@ -421,6 +421,9 @@ class KeyHasher:
     :meth:`node_bytes` and :meth:`node_int` hash a node's identity
     (:attr:`Node.hash_id`) when a policy builds its table, ring or scores.
 
+    Immutable, as :class:`Node` is: assigning or deleting an attribute, or running
+    ``__init__`` again on a built hasher, raises :class:`AttributeError`.
+
     :param seed: int in ``0..2**32-1``.
     :param secret: optional BLAKE2b key (1 to 64 bytes).
     :raises InvalidArgument: seed out of range or secret not 1-64 bytes; for the
@@ -429,14 +432,25 @@ class KeyHasher:
 
     __slots__ = ("hash32", "secret", "seed")
 
+    seed: int
+    secret: bytes | None
+    hash32: Callable[[str | bytes | bytearray | memoryview], int]
+
     def __init__(self, seed: int = 0, secret: bytes | None = None) -> None:
+        # A policy's hasher is public (policy.hasher): hash32 keeps the seed and
+        # secret it was built with, but copy(), preview() and diff() rebuild from
+        # .seed and .secret, so ``policy.hasher.seed = 12345`` was accepted, the
+        # live picks stayed as they were and every copy picked another mapping.
+        # Nothing is assigned after this, so __init__ is refused on a built hasher
+        # too (an empty slot reads as AttributeError: a set seed means built).
+        if hasattr(self, "seed"):
+            raise AttributeError(
+                "KeyHasher is immutable; cannot run __init__ again on a built hasher"
+            )
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 0xFFFFFFFF:
             raise InvalidArgument("seed", seed, "must be an int in 0..2**32-1")
         if secret is not None and (not isinstance(secret, bytes) or not 1 <= len(secret) <= 64):
             raise _bad_secret(secret)
-        self.seed = seed
-        self.secret = secret
-        self.hash32: Callable[[str | bytes | bytearray | memoryview], int]
         # The policies pass bytes (key_bytes() ran first), so bytes go straight to
         # the hash; only what the hash refuses is converted as a policy's key would
         # be, in the except clause, so a bytes key pays nothing for it (a try
@@ -453,7 +467,7 @@ class KeyHasher:
                     pass  # (converted outside the except clause: an InvalidKey has no context)
                 return crc32(key_bytes(data), seed)
 
-            self.hash32 = _crc
+            hash32 = _crc
         else:
             # Keying BLAKE2b costs more than hashing a short key: key it once
             # and copy the keyed state per call (~1.5x faster).
@@ -471,7 +485,25 @@ class KeyHasher:
                 h.update(key_bytes(data))
                 return from_bytes(h.digest(), "little")
 
-            self.hash32 = _keyed
+            hash32 = _keyed
+        # seed last: __init__'s check above reads it as "built"
+        _set_hash32(self, hash32)
+        _set_secret(self, secret)
+        _set_seed(self, seed)
+
+    def __setattr__(self, attr: str, value: object) -> None:
+        raise AttributeError(f"KeyHasher is immutable; cannot set {attr!r}")
+
+    def __delattr__(self, attr: str) -> None:
+        raise AttributeError(f"KeyHasher is immutable; cannot delete {attr!r}")
+
+    # Immutable, so a copy is the hasher itself (copy's default for a slotted
+    # object sets each slot through __setattr__, which refuses).
+    def __copy__(self) -> KeyHasher:
+        return self
+
+    def __deepcopy__(self, memo: object) -> KeyHasher:
+        return self
 
     def node_bytes(self, text: str, nbytes: int) -> bytes:
         """*nbytes* pseudo-random bytes for a node identity (build time, not per pick).
@@ -510,6 +542,12 @@ class KeyHasher:
         :raises InvalidArgument: as :meth:`node_bytes`.
         """
         return int.from_bytes(self.node_bytes(text, nbytes), "little")
+
+
+# The slots' own setters, for KeyHasher.__init__ (its __setattr__ refuses them all).
+_set_hash32, _set_secret, _set_seed = (
+    vars(KeyHasher)[slot].__set__ for slot in ("hash32", "secret", "seed")
+)
 
 
 # --------------------------------------------------------------------------- leases
