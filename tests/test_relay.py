@@ -1118,6 +1118,11 @@ def test_the_pool_keeps_at_most_pool_max_pipes() -> None:
 
 
 def test_a_pipe_with_bytes_in_it_is_never_reused(listener: socket.socket) -> None:
+    # Both relays run in this thread, so they share its pipe pool (a relay in a
+    # helper thread would have its pool closed at the thread's exit, and a pooled
+    # pipe with bytes in it would go unseen). The first relay ends on its idle
+    # timeout with its pipe full: that pipe must be closed, never pooled, or the
+    # next relay to take it delivers the first connection's bytes to its backend.
     before = open_fds()
     client, a = tcp_pair(listener)
     b, backend = tcp_pair(listener)
@@ -1125,19 +1130,21 @@ def test_a_pipe_with_bytes_in_it_is_never_reused(listener: socket.socket) -> Non
         backend.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sent = _fill(client, 64 << 20)  # backend never reads: the pipe fills up
         assert sent > 1 << 20
-        stats: list[RelayStats] = []
-        t = threading.Thread(
-            target=lambda: stats.append(pipe_splice(a, b, idle_timeout=0.5)), daemon=True
-        )
-        t.start()
-        t.join(JOIN)
-        assert stats[0].a_end is End.TIMEOUT
-        assert stats[0].spliced  # bytes were in its pipe when it ended
+        first = pipe_splice(a, b, idle_timeout=0.5)
+        assert first.a_end is End.TIMEOUT
+        assert first.spliced  # bytes were in its pipe when it ended
+        assert first.a_to_b < sent
     finally:
         client.close()
         backend.close()
-    assert release_pipes() == 0
-    assert open_fds() == before  # closed, not pooled (that thread had nothing idle)
+    pooled = {fd for fd in open_fds() - before if _is_pipe(fd)}
+    # The second relay takes a pipe from this thread's pool if there is one.
+    stats, got, data = _stream_through(listener, 4 << 20)
+    assert stats.spliced_bytes > 0  # it used a pipe
+    assert got == [(len(data), hashlib.sha256(data).hexdigest())]  # no foreign bytes
+    assert not pooled, "a pipe with bytes in it was pooled"
+    assert release_pipes() == 1  # the second relay's pipe, empty at its EOF
+    assert open_fds() == before
 
 
 def test_a_forked_child_does_not_share_pooled_pipes(listener: socket.socket) -> None:
@@ -2062,6 +2069,58 @@ def test_close_false_leaves_sockets_to_the_caller(listener: socket.socket) -> No
         for s in (r.a, r.b):
             assert s.fileno() != -1
             assert s.getblocking()
+    finally:
+        r.close()
+        r.a.close()
+        r.b.close()
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close *sock* with SO_LINGER 0: an RST to its peer, not a FIN."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+    sock.close()
+
+
+@pytest.mark.parametrize("mode", list(RUNNERS))
+@pytest.mark.parametrize(
+    "how", ["client-reset", "backend-reset", "reset-mid-stream", "idle-timeout"]
+)
+def test_close_false_leaves_sockets_to_the_caller_however_the_relay_ends(
+    listener: socket.socket, mode: str, how: str
+) -> None:
+    # A relay that ends on a fault or the idle timeout, not a clean EOF, still gives
+    # a close=False caller both sockets back open: the caller may log, answer or
+    # reuse them, and would close a number the next accept() reuses if the relay
+    # had closed it behind its back. Same fd, same socket (its inode), not just an
+    # fd number the kernel handed to something else.
+    r = Relay(
+        listener, RUNNERS[mode], close=False, idle_timeout=0.3 if how == "idle-timeout" else 60
+    )
+    fds = [s.fileno() for s in (r.a, r.b)]
+    inodes = [os.fstat(fd).st_ino for fd in fds]
+    try:
+        r.backend.settimeout(JOIN)
+        if how == "reset-mid-stream":
+            _fill(r.client, 4 << 20)  # more than the relay holds: the stream is cut off
+            r.backend.recv(1000)  # data is flowing
+            _reset(r.backend)
+        elif how != "idle-timeout":
+            r.client.sendall(b"ping")  # the relay runs (and read a) before the reset
+            assert _recv_bytes(r.backend, 4) == b"ping"
+            _reset(r.client if how == "client-reset" else r.backend)
+        stats = r.join()
+        expected = {
+            "client-reset": ("a", End.RESET),
+            "backend-reset": ("b", End.RESET),
+            "reset-mid-stream": ("b", End.RESET),
+            "idle-timeout": (None, End.TIMEOUT),
+        }[how]
+        failed = stats.failed
+        assert (failed, stats.a_end if failed == "a" else stats.b_end) == expected
+        assert [s.fileno() for s in (r.a, r.b)] == fds
+        assert [os.fstat(fd).st_ino for fd in fds] == inodes
+        for s in (r.a, r.b):
+            assert s.getblocking()  # its timeout given back too
     finally:
         r.close()
         r.a.close()
