@@ -94,6 +94,19 @@ def test_tcp_nodelay_and_bad_family() -> None:
         udp_socket(99)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("factory", [tcp_socket, udp_socket])
+@pytest.mark.parametrize("family", [2.0, 10.0, True, "2", None])
+def test_factories_refuse_a_family_that_is_not_an_int(
+    factory: Callable[..., socket.socket], family: object, no_fd_leak: None
+) -> None:
+    # Before: 2.0 and 10.0 compared equal to AF_INET and AF_INET6 and were taken.
+    with pytest.raises(InvalidArgument) as info:
+        factory(family)
+    assert str(info.value) == (
+        f"invalid family {family!r}: expected socket.AF_INET or socket.AF_INET6"
+    )
+
+
 # --------------------------------------------------------------------------- listeners
 
 

@@ -271,9 +271,15 @@ def _new_socket(
 
 
 def _check_family(family: object) -> socket.AddressFamily:
-    if family not in (socket.AF_INET, socket.AF_INET6):
+    # An int (AddressFamily is one) and not a bool: "in" alone compares by ==, which
+    # let 2.0 and 10.0 through as AF_INET and AF_INET6.
+    if (
+        isinstance(family, bool)
+        or not isinstance(family, int)
+        or family not in (socket.AF_INET, socket.AF_INET6)
+    ):
         raise InvalidArgument("family", family, "expected socket.AF_INET or socket.AF_INET6")
-    return socket.AddressFamily(family)  # type: ignore[arg-type]
+    return socket.AddressFamily(family)
 
 
 def tcp_socket(
@@ -288,7 +294,8 @@ def tcp_socket(
     :param nonblocking: create it with ``SOCK_NONBLOCK`` (Python timeout 0).
     :param nodelay: set ``TCP_NODELAY``.
     :returns: the socket; the caller owns it.
-    :raises InvalidArgument: *family* is not an IP family, or a flag is not a bool.
+    :raises InvalidArgument: *family* is not ``AF_INET`` or ``AF_INET6`` (an int; a
+        float or a bool is refused), or a flag is not a bool.
     :raises OSError: the kernel refused to create it.
     """
     family = _check_family(family)
@@ -311,8 +318,8 @@ def udp_socket(
     :param family: ``AF_INET`` or ``AF_INET6``.
     :param nonblocking: create it with ``SOCK_NONBLOCK`` (Python timeout 0).
     :returns: the socket; the caller owns it.
-    :raises InvalidArgument: *family* is not an IP family, or *nonblocking* is not
-        a bool.
+    :raises InvalidArgument: *family* is not ``AF_INET`` or ``AF_INET6`` (an int; a
+        float or a bool is refused), or *nonblocking* is not a bool.
     :raises OSError: the kernel refused to create it.
     """
     family = _check_family(family)
