@@ -368,3 +368,27 @@ def test_set_incoming_cpu_minus_one_clears_the_preference() -> None:
             assert str(info.value) == (
                 f"invalid cpu {bad!r}: must be -1 (clear) or an int in 0..2**31-1"
             )
+
+
+def test_cpu_steering_not_strict_starves_members_beyond_the_cpus() -> None:
+    # What the strict=False docs now say (they spoke only of CPUs beyond the group):
+    # member i takes the SYNs of CPU i alone, so in a group one larger than the CPU
+    # count the last member gets nothing.
+    cpus = os.cpu_count() or 1
+    allowed = sorted(cpu for cpu in os.sched_getaffinity(0) if cpu < cpus)
+    if not allowed:
+        pytest.skip(f"none of the CPUs this process may use is below os.cpu_count() {cpus}")
+    doc = " ".join((attach_cpu_steering.__doc__ or "").split())
+    assert "members beyond the last CPU's index get no connection at all" in doc
+    with reuseport_group("127.0.0.1:0", cpus + 1) as group:
+        attach_cpu_steering(group, strict=False)
+        got = [0] * len(group)
+        affinity = os.sched_getaffinity(0)
+        try:
+            for cpu in allowed:
+                os.sched_setaffinity(0, {cpu})  # this thread: the SYN is sent on `cpu`
+                for index, n in enumerate(_accepted_per_member(list(group), group.port, 8)):
+                    got[index] += n
+        finally:
+            os.sched_setaffinity(0, affinity)
+        assert sum(got) == 8 * len(allowed) and got[-1] == 0, got

@@ -360,7 +360,9 @@ def attach_cpu_steering(group: GroupLike, *, strict: bool = True) -> None:
         the last member into its slot; :func:`~reuselb.drain_close` keeps a group in
         step.)
     :param strict: require exactly one member per CPU (``os.cpu_count()``); with
-        False, CPUs beyond the group fall back to the kernel's hash.
+        False, CPUs beyond the group fall back to the kernel's hash, and in a group
+        larger than the CPU count the members beyond the last CPU's index get no
+        connection at all (no CPU's SYN selects them).
     :raises InvalidArgument: *group* is not a group or a sequence of sockets (one
         socket is not a group, nor is a set, a mapping or an iterator of them:
         the message names it), the group is empty, closed or has every member
