@@ -1060,11 +1060,35 @@ def test_connect_tcp_source_in_use_names_the_source(no_fd_leak: None) -> None:
         with pytest.raises(reuselb.AddressInUse) as info:
             connect_tcp(peer.getsockname(), source=source, timeout=5)
         assert str(info.value) == (
-            f"source address 127.0.0.1:{source[1]} is in use by another socket: "
-            f"{os.strerror(errno.EADDRINUSE)}"
+            f"source address 127.0.0.1:{source[1]} is in use by another socket or a "
+            f"recent connection in TIME_WAIT: {os.strerror(errno.EADDRINUSE)}"
         )
         assert info.value.errno == errno.EADDRINUSE
         assert info.value.address == f"127.0.0.1:{source[1]}"
+
+
+def test_connect_tcp_source_held_by_time_wait_says_so(no_fd_leak: None) -> None:
+    # Before: "is in use by another socket", with no socket open on the port: the
+    # holder is connect_tcp's own earlier connection from that source, which closed
+    # first and sits in TIME_WAIT (FIN_WAIT_2 until the peer's FIN), still bound.
+    with reuseport_listener("127.0.0.1:0") as peer:
+        peer.settimeout(10)
+        with socket.socket() as probe:  # a free port to use as the fixed source
+            probe.bind(("127.0.0.1", 0))
+            source = probe.getsockname()
+        first = connect_tcp(peer.getsockname(), source=source, timeout=5)
+        conn = peer.accept()[0]
+        with conn:
+            first.close()  # the active close: this side goes to TIME_WAIT
+            conn.settimeout(10)
+            assert conn.recv(1) == b""
+        with pytest.raises(reuselb.AddressInUse) as info:
+            connect_tcp(peer.getsockname(), source=source, timeout=5)
+        assert str(info.value) == (
+            f"source address 127.0.0.1:{source[1]} is in use by another socket or a "
+            f"recent connection in TIME_WAIT: {os.strerror(errno.EADDRINUSE)}"
+        )
+        assert info.value.errno == errno.EADDRINUSE
 
 
 @pytest.mark.ipv6

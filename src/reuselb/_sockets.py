@@ -995,7 +995,10 @@ def connect_tcp(
         a name: has no address in any of the peer's families), or cannot be bound
         for another reason (the ``OSError`` is chained; no other peer address is
         tried).
-    :raises AddressInUse: *source* names a port that another socket holds.
+    :raises AddressInUse: *source* names a port that another socket holds, or a
+        recent connection from it still in TIME_WAIT (Linux keeps the port bound
+        for 60 seconds after an active close, and this socket has no
+        SO_REUSEADDR to share it).
     :raises HostNotFound: a host name does not resolve (in any family).
     :raises OSError: every candidate failed (the last error, naming the address:
         ``ConnectionRefusedError``, ``TimeoutError``, ...; the original is chained).
@@ -1109,10 +1112,14 @@ def _source_in_use(src: Address, detail: str) -> AddressInUse:
 
     Not AddressInUse's own message, which blames the holder ("lacks SO_REUSEPORT,
     or belongs to another user id"): connect_tcp's socket has no SO_REUSEPORT, so
-    any socket holding the port refuses it, whatever that socket's options.
+    any socket holding the port refuses it, whatever that socket's options. The
+    holder need not be a socket anyone has open: a connection from the same
+    source that this process closed first stays in TIME_WAIT for 60 seconds and
+    keeps the port bound (inet_csk_bind_conflict counts it), which is the usual
+    cause when a caller reuses a fixed source port.
     """
     exc = AddressInUse(str(src), detail)
-    msg = f"source address {src} is in use by another socket"
+    msg = f"source address {src} is in use by another socket or a recent connection in TIME_WAIT"
     # OSError.__init__ again, as AddressInUse.__init__ calls it: errno, strerror
     # and args (which __str__ reads) all take the new message.
     OSError.__init__(exc, errno.EADDRINUSE, f"{msg}: {detail}" if detail else msg)
