@@ -10,6 +10,7 @@ import random
 import re
 import sys
 import zlib
+from typing import Literal
 
 import pytest
 
@@ -1181,3 +1182,26 @@ def test_key_hasher_is_immutable(secret: bytes | None) -> None:
     assert p.preview(lambda q: None, ks).moved == 0
     # a new hasher is built as before
     assert KeyHasher(7, secret).hash32("k") == hasher.hash32("k")
+
+
+def test_ketama_equal_weights_move_other_keys_across_a_point_count_step() -> None:
+    # docs/policies/hashing.md and the RingHash docstring: with equal weights only
+    # the leaving server's keys move unless the server count crosses a point-count
+    # step (libketama 62 -> 61 servers: 160 -> 156 points; libmemcached 25 -> 24:
+    # 156 -> 160), where the other servers' keys move too.
+    from reuselb import RingHash
+
+    ks = [f"key:{i}" for i in range(20000)]
+    cases: tuple[tuple[bool | Literal["libmemcached"], int, int], ...] = (
+        (True, 62, 562),
+        ("libmemcached", 25, 386),
+        (True, 10, 0),
+    )
+    for mode, n, moved in cases:
+        servers = [f"10.0.{i // 200}.{i % 200 + 1}:11211" for i in range(n)]
+        p = RingHash(servers, ketama=mode)
+        gone = p.get(servers[n // 2]).address
+        before = {k: p.pick(k).address for k in ks}
+        p.remove(gone)
+        others = sum(a != gone and p.pick(k).address != a for k, a in before.items())
+        assert others == moved, (mode, n)

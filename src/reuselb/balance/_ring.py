@@ -194,7 +194,11 @@ def ketama_points(
 class RingHash(HashPolicy):
     """A consistent hash ring: when a node leaves only its keys move (to the next
     points), about 1/N of them; balance depends on the number of points
-    (160 per node gives ~10% spread at N=100).
+    (160 per node gives ~10% spread at N=100). Not so in ketama mode, which, as
+    libketama and libmemcached do, recomputes every server's point count from the
+    total weight and the server count: only with equal weights, and when the
+    server count does not cross a point-count step (libketama 62 -> 61,
+    libmemcached 25 -> 24), do only the leaving server's keys move.
 
     Cost: a node has ``vnodes x weight`` points, so the ring grows with the
     absolute weights, not their ratios (weights 1000, 1000 build a ring 1000x the
