@@ -267,7 +267,9 @@ class KeyRequired(ReuselbError, ValueError):
 
     def __init__(self, policy: str) -> None:
         self.policy = policy
-        super().__init__(f"{policy} needs a key (str or bytes) to pick a node, got None")
+        super().__init__(
+            f"{policy} needs a key (str or a bytes-like object) to pick a node, got None"
+        )
 
 
 class InvalidKey(ReuselbError, TypeError):
