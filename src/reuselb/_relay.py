@@ -833,10 +833,7 @@ class _Relay:
         flow.shut = True
         self.ends.setdefault(flow.name, End.EOF)
         try:
-            if isinstance(dst, socket.socket):
-                socket.socket.shutdown(dst, socket.SHUT_WR)
-            else:
-                dst.shutdown(socket.SHUT_WR)
+            _shutdown(dst, socket.SHUT_WR)
         except OSError as exc:
             if exc.errno != errno.ENOTCONN:
                 if exc.errno == errno.EBADF and self.lost(_other(flow.name)):
@@ -1341,11 +1338,8 @@ class _Relay:
                 setsockopt = getattr(sock, "setsockopt", None)
                 if callable(setsockopt):
                     setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-            elif isinstance(sock, socket.socket):
-                # Not SSLSocket.shutdown, which drops the TLS state first.
-                socket.socket.shutdown(sock, socket.SHUT_RDWR)
             else:
-                sock.shutdown(socket.SHUT_RDWR)
+                _shutdown(sock, socket.SHUT_RDWR)
         except OSError:
             pass
 
@@ -1511,6 +1505,27 @@ def _is_kernel_socket(sock: object) -> bool:
         return False
     cls = type(sock)
     return cls.recv_into is _socket.socket.recv_into and cls.send is _socket.socket.send
+
+
+def _shutdown(sock: Side, how: int) -> None:
+    """``shutdown(how)`` of a relay side: its own method, unless that is the socket's.
+
+    A ``socket.socket`` subclass's override is the side's way to end its stream (a
+    framing layer's end-of-stream record before the FIN, a count, a log line) and is
+    called, as a :class:`SocketLike`'s ``shutdown`` is. The kernel's call is made
+    directly only for a socket that does not override it, and for an
+    ``ssl.SSLSocket`` whose ``shutdown`` is ``ssl.SSLSocket.shutdown``: that one sets
+    ``_sslobj`` to None before the kernel's call, and a TLS side given back with
+    ``close=False`` would lose its TLS state (OpenSSL's decrypted bytes, ``unwrap``).
+
+    :raises OSError: what the shutdown raised (``ENOTCONN``: the caller's to ignore).
+    """
+    if isinstance(sock, socket.socket):
+        method = getattr(type(sock), "shutdown", None)
+        if method is _socket.socket.shutdown or method is ssl.SSLSocket.shutdown:
+            _socket.socket.shutdown(sock, how)
+            return
+    sock.shutdown(how)
 
 
 def _is_inet(sock: object) -> bool:

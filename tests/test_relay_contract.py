@@ -1,0 +1,146 @@
+"""The relay's contract with its sides, its caller and a forked child: whose methods it
+calls, what it closes, what its errors and documentation say."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import reuselb._relay as relay_mod
+from reuselb import End, RelayStats
+from tests.test_relay import (
+    JOIN,
+    RUNNERS,
+    tcp_pair,
+)
+from tests.test_relay_tls import Running, _tls_contexts, make_setup
+
+pytestmark = pytest.mark.linux
+
+# Every form: the blocking one, asyncio and uvloop (the epoll hub), start_pipe_splice
+# from a callback, and the driver used where there is no epoll.
+FORMS = ["splice", "asyncio", "uvloop", "asyncio-start", "asyncio-selector"]
+
+
+@pytest.fixture(scope="module")
+def listener() -> Iterator[socket.socket]:
+    with socket.create_server(("127.0.0.1", 0), backlog=1024) as lst:
+        yield lst
+
+
+# --------------------------------------------------------------------------- shutdown
+
+
+class Framed(socket.socket):
+    """A framing layer's socket: its shutdown() ends the stream with a marker of its
+    own before the FIN, and records every call."""
+
+    calls: list[int]
+
+    def shutdown(self, how: int, /) -> None:
+        self.calls.append(how)
+        if how in (socket.SHUT_WR, socket.SHUT_RDWR):
+            with_marker = socket.socket.send(self, b"<END>")
+            assert with_marker == 5
+        super().shutdown(how)
+
+
+class FramedIO(Framed):
+    """The same with its own recv_into/send: relayed as a wrapper (Fallback.WRAPPER)."""
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0, /) -> int:
+        return super().recv_into(buffer, nbytes, flags)
+
+    def send(self, data: Any, flags: int = 0, /) -> int:
+        return super().send(data, flags)
+
+
+def _framed(sock: socket.socket, cls: type[Framed]) -> Framed:
+    framed = cls(fileno=sock.detach())
+    framed.calls = []
+    return framed
+
+
+def _read_to_eof(sock: socket.socket) -> bytes:
+    sock.settimeout(JOIN)
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+@pytest.mark.parametrize("cls", [FramedIO, Framed])
+@pytest.mark.parametrize("mode", FORMS)
+def test_a_socket_subclass_s_own_shutdown_is_the_half_close(
+    listener: socket.socket, mode: str, cls: type[Framed]
+) -> None:
+    # A socket.socket subclass that overrides shutdown() (a framing layer's
+    # end-of-stream record, here "<END>" before the FIN) had it bypassed: the relay
+    # called socket.socket.shutdown on it directly, so the client got the backend's
+    # bytes and a bare FIN, without the layer's marker. Whether it overrides
+    # recv_into/send too (relayed as a wrapper) or not (spliced).
+    client, s = tcp_pair(listener)
+    a = _framed(s, cls)
+    b, backend = tcp_pair(listener)
+    try:
+        backend.sendall(b"response")
+        backend.shutdown(socket.SHUT_WR)  # b's EOF: the relay half-closes a
+        client.shutdown(socket.SHUT_WR)
+        stats: RelayStats = RUNNERS[mode](a, b, idle_timeout=JOIN)
+        assert (stats.a_end, stats.b_end, stats.failed) == (End.EOF, End.EOF, None)
+        assert stats.fallback == (relay_mod.Fallback.WRAPPER if cls is FramedIO else None)
+        assert _read_to_eof(client) == b"response<END>"
+        assert a.calls == [socket.SHUT_WR]
+        assert _read_to_eof(backend) == b""
+    finally:
+        for sock in (client, a, b, backend):
+            sock.close()
+
+
+@pytest.mark.parametrize("mode", FORMS)
+def test_a_socket_subclass_s_own_shutdown_ends_a_close_false_relay(
+    listener: socket.socket, mode: str
+) -> None:
+    # close=False: the idle timeout (as an error would) shuts both sides down,
+    # SHUT_RDWR, so their peers see the end. A subclass's override was bypassed
+    # there too: its peer got no marker.
+    client, s = tcp_pair(listener)
+    a = _framed(s, FramedIO)
+    b, backend = tcp_pair(listener)
+    try:
+        stats: RelayStats = RUNNERS[mode](a, b, idle_timeout=0.2, close=False)
+        assert (stats.a_end, stats.b_end) == (End.TIMEOUT, End.TIMEOUT)
+        assert a.calls == [socket.SHUT_RDWR]
+        assert a.fileno() != -1  # the caller's still
+        assert _read_to_eof(client) == b"<END>"
+        assert _read_to_eof(backend) == b""  # a plain side: the kernel's shutdown
+    finally:
+        for sock in (client, a, b, backend):
+            sock.close()
+
+
+@pytest.fixture(scope="module")
+def contexts(tmp_path_factory: pytest.TempPathFactory) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    return _tls_contexts(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.mark.parametrize("mode", FORMS)
+def test_a_tls_side_given_back_after_a_timeout_keeps_its_tls_state(
+    listener: socket.socket, contexts: tuple[ssl.SSLContext, ssl.SSLContext], mode: str
+) -> None:
+    # The SSLSocket case the subclass rule must keep: ssl.SSLSocket.shutdown sets
+    # _sslobj to None before the kernel's call, so the relay's close=False shutdown
+    # of a TLS side is the kernel's alone, and the caller gets the TLS state back.
+    setup = make_setup(listener, contexts, "client-tls")
+    try:
+        r = Running(RUNNERS[mode], setup, idle_timeout=0.2, close=False)
+        stats = r.join()
+        assert (stats.a_end, stats.b_end) == (End.TIMEOUT, End.TIMEOUT)
+        assert isinstance(setup.a, ssl.SSLSocket)
+        assert setup.a._sslobj is not None  # type: ignore[attr-defined]
+    finally:
+        setup.close()
