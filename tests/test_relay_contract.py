@@ -3,8 +3,11 @@ calls, what it closes, what its errors and documentation say."""
 
 from __future__ import annotations
 
+import os
+import select
 import socket
 import ssl
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,9 +15,15 @@ import pytest
 
 import reuselb._relay as relay_mod
 from reuselb import End, RelayStats
+from tests.conftest import open_fds
 from tests.test_relay import (
     JOIN,
     RUNNERS,
+    Relay,
+    _file_id,
+    _fork_reporting,
+    _recv_bytes,
+    _relay_with_an_error_queue,
     tcp_pair,
 )
 from tests.test_relay_tls import Running, _tls_contexts, make_setup
@@ -144,3 +153,56 @@ def test_a_tls_side_given_back_after_a_timeout_keeps_its_tls_state(
         assert setup.a._sslobj is not None  # type: ignore[attr-defined]
     finally:
         setup.close()
+
+
+# --------------------------------------------------------------------------- fork
+
+
+def _epolls() -> set[int]:
+    found = set()
+    for fd in open_fds():
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventpoll]":
+                found.add(fd)
+        except OSError:
+            pass  # the fd listdir used to read /proc/self/fd, gone already
+    return found
+
+
+def test_a_forked_child_closes_a_blocking_relay_s_edge_triggered_epoll(
+    listener: socket.socket,
+) -> None:
+    # A pipe_splice whose side b has an unread error queue (a MSG_ZEROCOPY
+    # completion: POLLERR with SO_ERROR 0) waits on an epoll of its own,
+    # edge-triggered (_drive_edge). A child forked from another thread meanwhile
+    # kept that epoll fd for its life: the relay's thread does not exist there,
+    # and the at-fork cleanup closed only its pipes and sockets.
+    before = _epolls()
+    r: Relay = _relay_with_an_error_queue(listener, RUNNERS["splice"], close=False)
+    try:
+        deadline = time.monotonic() + JOIN
+        while not (new := _epolls() - before):  # until the relay waits on its epoll
+            assert r.thread.is_alive(), "the relay ended"
+            assert time.monotonic() < deadline, "the relay never waited edge-triggered"
+            select.select([], [], [], 0.005)  # nothing to wait on: a bounded re-check
+        assert len(new) == 1
+        files = {fd: _file_id(fd) for fd in new}
+        pid, go, report = _fork_reporting(files, [r.client, r.backend])
+        os.close(go)
+        os.waitpid(pid, 0)
+        assert report == b"[]"
+        # The parent's relay is undisturbed: bytes still flow, and it ends as usual.
+        r.client.sendall(b"ping")
+        assert _recv_bytes(r.backend, 4) == b"ping"
+        r.client.shutdown(socket.SHUT_WR)
+        r.backend.shutdown(socket.SHUT_WR)
+        stats = r.join()
+        assert (stats.a_end, stats.b_end, stats.a_to_b) == (End.EOF, End.EOF, 4)
+        assert not _epolls() - before
+    finally:
+        # The peers first: their EOFs end the relay (close=False, no idle timeout),
+        # which a close of a or b behind its back would leave waiting for ever.
+        r.close()
+        r.thread.join(JOIN)
+        r.a.close()
+        r.b.close()

@@ -585,6 +585,9 @@ class _Relay:
         self.on_notify: Callable[[], None] | None = None
         # abandon() ran: the relay never started and the caller has the sockets.
         self.abandoned = False
+        # The blocking form's edge-triggered epoll while _drive_edge waits on it: a
+        # forked child closes it (_end_relays_in_child).
+        self.edge_ep: select.epoll | None = None
         # finish()'s result: the relay ends once, whoever ends it first.
         self.stats: RelayStats | None = None
         # TCP_NODELAY and the blocking mode are changed by begin(), once nothing
@@ -1925,7 +1928,12 @@ def _drive_edge(relay: _Relay) -> None:
     """
     for flow in relay.flows:
         flow.bursty = flow.buffered = True
-    ep = select.epoll()
+    # Kept on the relay, which is in _RUNNING until it finishes: a child forked
+    # meanwhile (from another thread) closes its copy (_end_relays_in_child), which
+    # it otherwise kept for its life, unreachable (this thread does not exist there).
+    # Only a fork inside select.epoll() itself (epoll_create1 runs without the GIL)
+    # or inside the close() below still leaves the child a copy.
+    relay.edge_ep = ep = select.epoll()
     try:
         armed: dict[int, int] = {}
         while not relay.done:
@@ -1962,7 +1970,8 @@ def _drive_edge(relay: _Relay) -> None:
                 readable = bool(ev & (_EPOLLIN | _EPOLLPRI)) or hup
                 relay.step(fd, readable, bool(ev & _EPOLLOUT) or hup)
     finally:
-        ep.close()
+        ep.close()  # idempotent: a fork right after it closes it again in the child
+        relay.edge_ep = None
 
 
 # From include/net/tcp_states.h (tcpi_state, the first byte of struct tcp_info).
@@ -2617,8 +2626,9 @@ _RUNNING: set[_Relay] = set()
 
 
 def _end_relays_in_child() -> None:
-    """In a forked child: close the running relays' pipes, and the child's copies of
-    the sockets of those that own them (``close=True``).
+    """In a forked child: close the running relays' pipes (and a blocking relay's own
+    epoll, see :func:`_drive_edge`), and the child's copies of the sockets of those
+    that own them (``close=True``).
 
     The child inherits every fd of its parent, but none of the relays runs here (a
     hub's loop is the parent's, and its epoll fd is closed; a blocking relay's
@@ -2633,11 +2643,19 @@ def _end_relays_in_child() -> None:
     thread of the parent held at the fork, which nobody would release here). A
     relay's sockets are the caller's with ``close=False``, and stay open, as any
     socket across fork(); so do a ``SocketLike``'s, whose fd is the wrapper's
-    business. One ``close`` per pipe fd, an ``fstat`` and a ``dup2`` per socket.
+    business. One ``close`` per pipe or epoll fd, an ``fstat`` and a ``dup2`` per
+    socket.
     """
     relays = list(_RUNNING)
     _RUNNING.clear()
     for relay in relays:
+        # A blocking relay's own epoll (_drive_edge: a side with an unread error
+        # queue); its close() is select.epoll's, idempotent and the caller's code
+        # nowhere near it.
+        ep, relay.edge_ep = relay.edge_ep, None
+        if ep is not None:
+            with contextlib.suppress(OSError, ValueError):
+                ep.close()
         for flow in relay.flows:
             # The numbers are forgotten first, so that nothing in the child closes or
             # pools them again once the kernel reuses them. (Library-owned: a flow
