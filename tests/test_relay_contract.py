@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 import reuselb._relay as relay_mod
-from reuselb import End, RelayStats
+from reuselb import End, RelayStats, WrongSocketType, pipe_splice
 from tests.conftest import open_fds
 from tests.test_relay import (
     JOIN,
@@ -206,3 +206,28 @@ def test_a_forked_child_closes_a_blocking_relay_s_edge_triggered_epoll(
         r.thread.join(JOIN)
         r.a.close()
         r.b.close()
+
+
+# --------------------------------------------------------------------------- messages
+
+
+@pytest.mark.parametrize("name", ["SOCK_DGRAM", "SOCK_SEQPACKET"])
+def test_the_wrong_socket_type_is_named(listener: socket.socket, name: str) -> None:
+    # str(sock.type) is the bare number from Python 3.11 on (SocketKind is an
+    # IntEnum): the message said "got 2".
+    a, s = tcp_pair(listener)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SocketKind[name]) as bad:
+            with pytest.raises(WrongSocketType) as caught:
+                pipe_splice(a, bad)
+            assert caught.value.got == name
+            assert str(caught.value) == f"relay side b: expected a SOCK_STREAM socket, got {name}"
+            assert bad.fileno() != -1  # refused: nothing closed
+    finally:
+        a.close()
+        s.close()
+
+
+def test_an_unknown_socket_type_is_given_as_its_number() -> None:
+    assert relay_mod._kind_name(socket.SOCK_DGRAM) == "SOCK_DGRAM"
+    assert relay_mod._kind_name(12345) == "12345"

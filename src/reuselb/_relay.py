@@ -1475,6 +1475,18 @@ _INET = frozenset({int(socket.AF_INET), int(socket.AF_INET6)})
 _AF_UNIX = int(getattr(socket, "AF_UNIX", -1))
 
 
+def _kind_name(kind: int) -> str:
+    """A socket type's name for a message (``SOCK_DGRAM``), or its number if unknown.
+
+    Not ``str(sock.type)``: ``SocketKind`` is an ``IntEnum``, whose ``str()`` is the
+    bare number from Python 3.11 on ("got 2").
+    """
+    try:
+        return socket.SocketKind(kind).name or str(kind)
+    except ValueError:
+        return str(kind)
+
+
 def _end_kind(exc: OSError) -> End:
     return End.RESET if exc.errno in _RESET_ERRNOS else End.ERROR
 
@@ -1704,8 +1716,9 @@ def _check_pair(a: object, b: object) -> tuple[int | None, int | None]:
             raise SocketClosed(sock, f"relay side {name}")
         if not isinstance(sock, socket.socket):
             continue
-        if _raw_type(sock) != socket.SOCK_STREAM:
-            raise WrongSocketType(f"relay side {name}", "a SOCK_STREAM socket", str(sock.type))
+        kind = _raw_type(sock)
+        if kind != socket.SOCK_STREAM:
+            raise WrongSocketType(f"relay side {name}", "a SOCK_STREAM socket", _kind_name(kind))
         what = _not_a_stream(sock)
         if what is not None:
             raise WrongSocketType(f"relay side {name}", "a connected stream socket", what)
