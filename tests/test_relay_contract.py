@@ -3,12 +3,16 @@ calls, what it closes, what its errors and documentation say."""
 
 from __future__ import annotations
 
+import errno
+import inspect
 import os
+import re
 import select
 import socket
 import ssl
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -231,3 +235,19 @@ def test_the_wrong_socket_type_is_named(listener: socket.socket, name: str) -> N
 def test_an_unknown_socket_type_is_given_as_its_number() -> None:
     assert relay_mod._kind_name(socket.SOCK_DGRAM) == "SOCK_DGRAM"
     assert relay_mod._kind_name(12345) == "12345"
+
+
+def test_end_reset_names_every_errno_it_stands_for() -> None:
+    # _RESET_ERRNOS maps ETIMEDOUT and ECONNABORTED to End.RESET too; End.RESET's
+    # documentation and docs/relay.md named only ECONNRESET/EPIPE.
+    names = {errno.errorcode[e] for e in relay_mod._RESET_ERRNOS}
+    assert names == {"ECONNRESET", "EPIPE", "ECONNABORTED", "ETIMEDOUT"}
+    source = inspect.getsource(relay_mod.End)
+    doc = re.search(r"((?:\s*#:.*\n)+)\s*RESET = ", source)
+    assert doc is not None
+    assert {n for n in names if n not in doc.group(1)} == set()
+    guide = (Path(__file__).parent.parent / "docs" / "relay.md").read_text()
+    para = guide[guide.index("`End.RESET` is") :][:400]
+    assert {n for n in names if f"`{n}`" not in para} == set()
+    for e in relay_mod._RESET_ERRNOS:
+        assert relay_mod._end_kind(OSError(e, os.strerror(e))) is End.RESET

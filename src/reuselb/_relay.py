@@ -111,7 +111,8 @@ class End(str, enum.Enum):
 
     #: the side sent EOF (FIN) after its last byte; forwarded as a half-close
     EOF = "eof"
-    #: the side reset the connection (ECONNRESET/EPIPE)
+    #: the side's connection was reset or broken: ECONNRESET, EPIPE, ECONNABORTED, or
+    #: ETIMEDOUT (retransmissions, keepalive probes or TCP_USER_TIMEOUT gave up)
     RESET = "reset"
     #: no byte moved either way for ``idle_timeout`` seconds
     TIMEOUT = "timeout"
