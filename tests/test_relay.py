@@ -374,7 +374,7 @@ def _drain(sock: socket.socket) -> None:
             return
 
 
-@pytest.mark.parametrize("mode", ["splice", "copy", "asyncio", "uvloop"])
+@pytest.mark.parametrize("mode", list(RUNNERS))
 def test_backend_that_never_reads_bounds_memory(listener: socket.socket, mode: str) -> None:
     r = Relay(listener, RUNNERS[mode], pipe_size=65536, idle_timeout=1.5)
     try:
@@ -2848,25 +2848,15 @@ def test_loops_in_several_threads_each_get_their_own_hub(listener: socket.socket
 # --------------------------------------------------------------------------- latency
 
 
-@pytest.mark.parametrize("mode", ["splice", "copy", "asyncio", "uvloop"])
-def test_ping_pong_has_no_nagle_or_cork_stalls(
-    listener: socket.socket, monkeypatch: pytest.MonkeyPatch, mode: str
-) -> None:
-    # 1-byte messages on a fresh relay are copied (short messages never take a pipe),
-    # so SPLICE_F_MORE, which corks the spliced last chunk (40-200 ms per trip),
-    # went unseen: warm both directions first (a stream each way switches the relay
-    # to splice for good), then ping-pong through the pipes.
-    out_sizes: list[int] = []  # what each pipe -> socket splice delivered
-    real_splice = os.splice
+def _ping_pong(
+    lst: socket.socket, mode: str, out_sizes: list[int]
+) -> tuple[int, int, int, int, RelayStats]:
+    """Warm a relay up both ways, then 1,000 1-byte round trips through it.
 
-    def counting_splice(src: int, dst: int, count: int, *args: Any, **kw: Any) -> int:
-        n = real_splice(src, dst, count, *args, **kw)
-        if stat.S_ISFIFO(os.fstat(src).st_mode):
-            out_sizes.append(n)
-        return n
-
-    monkeypatch.setattr(os, "splice", counting_splice)
-    r = Relay(listener, RUNNERS[mode])
+    :returns: round trips made, how many took 40 ms or more, the bytes warming up
+        moved each way, how many splices into a socket the warm-up made, the stats.
+    """
+    r = Relay(lst, RUNNERS[mode])
     stalls = trips = 0
     try:
         for s in (r.client, r.backend):
@@ -2886,19 +2876,50 @@ def test_ping_pong_has_no_nagle_or_cork_stalls(
             assert r.backend.recv(1) == b"?"
             r.backend.sendall(b"!")
             assert r.client.recv(1) == b"!"
-            if time.monotonic() - t0 > 0.035:  # a Nagle/cork stall is 40-200 ms
+            # A Nagle or cork stall waits for the peer's delayed ACK: 40 ms at least
+            # (TCP_ATO_MIN), up to 200 ms.
+            if time.monotonic() - t0 >= 0.040:
                 stalls += 1
-                if stalls > 10:
+                if stalls > 1:
                     break  # failing anyway: not 1000 stalls of 200 ms
         r.client.shutdown(socket.SHUT_WR)
         r.backend.shutdown(socket.SHUT_WR)
         stats = r.join()
     finally:
         r.close()
-    print(f"\n{mode}: {trips} round trips, {stalls} over 35 ms")
-    assert stalls <= 10  # scheduling noise on a busy box, not a 40 ms stall per trip
-    assert (stats.a_to_b, stats.b_to_a) == (len(warm) + trips, len(warm) + trips)
-    if mode == "copy":
+    return trips, stalls, len(warm), warmed, stats
+
+
+@pytest.mark.parametrize("mode", list(RUNNERS))
+def test_ping_pong_has_no_nagle_or_cork_stalls(
+    listener: socket.socket, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    # 1-byte messages on a fresh relay are copied (short messages never take a pipe),
+    # so SPLICE_F_MORE, which corks the spliced last chunk (40-200 ms per trip),
+    # went unseen: warm both directions first (a stream each way switches the relay
+    # to splice for good), then ping-pong through the pipes.
+    out_sizes: list[int] = []  # what each pipe -> socket splice delivered
+    real_splice = os.splice
+
+    def counting_splice(src: int, dst: int, count: int, *args: Any, **kw: Any) -> int:
+        n = real_splice(src, dst, count, *args, **kw)
+        if stat.S_ISFIFO(os.fstat(src).st_mode):
+            out_sizes.append(n)
+        return n
+
+    monkeypatch.setattr(os, "splice", counting_splice)
+    trips, stalls, warm, warmed, stats = _ping_pong(listener, mode, out_sizes)
+    print(f"\n{mode}: {trips} round trips, {stalls} of 40 ms or more")
+    if stalls > 1:
+        # No stall at all is the finding; one round trip that long is a descheduled
+        # thread on a busy machine, two may be too: one more run, on a new relay,
+        # tells that from a stall the relay causes (a cork stalls every run).
+        out_sizes.clear()
+        trips, stalls, warm, warmed, stats = _ping_pong(listener, mode, out_sizes)
+        print(f"{mode} again: {trips} round trips, {stalls} of 40 ms or more")
+    assert stalls <= 1
+    assert (stats.a_to_b, stats.b_to_a) == (warm + trips, warm + trips)
+    if "copy" in mode:
         assert stats.spliced_bytes == 0 and not out_sizes
     else:
         assert stats.spliced_bytes > 0
