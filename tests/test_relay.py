@@ -2669,51 +2669,63 @@ def test_a_socket_like_raising_when_the_idle_timeout_is_due_ends_the_relay(
         feeder.join(JOIN)
 
 
-def _send_then_read_to_eof(
-    client: socket.socket, blob: bytes, backend: socket.socket, out: list[int]
+def _peer_of_one_relay(
+    client: socket.socket,
+    blob: bytes,
+    backend: socket.socket,
+    reply: bytes,
+    out: list[tuple[int, int]],
 ) -> None:
+    """Send *blob* client -> backend, read it to the EOF, then answer *reply*.
+
+    Between the two the relay is running (it forwarded the client's EOF and waits
+    for the backend's): *out* gets the bytes read and the process's thread count
+    then, this thread included."""
     client.sendall(blob)
     client.shutdown(socket.SHUT_WR)
     backend.settimeout(JOIN)
     n = 0
     while chunk := backend.recv(1 << 20):
         n += len(chunk)
-    out.append(n)
+    out.append((n, threading.active_count()))
+    backend.sendall(reply)
+    backend.shutdown(socket.SHUT_WR)
 
 
-@pytest.mark.parametrize("form", ["blocking", "asyncio", "uvloop"])
-def test_thousand_relays_back_to_back_leak_nothing(listener: socket.socket, form: str) -> None:
+@pytest.mark.parametrize("mode", list(RUNNERS))
+def test_thousand_relays_back_to_back_leak_nothing(listener: socket.socket, mode: str) -> None:
     # Each relay moves a stream (its first read fills the 64 KiB scratch: it takes a
-    # pipe and splices the rest) and a short reply; pipes go back to this thread's
-    # pool, the loop's hub closes with each loop. release_pipes() leaves nothing.
-    blob = random.Random(form).randbytes(128 << 10)
-    if form != "blocking":  # the loop implementation's own first-run fds
-        (uvloop.run if form == "uvloop" else asyncio.run)(asyncio.sleep(0))
+    # pipe and splices the rest, unless the form copies) and a short reply; pipes go
+    # back to this thread's pool, the loop's hub closes with each loop.
+    # release_pipes() leaves nothing.
+    blob = random.Random(mode).randbytes(128 << 10)
+    if mode not in ("splice", "copy", "copy-wrapped"):  # the loop's own first-run fds
+        (uvloop.run if mode == "uvloop" else asyncio.run)(asyncio.sleep(0))
     release_pipes()
     threads_before = threading.active_count()
     fds_before = open_fds()
     for i in range(1000):
         client, a = tcp_pair(listener)
         b, backend = tcp_pair(listener)
-        got: list[int] = []
+        reply = b"%d" % i
+        got: list[tuple[int, int]] = []
         peer = threading.Thread(
-            target=_send_then_read_to_eof, args=(client, blob, backend, got), daemon=True
+            target=_peer_of_one_relay, args=(client, blob, backend, reply, got), daemon=True
         )
         peer.start()
-        backend.sendall(b"%d" % i)
-        backend.shutdown(socket.SHUT_WR)
         _wait_unread(a, 64 << 10)  # so the relay's first read fills its scratch
-        if form == "blocking":
-            stats = pipe_splice(a, b)  # in this thread
-        else:
-            run = uvloop.run if form == "uvloop" else asyncio.run
-            stats = run(async_pipe_splice(a, b))
+        stats = RUNNERS[mode](a, b)  # in this thread
         peer.join(JOIN)
-        assert got == [len(blob)]
-        assert (stats.a_to_b, stats.b_to_a) == (len(blob), len(b"%d" % i))
-        assert stats.spliced_bytes > 0, i
+        # No thread per relay (a worker thread would be gone by the end): while the
+        # relay ran there was only the peer's thread more than before.
+        assert got == [(len(blob), threads_before + 1)], i
+        assert (stats.a_to_b, stats.b_to_a) == (len(blob), len(reply))
+        if "copy" in mode:
+            assert stats.spliced_bytes == 0, i
+        else:
+            assert stats.spliced_bytes > 0, i
         client.settimeout(JOIN)
-        assert _recv_bytes(client, len(b"%d" % i)) == b"%d" % i
+        assert _recv_bytes(client, len(reply)) == reply
         client.close()
         backend.close()
     left = open_fds() - fds_before
@@ -2739,40 +2751,48 @@ def test_thousand_concurrent_relays_on_one_loop(
     # from its first loop on) are not the relays': open them before the snapshot.
     runner(asyncio.sleep(0))
     fds_before = open_fds()
+    # Each request is a stream: a read that fills the 64 KiB scratch switches its
+    # direction to splice, so the relays hold pipes at once, not only copy messages.
+    blob = random.Random(loop_kind).randbytes(80 << 10)
     reached = 0
     held: list[int] = []  # the hub's owners once every relay had moved its request
+    threads_held: list[int] = []  # the thread count then
 
-    async def one(i: int, all_running: asyncio.Event) -> tuple[RelayStats, bytes, bytes]:
+    async def one(i: int, all_running: asyncio.Event) -> tuple[RelayStats, bool, bytes]:
         nonlocal reached
         (client, a), (b, backend) = pairs[i]
         loop = asyncio.get_running_loop()
         for s in (client, backend):
             s.setblocking(False)
         relay = asyncio.ensure_future(async_pipe_splice(a, b, pipe_size=65536))
-        await loop.sock_sendall(client, b"hello %d" % i)
+        request = b"hello %d;" % i + blob
+        await loop.sock_sendall(client, request)
         client.shutdown(socket.SHUT_WR)
-        got = b""
-        while chunk := await loop.sock_recv(backend, 100):
+        got = bytearray()
+        while chunk := await loop.sock_recv(backend, 1 << 16):
             got += chunk
+        intact = got == request  # not kept: 1,000 of them would be 80 MB
         # Hold every relay open (the backend has not answered) until all 1,000 are
-        # here: they really run at once, each side in the loop's one hub.
+        # here: they really run at once, each side in the loop's one hub, and no
+        # thread was started for any of them.
         reached += 1
         if reached == n:
             owners = relay_mod._HUBS[loop].owners
             held.append(
                 sum(x.fileno() in owners and y.fileno() in owners for (_, x), (y, _) in pairs)
             )
+            threads_held.append(threading.active_count())
             all_running.set()
         await all_running.wait()
         assert not relay.done()
-        await loop.sock_sendall(backend, got.upper())
+        await loop.sock_sendall(backend, b"HELLO %d" % i)
         backend.shutdown(socket.SHUT_WR)
         back = b""
         while chunk := await loop.sock_recv(client, 100):
             back += chunk
-        return await relay, got, back
+        return await relay, intact, back
 
-    async def main() -> list[tuple[RelayStats, bytes, bytes]]:
+    async def main() -> list[tuple[RelayStats, bool, bytes]]:
         all_running = asyncio.Event()
         relays = (one(i, all_running) for i in range(n))
         return await asyncio.wait_for(asyncio.gather(*relays), JOIN)
@@ -2785,11 +2805,16 @@ def test_thousand_concurrent_relays_on_one_loop(
             client.close()
             backend.close()
     assert held == [n]  # 1,000 relays running at once, both sides of each in the hub
-    assert threading.active_count() == threads  # no thread per relay
-    for i, (stats, got, back) in enumerate(results):
-        assert got == b"hello %d" % i
-        assert back == got.upper()
-        assert stats.a_to_b == stats.b_to_a == len(got)
+    assert threads_held == [threads]  # no thread per relay, not even while running
+    assert threading.active_count() == threads
+    for i, (stats, intact, back) in enumerate(results):
+        assert intact, i
+        assert back == b"HELLO %d" % i
+        assert (stats.a_to_b, stats.b_to_a) == (len(b"hello %d;" % i + blob), len(back))
+    assert sum(stats.spliced_bytes for stats, _intact, _back in results) > 0
+    left = open_fds() - fds_before  # at most this thread's idle pipes
+    assert len(left) <= 2 * relay_mod._POOL_MAX and all(_is_pipe(fd) for fd in left)
+    release_pipes()
     assert open_fds() <= fds_before
 
 
