@@ -77,6 +77,12 @@ FACTORIES: dict[str, Callable[..., BalancePolicy]] = {
     "rendezvous": lambda nodes: RendezvousHash(nodes, table_size=4096),
     "rendezvous-exact": lambda nodes: RendezvousHash(nodes, table_size=None),
     "maglev-bounded": lambda nodes: MaglevHash(nodes, table_size=1009, balance_factor=1.25),
+    "ring-bounded": lambda nodes: RingHash(nodes, vnodes=40, balance_factor=1.25),
+    "ketama-bounded": lambda nodes: RingHash(nodes, ketama=True, balance_factor=1.25),
+    "rendezvous-bounded": lambda nodes: RendezvousHash(nodes, table_size=4096, balance_factor=1.25),
+    "rendezvous-exact-bounded": lambda nodes: RendezvousHash(
+        nodes, table_size=None, balance_factor=1.25
+    ),
 }
 HASHED = {
     "maglev",
@@ -86,7 +92,14 @@ HASHED = {
     "rendezvous",
     "rendezvous-exact",
     "maglev-bounded",
+    "ring-bounded",
+    "ketama-bounded",
+    "rendezvous-bounded",
+    "rendezvous-exact-bounded",
 }
+# Bounded load walks each key's candidates (the next table entries, ring points,
+# buckets or scores) past nodes at their bound: every policy that has such a walk.
+BOUNDED = sorted(kind for kind in FACTORIES if kind.endswith("-bounded"))
 
 
 def addr(i: int) -> str:
@@ -311,6 +324,53 @@ def test_down_draining_and_zero_weight_get_no_new_picks(
     assert p.active() == 0
 
 
+@pytest.mark.parametrize("kind", BOUNDED)
+@SETTINGS
+@given(
+    specs=node_specs,
+    victim=st.integers(0, 7),
+    state=st.sampled_from(["down", "drain", "w0"]),
+    hot=st.booleans(),
+)
+def test_bounded_load_walks_past_down_draining_and_zero_weight_nodes(
+    kind: str, specs: list[tuple[int, NodeState]], victim: int, state: str, hot: bool
+) -> None:
+    """Leases held to the bound send picks down each key's candidates, where a node
+    that is down, draining or at weight 0 must be skipped too; the leases it still
+    holds do not count toward the live nodes' bound."""
+    specs = [(max(w, 1), NodeState.UP) for w, _ in specs] + [(1, NodeState.UP)]
+    p = build(kind, specs)
+    target = p.nodes[victim % len(p)]
+    # Leases on the target before the change stay open across it (the others go).
+    before = [p.acquire(k) for k in keys(3 * len(p), salt="-before")]
+    kept = [lease for lease in before if lease.node.address == target.address]
+    for lease in before:
+        if lease.node.address != target.address:
+            lease.release()
+    if state == "down":
+        p.mark_down(target)
+    elif state == "drain":
+        p.drain(target)
+    else:
+        p.set_weight(target, 0)
+    # One hot key fills its node and then walks its candidates; distinct keys start
+    # at their own nodes and walk only once those are full.
+    ks = ["hot key"] * 60 if hot else keys(60, salt="-after")
+    leases = [p.acquire(k) for k in ks]
+    assert all(lease.node.address != target.address for lease in leases)
+    assert p.active(target) == len(kept)
+    # Every lease on a live node came after the change, so each such node holds at
+    # most ceil(1.25 x A x w / W): A the live nodes' leases, W their total weight.
+    live = p.live_nodes
+    load = sum(p.active(n) for n in live)
+    total = sum(n.weight for n in live)
+    for n in live:
+        assert p.active(n) <= math.ceil(Fraction(5, 4) * load * n.weight / total), (n, load)
+    for lease in kept + leases:
+        lease.release()
+    assert p.active() == 0
+
+
 @SETTINGS
 @given(weights=st.lists(st.integers(0, 6), min_size=1, max_size=7))
 def test_round_robin_exact_weights_over_a_cycle(weights: list[int]) -> None:
@@ -529,6 +589,113 @@ def test_weighted_hash_policies_follow_weights() -> None:
         for i, w in enumerate(ws):
             share = counts[Node(addr(i)).address] / 20000
             assert abs(share - w / total) < 0.25 * w / total, (type(p).__name__, i, share)
+
+
+# Weights for the share tests: small integers (the docs advise them for the tabulated
+# rendezvous, whose noise grows with the total weight), and 0 (no share at all).
+share_weights = st.lists(st.integers(0, 10), min_size=1, max_size=8).filter(any)
+
+
+def _arc_shares(p: RingHash) -> tuple[dict[str, float], collections.Counter[str]]:
+    """Each node's share of the hash space (the arcs that end at its points: a key
+    goes to the first point at or after it) and its number of points."""
+    points, owners, _ = p._ring
+    shares: dict[str, float] = collections.defaultdict(float)
+    counts: collections.Counter[str] = collections.Counter()
+    prev = points[-1] - 2**32  # the first point's arc wraps around from the last
+    for point, owner in zip(points, owners, strict=True):
+        shares[str(owner.address)] += (point - prev) / 2**32
+        counts[str(owner.address)] += 1
+        prev = point
+    return shares, counts
+
+
+@pytest.mark.parametrize("ketama", [False, True, "libmemcached"], ids=["vnodes", "ketama", "lm"])
+@SETTINGS
+@given(weights=share_weights)
+@example(weights=[1, 10])
+@example(weights=[10, 1, 1, 1, 1, 0])
+def test_ring_arc_shares_follow_weights(ketama: bool | str, weights: list[int]) -> None:
+    p = RingHash([Node(addr(i), weight=w) for i, w in enumerate(weights)], ketama=ketama)  # type: ignore[arg-type]
+    shares, counts = _arc_shares(p)
+    total, live = sum(weights), sum(1 for w in weights if w)
+    n_points = sum(counts.values())
+    for i, w in enumerate(weights):
+        a = str(Node(addr(i)).address)
+        if w == 0:
+            assert a not in counts  # a weight-0 node has no point and gets no key
+            continue
+        q, k = w / total, counts[a]
+        if ketama is False:
+            # vnodes (160) points per weight unit: the point share is the weight share.
+            assert k == 160 * w
+        else:
+            # floor(40 x N x q) digests of 4 points each (N live servers), rounded in
+            # single precision, which can drop one more digest (libmemcached's 39 for
+            # 25 or more equal servers; libketama's for 61): so the point share is
+            # under q by at most 1 / (40 N q) of q, and over it by at most 1/39 (every
+            # other server lost a digest), plus 1e-5 for the float rounding.
+            x = 40 * live * q
+            assert (1 - 1 / x - 1e-5) * q <= k / n_points <= (1 + 1 / 39 + 1e-5) * q, (a, k)
+        if k == n_points:
+            assert shares[a] == pytest.approx(1.0)
+            continue
+        # The points are uniform 32-bit draws (SHAKE-128 per node, MD5 in ketama
+        # mode), so the arcs ending at k of the ring's P points cover a Beta(k, P - k)
+        # share of it: relative standard deviation sqrt((P - k) / (k (P + 1))), 7.9%
+        # for one weight unit of 160 points. Five of them: a few in a million checks
+        # fail by chance (more for few points, where Beta's upper tail is longer; a
+        # ketama server of weight 1 among 8 can have 20). Measured over 180 sets of
+        # 1-8 nodes of weights 1-10 in the three modes: at most 4.0 sd.
+        sd = math.sqrt((n_points - k) / (k * (n_points + 1)))
+        assert abs(shares[a] / (k / n_points) - 1) <= 5 * sd, (a, w, shares[a], k, n_points)
+
+
+@SETTINGS
+@given(weights=share_weights)
+@example(weights=[1, 10])  # the worst seen: the light node owns 1.146x its share
+@example(weights=[10, 1, 1, 1, 1, 0])
+def test_rendezvous_table_shares_follow_weights(weights: list[int]) -> None:
+    # The default table (2**19 buckets, ~30 ms to build for 8 nodes), whose few-node
+    # noise docs/policies/hashing.md measures ("Few nodes"): a node's bucket share
+    # is off its weight share by a standard deviation of up to 4.0% (two nodes of
+    # weight 1), and more than the binomial figure whatever the table size, since a
+    # node's arrivals are a few shared bit sets rotated per node. Six of those 4.0%:
+    # 24%; measured over 500 sets of 2-8 nodes of weights 1-10: 2.7% (rms), at most
+    # 14.6% (the light node of weights 1 and 10). Ignoring weights is far outside it
+    # (weights 1 and 10 would give the light node 5.5x its share).
+    p = RendezvousHash([Node(addr(i), weight=w) for i, w in enumerate(weights)])
+    owners, nodes = p._table
+    owned = collections.Counter(owners)
+    total = sum(weights)
+    assert len(nodes) == sum(1 for w in weights if w)  # no bucket for a weight-0 node
+    for j, n in enumerate(nodes):
+        share = owned[j] / len(owners)
+        assert abs(share / (n.weight / total) - 1) <= 0.24, (n, share, weights)
+
+
+@SETTINGS
+@given(weights=share_weights, salt=st.integers(0, 2**32 - 1))
+@example(weights=[1, 10], salt=0)
+@example(weights=[10, 1, 1, 1, 1, 0], salt=0)
+def test_rendezvous_exact_picks_follow_weights(weights: list[int], salt: int) -> None:
+    # Exact HRW scores u ** (1 / w) per node and key: node i has the highest with
+    # probability w_i / W exactly. The keys are SHA-256 digests (independent of
+    # each other and of the nodes), so a node's count of K picks is binomial:
+    # standard deviation sqrt(K q (1 - q)); five of them fail by chance about 6 in
+    # 10 million checks. (Sequential strings hashed by CRC-32 are less random: the
+    # same nodes over the same keys each time.)
+    p = RendezvousHash([Node(addr(i), weight=w) for i, w in enumerate(weights)], table_size=None)
+    n_keys = 3000
+    got = collections.Counter(
+        str(p.pick(hashlib.sha256(f"{salt}:{i}".encode()).digest()).address) for i in range(n_keys)
+    )
+    total = sum(weights)
+    for i, w in enumerate(weights):
+        a = str(Node(addr(i)).address)
+        q = w / total
+        sd = math.sqrt(n_keys * q * (1 - q))
+        assert abs(got[a] - n_keys * q) <= 5 * sd, (a, w, got[a], n_keys * q)
 
 
 @pytest.mark.parametrize("kind", ["maglev", "ring", "rendezvous", "rendezvous-exact"])
@@ -997,8 +1164,14 @@ def test_seed_and_secret_reshuffle_deterministically() -> None:
 
 CHILD = """
 import json, sys
-from reuselb import MaglevHash, RendezvousHash, RingHash
+from reuselb import MaglevHash, Node, RendezvousHash, RingHash
 nodes = [f"10.0.0.{i}:80" for i in range(1, 13)]
+# Mixed weights: weighted tables and rings, and exact rendezvous's u ** (1 / w) (a
+# weight-1 node's score is u itself). The last node is the heaviest (60 of 115).
+weights = [1, 2, 3, 5, 8, 13, 1, 1, 4, 7, 10, 60]
+weighted = [Node(a, weight=w) for a, w in zip(nodes, weights)]
+# Weights up to 1000 on a small table: most buckets go at the sub-levels.
+heavy = [Node(a, weight=w) for a, w in zip(nodes, [1000] * 6 + [1, 999, 500, 7, 640, 1000])]
 keys = [f"192.168.{i % 256}.{i // 256}:{1024 + i}" for i in range(300)]
 out = {}
 for name, p in (
@@ -1006,10 +1179,21 @@ for name, p in (
     ("maglev-secret", MaglevHash(nodes, table_size=2003, secret=b"k", seed=5)),
     ("ring", RingHash(nodes)),
     ("ketama", RingHash(nodes, ketama=True)),
+    ("ketama-libmemcached", RingHash(nodes, ketama="libmemcached")),
     ("rendezvous", RendezvousHash(nodes, table_size=4096)),
     ("rendezvous-exact", RendezvousHash(list(reversed(nodes)), table_size=None)),
+    ("maglev-weighted", MaglevHash(weighted, table_size=2003)),
+    ("ring-weighted", RingHash(weighted, seed=3)),
+    ("ketama-weighted", RingHash(weighted, ketama=True)),
+    ("ketama-libmemcached-weighted", RingHash(weighted, ketama="libmemcached")),
+    ("rendezvous-weighted", RendezvousHash(weighted)),
+    ("rendezvous-heavy", RendezvousHash(heavy, table_size=4096, secret=b"k")),
+    ("rendezvous-exact-weighted", RendezvousHash(list(reversed(weighted)), table_size=None)),
 ):
     out[name] = [str(p.pick(k)) for k in keys]
+# Bounded load: the candidates past a full node (exact mode: scores in order).
+p = RendezvousHash(weighted, table_size=None, balance_factor=1.25)
+out["rendezvous-exact-weighted-bounded"] = [str(p.acquire(k).node) for k in keys]
 json.dump(out, sys.stdout)
 """
 
@@ -1034,10 +1218,30 @@ def test_same_mapping_in_three_processes_with_different_hash_seeds() -> None:
         "maglev-secret",
         "ring",
         "ketama",
+        "ketama-libmemcached",
         "rendezvous",
         "rendezvous-exact",
+        "maglev-weighted",
+        "ring-weighted",
+        "ketama-weighted",
+        "ketama-libmemcached-weighted",
+        "rendezvous-weighted",
+        "rendezvous-heavy",
+        "rendezvous-exact-weighted",
+        "rendezvous-exact-weighted-bounded",
     }
     assert len(set(results[0]["maglev"])) > 6  # a real spread, not one node
+    for name, picks in results[0].items():
+        if name.endswith("-weighted"):
+            # the weights were used: the weight-60 node (52%) has the most keys
+            assert collections.Counter(picks).most_common(1)[0][0] == "10.0.0.12:80", name
+    # the bound sent keys past their first node (a weight-1 node takes a second lease
+    # only once 92 are held), and held the heaviest to ceil(1.25 x 300 x 60 / 115)
+    bounded = collections.Counter(results[0]["rendezvous-exact-weighted-bounded"])
+    assert bounded["10.0.0.12:80"] <= 196
+    assert (
+        results[0]["rendezvous-exact-weighted-bounded"] != results[0]["rendezvous-exact-weighted"]
+    )
 
 
 # --------------------------------------------------------------------------- diff
@@ -1064,7 +1268,7 @@ def test_diff_reports_moves_and_loads() -> None:
     ("kind", "secret"),
     [
         (kind, secret)
-        for kind in sorted(HASHED - {"maglev-bounded"})
+        for kind in sorted(HASHED.difference(BOUNDED))
         for secret in (None, b"k")
         # ketama's hash is libketama's MD5, unkeyed: a secret is refused
         # (test_ketama_takes_no_seed_or_secret)
