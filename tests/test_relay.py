@@ -2707,27 +2707,29 @@ def test_thousand_relays_back_to_back_leak_nothing(listener: socket.socket, mode
     for i in range(1000):
         client, a = tcp_pair(listener)
         b, backend = tcp_pair(listener)
-        reply = b"%d" % i
-        got: list[tuple[int, int]] = []
-        peer = threading.Thread(
-            target=_peer_of_one_relay, args=(client, blob, backend, reply, got), daemon=True
-        )
-        peer.start()
-        _wait_unread(a, 64 << 10)  # so the relay's first read fills its scratch
-        stats = RUNNERS[mode](a, b)  # in this thread
-        peer.join(JOIN)
-        # No thread per relay (a worker thread would be gone by the end): while the
-        # relay ran there was only the peer's thread more than before.
-        assert got == [(len(blob), threads_before + 1)], i
-        assert (stats.a_to_b, stats.b_to_a) == (len(blob), len(reply))
-        if "copy" in mode:
-            assert stats.spliced_bytes == 0, i
-        else:
-            assert stats.spliced_bytes > 0, i
-        client.settimeout(JOIN)
-        assert _recv_bytes(client, len(reply)) == reply
-        client.close()
-        backend.close()
+        try:
+            reply = b"%d" % i
+            got: list[tuple[int, int]] = []
+            peer = threading.Thread(
+                target=_peer_of_one_relay, args=(client, blob, backend, reply, got), daemon=True
+            )
+            peer.start()
+            _wait_unread(a, 64 << 10)  # so the relay's first read fills its scratch
+            stats = RUNNERS[mode](a, b)  # in this thread
+            peer.join(JOIN)
+            # No thread per relay (a worker thread would be gone by the end): while
+            # the relay ran there was only the peer's thread more than before.
+            assert got == [(len(blob), threads_before + 1)], i
+            assert (stats.a_to_b, stats.b_to_a) == (len(blob), len(reply))
+            if "copy" in mode:
+                assert stats.spliced_bytes == 0, i
+            else:
+                assert stats.spliced_bytes > 0, i
+            client.settimeout(JOIN)
+            assert _recv_bytes(client, len(reply)) == reply
+        finally:
+            for s in (client, a, b, backend):  # a and b: closed by the relay already
+                s.close()
     left = open_fds() - fds_before
     assert len(left) <= 2 * relay_mod._POOL_MAX and all(_is_pipe(fd) for fd in left)
     release_pipes()
