@@ -4,6 +4,7 @@ make_policy, diff/preview, duplicate names (no sockets: the policies are pure)."
 from __future__ import annotations
 
 import copy
+import ctypes
 import mmap
 import pickle
 import random
@@ -616,12 +617,14 @@ def test_diff_and_preview_refuse_one_array_or_mmap_key() -> None:
         m.close()
 
 
+class _Pair(ctypes.Structure):
+    _fields_ = (("a", ctypes.c_int), ("b", ctypes.c_int))
+
+
 def test_diff_and_preview_refuse_one_ctypes_buffer_key() -> None:
     # pick() takes any buffer as one key, so these pick as b"user42" (or "ab") does;
     # diff() and preview() iterated them instead, sampling a c_char array's bytes
     # as six one-byte keys (BalanceDiff(keys=6)) and a c_wchar array's characters.
-    import ctypes
-
     p = MaglevHash(NODES, table_size=1009)
     one_keys: list[Any] = [
         (ctypes.c_char * 6).from_buffer_copy(b"user42"),
@@ -629,6 +632,14 @@ def test_diff_and_preview_refuse_one_ctypes_buffer_key() -> None:
         (ctypes.c_ubyte * 3)(1, 2, 3),
         ctypes.create_unicode_buffer("ab"),
         ctypes.c_int(7),  # 0-d: one scalar, not iterable at all
+        # formats the old buffer-format rule missed ('g', 'P'): sampled item by
+        # item, they failed as InvalidKey naming a float or an int, not the array
+        (ctypes.c_longdouble * 2)(1.0, 2.0),
+        (ctypes.c_void_p * 2)(1, 2),
+        (ctypes.c_double * 2)(1.0, 2.0),
+        ctypes.c_char_p(b"user42"),  # a scalar holding a pointer
+        ctypes.pointer(ctypes.c_int(7)),  # iterates without a bound
+        _Pair(1, 2),  # a structure: one key, not iterable
     ]
     assert p.pick(one_keys[0]) is p.pick(b"user42")
     for key in one_keys:
@@ -644,16 +655,50 @@ def test_diff_and_preview_refuse_one_ctypes_buffer_key() -> None:
                 call(key)
             assert e.value.name == "keys" and e.value.value is key
             assert call([key]).keys == 1
-    # a 2-D buffer iterates by its rows, each one key: sampled as before
+    # a 2-D buffer iterates by its rows, each one key: sampled as before, and so
+    # is an array of structures
     rows = ((ctypes.c_char * 2) * 3)()
     assert diff(p, p, rows).keys == 3
+    assert diff(p, p, (_Pair * 4)()).keys == 4
+
+
+class _NumericArray:
+    """Stands in for a 1-D numpy array of uint64 (numpy is not a test dependency).
+
+    It exports a buffer of format 'Q' (from Python 3.12 on, where a class can:
+    PEP 688's __buffer__) and iterates as 8-byte little-endian keys, as a numpy
+    array iterates as numpy scalars, each a buffer pick() hashes as its bytes.
+    """
+
+    def __init__(self, *values: int) -> None:
+        self._values = array("Q", values)
+
+    def __buffer__(self, flags: int) -> memoryview:
+        return memoryview(self._values)
+
+    def __iter__(self) -> Iterator[bytes]:
+        return (v.to_bytes(8, "little") for v in self._values)
+
+
+def test_diff_and_preview_sample_an_array_of_numbers() -> None:
+    # diff() and preview() refused any 1-D buffer of numbers as "one key" (from
+    # 173a97b), so a numpy array of ids (uint64, float64, bool, ...) that they
+    # sampled before, each numpy scalar a key, was refused. Only the named types and
+    # ctypes objects are one key now; any other iterable is sampled.
+    p = MaglevHash(NODES, table_size=1009)
+    ids = _NumericArray(1001, 1002, 1003)
+    if sys.version_info >= (3, 12):
+        with memoryview(ids) as view:  # the buffer the old rule read
+            assert (view.ndim, view.format) == (1, "Q")
+    d = diff(p, MaglevHash(NODES[:2], table_size=1009), ids)
+    assert d.keys == 3
+    assert +Counter(d.before) == Counter(p.pick(k).address for k in ids)
+    assert p.preview(lambda q: q.remove(NODES[0]), ids).keys == 3
 
 
 def test_diff_and_preview_take_a_buffer_that_is_a_collection_of_keys() -> None:
     # A buffer is not one key as such: a ctypes array of char pointers exports a
     # buffer (of pointers) and iterates as its bytes keys, as a numpy "S" array does.
-    import ctypes
-
     p = MaglevHash(NODES, table_size=1009)
     keys = (ctypes.c_char_p * 3)(b"a", b"b", b"c")
     assert memoryview(keys).nbytes > 0 and list(keys) == [b"a", b"b", b"c"]

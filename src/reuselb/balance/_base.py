@@ -1496,11 +1496,15 @@ def diff(old: BalancePolicy, new: BalancePolicy, keys: Iterable[Key]) -> Balance
     :param old: the policy as it is.
     :param new: the policy after the change.
     :param keys: sample keys: an iterable of keys, not one key. One key is a
-        ``str`` or a buffer whose items are single bytes, characters or numbers
-        (``bytes``, ``bytearray``, ``memoryview``, ``array.array``, ``mmap``, a
-        ctypes ``c_char`` array or ``create_string_buffer()``): iterating it would
-        sample its characters or bytes as keys. A buffer of other items (a ctypes
-        array of ``c_char_p``, a numpy ``"S"`` array) is an iterable of keys.
+        ``str``, ``bytes``, ``bytearray``, ``memoryview``, ``array.array`` or
+        ``mmap``, or a ctypes object: a scalar (``c_int(7)``), a structure, a
+        union, a pointer or an array of scalars (a ``c_char`` array,
+        ``create_string_buffer()``, a ``c_double`` array); iterating one would
+        sample its characters, bytes or numbers as keys. Any other iterable is
+        sampled item by item: a list, a generator, a numpy array of any dtype
+        (each numpy scalar is a bytes-like key, ``np.uint64(1001)`` its 8 bytes),
+        a ctypes array of ``c_char_p`` or ``c_wchar_p`` (whole keys) or of arrays
+        or structures (its rows, each a buffer key).
     :returns: :class:`BalanceDiff`.
     :raises InvalidArgument: *old* or *new* is not a :class:`BalancePolicy`, or
         *keys* is one key (as above) or not iterable (the error names the value).
@@ -1516,38 +1520,43 @@ def diff(old: BalancePolicy, new: BalancePolicy, keys: Iterable[Key]) -> Balance
     return _compare(old._copy_with_leases(), new._copy_with_leases(), sample)
 
 
-# A buffer's item format (struct syntax, byte-order prefix stripped) when its items
-# are single bytes, characters or numbers: iterating such a buffer gives one-byte
-# bytes (ctypes c_char: 'c'), one-character strs (ctypes c_wchar, array 'u'/'w'),
-# bools, ints or floats, never whole keys.
-_SCALAR_FORMATS = frozenset("cbB?hHiIlLqQnNefduw")
-
-
 def _one_key(keys: object) -> bool:
-    """True when *keys* is one key that iterates as its characters, bytes or numbers."""
+    """True when *keys* is one key that would iterate as its characters, bytes or numbers."""
     if isinstance(keys, (str, bytes, bytearray, memoryview, array, mmap.mmap)):
         return True
     # key_bytes takes any buffer as one key, so a ctypes c_char array (or
     # create_string_buffer) of b"user42" picks as b"user42" does, but it iterates as
     # six one-byte keys and diff() sampled those without a word. Not every buffer is
-    # one key, though: a ctypes array of c_char_p ('<z') or a numpy "S" array ('3s')
-    # iterates as whole bytes keys, and a 2-D buffer by its rows. Tell them apart by
-    # what iteration yields, read from the buffer's format.
-    try:
-        view = memoryview(keys)  # type: ignore[arg-type]
-    except (TypeError, ValueError, BufferError):
-        # not a buffer, or one that cannot be read now: iterate it as before
+    # one key, though: a numpy array of any dtype iterates as numpy scalars, each a
+    # buffer that pick() takes as one key (np.uint64(1001) as its 8 bytes), so a
+    # numpy array of ids is a sample of keys; a buffer's format cannot tell the two
+    # apart. So name the types: besides those above, only ctypes objects are one key.
+    # No ctypes object exists unless ctypes was imported, so skip the import (and the
+    # checks) otherwise.
+    ctypes = sys.modules.get("ctypes")
+    if ctypes is None:
         return False
-    with view:
-        # 0-d: one scalar (a ctypes c_int, a numpy 0-d array), which is not iterable
-        return view.ndim == 0 or (view.ndim == 1 and view.format.lstrip("@=<>!") in _SCALAR_FORMATS)
+    # A scalar, structure or union does not iterate at all, and a pointer iterates
+    # without a bound (p[0], p[1], ... read past the pointee until they fault): each
+    # is one key to pick(), which hashes its bytes.
+    if isinstance(keys, (ctypes._SimpleCData, ctypes.Structure, ctypes.Union, ctypes._Pointer)):
+        return True
+    if isinstance(keys, ctypes.Array):
+        # An array of scalars iterates as one-byte bytes (c_char), one-character
+        # strs (c_wchar) or numbers: one key. An array of c_char_p or c_wchar_p
+        # iterates as whole bytes or str keys, an array of arrays or structures by
+        # its rows (each a buffer key): samples, as before.
+        item = keys._type_
+        return issubclass(item, ctypes._SimpleCData) and item._type_ not in ("z", "Z")
+    return False
 
 
 def _sample(keys: object) -> list[Key]:
     """*keys* as a list, refusing one key (a str would be sampled per character).
 
-    :raises InvalidArgument: *keys* is one key (a str or a buffer of single bytes,
-        characters or numbers, see :func:`diff`) or not iterable.
+    :raises InvalidArgument: *keys* is one key (a str, a bytes-like builtin, an
+        ``array.array``, an ``mmap`` or a ctypes object, see :func:`diff`) or not
+        iterable.
     """
     # An array.array and an mmap are keys too (key_bytes reads any buffer), and
     # both iterate: an mmap by its bytes, each a one-byte key (sampled without a
