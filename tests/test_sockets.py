@@ -437,11 +437,11 @@ def test_dualstack_refuses_ipv4s_any_address_saying_why(no_fd_leak: None) -> Non
 def test_dualstack_with_a_name_without_ipv6_says_so(no_fd_leak: None) -> None:
     # Before: HostNotFound "unknown host 'localhost': Name or service not known",
     # for a name that resolves (to 127.0.0.1), only not to the IPv6 address that
-    # dualstack=True needs.
+    # dualstack=True needs. What it needs leads, as for a name that resolves to ::1.
     expected = (
-        "invalid address 'localhost:0': 'localhost' has no IPv6 address, only IPv4 "
-        "(127.0.0.1); dualstack=True needs the any-address of both families (':0', "
-        "'*:0' or '[::]:0') or an IPv4-mapped IPv6 address"
+        "invalid address 'localhost:0': dualstack=True needs the any-address of both "
+        "families (':0', '*:0' or '[::]:0') or an IPv4-mapped IPv6 address, not "
+        "'localhost', which has no IPv6 address, only IPv4 (127.0.0.1)"
     )
     calls: list[Callable[[], object]] = [
         lambda: reuseport_listener("localhost:0", dualstack=True),
@@ -487,6 +487,90 @@ def test_dualstack_refuses_a_specific_ipv6_address(no_fd_leak: None) -> None:
     for factory in (reuseport_listener, reuseport_udp, reuselb.hold_port, reuseport_group):
         raises = (factory.__doc__ or "").split(":raises AddressError:")[1].split(":raises")[0]
         assert "other than ``::`` or an IPv4-mapped" in " ".join(raises.split())
+
+
+def test_dualstack_with_a_name_of_a_specific_ipv6_address_names_it(
+    monkeypatch: pytest.MonkeyPatch, no_fd_leak: None
+) -> None:
+    # Before: "'localhost' has no IPv6 address, only IPv4" led the message for a
+    # name with IPv4 addresses only, as if an IPv6 address were what it lacked; a
+    # name with one (::1) is refused too (Linux makes a socket on it IPv6-only),
+    # and that message named ::1 but not the name. Both lead with what dualstack
+    # needs and name the name as the caller wrote it.
+    _fake_resolver(monkeypatch, {"v6host": ["::1"], "anyhost": ["::"]})
+    needs = (
+        "dualstack=True needs the any-address of both families (':0', '*:0' or "
+        "'[::]:0') or an IPv4-mapped IPv6 address"
+    )
+    calls: list[Callable[[], object]] = [
+        lambda: reuseport_listener("v6host:0", dualstack=True),
+        lambda: reuseport_udp("v6host:0", dualstack=True),
+        lambda: reuselb.hold_port("v6host:0", dualstack=True),
+        lambda: reuseport_group("v6host:0", 2, dualstack=True),
+    ]
+    for call in calls:
+        with pytest.raises(AddressError) as info:
+            call()
+        assert not isinstance(info.value, reuselb.GroupMemberError)
+        assert str(info.value) == (
+            f"invalid address 'v6host:0': {needs}, not 'v6host' (it resolves to ::1): "
+            "Linux makes a socket bound to any other IPv6 address IPv6-only"
+        )
+    # A name of "::" is the any-address of both families: it binds (no IPv6 needed
+    # to check that it is not refused before a socket is made).
+    if HAS_IPV6:
+        with reuseport_listener("anyhost:0", dualstack=True) as lst:
+            assert lst.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 0
+    for factory in (reuseport_listener, reuseport_udp, reuselb.hold_port, reuseport_group):
+        raises = (factory.__doc__ or "").split(":raises AddressError:")[1].split(":raises")[0]
+        assert "a name that resolves to neither with" in " ".join(raises.split())
+
+
+def test_dualstack_refuses_the_mapped_ipv4_any_address(
+    monkeypatch: pytest.MonkeyPatch, no_fd_leak: None
+) -> None:
+    # Before: "[::ffff:0.0.0.0]:0" bound with dualstack=True. It is mapped, so Linux
+    # leaves V6ONLY off (__inet6_bind), but it binds the socket as 0.0.0.0: every
+    # IPv4 address and no IPv6 one, exactly what 0.0.0.0 is refused for, and not
+    # the "IPv4 to that one address" the docs promised for a mapped address.
+    needs = (
+        "dualstack=True needs the any-address of both families (':0', '*:0' or "
+        "'[::]:0') or an IPv4-mapped IPv6 address"
+    )
+    calls: list[Callable[[], object]] = [
+        lambda: reuseport_listener("[::ffff:0.0.0.0]:0", dualstack=True),
+        lambda: reuseport_udp("[::ffff:0.0.0.0]:0", dualstack=True),
+        lambda: reuselb.hold_port("[::ffff:0.0.0.0]:0", dualstack=True),
+        lambda: reuseport_group("[::ffff:0.0.0.0]:0", 2, dualstack=True),
+        lambda: reuseport_group("[::ffff:0.0.0.0]:0", 2, kind="udp", dualstack=True),
+    ]
+    for call in calls:
+        with pytest.raises(AddressError) as info:
+            call()
+        assert not isinstance(info.value, reuselb.GroupMemberError)
+        assert str(info.value) == (
+            f"invalid address '[::ffff:0.0.0.0]:0': {needs}, not ::ffff:0.0.0.0, "
+            "which is IPv4's alone"
+        )
+    with pytest.raises(AddressError, match="IPv4's alone"):  # a 4-tuple spelling
+        reuseport_listener(("::ffff:0.0.0.0", 0, 0, 0), dualstack=True)
+    _fake_resolver(monkeypatch, {"v4any": ["::ffff:0.0.0.0"]})
+    with pytest.raises(AddressError) as info:
+        reuseport_listener("v4any:0", dualstack=True)
+    assert str(info.value) == (
+        f"invalid address 'v4any:0': {needs}, not 'v4any' (it resolves to "
+        "::ffff:0.0.0.0), which is IPv4's alone"
+    )
+    # Documented with 0.0.0.0, and the mapped addresses' wording no longer reads as
+    # if a mapped address were the any-address of both families.
+    for factory in (reuseport_listener, reuseport_udp, reuselb.hold_port, reuseport_group):
+        text = " ".join((factory.__doc__ or "").split())
+        raises = text.split(":raises AddressError:")[1].split(":raises")[0]
+        assert "``::ffff:0.0.0.0``" in raises
+    udp_doc = " ".join((reuseport_udp.__doc__ or "").split())
+    param = udp_doc.split(":param dualstack:")[1].split(":param")[0]
+    assert "an IPv4-mapped address takes IPv4 to that one address" in param
+    assert "(or an IPv4-mapped address), the any-address" not in param
 
 
 @pytest.mark.ipv6
@@ -1091,6 +1175,36 @@ def test_connect_tcp_source_held_by_time_wait_says_so(no_fd_leak: None) -> None:
         assert info.value.errno == errno.EADDRINUSE
 
 
+def test_connect_tcp_time_wait_is_not_shared_by_reuseaddr_on_the_new_socket(
+    no_fd_leak: None,
+) -> None:
+    # Before: the docstring said the TIME_WAIT blocks the source port because
+    # "this socket has no SO_REUSEADDR to share it". Linux shares a TIME_WAIT port
+    # only when both the closed socket and the new one had SO_REUSEADDR
+    # (inet_csk_bind_conflict checks sk_reuse of each); connect_tcp sets it on
+    # neither, so a new socket with it alone is still refused.
+    with reuseport_listener("127.0.0.1:0") as peer:
+        peer.settimeout(10)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            source = probe.getsockname()
+        first = connect_tcp(peer.getsockname(), source=source, timeout=5)
+        conn = peer.accept()[0]
+        with conn:
+            first.close()  # the active close: this side goes to TIME_WAIT
+            conn.settimeout(10)
+            assert conn.recv(1) == b""
+        with socket.socket() as again:
+            again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            with pytest.raises(OSError, match="Address already in use") as info:
+                again.bind(source)
+            assert info.value.errno == errno.EADDRINUSE
+    doc = " ".join((connect_tcp.__doc__ or "").split())
+    in_use = doc.split(":raises AddressInUse:")[1].split(":raises")[0]
+    assert "this socket has no SO_REUSEADDR" not in in_use
+    assert "both that connection's socket and the new one had it" in in_use
+
+
 @pytest.mark.ipv6
 @pytest.mark.usefixtures("ipv4_only_localhost")
 def test_connect_tcp_source_name_without_the_peers_family(no_fd_leak: None) -> None:
@@ -1434,6 +1548,62 @@ print(json.dumps(out))
         assert "probe" in message
     assert out["freed"] is True
     assert out["listener"] == "socket"
+
+
+def test_fixed_port_factories_document_the_probes_errors() -> None:
+    # Before: only reuseport_group's :raises: named the process's first SO_REUSEPORT
+    # probe; reuseport_listener, reuseport_udp and hold_port probe too (_bound calls
+    # _reuseport_option first) and raise its AddressInUse for a fixed port no socket
+    # holds, and its EMFILE, but their docs spoke of port 0 and the kernel only.
+    for factory in (reuseport_listener, reuseport_udp, reuselb.hold_port):
+        doc = " ".join((factory.__doc__ or "").split())
+        in_use = doc.split(":raises AddressInUse:")[1].split(":raises")[0]
+        assert "for any port, a fixed one too, the process's first SO_REUSEPORT probe" in (
+            in_use
+        ), factory.__name__
+        assert "no free TCP or UDP port in the ephemeral range" in in_use
+        os_error = doc.split(":raises OSError:")[1].split(":raises")[0]
+        assert "that probe could not run (``EMFILE``: no fd left" in os_error
+
+
+def test_fixed_port_listener_probe_without_fds_raises_the_documented_oserror(
+    fake_platform: pytest.MonkeyPatch,
+) -> None:
+    # The EMFILE the docstring now lists, from a fixed-port listener's probe.
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        address = free.getsockname()
+    before = open_fds()
+    with fds_left(1), pytest.raises(OSError, match="Too many open files") as info:
+        reuseport_listener(address)  # the probe needs two fds
+    assert info.value.errno == errno.EMFILE
+    assert open_fds() == before
+
+
+@pytest.mark.root
+def test_fixed_port_factories_raise_the_probes_address_in_use() -> None:
+    # The first fixed-port call of a process with no ephemeral port free fails in
+    # the probe, not on its own address (which no socket holds): AddressInUse with
+    # the probe's message, as the :raises AddressInUse: of each now says.
+    out = run_in_netns(
+        _PORTS_EXHAUSTED
+        + """
+exhaust()
+out["listener"] = outcome(lambda: reuselb.reuseport_listener("127.0.0.1:40500"))
+out["udp"] = outcome(lambda: reuselb.reuseport_udp("127.0.0.1:40501"))
+out["hold_port"] = outcome(lambda: reuselb.hold_port("127.0.0.1:40502"))
+free()
+out["freed"] = outcome(lambda: reuselb.reuseport_listener("127.0.0.1:40500"))
+print(json.dumps(out))
+"""
+    )
+    for name in ("listener", "udp", "hold_port"):
+        assert isinstance(out[name], list), out
+        kind, err, message = out[name]
+        assert (kind, err) == ("AddressInUse", errno.EADDRINUSE)
+        assert "no free port left in the ephemeral range" in message
+        assert "the SO_REUSEPORT probe needs one" in message
+    assert out["freed"] == "socket"
 
 
 @pytest.mark.root

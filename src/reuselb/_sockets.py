@@ -370,6 +370,9 @@ def _check_zone(family: socket.AddressFamily, sockaddr: Any, value: object) -> N
 # which takes IPv4 to that address alone. Linux's bind() sets IPV6_V6ONLY on a
 # socket bound to any other IPv6 address (net/ipv6/af_inet6.c, __inet6_bind: not
 # IPV6_ADDR_ANY and not IPV6_ADDR_MAPPED), so dualstack would take no IPv4 there.
+# ::ffff:0.0.0.0 is mapped too, but it is 0.0.0.0: every IPv4 address and no IPv6
+# one (__inet6_bind binds the socket's IPv4 address to INADDR_ANY), so it is
+# refused as 0.0.0.0 is.
 _DUALSTACK_NEEDS = (
     "dualstack=True needs the any-address of both families (':{port}', '*:{port}' "
     "or '[::]:{port}') or an IPv4-mapped IPv6 address"
@@ -380,6 +383,7 @@ def _bind_target(
     address: Address, kind: socket.SocketKind, dualstack: bool, value: object
 ) -> tuple[socket.AddressFamily, Any]:
     # *value* is what the caller passed: errors name it as they wrote it.
+    needs = _DUALSTACK_NEEDS.format(port=address.port)
     if dualstack:
         if address.host == "":
             return socket.AF_INET6, ("::", address.port, 0, 0)
@@ -391,7 +395,7 @@ def _bind_target(
                 if address.is_wildcard
                 else "not an IPv4 address"
             )
-            raise AddressError(value, f"{_DUALSTACK_NEEDS.format(port=address.port)}, {what}")
+            raise AddressError(value, f"{needs}, {what}")
     family = socket.AF_INET6 if dualstack else socket.AF_UNSPEC
     try:
         target = resolve_address(address, kind, passive=True, family=family, value=value)[0]
@@ -399,20 +403,31 @@ def _bind_target(
         if address.is_literal:
             raise  # a zone naming no interface: nothing to do with dualstack
         # A name with IPv4 addresses only (say "localhost" in an /etc/hosts without
-        # ::1): resolve_address says so, and why an IPv6 address was wanted is here.
-        raise AddressError(
-            value, f"{exc.reason}; {_DUALSTACK_NEEDS.format(port=address.port)}"
-        ) from None
+        # ::1): what dualstack needs comes first, as for a name that resolves to
+        # ::1 below; resolve_address's reason ("'localhost' has no IPv6 address,
+        # only IPv4 (127.0.0.1)") says what the name has instead.
+        reason = exc.reason.removeprefix(f"{address.host!r} ")
+        raise AddressError(value, f"{needs}, not {address.host!r}, which {reason}") from None
     if target[0] == socket.AF_INET6:
         ip = ipaddress.IPv6Address(target[1][0].partition("%")[0])
         mapped = ip.ipv4_mapped
+        # A name is named as the caller wrote it, with the address it resolved to.
+        shown = (
+            target[1][0]
+            if address.is_literal
+            else f"{address.host!r} (it resolves to {target[1][0]})"
+        )
+        if dualstack and mapped is not None and mapped.is_unspecified:
+            # ::ffff:0.0.0.0 is 0.0.0.0 (see _DUALSTACK_NEEDS): Linux binds it as
+            # IPv4's any-address, so the "dual-stack" socket would take no IPv6.
+            raise AddressError(value, f"{needs}, not {shown}, which is IPv4's alone")
         if dualstack and not ip.is_unspecified and mapped is None:
             # Linux's bind() turns IPV6_V6ONLY back on for a specific, non-mapped
             # IPv6 address (__inet6_bind), so dualstack=True would silently give an
             # IPv6-only socket: no IPv4 client ever reaches it.
             raise AddressError(
                 value,
-                f"{_DUALSTACK_NEEDS.format(port=address.port)}, not {target[1][0]}: "
+                f"{needs}, not {shown}: "
                 "Linux makes a socket bound to any other IPv6 address IPv6-only",
             )
         if mapped is not None and not dualstack:
@@ -582,8 +597,9 @@ def reuseport_listener(
         ``"*:port"``, ``"[::]:port"``), accept IPv4 too (V6ONLY off); an
         IPv4-mapped address (``"[::ffff:127.0.0.1]:port"``) is accepted too and
         takes IPv4 to that address alone. Not for IPv4 addresses (``0.0.0.0``
-        included) nor any other IPv6 address: Linux's ``bind`` makes a socket on
-        one IPv6-only. Without it IPv6 listeners set ``IPV6_V6ONLY``.
+        included, and ``::ffff:0.0.0.0``, which is it: IPv4's any-address alone)
+        nor any other IPv6 address: Linux's ``bind`` makes a socket on one
+        IPv6-only. Without it IPv6 listeners set ``IPV6_V6ONLY``.
     :param nonblocking: create the socket non-blocking.
     :param fastopen: enable TCP Fast Open with this many pending requests, ``1`` to
         ``2**31 - 1`` (the kernel caps it at ``net.core.somaxconn``).
@@ -596,21 +612,26 @@ def reuseport_listener(
     :returns: the listening socket; the caller owns it.
     :raises AddressError: the address is malformed, not an address of this host,
         an IPv4-mapped IPv6 address without *dualstack*, an IPv4 address with
-        *dualstack* (``0.0.0.0`` too: it is IPv4's any-address alone; ``":port"``
-        or ``"[::]:port"`` is both families'), an IPv6 address other than ``::``
-        or an IPv4-mapped one with *dualstack*, a name without an IPv6 address
-        with *dualstack*, a link-local IPv6 address without a zone, an IPv6
-        address whose zone names no interface, or refused by ``bind`` with EINVAL.
+        *dualstack* (``0.0.0.0`` too, or ``::ffff:0.0.0.0``: it is IPv4's
+        any-address alone; ``":port"`` or ``"[::]:port"`` is both families'), an
+        IPv6 address other than ``::`` or an IPv4-mapped one with *dualstack*, a
+        name that resolves to neither with *dualstack* (IPv4 only, or ``::1``), a
+        link-local IPv6 address without a zone, an IPv6 address whose zone names no
+        interface, or refused by ``bind`` with EINVAL.
     :raises HostNotFound: the host name does not resolve (in any family).
     :raises AddressInUse: a socket outside this reuseport group holds the address
         (``bind`` refused it, or ``listen`` did: a socket bound with SO_REUSEADDR
         only may share the port until one of the two listens), or, for port 0, no
-        port of the ephemeral range is free.
+        port of the ephemeral range is free; for any port, a fixed one too, the
+        process's first SO_REUSEPORT probe (see :func:`supports_reuseport`) found
+        no free TCP or UDP port in the ephemeral range (nothing is made; the next
+        call probes again).
     :raises ReuseportUnsupported: the system cannot give what *balanced* asks for.
     :raises InvalidArgument: *backlog*, *fastopen* or *defer_accept* is not an int or
         out of its range, or a flag is not a bool (checked before any socket is made).
     :raises OSError: the kernel refused otherwise (for example ``PermissionError``
-        for a port below 1024).
+        for a port below 1024), or that probe could not run (``EMFILE``: no fd
+        left; the next call probes again).
     """
     _check_listener_options(backlog, fastopen, defer_accept)
     nodelay = check_flag("nodelay", nodelay)
@@ -669,24 +690,30 @@ def reuseport_udp(
     SO_REUSEPORT set can still be handed this port by the kernel later, and join.
 
     :param address: see :func:`reuseport_listener`.
-    :param dualstack: for ``::`` (or an IPv4-mapped address), the any-address of
-        both families, take IPv4 too (see :func:`reuseport_listener`).
+    :param dualstack: for ``::``, the any-address of both families, take IPv4 too
+        (V6ONLY off); an IPv4-mapped address takes IPv4 to that one address (see
+        :func:`reuseport_listener`).
     :param nonblocking: create the socket non-blocking.
     :param balanced: require kernel balancing (see :func:`reuseport_listener`).
     :returns: the bound socket; the caller owns it.
     :raises AddressError: the address is malformed, not local, an IPv4-mapped
         IPv6 address without *dualstack*, an IPv4 address with *dualstack*
-        (``0.0.0.0`` too: it is IPv4's any-address alone; ``":port"`` or
-        ``"[::]:port"`` is both families'), an IPv6 address other than ``::`` or an
-        IPv4-mapped one with *dualstack*, a name without an IPv6 address with
-        *dualstack*, a link-local IPv6 address without a zone, an IPv6 address whose
-        zone names no interface, or refused by ``bind`` with EINVAL.
+        (``0.0.0.0`` too, or ``::ffff:0.0.0.0``: it is IPv4's any-address alone;
+        ``":port"`` or ``"[::]:port"`` is both families'), an IPv6 address other
+        than ``::`` or an IPv4-mapped one with *dualstack*, a name that resolves to
+        neither with *dualstack* (IPv4 only, or ``::1``), a link-local IPv6 address
+        without a zone, an IPv6 address whose zone names no interface, or refused by
+        ``bind`` with EINVAL.
     :raises HostNotFound: the host name does not resolve (in any family).
     :raises AddressInUse: a socket outside this reuseport group holds the address,
-        or, for port 0, no port of the ephemeral range is free.
+        or, for port 0, no port of the ephemeral range is free; for any port, a
+        fixed one too, the process's first SO_REUSEPORT probe (see
+        :func:`supports_reuseport`) found no free TCP or UDP port in the ephemeral
+        range (nothing is made; the next call probes again).
     :raises ReuseportUnsupported: the system cannot give what *balanced* asks for.
     :raises InvalidArgument: a flag is not a bool.
-    :raises OSError: the kernel refused otherwise.
+    :raises OSError: the kernel refused otherwise, or that probe could not run
+        (``EMFILE``: no fd left; the next call probes again).
     """
     return _bound(
         address,
@@ -715,17 +742,22 @@ def hold_port(
     :returns: the bound socket; close it to release the port.
     :raises AddressError: the address is malformed, not local, an IPv4-mapped
         IPv6 address without *dualstack*, an IPv4 address with *dualstack*
-        (``0.0.0.0`` too: it is IPv4's any-address alone; ``":port"`` or
-        ``"[::]:port"`` is both families'), an IPv6 address other than ``::`` or an
-        IPv4-mapped one with *dualstack*, a name without an IPv6 address with
-        *dualstack*, a link-local IPv6 address without a zone, an IPv6 address whose
-        zone names no interface, or refused by ``bind`` with EINVAL.
+        (``0.0.0.0`` too, or ``::ffff:0.0.0.0``: it is IPv4's any-address alone;
+        ``":port"`` or ``"[::]:port"`` is both families'), an IPv6 address other
+        than ``::`` or an IPv4-mapped one with *dualstack*, a name that resolves to
+        neither with *dualstack* (IPv4 only, or ``::1``), a link-local IPv6 address
+        without a zone, an IPv6 address whose zone names no interface, or refused by
+        ``bind`` with EINVAL.
     :raises HostNotFound: the host name does not resolve (in any family).
     :raises AddressInUse: a socket outside this reuseport group holds the address,
-        or, for port 0, no port of the ephemeral range is free.
+        or, for port 0, no port of the ephemeral range is free; for any port, a
+        fixed one too, the process's first SO_REUSEPORT probe (see
+        :func:`supports_reuseport`) found no free TCP or UDP port in the ephemeral
+        range (nothing is made; the next call probes again).
     :raises ReuseportUnsupported: the system cannot give what *balanced* asks for.
     :raises InvalidArgument: a flag is not a bool.
-    :raises OSError: the kernel refused otherwise.
+    :raises OSError: the kernel refused otherwise, or that probe could not run
+        (``EMFILE``: no fd left; the next call probes again).
     """
     # No SO_REUSEADDR: Linux lets two SO_REUSEADDR sockets share a port while neither
     # listens, so an outsider with it (socket.create_server sets it) could take the
@@ -892,9 +924,9 @@ def reuseport_group(
     :raises GroupMemberError: member *k* failed with an ``OSError`` or
         ``ValueError``; the cause is chained.
     :raises AddressError: the address is malformed, IPv4-mapped IPv6 without
-        ``dualstack=True``, IPv4 (``0.0.0.0`` included, IPv4's any-address alone;
-        or a name without an IPv6 address) or IPv6 other than ``::`` or an
-        IPv4-mapped address with it,
+        ``dualstack=True``, IPv4 (``0.0.0.0`` included, IPv4's any-address alone,
+        and ``::ffff:0.0.0.0``) or IPv6 other than ``::`` or an IPv4-mapped address
+        with it, or a name that resolves to neither with it,
         link-local IPv6 without a zone, or IPv6 with a zone naming no interface
         (before any socket is made).
     :raises HostNotFound: the host name does not resolve, in any family (before
@@ -997,8 +1029,9 @@ def connect_tcp(
         tried).
     :raises AddressInUse: *source* names a port that another socket holds, or a
         recent connection from it still in TIME_WAIT (Linux keeps the port bound
-        for 60 seconds after an active close, and this socket has no
-        SO_REUSEADDR to share it).
+        for 60 seconds after an active close; SO_REUSEADDR would share it only if
+        both that connection's socket and the new one had it, and
+        ``connect_tcp`` sets it on neither).
     :raises HostNotFound: a host name does not resolve (in any family).
     :raises OSError: every candidate failed (the last error, naming the address:
         ``ConnectionRefusedError``, ``TimeoutError``, ...; the original is chained).
