@@ -1184,17 +1184,30 @@ def test_key_hasher_is_immutable(secret: bytes | None) -> None:
     assert KeyHasher(7, secret).hash32("k") == hasher.hash32("k")
 
 
-def test_ketama_equal_weights_move_other_keys_across_a_point_count_step() -> None:
+def test_ketama_equal_weights_move_other_keys_at_a_156_point_count() -> None:
     # docs/policies/hashing.md and the RingHash docstring: with equal weights only
-    # the leaving server's keys move unless the server count crosses a point-count
-    # step (libketama 62 -> 61 servers: 160 -> 156 points; libmemcached 25 -> 24:
-    # 156 -> 160), where the other servers' keys move too.
+    # the leaving server's keys move unless the server count before or after is one
+    # of the scattered counts where single precision gives every server 39 digests
+    # (156 points), not 40 (libketama 61, 122; libmemcached 25, 47, 50, ..., 100),
+    # where the other servers' keys move too. Not a threshold: 61 -> 60 and
+    # 62 -> 61 both cross one, 123 -> 122 too, and 10 -> 9 none.
     from reuselb import RingHash
+    from reuselb.balance import libketama_digests, libmemcached_digests
 
+    odd = [n for n in range(2, 301) if libketama_digests(1, n, n) != 40]
+    assert odd == [61, 122, 237, 244]
+    assert {libketama_digests(1, n, n) for n in odd} == {39}
+    odd = [n for n in range(2, 201) if libmemcached_digests(1, n, n) != 40]
+    listed = "25 47 50 55 61 71 94 100 107 109 110 115 122 142 159 163 188 193 200"
+    assert odd == [int(n) for n in listed.split()]
+    assert {libmemcached_digests(1, n, n) for n in odd} == {39}
     ks = [f"key:{i}" for i in range(20000)]
     cases: tuple[tuple[bool | Literal["libmemcached"], int, int], ...] = (
         (True, 62, 562),
+        (True, 61, 527),
+        (True, 123, 464),
         ("libmemcached", 25, 386),
+        ("libmemcached", 101, 493),
         (True, 10, 0),
     )
     for mode, n, moved in cases:

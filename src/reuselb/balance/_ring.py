@@ -196,9 +196,12 @@ class RingHash(HashPolicy):
     points), about 1/N of them; balance depends on the number of points
     (160 per node gives ~10% spread at N=100). Not so in ketama mode, which, as
     libketama and libmemcached do, recomputes every server's point count from the
-    total weight and the server count: only with equal weights, and when the
-    server count does not cross a point-count step (libketama 62 -> 61,
-    libmemcached 25 -> 24), do only the leaving server's keys move.
+    total weight and the server count: only with equal weights do only the leaving
+    server's keys move, and not even then at scattered server counts where single
+    precision rounding gives every server 156 points instead of 160 (libketama 61
+    and 122 of 2-200, libmemcached 19 counts of 2-200 including 25, 47, 50, 55,
+    61, 71, 94 and 100): a change to or from such a count moves other servers'
+    keys too (see :func:`libketama_digests`, :func:`libmemcached_digests`).
 
     Cost: a node has ``vnodes x weight`` points, so the ring grows with the
     absolute weights, not their ratios (weights 1000, 1000 build a ring 1000x the
