@@ -1184,6 +1184,29 @@ def test_key_hasher_is_immutable(secret: bytes | None) -> None:
     assert KeyHasher(7, secret).hash32("k") == hasher.hash32("k")
 
 
+@pytest.mark.parametrize(
+    "secret", [None, b"x", bytes(range(64))], ids=["no-secret", "1-byte", "64-byte"]
+)
+def test_key_hasher_pickles_as_its_seed_and_secret(secret: bytes | None) -> None:
+    # pickle stored the slots, hash32 among them, a closure local to __init__:
+    # "Can't pickle local object 'KeyHasher.__init__.<locals>._keyed'" (_crc without
+    # a secret), so nothing holding a hasher went through multiprocessing.
+    import pickle
+
+    from reuselb.balance import KeyHasher
+
+    hasher = KeyHasher(5, secret)
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        back = pickle.loads(pickle.dumps(hasher, protocol))
+        assert type(back) is KeyHasher and back is not hasher
+        assert (back.seed, back.secret) == (5, secret)
+        for key in ("k", b"user42", "\u00e9t\u00e9", b""):
+            assert back.hash32(key) == hasher.hash32(key)
+        assert back.node_bytes("10.0.0.1:80", 16) == hasher.node_bytes("10.0.0.1:80", 16)
+        with pytest.raises(AttributeError, match="immutable"):
+            back.seed = 6
+
+
 def test_ketama_equal_weights_move_other_keys_at_a_156_point_count() -> None:
     # docs/policies/hashing.md and the RingHash docstring: with equal weights only
     # the leaving server's keys move unless the server count before or after is one

@@ -422,7 +422,10 @@ class KeyHasher:
     (:attr:`Node.hash_id`) when a policy builds its table, ring or scores.
 
     Immutable, as :class:`Node` is: assigning or deleting an attribute, or running
-    ``__init__`` again on a built hasher, raises :class:`AttributeError`.
+    ``__init__`` again on a built hasher, raises :class:`AttributeError`. It
+    pickles as its seed and secret (the secret is in the pickle: keep such a
+    pickle as secret as the key itself) and unpickles as a hasher that hashes
+    alike.
 
     :param seed: int in ``0..2**32-1``.
     :param secret: optional BLAKE2b key (1 to 64 bytes).
@@ -504,6 +507,13 @@ class KeyHasher:
 
     def __deepcopy__(self, memo: object) -> KeyHasher:
         return self
+
+    # pickle's default for a slotted object stores the slots, hash32 among them: a
+    # closure local to __init__, so pickle.dumps(KeyHasher(5, b"x")) failed with
+    # "Can't pickle local object ..._keyed". A hasher is its seed and secret: rebuild
+    # it through the constructor, which makes hash32 again.
+    def __reduce__(self) -> tuple[type[KeyHasher], tuple[int, bytes | None]]:
+        return KeyHasher, (self.seed, self.secret)
 
     def node_bytes(self, text: str, nbytes: int) -> bytes:
         """*nbytes* pseudo-random bytes for a node identity (build time, not per pick).
