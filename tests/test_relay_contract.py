@@ -13,7 +13,7 @@ import ssl
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -30,7 +30,7 @@ from tests.test_relay import (
     _relay_with_an_error_queue,
     tcp_pair,
 )
-from tests.test_relay_tls import Running, _tls_contexts, make_setup
+from tests.test_relay_tls import Running, Setup, _tls_contexts, make_setup
 
 pytestmark = pytest.mark.linux
 
@@ -157,6 +157,221 @@ def test_a_tls_side_given_back_after_a_timeout_keeps_its_tls_state(
         assert setup.a._sslobj is not None  # type: ignore[attr-defined]
     finally:
         setup.close()
+
+
+class LoggedSSL(ssl.SSLSocket):
+    """An ssl.SSLSocket subclass (SSLContext.sslsocket_class) whose shutdown() records
+    its calls and ends in SSLSocket.shutdown, which drops the TLS state."""
+
+    calls: ClassVar[list[int]] = []
+
+    def shutdown(self, how: int) -> None:
+        LoggedSSL.calls.append(how)
+        super().shutdown(how)
+
+
+@pytest.fixture(scope="module")
+def logged_contexts(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    server, client = _tls_contexts(tmp_path_factory.mktemp("tls-logged"))
+    server.sslsocket_class = LoggedSSL
+    return server, client
+
+
+def _read_tls_to_eof(sock: socket.socket) -> bytes:
+    sock.settimeout(JOIN)
+    data = b""
+    while chunk := sock.recv(65536):  # b"" at the peer's close_notify
+        data += chunk
+    return data
+
+
+@pytest.mark.parametrize("mode", FORMS)
+def test_an_ssl_socket_subclass_s_shutdown_is_not_called(
+    listener: socket.socket, logged_contexts: tuple[ssl.SSLContext, ssl.SSLContext], mode: str
+) -> None:
+    # 284a437 bypassed only ssl.SSLSocket.shutdown itself: a subclass overriding it
+    # (here logging, then super()) had it called for close=False's SHUT_RDWR, which
+    # dropped the TLS state the caller gets back (_sslobj None), while its half-close
+    # was the relay's close_notify all the same. No SSLSocket's shutdown is called.
+    setup = make_setup(listener, logged_contexts, "client-tls")
+    LoggedSSL.calls = []
+    try:
+        assert isinstance(setup.a, LoggedSSL)
+        setup.backend.sendall(b"response")
+        setup.backend.shutdown(socket.SHUT_WR)  # b's EOF: a close_notify to a
+        r = Running(RUNNERS[mode], setup, idle_timeout=0.3, close=False)
+        assert _read_tls_to_eof(setup.client) == b"response"
+        stats = r.join()
+        assert (stats.a_end, stats.b_end, stats.b_to_a) == (End.TIMEOUT, End.EOF, 8)
+        assert LoggedSSL.calls == []
+        assert setup.a._sslobj is not None  # type: ignore[attr-defined]
+    finally:
+        setup.close()
+
+
+class FailingShutdown(socket.socket):
+    """A framing layer whose end-of-stream record cannot be written: its shutdown()
+    fails with *errno_* (a class attribute set per test)."""
+
+    errno_ = errno.EIO
+
+    def shutdown(self, how: int, /) -> None:
+        raise OSError(self.errno_, f"framing layer: shutdown({how}) failed")
+
+
+class FailingShutdownIO(FailingShutdown):
+    """The same relayed as a wrapper (its own recv_into/send)."""
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0, /) -> int:
+        return super().recv_into(buffer, nbytes, flags)
+
+    def send(self, data: Any, flags: int = 0, /) -> int:
+        return super().send(data, flags)
+
+
+class ClosingShutdown(socket.socket):
+    """A layer whose end-of-stream also ends the socket: its shutdown() closes it."""
+
+    def shutdown(self, how: int, /) -> None:
+        self.close()
+
+
+class ClosingShutdownIO(ClosingShutdown):
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0, /) -> int:
+        return super().recv_into(buffer, nbytes, flags)
+
+    def send(self, data: Any, flags: int = 0, /) -> int:
+        return super().send(data, flags)
+
+
+class Like:
+    """A SocketLike (not a socket.socket) whose shutdown() fails with *fail* or, if
+    *fail* is None, closes it."""
+
+    def __init__(self, sock: socket.socket, fail: int | None) -> None:
+        self.sock, self.fail = sock, fail
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def recv_into(self, buffer: memoryview, /) -> int:
+        return self.sock.recv_into(buffer)
+
+    def send(self, data: memoryview | bytes, /) -> int:
+        return self.sock.send(data)
+
+    def setblocking(self, flag: bool) -> None:
+        self.sock.setblocking(flag)
+
+    def gettimeout(self) -> float | None:
+        return self.sock.gettimeout()
+
+    def shutdown(self, how: int, /) -> None:
+        if self.fail is None:
+            self.sock.close()
+        else:
+            raise OSError(self.fail, f"wrapper: shutdown({how}) failed")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+SIDE_KINDS = ["subclass", "subclass-wrapper", "socketlike"]
+
+
+def _side(sock: socket.socket, kind: str, fail: int | None) -> Any:
+    if kind == "socketlike":
+        return Like(sock, fail)
+    if fail is None:
+        return (ClosingShutdown if kind == "subclass" else ClosingShutdownIO)(fileno=sock.detach())
+    cls = FailingShutdown if kind == "subclass" else FailingShutdownIO
+    side = cls(fileno=sock.detach())
+    side.errno_ = fail
+    return side
+
+
+@pytest.mark.parametrize(
+    ("fail", "end"), [(errno.EIO, End.ERROR), (errno.EPIPE, End.RESET)], ids=["EIO", "EPIPE"]
+)
+@pytest.mark.parametrize("kind", SIDE_KINDS)
+@pytest.mark.parametrize("mode", FORMS)
+def test_a_failed_half_close_is_a_reset_only_for_a_reset_s_errno(
+    listener: socket.socket, mode: str, kind: str, fail: int, end: End
+) -> None:
+    # A half-close whose shutdown() failed was End.RESET whatever the errno; End.RESET
+    # is ECONNRESET, EPIPE, ECONNABORTED and ETIMEDOUT only, any other error
+    # End.ERROR, as for every other failure of a side.
+    client, s = tcp_pair(listener)
+    a = _side(s, kind, fail)
+    b, backend = tcp_pair(listener)
+    try:
+        backend.sendall(b"response")
+        backend.shutdown(socket.SHUT_WR)  # b's EOF: the relay half-closes a
+        stats: RelayStats = RUNNERS[mode](a, b, idle_timeout=JOIN)
+        assert (stats.a_end, stats.b_end, stats.failed) == (end, End.EOF, "a")
+        assert isinstance(stats.error, OSError)
+        assert stats.error.errno == fail
+        assert "shutdown(1) failed" in str(stats.error)
+    finally:
+        for sock in (client, a, b, backend):
+            sock.close()
+
+
+@pytest.mark.parametrize("kind", SIDE_KINDS)
+@pytest.mark.parametrize("mode", FORMS)
+def test_a_side_whose_shutdown_closes_it_ends_the_relay_at_once(
+    listener: socket.socket, mode: str, kind: str
+) -> None:
+    # A side whose own shutdown() closes it: the blocking form's next read of it
+    # ended the relay (side closed while the relay ran); the close took the fd out of
+    # the epoll hub and the loop's selector, and the asyncio forms waited for the
+    # idle timeout (for ever without one). The idle timeout here only bounds the old
+    # failure: the relay must end long before it.
+    client, s = tcp_pair(listener)
+    a = _side(s, kind, None)
+    b, backend = tcp_pair(listener)
+    try:
+        backend.sendall(b"response")
+        backend.shutdown(socket.SHUT_WR)  # b's EOF: the relay half-closes a
+        stats: RelayStats = RUNNERS[mode](a, b, idle_timeout=5)
+        assert (stats.a_end, stats.b_end, stats.failed) == (End.ERROR, End.EOF, "a")
+        assert isinstance(stats.error, OSError)
+        assert stats.error.errno == errno.EBADF
+        assert str(stats.error) == "[Errno 9] relay side a was closed while the relay ran"
+        assert stats.b_to_a == 8
+        with pytest.raises(ConnectionResetError):  # b reset: a's stream was cut off
+            _read_to_eof(backend)
+    finally:
+        for sock in (client, a, b, backend):
+            sock.close()
+
+
+@pytest.mark.parametrize("kind", SIDE_KINDS)
+@pytest.mark.parametrize("mode", FORMS)
+def test_a_side_whose_shutdown_closes_it_after_its_eof_ends_cleanly(
+    listener: socket.socket, mode: str, kind: str
+) -> None:
+    # The same close once the relay has read a to its EOF: nothing reads a any more,
+    # so both directions are complete and the relay ends as usual.
+    client, s = tcp_pair(listener)
+    a = _side(s, kind, None)
+    b, backend = tcp_pair(listener)
+    try:
+        client.sendall(b"request")
+        client.shutdown(socket.SHUT_WR)
+        r = Running(RUNNERS[mode], Setup(client, a, b, backend), idle_timeout=JOIN)
+        assert _read_to_eof(backend) == b"request"  # a's EOF forwarded: a read to its end
+        backend.sendall(b"response")
+        backend.shutdown(socket.SHUT_WR)
+        stats = r.join()
+        assert (stats.a_end, stats.b_end, stats.failed) == (End.EOF, End.EOF, None)
+        assert (stats.a_to_b, stats.b_to_a) == (7, 8)
+        assert _read_to_eof(client) == b"response"
+    finally:
+        for sock in (client, a, b, backend):
+            sock.close()
 
 
 # --------------------------------------------------------------------------- fork

@@ -743,7 +743,8 @@ class _Relay:
         self._give_back()
 
     def closed_behind(self, name: str) -> _Failure:
-        """Side *name* was closed by someone else while the relay ran.
+        """Side *name* was closed by someone else while the relay ran (or by its own
+        ``shutdown()``, a subclass's or a :class:`SocketLike`'s: see :meth:`_shut`).
 
         The relay keeps each side's fd number (splice, poll and epoll take numbers),
         and after that close the number may already name an unrelated socket (the
@@ -819,30 +820,46 @@ class _Relay:
 
     def _shut(self, flow: _Flow) -> None:
         """Every byte before *flow*'s EOF was delivered (pending == 0): half-close its
-        destination, unless that is a TLS side with bytes still unread."""
+        destination, unless that is a TLS side with bytes still unread.
+
+        :raises _Failure: the destination's shutdown failed (``ENOTCONN`` aside), or
+            closed it while the reverse flow still reads it; or as
+            :meth:`_connected` and :meth:`_close_notify` raise.
+        """
         dst = flow.dst
         if dst.__class__ is not socket.socket and isinstance(dst, ssl.SSLSocket):
             sslobj = getattr(dst, "_sslobj", None)
             if sslobj is not None:
                 self._close_notify(flow, dst, sslobj)
                 return
-        if flow.held or not flow.moved:
+        reverse = self.flows[0] if flow is self.flows[1] else self.flows[1]
+        if (
             # Nothing went to dst: its connect may still be in flight (one test on
             # the common path, where bytes went out and proved it connected).
-            reverse = self.flows[0] if flow is self.flows[1] else self.flows[1]
-            if (flow.held or not (reverse.moved or reverse.pending or reverse.eof)) and (
-                not self._connected(flow)
-            ):
-                return
+            (flow.held or not flow.moved)
+            and (flow.held or not (reverse.moved or reverse.pending or reverse.eof))
+            and not self._connected(flow)
+        ):
+            return
         flow.shut = True
         self.ends.setdefault(flow.name, End.EOF)
         try:
             _shutdown(dst, socket.SHUT_WR)
         except OSError as exc:
             if exc.errno != errno.ENOTCONN:
-                if exc.errno == errno.EBADF and self.lost(_other(flow.name)):
-                    raise self.closed_behind(_other(flow.name)) from None
-                raise _Failure(_other(flow.name), End.RESET, exc) from None
+                # Said as any other failure of that side: a reset's errno is
+                # End.RESET, anything else (an EIO from a framing layer's own
+                # shutdown) End.ERROR, EBADF on a side closed behind the relay's
+                # back that failure.
+                raise self.failure(_other(flow.name), exc) from None
+        if not reverse.eof and dst.fileno() != flow.dst_fd:
+            # dst's own shutdown() (a subclass's or a SocketLike's) closed it, and
+            # the reverse flow still reads it. A close removes the fd from every
+            # epoll (the kernel drops a registration with the file's last
+            # reference), so the hub and the loop's selector would never report it
+            # again: the relay would wait for the idle timeout, or for ever. Ended
+            # now, as the blocking form's next read of it ends it.
+            raise self.closed_behind(_other(flow.name))
 
     def _connected(self, flow: _Flow) -> bool:
         """Whether *flow*'s half-close may go out now: False (the flow is `held`) while
@@ -1529,16 +1546,22 @@ def _shutdown(sock: Side, how: int) -> None:
     A ``socket.socket`` subclass's override is the side's way to end its stream (a
     framing layer's end-of-stream record before the FIN, a count, a log line) and is
     called, as a :class:`SocketLike`'s ``shutdown`` is. The kernel's call is made
-    directly only for a socket that does not override it, and for an
-    ``ssl.SSLSocket`` whose ``shutdown`` is ``ssl.SSLSocket.shutdown``: that one sets
+    directly for a socket that does not override it, and for every
+    ``ssl.SSLSocket``, a subclass of it too: ``ssl.SSLSocket.shutdown`` sets
     ``_sslobj`` to None before the kernel's call, and a TLS side given back with
-    ``close=False`` would lose its TLS state (OpenSSL's decrypted bytes, ``unwrap``).
+    ``close=False`` would lose its TLS state (OpenSSL's decrypted bytes, ``unwrap``);
+    a subclass's override ends in it (``super().shutdown``). A TLS side's
+    half-close is its ``close_notify`` (:meth:`_Relay._close_notify`), never this.
 
     :raises OSError: what the shutdown raised (``ENOTCONN``: the caller's to ignore).
+    :raises Exception: whatever else a subclass's or a :class:`SocketLike`'s own
+        ``shutdown`` raises.
     """
     if isinstance(sock, socket.socket):
-        method = getattr(type(sock), "shutdown", None)
-        if method is _socket.socket.shutdown or method is ssl.SSLSocket.shutdown:
+        if isinstance(sock, ssl.SSLSocket):
+            _socket.socket.shutdown(sock, how)
+            return
+        if getattr(type(sock), "shutdown", None) is _socket.socket.shutdown:
             _socket.socket.shutdown(sock, how)
             return
     sock.shutdown(how)
@@ -1785,8 +1808,10 @@ def pipe_splice(
         too, e.g. ``b = a.dup()``), or a bad option.
     :raises OSError: making a side non-blocking or setting ``TCP_NODELAY`` failed
         (the sockets are given back as they were), or ``poll`` failed.
-    :raises Exception: what a :class:`SocketLike` side's method raised that is not
-        an :class:`OSError` (the relay is ended first, as described below).
+    :raises Exception: what a :class:`SocketLike` side's method, or the
+        ``shutdown()`` override of a ``socket.socket`` subclass side (the relay calls
+        it for the half-close), raised that is not an :class:`OSError` (the relay is
+        ended first, as described below).
 
     An exception raised while it waits (``KeyboardInterrupt``, or any exception from
     a signal handler) ends the relay as cancelling :func:`async_pipe_splice` does
@@ -2119,8 +2144,10 @@ async def async_pipe_splice(
         by its ``fileno()``; checked by the loop's epoll hub, i.e. on Linux).
     :raises OSError: the loop's epoll instance could not be created (e.g. ``EMFILE``),
         or making a side non-blocking or setting ``TCP_NODELAY`` failed.
-    :raises Exception: what a :class:`SocketLike` side's method raised that is not
-        an :class:`OSError`; the relay was ended first (as :func:`pipe_splice` does).
+    :raises Exception: what a :class:`SocketLike` side's method, or the
+        ``shutdown()`` override of a ``socket.socket`` subclass side, raised that is
+        not an :class:`OSError`; the relay was ended first (as :func:`pipe_splice`
+        does).
 
     Whatever fails before the relay runs gives both sockets back as they were
     (blocking mode, ``TCP_NODELAY``), whatever *close* says.
@@ -2157,7 +2184,8 @@ def start_pipe_splice(
     for any asyncio future, and the relay then ends in the loop's thread, its
     future's callbacks run there; one without (nothing awaits it), or on a loop not
     in debug mode, is not checked and ends the relay in the calling thread. What a
-    :class:`SocketLike` side's method raises that is not an :class:`OSError` ends the
+    :class:`SocketLike` side's method, or the ``shutdown()`` override of a
+    ``socket.socket`` subclass side, raises that is not an :class:`OSError` ends the
     relay and is set on the future. A child forked while the relay runs closes its
     copies of the relay's pipes, and of its sockets with ``close=True``.
 
