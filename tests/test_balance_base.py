@@ -704,6 +704,34 @@ def test_diff_and_preview_take_a_buffer_that_is_a_collection_of_keys() -> None:
     assert memoryview(keys).nbytes > 0 and list(keys) == [b"a", b"b", b"c"]
     assert diff(p, MaglevHash(NODES[:2], table_size=1009), keys).keys == 3
     assert p.preview(lambda q: q.remove(NODES[0]), keys).keys == 3
+    # so does an array of Python objects (the keys themselves): the bytes pick()
+    # would read from it as one key are object addresses, different in every run
+    objs: Any = (ctypes.py_object * 3)()  # (typeshed types py_object items oddly)
+    objs[:] = ["user1", "user2", b"user3"]
+    assert diff(p, MaglevHash(NODES[:2], table_size=1009), objs).keys == 3
+    assert p.preview(lambda q: q.remove(NODES[0]), objs).keys == 3
+
+
+def test_diff_and_preview_sample_numpy_arrays_of_any_dtype() -> None:
+    # numpy is a test dependency for this: on Python 3.10/3.11 no pure-Python class
+    # can export a numeric buffer (PEP 688 is 3.12+), and a rule that read buffer
+    # formats refused numpy arrays of numbers as "one key" (never released).
+    import numpy as np
+
+    p = MaglevHash(NODES, table_size=1009)
+    q = MaglevHash(NODES[:2], table_size=1009)
+    for ids in (
+        np.array([1001, 1002, 1003], dtype=np.uint64),
+        np.array([1.5, 2.5, 3.5]),
+        np.array([True, False, True]),
+        np.array([7, 8, 9], dtype=np.uint8),
+        np.array([b"a", b"b", b"c"]),
+    ):
+        d = diff(p, q, ids)
+        assert d.keys == 3, ids.dtype
+        assert +Counter(d.before) == Counter(p.pick(k).address for k in ids)
+        assert p.preview(lambda r: r.remove(NODES[0]), ids).keys == 3
+    assert p.pick(np.uint64(1001)) is p.pick((1001).to_bytes(8, sys.byteorder))
 
 
 def test_diff_and_preview_refuse_what_is_not_a_policy_or_a_change() -> None:

@@ -1513,8 +1513,8 @@ def diff(old: BalancePolicy, new: BalancePolicy, keys: Iterable[Key]) -> Balance
         sample its characters, bytes or numbers as keys. Any other iterable is
         sampled item by item: a list, a generator, a numpy array of any dtype
         (each numpy scalar is a bytes-like key, ``np.uint64(1001)`` its 8 bytes),
-        a ctypes array of ``c_char_p`` or ``c_wchar_p`` (whole keys) or of arrays
-        or structures (its rows, each a buffer key).
+        a ctypes array of ``c_char_p``, ``c_wchar_p`` or ``py_object`` (whole
+        keys) or of arrays or structures (its rows, each a buffer key).
     :returns: :class:`BalanceDiff`.
     :raises InvalidArgument: *old* or *new* is not a :class:`BalancePolicy`, or
         *keys* is one key (as above) or not iterable (the error names the value).
@@ -1553,11 +1553,12 @@ def _one_key(keys: object) -> bool:
         return True
     if isinstance(keys, ctypes.Array):
         # An array of scalars iterates as one-byte bytes (c_char), one-character
-        # strs (c_wchar) or numbers: one key. An array of c_char_p or c_wchar_p
-        # iterates as whole bytes or str keys, an array of arrays or structures by
-        # its rows (each a buffer key): samples, as before.
+        # strs (c_wchar) or numbers: one key. An array of c_char_p, c_wchar_p or
+        # py_object iterates as whole bytes or str keys (or the objects it holds),
+        # an array of arrays or structures by its rows (each a buffer key): samples,
+        # as before.
         item = keys._type_
-        return issubclass(item, ctypes._SimpleCData) and item._type_ not in ("z", "Z")
+        return issubclass(item, ctypes._SimpleCData) and item._type_ not in ("z", "Z", "O")
     return False
 
 
