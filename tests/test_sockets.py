@@ -571,6 +571,13 @@ def test_dualstack_refuses_the_mapped_ipv4_any_address(
     param = udp_doc.split(":param dualstack:")[1].split(":param")[0]
     assert "an IPv4-mapped address takes IPv4 to that one address" in param
     assert "(or an IPv4-mapped address), the any-address" not in param
+    # Without dualstack, the mapped-address error's advice must not send the caller
+    # to dualstack=True, which is refused for this one address (above).
+    with pytest.raises(AddressError) as info:
+        reuseport_listener("[::ffff:0.0.0.0]:0")
+    assert str(info.value).endswith("cannot bind; bind 0.0.0.0 instead")
+    with pytest.raises(AddressError, match=r"bind 127\.0\.0\.1 instead, or pass dualstack=True"):
+        reuseport_listener("[::ffff:127.0.0.1]:0")
 
 
 @pytest.mark.ipv6

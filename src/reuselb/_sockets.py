@@ -434,10 +434,12 @@ def _bind_target(
             # Every IPv6 socket made here is V6ONLY unless dualstack, and Linux
             # refuses to bind a V6ONLY socket to an IPv4-mapped address with a bare
             # EINVAL (net/ipv6/af_inet6.c, __inet6_bind): say why before making it.
+            # (dualstack=True is no way out for ::ffff:0.0.0.0, refused above.)
+            alternative = "" if mapped.is_unspecified else ", or pass dualstack=True"
             raise AddressError(
                 value,
                 f"{target[1][0]} is an IPv4-mapped address, which an IPv6-only socket "
-                f"cannot bind; bind {mapped} instead, or pass dualstack=True",
+                f"cannot bind; bind {mapped} instead{alternative}",
             )
     _check_zone(target[0], target[1], value)
     return target
