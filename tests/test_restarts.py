@@ -10,6 +10,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -141,6 +143,105 @@ def test_drain_close_without_sock_diag_waits_out_defer_accept(
     assert accepted == 3
     assert timed_out is False
     assert took >= 1.0  # the period (1 s), not grace
+
+
+def _pending_client(
+    monkeypatch: pytest.MonkeyPatch,
+    grace: float,
+    answer: Callable[[int, dict[Any, int], Callable[[], dict[Any, int]]], dict[Any, int]],
+) -> tuple[int, list[bytes | str]]:
+    """A defer_accept=5 member with one pending client, drained with *grace*.
+
+    The client is connected but sends nothing, so the kernel keeps its request
+    (and sends it no SYN-ACK for 7 s). Each of drain_close's sock_diag reads is
+    ``answer(call, real answer, complete)``: ``complete()`` makes the client send
+    and, once its connection is queued (a bounded poll on the listener), returns
+    sock_diag's answer then. Returns (connections accepted, the client's replies).
+    """
+    import reuselb._handoff
+
+    real = reuselb._handoff._handshakes
+    with reuseport_group("127.0.0.1:0", 2, defer_accept=5) as group:
+        steer_all_to(group, 1)
+        client = connect_tcp(("127.0.0.1", group.port), timeout=5)
+        calls = 0
+        sent = False
+
+        def complete(listener: socket.socket) -> dict[Any, int]:
+            nonlocal sent
+            client.sendall(b"hello 0")
+            sent = True
+            poller = select.poll()
+            poller.register(listener, select.POLLIN)
+            assert poller.poll(10_000), "the client's connection was not queued in 10 s"
+            return real(listener) or {}
+
+        def handshakes(listener: socket.socket) -> dict[Any, int] | None:
+            nonlocal calls
+            calls += 1
+            found = real(listener)
+            assert found is not None, "sock_diag could not be read"
+            if calls == 1:
+                # The setup under test: the client's request, the port's only
+                # handshake, is pending.
+                assert len(found) == 1, found
+            return answer(calls, found, lambda: complete(listener))
+
+        monkeypatch.setattr(reuselb._handoff, "_handshakes", handshakes)
+        result = drain_close(group[1], group=group, grace=grace)
+        monkeypatch.undo()
+        assert result.timed_out is False
+        accepted = len(result.accepted)
+        if not sent:  # a client the drain left behind: reset by what it sends
+            client.sendall(b"hello 0")
+        _answer(result.accepted)
+        return accepted, _replies([client])
+
+
+@pytest.mark.parametrize("grace", [0.05, 0.0])
+@pytest.mark.parametrize("at_call", [2, 3])
+def test_drain_close_takes_a_handshake_completing_after_its_last_accept(
+    no_migration: None, monkeypatch: pytest.MonkeyPatch, at_call: int, grace: float
+) -> None:
+    # The drain's accept() finds the queue empty, then the deferred client sends
+    # (any moment is legitimate) and its connection is queued before the drain
+    # reads sock_diag, which no longer lists the request. Before: the drain took
+    # the request for ended, stopped and closed the member, resetting the client;
+    # also with a full-queue request answering its SYN-ACK retransmission. Read 2
+    # is the first after an empty accept (the re-read of the retransmission counts
+    # now, the check after grace before), read 3 the check after grace.
+    def answer(
+        call: int, found: dict[Any, int], complete: Callable[[], dict[Any, int]]
+    ) -> dict[Any, int]:
+        # complete() reads sock_diag again: the request has left the list.
+        return complete() if call == at_call else found
+
+    accepted, replies = _pending_client(monkeypatch, grace, answer)
+    assert accepted == 1
+    assert replies == [b"re:hello 0"]
+
+
+def test_drain_close_counts_retransmissions_from_when_the_queue_has_room(
+    no_migration: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A SYN-ACK the kernel retransmitted before the queue had room (whose answer a
+    # full queue dropped) does not mean the client is gone. sock_diag reports one
+    # more retransmission from the drain's second read on, as for a request whose
+    # SYN-ACK went out between the drain's snapshot and its first empty accept.
+    # Before: counted against the snapshot, the request was given up grace after
+    # the next check (read 3) and its client reset; now the counts are re-read
+    # after the first empty accept, and the drain waits until the client sends
+    # (read 5).
+    def answer(
+        call: int, found: dict[Any, int], complete: Callable[[], dict[Any, int]]
+    ) -> dict[Any, int]:
+        if call == 5:
+            return complete()
+        return found if call == 1 else {key: n + 1 for key, n in found.items()}
+
+    accepted, replies = _pending_client(monkeypatch, 0.05, answer)
+    assert accepted == 1
+    assert replies == [b"re:hello 0"]
 
 
 _FULL_QUEUE_CHILD = """

@@ -879,27 +879,28 @@ def _queue_capacity(listener: socket.socket) -> int:
 _RECHECK = 0.05
 
 
-def _diag_handshakes(family: int, port: int) -> list[tuple[int, bytes, int, int]] | None:
-    """``(family, local address, cookie, retransmissions)`` of each handshake on *port*.
+def _diag_handshakes(family: int, port: int) -> list[tuple[int, bytes, bytes, int, int]] | None:
+    """``(family, local address, remote address, remote port, retransmissions)``.
 
-    What sock_diag lists in state SYN_RECV on local TCP *port*: the request socks
-    (one per SYN answered whose connection is not in an accept queue yet) and Fast
-    Open children in SYN_RECV. The local address is 16 bytes, an IPv4 one in the
-    first 4; the cookie is unique for the network namespace's lifetime. The
-    retransmissions are ``idiag_retrans``, for a request sock the kernel's
-    ``req->num_retrans`` (``inet_req_diag_fill()``): the SYN-ACKs it retransmitted
+    One for each handshake on local TCP *port*, as sock_diag lists them in state
+    SYN_RECV: the request socks (one per SYN answered whose connection is not in an
+    accept queue yet), Fast Open children in SYN_RECV, and for a few microseconds
+    the child a completing request becomes (see :func:`_handshakes`). Addresses are
+    16 bytes, an IPv4 one in the first 4. The retransmissions are
+    ``idiag_retrans``, for a request sock the kernel's ``req->num_retrans``
+    (``inet_req_diag_fill()``): the SYN-ACKs it retransmitted
     (``inet_rtx_syn_ack()`` counts each one sent), a byte. None when sock_diag
     could not be read.
     """
-    found: list[tuple[int, bytes, int, int]] = []
+    found: list[tuple[int, bytes, bytes, int, int]] = []
 
     def visit(data: bytes, offset: int) -> bool:
-        fam, state, _t, retrans, sport, _dp, src, _dst, _if, cookie = _DIAG_HEAD.unpack_from(
+        fam, state, _t, retrans, sport, dport, src, dst, _if, _cookie = _DIAG_HEAD.unpack_from(
             data, offset
         )
         # The kernel filters by port and state already; checked again, cheaply.
         if state == _TCP_SYN_RECV_STATE and int.from_bytes(sport, "big") == port:
-            found.append((fam, src, cookie, retrans))
+            found.append((fam, src, dst, int.from_bytes(dport, "big"), retrans))
         return False
 
     if not _sock_diag(family, 1 << _TCP_SYN_RECV_STATE, port, visit):
@@ -907,8 +908,13 @@ def _diag_handshakes(family: int, port: int) -> list[tuple[int, bytes, int, int]
     return found
 
 
-def _handshakes(listener: socket.socket) -> dict[int, int] | None:
-    """The kernel's pending handshakes that may be *listener*'s: cookie to retransmits.
+# A handshake as sock_diag lists it: (family, local address, remote address, remote
+# port), the addresses 16 bytes. The local port is the listener's.
+_Endpoints = tuple[int, bytes, bytes, int]
+
+
+def _handshakes(listener: socket.socket) -> dict[_Endpoints, int] | None:
+    """The kernel's pending handshakes that may be *listener*'s, to retransmits.
 
     A connection whose handshake has not completed in the kernel's eyes is a request
     sock, counted in the listener's SYN queue but not in its accept queue, and
@@ -924,13 +930,19 @@ def _handshakes(listener: socket.socket) -> dict[int, int] | None:
       SYN.
 
     No interface says which listener a request belongs to (sock_diag reports it
-    with no inode), so this is every request in state SYN_RECV on the listener's
+    with no inode), so this is every handshake in state SYN_RECV on the listener's
     local port and address (any address for a wildcard listener), of IPv4 too for
-    an IPv6 listener that takes it. Taken once steering sends new SYNs elsewhere,
-    it is a superset of the listener's that only shrinks: the cookies are never
-    reused. Each cookie maps to the SYN-ACKs the kernel has retransmitted for that
-    request so far (see :func:`drain_close` for why that count matters). None when
-    sock_diag could not be read.
+    an IPv6 listener that takes it. Each is keyed by its endpoints, not by its
+    sock_diag cookie: a completing request is swapped in the kernel's hash table
+    for its child socket, in state SYN_RECV with a cookie of its own, under the
+    table bucket's lock (``inet_ehash_nolisten()``); the child is queued
+    (``inet_csk_complete_hashdance()``) before it leaves SYN_RECV
+    (``tcp_child_process()``). Keyed by endpoints, a handshake stays listed until
+    its connection is in the accept queue (or it was dropped): under its cookie it
+    would be gone for the microseconds in which it is in neither list. Each maps
+    to the SYN-ACKs the kernel has retransmitted for it so far (see
+    :func:`drain_close` for why that count matters). None when sock_diag could not
+    be read.
     """
     try:
         host = listener.getsockname()[0].partition("%")[0]  # no zone: fe80::1%lo
@@ -944,12 +956,12 @@ def _handshakes(listener: socket.socket) -> dict[int, int] | None:
     except OSError:
         return None
     wildcard = not any(mine)
-    requests: dict[int, int] = {}
+    requests: dict[_Endpoints, int] = {}
     for family in families:
         found = _diag_handshakes(family, port)
         if found is None:
             return None
-        for fam, src, cookie, retrans in found:
+        for fam, src, dst, dport, retrans in found:
             if fam == socket.AF_INET:
                 local = src[:4]
                 if len(mine) == 16:  # an IPv6 listener sees IPv4 as ::ffff:a.b.c.d
@@ -957,7 +969,7 @@ def _handshakes(listener: socket.socket) -> dict[int, int] | None:
             else:
                 local = src
             if wildcard or local == mine:
-                requests[cookie] = retrans
+                requests[(fam, src, dst, dport)] = retrans
     return requests
 
 
@@ -1144,11 +1156,15 @@ def drain_close(
     steer path also waits, up to *timeout*, until the requests pending on the
     listener's port and address when the drain began have ended (sock_diag, as
     ``ss -t state syn-recv`` reads them; it cannot tell which member holds a
-    request, so another member's count too). A request whose SYN-ACK the kernel
-    retransmits after that and that is still pending *grace* later is not waited
-    for: a live client answers within a round trip (a deferred one gets no SYN-ACK
-    until its defer period ends), so its client is gone, e.g. a scanner's SYN,
-    which the kernel keeps for about a minute. Where sock_diag cannot be read it
+    request, so another member's count too). Each one that ends makes the queue
+    stay quiet for *grace* again, as a completed handshake's connection may be
+    queued just after the drain found the queue empty. A request whose SYN-ACK the
+    kernel retransmits once the queue has room (from the drain's first empty
+    accept on: before, a full queue may have dropped a live client's answer) and
+    that is still pending *grace* later is not waited for: a live client answers
+    within a round trip (a deferred one gets no SYN-ACK until its defer period
+    ends), so its client is gone, e.g. a scanner's SYN, which the kernel keeps for
+    about a minute. Where sock_diag cannot be read it
     waits out the listener's ``TCP_DEFER_ACCEPT`` period instead (a quarter more,
     plus *grace*), and a request behind a full queue may then be reset. Keep
     *timeout* above the defer period.
@@ -1388,6 +1404,8 @@ def drain_close(
             # CPU while the program is attached may still pick the listener and add
             # its request a few microseconds after this; its handshake gets *grace*,
             # as before.) Each maps to its SYN-ACK retransmissions when first seen.
+            # (An endpoint that a new SYN reuses after its request ended between
+            # two reads is waited for again: rare, and bounded as any request.)
             pending = _handshakes(listener)
             # Where sock_diag cannot be read (no netlink in a sandbox), wait out the
             # listener's TCP_DEFER_ACCEPT period instead: a deferred handshake whose
@@ -1399,7 +1417,8 @@ def drain_close(
                 hold_until += _defer_hold(listener, grace)
                 pending = {}
             # When each pending request was first seen to have retransmitted since.
-            resent: dict[int, float] = {}
+            resent: dict[_Endpoints, float] = {}
+            rebased = False
             while True:
                 if (now := time.monotonic()) >= deadline:
                     timed_out = True
@@ -1409,6 +1428,19 @@ def drain_close(
                     continue
                 if accept_error is not None:
                     break
+                if not rebased:
+                    rebased = True
+                    # The queue has room now that take() found it empty. A live
+                    # client answers a SYN-ACK retransmitted before (since the
+                    # snapshot, or before it), but the kernel drops that answer
+                    # too while the queue is full: retransmissions count from
+                    # here, or such a request would be given up below and its
+                    # client reset when the member closes.
+                    current = _handshakes(listener) if pending else None
+                    if current is not None:
+                        for key in pending:
+                            if key in current:
+                                pending[key] = current[key]
                 if now - quiet_since < grace:
                     # Wake when a connection arrives or the quiet time is up.
                     wait = grace - (now - quiet_since)
@@ -1421,10 +1453,12 @@ def drain_close(
                         if current is None:  # sock_diag failed since: as if never read
                             hold_until = max(hold_until, start + _defer_hold(listener, grace))
                             current = {}
-                        for cookie, retrans in list(pending.items()):
-                            if cookie not in current:
-                                del pending[cookie]
-                            elif current[cookie] != retrans:
+                        ended = False
+                        for key, retrans in list(pending.items()):
+                            if key not in current:
+                                del pending[key]
+                                ended = True
+                            elif current[key] != retrans:
                                 # A request that retransmits its SYN-ACK is not one
                                 # that can still complete unseen: a deferred
                                 # client's ACKed request gets no SYN-ACK until its
@@ -1437,10 +1471,21 @@ def drain_close(
                                 # vanished, a scanner): it would retransmit for a
                                 # minute (tcp_synack_retries=5), possibly held by
                                 # another member, so it is not waited for.
-                                if cookie not in resent:
-                                    resent[cookie] = now
-                                elif now - resent[cookie] >= grace:
-                                    del pending[cookie]
+                                if key not in resent:
+                                    resent[key] = now
+                                elif now - resent[key] >= grace:
+                                    del pending[key]
+                        if ended:
+                            # A completed handshake's connection is queued by the
+                            # time it leaves the list (see _handshakes), but that
+                            # may be after take() found the queue empty above:
+                            # take again, and the queue must stay quiet for *grace*
+                            # once more (poll wakes at once for a queued one).
+                            # Ending here would reset that client: a deferred one
+                            # whose data came between take() and this read, or one
+                            # behind a full queue that answered its retransmission.
+                            quiet_since = now
+                            continue
                     if not pending and now >= hold_until:
                         break
                     wait = _RECHECK if pending else hold_until - now
