@@ -3,6 +3,7 @@ calls, what it closes, what its errors and documentation say."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import inspect
 import os
@@ -10,17 +11,21 @@ import re
 import select
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+import uvloop
 
 import reuselb._relay as relay_mod
-from reuselb import End, RelayStats, WrongSocketType, pipe_splice
+from reuselb import End, RelayStats, WrongSocketType, pipe_splice, start_pipe_splice
 from tests.conftest import open_fds
 from tests.test_relay import (
+    _MSG_ZEROCOPY,
+    _SO_ZEROCOPY,
     JOIN,
     RUNNERS,
     Relay,
@@ -278,12 +283,25 @@ class Like:
         self.sock.close()
 
 
-SIDE_KINDS = ["subclass", "subclass-wrapper", "socketlike"]
+class LikeRaising(Like):
+    """A SocketLike whose fileno() raises OSError(EBADF) once closed, as some
+    wrappers' do (a socket.socket's reads -1)."""
+
+    def fileno(self) -> int:
+        fd = self.sock.fileno()
+        if fd == -1:
+            raise OSError(errno.EBADF, "wrapper: closed")
+        return fd
+
+
+SIDE_KINDS = ["subclass", "subclass-wrapper", "socketlike", "socketlike-raising"]
 
 
 def _side(sock: socket.socket, kind: str, fail: int | None) -> Any:
     if kind == "socketlike":
         return Like(sock, fail)
+    if kind == "socketlike-raising":
+        return LikeRaising(sock, fail)
     if fail is None:
         return (ClosingShutdown if kind == "subclass" else ClosingShutdownIO)(fileno=sock.detach())
     cls = FailingShutdown if kind == "subclass" else FailingShutdownIO
@@ -372,6 +390,229 @@ def test_a_side_whose_shutdown_closes_it_after_its_eof_ends_cleanly(
     finally:
         for sock in (client, a, b, backend):
             sock.close()
+
+
+class ClosingRecorded(ClosingShutdownIO):
+    """:class:`ClosingShutdownIO` (relayed as a wrapper) telling when the relay read
+    its EOF, when a send to it found it full, and when its shutdown() closed it."""
+
+    eof: threading.Event
+    full: threading.Event
+    closed: threading.Event
+
+    def shutdown(self, how: int, /) -> None:
+        super().shutdown(how)
+        self.closed.set()
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0, /) -> int:
+        n = super().recv_into(buffer, nbytes, flags)
+        if n == 0:
+            self.eof.set()
+        return n
+
+    def send(self, data: Any, flags: int = 0, /) -> int:
+        try:
+            return super().send(data, flags)
+        except BlockingIOError:
+            self.full.set()
+            raise
+
+
+class LikeRecorded(Like):
+    """The same as a SocketLike."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(sock, None)
+        self.eof, self.full = threading.Event(), threading.Event()
+
+    def recv_into(self, buffer: memoryview, /) -> int:
+        n = super().recv_into(buffer)
+        if n == 0:
+            self.eof.set()
+        return n
+
+    def send(self, data: memoryview | bytes, /) -> int:
+        try:
+            return super().send(data)
+        except BlockingIOError:
+            self.full.set()
+            raise
+
+
+def _small_pair(listener: socket.socket) -> tuple[socket.socket, socket.socket]:
+    """A connection whose accepted end's sends fill up after a few KB: small send
+    buffer, and a peer (the connecting end) with a small receive window."""
+    c = socket.socket()
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)  # before connect: the window
+    c.connect(listener.getsockname())
+    s, _ = listener.accept()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+    return c, s
+
+
+def _fill(sock: socket.socket) -> int:
+    """Send to *sock* until it stays full (its peer reads nothing): the byte count."""
+    sock.setblocking(False)
+    sent = 0
+    try:
+        for _ in range(100):  # bounded: the peer's window closes after a few rounds
+            try:
+                while True:
+                    sent += sock.send(b"p" * 4096)
+            except BlockingIOError:
+                pass
+            # Full when no ACK frees room within 0.2 s (loopback ACKs in
+            # microseconds). Tried, not polled: room for a few bytes is not POLLOUT
+            # (a third of the buffer), and an unread error queue's POLLERR would
+            # end every poll at once.
+            select.select([], [], [], 0.2)
+            try:
+                sent += sock.send(b"p")
+            except BlockingIOError:
+                return sent
+        raise AssertionError("the socket never stayed full")
+    finally:
+        sock.setblocking(True)
+
+
+def _wait_armed_for_writing(fd: int) -> None:
+    """Until an epoll of this process waits for *fd* (this very socket) to be
+    writable, as its fdinfo says: the relay has stalled writing to it, and only
+    its peer's reading wakes it."""
+    ino = os.fstat(fd).st_ino
+    line = re.compile(rf"tfd:\s+{fd} events:\s+([0-9a-f]+) .* ino:([0-9a-f]+) ")
+    deadline = time.monotonic() + JOIN
+    while True:
+        for ep in _epolls():
+            try:
+                with open(f"/proc/self/fdinfo/{ep}") as info:
+                    text = info.read()
+            except OSError:
+                continue  # closed since
+            for events, tino in line.findall(text):
+                if int(events, 16) & select.EPOLLOUT and int(tino, 16) == ino:
+                    return
+        assert time.monotonic() < deadline, f"fd {fd} was never armed for writing"
+        select.select([], [], [], 0.005)  # nothing to wait on: a bounded re-check
+
+
+def _count_to_eof(sock: socket.socket) -> int:
+    sock.settimeout(JOIN)
+    n = 0
+    while chunk := sock.recv(65536):
+        n += len(chunk)
+    return n
+
+
+@pytest.mark.parametrize("kind", ["subclass-wrapper", "socketlike"])
+@pytest.mark.parametrize("mode", [*FORMS, "splice-edge"])
+def test_a_side_closing_itself_after_its_eof_loses_nothing_it_was_armed_for(
+    listener: socket.socket, mode: str, kind: str
+) -> None:
+    # a's own shutdown() closes it after the relay read its EOF, while the relay
+    # still holds bytes from a for b (b is full) and a was armed for writing (the
+    # bytes toward it had stalled). The epoll hub kept the closed fd armed: its
+    # re-arm (EPOLL_CTL_MOD on a closed fd fails) took a for closed behind the
+    # relay's back, and close=True reset b, the bytes for it lost; so did the
+    # blocking form once edge-triggered (b's unread error queue), at its next
+    # re-arm. Every form delivers everything, as poll and the selector driver did.
+    client, a0 = _small_pair(listener)
+    backend, b = _small_pair(listener)
+    if mode == "splice-edge":
+        # A MSG_ZEROCOPY completion b's owner has not read: POLLERR with SO_ERROR 0,
+        # and the blocking form waits edge-triggered.
+        b.setsockopt(socket.SOL_SOCKET, _SO_ZEROCOPY, 1)
+        assert b.send(b"zc", _MSG_ZEROCOPY) == 2
+        assert backend.recv(2) == b"zc"
+        p = select.poll()
+        p.register(b, 0)
+        assert p.poll(JOIN * 1000) == [(b.fileno(), select.POLLERR)]  # the completion
+    a: Any = ClosingRecorded(fileno=a0.detach()) if kind != "socketlike" else LikeRecorded(a0)
+    if kind != "socketlike":
+        a.eof, a.full, a.closed = threading.Event(), threading.Event(), threading.Event()
+    raw = a if kind != "socketlike" else a.sock
+    try:
+        to_backend = _fill(b)  # bytes the caller queued: b is full
+        to_client = _fill(raw)  # and a too
+        client.sendall(b"x" * 3000)
+        client.shutdown(socket.SHUT_WR)
+        backend.sendall(b"r" * 3000)
+        backend.shutdown(socket.SHUT_WR)
+        runner = RUNNERS["splice" if mode == "splice-edge" else mode]
+        r = Running(runner, Setup(client, a, b, backend), idle_timeout=JOIN)
+        # a read to its EOF (its 3000 bytes held for b), and the bytes toward it
+        # stalled: a is armed for writing (where an epoll waits: not poll's form).
+        assert a.eof.wait(JOIN)
+        assert a.full.wait(JOIN)
+        if mode != "splice":
+            _wait_armed_for_writing(a.fileno())
+        # Taking them lets the relay half-close a, which closes a, a's bytes for b
+        # still held.
+        assert _count_to_eof(client) == to_client + 3000
+        assert _count_to_eof(backend) == to_backend + 3000
+        stats = r.join()
+        assert (stats.a_end, stats.b_end, stats.failed) == (End.EOF, End.EOF, None)
+        assert (stats.a_to_b, stats.b_to_a) == (3000, 3000)
+    finally:
+        for sock in (client, a, b, backend):
+            sock.close()
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_side_closing_itself_after_its_eof_keeps_its_relay_when_its_fd_is_reused(
+    listener: socket.socket, loop: str
+) -> None:
+    # The same close, then another relay of the loop gets the closed side's fd
+    # number. The hub still listed that number as the first relay's: the new
+    # relay's watch took it over, failing the first relay as closed behind its
+    # back, and close=True reset b, the bytes it held for b lost.
+    async def main() -> None:
+        client, a0 = tcp_pair(listener)
+        backend, b = _small_pair(listener)
+        a = ClosingRecorded(fileno=a0.detach())
+        a.eof, a.full, a.closed = threading.Event(), threading.Event(), threading.Event()
+        fd = a.fileno()
+        run = asyncio.get_running_loop().run_in_executor
+        extra: list[socket.socket] = []
+        try:
+            to_backend = _fill(b)
+            client.sendall(b"x" * 3000)
+            client.shutdown(socket.SHUT_WR)
+            first = start_pipe_splice(a, b, idle_timeout=JOIN)
+            assert await run(None, a.eof.wait, JOIN)
+            backend.sendall(b"response")
+            backend.shutdown(socket.SHUT_WR)  # b's EOF: the relay half-closes a
+            assert await run(None, a.closed.wait, JOIN)
+            assert a.fileno() == -1
+            assert not first.done()  # a's 3000 bytes still held for b
+            # Sockets until one has a's old number (the lowest free one, or close).
+            for _ in range(64):
+                extra.extend(tcp_pair(listener))
+                if fd in (extra[-2].fileno(), extra[-1].fileno()):
+                    break
+            else:
+                pytest.fail(f"no new socket got fd {fd}")
+            reused = extra[-2] if extra[-2].fileno() == fd else extra[-1]
+            extra.extend(tcp_pair(listener))
+            second = start_pipe_splice(reused, extra[-1], idle_timeout=JOIN)
+            got = await run(None, _count_to_eof, backend)
+            assert got == to_backend + 3000
+            stats = await asyncio.wait_for(first, JOIN)
+            assert (stats.a_end, stats.b_end, stats.failed) == (End.EOF, End.EOF, None)
+            assert (stats.a_to_b, stats.b_to_a) == (3000, 8)
+            assert client.recv(100) == b"response"
+            assert not second.done()  # untouched by the first relay's end
+            second.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await second
+        finally:
+            for sock in (client, a, b, backend, *extra):
+                sock.close()
+
+    if loop == "uvloop":
+        uvloop.run(main())
+    else:
+        asyncio.run(main())
 
 
 # --------------------------------------------------------------------------- fork

@@ -584,6 +584,12 @@ class _Relay:
         # (a TLS retry deferred until the TLS side's bytes are read): changes the
         # epoll hub does not compare per event.
         self.on_notify: Callable[[], None] | None = None
+        # The fd numbers of sides whose own shutdown() closed them after their EOF
+        # was read (see _shut): no driver may watch them any more. Empty nearly
+        # always, so that interest() and the drivers pay one truth test.
+        self.gone: set[int] = set()
+        # Called with such a number at once (the epoll hub lets go of it there).
+        self.on_gone: Callable[[int], None] | None = None
         # abandon() ran: the relay never started and the caller has the sockets.
         self.abandoned = False
         # The blocking form's edge-triggered epoll while _drive_edge waits on it: a
@@ -777,7 +783,14 @@ class _Relay:
     def lost(self, name: str) -> bool:
         """Whether side *name* no longer owns the fd number the relay keeps for it."""
         flow = self.flows[0] if name == "a" else self.flows[1]
-        return flow.src.fileno() != flow.src_fd
+        return _fileno(flow.src) != flow.src_fd
+
+    def let_go(self, fd: int) -> None:
+        """A side whose reading is over closed itself (see :meth:`_shut`): stop
+        watching its fd number *fd* in every driver, and never touch it again."""
+        self.gone.add(fd)
+        if self.on_gone is not None:
+            self.on_gone(fd)
 
     # -------------------------------------------------------------- moving bytes
 
@@ -852,14 +865,23 @@ class _Relay:
                 # shutdown) End.ERROR, EBADF on a side closed behind the relay's
                 # back that failure.
                 raise self.failure(_other(flow.name), exc) from None
-        if not reverse.eof and dst.fileno() != flow.dst_fd:
-            # dst's own shutdown() (a subclass's or a SocketLike's) closed it, and
-            # the reverse flow still reads it. A close removes the fd from every
-            # epoll (the kernel drops a registration with the file's last
-            # reference), so the hub and the loop's selector would never report it
-            # again: the relay would wait for the idle timeout, or for ever. Ended
-            # now, as the blocking form's next read of it ends it.
-            raise self.closed_behind(_other(flow.name))
+        if _fileno(dst) != flow.dst_fd:
+            # dst's own shutdown() (a subclass's or a SocketLike's) closed it. A
+            # close removes the fd from every epoll (the kernel drops a
+            # registration with the file's last reference), and the kernel may give
+            # its number to the next socket opened, anyone's.
+            if not reverse.eof:
+                # The reverse flow still reads it: the hub and the loop's selector
+                # would never report it again, and the relay would wait for the
+                # idle timeout, or for ever. Ended now, as the blocking form's next
+                # read of it ends it.
+                raise self.closed_behind(_other(flow.name))
+            # Its EOF was read: nothing reads it any more, and the reverse flow
+            # goes on delivering what it holds for the other side. Its number is
+            # dropped from the drivers now: a re-arm of it (EPOLL_CTL_MOD on a
+            # closed fd fails), or another relay of the hub given that number,
+            # took the closed side for a failure and lost those bytes.
+            self.let_go(flow.dst_fd)
 
     def _connected(self, flow: _Flow) -> bool:
         """Whether *flow*'s half-close may go out now: False (the flow is `held`) while
@@ -885,7 +907,7 @@ class _Relay:
 
         :raises _Failure: dst has a pending error (its connect failed), or was closed.
         """
-        if flow.dst.fileno() != flow.dst_fd:
+        if _fileno(flow.dst) != flow.dst_fd:
             # Closed behind the relay's back: its fd number may name another socket.
             raise self.closed_behind(_other(flow.name))
         state = _tcp_state(flow.dst)
@@ -1273,7 +1295,8 @@ class _Relay:
                 self.pump(flow)
 
     def interest(self) -> dict[int, int]:
-        """fd -> poll mask the relay waits for now."""
+        """fd -> poll mask the relay waits for now (a side's number it let go of,
+        never: see :meth:`let_go`)."""
         masks: dict[int, int] = {self.flows[0].src_fd: 0, self.flows[1].src_fd: 0}
         for flow in self.flows:
             if flow.wants_read:
@@ -1282,6 +1305,10 @@ class _Relay:
             # `held`: to retry a half-close that waits for dst (the flow is not shut).
             if flow.wants_write or flow.held:
                 masks[flow.dst_fd] |= _POLLIN if flow.write_needs_read else _POLLOUT
+        if self.gone:
+            # Nothing is read from or written to it (its flows are at EOF and shut).
+            for fd in self.gone:
+                del masks[fd]
         return masks
 
     @property
@@ -1316,7 +1343,7 @@ class _Relay:
         timeout is due. Unchanged (a peer that does not read, its window closed):
         idle, as before.
         """
-        if flow.dst.fileno() != flow.dst_fd:
+        if _fileno(flow.dst) != flow.dst_fd:
             return  # closed behind the relay's back: its number is not dst's any more
         try:
             out = fcntl.ioctl(flow.dst_fd, _SIOCOUTQ, _ZERO_INT)
@@ -1810,8 +1837,9 @@ def pipe_splice(
         (the sockets are given back as they were), or ``poll`` failed.
     :raises Exception: what a :class:`SocketLike` side's method, or the
         ``shutdown()`` override of a ``socket.socket`` subclass side (the relay calls
-        it for the half-close), raised that is not an :class:`OSError` (the relay is
-        ended first, as described below).
+        it for the half-close; never that of an ``ssl.SSLSocket`` subclass), raised
+        that is not an :class:`OSError` (the relay is ended first, as described
+        below).
 
     An exception raised while it waits (``KeyboardInterrupt``, or any exception from
     a signal handler) ends the relay as cancelling :func:`async_pipe_splice` does
@@ -1899,6 +1927,15 @@ def _drive(relay: _Relay, poller: Any, registered: dict[int, int], muted: set[in
         relay.pump(flow)
     while not relay.done:
         masks = relay.interest()
+        if relay.gone:
+            # A side closed itself after its EOF (_Relay.let_go): its number may
+            # name anyone's socket now. (select.poll keeps its fds in user space:
+            # unregistering a closed one is fine.)
+            for fd in relay.gone:
+                if fd in registered:
+                    poller.unregister(fd)
+                    del registered[fd]
+                muted.discard(fd)
         for fd, mask in masks.items():
             if not mask and fd in muted:
                 if fd in registered:
@@ -1976,7 +2013,18 @@ def _drive_edge(relay: _Relay) -> None:
     try:
         armed: dict[int, int] = {}
         while not relay.done:
-            for fd, mask in relay.interest().items():
+            masks = relay.interest()
+            if relay.gone:
+                # A side closed itself after its EOF (_Relay.let_go): disarmed, not
+                # taken for lost below. The close dropped its registration unless
+                # its file lives on elsewhere (a dup): then EPOLL_CTL_DEL by number
+                # meets EBADF, or ENOENT on a number reused since, and what is left
+                # is skipped below by number.
+                for fd in relay.gone:
+                    if armed.pop(fd, None) is not None:
+                        with contextlib.suppress(OSError):
+                            ep.unregister(fd)
+            for fd, mask in masks.items():
                 if armed.get(fd) == mask:
                     continue
                 events = _EPOLLET
@@ -1984,9 +2032,10 @@ def _drive_edge(relay: _Relay) -> None:
                     events |= _EPOLLIN | _EPOLLPRI
                 if mask & _POLLOUT:
                     events |= _EPOLLOUT
-                for name in ("a", "b"):
-                    if relay.lost(name):  # never arm a number its side gave up
-                        raise relay.closed_behind(name)
+                for flow in relay.flows:
+                    # Never arm a number its side gave up (let go of: not a failure).
+                    if relay.lost(flow.name) and flow.src_fd not in relay.gone:
+                        raise relay.closed_behind(flow.name)
                 if fd in armed:
                     ep.modify(fd, events)
                 else:
@@ -2001,6 +2050,8 @@ def _drive_edge(relay: _Relay) -> None:
             else:
                 wait = min(_POLL_MAX_MS / 1000, left + 0.001)
             for fd, ev in ep.poll(wait):
+                if relay.gone and fd in relay.gone:
+                    continue  # (see above)
                 if ev & _EPOLLERR:
                     _raise_pending_error(relay, fd)  # a real error still ends it now
                 if ev & _EPOLLPRI:
@@ -2094,9 +2145,23 @@ def _poll_out(fd: int) -> int:
     return events[0][1] if events else 0
 
 
+def _fileno(sock: Side) -> int:
+    """*sock*'s ``fileno()``, or -1 where it raises OSError.
+
+    A socket.socket's reads -1 once closed; a SocketLike's may raise instead (an
+    ``OSError(EBADF)``). Called raw in the relay's checks for a side closed behind
+    its back, it let that OSError escape pipe_splice and the await, where it is that
+    side's failure (End.ERROR, closed while the relay ran).
+    """
+    try:
+        return sock.fileno()
+    except OSError:
+        return -1
+
+
 def _raise_pending_error(relay: _Relay, fd: int) -> None:
     for name, sock in (("a", relay.a), ("b", relay.b)):
-        if sock.fileno() == fd:
+        if _fileno(sock) == fd:
             getsockopt = getattr(sock, "getsockopt", None)
             if not callable(getsockopt):
                 return  # the next read or write reports it
@@ -2145,9 +2210,9 @@ async def async_pipe_splice(
     :raises OSError: the loop's epoll instance could not be created (e.g. ``EMFILE``),
         or making a side non-blocking or setting ``TCP_NODELAY`` failed.
     :raises Exception: what a :class:`SocketLike` side's method, or the
-        ``shutdown()`` override of a ``socket.socket`` subclass side, raised that is
-        not an :class:`OSError`; the relay was ended first (as :func:`pipe_splice`
-        does).
+        ``shutdown()`` override of a ``socket.socket`` subclass side (never called
+        for an ``ssl.SSLSocket`` subclass), raised that is not an :class:`OSError`;
+        the relay was ended first (as :func:`pipe_splice` does).
 
     Whatever fails before the relay runs gives both sockets back as they were
     (blocking mode, ``TCP_NODELAY``), whatever *close* says.
@@ -2185,9 +2250,10 @@ def start_pipe_splice(
     future's callbacks run there; one without (nothing awaits it), or on a loop not
     in debug mode, is not checked and ends the relay in the calling thread. What a
     :class:`SocketLike` side's method, or the ``shutdown()`` override of a
-    ``socket.socket`` subclass side, raises that is not an :class:`OSError` ends the
-    relay and is set on the future. A child forked while the relay runs closes its
-    copies of the relay's pipes, and of its sockets with ``close=True``.
+    ``socket.socket`` subclass side (never called for an ``ssl.SSLSocket``
+    subclass), raises that is not an :class:`OSError` ends the relay and is set on
+    the future. A child forked while the relay runs closes its copies of the relay's
+    pipes, and of its sockets with ``close=True``.
 
     :param a: a connected stream socket.
     :param b: a connected stream socket (its non-blocking connect may be in flight).
@@ -2870,6 +2936,7 @@ class _Driven:
         # event() compares, and this is not one of them. (A cycle relay <-> driven,
         # broken by detach().)
         relay.on_notify = self.rearm
+        relay.on_gone = self.let_go
 
     def prime(self) -> None:
         """Read once, now, each source that may hold bytes its fd does not show.
@@ -2978,7 +3045,7 @@ class _Driven:
     def lost(self, fd: int) -> str | None:
         """The side whose fd *fd* was, if it was closed behind the relay's back."""
         for flow in self.relay.flows:
-            if flow.src_fd == fd and flow.src.fileno() != fd:
+            if flow.src_fd == fd and _fileno(flow.src) != fd:
                 return flow.name
         return None
 
@@ -2988,6 +3055,23 @@ class _Driven:
         without touching *fd* again."""
         self.fds.remove(fd)
         self.fail(self.relay.closed_behind(name))
+
+    def let_go(self, fd: int) -> None:
+        """The side whose fd was *fd* closed itself after its EOF
+        (:meth:`_Relay.let_go`): *fd* is out of the hub now, as if this relay had
+        never watched it.
+
+        Kept, its closed number stayed registered to this relay: the next re-arm
+        (EPOLL_CTL_MOD on it fails) or another relay given that number
+        (:meth:`_Hub.watch` takes it over) ended this one as closed behind its back,
+        and the bytes it still held for the other side were lost. The close took
+        the registration with it (unless a dup keeps the file open): unwatch()
+        ignores the EBADF or ENOENT of its EPOLL_CTL_DEL.
+        """
+        if fd in self.fds:
+            self.fds.remove(fd)
+            self.masks.pop(fd, None)
+            self.hub.unwatch(fd, self)
 
     def fail(self, failure: _Failure) -> None:
         """End the relay as *failure* says. Ending it calls the sides' shutdown() or
@@ -3039,8 +3123,11 @@ class _Driven:
         f0, f1 = relay.flows
         for reader, writer in ((f0, f1), (f1, f0)):
             fd = reader.src_fd
+            armed = masks.get(fd)
+            if armed is None:
+                continue  # a side that closed itself after its EOF (see let_go)
             if reader.eof or reader.shut:
-                mask = masks[fd] & _ARM_IN
+                mask = armed & _ARM_IN
             else:
                 mask = _ARM_IN if reader.wants_read else _EPOLLET
             # A held-back half-close (a close_notify OpenSSL kept, a FIN waiting
@@ -3050,7 +3137,7 @@ class _Driven:
                 reader.read_needs_write and reader.wants_read and not reader.shut
             ):
                 mask |= _EPOLLOUT
-            if masks[fd] != mask:
+            if armed != mask:
                 try:
                     self.hub.ep.modify(fd, mask)
                 except OSError:
@@ -3134,7 +3221,7 @@ class _Driven:
                 self.future.driven = None
 
     def detach(self) -> None:
-        self.relay.on_notify = None
+        self.relay.on_notify = self.relay.on_gone = None
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
