@@ -337,10 +337,11 @@ def test_a_failed_half_close_is_a_reset_only_for_a_reset_s_errno(
             sock.close()
 
 
+@pytest.mark.parametrize("close", [True, False], ids=["close", "keep"])
 @pytest.mark.parametrize("kind", SIDE_KINDS)
 @pytest.mark.parametrize("mode", FORMS)
 def test_a_side_whose_shutdown_closes_it_ends_the_relay_at_once(
-    listener: socket.socket, mode: str, kind: str
+    listener: socket.socket, mode: str, kind: str, close: bool
 ) -> None:
     # A side whose own shutdown() closes it: the blocking form's next read of it
     # ended the relay (side closed while the relay ran); the close took the fd out of
@@ -353,23 +354,29 @@ def test_a_side_whose_shutdown_closes_it_ends_the_relay_at_once(
     try:
         backend.sendall(b"response")
         backend.shutdown(socket.SHUT_WR)  # b's EOF: the relay half-closes a
-        stats: RelayStats = RUNNERS[mode](a, b, idle_timeout=5)
+        # (close=False: the give-back of a wrapper whose fileno() raises once closed
+        # raised that OSError out of the relay instead of returning the stats.)
+        stats: RelayStats = RUNNERS[mode](a, b, idle_timeout=5, close=close)
         assert (stats.a_end, stats.b_end, stats.failed) == (End.ERROR, End.EOF, "a")
         assert isinstance(stats.error, OSError)
         assert stats.error.errno == errno.EBADF
         assert str(stats.error) == "[Errno 9] relay side a was closed while the relay ran"
         assert stats.b_to_a == 8
-        with pytest.raises(ConnectionResetError):  # b reset: a's stream was cut off
-            _read_to_eof(backend)
+        if close:
+            with pytest.raises(ConnectionResetError):  # b reset: a's stream was cut off
+                _read_to_eof(backend)
+        else:
+            assert b.fileno() != -1  # the caller's, given back open
     finally:
         for sock in (client, a, b, backend):
             sock.close()
 
 
+@pytest.mark.parametrize("close", [True, False], ids=["close", "keep"])
 @pytest.mark.parametrize("kind", SIDE_KINDS)
 @pytest.mark.parametrize("mode", FORMS)
 def test_a_side_whose_shutdown_closes_it_after_its_eof_ends_cleanly(
-    listener: socket.socket, mode: str, kind: str
+    listener: socket.socket, mode: str, kind: str, close: bool
 ) -> None:
     # The same close once the relay has read a to its EOF: nothing reads a any more,
     # so both directions are complete and the relay ends as usual.
@@ -379,7 +386,7 @@ def test_a_side_whose_shutdown_closes_it_after_its_eof_ends_cleanly(
     try:
         client.sendall(b"request")
         client.shutdown(socket.SHUT_WR)
-        r = Running(RUNNERS[mode], Setup(client, a, b, backend), idle_timeout=JOIN)
+        r = Running(RUNNERS[mode], Setup(client, a, b, backend), idle_timeout=JOIN, close=close)
         assert _read_to_eof(backend) == b"request"  # a's EOF forwarded: a read to its end
         backend.sendall(b"response")
         backend.shutdown(socket.SHUT_WR)

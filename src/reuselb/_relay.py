@@ -84,8 +84,10 @@ class SocketLike(Protocol):
     """What the relay needs from a side that is not a plain ``socket.socket``.
 
     A socket wrapper (instrumented, PROXY-protocol, TLS by another library...) can be
-    relayed if it has these methods with socket semantics, is (or can be made, by a
-    ``setblocking`` method) non-blocking, and its ``fileno()`` polls readable when
+    relayed if it has these methods with socket semantics, is non-blocking (or says
+    by ``gettimeout()`` that it is not, and has ``setblocking()`` to make it so: a
+    wrapper without ``gettimeout()`` is taken to be non-blocking), and its
+    ``fileno()`` polls readable when
     ``recv_into`` may return bytes. Such sides are always copied, never spliced:
     the bytes must pass through the object's own methods.
 
@@ -717,14 +719,14 @@ class _Relay:
             if timeout != 0.0:
                 done += 1
                 try:
-                    if sock.fileno() != -1:
+                    if _fileno(sock) != -1:
                         _restore_timeout(sock, timeout)
                 except BaseException as exc:
                     error = error or exc
         if self.nodelay_set:
             for sock, _timeout, nodelay in self.saved:
                 try:
-                    if nodelay is False and sock.fileno() != -1 and _is_inet(sock):
+                    if nodelay is False and _fileno(sock) != -1 and _is_inet(sock):
                         with contextlib.suppress(OSError):
                             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)  # type: ignore[attr-defined]
                 except BaseException as exc:
