@@ -45,7 +45,8 @@ _Snapshot: TypeAlias = "tuple[tuple[tuple[Node, int], ...], bytes | array[int], 
 _Layout: TypeAlias = "tuple[list[int], list[int], bool]"
 
 #: Buckets of the tabulated mode by default: 2**19 keeps the bucket-count noise
-#: (under sqrt(N / table_size) per node) well under the keys' own noise.
+#: (about sqrt(N / table_size) per node with many nodes; several percent with 2-10
+#: nodes, see docs/policies/hashing.md "Few nodes") under the keys' own noise.
 DEFAULT_BUCKETS = 1 << 19
 _M64 = (1 << 64) - 1
 
@@ -652,8 +653,8 @@ class RendezvousHash(HashPolicy):
     and 2**21). Prefer small integer weights, a larger table, ``table_size=None``
     (exact HRW) or :class:`MaglevHash` where weights must be large. A table of few
     nodes with unequal weights tilts toward the light ones: averaged over seeds, a
-    weight-1 node next to one of weight 10 owns 6-8% more than its weight share, and
-    four of weight 1 next to one of weight 10 together 3.4% more, where exact HRW
+    weight-1 node next to one of weight 10 owns about 7% more than its weight share,
+    and four of weight 1 next to one of weight 10 together 4% more, where exact HRW
     gives them their shares; use ``table_size=None`` where a small set's weight
     shares must be exact (docs/policies/hashing.md, "Few nodes"). Two nodes that
     share a random offset in a group of 2**17 buckets (by chance: ~N**2 / 2**16
