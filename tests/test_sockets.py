@@ -458,6 +458,17 @@ def test_dualstack_with_a_name_without_ipv6_says_so(no_fd_leak: None) -> None:
         assert lst.getsockname()[0] == "127.0.0.1"
 
 
+def _dualstack_factories(address: str) -> list[Callable[[], object]]:
+    """Every factory that takes dualstack=True, called with *address*."""
+    return [
+        lambda: reuseport_listener(address, dualstack=True),
+        lambda: reuseport_udp(address, dualstack=True),
+        lambda: reuselb.hold_port(address, dualstack=True),
+        lambda: reuseport_group(address, 2, dualstack=True),
+        lambda: reuseport_group(address, 2, kind="udp", dualstack=True),
+    ]
+
+
 def test_dualstack_refuses_a_specific_ipv6_address(no_fd_leak: None) -> None:
     # Before: accepted, but Linux's bind() sets IPV6_V6ONLY on a socket bound to a
     # specific, non-mapped IPv6 address (__inet6_bind), so the "dual-stack" listener
@@ -467,14 +478,7 @@ def test_dualstack_refuses_a_specific_ipv6_address(no_fd_leak: None) -> None:
         "families (':0', '*:0' or '[::]:0') or an IPv4-mapped IPv6 address, not ::1: "
         "Linux makes a socket bound to any other IPv6 address IPv6-only"
     )
-    calls: list[Callable[[], object]] = [
-        lambda: reuseport_listener("[::1]:0", dualstack=True),
-        lambda: reuseport_udp("[::1]:0", dualstack=True),
-        lambda: reuselb.hold_port("[::1]:0", dualstack=True),
-        lambda: reuseport_group("[::1]:0", 2, dualstack=True),
-        lambda: reuseport_group("[::1]:0", 2, kind="udp", dualstack=True),
-    ]
-    for call in calls:
+    for call in _dualstack_factories("[::1]:0"):
         with pytest.raises(AddressError) as info:
             call()
         assert not isinstance(info.value, reuselb.GroupMemberError)
@@ -537,14 +541,7 @@ def test_dualstack_refuses_the_mapped_ipv4_any_address(
         "dualstack=True needs the any-address of both families (':0', '*:0' or "
         "'[::]:0') or an IPv4-mapped IPv6 address"
     )
-    calls: list[Callable[[], object]] = [
-        lambda: reuseport_listener("[::ffff:0.0.0.0]:0", dualstack=True),
-        lambda: reuseport_udp("[::ffff:0.0.0.0]:0", dualstack=True),
-        lambda: reuselb.hold_port("[::ffff:0.0.0.0]:0", dualstack=True),
-        lambda: reuseport_group("[::ffff:0.0.0.0]:0", 2, dualstack=True),
-        lambda: reuseport_group("[::ffff:0.0.0.0]:0", 2, kind="udp", dualstack=True),
-    ]
-    for call in calls:
+    for call in _dualstack_factories("[::ffff:0.0.0.0]:0"):
         with pytest.raises(AddressError) as info:
             call()
         assert not isinstance(info.value, reuselb.GroupMemberError)
