@@ -40,6 +40,7 @@ import socket
 import struct
 import subprocess
 import sys
+from collections.abc import Iterator
 
 from reuselb import (
     BalancePolicy,
@@ -234,13 +235,59 @@ async def serve(listener: socket.socket, policy: BalancePolicy, args: argparse.N
         await asyncio.wait(relays, timeout=args.drain_timeout)
 
 
+#: What a terminal sends the whole process group (Ctrl-C, a hangup; also
+#: ``kill -HUP -PGID``): the master's to act on, so the workers ignore it.
+WORKERS_IGNORE = frozenset({signal.SIGINT, signal.SIGHUP})
+
+
+@contextlib.contextmanager
+def signals_blocked(signals: frozenset[int]) -> Iterator[None]:
+    """Block *signals* in the master for the ``with`` body, for a worker started there.
+
+    A worker ignores SIGINT and SIGHUP, but it can set SIG_IGN only once its interpreter
+    runs its code: a Ctrl-C while it still started (importing) was a KeyboardInterrupt
+    traceback and a worker that never said "ready" (at a restart, the restart given up).
+    The signal mask is inherited through fork and exec, so a worker started here has
+    them blocked from its first instruction, and ignore_signals() discards what came
+    meanwhile. Unlike ``preexec_fn`` no Python code runs in the child before exec, which
+    is unsafe in a process with threads. The master's own signals wait, pending, until
+    the mask is restored.
+    """
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def ignore_signals(signals: frozenset[int]) -> None:
+    """In a worker: ignore *signals*, then unblock them (the master started us with
+    them blocked). SIG_IGN discards a signal already pending (POSIX), so one that
+    came while this worker started is dropped too."""
+    for sig in signals:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
+
+
 def spawn(member: socket.socket, argv: list[str], lifeline: int) -> subprocess.Popen[str]:
-    parent, child = socket.socketpair()
+    """Start a worker on *member*; return it once it has said "ready".
+
+    :raises RuntimeError: it could not be started (e.g. ``EMFILE``, ``EAGAIN``: out of
+        file descriptors or processes) or exited before it was ready.
+    """
+    try:
+        parent, child = socket.socketpair()
+    except OSError as exc:
+        raise RuntimeError(f"a worker could not be started: {exc}") from None
     with parent, child:
         cmd = [sys.executable, __file__, *argv, "--channel-fd", str(child.fileno())]
         cmd += ["--master-fd", str(lifeline)]
         fds = [child.fileno(), lifeline]
-        proc = subprocess.Popen(cmd, pass_fds=fds, stdout=subprocess.PIPE, text=True)
+        try:
+            with signals_blocked(WORKERS_IGNORE):
+                proc = subprocess.Popen(cmd, pass_fds=fds, stdout=subprocess.PIPE, text=True)
+        except OSError as exc:
+            raise RuntimeError(f"a worker could not be started: {exc}") from None
         send_sockets(parent, [member], names=["listener"])
     assert proc.stdout is not None
     if proc.stdout.readline().strip() != "ready":
@@ -333,6 +380,13 @@ def master(group: ReuseportGroup, args: argparse.Namespace, argv: list[str]) -> 
                 replace_dead(pool)
             elif got == signal.SIGHUP:
                 restart(pool)
+    except (OSError, RuntimeError) as exc:
+        # The first workers' start: out of fds or processes (EMFILE, EAGAIN), or a
+        # worker that exited before "ready". One line, not a traceback; the workers
+        # already started are stopped below. (restart() and replace_dead() handle
+        # their own failures and keep serving.)
+        print(f"l4proxy: {exc}", file=sys.stderr, flush=True)
+        return 1
     finally:
         signal.set_wakeup_fd(-1)
         workers = [*pool.procs.values(), *pool.draining]
@@ -444,8 +498,7 @@ def main() -> int:
     # A SIGHUP or SIGINT to the whole process group (a terminal hangup or Ctrl-C,
     # kill -HUP -PGID) is the master's cue to restart or to stop, and the master
     # tells the workers (SIGTERM): a worker dying of it would cut its relays.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ignore_signals(WORKERS_IGNORE)
     with socket.socket(fileno=args.channel_fd) as channel:
         listener = recv_sockets(channel)["listener"]
     try:

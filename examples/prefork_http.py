@@ -26,6 +26,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 
 from reuselb import ReuselbError, hold_port, parse_address, reuseport_listener
 
@@ -113,20 +114,63 @@ async def stop_serving(server: asyncio.Server, writers: set[asyncio.StreamWriter
         await asyncio.wait_for(server.wait_closed(), 1)
 
 
+@contextlib.contextmanager
+def sigint_blocked() -> Iterator[None]:
+    """Block SIGINT in the master for the ``with`` body, for a worker started there.
+
+    A worker ignores SIGINT, but it can set SIG_IGN only once its interpreter runs
+    its code: a Ctrl-C while it still started (importing) was a KeyboardInterrupt
+    traceback and a worker that never said "ready". The signal mask is inherited
+    through fork and exec, so a worker started here has SIGINT blocked from its
+    first instruction and ignore_sigint() discards what came meanwhile. Unlike
+    ``preexec_fn`` no Python code runs in the child before exec, which is unsafe
+    in a process with threads. The master's own SIGINT waits, pending, until the
+    mask is restored.
+    """
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def ignore_sigint() -> None:
+    """In a worker: ignore SIGINT, then unblock it (the master started us with it
+    blocked). Ctrl-C sends SIGINT to the whole process group and the master stops
+    the workers; SIG_IGN discards a SIGINT already pending (POSIX), so a Ctrl-C
+    that came while this worker started is dropped too."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def start_workers(cmd: list[str], count: int) -> list[subprocess.Popen[str]]:
     """Start *count* workers and return them once each has said "ready".
 
-    :raises RuntimeError: a worker exited before it was ready (all *count* are stopped).
+    :raises RuntimeError: a worker could not be started (e.g. ``EMFILE``, ``EAGAIN``:
+        out of file descriptors or processes) or exited before it was ready (the
+        workers already started are stopped).
     """
-    procs = [
-        subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        for _ in range(count)
-    ]
-    for proc in procs:
-        assert proc.stdout is not None
-        if proc.stdout.readline().strip() != "ready":
-            stop_workers(procs)
-            raise RuntimeError(f"worker {proc.pid} failed to start")
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        for _ in range(count):
+            try:
+                with sigint_blocked():
+                    procs.append(
+                        subprocess.Popen(
+                            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+                        )
+                    )
+            except OSError as exc:
+                raise RuntimeError(
+                    f"worker {len(procs) + 1} of {count} could not be started: {exc}"
+                ) from None
+        for proc in procs:
+            assert proc.stdout is not None
+            if proc.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"worker {proc.pid} failed to start")
+    except BaseException:
+        stop_workers(procs)
+        raise
     return procs
 
 
@@ -194,8 +238,7 @@ def main() -> int:
     if args.workers < 1:  # 0 would print "ready" and serve nothing
         parser.error(f"--workers must be at least 1, not {args.workers}")
     if args.worker:
-        # Ctrl-C sends SIGINT to the whole process group: the master stops the workers.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        ignore_sigint()  # Ctrl-C reaches the whole process group: the master stops us
         asyncio.run(worker(args.worker))
         return 0
     # a bad --listen (malformed, not local, in use) is a usage error, like --workers 0

@@ -24,6 +24,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 
 from reuselb import ReuselbError, ReuseportGroup, recv_sockets, reuseport_group, send_sockets
 
@@ -48,16 +49,63 @@ def worker(channel_fd: int, index: int) -> None:
                 member.sendto(f"{index} {os.getpid()} ".encode() + data, peer)
 
 
+#: What a terminal sends the whole process group that the master alone acts on: Ctrl-C.
+WORKERS_IGNORE = frozenset({signal.SIGINT})
+
+
+@contextlib.contextmanager
+def signals_blocked(signals: frozenset[int]) -> Iterator[None]:
+    """Block *signals* in the master for the ``with`` body, for a worker started there.
+
+    A worker ignores SIGINT, but it can set SIG_IGN only once its interpreter runs its
+    code: a Ctrl-C while it still started (importing) was a KeyboardInterrupt traceback
+    and a worker that never said "ready". The signal mask is inherited through fork and
+    exec, so a worker started here has them blocked from its first instruction, and
+    ignore_signals() discards what came meanwhile. Unlike ``preexec_fn`` no Python code
+    runs in the child before exec, which is unsafe in a process with threads. The
+    master's own signals wait, pending, until the mask is restored.
+    """
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def ignore_signals(signals: frozenset[int]) -> None:
+    """In a worker: ignore *signals*, then unblock them (the master started us with
+    them blocked). SIG_IGN discards a signal already pending (POSIX), so one that
+    came while this worker started is dropped too."""
+    for sig in signals:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
+
+
 def spawn(member: socket.socket, index: int) -> subprocess.Popen[str]:
-    parent, child = socket.socketpair()
+    """Start worker *index* on *member*; return it once it has said "ready".
+
+    :raises RuntimeError: it could not be started (e.g. ``EMFILE``, ``EAGAIN``: out of
+        file descriptors or processes) or exited before it was ready.
+    """
+    failed = f"worker {index} could not be started"
+    try:
+        parent, child = socket.socketpair()
+    except OSError as exc:
+        raise RuntimeError(f"{failed}: {exc}") from None
     with parent, child:
-        proc = subprocess.Popen(
-            [sys.executable, __file__, "--worker", str(index), "--channel-fd", str(child.fileno())],
-            pass_fds=[child.fileno()],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+        cmd = [sys.executable, __file__, "--worker", str(index)]
+        cmd += ["--channel-fd", str(child.fileno())]
+        try:
+            with signals_blocked(WORKERS_IGNORE):
+                proc = subprocess.Popen(
+                    cmd,
+                    pass_fds=[child.fileno()],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+        except OSError as exc:
+            raise RuntimeError(f"{failed}: {exc}") from None
         send_sockets(parent, [member], names=["member"])
     assert proc.stdout is not None
     if proc.stdout.readline().strip() != "ready":
@@ -131,7 +179,7 @@ def main() -> int:
         parser.error(f"--workers must be at least 1, not {args.workers}")
     if args.worker is not None:
         # Ctrl-C sends SIGINT to the whole process group: the master stops the workers.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        ignore_signals(WORKERS_IGNORE)
         worker(args.channel_fd, args.worker)
         return 0
     # a bad --listen (malformed, not local, in use) is a usage error, like --workers 0

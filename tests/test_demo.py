@@ -477,3 +477,88 @@ def test_demo_names_a_port_it_may_not_bind() -> None:
     assert "Traceback" not in out.stderr, out.stderr
     assert "reuselb demo: port 1 on 127.0.0.1 may not be bound by this process" in out.stderr
     assert "workers" not in out.stdout, "refused before any worker started"
+
+
+def test_demo_ctrl_c_while_a_worker_starts_is_quiet() -> None:
+    # Before: a worker ignored SIGINT only once it had imported reuselb; a Ctrl-C
+    # in that window was a KeyboardInterrupt traceback from each worker still
+    # starting. Workers now start with SIGINT blocked and ignore it before
+    # unblocking it.
+    from tests.test_examples import worker_gate
+
+    with worker_gate() as gate, tempfile.TemporaryFile() as errfile:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "reuselb", "demo", "reuseport", "--workers", "2"],
+            stdout=subprocess.DEVNULL,
+            stderr=errfile,
+            env=gate.env,
+            start_new_session=True,  # a process group of its own, as a shell's job
+        )
+        try:
+            worker = gate.arrival()  # the first worker, held as it starts
+            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the demo and its workers
+            gate.release()
+            proc.wait(timeout=60)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        errfile.seek(0)
+        err = errfile.read().decode(errors="replace")
+    assert proc.returncode == 130, err
+    assert err == ""
+    with pytest.raises(ProcessLookupError):  # reaped by the demo before it exited
+        os.kill(worker, 0)
+
+
+def test_demo_out_of_fds_says_so_and_stops_its_workers() -> None:
+    # Before: the Popen of a worker failed with an EMFILE traceback and the workers
+    # already started were left running. The demo keeps 2 fds per worker: the 64
+    # allowed run out within 32 workers. The limit is set by a launcher that execs
+    # the demo (same pid and process group), not by a preexec_fn in this process.
+    launcher = (
+        "import os, resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)); "
+        "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", launcher, "-m", "reuselb", "demo", "reuseport", "--workers", "64"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        _, err = proc.communicate(timeout=120)
+        group_left = True
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            group_left = False
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert proc.returncode == 1, err
+    assert re.fullmatch(
+        r"reuselb demo: demo worker \d+ of 64 could not be started: "
+        r"\[Errno 24\] Too many open files\n",
+        err,
+    ), err
+    assert not group_left, "workers were left running"
+
+
+def test_demo_reports_an_os_error_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before: only ReuselbError and DemoError were reported; an OSError that no
+    # scenario names itself (EMFILE making the demo's own socket) was a traceback.
+    from reuselb import __main__, _demo
+
+    def out_of_fds(*args: object) -> None:
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    monkeypatch.setattr(_demo, "reuseport_scenario", out_of_fds)
+    assert __main__.main(["demo", "reuseport"]) == 1
+    assert capsys.readouterr().err == (
+        f"reuselb demo: [Errno {errno.EMFILE}] {os.strerror(errno.EMFILE)}\n"
+    )

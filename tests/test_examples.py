@@ -450,3 +450,152 @@ def test_examples_name_a_listen_address_they_may_not_bind(script: str) -> None:
     assert "argument --listen: " in done.stderr, done.stderr
     assert "127.0.0.1:1" in done.stderr and "Permission denied" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+#: Imported by every Python process started with :class:`WorkerGate`'s ``env``: a
+#: worker (not the test's own child, the master) stops in its interpreter's start-up,
+#: where a worker used to be too early to ignore SIGINT, until the test lets it go.
+_GATE_SITECUSTOMIZE = """\
+import os
+import socket
+
+if os.getppid() != int(os.environ["REUSELB_TEST_GATE_TOP"]):
+    with socket.socket(socket.AF_UNIX) as _gate:
+        _gate.settimeout(60)
+        try:
+            _gate.connect(os.environ["REUSELB_TEST_GATE"])
+            _gate.sendall(b"%d\\n" % os.getpid())
+            _gate.recv(1)
+        except OSError:
+            pass  # the gate is closed: start
+"""
+
+
+class WorkerGate:
+    """Holds each worker of a master started with :attr:`env` at its interpreter's
+    start-up (a ``sitecustomize`` on PYTHONPATH), before any of its own code has run,
+    until :meth:`release`: a Ctrl-C sent meanwhile deterministically reaches a worker
+    still starting, as a terminal's does in the ~100 ms a worker spends importing.
+    """
+
+    def __init__(self, directory: str) -> None:
+        with open(os.path.join(directory, "sitecustomize.py"), "w") as f:
+            f.write(_GATE_SITECUSTOMIZE)
+        path = os.path.join(directory, "gate")  # short: a Unix socket path has 108 bytes
+        self.env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [directory, os.environ.get("PYTHONPATH")])),
+            "REUSELB_TEST_GATE": path,
+            "REUSELB_TEST_GATE_TOP": str(os.getpid()),
+        }
+        self.listener = socket.socket(socket.AF_UNIX)
+        self.listener.bind(path)
+        self.listener.listen(64)
+        self.held: list[socket.socket] = []
+
+    def arrival(self, timeout: float = 60) -> int:
+        """Wait for the next worker to reach the gate; its pid."""
+        self.listener.settimeout(timeout)
+        conn, _ = self.listener.accept()
+        self.held.append(conn)
+        conn.settimeout(timeout)
+        with conn.makefile("rb") as f:
+            return int(f.readline())
+
+    def release(self) -> None:
+        """Let the workers at the gate go on, and every later one pass."""
+        for conn in self.held:
+            with contextlib.suppress(OSError):
+                conn.sendall(b"g")
+            conn.close()
+        self.held.clear()
+        self.listener.close()  # a worker queued or still to come passes
+
+
+@contextlib.contextmanager
+def worker_gate() -> Iterator[WorkerGate]:
+    with tempfile.TemporaryDirectory(prefix="gate") as directory:
+        gate = WorkerGate(directory)
+        try:
+            yield gate
+        finally:
+            gate.release()
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_ctrl_c_while_a_worker_starts_is_quiet(script: str) -> None:
+    # Before: a worker set SIGINT to SIG_IGN only once its imports and argument
+    # parsing were done; a Ctrl-C in that window was a KeyboardInterrupt traceback,
+    # the master reported "worker ... failed to start" and exited 1 (l4proxy's master
+    # with a RuntimeError traceback). Workers now start with SIGINT blocked.
+    args = ["--listen", "127.0.0.1:0", "--workers", "2"]
+    if script == "l4proxy.py":
+        args += _BACKEND
+    with worker_gate() as gate, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-W", "always::ResourceWarning", str(EXAMPLES / script), *args],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            env=gate.env,
+            start_new_session=True,  # a process group of its own, as a shell's job
+        )
+        try:
+            worker = gate.arrival()  # the first worker, held as it starts
+            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the master and its workers
+            gate.release()
+            out, _ = proc.communicate(timeout=60)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+            assert proc.stdout is not None
+            proc.stdout.close()
+        err.seek(0)
+        stderr = err.read().decode(errors="replace")
+    assert proc.returncode == 0, (out, stderr)
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert "ResourceWarning" not in stderr, stderr
+    _assert_reaped([worker])
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_examples_out_of_fds_at_start_say_so_and_stop_their_workers(script: str) -> None:
+    # Before: the Popen of a worker failed with EMFILE as a traceback, and the workers
+    # already started were left running (each then died of a BrokenPipeError
+    # traceback writing "ready" to the master that had gone). The master keeps 2 fds
+    # per worker (l4proxy 1), udp_workers and l4proxy also the group's members (40
+    # here): the 64 fds allowed run out within 30 workers.
+    workers = "40" if script in ("udp_workers.py", "l4proxy.py") else "64"
+    args = ["--listen", "127.0.0.1:0", "--workers", workers]
+    if script == "l4proxy.py":
+        args += _BACKEND
+
+    # The limit set by a small launcher that then execs the example (same pid, same
+    # process group), rather than by a preexec_fn, which runs Python code in the
+    # forked child of this possibly threaded process.
+    launcher = (
+        "import os, resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)); "
+        "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", launcher, str(EXAMPLES / script), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=120)
+        group_left = True
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            group_left = False
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert proc.returncode == 1, (out, err)
+    assert "Traceback" not in err, err
+    assert re.fullmatch(r"\S.* could not be started: \[Errno 24\] Too many open files\n", err), err
+    assert not group_left, "workers were left running"

@@ -16,6 +16,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import types
@@ -710,3 +711,70 @@ def test_a_bad_backend_says_why(value: str, message: str) -> None:
     )
     assert out.returncode == 2, out.stderr
     assert message in out.stderr, out.stderr
+
+
+def test_ctrl_c_while_a_restarted_worker_starts_is_quiet() -> None:
+    # Before: the worker a SIGHUP restart starts ignored SIGINT only once it had
+    # imported its modules; a Ctrl-C in that window was a KeyboardInterrupt
+    # traceback and "restart stopped, old workers kept: worker ... failed to
+    # start". Workers now start with SIGINT and SIGHUP blocked.
+    from tests.test_examples import worker_gate
+
+    with (
+        socket.socket() as backend,
+        worker_gate() as gate,
+        tempfile.TemporaryFile() as errfile,
+    ):
+        backend.bind(("127.0.0.1", 0))
+        backend.listen()
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-W",
+                "always::ResourceWarning",
+                str(PROXY),
+                "--listen",
+                "127.0.0.1:0",
+                "--workers",
+                "1",
+                "--drain-timeout",
+                "10",
+                "--backend",
+                f"127.0.0.1:{backend.getsockname()[1]}",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=errfile,
+            text=True,
+            env=gate.env,
+            start_new_session=True,  # a process group of its own, as a shell's job
+        )
+        assert proc.stdout is not None
+        try:
+            first = gate.arrival()  # the first worker: let it through
+            gate.held.pop().close()
+            lines = _Lines(proc)
+            ready = lines.next()
+            assert ready.startswith("ready 127.0.0.1:"), ready
+            proc.send_signal(signal.SIGHUP)
+            new = gate.arrival()  # the restart's new worker, held as it starts
+            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the master and its workers
+            gate.release()
+            out = ""
+            while line := lines.next():  # until EOF: the master has exited
+                out += line
+            proc.wait(timeout=60)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+            proc.stdout.close()
+        errfile.seek(0)
+        stderr = errfile.read().decode(errors="replace")
+    assert proc.returncode == 0, (out, stderr)
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert "ResourceWarning" not in stderr, stderr
+    assert f"worker {first} draining, replaced by {new}" in out, out
+    assert "old workers kept" not in out, out
+    for pid in (first, new):
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)

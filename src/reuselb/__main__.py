@@ -81,6 +81,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
         return 141
+    except OSError as exc:
+        # Out of a resource the scenarios do not name themselves (EMFILE making the
+        # demo's own sockets, ENOBUFS): one line, not a traceback. After
+        # BrokenPipeError, which is an OSError too.
+        print(f"reuselb demo: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Iterator, Sequence
 from typing import Any, TypeVar
 
 from ._relay import RelayStats, async_pipe_splice
@@ -89,7 +89,11 @@ def _worker_main(port: int) -> int:
     of it first printed a KeyboardInterrupt traceback and reset the connection the
     parent's client was making).
     """
+    # Ignored before unblocked: start_workers() starts a worker with SIGINT blocked,
+    # so a Ctrl-C that came while it started is pending here, and setting SIG_IGN
+    # discards a pending signal (POSIX), so it never reaches the worker.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     listener = reuseport_listener(("127.0.0.1", port))
     with listener:
         sys.stdout.write(f"ready {os.getpid()}\n")
@@ -105,22 +109,52 @@ def _worker_main(port: int) -> int:
                     conn.sendall(f"{os.getpid()}\n".encode())
 
 
+@contextlib.contextmanager
+def _sigint_blocked() -> Iterator[None]:
+    """Block SIGINT in this thread for the ``with`` body, for a child to inherit.
+
+    A worker ignores SIGINT (Ctrl-C reaches the whole process group, and the parent
+    stops its workers itself), but it can set SIG_IGN only once its interpreter has
+    started and imported reuselb: a Ctrl-C before that was a KeyboardInterrupt
+    traceback from the worker. The signal mask survives fork() and exec(), so a
+    worker started in the body has SIGINT blocked from its first instruction, and
+    _worker_main() ignores it before unblocking it. No Python code runs in the
+    child between fork and exec, as ``preexec_fn`` would, which is unsafe where the
+    parent has threads. A SIGINT for this process that comes meanwhile stays
+    pending, and is delivered (KeyboardInterrupt here) when the mask is restored.
+    """
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def start_workers(count: int, port: int) -> list[subprocess.Popen[str]]:
     """Start *count* worker processes listening on *port*; return once all are ready.
 
-    :raises DemoError: a worker did not report ready in time (all are stopped).
+    :raises DemoError: a worker could not be started (e.g. ``EMFILE``, ``EAGAIN``:
+        out of file descriptors or processes) or did not report ready in time (the
+        workers already started are stopped).
+    :raises KeyboardInterrupt: Ctrl-C, once the workers already started are stopped.
     """
     procs: list[subprocess.Popen[str]] = []
     try:
         for _ in range(count):
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "reuselb._demo", "worker", str(port)],
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    text=True,
-                )
-            )
+            try:
+                with _sigint_blocked():  # a KeyboardInterrupt here comes after append()
+                    procs.append(
+                        subprocess.Popen(
+                            [sys.executable, "-m", "reuselb._demo", "worker", str(port)],
+                            stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE,
+                            text=True,
+                        )
+                    )
+            except OSError as exc:
+                raise DemoError(
+                    f"demo worker {len(procs) + 1} of {count} could not be started: {exc}"
+                ) from None
         deadline = time.monotonic() + _READY_TIMEOUT
         for proc in procs:
             assert proc.stdout is not None
