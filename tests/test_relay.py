@@ -22,6 +22,7 @@ import sys
 import termios
 import threading
 import time
+import types
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -2629,8 +2630,15 @@ class _FilenoFails(Wrapped):
     destination's send queue; only then, so that no other call meets it first."""
 
     def fileno(self) -> int:
-        if sys._getframe(2).f_code.co_name == "idle_left":  # <- note_queue <- here
-            raise ValueError("I/O operation on closed wrapper")
+        # Called from idle_left through note_queue (and its fileno() helper): look a
+        # few frames up rather than at a fixed depth, which the helpers change.
+        frame: types.FrameType | None = sys._getframe(1)
+        for _ in range(4):
+            if frame is None:
+                break
+            if frame.f_code.co_name == "idle_left":
+                raise ValueError("I/O operation on closed wrapper")
+            frame = frame.f_back
         return self._sock.fileno()
 
 
