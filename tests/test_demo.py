@@ -516,29 +516,12 @@ def test_demo_out_of_fds_says_so_and_stops_its_workers() -> None:
     # already started were left running. The demo keeps 2 fds per worker: the 64
     # allowed run out within 32 workers. The limit is set by a launcher that execs
     # the demo (same pid and process group), not by a preexec_fn in this process.
-    launcher = (
-        "import os, resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)); "
-        "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+    from tests.test_examples import run_at_64_fds
+
+    returncode, _, err, group_left = run_at_64_fds(
+        ["-m", "reuselb", "demo", "reuseport", "--workers", "64"]
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", launcher, "-m", "reuselb", "demo", "reuseport", "--workers", "64"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        _, err = proc.communicate(timeout=120)
-        group_left = True
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            group_left = False
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    assert proc.returncode == 1, err
+    assert returncode == 1, err
     assert re.fullmatch(
         r"reuselb demo: demo worker \d+ of 64 could not be started: "
         r"\[Errno 24\] Too many open files\n",

@@ -558,27 +558,20 @@ def test_ctrl_c_while_a_worker_starts_is_quiet(script: str) -> None:
     _assert_reaped([worker])
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_examples_out_of_fds_at_start_say_so_and_stop_their_workers(script: str) -> None:
-    # Before: the Popen of a worker failed with EMFILE as a traceback, and the workers
-    # already started were left running (each then died of a BrokenPipeError
-    # traceback writing "ready" to the master that had gone). The master keeps 2 fds
-    # per worker (l4proxy 1), udp_workers and l4proxy also the group's members (40
-    # here): the 64 fds allowed run out within 30 workers.
-    workers = "40" if script in ("udp_workers.py", "l4proxy.py") else "64"
-    args = ["--listen", "127.0.0.1:0", "--workers", workers]
-    if script == "l4proxy.py":
-        args += _BACKEND
+def run_at_64_fds(argv: list[str]) -> tuple[int, str, str, bool]:
+    """Run ``python *argv*`` with RLIMIT_NOFILE 64 in a session of its own; return its
+    status, stdout, stderr and whether any process of its group was left running.
 
-    # The limit set by a small launcher that then execs the example (same pid, same
-    # process group), rather than by a preexec_fn, which runs Python code in the
-    # forked child of this possibly threaded process.
+    The limit is set by a small launcher that then execs the program (same pid, same
+    process group), rather than by a preexec_fn, which runs Python code in the forked
+    child of this possibly threaded process.
+    """
     launcher = (
         "import os, resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)); "
         "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
     )
     proc = subprocess.Popen(
-        [sys.executable, "-c", launcher, str(EXAMPLES / script), *args],
+        [sys.executable, "-c", launcher, *argv],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -595,7 +588,23 @@ def test_examples_out_of_fds_at_start_say_so_and_stop_their_workers(script: str)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
-    assert proc.returncode == 1, (out, err)
+    return proc.returncode, out, err, group_left
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_examples_out_of_fds_at_start_say_so_and_stop_their_workers(script: str) -> None:
+    # Before: the Popen of a worker failed with EMFILE as a traceback, and the workers
+    # already started were left running (each then died of a BrokenPipeError
+    # traceback writing "ready" to the master that had gone). The master keeps 2 fds
+    # per worker (l4proxy 1), udp_workers and l4proxy also the group's members (40
+    # here): the 64 fds allowed run out within 30 workers.
+    workers = "40" if script in ("udp_workers.py", "l4proxy.py") else "64"
+    args = ["--listen", "127.0.0.1:0", "--workers", workers]
+    if script == "l4proxy.py":
+        args += _BACKEND
+
+    returncode, out, err, group_left = run_at_64_fds([str(EXAMPLES / script), *args])
+    assert returncode == 1, (out, err)
     assert "Traceback" not in err, err
     assert re.fullmatch(r"\S.* could not be started: \[Errno 24\] Too many open files\n", err), err
     assert not group_left, "workers were left running"
