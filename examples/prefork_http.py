@@ -8,7 +8,10 @@ one of them. Run it, then try ``curl -s http://127.0.0.1:8080/`` a few times:
 
 The master holds the port with a bound, never-listening reuseport socket (it gets
 no connections), starts the workers, prints one ``ready`` line, replaces a worker
-that dies, and on SIGTERM or SIGINT (Ctrl-C) stops every worker and exits 0.
+that dies, and on SIGTERM or SIGINT (Ctrl-C) stops every worker and exits 0. A worker
+that cannot be started, at start-up or as a replacement (out of fds or processes, or it
+exits before it is ready), is one line naming its slot ("worker 3 of 4"): the master
+stops the other workers and exits 1.
 Workers stop at EOF on their stdin, a pipe from the master, so they also stop
 when the master is killed (kill -9, the OOM killer): none outlives it. A stopping
 worker closes the connections it holds: a client that has not sent a whole request
@@ -143,16 +146,25 @@ def ignore_sigint() -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
-def start_workers(cmd: list[str], count: int) -> list[subprocess.Popen[str]]:
-    """Start *count* workers and return them once each has said "ready".
+def start_workers(
+    cmd: list[str], count: int, *, respawn: int | None = None
+) -> list[subprocess.Popen[str]]:
+    """Start all *count* workers, or with *respawn* only the worker in that slot
+    (0-based) in place of one that died, and return them once each has said "ready".
+
+    A worker is named by its slot, "worker 3 of 4", at start-up and at a respawn
+    alike (a respawn was started as a pool of one: "worker 1 of 1").
 
     :raises RuntimeError: a worker could not be started (e.g. ``EMFILE``, ``EAGAIN``:
-        out of file descriptors or processes) or exited before it was ready (the
-        workers already started are stopped).
+        out of file descriptors or processes) or exited before it was ready; the
+        message names its slot and says whether it was a respawn. The workers this
+        call already started are stopped.
     """
+    slots = range(count) if respawn is None else [respawn]
+    failed = "could not be started" if respawn is None else "died and could not be restarted"
     procs: list[subprocess.Popen[str]] = []
     try:
-        for _ in range(count):
+        for slot in slots:
             try:
                 with sigint_blocked():
                     procs.append(
@@ -161,13 +173,14 @@ def start_workers(cmd: list[str], count: int) -> list[subprocess.Popen[str]]:
                         )
                     )
             except OSError as exc:
-                raise RuntimeError(
-                    f"worker {len(procs) + 1} of {count} could not be started: {exc}"
-                ) from None
-        for proc in procs:
+                raise RuntimeError(f"worker {slot + 1} of {count} {failed}: {exc}") from None
+        for slot, proc in zip(slots, procs, strict=True):  # one proc per slot by now
             assert proc.stdout is not None
             if proc.stdout.readline().strip() != "ready":
-                raise RuntimeError(f"worker {proc.pid} failed to start")
+                raise RuntimeError(
+                    f"worker {slot + 1} of {count} {failed}: "
+                    f"pid {proc.pid} exited before it was ready"
+                )
     except BaseException:
         stop_workers(procs)
         raise
@@ -216,8 +229,11 @@ def master(holder: socket.socket, workers: int) -> int:
             for i, proc in enumerate(procs):
                 if not stopping and proc.poll() is not None:  # died (now reaped)
                     stop_workers([proc])
-                    procs[i] = start_workers(cmd, 1)[0]
-                    print(f"replaced worker {i}: {proc.pid} -> {procs[i].pid}", flush=True)
+                    procs[i] = start_workers(cmd, workers, respawn=i)[0]
+                    print(
+                        f"replaced worker {i + 1} of {workers}: {proc.pid} -> {procs[i].pid}",
+                        flush=True,
+                    )
     except RuntimeError as exc:
         print(exc, file=sys.stderr)
         return 1

@@ -6,6 +6,7 @@ import contextlib
 import http.client
 import os
 import re
+import resource
 import select
 import shutil
 import signal
@@ -332,7 +333,7 @@ def test_http_examples_replace_a_dead_worker(script: str) -> None:
         replaced = {}
         for _ in job.workers:
             line = job.lines.next(60)
-            m = re.fullmatch(r"replaced worker \d: (\d+) -> (\d+)", line)
+            m = re.fullmatch(r"replaced worker [12] of 2: (\d+) -> (\d+)", line)
             assert m, f"{line!r}; stderr: {job.stderr()}"
             replaced[int(m.group(1))] = int(m.group(2))
         assert sorted(replaced) == sorted(job.workers)
@@ -608,3 +609,19 @@ def test_examples_out_of_fds_at_start_say_so_and_stop_their_workers(script: str)
     assert "Traceback" not in err, err
     assert re.fullmatch(r"\S.* could not be started: \[Errno 24\] Too many open files\n", err), err
     assert not group_left, "workers were left running"
+
+
+@pytest.mark.parametrize("script", ["prefork_http.py", "uvicorn_reuseport.py"])
+def test_a_failed_respawn_names_the_worker_slot(script: str) -> None:
+    # Before: a dead worker was respawned as a pool of one, and a respawn that failed
+    # said "worker 1 of 1 could not be started" whichever of the 4 had died.
+    with _job(script, "--listen", "127.0.0.1:0", "--workers", "4") as job:
+        _, hard = resource.prlimit(job.proc.pid, resource.RLIMIT_NOFILE)
+        # fds 0-2 are open: at a soft limit of 3 every new fd of the master is EMFILE
+        resource.prlimit(job.proc.pid, resource.RLIMIT_NOFILE, (3, hard))
+        os.kill(job.workers[2], signal.SIGKILL)
+        assert job.proc.wait(timeout=60) == 1, job.stderr()
+        assert job.stderr() == (
+            "worker 3 of 4 died and could not be restarted: [Errno 24] Too many open files\n"
+        )
+        _assert_reaped(job.workers)
