@@ -19,6 +19,10 @@
   and the old ones keep serving. A SIGTERM or SIGINT stops the restart at once.
 * a worker that dies is replaced on the same listener (connections queued there
   wait for it); if none starts, that listener leaves the group.
+* a worker that cannot be started (out of fds or processes, its listener not handed
+  over by ``send_sockets``/``recv_sockets``, or it exits before it is ready) is one
+  line, not a traceback, and is reaped; at start-up the master then stops the workers
+  already started and exits 1.
 * a master that dies (kill -9, the OOM killer) takes its workers with it: they
   stop accepting and drain, as on SIGTERM, instead of serving on unsupervised.
 * out of file descriptors (EMFILE): accepting pauses briefly (the connections
@@ -273,7 +277,9 @@ def spawn(member: socket.socket, argv: list[str], lifeline: int) -> subprocess.P
     """Start a worker on *member*; return it once it has said "ready".
 
     :raises RuntimeError: it could not be started (e.g. ``EMFILE``, ``EAGAIN``: out of
-        file descriptors or processes) or exited before it was ready.
+        file descriptors or processes), its listener could not be sent to it, or it
+        exited before it was ready (e.g. it could not receive its listener). The
+        worker is gone and reaped by then.
     """
     try:
         parent, child = socket.socketpair()
@@ -288,7 +294,17 @@ def spawn(member: socket.socket, argv: list[str], lifeline: int) -> subprocess.P
                 proc = subprocess.Popen(cmd, pass_fds=fds, stdout=subprocess.PIPE, text=True)
         except OSError as exc:
             raise RuntimeError(f"a worker could not be started: {exc}") from None
-        send_sockets(parent, [member], names=["listener"])
+        try:
+            send_sockets(parent, [member], names=["listener"])
+        except (ReuselbError, OSError) as exc:
+            # e.g. ENOBUFS, ENOMEM. The worker waits for its listener: it goes now
+            # (SIGKILL: its own report would only repeat this one), and is reaped,
+            # not left running unsupervised nor as a zombie holding its pipe.
+            proc.kill()
+            reap(proc)
+            raise RuntimeError(
+                f"worker {proc.pid} could not be started: its listener was not sent: {exc}"
+            ) from None
     assert proc.stdout is not None
     if proc.stdout.readline().strip() != "ready":
         proc.kill()
@@ -499,8 +515,16 @@ def main() -> int:
     # kill -HUP -PGID) is the master's cue to restart or to stop, and the master
     # tells the workers (SIGTERM): a worker dying of it would cut its relays.
     ignore_signals(WORKERS_IGNORE)
-    with socket.socket(fileno=args.channel_fd) as channel:
-        listener = recv_sockets(channel)["listener"]
+    try:
+        with socket.socket(fileno=args.channel_fd) as channel:
+            listener = recv_sockets(channel)["listener"]
+    except (ReuselbError, OSError) as exc:
+        # Out of fds as the listener arrives (the kernel drops an fd it cannot
+        # install: a HandoffError), or the master's end closed before it sent. One
+        # line, not a traceback; the master sees no "ready" and reports this worker
+        # as not started.
+        print(f"l4proxy worker {os.getpid()}: no listener: {exc}", file=sys.stderr, flush=True)
+        return 1
     try:
         asyncio.run(serve(listener, policy, args))
     finally:

@@ -10,8 +10,11 @@ members and never closes them; worker i receives member i over a Unix socket
 master starts a replacement with the *same* member, and no flow moves.
 
 Each worker answers ``<index> <pid> <datagram>``. SIGTERM or SIGINT (Ctrl-C) stops
-everything. Workers stop at EOF on their stdin, a pipe from the master, so they also
-stop when the master is killed (kill -9, the OOM killer): none outlives it.
+everything. A worker that cannot be started, at start-up or as a replacement (out of
+fds or processes, its member not handed over, or it exits before it is ready), is one
+line naming its index: the master stops the other workers and exits 1. Workers stop at
+EOF on their stdin, a pipe from the master, so they also stop when the master is killed
+(kill -9, the OOM killer): none outlives it.
 """
 
 from __future__ import annotations
@@ -29,9 +32,16 @@ from collections.abc import Iterator
 from reuselb import ReuselbError, ReuseportGroup, recv_sockets, reuseport_group, send_sockets
 
 
-def worker(channel_fd: int, index: int) -> None:
-    with socket.socket(fileno=channel_fd) as channel:
-        member = recv_sockets(channel)["member"]
+def worker(channel_fd: int, index: int) -> int:
+    try:
+        with socket.socket(fileno=channel_fd) as channel:
+            member = recv_sockets(channel)["member"]
+    except (ReuselbError, OSError) as exc:
+        # Out of fds as the member arrives (the kernel drops an fd it cannot install:
+        # a HandoffError), or the master's end closed before it sent. One line, not a
+        # traceback; the master sees no "ready" and reports this worker.
+        print(f"worker {index}: no member: {exc}", file=sys.stderr, flush=True)
+        return 1
     print("ready", flush=True)
     stdin = sys.stdin.fileno()
     with member:
@@ -40,13 +50,14 @@ def worker(channel_fd: int, index: int) -> None:
             # The master never writes to our stdin: it is readable only at EOF, when
             # the master closed it or died (the kernel closes a dead process's pipes).
             if stdin in readable:
-                return
+                return 0
             data, peer = member.recvfrom(65535)
             # An answer that cannot be sent is lost, as a datagram may be, and the
             # worker goes on: e.g. EMSGSIZE, the prefix making the answer to a
             # datagram near the UDP maximum (65,507 bytes over IPv4) too long.
             with contextlib.suppress(OSError):
                 member.sendto(f"{index} {os.getpid()} ".encode() + data, peer)
+    return 0
 
 
 #: What a terminal sends the whole process group that the master alone acts on: Ctrl-C.
@@ -81,13 +92,18 @@ def ignore_signals(signals: frozenset[int]) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
 
 
-def spawn(member: socket.socket, index: int) -> subprocess.Popen[str]:
+def spawn(member: socket.socket, index: int, *, respawn: bool = False) -> subprocess.Popen[str]:
     """Start worker *index* on *member*; return it once it has said "ready".
 
+    :param respawn: it replaces worker *index*, which died (the message says so).
     :raises RuntimeError: it could not be started (e.g. ``EMFILE``, ``EAGAIN``: out of
-        file descriptors or processes) or exited before it was ready.
+        file descriptors or processes), its member could not be sent to it, or it
+        exited before it was ready (e.g. it could not receive its member). The
+        worker is gone and reaped by then.
     """
-    failed = f"worker {index} could not be started"
+    failed = f"worker {index} " + (
+        "died and could not be restarted" if respawn else "could not be started"
+    )
     try:
         parent, child = socket.socketpair()
     except OSError as exc:
@@ -106,11 +122,19 @@ def spawn(member: socket.socket, index: int) -> subprocess.Popen[str]:
                 )
         except OSError as exc:
             raise RuntimeError(f"{failed}: {exc}") from None
-        send_sockets(parent, [member], names=["member"])
+        try:
+            send_sockets(parent, [member], names=["member"])
+        except (ReuselbError, OSError) as exc:
+            # e.g. ENOBUFS, ENOMEM (was a traceback, the worker left running). The
+            # worker waits for its member: it goes now (SIGKILL: its own report
+            # would only repeat this one) and is reaped.
+            proc.kill()
+            stop_workers([proc])
+            raise RuntimeError(f"{failed}: its member was not sent: {exc}") from None
     assert proc.stdout is not None
     if proc.stdout.readline().strip() != "ready":
         stop_workers([proc])
-        raise RuntimeError(f"worker {index} failed to start")
+        raise RuntimeError(f"{failed}: pid {proc.pid} exited before it was ready")
     return proc
 
 
@@ -155,7 +179,7 @@ def master(group: ReuseportGroup) -> int:
             for i, proc in enumerate(procs):
                 if not stop and proc.poll() is not None:  # died: same member, new worker
                     stop_workers([proc])
-                    procs[i] = spawn(group[i], i)
+                    procs[i] = spawn(group[i], i, respawn=True)
                     print(f"replaced worker {i}: {proc.pid} -> {procs[i].pid}", flush=True)
     except RuntimeError as exc:
         print(exc, file=sys.stderr)
@@ -180,8 +204,7 @@ def main() -> int:
     if args.worker is not None:
         # Ctrl-C sends SIGINT to the whole process group: the master stops the workers.
         ignore_signals(WORKERS_IGNORE)
-        worker(args.channel_fd, args.worker)
-        return 0
+        return worker(args.channel_fd, args.worker)
     # a bad --listen (malformed, not local, in use) is a usage error, like --workers 0
     try:
         group = reuseport_group(args.listen, args.workers, kind="udp")

@@ -253,7 +253,7 @@ class _Job:
 
 
 @contextlib.contextmanager
-def _job(script: str, *args: str) -> Iterator[_Job]:
+def _job(script: str, *args: str, env: dict[str, str] | None = None) -> Iterator[_Job]:
     """Run *script* in a process group of its own until its "ready" line, so that
     os.killpg() reaches the master and its workers as Ctrl-C in a terminal does.
 
@@ -266,6 +266,7 @@ def _job(script: str, *args: str) -> Iterator[_Job]:
             stdout=subprocess.PIPE,
             stderr=err,
             start_new_session=True,
+            env=env,
         )
         try:
             yield _Job(proc, err)
@@ -625,3 +626,131 @@ def test_a_failed_respawn_names_the_worker_slot(script: str) -> None:
             "worker 3 of 4 died and could not be restarted: [Errno 24] Too many open files\n"
         )
         _assert_reaped(job.workers)
+
+
+#: A ``sitecustomize`` that makes reuselb's socket handoff fail in a process started
+#: with PYTHONPATH on it while a flag file exists: "send" in the master (ENOBUFS),
+#: "recv" in a worker (out of fds as the socket arrives, a real EMFILE).
+_HANDOFF_FAULTS_SITECUSTOMIZE = """\
+import errno
+import os
+import resource
+
+import reuselb
+
+_flags = os.environ["REUSELB_TEST_FAULTS"]
+_send, _recv = reuselb.send_sockets, reuselb.recv_sockets
+
+
+def send_sockets(*args, **kwargs):
+    if os.path.exists(os.path.join(_flags, "send")):
+        raise OSError(errno.ENOBUFS, os.strerror(errno.ENOBUFS))
+    return _send(*args, **kwargs)
+
+
+def recv_sockets(channel):
+    if os.path.exists(os.path.join(_flags, "recv")):
+        free = os.dup(0)  # the lowest free fd
+        os.close(free)
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (free, hard))
+    return _recv(channel)
+
+
+reuselb.send_sockets, reuselb.recv_sockets = send_sockets, recv_sockets
+"""
+
+
+@contextlib.contextmanager
+def _handoff_faults() -> Iterator[tuple[str, dict[str, str]]]:
+    """A directory to put the "send" or "recv" flag file in, and the environment
+    that makes an example's handoff fail while it is there."""
+    with tempfile.TemporaryDirectory(prefix="faults") as directory:
+        with open(os.path.join(directory, "sitecustomize.py"), "w") as f:
+            f.write(_HANDOFF_FAULTS_SITECUSTOMIZE)
+        path = os.pathsep.join(filter(None, [directory, os.environ.get("PYTHONPATH")]))
+        yield directory, {**os.environ, "PYTHONPATH": path, "REUSELB_TEST_FAULTS": directory}
+
+
+def _open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@pytest.mark.parametrize("side", ["send", "recv"])
+@pytest.mark.parametrize("script", ["udp_workers.py", "l4proxy.py"])
+def test_a_failed_socket_handoff_at_start_is_one_line(script: str, side: str) -> None:
+    # Before: a master whose send_sockets failed died of an OSError traceback
+    # (udp_workers) or left the worker running, unreaped (l4proxy); a worker whose
+    # recv_sockets failed died of a HandoffError traceback.
+    args = ["--listen", "127.0.0.1:0", "--workers", "2"]
+    if script == "l4proxy.py":
+        args += _BACKEND
+    with _handoff_faults() as (flags, env), tempfile.TemporaryFile() as err:
+        open(os.path.join(flags, side), "w").close()
+        proc = subprocess.Popen(
+            [sys.executable, "-W", "always::ResourceWarning", str(EXAMPLES / script), *args],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            env=env,
+            start_new_session=True,
+        )
+        try:
+            out, _ = proc.communicate(timeout=60)
+            group_left = True
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                group_left = False
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+            assert proc.stdout is not None
+            proc.stdout.close()
+        err.seek(0)
+        stderr = err.read().decode(errors="replace")
+    assert proc.returncode == 1, (out, stderr)
+    assert b"ready" not in out, out
+    assert "Traceback" not in stderr and "ResourceWarning" not in stderr, stderr
+    lines = stderr.splitlines()
+    if side == "send":  # the master's line alone: it killed the worker
+        assert len(lines) == 1 and "was not sent: [Errno 105] No buffer space" in lines[0], lines
+    else:  # the worker's line, then the master's
+        assert len(lines) == 2, lines
+        assert re.fullmatch(r"(l4proxy )?worker \d+: no (listener|member): .*fd.*", lines[0]), lines
+        assert re.search(r"worker \d+ (failed to start|could not be started)", lines[1]), lines
+    assert not group_left, "workers were left running"
+
+
+@pytest.mark.parametrize("side", ["send", "recv"])
+@pytest.mark.parametrize("script", ["udp_workers.py", "l4proxy.py"])
+def test_a_failed_socket_handoff_at_a_respawn_is_one_line(script: str, side: str) -> None:
+    # Before: as at start (a traceback, a worker left unreaped with its pipe open in
+    # the master). Now each keeps its policy for a replacement that does not start:
+    # udp_workers stops (status 1), l4proxy takes the member out of the group and
+    # serves on with the other workers.
+    args = ["--listen", "127.0.0.1:0", "--workers", "2"]
+    if script == "l4proxy.py":
+        args += _BACKEND
+    with _handoff_faults() as (flags, env), _job(script, *args, env=env) as job:
+        fds = _open_fds(job.proc.pid)
+        open(os.path.join(flags, side), "w").close()
+        os.kill(job.workers[0], signal.SIGKILL)
+        if script == "udp_workers.py":
+            assert job.proc.wait(timeout=60) == 1, job.stderr()
+            lines = job.stderr().splitlines()
+            assert lines[-1].startswith("worker 0 died and could not be restarted: "), lines
+            assert len(lines) == (1 if side == "send" else 2), lines
+            _assert_reaped(job.workers)
+        else:
+            line = job.lines.next(60)
+            assert line.startswith(f"worker {job.workers[0]} died and was not replaced: "), line
+            # its member and the dead worker's pipe closed; nothing of the new one held
+            assert _open_fds(job.proc.pid) == fds - 2
+            assert job.proc.poll() is None  # serving on with the other worker
+            job.proc.send_signal(signal.SIGTERM)
+            assert job.proc.wait(timeout=60) == 0, job.stderr()
+            lines = job.stderr().splitlines()
+            assert len(lines) == (0 if side == "send" else 1), lines
+            _assert_reaped(job.workers)
+        assert "Traceback" not in job.stderr(), job.stderr()
