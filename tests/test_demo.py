@@ -17,6 +17,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 from typing import IO, Any
 
 import pytest
@@ -545,3 +546,127 @@ def test_demo_reports_an_os_error_in_one_line(
     assert capsys.readouterr().err == (
         f"reuselb demo: [Errno {errno.EMFILE}] {os.strerror(errno.EMFILE)}\n"
     )
+
+
+def _run_at_fds(limit: int, argv: list[str]) -> tuple[int, str, bool]:
+    """Run ``python *argv*`` with RLIMIT_NOFILE *limit* in a session of its own; return
+    its status, its stderr and whether any process of its group was left running.
+
+    As tests.test_examples.run_at_64_fds: a launcher sets the limit and execs the
+    program (same pid and process group), no preexec_fn in this process.
+    """
+    launcher = (
+        "import os, resource, sys; n = int(sys.argv[1]); "
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (n, n)); "
+        "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", launcher, str(limit), *argv],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        _, err = proc.communicate(timeout=60)
+        group_left = True
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            group_left = False
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        if proc.stderr is not None:
+            proc.stderr.close()
+    return proc.returncode, err, group_left
+
+
+# A few fds apart, the proxy runs out making its event loop (5), a backend's
+# listener (6, 7), its own listener (8, 9), accepting (10-13: the proxy's accept,
+# then a backend's); from 14 on it runs. (Counts of CPython 3.10-3.13; one more or
+# less still lands in one of these steps.)
+@pytest.mark.parametrize("limit", [5, 6, 7, 12, 13])
+def test_demo_proxy_out_of_fds_says_so_in_one_line(limit: int) -> None:
+    # Before, by limit: 5, an "Exception ignored in BaseEventLoop.__del__"
+    # AttributeError traceback and "coroutine was never awaited" warnings after the
+    # line; 6 and 7, an IndexError traceback (asyncio's start_server() skipped the
+    # address whose socket() failed with EMFILE and returned a server without a
+    # socket); 12 and 13, asyncio's "socket.accept() out of system resource"
+    # traceback logged for each retry of a backend's accept, then "[Errno 104]
+    # Connection reset by peer" naming nothing.
+    returncode, err, group_left = _run_at_fds(
+        limit, ["-m", "reuselb", "demo", "proxy", "--clients", "10"]
+    )
+    assert returncode == 1, err
+    assert re.fullmatch(
+        r"reuselb demo: the proxy\S* [^\n]*: \[Errno 24\] Too many open files\n", err
+    ), err
+    assert not group_left
+
+
+def test_demo_proxy_reports_a_failed_relay(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before: the relay's OSError (EMFILE making the relay's epoll hub) stayed in
+    # its task; the client's connection was closed, so it read an empty answer (or
+    # a reset), and the OSError came out of the final gather() naming nothing.
+    from reuselb import _demo
+
+    async def out_of_fds(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    monkeypatch.setattr(_demo, "async_pipe_splice", out_of_fds)
+
+    async def run() -> None:
+        with pytest.raises(_demo.DemoError) as caught:
+            await asyncio.wait_for(_demo._proxy(3), 30)
+        assert re.fullmatch(
+            r"the proxy could not relay a connection to 127\.0\.0\.1:\d+: "
+            rf"\[Errno {errno.EMFILE}\] {os.strerror(errno.EMFILE)}",
+            str(caught.value),
+        ), caught.value
+        # nothing left running: the client, the relays, the backends' handlers
+        assert asyncio.all_tasks() == {asyncio.current_task()}
+
+    asyncio.run(run())
+
+
+def test_demo_proxy_reports_a_backend_failed_accept(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before: asyncio's server logged "socket.accept() out of system resource" with a
+    # traceback and retried each second; the client waited for an answer in vain.
+    from reuselb import _demo
+
+    made: list[socket.socket] = []
+
+    class OutOfFds(socket.socket):
+        def accept(self) -> tuple[socket.socket, Any]:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    def backend_socket(*args: Any, **kwargs: Any) -> socket.socket:
+        # The backends' two listeners are the first sockets _demo makes itself.
+        sock = OutOfFds(*args, **kwargs) if len(made) < 2 else socket.socket(*args, **kwargs)
+        made.append(sock)
+        return sock
+
+    class SocketModule(types.ModuleType):
+        """The socket module, but for _demo's own calls of socket.socket() (asyncio's
+        and reuseport_listener()'s are left alone)."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(socket, name)
+
+    shim = SocketModule("socket")
+    shim.socket = backend_socket  # type: ignore[attr-defined]
+    monkeypatch.setattr(_demo, "socket", shim)
+
+    async def run() -> None:
+        with pytest.raises(_demo.DemoError) as caught:
+            await asyncio.wait_for(_demo._proxy(1), 30)
+        assert str(caught.value) == (
+            f"the proxy's backend-1 could not accept a connection: [Errno {errno.EMFILE}] "
+            f"{os.strerror(errno.EMFILE)}"
+        )
+        assert asyncio.all_tasks() == {asyncio.current_task()}
+
+    asyncio.run(run())
+    assert len(made) >= 2 and all(s.fileno() == -1 for s in made[:2])

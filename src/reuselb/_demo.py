@@ -14,6 +14,7 @@ import errno
 import functools
 import os
 import select
+import selectors
 import signal
 import socket
 import subprocess
@@ -271,43 +272,100 @@ async def _backend(name: str, reader: asyncio.StreamReader, writer: asyncio.Stre
 
 
 class _Backends:
-    """The proxy scenario's two embedded backends, and the connections they serve."""
+    """The proxy scenario's two embedded backends, and the connections they serve.
+
+    Each listens on a socket of its own, accepted from in a reader callback, not
+    with ``asyncio.start_server()``: asyncio's server skips an address whose
+    ``socket()`` fails, taking EMFILE for an unsupported family, and returned a
+    server without a socket (the demo then died of an IndexError traceback), and
+    an ``accept()`` failing with EMFILE is logged by it with a traceback and retried
+    every second for as long as the demo's client waits. Here either failure is the
+    demo's :class:`DemoError`.
+    """
 
     def __init__(self) -> None:
-        self.servers: list[asyncio.Server] = []
-        #: each connection's handler task, and its writer
-        self.handlers: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
+        self.listeners: list[socket.socket] = []
+        #: each connection's handler task; its socket or streams are its own
+        self.handlers: set[asyncio.Task[None]] = set()
 
-    async def start(self) -> None:
+    def start(self, failed: asyncio.Future[DemoError]) -> list[tuple[str, int]]:
+        """Listen on two ports of 127.0.0.1; return their addresses.
+
+        :param failed: given a :class:`DemoError` if a backend's ``accept()`` fails
+            later (e.g. ``EMFILE``); that backend stops accepting.
+        :raises DemoError: a listening socket could not be made (e.g. ``EMFILE``);
+            the ones already made are closed by :meth:`close`.
+        """
+        loop = asyncio.get_running_loop()
         for i in (1, 2):
-            connected = functools.partial(self._connected, f"backend-{i}")
-            self.servers.append(await asyncio.start_server(connected, "127.0.0.1", 0))
+            name = f"backend-{i}"
+            try:
+                listener = socket.socket(
+                    socket.AF_INET,
+                    socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
+                )
+            except OSError as exc:
+                raise DemoError(f"the proxy's {name} could not listen: {exc}") from None
+            self.listeners.append(listener)
+            try:
+                listener.bind(("127.0.0.1", 0))
+                listener.listen()
+            except OSError as exc:
+                raise DemoError(f"the proxy's {name} could not listen: {exc}") from None
+            loop.add_reader(listener.fileno(), self._accept, name, listener, failed)
+        return [listener.getsockname() for listener in self.listeners]
 
-    def _connected(
-        self, name: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    def _accept(
+        self, name: str, listener: socket.socket, failed: asyncio.Future[DemoError]
     ) -> None:
-        # The handler's task is made here, not by asyncio (which makes one for a
-        # callback that returns a coroutine and keeps it to itself), so that close()
-        # can wait for it: a handler still running when asyncio.run() returns is
-        # cancelled, and for asyncio's own task Python 3.11 logs that as "Exception
-        # in callback ... CancelledError" with a traceback (CPython gh-113538).
-        task = asyncio.ensure_future(_backend(name, reader, writer))
-        self.handlers[task] = writer
-        task.add_done_callback(self.handlers.pop)
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue  # reset while it waited in the queue
+            except OSError as exc:  # EMFILE, ENOBUFS: it would fail again at once
+                asyncio.get_running_loop().remove_reader(listener.fileno())
+                if not failed.done():
+                    failed.set_result(
+                        DemoError(f"the proxy's {name} could not accept a connection: {exc}")
+                    )
+                return
+            # The handler's task is made here, so that close() can cancel it and wait
+            # for it: one still running when asyncio.run() returns is cancelled by it
+            # (for a task of asyncio's own server, Python 3.11 logged that as
+            # "Exception in callback ... CancelledError" with a traceback, CPython
+            # gh-113538).
+            task = asyncio.ensure_future(_serve(name, conn))
+            self.handlers.add(task)
+            task.add_done_callback(self.handlers.discard)
 
     async def close(self) -> None:
-        """Stop accepting, close every connection and wait for the handlers to end."""
-        for server in self.servers:
-            server.close()
-        # Closed, not waited for: a handler waiting for its line reads EOF and ends.
-        # (From Python 3.12.1 on, Server.wait_closed() waits for every connection
-        # to close, however long its peer keeps it open.)
-        for writer in self.handlers.values():
-            writer.close()
-        if self.handlers:
-            await asyncio.wait(list(self.handlers))
-        for server in self.servers:
-            await server.wait_closed()
+        """Stop accepting, end every connection and wait for the handlers to end."""
+        loop = asyncio.get_running_loop()
+        for listener in self.listeners:
+            loop.remove_reader(listener.fileno())
+            listener.close()
+        # Cancelled, not waited for: a handler waits for its line as long as its
+        # peer keeps the connection open.
+        handlers = list(self.handlers)
+        for task in handlers:
+            task.cancel()
+        if handlers:
+            await asyncio.wait(handlers)
+
+
+async def _serve(name: str, conn: socket.socket) -> None:
+    """Serve one accepted connection as backend *name* (see :func:`_backend`)."""
+    try:
+        reader, writer = await asyncio.open_connection(sock=conn)
+    except BaseException as exc:
+        conn.close()  # not yet a transport's, which would close it
+        if isinstance(exc, OSError):
+            return  # the peer is gone already: nobody to answer
+        raise
+    await _backend(name, reader, writer)
 
 
 def _close(sock: socket.socket, _: object) -> None:
@@ -325,27 +383,54 @@ async def _end(tasks: Sequence[asyncio.Future[Any]]) -> None:
 
 
 async def _proxy(clients: int) -> list[tuple[int, str, int, int, bool]]:
+    """Run the proxy scenario's backends, proxy and *clients* clients; return their rows.
+
+    :raises DemoError: a socket of the backends, the proxy or a client could not be
+        made, or an ``accept()`` failed (e.g. ``EMFILE``: out of file descriptors);
+        everything already made is closed and every task ended first.
+    """
     loop = asyncio.get_running_loop()
     backends = _Backends()
     relays: list[asyncio.Task[None]] = []  # proxy_one() for each accepted connection
     talk: asyncio.Task[list[tuple[int, str, int]]] | None = None
     listener: socket.socket | None = None
+    # The first failure of the backends, the proxy's accept loop or a relay. Each
+    # happens in a callback or a task nobody awaits: the demo's client would wait
+    # for an answer in vain (or the task's exception was logged with a traceback).
+    failed: asyncio.Future[DemoError] = loop.create_future()
+
+    def fail(message: str) -> None:
+        if not failed.done():
+            failed.set_result(DemoError(message))
+
     try:
-        await backends.start()
-        policy = RoundRobin([s.sockets[0].getsockname() for s in backends.servers])
-        listener = reuseport_listener("127.0.0.1:0", nonblocking=True)
+        policy = RoundRobin(backends.start(failed))
+        try:
+            listener = reuseport_listener("127.0.0.1:0", nonblocking=True)
+        except OSError as exc:
+            raise DemoError(f"the proxy could not listen on 127.0.0.1: {exc}") from None
         port = listener.getsockname()[1]
         print(f"proxy: 127.0.0.1:{port} -> {', '.join(str(n) for n in policy.nodes)} (round-robin)")
         stats: dict[int, RelayStats] = {}  # by the client's source port
-        accept_failed: asyncio.Future[OSError] = loop.create_future()
 
         async def proxy_one(client: socket.socket, client_port: int) -> None:
-            upstream = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            try:
+                upstream = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            except OSError as exc:
+                fail(f"the proxy could not open a connection to a backend: {exc}")
+                return
+            backend = "a backend"
             try:
                 with policy.acquire() as lease:
                     addr = (lease.node.address.host, lease.node.address.port)
+                    backend = f"{addr[0]}:{addr[1]}"
                     await loop.sock_connect(upstream, addr)
                     stats[client_port] = await async_pipe_splice(client, upstream)
+            except OSError as exc:
+                # e.g. EMFILE making the relay's epoll hub (one per event loop, made
+                # by its first relay): left in this task, nobody would have read it,
+                # and the client would have waited for an answer.
+                fail(f"the proxy could not relay a connection to {backend}: {exc}")
             finally:
                 upstream.close()  # the relay closed it, unless it never ran
 
@@ -366,7 +451,7 @@ async def _proxy(clients: int) -> list[tuple[int, str, int, int, bool]]:
                     continue  # reset while it waited in the queue
                 except OSError as exc:  # EMFILE, ENOBUFS: it would fail again at once
                     loop.remove_reader(listener.fileno())
-                    accept_failed.set_result(exc)
+                    fail(f"the proxy could not accept a connection: {exc}")
                     return
                 client.setblocking(False)
                 relay = asyncio.ensure_future(proxy_one(client, peer[1]))
@@ -379,26 +464,51 @@ async def _proxy(clients: int) -> list[tuple[int, str, int, int, bool]]:
         async def run_clients() -> list[tuple[int, str, int]]:
             rows = []
             for i in range(clients):
-                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                try:
+                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                except OSError as exc:
+                    raise DemoError(
+                        f"demo client {i + 1} could not connect to the proxy: {exc}"
+                    ) from None
                 try:
                     source = writer.get_extra_info("sockname")[1]
                     writer.write(f"hello {i}\n".encode())
                     await writer.drain()
                     answer = (await reader.readline()).decode().strip()
+                except ConnectionError as exc:
+                    # The proxy closed the connection (with the request unread: a
+                    # reset) because it failed: `failed` names why, not this.
+                    raise DemoError(f"demo client {i + 1} got no answer: {exc}") from None
                 finally:
                     writer.close()  # also when cancelled (Ctrl-C)
-                await writer.wait_closed()
+                with contextlib.suppress(ConnectionError):
+                    await writer.wait_closed()
                 rows.append((i, answer, source))
             return rows
 
         loop.add_reader(listener.fileno(), on_accept, listener)
         talk = asyncio.ensure_future(run_clients())
-        first: list[asyncio.Future[Any]] = [talk, accept_failed]
+        first: list[asyncio.Future[Any]] = [talk, failed]
         await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
-        if accept_failed.done():
-            raise DemoError(f"the proxy could not accept a connection: {accept_failed.result()}")
-        rows = talk.result()
-        await asyncio.wait_for(asyncio.gather(*relays), 30)
+        if not failed.done():
+            rows = talk.result()  # a DemoError of a client's
+            # Each answer came through its relay, which ends once the backend has
+            # closed its side: wait for them, or for a relay's failure.
+            gathered = asyncio.gather(*relays)
+            then: list[asyncio.Future[Any]] = [gathered, failed]
+            await asyncio.wait(then, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+            if gathered.done():
+                gathered.result()  # a relay's exception other than an OSError
+            elif not failed.done():
+                gathered.cancel()
+                raise DemoError("the proxy's relays did not end within 30 s")
+            else:
+                gathered.cancel()
+        if failed.done():
+            if talk.done() and not talk.cancelled():
+                # Its failure (a reset, an empty answer) was only a consequence.
+                talk.exception()
+            raise failed.result()
     finally:
         # In this order, so that nothing is left to fail or be cancelled later: no
         # accept any more, then the clients and relays end (closing the sockets of
@@ -458,10 +568,26 @@ def proxy_scenario(clients: int = 10) -> list[tuple[int, str, int, int, bool]]:
     """A round-robin L4 proxy built from reuselb parts, in front of two embedded backends.
 
     :returns: (client, answer, bytes client->backend, bytes backend->client, spliced).
-    :raises DemoError: the proxy's ``accept()`` failed (e.g. ``EMFILE``).
+    :raises DemoError: out of file descriptors (``EMFILE``) or another resource for
+        the event loop, a socket of the backends, the proxy or a client, or a relay,
+        or an ``accept()`` of the proxy or a backend failed; the message names which.
     :raises KeyboardInterrupt: Ctrl-C, once the relays have ended and the listener and
         the backends (with their connections) are closed.
     """
+    try:
+        # The fds asyncio.run()'s event loop makes first, made and closed here: an
+        # epoll and its self-pipe's socket pair. A loop whose __init__ fails half-way
+        # (EMFILE) is still collected, and its __del__ closes it: an AttributeError
+        # ('_ssock') printed as "Exception ignored in ... BaseEventLoop.__del__" with
+        # a traceback (CPython 3.10 to 3.13), and the coroutines handed to
+        # asyncio.run() are never awaited (RuntimeWarnings). This process has no
+        # other thread to take the fds back in between.
+        with contextlib.ExitStack() as made:
+            made.enter_context(selectors.DefaultSelector())
+            for sock in socket.socketpair():
+                made.enter_context(sock)
+    except OSError as exc:
+        raise DemoError(f"the proxy's event loop could not be made: {exc}") from None
     rows = asyncio.run(_cancelled_by_ctrl_c(_proxy(clients)))
     for i, answer, up, down, spliced in rows:
         print(
