@@ -5,16 +5,20 @@ from __future__ import annotations
 import dataclasses
 import enum
 import ipaddress
+import json
+import shutil
 import socket
 import string
+import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from reuselb import Address, AddressError, HostNotFound, parse_address
+from reuselb import Address, AddressError, HostNotFound, connect_tcp, parse_address
 from reuselb._address import resolve_address
 
 
@@ -23,7 +27,7 @@ from reuselb._address import resolve_address
     [
         ("127.0.0.1:80", Address("127.0.0.1", 80)),
         ("localhost:8080", Address("localhost", 8080)),
-        ("Example.COM.:1", Address("example.com", 1)),
+        ("Example.COM.:1", Address("example.com.", 1)),
         ("[::1]:443", Address("::1", 443)),
         ("[0:0::0001]:443", Address("::1", 443)),
         ("[FE80::1%eth0]:9", Address("fe80::1%eth0", 9)),
@@ -116,6 +120,13 @@ def test_a_default_port_is_kept_as_a_plain_int() -> None:
         ("300.1.1.1:80", "not an IPv4 address"),
         ("bad host:80", "not a valid host name"),
         ("-lead.example:80", "not a valid host name"),
+        # inet_aton's hex forms: glibc's getaddrinfo reads them as 127.0.0.1.
+        ("0x7f.1:80", "'0x7f.1' is not an IPv4 address"),
+        ("0x7f000001:80", "'0x7f000001' is not an IPv4 address"),
+        ("0X7F.0.0.1:80", "'0X7F.0.0.1' is not an IPv4 address"),
+        ("0x7f.0.0.1.:80", "'0x7f.0.0.1.' is not an IPv4 address"),
+        ("127.1:80", "'127.1' is not an IPv4 address"),
+        (("0x7f.1", 80), "'0x7f.1' is not an IPv4 address"),
         (("127.0.0.1", "80"), "port must be an int"),
         (("127.0.0.1", True), "port must be an int"),
         (("127.0.0.1",), "got 1 items"),
@@ -133,6 +144,20 @@ def test_rejected_with_named_value(value: object, needle: str) -> None:
     assert needle in str(info.value)
     assert repr(value) in str(info.value)
     assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize("host", ["0x7f.1", "0x7f000001", "0x7f.0.0.1", "1.0x1"])
+def test_a_hex_ipv4_spelling_is_not_a_host_name(host: str) -> None:
+    # Taken as a name, it reached getaddrinfo, which reads it as an IPv4 address
+    # (inet_aton): "0x7f.1:80" bound 127.0.0.1, a second Address for 127.0.0.1:80.
+    assert socket.getaddrinfo(host, 80, socket.AF_INET, 0, 0, socket.AI_NUMERICHOST)
+    with pytest.raises(AddressError, match=f"{host!r} is not an IPv4 address"):
+        Address(host, 80)
+
+
+@pytest.mark.parametrize("host", ["0x.example", "0x", "0xg1.1", "a.0x7f", "x0x7f.1", "1a.0x1"])
+def test_a_name_with_a_label_that_is_no_number_stays_a_name(host: str) -> None:
+    assert Address(host, 1).family == socket.AF_UNSPEC
 
 
 def test_resolve_literals_without_dns() -> None:
@@ -184,6 +209,123 @@ def test_unknown_host(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(HostNotFound, match=r"unknown host .no-such-host\.invalid.") as info:
         resolve_address(Address("no-such-host.invalid", 1), socket.SOCK_STREAM, passive=False)
     assert isinstance(info.value, OSError)
+
+
+def test_a_trailing_dot_is_kept_and_an_absolute_name_is_another_host() -> None:
+    # "svc.example." is absolute: the resolver must not apply resolv.conf's search
+    # list to it. Stripped, it reached svc.example.corp.test under "search corp.test".
+    a = parse_address("Svc.Example.:80")
+    assert a == Address("svc.example.", 80) == parse_address(("svc.example.", 80))
+    assert a.host == "svc.example." and str(a) == "svc.example.:80"
+    assert parse_address(str(a)) == a
+    assert a != parse_address("svc.example:80")
+    assert a.family == socket.AF_UNSPEC and not a.is_literal
+    assert a.with_port(81) == parse_address("svc.example.:81")
+    # The limit of 253 characters is the name's without its dot.
+    longest = ".".join(["a" * 63] * 3 + ["b" * 61])
+    assert Address(longest + ".", 1).host == longest + "."
+    with pytest.raises(AddressError, match="not a valid host name"):
+        Address("a" + longest + ".", 1)
+    for bad in (".", "a..", "svc..example."):
+        with pytest.raises(AddressError, match=f"{bad!r} is not"):
+            Address(bad, 1)
+
+
+def test_an_absolute_name_goes_to_getaddrinfo_with_its_dot(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    asked: list[str] = []
+    real = socket.getaddrinfo
+
+    def fake(host: Any, port: Any, family: int = 0, socktype: int = 0, *rest: int) -> Any:
+        asked.append(host)
+        if host != "svc.example.":
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return real("127.0.0.1", port, family, socktype, *rest)
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        got = resolve_address(
+            parse_address(f"svc.example.:{port}"), socket.SOCK_STREAM, passive=False
+        )
+        assert got == [(socket.AF_INET, ("127.0.0.1", port))]
+        with connect_tcp(f"svc.example.:{port}", timeout=5) as conn:
+            assert conn.getpeername() == ("127.0.0.1", port)
+        with pytest.raises(HostNotFound, match="unknown host 'svc.example'"):
+            connect_tcp(f"svc.example:{port}", timeout=5)
+    assert asked == ["svc.example.", "svc.example.", "svc.example"]
+
+
+_SEARCH_LIST_CHILD = r"""
+import json, socket, struct, threading
+import reuselb
+
+def serve(sock):
+    # Answers svc.example.corp.test with 127.0.0.1 (A), anything else NXDOMAIN.
+    while True:
+        data, peer = sock.recvfrom(512)
+        i, labels = 12, []
+        while data[i]:
+            labels.append(data[i + 1 : i + 1 + data[i]].decode())
+            i += 1 + data[i]
+        qtype = struct.unpack("!H", data[i + 1 : i + 3])[0]
+        name = ".".join(labels).lower()
+        queried.append(name)
+        answer = b""
+        if name == "svc.example.corp.test" and qtype == 1:
+            answer = bytes([0xC0, 12]) + struct.pack("!HHIH", 1, 1, 60, 4) + bytes([127, 0, 0, 1])
+        rcode = 0x8180 if name == "svc.example.corp.test" else 0x8183
+        head = struct.pack("!HHHHHH", data[0] << 8 | data[1], rcode, 1, 1 if answer else 0, 0, 0)
+        sock.sendto(head + data[12 : i + 5] + answer, peer)
+
+queried = []
+dns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+dns.bind(("127.0.0.1", 53))
+threading.Thread(target=serve, args=(dns,), daemon=True).start()
+server = socket.create_server(("127.0.0.1", 0))
+port = server.getsockname()[1]
+out = {}
+for host in ("svc.example", "svc.example."):
+    try:
+        with reuselb.connect_tcp(f"{host}:{port}", timeout=5) as conn:
+            out[host] = conn.getpeername()[0]
+    except reuselb.HostNotFound as exc:
+        out[host] = type(exc).__name__
+out["queried"] = sorted(set(queried))
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.root
+def test_an_absolute_name_is_not_resolved_with_the_search_list(tmp_path: Path) -> None:
+    # End to end, with glibc's real resolver: a network namespace (its own
+    # loopback, for a DNS server on port 53) and a mount namespace in which
+    # /etc/resolv.conf is bind-mounted over (a private mount: the host's is
+    # untouched). "svc.example" has fewer than ndots dots, so the search list
+    # applies; "svc.example." must be asked for as it is, and found nowhere.
+    if not (shutil.which("unshare") and shutil.which("ip") and shutil.which("mount")):
+        pytest.skip("needs unshare(1), ip(8) and mount(8)")
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text(
+        "nameserver 127.0.0.1\nsearch corp.test\noptions ndots:5 timeout:1 attempts:1\n"
+    )
+    shell = 'ip link set lo up && mount --bind "$2" /etc/resolv.conf && exec "$0" -c "$1"'
+    args = (_SEARCH_LIST_CHILD, str(resolv))
+    out = subprocess.run(
+        [*("unshare", "--net", "--mount", "sh", "-c", shell), sys.executable, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if out.returncode != 0 and "unshare failed" in out.stderr:
+        pytest.skip(f"no new namespaces here: {out.stderr.strip()}")
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got["svc.example"] == "127.0.0.1"  # the search list: the setup works
+    assert got["svc.example."] == "HostNotFound"
+    assert "svc.example" in got["queried"]
 
 
 @pytest.fixture
@@ -252,7 +394,7 @@ _hosts = st.one_of(
     st.just(""),
     st.ip_addresses(v=4).map(str),
     st.ip_addresses(v=6).map(str),
-    st.from_regex(r"[a-z]([a-z0-9-]{0,10}[a-z0-9])?(\.[a-z]{1,8}){0,3}", fullmatch=True),
+    st.from_regex(r"[a-z]([a-z0-9-]{0,10}[a-z0-9])?(\.[a-z]{1,8}){0,3}\.?", fullmatch=True),
 )
 
 
@@ -314,7 +456,7 @@ def test_hand_built_address_is_canonical() -> None:
     class Port(enum.IntEnum):
         HTTP = 80
 
-    assert Address("Example.COM.", 1) == parse_address("example.com:1")
+    assert Address("Example.COM.", 1) == parse_address("example.com.:1")
     assert Address("::FFFF:0:1", 2) == parse_address("[::ffff:0:1]:2")
     assert Address("FE80::1%eth0", 3).host == "fe80::1%eth0"
     assert Address("*", 4) == Address("", 4)

@@ -30,6 +30,10 @@ SockAddr: TypeAlias = tuple[str, int] | tuple[str, int, int, int]
 _PORT_RE = re.compile(r"[0-9]{1,5}\Z")
 _LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)\Z")
 _V4ISH_RE = re.compile(r"[0-9.]+\Z")
+# A label inet_aton() reads as a number: decimal, octal or 0x-hex. A name made of
+# such labels alone is not a name to glibc's getaddrinfo, which reads it as an
+# IPv4 address before any lookup ("0x7f.1" and "0x7f000001" bind 127.0.0.1).
+_ATON_LABEL_RE = re.compile(r"(?:[0-9]+|0[xX][0-9A-Fa-f]+)\Z")
 # sockaddr_in6: sin6_scope_id is a u32 interface index, sin6_flowinfo carries a
 # 20-bit flow label (the traffic class bits above it are not the caller's to set).
 _SCOPE_ID_MAX = 2**32 - 1
@@ -55,9 +59,13 @@ class Address:
     :ivar host: ``""`` for all interfaces; an IPv4 literal; an IPv6 literal
         without brackets, compressed, lower-case and all in hex on every Python
         version (``::ffff:a00:1``, not ``::ffff:10.0.0.1``), a zone kept as
-        ``%zone``; or a lower-case host name.
+        ``%zone``; or a lower-case host name, with its trailing dot if it has one
+        (``"svc.example."`` is absolute: it is resolved without the resolver's
+        search list, and is not the same host as ``"svc.example"``).
     :ivar port: ``0`` to ``65535``; ``0`` asks the kernel for a free port.
-    :raises AddressError: *host* is not a str, not an IP literal or a host name, or
+    :raises AddressError: *host* is not a str, not an IP literal or a host name
+        (labels that are all numbers, such as inet_aton's ``"127.1"`` or
+        ``"0x7f.1"``, are not a host name: getaddrinfo reads them as IPv4), or
         *port* is not an int in ``0..65535`` (a bool is refused).
     """
 
@@ -145,7 +153,9 @@ def parse_address(value: AddressLike, *, default_port: int | None = None) -> Add
     :param default_port: port to use when a string names only a host, an int in
         ``0..65535``; checked whether or not it is used.
     :returns: the canonical :class:`Address`.
-    :raises AddressError: the value is malformed, a port is out of ``0..65535``,
+    :raises AddressError: the value is malformed (an IPv4 address spelled other
+        than as four decimal octets, such as ``"127.1"`` or ``"0x7f.0.0.1"``,
+        included), a port is out of ``0..65535``,
         an IPv6 literal lacks its brackets or has a numeric ``%zone`` above
         ``2**32-1``, or a 4-tuple's *scope_id* is out of
         ``0..2**32-1``, its *flowinfo* out of ``0..2**20-1``, or its *scope_id*
@@ -314,10 +324,26 @@ def _canonical_host(text: str, value: object) -> str:
             return str(ipaddress.IPv4Address(text))
         except ValueError as exc:
             raise AddressError(value, f"{text!r} is not an IPv4 address ({exc})") from None
+    # A trailing dot makes the name absolute: the resolver looks it up as it is,
+    # without the search list of resolv.conf ("svc.example." never becomes
+    # svc.example.corp.test). It is another name than the one without the dot, so
+    # it stays in the host, and is left out only where the length and the labels
+    # are checked (253 characters is the limit without it, RFC 1035 2.3.4).
     name = text[:-1] if text.endswith(".") else text
-    if len(name) > 253 or not all(_LABEL_RE.match(label) for label in name.split(".")):
+    labels = name.split(".")
+    if len(name) > 253 or not all(_LABEL_RE.match(label) for label in labels):
         raise AddressError(value, f"{text!r} is not a valid host name")
-    return name.lower()
+    if all(_ATON_LABEL_RE.match(label) for label in labels):
+        # Dotted-decimal forms are refused above (ipaddress takes four decimal
+        # octets only); these are the hex ones, and any of them with a trailing
+        # dot. Taken as a name, "0x7f.1:80" and "127.0.0.1:80" would be two
+        # Address values for one endpoint (two nodes of one balance policy).
+        raise AddressError(
+            value,
+            f"{text!r} is not an IPv4 address (a number form of inet_aton, which "
+            "getaddrinfo does not look up as a name; write the four decimal octets)",
+        )
+    return text.lower()
 
 
 def resolve_address(
