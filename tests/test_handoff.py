@@ -620,6 +620,10 @@ import os, sys
 os.dup2(int(sys.argv[1]), 3); os.dup2(int(sys.argv[2]), 4)
 os.set_inheritable(3, True); os.set_inheritable(4, True)
 env = dict(os.environ, LISTEN_PID=str(os.getpid()), LISTEN_FDS="2", LISTEN_FDNAMES=sys.argv[4])
+if hasattr(os, "pidfd_open"):  # systemd v258+: exec keeps the process, and its pidfd id
+    pidfd = os.pidfd_open(os.getpid())
+    env["LISTEN_PIDFDID"] = str(os.fstat(pidfd).st_ino)
+    os.close(pidfd)
 os.execve(sys.executable, [sys.executable, "-c", sys.argv[3]], env)
 """
 
@@ -1049,7 +1053,7 @@ def test_listen_fds_refuses_a_malformed_count(
     monkeypatch: pytest.MonkeyPatch, value: str, needle: str
 ) -> None:
     monkeypatch.setenv("LISTEN_PID", str(os.getpid()))
-    monkeypatch.setenv("LISTEN_PIDFDID", "7")
+    monkeypatch.setenv("LISTEN_PIDFDID", str(_own_pidfd_id()))
     monkeypatch.setenv("LISTEN_FDS", value)
     before = open_fds()
     with pytest.raises(HandoffError) as info:
@@ -1057,6 +1061,110 @@ def test_listen_fds_refuses_a_malformed_count(
     assert f"malformed LISTEN_FDS={value!r}: {needle}" in str(info.value)
     assert not [k for k in os.environ if k.startswith("LISTEN_")]
     assert open_fds() == before
+
+
+def _own_pidfd_id() -> int:
+    """This process's pidfd inode id, as systemd v258 writes it to LISTEN_PIDFDID."""
+    if not hasattr(os, "pidfd_open"):
+        pytest.skip("needs os.pidfd_open")
+    try:
+        pidfd = os.pidfd_open(os.getpid())
+    except OSError as exc:
+        pytest.skip(f"no pidfd here: {exc}")
+    try:
+        return os.fstat(pidfd).st_ino
+    finally:
+        os.close(pidfd)
+
+
+def test_listen_fds_ignores_variables_whose_pidfd_id_names_another_process(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # LISTEN_PID matches, but LISTEN_PIDFDID says they were meant for another
+    # process that had this pid (pid reuse): sd_listen_fds returns 0, before it
+    # reads LISTEN_FDS. Were the variables taken, LISTEN_FDS would raise here.
+    own = _own_pidfd_id()
+    monkeypatch.setenv("LISTEN_PID", str(os.getpid()))
+    monkeypatch.setenv("LISTEN_PIDFDID", str(own + 12345))
+    monkeypatch.setenv("LISTEN_FDS", "many")
+    before = open_fds()
+    assert listen_fds() == {}
+    assert not [k for k in os.environ if k.startswith("LISTEN_")]
+    assert open_fds() == before  # the pidfd is closed again
+    # This process's own id: the variables are read (and LISTEN_FDS refused).
+    monkeypatch.setenv("LISTEN_PID", str(os.getpid()))
+    monkeypatch.setenv("LISTEN_PIDFDID", str(own))
+    monkeypatch.setenv("LISTEN_FDS", "many")
+    with pytest.raises(HandoffError, match="malformed LISTEN_FDS='many'"):
+        listen_fds()
+    assert open_fds() == before
+    # With another LISTEN_PID, LISTEN_PIDFDID is not read at all.
+    monkeypatch.setenv("LISTEN_PID", str(os.getpid() + 1))
+    monkeypatch.setenv("LISTEN_PIDFDID", "junk")
+    monkeypatch.setenv("LISTEN_FDS", "1")
+    assert listen_fds() == {}
+
+
+@pytest.mark.parametrize(
+    ("value", "needle"),
+    [
+        ("junk", "expected a decimal number"),
+        ("+7", "expected a decimal number"),
+        (" 7", "expected a decimal number"),
+        ("7_0", "expected a decimal number"),
+        ("\u0667", "expected a decimal number"),
+        ("", "expected a decimal number"),
+        ("1" * 21, "expected a decimal number"),
+        ("0", f"expected 1 to {2**64 - 1}"),
+        (str(2**64), f"expected 1 to {2**64 - 1}"),
+    ],
+)
+def test_listen_fds_refuses_a_malformed_pidfd_id(
+    monkeypatch: pytest.MonkeyPatch, value: str, needle: str
+) -> None:
+    monkeypatch.setenv("LISTEN_PID", str(os.getpid()))
+    monkeypatch.setenv("LISTEN_PIDFDID", value)
+    monkeypatch.setenv("LISTEN_FDS", "1")
+    before = open_fds()
+    with pytest.raises(HandoffError) as info:
+        listen_fds()
+    assert f"malformed LISTEN_PIDFDID={value!r}: {needle}" in str(info.value)
+    assert not [k for k in os.environ if k.startswith("LISTEN_")]
+    assert open_fds() == before
+
+
+@pytest.mark.parametrize("code", [errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM, None])
+def test_listen_fds_skips_the_pidfd_check_without_pidfds(
+    monkeypatch: pytest.MonkeyPatch, code: int | None
+) -> None:
+    # Linux before 5.3 (ENOSYS), a seccomp filter (EPERM), or no os.pidfd_open:
+    # nothing to compare with, so LISTEN_PID alone decides, as before v258.
+    if code is None:
+        monkeypatch.delattr(os, "pidfd_open", raising=False)
+    else:
+
+        def refuse(pid: int, flags: int = 0) -> int:
+            raise OSError(code, os.strerror(code))
+
+        monkeypatch.setattr(os, "pidfd_open", refuse, raising=False)
+    monkeypatch.setenv("LISTEN_PID", str(os.getpid()))
+    monkeypatch.setenv("LISTEN_PIDFDID", "12345")
+    monkeypatch.setenv("LISTEN_FDS", "many")
+    with pytest.raises(HandoffError, match="malformed LISTEN_FDS='many'"):
+        listen_fds()
+
+
+def test_listen_fds_names_a_failed_pidfd_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    def out_of_fds(pid: int, flags: int = 0) -> int:
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    monkeypatch.setattr(os, "pidfd_open", out_of_fds, raising=False)
+    monkeypatch.setenv("LISTEN_PID", str(os.getpid()))
+    monkeypatch.setenv("LISTEN_PIDFDID", "12345")
+    monkeypatch.setenv("LISTEN_FDS", "1")
+    with pytest.raises(HandoffError, match=r"cannot check LISTEN_PIDFDID='12345'.*Too many"):
+        listen_fds()
+    assert not [k for k in os.environ if k.startswith("LISTEN_")]
 
 
 @pytest.mark.parametrize("names", ["a.5:a:a", "a:a:a.4", "a:a.5:a"])

@@ -680,15 +680,20 @@ _LISTEN_VARS = ("LISTEN_PID", "LISTEN_PIDFDID", "LISTEN_FDS", "LISTEN_FDNAMES")
 _LISTEN_FDS_START = 3
 _MAX_LISTEN_FDS = 65536
 _DECIMAL_RE = re.compile(r"[0-9]{1,10}\Z")
+#: LISTEN_PIDFDID is a u64 (a pidfs inode id): up to 20 digits.
+_U64_RE = re.compile(r"[0-9]{1,20}\Z")
+_U64_MAX = 2**64 - 1
 
 
-def _listen_number(name: str, text: str, maximum: int) -> int:
+def _listen_number(
+    name: str, text: str, maximum: int, pattern: re.Pattern[str] = _DECIMAL_RE
+) -> int:
     # Plain ASCII decimal only, as systemd writes them. int() would also take
     # "1_0", " 10", "+1" and digits of other scripts ("\u0661"); sd_listen_fds
     # refuses the underscore, the other scripts and trailing junk, and reuselb
     # refuses the sign and spaces too: no service manager writes them, so a value
     # with them was not written by one.
-    if not _DECIMAL_RE.match(text):
+    if not pattern.match(text):
         raise HandoffError(f"malformed {name}={text!r}: expected a decimal number")
     value = int(text)
     if not 1 <= value <= maximum:
@@ -696,11 +701,46 @@ def _listen_number(name: str, text: str, maximum: int) -> int:
     return value
 
 
+def _own_pidfd_id(value: str) -> int | None:
+    """This process's pidfd inode id, what systemd v258 writes to ``LISTEN_PIDFDID``.
+
+    None where there is no pidfd to ask: no ``os.pidfd_open`` (not Linux), or
+    ``pidfd_open(2)`` failing with ``ENOSYS`` (Linux before 5.3), ``EOPNOTSUPP``,
+    or ``EPERM`` (a seccomp filter that denies the call). *value* is the variable's
+    text, for the error message.
+
+    :raises HandoffError: ``pidfd_open(2)`` failed otherwise (``EMFILE``, say).
+    """
+    pidfd_open = getattr(os, "pidfd_open", None)
+    if pidfd_open is None:
+        return None
+    try:
+        pidfd = pidfd_open(os.getpid())
+    except OSError as exc:
+        if exc.errno in (errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
+            return None
+        raise HandoffError(
+            f"cannot check LISTEN_PIDFDID={value!r}: pidfd_open() of this process failed: {exc}"
+        ) from None
+    try:
+        # On pidfs (Linux 6.9+, 64-bit) a pidfd's inode number is the process's
+        # id, unique for the boot: unlike a pid it is never reused. systemd sets
+        # the variable only when it read such an id for the child, so this
+        # process's pidfd is on pidfs too.
+        return os.fstat(pidfd).st_ino
+    finally:
+        os.close(pidfd)
+
+
 def listen_fds(*, unset_environment: bool = True) -> dict[str, socket.socket]:
     """Adopt the sockets systemd passed by socket activation (``sd_listen_fds``).
 
     Checks ``LISTEN_PID`` against this process (the variables may have been
-    inherited by a child that must not take them), honours ``LISTEN_FDNAMES``, starts
+    inherited by a child that must not take them), and ``LISTEN_PIDFDID`` when
+    set (systemd v258+: the inode id of a pidfd of the process meant, which,
+    unlike a pid, is never reused) against the inode of a pidfd of this one
+    (``pidfd_open(2)``, closed again; the check is skipped where there is none:
+    ``ENOSYS`` before Linux 5.3), honours ``LISTEN_FDNAMES``, starts
     at fd 3, detects each fd's family and type from the kernel instead of assuming
     TCP (uvicorn#295), sets close-on-exec (systemd passes them inheritable), and by
     default removes ``LISTEN_PID``, ``LISTEN_PIDFDID``, ``LISTEN_FDS`` and
@@ -708,7 +748,9 @@ def listen_fds(*, unset_environment: bool = True) -> dict[str, socket.socket]:
     (systemd#36899), also when it raises.
 
     ``LISTEN_PID`` and ``LISTEN_FDS`` must be plain ASCII decimal numbers (1 or
-    more), and ``LISTEN_FDNAMES``, when set, must hold exactly one name per fd;
+    more), ``LISTEN_PIDFDID``, when set, too (up to ``2**64-1``; it is read only
+    when ``LISTEN_PID`` names this process), and ``LISTEN_FDNAMES``, when set,
+    must hold exactly one name per fd;
     like ``sd_listen_fds_with_names``, anything else is an error, checked before
     any fd is touched. So is every fd it lists (``fstat``: open, and a socket):
     then all of them are made close-on-exec, as ``sd_listen_fds`` does, and only
@@ -727,12 +769,15 @@ def listen_fds(*, unset_environment: bool = True) -> dict[str, socket.socket]:
         ``socket.setdefaulttimeout()`` says); its O_NONBLOCK flag is read, not
         changed.
         Empty when this process was not socket-activated (no ``LISTEN_PID`` or
-        ``LISTEN_FDS``, or ``LISTEN_PID`` names another process).
+        ``LISTEN_FDS``, or ``LISTEN_PID`` or ``LISTEN_PIDFDID`` names another
+        process).
     :raises HandoffError: a variable is malformed (the message names it and its
         value; a repeated name whose ``"name.<fd>"`` is another fd's name counts),
+        ``pidfd_open(2)`` failed with ``LISTEN_PIDFDID`` set (``EMFILE``, say;
+        not ``ENOSYS``, ``EOPNOTSUPP`` or ``EPERM``, which skip the check),
         an fd it lists is not open or not a socket, or is owned by a socket an
         earlier call returned that is still open (the message names the fd).
-        Either is found before any fd is touched: no fd is adopted, closed or
+        Each is found before any fd is touched: no fd is adopted, closed or
         changed, and all stay the caller's. If adopting an fd fails after the
         checks, the sockets adopted so far are closed and every listed fd is left
         close-on-exec.
@@ -750,6 +795,17 @@ def listen_fds(*, unset_environment: bool = True) -> dict[str, socket.socket]:
     # 10 digits hold any pid (the kernel's limit is 2**22).
     if _listen_number("LISTEN_PID", pid, _C_INT_MAX) != os.getpid():
         return {}
+    pidfdid = env["LISTEN_PIDFDID"]
+    if pidfdid is not None:
+        # systemd v258 names the process by its pidfd id as well: a pid can be
+        # reused (the service's process died and another got its pid, and with it
+        # the variables), a pidfd id cannot. sd_listen_fds returns 0 when it names
+        # another process, as for another LISTEN_PID. Checked before LISTEN_FDS,
+        # as sd_listen_fds does.
+        wanted = _listen_number("LISTEN_PIDFDID", pidfdid, _U64_MAX, _U64_RE)
+        own = _own_pidfd_id(pidfdid)
+        if own is not None and own != wanted:
+            return {}
     n = _listen_number("LISTEN_FDS", count, _MAX_LISTEN_FDS)
     if names is None:
         labels = [f"fd{_LISTEN_FDS_START + i}" for i in range(n)]
