@@ -23,12 +23,15 @@ from hypothesis import strategies as st
 
 from reuselb import (
     Address,
+    AddressError,
+    AddressLike,
     DuplicateNode,
     InvalidArgument,
     Lease,
     LeaseReleased,
     NoNodeAvailable,
     ReuselbError,
+    UnknownNode,
 )
 from reuselb.balance import (
     POLICIES,
@@ -38,11 +41,13 @@ from reuselb.balance import (
     LeastConn,
     MaglevHash,
     Node,
+    NodeLike,
     NodeState,
     RendezvousHash,
     RingHash,
     RoundRobin,
     diff,
+    ketama_points,
     make_policy,
     smooth_wrr_cycle,
 )
@@ -791,8 +796,6 @@ def _forced(weight: object) -> Node:
     [
         ("10.0.0.1:80", "nodes", "10.0.0.1:80"),
         (5, "nodes", 5),
-        (["10.0.0.1:80"], "nodes", "10.0.0.1:80"),
-        ([Node("10.0.0.1:80"), None], "nodes", None),
         ([Node("10.0.0.1:80"), _forced(-3)], "weight", -3),
         ([_forced(2.5)], "weight", 2.5),
         ([_forced(True)], "weight", True),
@@ -813,6 +816,82 @@ def test_smooth_wrr_cycle_still_takes_any_iterable_of_nodes() -> None:
     a, b, z = Node("10.0.0.1:80", weight=2), Node("10.0.0.2:80"), Node("10.0.0.3:80", weight=0)
     assert smooth_wrr_cycle(iter([a, z, b])) == [a, b, a]
     assert smooth_wrr_cycle(()) == smooth_wrr_cycle([z]) == []
+
+
+def test_smooth_wrr_cycle_and_ketama_points_take_addresses_as_policies_do() -> None:
+    # Both refused anything but Node objects ("invalid nodes '10.0.0.2:80': must be
+    # Node objects, not str"), where every policy takes addresses as nodes.
+    a = Node("10.0.0.1:80", name="a", weight=2)
+    addresses: list[AddressLike] = ["10.0.0.2:80", ("10.0.0.3", 80), Node("[::1]:80").address, 8080]
+    given: list[NodeLike] = [a, *addresses]
+    built = [a, *(Node(x) for x in addresses)]
+    cycle = smooth_wrr_cycle(iter(given))
+    assert cycle == smooth_wrr_cycle(built) and len(cycle) == 6
+    assert all(isinstance(n, Node) for n in cycle)
+    rr = RoundRobin(given)
+    assert [rr.pick() for _ in cycle] == cycle
+    points = ketama_points(x for x in given)
+    assert points == ketama_points(built) and len(points) > 0
+    assert {n for _, _, n in points} == set(built)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "10.0.0.1:80",
+        b"10.0.0.1:80",
+        None,
+        5,
+        {"10.0.0.1:80": 3},
+        ("10.0.0.1", 80),
+        ("10.0.0.1", 99999),
+        ("::1", 80, 0, -1),
+        [None],
+        ["10.0.0.1"],
+        [Node("10.0.0.1:80"), ("10.0.0.2", "80")],
+    ],
+    ids=repr,
+)
+@pytest.mark.parametrize("func", [smooth_wrr_cycle, ketama_points], ids=lambda f: f.__name__)
+def test_smooth_wrr_cycle_and_ketama_points_refuse_nodes_as_policies_do(
+    func: Callable[[object], object], bad: object
+) -> None:
+    with pytest.raises((InvalidArgument, AddressError)) as want:
+        RoundRobin(bad)  # type: ignore[arg-type]
+    with pytest.raises(type(want.value)) as got:
+        func(bad)
+    assert str(got.value) == str(want.value)
+    assert got.value.value is want.value.value  # type: ignore[attr-defined]
+
+
+def test_active_of_names_a_node_as_every_other_method_does() -> None:
+    # active_of read node.address alone: a name or an address string raised a bare
+    # AttributeError ('str' object has no attribute 'address'), and a Node the
+    # policy does not have counted 0 leases.
+    class Busiest(BalancePolicy):
+        """Picks the live node holding the most leases, named by name or address."""
+
+        name = "busiest"
+
+        def _choose(self, key: bytes | None) -> Node:
+            live = self.live_nodes
+            if not live:
+                raise self._unavailable()
+            return max(live, key=lambda n: self.active_of(n.name or str(n.address)))
+
+    a = Node("10.0.0.1:80", name="a")
+    p = Busiest([a, "10.0.0.2:80"])
+    held = [p.acquire(), p.acquire()]
+    assert [lease.node for lease in held] == [a, a]
+    for ref in (a, "a", "10.0.0.1:80", ("10.0.0.1", 80), a.address):
+        assert p.active_of(ref) == 2
+    assert p.active_of("10.0.0.2:80") == 0
+    for unknown in (Node("10.9.9.9:1"), "b", "10.9.9.9:1", ("10.9.9.9", 1), "not an address"):
+        with pytest.raises(UnknownNode) as info:
+            p.active_of(unknown)
+        assert info.value.ref is unknown and repr(unknown) in str(info.value)
+    for lease in held:
+        lease.release()
 
 
 def test_node_copies_are_the_node_and_pickles_round_trip() -> None:

@@ -475,12 +475,14 @@ def test_digest_counts_refuse_bad_arguments(kind: str, args: tuple[object, objec
         getattr(_ring, f"{kind}_digests")(*args)
 
 
-def test_ketama_points_refuses_what_is_not_a_node() -> None:
-    from reuselb import InvalidArgument
+def test_ketama_points_takes_addresses_and_refuses_what_is_not_one() -> None:
+    from reuselb import AddressError
     from reuselb.balance import ketama_points
 
-    with pytest.raises(InvalidArgument, match="must be Node objects"):
-        ketama_points([Node(addr(0)), addr(1)])  # type: ignore[list-item]
+    # an address is a node of weight 1, as in every policy (it was refused)
+    assert ketama_points([Node(addr(0)), addr(1)]) == ketama_points([Node(addr(0)), Node(addr(1))])
+    with pytest.raises(AddressError, match="invalid address None"):
+        ketama_points([Node(addr(0)), None])  # type: ignore[list-item]
 
 
 @pytest.mark.parametrize("libmemcached", [False, True])
@@ -513,7 +515,7 @@ def test_ketama_points_refuses_a_string_or_a_non_iterable_naming_it(bad: object)
     from reuselb.balance import ketama_points
 
     # None and 5 gave a bare TypeError ("'NoneType' object is not iterable")
-    with pytest.raises(InvalidArgument, match=r"invalid nodes .*must be an iterable of Node") as e:
+    with pytest.raises(InvalidArgument, match=r"invalid nodes .*must be an iterable of nodes") as e:
         ketama_points(bad)  # type: ignore[arg-type]
     assert e.value.name == "nodes" and e.value.value is bad
 

@@ -275,24 +275,19 @@ def words(data: bytes) -> array[int]:
     return a
 
 
-def node_list(nodes: Iterable[Node]) -> list[Node]:
+def node_list(nodes: Iterable[NodeLike]) -> list[Node]:
     """*nodes* read once into a list of :class:`Node` (a generator gives its items once).
 
-    :raises InvalidArgument: *nodes* is a string or not iterable, or an item is not
-        a :class:`Node`; the error names the value.
+    Takes what a policy constructor takes, with the same errors: each item a
+    :class:`Node` or an address (built into a ``Node`` of weight 1).
+
+    :raises InvalidArgument: *nodes* is one address (a string, or a ``(host, port)``
+        or IPv6 4-tuple), a mapping or not iterable at all; the error names the
+        value.
+    :raises AddressError: an address in *nodes* is malformed, or *nodes* is a tuple
+        that can only be one address and a malformed one.
     """
-    given: object = nodes  # typed Iterable[Node], but called with anything
-    if isinstance(given, (str, bytes)):
-        raise InvalidArgument("nodes", nodes, "must be an iterable of Node objects, not a string")
-    try:
-        it = iter(nodes)
-    except TypeError:
-        raise InvalidArgument("nodes", nodes, "must be an iterable of Node objects") from None
-    items = list(it)  # (a TypeError raised by the iteration itself is not ours)
-    for n in items:
-        if not isinstance(n, Node):
-            raise InvalidArgument("nodes", n, f"must be Node objects, not {type(n).__name__}")
-    return items
+    return [n if isinstance(n, Node) else Node(n) for n in _node_items(nodes)]
 
 
 def check_weight(weight: object) -> int:
@@ -671,6 +666,52 @@ def _one_address(nodes: tuple[object, ...]) -> bool:
     return not isinstance(second, (tuple, Node, Address))
 
 
+def _node_items(nodes: Iterable[NodeLike]) -> Iterator[NodeLike]:
+    """An iterator over *nodes*, a policy's node argument, after its checks.
+
+    :raises InvalidArgument: *nodes* is one address (a string, or a ``(host, port)``
+        or IPv6 4-tuple), a mapping or not iterable at all.
+    :raises AddressError: *nodes* is a tuple that can only be one address and a
+        malformed one.
+    """
+    if isinstance(nodes, (str, bytes)):
+        # iterating it would try each character as an address ("invalid
+        # address '1'"), which hides the real mistake
+        raise InvalidArgument(
+            "nodes", nodes, "must be an iterable of nodes or addresses, not one string"
+        )
+    if isinstance(nodes, Mapping):
+        # iterating a mapping gives its keys: {address: weight} (uhashring's
+        # HashRing takes one) built every node at weight 1 without a word
+        raise InvalidArgument(
+            "nodes",
+            nodes,
+            "must be an iterable of nodes or addresses, not a mapping (only its keys "
+            "would be read, and weights in its values lost): pass "
+            "[Node(address, weight=w) for address, w in mapping.items()]",
+        )
+    if isinstance(nodes, tuple) and _one_address(nodes):
+        # ("10.0.0.1", 80) iterated is the address "10.0.0.1" (no port) and the
+        # port 80: it failed as "invalid address '10.0.0.1': no port given",
+        # and so did a bad one, ("10.0.0.1", 99999) or ("::1", 80, 0, -1), whose
+        # real fault (the port, the scope id) went unsaid. Such a tuple iterated
+        # always fails on its first item (a bare host is no node address), so
+        # this changes only which error is raised: parse_address's own for a bad
+        # address, or the one saying it is one address.
+        one = parse_address(nodes)
+        raise InvalidArgument(
+            "nodes",
+            nodes,
+            f"must be an iterable of nodes or addresses, not one address ({one}): "
+            f"pass [{nodes!r}] for a policy of that one node",
+        )
+    try:
+        return iter(nodes)
+    except TypeError:
+        # One int port or a None, say, where a list was meant.
+        raise InvalidArgument("nodes", nodes, "must be an iterable of nodes or addresses") from None
+
+
 # --------------------------------------------------------------------------- policy
 
 
@@ -701,37 +742,7 @@ class BalancePolicy(abc.ABC):
     lock_free_pick: ClassVar[bool] = False
 
     def __init__(self, nodes: Iterable[NodeLike] = ()) -> None:
-        if isinstance(nodes, (str, bytes)):
-            # iterating it would try each character as an address ("invalid
-            # address '1'"), which hides the real mistake
-            raise InvalidArgument(
-                "nodes", nodes, "must be an iterable of nodes or addresses, not one string"
-            )
-        if isinstance(nodes, Mapping):
-            # iterating a mapping gives its keys: {address: weight} (uhashring's
-            # HashRing takes one) built every node at weight 1 without a word
-            raise InvalidArgument(
-                "nodes",
-                nodes,
-                "must be an iterable of nodes or addresses, not a mapping (only its keys "
-                "would be read, and weights in its values lost): pass "
-                "[Node(address, weight=w) for address, w in mapping.items()]",
-            )
-        if isinstance(nodes, tuple) and _one_address(nodes):
-            # ("10.0.0.1", 80) iterated is the address "10.0.0.1" (no port) and the
-            # port 80: it failed as "invalid address '10.0.0.1': no port given",
-            # and so did a bad one, ("10.0.0.1", 99999) or ("::1", 80, 0, -1), whose
-            # real fault (the port, the scope id) went unsaid. Such a tuple iterated
-            # always fails on its first item (a bare host is no node address), so
-            # this changes only which error is raised: parse_address's own for a bad
-            # address, or the one saying it is one address.
-            one = parse_address(nodes)
-            raise InvalidArgument(
-                "nodes",
-                nodes,
-                f"must be an iterable of nodes or addresses, not one address ({one}): "
-                f"pass [{nodes!r}] for a policy of that one node",
-            )
+        items = _node_items(nodes)
         self._lock = threading.Lock()
         #: pick() runs without the lock (lock_free_pick; hash policies narrow it).
         self._pick_unlocked = self.lock_free_pick
@@ -755,13 +766,6 @@ class BalancePolicy(abc.ABC):
         self._down_reason = "no nodes"
         #: live nodes (up, weight > 0) in insertion order; rebuilt on every change.
         self._live: tuple[Node, ...] = ()
-        try:
-            items = iter(nodes)
-        except TypeError:
-            # One int port or a None, say, where a list was meant.
-            raise InvalidArgument(
-                "nodes", nodes, "must be an iterable of nodes or addresses"
-            ) from None
         for n in items:
             self._add_locked(n if isinstance(n, Node) else Node(n))
         with self._lock:
@@ -808,10 +812,17 @@ class BalancePolicy(abc.ABC):
             return "all nodes have weight 0"
         return "no node is up with a weight > 0"
 
-    def active_of(self, node: Node) -> int:
-        """Active leases on *node* (no lock: for use inside ``_choose``)."""
-        slot = self._slots.get(node.address)
-        return slot.active if slot is not None else 0
+    def active_of(self, ref: NodeRef) -> int:
+        """Active leases on a node (no lock: for use inside ``_choose``).
+
+        :param ref: the node: the :class:`Node`, its address or its name, as for
+            :meth:`active`.
+        :raises UnknownNode: no such node (the error names *ref*).
+        """
+        # Resolved as every other method resolves a node: this read node.address
+        # alone, so a name or an address string raised a bare AttributeError, and
+        # a Node the policy does not have counted 0 leases instead of being refused.
+        return self._find(ref).active
 
     # ----------------------------------------------------------------- picking
 

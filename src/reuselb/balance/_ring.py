@@ -152,21 +152,24 @@ def libmemcached_digests(weight: int, total: int, servers: int) -> int:
 
 
 def ketama_points(
-    nodes: Iterable[Node], *, libmemcached: bool = False
+    nodes: Iterable[NodeLike], *, libmemcached: bool = False
 ) -> list[tuple[int, str, Node]]:
     """The ketama continuum of *nodes* as ``(point, hash_id, node)``, unsorted.
 
-    :param nodes: the servers, any iterable of :class:`Node` (read once, so a
-        generator works too); each gets ``floorf((float)(weight / total) x 40.0
-        x N)`` MD5 digests of 4 points, with libketama's single-precision
-        rounding (:func:`libketama_digests`).
+    :param nodes: the servers, what a policy constructor takes: :class:`Node`
+        objects or addresses (each a ``Node`` of weight 1), in any iterable (read
+        once, so a generator works too); each gets
+        ``floorf((float)(weight / total) x 40.0 x N)`` MD5 digests of 4 points,
+        with libketama's single-precision rounding (:func:`libketama_digests`).
     :param libmemcached: count the digests in single precision, as libmemcached's
         weighted ketama does (:func:`libmemcached_digests`).
     :returns: the points; empty when there is no node or every weight is 0 (no
         server has a share to place).
-    :raises InvalidArgument: *libmemcached* is not a bool, *nodes* is a string or
-        not iterable, or an item of *nodes* is not a :class:`Node`; the error names
-        the value.
+    :raises InvalidArgument: *libmemcached* is not a bool, or *nodes* is one
+        address (a string, or a ``(host, port)`` or IPv6 4-tuple), a mapping or not
+        iterable at all; the error names the value.
+    :raises AddressError: an address in *nodes* is malformed, or *nodes* is a tuple
+        that can only be one address and a malformed one.
     """
     if not isinstance(libmemcached, bool):
         # a truthy "no" (or 1) silently switched to libmemcached's point counts,

@@ -19,7 +19,7 @@ from ._base import BalancePolicy, Key, Node, NodeLike, check_weight, key_bytes, 
 __all__ = ["RoundRobin", "smooth_wrr_cycle"]
 
 
-def smooth_wrr_cycle(nodes: Iterable[Node]) -> list[Node]:
+def smooth_wrr_cycle(nodes: Iterable[NodeLike]) -> list[Node]:
     """One full cycle of nginx's smooth weighted round robin.
 
     Each step adds every node's weight to its running ``current``, picks the
@@ -32,11 +32,16 @@ def smooth_wrr_cycle(nodes: Iterable[Node]) -> list[Node]:
     with weights 1000 and 999 (a 99,950-entry cycle) take ~50 ms, where 100
     distinct weights near 1000 still take 0.5-0.7 s.
 
-    :param nodes: :class:`Node` objects; those of weight 0 are left out.
-    :returns: the cycle.
-    :raises InvalidArgument: *nodes* is a string or not iterable, an item is not a
-        :class:`Node`, or a weight is not an int in ``0..MAX_WEIGHT`` (a Node whose
-        weight was forced past its check); the error names the value.
+    :param nodes: what a policy constructor takes: :class:`Node` objects or
+        addresses (each a ``Node`` of weight 1), read once; those of weight 0 are
+        left out.
+    :returns: the cycle, of :class:`Node` objects.
+    :raises InvalidArgument: *nodes* is one address (a string, or a
+        ``(host, port)`` or IPv6 4-tuple), a mapping or not iterable at all, or a
+        weight is not an int in ``0..MAX_WEIGHT`` (a Node whose weight was forced
+        past its check); the error names the value.
+    :raises AddressError: an address in *nodes* is malformed, or *nodes* is a tuple
+        that can only be one address and a malformed one.
     """
     live = []
     for n in node_list(nodes):
