@@ -4256,6 +4256,91 @@ def test_a_wrapper_raising_at_the_idle_timeout_ends_its_relay(
         end_loop(loop, cancel=[relay], close=(client, a, b, backend))
 
 
+@pytest.mark.parametrize("api", ["coroutine", "start"])
+@pytest.mark.parametrize(
+    ("kind", "when"),
+    [("exception", "later"), ("exception", "at-start"), ("keyboard-interrupt", "later")],
+)
+def test_a_wrapper_raising_as_its_failed_relay_shuts_it_down_ends_the_relay(
+    listener: socket.socket, on_loop: _Loop, api: str, kind: str, when: str
+) -> None:
+    # close=False: when one side fails (here b's peer resets it), the relay shuts
+    # the other down (SHUT_RDWR) so that its peer sees the end, calling a wrapper's
+    # own shutdown(), which may raise. The fallback driver called relay.fail() from
+    # the handler of the _Failure in its reader callback: a ValueError raised there
+    # escaped the sibling `except Exception` to the loop's exception handler, and
+    # the task stayed pending for ever. The await raises it now, once the relay has
+    # ended, as in the blocking form and the hub; a KeyboardInterrupt leaves the
+    # loop and the relay is cancelled.
+    client, a = tcp_pair(listener)
+    b, backend = tcp_pair(listener)
+    exc = ValueError("the wrapper refuses") if kind == "exception" else KeyboardInterrupt()
+    handled: list[object] = []
+    loop = on_loop.new()
+    loop.set_exception_handler(lambda _loop, ctx: handled.append(ctx.get("exception")))
+    if when == "at-start":
+        _reset(backend)  # met by the relay's first pump
+
+    async def start() -> asyncio.Future[RelayStats]:
+        wa = _ShutdownRaises(a, exc)
+        if api == "start":
+            return start_pipe_splice(wa, b, close=False)
+        return asyncio.ensure_future(async_pipe_splice(wa, b, close=False))
+
+    relay: asyncio.Future[RelayStats] | None = None
+    try:
+        relay = loop.run_until_complete(start())
+        if when == "later":
+            # Until the relay has begun (made its sides non-blocking) and waits:
+            # a task's first step may not have run yet.
+            for _ in range(100):
+                if not os.get_blocking(b.fileno()) or relay.done():
+                    break
+                loop.run_until_complete(asyncio.sleep(0))
+            assert not relay.done() and not os.get_blocking(b.fileno())
+            _reset(backend)
+        # Bounded waits: the old fallback driver never ended these relays.
+        if kind == "exception":
+            with pytest.raises(ValueError, match="the wrapper refuses"):
+                loop.run_until_complete(asyncio.wait_for(asyncio.shield(relay), 10))
+        else:
+            with pytest.raises(KeyboardInterrupt):
+                loop.run_until_complete(asyncio.wait([relay], timeout=10))
+            # A task ends at its next step: the loop runs again. (The old driver
+            # left the reader armed on the reset socket: it raised again.)
+            try:
+                loop.run_until_complete(asyncio.wait([relay], timeout=10))
+            except KeyboardInterrupt:
+                pytest.fail("the relay raised KeyboardInterrupt again: still armed")
+            assert relay.cancelled()
+        assert handled == [], "nothing left for the loop's exception handler"
+        assert loop not in relay_mod._HUBS  # the hub closed with its only relay
+        # close=False: the sockets are open and blocking again, as before the relay.
+        assert a.getblocking() and b.getblocking()
+        for sock in (a, b):
+            assert not fcntl.fcntl(sock.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
+    finally:
+        end_loop(loop, cancel=[relay], close=(client, a, b, backend))
+
+
+def test_a_wrapper_raising_as_its_failed_blocking_relay_shuts_it_down_ends_the_relay(
+    listener: socket.socket,
+) -> None:
+    # The blocking form of the test above: the relay ends and raises the exception.
+    client, a = tcp_pair(listener)
+    b, backend = tcp_pair(listener)
+    try:
+        _reset(backend)
+        with pytest.raises(ValueError, match="the wrapper refuses"):
+            pipe_splice(_ShutdownRaises(a, ValueError("the wrapper refuses")), b, close=False)
+        assert a.getblocking() and b.getblocking()
+        for sock in (a, b):
+            assert not fcntl.fcntl(sock.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
+    finally:
+        for sock in (client, a, b, backend):
+            sock.close()
+
+
 _SO_ZEROCOPY = getattr(socket, "SO_ZEROCOPY", 60)
 _MSG_ZEROCOPY = getattr(socket, "MSG_ZEROCOPY", 0x4000000)
 

@@ -2391,9 +2391,7 @@ async def _run_async_selector(relay: _Relay) -> RelayStats:
             if flow.shut or (flow.wants_read, flow.pending > 0, relay.hold_changes) != before:
                 settle()
         except _Failure as failure:
-            relay.fail(failure)
-            if not finished.done():
-                finished.set_result(None)
+            ended(failure)
         except Exception as exc:
             # Not a socket error (a SocketLike method raising ValueError...): the
             # coroutine raises it once the relay is ended, as pipe_splice does.
@@ -2404,6 +2402,24 @@ async def _run_async_selector(relay: _Relay) -> RelayStats:
             # out of callbacks; the relay ends as if cancelled.
             finished.cancel()
             raise
+
+    def ended(failure: _Failure) -> None:
+        # relay.fail() shuts the surviving side down with close=False, calling its
+        # own shutdown(): a SocketLike's or a socket.socket subclass's may raise
+        # something other than OSError. Handled as on_ready's own exceptions are:
+        # raised from a handler of on_ready's, it escaped its sibling clauses to the
+        # loop's exception handler, and the task stayed pending for ever.
+        try:
+            relay.fail(failure)
+        except Exception as exc:
+            if not finished.done():
+                finished.set_exception(_settable(exc))
+            return
+        except BaseException:
+            finished.cancel()
+            raise
+        if not finished.done():
+            finished.set_result(None)
 
     def on_timer() -> None:
         nonlocal timer
@@ -2440,8 +2456,7 @@ async def _run_async_selector(relay: _Relay) -> RelayStats:
             for flow in relay.flows:
                 relay.pump(flow)
         except _Failure as failure:
-            relay.fail(failure)
-            finished.set_result(None)
+            ended(failure)
         if relay.idle_timeout is not None:
             timer = loop.call_later(relay.idle_timeout, on_timer)
         settle()
