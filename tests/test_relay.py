@@ -2158,6 +2158,67 @@ def test_bad_input(listener: socket.socket) -> None:
         b.close()
 
 
+class _FilenoRaises(Wrapped):
+    """A wrapper whose fileno() raises OSError (EBADF) once its socket is closed, as
+    some wrappers' do (a socket.socket's reads -1). *close_at*: its gettimeout()
+    closes it at that call (a wrapper closed while the relay starts)."""
+
+    def __init__(self, sock: socket.socket, close_at: int = 0) -> None:
+        super().__init__(sock)
+        self.close_at, self.asked = close_at, 0
+
+    def fileno(self) -> int:
+        fd = self._sock.fileno()
+        if fd == -1:
+            raise OSError(errno.EBADF, "wrapper: closed")
+        return fd
+
+    def gettimeout(self) -> float | None:
+        self.asked += 1
+        timeout = self._sock.gettimeout()
+        if self.asked == self.close_at:
+            self._sock.close()
+        return timeout
+
+
+@pytest.mark.parametrize(
+    "form", ["blocking", "asyncio", "uvloop", "asyncio-start", "fallback", "fallback-start"]
+)
+@pytest.mark.parametrize("side", ["a", "b"])
+@pytest.mark.parametrize("when", ["before", "while-starting"])
+def test_a_closed_wrapper_whose_fileno_raises_is_a_closed_side(
+    listener: socket.socket, monkeypatch: pytest.MonkeyPatch, form: str, side: str, when: str
+) -> None:
+    # A closed side is SocketClosed (the docs' ":raises SocketClosed: a side is
+    # closed"). A wrapper whose fileno() raises once closed, rather than reading -1,
+    # was a bare OSError (EBADF) instead: closed before the call, or during the
+    # start, after the relay's checks had read its fileno() (here by its own
+    # gettimeout(), which the start calls twice).
+    if form.startswith("fallback"):
+        monkeypatch.setattr(relay_mod, "_HAS_EPOLL", False)
+    client, a = tcp_pair(listener)
+    b, backend = tcp_pair(listener)
+    wrapped = _FilenoRaises(a if side == "a" else b, close_at=2 if when != "before" else 0)
+    if when == "before":
+        wrapped.close()
+    other = b if side == "a" else a
+    x: Any = wrapped if side == "a" else a
+    y: Any = b if side == "a" else wrapped
+    handled: list[dict[str, Any]] = []
+    try:
+        with pytest.raises(SocketClosed, match=f"relay side {side} is closed") as info:
+            _relay_in_form(form, x, y, handled)
+        assert isinstance(info.value.__cause__, OSError)
+        assert info.value.__cause__.errno == errno.EBADF
+        assert handled == []
+        # The refused start gave the other side back as it was: open and blocking.
+        assert other.fileno() != -1 and other.getblocking()
+        assert not fcntl.fcntl(other.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
+    finally:
+        for sock in (client, a, b, backend):
+            sock.close()
+
+
 def _start_in(form: str, x: socket.socket, y: socket.socket) -> None:
     """Start a relay of *x* and *y* the *form* way: "blocking", "coroutine" or "start"."""
     if form == "blocking":

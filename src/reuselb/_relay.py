@@ -675,8 +675,15 @@ class _Relay:
             bursty_b = unix_b or not kernel[1]
             self.flows.append(_Flow("a", a, b, use_splice, size, bursty=bursty_a))
             self.flows.append(_Flow("b", b, a, use_splice, size, bursty=bursty_b))
-        except BaseException:
+        except BaseException as exc:
             self.abandon()
+            if isinstance(exc, OSError):
+                # Only the sides' fileno() raises OSError in _Flow(): a wrapper
+                # closed since _check_pair (by its own gettimeout() or getsockopt()
+                # above, or another thread). The same closed side as there.
+                for name, sock in (("a", a), ("b", b)):
+                    if _fileno(sock) < 0:
+                        raise SocketClosed(sock, f"relay side {name}") from exc
             raise
 
     def begin(self) -> None:
@@ -1751,6 +1758,7 @@ def _check_pair(a: object, b: object) -> tuple[int | None, int | None]:
                         return sa.st_ino, sb.st_ino
             except OSError:
                 pass  # the checks below say which side and what
+    fds: list[int] = []
     for name, sock in (("a", a), ("b", b)):
         if not isinstance(sock, socket.socket):
             missing = [m for m in _SOCKET_LIKE if not callable(getattr(sock, m, None))]
@@ -1764,9 +1772,15 @@ def _check_pair(a: object, b: object) -> tuple[int | None, int | None]:
                 raise InvalidArgument(
                     f"relay side {name}", sock, "is blocking and has no setblocking()"
                 )
-        fd = sock.fileno()  # type: ignore[attr-defined]
+        try:
+            fd = sock.fileno()  # type: ignore[attr-defined]
+        except OSError as exc:
+            # A closed wrapper's fileno() may raise (EBADF) where a socket.socket's
+            # reads -1: the same closed side.
+            raise SocketClosed(sock, f"relay side {name}") from exc
         if not isinstance(fd, int) or fd < 0:
             raise SocketClosed(sock, f"relay side {name}")
+        fds.append(fd)
         if not isinstance(sock, socket.socket):
             continue
         kind = _raw_type(sock)
@@ -1775,7 +1789,7 @@ def _check_pair(a: object, b: object) -> tuple[int | None, int | None]:
         what = _not_a_stream(sock)
         if what is not None:
             raise WrongSocketType(f"relay side {name}", "a connected stream socket", what)
-    fa, fb = a.fileno(), b.fileno()  # type: ignore[attr-defined]
+    fa, fb = fds
     # Two fds of one socket (a dup): compared only where fileno() is known to be the
     # kernel socket (sockfs: one st_dev for all sockets).
     ia, ib = _inode(a, fa), _inode(b, fb)
@@ -1831,7 +1845,8 @@ def pipe_splice(
         are reported there, not raised.
     :raises WrongSocketType: a side is not a stream socket, is a listening socket, or
         is neither connected nor connecting (no ``connect()``, or one that failed).
-    :raises SocketClosed: a side is closed (also by a relay of a loop closed with
+    :raises SocketClosed: a side is closed (its ``fileno()`` is -1 or raises
+        :class:`OSError`; also by a relay of a loop closed with
         ``loop.close()`` alone that held it: every start ends those first).
     :raises InvalidArgument: *a* and *b* are the same socket (two fds of one socket
         too, e.g. ``b = a.dup()``), or a bad option.
@@ -2203,7 +2218,8 @@ async def async_pipe_splice(
         shutting down (it closed its async generators: nothing would end the relay).
     :raises WrongSocketType: a side is not a stream socket, is a listening socket, or
         is neither connected nor connecting (no ``connect()``, or one that failed).
-    :raises SocketClosed: a side is closed (also by a relay of a loop closed with
+    :raises SocketClosed: a side is closed (its ``fileno()`` is -1 or raises
+        :class:`OSError`; also by a relay of a loop closed with
         ``loop.close()`` alone that held it: every start ends those first).
     :raises InvalidArgument: *a* and *b* are the same socket (or two fds of it), a
         bad option, or a socket is already in another running relay of this loop
@@ -2267,7 +2283,8 @@ def start_pipe_splice(
         shutting down (it closed its async generators: nothing would end the relay).
     :raises WrongSocketType: a side is not a stream socket, is a listening socket, or
         is neither connected nor connecting (no ``connect()``, or one that failed).
-    :raises SocketClosed: a side is closed (also by a relay of a loop closed with
+    :raises SocketClosed: a side is closed (its ``fileno()`` is -1 or raises
+        :class:`OSError`; also by a relay of a loop closed with
         ``loop.close()`` alone that held it: every start ends those first).
     :raises InvalidArgument: *a* and *b* are the same socket (or two fds of it), a
         bad option, or a socket is already in another running relay of this loop
