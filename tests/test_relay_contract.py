@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import inspect
 import os
 import re
@@ -714,3 +715,66 @@ def test_end_reset_names_every_errno_it_stands_for() -> None:
     assert {n for n in names if f"`{n}`" not in para} == set()
     for e in relay_mod._RESET_ERRNOS:
         assert relay_mod._end_kind(OSError(e, os.strerror(e))) is End.RESET
+
+
+# ------------------------------------------------------------------------- giving back
+
+
+class NoSetTimeout:
+    """A SocketLike with gettimeout() and setblocking() but no settimeout()."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def recv_into(self, buffer: memoryview, /) -> int:
+        return self.sock.recv_into(buffer)
+
+    def send(self, data: memoryview | bytes, /) -> int:
+        return self.sock.send(data)
+
+    def shutdown(self, how: int, /) -> None:
+        self.sock.shutdown(how)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def gettimeout(self) -> float | None:
+        return self.sock.gettimeout()
+
+    def setblocking(self, flag: bool) -> None:
+        self.sock.setblocking(flag)
+
+
+@pytest.mark.parametrize("timeout", [None, 7.5], ids=["blocking", "timeout"])
+@pytest.mark.parametrize("mode", FORMS)
+def test_a_close_false_wrapper_without_settimeout_is_given_back_blocking(
+    listener: socket.socket, mode: str, timeout: float | None
+) -> None:
+    # close=False gives each side back the timeout it had, through its settimeout().
+    # A wrapper without one was made non-blocking (setblocking(False)) and handed
+    # back so: the caller's next blocking recv() failed with BlockingIOError. It
+    # gets its blocking mode back (setblocking(True)); its exact timeout cannot be
+    # set back without settimeout().
+    client, s = tcp_pair(listener)
+    b, backend = tcp_pair(listener)
+    s.settimeout(timeout)
+    a: Any = NoSetTimeout(s)
+    try:
+        client.sendall(b"up")
+        client.shutdown(socket.SHUT_WR)
+        backend.sendall(b"down")
+        backend.shutdown(socket.SHUT_WR)
+        stats: RelayStats = RUNNERS[mode](a, b, idle_timeout=JOIN, close=False)
+        assert (stats.a_end, stats.b_end, stats.failed) == (End.EOF, End.EOF, None)
+        assert s.fileno() != -1  # the caller's still
+        assert s.getblocking()
+        assert not fcntl.fcntl(s.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
+        assert b.gettimeout() is None  # a socket.socket: its own timeout back
+        assert _read_to_eof(client) == b"down"
+        assert _read_to_eof(backend) == b"up"
+    finally:
+        for sock in (client, s, b, backend):
+            sock.close()

@@ -1622,9 +1622,19 @@ def _timeout(sock: object) -> float | None:
 
 
 def _restore_timeout(sock: object, timeout: float | None) -> None:
+    """Give *sock*, made non-blocking by begin(), its *timeout* (never 0.0) back."""
     if callable(getattr(sock, "settimeout", None)):
         with contextlib.suppress(OSError):
             sock.settimeout(timeout)  # type: ignore[attr-defined]
+        return
+    # A wrapper with gettimeout() and setblocking() but no settimeout() (SocketLike
+    # requires neither): its exact timeout cannot be set back, its blocking mode
+    # can. It was handed back non-blocking. (_check_pair refuses a blocking side
+    # without setblocking().)
+    setblocking = getattr(sock, "setblocking", None)
+    if callable(setblocking):
+        with contextlib.suppress(OSError):
+            setblocking(timeout is None or timeout > 0)
 
 
 _SOCKET_LIKE = ("fileno", "recv_into", "send", "shutdown", "close")
