@@ -1315,6 +1315,35 @@ def test_power_of_two_follows_weights(weights: list[int], seed: int) -> None:
     assert p.active() == 0
 
 
+@pytest.mark.parametrize(("light", "share"), [((1, 1), 0.5), ((1, 3), 0.25)])
+def test_power_of_two_draws_the_second_node_by_weight_beside_a_heavy_node(
+    light: tuple[int, int], share: float
+) -> None:
+    # The heavy node holds leases and the light ones none, so every pick the heavy
+    # node is drawn for (~1000/1002 of them) goes to the second node drawn: the
+    # light nodes' picks are the second draw's counts. That draw retried while it
+    # hit the heavy node and after 64 hits (~88% of these picks) took the next node
+    # in order, the first light one: 18,814 of 20,000 picks for weights 1, 1.
+    heavy = Node(addr(0), weight=1000)
+    a, b = (Node(addr(i + 1), weight=w) for i, w in enumerate(light))
+    p = PowerOfTwo([heavy, a, b], seed=11)
+    p.mark_down(a)
+    p.mark_down(b)
+    held = [p.acquire() for _ in range(10)]
+    assert p.active(heavy) == 10
+    p.mark_up(a)
+    p.mark_up(b)
+    n = 20_000
+    got = collections.Counter(p.pick().address for _ in range(n))
+    assert got[heavy.address] == 0, got
+    # binomial: standard deviation sqrt(n * share * (1 - share)), 71 or 61 picks
+    sd = math.sqrt(n * share * (1 - share))
+    assert abs(got[a.address] - n * share) <= 5 * sd, got
+    assert got[a.address] + got[b.address] == n
+    for lease in held:
+        lease.release()
+
+
 # --------------------------------------------------------------------------- rendezvous table
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from bisect import bisect_right
 from collections.abc import Iterable
 from typing import Any
 
@@ -70,6 +71,10 @@ class PowerOfTwo(BalancePolicy):
     """Power of two choices: two random distinct live nodes (weighted), the less
     loaded (``active / weight``) wins; ties go to the first drawn.
 
+    The first node is drawn with probability proportional to its weight, the
+    second from the other live nodes, again in proportion to their weights (one
+    draw each, whatever the weights).
+
     Max load falls from ``ln n / ln ln n`` (one random choice) to
     ``ln ln n / ln 2`` (Mitzenmacher). O(1) per pick under the lock.
 
@@ -105,26 +110,31 @@ class PowerOfTwo(BalancePolicy):
             cum.append(total)
         self._cum = cum
 
-    def _draw(self) -> int:
-        import bisect
-
-        return bisect.bisect_right(self._cum, self._rng.randrange(self._cum[-1]))
-
     def _choose(self, key: bytes | None) -> Node:
         live = self._live
         if not live:
             raise self._unavailable()
         if len(live) == 1:
             return live[0]
-        i = self._draw()
-        j = i
-        for _ in range(64):  # bounded: a heavy node can be drawn twice in a row
-            j = self._draw()
-            if j != i:
-                break
-        else:
-            j = (i + 1) % len(live)
-        a, b = live[i], live[j]
+        cum = self._cum
+        total = cum[-1]
+        randrange = self._rng.randrange
+        i = bisect_right(cum, randrange(total))
+        a = live[i]
+        w = a.weight
+        # The second node is drawn from the other nodes' weights in one draw: r
+        # runs over the total less node i's weight, and stepping over node i's
+        # slice [cum[i] - w, cum[i]) of the cumulative weights maps it onto the
+        # others in proportion to their weights. (Redrawing until another node
+        # came up gave up after 64 draws landing on a heavy node and took the node
+        # after it: with weights 1000, 1, 1 that fallback picked node 2 as the
+        # second choice ~88% of the time, so the two weight-1 nodes took 336 and
+        # 219 of 200,000 picks, and those 64 draws cost ~16 us a pick.) Every live
+        # node has a weight > 0, so with two or more of them total - w > 0.
+        r = randrange(total - w)
+        if r >= cum[i] - w:
+            r += w
+        b = live[bisect_right(cum, r)]
         slots = self._slots
         if slots[b.address].active * a.weight < slots[a.address].active * b.weight:
             return b
