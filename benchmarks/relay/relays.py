@@ -7,13 +7,16 @@ MODE: ``threads-splice`` (a thread per connection running ``pipe_splice``),
 asyncio loop), ``asyncio-start`` / ``uvloop-start`` (``start_pipe_splice`` from the
 accept callback: no task per connection; on asyncio's loop and on uvloop),
 ``uvloop-splice`` (tasks, on uvloop), ``threads-copy`` (two threads per connection,
-recv/sendall: what people write by hand).
+recv/sendall: what people write by hand), ``epoll-floor`` (one bare epoll loop
+copying through one buffer: a reference for what a Python relay costs with none of
+reuselb's checks and guarantees, see :func:`epoll_floor`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import select
 import socket
 import sys
 import threading
@@ -106,6 +109,109 @@ async def asyncio_splice(listener: socket.socket, target: int, *, start: bool = 
     await loop.create_future()  # serve until cancelled
 
 
+def epoll_floor(listener: socket.socket, target: int) -> None:
+    """The least a Python relay can do per connection: a reference, not a relay to use.
+
+    One edge-triggered epoll, recv_into one buffer and send; a partial send keeps the
+    rest and waits for the destination to be writable. It checks nothing at the
+    start (a dup, a listening or unconnected socket, the same socket twice), keeps
+    no statistics, has no idle timeout, no splice (bulk bytes go through Python),
+    no urgent data, TLS or wrapper support, no cancel or fork handling, and on any
+    error it closes both sides. What reuselb's relay costs above this is the price
+    of those guarantees and of running on an asyncio loop.
+    """
+    ep = select.epoll()
+    lfd = listener.fileno()
+    listener.setblocking(False)
+    ep.register(lfd, select.EPOLLIN)
+    arm = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
+    socks: dict[int, socket.socket] = {}
+    peer: dict[int, int] = {}
+    left: dict[int, memoryview] = {}  # fd -> bytes still to send to it
+    eof: set[int] = set()  # fds whose EOF was read
+    buf = memoryview(bytearray(65536))
+    addr = ("127.0.0.1", target)
+    nodelay = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def drop(fd: int) -> None:
+        for x in (fd, peer[fd]):
+            ep.unregister(x)
+            socks.pop(x).close()
+            del peer[x]
+            left.pop(x, None)
+            eof.discard(x)
+
+    def pump(src: int) -> bool:
+        """Move what *src* has to its peer; False when the pair must be dropped."""
+        dst = peer[src]
+        out = socks[dst]
+        rest = left.get(dst)
+        if rest is not None:
+            n = out.send(rest)
+            if n < len(rest):
+                left[dst] = rest[n:]
+                return True
+            del left[dst]
+            ep.modify(dst, arm)
+        if src in eof:
+            return True
+        sock = socks[src]
+        while True:
+            try:
+                n = sock.recv_into(buf)
+            except BlockingIOError:
+                return True
+            if n == 0:
+                eof.add(src)
+                out.shutdown(socket.SHUT_WR)
+                return True
+            try:
+                sent = out.send(buf[:n])
+            except BlockingIOError:
+                sent = 0
+            if sent < n:
+                left[dst] = memoryview(bytes(buf[sent:n]))
+                ep.modify(dst, arm | select.EPOLLOUT)
+                return True
+
+    while True:
+        for fd, ev in ep.poll():
+            if fd == lfd:
+                for _ in range(64):
+                    try:
+                        client, _peer = listener.accept()
+                    except BlockingIOError:
+                        break
+                    client.setblocking(False)
+                    client.setsockopt(*nodelay)
+                    backend = socket.socket(
+                        socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+                    )
+                    backend.setsockopt(*nodelay)
+                    backend.connect_ex(addr)
+                    cfd, bfd = client.fileno(), backend.fileno()
+                    socks[cfd], socks[bfd] = client, backend
+                    peer[cfd], peer[bfd] = bfd, cfd
+                    ep.register(cfd, arm)
+                    ep.register(bfd, arm)
+                continue
+            if fd not in socks:
+                continue  # its pair was dropped earlier in this batch
+            try:
+                # Readable: move fd's bytes; writable: flush what waited for fd,
+                # then read its peer again (it stopped while fd was full).
+                pump(fd)
+                if ev & select.EPOLLOUT:
+                    pump(peer[fd])
+            except OSError:
+                drop(fd)
+                continue
+            # Both EOFs read: nothing is left to send (an EOF is read only once
+            # what waited for the other side went out), both half-closes are out.
+            if fd in eof and peer[fd] in eof:
+                drop(fd)
+
+
 def main() -> None:
     mode, port, target = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     listener = reuseport_listener(("127.0.0.1", port))
@@ -114,6 +220,8 @@ def main() -> None:
         threads_splice(listener, target)
     elif mode == "threads-copy":
         threads_copy(listener, target)
+    elif mode == "epoll-floor":
+        epoll_floor(listener, target)
     elif mode == "asyncio-splice":
         asyncio.run(asyncio_splice(listener, target))
     elif mode == "uvloop-splice":

@@ -130,6 +130,7 @@ def relay_cmd(name: str, listen: int, target: int, work: Path) -> list[str]:
             "reuselb asyncio+start_pipe_splice": "asyncio-start",
             "reuselb uvloop+start_pipe_splice": "uvloop-start",
             "python threads copy (baseline)": "threads-copy",
+            "python epoll floor (no checks)": "epoll-floor",
         }[name]
         return [*py, mode, str(listen), str(target)]
     if name == "go io.Copy":
@@ -174,6 +175,7 @@ RELAYS = [
     "reuselb asyncio+start_pipe_splice",
     "reuselb uvloop+start_pipe_splice",
     "python threads copy (baseline)",
+    "python epoll floor (no checks)",
     "go io.Copy",
     "haproxy (mode tcp)",
     "haproxy (mode tcp, splice)",
