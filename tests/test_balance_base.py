@@ -668,7 +668,8 @@ def test_diff_and_preview_refuse_one_ctypes_buffer_key() -> None:
 
 
 class _NumericArray:
-    """Stands in for a 1-D numpy array of uint64 (numpy is not a test dependency).
+    """Stands in for a 1-D numpy array of uint64 (without numpy; the real thing is
+    tested below).
 
     It exports a buffer of format 'Q' (from Python 3.12 on, where a class can:
     PEP 688's __buffer__) and iterates as 8-byte little-endian keys, as a numpy
