@@ -38,7 +38,7 @@ from reuselb import (
 from reuselb import _steering as steering
 from reuselb._address import resolve_address
 from reuselb._demo import start_workers, stop_workers
-from tests.conftest import HAS_IPV6, fds_left, open_fds, run_in_netns
+from tests.conftest import fds_left, open_fds, run_in_netns
 from tests.test_address import _fake_resolver, ipv4_only_localhost  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.linux
@@ -426,11 +426,8 @@ def test_dualstack_refuses_ipv4s_any_address_saying_why(no_fd_leak: None) -> Non
         assert "``0.0.0.0`` too" in " ".join(raises.split())
     with pytest.raises(AddressError, match="not an IPv4 address"):
         reuseport_listener("127.0.0.1:0", dualstack=True)
-    # The spellings the message offers do bind both families.
-    for spelling in (":0", "*:0", "[::]:0") if HAS_IPV6 else ():
-        with reuseport_listener(spelling, dualstack=True) as lst:
-            assert lst.family == socket.AF_INET6
-            assert lst.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 0
+    # That the spellings the message offers do bind both families:
+    # test_dualstack_binds_the_any_address_in_every_spelling (in a namespace).
 
 
 @pytest.mark.usefixtures("ipv4_only_localhost")
@@ -520,11 +517,8 @@ def test_dualstack_with_a_name_of_a_specific_ipv6_address_names_it(
             f"invalid address 'v6host:0': {needs}, not 'v6host' (it resolves to ::1): "
             "Linux makes a socket bound to any other IPv6 address IPv6-only"
         )
-    # A name of "::" is the any-address of both families: it binds (no IPv6 needed
-    # to check that it is not refused before a socket is made).
-    if HAS_IPV6:
-        with reuseport_listener("anyhost:0", dualstack=True) as lst:
-            assert lst.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 0
+    # That a name of "::", the any-address of both families, binds dual-stack:
+    # test_dualstack_binds_the_any_address_in_every_spelling (in a namespace).
     for factory in (reuseport_listener, reuseport_udp, reuselb.hold_port, reuseport_group):
         raises = (factory.__doc__ or "").split(":raises AddressError:")[1].split(":raises")[0]
         assert "a name that resolves to neither with" in " ".join(raises.split())
@@ -577,13 +571,47 @@ def test_dualstack_refuses_the_mapped_ipv4_any_address(
         reuseport_listener("[::ffff:127.0.0.1]:0")
 
 
+def _dualstack_any_address_spellings(
+    values: list[str | tuple[str, int, int, int]],
+) -> list[list[object]]:
+    """Run by _case_in_netns (binds [::]): a dualstack=True listener on each of
+    *values* (the name ``anyhost`` resolves to ``::``), its family and V6ONLY flag."""
+    out: list[list[object]] = []
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _fake_resolver(monkeypatch, {"anyhost": ["::"]})
+        for value in values:
+            with reuseport_listener(value, dualstack=True) as lst:
+                v6only = lst.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+                out.append([repr(value), lst.family == socket.AF_INET6, v6only])
+    return out
+
+
+@pytest.mark.root
 @pytest.mark.ipv6
-def test_dualstack_still_binds_the_any_address_and_mapped_addresses() -> None:
-    # What _DUALSTACK_NEEDS offers: "::" takes both families, a mapped address IPv4
+def test_dualstack_binds_the_any_address_in_every_spelling() -> None:
+    # What _DUALSTACK_NEEDS offers (test_dualstack_refuses_ipv4s_any_address_saying_why's
+    # message), a 4-tuple, and a name that resolves to "::"
+    # (test_dualstack_with_a_name_of_a_specific_ipv6_address_names_it): each binds
+    # an IPv6 socket with V6ONLY off, which takes both families. Each binds every
+    # interface, so in a namespace of its own (loopback its only interface).
+    spellings: list[str | tuple[str, int, int, int]] = [
+        ":0",
+        "*:0",
+        "[::]:0",
+        ("::", 0, 0, 0),
+        "anyhost:0",
+    ]
+    expected = [[repr(value), True, 0] for value in spellings]
+    assert _case_in_netns(_dualstack_any_address_spellings, spellings) == expected
+
+
+@pytest.mark.ipv6
+def test_dualstack_still_binds_mapped_addresses() -> None:
+    # What _DUALSTACK_NEEDS offers besides the any-address (bound in
+    # test_dualstack_binds_the_any_address_in_every_spelling): a mapped address, IPv4
     # to that address (bind() leaves V6ONLY off for IPV6_ADDR_MAPPED).
-    for value in ("[::]:0", ("::", 0, 0, 0), "[::ffff:127.0.0.1]:0"):
-        with reuseport_listener(value, dualstack=True) as lst:
-            assert lst.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 0
+    with reuseport_listener("[::ffff:127.0.0.1]:0", dualstack=True) as lst:
+        assert lst.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 0
     group = reuseport_group("[::ffff:127.0.0.1]:0", 2, kind="udp", dualstack=True)
     with group, udp_socket() as client:
         client.sendto(b"x", ("127.0.0.1", group.port))
