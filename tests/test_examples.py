@@ -116,24 +116,46 @@ def test_udp_workers_keep_flows_when_a_worker_dies() -> None:
         _stop(proc, workers)
 
 
+@pytest.fixture
+def backend() -> Iterator[str]:
+    """A ``--backend`` for l4proxy that no one serves, held for the test.
+
+    127.0.0.1 and a port bound but never listening: these tests never have the
+    proxy connect to its backend, and if one did, that connect would be refused,
+    where a fixed port (1) might reach some service.
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield f"127.0.0.1:{s.getsockname()[1]}"
+
+
+#: Stands for the backend fixture's address in a parametrized case (its port is
+#: only known in the test): _filled() puts the address in its place.
+_BACKEND_HERE = "{backend}"
+_BACKEND = ["--backend", _BACKEND_HERE]
+
+
+def _filled(args: list[str], backend: str) -> list[str]:
+    """*args* with the *backend* address in place of :data:`_BACKEND_HERE`."""
+    return [arg.replace(_BACKEND_HERE, backend) for arg in args]
+
+
 @pytest.mark.parametrize(
     ("script", "args", "message"),
     [
         ("prefork_http.py", ["--workers", "0"], "--workers must be at least 1, not 0"),
         ("udp_workers.py", ["--workers", "-1"], "--workers must be at least 1, not -1"),
         ("uvicorn_reuseport.py", ["--workers", "0"], "--workers must be at least 1, not 0"),
-        (
-            "l4proxy.py",
-            ["--backend", "127.0.0.1:1", "--policy", "bogus"],
-            "invalid choice: 'bogus'",
-        ),
-        ("l4proxy.py", ["--backend", "127.0.0.1:1", "--workers", "0"], "at least 1, not 0"),
+        ("l4proxy.py", [*_BACKEND, "--policy", "bogus"], "invalid choice: 'bogus'"),
+        ("l4proxy.py", [*_BACKEND, "--workers", "0"], "at least 1, not 0"),
     ],
 )
-def test_examples_refuse_bad_arguments_up_front(script: str, args: list[str], message: str) -> None:
+def test_examples_refuse_bad_arguments_up_front(
+    script: str, args: list[str], message: str, backend: str
+) -> None:
     # Before: --workers 0 printed "ready" and served nothing (or exited 0), and a bad
     # policy name came out of a worker as two tracebacks.
-    _assert_refused(script, ["--listen", "127.0.0.1:0", *args], message)
+    _assert_refused(script, ["--listen", "127.0.0.1:0", *_filled(args, backend)], message)
 
 
 def _assert_refused(script: str, args: list[str], *messages: str) -> None:
@@ -150,15 +172,12 @@ def _assert_refused(script: str, args: list[str], *messages: str) -> None:
     assert "Traceback" not in done.stderr and "ready" not in done.stdout
 
 
-_BACKEND = ["--backend", "127.0.0.1:1"]
-
-
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         # Before: each worker died on DuplicateNode, then the master on "worker N
         # failed to start": two tracebacks, status 1.
-        ([*_BACKEND, *_BACKEND], "argument --backend: duplicate node '127.0.0.1:1'"),
+        ([*_BACKEND, *_BACKEND], f"argument --backend: duplicate node '{_BACKEND_HERE}'"),
         # Before: accepted. -1 printed "ready" then reset every client; -10 crashed
         # the master on SIGTERM (TimeoutExpired) before its cleanup.
         ([*_BACKEND, "--connect-timeout", "-1"], "--connect-timeout: must be a positive"),
@@ -168,15 +187,25 @@ _BACKEND = ["--backend", "127.0.0.1:1"]
         ([*_BACKEND, "--retry-after", "inf"], "number of seconds, not 'inf'"),
     ],
 )
-def test_l4proxy_refuses_bad_backends_and_timeouts(args: list[str], message: str) -> None:
-    _assert_refused("l4proxy.py", ["--listen", "127.0.0.1:0", "--workers", "1", *args], message)
+def test_l4proxy_refuses_bad_backends_and_timeouts(
+    args: list[str], message: str, backend: str
+) -> None:
+    _assert_refused(
+        "l4proxy.py",
+        ["--listen", "127.0.0.1:0", "--workers", "1", *_filled(args, backend)],
+        message.replace(_BACKEND_HERE, backend),
+    )
 
 
 SCRIPTS = ["prefork_http.py", "udp_workers.py", "uvicorn_reuseport.py", "l4proxy.py"]
 
 
-def _listen_args(script: str, listen: str) -> list[str]:
-    return ["--listen", listen, "--workers", "1", *(_BACKEND if script == "l4proxy.py" else [])]
+def _listen_args(script: str, listen: str, backend: str | None) -> list[str]:
+    """*script*'s arguments to listen on *listen*, with *backend* for l4proxy."""
+    if script != "l4proxy.py":
+        return ["--listen", listen, "--workers", "1"]
+    assert backend is not None, "l4proxy needs a backend"
+    return ["--listen", listen, "--workers", "1", "--backend", backend]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -189,13 +218,15 @@ def _listen_args(script: str, listen: str) -> list[str]:
         ("127.0.0.1:65536", "port 65536 out of range"),
     ],
 )
-def test_examples_refuse_a_bad_listen_address(script: str, listen: str, message: str) -> None:
+def test_examples_refuse_a_bad_listen_address(
+    script: str, listen: str, message: str, backend: str
+) -> None:
     # Before: a traceback (AddressError, or GroupMemberError), status 1.
-    _assert_refused(script, _listen_args(script, listen), "argument --listen: ", message)
+    _assert_refused(script, _listen_args(script, listen, backend), "argument --listen: ", message)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_examples_refuse_a_listen_address_in_use(script: str) -> None:
+def test_examples_refuse_a_listen_address_in_use(script: str, backend: str) -> None:
     # A socket without SO_REUSEPORT holds the port: no reuseport socket can join it.
     kind = socket.SOCK_DGRAM if script == "udp_workers.py" else socket.SOCK_STREAM
     with socket.socket(socket.AF_INET, kind) as holder:
@@ -204,7 +235,10 @@ def test_examples_refuse_a_listen_address_in_use(script: str) -> None:
             holder.listen()
         listen = f"127.0.0.1:{holder.getsockname()[1]}"
         _assert_refused(
-            script, _listen_args(script, listen), "--listen: ", f"{listen} is already in use"
+            script,
+            _listen_args(script, listen, backend),
+            "--listen: ",
+            f"{listen} is already in use",
         )
 
 
@@ -441,7 +475,7 @@ def test_examples_name_a_listen_address_they_may_not_bind(script: str) -> None:
             *_without_bind_privilege(),
             sys.executable,
             str(EXAMPLES / script),
-            *_listen_args(script, "127.0.0.1:1"),
+            *_listen_args(script, "127.0.0.1:1", None),  # port 1: privileged on purpose
         ],
         capture_output=True,
         text=True,
@@ -525,14 +559,14 @@ def worker_gate() -> Iterator[WorkerGate]:
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_ctrl_c_while_a_worker_starts_is_quiet(script: str) -> None:
+def test_ctrl_c_while_a_worker_starts_is_quiet(script: str, backend: str) -> None:
     # Before: a worker set SIGINT to SIG_IGN only once its imports and argument
     # parsing were done; a Ctrl-C in that window was a KeyboardInterrupt traceback,
     # the master reported "worker ... failed to start" and exited 1 (l4proxy's master
     # with a RuntimeError traceback). Workers now start with SIGINT blocked.
     args = ["--listen", "127.0.0.1:0", "--workers", "2"]
     if script == "l4proxy.py":
-        args += _BACKEND
+        args += ["--backend", backend]
     with worker_gate() as gate, tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(
             [sys.executable, "-W", "always::ResourceWarning", str(EXAMPLES / script), *args],
@@ -594,7 +628,9 @@ def run_at_64_fds(argv: list[str]) -> tuple[int, str, str, bool]:
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_examples_out_of_fds_at_start_say_so_and_stop_their_workers(script: str) -> None:
+def test_examples_out_of_fds_at_start_say_so_and_stop_their_workers(
+    script: str, backend: str
+) -> None:
     # Before: the Popen of a worker failed with EMFILE as a traceback, and the workers
     # already started were left running (each then died of a BrokenPipeError
     # traceback writing "ready" to the master that had gone). The master keeps 2 fds
@@ -603,7 +639,7 @@ def test_examples_out_of_fds_at_start_say_so_and_stop_their_workers(script: str)
     workers = "40" if script in ("udp_workers.py", "l4proxy.py") else "64"
     args = ["--listen", "127.0.0.1:0", "--workers", workers]
     if script == "l4proxy.py":
-        args += _BACKEND
+        args += ["--backend", backend]
 
     returncode, out, err, group_left = run_at_64_fds([str(EXAMPLES / script), *args])
     assert returncode == 1, (out, err)
@@ -678,13 +714,13 @@ def _open_fds(pid: int) -> int:
 
 @pytest.mark.parametrize("side", ["send", "recv"])
 @pytest.mark.parametrize("script", ["udp_workers.py", "l4proxy.py"])
-def test_a_failed_socket_handoff_at_start_is_one_line(script: str, side: str) -> None:
+def test_a_failed_socket_handoff_at_start_is_one_line(script: str, side: str, backend: str) -> None:
     # Before: a master whose send_sockets failed died of an OSError traceback
     # (udp_workers) or left the worker running, unreaped (l4proxy); a worker whose
     # recv_sockets failed died of a HandoffError traceback.
     args = ["--listen", "127.0.0.1:0", "--workers", "2"]
     if script == "l4proxy.py":
-        args += _BACKEND
+        args += ["--backend", backend]
     with _handoff_faults() as (flags, env), tempfile.TemporaryFile() as err:
         open(os.path.join(flags, side), "w").close()
         proc = subprocess.Popen(
@@ -724,14 +760,16 @@ def test_a_failed_socket_handoff_at_start_is_one_line(script: str, side: str) ->
 
 @pytest.mark.parametrize("side", ["send", "recv"])
 @pytest.mark.parametrize("script", ["udp_workers.py", "l4proxy.py"])
-def test_a_failed_socket_handoff_at_a_respawn_is_one_line(script: str, side: str) -> None:
+def test_a_failed_socket_handoff_at_a_respawn_is_one_line(
+    script: str, side: str, backend: str
+) -> None:
     # Before: as at start (a traceback, a worker left unreaped with its pipe open in
     # the master). Now each keeps its policy for a replacement that does not start:
     # udp_workers stops (status 1), l4proxy takes the member out of the group and
     # serves on with the other workers.
     args = ["--listen", "127.0.0.1:0", "--workers", "2"]
     if script == "l4proxy.py":
-        args += _BACKEND
+        args += ["--backend", backend]
     with _handoff_faults() as (flags, env), _job(script, *args, env=env) as job:
         fds = _open_fds(job.proc.pid)
         open(os.path.join(flags, side), "w").close()

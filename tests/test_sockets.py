@@ -62,6 +62,19 @@ def _case_in_netns(case: Callable[..., object], *args: object) -> Any:
     )
 
 
+@pytest.fixture
+def refused_address() -> Iterator[str]:
+    """127.0.0.1 and a port bound but never listening, held for the test.
+
+    A call that must never connect is given this rather than a fixed port (9,
+    1...), where some service may listen: if it does connect, the connect is
+    refused and the test fails on that, having touched nothing.
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield f"127.0.0.1:{s.getsockname()[1]}"
+
+
 def _cloexec(sock: socket.socket) -> bool:
     return bool(fcntl.fcntl(sock.fileno(), fcntl.F_GETFD) & fcntl.FD_CLOEXEC)
 
@@ -1119,17 +1132,19 @@ def test_connect_refused_names_the_address() -> None:
         port = s.getsockname()[1]  # bound, not listening: connect is refused
         with pytest.raises(ConnectionRefusedError, match=f"connect to 127.0.0.1:{port}"):
             connect_tcp(("127.0.0.1", port))
-    with pytest.raises(InvalidArgument, match="invalid timeout -1"):
-        connect_tcp("127.0.0.1:1", timeout=-1)
+        with pytest.raises(InvalidArgument, match="invalid timeout -1"):
+            connect_tcp(("127.0.0.1", port), timeout=-1)
 
 
 @pytest.mark.parametrize(
     "timeout", ["5", math.inf, -math.inf, math.nan, 0, 0.0, -1, True, 10**400, 1e10, [5]]
 )
-def test_connect_tcp_rejects_bad_timeouts_before_making_a_socket(timeout: object) -> None:
+def test_connect_tcp_rejects_bad_timeouts_before_making_a_socket(
+    timeout: object, refused_address: str
+) -> None:
     before = open_fds()
     with pytest.raises(InvalidArgument) as info:
-        connect_tcp("127.0.0.1:1", timeout=timeout)  # type: ignore[arg-type]
+        connect_tcp(refused_address, timeout=timeout)  # type: ignore[arg-type]
     assert f"invalid timeout {timeout!r}" in str(info.value)
     assert open_fds() == before
 
@@ -1755,22 +1770,24 @@ def test_probe_falls_back_to_ipv6_loopback(fake_platform: pytest.MonkeyPatch) ->
     assert reuselb.supports_reuseport()
 
 
-_FLAG_CALLS: dict[str, Callable[[Any], object]] = {
-    "supports_reuseport(balanced)": lambda v: reuselb.supports_reuseport(balanced=v),
-    "tcp_socket(nodelay)": lambda v: tcp_socket(nodelay=v),
-    "tcp_socket(nonblocking)": lambda v: tcp_socket(nonblocking=v),
-    "udp_socket(nonblocking)": lambda v: udp_socket(nonblocking=v),
-    "reuseport_listener(nodelay)": lambda v: reuseport_listener("127.0.0.1:0", nodelay=v),
-    "reuseport_listener(balanced)": lambda v: reuseport_listener("127.0.0.1:0", balanced=v),
-    "reuseport_listener(dualstack)": lambda v: reuseport_listener("[::1]:0", dualstack=v),
-    "reuseport_udp(nonblocking)": lambda v: reuseport_udp("127.0.0.1:0", nonblocking=v),
-    "hold_port(balanced)": lambda v: reuselb.hold_port("127.0.0.1:0", balanced=v),
-    "reuseport_group(balanced)": lambda v: reuseport_group("127.0.0.1:0", 2, balanced=v),
-    "reuseport_group(nodelay)": lambda v: reuseport_group("127.0.0.1:0", 2, nodelay=v),
-    "connect_tcp(nodelay)": lambda v: connect_tcp("127.0.0.1:9", nodelay=v),
-    "connect_tcp(nonblocking)": lambda v: connect_tcp("127.0.0.1:9", nonblocking=v),
-    "listen_fds(unset_environment)": lambda v: reuselb.listen_fds(unset_environment=v),
-    "inherited_sockets(unset_environment)": lambda v: reuselb.inherited_sockets(
+#: Each call with a flag's value (its first argument) and refused_address (its second,
+#: for the calls that would connect).
+_FLAG_CALLS: dict[str, Callable[[Any, str], object]] = {
+    "supports_reuseport(balanced)": lambda v, _: reuselb.supports_reuseport(balanced=v),
+    "tcp_socket(nodelay)": lambda v, _: tcp_socket(nodelay=v),
+    "tcp_socket(nonblocking)": lambda v, _: tcp_socket(nonblocking=v),
+    "udp_socket(nonblocking)": lambda v, _: udp_socket(nonblocking=v),
+    "reuseport_listener(nodelay)": lambda v, _: reuseport_listener("127.0.0.1:0", nodelay=v),
+    "reuseport_listener(balanced)": lambda v, _: reuseport_listener("127.0.0.1:0", balanced=v),
+    "reuseport_listener(dualstack)": lambda v, _: reuseport_listener("[::1]:0", dualstack=v),
+    "reuseport_udp(nonblocking)": lambda v, _: reuseport_udp("127.0.0.1:0", nonblocking=v),
+    "hold_port(balanced)": lambda v, _: reuselb.hold_port("127.0.0.1:0", balanced=v),
+    "reuseport_group(balanced)": lambda v, _: reuseport_group("127.0.0.1:0", 2, balanced=v),
+    "reuseport_group(nodelay)": lambda v, _: reuseport_group("127.0.0.1:0", 2, nodelay=v),
+    "connect_tcp(nodelay)": lambda v, to: connect_tcp(to, nodelay=v),
+    "connect_tcp(nonblocking)": lambda v, to: connect_tcp(to, nonblocking=v),
+    "listen_fds(unset_environment)": lambda v, _: reuselb.listen_fds(unset_environment=v),
+    "inherited_sockets(unset_environment)": lambda v, _: reuselb.inherited_sockets(
         unset_environment=v
     ),
 }
@@ -1778,11 +1795,13 @@ _FLAG_CALLS: dict[str, Callable[[Any], object]] = {
 
 @pytest.mark.parametrize("call", sorted(_FLAG_CALLS))
 @pytest.mark.parametrize("value", ["no", 0, None])
-def test_flags_must_be_bools(call: str, value: object, no_fd_leak: None) -> None:
+def test_flags_must_be_bools(
+    call: str, value: object, refused_address: str, no_fd_leak: None
+) -> None:
     # A flag read for its truth would turn "no" (from a config file) into True.
     name = call[call.index("(") + 1 : -1]
     with pytest.raises(InvalidArgument, match="must be a bool") as info:
-        _FLAG_CALLS[call](value)
+        _FLAG_CALLS[call](value, refused_address)
     assert info.value.name == name
     assert info.value.value == value
     assert repr(value) in str(info.value)
