@@ -256,6 +256,7 @@ class _Lines:
         assert proxy.stdout is not None
         self.fd = proxy.stdout.fileno()
         self.buf = b""
+        self.eof = False
 
     def next(self, timeout: float = 60) -> str:
         """The next line; "" if none comes within *timeout* s or at EOF."""
@@ -264,17 +265,45 @@ class _Lines:
             ready, _, _ = select.select([self.fd], [], [], max(0, deadline - time.monotonic()))
             chunk = os.read(self.fd, 4096) if ready else b""
             if not chunk:
+                self.eof = bool(ready)
                 return ""
             self.buf += chunk
         line, _, self.buf = self.buf.partition(b"\n")
         return line.decode() + "\n"
 
-    def status(self, timeout: float = 60) -> str:
+    def status(self, timeout: float = 60, max_lines: int = 100) -> str:
         """The next line that is not a restart's progress ("worker N draining,
-        replaced by M")."""
-        while re.match(r"worker \d+ draining, replaced by \d+$", line := self.next(timeout)):
-            pass
-        return line
+        replaced by M"); "" if none comes within *timeout* s in all, or at EOF.
+
+        A deadline for them all and a cap on the progress lines, not only a
+        timeout for each: a master that kept reporting progress (a restart that
+        never ends) would otherwise keep the test reading for ever.
+        Fails the test after *max_lines* progress lines.
+        """
+        deadline = time.monotonic() + timeout
+        for _ in range(max_lines):
+            line = self.next(max(0, deadline - time.monotonic()))
+            if not re.match(r"worker \d+ draining, replaced by \d+$", line):
+                return line
+        pytest.fail(f"{max_lines} lines of restart progress and no status; the last: {line!r}")
+
+    def to_eof(self, timeout: float = 60, max_lines: int = 100) -> str:
+        """Every line until EOF (the master has exited), read within *timeout* s in all.
+
+        A deadline for them all and a cap on the lines, not only a timeout for
+        each: a master that kept writing would otherwise keep the test reading for
+        ever. Fails the test, with the lines read, if there is no EOF within
+        *timeout* s or more than *max_lines* lines come first.
+        """
+        deadline = time.monotonic() + timeout
+        lines: list[str] = []
+        while line := self.next(max(0, deadline - time.monotonic())):
+            lines.append(line)
+            if len(lines) > max_lines:
+                pytest.fail(f"more than {max_lines} lines and no EOF; the first: {lines[:5]!r}")
+        if not self.eof:
+            pytest.fail(f"no EOF within {timeout} s (the master still runs); read: {lines!r}")
+        return "".join(lines)
 
 
 def test_sighup_restarts_workers_without_dropping(redis_servers: list[int]) -> None:
@@ -695,10 +724,10 @@ def test_a_stop_during_a_restart_stops_at_once(redis_servers: list[int]) -> None
     finally:
         for c in clients:
             c.close()
-        rest = ""
-        while line := lines.next(timeout=60):
-            rest += line
-        stderr = _stop(proxy)
+        try:
+            rest = lines.to_eof()
+        finally:
+            stderr = _stop(proxy)
     assert "restarted workers=" not in rest, rest
     assert "restart stopped: stopping" in rest, rest
     assert "Traceback" not in stderr, stderr
@@ -771,9 +800,7 @@ def test_ctrl_c_while_a_restarted_worker_starts_is_quiet() -> None:
             new = gate.arrival()  # the restart's new worker, held as it starts
             os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the master and its workers
             gate.release()
-            out = ""
-            while line := lines.next():  # until EOF: the master has exited
-                out += line
+            out = lines.to_eof()  # the master has exited
             proc.wait(timeout=60)
         finally:
             with contextlib.suppress(ProcessLookupError):
