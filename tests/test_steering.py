@@ -316,6 +316,9 @@ def test_incoming_cpu_is_minus_one_until_the_kernel_records_one() -> None:
         socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client,
     ):
         server.settimeout(10)
+        # Bound first: sendto() would bind it to 0.0.0.0, and connecting the server
+        # to its getsockname() would then connect it to ('0.0.0.0', port).
+        client.bind(("127.0.0.1", 0))
         client.sendto(b"x", server.getsockname())
         server.recv(1)
         assert get_incoming_cpu(server) == -1  # unconnected: nothing recorded
