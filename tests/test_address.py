@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import enum
 import ipaddress
+import itertools
 import json
+import re
 import shutil
 import socket
 import string
@@ -124,7 +126,9 @@ def test_a_default_port_is_kept_as_a_plain_int() -> None:
         ("0x7f.1:80", "'0x7f.1' is not an IPv4 address"),
         ("0x7f000001:80", "'0x7f000001' is not an IPv4 address"),
         ("0X7F.0.0.1:80", "'0X7F.0.0.1' is not an IPv4 address"),
-        ("0x7f.0.0.1.:80", "'0x7f.0.0.1.' is not an IPv4 address"),
+        # With a trailing dot inet_aton refuses it and glibc would look it up as a
+        # name; it is refused as one of numbers only.
+        ("0x7f.0.0.1.:80", "'0x7f.0.0.1.' is not a valid host name"),
         ("127.1:80", "'127.1' is not an IPv4 address"),
         (("0x7f.1", 80), "'0x7f.1' is not an IPv4 address"),
         (("127.0.0.1", "80"), "port must be an int"),
@@ -153,6 +157,53 @@ def test_a_hex_ipv4_spelling_is_not_a_host_name(host: str) -> None:
     assert socket.getaddrinfo(host, 80, socket.AF_INET, 0, 0, socket.AI_NUMERICHOST)
     with pytest.raises(AddressError, match=f"{host!r} is not an IPv4 address"):
         Address(host, 80)
+
+
+@pytest.mark.parametrize(
+    "host", ["0x7f.1.", "0x7f.0.0.1.", "0x7f.08", "0x1.2.3.4.5", "0xffffffffff"]
+)
+def test_numbers_that_are_no_ipv4_address_are_refused_as_a_name(host: str) -> None:
+    # inet_aton refuses them (a trailing dot, "08", five parts, more than 32 bits), so
+    # glibc's getaddrinfo would look them up as names: the error must not say it reads
+    # them as an address. They are refused all the same, as a name of numbers only.
+    with pytest.raises(socket.gaierror):
+        socket.getaddrinfo(host, 80, socket.AF_INET, 0, 0, socket.AI_NUMERICHOST)
+    with pytest.raises(AddressError) as info:
+        Address(host, 80)
+    message = str(info.value)
+    assert f"{host!r} is not a valid host name" in message
+    assert "labels are all numbers" in message
+    assert "is not an IPv4 address" not in message
+
+
+def test_the_ipv4_message_is_given_exactly_to_what_inet_aton_reads() -> None:
+    # Parsing does not call the C library; its copy of inet_aton's rules is checked
+    # against the real one on numbers of every base, size and count of parts.
+    parts = ["0", "07", "08", "0377", "0400", "1", "255", "256", "65535", "65536"]
+    parts += ["16777215", "16777216", "4294967295", "4294967296", "0x0", "0xff"]
+    parts += ["0x100", "0XFFFF", "0x10000", "0xffffff", "0x1000000", "0xffffffff"]
+    parts += ["0x100000000", "0x0000000000007f", "0x" + "f" * 20]
+    hosts = [".".join(p) for n in (1, 2) for p in itertools.product(parts, repeat=n)]
+    for i in range(len(parts) ** 2):
+        hosts.append(".".join(parts[(i * k * 7 + k) % len(parts)] for k in range(1, 4)))
+        hosts.append(".".join(parts[(i * k * 11 + k) % len(parts)] for k in range(1, 6)))
+    hosts += [f"{h}." for h in hosts[:: len(parts)]]
+    checked = read = 0
+    for host in hosts:
+        if re.fullmatch(r"[0-9.]+", host):
+            continue  # digits only: ipaddress decides, tested above
+        try:
+            socket.inet_aton(host)
+            reads = True
+        except OSError:
+            reads = False
+        with pytest.raises(AddressError) as info:
+            Address(host, 80)
+        said = f"{host!r} is not an IPv4 address (a number form of inet_aton" in str(info.value)
+        assert said == reads, (host, str(info.value))
+        checked += 1
+        read += reads
+    assert checked > 500 and 100 < read < checked - 100  # both kinds, many of each
 
 
 @pytest.mark.parametrize("host", ["0x.example", "0x", "0xg1.1", "a.0x7f", "x0x7f.1", "1a.0x1"])

@@ -30,10 +30,12 @@ SockAddr: TypeAlias = tuple[str, int] | tuple[str, int, int, int]
 _PORT_RE = re.compile(r"[0-9]{1,5}\Z")
 _LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)\Z")
 _V4ISH_RE = re.compile(r"[0-9.]+\Z")
-# A label inet_aton() reads as a number: decimal, octal or 0x-hex. A name made of
-# such labels alone is not a name to glibc's getaddrinfo, which reads it as an
-# IPv4 address before any lookup ("0x7f.1" and "0x7f000001" bind 127.0.0.1).
+# A label that is a number in inet_aton()'s forms: decimal, octal or 0x-hex. glibc's
+# getaddrinfo reads some names made of such labels alone as an IPv4 address before
+# any lookup ("0x7f.1" and "0x7f000001" bind 127.0.0.1): see _inet_aton_reads.
 _ATON_LABEL_RE = re.compile(r"(?:[0-9]+|0[xX][0-9A-Fa-f]+)\Z")
+# inet_aton's parts: "0x" and hex digits, "0" and octal digits, or decimal digits.
+_ATON_PART_RE = re.compile(r"0[xX]([0-9A-Fa-f]+)\Z|0([0-7]*)\Z|([1-9][0-9]*)\Z")
 # sockaddr_in6: sin6_scope_id is a u32 interface index, sin6_flowinfo carries a
 # 20-bit flow label (the traffic class bits above it are not the caller's to set).
 _SCOPE_ID_MAX = 2**32 - 1
@@ -64,9 +66,10 @@ class Address:
         search list, and is not the same host as ``"svc.example"``).
     :ivar port: ``0`` to ``65535``; ``0`` asks the kernel for a free port.
     :raises AddressError: *host* is not a str, not an IP literal or a host name
-        (labels that are all numbers, such as inet_aton's ``"127.1"`` or
-        ``"0x7f.1"``, are not a host name: getaddrinfo reads them as IPv4), or
-        *port* is not an int in ``0..65535`` (a bool is refused).
+        (labels that are all numbers are not a host name: inet_aton's ``"127.1"``
+        or ``"0x7f.1"``, which getaddrinfo reads as IPv4, nor ``"0x7f.08"`` or
+        ``"0x7f.1."``, which it does not), or *port* is not an int in ``0..65535``
+        (a bool is refused).
     """
 
     host: str
@@ -334,16 +337,60 @@ def _canonical_host(text: str, value: object) -> str:
     if len(name) > 253 or not all(_LABEL_RE.match(label) for label in labels):
         raise AddressError(value, f"{text!r} is not a valid host name")
     if all(_ATON_LABEL_RE.match(label) for label in labels):
-        # Dotted-decimal forms are refused above (ipaddress takes four decimal
-        # octets only); these are the hex ones, and any of them with a trailing
-        # dot. Taken as a name, "0x7f.1:80" and "127.0.0.1:80" would be two
-        # Address values for one endpoint (two nodes of one balance policy).
+        # Digits and dots alone are decided above (ipaddress takes four decimal
+        # octets and refuses the rest); these have a hex label. Some are inet_aton's hex spellings
+        # of an address, which glibc's getaddrinfo reads before any lookup: taken as
+        # a name, "0x7f.1:80" and "127.0.0.1:80" would be two Address values for
+        # one endpoint (two nodes of one balance policy).
+        if _inet_aton_reads(text):
+            raise AddressError(
+                value,
+                f"{text!r} is not an IPv4 address (a number form of inet_aton, which "
+                "getaddrinfo does not look up as a name; write the four decimal octets)",
+            )
+        # The others inet_aton refuses (a trailing dot, "08", more than four parts,
+        # a part too large), so glibc 2.36 would look them up as names. They are
+        # refused all the same: a string of numbers reads as an address to people
+        # and to other parsers, and a slightly different one ("0x7f.1" for
+        # "0x7f.1.") is one, so accepting these would only make the rule harder
+        # to state.
         raise AddressError(
             value,
-            f"{text!r} is not an IPv4 address (a number form of inet_aton, which "
-            "getaddrinfo does not look up as a name; write the four decimal octets)",
+            f"{text!r} is not a valid host name (a host name whose labels are all "
+            "numbers is not a name, and inet_aton does not read this one as an IPv4 "
+            "address either)",
         )
     return text.lower()
+
+
+def _inet_aton_reads(text: str) -> bool:
+    """Whether glibc's ``inet_aton`` (and so ``getaddrinfo``) reads *text* as IPv4.
+
+    The rules of glibc's ``__inet_aton_exact`` (resolv/inet_addr.c), which
+    getaddrinfo calls on every host before a lookup, written out here so that
+    parsing stays pure syntax (this module's rule): one to four parts split
+    at dots, each a number as C's ``strtoul(..., 0)`` reads it (``0x`` hex, a
+    leading ``0`` octal, else decimal) and nothing after it; every part but the
+    last at most 255, the last filling the bytes left (``"127.1"``: 1 fills three
+    bytes, at most 0xffffff). An empty part (a trailing dot) fails.
+    """
+    parts = text.split(".")
+    if len(parts) > 4:
+        return False
+    values = []
+    for part in parts:
+        m = _ATON_PART_RE.match(part)
+        if m is None:
+            return False
+        hexa, octal, decimal = m.groups()
+        if hexa is not None:
+            values.append(int(hexa, 16))
+        elif octal is not None:
+            values.append(int(octal, 8) if octal else 0)
+        else:
+            values.append(int(decimal))
+    *head, last = values
+    return all(v <= 0xFF for v in head) and last < 1 << (8 * (4 - len(head)))
 
 
 def resolve_address(
