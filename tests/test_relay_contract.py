@@ -608,11 +608,14 @@ def test_a_side_closing_itself_after_its_eof_keeps_its_relay_when_its_fd_is_reus
             stats = await asyncio.wait_for(first, JOIN)
             assert (stats.a_end, stats.b_end, stats.failed) == (End.EOF, End.EOF, None)
             assert (stats.a_to_b, stats.b_to_a) == (3000, 8)
+            # Already here (the first relay ended after moving it): bounded all the
+            # same, as a blocking read inside the loop would stall it for ever.
+            client.settimeout(JOIN)
             assert client.recv(100) == b"response"
             assert not second.done()  # untouched by the first relay's end
             second.cancel()
             with pytest.raises(asyncio.CancelledError):
-                await second
+                await asyncio.wait_for(second, JOIN)
         finally:
             for sock in (client, a, b, backend, *extra):
                 sock.close()
