@@ -188,8 +188,6 @@ def make_setup(
 class Running:
     """A relay of *setup*'s a and b, run by *runner* in a thread."""
 
-    ended = float("inf")  # time.monotonic() when the runner returned or raised
-
     def __init__(self, runner: Runner, setup: Setup, **kw: object) -> None:
         self.stats: RelayStats | None = None
         self.exc: BaseException | None = None
@@ -201,8 +199,6 @@ class Running:
             self.stats = runner(setup.a, setup.b, **kw)
         except BaseException as exc:
             self.exc = exc
-        finally:
-            self.ended = time.monotonic()
 
     def join(self, timeout: float = JOIN) -> RelayStats:
         self.thread.join(timeout)
@@ -560,13 +556,14 @@ def test_a_reset_mid_stream_ends_the_relay_and_resets_the_other_side(
             assert receiver.recv(1000)  # data is flowing
         else:
             assert _recv_exactly(receiver, 100_000) == b"x" * 100_000
-        reset_at = time.monotonic()
         _reset(resetter)
         # The survivor's stream was cut off: it is reset, never given a clean EOF.
+        # Promptly: a relay that missed the reset would end only at its idle timeout
+        # (JOIN), with TIMEOUT ends that _check_reset_end() fails, if _how_it_ends()
+        # had not timed out first. No time bound: it would add nothing but
+        # scheduling noise (a few ms here).
         assert _how_it_ends(survivor) == "reset"
         stats = r.join()
-        # Promptly: a few ms here; 2 s is scheduling noise, not a timeout met.
-        assert r.ended - reset_at < 2.0, f"ended {r.ended - reset_at:.3f} s after the reset"
         _check_reset_end(stats, failed)
     finally:
         setup.close()
