@@ -13,7 +13,7 @@ import sys
 import threading
 from array import array
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from fractions import Fraction
 from typing import Any
 
@@ -847,7 +847,12 @@ def test_smooth_wrr_cycle_and_ketama_points_take_addresses_as_policies_do() -> N
         ("10.0.0.1", 80),
         ("10.0.0.1", 99999),
         ("::1", 80, 0, -1),
+        {Node("10.0.0.1:80"): 3},  # was taken as its keys, the weights dropped
         [None],
+        [1.5],
+        [b"10.0.0.1:80"],
+        [object()],
+        [["10.0.0.1", 80]],
         ["10.0.0.1"],
         [Node("10.0.0.1:80"), ("10.0.0.2", "80")],
     ],
@@ -863,6 +868,41 @@ def test_smooth_wrr_cycle_and_ketama_points_refuse_nodes_as_policies_do(
         func(bad)
     assert str(got.value) == str(want.value)
     assert got.value.value is want.value.value  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "dup",
+    [
+        ["10.0.0.1:80", "10.0.0.1:80"],
+        [Node("10.0.0.1:80"), Node("10.0.0.1:80")],
+        [Node("10.0.0.1:80", weight=2), "10.0.0.2:80", ("10.0.0.1", 80)],
+        ["[::1]:80", "[0:0::1]:80"],
+        [Node("10.0.0.1:80", name="a"), Node("10.0.0.2:80", name="a")],
+        ["10.0.0.1:80", Node("10.0.0.2:80", name="10.0.0.1:80")],
+        [Node("10.0.0.2:80", name="[0:0::1]:80"), "[::1]:80"],
+    ],
+    ids=repr,
+)
+@pytest.mark.parametrize("func", [smooth_wrr_cycle, ketama_points], ids=lambda f: f.__name__)
+def test_smooth_wrr_cycle_and_ketama_points_refuse_duplicates_as_policies_do(
+    func: Callable[[Iterable[NodeLike]], list[Any]], dup: list[NodeLike]
+) -> None:
+    # They took them: ketama_points(["10.0.0.1:80"] * 2) gave 320 points and
+    # smooth_wrr_cycle listed the node twice, twice its share, where every policy
+    # constructor raises DuplicateNode.
+    with pytest.raises(DuplicateNode) as want:
+        RoundRobin(dup)
+    with pytest.raises(DuplicateNode) as got:
+        func(iter(dup))
+    assert str(got.value) == str(want.value)
+    assert got.value.ref == want.value.ref
+
+
+def test_smooth_wrr_cycle_and_ketama_points_take_a_node_naming_its_own_address() -> None:
+    # A name that spells its own node's address is no clash for a policy either.
+    own = [Node("10.0.0.1:80", name="10.0.0.1:80"), Node("10.0.0.2:80", name="b")]
+    assert smooth_wrr_cycle(own) == own == list(RoundRobin(own).nodes)
+    assert len(ketama_points(own)) == 320
 
 
 def test_active_of_names_a_node_as_every_other_method_does() -> None:

@@ -486,6 +486,24 @@ def test_ketama_points_takes_addresses_and_refuses_what_is_not_one() -> None:
 
 
 @pytest.mark.parametrize("libmemcached", [False, True])
+def test_ketama_points_refuses_a_node_listed_twice(libmemcached: bool) -> None:
+    from reuselb import DuplicateNode
+    from reuselb.balance import NodeLike, RingHash, ketama_points
+
+    # [addr(0)] * 2 gave 320 points, 160 of them a second copy of each of the first
+    # 160: RingHash raises DuplicateNode for the same list, and so does this now.
+    dups: list[list[NodeLike]] = [
+        [addr(0), addr(0)],
+        [Node(addr(0)), addr(1), Node(addr(0), weight=2)],
+    ]
+    for dup in dups:
+        with pytest.raises(DuplicateNode, match=f"'{addr(0)}': a node with this address exists"):
+            RingHash(dup, ketama=True)
+        with pytest.raises(DuplicateNode, match=f"'{addr(0)}': a node with this address exists"):
+            ketama_points(dup, libmemcached=libmemcached)
+
+
+@pytest.mark.parametrize("libmemcached", [False, True])
 def test_ketama_points_reads_any_iterable_once(libmemcached: bool) -> None:
     from reuselb.balance import ketama_points
 

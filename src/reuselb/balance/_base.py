@@ -34,7 +34,7 @@ import sys
 import threading
 import zlib
 from array import array
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass
 from decimal import Decimal
 from fractions import Fraction
@@ -278,16 +278,87 @@ def words(data: bytes) -> array[int]:
 def node_list(nodes: Iterable[NodeLike]) -> list[Node]:
     """*nodes* read once into a list of :class:`Node` (a generator gives its items once).
 
-    Takes what a policy constructor takes, with the same errors: each item a
-    :class:`Node` or an address (built into a ``Node`` of weight 1).
+    Takes what a policy constructor takes, with the same checks and errors, in the
+    same order: each item a :class:`Node` or an address (built into a ``Node`` of
+    weight 1), no two of them one node.
 
     :raises InvalidArgument: *nodes* is one address (a string, or a ``(host, port)``
         or IPv6 4-tuple), a mapping or not iterable at all; the error names the
         value.
-    :raises AddressError: an address in *nodes* is malformed, or *nodes* is a tuple
-        that can only be one address and a malformed one.
+    :raises AddressError: an item is neither a :class:`Node` nor an address
+        (``None``, ``1.5``, ``b"10.0.0.1:80"``, a ``[host, port]`` list) or is a
+        malformed address, or *nodes* is a tuple that can only be one address and a
+        malformed one.
+    :raises DuplicateNode: two nodes share an address or a name, or one node's name
+        is another node's address.
     """
-    return [n if isinstance(n, Node) else Node(n) for n in _node_items(nodes)]
+    out: list[Node] = []
+    addresses: set[Address] = set()
+    names: dict[str, Address] = {}
+    name_addrs: dict[Address, set[str]] = {}
+    for item in _node_items(nodes):
+        node = item if isinstance(item, Node) else Node(item)
+        # The constructors' own check (BalancePolicy._add_locked): a node listed
+        # twice got twice its share of the ring's points or the cycle's turns.
+        spelled = _check_new_node(node, addresses, names, name_addrs)
+        addresses.add(node.address)
+        if node.name is not None:
+            names[node.name] = node.address
+            if spelled is not None:
+                name_addrs.setdefault(spelled, set()).add(node.name)
+        out.append(node)
+    return out
+
+
+def _check_new_node(
+    node: Node,
+    addresses: Container[Address],
+    names: Mapping[str, Address],
+    name_addrs: Mapping[Address, set[str]],
+) -> Address | None:
+    """Refuse *node* if it clashes with the nodes already taken, as a policy does.
+
+    :param addresses: the taken nodes' addresses.
+    :param names: the taken nodes' names, each with its node's address.
+    :param name_addrs: for each address that a taken node's name spells (other than
+        its own node's), those names.
+    :returns: the address *node*'s name spells, when it is not *node*'s own (to be
+        recorded in *name_addrs*), else None.
+    :raises DuplicateNode: the address is taken or spelled by a taken name, the
+        name is taken, or the name spells a taken address.
+    """
+    if node.address in addresses:
+        raise _duplicate(str(node.address), "a node with this address exists")
+    spelling = name_addrs.get(node.address)
+    if spelling:
+        # another node's name spells this address: say which name, since it may
+        # be spelled otherwise ("[0:0::1]:80" for [::1]:80)
+        named = ", ".join(f"{n!r} (the node at {names[n]})" for n in sorted(spelling))
+        raise _duplicate(
+            str(node.address),
+            f"the address is spelled by another node's name: {named}; names are "
+            "looked up before addresses, so that name would hide this node",
+        )
+    name = node.name
+    if name is None:
+        return None
+    if name in names:
+        raise _duplicate(name, f"the node at {names[name]} has this name")
+    # Names are looked up before addresses, so a name that spells another node's
+    # address would hide that node from get/remove/mark_down.
+    try:
+        name_addr = parse_address(name)
+    except ValueError:
+        return None  # not an address: no clash possible
+    if name_addr == node.address:
+        return None  # names its own node: harmless
+    if name_addr in addresses:
+        raise _duplicate(
+            name,
+            f"the name spells the address of the node at {name_addr}; names are "
+            "looked up before addresses, so it would hide that node",
+        )
+    return name_addr
 
 
 def check_weight(weight: object) -> int:
@@ -726,9 +797,10 @@ class BalancePolicy(abc.ABC):
     :param nodes: initial nodes (``Node`` objects or addresses).
     :raises DuplicateNode: two nodes share an address or a name, or one node's name
         is another node's address.
-    :raises AddressError: an address is malformed, or *nodes* is a tuple that can
-        only be one address and a malformed one (``("10.0.0.1", 99999)``: the
-        error is parse_address's for the tuple).
+    :raises AddressError: an item of *nodes* is neither a ``Node`` nor an address
+        (``None``, bytes, a ``[host, port]`` list) or is a malformed address, or
+        *nodes* is a tuple that can only be one address and a malformed one
+        (``("10.0.0.1", 99999)``: the error is parse_address's for the tuple).
     :raises InvalidArgument: *nodes* is one address (a string, or a ``(host, port)``
         or IPv6 4-tuple), a mapping (its keys would be read and its values dropped)
         or not iterable at all, or a policy option is out of range.
@@ -930,37 +1002,8 @@ class BalancePolicy(abc.ABC):
         return node
 
     def _add_locked(self, node: Node) -> None:
-        if node.address in self._slots:
-            raise _duplicate(str(node.address), "a node with this address exists")
-        names = self._name_addrs.get(node.address)
-        if names:
-            # another node's name spells this address: say which name, since it may
-            # be spelled otherwise ("[0:0::1]:80" for [::1]:80)
-            named = ", ".join(f"{n!r} (the node at {self._names[n]})" for n in sorted(names))
-            raise _duplicate(
-                str(node.address),
-                f"the address is spelled by another node's name: {named}; names are "
-                "looked up before addresses, so that name would hide this node",
-            )
         name = node.name
-        name_addr: Address | None = None
-        if name is not None:
-            if name in self._names:
-                raise _duplicate(name, f"the node at {self._names[name]} has this name")
-            # Names are looked up before addresses, so a name that spells another
-            # node's address would hide that node from get/remove/mark_down.
-            try:
-                name_addr = parse_address(name)
-            except ValueError:
-                name_addr = None  # not an address: no clash possible
-            if name_addr == node.address:
-                name_addr = None  # names its own node: harmless
-            elif name_addr is not None and name_addr in self._slots:
-                raise _duplicate(
-                    name,
-                    f"the name spells the address of the node at {name_addr}; names are "
-                    "looked up before addresses, so it would hide that node",
-                )
+        name_addr = _check_new_node(node, self._slots, self._names, self._name_addrs)
         slot = self._slots[node.address] = _Slot(node)
         if name is not None:
             self._names[name] = node.address

@@ -35,7 +35,7 @@ import math
 import struct
 from array import array
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from decimal import Decimal
 from fractions import Fraction
 from hashlib import md5 as _md5
@@ -168,8 +168,12 @@ def ketama_points(
     :raises InvalidArgument: *libmemcached* is not a bool, or *nodes* is one
         address (a string, or a ``(host, port)`` or IPv6 4-tuple), a mapping or not
         iterable at all; the error names the value.
-    :raises AddressError: an address in *nodes* is malformed, or *nodes* is a tuple
-        that can only be one address and a malformed one.
+    :raises AddressError: an item of *nodes* is neither a :class:`Node` nor an
+        address (``None``, ``1.5``, bytes, a ``[host, port]`` list) or is a
+        malformed address, or *nodes* is a tuple that can only be one address and a
+        malformed one.
+    :raises DuplicateNode: two nodes share an address or a name, or one node's name
+        is another node's address (listed twice, a node would get twice its points).
     """
     if not isinstance(libmemcached, bool):
         # a truthy "no" (or 1) silently switched to libmemcached's point counts,
@@ -177,7 +181,15 @@ def ketama_points(
         raise InvalidArgument("libmemcached", libmemcached, "must be a bool")
     # One pass: the checks and the points read the same list (a generator was
     # consumed by the checks, and gave no points).
-    servers = node_list(nodes)
+    return _ketama_points(node_list(nodes), libmemcached)
+
+
+def _ketama_points(servers: Sequence[Node], libmemcached: bool) -> list[tuple[int, str, Node]]:
+    """:func:`ketama_points` of nodes that passed a policy's checks already.
+
+    RingHash calls this on its live nodes at every rebuild: they were checked for
+    duplicates when they were added, and are not parsed and compared again.
+    """
     total = sum(n.weight for n in servers)
     out: list[tuple[int, str, Node]] = []
     if total == 0:
@@ -308,7 +320,7 @@ class RingHash(HashPolicy):
         comb: list[int] = []
         if self._ketama:
             rank = {n.hash_id: r for r, n in enumerate(ranked)}
-            pts = ketama_points(live, libmemcached=self._libmemcached)
+            pts = _ketama_points(live, self._libmemcached)
             comb = [p << bits | rank[hid] for p, hid, _ in pts]
         else:
             for r, n in enumerate(ranked):
