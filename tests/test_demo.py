@@ -18,7 +18,7 @@ import tempfile
 import threading
 import time
 import types
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import pytest
 
@@ -670,3 +670,48 @@ def test_demo_proxy_reports_a_backend_failed_accept(monkeypatch: pytest.MonkeyPa
 
     asyncio.run(run())
     assert len(made) >= 2 and all(s.fileno() == -1 for s in made[:2])
+
+
+def test_demo_backend_closes_a_connection_whose_handler_never_started() -> None:
+    # The backends' close() right after a backend accepted a connection, before its
+    # handler's first step (the proxy's wake-up queued ahead of it, as with Ctrl-C):
+    # the cancelled handler never ran its body, so nothing closed the accepted
+    # socket before.
+    from reuselb import _demo
+
+    accepted: list[socket.socket] = []
+
+    class Recording:
+        """A backend listener whose accept() keeps what it accepts, for the test."""
+
+        def __init__(self, sock: socket.socket) -> None:
+            self.sock = sock
+
+        def accept(self) -> tuple[socket.socket, Any]:
+            conn, peer = self.sock.accept()
+            accepted.append(conn)
+            return conn, peer
+
+        def fileno(self) -> int:
+            return self.sock.fileno()
+
+    async def run() -> None:
+        failed: asyncio.Future[_demo.DemoError] = asyncio.get_running_loop().create_future()
+        backends = _demo._Backends()
+        try:
+            addrs = backends.start(failed)
+            with socket.create_connection(addrs[0], timeout=10):
+                listener = cast(socket.socket, Recording(backends.listeners[0]))
+                # what the listener's reader callback does; its queue has the one
+                # connection (made, so accepted by the kernel, before this runs)
+                backends._accept("backend-1", listener, failed)
+                assert len(accepted) == 1 and len(backends.handlers) == 1
+        finally:
+            await backends.close()
+        left_open = [s.getpeername() for s in accepted if s.fileno() != -1]
+        for s in accepted:
+            s.close()  # a failure leaves none to a later test's garbage collection
+        assert left_open == []
+        assert not backends.handlers and not failed.done()
+
+    asyncio.run(run())

@@ -287,6 +287,8 @@ class _Backends:
         self.listeners: list[socket.socket] = []
         #: each connection's handler task; its socket or streams are its own
         self.handlers: set[asyncio.Task[None]] = set()
+        #: accepted sockets whose handler has not taken its first step yet
+        self.unserved: set[socket.socket] = set()
 
     def start(self, failed: asyncio.Future[DemoError]) -> list[tuple[str, int]]:
         """Listen on two ports of 127.0.0.1; return their addresses.
@@ -337,9 +339,21 @@ class _Backends:
             # (for a task of asyncio's own server, Python 3.11 logged that as
             # "Exception in callback ... CancelledError" with a traceback, CPython
             # gh-113538).
-            task = asyncio.ensure_future(_serve(name, conn))
+            task = asyncio.ensure_future(self._serve(name, conn))
             self.handlers.add(task)
-            task.add_done_callback(self.handlers.discard)
+            # A task cancelled before its first step (close() right after this
+            # accept, its wake-up queued ahead of the handler's first step) throws the
+            # CancelledError into a coroutine that has not started, which ends it
+            # without running a line of it: _serve()'s own close is not reached, and
+            # this callback closes the socket instead.
+            self.unserved.add(conn)
+            task.add_done_callback(functools.partial(self._handler_done, conn))
+
+    def _handler_done(self, conn: socket.socket, task: asyncio.Task[None]) -> None:
+        self.handlers.discard(task)
+        if conn in self.unserved:  # the handler never started: nobody closed it
+            self.unserved.discard(conn)
+            conn.close()
 
     async def close(self) -> None:
         """Stop accepting, end every connection and wait for the handlers to end."""
@@ -355,17 +369,20 @@ class _Backends:
         if handlers:
             await asyncio.wait(handlers)
 
-
-async def _serve(name: str, conn: socket.socket) -> None:
-    """Serve one accepted connection as backend *name* (see :func:`_backend`)."""
-    try:
-        reader, writer = await asyncio.open_connection(sock=conn)
-    except BaseException as exc:
-        conn.close()  # not yet a transport's, which would close it
-        if isinstance(exc, OSError):
-            return  # the peer is gone already: nobody to answer
-        raise
-    await _backend(name, reader, writer)
+    async def _serve(self, name: str, conn: socket.socket) -> None:
+        """Serve one accepted connection as backend *name* (see :func:`_backend`)."""
+        # From here on the socket is this handler's to close (or its transport's):
+        # not _handler_done()'s, which would close it under a transport still
+        # flushing or closing it.
+        self.unserved.discard(conn)
+        try:
+            reader, writer = await asyncio.open_connection(sock=conn)
+        except BaseException as exc:
+            conn.close()  # not yet a transport's, which would close it
+            if isinstance(exc, OSError):
+                return  # the peer is gone already: nobody to answer
+            raise
+        await _backend(name, reader, writer)
 
 
 def _close(sock: socket.socket, _: object) -> None:
