@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
+import io
 import os
 import re
 import select
@@ -670,6 +672,80 @@ def test_demo_proxy_reports_a_backend_failed_accept(monkeypatch: pytest.MonkeyPa
 
     asyncio.run(run())
     assert len(made) >= 2 and all(s.fileno() == -1 for s in made[:2])
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("where", ["_end", "close"])
+def test_demo_proxy_ctrl_c_during_cleanup_closes_the_backends(
+    monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    # Ctrl-C (the SIGINT handler cancels the demo's task) arriving while the proxy
+    # scenario's cleanup awaits the clients' and relays' end (_end), or while the
+    # backends' close() waits for a handler serving a connection. Before, a
+    # cancellation at _end made the CancelledError leave the cleanup before the
+    # backends were closed: both of their listening sockets stayed open
+    # ("ResourceWarning: unclosed socket" once collected).
+    from reuselb import _demo
+
+    made: list[_demo._Backends] = []
+    peers: list[socket.socket] = []
+    end = _demo._end
+
+    def ctrl_c() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()  # what the demo's SIGINT handler does, arriving here
+
+    async def end_with_ctrl_c(tasks: Any) -> None:
+        ctrl_c()
+        await end(tasks)
+
+    class Backends(_demo._Backends):
+        def __init__(self) -> None:
+            super().__init__()
+            made.append(self)
+
+        async def close(self) -> None:
+            if where == "close":
+                # A connection backend-1 serves (its handler waits for the line):
+                # close() has a handler to wait for when the cancellation arrives.
+                peers.append(socket.create_connection(self.listeners[0].getsockname(), 10))
+                failed = asyncio.get_running_loop().create_future()
+                self._accept("backend-1", self.listeners[0], failed)
+                assert len(self.handlers) == 1
+                await asyncio.sleep(0)  # the handler's first step: it owns the socket
+                ctrl_c()
+            await super().close()
+
+    if where == "_end":
+        monkeypatch.setattr(_demo, "_end", end_with_ctrl_c)
+    monkeypatch.setattr(_demo, "_Backends", Backends)
+
+    async def run() -> None:
+        with pytest.raises(asyncio.CancelledError):
+            await _demo._proxy(2)
+
+    gc.collect()  # other tests' garbage closes its sockets now, not in what is counted
+    before = _open_fds()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # the scenario's own lines
+            asyncio.run(run())
+    finally:
+        for peer in peers:
+            peer.close()
+    listeners = [s for backends in made for s in backends.listeners]
+    left_open = [s.getsockname() for s in listeners if s.fileno() != -1]
+    for s in listeners:
+        s.close()  # a failure leaves none to a later test's garbage collection
+    assert len(made) == 1 and len(listeners) == 2
+    assert left_open == []
+    assert len(peers) == (where == "close")
+    # nothing else left open either: the handlers', relays' and clients' sockets
+    gc.collect()
+    assert _open_fds() - before == set()
 
 
 def test_demo_backend_closes_a_connection_whose_handler_never_started() -> None:

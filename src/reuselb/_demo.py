@@ -356,7 +356,12 @@ class _Backends:
             conn.close()
 
     async def close(self) -> None:
-        """Stop accepting, end every connection and wait for the handlers to end."""
+        """Stop accepting, end every connection and wait for the handlers to end.
+
+        The listeners are closed before the first ``await``, so a cancellation of
+        the caller (Ctrl-C) while it waits leaves none open; the handlers are
+        cancelled by then, and each closes its connection as it ends.
+        """
         loop = asyncio.get_running_loop()
         for listener in self.listeners:
             loop.remove_reader(listener.fileno())
@@ -535,8 +540,14 @@ async def _proxy(clients: int) -> list[tuple[int, str, int, int, bool]]:
         if listener is not None:
             loop.remove_reader(listener.fileno())
             listener.close()  # connections still queued on it are reset
-        await _end([*([talk] if talk is not None else []), *relays])
-        await backends.close()
+        try:
+            await _end([*([talk] if talk is not None else []), *relays])
+        finally:
+            # Also when Ctrl-C cancels this task while _end() waits: the
+            # CancelledError left this finally before, and both backends' listening
+            # sockets stayed open (an "unclosed socket" ResourceWarning). _end() has
+            # cancelled the relays by then; they end while the backends close.
+            await backends.close()
     return [
         (i, answer, stats[src].a_to_b, stats[src].b_to_a, stats[src].spliced)
         for i, answer, src in rows
