@@ -519,9 +519,9 @@ def test_demo_out_of_fds_says_so_and_stops_its_workers() -> None:
     # already started were left running. The demo keeps 2 fds per worker: the 64
     # allowed run out within 32 workers. The limit is set by a launcher that execs
     # the demo (same pid and process group), not by a preexec_fn in this process.
-    from tests.test_examples import run_at_64_fds
+    from tests.test_examples import run_at_fds
 
-    returncode, _, err, group_left = run_at_64_fds(
+    returncode, _, err, group_left = run_at_fds(
         ["-m", "reuselb", "demo", "reuseport", "--workers", "64"]
     )
     assert returncode == 1, err
@@ -550,41 +550,6 @@ def test_demo_reports_an_os_error_in_one_line(
     )
 
 
-def _run_at_fds(limit: int, argv: list[str]) -> tuple[int, str, bool]:
-    """Run ``python *argv*`` with RLIMIT_NOFILE *limit* in a session of its own; return
-    its status, its stderr and whether any process of its group was left running.
-
-    As tests.test_examples.run_at_64_fds: a launcher sets the limit and execs the
-    program (same pid and process group), no preexec_fn in this process.
-    """
-    launcher = (
-        "import os, resource, sys; n = int(sys.argv[1]); "
-        "resource.setrlimit(resource.RLIMIT_NOFILE, (n, n)); "
-        "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])"
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", launcher, str(limit), *argv],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        _, err = proc.communicate(timeout=60)
-        group_left = True
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            group_left = False
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-        if proc.stderr is not None:
-            proc.stderr.close()
-    return proc.returncode, err, group_left
-
-
 # A few fds apart, the proxy runs out making its event loop (5), a backend's
 # listener (6, 7), its own listener (8, 9), accepting (10-13: the proxy's accept,
 # then a backend's); from 14 on it runs. (Counts of CPython 3.10-3.13; one more or
@@ -598,8 +563,10 @@ def test_demo_proxy_out_of_fds_says_so_in_one_line(limit: int) -> None:
     # socket); 12 and 13, asyncio's "socket.accept() out of system resource"
     # traceback logged for each retry of a backend's accept, then "[Errno 104]
     # Connection reset by peer" naming nothing.
-    returncode, err, group_left = _run_at_fds(
-        limit, ["-m", "reuselb", "demo", "proxy", "--clients", "10"]
+    from tests.test_examples import run_at_fds
+
+    returncode, _, err, group_left = run_at_fds(
+        ["-m", "reuselb", "demo", "proxy", "--clients", "10"], limit, timeout=60
     )
     assert returncode == 1, err
     assert re.fullmatch(

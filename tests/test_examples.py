@@ -17,7 +17,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import pytest
 
@@ -594,27 +594,13 @@ def test_ctrl_c_while_a_worker_starts_is_quiet(script: str, backend: str) -> Non
     _assert_reaped([worker])
 
 
-def run_at_64_fds(argv: list[str]) -> tuple[int, str, str, bool]:
-    """Run ``python *argv*`` with RLIMIT_NOFILE 64 in a session of its own; return its
-    status, stdout, stderr and whether any process of its group was left running.
-
-    The limit is set by a small launcher that then execs the program (same pid, same
-    process group), rather than by a preexec_fn, which runs Python code in the forked
-    child of this possibly threaded process.
-    """
-    launcher = (
-        "import os, resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)); "
-        "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", launcher, *argv],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+def finish_session(proc: subprocess.Popen[Any], timeout: float) -> tuple[Any, Any, bool]:
+    """Wait up to *timeout* for *proc* (started with ``start_new_session=True``);
+    return its stdout, its stderr (as ``communicate()`` gives them) and whether any
+    process of its group was still running when it ended. Whatever is left of the
+    group is killed and *proc* reaped, also when the wait times out."""
     try:
-        out, err = proc.communicate(timeout=120)
+        out, err = proc.communicate(timeout=timeout)
         group_left = True
         try:
             os.killpg(proc.pid, 0)
@@ -624,6 +610,35 @@ def run_at_64_fds(argv: list[str]) -> tuple[int, str, str, bool]:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+    return out, err, group_left
+
+
+def run_at_fds(
+    argv: list[str], limit: int = 64, timeout: float = 120
+) -> tuple[int, str, str, bool]:
+    """Run ``python *argv*`` with RLIMIT_NOFILE *limit* in a session of its own; return
+    its status, stdout, stderr and whether any process of its group was left running.
+
+    The limit is set by a small launcher that then execs the program (same pid, same
+    process group), rather than by a preexec_fn, which runs Python code in the forked
+    child of this possibly threaded process.
+    """
+    launcher = (
+        "import os, resource, sys; n = int(sys.argv[1]); "
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (n, n)); "
+        "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", launcher, str(limit), *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    out, err, group_left = finish_session(proc, timeout)
     return proc.returncode, out, err, group_left
 
 
@@ -641,7 +656,7 @@ def test_examples_out_of_fds_at_start_say_so_and_stop_their_workers(
     if script == "l4proxy.py":
         args += ["--backend", backend]
 
-    returncode, out, err, group_left = run_at_64_fds([str(EXAMPLES / script), *args])
+    returncode, out, err, group_left = run_at_fds([str(EXAMPLES / script), *args])
     assert returncode == 1, (out, err)
     assert "Traceback" not in err, err
     assert re.fullmatch(r"\S.* could not be started: \[Errno 24\] Too many open files\n", err), err
@@ -730,19 +745,7 @@ def test_a_failed_socket_handoff_at_start_is_one_line(script: str, side: str, ba
             env=env,
             start_new_session=True,
         )
-        try:
-            out, _ = proc.communicate(timeout=60)
-            group_left = True
-            try:
-                os.killpg(proc.pid, 0)
-            except ProcessLookupError:
-                group_left = False
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-            assert proc.stdout is not None
-            proc.stdout.close()
+        out, _, group_left = finish_session(proc, 60)
         err.seek(0)
         stderr = err.read().decode(errors="replace")
     assert proc.returncode == 1, (out, stderr)
