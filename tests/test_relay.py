@@ -4375,7 +4375,12 @@ def test_a_wrapper_raising_at_the_idle_timeout_ends_its_relay(
 @pytest.mark.parametrize("api", ["coroutine", "start"])
 @pytest.mark.parametrize(
     ("kind", "when"),
-    [("exception", "later"), ("exception", "at-start"), ("keyboard-interrupt", "later")],
+    [
+        ("exception", "later"),
+        ("exception", "at-start"),
+        ("keyboard-interrupt", "later"),
+        ("keyboard-interrupt", "at-start"),
+    ],
 )
 def test_a_wrapper_raising_as_its_failed_relay_shuts_it_down_ends_the_relay(
     listener: socket.socket, on_loop: _Loop, api: str, kind: str, when: str
@@ -4387,7 +4392,9 @@ def test_a_wrapper_raising_as_its_failed_relay_shuts_it_down_ends_the_relay(
     # escaped the sibling `except Exception` to the loop's exception handler, and
     # the task stayed pending for ever. The await raises it now, once the relay has
     # ended, as in the blocking form and the hub; a KeyboardInterrupt leaves the
-    # loop and the relay is cancelled.
+    # loop and the relay is cancelled. (At the fallback's first pump, in the task's
+    # own step, the task ended holding the KeyboardInterrupt, not cancelled, and
+    # the loop's handler got "Task exception was never retrieved".)
     client, a = tcp_pair(listener)
     b, backend = tcp_pair(listener)
     exc = ValueError("the wrapper refuses") if kind == "exception" else KeyboardInterrupt()
@@ -4397,15 +4404,35 @@ def test_a_wrapper_raising_as_its_failed_relay_shuts_it_down_ends_the_relay(
     if when == "at-start":
         _reset(backend)  # met by the relay's first pump
 
-    async def start() -> asyncio.Future[RelayStats]:
+    relay: asyncio.Future[RelayStats] | None = None
+
+    async def start() -> None:
+        nonlocal relay
         wa = _ShutdownRaises(a, exc)
         if api == "start":
-            return start_pipe_splice(wa, b, close=False)
-        return asyncio.ensure_future(async_pipe_splice(wa, b, close=False))
+            relay = start_pipe_splice(wa, b, close=False)
+        else:
+            relay = asyncio.ensure_future(async_pipe_splice(wa, b, close=False))
 
-    relay: asyncio.Future[RelayStats] | None = None
+    async def start_and_wait() -> None:
+        await start()
+        assert relay is not None
+        await asyncio.wait([relay], timeout=10)
+
+    waiter: asyncio.Task[None] | None = None
     try:
-        relay = loop.run_until_complete(start())
+        if (kind, when) == ("keyboard-interrupt", "at-start"):
+            # One run starts the relay and waits for it: the interrupt comes in the
+            # run that starts the hub's relay (its callback for the reset) or in a
+            # later one (the fallback's first pump, at its task's first step), and
+            # a run it interrupts after its future completed would leave a stale
+            # stop for the next run.
+            waiter = loop.create_task(start_and_wait())
+            with pytest.raises(KeyboardInterrupt):
+                loop.run_until_complete(waiter)
+        else:
+            loop.run_until_complete(start())
+        assert relay is not None
         if when == "later":
             # Until the relay has begun (made its sides non-blocking) and waits:
             # a task's first step may not have run yet.
@@ -4420,8 +4447,9 @@ def test_a_wrapper_raising_as_its_failed_relay_shuts_it_down_ends_the_relay(
             with pytest.raises(ValueError, match="the wrapper refuses"):
                 loop.run_until_complete(asyncio.wait_for(asyncio.shield(relay), 10))
         else:
-            with pytest.raises(KeyboardInterrupt):
-                loop.run_until_complete(asyncio.wait([relay], timeout=10))
+            if when == "later":
+                with pytest.raises(KeyboardInterrupt):
+                    loop.run_until_complete(asyncio.wait([relay], timeout=10))
             # A task ends at its next step: the loop runs again. (The old driver
             # left the reader armed on the reset socket: it raised again.)
             try:
@@ -4435,6 +4463,128 @@ def test_a_wrapper_raising_as_its_failed_relay_shuts_it_down_ends_the_relay(
         assert a.getblocking() and b.getblocking()
         for sock in (a, b):
             assert not fcntl.fcntl(sock.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
+    finally:
+        end_loop(loop, cancel=[relay, waiter], close=(client, a, b, backend))
+
+
+class _ShutdownCounts(Wrapped):
+    """A wrapper that records its shutdown() calls and runs *then* (if any) first."""
+
+    def __init__(self, sock: socket.socket, then: Callable[[], None] | None = None) -> None:
+        super().__init__(sock)
+        self.shutdowns: list[int] = []
+        self.then = then
+
+    def shutdown(self, how: int, /) -> None:
+        self.shutdowns.append(how)
+        if self.then is not None:
+            self.then()
+        self._sock.shutdown(how)
+
+
+async def _begun(relay: asyncio.Future[RelayStats], b: socket.socket) -> None:
+    """Until *relay* has begun (made *b* non-blocking) and waits: a task's first
+    step may not have run yet."""
+    for _ in range(100):
+        if not os.get_blocking(b.fileno()) or relay.done():
+            break
+        await asyncio.sleep(0)
+    assert not relay.done() and not os.get_blocking(b.fileno())
+
+
+def _readable_within(sock: socket.socket, seconds: float) -> bool:
+    """Whether *sock* polls readable (its reset arrived) within *seconds*; the loop
+    that runs its relay is blocked meanwhile, so the relay has not read it yet."""
+    p = select.poll()
+    p.register(sock, select.POLLIN)
+    return bool(p.poll(seconds * 1000))
+
+
+@pytest.mark.parametrize("api", ["coroutine", "start"])
+def test_a_wrapper_cancelling_its_failed_relay_then_raising_is_reported(
+    listener: socket.socket, on_loop: _Loop, api: str
+) -> None:
+    # close=False: the relay shuts the surviving side down when the other fails, and
+    # a wrapper's shutdown() cancels the relay, then raises. The relay's future is
+    # cancelled and cannot hold the exception: the hub hands it to the loop's
+    # exception handler (as a wrapper's close() failing after a cancel); the
+    # fallback driver dropped it without a word.
+    client, a = tcp_pair(listener)
+    b, backend = tcp_pair(listener)
+    refused = ValueError("shutdown refused after cancelling")
+    relay: asyncio.Future[RelayStats] | None = None
+
+    def cancel_then_raise() -> None:
+        assert relay is not None
+        relay.cancel()
+        raise refused
+
+    wa = _ShutdownCounts(a, cancel_then_raise)
+    handled: list[dict[str, Any]] = []
+    loop = on_loop.new()
+    loop.set_exception_handler(lambda _loop, ctx: handled.append(ctx))
+
+    async def main() -> None:
+        nonlocal relay
+        if api == "start":
+            relay = start_pipe_splice(wa, b, close=False)
+        else:
+            relay = asyncio.ensure_future(async_pipe_splice(wa, b, close=False))
+        await _begun(relay, b)
+        _reset(backend)
+        await asyncio.wait([relay], timeout=JOIN)
+
+    try:
+        loop.run_until_complete(main())
+        assert relay is not None and relay.cancelled()
+        assert wa.shutdowns == [socket.SHUT_RDWR]
+        assert [(c.get("message"), c.get("exception")) for c in handled] == [
+            ("closing a cancelled relay's sockets failed", refused)
+        ]
+        assert loop not in relay_mod._HUBS
+        assert a.getblocking() and b.getblocking()
+    finally:
+        end_loop(loop, cancel=[relay], close=(client, a, b, backend))
+
+
+@pytest.mark.parametrize("api", ["coroutine", "start"])
+def test_an_idle_timeout_due_with_a_failure_does_not_end_the_relay_twice(
+    listener: socket.socket, on_loop: _Loop, api: str
+) -> None:
+    # The loop blocked past the idle timeout while a reset arrived: one loop
+    # iteration runs both the reader of the reset side and the idle timer. The
+    # fallback driver's timer then timed the ended relay out again, a close=False
+    # wrapper's shutdown() called twice (the hub: once, its relay out of the hub).
+    client, a = tcp_pair(listener)
+    b, backend = tcp_pair(listener)
+    wa = _ShutdownCounts(a)
+    idle = 0.5
+    relay: asyncio.Future[RelayStats] | None = None
+    loop = on_loop.new()
+    handled: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, ctx: handled.append(ctx))
+
+    async def main() -> RelayStats:
+        nonlocal relay
+        started = loop.time()
+        if api == "start":
+            relay = start_pipe_splice(wa, b, close=False, idle_timeout=idle)
+        else:
+            relay = asyncio.ensure_future(async_pipe_splice(wa, b, close=False, idle_timeout=idle))
+        await _begun(relay, b)
+        _reset(backend)
+        assert _readable_within(b, JOIN)
+        # The scenario itself, not a wait for something: the loop blocked until
+        # the idle timer is due, the reset unread.
+        time.sleep(max(0.0, started + idle + 0.05 - loop.time()))
+        return await asyncio.wait_for(relay, JOIN)
+
+    try:
+        stats = loop.run_until_complete(main())
+        assert (stats.failed, stats.b_end, stats.a_end) == ("b", End.RESET, End.ABORTED)
+        assert wa.shutdowns == [socket.SHUT_RDWR], "shut down once, by the failure"
+        assert handled == []
+        assert a.getblocking() and b.getblocking()
     finally:
         end_loop(loop, cancel=[relay], close=(client, a, b, backend))
 

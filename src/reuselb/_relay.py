@@ -2422,8 +2422,7 @@ async def _run_async_selector(relay: _Relay) -> RelayStats:
         except Exception as exc:
             # Not a socket error (a SocketLike method raising ValueError...): the
             # coroutine raises it once the relay is ended, as pipe_splice does.
-            if not finished.done():
-                finished.set_exception(_settable(exc))
+            lost(exc)
         except BaseException:
             # KeyboardInterrupt, SystemExit: out to the loop, as asyncio lets them
             # out of callbacks; the relay ends as if cancelled.
@@ -2439,8 +2438,7 @@ async def _run_async_selector(relay: _Relay) -> RelayStats:
         try:
             relay.fail(failure)
         except Exception as exc:
-            if not finished.done():
-                finished.set_exception(_settable(exc))
+            lost(exc)
             return
         except BaseException:
             finished.cancel()
@@ -2448,8 +2446,26 @@ async def _run_async_selector(relay: _Relay) -> RelayStats:
         if not finished.done():
             finished.set_result(None)
 
+    def lost(exc: Exception) -> None:
+        """*exc*, raised by a wrapper while the relay runs or ends, for the await to
+        raise; or, if the relay was cancelled meanwhile (that wrapper's shutdown()
+        cancelled it, then raised), for the loop's exception handler, as the hub
+        reports it (_Driven.crash): `finished` cannot hold it any more, and it was
+        dropped without a word."""
+        if not finished.done():
+            finished.set_exception(_settable(exc))
+        elif finished.cancelled():
+            _report_lost(loop, exc)
+
     def on_timer() -> None:
         nonlocal timer
+        if finished.done():
+            # The relay ended in this same loop iteration, before its timer's turn
+            # (a reset read, then the timer due: a loop blocked past the timeout
+            # runs both): `timer` is cancelled only when the coroutine resumes, in
+            # the next iteration. Timing it out now ran timeout() on an ended relay,
+            # a close=False wrapper's shutdown() called a second time.
+            return
         # idle_left() calls dst's fileno() (note_queue), and timeout() the sides'
         # shutdown() with close=False: a wrapper's may raise (a closed io-style
         # wrapper's ValueError). Handled as on_ready does: unhandled, it went to the
@@ -2463,8 +2479,7 @@ async def _run_async_selector(relay: _Relay) -> RelayStats:
                 return
             relay.timeout()
         except Exception as exc:
-            if not finished.done():
-                finished.set_exception(_settable(exc))
+            lost(exc)
             return
         except BaseException:
             finished.cancel()
@@ -2480,10 +2495,22 @@ async def _run_async_selector(relay: _Relay) -> RelayStats:
     pending: BaseException | None = None
     try:
         try:
-            for flow in relay.flows:
-                relay.pump(flow)
-        except _Failure as failure:
-            ended(failure)
+            try:
+                for flow in relay.flows:
+                    relay.pump(flow)
+            except _Failure as failure:
+                ended(failure)
+        except (KeyboardInterrupt, SystemExit) as exc:
+            # From a wrapper's method (its shutdown() as the other side's failure
+            # ends the relay) or a signal handler, at this first pump: raised here,
+            # it went through the coroutine, and its task ended holding it (asyncio
+            # sets a KeyboardInterrupt from a task's step on the task, then lets it
+            # out), not cancelled, and nothing retrieved it ("Task exception was
+            # never retrieved"). It leaves the loop through a callback instead, as
+            # from on_ready and the hub's callbacks, after the await below, meeting
+            # `finished` cancelled, has ended the relay as a cancel does.
+            finished.cancel()
+            loop.call_soon(_reraise, exc)
         if relay.idle_timeout is not None:
             timer = loop.call_later(relay.idle_timeout, on_timer)
         settle()
@@ -3349,6 +3376,11 @@ class _RelayFuture(asyncio.Future[RelayStats]):
             loop = self.get_loop()
             for callback, context in callbacks:
                 loop.call_soon(callback, self, context=context)
+
+
+def _reraise(exc: BaseException) -> None:
+    """Raise *exc* (a loop callback: a KeyboardInterrupt leaves the loop from it)."""
+    raise exc
 
 
 def _report_lost(loop: asyncio.AbstractEventLoop, exc: Exception) -> None:
