@@ -2274,6 +2274,61 @@ def test_a_closed_wrapper_whose_fileno_raises_is_a_closed_side(
             sock.close()
 
 
+class _ClosesAt(Wrapped):
+    """A wrapper whose gettimeout() closes *victim* (its own socket by default) at
+    its second call, in the start's _Relay() after the relay's checks had read the
+    sides' fds: a side closed while the relay starts (by another thread, say). Its
+    own fileno() reads -1 once closed, as a socket.socket's does."""
+
+    def __init__(self, sock: socket.socket, victim: socket.socket | None = None) -> None:
+        super().__init__(sock)
+        self.victim, self.asked = victim or sock, 0
+
+    def gettimeout(self) -> float | None:
+        self.asked += 1
+        timeout = self._sock.gettimeout()
+        if self.asked == 2:
+            self.victim.close()
+        return timeout
+
+
+@pytest.mark.parametrize(
+    "form", ["blocking", "asyncio", "uvloop", "asyncio-start", "fallback", "fallback-start"]
+)
+@pytest.mark.parametrize("side", ["a", "b"])
+@pytest.mark.parametrize("kind", ["wrapper", "socket"])
+def test_a_side_closed_while_the_relay_starts_is_a_closed_side(
+    listener: socket.socket, monkeypatch: pytest.MonkeyPatch, form: str, side: str, kind: str
+) -> None:
+    # The test above with a side whose fileno() reads -1 once closed (a wrapper, or
+    # a socket.socket closed by the other side's wrapper): the relay kept fd -1,
+    # and the blocking form failed with a bare OSError (EBADF), the hub with
+    # ValueError from epoll.register(-1). SocketClosed now, naming the side.
+    if form.startswith("fallback"):
+        monkeypatch.setattr(relay_mod, "_HAS_EPOLL", False)
+    client, a = tcp_pair(listener)
+    b, backend = tcp_pair(listener)
+    closed, other = (a, b) if side == "a" else (b, a)
+    x: Any
+    y: Any
+    if kind == "wrapper":
+        x, y = (_ClosesAt(a), b) if side == "a" else (a, _ClosesAt(b))
+    else:  # the other side's wrapper closes this plain socket
+        x, y = (a, _ClosesAt(b, victim=a)) if side == "a" else (_ClosesAt(a, victim=b), b)
+    handled: list[dict[str, Any]] = []
+    try:
+        with pytest.raises(SocketClosed, match=f"relay side {side} is closed"):
+            _relay_in_form(form, x, y, handled)
+        assert closed.fileno() == -1  # closed during the start, as meant
+        assert handled == []
+        # The refused start gave the other side back as it was: open and blocking.
+        assert other.fileno() != -1 and other.getblocking()
+        assert not fcntl.fcntl(other.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
+    finally:
+        for sock in (client, a, b, backend):
+            sock.close()
+
+
 def _start_in(form: str, x: socket.socket, y: socket.socket) -> None:
     """Start a relay of *x* and *y* the *form* way: "blocking", "coroutine" or "start"."""
     if form == "blocking":

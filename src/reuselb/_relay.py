@@ -674,7 +674,8 @@ class _Relay:
             bursty_a = unix_a or not kernel[0]
             bursty_b = unix_b or not kernel[1]
             self.flows.append(_Flow("a", a, b, use_splice, size, bursty=bursty_a))
-            self.flows.append(_Flow("b", b, a, use_splice, size, bursty=bursty_b))
+            flow_b = _Flow("b", b, a, use_splice, size, bursty=bursty_b)
+            self.flows.append(flow_b)
         except BaseException as exc:
             self.abandon()
             if isinstance(exc, OSError):
@@ -685,6 +686,17 @@ class _Relay:
                     if _fileno(sock) < 0:
                         raise SocketClosed(sock, f"relay side {name}") from exc
             raise
+        # The same close, of a socket.socket or of a wrapper whose fileno() reads -1
+        # once closed: _Flow() kept fd -1, and the blocking form failed with a bare
+        # OSError (EBADF from poll), the hub with ValueError from epoll.register(-1).
+        # flow_b read each side's fd last (b's, then a's as its dst), and a closed
+        # side stays closed: these two int tests see any close since _check_pair (a
+        # close after them is one while the relay runs, which its fileno() checks
+        # find). Side a first, as _check_pair names it.
+        if flow_b.src_fd < 0 or flow_b.dst_fd < 0:
+            self.abandon()  # as above (begin() has not run: nothing to give back yet)
+            name, sock = ("a", a) if flow_b.dst_fd < 0 else ("b", b)
+            raise SocketClosed(sock, f"relay side {name}")
 
     def begin(self) -> None:
         """Nothing else can fail the start: set TCP_NODELAY, then make the sides
