@@ -147,7 +147,10 @@ def epoll_floor(listener: socket.socket, target: int) -> None:
         out = socks[dst]
         rest = left.get(dst)
         if rest is not None:
-            n = out.send(rest)
+            try:
+                n = out.send(rest)
+            except BlockingIOError:
+                n = 0  # dst still full: EPOLLOUT stays armed
             if n < len(rest):
                 left[dst] = rest[n:]
                 return True
