@@ -2514,15 +2514,16 @@ async def _run_async_selector(relay: _Relay) -> RelayStats:
                 ended(failure)
         except (KeyboardInterrupt, SystemExit) as exc:
             # From a wrapper's method (its shutdown() as the other side's failure
-            # ends the relay) or a signal handler, at this first pump: raised here,
-            # it went through the coroutine, and its task ended holding it (asyncio
-            # sets a KeyboardInterrupt from a task's step on the task, then lets it
-            # out), not cancelled, and nothing retrieved it ("Task exception was
-            # never retrieved"). It leaves the loop through a callback instead, as
-            # from on_ready and the hub's callbacks, after the await below, meeting
-            # `finished` cancelled, has ended the relay as a cancel does.
-            finished.cancel()
-            loop.call_soon(_reraise, exc)
+            # ends the relay) or a signal handler, at this first pump, in the task's
+            # own step: it goes on out of the coroutine now (the `finally` below
+            # ends the relay first), and asyncio lets it out of the loop at once,
+            # the task ending holding it, as for any interrupt in a task's step.
+            # Re-raised from a later callback instead, it was lost when the loop
+            # stopped in this iteration (run_until_complete() of a coroutine that
+            # did not await the relay, then close()), and under asyncio.run() came
+            # out of its shutdown_asyncgens(), cutting the shutdown short.
+            _retrieve_when_done(exc)
+            raise
         if relay.idle_timeout is not None:
             timer = loop.call_later(relay.idle_timeout, on_timer)
         settle()
@@ -3390,9 +3391,29 @@ class _RelayFuture(asyncio.Future[RelayStats]):
                 loop.call_soon(callback, self, context=context)
 
 
-def _reraise(exc: BaseException) -> None:
-    """Raise *exc* (a loop callback: a KeyboardInterrupt leaves the loop from it)."""
-    raise exc
+def _retrieve_when_done(exc: BaseException) -> None:
+    """Mark *exc* retrieved on the current task once it ends holding it.
+
+    *exc*, a KeyboardInterrupt or SystemExit, is leaving the task's step: asyncio
+    sets it on the task and lets it out of the loop, and nothing awaits the task
+    any more, so the task's collection logged "Task exception was never retrieved".
+    The done-callback runs if the loop runs again (asyncio.run() and Runner do, in
+    their shutdown); a loop closed without running again never runs it, as for any
+    task an interrupt leaves. Only *exc* itself is retrieved: the caller's coroutine
+    may catch it, and its task end later with another exception, whose log is not
+    this relay's to silence.
+    """
+    task = asyncio.current_task()
+    if task is None:  # driven by something other than an asyncio task
+        return
+
+    def retrieve(done: asyncio.Future[Any]) -> None:
+        # _exception (C and Python futures alike) is read first because exception()
+        # marks whatever the task holds retrieved.
+        if not done.cancelled() and getattr(done, "_exception", exc) is exc:
+            done.exception()
+
+    task.add_done_callback(retrieve)
 
 
 def _report_lost(loop: asyncio.AbstractEventLoop, exc: Exception) -> None:
