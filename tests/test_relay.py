@@ -4604,6 +4604,66 @@ def test_an_interrupt_at_the_fallbacks_first_pump_leaves_a_loop_stopping_then(
             sock.close()
 
 
+@pytest.mark.parametrize("kind", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("api", ["coroutine", "start"])
+def test_a_fallback_relay_cancelled_before_raising_its_wrappers_exception_reports_it(
+    listener: socket.socket, monkeypatch: pytest.MonkeyPatch, kind: str, api: str
+) -> None:
+    # Where there is no epoll, a wrapper's exception ends the relay and is set on the
+    # future the task awaits; a cancel due in the same loop iteration (a wait_for()
+    # timeout) comes before the task resumes. Task.cancel() cannot be refused for a
+    # task whose awaited future is done, asyncio throws CancelledError in instead,
+    # and the exception was neither raised nor reported. It goes to the loop's
+    # exception handler now (the hub's future refuses the cancel and raises it).
+    monkeypatch.setattr(relay_mod, "_HAS_EPOLL", False)
+    on = _Loop(kind, "fallback")
+    client, a = tcp_pair(listener)
+    b, backend = tcp_pair(listener)
+    refused = ValueError("the wrapper refuses")
+    relay: asyncio.Future[RelayStats] | None = None
+    cancels: list[bool] = []
+
+    class RefusesAndCancels(Wrapped):
+        def recv_into(self, buffer: memoryview, /) -> int:
+            n = super().recv_into(buffer)
+            if n:
+                assert relay is not None
+                # Runs after this callback, in the same iteration, before the
+                # task resumes.
+                asyncio.get_running_loop().call_soon(
+                    lambda future: cancels.append(future.cancel()), relay
+                )
+                raise refused
+            return n
+
+    handled: list[tuple[str, object]] = []
+
+    async def main() -> None:
+        nonlocal relay
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(
+            lambda _loop, ctx: handled.append((ctx["message"], ctx.get("exception")))
+        )
+        wa = RefusesAndCancels(a)
+        if api == "start":
+            relay = start_pipe_splice(wa, b, close=False)
+        else:
+            relay = asyncio.ensure_future(async_pipe_splice(wa, b, close=False))
+        await _begun(relay, b)
+        client.sendall(b"x")
+        await asyncio.wait([relay], timeout=JOIN)
+
+    try:
+        on.run(main())
+        assert relay is not None and relay.cancelled() and cancels == [True]
+        assert handled == [("a relay cancelled before it raised its wrapper's exception", refused)]
+        # The relay ended first: close=False, both sockets blocking again.
+        assert a.getblocking() and b.getblocking()
+    finally:
+        for sock in (client, a, b, backend):
+            sock.close()
+
+
 class _ShutdownCounts(Wrapped):
     """A wrapper that records its shutdown() calls and runs *then* (if any) first."""
 

@@ -2505,6 +2505,7 @@ async def _run_async_selector(relay: _Relay) -> RelayStats:
         finished.cancel()
         raise
     pending: BaseException | None = None
+    dropped: BaseException | None = None
     try:
         try:
             try:
@@ -2530,6 +2531,15 @@ async def _run_async_selector(relay: _Relay) -> RelayStats:
         await finished
     except BaseException as exc:
         pending = exc
+        if isinstance(exc, asyncio.CancelledError) and finished.done() and not finished.cancelled():
+            # The task was cancelled after `finished` got a wrapper's exception
+            # (lost()) but before the task resumed (a wait_for() timeout or a
+            # cancel() due in the same loop iteration): Task.cancel() returns True
+            # for a task whose awaited future is done already, and asyncio throws
+            # CancelledError in here instead of the exception, which nothing would
+            # raise or report. The hub's future refuses that cancel and raises it;
+            # here it goes to the loop's exception handler once the relay has ended.
+            dropped = finished.exception()
         raise
     finally:
         if timer is not None:
@@ -2539,6 +2549,10 @@ async def _run_async_selector(relay: _Relay) -> RelayStats:
         for fd in writers:
             loop.remove_writer(fd)
         stats = _finish_after(relay, pending)
+        if isinstance(dropped, Exception):  # lost() sets nothing else
+            _report_lost(
+                loop, dropped, "a relay cancelled before it raised its wrapper's exception"
+            )
     return stats
 
 
@@ -3416,12 +3430,14 @@ def _retrieve_when_done(exc: BaseException) -> None:
     task.add_done_callback(retrieve)
 
 
-def _report_lost(loop: asyncio.AbstractEventLoop, exc: Exception) -> None:
-    """Hand *exc*, from closing a relay whose future is cancelled, to *loop*'s
-    exception handler: the future cannot hold it any more."""
-    loop.call_exception_handler(
-        {"message": "closing a cancelled relay's sockets failed", "exception": exc}
-    )
+def _report_lost(
+    loop: asyncio.AbstractEventLoop,
+    exc: Exception,
+    message: str = "closing a cancelled relay's sockets failed",
+) -> None:
+    """Hand *exc*, from closing a relay whose future is cancelled (or what *message*
+    says), to *loop*'s exception handler: the future cannot hold it any more."""
+    loop.call_exception_handler({"message": message, "exception": exc})
 
 
 def _end_closed_hubs() -> None:
