@@ -178,6 +178,45 @@ def test_demo_names_a_bad_number(
     assert "invalid _" not in err
 
 
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["proxy", "--port", "18080"], "--port is for the reuseport scenario, not proxy"),
+        (["proxy", "--workers", "7"], "--workers is for the reuseport scenario, not proxy"),
+        (["proxy", "--requests", "5"], "--requests is for the reuseport scenario, not proxy"),
+        (["reuseport", "--clients", "2"], "--clients is for the proxy scenario, not reuseport"),
+    ],
+)
+def test_demo_refuses_an_option_of_the_other_scenario(
+    args: list[str], needle: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before: `demo proxy --port 18080 --workers 7` ran the proxy, the options
+    # silently ignored (they are the reuseport scenario's).
+    from reuselb.__main__ import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["demo", *args])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == f"python -m reuselb demo: error: {needle}"
+
+
+def test_demo_help_names_each_options_scenario(capsys: pytest.CaptureFixture[str]) -> None:
+    from reuselb.__main__ import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "--help"])
+    assert info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for option, scenario in (
+        ("--workers WORKERS", "reuseport"),
+        ("--requests REQUESTS", "reuseport"),
+        ("--port PORT", "reuseport"),
+        ("--clients CLIENTS", "proxy"),
+    ):
+        assert f"{option} {scenario} scenario:" in text
+
+
 def test_demo_refuses_a_port_another_server_listens_on() -> None:
     # Before: the workers joined the other server's reuseport group (same user,
     # SO_REUSEPORT), the kernel gave it part of the demo's connections, and the demo

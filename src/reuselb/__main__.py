@@ -37,16 +37,30 @@ def _port(text: str) -> int:
     return value
 
 
+#: The scenario each of the demo's options is for (``all`` runs both, and takes all).
+_OPTION_SCENARIO = {
+    "workers": "reuseport",
+    "requests": "reuseport",
+    "port": "reuseport",
+    "clients": "proxy",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m reuselb", description="The reuselb demo (not library API)."
     )
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run the demonstration scenarios on loopback")
-    demo.add_argument("--workers", type=_positive, default=3, help="worker processes (3)")
-    demo.add_argument("--requests", type=_positive, default=20, help="client connections (20)")
-    demo.add_argument("--port", type=_port, default=0, help="port (default: a free one)")
-    demo.add_argument("--clients", type=_positive, default=10, help="proxy clients (10)")
+    # Defaults of None: an option given explicitly is told from one left out, so
+    # one given for a scenario that does not run is refused (`demo proxy --port
+    # 18080` ran the proxy on a free port, the option silently ignored).
+    demo.add_argument("--workers", type=_positive, help="reuseport scenario: worker processes (3)")
+    demo.add_argument(
+        "--requests", type=_positive, help="reuseport scenario: client connections (20)"
+    )
+    demo.add_argument("--port", type=_port, help="reuseport scenario: port (default: a free one)")
+    demo.add_argument("--clients", type=_positive, help="proxy scenario: clients (10)")
     demo.add_argument(
         "scenario",
         nargs="?",
@@ -55,15 +69,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="which scenario (default: all)",
     )
     args = parser.parse_args(argv)
+    for option, scenario in _OPTION_SCENARIO.items():
+        if getattr(args, option) is not None and args.scenario not in ("all", scenario):
+            demo.error(f"--{option} is for the {scenario} scenario, not {args.scenario}")
+    workers = 3 if args.workers is None else args.workers
+    requests = 20 if args.requests is None else args.requests
+    port = 0 if args.port is None else args.port
+    clients = 10 if args.clients is None else args.clients
 
     from ._demo import DemoError, proxy_scenario, reuseport_scenario
 
     try:
         if args.scenario in ("all", "reuseport"):
-            reuseport_scenario(args.workers, args.requests, args.port)
+            reuseport_scenario(workers, requests, port)
         if args.scenario in ("all", "proxy"):
             print()
-            proxy_scenario(args.clients)
+            proxy_scenario(clients)
     except (ReuselbError, DemoError) as exc:
         print(f"reuselb demo: {exc}", file=sys.stderr)
         return 1
