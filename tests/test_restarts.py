@@ -843,3 +843,78 @@ def test_drain_close_refuses_a_closed_group_with_nothing_taken() -> None:
         with pytest.raises(InvalidArgument, match="the group is closed"):
             drain_close(late[0], group=group)
         assert late[0].fileno() != -1
+
+
+@pytest.mark.parametrize("kind", ["tcp", "udp"])
+def test_steer_away_from_keeps_a_client_on_one_member(kind: str) -> None:
+    # Before: a random member per packet (SKF_AD_RANDOM), so one UDP flow's
+    # datagrams scattered over the members ({1: 16, 2: 14} from one client port),
+    # while a flow sticks to one member without a program. Now the hash of
+    # attach_hash_steering, modulo n - 1, skipping the index steered away from.
+    from reuselb import hash_steering_index, steer_away_from
+
+    with reuseport_group("127.0.0.1:0", 4, kind=kind) as group:  # type: ignore[arg-type]
+        steer_away_from(group, 1)
+        for m in group:
+            m.setblocking(False)
+        seen = set()
+        for i in range(16):
+            with socket.socket(
+                type=socket.SOCK_STREAM if kind == "tcp" else socket.SOCK_DGRAM
+            ) as c:
+                c.bind(("127.0.0.1", 0))
+                expected = hash_steering_index("127.0.0.1", c.getsockname()[1], 3)
+                expected += expected >= 1
+                if kind == "tcp":
+                    c.connect(("127.0.0.1", group.port))
+                    ready = select.select(list(group), [], [], 10)[0]
+                    assert [group.members.index(m) for m in ready] == [expected]
+                    ready[0].accept()[0].close()
+                else:
+                    for n in range(4):  # one flow: every datagram to one member
+                        c.sendto(b"%d" % n, ("127.0.0.1", group.port))
+                        ready = select.select(list(group), [], [], 10)[0]
+                        assert [group.members.index(m) for m in ready] == [expected], i
+                        ready[0].recv(10)
+                seen.add(expected)
+        assert 1 not in seen and len(seen) > 1
+
+
+@pytest.mark.ipv6
+def test_steer_away_from_keeps_an_ipv6_udp_flow_on_one_member() -> None:
+    from reuselb import steer_away_from
+
+    with reuseport_group("[::1]:0", 3, kind="udp") as group:
+        steer_away_from(group, 0)
+        seen = set()
+        for _ in range(8):
+            with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as c:
+                c.bind(("::1", 0))
+                got = set()
+                for n in range(4):
+                    c.sendto(b"%d" % n, ("::1", group.port))
+                    ready = select.select(list(group), [], [], 10)[0]
+                    assert len(ready) == 1
+                    ready[0].recv(10)
+                    got.add(group.members.index(ready[0]))
+                assert len(got) == 1 and 0 not in got, got
+                seen |= got
+        assert seen <= {1, 2}
+
+
+def test_drain_close_takes_a_group_whose_so_reuseport_was_cleared(no_migration: None) -> None:
+    # Before: InvalidArgument "lacks SO_REUSEPORT: it is in no reuseport group" for
+    # members that are in it: clearing the option after joining (docs/restarts.md,
+    # to stop other sockets joining the port) left drain_close unable to run.
+    with reuseport_group("127.0.0.1:0", 3) as group:
+        steer_all_to(group, 2)
+        clients = _queue_clients(group.port, 5)
+        for member in group:
+            member.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 0)
+        result = drain_close(group[2], group=group, grace=0.05)
+        assert result.path == "steer"
+        assert result.steering_error is None
+        assert len(result.accepted) == 5
+        assert len(group) == 2
+        _answer(result.accepted)
+        assert _replies(clients) == [b"re:hello %d" % i for i in range(5)]

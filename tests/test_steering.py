@@ -7,13 +7,16 @@ import os
 import select
 import socket
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import pytest
 
 from reuselb import (
     InvalidArgument,
+    ReuseportGroup,
     SocketClosed,
     SteeringError,
+    WrongSocketType,
     attach_cpu_steering,
     attach_hash_steering,
     connect_tcp,
@@ -395,3 +398,77 @@ def test_cpu_steering_not_strict_starves_members_beyond_the_cpus() -> None:
         finally:
             os.sched_setaffinity(0, affinity)
         assert sum(got) == 8 * len(allowed) and got[-1] == 0, got
+
+
+@pytest.mark.parametrize("kind", ["tcp", "udp"])
+@pytest.mark.parametrize("steer", _STEERS, ids=_STEER_IDS)
+def test_steering_through_members_whose_so_reuseport_was_cleared(kind: str, steer: Steer) -> None:
+    # Before: InvalidArgument "lacks SO_REUSEPORT: it is in no reuseport group", which
+    # was false: cleared after joining (docs/restarts.md suggests it, to stop other
+    # sockets joining the port), a member stays in its group, and the kernel steers
+    # to it and attaches a program through it.
+    with reuseport_group("127.0.0.1:0", 2, kind=kind) as group:  # type: ignore[arg-type]
+        for member in group:
+            member.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 0)
+        steer(group)  # type: ignore[arg-type]
+        steer(list(group))
+        assert not _no_program(group[1])  # attached to the members' group
+        if kind == "tcp":
+            steer_all_to(group, 1)
+            assert _lands_on(list(group), group.port) == 1
+
+
+def test_a_first_member_without_so_reuseport_in_no_group_is_refused() -> None:
+    # Not checked up front any more (the option proves nothing of a member): the
+    # kernel's EINVAL for the socket the program is attached through says it.
+    with tcp_socket() as plain:
+        plain.bind(("127.0.0.1", 0))
+        plain.listen()
+        with pytest.raises(InvalidArgument) as info:
+            steer_all_to([plain], 0)
+        assert str(info.value) == (
+            f"invalid group member 0 {plain!r}: lacks SO_REUSEPORT and is in no kernel "
+            "reuseport group (a socket joins one only when it binds (UDP) or listens "
+            "(TCP) with the option set)"
+        )
+        assert isinstance(info.value.__cause__, OSError)
+        assert info.value.__cause__.errno == errno.EINVAL
+
+
+def test_tcp_members_are_indexed_in_listen_order() -> None:
+    # The docs said "join (bind) order" and "the order members bound": for TCP the
+    # kernel adds a member to its group's array when it listens.
+    assert "listened for TCP and bound for UDP" in " ".join((ReuseportGroup.__doc__ or "").split())
+    assert "join (bind) order" not in (steering.__doc__ or "")
+    assert "listen() them in that order for TCP" in " ".join(
+        (attach_cpu_steering.__doc__ or "").split()
+    )
+    with tcp_socket() as first_bound, tcp_socket() as second_bound:
+        for sock in (first_bound, second_bound):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        first_bound.bind(("127.0.0.1", 0))
+        port = first_bound.getsockname()[1]
+        second_bound.bind(("127.0.0.1", port))
+        second_bound.listen()
+        first_bound.listen()
+        members = [second_bound, first_bound]  # listen order
+        for index in (0, 1):
+            steer_all_to(members, index)
+            assert _lands_on(members, port) == index
+
+
+@pytest.mark.parametrize("steer", _STEERS, ids=_STEER_IDS)
+def test_a_bad_member_of_a_sequence_is_named_by_position(steer: Steer) -> None:
+    # Before: "group member is closed: <socket.socket [closed] ...>" and "group
+    # member: expected a socket.socket, got str", naming no position, while a
+    # ReuseportGroup said "group member 2 is closed".
+    with reuseport_group("127.0.0.1:0", 4) as group:
+        members: list[Any] = list(group)
+        members[2].close()
+        with pytest.raises(SocketClosed) as info:
+            steer(members)
+        assert str(info.value).startswith("group member 2 is closed: ")
+        members[2] = "not a socket"
+        with pytest.raises(WrongSocketType) as wrong:
+            steer(members)
+        assert str(wrong.value).startswith("group member 2: expected a socket.socket, got str")

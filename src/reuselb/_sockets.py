@@ -781,7 +781,8 @@ class ReuseportGroup:
     """Members of one reuseport group, owned together, in join order.
 
     Join order matters: a reuseport BPF program returns an index into the group in
-    the order members bound (see ``attach_cpu_steering``). The group closes every
+    the order members joined it, the order they listened for TCP and bound for UDP
+    (see ``attach_cpu_steering``). The group closes every
     member it still owns on :meth:`close` or when its ``with`` block ends;
     :meth:`take` hands one member to the caller, who then owns it.
     """

@@ -5,8 +5,10 @@ Rules of this module:
 * a program attached with SO_ATTACH_REUSEPORT_CBPF to any member governs the whole
   group; it returns an index into the group's member array, and an index out of
   range falls back to the kernel's 4-tuple hash (socket(7));
-* the member array starts in join (bind) order; when a member leaves, the kernel
-  moves the *last* member into its slot. ``ReuseportGroup`` follows the same rule;
+* the member array starts in join order: a TCP socket joins when it listens, a UDP
+  socket when it binds (the order of bind() does not count for TCP); when a member
+  leaves, the kernel moves the *last* member into its slot. ``ReuseportGroup``
+  follows the same rule;
 * programs are built with ``struct`` and ``ctypes`` only, and every one is small
   enough to read in its docstring.
 """
@@ -46,7 +48,6 @@ _SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
 _IFNAMSIZ = 16
 _SKF_AD_OFF = -0x1000
 _SKF_AD_CPU = 36
-_SKF_AD_RANDOM = 56
 
 # cBPF opcodes (linux/bpf_common.h)
 _LD_W_ABS = 0x00 | 0x00 | 0x20  # BPF_LD | BPF_W | BPF_ABS
@@ -56,6 +57,9 @@ _ALU_ADD_K = 0x04 | 0x00  # BPF_ALU | BPF_ADD | BPF_K
 _JGE_K = 0x05 | 0x30  # BPF_JMP | BPF_JGE | BPF_K
 _RET_A = 0x06 | 0x10  # BPF_RET | BPF_A
 _LD_H_ABS = 0x00 | 0x08 | 0x20  # BPF_LD | BPF_H | BPF_ABS
+_LD_B_ABS = 0x00 | 0x10 | 0x20  # BPF_LD | BPF_B | BPF_ABS
+_JEQ_K = 0x05 | 0x10  # BPF_JMP | BPF_JEQ | BPF_K
+_JA = 0x05 | 0x00  # BPF_JMP | BPF_JA
 _TAX = 0x07 | 0x00  # BPF_MISC | BPF_TAX
 _ALU_XOR_X = 0x04 | 0xA0 | 0x08  # BPF_ALU | BPF_XOR | BPF_X
 _ALU_MUL_K = 0x04 | 0x20  # BPF_ALU | BPF_MUL | BPF_K
@@ -117,6 +121,36 @@ _NO_KERNEL_GROUP = (
     "the socket is in no kernel reuseport group (e.g. SO_REUSEPORT set after a UDP "
     "socket's bind or a TCP socket's listen)"
 )
+#: Why the kernel refused to attach through a socket without SO_REUSEPORT.
+_NO_OPTION_NO_GROUP = (
+    "lacks SO_REUSEPORT and is in no kernel reuseport group (a socket joins one only "
+    "when it binds (UDP) or listens (TCP) with the option set)"
+)
+
+
+def _has_option(sock: socket.socket) -> bool:
+    """Whether *sock* has SO_REUSEPORT now (True if it cannot be read)."""
+    try:
+        return bool(sock.getsockopt(socket.SOL_SOCKET, _SO_REUSEPORT))
+    except OSError:
+        return True
+
+
+def _attach_member(sock: socket.socket, program: Sequence[Insn], name: str) -> None:
+    """:func:`_attach`, for the public steering functions.
+
+    A socket the kernel finds without SO_REUSEPORT and in no group is the caller's
+    mistake, as the other members' checks are: :class:`InvalidArgument`, as when
+    _group_key refused it up front. drain_close calls :func:`_attach` and keeps the
+    SteeringError: its handler takes any other exception during the attach for an
+    interrupt and detaches the group's program.
+    """
+    try:
+        _attach(sock, program, name)
+    except SteeringError as exc:
+        if exc.errno == errno.EINVAL and not _has_option(sock):
+            raise InvalidArgument(name, sock, _NO_OPTION_NO_GROUP) from exc.__cause__
+        raise
 
 
 def _attach(sock: socket.socket, program: Sequence[Insn], name: str) -> None:
@@ -130,11 +164,18 @@ def _attach(sock: socket.socket, program: Sequence[Insn], name: str) -> None:
     except OSError as exc:
         # reuseport_attach_prog(): EINVAL for a socket bound or listening (hashed)
         # without a group: the kernel makes a socket's group only when it binds or
-        # listens with SO_REUSEPORT. The callers checked the option, the listening
-        # state and the port (_group_key), so it got the option afterwards. (The
-        # other EINVAL, from bpf_check_classic(), is for an invalid program, and
-        # this module's programs are valid.)
-        why = f"{_NO_KERNEL_GROUP} " if exc.errno == errno.EINVAL else ""
+        # listens with SO_REUSEPORT. It does not look at the option of a socket in
+        # a group, so a member whose option was cleared after it joined is attached
+        # through, and the callers leave the option to the kernel (_group_key with
+        # option=False); they checked the listening state and the port. With the
+        # option, the socket got it after it joined; without, it never joined.
+        # (The other EINVAL, from bpf_check_classic(), is for an invalid program,
+        # and this module's programs are valid.)
+        why = ""
+        if exc.errno == errno.EINVAL:
+            why = (
+                _NO_KERNEL_GROUP if _has_option(sock) else f"the socket {_NO_OPTION_NO_GROUP}"
+            ) + " "
         try:
             where = f" ({parse_address(sock.getsockname())})"
         except (OSError, AddressError):
@@ -160,9 +201,13 @@ def _group_key(sock: socket.socket, name: str, *, option: bool = True) -> _Group
 
     :param option: whether SO_REUSEPORT is required. A socket needs it to join a
         group, but one whose option was cleared after it joined stays in the group
-        (the kernel checks the option only when a socket joins), so
+        (the kernel checks the option only when a socket joins; it still delivers
+        to such a member and attaches a program through it), so
         :func:`detach_steering` passes ``False`` after the kernel's ``ENOENT``,
-        which it returns for a socket in no group only when it has the option.
+        which it returns for a socket in no group only when it has the option, and
+        :func:`_check_one_group` always passes ``False``: only the kernel can tell
+        such a member from a socket that never joined (``EINVAL`` when a program
+        is attached through it).
     :raises InvalidArgument: *sock* is in no group it could share: not TCP or UDP,
         without SO_REUSEPORT (when *option*), a TCP socket not listening, or not
         bound.
@@ -220,7 +265,16 @@ def _check_one_group(named: Sequence[tuple[str, socket.socket]]) -> None:
     """
     _refuse_repeats(named)
     ref_name, ref = named[0]
-    want = _group_key(ref, ref_name)
+    # option=False: a member whose SO_REUSEPORT was cleared after it joined (what
+    # docs/restarts.md suggests, to stop other sockets joining the port) is still
+    # in the group; the kernel steers to it and attaches through it. Refusing it
+    # ("lacks SO_REUSEPORT: it is in no reuseport group") was false, and with
+    # every member cleared no steering function nor drain_close could run. The
+    # kernel refuses (EINVAL, named by _attach) the member attached through if it
+    # is in no group; a socket that never joined, listed after it, is counted
+    # unchecked, as one given the option too late is (no syscall tells either
+    # from a member without changing the group's program).
+    want = _group_key(ref, ref_name, option=False)
     # The kernel's group holds sockets, not fds: a dup() (or an fd received for
     # a socket already listed) is the same socket, one inode, under another fd.
     # Listed twice it would count as two members (a program's modulus one too
@@ -236,7 +290,7 @@ def _check_one_group(named: Sequence[tuple[str, socket.socket]]) -> None:
                 f"is the same socket as {same} (one inode, {inode}, under another fd: "
                 "a dup); a kernel reuseport group holds each socket once",
             )
-        got = _group_key(sock, name)
+        got = _group_key(sock, name, option=False)
         if got != want:
             raise InvalidArgument(
                 name,
@@ -337,7 +391,9 @@ def _members(group: GroupLike) -> tuple[int, socket.socket, str]:
         )
     # Only a sequence: the program's indexes are positions in it (see _as_sequence).
     items = _as_sequence("group", group, "a ReuseportGroup or a sequence of sockets")
-    members = [check_open(s, "group member") for s in items]
+    # Named by position, as a ReuseportGroup's members are: "group member is closed"
+    # did not say which of a long list it was.
+    members = [check_open(s, f"group member {i}") for i, s in enumerate(items)]
     if not members:
         raise InvalidArgument("group", group, "has no members")
     _check_one_group([(f"group member {i}", m) for i, m in enumerate(members)])
@@ -347,9 +403,10 @@ def _members(group: GroupLike) -> tuple[int, socket.socket, str]:
 def attach_cpu_steering(group: GroupLike, *, strict: bool = True) -> None:
     """Send each new connection to the member whose index is the CPU that took its SYN.
 
-    Program: ``ld [SKF_AD_CPU]; ret a``. Bind the members in CPU order (member *i* is
-    served by a worker pinned to CPU *i*) and a connection is accepted on the CPU
-    where its packets already are: no cross-CPU wake-up.
+    Program: ``ld [SKF_AD_CPU]; ret a``. Join the members in CPU order (listen()
+    them in that order for TCP, bind() them for UDP; member *i* is served by a
+    worker pinned to CPU *i*) and a connection is accepted on the CPU where its
+    packets already are: no cross-CPU wake-up.
 
     :param group: the members in join order (a :class:`~reuselb.ReuseportGroup` or a
         sequence of sockets, such as a list or tuple: a set, a mapping or an
@@ -368,12 +425,16 @@ def attach_cpu_steering(group: GroupLike, *, strict: bool = True) -> None:
         the message names it), the group is empty, closed or has every member
         taken, a member is not in the first one's kernel group (see below), or,
         with *strict*, its size differs from the CPU count; *strict* is not a bool.
-        A member must be a listening TCP or a bound UDP socket with SO_REUSEPORT,
-        of the first member's family, type, address, ``IPV6_V6ONLY`` setting and
-        bound device (the kernel's rules for one group; the message names the
-        member), and listed once: the same socket object twice, or a ``dup()`` of
-        a member (the same socket, one inode), is refused. This holds for every
-        steering function.
+        A member must be a listening TCP or a bound UDP socket that had
+        SO_REUSEPORT when it joined, of the first member's family, type, address,
+        ``IPV6_V6ONLY`` setting and bound device (the kernel's rules for one group;
+        the message names the member), and listed once: the same socket object
+        twice, or a ``dup()`` of a member (the same socket, one inode), is
+        refused. A member whose SO_REUSEPORT was cleared after it joined is still
+        in the group and is taken, as the kernel takes it; the first member
+        without the option is refused ("lacks SO_REUSEPORT") only when the kernel
+        finds it in no group, and such a socket listed after it is not detected.
+        This holds for every steering function.
     :raises SteeringError: the kernel refused the program (its ``errno``):
         ``EINVAL`` when the member it was attached through (named in the message)
         is in no kernel group although it looks like a member, having got
@@ -393,7 +454,7 @@ def attach_cpu_steering(group: GroupLike, *, strict: bool = True) -> None:
         raise InvalidArgument(
             "group", f"{n} members", f"cpu steering needs one member per CPU ({cpus})"
         )
-    _attach(via, [(_LD_W_ABS, 0, 0, _SKF_AD_OFF + _SKF_AD_CPU), (_RET_A, 0, 0, 0)], name)
+    _attach_member(via, [(_LD_W_ABS, 0, 0, _SKF_AD_OFF + _SKF_AD_CPU), (_RET_A, 0, 0, 0)], name)
 
 
 def steer_all_to(group: GroupLike, index: int) -> None:
@@ -416,13 +477,30 @@ def steer_all_to(group: GroupLike, index: int) -> None:
     n, via, name = _members(group)
     if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < n:
         raise InvalidArgument("index", index, f"must be 0..{n - 1}")
-    _attach(via, [(_LD_IMM, 0, 0, index), (_RET_A, 0, 0, 0)], name)
+    _attach_member(via, [(_LD_IMM, 0, 0, index), (_RET_A, 0, 0, 0)], name)
 
 
 def steer_away_from(group: GroupLike, index: int) -> None:
-    """Spread new connections over every member except *index*.
+    """Spread new connections over every member except *index*, by the client's address.
 
-    Program: ``ld [SKF_AD_RANDOM]; a %= n-1; if a >= index: a += 1; ret a``.
+    Program: the hash of :func:`attach_hash_steering` (client's source address and
+    port) modulo ``n - 1``, then one added to results from *index* on, so *index*
+    gets nothing and every other member a share::
+
+        ldb [ip version]; a >>= 4; if a == 6 goto v6
+        ld [ip src]; tax; ldh [tcp/udp src port]; goto hash
+        v6: ld [last 32 bits of ip6 src]; tax; ldh [tcp/udp src port]
+        hash: a ^= x; a *= 2654435761; a >>= 16; a %= n-1
+        if a >= index: a += 1
+        ret a
+
+    A client keeps its member (while the group's size and *index* stay the same):
+    every datagram of a UDP flow reaches the same member, as without a program,
+    and a TCP client's retransmitted SYN the member that got the first. For an
+    IPv4 client the member is ``hash_steering_index(ip, port, n - 1)``, plus one
+    if that is *index* or above. (IPv4 options or IPv6 extension headers, which
+    such packets practically never carry, move the port's offset: the client is
+    then steered by other bytes of its header, still never to *index*.)
 
     :raises InvalidArgument: *group* is not a group or a sequence of sockets (one
         socket, a set, a mapping or an iterator is not; as for
@@ -441,7 +519,7 @@ def steer_away_from(group: GroupLike, index: int) -> None:
         raise InvalidArgument("group", f"{n} member", "needs another member to steer to")
     if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < n:
         raise InvalidArgument("index", index, f"must be 0..{n - 1}")
-    _attach_away_from(via, n, index, name)
+    _attach_member(via, _away_from_program(n, index), name)
 
 
 def _attach_away_from(via: socket.socket, n: int, index: int, name: str) -> None:
@@ -451,17 +529,36 @@ def _attach_away_from(via: socket.socket, n: int, index: int, name: str) -> None
     size counts the members taken from a :class:`~reuselb.ReuseportGroup`, which
     it does not hold and so cannot list.
     """
-    _attach(
-        via,
-        [
-            (_LD_W_ABS, 0, 0, _SKF_AD_OFF + _SKF_AD_RANDOM),
-            (_ALU_MOD_K, 0, 0, n - 1),
-            (_JGE_K, 0, 1, index),  # a >= index: fall through to the add; else skip it
-            (_ALU_ADD_K, 0, 0, 1),
-            (_RET_A, 0, 0, 0),
-        ],
-        name,
-    )
+    _attach(via, _away_from_program(n, index), name)
+
+
+def _away_from_program(n: int, index: int) -> list[Insn]:
+    """:func:`steer_away_from`'s program for a group of *n*, away from *index*."""
+    # A hash of the source, not SKF_AD_RANDOM (the program before): a random
+    # member per packet scattered one UDP flow's datagrams over the members. The
+    # version is read from the packet, not the group's family: a dual-stack IPv6
+    # group receives IPv4 packets too. Every load stays inside a SYN or a UDP
+    # datagram's headers (a load past the packet would end the program with 0,
+    # the member index 0, which may be *index*).
+    return [
+        (_LD_B_ABS, 0, 0, _SKF_NET_OFF + 0),  # version (high nibble) and IHL
+        (_ALU_RSH_K, 0, 0, 4),
+        (_JEQ_K, 4, 0, 6),  # IPv6: to the v6 loads; IPv4: fall through
+        (_LD_W_ABS, 0, 0, _SKF_NET_OFF + 12),  # IPv4 source address
+        (_TAX, 0, 0, 0),
+        (_LD_H_ABS, 0, 0, _SKF_NET_OFF + 20),  # source port, after a 20-byte header
+        (_JA, 0, 0, 3),  # to the hash
+        (_LD_W_ABS, 0, 0, _SKF_NET_OFF + 20),  # IPv6 source address, last 32 bits
+        (_TAX, 0, 0, 0),
+        (_LD_H_ABS, 0, 0, _SKF_NET_OFF + 40),  # source port, after a 40-byte header
+        (_ALU_XOR_X, 0, 0, 0),
+        (_ALU_MUL_K, 0, 0, _GOLDEN32),
+        (_ALU_RSH_K, 0, 0, 16),
+        (_ALU_MOD_K, 0, 0, n - 1),
+        (_JGE_K, 0, 1, index),  # a >= index: fall through to the add; else skip it
+        (_ALU_ADD_K, 0, 0, 1),
+        (_RET_A, 0, 0, 0),
+    ]
 
 
 def hash_steering_index(src_ip: str, src_port: int, members: int) -> int:
@@ -512,7 +609,7 @@ def attach_hash_steering(group: GroupLike) -> None:
     n, via, name = _members(group)
     if via.family != socket.AF_INET:
         raise InvalidArgument("group", via, "hash steering reads IPv4 headers only")
-    _attach(
+    _attach_member(
         via,
         [
             (_LD_W_ABS, 0, 0, _SKF_NET_OFF + 12),  # IPv4 source address
