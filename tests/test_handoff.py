@@ -512,8 +512,14 @@ def test_bad_argument_types_raise_the_librarys_errors() -> None:
             with pytest.raises(InvalidArgument, match=re.escape(f"invalid group {group!r:.20}")):
                 drain_close(tcp, group=group)  # type: ignore[arg-type]
             assert tcp.fileno() != -1
-        with pytest.raises(WrongSocketType, match="group member"):
+        with pytest.raises(WrongSocketType, match="group member 1: "):
             drain_close(tcp, group=[tcp, "x"])  # type: ignore[list-item]
+        assert tcp.fileno() != -1
+        closed = socket.socket()
+        closed.close()
+        # Named by its position: every closed socket's repr reads alike.
+        with pytest.raises(SocketClosed, match="group member 1 is closed"):
+            drain_close(tcp, group=[tcp, closed])
         assert tcp.fileno() != -1
         b.setblocking(False)
         with pytest.raises(BlockingIOError):

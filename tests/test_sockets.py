@@ -911,7 +911,7 @@ def test_steering_refuses_what_is_not_a_group(
         assert needle in str(info.value)
         if isinstance(info.value.value, socket.socket):
             assert "one socket is not a group" in str(info.value)
-    with pytest.raises(WrongSocketType, match="group member: expected a socket.socket, got str"):
+    with pytest.raises(WrongSocketType, match="group member 0: expected a socket.socket, got str"):
         steering.steer_all_to("ab", 0)  # type: ignore[arg-type]
 
 

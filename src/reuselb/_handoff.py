@@ -1163,7 +1163,10 @@ def _drain_members(
         slots = list(group._members)
         index = group._slot(listener)  # a member taken from it keeps its slot
     else:
-        listed = [check_open(m, "group member") for m in _items("group", group, "sockets")]
+        listed = [
+            check_open(m, f"group member {i}")
+            for i, m in enumerate(_items("group", group, "sockets"))
+        ]
         # Listed twice, the listener (or another member) counted twice in the
         # program's size, the steer path attached a program for a group the
         # kernel does not have, and restore= got the closed listener back.
