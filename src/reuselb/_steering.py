@@ -500,7 +500,10 @@ def steer_away_from(group: GroupLike, index: int) -> None:
     IPv4 client the member is ``hash_steering_index(ip, port, n - 1)``, plus one
     if that is *index* or above. (IPv4 options or IPv6 extension headers, which
     such packets practically never carry, move the port's offset: the client is
-    then steered by other bytes of its header, still never to *index*.)
+    then steered by other bytes of its header, still never to *index*.) Unicast
+    only: the kernel runs no reuseport selection, and so no program, for a
+    broadcast or multicast datagram, which every member bound to its address gets
+    a copy of, *index* included.
 
     :raises InvalidArgument: *group* is not a group or a sequence of sockets (one
         socket, a set, a mapping or an iterator is not; as for
