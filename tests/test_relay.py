@@ -4664,6 +4664,57 @@ def test_a_fallback_relay_cancelled_before_raising_its_wrappers_exception_report
             sock.close()
 
 
+@pytest.mark.parametrize("kind", ["asyncio", "uvloop"])
+def test_interrupts_caught_by_a_task_running_many_relays_keep_nothing_alive(
+    listener: socket.socket, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    # Where there is no epoll, an interrupt at the relay's first pump (a close=False
+    # wrapper's shutdown() as a side found reset ends the relay) leaves the task's
+    # step, and the relay marks it retrieved if the task ends holding it. It did so
+    # by a done-callback on the task: a supervisor task that catches each interrupt
+    # and goes on relaying kept one per interrupt, each holding the interrupt, its
+    # traceback, the relay's frames and the sockets they held, until the task ended.
+    # One look in the next iteration holds them no longer.
+    monkeypatch.setattr(relay_mod, "_HAS_EPOLL", False)
+    on = _Loop(kind, "fallback")
+    count = 20
+    callbacks: list[int] = []
+    alive: list[weakref.ref[socket.socket]] = []
+
+    class ShutdownInterrupts(Wrapped):
+        def shutdown(self, how: int, /) -> None:
+            raise KeyboardInterrupt("from the wrapper's shutdown()")
+
+    async def main() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        before = len(getattr(task, "_callbacks", None) or ())
+        for _ in range(count):
+            client, a = tcp_pair(listener)
+            b, backend = tcp_pair(listener)
+            try:
+                _reset(backend)  # met by the relay's first pump
+                # Awaited in this task (wait_for() would run it in another); bounded
+                # by the idle timeout, whose shutdown() would interrupt the run.
+                with contextlib.suppress(KeyboardInterrupt):
+                    await async_pipe_splice(
+                        ShutdownInterrupts(a), b, idle_timeout=JOIN, close=False
+                    )
+                alive.append(weakref.ref(a))
+            finally:
+                for sock in (client, a, b, backend):
+                    sock.close()
+            del client, a, b, backend
+            await asyncio.sleep(0)  # the supervisor awaits something else meanwhile
+        callbacks.append(len(getattr(task, "_callbacks", None) or ()) - before)
+
+    on.run(main())
+    gc.collect()
+    assert len(alive) == count, "every relay met the interrupt"
+    assert callbacks == [0]
+    assert [ref for ref in alive if ref() is not None] == []
+
+
 class _ShutdownCounts(Wrapped):
     """A wrapper that records its shutdown() calls and runs *then* (if any) first."""
 

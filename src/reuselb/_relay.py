@@ -3406,28 +3406,33 @@ class _RelayFuture(asyncio.Future[RelayStats]):
 
 
 def _retrieve_when_done(exc: BaseException) -> None:
-    """Mark *exc* retrieved on the current task once it ends holding it.
+    """Mark *exc* retrieved on the current task if it ends holding it.
 
     *exc*, a KeyboardInterrupt or SystemExit, is leaving the task's step: asyncio
     sets it on the task and lets it out of the loop, and nothing awaits the task
     any more, so the task's collection logged "Task exception was never retrieved".
-    The done-callback runs if the loop runs again (asyncio.run() and Runner do, in
-    their shutdown); a loop closed without running again never runs it, as for any
-    task an interrupt leaves. Only *exc* itself is retrieved: the caller's coroutine
-    may catch it, and its task end later with another exception, whose log is not
-    this relay's to silence.
+    A callback of the loop's next iteration (if the loop runs again: asyncio.run()
+    and Runner do, in their shutdown; uvloop runs it before it lets the interrupt
+    out) looks once: a loop closed without running again never runs it, as for any
+    task an interrupt leaves. Only *exc* itself is retrieved, and only if the task
+    has ended holding it by then: a caller's coroutine may catch it and go on, its
+    task end later with another exception, whose log is not this relay's to
+    silence. One look, not a done-callback on the task: such a caller running many
+    relays in one task kept one per interrupt, and through each interrupt's
+    traceback the relay's frames and the sockets they held, until the task ended.
     """
     task = asyncio.current_task()
     if task is None:  # driven by something other than an asyncio task
         return
 
-    def retrieve(done: asyncio.Future[Any]) -> None:
+    def retrieve() -> None:
         # _exception (C and Python futures alike) is read first because exception()
-        # marks whatever the task holds retrieved.
-        if not done.cancelled() and getattr(done, "_exception", exc) is exc:
-            done.exception()
+        # marks whatever the task holds retrieved; it raises for a cancelled task
+        # (CancelledError) and a pending one (InvalidStateError).
+        if task.done() and not task.cancelled() and getattr(task, "_exception", exc) is exc:
+            task.exception()
 
-    task.add_done_callback(retrieve)
+    task.get_loop().call_soon(retrieve)
 
 
 def _report_lost(
