@@ -547,6 +547,12 @@ class _Failure(Exception):
 class _Relay:
     """The state machine both drivers run."""
 
+    # What finish() raised (a wrapper's close(), or the give-back of a close=False
+    # side), to tell it from what a method of the running relay raised: the hub's
+    # crash path reports each for what it is. A class default, set only then: no
+    # cost in __init__, which every connection pays.
+    finish_error: BaseException | None = None
+
     def __init__(
         self,
         a: Side,
@@ -1482,6 +1488,7 @@ class _Relay:
         self.stats = stats
         _RUNNING.discard(self)  # last: a fork until here still frees what it holds
         if error is not None:
+            self.finish_error = error
             raise error
         return stats
 
@@ -2467,7 +2474,7 @@ async def _run_async_selector(relay: _Relay) -> RelayStats:
         if not finished.done():
             finished.set_exception(_settable(exc))
         elif finished.cancelled():
-            _report_lost(loop, exc)
+            _report_lost(loop, exc, _RAISED_AFTER_CANCEL)
 
     def on_timer() -> None:
         nonlocal timer
@@ -2537,8 +2544,8 @@ async def _run_async_selector(relay: _Relay) -> RelayStats:
             # cancel() due in the same loop iteration): Task.cancel() returns True
             # for a task whose awaited future is done already, and asyncio throws
             # CancelledError in here instead of the exception, which nothing would
-            # raise or report. The hub's future refuses that cancel and raises it;
-            # here it goes to the loop's exception handler once the relay has ended.
+            # raise or report: to the loop's exception handler once the relay has
+            # ended, as the hub's coroutine form does (_run_async).
             dropped = finished.exception()
         raise
     finally:
@@ -2550,9 +2557,7 @@ async def _run_async_selector(relay: _Relay) -> RelayStats:
             loop.remove_writer(fd)
         stats = _finish_after(relay, pending)
         if isinstance(dropped, Exception):  # lost() sets nothing else
-            _report_lost(
-                loop, dropped, "a relay cancelled before it raised its wrapper's exception"
-            )
+            _report_lost(loop, dropped, _DROPPED_BY_CANCEL)
     return stats
 
 
@@ -3205,10 +3210,15 @@ class _Driven:
                 else:
                     self.future.set_exception(_settable(exc))
             elif exc is not None and self.future.cancelled():
-                # A wrapper's close() cancelled its own relay's future, then
-                # raised: the future cannot hold it, so it goes where a cancel
-                # puts it (_RelayFuture._cancel), not nowhere.
-                _report_lost(self.future.get_loop(), exc)
+                # A wrapper's method (its recv_into(), the shutdown() a failure
+                # calls, or its close() as the relay ends) cancelled its own
+                # relay's future, then raised: the future cannot hold it, so it
+                # goes where a cancel puts it (_RelayFuture._cancel), not nowhere.
+                loop = self.future.get_loop()
+                if exc is self.relay.finish_error:  # a close() (or give-back) failed
+                    _report_lost(loop, exc)
+                else:
+                    _report_lost(loop, exc, _RAISED_AFTER_CANCEL)
 
     def rearm(self) -> None:
         # An fd is armed (always edge-triggered) for what its relay waits for:
@@ -3435,6 +3445,16 @@ def _retrieve_when_done(exc: BaseException) -> None:
     task.get_loop().call_soon(retrieve)
 
 
+# _report_lost's messages for what a cancelled relay could not raise: a wrapper's
+# exception that ended the relay, dropped when its task was cancelled before it
+# resumed to raise it; an exception a wrapper's method (recv_into(), send(),
+# shutdown()...) raised while the relay ran or failed, after that method, or one
+# before it, cancelled the relay; and a close() failing as the relay's sockets are
+# closed or given back (the default).
+_DROPPED_BY_CANCEL = "a relay cancelled before it raised its wrapper's exception"
+_RAISED_AFTER_CANCEL = "a cancelled relay's wrapper raised"
+
+
 def _report_lost(
     loop: asyncio.AbstractEventLoop,
     exc: Exception,
@@ -3540,9 +3560,30 @@ async def _run_async(relay: _Relay) -> RelayStats:
             raise
         return await _run_async_selector(relay)
     driven = _start_async(relay, asyncio.get_running_loop())
+    dropped: BaseException | None = None
     try:
         if relay.opaque:
             driven.prime()
         return await driven.future
+    except asyncio.CancelledError:
+        future = driven.future
+        if future.done() and not future.cancelled():
+            # The task was cancelled after a wrapper's exception ended the relay
+            # (_Driven.crash set it on `future`) but before the task resumed (a
+            # wait_for() timeout or a cancel() due in the same loop iteration):
+            # Task.cancel() returns True for a task whose awaited future is done
+            # already (it asks only a pending one to cancel), and asyncio throws
+            # CancelledError in here instead of the exception, which nothing would
+            # raise or report. It goes to the loop's exception handler once the
+            # relay has ended, as the fallback driver's does. (A stats result is
+            # dropped as any cancelled relay's.)
+            dropped = future.exception()
+        raise
     finally:
-        driven.finalize()  # a no-op unless cancelled: then the relay ends here
+        try:
+            driven.finalize()  # a no-op unless cancelled: then the relay ends here
+        finally:
+            # (`is not None` first: the per-connection path pays only that.)
+            if dropped is not None and isinstance(dropped, Exception):
+                # (crash() and the hub's shutdown() set nothing else)
+                _report_lost(driven.hub.loop, dropped, _DROPPED_BY_CANCEL)
