@@ -3421,28 +3421,33 @@ def _retrieve_when_done(exc: BaseException) -> None:
     *exc*, a KeyboardInterrupt or SystemExit, is leaving the task's step: asyncio
     sets it on the task and lets it out of the loop, and nothing awaits the task
     any more, so the task's collection logged "Task exception was never retrieved".
-    A callback of the loop's next iteration (if the loop runs again: asyncio.run()
-    and Runner do, in their shutdown; uvloop runs it before it lets the interrupt
-    out) looks once: a loop closed without running again never runs it, as for any
-    task an interrupt leaves. Only *exc* itself is retrieved, and only if the task
-    has ended holding it by then: a caller's coroutine may catch it and go on, its
-    task end later with another exception, whose log is not this relay's to
-    silence. One look, not a done-callback on the task: such a caller running many
-    relays in one task kept one per interrupt, and through each interrupt's
-    traceback the relay's frames and the sockets they held, until the task ended.
+    A done-callback retrieves it when the task ends, if the loop runs again
+    (asyncio.run() and Runner do, in their shutdown; uvloop runs it before it lets
+    the interrupt out): a loop closed without running again never runs it, as for
+    any task an interrupt leaves. The task may end later than this step: its
+    coroutine may await in a ``finally`` (``await writer.wait_closed()``) or an
+    ``async with`` exit (a TaskGroup's children) while the interrupt leaves it.
+
+    The callback keeps the interrupt's id, not the interrupt: a caller that catches
+    it and runs on, relaying in the same task, would otherwise keep every caught
+    interrupt, its traceback, the relay's frames and the sockets they held, until
+    the task ended (it keeps one small callback per caught interrupt). So only an
+    exception with that id is retrieved, and only if the task ends holding it: one
+    the caller raised later is not this relay's to silence (unless, freed, it
+    reused the interrupt's id: then its log alone is lost).
     """
     task = asyncio.current_task()
     if task is None:  # driven by something other than an asyncio task
         return
+    ident = id(exc)
 
-    def retrieve() -> None:
+    def retrieve(done: asyncio.Future[Any]) -> None:
         # _exception (C and Python futures alike) is read first because exception()
-        # marks whatever the task holds retrieved; it raises for a cancelled task
-        # (CancelledError) and a pending one (InvalidStateError).
-        if task.done() and not task.cancelled() and getattr(task, "_exception", exc) is exc:
-            task.exception()
+        # marks whatever the task holds retrieved; it raises for a cancelled task.
+        if not done.cancelled() and id(getattr(done, "_exception", None)) == ident:
+            done.exception()
 
-    task.get_loop().call_soon(retrieve)
+    task.add_done_callback(retrieve)
 
 
 # _report_lost's messages for what a cancelled relay could not raise: a wrapper's
