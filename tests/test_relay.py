@@ -2260,19 +2260,26 @@ def test_a_closed_wrapper_whose_fileno_raises_is_a_closed_side(
     other = b if side == "a" else a
     x: Any = wrapped if side == "a" else a
     y: Any = b if side == "a" else wrapped
-    handled: list[dict[str, Any]] = []
     try:
-        with pytest.raises(SocketClosed, match=f"relay side {side} is closed") as info:
-            _relay_in_form(form, x, y, handled)
-        assert isinstance(info.value.__cause__, OSError)
-        assert info.value.__cause__.errno == errno.EBADF
-        assert handled == []
-        # The refused start gave the other side back as it was: open and blocking.
-        assert other.fileno() != -1 and other.getblocking()
-        assert not fcntl.fcntl(other.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
+        refused = _refused_as_closed(form, x, y, side, other)
+        assert isinstance(refused.__cause__, OSError)
+        assert refused.__cause__.errno == errno.EBADF
     finally:
         for sock in (client, a, b, backend):
             sock.close()
+
+
+def _refused_as_closed(form: str, x: Any, y: Any, side: str, other: socket.socket) -> SocketClosed:
+    """Start a relay of *x* and *y* the *form* way, which must fail with SocketClosed
+    naming *side*, report nothing to the loop and give *other* back as it was (open,
+    blocking); return the exception."""
+    handled: list[dict[str, Any]] = []
+    with pytest.raises(SocketClosed, match=f"relay side {side} is closed") as info:
+        _relay_in_form(form, x, y, handled)
+    assert handled == []
+    assert other.fileno() != -1 and other.getblocking()
+    assert not fcntl.fcntl(other.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
+    return info.value
 
 
 class _ClosesAt(Wrapped):
@@ -2316,15 +2323,9 @@ def test_a_side_closed_while_the_relay_starts_is_a_closed_side(
         x, y = (_ClosesAt(a), b) if side == "a" else (a, _ClosesAt(b))
     else:  # the other side's wrapper closes this plain socket
         x, y = (a, _ClosesAt(b, victim=a)) if side == "a" else (_ClosesAt(a, victim=b), b)
-    handled: list[dict[str, Any]] = []
     try:
-        with pytest.raises(SocketClosed, match=f"relay side {side} is closed"):
-            _relay_in_form(form, x, y, handled)
+        _refused_as_closed(form, x, y, side, other)
         assert closed.fileno() == -1  # closed during the start, as meant
-        assert handled == []
-        # The refused start gave the other side back as it was: open and blocking.
-        assert other.fileno() != -1 and other.getblocking()
-        assert not fcntl.fcntl(other.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
     finally:
         for sock in (client, a, b, backend):
             sock.close()
