@@ -2454,8 +2454,19 @@ async def _run_async_selector(relay: _Relay) -> RelayStats:
         # something other than OSError. Handled as on_ready's own exceptions are:
         # raised from a handler of on_ready's, it escaped its sibling clauses to the
         # loop's exception handler, and the task stayed pending for ever.
-        try:
+        def end() -> bool:
             relay.fail(failure)
+            return True
+
+        conclude(end)
+
+    def conclude(end: Callable[[], bool]) -> None:
+        """Run *end*, which ends the relay and returns True (False: not yet), then
+        wake the coroutine; what *end* raises is handled as on_ready's own
+        exceptions are."""
+        try:
+            if not end():
+                return
         except Exception as exc:
             lost(exc)
             return
@@ -2485,26 +2496,23 @@ async def _run_async_selector(relay: _Relay) -> RelayStats:
             # the next iteration. Timing it out now ran timeout() on an ended relay,
             # a close=False wrapper's shutdown() called a second time.
             return
+
         # idle_left() calls dst's fileno() (note_queue), and timeout() the sides'
         # shutdown() with close=False: a wrapper's may raise (a closed io-style
         # wrapper's ValueError). Handled as on_ready does: unhandled, it went to the
         # loop's exception handler (a KeyboardInterrupt out of the loop) and the
         # task stayed pending for ever, its timer spent and nothing left to wake it.
-        try:
+        def end() -> bool:
+            nonlocal timer
             left = relay.idle_left()
             assert left is not None
             if left > 0:
                 timer = loop.call_later(left, on_timer)
-                return
+                return False
             relay.timeout()
-        except Exception as exc:
-            lost(exc)
-            return
-        except BaseException:
-            finished.cancel()
-            raise
-        if not finished.done():
-            finished.set_result(None)
+            return True
+
+        conclude(end)
 
     try:
         relay.begin()
