@@ -429,14 +429,21 @@ def test_demo_proxy_reports_a_failed_accept(monkeypatch: pytest.MonkeyPatch) -> 
 
     monkeypatch.setattr(_demo, "reuseport_listener", listener)
 
+    _proxy_fails_with(f"the proxy could not accept a connection: {_EMFILE}")
+
+
+_EMFILE = f"[Errno {errno.EMFILE}] {os.strerror(errno.EMFILE)}"
+
+
+def _proxy_fails_with(message: str) -> None:
+    """Run the proxy scenario with one client: it must end with DemoError *message*
+    and leave nothing running (the client, the relays, the backends' handlers)."""
+    from reuselb import _demo
+
     async def run() -> None:
         with pytest.raises(_demo.DemoError) as caught:
             await asyncio.wait_for(_demo._proxy(1), 30)
-        assert str(caught.value) == (
-            f"the proxy could not accept a connection: [Errno {errno.EMFILE}] "
-            f"{os.strerror(errno.EMFILE)}"
-        )
-        # nothing left running: the client, the relays, the backends' handlers
+        assert str(caught.value) == message
         assert asyncio.all_tasks() == {asyncio.current_task()}
 
     asyncio.run(run())
@@ -667,16 +674,7 @@ def test_demo_proxy_reports_a_backend_failed_accept(monkeypatch: pytest.MonkeyPa
     shim.socket = backend_socket  # type: ignore[attr-defined]
     monkeypatch.setattr(_demo, "socket", shim)
 
-    async def run() -> None:
-        with pytest.raises(_demo.DemoError) as caught:
-            await asyncio.wait_for(_demo._proxy(1), 30)
-        assert str(caught.value) == (
-            f"the proxy's backend-1 could not accept a connection: [Errno {errno.EMFILE}] "
-            f"{os.strerror(errno.EMFILE)}"
-        )
-        assert asyncio.all_tasks() == {asyncio.current_task()}
-
-    asyncio.run(run())
+    _proxy_fails_with(f"the proxy's backend-1 could not accept a connection: {_EMFILE}")
     assert len(made) >= 2 and all(s.fileno() == -1 for s in made[:2])
 
 
