@@ -17,8 +17,9 @@
   one drains and exits. The listener never closes (the master holds it), so no
   queued connection is reset. A new worker that does not start stops the restart
   and the old ones keep serving. A SIGTERM or SIGINT stops the restart at once.
-* a worker that dies is replaced on the same listener (connections queued there
-  wait for it); if none starts, that listener leaves the group.
+* a worker that dies is replaced on the same listener at once, also while a
+  restart waits for another worker's drain (connections queued there wait for
+  it); if none starts, that listener leaves the group.
 * a worker that cannot be started (out of fds or processes, its listener not handed
   over by ``send_sockets``/``recv_sockets``, or it exits before it is ready) is one
   line, not a traceback, and is reaped; at start-up the master then stops the workers
@@ -428,23 +429,37 @@ def restart(pool: Pool) -> None:
     workers keep serving, and the error is reported. A stop signal ends the
     restart at once, even while an old worker drains: the master then stops every
     worker, those in ``pool.draining`` too, and they drain together rather than
-    one ``--drain-timeout`` after another.
+    one ``--drain-timeout`` after another. A worker that dies meanwhile is
+    replaced at once (``replace_dead_now``), not when the drain ends, and its
+    slot is not restarted again: its replacement already runs the new code.
     """
-    for i in list(pool.procs):
+    before = dict(pool.procs)
+    for i in before:
         if pool.stopping():
             break
+        replace_dead_now(pool)
+        if pool.procs.get(i) is not before[i]:
+            continue  # died since the restart began: replaced, or its member left the group
         try:
             new = pool.spawn(i)
         except (OSError, RuntimeError) as exc:
             print(f"restart stopped, old workers kept: {exc}", flush=True)
             return
         old, pool.procs[i] = pool.procs[i], new
+        if old.poll() is not None:
+            # It died while the new one started: not a drain, a replacement.
+            reap(old)
+            print(f"replaced worker {old.pid} -> {new.pid}", flush=True)
+            continue
         old.terminate()
         pool.draining.append(old)
         print(f"worker {old.pid} draining, replaced by {new.pid}", flush=True)
-        # Its exit is a SIGCHLD, whose byte wakes us as a stop signal's does.
+        # Its exit is a SIGCHLD, whose byte wakes us as a stop signal's does. So is
+        # another worker's death: replaced now, or the connections the kernel keeps
+        # queueing on its member would wait up to --drain-timeout for this drain.
         while old.poll() is None and not pool.stopping():
             pool.wait_signal()
+            replace_dead_now(pool)
         if old.returncode is None:
             break
         pool.draining.remove(old)
@@ -454,6 +469,19 @@ def restart(pool: Pool) -> None:
         print(f"restarted workers={workers}", flush=True)
         return
     print("restart stopped: stopping", flush=True)
+
+
+def replace_dead_now(pool: Pool) -> None:
+    """Handle the SIGCHLDs queued in ``pool.events`` now (during a restart, which
+    holds the master's loop): replace the workers that died. The old workers a
+    restart drains are not in ``pool.procs``: their exits are left to it."""
+    if signal.SIGCHLD not in pool.events:
+        return
+    # remove() one at a time, not a rebuilt list: a handler appending between the
+    # read and the write of a new list would lose its signal.
+    while signal.SIGCHLD in pool.events:
+        pool.events.remove(signal.SIGCHLD)
+    replace_dead(pool)
 
 
 def replace_dead(pool: Pool) -> None:

@@ -733,6 +733,46 @@ def test_a_stop_during_a_restart_stops_at_once(redis_servers: list[int]) -> None
     assert "Traceback" not in stderr, stderr
 
 
+def test_a_worker_dying_during_a_restart_is_replaced_at_once(redis_servers: list[int]) -> None:
+    # Before: while a SIGHUP restart waited for an old worker's drain (up to
+    # --drain-timeout), the master handled no SIGCHLD: another worker that died was
+    # replaced only when the drain ended, and the connections the kernel queued on
+    # its member meanwhile waited; its replacement was then logged as a drain.
+    proxy, port, (first, second) = _launch(
+        PROXY,
+        f"--backend=127.0.0.1:{redis_servers[0]}",
+        "--workers",
+        "2",
+        "--drain-timeout",
+        "60",  # the first worker's drain outlasts the test's every deadline
+    )
+    lines = _Lines(proxy)
+    clients: list[socket.socket] = []
+    try:
+        # 20 relays: the chance that none is on the first worker is 2 in 2**20; the
+        # restart waits for its drain, which does not end while they are held.
+        clients = _held(port, 20)
+        proxy.send_signal(signal.SIGHUP)
+        progress = lines.next()
+        m = re.match(rf"worker {first} draining, replaced by (\d+)$", progress)
+        assert m, progress
+        os.kill(second, signal.SIGKILL)
+        replaced = lines.next(timeout=20)  # the old source: only after the 60 s drain
+        m2 = re.match(rf"replaced worker {second} -> (\d+)$", replaced)
+        assert m2, replaced
+        # both members served while the drain goes on: 40 new connections answered
+        assert [_ping(port) for _ in range(40)] == [b"+PONG\r\n"] * 40
+        for c in clients:
+            c.close()
+        # the drain ends; the replaced slot is not restarted again
+        assert lines.status() == f"restarted workers={m.group(1)},{m2.group(1)}\n"
+    finally:
+        for c in clients:
+            c.close()
+        stderr = _stop(proxy)
+    assert "Traceback" not in stderr, stderr
+
+
 @pytest.mark.parametrize(
     ("value", "message"),
     [
