@@ -14,8 +14,12 @@ exits before it is ready), is one line naming its slot ("worker 3 of 4"): the ma
 stops the other workers and exits 1.
 Workers stop at EOF on their stdin, a pipe from the master, so they also stop
 when the master is killed (kill -9, the OOM killer): none outlives it. A stopping
-worker closes the connections it holds: a client that has not sent a whole request
-gets EOF, an answer being sent is finished first (for up to 5 s).
+worker finishes an answer being sent (for up to 5 s); every other client of it is
+closed unanswered: one that has not sent a whole request, or was accepted just as
+the worker stopped, gets EOF, and one still queued in the worker's listener, not yet
+accepted, is reset when that listener closes (a worker that dies resets its queue
+too). The master's ``hold_port`` socket never listens, so it keeps no queue for
+them; the other workers' listeners take only new connections.
 """
 
 from __future__ import annotations

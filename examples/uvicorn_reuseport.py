@@ -15,7 +15,9 @@ worker that cannot be started, at start-up or as a replacement (out of fds or
 processes, or it exits before it is ready), is one line naming its slot ("worker 3 of
 4"): the master stops the other workers and exits 1.
 Workers stop at EOF on their stdin, a pipe from the master, so they also stop when
-the master is killed (kill -9, the OOM killer): none outlives it.
+the master is killed (kill -9, the OOM killer): none outlives it. A worker that stops
+or dies closes its listener: connections still queued there, not yet accepted, are
+reset (the master's ``hold_port`` socket never listens, so it keeps no queue for them).
 """
 
 from __future__ import annotations
