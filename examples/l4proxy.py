@@ -434,11 +434,11 @@ def restart(pool: Pool) -> None:
     slot is not restarted again: its replacement already runs the new code.
     """
     before = dict(pool.procs)
-    for i in before:
+    for i, was in before.items():
         if pool.stopping():
             break
         replace_dead_now(pool)
-        if pool.procs.get(i) is not before[i]:
+        if pool.procs.get(i) is not was:
             continue  # died since the restart began: replaced, or its member left the group
         try:
             new = pool.spawn(i)
@@ -543,6 +543,10 @@ def main() -> int:
     # kill -HUP -PGID) is the master's cue to restart or to stop, and the master
     # tells the workers (SIGTERM): a worker dying of it would cut its relays.
     ignore_signals(WORKERS_IGNORE)
+    if args.master_fd is not None:
+        # pass_fds left the lifeline inheritable here (as it must be across the
+        # exec): a program this worker started would hold the master's pipe open.
+        os.set_inheritable(args.master_fd, False)
     try:
         with socket.socket(fileno=args.channel_fd) as channel:
             listener = recv_sockets(channel)["listener"]

@@ -349,6 +349,37 @@ def _ping(port: int) -> bytes:
         return c.recv(16)
 
 
+def _inheritable_fds(pid: int) -> list[str]:
+    """The fds of process *pid*, beyond stdin/stdout/stderr, without O_CLOEXEC, with
+    what each names."""
+    found = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        if int(fd) <= 2:
+            continue
+        with contextlib.suppress(FileNotFoundError):  # an fd closed meanwhile
+            with open(f"/proc/{pid}/fdinfo/{fd}") as info:
+                flags = next(int(line.split()[1], 8) for line in info if line.startswith("flags:"))
+            if not flags & os.O_CLOEXEC:
+                found.append(f"{fd} -> {os.readlink(f'/proc/{pid}/fd/{fd}')}")
+    return found
+
+
+def test_no_fd_of_the_master_or_a_worker_is_inherited_by_what_it_starts(
+    redis_servers: list[int],
+) -> None:
+    # Before: each worker's end of the master's lifeline pipe (--master-fd), which
+    # pass_fds makes inheritable for the exec, stayed so for the worker's life.
+    backends = [f"--backend=127.0.0.1:{p}" for p in redis_servers]
+    proxy, port, workers = _launch(PROXY, *backends, "--workers", "2")
+    try:
+        assert _ping(port) == b"+PONG\r\n"
+        assert {pid: _inheritable_fds(pid) for pid in [proxy.pid, *workers]} == {
+            pid: [] for pid in [proxy.pid, *workers]
+        }
+    finally:
+        _stop(proxy)
+
+
 def test_a_killed_worker_is_replaced(redis_servers: list[int]) -> None:
     # Before: the master never reaped a dead worker, and kept its member open, so
     # the kernel went on queueing about half the new connections there, unserved.
