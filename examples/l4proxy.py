@@ -474,8 +474,10 @@ def restart(pool: Pool) -> None:
 def replace_dead_now(pool: Pool) -> None:
     """Handle the SIGCHLDs queued in ``pool.events`` now (during a restart, which
     holds the master's loop): replace the workers that died. The old workers a
-    restart drains are not in ``pool.procs``: their exits are left to it."""
-    if signal.SIGCHLD not in pool.events:
+    restart drains are not in ``pool.procs``: their exits are left to it. Not once
+    a stop signal is queued: a stop goes before anything queued, and the stop ends
+    every worker anyway (a worker started now would be terminated at once)."""
+    if signal.SIGCHLD not in pool.events or pool.stopping():
         return
     # remove() one at a time, not a rebuilt list: a handler appending between the
     # read and the write of a new list would lose its signal.

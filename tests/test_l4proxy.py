@@ -804,6 +804,55 @@ def test_a_worker_dying_during_a_restart_is_replaced_at_once(redis_servers: list
     assert "Traceback" not in stderr, stderr
 
 
+def _zombie_within(pid: int, timeout: float = 10) -> None:
+    """Wait until *pid* has exited and is not reaped yet (its parent is stopped)."""
+    deadline = time.monotonic() + timeout
+    for _ in range(10_000):
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                return
+        if time.monotonic() > deadline:
+            break
+        select.select([], [], [], 0.005)
+    pytest.fail(f"worker {pid} did not exit")
+
+
+def test_a_stop_during_a_restart_starts_no_replacement(redis_servers: list[int]) -> None:
+    # A worker's SIGCHLD and a SIGTERM queued together while a SIGHUP restart waits
+    # for a drain: the master started a replacement for each dead worker (and said
+    # "replaced worker ..."), then stopped and terminated them at once. A stop goes
+    # first. Both signals are made to wait together by stopping the master meanwhile.
+    proxy, port, (first, second, third) = _launch(
+        PROXY, f"--backend=127.0.0.1:{redis_servers[0]}", "--workers", "3"
+    )
+    lines = _Lines(proxy)
+    clients: list[socket.socket] = []
+    try:
+        clients = _held(port, 24)  # the first worker's drain waits for its relays
+        proxy.send_signal(signal.SIGHUP)
+        progress = lines.next()
+        assert re.match(rf"worker {first} draining, replaced by \d+$", progress), progress
+        os.kill(proxy.pid, signal.SIGSTOP)
+        try:
+            for pid in (second, third):
+                os.kill(pid, signal.SIGKILL)
+                _zombie_within(pid)
+            proxy.send_signal(signal.SIGTERM)
+        finally:
+            os.kill(proxy.pid, signal.SIGCONT)
+        for c in clients:
+            c.close()
+        rest = lines.to_eof()
+        assert "replaced worker" not in rest, rest
+        assert rest.startswith("restart stopped: stopping\n"), rest
+        assert proxy.wait(timeout=60) == 0
+    finally:
+        for c in clients:
+            c.close()
+        stderr = _stop(proxy)  # (a no-op signal once it has exited)
+    assert "Traceback" not in stderr, stderr
+
+
 @pytest.mark.parametrize(
     ("value", "message"),
     [
