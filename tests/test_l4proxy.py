@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import importlib.util
 import os
@@ -727,41 +728,60 @@ def test_a_stop_refuses_new_connections_at_once(redis_servers: list[int]) -> Non
     assert "Traceback" not in stderr, stderr
 
 
+@dataclasses.dataclass
+class _Restart:
+    """A proxy in the middle of a SIGHUP restart (see :func:`_mid_restart`)."""
+
+    proxy: subprocess.Popen[str]
+    port: int
+    workers: list[int]
+    lines: _Lines
+    clients: list[socket.socket]
+    new_first: int  # the first slot's new worker, started as its old one drains
+
+
+@contextlib.contextmanager
+def _mid_restart(backend: int, workers: int, held: int) -> Iterator[_Restart]:
+    """Start the proxy with *workers* workers (a 60 s drain, outlasting the tests'
+    every deadline), hold *held* relays through it, SIGHUP it and read the first
+    worker's "draining" line: the restart then waits for that drain, which does not
+    end while its relays are held (the chance that none is on it is at most
+    (1 - 1/workers) ** held). On exit the relays are closed and the proxy stopped;
+    its stderr must hold no traceback."""
+    proxy, port, pids = _launch(
+        PROXY, f"--backend=127.0.0.1:{backend}", "--workers", str(workers), "--drain-timeout", "60"
+    )
+    clients: list[socket.socket] = []
+    stderr = ""
+    try:
+        lines = _Lines(proxy)
+        clients = _held(port, held)
+        proxy.send_signal(signal.SIGHUP)
+        progress = lines.next()
+        m = re.match(rf"worker {pids[0]} draining, replaced by (\d+)$", progress)
+        assert m, progress
+        yield _Restart(proxy, port, pids, lines, clients, int(m.group(1)))
+    finally:
+        for c in clients:
+            c.close()
+        stderr = _stop(proxy)  # (a no-op signal once it has exited)
+    assert "Traceback" not in stderr, stderr
+
+
 def test_a_stop_during_a_restart_stops_at_once(redis_servers: list[int]) -> None:
     # Before: a SIGTERM during a SIGHUP restart waited for the whole restart, each old
     # worker drained in turn (up to --drain-timeout each: with the default 30 s and
     # a few workers, past systemd's 90 s stop timeout), before the stop even began.
     # Now the restart ends at once and every worker, old and new, drains together.
-    proxy, port, _ = _launch(
-        PROXY,
-        f"--backend=127.0.0.1:{redis_servers[0]}",
-        "--workers",
-        "2",
-        "--drain-timeout",
-        "60",  # an old worker's drain outlasts the test's every deadline
-    )
-    lines = _Lines(proxy)
-    clients: list[socket.socket] = []
-    try:
-        # 20 relays: the chance that none is on a worker is 2 in 2**20. A restart
-        # waits for at least one old worker with relays, which do not end.
-        clients = _held(port, 20)
-        proxy.send_signal(signal.SIGHUP)
-        progress = lines.next()
-        assert re.match(r"worker \d+ draining, replaced by \d+$", progress), progress
-        proxy.send_signal(signal.SIGTERM)  # while an old worker drains
-        _wait_refused(port)
-        assert _still_relayed(clients) == [b"+PONG\r\n"] * len(clients)
-    finally:
-        for c in clients:
+    with _mid_restart(redis_servers[0], workers=2, held=20) as r:
+        r.proxy.send_signal(signal.SIGTERM)  # while an old worker drains
+        _wait_refused(r.port)
+        assert _still_relayed(r.clients) == [b"+PONG\r\n"] * len(r.clients)
+        for c in r.clients:
             c.close()
-        try:
-            rest = lines.to_eof()
-        finally:
-            stderr = _stop(proxy)
+        rest = r.lines.to_eof()
     assert "restarted workers=" not in rest, rest
     assert "restart stopped: stopping" in rest, rest
-    assert "Traceback" not in stderr, stderr
 
 
 def test_a_worker_dying_during_a_restart_is_replaced_at_once(redis_servers: list[int]) -> None:
@@ -769,39 +789,18 @@ def test_a_worker_dying_during_a_restart_is_replaced_at_once(redis_servers: list
     # --drain-timeout), the master handled no SIGCHLD: another worker that died was
     # replaced only when the drain ended, and the connections the kernel queued on
     # its member meanwhile waited; its replacement was then logged as a drain.
-    proxy, port, (first, second) = _launch(
-        PROXY,
-        f"--backend=127.0.0.1:{redis_servers[0]}",
-        "--workers",
-        "2",
-        "--drain-timeout",
-        "60",  # the first worker's drain outlasts the test's every deadline
-    )
-    lines = _Lines(proxy)
-    clients: list[socket.socket] = []
-    try:
-        # 20 relays: the chance that none is on the first worker is 2 in 2**20; the
-        # restart waits for its drain, which does not end while they are held.
-        clients = _held(port, 20)
-        proxy.send_signal(signal.SIGHUP)
-        progress = lines.next()
-        m = re.match(rf"worker {first} draining, replaced by (\d+)$", progress)
-        assert m, progress
+    with _mid_restart(redis_servers[0], workers=2, held=20) as r:
+        second = r.workers[1]
         os.kill(second, signal.SIGKILL)
-        replaced = lines.next(timeout=20)  # the old source: only after the 60 s drain
+        replaced = r.lines.next(timeout=20)  # the old source: only after the 60 s drain
         m2 = re.match(rf"replaced worker {second} -> (\d+)$", replaced)
         assert m2, replaced
         # both members served while the drain goes on: 40 new connections answered
-        assert [_ping(port) for _ in range(40)] == [b"+PONG\r\n"] * 40
-        for c in clients:
+        assert [_ping(r.port) for _ in range(40)] == [b"+PONG\r\n"] * 40
+        for c in r.clients:
             c.close()
         # the drain ends; the replaced slot is not restarted again
-        assert lines.status() == f"restarted workers={m.group(1)},{m2.group(1)}\n"
-    finally:
-        for c in clients:
-            c.close()
-        stderr = _stop(proxy)
-    assert "Traceback" not in stderr, stderr
+        assert r.lines.status() == f"restarted workers={r.new_first},{m2.group(1)}\n"
 
 
 def _zombie_within(pid: int, timeout: float = 10) -> None:
@@ -822,35 +821,21 @@ def test_a_stop_during_a_restart_starts_no_replacement(redis_servers: list[int])
     # for a drain: the master started a replacement for each dead worker (and said
     # "replaced worker ..."), then stopped and terminated them at once. A stop goes
     # first. Both signals are made to wait together by stopping the master meanwhile.
-    proxy, port, (first, second, third) = _launch(
-        PROXY, f"--backend=127.0.0.1:{redis_servers[0]}", "--workers", "3"
-    )
-    lines = _Lines(proxy)
-    clients: list[socket.socket] = []
-    try:
-        clients = _held(port, 24)  # the first worker's drain waits for its relays
-        proxy.send_signal(signal.SIGHUP)
-        progress = lines.next()
-        assert re.match(rf"worker {first} draining, replaced by \d+$", progress), progress
-        os.kill(proxy.pid, signal.SIGSTOP)
+    with _mid_restart(redis_servers[0], workers=3, held=24) as r:
+        os.kill(r.proxy.pid, signal.SIGSTOP)
         try:
-            for pid in (second, third):
+            for pid in r.workers[1:]:
                 os.kill(pid, signal.SIGKILL)
                 _zombie_within(pid)
-            proxy.send_signal(signal.SIGTERM)
+            r.proxy.send_signal(signal.SIGTERM)
         finally:
-            os.kill(proxy.pid, signal.SIGCONT)
-        for c in clients:
+            os.kill(r.proxy.pid, signal.SIGCONT)
+        for c in r.clients:
             c.close()
-        rest = lines.to_eof()
+        rest = r.lines.to_eof()
         assert "replaced worker" not in rest, rest
         assert rest.startswith("restart stopped: stopping\n"), rest
-        assert proxy.wait(timeout=60) == 0
-    finally:
-        for c in clients:
-            c.close()
-        stderr = _stop(proxy)  # (a no-op signal once it has exited)
-    assert "Traceback" not in stderr, stderr
+        assert r.proxy.wait(timeout=60) == 0
 
 
 @pytest.mark.parametrize(
