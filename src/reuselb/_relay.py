@@ -564,15 +564,98 @@ class _Relay:
         force_copy: bool = False,
     ) -> None:
         # Each side's sockfs inode, or None (a wrapper): see _Hub.watch.
-        self.inodes = _check_pair(a, b)
+        inodes = _check_pair(a, b)
         if pipe_size is not None and (
             isinstance(pipe_size, bool) or not isinstance(pipe_size, int) or pipe_size < 4096
         ):
             raise InvalidArgument("pipe_size", pipe_size, "must be an int >= 4096 bytes")
-        self.a, self.b = a, b
         # close="no" must not mean True: the caller's sockets would be closed.
-        self.close = check_flag("close", close)
-        self.idle_timeout = _check_idle_timeout(idle_timeout)
+        close = check_flag("close", close)
+        idle = _check_idle_timeout(idle_timeout)
+        # What close=False must restore, and what a failed start restores: each
+        # side's timeout and old TCP_NODELAY (True: on already, begin() leaves it
+        # alone; False: begin() turns it on, restoring turns it off; None: not
+        # read, begin() turns it on and nothing restores it).
+        if close and a.__class__ is socket.socket and b.__class__ is socket.socket:
+            # The common case, without the generic lookups (relays start thousands
+            # of times a second under connection churn): plain sockets are kernel
+            # sockets. With close=True, only a start that fails at b's TCP_NODELAY
+            # gives back a side whose TCP_NODELAY changed: a, set first. Its old
+            # value is read (one getsockopt, ~0.5 us); b's is not needed.
+            fa = _raw_family(a)
+            nodelay_a: bool | None = None
+            if fa in _INET:
+                try:  # noqa: SIM105 (contextlib.suppress costs ~0.5 us per call here)
+                    nodelay_a = _raw_getsockopt(a, _IPPROTO_TCP, _TCP_NODELAY) != 0
+                except OSError:
+                    pass  # not TCP: begin() reports it
+            saved: list[tuple[SocketLike, float | None, bool | None]] = [
+                (a, a.gettimeout(), nodelay_a),
+                (b, b.gettimeout(), None),
+            ]
+            kernel = (True, True)
+            unix_a, unix_b = fa == _AF_UNIX, _raw_family(b) == _AF_UNIX
+            unblocking = saved
+        else:
+            # b's TCP_NODELAY is read whatever close says: a wrapper's setblocking()
+            # may fail after begin() set it.
+            saved = [(a, _timeout(a), _nodelay(a)), (b, _timeout(b), _nodelay(b))]
+            # A socket's own setblocking() cannot fail on an open fd; a wrapper's may.
+            # Wrappers first, so that such a failure finds the other side untouched.
+            unblocking = saved[::-1] if _own_setblocking(a) else saved
+            kernel = (_is_kernel_socket(a), _is_kernel_socket(b))
+            # (_raw_family: a kernel socket is a socket.socket.)
+            unix_a = kernel[0] and _raw_family(a) == _AF_UNIX
+            unix_b = kernel[1] and _raw_family(b) == _AF_UNIX
+        self._build(
+            a,
+            b,
+            inodes,
+            close=close,
+            idle_timeout=idle,
+            pipe_size=pipe_size,
+            saved=saved,
+            unblocking=unblocking,
+            kernel=kernel,
+            unix_a=unix_a,
+            unix_b=unix_b,
+            force_copy=force_copy,
+        )
+        flow_b = self.flows[1]
+        # The same close, of a socket.socket or of a wrapper whose fileno() reads -1
+        # once closed: _Flow() kept fd -1, and the blocking form failed with a bare
+        # OSError (EBADF from poll), the hub with ValueError from epoll.register(-1).
+        # flow_b read each side's fd last (b's, then a's as its dst), and a closed
+        # side stays closed: these two int tests see any close since _check_pair (a
+        # close after them is one while the relay runs, which its fileno() checks
+        # find). Side a first, as _check_pair names it.
+        if flow_b.src_fd < 0 or flow_b.dst_fd < 0:
+            self.abandon()  # as above (begin() has not run: nothing to give back yet)
+            name, sock = ("a", a) if flow_b.dst_fd < 0 else ("b", b)
+            raise SocketClosed(sock, f"relay side {name}")
+
+    def _build(
+        self,
+        a: Side,
+        b: Side,
+        inodes: tuple[int | None, int | None],
+        *,
+        close: bool,
+        idle_timeout: float | None,
+        pipe_size: int | None,
+        saved: list[tuple[SocketLike, float | None, bool | None]],
+        unblocking: list[tuple[SocketLike, float | None, bool | None]],
+        kernel: tuple[bool, bool],
+        unix_a: bool,
+        unix_b: bool,
+        force_copy: bool,
+    ) -> None:
+        """Set up a checked pair's state (also :meth:`_Quick.promote`'s, which checked
+        the pair itself)."""
+        self.inodes = inodes
+        self.a, self.b = a, b
+        self.close = close
+        self.idle_timeout = idle_timeout
         self.started = time.monotonic()
         self.last = self.started
         self.ends: dict[str, End] = {}
@@ -617,41 +700,6 @@ class _Relay:
         # How many entries of `unblocking` had setblocking(False) called by begin():
         # only those are restored.
         self.unblocked = 0
-        # What close=False must restore, and what a failed start restores: each
-        # side's timeout and old TCP_NODELAY (True: on already, begin() leaves it
-        # alone; False: begin() turns it on, restoring turns it off; None: not
-        # read, begin() turns it on and nothing restores it).
-        if close and a.__class__ is socket.socket and b.__class__ is socket.socket:
-            # The common case, without the generic lookups (relays start thousands
-            # of times a second under connection churn): plain sockets are kernel
-            # sockets. With close=True, only a start that fails at b's TCP_NODELAY
-            # gives back a side whose TCP_NODELAY changed: a, set first. Its old
-            # value is read (one getsockopt, ~0.5 us); b's is not needed.
-            fa = _raw_family(a)
-            nodelay_a: bool | None = None
-            if fa in _INET:
-                try:  # noqa: SIM105 (contextlib.suppress costs ~0.5 us per call here)
-                    nodelay_a = _raw_getsockopt(a, _IPPROTO_TCP, _TCP_NODELAY) != 0
-                except OSError:
-                    pass  # not TCP: begin() reports it
-            saved: list[tuple[SocketLike, float | None, bool | None]] = [
-                (a, a.gettimeout(), nodelay_a),
-                (b, b.gettimeout(), None),
-            ]
-            kernel = (True, True)
-            unix_a, unix_b = fa == _AF_UNIX, _raw_family(b) == _AF_UNIX
-            unblocking = saved
-        else:
-            # b's TCP_NODELAY is read whatever close says: a wrapper's setblocking()
-            # may fail after begin() set it.
-            saved = [(a, _timeout(a), _nodelay(a)), (b, _timeout(b), _nodelay(b))]
-            # A socket's own setblocking() cannot fail on an open fd; a wrapper's may.
-            # Wrappers first, so that such a failure finds the other side untouched.
-            unblocking = saved[::-1] if _own_setblocking(a) else saved
-            kernel = (_is_kernel_socket(a), _is_kernel_socket(b))
-            # (_raw_family: a kernel socket is a socket.socket.)
-            unix_a = kernel[0] and _raw_family(a) == _AF_UNIX
-            unix_b = kernel[1] and _raw_family(b) == _AF_UNIX
         self.saved = saved
         self.unblocking = unblocking
         # A side that is not a kernel socket (an ssl.SSLSocket, a SocketLike) may
@@ -692,17 +740,6 @@ class _Relay:
                     if _fileno(sock) < 0:
                         raise SocketClosed(sock, f"relay side {name}") from exc
             raise
-        # The same close, of a socket.socket or of a wrapper whose fileno() reads -1
-        # once closed: _Flow() kept fd -1, and the blocking form failed with a bare
-        # OSError (EBADF from poll), the hub with ValueError from epoll.register(-1).
-        # flow_b read each side's fd last (b's, then a's as its dst), and a closed
-        # side stays closed: these two int tests see any close since _check_pair (a
-        # close after them is one while the relay runs, which its fileno() checks
-        # find). Side a first, as _check_pair names it.
-        if flow_b.src_fd < 0 or flow_b.dst_fd < 0:
-            self.abandon()  # as above (begin() has not run: nothing to give back yet)
-            name, sock = ("a", a) if flow_b.dst_fd < 0 else ("b", b)
-            raise SocketClosed(sock, f"relay side {name}")
 
     def begin(self) -> None:
         """Nothing else can fail the start: set TCP_NODELAY, then make the sides
