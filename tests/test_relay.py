@@ -1345,19 +1345,24 @@ def test_a_forked_child_lets_go_of_a_running_relay_s_pipes_and_owned_sockets(
     async def start() -> relay_mod._RelayFuture:
         future = start_pipe_splice(a, b, close=close)
         assert isinstance(future, relay_mod._RelayFuture) and future.driven is not None
-        flow = future.driven.relay.flows[0]  # client -> backend
         client.setblocking(False)
         deadline = time.monotonic() + JOIN
-        while not (flow.pipe_r >= 0 and flow.pending):  # until its pipe holds bytes
+        while True:  # until the client -> backend pipe holds bytes
+            # (A close=True relay of plain sockets starts as a _Quick, which hands
+            # over to a _Driven at its first full read, a stream's.)
+            driven = future.driven
+            if isinstance(driven, relay_mod._Driven):
+                flow = driven.relay.flows[0]
+                if flow.pipe_r >= 0 and flow.pending:
+                    return future
             assert time.monotonic() < deadline, "the relay's pipe never filled"
             with contextlib.suppress(BlockingIOError):
                 client.send(b"x" * 65536)
             await asyncio.sleep(0.005)  # nothing to wait on: a bounded re-check
-        return future
 
     try:
         relay = loop.run_until_complete(start())
-        assert relay.driven is not None
+        assert isinstance(relay.driven, relay_mod._Driven)
         flows = relay.driven.relay.flows
         pipes = [fd for flow in flows for fd in (flow.pipe_r, flow.pipe_w) if fd >= 0]
         sides = [a.fileno(), b.fileno()]
@@ -2565,19 +2570,28 @@ def test_start_pipe_splice_checks_before_it_starts(listener: socket.socket) -> N
             s.close()
 
 
+@pytest.mark.parametrize("form", ["quick", "promoted", "full"])
 def test_a_finished_started_relay_is_freed_without_the_cyclic_gc(
-    listener: socket.socket,
+    listener: socket.socket, form: str
 ) -> None:
+    # quick: a close=True relay of plain TCP sockets (a _Quick throughout);
+    # promoted: the same handed over to the full relay; full: close=False.
     client, a = tcp_pair(listener)
     b, backend = tcp_pair(listener)
 
     def alive() -> int:
-        kinds = (relay_mod._Driven, relay_mod._Relay, relay_mod._Flow)
+        kinds = (relay_mod._Quick, relay_mod._Driven, relay_mod._Relay, relay_mod._Flow)
         return sum(type(o) in kinds for o in gc.get_objects())
 
     async def main() -> RelayStats:
-        fut = start_pipe_splice(a, b)
-        assert alive() == 4  # the relay, its driver and two flows
+        fut = start_pipe_splice(a, b, close=form != "full")
+        assert isinstance(fut, relay_mod._RelayFuture)
+        if form == "promoted":
+            assert isinstance(fut.driven, relay_mod._Quick)
+            fut.driven.promote()
+        # The _Quick; or the relay, its driver and two flows (the _Quick that
+        # handed over to them is freed then: nothing holds it).
+        assert alive() == {"quick": 1, "promoted": 4, "full": 4}[form]
         client.shutdown(socket.SHUT_WR)
         backend.shutdown(socket.SHUT_WR)
         return await asyncio.wait_for(fut, JOIN)

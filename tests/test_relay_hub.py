@@ -862,7 +862,7 @@ def test_an_interrupt_as_a_relay_leaves_its_hub_still_ends_it(
             armed.clear()
             raise KeyboardInterrupt  # what the default SIGINT handler raises
 
-    def unwatch(hub: relay_mod._Hub, fd: int, driven: relay_mod._Driven) -> None:
+    def unwatch(hub: relay_mod._Hub, fd: int, driven: relay_mod._Driven | relay_mod._Quick) -> None:
         real_unwatch(hub, fd, driven)
         if where == "mid-detach":
             interrupt()  # the first side unwatched, the other not
@@ -872,7 +872,18 @@ def test_an_interrupt_as_a_relay_leaves_its_hub_still_ends_it(
         if where == "after-detach":
             interrupt()  # the relay is out of the hub, the hub closed
 
+    real_promote = relay_mod._Quick.promote
+
+    def promote(quick: relay_mod._Quick) -> relay_mod._Driven:
+        # A close=True start of plain sockets is a _Quick until it hands over (here:
+        # at the cancel), its _Relay built then.
+        driven = real_promote(quick)
+        if driven.relay not in relays:
+            relays.append(driven.relay)
+        return driven
+
     monkeypatch.setattr(relay_mod._Relay, "begin", begin)
+    monkeypatch.setattr(relay_mod._Quick, "promote", promote)
     monkeypatch.setattr(relay_mod._Hub, "unwatch", unwatch)
     monkeypatch.setattr(relay_mod._Hub, "close_if_idle", close_if_idle)
     loop = asyncio.new_event_loop()
