@@ -29,6 +29,7 @@ import reuselb._relay as relay_mod
 from reuselb import (
     InvalidArgument,
     RelayStats,
+    SocketClosed,
     WrongSocketType,
     async_pipe_splice,
     start_pipe_splice,
@@ -978,3 +979,129 @@ def test_a_forked_child_lets_go_of_a_quick_relay_s_sockets(
     # parent's close would send nothing until the child's exit ("nothing").
     assert seen["quick"]["client"] == "reset"
     assert seen["quick"]["handled"] == []
+
+
+# ------------------------------------------------------------- closes and interrupts
+
+
+@pytest.mark.parametrize("side", ["a", "b"])
+def test_a_side_closed_while_a_quick_relay_starts_is_a_closed_side(
+    listener: socket.socket, monkeypatch: pytest.MonkeyPatch, side: str
+) -> None:
+    # Closed after the pair's checks (another thread, a signal handler; here by the
+    # gettimeout() the start reads next): the quick start met fd -1 at
+    # epoll.register and raised a bare ValueError; the full start says SocketClosed,
+    # naming the side, and so does this one. Nothing is left in a hub.
+    client, a = tcp_pair(listener)
+    b, backend = tcp_pair(listener)
+    victim, other = (a, b) if side == "a" else (b, a)
+    real = socket.socket.gettimeout
+    calls: list[int] = []
+
+    def gettimeout(sock: socket.socket) -> float | None:
+        calls.append(1)
+        if sock is victim and victim.fileno() >= 0:
+            victim.close()
+        return real(sock)
+
+    async def main() -> None:
+        monkeypatch.setattr(socket.socket, "gettimeout", gettimeout)
+        try:
+            with pytest.raises(SocketClosed, match=f"relay side {side}"):
+                start_pipe_splice(a, b)
+        finally:
+            monkeypatch.undo()
+        assert calls, "the start read no timeout: the close never happened"
+        assert asyncio.get_running_loop() not in relay_mod._HUBS
+
+    try:
+        asyncio.run(main())
+        assert victim.fileno() == -1 and other.fileno() >= 0
+        assert other.gettimeout() is None  # left blocking, as it was
+        assert not _nonblocking(other)
+    finally:
+        for s in (client, a, b, backend):
+            s.close()
+
+
+class _InterruptOnce:
+    """Raise KeyboardInterrupt (what the default SIGINT handler raises) from the first
+    ``_Driven`` built, or from the first store of one as a future's driver: a signal
+    landing in the middle of a _Quick's hand-over."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+        self.armed = True
+        if where == "build":
+            real_init = relay_mod._Driven.__init__
+
+            def init(driven: relay_mod._Driven, *args: Any) -> None:
+                real_init(driven, *args)
+                self.fire()
+
+            monkeypatch.setattr(relay_mod._Driven, "__init__", init)
+            return
+        slot = relay_mod._RelayFuture.__dict__["driven"]
+
+        def get(fut: relay_mod._RelayFuture) -> Any:
+            return slot.__get__(fut, relay_mod._RelayFuture)
+
+        def put(fut: relay_mod._RelayFuture, value: Any) -> None:
+            slot.__set__(fut, value)
+            if isinstance(value, relay_mod._Driven):
+                self.fire()  # the hub's owners swapped, the running set not yet
+
+        monkeypatch.setattr(relay_mod._RelayFuture, "driven", property(get, put))
+
+    def fire(self) -> None:
+        if self.armed:
+            self.armed = False
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("where", ["build", "swap"])
+@pytest.mark.parametrize("how", ["cancel", "reset"])
+def test_an_interrupt_in_a_quick_relay_s_hand_over_still_ends_it(
+    listener: socket.socket, monkeypatch: pytest.MonkeyPatch, how: str, where: str
+) -> None:
+    # A KeyboardInterrupt in promote() (its ~150 lines of Python) left the relay
+    # running: after a cancel, the future cancelled but the sockets open and still
+    # relaying; after the backend's reset (an EPOLLERR event, consumed), the future
+    # pending for ever and the client never reset; interrupted between its swaps, a
+    # second relay built and one left in the running set for good. It is ended as
+    # the full relay ends one interrupted in its detach, and the interrupt goes on.
+    client, a = tcp_pair(listener)
+    b, backend = tcp_pair(listener)
+    loop = asyncio.new_event_loop()
+    fut: asyncio.Future[RelayStats] | None = None
+    try:
+
+        async def begin() -> asyncio.Future[RelayStats]:
+            started = start_pipe_splice(a, b)
+            assert isinstance(started, relay_mod._RelayFuture)
+            assert isinstance(started.driven, relay_mod._Quick)
+            return started
+
+        fut = loop.run_until_complete(begin())
+        ending = fut
+
+        def end() -> None:
+            if how == "cancel":
+                ending.cancel()
+                return
+            backend.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+            backend.close()  # a reset: an EPOLLERR event on b
+            loop.run_until_complete(asyncio.wait([ending], timeout=JOIN))
+
+        interrupt = _InterruptOnce(monkeypatch, where)
+        with pytest.raises(KeyboardInterrupt):
+            end()
+        assert not interrupt.armed, "the interrupt came from elsewhere"
+        monkeypatch.undo()
+        assert fut.done()
+        assert _closed(a, b) == [True, True]
+        assert loop not in relay_mod._HUBS  # its only relay ended: the hub closed
+        assert not [r for r in relay_mod._RUNNING if r.a is a]  # nothing left running
+        assert _peer_sees_the_end(client) == "reset"
+    finally:
+        monkeypatch.undo()
+        end_loop(loop, cancel=[fut], close=(client, a, b, backend))

@@ -3507,19 +3507,20 @@ class _Quick:
 
     def event(self, fd: int, ev: int) -> None:
         """As :meth:`_Driven.event`: one epoll event of fd *fd*."""
-        if ev & _NOT_QUICK:
-            self.promote().event(fd, ev)
-            return
-        if fd == self.fa:
-            if self.done_a:
-                return  # a hang-up after a's EOF: nothing more to read
-            src, dst, name = self.a, self.b, "a"
-        else:
-            if self.done_b:
-                return
-            src, dst, name = self.b, self.a, "b"
-        scratch = self.scratch
         try:
+            if ev & _NOT_QUICK:
+                # (In the try: an interrupt in promote() ends the relay, below.)
+                self.promote().event(fd, ev)
+                return
+            if fd == self.fa:
+                if self.done_a:
+                    return  # a hang-up after a's EOF: nothing more to read
+                src, dst, name = self.a, self.b, "a"
+            else:
+                if self.done_b:
+                    return
+                src, dst, name = self.b, self.a, "b"
+            scratch = self.scratch
             while True:
                 try:
                     n = src.recv_into(scratch)
@@ -3643,11 +3644,31 @@ class _Quick:
 
     def promote(self) -> _Driven:
         """Hand the relay over to a :class:`_Driven` and :class:`_Relay` in the same
-        state (once; later calls return that driver), which take its place in the
-        hub, its future and the running set."""
+        state (built once; later calls return that driver), which take its place in
+        the hub, its future and the running set.
+
+        Each call completes the hand-over: a KeyboardInterrupt from a signal handler
+        may land anywhere in it, and the caller's cleanup (a crash, a finalize)
+        promotes again, which must leave no entry behind (the hub's or the running
+        set's, where nothing would end it)."""
         driven = self.promoted
-        if driven is not None:
-            return driven
+        if driven is None:
+            driven = self._successor()
+            self.promoted = driven
+        hub = self.hub
+        owners = hub.owners
+        for fd in (self.fa, self.fb):
+            if owners.get(fd) is self:
+                owners[fd] = driven
+        if self.future.driven is self:
+            self.future.driven = driven
+        if self in _RUNNING:
+            _RUNNING.add(driven.relay)  # first: a fork in between finds one of them
+            _RUNNING.discard(self)
+        return driven
+
+    def _successor(self) -> _Driven:
+        """The :class:`_Driven` over a :class:`_Relay` in this relay's state."""
         a, b = self.a, self.b
         relay = _Relay.__new__(_Relay)
         saved: list[tuple[SocketLike, float | None, bool | None]] = [
@@ -3688,23 +3709,21 @@ class _Quick:
         driven.masks = {self.fa: _ARM_IN, self.fb: _ARM_IN}
         relay.on_notify = driven.rearm
         relay.on_gone = driven.let_go
-        owners = hub.owners
-        for fd in (self.fa, self.fb):
-            if owners.get(fd) is self:
-                owners[fd] = driven
-        if self.future.driven is self:
-            self.future.driven = driven
-        if self in _RUNNING:
-            _RUNNING.add(relay)  # first: a fork in between finds one of them
-            _RUNNING.discard(self)
-        self.promoted = driven
         return driven
 
     def finalize(self) -> RelayStats | None:
         """As :meth:`_Driven.finalize` (a cancel, the loop's shutdown)."""
         if self.stats is not None:
             return self.stats
-        return self.promote().finalize()
+        try:
+            driven = self.promote()
+        except BaseException:
+            # Interrupted (a signal handler's KeyboardInterrupt) while handing over:
+            # the relay is ended all the same, as _Driven.finalize ends one
+            # interrupted in its detach, then the interrupt goes on.
+            self.promote().finalize()
+            raise
+        return driven.finalize()
 
     def source(self, fd: int) -> Side:
         return self.a if fd == self.fa else self.b
@@ -3742,6 +3761,12 @@ def _start_quick(a: Any, b: Any, loop: asyncio.AbstractEventLoop) -> _RelayFutur
     try:
         quick = _Quick(a, b, inodes, hub, future=future, ta=ta, tb=tb, nodelay_a=nodelay_a)
         future.driven = quick
+        if quick.fa < 0 or quick.fb < 0:
+            # Closed since _check_pair (by another thread, or by a signal handler):
+            # the same closed side, not a ValueError from epoll.register(-1). Side
+            # a first, as _check_pair names it (see _Relay.__init__).
+            name, sock = ("a", a) if quick.fa < 0 else ("b", b)
+            raise SocketClosed(sock, f"relay side {name}")
         hub.watch(quick.fa, quick, inodes[0], a)
         hub.watch(quick.fb, quick, inodes[1], b)
         # begin()'s steps, in its order.
