@@ -51,8 +51,9 @@ from tests.test_relay_hub import JOIN, _new_loop, _nonblocking, _recv_exactly, _
 
 pytestmark = pytest.mark.linux
 LOOPS = ["asyncio", "uvloop"]
-# The quick path first, then the full one, with the same traffic.
-FORMS = ("quick", "full")
+# The quick path (start_pipe_splice, then async_pipe_splice in a task), then the full
+# one (async_pipe_splice with the quick path off), with the same traffic.
+FORMS = ("quick", "quick-async", "full")
 T = TypeVar("T")
 Seen = dict[str, Any]
 
@@ -71,8 +72,9 @@ class _Spy:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.promotions: list[tuple[relay_mod._Quick, int | None]] = []
-        self.hand_overs: list[tuple[int, int]] = []
+        self.hand_overs: list[tuple[relay_mod._Quick, int, int]] = []
         self.quick_starts = 0  # start_pipe_splice calls that took the quick path
+        _STARTED.clear()
         handling: list[int] = []  # the events being handled, innermost last
         real_event = relay_mod._Quick.event
         real_promote = relay_mod._Quick.promote
@@ -92,21 +94,31 @@ class _Spy:
             return real_promote(quick)
 
         def hand_over(quick: relay_mod._Quick, name: str, n: int, m: int, drain: bool) -> None:
-            self.hand_overs.append((n, m))
+            self.hand_overs.append((quick, n, m))
             real_hand_over(quick, name, n, m, drain)
 
-        def start_quick(a: Any, b: Any, loop: asyncio.AbstractEventLoop) -> Any:
+        def start_quick(a: Any, b: Any, loop: asyncio.AbstractEventLoop, kind: Any) -> Any:
             self.quick_starts += 1
-            return real_start_quick(a, b, loop)
+            quick = real_start_quick(a, b, loop, kind)
+            _STARTED.append(quick)  # for _begin: a task's may hand over before it looks
+            return quick
 
         monkeypatch.setattr(relay_mod, "_start_quick", start_quick)
         monkeypatch.setattr(relay_mod._Quick, "event", event)
         monkeypatch.setattr(relay_mod._Quick, "promote", promote)
         monkeypatch.setattr(relay_mod._Quick, "_hand_over", hand_over)
 
+    def sends(self, quick: relay_mod._Quick | None) -> list[tuple[int, int]]:
+        """The sends at which *quick* handed over, as (bytes read, bytes sent)."""
+        return [(n, m) for q, n, m in self.hand_overs if q is quick]
+
     def of(self, quick: relay_mod._Quick | None) -> list[int | None]:
         """The events at which *quick* handed over (at most one)."""
         return [ev for q, ev in self.promotions if q is quick]
+
+
+# The _Quick relays started in this test (recorded by _Spy).
+_STARTED: list[relay_mod._Quick] = []
 
 
 @pytest.fixture
@@ -131,20 +143,42 @@ def _run(loop_kind: str, coro: Coroutine[Any, Any, T]) -> T:
     return result
 
 
+async def _full_relay(a: socket.socket, b: socket.socket) -> RelayStats:
+    """async_pipe_splice(a, b) on the full relay's path: its body without the quick
+    path's branch."""
+    relay = relay_mod._Relay(a, b, pipe_size=None, idle_timeout=None, close=True)
+    return await relay_mod._run_async(relay)
+
+
 async def _begin(
     form: str, a: socket.socket, b: socket.socket
 ) -> tuple[asyncio.Future[RelayStats], relay_mod._Quick | None]:
-    """A relay of *a* and *b*, running: start_pipe_splice's quick one (and it), or
-    async_pipe_splice's in a task (and None)."""
-    fut = await _start("start" if form == "quick" else "coroutine", a, b)
+    """A relay of *a* and *b*, running: start_pipe_splice's quick one (and it),
+    async_pipe_splice's quick one in a task (and it), or async_pipe_splice's full one
+    in a task (and None)."""
+    fut: asyncio.Future[RelayStats]
+    if form == "full":
+        fut = asyncio.ensure_future(_full_relay(a, b))
+        await asyncio.sleep(0)  # one loop step: the task's first step, the start, ran
+        if fut.done():
+            fut.result()  # the start's exception
+    else:
+        fut = await _start("start" if form == "quick" else "coroutine", a, b)
     owner = relay_mod._HUBS[asyncio.get_running_loop()].owners[a.fileno()]
     if form == "full":
         assert isinstance(owner, relay_mod._Driven)
+        assert not isinstance(owner.future, relay_mod._HeldFuture)  # no _Quick's
         return fut, None
-    assert isinstance(fut, relay_mod._RelayFuture)
-    assert isinstance(fut.driven, relay_mod._Quick), "the quick path"
-    assert owner is fut.driven
-    return fut, fut.driven
+    # The quick path: the hub's owner is the _Quick, or already the driver it handed
+    # over to (a task's first step and the relay's first events may share a loop
+    # iteration before this looks).
+    (quick,) = [q for q in _STARTED if q.a is a and q.b is b]  # the quick path
+    assert owner is quick or owner is quick.promoted
+    if form == "quick":
+        assert isinstance(fut, relay_mod._RelayFuture) and fut is quick.future
+    else:
+        assert type(quick.future) is relay_mod._HeldFuture  # the task's: no cancel()
+    return fut, quick
 
 
 def _stats(stats: RelayStats) -> Seen:
@@ -267,7 +301,7 @@ def test_request_response_churn_stays_quick_end_to_end(
             seen = {form: _run(loop_kind, _churn(lst, form, exchanges, spy)) for form in FORMS}
     else:
         seen = {form: _run(loop_kind, _churn(listener, form, exchanges, spy)) for form in FORMS}
-    assert seen["quick"] == seen["full"]
+    assert seen["quick"] == seen["quick-async"] == seen["full"]
     for (request, response), one in zip(exchanges, seen["quick"], strict=True):
         assert one["request"] == (_digest(request), "eof")
         assert one["response"] == (_digest(response), "eof")
@@ -330,7 +364,7 @@ def test_short_messages_and_half_closes_stay_quick(
     seen = {
         form: _run(loop_kind, _half_closes(listener, form, first, before, spy)) for form in FORMS
     }
-    assert seen["quick"] == seen["full"]
+    assert seen["quick"] == seen["quick-async"] == seen["full"]
     assert seen["quick"]["after"] == (b"", "eof")
     assert seen["quick"]["closed"] == [True, True]
     assert seen["quick"]["stats"]["failed"] is None
@@ -372,7 +406,7 @@ def test_a_stream_each_way_at_once_hands_over_and_splices(
     rng = random.Random(f"streams {loop_kind}")
     up, down = rng.randbytes(8 << 20), rng.randbytes(8 << 20)
     seen = {form: _run(loop_kind, _streams(listener, form, up, down, spy)) for form in FORMS}
-    assert seen["quick"] == seen["full"]
+    assert seen["quick"] == seen["quick-async"] == seen["full"]
     assert seen["quick"]["up"] == (_digest(up), "eof")
     assert seen["quick"]["down"] == (_digest(down), "eof")
     assert seen["quick"]["stats"]["spliced"] is True
@@ -425,7 +459,7 @@ async def _slow_backend(form: str, payload: bytes, spy: _Spy) -> Seen:
         stats = await asyncio.wait_for(fut, JOIN)
         if quick is not None:
             assert len(spy.of(quick)) == 1
-            [(n, m)] = spy.hand_overs  # the send that handed over: partial
+            [(n, m)] = spy.sends(quick)  # the send that handed over: partial
             assert m < n < relay_mod._COPY_BUFFER
         return {
             "got": (_digest(got[0]), got[1]),
@@ -442,7 +476,7 @@ async def _slow_backend(form: str, payload: bytes, spy: _Spy) -> Seen:
 def test_a_backend_that_reads_late_gets_every_byte_in_order(loop_kind: str, spy: _Spy) -> None:
     payload = random.Random(f"late {loop_kind}").randbytes(1 << 20)
     seen = {form: _run(loop_kind, _slow_backend(form, payload, spy)) for form in FORMS}
-    assert seen["quick"] == seen["full"]
+    assert seen["quick"] == seen["quick-async"] == seen["full"]
     assert seen["quick"]["got"] == (_digest(payload), "eof")
     assert seen["quick"]["stats"]["a_to_b"] == len(payload)
 
@@ -479,7 +513,7 @@ def test_urgent_data_hands_over_and_is_relayed_as_the_full_relay_does(
     listener: socket.socket, loop_kind: str, inline: bool, spy: _Spy
 ) -> None:
     seen = {form: _run(loop_kind, _urgent(listener, form, inline, spy)) for form in FORMS}
-    assert seen["quick"] == seen["full"]
+    assert seen["quick"] == seen["quick-async"] == seen["full"]
     # (recv passes the mark, dropping the urgent byte unless SO_OOBINLINE.)
     expected = b"head" + (b"!" if inline else b"") + b"tail"
     assert seen["quick"]["got"] == (expected, "eof")
@@ -546,8 +580,9 @@ def test_an_eof_before_any_byte_waits_for_the_backend_connect(
         )
 
     seen = _run(loop_kind, main())
-    quick, full = seen[: len(variants)], seen[len(variants) :]
-    assert quick == full
+    k = len(variants)
+    quick, quick_async, full = seen[:k], seen[k : 2 * k], seen[2 * k :]
+    assert quick == quick_async == full
     eof_first, request_first, refused = quick
     assert eof_first["request"] == (b"", "eof")
     assert eof_first["back"] == (b"220 banner\r\n", "eof")
@@ -555,9 +590,9 @@ def test_an_eof_before_any_byte_waits_for_the_backend_connect(
     assert (eof_first["stats"]["failed"], request_first["stats"]["failed"]) == (None, None)
     assert refused["stats"]["failed"] == "b"
     assert refused["stats"]["error"][1] == errno.ECONNREFUSED
-    assert len(spy.promotions) == len(variants)
+    assert len(spy.promotions) == 2 * len(variants)  # each quick form's
     # request-first: b in SYN_SENT took none of the 5 bytes (EAGAIN), which handed over.
-    assert spy.hand_overs == [(5, 0)]
+    assert [(n, m) for _q, n, m in spy.hand_overs] == [(5, 0)] * 2
 
 
 # --------------------------------------------------------------------------- failures
@@ -591,7 +626,7 @@ def test_a_peer_reset_fails_that_side_and_resets_the_other(
     listener: socket.socket, loop_kind: str, who: str, spy: _Spy
 ) -> None:
     seen = {form: _run(loop_kind, _reset(listener, form, who, spy)) for form in FORMS}
-    assert seen["quick"] == seen["full"]
+    assert seen["quick"] == seen["quick-async"] == seen["full"]
     failed = "a" if who == "client" else "b"
     assert seen["quick"]["stats"]["failed"] == failed
     assert seen["quick"]["survivor"] == (b"", "reset")
@@ -613,11 +648,12 @@ async def _cancelled(lst: socket.socket, form: str, when: str, spy: _Spy) -> See
             await _send_then_eof(client, b"request")
             seen["request"] = await _read_end(backend)
         fut.cancel()
-        if quick is not None:
+        if form == "quick":
             assert fut.cancelled() and _closed(a, b) == [True, True], "ended at once"
-            assert spy.of(quick) == [None]  # handed over by the cancel, to end
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(fut, JOIN)
+        if quick is not None:
+            assert spy.of(quick) == [None]  # handed over by the cancel, to end
         seen["cancelled"] = fut.cancelled()
         seen["closed"] = _closed(a, b)
         after = _open_files()
@@ -639,7 +675,7 @@ def test_a_cancel_while_quick_ends_the_relay_as_the_full_relay_s_does(
     # A direction that did not reach its EOF is cut off: its peer is reset, never
     # sent a FIN that would pass for a complete stream.
     seen = {form: _run(loop_kind, _cancelled(listener, form, when, spy)) for form in FORMS}
-    assert seen["quick"] == seen["full"]
+    assert seen["quick"] == seen["quick-async"] == seen["full"]
     assert seen["quick"]["cancelled"] and seen["quick"]["fds"] == (True, set())
     assert seen["quick"]["client"] == (b"", "reset")
     assert seen["quick"]["backend"] == (b"", "eof" if when == "half-closed" else "reset")
@@ -688,12 +724,13 @@ def test_the_loop_s_shutdown_ends_a_quick_relay_as_it_ends_a_full_one(
         finally:
             for s in (client, a, b, backend):
                 s.close()
-    assert seen["quick"] == seen["full"]
+    assert seen["quick"] == seen["quick-async"] == seen["full"]
     assert seen["quick"]["cancelled"] and seen["quick"]["fds"] == (True, set())
     assert seen["quick"]["closed"] == [True, True]
     assert seen["quick"]["client"] == "reset"
     assert seen["quick"]["backend"] == ("eof" if when == "half-closed" else "reset")
-    assert [ev for _q, ev in spy.promotions] == [None]  # by the shutdown, to end it
+    # By the shutdown, to end them: start_pipe_splice's, then async_pipe_splice's.
+    assert [ev for _q, ev in spy.promotions] == [None, None]
 
 
 # --------------------------------------------------------------------------- sockets
@@ -744,7 +781,7 @@ def test_a_side_closed_behind_a_quick_relay_and_its_number_reused_fails_that_sid
     listener: socket.socket, loop_kind: str, side: str, spy: _Spy
 ) -> None:
     seen = {form: _run(loop_kind, _closed_behind(listener, form, side, spy)) for form in FORMS}
-    assert seen["quick"] == seen["full"]
+    assert seen["quick"] == seen["quick-async"] == seen["full"]
     stats = seen["quick"]["stats"]
     assert (stats["failed"], stats["error"][1]) == (side, errno.EBADF)
     ends = {"a": seen["quick"]["client"], "b": seen["quick"]["backend"]}
@@ -775,6 +812,8 @@ async def _refused(form: str, x: socket.socket, y: socket.socket) -> Exception:
     try:
         if form == "quick":
             start_pipe_splice(x, y)
+        elif form == "full":
+            await asyncio.wait_for(_full_relay(x, y), JOIN)
         else:
             await asyncio.wait_for(async_pipe_splice(x, y), JOIN)
     except Exception as exc:
@@ -795,7 +834,7 @@ async def _dup_refused(lst: socket.socket, form: str, as_side: str, spy: _Spy) -
         states = (_state(c), _state(dup))
         starts = spy.quick_starts
         refused = await _refused(form, *pair)
-        assert spy.quick_starts == starts + (form == "quick")
+        assert spy.quick_starts == starts + (form != "full")
         assert isinstance(refused, InvalidArgument)
         assert refused.value == dup.fileno()  # named: the fd passed, and the relayed one
         text = str(refused).replace(f"socket {dup.fileno()}:", "socket <dup>:")
@@ -826,7 +865,7 @@ def test_a_dup_of_a_quick_relay_s_socket_is_refused_and_the_relay_goes_on(
     listener: socket.socket, loop_kind: str, as_side: str, spy: _Spy
 ) -> None:
     seen = {form: _run(loop_kind, _dup_refused(listener, form, as_side, spy)) for form in FORMS}
-    assert seen["quick"] == seen["full"]
+    assert seen["quick"] == seen["quick-async"] == seen["full"]
     assert seen["quick"]["refused"] == (
         InvalidArgument,
         "socket",
@@ -872,7 +911,7 @@ async def _refusals(lst: socket.socket, refusal: str, spy: _Spy) -> dict[str, Se
         for form in FORMS:
             starts = spy.quick_starts
             refused = await _refused(form, *pair)
-            assert spy.quick_starts == starts + (form == "quick"), "the quick path's start"
+            assert spy.quick_starts == starts + (form != "full"), "the quick path's start"
             assert [_state(s) for s in all_socks] == states, "touched by a refused start"
             seen[form] = {
                 "refused": (type(refused), str(refused)),
@@ -914,7 +953,7 @@ def test_a_refused_quick_start_leaves_the_sockets_as_they_were(
     listener: socket.socket, loop_kind: str, refusal: str, spy: _Spy
 ) -> None:
     seen = _run(loop_kind, _refusals(listener, refusal, spy))
-    assert seen["quick"] == seen["full"]
+    assert seen["quick"] == seen["quick-async"] == seen["full"]
     kind = WrongSocketType if refusal.startswith("listening") else InvalidArgument
     assert seen["quick"]["refused"][0] is kind
     assert seen["quick"]["watched"] == [False] * 4
@@ -948,7 +987,7 @@ def _fork_while_running(lst: socket.socket, loop_kind: str, form: str, spy: _Spy
         pid, go, report = _fork_reporting(files, [client, backend])
         try:
             fut.cancel()  # the quick relay's ends at once; the task's, once it runs
-            if form == "full":
+            if form != "quick":
                 loop.run_until_complete(asyncio.wait([fut], timeout=JOIN))
             # While the child lives: the reset is the parent's close, not its exit.
             seen = _peer_sees_the_end(client)
@@ -973,7 +1012,7 @@ def test_a_forked_child_lets_go_of_a_quick_relay_s_sockets(
     listener: socket.socket, loop_kind: str, spy: _Spy
 ) -> None:
     seen = {form: _fork_while_running(listener, loop_kind, form, spy) for form in FORMS}
-    assert seen["quick"] == seen["full"]
+    assert seen["quick"] == seen["quick-async"] == seen["full"]
     assert seen["quick"]["report"] == b"[]"  # the child let go of both sockets
     # Within 10 s, while the child lives: were its copies of a still open, the
     # parent's close would send nothing until the child's exit ("nothing").
@@ -1040,17 +1079,17 @@ class _InterruptOnce:
 
             monkeypatch.setattr(relay_mod._Driven, "__init__", init)
             return
-        slot = relay_mod._RelayFuture.__dict__["driven"]
+        slot = relay_mod._HeldFuture.__dict__["driven"]
 
-        def get(fut: relay_mod._RelayFuture) -> Any:
-            return slot.__get__(fut, relay_mod._RelayFuture)
+        def get(fut: relay_mod._HeldFuture) -> Any:
+            return slot.__get__(fut, relay_mod._HeldFuture)
 
-        def put(fut: relay_mod._RelayFuture, value: Any) -> None:
+        def put(fut: relay_mod._HeldFuture, value: Any) -> None:
             slot.__set__(fut, value)
             if isinstance(value, relay_mod._Driven):
                 self.fire()  # the hub's owners swapped, the running set not yet
 
-        monkeypatch.setattr(relay_mod._RelayFuture, "driven", property(get, put))
+        monkeypatch.setattr(relay_mod._HeldFuture, "driven", property(get, put))
 
     def fire(self) -> None:
         if self.armed:

@@ -2301,8 +2301,11 @@ async def async_pipe_splice(
     Whatever fails before the relay runs gives both sockets back as they were
     (blocking mode, ``TCP_NODELAY``), whatever *close* says.
     """
-    # RuntimeError before touching the sockets
-    _sweep_closed_hubs(asyncio.get_running_loop())
+    loop = asyncio.get_running_loop()  # RuntimeError before touching the sockets
+    _sweep_closed_hubs(loop)
+    if _is_quick(a, b, close, idle_timeout, pipe_size):
+        quick = _start_quick(a, b, loop, _HeldFuture)
+        return await _until_done(quick, quick.future)
     relay = _Relay(a, b, pipe_size=pipe_size, idle_timeout=idle_timeout, close=close)
     return await _run_async(relay)
 
@@ -2362,19 +2365,9 @@ def start_pipe_splice(
     """
     loop = asyncio.get_running_loop()  # RuntimeError before touching the sockets
     _sweep_closed_hubs(loop)
-    if (
-        close is True
-        and idle_timeout is None
-        and pipe_size is None
-        and a.__class__ is socket.socket
-        and b.__class__ is socket.socket
-        and _HAS_EPOLL
-        and _HAS_SPLICE
-        and _raw_family(a) in _INET
-        and _raw_family(b) in _INET
-    ):
+    if _is_quick(a, b, close, idle_timeout, pipe_size):
         # The common case of a proxy's accept loop: see _Quick.
-        return _start_quick(a, b, loop)
+        return _start_quick(a, b, loop, _RelayFuture).future
     relay = _Relay(a, b, pipe_size=pipe_size, idle_timeout=idle_timeout, close=close)
     if not _HAS_EPOLL:
         try:
@@ -3478,7 +3471,7 @@ class _Quick:
         inodes: tuple[int | None, int | None],
         hub: _Hub,
         *,
-        future: _RelayFuture,
+        future: _HeldFuture,
         ta: float | None,
         tb: float | None,
         nodelay_a: bool | None,
@@ -3725,6 +3718,10 @@ class _Quick:
             raise
         return driven.finalize()
 
+    def prime(self) -> None:
+        """As :meth:`_Driven.prime`: nothing to read, plain sockets hold no bytes
+        their fds do not show."""
+
     def source(self, fd: int) -> Side:
         return self.a if fd == self.fa else self.b
 
@@ -3739,9 +3736,29 @@ class _Quick:
         self.promote().lose(fd, name)
 
 
-def _start_quick(a: Any, b: Any, loop: asyncio.AbstractEventLoop) -> _RelayFuture:
-    """start_pipe_splice() of two plain TCP sockets with close=True and no options:
-    the steps of _Relay(), _start_async() and begin(), for a :class:`_Quick`."""
+def _is_quick(a: object, b: object, close: object, idle_timeout: object, pipe_size: object) -> bool:
+    """Whether a relay of *a* and *b* with these options starts as a :class:`_Quick`:
+    two plain TCP sockets (socket.socket itself, IPv4 or IPv6), close=True, no
+    idle_timeout, no pipe_size, on Linux."""
+    return (
+        close is True
+        and idle_timeout is None
+        and pipe_size is None
+        and a.__class__ is socket.socket
+        and b.__class__ is socket.socket
+        and _HAS_EPOLL  # a hub to run it (tests take it away to run the fallback)
+        and _HAS_SPLICE
+        and _raw_family(a) in _INET
+        and _raw_family(b) in _INET
+    )
+
+
+def _start_quick(
+    a: Any, b: Any, loop: asyncio.AbstractEventLoop, future_type: type[_HeldFuture]
+) -> _Quick:
+    """A relay of two plain TCP sockets with close=True and no options (see
+    :func:`_is_quick`): the steps of _Relay(), _start_async() and begin(), for a
+    :class:`_Quick`, whose future (a *future_type*) is the relay's."""
     inodes = _check_pair(a, b)
     nodelay_a: bool | None = None
     try:  # noqa: SIM105 (contextlib.suppress costs ~0.5 us per call here)
@@ -3749,7 +3766,7 @@ def _start_quick(a: Any, b: Any, loop: asyncio.AbstractEventLoop) -> _RelayFutur
     except OSError:
         pass  # not TCP: setting it below reports it
     ta, tb = a.gettimeout(), b.gettimeout()
-    future = _RelayFuture(loop=loop)
+    future = future_type(loop=loop)
     hub = _HUBS.get(loop)
     if hub is None:
         # Only a new hub can be late: a loop's shutdown ends and drops its hub.
@@ -3798,14 +3815,22 @@ def _start_quick(a: Any, b: Any, loop: asyncio.AbstractEventLoop) -> _RelayFutur
     # Running from here until it ends: a forked child closes its copies of the
     # sockets (see _end_relays_in_child).
     _RUNNING.add(quick)
-    return future
+    return quick
 
 
-class _RelayFuture(asyncio.Future[RelayStats]):
-    """The future :func:`start_pipe_splice` returns: cancelling it ends the relay."""
+class _HeldFuture(asyncio.Future[RelayStats]):
+    """The future of a relay that knows its driver (a :class:`_Quick` hands it over
+    to the :class:`_Driven` it promotes to): :func:`async_pipe_splice`'s quick
+    relays, whose coroutine ends the relay when cancelled, as for any relay."""
 
     __slots__ = ("driven",)
     driven: _Driven | _Quick | None
+
+
+class _RelayFuture(_HeldFuture):
+    """The future :func:`start_pipe_splice` returns: cancelling it ends the relay."""
+
+    __slots__ = ()
 
     def cancel(self, msg: Any | None = None) -> bool:
         if self.get_loop().is_closed():
@@ -4027,13 +4052,20 @@ async def _run_async(relay: _Relay) -> RelayStats:
             raise
         return await _run_async_selector(relay)
     driven = _start_async(relay, asyncio.get_running_loop())
+    return await _until_done(driven, driven.future, prime=relay.opaque)
+
+
+async def _until_done(
+    driven: _Driven | _Quick, future: asyncio.Future[RelayStats], *, prime: bool = False
+) -> RelayStats:
+    """Wait for the hub-driven relay *driven*, whose future is *future*, to end (read
+    its opaque sources first with *prime*); a cancel ends it here."""
     dropped: BaseException | None = None
     try:
-        if relay.opaque:
+        if prime:
             driven.prime()
-        return await driven.future
+        return await future
     except asyncio.CancelledError:
-        future = driven.future
         if future.done() and not future.cancelled():
             # The task was cancelled after a wrapper's exception ended the relay
             # (_Driven.crash set it on `future`) but before the task resumed (a
@@ -4053,4 +4085,4 @@ async def _run_async(relay: _Relay) -> RelayStats:
             # (`is not None` first: the per-connection path pays only that.)
             if dropped is not None and isinstance(dropped, Exception):
                 # (crash() and the hub's shutdown() set nothing else)
-                _report_lost(driven.hub.loop, dropped, _DROPPED_BY_CANCEL)
+                _report_lost(future.get_loop(), dropped, _DROPPED_BY_CANCEL)
