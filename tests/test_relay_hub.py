@@ -931,6 +931,50 @@ def test_an_interrupt_as_a_relay_leaves_its_hub_still_ends_it(
         end_loop(loop, cancel=[relay], close=(client, a, b, backend))
 
 
+@pytest.mark.parametrize("close", [True, False], ids=["close", "keep"])
+def test_an_interrupt_as_a_cancelled_relay_frees_its_pipes_still_ends_it(
+    listener: socket.socket, monkeypatch: pytest.MonkeyPatch, close: bool
+) -> None:
+    # A KeyboardInterrupt from a signal handler in finish()'s first step (freeing
+    # the pipes), as cancel() ended the relay: the relay was out of its hub and its
+    # future cancelled, so nothing ended it any more; its sockets stayed open (or,
+    # with close=False, non-blocking), and it stayed in the running set for good.
+    client, a = tcp_pair(listener)
+    b, backend = tcp_pair(listener)
+    armed = [False]
+    real_close_pipe = relay_mod._Flow.close_pipe
+
+    def close_pipe(flow: relay_mod._Flow) -> None:
+        if armed:
+            armed.clear()
+            raise KeyboardInterrupt
+        real_close_pipe(flow)
+
+    monkeypatch.setattr(relay_mod._Flow, "close_pipe", close_pipe)
+    loop = asyncio.new_event_loop()
+    relay: asyncio.Future[RelayStats] | None = None
+    try:
+        relay = loop.run_until_complete(_start_on_running_loop(a, b, close=close))
+        assert armed == [False]
+        ending = relay
+        with pytest.raises(KeyboardInterrupt):
+            ending.cancel()
+        assert not armed, "the interrupt came from elsewhere"
+        assert relay.cancelled()
+        assert not [r for r in relay_mod._RUNNING if r.a is a]
+        assert loop not in relay_mod._HUBS
+        if close:
+            assert a.fileno() == b.fileno() == -1
+            client.settimeout(JOIN)
+            with pytest.raises(ConnectionResetError):
+                client.recv(1)
+        else:
+            assert not _nonblocking(a) and not _nonblocking(b)
+    finally:
+        armed.clear()
+        end_loop(loop, cancel=[relay], close=(client, a, b, backend))
+
+
 @pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
 def test_a_closed_loop_s_relay_cancelled_as_another_thread_s_start_ends_it_ends_once(
     listener: socket.socket, monkeypatch: pytest.MonkeyPatch, loop_kind: str

@@ -1460,7 +1460,14 @@ class _Relay:
             return self.stats
         error: BaseException | None = None
         for flow in self.flows:
-            flow.close_pipe()
+            # As every step below, whatever an earlier one raised: a KeyboardInterrupt
+            # from a signal handler here left both sockets open and the relay in
+            # _RUNNING for good (out of its hub, its future cancelled: nothing would
+            # end it any more). It goes on once the relay has ended.
+            try:
+                flow.close_pipe()
+            except BaseException as exc:
+                error = error or exc
         if self.close:
             # Ended before both directions were done (an error, the idle timeout, a
             # cancel, the loop's shutdown, an exception out of the blocking wait):
