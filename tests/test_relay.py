@@ -2570,29 +2570,49 @@ def test_start_pipe_splice_checks_before_it_starts(listener: socket.socket) -> N
             s.close()
 
 
+@pytest.mark.parametrize("api", ["start", "coroutine"])
 @pytest.mark.parametrize("form", ["quick", "promoted", "full"])
 def test_a_finished_started_relay_is_freed_without_the_cyclic_gc(
-    listener: socket.socket, form: str
+    listener: socket.socket, form: str, api: str
 ) -> None:
     # quick: a close=True relay of plain TCP sockets (a _Quick throughout);
-    # promoted: the same handed over to the full relay; full: close=False.
+    # promoted: the same handed over to the full relay (the coroutine form's kept
+    # a _HeldFuture <-> _Driven cycle, with the relay, its flows and the hub, for
+    # the cyclic GC); full: close=False.
     client, a = tcp_pair(listener)
     b, backend = tcp_pair(listener)
 
     def alive() -> int:
-        kinds = (relay_mod._Quick, relay_mod._Driven, relay_mod._Relay, relay_mod._Flow)
+        kinds = (
+            relay_mod._Quick,
+            relay_mod._Driven,
+            relay_mod._Relay,
+            relay_mod._Flow,
+            relay_mod._Hub,
+        )
         return sum(type(o) in kinds for o in gc.get_objects())
 
     async def main() -> RelayStats:
-        fut = start_pipe_splice(a, b, close=form != "full")
-        assert isinstance(fut, relay_mod._RelayFuture)
+        fut: asyncio.Future[RelayStats]
+        if api == "start":
+            fut = start_pipe_splice(a, b, close=form != "full")
+        else:
+            fut = asyncio.ensure_future(async_pipe_splice(a, b, close=form != "full"))
+            await asyncio.sleep(0)  # its first step: the relay runs
+        owner = relay_mod._HUBS[asyncio.get_running_loop()].owners[a.fileno()]
         if form == "promoted":
-            assert isinstance(fut.driven, relay_mod._Quick)
-            fut.driven.promote()
-        # The _Quick; or the relay, its driver and two flows (the _Quick that
-        # handed over to them is freed then: nothing holds it).
-        assert alive() == {"quick": 1, "promoted": 4, "full": 4}[form]
+            assert isinstance(owner, relay_mod._Quick)
+            owner.promote()
+            del owner
+        # The hub and the _Quick; or the relay, its driver and two flows (the _Quick
+        # that handed over to them is freed then, but for the coroutine's, which
+        # its frame holds until it returns).
+        held = api == "coroutine" and form == "promoted"
+        assert alive() == {"quick": 2, "promoted": 5, "full": 5}[form] + held
+        # Bytes first: an EOF before any byte would hand the quick relay over.
+        client.sendall(b"ping")
         client.shutdown(socket.SHUT_WR)
+        backend.sendall(b"pong!")
         backend.shutdown(socket.SHUT_WR)
         return await asyncio.wait_for(fut, JOIN)
 
@@ -2602,6 +2622,7 @@ def test_a_finished_started_relay_is_freed_without_the_cyclic_gc(
         assert alive() == 0
         stats = asyncio.run(main())
         assert stats.a_end is stats.b_end is End.EOF
+        assert (stats.a_to_b, stats.b_to_a) == (4, 5)
         # Thousands of relays a second must not pile up waiting for the cyclic GC.
         assert alive() == 0
     finally:

@@ -931,36 +931,53 @@ def test_an_interrupt_as_a_relay_leaves_its_hub_still_ends_it(
         end_loop(loop, cancel=[relay], close=(client, a, b, backend))
 
 
+@pytest.mark.parametrize("api", ["start", "coroutine"])
+@pytest.mark.parametrize("where", ["entry", "pipes"])
 @pytest.mark.parametrize("close", [True, False], ids=["close", "keep"])
-def test_an_interrupt_as_a_cancelled_relay_frees_its_pipes_still_ends_it(
-    listener: socket.socket, monkeypatch: pytest.MonkeyPatch, close: bool
+def test_an_interrupt_as_a_cancelled_relay_finishes_still_ends_it(
+    listener: socket.socket, monkeypatch: pytest.MonkeyPatch, close: bool, where: str, api: str
 ) -> None:
-    # A KeyboardInterrupt from a signal handler in finish()'s first step (freeing
-    # the pipes), as cancel() ended the relay: the relay was out of its hub and its
-    # future cancelled, so nothing ended it any more; its sockets stayed open (or,
-    # with close=False, non-blocking), and it stayed in the running set for good.
+    # A KeyboardInterrupt from a signal handler as finish() is entered, or in its
+    # first step (freeing the pipes), while a cancel ends the relay: the relay was
+    # out of its hub and its future cancelled, so nothing ended it any more; its
+    # sockets stayed open (or, with close=False, non-blocking), its peers waiting,
+    # and it stayed in the running set for good.
     client, a = tcp_pair(listener)
     b, backend = tcp_pair(listener)
-    armed = [False]
+    armed: list[bool] = []
     real_close_pipe = relay_mod._Flow.close_pipe
+    real_finish = relay_mod._Relay.finish
 
     def close_pipe(flow: relay_mod._Flow) -> None:
-        if armed:
+        if armed and where == "pipes":
             armed.clear()
             raise KeyboardInterrupt
         real_close_pipe(flow)
 
+    def finish(relay: relay_mod._Relay) -> RelayStats:
+        if armed and where == "entry":
+            armed.clear()
+            raise KeyboardInterrupt
+        return real_finish(relay)
+
     monkeypatch.setattr(relay_mod._Flow, "close_pipe", close_pipe)
+    monkeypatch.setattr(relay_mod._Relay, "finish", finish)
     loop = asyncio.new_event_loop()
     relay: asyncio.Future[RelayStats] | None = None
     try:
-        relay = loop.run_until_complete(_start_on_running_loop(a, b, close=close))
-        assert armed == [False]
+        relay = loop.run_until_complete(_start(api, a, b) if close else _start_keep(api, a, b))
         ending = relay
-        with pytest.raises(KeyboardInterrupt):
+
+        def end() -> None:
             ending.cancel()
+            if api == "coroutine":  # the task's cancel: the loop runs it
+                loop.run_until_complete(asyncio.wait([ending], timeout=JOIN))
+
+        armed.append(True)
+        with pytest.raises(KeyboardInterrupt):
+            end()
         assert not armed, "the interrupt came from elsewhere"
-        assert relay.cancelled()
+        assert relay.done()
         assert not [r for r in relay_mod._RUNNING if r.a is a]
         assert loop not in relay_mod._HUBS
         if close:
@@ -973,6 +990,86 @@ def test_an_interrupt_as_a_cancelled_relay_frees_its_pipes_still_ends_it(
     finally:
         armed.clear()
         end_loop(loop, cancel=[relay], close=(client, a, b, backend))
+
+
+class _PollInterrupted:
+    """The hub's epoll, whose poll() is interrupted (a signal handler's
+    KeyboardInterrupt, as the call returns) once it returns events, when armed."""
+
+    def __init__(self, ep: Any) -> None:
+        self.ep = ep
+        self.armed = False
+
+    def poll(self, timeout: float = -1, maxevents: int = -1) -> list[tuple[int, int]]:
+        events: list[tuple[int, int]] = self.ep.poll(timeout, maxevents)
+        if self.armed and events:
+            self.armed = False
+            raise KeyboardInterrupt
+        return events
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.ep, name)
+
+
+class _OwnersInterrupted(dict[int, Any]):
+    """The hub's owners, whose first get() when armed is interrupted: a signal
+    landing between an event taken from the batch and its delivery."""
+
+    armed = False
+
+    def get(self, key: int, default: Any = None) -> Any:
+        if self.armed:
+            self.armed = False
+            raise KeyboardInterrupt
+        return super().get(key, default)
+
+
+@pytest.mark.parametrize("api", ["start", "coroutine"])
+@pytest.mark.parametrize("where", ["poll", "delivery"])
+def test_an_interrupt_as_the_hub_takes_its_events_loses_none(
+    listener: socket.socket, monkeypatch: pytest.MonkeyPatch, where: str, api: str
+) -> None:
+    # A KeyboardInterrupt as the hub's epoll_wait returned (or before an event was
+    # handed to its relay) lost the batch: edge-triggered, those events never came
+    # back, and the relays waited for ever for bytes sitting in their sockets once
+    # the loop ran again. Every relay's fds are re-armed (EPOLL_CTL_MOD re-polls).
+    client, a = tcp_pair(listener)
+    b, backend = tcp_pair(listener)
+    loop = asyncio.new_event_loop()
+    relay: asyncio.Future[RelayStats] | None = None
+    try:
+        relay = loop.run_until_complete(_start(api, a, b))
+        hub = relay_mod._HUBS[loop]
+        polls = _PollInterrupted(hub.ep)
+        owners = _OwnersInterrupted(hub.owners)
+        monkeypatch.setattr(hub, "ep", polls)
+        monkeypatch.setattr(hub, "owners", owners)
+        if where == "poll":
+            polls.armed = True
+        else:
+            owners.armed = True
+        client.sendall(b"hello")
+        with pytest.raises(KeyboardInterrupt):
+            loop.run_until_complete(asyncio.sleep(JOIN))
+        assert not (polls.armed or owners.armed), "the interrupt came from elsewhere"
+        backend.setblocking(False)
+        got = loop.run_until_complete(asyncio.wait_for(loop.sock_recv(backend, 16), JOIN))
+        assert got == b"hello"
+        client.shutdown(socket.SHUT_WR)
+        backend.shutdown(socket.SHUT_WR)
+        stats = loop.run_until_complete(asyncio.wait_for(relay, JOIN))
+        assert (stats.a_to_b, stats.a_end, stats.b_end) == (5, End.EOF, End.EOF)
+    finally:
+        end_loop(loop, cancel=[relay], close=(client, a, b, backend))
+
+
+async def _start_keep(api: str, a: socket.socket, b: socket.socket) -> asyncio.Future[RelayStats]:
+    """As _start, with close=False."""
+    if api == "start":
+        return start_pipe_splice(a, b, close=False)
+    task = asyncio.get_running_loop().create_task(async_pipe_splice(a, b, close=False))
+    await asyncio.sleep(0)
+    return task
 
 
 @pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])

@@ -25,6 +25,7 @@ import contextlib
 import enum
 import errno
 import fcntl
+import itertools
 import math
 import os
 import select
@@ -2701,21 +2702,33 @@ class _Hub:
 
     def dispatch(self) -> None:
         owners = self.owners
-        events = iter(self.ep.poll(0))
-        for fd, ev in events:
-            driven = owners.get(fd)
-            if driven is not None:
-                try:
+        try:
+            batch = self.ep.poll(0)
+        except BaseException:
+            # Interrupted (a signal handler's KeyboardInterrupt) as epoll_wait
+            # returned: whatever it took is lost, and an edge-triggered event not
+            # delivered never comes back. Every fd is re-armed (below).
+            self.repoll((fd, 0) for fd in list(owners))
+            raise
+        events = iter(batch)
+        taken = -1  # the fd of the event taken and not yet delivered, if any
+        try:
+            for fd, ev in events:
+                taken = fd
+                driven = owners.get(fd)
+                if driven is not None:
                     driven.event(fd, ev)
-                except BaseException:
-                    # event() ends its own relay on any exception; one that still
-                    # escapes (KeyboardInterrupt, a wrapper's close() failing) goes
-                    # to the loop, but the rest of this batch belongs to other
-                    # relays, and an edge-triggered event not delivered never comes
-                    # back: re-arm their fds (EPOLL_CTL_MOD re-polls, so what is
-                    # ready is reported again at the hub's next wakeup).
-                    self.repoll(events)
-                    raise
+                taken = -1
+        except BaseException:
+            # event() ends its own relay on any exception; one that still escapes
+            # (KeyboardInterrupt, a wrapper's close() failing), or an interrupt
+            # before the event reached its relay, goes to the loop, but the rest of
+            # this batch belongs to other relays, and an edge-triggered event not
+            # delivered never comes back: re-arm their fds (EPOLL_CTL_MOD re-polls,
+            # so what is ready is reported again at the hub's next wakeup; a relay
+            # that ended is no longer an owner, and is left alone).
+            self.repoll(itertools.chain(((taken, 0),) if taken >= 0 else (), events))
+            raise
 
     def repoll(self, events: Iterator[tuple[int, int]]) -> None:
         for fd, _ev in events:
@@ -3400,12 +3413,24 @@ class _Driven:
                 finally:
                     _finish_after(self.relay, exc)
                 raise
-            return self.relay.finish()  # may raise what a wrapper's close() raised
+            try:
+                return self.relay.finish()  # may raise what a wrapper's close() raised
+            except BaseException as exc:
+                if self.relay.stats is None:
+                    # Interrupted before it recorded the end (a KeyboardInterrupt as
+                    # it was entered): the relay is out of the hub, where nothing
+                    # would end it any more, its sockets open for good. finish()
+                    # again (each of its steps is idempotent), then the interrupt.
+                    _finish_after(self.relay, exc)
+                raise
         finally:
             self.ending = False  # an interrupted finish() may be run again
-            if isinstance(self.future, _RelayFuture):
+            if isinstance(self.future, _HeldFuture):
                 # Break the future <-> relay cycle: refcounting frees both at once,
-                # not the cyclic GC after thousands of relays have piled up.
+                # not the cyclic GC after thousands of relays have piled up. (Both
+                # futures that know their driver: start_pipe_splice's, and a quick
+                # async_pipe_splice's, which held its relay, flows and hub in a
+                # cycle once handed over.)
                 self.future.driven = None
 
     def detach(self) -> None:
