@@ -992,23 +992,79 @@ def test_an_interrupt_as_a_cancelled_relay_finishes_still_ends_it(
         end_loop(loop, cancel=[relay], close=(client, a, b, backend))
 
 
+class _Clock:
+    """The relay module's ``time``, whose monotonic() is interrupted once when armed:
+    a signal handler's KeyboardInterrupt as finish() reads the duration, after the
+    sides were closed and before the stats are recorded."""
+
+    armed = False
+
+    def monotonic(self) -> float:
+        if self.armed:
+            self.armed = False
+            raise KeyboardInterrupt
+        return time.monotonic()
+
+
+def test_an_interrupt_after_a_cancelled_relay_closed_its_sides_closes_nothing_twice(
+    listener: socket.socket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # finish() interrupted after both close() calls but before the stats: the hub
+    # runs it again so that the relay ends, and that second run called each
+    # wrapper's close() (and the resets before them) a second time.
+    client, a = tcp_pair(listener)
+    b, backend = tcp_pair(listener)
+    wa, wb = _Closing(a), _Closing(b)
+    clock = _Clock()
+    monkeypatch.setattr(relay_mod, "time", clock)
+    loop = asyncio.new_event_loop()
+    relay: asyncio.Future[RelayStats] | None = None
+    try:
+        relay = loop.run_until_complete(_start_on_running_loop(wa, wb))  # type: ignore[arg-type]
+        ending = relay
+        clock.armed = True
+        with pytest.raises(KeyboardInterrupt):
+            ending.cancel()
+        assert not clock.armed, "the interrupt came from elsewhere"
+        assert (wa.closes, wb.closes) == (1, 1)
+        assert relay.cancelled()
+        assert not [r for r in relay_mod._RUNNING if r.a is wa]
+        assert a.fileno() == b.fileno() == -1
+        client.settimeout(JOIN)
+        with pytest.raises(ConnectionResetError):
+            client.recv(1)
+    finally:
+        end_loop(loop, cancel=[relay], close=(client, a, b, backend))
+
+
 class _PollInterrupted:
     """The hub's epoll, whose poll() is interrupted (a signal handler's
-    KeyboardInterrupt, as the call returns) once it returns events, when armed."""
+    KeyboardInterrupt, as the call returns) once it returns events, when armed; or,
+    with *at_iter*, as the hub iterates over them."""
 
-    def __init__(self, ep: Any) -> None:
+    def __init__(self, ep: Any, *, at_iter: bool = False) -> None:
         self.ep = ep
         self.armed = False
+        self.at_iter = at_iter
 
     def poll(self, timeout: float = -1, maxevents: int = -1) -> list[tuple[int, int]]:
         events: list[tuple[int, int]] = self.ep.poll(timeout, maxevents)
         if self.armed and events:
             self.armed = False
+            if self.at_iter:
+                return _InterruptedBatch(events)
             raise KeyboardInterrupt
         return events
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.ep, name)
+
+
+class _InterruptedBatch(list[tuple[int, int]]):
+    """A batch of events whose iteration is interrupted as it starts."""
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        raise KeyboardInterrupt
 
 
 class _OwnersInterrupted(dict[int, Any]):
@@ -1025,7 +1081,7 @@ class _OwnersInterrupted(dict[int, Any]):
 
 
 @pytest.mark.parametrize("api", ["start", "coroutine"])
-@pytest.mark.parametrize("where", ["poll", "delivery"])
+@pytest.mark.parametrize("where", ["poll", "iter", "delivery"])
 def test_an_interrupt_as_the_hub_takes_its_events_loses_none(
     listener: socket.socket, monkeypatch: pytest.MonkeyPatch, where: str, api: str
 ) -> None:
@@ -1040,14 +1096,14 @@ def test_an_interrupt_as_the_hub_takes_its_events_loses_none(
     try:
         relay = loop.run_until_complete(_start(api, a, b))
         hub = relay_mod._HUBS[loop]
-        polls = _PollInterrupted(hub.ep)
+        polls = _PollInterrupted(hub.ep, at_iter=where == "iter")
         owners = _OwnersInterrupted(hub.owners)
         monkeypatch.setattr(hub, "ep", polls)
         monkeypatch.setattr(hub, "owners", owners)
-        if where == "poll":
-            polls.armed = True
-        else:
+        if where == "delivery":
             owners.armed = True
+        else:
+            polls.armed = True
         client.sendall(b"hello")
         with pytest.raises(KeyboardInterrupt):
             loop.run_until_complete(asyncio.sleep(JOIN))

@@ -553,6 +553,12 @@ class _Relay:
     # crash path reports each for what it is. A class default, set only then: no
     # cost in __init__, which every connection pays.
     finish_error: BaseException | None = None
+    # How far finish() got with the steps that must not run twice (the aborts, each
+    # side's close() or give-back): a finish() interrupted (a signal handler's
+    # KeyboardInterrupt) before it recorded the stats is run again to end the relay
+    # (see _Driven.finalize), and a wrapper's close() must not be called twice. A
+    # class default, as above.
+    finish_step = 0
 
     def __init__(
         self,
@@ -1486,25 +1492,35 @@ class _Relay:
             # be leaked because a's wrapper failed. The first exception is raised
             # once the stats are recorded, so a second finish() (the hub's crash
             # path, the fallback's done callback) closes nothing twice.
-            for flow in self.flows:
-                if not flow.shut:
-                    try:
-                        self._abort(flow.dst)
-                    except BaseException as exc:
-                        error = error or exc
-            try:
-                self.a.close()
-            except BaseException as exc:
-                error = error or exc
-            try:
-                self.b.close()
-            except BaseException as exc:
-                error = error or exc
-        if not self.close:
+            #
+            # Each step is counted as it starts (finish_step): run again after an
+            # interrupt, finish() goes on from the next one.
+            if self.finish_step < 1:
+                self.finish_step = 1
+                for flow in self.flows:
+                    if not flow.shut:
+                        try:
+                            self._abort(flow.dst)
+                        except BaseException as exc:
+                            error = error or exc
+            if self.finish_step < 2:
+                self.finish_step = 2
+                try:
+                    self.a.close()
+                except BaseException as exc:
+                    error = error or exc
+            if self.finish_step < 3:
+                self.finish_step = 3
+                try:
+                    self.b.close()
+                except BaseException as exc:
+                    error = error or exc
+        if not self.close and self.finish_step < 1:
             # As for close=True: a SocketLike's settimeout(), or a signal handler,
             # may raise here; the stats are recorded (and the relay leaves
             # _RUNNING, which would otherwise pin it and its sockets for the
             # process's life) before the error goes on.
+            self.finish_step = 1
             try:
                 self._give_back()
             except BaseException as exc:
@@ -2703,14 +2719,13 @@ class _Hub:
     def dispatch(self) -> None:
         owners = self.owners
         try:
-            batch = self.ep.poll(0)
+            events = iter(self.ep.poll(0))
         except BaseException:
             # Interrupted (a signal handler's KeyboardInterrupt) as epoll_wait
             # returned: whatever it took is lost, and an edge-triggered event not
             # delivered never comes back. Every fd is re-armed (below).
             self.repoll((fd, 0) for fd in list(owners))
             raise
-        events = iter(batch)
         taken = -1  # the fd of the event taken and not yet delivered, if any
         try:
             for fd, ev in events:
@@ -3420,7 +3435,8 @@ class _Driven:
                     # Interrupted before it recorded the end (a KeyboardInterrupt as
                     # it was entered): the relay is out of the hub, where nothing
                     # would end it any more, its sockets open for good. finish()
-                    # again (each of its steps is idempotent), then the interrupt.
+                    # again (it goes on from the step it reached), then the
+                    # interrupt.
                     _finish_after(self.relay, exc)
                 raise
         finally:
