@@ -1503,18 +1503,13 @@ class _Relay:
                             self._abort(flow.dst)
                         except BaseException as exc:
                             error = error or exc
-            if self.finish_step < 2:
-                self.finish_step = 2
-                try:
-                    self.a.close()
-                except BaseException as exc:
-                    error = error or exc
-            if self.finish_step < 3:
-                self.finish_step = 3
-                try:
-                    self.b.close()
-                except BaseException as exc:
-                    error = error or exc
+            for step, sock in ((2, self.a), (3, self.b)):
+                if self.finish_step < step:
+                    self.finish_step = step
+                    try:
+                        sock.close()
+                    except BaseException as exc:
+                        error = error or exc
         if not self.close and self.finish_step < 1:
             # As for close=True: a SocketLike's settimeout(), or a signal handler,
             # may raise here; the stats are recorded (and the relay leaves
