@@ -2,6 +2,7 @@
 
     bash benchmarks/relay/setup.sh && python benchmarks/relay/run.py [--quick] [--rounds N]
     python benchmarks/relay/run.py --only NAME [NAME ...] [--out DIR] [--rounds N]
+    python benchmarks/relay/run.py --loads keepalive [churn] [bulk] ...
 
 Every relay forwards 127.0.0.1:A -> 127.0.0.1:B and runs pinned to CPU 1; the load
 generators and backends run pinned to CPU 0. Loads:
@@ -17,6 +18,13 @@ from /proc/PID/stat. wrk's socket errors (connect+read+write+timeout) and non-2x
 responses are counted per load and round; the table and results.json give the largest
 count of any round (a median would hide errors in a minority of rounds), and a row
 with any is marked, as wrk's req/s counts failed responses too.
+
+Keep-alive diagnostics, per round and as medians in a second table: how busy the load
+CPU and the relay's CPU were (/proc/stat), how often the relay's threads went to sleep
+(voluntary context switches, /proc/PID/task/TID/status, relay and live descendants)
+and how often nginx's processes switched (voluntary and involuntary), per 10k
+requests. They show what bounds that load (docs/performance.md, "What bounds
+keep-alive").
 
 Results go to stdout (a table with ratios to the Go relay and to the plain Python copy
 relay), results.json and relay-*.svg charts. A full run (no ``--only``) writes
@@ -68,9 +76,9 @@ def wait_port(port: int, timeout: float = 20.0) -> None:
     raise RuntimeError(f"nothing listens on {port}")
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime+stime+cutime+cstime of *pid* plus utime+stime of its live descendants."""
-    total = 0.0
+def _proc_tree(pid: int) -> tuple[list[int], dict[int, list[str]]]:
+    """*pid* and its live descendants, and every process's /proc/PID/stat fields after
+    the name (state ppid ... utime(11) stime(12) cutime(13) cstime(14))."""
     children: dict[int, list[int]] = {}
     stats: dict[int, list[str]] = {}
     for entry in os.listdir("/proc"):
@@ -83,18 +91,57 @@ def cpu_seconds(pid: int) -> float:
         fields = text[text.rindex(")") + 2 :].split()
         stats[int(entry)] = fields
         children.setdefault(int(fields[1]), []).append(int(entry))
-    todo, first = [pid], True
+    tree, todo = [], [pid]
     while todo:
         p = todo.pop()
-        f = stats.get(p)
-        if f:
-            # fields after the name: state ppid ... utime(11) stime(12) cutime(13) cstime(14)
-            total += int(f[11]) + int(f[12])
-            if first:
-                total += int(f[13]) + int(f[14])
-        first = False
+        if p in stats:
+            tree.append(p)
         todo.extend(children.get(p, []))
+    return tree, stats
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime+stime+cutime+cstime of *pid* plus utime+stime of its live descendants."""
+    tree, stats = _proc_tree(pid)
+    total = 0
+    for p in tree:
+        f = stats[p]
+        total += int(f[11]) + int(f[12])
+        if p == pid:
+            total += int(f[13]) + int(f[14])
     return total / TICK
+
+
+def switches(pid: int, kinds: tuple[str, ...] = ("voluntary",)) -> int:
+    """Context switches (``voluntary``: the thread went to sleep; ``nonvoluntary``:
+    preempted) of every thread of *pid* and its live descendants, from
+    /proc/PID/task/TID/status."""
+    total = 0
+    for p in _proc_tree(pid)[0]:
+        try:
+            tids = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                status = Path(f"/proc/{p}/task/{tid}/status").read_text()
+            except OSError:
+                continue
+            for line in status.splitlines():
+                name, _, value = line.partition("_ctxt_switches:")
+                if value and name in kinds:
+                    total += int(value)
+    return total
+
+
+def cpu_busy(cpu: str) -> tuple[int, int]:
+    """(busy, total) ticks of CPU *cpu* so far, from /proc/stat (idle and iowait are
+    not busy)."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith(f"cpu{cpu} "):
+            ticks = [int(x) for x in line.split()[1:9]]
+            return sum(ticks) - ticks[3] - ticks[4], sum(ticks)
+    raise RuntimeError(f"no cpu{cpu} in /proc/stat")
 
 
 @contextmanager
@@ -244,16 +291,21 @@ def http(name: str, work: Path, seconds: int, close: bool) -> dict[str, float]:
     if close:
         wrk += ["-H", "Connection: close"]
     with (
-        started(nginx, LOAD_CPU, backend),
+        started(nginx, LOAD_CPU, backend) as ngx,
         started(relay_cmd(name, listen, backend, work), RELAY_CPU, listen) as relay,
     ):
         c0 = cpu_seconds(relay.pid)
+        sleeps0, ngx0 = switches(relay.pid), switches(ngx.pid, ("voluntary", "nonvoluntary"))
+        load0, relay0 = cpu_busy(LOAD_CPU), cpu_busy(RELAY_CPU)
         out = subprocess.run(
             [*wrk, f"http://127.0.0.1:{listen}/"],
             capture_output=True,
             text=True,
             timeout=seconds + 60,
         ).stdout
+        load1, relay1 = cpu_busy(LOAD_CPU), cpu_busy(RELAY_CPU)
+        sleeps = switches(relay.pid) - sleeps0
+        ngx_switches = switches(ngx.pid, ("voluntary", "nonvoluntary")) - ngx0
         cpu = cpu_seconds(relay.pid) - c0
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
     requests = re.search(r"(\d+) requests in", out)
@@ -261,9 +313,17 @@ def http(name: str, work: Path, seconds: int, close: bool) -> dict[str, float]:
         raise RuntimeError(f"{name}: no figures in wrk's output: {out!r}")
     total = float(requests.group(1))
     socket_errors, non2xx = wrk_errors(out)
+    per_10k = 1e4 / total if total else float("nan")
     return {
         "rps": float(rps.group(1)),
-        "cpu_s_per_10k": cpu / total * 1e4 if total else float("nan"),
+        "cpu_s_per_10k": cpu * per_10k,
+        # Why the keep-alive figures of all fast relays are close (see
+        # docs/performance.md): the load CPU (wrk and nginx) is saturated, and a
+        # relay's effect shows as how often it sleeps and nginx switches.
+        "load_cpu_busy": (load1[0] - load0[0]) / max(1, load1[1] - load0[1]),
+        "relay_cpu_busy": (relay1[0] - relay0[0]) / max(1, relay1[1] - relay0[1]),
+        "relay_sleeps_per_10k": sleeps * per_10k,
+        "backend_switches_per_10k": ngx_switches * per_10k,
         "socket_errors": float(socket_errors),
         "non2xx": float(non2xx),
     }
@@ -306,6 +366,15 @@ def svg_bars(title: str, unit: str, values: dict[str, float], path: Path) -> Non
 
 
 METRICS = ("gbit_s", "cpu_s_per_gb", "keepalive_rps", "keepalive_cpu_s_per_10k", "churn_cps")
+LOADS = ("bulk", "keepalive", "churn")
+# What http() measures besides wrk's errors; DIAGNOSTICS are reported for keep-alive.
+DIAGNOSTICS = (
+    "load_cpu_busy",
+    "relay_cpu_busy",
+    "relay_sleeps_per_10k",
+    "backend_switches_per_10k",
+)
+HTTP_FIGURES = ("rps", "cpu_s_per_10k", *DIAGNOSTICS)
 ERRORS = ("keepalive_socket_errors", "keepalive_non2xx", "churn_socket_errors", "churn_non2xx")
 GO, PLAIN = "go io.Copy", "python threads copy (baseline)"
 
@@ -357,6 +426,23 @@ def table(
     return "\n".join(lines)
 
 
+def diagnostics_table(diag: dict[str, dict[str, float]]) -> str:
+    """Keep-alive medians that show what bounds the load: how busy the load CPU
+    (wrk and nginx) and the relay's CPU were, how often the relay went to sleep
+    (voluntary context switches of its threads) and how often nginx switched."""
+    lines = [
+        "| relay (keep-alive) | load CPU busy | relay CPU busy | relay sleeps per 10k req "
+        "| nginx switches per 10k req |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for n, d in diag.items():
+        lines.append(
+            f"| {n} | {d['load_cpu_busy']:.1%} | {d['relay_cpu_busy']:.1%} "
+            f"| {d['relay_sleeps_per_10k']:,.0f} | {d['backend_switches_per_10k']:,.0f} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 s per load instead of 4")
@@ -373,6 +459,13 @@ def main() -> int:
         type=Path,
         help="write results.json and relay-*.svg here (default: benchmarks/relay/ and "
         "docs/img/ for a full run, benchmarks/relay/work/partial/ with --only)",
+    )
+    parser.add_argument(
+        "--loads",
+        nargs="+",
+        choices=LOADS,
+        default=list(LOADS),
+        help="run only these loads (default: all three); the others' figures are NaN",
     )
     args = parser.parse_args()
     if args.rounds < 1:
@@ -400,9 +493,17 @@ def main() -> int:
         work = Path(tmp)
         for rnd in range(args.rounds):
             for name in names:  # relays take turns within each round
-                res = {**bulk(name, work, seconds)}
-                ka = http(name, work, seconds, close=False)
-                ch = http(name, work, seconds, close=True)
+                nan = float("nan")
+                res = (
+                    bulk(name, work, seconds)
+                    if "bulk" in args.loads
+                    else {"gbit_s": nan, "cpu_s_per_gb": nan}
+                )
+                skipped = dict.fromkeys(HTTP_FIGURES, nan) | {"socket_errors": 0.0, "non2xx": 0.0}
+                ka = (
+                    http(name, work, seconds, close=False) if "keepalive" in args.loads else skipped
+                )
+                ch = http(name, work, seconds, close=True) if "churn" in args.loads else skipped
                 res.update(
                     {
                         "keepalive_rps": ka["rps"],
@@ -412,6 +513,7 @@ def main() -> int:
                         "keepalive_non2xx": ka["non2xx"],
                         "churn_socket_errors": ch["socket_errors"],
                         "churn_non2xx": ch["non2xx"],
+                        **{f"keepalive_{k}": ka[k] for k in DIAGNOSTICS},
                     }
                 )
                 for k, v in res.items():
@@ -422,6 +524,10 @@ def main() -> int:
                     flush=True,
                 )
     med = {n: {k: statistics.median(m[k]) for k in METRICS} for n, m in samples.items()}
+    diag = {
+        n: {k: statistics.median(m[f"keepalive_{k}"]) for k in DIAGNOSTICS}
+        for n, m in samples.items()
+    }
     errors = {
         n: {
             **{k: max(m[k]) for k in ERRORS},
@@ -432,6 +538,7 @@ def main() -> int:
         for n, m in samples.items()
     }
     print("\n" + table(med, errors, args.rounds))
+    print("\n" + diagnostics_table(diag))
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(
         json.dumps(
@@ -441,6 +548,7 @@ def main() -> int:
                 "loadavg_start": load_start,
                 "loadavg_end": os.getloadavg(),
                 "median": med,
+                "keepalive_diagnostics_median": diag,
                 "wrk_errors_max_of_rounds": errors,
                 "per_round": samples,
             },
