@@ -5,7 +5,8 @@
     python benchmarks/relay/run.py --loads keepalive [churn] [bulk] ...
 
 Every relay forwards 127.0.0.1:A -> 127.0.0.1:B and runs pinned to CPU 1; the load
-generators and backends run pinned to CPU 0. Loads:
+generators and backends run pinned to CPU 0 (``--unpinned``: everything may run on
+every CPU, as on a host where the relay shares the CPUs with its neighbours). Loads:
 
 1. bulk: iperf3 through the relay; Gbit/s and relay CPU seconds per GB moved;
 2. keep-alive: wrk, 50 connections, to an nginx returning a 3-byte body; req/s and
@@ -56,7 +57,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 TICK = os.sysconf("SC_CLK_TCK")
-RELAY_CPU, LOAD_CPU = "1", "0"
+# Which CPUs (taskset lists) the relay and the load generators and backends run on;
+# --unpinned sets both to every CPU.
+CPUS = {"relay": "1", "load": "0"}
 
 
 def free_port() -> int:
@@ -134,14 +137,30 @@ def switches(pid: int, kinds: tuple[str, ...] = ("voluntary",)) -> int:
     return total
 
 
-def cpu_busy(cpu: str) -> tuple[int, int]:
-    """(busy, total) ticks of CPU *cpu* so far, from /proc/stat (idle and iowait are
-    not busy)."""
+def cpu_list(spec: str) -> set[int]:
+    """The CPUs of a taskset list such as "1", "0-1" or "0,2-3"."""
+    cpus: set[int] = set()
+    for part in spec.split(","):
+        first, _, last = part.partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
+
+
+def cpu_busy(spec: str) -> tuple[int, int]:
+    """(busy, total) ticks of the CPUs *spec* (a taskset list) so far, from /proc/stat
+    (idle and iowait are not busy)."""
+    busy = total = 0
+    want = cpu_list(spec)
     for line in Path("/proc/stat").read_text().splitlines():
-        if line.startswith(f"cpu{cpu} "):
-            ticks = [int(x) for x in line.split()[1:9]]
-            return sum(ticks) - ticks[3] - ticks[4], sum(ticks)
-    raise RuntimeError(f"no cpu{cpu} in /proc/stat")
+        name, *fields = line.split()
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in want:
+            ticks = [int(x) for x in fields[:8]]
+            busy += sum(ticks) - ticks[3] - ticks[4]
+            total += sum(ticks)
+            want.discard(int(name[3:]))
+    if want:
+        raise RuntimeError(f"no cpu{min(want)} in /proc/stat")
+    return busy, total
 
 
 @contextmanager
@@ -236,7 +255,7 @@ def iperf3_client(port: int, seconds: int) -> list[str]:
     return [
         "taskset",
         "-c",
-        LOAD_CPU,
+        CPUS["load"],
         "iperf3",
         "-c",
         "127.0.0.1",
@@ -253,8 +272,8 @@ def bulk(name: str, work: Path, seconds: int) -> dict[str, float]:
     # The relay starts first: its readiness probe must not reach iperf3, whose server
     # runs one test at a time and would answer the real client "busy".
     with (
-        started(relay_cmd(name, listen, backend, work), RELAY_CPU, listen) as relay,
-        started(["iperf3", "-s", "-p", str(backend)], LOAD_CPU, backend),
+        started(relay_cmd(name, listen, backend, work), CPUS["relay"], listen) as relay,
+        started(["iperf3", "-s", "-p", str(backend)], CPUS["load"], backend),
     ):
         for _attempt in range(2):
             c0 = cpu_seconds(relay.pid)
@@ -287,23 +306,23 @@ def http(name: str, work: Path, seconds: int, close: bool) -> dict[str, float]:
         f'  server {{ listen 127.0.0.1:{backend}; location / {{ return 200 "ok\\n"; }} }} }}\n'
     )
     nginx = ["nginx", "-e", f"{work}/h-{backend}.err", "-c", str(cfg), "-g", "daemon off;"]
-    wrk = ["taskset", "-c", LOAD_CPU, "wrk", "-t1", "-c50", f"-d{seconds}s"]
+    wrk = ["taskset", "-c", CPUS["load"], "wrk", "-t1", "-c50", f"-d{seconds}s"]
     if close:
         wrk += ["-H", "Connection: close"]
     with (
-        started(nginx, LOAD_CPU, backend) as ngx,
-        started(relay_cmd(name, listen, backend, work), RELAY_CPU, listen) as relay,
+        started(nginx, CPUS["load"], backend) as ngx,
+        started(relay_cmd(name, listen, backend, work), CPUS["relay"], listen) as relay,
     ):
         c0 = cpu_seconds(relay.pid)
         sleeps0, ngx0 = switches(relay.pid), switches(ngx.pid, ("voluntary", "nonvoluntary"))
-        load0, relay0 = cpu_busy(LOAD_CPU), cpu_busy(RELAY_CPU)
+        load0, relay0 = cpu_busy(CPUS["load"]), cpu_busy(CPUS["relay"])
         out = subprocess.run(
             [*wrk, f"http://127.0.0.1:{listen}/"],
             capture_output=True,
             text=True,
             timeout=seconds + 60,
         ).stdout
-        load1, relay1 = cpu_busy(LOAD_CPU), cpu_busy(RELAY_CPU)
+        load1, relay1 = cpu_busy(CPUS["load"]), cpu_busy(CPUS["relay"])
         sleeps = switches(relay.pid) - sleeps0
         ngx_switches = switches(ngx.pid, ("voluntary", "nonvoluntary")) - ngx0
         cpu = cpu_seconds(relay.pid) - c0
@@ -467,7 +486,15 @@ def main() -> int:
         default=list(LOADS),
         help="run only these loads (default: all three); the others' figures are NaN",
     )
+    parser.add_argument(
+        "--unpinned",
+        action="store_true",
+        help="run relays, load generators and backends on every CPU (taskset -c 0-N) "
+        "instead of the relay on CPU 1 and the rest on CPU 0",
+    )
     args = parser.parse_args()
+    if args.unpinned:
+        CPUS["relay"] = CPUS["load"] = f"0-{(os.cpu_count() or 1) - 1}"
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, not {args.rounds}")
     seconds = 2 if args.quick else 4
@@ -545,6 +572,8 @@ def main() -> int:
             {
                 "seconds": seconds,
                 "rounds": args.rounds,
+                "relay_cpus": CPUS["relay"],
+                "load_cpus": CPUS["load"],
                 "loadavg_start": load_start,
                 "loadavg_end": os.getloadavg(),
                 "median": med,
