@@ -44,9 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--builds", type=int, default=3, help="builds timed per size (best kept)")
     ap.add_argument("--key-sets", type=int, default=30, help="further key sets (seeds 1..)")
     args = ap.parse_args(argv)
-    bad = [b for b in args.bits if not 1 <= b <= 24]
+    # RendezvousHash takes powers of two from 2**10 to MAX_TABLE_SIZE (2**24).
+    bad = [b for b in args.bits if not 10 <= b <= 24]
     if bad:
-        ap.error(f"--bits must be 1..24, not {bad}")
+        ap.error(f"--bits must be 10..24, not {bad}")
+    for name in ("nodes", "keys", "builds", "key_sets"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
     nodes = [f"10.1.{i // 250}.{i % 250 + 1}:11211" for i in range(args.nodes)]
     keys = make_keys(args.keys)
     sets = [make_keys(args.keys, seed) for seed in range(1, args.key_sets + 1)]

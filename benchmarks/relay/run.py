@@ -28,11 +28,11 @@ requests. They show what bounds that load (docs/performance.md, "What bounds
 keep-alive").
 
 Results go to stdout (a table with ratios to the Go relay and to the plain Python copy
-relay), results.json and relay-*.svg charts. A full run (no ``--only``) writes
-benchmarks/relay/results.json and docs/img/relay-*.svg, the figures
-docs/performance.md cites; a partial run (``--only``) writes to
-benchmarks/relay/work/partial/ (git-ignored) so that it never replaces them. ``--out
-DIR`` writes DIR/results.json and DIR/relay-*.svg instead, for either.
+relay), results.json and relay-*.svg charts. A full run (no ``--only``, every load,
+pinned) writes benchmarks/relay/results.json and docs/img/relay-*.svg, the figures
+docs/performance.md cites; any other run (``--only``, ``--loads``, ``--unpinned``)
+writes to benchmarks/relay/work/partial/ (git-ignored) so that it never replaces
+them. ``--out DIR`` writes DIR/results.json and DIR/relay-*.svg instead, for either.
 """
 
 from __future__ import annotations
@@ -501,9 +501,11 @@ def main() -> int:
     names = [n for n in RELAYS if args.only is None or n in args.only]
     if args.out is not None:
         json_path, img = args.out / "results.json", args.out
-    elif args.only is None:
+    elif args.only is None and set(args.loads) == set(LOADS) and not args.unpinned:
         json_path, img = HERE / "results.json", ROOT / "docs" / "img"
-    else:  # never replace the full run's figures, which the docs cite, with a subset
+    else:
+        # Never replace the full run's figures, which the docs cite, with a subset
+        # (of relays or loads) or with another configuration (unpinned).
         img = HERE / "work" / "partial"
         json_path = img / "results.json"
     missing = [
