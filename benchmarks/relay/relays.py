@@ -90,7 +90,11 @@ async def asyncio_splice(listener: socket.socket, target: int, *, start: bool = 
                 return
             except OSError:
                 return  # EMFILE and the like: try again on the next wakeup
-            backend = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            try:
+                backend = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            except OSError:  # EMFILE: drop this client, try again on the next wakeup
+                client.close()
+                return
             err = backend.connect_ex(addr)
             if err not in (0, errno.EINPROGRESS):
                 client.close()
@@ -183,13 +187,19 @@ def epoll_floor(listener: socket.socket, target: int) -> None:
                 for _ in range(64):
                     try:
                         client, _peer = listener.accept()
-                    except BlockingIOError:
+                    except (BlockingIOError, InterruptedError):
                         break
+                    except OSError:
+                        break  # EMFILE and the like: try again on the next wakeup
                     client.setblocking(False)
                     client.setsockopt(*nodelay)
-                    backend = socket.socket(
-                        socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
-                    )
+                    try:
+                        backend = socket.socket(
+                            socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+                        )
+                    except OSError:  # EMFILE: drop this client, try again on the next wakeup
+                        client.close()
+                        break
                     backend.setsockopt(*nodelay)
                     backend.connect_ex(addr)
                     cfd, bfd = client.fileno(), backend.fileno()
