@@ -185,6 +185,16 @@ def test_demo_names_a_bad_number(
         (["proxy", "--workers", "7"], "--workers is for the reuseport scenario, not proxy"),
         (["proxy", "--requests", "5"], "--requests is for the reuseport scenario, not proxy"),
         (["reuseport", "--clients", "2"], "--clients is for the proxy scenario, not reuseport"),
+        # Several: all of them, in the order typed (before: only the first of the
+        # code's table, --workers, whatever was typed first).
+        (
+            ["proxy", "--port", "18080", "--workers", "7"],
+            "--port and --workers are for the reuseport scenario, not proxy",
+        ),
+        (
+            ["--requests=5", "proxy", "--po", "1", "--work", "2"],
+            "--requests, --port and --workers are for the reuseport scenario, not proxy",
+        ),
     ],
 )
 def test_demo_refuses_an_option_of_the_other_scenario(

@@ -46,6 +46,23 @@ _OPTION_SCENARIO = {
 }
 
 
+def _typed_order(argv: Sequence[str], options: list[str]) -> list[str]:
+    """*options* (names without ``--``) in the order the user typed them in *argv*,
+    as argparse read them: ``--name``, ``--name=value`` or an unambiguous prefix of
+    the name (argparse has refused an ambiguous one already)."""
+    first: dict[str, int] = {}
+    for i, token in enumerate(argv):
+        if token == "--":  # what follows is positional
+            break
+        name = token.split("=", 1)[0]
+        if not name.startswith("--") or len(name) < 3:
+            continue
+        for option in options:
+            if f"--{option}".startswith(name):
+                first.setdefault(option, i)
+    return sorted(options, key=lambda o: first.get(o, len(argv)))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m reuselb", description="The reuselb demo (not library API)."
@@ -68,10 +85,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="all",
         help="which scenario (default: all)",
     )
-    args = parser.parse_args(argv)
-    for option, scenario in _OPTION_SCENARIO.items():
-        if getattr(args, option) is not None and args.scenario not in ("all", scenario):
-            demo.error(f"--{option} is for the {scenario} scenario, not {args.scenario}")
+    typed = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(typed)
+    wrong = [
+        option
+        for option, scenario in _OPTION_SCENARIO.items()
+        if getattr(args, option) is not None and args.scenario not in ("all", scenario)
+    ]
+    if wrong:
+        # All of them, in the order typed: naming only the first in this table's
+        # order sent the user back to fix one option at a time. (They all belong to
+        # the one scenario that does not run: there are two.)
+        names = [f"--{o}" for o in _typed_order(typed, wrong)]
+        listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+        verb = "is" if len(names) == 1 else "are"
+        scenario = _OPTION_SCENARIO[wrong[0]]
+        demo.error(f"{listed} {verb} for the {scenario} scenario, not {args.scenario}")
     workers = 3 if args.workers is None else args.workers
     requests = 20 if args.requests is None else args.requests
     port = 0 if args.port is None else args.port
