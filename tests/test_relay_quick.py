@@ -19,7 +19,7 @@ import random
 import select
 import socket
 import warnings
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 import pytest
@@ -181,6 +181,13 @@ async def _begin(
     return fut, quick
 
 
+def _same_in_every_form(see: Callable[[str], T]) -> dict[str, T]:
+    """What *see* saw in each of FORMS, asserted the same in all three."""
+    seen = {form: see(form) for form in FORMS}
+    assert seen["quick"] == seen["quick-async"] == seen["full"]
+    return seen
+
+
 def _stats(stats: RelayStats) -> Seen:
     """*stats* but its duration (and the error as its type, errno and text)."""
     error = stats.error
@@ -298,10 +305,9 @@ def test_request_response_churn_stays_quick_end_to_end(
     ]
     if family == "ipv6":
         with socket.create_server(("::1", 0), family=socket.AF_INET6, backlog=64) as lst:
-            seen = {form: _run(loop_kind, _churn(lst, form, exchanges, spy)) for form in FORMS}
+            seen = _same_in_every_form(lambda f: _run(loop_kind, _churn(lst, f, exchanges, spy)))
     else:
-        seen = {form: _run(loop_kind, _churn(listener, form, exchanges, spy)) for form in FORMS}
-    assert seen["quick"] == seen["quick-async"] == seen["full"]
+        seen = _same_in_every_form(lambda f: _run(loop_kind, _churn(listener, f, exchanges, spy)))
     for (request, response), one in zip(exchanges, seen["quick"], strict=True):
         assert one["request"] == (_digest(request), "eof")
         assert one["response"] == (_digest(response), "eof")
@@ -361,10 +367,9 @@ async def _half_closes(lst: socket.socket, form: str, first: str, before: bool, 
 def test_short_messages_and_half_closes_stay_quick(
     listener: socket.socket, loop_kind: str, first: str, before: bool, spy: _Spy
 ) -> None:
-    seen = {
-        form: _run(loop_kind, _half_closes(listener, form, first, before, spy)) for form in FORMS
-    }
-    assert seen["quick"] == seen["quick-async"] == seen["full"]
+    seen = _same_in_every_form(
+        lambda f: _run(loop_kind, _half_closes(listener, f, first, before, spy))
+    )
     assert seen["quick"]["after"] == (b"", "eof")
     assert seen["quick"]["closed"] == [True, True]
     assert seen["quick"]["stats"]["failed"] is None
@@ -405,8 +410,7 @@ def test_a_stream_each_way_at_once_hands_over_and_splices(
 ) -> None:
     rng = random.Random(f"streams {loop_kind}")
     up, down = rng.randbytes(8 << 20), rng.randbytes(8 << 20)
-    seen = {form: _run(loop_kind, _streams(listener, form, up, down, spy)) for form in FORMS}
-    assert seen["quick"] == seen["quick-async"] == seen["full"]
+    seen = _same_in_every_form(lambda f: _run(loop_kind, _streams(listener, f, up, down, spy)))
     assert seen["quick"]["up"] == (_digest(up), "eof")
     assert seen["quick"]["down"] == (_digest(down), "eof")
     assert seen["quick"]["stats"]["spliced"] is True
@@ -475,8 +479,7 @@ async def _slow_backend(form: str, payload: bytes, spy: _Spy) -> Seen:
 @pytest.mark.parametrize("loop_kind", LOOPS)
 def test_a_backend_that_reads_late_gets_every_byte_in_order(loop_kind: str, spy: _Spy) -> None:
     payload = random.Random(f"late {loop_kind}").randbytes(1 << 20)
-    seen = {form: _run(loop_kind, _slow_backend(form, payload, spy)) for form in FORMS}
-    assert seen["quick"] == seen["quick-async"] == seen["full"]
+    seen = _same_in_every_form(lambda f: _run(loop_kind, _slow_backend(f, payload, spy)))
     assert seen["quick"]["got"] == (_digest(payload), "eof")
     assert seen["quick"]["stats"]["a_to_b"] == len(payload)
 
@@ -512,8 +515,7 @@ async def _urgent(lst: socket.socket, form: str, inline: bool, spy: _Spy) -> See
 def test_urgent_data_hands_over_and_is_relayed_as_the_full_relay_does(
     listener: socket.socket, loop_kind: str, inline: bool, spy: _Spy
 ) -> None:
-    seen = {form: _run(loop_kind, _urgent(listener, form, inline, spy)) for form in FORMS}
-    assert seen["quick"] == seen["quick-async"] == seen["full"]
+    seen = _same_in_every_form(lambda f: _run(loop_kind, _urgent(listener, f, inline, spy)))
     # (recv passes the mark, dropping the urgent byte unless SO_OOBINLINE.)
     expected = b"head" + (b"!" if inline else b"") + b"tail"
     assert seen["quick"]["got"] == (expected, "eof")
@@ -625,8 +627,7 @@ async def _reset(lst: socket.socket, form: str, who: str, spy: _Spy) -> Seen:
 def test_a_peer_reset_fails_that_side_and_resets_the_other(
     listener: socket.socket, loop_kind: str, who: str, spy: _Spy
 ) -> None:
-    seen = {form: _run(loop_kind, _reset(listener, form, who, spy)) for form in FORMS}
-    assert seen["quick"] == seen["quick-async"] == seen["full"]
+    seen = _same_in_every_form(lambda f: _run(loop_kind, _reset(listener, f, who, spy)))
     failed = "a" if who == "client" else "b"
     assert seen["quick"]["stats"]["failed"] == failed
     assert seen["quick"]["survivor"] == (b"", "reset")
@@ -674,8 +675,7 @@ def test_a_cancel_while_quick_ends_the_relay_as_the_full_relay_s_does(
 ) -> None:
     # A direction that did not reach its EOF is cut off: its peer is reset, never
     # sent a FIN that would pass for a complete stream.
-    seen = {form: _run(loop_kind, _cancelled(listener, form, when, spy)) for form in FORMS}
-    assert seen["quick"] == seen["quick-async"] == seen["full"]
+    seen = _same_in_every_form(lambda f: _run(loop_kind, _cancelled(listener, f, when, spy)))
     assert seen["quick"]["cancelled"] and seen["quick"]["fds"] == (True, set())
     assert seen["quick"]["client"] == (b"", "reset")
     assert seen["quick"]["backend"] == (b"", "eof" if when == "half-closed" else "reset")
@@ -780,8 +780,7 @@ async def _closed_behind(lst: socket.socket, form: str, side: str, spy: _Spy) ->
 def test_a_side_closed_behind_a_quick_relay_and_its_number_reused_fails_that_side(
     listener: socket.socket, loop_kind: str, side: str, spy: _Spy
 ) -> None:
-    seen = {form: _run(loop_kind, _closed_behind(listener, form, side, spy)) for form in FORMS}
-    assert seen["quick"] == seen["quick-async"] == seen["full"]
+    seen = _same_in_every_form(lambda f: _run(loop_kind, _closed_behind(listener, f, side, spy)))
     stats = seen["quick"]["stats"]
     assert (stats["failed"], stats["error"][1]) == (side, errno.EBADF)
     ends = {"a": seen["quick"]["client"], "b": seen["quick"]["backend"]}
@@ -864,8 +863,7 @@ async def _dup_refused(lst: socket.socket, form: str, as_side: str, spy: _Spy) -
 def test_a_dup_of_a_quick_relay_s_socket_is_refused_and_the_relay_goes_on(
     listener: socket.socket, loop_kind: str, as_side: str, spy: _Spy
 ) -> None:
-    seen = {form: _run(loop_kind, _dup_refused(listener, form, as_side, spy)) for form in FORMS}
-    assert seen["quick"] == seen["quick-async"] == seen["full"]
+    seen = _same_in_every_form(lambda f: _run(loop_kind, _dup_refused(listener, f, as_side, spy)))
     assert seen["quick"]["refused"] == (
         InvalidArgument,
         "socket",
@@ -1011,8 +1009,7 @@ def _fork_while_running(lst: socket.socket, loop_kind: str, form: str, spy: _Spy
 def test_a_forked_child_lets_go_of_a_quick_relay_s_sockets(
     listener: socket.socket, loop_kind: str, spy: _Spy
 ) -> None:
-    seen = {form: _fork_while_running(listener, loop_kind, form, spy) for form in FORMS}
-    assert seen["quick"] == seen["quick-async"] == seen["full"]
+    seen = _same_in_every_form(lambda f: _fork_while_running(listener, loop_kind, f, spy))
     assert seen["quick"]["report"] == b"[]"  # the child let go of both sockets
     # Within 10 s, while the child lives: were its copies of a still open, the
     # parent's close would send nothing until the child's exit ("nothing").
