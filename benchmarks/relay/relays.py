@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import select
 import socket
 import sys
@@ -103,11 +104,27 @@ async def asyncio_splice(listener: socket.socket, target: int, *, start: bool = 
             if start:
                 # No coroutine and no task per connection; the relay keeps itself
                 # alive (the loop's epoll hub holds it) until it ends.
-                start_pipe_splice(client, backend)
+                try:
+                    start_pipe_splice(client, backend)
+                except OSError:
+                    # EMFILE creating the loop's epoll hub: nothing started and the
+                    # sockets are still ours. Drop this client, go on with the next.
+                    client.close()
+                    backend.close()
                 continue
             task = loop.create_task(async_pipe_splice(client, backend))
             tasks.add(task)
-            task.add_done_callback(tasks.discard)
+            task.add_done_callback(functools.partial(finished, client, backend))
+
+    def finished(client: socket.socket, backend: socket.socket, task: asyncio.Task[object]) -> None:
+        tasks.discard(task)
+        # A relay that could not start (EMFILE creating the loop's epoll hub) raised
+        # with both sockets left as they were: read the error, so asyncio does not
+        # log "Task exception was never retrieved", and close them. (A relay that
+        # ran has closed them itself; closing again does nothing.)
+        if not task.cancelled() and task.exception() is not None:
+            client.close()
+            backend.close()
 
     loop.add_reader(listener.fileno(), on_accept)
     await loop.create_future()  # serve until cancelled

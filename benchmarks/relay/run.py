@@ -53,6 +53,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
@@ -462,6 +463,19 @@ def diagnostics_table(diag: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def _nan_to_none(value: Any) -> Any:
+    """*value* with every NaN (a load not run, or one that failed) as None: JSON has
+    no NaN, and strict parsers (``jq``, JavaScript's ``JSON.parse``) reject Python's
+    bare ``NaN``; null is what they read as "no figure"."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nan_to_none(v) for v in value]
+    return value
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 s per load instead of 4")
@@ -484,7 +498,8 @@ def main() -> int:
         nargs="+",
         choices=LOADS,
         default=list(LOADS),
-        help="run only these loads (default: all three); the others' figures are NaN",
+        help="run only these loads (default: all three); the others' figures are NaN "
+        "(null in results.json)",
     )
     parser.add_argument(
         "--unpinned",
@@ -571,19 +586,22 @@ def main() -> int:
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(
         json.dumps(
-            {
-                "seconds": seconds,
-                "rounds": args.rounds,
-                "relay_cpus": CPUS["relay"],
-                "load_cpus": CPUS["load"],
-                "loadavg_start": load_start,
-                "loadavg_end": os.getloadavg(),
-                "median": med,
-                "keepalive_diagnostics_median": diag,
-                "wrk_errors_max_of_rounds": errors,
-                "per_round": samples,
-            },
+            _nan_to_none(
+                {
+                    "seconds": seconds,
+                    "rounds": args.rounds,
+                    "relay_cpus": CPUS["relay"],
+                    "load_cpus": CPUS["load"],
+                    "loadavg_start": load_start,
+                    "loadavg_end": os.getloadavg(),
+                    "median": med,
+                    "keepalive_diagnostics_median": diag,
+                    "wrk_errors_max_of_rounds": errors,
+                    "per_round": samples,
+                }
+            ),
             indent=2,
+            allow_nan=False,
         )
         + "\n"
     )
