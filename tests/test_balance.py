@@ -1637,12 +1637,19 @@ def test_ketama_must_be_a_bool(ketama: object) -> None:
 @pytest.mark.parametrize("option", [{"secret": b"k"}, {"seed": 3}], ids=["secret", "seed"])
 def test_ketama_takes_no_seed_or_secret(ketama: object, option: dict[str, object]) -> None:
     # ketama's points and key hashes are libketama's MD5 digests, unkeyed: a secret or
-    # seed could not change them, so the ring would not be the keyed one asked for
+    # seed could not change them, so the ring would not be the keyed one asked for.
+    # The error names the seed or the secret, the bad value (it named ketama, with the
+    # seed's value nowhere), and a secret only by type and length.
+    [(name, value)] = option.items()
+    shown = "(bytes, length 1; not shown)" if name == "secret" else repr(value)
     with pytest.raises(
         InvalidArgument,
-        match=rf"invalid ketama {re.escape(repr(ketama))}: ketama mode takes no seed or secret",
-    ):
+        match=rf"^invalid {name} {re.escape(shown)}: is not taken in ketama mode "
+        rf"\(ketama={re.escape(repr(ketama))}\)$",
+    ) as info:
         RingHash([addr(0)], ketama=ketama, **option)  # type: ignore[arg-type]
+    assert (info.value.name, info.value.value) == (name, value)
+    assert "b'k'" not in str(info.value)
 
 
 @pytest.mark.parametrize("factor", [float("nan"), float("inf"), 0.999, 0, "2", True])

@@ -905,6 +905,35 @@ def test_smooth_wrr_cycle_and_ketama_points_take_a_node_naming_its_own_address()
     assert len(ketama_points(own)) == 320
 
 
+@pytest.mark.parametrize("state", [NodeState.DOWN, NodeState.DRAINING])
+def test_smooth_wrr_cycle_and_ketama_points_leave_out_nodes_the_policies_leave_out(
+    state: NodeState,
+) -> None:
+    # They kept down and draining nodes: smooth_wrr_cycle gave a b c where
+    # RoundRobin(nodes).schedule is a c, and ketama_points placed b's 160 points and
+    # counted it in every other server's share, where RingHash(nodes, ketama=True)
+    # has a and c alone, 160 points each.
+    nodes = [
+        Node("10.0.0.1:80", name="a", weight=2),
+        Node("10.0.0.2:80", name="b", state=state),
+        Node("10.0.0.3:80", name="c"),
+    ]
+    assert smooth_wrr_cycle(nodes) == list(RoundRobin(nodes).schedule)
+    assert {n.name for n in smooth_wrr_cycle(nodes)} == {"a", "c"}
+    live = [n for n in nodes if n.name != "b"]
+    for mode in (False, True):
+        points = ketama_points(nodes, libmemcached=mode)
+        assert points == ketama_points(live, libmemcached=mode)
+        assert {n.name for _, _, n in points} == {"a", "c"}
+    ring = RingHash(nodes, ketama=True)
+    assert sorted(p for p, _, _ in ketama_points(nodes)) == list(ring._ring[0])
+    # a down node is still one of the nodes checked for duplicates
+    with pytest.raises(DuplicateNode):
+        ketama_points([*nodes, Node("10.0.0.2:80", state=state)])
+    with pytest.raises(DuplicateNode):
+        smooth_wrr_cycle([*nodes, Node("10.0.0.2:80", state=state)])
+
+
 def test_active_of_names_a_node_as_every_other_method_does() -> None:
     # active_of read node.address alone: a name or an address string raised a bare
     # AttributeError ('str' object has no attribute 'address'), and a Node the

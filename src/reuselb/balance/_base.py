@@ -1451,7 +1451,8 @@ class HashPolicy(BalancePolicy):
 
     @property
     def hasher(self) -> KeyHasher:
-        """The :class:`KeyHasher` in use."""
+        """The :class:`KeyHasher` in use: the 32-bit hash a pick starts from (a
+        :class:`RingHash` in ketama mode hashes keys with MD5 and does not use it)."""
         return self._hasher
 
     @property

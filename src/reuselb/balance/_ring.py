@@ -43,7 +43,7 @@ from typing import Any, Literal
 from zlib import crc32 as _crc32
 
 from .._errors import InvalidArgument
-from ._base import HashPolicy, Key, Node, NodeLike, node_list
+from ._base import HashPolicy, Key, Node, NodeLike, NodeState, _secret_error, node_list
 from ._base import words as _words
 
 __all__ = [
@@ -161,10 +161,13 @@ def ketama_points(
         once, so a generator works too); each gets
         ``floorf((float)(weight / total) x 40.0 x N)`` MD5 digests of 4 points,
         with libketama's single-precision rounding (:func:`libketama_digests`).
+        Servers that are down or draining are left out, as from the ring of
+        ``RingHash(nodes, ketama=True)``: *total* and *N* count the up servers
+        only, as in a client that ejected the others.
     :param libmemcached: count the digests in single precision, as libmemcached's
         weighted ketama does (:func:`libmemcached_digests`).
-    :returns: the points; empty when there is no node or every weight is 0 (no
-        server has a share to place).
+    :returns: the points; empty when no server is up or every up server's weight
+        is 0 (no server has a share to place).
     :raises InvalidArgument: *libmemcached* is not a bool, or *nodes* is one
         address (a string, or a ``(host, port)`` or IPv6 4-tuple), a mapping or not
         iterable at all; the error names the value.
@@ -181,7 +184,10 @@ def ketama_points(
         raise InvalidArgument("libmemcached", libmemcached, "must be a bool")
     # One pass: the checks and the points read the same list (a generator was
     # consumed by the checks, and gave no points).
-    return _ketama_points(node_list(nodes), libmemcached)
+    # Checked as a whole (duplicates among down servers too), the up ones placed, as
+    # RingHash(nodes, ketama=True) places them. (A weight-0 server still counts in
+    # N, as in libketama's server list: see test_ketama_points_of_weightless_nodes.)
+    return _ketama_points([n for n in node_list(nodes) if n.state is NodeState.UP], libmemcached)
 
 
 def _ketama_points(servers: Sequence[Node], libmemcached: bool) -> list[tuple[int, str, Node]]:
@@ -278,8 +284,14 @@ class RingHash(HashPolicy):
         ):
             # a truthy "no" (or 1) would silently switch the hash to MD5
             raise InvalidArgument("ketama", ketama, 'must be a bool, "libketama" or "libmemcached"')
-        if ketama is not False and (seed or secret is not None):
-            raise InvalidArgument("ketama", ketama, "ketama mode takes no seed or secret")
+        if ketama is not False and seed:
+            # The seed is the bad value (ketama's MD5 has none), not ketama.
+            raise InvalidArgument("seed", seed, f"is not taken in ketama mode (ketama={ketama!r})")
+        if ketama is not False and secret is not None:
+            # named by type and length only: a secret is never formatted
+            raise _secret_error(
+                secret, f"is not taken in ketama mode (ketama={ketama!r})", InvalidArgument
+            )
         self._vnodes = vnodes
         self._ketama_mode = ketama
         self._ketama = ketama is not False

@@ -14,7 +14,16 @@ import math
 from collections.abc import Iterable, Sequence
 from operator import add
 
-from ._base import BalancePolicy, Key, Node, NodeLike, check_weight, key_bytes, node_list
+from ._base import (
+    BalancePolicy,
+    Key,
+    Node,
+    NodeLike,
+    NodeState,
+    check_weight,
+    key_bytes,
+    node_list,
+)
 
 __all__ = ["RoundRobin", "smooth_wrr_cycle"]
 
@@ -33,8 +42,9 @@ def smooth_wrr_cycle(nodes: Iterable[NodeLike]) -> list[Node]:
     distinct weights near 1000 still take 0.5-0.7 s.
 
     :param nodes: what a policy constructor takes: :class:`Node` objects or
-        addresses (each a ``Node`` of weight 1), read once; those of weight 0 are
-        left out.
+        addresses (each a ``Node`` of weight 1), read once; those that are down,
+        draining or of weight 0 are left out, as :class:`RoundRobin` schedules
+        none of them (all are checked, for duplicates and weights).
     :returns: the cycle, of :class:`Node` objects.
     :raises InvalidArgument: *nodes* is one address (a string, or a
         ``(host, port)`` or IPv6 4-tuple), a mapping or not iterable at all, or a
@@ -47,7 +57,10 @@ def smooth_wrr_cycle(nodes: Iterable[NodeLike]) -> list[Node]:
     :raises DuplicateNode: two nodes share an address or a name, or one node's name
         is another node's address (listed twice, a node would get twice its turns).
     """
-    return _cycle(node_list(nodes))
+    # Checked as a whole (duplicates among down nodes too), the up ones cycled: the
+    # cycle of RoundRobin(nodes).schedule. (_cycle checks the weights and leaves
+    # out those of weight 0.)
+    return _cycle([n for n in node_list(nodes) if n.state is NodeState.UP])
 
 
 def _cycle(nodes: Sequence[Node]) -> list[Node]:
@@ -106,7 +119,8 @@ def _cycle(nodes: Sequence[Node]) -> list[Node]:
 
 class RoundRobin(BalancePolicy):
     """Smooth weighted round robin: a node of weight 3 gets 3 of every ``sum(w)`` picks,
-    spread out (``a a b a`` becomes ``a b a a``), never bursts.
+    spread out, never bursts: weights ``a=3, b=1`` give ``a a b a``, where plain
+    weighted round robin gives ``a a a b``.
 
     Memory is one list entry per weight unit (after dividing by the gcd). Every
     membership, weight or state change rebuilds the cycle under the policy lock,
