@@ -902,19 +902,28 @@ def test_steer_away_from_keeps_an_ipv6_udp_flow_on_one_member() -> None:
         assert seen <= {1, 2}
 
 
-def test_drain_close_takes_a_group_whose_so_reuseport_was_cleared(no_migration: None) -> None:
-    # Before: InvalidArgument "lacks SO_REUSEPORT: it is in no reuseport group" for
-    # members that are in it: clearing the option after joining (docs/restarts.md,
-    # to stop other sockets joining the port) left drain_close unable to run.
+@pytest.mark.parametrize("cleared", [0, 2])
+def test_drain_close_refuses_a_group_with_a_member_whose_so_reuseport_was_cleared(
+    no_migration: None, cleared: int
+) -> None:
+    # Before: taken, and the steer path's program never ran when the cleared member
+    # was the one the kernel's lookup finds first (the last to listen, for IPv4):
+    # every new SYN still reached the listener being drained, and drain_close held
+    # them unserved until its timeout (steering_error None). Refused now, before
+    # anything changes: the listener, its queue and the group are as they were.
     with reuseport_group("127.0.0.1:0", 3) as group:
         steer_all_to(group, 2)
         clients = _queue_clients(group.port, 5)
-        for member in group:
-            member.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 0)
+        group[cleared].setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 0)
+        with pytest.raises(InvalidArgument) as info:
+            drain_close(group[2], group=group, grace=0.05, timeout=1)
+        name = "listener" if cleared == 2 else f"group member {cleared}"
+        assert str(info.value).startswith(
+            f"invalid {name} {group[cleared]!r}: lacks SO_REUSEPORT: the kernel balances"
+        )
+        assert len(group) == 3 and group[2].fileno() != -1
+        group[cleared].setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         result = drain_close(group[2], group=group, grace=0.05)
-        assert result.path == "steer"
-        assert result.steering_error is None
-        assert len(result.accepted) == 5
-        assert len(group) == 2
+        assert (result.path, result.steering_error, len(result.accepted)) == ("steer", None, 5)
         _answer(result.accepted)
         assert _replies(clients) == [b"re:hello %d" % i for i in range(5)]

@@ -121,6 +121,19 @@ _NO_KERNEL_GROUP = (
     "the socket is in no kernel reuseport group (e.g. SO_REUSEPORT set after a UDP "
     "socket's bind or a TCP socket's listen)"
 )
+#: Why a member without SO_REUSEPORT is refused: the kernel's listener and UDP
+#: lookups (inet_lhash2_lookup / udp4_lib_lookup2 -> inet_lookup_reuseport, and
+#: their IPv6 twins) run the group's selection, its hash or its program, only when
+#: the socket they find first has sk_reuseport set. A member whose option was
+#: cleared after it joined stays in the group's array, but when it is found first
+#: (for IPv4 TCP the last to listen) it takes every connection and no program
+#: runs; a socket that never had the option is in no group at all.
+_NO_OPTION_MEMBER = (
+    "lacks SO_REUSEPORT: the kernel balances and steers a group only through "
+    "sockets that have it (one that never had it is in no group; one whose option "
+    "was cleared after it joined takes every connection, with no hash and no "
+    "program run, whenever the kernel's lookup finds it first)"
+)
 #: Why the kernel refused to attach through a socket without SO_REUSEPORT.
 _NO_OPTION_NO_GROUP = (
     "lacks SO_REUSEPORT and is in no kernel reuseport group (a socket joins one only "
@@ -164,11 +177,9 @@ def _attach(sock: socket.socket, program: Sequence[Insn], name: str) -> None:
     except OSError as exc:
         # reuseport_attach_prog(): EINVAL for a socket bound or listening (hashed)
         # without a group: the kernel makes a socket's group only when it binds or
-        # listens with SO_REUSEPORT. It does not look at the option of a socket in
-        # a group, so a member whose option was cleared after it joined is attached
-        # through, and the callers leave the option to the kernel (_group_key with
-        # option=False); they checked the listening state and the port. With the
-        # option, the socket got it after it joined; without, it never joined.
+        # listens with SO_REUSEPORT. The callers checked the option, the listening
+        # state and the port, so here the socket got the option only after it bound
+        # (UDP) or listened (TCP), joining no group (or lost it since the check).
         # (The other EINVAL, from bpf_check_classic(), is for an invalid program,
         # and this module's programs are valid.)
         why = ""
@@ -200,14 +211,12 @@ def _group_key(sock: socket.socket, name: str, *, option: bool = True) -> _Group
     group of its own if a program is attached through it. Five syscalls at most.
 
     :param option: whether SO_REUSEPORT is required. A socket needs it to join a
-        group, but one whose option was cleared after it joined stays in the group
-        (the kernel checks the option only when a socket joins; it still delivers
-        to such a member and attaches a program through it), so
-        :func:`detach_steering` passes ``False`` after the kernel's ``ENOENT``,
-        which it returns for a socket in no group only when it has the option, and
-        :func:`_check_one_group` always passes ``False``: only the kernel can tell
-        such a member from a socket that never joined (``EINVAL`` when a program
-        is attached through it).
+        group, but one whose option was cleared after it joined stays in the
+        group's array, so :func:`detach_steering` passes ``False`` after the
+        kernel's ``ENOENT`` (which it returns for a socket in no group only when
+        it has the option): the detach went through the kernel, which attaches and
+        detaches through such a member. :func:`_check_one_group` refuses a member
+        without the option itself, for another reason (:data:`_NO_OPTION_MEMBER`).
     :raises InvalidArgument: *sock* is in no group it could share: not TCP or UDP,
         without SO_REUSEPORT (when *option*), a TCP socket not listening, or not
         bound.
@@ -265,16 +274,19 @@ def _check_one_group(named: Sequence[tuple[str, socket.socket]]) -> None:
     """
     _refuse_repeats(named)
     ref_name, ref = named[0]
-    # option=False: a member whose SO_REUSEPORT was cleared after it joined (what
-    # docs/restarts.md suggests, to stop other sockets joining the port) is still
-    # in the group; the kernel steers to it and attaches through it. Refusing it
-    # ("lacks SO_REUSEPORT: it is in no reuseport group") was false, and with
-    # every member cleared no steering function nor drain_close could run. The
-    # kernel refuses (EINVAL, named by _attach) the member attached through if it
-    # is in no group; a socket that never joined, listed after it, is counted
-    # unchecked, as one given the option too late is (no syscall tells either
-    # from a member without changing the group's program).
+    # Every member must have SO_REUSEPORT now, not only when it joined: the kernel
+    # runs the group's hash or program only through a socket that has it (see
+    # _NO_OPTION_MEMBER). Taking members whose option was cleared after they
+    # joined (as these functions did, for docs that said the kernel still steered
+    # to them) attached programs that never ran: every connection went to the
+    # cleared member the lookup found first, and a steer-path drain_close waited
+    # out its timeout. A socket given the option after it joined (in no kernel
+    # group) passes this check; the kernel's EINVAL names it (_attach) when the
+    # program is attached through it, and one listed after it is counted unchecked
+    # (no syscall tells it from a member without changing the group's program).
     want = _group_key(ref, ref_name, option=False)
+    if not _has_option(ref):
+        raise InvalidArgument(ref_name, ref, _NO_OPTION_MEMBER)
     # The kernel's group holds sockets, not fds: a dup() (or an fd received for
     # a socket already listed) is the same socket, one inode, under another fd.
     # Listed twice it would count as two members (a program's modulus one too
@@ -291,6 +303,8 @@ def _check_one_group(named: Sequence[tuple[str, socket.socket]]) -> None:
                 "a dup); a kernel reuseport group holds each socket once",
             )
         got = _group_key(sock, name, option=False)
+        if not _has_option(sock):
+            raise InvalidArgument(name, sock, _NO_OPTION_MEMBER)
         if got != want:
             raise InvalidArgument(
                 name,
@@ -430,11 +444,11 @@ def attach_cpu_steering(group: GroupLike, *, strict: bool = True) -> None:
         ``IPV6_V6ONLY`` setting and bound device (the kernel's rules for one group;
         the message names the member), and listed once: the same socket object
         twice, or a ``dup()`` of a member (the same socket, one inode), is
-        refused. A member whose SO_REUSEPORT was cleared after it joined is still
-        in the group and is taken, as the kernel takes it; the first member
-        without the option is refused ("lacks SO_REUSEPORT") only when the kernel
-        finds it in no group, and such a socket listed after it is not detected.
-        This holds for every steering function.
+        refused. A member must have SO_REUSEPORT now: one whose option was cleared
+        after it joined is refused ("lacks SO_REUSEPORT"), as the kernel runs a
+        group's hash or program only through sockets that have it (cleared, the
+        member takes every connection whenever the kernel's lookup finds it
+        first). This holds for every steering function.
     :raises SteeringError: the kernel refused the program (its ``errno``):
         ``EINVAL`` when the member it was attached through (named in the message)
         is in no kernel group although it looks like a member, having got
@@ -632,9 +646,10 @@ def detach_steering(member: socket.socket) -> None:
     """Remove the group's program; the kernel's 4-tuple hash chooses again.
 
     The kernel is asked first: a member whose SO_REUSEPORT was cleared after it
-    joined (which stops other sockets joining the port) is still in its group, and
-    the program is detached through it. Only when the kernel refuses is *member*
-    checked, to say why.
+    joined is still in its group's array, and the program is detached through it
+    (the steering functions refuse such a member: the kernel would not run their
+    program through it). Only when the kernel refuses is *member* checked, to say
+    why.
 
     :param member: any member of the group.
     :raises InvalidArgument: the kernel refused (``EINVAL`` or ``ENOENT``) and
@@ -659,7 +674,7 @@ def detach_steering(member: socket.socket) -> None:
         # reuseport_detach_prog(): EINVAL for a socket in no group and without
         # SO_REUSEPORT; ENOENT for one in no group with it, or in a group without a
         # program. So after ENOENT the option proves nothing (cleared after joining,
-        # the member is still in its group) and is not checked; what _group_key
+        # the member is still in its group's array) and is not checked; what _group_key
         # finds besides is a socket the kernel has in no group.
         if code in (errno.EINVAL, errno.ENOENT):
             try:
