@@ -649,3 +649,49 @@ def test_the_largest_numeric_zone_is_accepted() -> None:
     a = parse_address("[fe80::1%4294967295]:80")
     assert a == parse_address(("fe80::1", 80, 0, 2**32 - 1))
     assert parse_address(str(a)) == a
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["[::1%01]:80", "[::1%0001]:80", ("::1%01", 80), ("::1%01", 80, 0, 1), ("::1", 80, 0, 1)],
+    ids=repr,
+)
+def test_a_numeric_zone_with_leading_zeros_is_that_index(value: object) -> None:
+    # Before: "%01" stayed as written, a second Address for interface 1 ("%1"): a
+    # policy took both as two nodes, and the 4-tuple ("::1%01", 80, 0, 1) was refused
+    # as "the host's zone '01' and scope_id 1 differ". A zone that is a name is
+    # kept as written.
+    a = parse_address(value)  # type: ignore[arg-type]
+    assert a == parse_address("[::1%1]:80") and str(a) == "[::1%1]:80"
+    assert Address("::1%001", 80) == a
+    assert str(parse_address("[fe80::1%lo]:80")) == "[fe80::1%lo]:80"
+
+
+@pytest.mark.parametrize(
+    ("text", "port"), [("000080", 80), ("0000000000000443", 443), ("0", 0), ("000", 0)]
+)
+def test_a_port_with_any_number_of_leading_zeros_is_that_port(text: str, port: int) -> None:
+    # Before: up to five digits only, so "00080" was port 80 and "000080" "not a
+    # number" (getaddrinfo's numeric service reads both as 80).
+    assert parse_address(f"127.0.0.1:{text}").port == port
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("100000", "100000"),
+        ("0100000", "100000"),
+        ("8080000", "8080000"),
+        ("9" * 30, "9" * 20 + "... (30 digits)"),
+        ("1" * 5000, "1" * 20 + "... (5000 digits)"),
+    ],
+)
+def test_a_port_of_six_digits_or_more_is_out_of_range_not_a_non_number(
+    text: str, shown: str
+) -> None:
+    # Before: "port '100000' is not a number" (where 99999 was out of range), and
+    # thousands of digits would have met int()'s digit limit (ValueError).
+    with pytest.raises(AddressError) as info:
+        parse_address(f"127.0.0.1:{text}")
+    assert str(info.value).endswith(f": port {shown} out of range 0-65535")
+    assert info.value.value == f"127.0.0.1:{text}"

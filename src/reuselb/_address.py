@@ -27,7 +27,7 @@ SockAddr: TypeAlias = tuple[str, int] | tuple[str, int, int, int]
 
 # ASCII digits only: str.isdigit() accepts e.g. Arabic-Indic digits, which int() then
 # converts, so "١٢٣" would otherwise slip through as port 123.
-_PORT_RE = re.compile(r"[0-9]{1,5}\Z")
+_PORT_RE = re.compile(r"[0-9]+\Z")
 _LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)\Z")
 _V4ISH_RE = re.compile(r"[0-9.]+\Z")
 # A label that is a number in inet_aton()'s forms: decimal, octal or 0x-hex. glibc's
@@ -202,7 +202,16 @@ def _check_port(port: object, value: object, name: str = "port") -> int:
 def _parse_port_text(text: str, value: object) -> int:
     if not _PORT_RE.match(text):
         raise AddressError(value, f"port {text!r} is not a number")
-    return _check_port(int(text), value)
+    # Any count of digits is a number, as getaddrinfo's numeric service reads it:
+    # "100000" was "not a number" where "99999" was out of range, and "000080" was
+    # refused where "00080" was port 80. Past five significant digits it is out of
+    # range whatever it is (and int() of thousands of digits would raise ValueError
+    # in Python 3.11+).
+    digits = text.lstrip("0") or "0"
+    if len(digits) > 5:
+        shown = digits if len(digits) <= 20 else f"{digits[:20]}... ({len(digits)} digits)"
+        raise AddressError(value, f"port {shown} out of range 0-65535")
+    return _check_port(int(digits), value)
 
 
 def _parse_str(value: str, default_port: int | None) -> Address:
@@ -264,7 +273,7 @@ def _parse_tuple(value: tuple[object, ...]) -> Address:
             _, pct, zone = host.partition("%")
             if not pct:
                 host = f"{host}%{scope_id}"
-            elif zone != str(scope_id):
+            elif _numeric_zone(zone) != str(scope_id):
                 # Two zones: which one the caller meant cannot be told without asking
                 # the kernel (a name may or may not be that index), and parsing is
                 # pure syntax. Keeping either silently could bind another interface.
@@ -296,7 +305,14 @@ def _canonical_v6(text: str, value: object) -> str:
     except ValueError as exc:
         raise AddressError(value, f"{addr!r} is not an IPv6 address ({exc})") from None
     text = _v6_text(ip)
-    return f"{text}%{zone}" if pct else text
+    return f"{text}%{_numeric_zone(zone)}" if pct else text
+
+
+def _numeric_zone(zone: str) -> str:
+    """A numeric zone (an interface index) without leading zeros: ``%01`` and ``%1``
+    name one interface, as a 4-tuple's scope_id 1 does, so they are one Address
+    (two Nodes of a policy were one interface's twice). A name is kept as written."""
+    return str(int(zone)) if zone.isascii() and zone.isdigit() else zone
 
 
 def _v6_text(ip: ipaddress.IPv6Address) -> str:
