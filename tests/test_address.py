@@ -667,6 +667,19 @@ def test_a_numeric_zone_with_leading_zeros_is_that_index(value: object) -> None:
     assert str(parse_address("[fe80::1%lo]:80")) == "[fe80::1%lo]:80"
 
 
+@pytest.mark.parametrize("default_port", [None, 8080])
+def test_an_empty_string_is_refused_not_all_interfaces(default_port: int | None) -> None:
+    # Before: with a default port, "" was all interfaces (*:8080): an empty setting
+    # listened everywhere, where "[]" is refused. "*" is the way to say it.
+    with pytest.raises(AddressError) as info:
+        parse_address("", default_port=default_port)
+    assert str(info.value) == (
+        "invalid address '': empty address (all interfaces are '*:port', ':port' or '*' "
+        "with a default port)"
+    )
+    assert str(parse_address("*", default_port=8080)) == "*:8080"
+
+
 @pytest.mark.parametrize(
     ("text", "port"), [("000080", 80), ("0000000000000443", 443), ("0", 0), ("000", 0)]
 )

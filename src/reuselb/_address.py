@@ -145,7 +145,9 @@ def parse_address(value: AddressLike, *, default_port: int | None = None) -> Add
     ``"[fe80::1%eth0]:port"``, ``":port"`` and ``"*:port"`` (all interfaces),
     ``(host, port)`` and the IPv6 ``(host, port, flowinfo, scope_id)`` tuples,
     a bare ``int`` port (all interfaces), or an :class:`Address` (returned as is).
-    A string without a port is accepted only when *default_port* is given.
+    A string without a port is accepted only when *default_port* is given; an
+    empty string is refused (all interfaces are spelt ``"*"``, ``"*:port"`` or
+    ``":port"``, never by omission).
 
     In a 4-tuple a non-zero *scope_id* becomes the zone (``("fe80::1", 80, 0, 3)``
     is ``[fe80::1%3]:80``); a host that already has a ``%zone`` must not give a
@@ -215,6 +217,14 @@ def _parse_port_text(text: str, value: object) -> int:
 
 
 def _parse_str(value: str, default_port: int | None) -> Address:
+    if not value:
+        # With a default port, "" parsed as all interfaces: an empty setting (an
+        # unset environment variable, a blank config line) listened on every
+        # interface without a word, where "[]" is refused. All interfaces are
+        # spelt on purpose: "*:port", ":port", or "*" with a default port.
+        raise AddressError(
+            value, "empty address (all interfaces are '*:port', ':port' or '*' with a default port)"
+        )
     text = value
     if text.startswith("["):
         close = text.find("]")
