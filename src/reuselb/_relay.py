@@ -1921,7 +1921,10 @@ def pipe_splice(
     :param a: a connected stream socket (e.g. the client).
     :param b: a connected stream socket (e.g. the backend).
     :param pipe_size: bytes per direction's pipe (default 1 MiB, capped by
-        ``/proc/sys/fs/pipe-max-size``); also bounds memory per direction.
+        ``/proc/sys/fs/pipe-max-size``); the kernel rounds it up to a power of two
+        pages (5000 gives 8192), and that bounds the memory of a spliced direction.
+        A copied direction (TLS, a wrapper, short messages) uses a 64 KiB buffer
+        instead (larger only to take over what a pipe held when splice gave way).
     :param idle_timeout: end with :attr:`End.TIMEOUT` after this many seconds without
         a byte moving either way; None or ``math.inf``: no timeout.
     :param close: close both sockets at the end (default). With False they are left
@@ -1948,7 +1951,9 @@ def pipe_splice(
     (pipes closed; sockets closed with ``close=True``, restored with ``close=False``)
     and propagates. With ``close=True`` a side whose incoming stream was cut off
     before its EOF is reset (``SO_LINGER`` 0), as after an error: its peer never
-    takes a truncated stream for a complete one.
+    takes a truncated stream for a complete one. (An AF_UNIX side has no reset: it
+    is closed, and its peer sees EOF; so is a :class:`SocketLike` without
+    ``setsockopt``.)
 
     A child forked while the relay runs (from another thread) closes its copies of
     the relay's pipes, and of its sockets with ``close=True``: the relay does not run
@@ -2357,9 +2362,11 @@ def start_pipe_splice(
     in debug mode, is not checked and ends the relay in the calling thread. What a
     :class:`SocketLike` side's method, or the ``shutdown()`` override of a
     ``socket.socket`` subclass side (never called for an ``ssl.SSLSocket``
-    subclass), raises that is not an :class:`OSError` ends the relay and is set on
-    the future. A child forked while the relay runs closes its copies of the relay's
-    pipes, and of its sockets with ``close=True``.
+    subclass), raises that is not an :class:`OSError` while the relay runs ends the
+    relay and is set on the future; raised while it starts (``gettimeout()``,
+    ``setblocking()``, ``getsockopt()`` of a wrapper), it is raised by this call,
+    nothing started. A child forked while the relay runs closes its copies of the
+    relay's pipes, and of its sockets with ``close=True``.
 
     :param a: a connected stream socket.
     :param b: a connected stream socket (its non-blocking connect may be in flight).
@@ -2379,8 +2386,11 @@ def start_pipe_splice(
         (also as another fd of it, e.g. ``a.dup()``; a :class:`SocketLike` is known
         by its ``fileno()``; checked by the loop's epoll hub, i.e. on Linux).
     :raises OSError: the loop's epoll instance could not be created (e.g. ``EMFILE``),
-        or making a side non-blocking or setting ``TCP_NODELAY`` failed. As for every
-        failure above, nothing was started and both sockets are as they were.
+        or making a side non-blocking or setting ``TCP_NODELAY`` failed.
+    :raises Exception: what a :class:`SocketLike` side's method raised, other than
+        an :class:`OSError`, while the relay started (its ``gettimeout()``,
+        ``setblocking()`` or ``getsockopt()``). As for every failure above, nothing
+        was started and both sockets are as they were.
     """
     loop = asyncio.get_running_loop()  # RuntimeError before touching the sockets
     _sweep_closed_hubs(loop)
