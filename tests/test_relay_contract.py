@@ -679,6 +679,52 @@ def test_a_forked_child_closes_a_blocking_relay_s_edge_triggered_epoll(
         r.b.close()
 
 
+def test_a_fork_while_the_edge_epoll_is_made_waits_until_it_is_named(
+    listener: socket.socket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The test above failed once in CI: the parent forked as soon as the epoll fd
+    # showed in /proc/self/fd, and the relay's thread, back from epoll_create1
+    # (which runs without the GIL), had not named it in relay.edge_ep yet, so the
+    # child's at-fork cleanup missed it. The fd is now made and named under a gate
+    # that os.fork() takes first. Here the window is held open: the relay's thread
+    # makes the epoll, then waits (bounded) for the fork to happen; with the gate the
+    # fork cannot until the fd is named, and the child closes its copy.
+    real_epoll = select.epoll
+    made = threading.Event()
+    forked = threading.Event()
+    main = threading.current_thread()
+
+    def held_open(*args: Any, **kwargs: Any) -> select.epoll:
+        ep = real_epoll(*args, **kwargs)
+        if threading.current_thread() is not main and not made.is_set():
+            made.set()
+            forked.wait(0.3)  # set only once a fork returned: never, with the gate
+        return ep
+
+    before = _epolls()
+    monkeypatch.setattr(select, "epoll", held_open)
+    r: Relay = _relay_with_an_error_queue(listener, RUNNERS["splice"], close=False)
+    try:
+        assert made.wait(JOIN), "the relay never waited edge-triggered"
+        new = _epolls() - before
+        assert len(new) == 1
+        files = {fd: _file_id(fd) for fd in new}
+        pid, go, report = _fork_reporting(files, [r.client, r.backend])
+        forked.set()
+        os.close(go)
+        os.waitpid(pid, 0)
+        assert report == b"[]"
+        r.client.shutdown(socket.SHUT_WR)
+        r.backend.shutdown(socket.SHUT_WR)
+        stats = r.join()
+        assert (stats.a_end, stats.b_end) == (End.EOF, End.EOF)
+    finally:
+        r.close()
+        r.thread.join(JOIN)
+        r.a.close()
+        r.b.close()
+
+
 # --------------------------------------------------------------------------- messages
 
 

@@ -2114,9 +2114,11 @@ def _drive_edge(relay: _Relay) -> None:
     # Kept on the relay, which is in _RUNNING until it finishes: a child forked
     # meanwhile (from another thread) closes its copy (_end_relays_in_child), which
     # it otherwise kept for its life, unreachable (this thread does not exist there).
-    # Only a fork inside select.epoll() itself (epoll_create1 runs without the GIL)
-    # or inside the close() below still leaves the child a copy.
-    relay.edge_ep = ep = select.epoll()
+    # Made and named under _EDGE_GATE, which os.fork() takes first: a fork while
+    # epoll_create1 ran (without the GIL) gave the child the fd before edge_ep named
+    # it (a CI run's child kept it).
+    with _EDGE_GATE:
+        relay.edge_ep = ep = select.epoll()
     try:
         armed: dict[int, int] = {}
         while not relay.done:
@@ -2167,8 +2169,26 @@ def _drive_edge(relay: _Relay) -> None:
                 readable = bool(ev & (_EPOLLIN | _EPOLLPRI)) or hup
                 relay.step(fd, readable, bool(ev & _EPOLLOUT) or hup)
     finally:
-        ep.close()  # idempotent: a fork right after it closes it again in the child
-        relay.edge_ep = None
+        # Under the gate too: a fork inside close() (which runs without the GIL, the
+        # object already marked closed) gave the child a copy that its ep.close()
+        # could not close any more.
+        with _EDGE_GATE:
+            ep.close()
+            relay.edge_ep = None
+
+
+# Held while a blocking relay's own epoll (_drive_edge) is made or closed together
+# with the edge_ep that names it, and taken by os.fork() before it forks (at-fork
+# hooks), so a child never holds that fd unnamed: it waits those microseconds. An
+# RLock: a signal handler of the relay's own thread (the main thread) that forks
+# inside the gate must not wait for itself (its child may then keep the fd).
+_EDGE_GATE = threading.RLock()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=_EDGE_GATE.acquire,
+        after_in_parent=_EDGE_GATE.release,
+        after_in_child=_EDGE_GATE.release,
+    )
 
 
 # From include/net/tcp_states.h (tcpi_state, the first byte of struct tcp_info).
