@@ -680,6 +680,15 @@ def test_an_empty_string_is_refused_not_all_interfaces(default_port: int | None)
     assert str(parse_address("*", default_port=8080)) == "*:8080"
 
 
+def test_a_4_tuple_zone_of_thousands_of_digits_is_an_address_error() -> None:
+    # Its zone is compared with the scope_id before its length is checked: int() of
+    # it (leading zeros dropped) raised ValueError past Python's 4300-digit limit.
+    with pytest.raises(AddressError, match="and scope_id 1 differ"):
+        parse_address(("::1%" + "1" * 5000, 80, 0, 1))
+    with pytest.raises(AddressError, match="invalid IPv6 zone"):
+        parse_address("[::1%" + "0" * 5000 + "1]:80")
+
+
 @pytest.mark.parametrize(
     ("text", "port"), [("000080", 80), ("0000000000000443", 443), ("0", 0), ("000", 0)]
 )

@@ -322,7 +322,9 @@ def _numeric_zone(zone: str) -> str:
     """A numeric zone (an interface index) without leading zeros: ``%01`` and ``%1``
     name one interface, as a 4-tuple's scope_id 1 does, so they are one Address
     (two Nodes of a policy were one interface's twice). A name is kept as written."""
-    return str(int(zone)) if zone.isascii() and zone.isdigit() else zone
+    # lstrip, not int(): a zone of thousands of digits (a 4-tuple's, compared with
+    # its scope_id before the zone's length is checked) would raise ValueError there.
+    return (zone.lstrip("0") or "0") if zone.isascii() and zone.isdigit() else zone
 
 
 def _v6_text(ip: ipaddress.IPv6Address) -> str:

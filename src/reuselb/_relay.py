@@ -1951,9 +1951,9 @@ def pipe_splice(
     (pipes closed; sockets closed with ``close=True``, restored with ``close=False``)
     and propagates. With ``close=True`` a side whose incoming stream was cut off
     before its EOF is reset (``SO_LINGER`` 0), as after an error: its peer never
-    takes a truncated stream for a complete one. (An AF_UNIX side has no reset: it
-    is closed, and its peer sees EOF; so is a :class:`SocketLike` without
-    ``setsockopt``.)
+    takes a truncated stream for a complete one. (An AF_UNIX side cannot be made to
+    reset: it is closed, and its peer sees EOF, or ``ECONNRESET`` only when bytes it
+    sent were still unread; so is a :class:`SocketLike` without ``setsockopt``.)
 
     A child forked while the relay runs (from another thread) closes its copies of
     the relay's pipes, and of its sockets with ``close=True``: the relay does not run

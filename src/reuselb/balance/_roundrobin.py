@@ -44,7 +44,8 @@ def smooth_wrr_cycle(nodes: Iterable[NodeLike]) -> list[Node]:
     :param nodes: what a policy constructor takes: :class:`Node` objects or
         addresses (each a ``Node`` of weight 1), read once; those that are down,
         draining or of weight 0 are left out, as :class:`RoundRobin` schedules
-        none of them (all are checked, for duplicates and weights).
+        none of them (all are checked for duplicates; the weights of those kept,
+        as RoundRobin checks them).
     :returns: the cycle, of :class:`Node` objects.
     :raises InvalidArgument: *nodes* is one address (a string, or a
         ``(host, port)`` or IPv6 4-tuple), a mapping or not iterable at all, or a
