@@ -1429,6 +1429,61 @@ def test_a_forked_child_lets_go_of_a_blocking_relay_s_pipes_and_sockets(
         thread.join(JOIN)
 
 
+def test_a_fork_while_a_relay_makes_its_pipe_waits_until_the_pipe_is_named(
+    listener: socket.socket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # pipe2() runs without the GIL, and a pipe is named in its flow (where a forked
+    # child's cleanup finds it) only after it returns: a fork from another thread
+    # in between gave the child the pipe's fds, unnamed, kept for its life. The
+    # pipe is now made and named under the gate that os.fork() takes first. Here
+    # the window is held open: the relay's thread makes its pipe, then waits
+    # (bounded) for the fork to happen; with the gate the fork cannot until the
+    # pipe is named, and the child closes its copies.
+    real_pipe2 = os.pipe2
+    made: list[int] = []
+    ready = threading.Event()
+    forked = threading.Event()
+    main = threading.current_thread()
+
+    def held_open(flags: int) -> tuple[int, int]:
+        fds = real_pipe2(flags)
+        if threading.current_thread() is not main and not ready.is_set():
+            made.extend(fds)
+            ready.set()
+            forked.wait(0.3)  # set only once a fork returned: never, with the gate
+        return fds
+
+    monkeypatch.setattr(os, "pipe2", held_open)
+    client, a = tcp_pair(listener)
+    b, backend = tcp_pair(listener)
+    stats: list[RelayStats] = []
+    # A new thread: no pooled pipe, so the relay makes one at its first full read.
+    thread = threading.Thread(target=lambda: stats.append(pipe_splice(a, b)), daemon=True)
+    thread.start()
+    try:
+        client.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            client.send(b"x" * (1 << 20))  # a stream: the relay switches to splice
+        assert ready.wait(JOIN), "the relay never made a pipe"
+        files = {fd: _file_id(fd) for fd in made}
+        pid, go, report = _fork_reporting(files, [client, backend])
+        forked.set()
+        try:
+            backend.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+            backend.close()
+            thread.join(JOIN)
+        finally:
+            os.close(go)
+            _reap(pid)
+        assert len(made) == 2
+        assert report == b"[]"
+        assert stats[0].failed == "b"
+    finally:
+        for s in (client, backend):
+            s.close()
+        thread.join(JOIN)
+
+
 def test_a_thread_s_idle_pipes_close_with_the_thread(listener: socket.socket) -> None:
     before = open_fds()
     out: list[RelayStats] = []

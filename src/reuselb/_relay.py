@@ -231,10 +231,13 @@ class _Idle:
         _ALL_POOLS.add(self)
 
     def close(self) -> int:
-        pipes, self.pipes = self.pipes, []
-        for r, w, _cap, _asked in pipes:
-            os.close(r)
-            os.close(w)
+        # Under _FORK_GATE (defined below): a child forked while these closes ran
+        # (without the GIL, the pipes already out of the list) kept the rest.
+        with _FORK_GATE:
+            pipes, self.pipes = self.pipes, []
+            for r, w, _cap, _asked in pipes:
+                os.close(r)
+                os.close(w)
         return len(pipes)
 
     def __del__(self) -> None:
@@ -263,6 +266,22 @@ def _forget_pools_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pools_in_child)
+
+
+# Held while a relay's fd is made, pooled or closed together with whatever names it
+# (a flow's pipe_r/pipe_w, the pool, a blocking relay's edge_ep), and taken by
+# os.fork() before it forks (at-fork hooks), so a child never holds such an fd
+# unnamed, where the at-fork cleanups below cannot find it: a fork waits those
+# microseconds. An RLock: a signal handler of the relay's own thread (the main
+# thread) that forks inside the gate must not wait for itself (its child may then
+# keep the fd).
+_FORK_GATE = threading.RLock()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=_FORK_GATE.acquire,
+        after_in_parent=_FORK_GATE.release,
+        after_in_child=_FORK_GATE.release,
+    )
 
 
 def _take_pipe(size: int) -> tuple[int, int, int]:
@@ -458,7 +477,12 @@ class _Flow:
     def to_splice(self) -> bool:
         """_SMALL -> _SPLICE (nothing pending). False if no pipe could be had."""
         try:
-            self.pipe_r, self.pipe_w, self.cap = _take_pipe(self.asked)
+            # Under _FORK_GATE, which os.fork() takes first: from pipe2() (which
+            # runs without the GIL) or the pool until pipe_r/pipe_w name it, a
+            # child forked by another thread would keep the pipe unnamed by either,
+            # so neither of its at-fork cleanups would close it.
+            with _FORK_GATE:
+                self.pipe_r, self.pipe_w, self.cap = _take_pipe(self.asked)
         except OSError:
             self.can_splice = False  # EMFILE and the like: carry on copying
             return False
@@ -499,15 +523,19 @@ class _Flow:
         self.pending = len(data)
 
     def close_pipe(self) -> None:
-        r, w = self.pipe_r, self.pipe_w
-        self.pipe_r = self.pipe_w = -1
-        if r < 0:
+        if self.pipe_r < 0:
             return
-        if self.pending == 0:
-            _give_pipe(r, w, self.cap, self.asked)
-        else:
-            os.close(r)
-            os.close(w)
+        # Under _FORK_GATE (see to_splice): between the unnaming and the pool or
+        # close() (which runs without the GIL, the fd already gone from no list),
+        # a child forked meanwhile kept the pipe.
+        with _FORK_GATE:
+            r, w = self.pipe_r, self.pipe_w
+            self.pipe_r = self.pipe_w = -1
+            if self.pending == 0:
+                _give_pipe(r, w, self.cap, self.asked)
+            else:
+                os.close(r)
+                os.close(w)
 
     @property
     def wants_read(self) -> bool:
@@ -2114,10 +2142,10 @@ def _drive_edge(relay: _Relay) -> None:
     # Kept on the relay, which is in _RUNNING until it finishes: a child forked
     # meanwhile (from another thread) closes its copy (_end_relays_in_child), which
     # it otherwise kept for its life, unreachable (this thread does not exist there).
-    # Made and named under _EDGE_GATE, which os.fork() takes first: a fork while
+    # Made and named under _FORK_GATE, which os.fork() takes first: a fork while
     # epoll_create1 ran (without the GIL) gave the child the fd before edge_ep named
     # it (a CI run's child kept it).
-    with _EDGE_GATE:
+    with _FORK_GATE:
         relay.edge_ep = ep = select.epoll()
     try:
         armed: dict[int, int] = {}
@@ -2172,23 +2200,9 @@ def _drive_edge(relay: _Relay) -> None:
         # Under the gate too: a fork inside close() (which runs without the GIL, the
         # object already marked closed) gave the child a copy that its ep.close()
         # could not close any more.
-        with _EDGE_GATE:
+        with _FORK_GATE:
             ep.close()
             relay.edge_ep = None
-
-
-# Held while a blocking relay's own epoll (_drive_edge) is made or closed together
-# with the edge_ep that names it, and taken by os.fork() before it forks (at-fork
-# hooks), so a child never holds that fd unnamed: it waits those microseconds. An
-# RLock: a signal handler of the relay's own thread (the main thread) that forks
-# inside the gate must not wait for itself (its child may then keep the fd).
-_EDGE_GATE = threading.RLock()
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(
-        before=_EDGE_GATE.acquire,
-        after_in_parent=_EDGE_GATE.release,
-        after_in_child=_EDGE_GATE.release,
-    )
 
 
 # From include/net/tcp_states.h (tcpi_state, the first byte of struct tcp_info).
