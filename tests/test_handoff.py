@@ -868,6 +868,166 @@ def test_recv_sockets_at_the_fd_limit_says_so(free: int, passing: str) -> None:
 
 
 @pytest.mark.linux
+@pytest.mark.parametrize(
+    "kind",
+    [socket.SOCK_STREAM, socket.SOCK_DGRAM, socket.SOCK_SEQPACKET],
+    ids=["stream", "dgram", "seqpacket"],
+)
+@pytest.mark.parametrize("count", [10, 600])
+def test_after_the_fd_limit_the_sender_can_send_again_on_the_same_channel(
+    kind: int, count: int, fd_limit: Callable[[int], None]
+) -> None:
+    # The error says "raise the limit, and send again". Before, it was raised at the
+    # truncated message, and the rest of that handoff (the header's other bytes on
+    # a stream, the later chunks on any channel) stayed queued: the next call read
+    # it as a handoff and failed ("not a reuselb handoff message"). Now the refused
+    # handoff is read to its end first.
+    fd_limit(max(open_fds()) + 2 * count + 64)
+    a, b = socket.socketpair(socket.AF_UNIX, kind)
+    one = udp_socket()
+    try:
+        b.settimeout(10)  # a hang fails as TimeoutError, not as a stuck test
+        before = open_fds()
+        send_sockets(a, [one] * count)
+        with fds_left(3), pytest.raises(HandoffError, match="fd limit .* send again"):
+            recv_sockets(b)
+        assert open_fds() == before  # what was installed is closed
+        send_sockets(a, [one] * count)
+        got = recv_sockets(b)
+        try:
+            assert list(got) == [str(i) for i in range(count)]
+            inode = os.fstat(one.fileno()).st_ino
+            assert all(os.fstat(s.fileno()).st_ino == inode for s in got.values())
+        finally:
+            for s in got.values():
+                s.close()
+        assert open_fds() == before
+    finally:
+        for s in (a, b, one):
+            s.close()
+
+
+def test_names_with_surrogates_are_refused() -> None:
+    # JSON writes a lone surrogate as \udXXX and its decoder joins a high and a low
+    # one into one character: "\ud83d\ude00" arrived as "\U0001f600", so a
+    # handoff naming both was sent and then refused as a repeated name, and one
+    # naming the first alone arrived under another name.
+    a, b = socket.socketpair()
+    one = udp_socket()
+    try:
+        for names in (["\ud83d\ude00", "\U0001f600"], ["\ud83d\ude00", "x"], ["a\udc80"]):
+            with pytest.raises(InvalidArgument) as info:
+                send_sockets(a, [one] * len(names), names=names)
+            assert "surrogate" in str(info.value)
+            assert repr(names[0]) in str(info.value)
+        b.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            b.recv(1)  # nothing was sent
+        send_sockets(a, [one], names=["\U0001f600"])  # the character itself is text
+        b.setblocking(True)
+        got = recv_sockets(b)
+        assert list(got) == ["\U0001f600"]
+        got["\U0001f600"].close()
+    finally:
+        for s in (a, b, one):
+            s.close()
+
+
+def test_a_name_s_size_counts_json_escapes() -> None:
+    # The documented rule: a printable ASCII character is one byte, \n and the
+    # other short escapes two, any other control character six (\u0001).
+    a, b = socket.socketpair()
+    one = udp_socket()
+    try:
+        for name in ("\n" * 127, "\x01" * 42, "x" * 255, '"' * 127):
+            send_sockets(a, [one], names=[name])
+            got = recv_sockets(b)
+            assert list(got) == [name]
+            got[name].close()
+        for name, size in (("\n" * 128, 256), ("\x01" * 43, 258), ("\u00e9" * 43, 258)):
+            with pytest.raises(InvalidArgument, match=f"is {size} bytes as JSON"):
+                send_sockets(a, [one], names=[name])
+    finally:
+        for s in (a, b, one):
+            s.close()
+
+
+def test_a_header_listing_no_sockets_is_refused() -> None:
+    # send_sockets never sends one; recv_sockets returned {} and the caller's
+    # lookup by name then failed with a bare KeyError.
+    a, b = socket.socketpair()
+    with a, b:
+        header = json.dumps({"sockets": []}).encode()
+        a.sendall(struct.pack("!4sI", b"RLB1", len(header)) + header)
+        with pytest.raises(HandoffError, match=r"malformed handoff header: 'sockets' is \[\]"):
+            recv_sockets(b)
+
+
+@pytest.mark.parametrize(
+    "kind", [socket.SOCK_STREAM, socket.SOCK_SEQPACKET], ids=lambda k: socket.SocketKind(k).name
+)
+def test_a_listening_or_unconnected_channel_is_named(kind: int, tmp_path: Path) -> None:
+    # The server's socket passed instead of the connection accept() returned: the
+    # kernel's EINVAL (recvmsg) or ENOTCONN (sendmsg) named nothing.
+    one = udp_socket()
+    with one, socket.socket(socket.AF_UNIX, kind) as server:
+        server.bind(str(tmp_path / "channel"))
+        server.listen()
+        with socket.socket(socket.AF_UNIX, kind) as loose:
+            for channel, why in ((server, "is a listening socket"), (loose, "is not connected")):
+                with pytest.raises(InvalidArgument, match=why) as info:
+                    recv_sockets(channel)
+                assert info.value.name == "channel"
+                with pytest.raises(InvalidArgument, match=why):
+                    send_sockets(channel, [one])
+                assert channel.fileno() != -1  # the caller's: not closed
+
+
+def test_an_unconnected_datagram_channel_receives_but_does_not_send(tmp_path: Path) -> None:
+    one = udp_socket()
+    with one, socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(str(tmp_path / "channel"))
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as client:
+            with pytest.raises(InvalidArgument, match="is not connected"):
+                send_sockets(client, [one])
+            client.connect(str(tmp_path / "channel"))
+            send_sockets(client, [one], names=["u"])
+            got = recv_sockets(server)  # bound, not connected: receives
+            assert list(got) == ["u"]
+            got["u"].close()
+
+
+# Not in CPython's socket module: asm-generic/socket.h.
+_SO_SNDBUFFORCE = 32
+
+
+@pytest.mark.parametrize(
+    "kind", [socket.SOCK_DGRAM, socket.SOCK_SEQPACKET], ids=lambda k: socket.SocketKind(k).name
+)
+def test_a_datagram_header_over_four_mebibytes_is_refused_whatever_the_buffer(
+    kind: int,
+) -> None:
+    # One AF_UNIX message stops at ~4 MiB (its buffer is one kmalloc) whatever
+    # SO_SNDBUF says: with the buffer raised, sendmsg failed with a bare ENOBUFS,
+    # and the advice "raise SO_SNDBUF" could not help.
+    a, b = socket.socketpair(socket.AF_UNIX, kind)
+    with a, b, reuseport_listener("127.0.0.1:0") as listener:
+        try:
+            a.setsockopt(socket.SOL_SOCKET, _SO_SNDBUFFORCE, 64 << 20)
+        except PermissionError:
+            pytest.skip("SO_SNDBUFFORCE needs CAP_NET_ADMIN")
+        names = [f"{i:0255d}" for i in range(17_000)]  # ~5.4 MB of header
+        before = open_fds()
+        with pytest.raises(InvalidArgument, match="stops at about 4 MiB") as info:
+            send_sockets(a, [listener] * len(names), names=names)
+        assert "raise SO_SNDBUF" not in str(info.value)
+        assert open_fds() == before
+        b.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            b.recv(1)  # nothing was sent
+
+
+@pytest.mark.linux
 @pytest.mark.parametrize("kind", [socket.SOCK_STREAM, socket.SOCK_DGRAM], ids=["stream", "dgram"])
 def test_a_refused_handoff_on_a_pidfd_channel_leaks_nothing(kind: int) -> None:
     # The error paths close the pidfd too: it is not among the handoff's fds.

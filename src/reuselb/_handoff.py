@@ -66,9 +66,13 @@ _MAX_FDS = 253
 # caller is almost certainly passing the wrong list.
 _MAX_SOCKETS = 65536
 _CHUNK_MARK = b"+"
-#: Longest name send_sockets takes, in bytes of its JSON form: an ASCII character
-#: counts 1 (2 for " and \), any other is escaped as \uXXXX (6 bytes, 12 beyond
-#: U+FFFF). Bounded so that the largest handoff has a bounded header.
+# The largest AF_UNIX datagram below which ENOBUFS is taken for what it says (memory),
+# not for the size ceiling (see send_sockets): 4 MiB, the kmalloc limit with 4 KiB pages.
+_DGRAM_CEILING = 1 << 22
+#: Longest name send_sockets takes, in bytes of its JSON form: a printable ASCII
+#: character counts 1 (2 for " and \), \b \f \n \r \t 2, any other character is
+#: escaped as \uXXXX (6 bytes, 12 beyond U+FFFF). Bounded so that the largest
+#: handoff has a bounded header.
 _MAX_NAME = 255
 
 
@@ -146,10 +150,24 @@ def _items(name: str, value: object, what: str) -> list[Any]:
     return _as_sequence(name, value, f"a sequence of {what} (a list or tuple)")
 
 
-def _check_channel(channel: object) -> socket.socket:
+def _check_channel(channel: object, *, sending: bool) -> socket.socket:
     sock = check_open(channel, "handoff channel")
     if sock.family != socket.AF_UNIX:
         raise InvalidArgument("channel", sock, "must be an AF_UNIX socket")
+    # Passing the server's socket instead of the connection accept() returned is an
+    # easy slip, and the kernel's answer names nothing (recvmsg: EINVAL; sendmsg:
+    # ENOTCONN). A datagram socket may receive unconnected (bound), not send.
+    if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        raise InvalidArgument(
+            "channel", sock, "is a listening socket: pass a connection (what accept() returns)"
+        )
+    if sending or sock.type != socket.SOCK_DGRAM:
+        try:
+            sock.getpeername()
+        except OSError as exc:
+            if exc.errno != errno.ENOTCONN:
+                raise
+            raise InvalidArgument("channel", sock, "is not connected") from None
     return sock
 
 
@@ -172,21 +190,26 @@ def send_sockets(
         (SCM_MAX_FD), so larger handoffs go in chunks: the first with the header,
         each further one on a one-byte marker.
     :param names: a sequence of one unique name per socket, the n-th naming the
-        n-th socket, each at most 255 bytes as JSON (an
-        ASCII character is one byte; JSON escapes any other as ``\\uXXXX``, 6 bytes,
-        12 beyond U+FFFF); default ``"0"``, ``"1"``, ... Within these bounds every
-        handoff fits the header size :func:`recv_sockets` accepts.
+        n-th socket, each at most 255 bytes as JSON (a printable ASCII character is
+        one byte, ``"`` and ``\\`` two, as are the control characters JSON writes
+        as ``\\n``, ``\\t``, ``\\r``, ``\\b`` and ``\\f``; JSON escapes any other
+        as ``\\uXXXX``, 6 bytes, 12 beyond U+FFFF), and text: no surrogate code
+        point (U+D800-U+DFFF); default ``"0"``, ``"1"``, ... Within these bounds
+        every handoff fits the header size :func:`recv_sockets` accepts.
     :raises InvalidArgument: *socks* or *names* is not a sequence (one socket or a
         str is not a list of them; a set, a mapping, an iterator or a
         :class:`~reuselb.ReuseportGroup` is refused, since names are paired
         with sockets by position), no sockets, too many, names of the wrong count, repeated,
-        not ``str`` or too long, a header larger than the receiver accepts (checked
-        before anything is sent), or a channel that is not a Unix socket.
+        not ``str``, too long or with a surrogate, a header larger than the
+        receiver accepts (checked before anything is sent), a header too large for
+        one message on a datagram or seqpacket channel (nothing is sent then), or
+        a channel that is not a Unix socket, is a listening socket or is not
+        connected.
     :raises SocketClosed: a socket or the channel is closed.
     :raises WrongSocketType: a socket or the channel is not a socket object.
     :raises OSError: the channel failed.
     """
-    channel = _check_channel(channel)
+    channel = _check_channel(channel, sending=True)
     items = _items("socks", socks, "sockets")
     if not items or len(items) > _MAX_SOCKETS:
         raise InvalidArgument("socks", len(items), f"must send 1 to {_MAX_SOCKETS} sockets")
@@ -195,6 +218,15 @@ def send_sockets(
         # JSON keys are strings on the other side: 1 and "1" would collide there.
         if not isinstance(n, str):
             raise InvalidArgument("names", n, "each name must be a str")
+        # A lone surrogate is not text; JSON writes it as \udXXX, and its decoder
+        # joins a high and a low one into one character: "\ud83d\ude00" arrived as
+        # "\U0001f600", another name (and a duplicate, if that was sent too).
+        try:
+            n.encode()
+        except UnicodeEncodeError:
+            raise InvalidArgument(
+                "name", n, "contains a surrogate code point (U+D800-U+DFFF): not text"
+            ) from None
         # Bounded so that the largest handoff's header fits the receiver's limit.
         if (size := len(json.dumps(n)) - 2) > _MAX_NAME:
             raise InvalidArgument(
@@ -225,13 +257,24 @@ def send_sockets(
         # AF_UNIX caps at the channel's SO_SNDBUF (net/unix/af_unix.c): nothing has
         # been sent, and the fix is the caller's (a stream channel, or a larger
         # SO_SNDBUF), so say so rather than pass on EMSGSIZE.
-        if exc.errno == errno.EMSGSIZE and channel.type != socket.SOCK_STREAM:
+        # Past ~4 MiB the kernel cannot allocate the message's buffer at all, whatever
+        # SO_SNDBUF says (its linear part is one kmalloc, at most KMALLOC_MAX_SIZE,
+        # 4 MiB with 4 KiB pages, plus MAX_SKB_FRAGS pages): ENOBUFS, also nothing sent.
+        too_big = exc.errno == errno.EMSGSIZE or (
+            exc.errno in (errno.ENOBUFS, errno.ENOMEM) and len(payload) > _DGRAM_CEILING
+        )
+        if too_big and channel.type != socket.SOCK_STREAM:
+            fix = (
+                "use a SOCK_STREAM channel (one AF_UNIX message stops at about 4 MiB, "
+                "whatever SO_SNDBUF says)"
+                if len(payload) > _DGRAM_CEILING
+                else "use a SOCK_STREAM channel or raise SO_SNDBUF"
+            )
             raise InvalidArgument(
                 "socks",
                 f"{len(items)} sockets",
                 f"header of {len(payload)} bytes is over what one message on this "
-                f"{channel.type.name} channel can carry (its SO_SNDBUF); use a "
-                "SOCK_STREAM channel or raise SO_SNDBUF",
+                f"{channel.type.name} channel can carry (its SO_SNDBUF); {fix}",
             ) from exc
         raise
     if sent < len(payload):
@@ -407,16 +450,31 @@ def _adopt_listed_locked(
     return out
 
 
-def _take_fds(ancdata: list[tuple[int, int, bytes]], flags: int, fds: list[int]) -> None:
+class _Received(list[int]):
+    """The fds received so far (the caller owns and closes them), and why some were
+    lost, if any were: a truncated handoff is read to its end before the error is
+    raised (:func:`recv_sockets`)."""
+
+    __slots__ = ("lost",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lost: str | None = None
+
+
+def _take_fds(ancdata: list[tuple[int, int, bytes]], flags: int, fds: _Received) -> None:
     """Add the SCM_RIGHTS fds of one recvmsg to *fds*; close any other fd it installed.
 
     The caller owns what lands in *fds* (it closes them on failure). With
     SO_PASSPIDFD set on the channel (Linux 6.5+) the kernel also installs a pidfd
     of the sender in every recvmsg that has a control buffer (SCM_PIDFD): nobody
-    asked this function for it, so it is closed here, before any error is raised.
+    asked this function for it, so it is closed here.
 
-    :raises HandoffError: the control data was truncated (MSG_CTRUNC); the message
-        names the receiver's fd limit when that is why.
+    Control data truncated (MSG_CTRUNC) sets ``fds.lost`` to the error to raise
+    once the rest of the handoff is read (the first such message only; it names
+    the receiver's fd limit when that is why): raised at once, it left the rest of
+    the handoff queued, and the next call, after the caller raised the limit as
+    told and the sender sent again, read that rest as a handoff and failed.
     """
     others: list[int] = []
     received = 0
@@ -444,15 +502,18 @@ def _take_fds(ancdata: list[tuple[int, int, bytes]], flags: int, fds: list[int])
         # buffer had room for: installing failed, almost always with EMFILE (this
         # process at its RLIMIT_NOFILE); an LSM refusing one (EPERM) is the other
         # way. The sender still has its sockets.
+        if fds.lost is not None:
+            return
         fits = (room - socket.CMSG_LEN(0)) // 4
         if received < fits:
-            raise HandoffError(
+            fds.lost = (
                 f"control data truncated: the kernel installed {_descriptors(received)} "
                 f"of the message, fewer than the buffer has room for, and closed the "
                 f"rest: this process is probably at its fd limit (RLIMIT_NOFILE soft "
                 f"limit {_nofile_limit()}); close some or raise the limit, and send again"
             )
-        raise HandoffError("control data truncated: descriptors were lost in transit")
+        else:
+            fds.lost = "control data truncated: descriptors were lost in transit"
 
 
 def _nofile_limit() -> str:
@@ -467,12 +528,12 @@ def _nofile_limit() -> str:
 
 
 def _recv_exact(
-    channel: socket.socket, n: int, fds: list[int], what: str = "header bytes"
+    channel: socket.socket, n: int, fds: _Received, what: str = "header bytes"
 ) -> bytes:
     """*n* bytes of the channel, adding the fds that come with them to *fds*.
 
     :param what: what the bytes are, for the error when the channel closes early.
-    :raises HandoffError: the channel closed first, or control data was truncated.
+    :raises HandoffError: the channel closed first.
     """
     # A bytearray: a header of megabytes comes in many reads, and bytes += bytes
     # would copy everything read so far at each one.
@@ -492,31 +553,35 @@ def _descriptors(n: int) -> str:
     return f"{n} descriptor{'' if n == 1 else 's'}"
 
 
-def _recv_chunks(channel: socket.socket, count: int, fds: list[int]) -> None:
+def _recv_chunks(channel: socket.socket, count: int, fds: _Received) -> None:
     """Receive the fds of a handoff of *count* sockets that did not come with the header.
 
     send_sockets puts exactly ``min(count, 253)`` fds on the header and each further
     chunk of up to 253 on a one-byte marker, so any other number is refused at
     once: waiting for fds that no sender will send would block, and on a stream
-    channel read the next handoff's first byte as a marker.
+    channel read the next handoff's first byte as a marker. Once descriptors were
+    lost (``fds.lost``: the kernel closed those it could not install), the counts
+    say nothing and are not checked; the markers still are.
 
     :raises HandoffError: a wrong count of fds, a wrong marker, or the channel closed.
     """
-    if len(fds) != min(count, _MAX_FDS):
+    if fds.lost is None and len(fds) != min(count, _MAX_FDS):
         raise HandoffError(
             f"header lists {count} socket{'' if count == 1 else 's'} but "
             f"{_descriptors(len(fds))} came with it"
             + ("" if count <= _MAX_FDS else f" (a sender puts {_MAX_FDS} on the header)")
         )
-    while len(fds) < count:  # further chunks, one marker byte each
+    done = min(count, _MAX_FDS)
+    while done < count:  # further chunks, one marker byte each
         before = len(fds)
-        want = min(count - before, _MAX_FDS)
-        chunk = f"the chunk of descriptors after {before} of {count}"
+        want = min(count - done, _MAX_FDS)
+        chunk = f"the chunk of descriptors after {done} of {count}"
         mark = _recv_exact(channel, 1, fds, what=f"marker bytes of {chunk}")
         if mark != _CHUNK_MARK:
             raise HandoffError(f"expected the marker of {chunk}, got {mark!r}")
-        if len(fds) - before != want:
+        if fds.lost is None and len(fds) - before != want:
             raise HandoffError(f"{chunk} has {_descriptors(len(fds) - before)}, expected {want}")
+        done += want
 
 
 def _check_length(magic: bytes, length: int) -> None:
@@ -553,7 +618,7 @@ def _shut_for_reading(channel: socket.socket) -> bool:
     return count == 0
 
 
-def _recv_header(channel: socket.socket, fds: list[int]) -> bytes:
+def _recv_header(channel: socket.socket, fds: _Received) -> bytes:
     """The JSON header of one handoff, whatever the channel's type."""
     if channel.type == socket.SOCK_STREAM:
         magic, length = _HEADER.unpack(_recv_exact(channel, _HEADER.size, fds))
@@ -595,7 +660,8 @@ def _parse_header(raw: bytes) -> list[tuple[str, dict[str, object]]]:
     # few hundred KiB of "[[[[..." exhausts the stack well under the size limit.
     except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise HandoffError(f"malformed handoff header: {exc!r}") from None
-    if not isinstance(meta, list) or len(meta) > _MAX_SOCKETS:
+    # No send_sockets call sends 0 sockets (it refuses them), nor more than the bound.
+    if not isinstance(meta, list) or not 1 <= len(meta) <= _MAX_SOCKETS:
         raise HandoffError(f"malformed handoff header: 'sockets' is {meta!r:.80}")
     out: list[tuple[str, dict[str, object]]] = []
     names: set[str] = set()
@@ -629,18 +695,21 @@ def recv_sockets(channel: socket.socket) -> dict[str, socket.socket]:
         than :func:`send_sockets` puts on it (refused at once, without waiting for
         more), the channel closes before the last chunk, or a socket is not what
         the sender said, or this process ran out of fds (at ``RLIMIT_NOFILE`` the
-        kernel installs what it can and closes the rest; the message says so).
-        Every fd received is then closed, as it is on any other exception, each
-        exactly once; a ``KeyboardInterrupt`` from a signal handler too, except one
-        raised in the instant between ``recvmsg`` returning and its descriptors
-        being recorded, which leaves that message's fds open.
-    :raises InvalidArgument: the channel is not a Unix socket.
+        kernel installs what it can and closes the rest; the message says so, and
+        is raised once the rest of that handoff was read, so the sender may send
+        again on the same channel). Every fd received is then closed, as it is on
+        any other exception, each exactly once; a ``KeyboardInterrupt`` from a
+        signal handler too, except one raised in the instant between ``recvmsg``
+        returning and its descriptors being recorded, which leaves that message's
+        fds open.
+    :raises InvalidArgument: the channel is not a Unix socket, is a listening
+        socket, or is a stream or seqpacket socket that is not connected.
     :raises SocketClosed: the channel is closed.
     :raises WrongSocketType: the channel is not a socket object.
     :raises OSError: the channel failed.
     """
-    channel = _check_channel(channel)
-    fds: list[int] = []
+    channel = _check_channel(channel, sending=False)
+    fds = _Received()
     # Each fd received is owned by the object in *made* whose fileno() it is, or
     # else by *fds* alone; an object joins *made* before it takes its fd. A
     # failure at any point (an interrupt between two statements included) closes
@@ -649,8 +718,16 @@ def recv_sockets(channel: socket.socket) -> dict[str, socket.socket]:
     made: list[socket.socket] = []
     out: dict[str, socket.socket] = {}
     try:
-        meta = _parse_header(_recv_header(channel, fds))
-        _recv_chunks(channel, len(meta), fds)
+        try:
+            meta = _parse_header(_recv_header(channel, fds))
+            _recv_chunks(channel, len(meta), fds)
+        except HandoffError as exc:
+            if fds.lost is None:
+                raise
+            raise HandoffError(fds.lost) from exc  # the first cause, and the one to fix
+        if fds.lost is not None:
+            # Read to its end (see _take_fds): the channel is ready for the next one.
+            raise HandoffError(fds.lost)
         for (name, want), fd in zip(meta, fds, strict=True):  # _recv_chunks checked the count
             made.append(holder := _new_holder())
             try:
