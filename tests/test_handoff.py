@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 
 from reuselb import (
+    DrainResult,
     HandoffError,
     InvalidArgument,
     ReuseportGroup,
@@ -2203,6 +2204,92 @@ def test_drain_close_restore_reattaches_the_callers_program(
             assert index == hash_steering_index("127.0.0.1", port, 2)
 
 
+def test_drain_close_detaches_its_program_when_restore_attaches_none(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A restore that attaches only when a condition holds (here: never). Before,
+    # drain_close's program (made for 3 members, steering away from slot 1, which
+    # s2 took at the close) stayed attached, and steering_error was None: s2 got
+    # about a quarter of what s0 got. Now it is detached before restore runs.
+    monkeypatch.setattr(_handoff, "tcp_migrate_req", lambda: False)
+    with reuseport_group("127.0.0.1:0", 3) as group:
+        s0, s1, s2 = group
+        called: list[list[socket.socket]] = []
+        result = drain_close(s1, group=group, grace=0.01, restore=lambda g: called.append(list(g)))
+        assert result.path == "steer" and result.steering_error is None
+        assert called == [[s0, s2]]
+        assert _no_program(s0)
+        for m in (s0, s2):
+            m.setblocking(False)
+        reached = {index for index, _ in _landings([s0, s2], group.port, 40)}
+        assert reached == {0, 1}  # the kernel's hash: each gets some of 40
+
+
+def test_two_drains_of_one_group_run_one_after_the_other(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Two threads drain members 1 and 2 of one group at once. Before, both sized
+    # the group on entry, so the second close was not recorded (the group kept a
+    # closed member, and steer_all_to then raised SocketClosed), and the second
+    # drain's program replaced the first's, whose listener went on getting new
+    # connections until its timeout. Now the second waits for the first.
+    monkeypatch.setattr(_handoff, "tcp_migrate_req", lambda: False)
+    with reuseport_group("127.0.0.1:0", 3) as group:
+        s0, s1, s2 = group
+        starting = threading.Event()
+        results: dict[str, DrainResult] = {}
+        errors: list[BaseException] = []
+        real_handshakes = _handoff._handshakes
+
+        def handshakes(listener: socket.socket) -> Any:
+            # The first drain, its program attached, before it drains: let the
+            # second one start, and wait (bounded) for it, which waits for this
+            # one to end (or, without the lock, runs to its end meanwhile).
+            if listener is s1 and not starting.is_set():
+                starting.set()
+                second.join(0.5)
+            return real_handshakes(listener)
+
+        monkeypatch.setattr(_handoff, "_handshakes", handshakes)
+
+        def run(name: str, member: socket.socket) -> None:
+            try:
+                if name == "second":
+                    assert starting.wait(10)
+                results[name] = drain_close(member, group=group, grace=0.01, timeout=5)
+            except BaseException as exc:
+                errors.append(exc)
+
+        second = threading.Thread(target=run, args=("second", s2), daemon=True)
+        second.start()
+        first = threading.Thread(target=run, args=("first", s1), daemon=True)
+        first.start()
+        first.join(20)
+        second.join(20)
+        assert errors == []
+        assert not results["first"].timed_out and not results["second"].timed_out
+        assert s1.fileno() == -1 and s2.fileno() == -1
+        assert group.members == (s0,)
+        steer_all_to(group, 0)  # the group is in step with the kernel's
+        assert _handoff._DRAINS == {}
+
+
+def test_drain_close_puts_a_blocking_listener_s_mode_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # O_NONBLOCK belongs to the open file description, shared by every holder (a
+    # worker that was handed the listener; here a dup). Before, the steer path left
+    # it set, and the other holder's blocking accept() raised BlockingIOError.
+    monkeypatch.setattr(_handoff, "tcp_migrate_req", lambda: False)
+    with reuseport_group("127.0.0.1:0", 2) as group:
+        listener, _ = group
+        assert os.get_blocking(listener.fileno())
+        with listener.dup() as copy:
+            drain_close(listener, group=group, grace=0.01)
+            assert listener.fileno() == -1
+            assert os.get_blocking(copy.fileno())
+
+
 def test_drain_close_restore_errors_are_reported_not_raised(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -2445,7 +2532,9 @@ def _interrupted_at_line(k: int, with_restore: bool) -> tuple[str, list[str]]:
     where it was raised (``""``: drain_close returned first) and what it left
     behind.
     """
-    codes = _nested_code(drain_close.__code__)
+    # drain_close checks its own arguments, then runs _drain_close (under the
+    # group's drain lock, a context manager whose own code is not traced).
+    codes = _nested_code(drain_close.__code__) | _nested_code(_handoff._drain_close.__code__)
     count = 0
     fired = ""
 
@@ -2485,9 +2574,9 @@ def _interrupted_at_line(k: int, with_restore: bool) -> tuple[str, list[str]]:
             for conn in result.accepted:
                 conn.close()
         state = (listener.fileno() != -1, listener in group.members)
-        # A program left once restore ran is the caller's to replace (this restore
-        # attaches none, so drain_close's stays, as on return).
-        program = not restored and not _no_program(other)
+        # drain_close's program is detached before restore runs (this restore
+        # attaches none): no program is left in any case.
+        program = not _no_program(other)
     where = fired or "return"
     problems = []
     if leaked:

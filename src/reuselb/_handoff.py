@@ -15,6 +15,7 @@ Rules of this module:
 from __future__ import annotations
 
 import array
+import contextlib
 import errno
 import fcntl
 import json
@@ -28,7 +29,15 @@ import termios
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, KeysView, Mapping, Sequence, ValuesView
+from collections.abc import (
+    Callable,
+    Iterable,
+    Iterator,
+    KeysView,
+    Mapping,
+    Sequence,
+    ValuesView,
+)
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -957,11 +966,12 @@ class DrainResult:
         in *accepted*, but a handshake still in flight when the member closed may
         have been reset.
     :ivar steering_error: ``None`` when the group's steering was left as
-        documented: the program *restore* attached or, without *restore*, none
-        (steer path) or whatever it had (migrate path). Otherwise why not: the
-        exception *restore* raised (on the steer path drain_close then detached
-        its own program), or the steer path could not detach its program because
-        every other member was closed meanwhile (by another thread). The drain
+        documented: the program *restore* attached, or none (steer path; also
+        when *restore* attached none) or whatever it had (migrate path). Otherwise
+        why not: the exception *restore* raised (drain_close's own program was
+        detached before *restore* ran, on the steer path), or the steer path could
+        not detach its program because every other member was closed meanwhile
+        (by another thread). The drain
         itself succeeded: *listener* is closed and *accepted* holds every
         connection taken. The group may still carry drain_close's program:
         re-attach yours, or call :func:`~reuselb.detach_steering` through a member
@@ -1312,8 +1322,23 @@ def drain_close(
     last member moved into the freed slot), so re-attach it for the new group:
     pass *restore* (e.g. ``restore=attach_hash_steering``), which drain_close calls
     with the group once *listener* has left it, on both paths. On the steer path
-    it replaces drain_close's program in one step, so the kernel's hash never
-    picks a member in between.
+    drain_close detaches its own program first, so a *restore* that attaches
+    nothing leaves the kernel's hash, as no *restore* does; until *restore*
+    attaches its program (microseconds), the kernel's hash picks among the
+    remaining members, so no connection is lost, only steered by the hash.
+
+    **One drain at a time per kernel group.** The kernel keeps one program per
+    group, so two steer-path drains of one group would replace each other's: in
+    this process a drain_close waits until the one running on the same kernel
+    group (same address, port, family, ``IPV6_V6ONLY`` and device, whatever the
+    objects passed as *group*) has returned, then reads the group as that one
+    left it. Drains in other processes are not seen: run those one after
+    another, or set ``net.ipv4.tcp_migrate_req=1``, whose path attaches nothing.
+
+    **The listener's blocking mode is put back.** The steer path accepts with
+    ``O_NONBLOCK`` set, a flag of the open file description that every holder of
+    the listener shares (a ``dup()``, a process it was handed to); a blocking
+    listener is made blocking again before it is closed.
 
     Every argument is checked before anything changes: when this raises
     ``InvalidArgument``, ``SocketClosed`` or ``WrongSocketType``, *listener* is
@@ -1354,14 +1379,14 @@ def drain_close(
     :param restore: called once *listener* has left the group, with the
         remaining members in the kernel's order (the updated
         :class:`~reuselb.ReuseportGroup`, or a new list for a plain sequence) to
-        attach your steering program for them. An ``Exception`` it raises is not
-        raised again: it is in :attr:`DrainResult.steering_error` (on the steer
-        path drain_close then detaches its own program), since raising would drop
-        the connections already accepted. A ``KeyboardInterrupt`` or
+        attach your steering program for them (on the steer path drain_close's own
+        program is detached by then). An ``Exception`` it raises is not raised
+        again: it is in :attr:`DrainResult.steering_error`, since raising would
+        drop the connections already accepted. A ``KeyboardInterrupt`` or
         ``SystemExit`` (any ``BaseException`` that is not an ``Exception``)
         propagates, *listener* closed and the group updated as on return; on the
-        steer path drain_close first detaches the program and closes the
-        connections it accepted (no result can carry them to you).
+        steer path drain_close closes the connections it accepted (no result can
+        carry them to you).
     :returns: a :class:`DrainResult`.
     :raises InvalidArgument: *grace* or *timeout* is not an int or float in range
         (bools, NaN and infinities are refused), *restore* is not callable or is
@@ -1405,6 +1430,68 @@ def drain_close(
         raise InvalidArgument("restore", restore, "must be a callable taking the group")
     if restore is not None and group is None:
         raise InvalidArgument("restore", restore, "needs the group to re-attach a program to")
+    if group is None:
+        return _drain_close(listener, None, grace, timeout, restore)
+    # One drain at a time per kernel group, in this process: the kernel keeps one
+    # program per group, so a second steer-path drain replaced the first's program
+    # (whose listener then got new connections until its timeout), and both sized
+    # the group on entry, so a ReuseportGroup lost track of the second close. The
+    # group is read (and checked) only once the one before has ended.
+    result: DrainResult | None = None
+    try:
+        with _one_drain_per_group(listener):
+            result = _drain_close(listener, group, grace, timeout, restore)
+        # Named, not returned from inside the with: the handler below must reach
+        # the result if the interrupt comes as the lock is let go.
+        return result  # noqa: RET504
+    except BaseException:
+        # An interrupt as the lock is let go, after _drain_close returned: no
+        # result reaches the caller, so its connections are closed, as on an
+        # interrupt inside it (the listener is closed and the group updated).
+        if result is not None:
+            for conn in result.accepted:
+                conn.close()
+        raise
+
+
+_DRAINS_LOCK = threading.Lock()
+#: Per kernel group (see _group_key) that a drain_close is running on or waiting
+#: for: its lock, and how many drains hold or wait for it.
+_DRAINS: dict[Any, tuple[threading.RLock, int]] = {}
+
+
+@contextlib.contextmanager
+def _one_drain_per_group(listener: socket.socket) -> Iterator[None]:
+    """Hold the drain lock of *listener*'s kernel group (an RLock: a *restore* that
+    drains again in the same thread does not wait for itself)."""
+    from ._steering import _group_key
+
+    # option=False: a listener without SO_REUSEPORT is refused by the checks that
+    # run under the lock, with the message they give.
+    key = _group_key(listener, "listener", option=False)
+    with _DRAINS_LOCK:
+        lock, users = _DRAINS.get(key) or (threading.RLock(), 0)
+        _DRAINS[key] = (lock, users + 1)
+    try:
+        with lock:
+            yield
+    finally:
+        with _DRAINS_LOCK:
+            lock, users = _DRAINS[key]
+            if users == 1:
+                del _DRAINS[key]
+            else:
+                _DRAINS[key] = (lock, users - 1)
+
+
+def _drain_close(
+    listener: socket.socket,
+    group: GroupLike | None,
+    grace: float,
+    timeout: float,
+    restore: Callable[[ReuseportGroup | Sequence[socket.socket]], object] | None,
+) -> DrainResult:
+    """drain_close once its arguments of its own are checked (see there)."""
     members: list[socket.socket] = []
     index = -1
     other: socket.socket | None = None
@@ -1436,6 +1523,11 @@ def drain_close(
     # while the size is unchanged (_remove pops one), so the handlers below can call
     # it again after an interrupt without removing a second member.
     size = len(group) if isinstance(group, ReuseportGroup) else 0
+    # O_NONBLOCK belongs to the open file description, which other holders of the
+    # listener share (a dup, a process it was handed to): the steer path sets it
+    # to accept until the queue is empty, and leave() puts it back (a worker's
+    # blocking accept() on its copy raised BlockingIOError after the drain).
+    was_blocking = os.get_blocking(listener.fileno())
 
     def leave() -> None:
         """Take *listener* out of *group*, then close it; safe to call again."""
@@ -1443,6 +1535,9 @@ def drain_close(
         # interrupt (a signal handler raising) comes.
         if isinstance(group, ReuseportGroup) and len(group) == size:
             group._remove(index)
+        if was_blocking and (fd := listener.fileno()) != -1:
+            with contextlib.suppress(OSError):
+                os.set_blocking(fd, True)
         listener.close()
 
     if tcp_migrate_req():
@@ -1646,9 +1741,9 @@ def drain_close(
     # the program: *attaching* is cleared only once the attach has returned, so a
     # handler that finds it set detaches the program and leaves *listener* open.
     attaching = True
-    # Whether restore attached the caller's program (it replaced drain_close's,
-    # which is then not to be detached: that would detach the caller's).
-    restored = False
+    # Whether drain_close's program was detached (restore runs only after that, so
+    # a program found later is the caller's, which must not be detached).
+    detached = False
     drain_error: BaseException | None = None
     try:
         _attach_away_from(
@@ -1663,18 +1758,19 @@ def drain_close(
         # at the end closes the accepted connections.
         drain_error = drain()
         leave()
-        steering_error = None
+        # Detached before restore runs, not replaced by its program: a restore that
+        # attaches nothing (one that attaches only when a condition holds) left this
+        # program, made for the group before the close, steering away from the
+        # member now in the listener's slot. The kernel's hash picks among the
+        # remaining members for the moment until restore attaches its program.
+        # A failure is reported, not raised: raising here would drop the
+        # connections already accepted (reset when collected).
+        steering_error = detach()
+        detached = True
         if restore is not None:
             # After the close: the caller's program is for the group without
-            # listener. Attaching replaces drain_close's program in one step.
-            steering_error = _restore(restore, group, members, index)
-            restored = steering_error is None
-        if not restored:
-            # A failure is reported, not raised: raising here would drop the
-            # connections already accepted (reset when collected). restore's error,
-            # if any, is the one reported.
-            detach_error = detach()
-            steering_error = steering_error or detach_error
+            # listener. Its error, if any, is the one reported.
+            steering_error = _restore(restore, group, members, index) or steering_error
         if drain_error is not None:
             raise drain_error
         return DrainResult("steer", accepted, timed_out, steering_error, accept_error)
@@ -1692,15 +1788,16 @@ def drain_close(
         # error raised again above: no DrainResult reaches the caller, so the
         # accepted connections would be owned by nobody. The group is updated and
         # the listener closed (again: leave() may be where it came), and the
-        # program (for the group before the close) detached unless restore replaced
-        # it; one more try if the interrupt came during the detach (one that reached
-        # the kernel makes this one find no program). Each step runs even if a
+        # program (for the group before the close) detached unless that was done
+        # (restore runs only after it: what is attached then is the caller's); one
+        # more try if the interrupt came during the detach (one that reached the
+        # kernel makes this one find no program). Each step runs even if a
         # second signal interrupts the one before.
         try:
             leave()
         finally:
             try:
-                if not restored:
+                if not detached:
                     detach()
             finally:
                 for conn in accepted:
