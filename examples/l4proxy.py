@@ -48,7 +48,12 @@ import sys
 from collections.abc import Iterator
 
 from reuselb import (
+    AddressError,
+    AddressInUse,
     BalancePolicy,
+    GroupMemberError,
+    HostNotFound,
+    InvalidArgument,
     Lease,
     Node,
     NoNodeAvailable,
@@ -153,7 +158,8 @@ async def serve(listener: socket.socket, policy: BalancePolicy, args: argparse.N
         # A client this does not hand to a relay is reset by finished().
         try:
             backend_sock, lease = await dial(peer[0])
-        except NoNodeAvailable:
+        except NoNodeAvailable as exc:  # all refused, marked down, or none to pick
+            report("dial", f"no backend for {peer[0]}: {exc}")
             return
         except OSError as exc:
             report("dial", f"no backend connection for {peer[0]}: {exc}")
@@ -506,6 +512,16 @@ def replace_dead(pool: Pool) -> None:
         print(f"replaced worker {proc.pid} -> {pool.procs[i].pid}", flush=True)
 
 
+def bad_listen_value(exc: BaseException) -> bool:
+    """Whether reuseport_group() failed because of the --listen value (malformed, not
+    an address of this host, in use, a port below 1024 without the privilege): a usage
+    error. Anything else (EMFILE for member 36 of 50) is this host's, and is no reason
+    to blame the argument."""
+    cause = exc.__cause__ if isinstance(exc, GroupMemberError) else exc
+    usage = (AddressError, AddressInUse, HostNotFound, InvalidArgument, PermissionError)
+    return isinstance(cause, usage)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--listen", required=True, help="host:port to accept on")
@@ -533,12 +549,20 @@ def main() -> int:
         policy = make_policy(args.policy, args.backend)
     except ReuselbError as exc:
         parser.error(f"argument --backend: {exc}")
+    if not any(node.weight for node in policy.nodes):
+        # Weight 0 is "no new connections": every client would be reset.
+        parser.error(
+            "argument --backend: every backend has weight 0, so none would get a connection"
+        )
     if args.channel_fd is None:
         # a bad --listen (malformed, not local, in use) is a usage error, like --workers 0
         try:
             group = reuseport_group(args.listen, args.workers)
         except (ReuselbError, OSError) as exc:
-            parser.error(f"argument --listen: {exc}")
+            if bad_listen_value(exc):
+                parser.error(f"argument --listen: {exc}")
+            print(f"l4proxy: cannot listen: {exc}", file=sys.stderr)
+            return 1
         with group:
             return master(group, args, argv)
     # A SIGHUP or SIGINT to the whole process group (a terminal hangup or Ctrl-C,

@@ -29,7 +29,18 @@ import subprocess
 import sys
 from collections.abc import Iterator
 
-from reuselb import ReuselbError, ReuseportGroup, recv_sockets, reuseport_group, send_sockets
+from reuselb import (
+    AddressError,
+    AddressInUse,
+    GroupMemberError,
+    HostNotFound,
+    InvalidArgument,
+    ReuselbError,
+    ReuseportGroup,
+    recv_sockets,
+    reuseport_group,
+    send_sockets,
+)
 
 
 def worker(channel_fd: int, index: int) -> int:
@@ -57,7 +68,6 @@ def worker(channel_fd: int, index: int) -> int:
             # datagram near the UDP maximum (65,507 bytes over IPv4) too long.
             with contextlib.suppress(OSError):
                 member.sendto(f"{index} {os.getpid()} ".encode() + data, peer)
-    return 0
 
 
 #: What a terminal sends the whole process group that the master alone acts on: Ctrl-C.
@@ -192,6 +202,16 @@ def master(group: ReuseportGroup) -> int:
     return 0
 
 
+def bad_listen_value(exc: BaseException) -> bool:
+    """Whether reuseport_group() failed because of the --listen value (malformed, not
+    an address of this host, in use, a port below 1024 without the privilege): a usage
+    error. Anything else (EMFILE for member 36 of 50) is this host's, and is no reason
+    to blame the argument."""
+    cause = exc.__cause__ if isinstance(exc, GroupMemberError) else exc
+    usage = (AddressError, AddressInUse, HostNotFound, InvalidArgument, PermissionError)
+    return isinstance(cause, usage)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--listen", default="127.0.0.1:5353", help="host:port (port 0: any)")
@@ -209,7 +229,10 @@ def main() -> int:
     try:
         group = reuseport_group(args.listen, args.workers, kind="udp")
     except (ReuselbError, OSError) as exc:
-        parser.error(f"argument --listen: {exc}")
+        if bad_listen_value(exc):
+            parser.error(f"argument --listen: {exc}")
+        print(f"udp_workers: cannot listen: {exc}", file=sys.stderr)
+        return 1
     with group:  # kept open for the master's life
         return master(group)
 

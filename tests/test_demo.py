@@ -344,6 +344,99 @@ def test_demo_reports_a_reset_connection_as_a_reset(
     assert "got no answer" not in err, err
 
 
+_PROXY_WITH_A_SHORT_TIMEOUT = """
+import sys
+import reuselb._demo
+from reuselb.__main__ import main
+
+reuselb._demo._ANSWER_TIMEOUT = 1.0  # the test's patience, not the demo's 10 s
+sys.exit(main(["demo", "proxy", "--clients", "1000"]))
+"""
+
+
+def test_a_stranger_on_the_proxy_s_port_does_not_hang_the_demo() -> None:
+    # docs/index.md: a connection that gets no answer in time ends the demo with
+    # status 1. In the proxy scenario a connection from outside the demo (a port
+    # scanner) took one of the proxy's --clients accepts, and the last demo client,
+    # never accepted, waited for its answer with no bound: the demo hung for ever.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _PROXY_WITH_A_SHORT_TIMEOUT],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        start_new_session=True,
+    )
+    stranger = None
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        out = b""
+        deadline = time.monotonic() + 30
+        while (found := re.search(rb"proxy: 127\.0\.0\.1:(\d+)", out)) is None:
+            left = deadline - time.monotonic()
+            assert left > 0 and select.select([proc.stdout], [], [], left)[0], out
+            chunk = os.read(proc.stdout.fileno(), 4096)
+            assert chunk, out
+            out += chunk
+        stranger = socket.create_connection(("127.0.0.1", int(found.group(1))), timeout=5)
+        try:
+            code = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the demo still ran 60 s after a stranger took a proxy slot")
+        err = proc.stderr.read().decode()
+        assert code == 1, (code, err)
+        assert "got no answer within 1 s" in err
+        assert "Traceback" not in err
+    finally:
+        if stranger is not None:
+            stranger.close()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        for f in (proc.stdout, proc.stderr):
+            if f is not None:
+                f.close()
+
+
+_SIGINT_AT_A_READER_S_CLOSE = """
+import os, signal, socket, sys
+from reuselb.__main__ import main
+
+calls = 0
+
+def profile(frame, event, arg):
+    global calls
+    if event == "call" and frame.f_code is socket.SocketIO.close.__code__:
+        calls += 1
+        if calls == 3:
+            sys.setprofile(None)
+            os.kill(os.getpid(), signal.SIGINT)  # a Ctrl-C, as the 3rd reader closes
+
+sys.setprofile(profile)
+sys.exit(main(["demo", "reuseport", "--requests", "8"]))
+"""
+
+
+def test_a_ctrl_c_as_an_answer_s_reader_closes_is_not_lost() -> None:
+    # The CI flake of test_demo_ctrl_c_is_quiet_and_cleans_up (the demo ran on and
+    # exited 0): the demo read each answer through a temporary makefile() object,
+    # whose close() ran in its finalizer, where CPython discards any exception,
+    # so a KeyboardInterrupt raised there was lost. Here the SIGINT comes just as
+    # the 3rd connection's reader closes.
+    proc = subprocess.run(
+        [sys.executable, "-c", _SIGINT_AT_A_READER_S_CLOSE],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 130, (proc.returncode, proc.stdout, proc.stderr)
+    assert proc.stderr == ""
+    # It stopped at the 3rd connection, before the summary.
+    assert "connection   2 " in proc.stdout
+    assert "connection   3 " not in proc.stdout and "distribution" not in proc.stdout
+
+
 @pytest.mark.parametrize(
     ("args", "lines"),
     [

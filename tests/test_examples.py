@@ -8,6 +8,7 @@ import os
 import re
 import resource
 import select
+import shlex
 import shutil
 import signal
 import socket
@@ -185,6 +186,8 @@ def _assert_refused(script: str, args: list[str], *messages: str) -> None:
         ([*_BACKEND, "--drain-timeout", "-10"], "--drain-timeout: must be a positive"),
         ([*_BACKEND, "--retry-after", "nan"], "number of seconds, not 'nan'"),
         ([*_BACKEND, "--retry-after", "inf"], "number of seconds, not 'inf'"),
+        # Before: accepted, "ready", then every client reset with nothing logged.
+        (["--backend", f"{_BACKEND_HERE},0"], "every backend has weight 0"),
     ],
 )
 def test_l4proxy_refuses_bad_backends_and_timeouts(
@@ -465,6 +468,28 @@ def _without_bind_privilege() -> list[str]:
     if setpriv is None:
         pytest.skip("needs setpriv(1) to run without CAP_NET_BIND_SERVICE as root")
     return [setpriv, "--bounding-set", "-net_bind_service"]
+
+
+@pytest.mark.parametrize("script", ["udp_workers.py", "l4proxy.py"])
+def test_examples_out_of_fds_at_start_is_not_a_bad_listen_address(
+    script: str, backend: str
+) -> None:
+    # Before: EMFILE making member 36 of 50 came out as "argument --listen: ...",
+    # status 2, blaming a good address; their docstrings promise one line, status 1.
+    args = _listen_args(script, "127.0.0.1:0", backend)
+    args[args.index("--workers") + 1] = "50"
+    command = " ".join([shlex.quote(sys.executable), str(EXAMPLES / script), *args])
+    done = subprocess.run(
+        ["sh", "-c", f"ulimit -n 40 && exec {command}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert "cannot listen" in done.stderr and "Too many open files" in done.stderr
+    assert "argument --listen" not in done.stderr and "usage:" not in done.stderr
+    assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1, done.stderr
 
 
 @pytest.mark.parametrize("script", ["prefork_http.py", "udp_workers.py", "uvicorn_reuseport.py"])

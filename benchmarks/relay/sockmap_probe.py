@@ -54,9 +54,8 @@ import time
 from pathlib import Path
 
 from run import (
+    CPUS,
     HERE,
-    LOAD_CPU,
-    RELAY_CPU,
     cpu_seconds,
     free_port,
     iperf3_client,
@@ -218,8 +217,8 @@ def _machine_busy() -> float:
 
 def bulk(name: str, cmd: list[str], listen: int, target: int, seconds: int) -> dict[str, float]:
     with (
-        started(cmd, RELAY_CPU, listen) as relay,
-        started(["iperf3", "-s", "-p", str(target)], LOAD_CPU, target),
+        started(cmd, CPUS["relay"], listen) as relay,
+        started(["iperf3", "-s", "-p", str(target)], CPUS["load"], target),
     ):
         # The baseline: what the rest of the machine (other tenants, the idle relay
         # and server) keeps busy when nothing is relayed, over as long as the test.

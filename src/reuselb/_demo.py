@@ -212,7 +212,11 @@ def reuseport_scenario(workers: int = 3, requests: int = 20, port: int = 0) -> d
                     with connect_tcp(("127.0.0.1", port), timeout=_ANSWER_TIMEOUT) as conn:
                         conn.settimeout(_ANSWER_TIMEOUT)
                         local_port = conn.getsockname()[1]
-                        line = conn.makefile().readline()
+                        # Closed here, not as a temporary: a finalizer's close()
+                        # discards what it raises (CPython outside dev mode), and a
+                        # Ctrl-C landing there was lost (the demo ran on, status 0).
+                        with conn.makefile() as reader:
+                            line = reader.readline()
                 except TimeoutError:
                     # A worker answers at once: silence means the connection went to
                     # a socket that is not one (or a worker hung).
@@ -486,8 +490,19 @@ async def _proxy(clients: int) -> list[tuple[int, str, int, int, bool]]:
         async def run_clients() -> list[tuple[int, str, int]]:
             rows = []
             for i in range(clients):
+                # Bounded as the reuseport scenario's are: a connection from outside
+                # the demo (a port scanner) takes one of the proxy's `clients`
+                # accepts, and the last demo client then waited for ever.
+                silent = DemoError(
+                    f"demo client {i + 1} got no answer within {_ANSWER_TIMEOUT:g} s: "
+                    "did something outside the demo connect to the proxy's port?"
+                )
                 try:
-                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                    reader, writer = await asyncio.wait_for(
+                        asyncio.open_connection("127.0.0.1", port), _ANSWER_TIMEOUT
+                    )
+                except asyncio.TimeoutError:
+                    raise silent from None
                 except OSError as exc:
                     raise DemoError(
                         f"demo client {i + 1} could not connect to the proxy: {exc}"
@@ -496,7 +511,10 @@ async def _proxy(clients: int) -> list[tuple[int, str, int, int, bool]]:
                     source = writer.get_extra_info("sockname")[1]
                     writer.write(f"hello {i}\n".encode())
                     await writer.drain()
-                    answer = (await reader.readline()).decode().strip()
+                    line = await asyncio.wait_for(reader.readline(), _ANSWER_TIMEOUT)
+                    answer = line.decode().strip()
+                except asyncio.TimeoutError:
+                    raise silent from None
                 except ConnectionError as exc:
                     # The proxy closed the connection (with the request unread: a
                     # reset) because it failed: `failed` names why, not this.
@@ -542,6 +560,13 @@ async def _proxy(clients: int) -> list[tuple[int, str, int, int, bool]]:
             listener.close()  # connections still queued on it are reset
         try:
             await _end([*([talk] if talk is not None else []), *relays])
+            if talk is not None and talk.done() and not talk.cancelled():
+                # Cancelled just as its connect or read failed (asyncio.wait_for
+                # then raises the failure, not CancelledError): a consequence of
+                # what is raised here (a failure, Ctrl-C), not to be logged as an
+                # unretrieved exception. (Had it failed first, talk.result() above
+                # raised its error.)
+                talk.exception()
         finally:
             # Also when Ctrl-C cancels this task while _end() waits: the
             # CancelledError left this finally before, and both backends' listening
