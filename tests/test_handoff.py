@@ -11,6 +11,7 @@ import math
 import os
 import re
 import select
+import signal
 import socket
 import stat
 import struct
@@ -19,6 +20,7 @@ import sys
 import threading
 import time
 import types
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -1022,6 +1024,7 @@ def test_a_datagram_header_over_four_mebibytes_is_refused_whatever_the_buffer(
         with pytest.raises(InvalidArgument, match="stops at about 4 MiB") as info:
             send_sockets(a, [listener] * len(names), names=names)
         assert "raise SO_SNDBUF" not in str(info.value)
+        assert "its SO_SNDBUF" not in str(info.value)  # the buffer is not the limit here
         assert open_fds() == before
         b.setblocking(False)
         with pytest.raises(BlockingIOError):
@@ -2272,6 +2275,115 @@ def test_two_drains_of_one_group_run_one_after_the_other(
         assert group.members == (s0,)
         steer_all_to(group, 0)  # the group is in step with the kernel's
         assert _handoff._DRAINS == {}
+
+
+def test_a_drain_of_its_group_from_restore_is_refused_not_waited_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A drain of the same group from within a drain in the same thread (restore, or
+    # a signal handler) would wait for itself, or, re-entering, run alongside it and
+    # break the group as two threads' drains did.
+    monkeypatch.setattr(_handoff, "tcp_migrate_req", lambda: False)
+    with reuseport_group("127.0.0.1:0", 3) as group:
+        s0, s1, s2 = group
+
+        def restore(g: object) -> None:
+            drain_close(s2, group=group, grace=0.01)
+
+        result = drain_close(s1, group=group, grace=0.01, restore=restore)
+        assert isinstance(result.steering_error, InvalidArgument)
+        assert "draining already" in str(result.steering_error)
+        assert s1.fileno() == -1 and s2.fileno() != -1
+        assert group.members == (s0, s2)
+        assert _handoff._DRAINS == {}
+        drain_close(s2, group=group, grace=0.01)  # afterwards: as usual
+        assert list(group.members) == [s0]
+
+
+def test_a_listener_an_earlier_drain_closed_meanwhile_is_named_closed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The second drain of one listener waits for the first, which closes it: the
+    # second says so (SocketClosed), as for a listener closed before the call, rather
+    # than "not a member of group".
+    monkeypatch.setattr(_handoff, "tcp_migrate_req", lambda: False)
+    with reuseport_group("127.0.0.1:0", 2) as group:
+        s0, s1 = group
+        starting = threading.Event()
+        errors: list[BaseException] = []
+        real_handshakes = _handoff._handshakes
+
+        def handshakes(listener: socket.socket) -> Any:
+            if not starting.is_set():
+                starting.set()
+                second.join(0.5)  # it waits for this drain (bounded)
+            return real_handshakes(listener)
+
+        monkeypatch.setattr(_handoff, "_handshakes", handshakes)
+
+        def run_second() -> None:
+            assert starting.wait(10)
+            try:
+                drain_close(s1, group=group, grace=0.01)
+            except BaseException as exc:
+                errors.append(exc)
+
+        second = threading.Thread(target=run_second, daemon=True)
+        second.start()
+        drain_close(s1, group=group, grace=0.01)
+        second.join(20)
+        assert [type(e) for e in errors] == [SocketClosed]
+        assert group.members == (s0,)
+
+
+def test_a_child_forked_during_a_drain_can_drain(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A child forked (multiprocessing, a prefork worker) while another thread drained
+    # inherited that group's drain lock held by a thread it does not have: its own
+    # drain_close of the group then waited for ever.
+    monkeypatch.setattr(_handoff, "tcp_migrate_req", lambda: False)
+    with reuseport_group("127.0.0.1:0", 3) as group:
+        s0, s1, s2 = group
+        draining, done = threading.Event(), threading.Event()
+        real_handshakes = _handoff._handshakes
+
+        def handshakes(listener: socket.socket) -> Any:
+            if listener is s1:
+                draining.set()
+                done.wait(10)  # held (bounded) until the child has drained
+            return real_handshakes(listener)
+
+        monkeypatch.setattr(_handoff, "_handshakes", handshakes)
+        drainer = threading.Thread(
+            target=lambda: drain_close(s1, group=group, grace=0.01, timeout=20), daemon=True
+        )
+        drainer.start()
+        rd, wr = os.pipe()
+        try:
+            assert draining.wait(10)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: threads
+                pid = os.fork()
+            if pid == 0:  # child: drain its own member, report, exit whatever happens
+                code = 1
+                try:
+                    signal.alarm(10)  # the child's own bound, if it hangs
+                    result = drain_close(s2, group=[s0, s2], grace=0.01, timeout=5)
+                    os.write(wr, result.path.encode())
+                    code = 0
+                finally:
+                    os._exit(code)
+            os.close(wr)
+            wr = -1
+            ready = select.select([rd], [], [], 30)[0]
+            report = os.read(rd, 100) if ready else b"nothing in 30 s"
+            _, status = os.waitpid(pid, 0)
+            assert (report, os.waitstatus_to_exitcode(status)) == (b"steer", 0)
+        finally:
+            done.set()
+            drainer.join(30)
+            os.close(rd)
+            if wr >= 0:
+                os.close(wr)
 
 
 def test_drain_close_puts_a_blocking_listener_s_mode_back(

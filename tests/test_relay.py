@@ -1484,6 +1484,66 @@ def test_a_fork_while_a_relay_makes_its_pipe_waits_until_the_pipe_is_named(
         thread.join(JOIN)
 
 
+class _Interrupt(Exception):
+    """What the test's SIGALRM handler raises (a Ctrl-C stands in for it)."""
+
+
+def test_a_fork_whose_wait_for_the_gate_was_interrupted_leaves_a_working_child(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # os.fork() waits for the fork gate in an at-fork hook. A signal handler raising
+    # there is reported by CPython (not raised), and the fork goes on with the gate
+    # held by another thread, which the child does not have: its pools' cleanup,
+    # which takes the gate, then waited for ever (and so would any relay there).
+    # The child now gets a gate of its own.
+    relay_mod._pool()  # a pool to clean up in the child, at least this thread's
+    inside, leave = threading.Event(), threading.Event()
+
+    def hold() -> None:  # as a relay does while pipe2() runs
+        with relay_mod._FORK_GATE:
+            inside.set()
+            leave.wait(JOIN)
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    reported: list[Any] = []
+    monkeypatch.setattr(sys, "unraisablehook", reported.append)
+
+    def on_alarm(signum: int, frame: object) -> None:
+        raise _Interrupt
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        assert inside.wait(JOIN)
+        signal.setitimer(signal.ITIMER_REAL, 0.2)  # while fork() waits for the gate
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: other threads
+            pid = os.fork()
+        if pid == 0:
+            os._exit(0)  # reached only once the child's at-fork hooks returned
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        assert _reap(pid) == 0  # fails (and kills it) if the child hung
+        assert [type(r.exc_value) for r in reported] == [_Interrupt]
+        assert reported[0].object is relay_mod._gate_before_fork
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        leave.set()
+        holder.join(JOIN)
+    # The parent's gate is free again (not left held by this thread either).
+    free: list[bool] = []
+
+    def probe_gate() -> None:
+        if relay_mod._FORK_GATE.acquire(timeout=5):
+            relay_mod._FORK_GATE.release()
+            free.append(True)
+
+    probe = threading.Thread(target=probe_gate)
+    probe.start()
+    probe.join(JOIN)
+    assert free == [True]
+
+
 def test_a_thread_s_idle_pipes_close_with_the_thread(listener: socket.socket) -> None:
     before = open_fds()
     out: list[RelayStats] = []

@@ -273,17 +273,19 @@ def send_sockets(
             exc.errno in (errno.ENOBUFS, errno.ENOMEM) and len(payload) > _DGRAM_CEILING
         )
         if too_big and channel.type != socket.SOCK_STREAM:
-            fix = (
-                "use a SOCK_STREAM channel (one AF_UNIX message stops at about 4 MiB, "
-                "whatever SO_SNDBUF says)"
-                if len(payload) > _DGRAM_CEILING
-                else "use a SOCK_STREAM channel or raise SO_SNDBUF"
-            )
+            if len(payload) > _DGRAM_CEILING:
+                limit = ""
+                fix = (
+                    "use a SOCK_STREAM channel (one AF_UNIX message stops at about "
+                    "4 MiB, whatever SO_SNDBUF says)"
+                )
+            else:
+                limit, fix = " (its SO_SNDBUF)", "use a SOCK_STREAM channel or raise SO_SNDBUF"
             raise InvalidArgument(
                 "socks",
                 f"{len(items)} sockets",
                 f"header of {len(payload)} bytes is over what one message on this "
-                f"{channel.type.name} channel can carry (its SO_SNDBUF); {fix}",
+                f"{channel.type.name} channel can carry{limit}; {fix}",
             ) from exc
         raise
     if sent < len(payload):
@@ -1334,6 +1336,10 @@ def drain_close(
     objects passed as *group*) has returned, then reads the group as that one
     left it. Drains in other processes are not seen: run those one after
     another, or set ``net.ipv4.tcp_migrate_req=1``, whose path attaches nothing.
+    A drain of the same group from within a drain in the same thread (from
+    *restore*, or from a signal handler) would wait for itself: it raises
+    ``InvalidArgument`` instead (from *restore*: in
+    :attr:`DrainResult.steering_error`).
 
     **The listener's blocking mode is put back.** The steer path accepts with
     ``O_NONBLOCK`` set, a flag of the open file description that every holder of
@@ -1406,7 +1412,8 @@ def drain_close(
         (on both paths: closing it would reset its queue; a member taken from a
         :class:`~reuselb.ReuseportGroup` counts), or (steer path) there is no
         *group*, or no other member the :class:`~reuselb.ReuseportGroup` still
-        holds to detach the program through.
+        holds to detach the program through, or this thread is draining the
+        listener's group already (a drain from *restore* or a signal handler).
     :raises SocketClosed: *listener* is closed, or a member of *group*: one in a
         sequence, or one a :class:`~reuselb.ReuseportGroup` holds (closed by hand,
         it has left the kernel's group, whose last member moved into its slot: the
@@ -1457,31 +1464,66 @@ def drain_close(
 _DRAINS_LOCK = threading.Lock()
 #: Per kernel group (see _group_key) that a drain_close is running on or waiting
 #: for: its lock, and how many drains hold or wait for it.
-_DRAINS: dict[Any, tuple[threading.RLock, int]] = {}
+_DRAINS: dict[Any, tuple[threading.Lock, int]] = {}
+#: ``keys``: the kernel groups this thread is draining (see _one_drain_per_group).
+_draining = threading.local()
+
+
+def _forget_drains_in_child() -> None:
+    # A child forked while a drain ran (in another thread) would inherit its group's
+    # lock held by a thread it does not have: its own drain_close of that group
+    # waited for ever. A drain the forking thread itself was running goes on in the
+    # child, with its own (inherited) lock, which it finds gone from the table.
+    global _DRAINS_LOCK, _DRAINS  # noqa: PLW0603 (new ones, not the parent's copies)
+    _DRAINS_LOCK = threading.Lock()
+    _DRAINS = {}
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_drains_in_child)
 
 
 @contextlib.contextmanager
 def _one_drain_per_group(listener: socket.socket) -> Iterator[None]:
-    """Hold the drain lock of *listener*'s kernel group (an RLock: a *restore* that
-    drains again in the same thread does not wait for itself)."""
+    """Hold the drain lock of *listener*'s kernel group while the body runs.
+
+    :raises InvalidArgument: this thread is draining that group already: a drain
+        from *restore*, or from a signal handler that interrupted a drain, which
+        would otherwise wait for itself (or, re-entering, run alongside it).
+    """
     from ._steering import _group_key
 
     # option=False: a listener without SO_REUSEPORT is refused by the checks that
     # run under the lock, with the message they give.
     key = _group_key(listener, "listener", option=False)
+    mine: set[Any] = _draining.__dict__.setdefault("keys", set())
+    if key in mine:
+        raise InvalidArgument(
+            "listener",
+            listener,
+            "is in a group that a drain_close in this thread is draining already "
+            "(a drain from restore, or from a signal handler): drains of one group "
+            "run one after another",
+        )
     with _DRAINS_LOCK:
-        lock, users = _DRAINS.get(key) or (threading.RLock(), 0)
+        lock, users = _DRAINS.get(key) or (threading.Lock(), 0)
         _DRAINS[key] = (lock, users + 1)
     try:
         with lock:
-            yield
+            try:
+                mine.add(key)
+                yield
+            finally:
+                mine.discard(key)
     finally:
         with _DRAINS_LOCK:
-            lock, users = _DRAINS[key]
-            if users == 1:
-                del _DRAINS[key]
-            else:
-                _DRAINS[key] = (lock, users - 1)
+            entry = _DRAINS.get(key)
+            # (Not this lock's entry: the table was renewed in a forked child.)
+            if entry is not None and entry[0] is lock:
+                if entry[1] <= 1:
+                    del _DRAINS[key]
+                else:
+                    _DRAINS[key] = (lock, entry[1] - 1)
 
 
 def _drain_close(
@@ -1492,6 +1534,8 @@ def _drain_close(
     restore: Callable[[ReuseportGroup | Sequence[socket.socket]], object] | None,
 ) -> DrainResult:
     """drain_close once its arguments of its own are checked (see there)."""
+    # Again: a drain of the same group that this one waited for may have closed it.
+    listener = check_open(listener, "listener")
     members: list[socket.socket] = []
     index = -1
     other: socket.socket | None = None

@@ -221,6 +221,45 @@ _FIONREAD = getattr(termios, "FIONREAD", 0x541B)
 _ZERO_INT = bytes(4)
 
 
+# Held while a relay's fd is made, pooled or closed together with whatever names it
+# (a flow's pipe_r/pipe_w, the pool, a blocking relay's edge_ep), and taken by
+# os.fork() before it forks (at-fork hooks), so a child never holds such an fd
+# unnamed, where the at-fork cleanups below cannot find it: a fork waits those
+# microseconds. An RLock: a signal handler of the relay's own thread (the main
+# thread) that forks inside the gate must not wait for itself (its child may then
+# keep the fd).
+_FORK_GATE = threading.RLock()
+
+
+def _gate_before_fork() -> None:
+    _FORK_GATE.acquire()
+
+
+def _gate_after_fork_in_parent() -> None:
+    # Not held if a signal handler raised while the hook waited for it (CPython
+    # reports that and forks anyway).
+    with contextlib.suppress(RuntimeError):
+        _FORK_GATE.release()
+
+
+def _gate_after_fork_in_child() -> None:
+    # A new gate: the parent's may be held there by a thread the child does not
+    # have (when the hook's wait was interrupted), and every use of it, from the
+    # pools' cleanup below on, waited for ever.
+    global _FORK_GATE  # noqa: PLW0603 (a new lock, not the parent's copy)
+    _FORK_GATE = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    # Before the other hooks of this module: the child's ones run in this order,
+    # and the pools' cleanup takes the gate.
+    os.register_at_fork(
+        before=_gate_before_fork,
+        after_in_parent=_gate_after_fork_in_parent,
+        after_in_child=_gate_after_fork_in_child,
+    )
+
+
 class _Idle:
     """One thread's idle pipes; closes them when the thread's locals go away."""
 
@@ -231,7 +270,7 @@ class _Idle:
         _ALL_POOLS.add(self)
 
     def close(self) -> int:
-        # Under _FORK_GATE (defined below): a child forked while these closes ran
+        # Under _FORK_GATE (see above): a child forked while these closes ran
         # (without the GIL, the pipes already out of the list) kept the rest.
         with _FORK_GATE:
             pipes, self.pipes = self.pipes, []
@@ -266,22 +305,6 @@ def _forget_pools_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pools_in_child)
-
-
-# Held while a relay's fd is made, pooled or closed together with whatever names it
-# (a flow's pipe_r/pipe_w, the pool, a blocking relay's edge_ep), and taken by
-# os.fork() before it forks (at-fork hooks), so a child never holds such an fd
-# unnamed, where the at-fork cleanups below cannot find it: a fork waits those
-# microseconds. An RLock: a signal handler of the relay's own thread (the main
-# thread) that forks inside the gate must not wait for itself (its child may then
-# keep the fd).
-_FORK_GATE = threading.RLock()
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(
-        before=_FORK_GATE.acquire,
-        after_in_parent=_FORK_GATE.release,
-        after_in_child=_FORK_GATE.release,
-    )
 
 
 def _take_pipe(size: int) -> tuple[int, int, int]:
