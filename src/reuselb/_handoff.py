@@ -80,8 +80,8 @@ _CHUNK_MARK = b"+"
 _DGRAM_CEILING = 1 << 22
 #: Longest name send_sockets takes, in bytes of its JSON form: a printable ASCII
 #: character counts 1 (2 for " and \), \b \f \n \r \t 2, any other character is
-#: escaped as \uXXXX (6 bytes, 12 beyond U+FFFF). Bounded so that the largest
-#: handoff has a bounded header.
+#: escaped as \u and four hex digits (6 bytes, e.g. \u00e9; 12 beyond U+FFFF, a
+#: surrogate pair). Bounded so that the largest handoff has a bounded header.
 _MAX_NAME = 255
 
 
@@ -202,9 +202,9 @@ def send_sockets(
         n-th socket, each at most 255 bytes as JSON (a printable ASCII character is
         one byte, ``"`` and ``\\`` two, as are the control characters JSON writes
         as ``\\n``, ``\\t``, ``\\r``, ``\\b`` and ``\\f``; JSON escapes any other
-        as ``\\uXXXX``, 6 bytes, 12 beyond U+FFFF), and text: no surrogate code
-        point (U+D800-U+DFFF); default ``"0"``, ``"1"``, ... Within these bounds
-        every handoff fits the header size :func:`recv_sockets` accepts.
+        as ``\\u`` and four hex digits, 6 bytes, 12 beyond U+FFFF), and text: no
+        surrogate code point (U+D800-U+DFFF); default ``"0"``, ``"1"``, ... Within
+        these bounds every handoff fits the header size :func:`recv_sockets` accepts.
     :raises InvalidArgument: *socks* or *names* is not a sequence (one socket or a
         str is not a list of them; a set, a mapping, an iterator or a
         :class:`~reuselb.ReuseportGroup` is refused, since names are paired
@@ -227,9 +227,10 @@ def send_sockets(
         # JSON keys are strings on the other side: 1 and "1" would collide there.
         if not isinstance(n, str):
             raise InvalidArgument("names", n, "each name must be a str")
-        # A lone surrogate is not text; JSON writes it as \udXXX, and its decoder
-        # joins a high and a low one into one character: "\ud83d\ude00" arrived as
-        # "\U0001f600", another name (and a duplicate, if that was sent too).
+        # A lone surrogate is not text; JSON writes it as such an escape (\udc80),
+        # and its decoder joins a high and a low one into one character:
+        # "\ud83d\ude00" arrived as "\U0001f600", another name (and a duplicate,
+        # if that was sent too).
         try:
             n.encode()
         except UnicodeEncodeError:
