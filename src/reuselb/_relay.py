@@ -270,6 +270,8 @@ class _Idle:
         _ALL_POOLS.add(self)
 
     def close(self) -> int:
+        if not self.pipes:
+            return 0  # most pools, e.g. of threads that made no stream relay
         # Under _FORK_GATE (see above): a child forked while these closes ran
         # (without the GIL, the pipes already out of the list) kept the rest.
         with _FORK_GATE:
@@ -280,8 +282,13 @@ class _Idle:
         return len(pipes)
 
     def __del__(self) -> None:
-        with contextlib.suppress(OSError):
+        # Not contextlib.suppress: at interpreter exit this may run after the module's
+        # globals were cleared (the gate was None: "Exception ignored in
+        # _Idle.__del__" at the end of a CI run); the process's fds close with it.
+        try:  # noqa: SIM105
             self.close()
+        except Exception:
+            pass
 
 
 _ALL_POOLS: weakref.WeakSet[_Idle] = weakref.WeakSet()
