@@ -555,9 +555,9 @@ class _Flow:
     def close_pipe(self) -> None:
         if self.pipe_r < 0:
             return
-        # Under _FORK_GATE (see to_splice): between the unnaming and the pool or
-        # close() (which runs without the GIL, the fd already gone from no list),
-        # a child forked meanwhile kept the pipe.
+        # Under _FORK_GATE (see to_splice): between pipe_r/pipe_w letting go of the
+        # pipe and the pool taking it (or close(), which runs without the GIL),
+        # nothing named it, and a child forked meanwhile kept it.
         with _FORK_GATE:
             r, w = self.pipe_r, self.pipe_w
             self.pipe_r = self.pipe_w = -1
