@@ -223,6 +223,14 @@ def main(argv: list[str] | None = None) -> int:
         help="seed of the first further key set (the sets use seeds N, N+1, ...)",
     )
     args = ap.parse_args(argv)
+    # The "moved" column removes a node (so at least 2) and the key-set column prints
+    # a standard error (so at least 2 sets); every count below 1 measures nothing.
+    lowest = {"nodes": 2, "keys": 1, "time_keys": 1, "slow_keys": 1, "rounds": 1, "key_sets": 2}
+    for name, low in lowest.items():
+        if getattr(args, name) < low:
+            ap.error(
+                f"--{name.replace('_', '-')} must be at least {low}, not {getattr(args, name)}"
+            )
     nodes = [f"10.1.{i // 250}.{i % 250 + 1}:11211" for i in range(args.nodes)]
     keys = make_keys(args.keys)
     victim = nodes[len(nodes) // 2]

@@ -48,9 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     bad = [b for b in args.bits if not 10 <= b <= 24]
     if bad:
         ap.error(f"--bits must be 10..24, not {bad}")
-    for name in ("nodes", "keys", "builds", "key_sets"):
-        if getattr(args, name) < 1:
-            ap.error(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
+    # a standard error needs at least 2 key sets
+    for name, low in {"nodes": 1, "keys": 1, "builds": 1, "key_sets": 2}.items():
+        if getattr(args, name) < low:
+            ap.error(
+                f"--{name.replace('_', '-')} must be at least {low}, not {getattr(args, name)}"
+            )
     nodes = [f"10.1.{i // 250}.{i % 250 + 1}:11211" for i in range(args.nodes)]
     keys = make_keys(args.keys)
     sets = [make_keys(args.keys, seed) for seed in range(1, args.key_sets + 1)]

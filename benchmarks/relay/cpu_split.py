@@ -7,7 +7,7 @@ Run (from the repository root, after benchmarks/relay/setup.sh)::
     python benchmarks/relay/cpu_split.py --rounds 3 --unpinned
 
 Each round runs every relay once, in turn, with run.py's bulk load (the relay on
-CPU 1, iperf3 on CPU 0; ``--unpinned``: both CPUs) and reads the relay process's
+CPU 1, iperf3 on CPU 0; ``--unpinned``: every CPU) and reads the relay process's
 utime and stime (``/proc/PID/stat``, its live threads and children included) before
 and after. Medians per relay: Gbit/s, user and system CPU-s per GB, the user share,
 and the total against the Go relay's in the same rounds.
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -81,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) < 1:
             ap.error(f"--{name} must be at least 1, not {getattr(args, name)}")
     if args.unpinned:
-        run.CPUS.update(relay="0-1", load="0-1")
+        # every CPU, as run.py --unpinned (runs R-T) does
+        run.CPUS["relay"] = run.CPUS["load"] = f"0-{(os.cpu_count() or 1) - 1}"
     if "go io.Copy" not in args.only:
         ap.error("--only must include 'go io.Copy' (the ratios are to it)")
     got: dict[str, list[tuple[float, float, float]]] = {n: [] for n in args.only}

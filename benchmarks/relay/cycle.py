@@ -84,6 +84,9 @@ def main() -> None:
     parser.add_argument("--relays", type=int, default=4000, help="relays per repetition")
     parser.add_argument("--reps", type=int, default=5, help="repetitions")
     args = parser.parse_args()
+    for name in ("relays", "reps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, not {getattr(args, name)}")
     runs = asyncio.run(_main(args.relays, args.reps))
     cpu = sorted(c for c, _ in runs)
     wall = sorted(w for _, w in runs)

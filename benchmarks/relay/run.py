@@ -1,6 +1,7 @@
 """Relay benchmark: reuselb relays against the peers a user would pick, side by side.
 
-    bash benchmarks/relay/setup.sh && python benchmarks/relay/run.py [--quick] [--rounds N]
+    pip install -e '.[bench]' && bash benchmarks/relay/setup.sh
+    python benchmarks/relay/run.py [--quick] [--rounds N]
     python benchmarks/relay/run.py --only NAME [NAME ...] [--out DIR] [--rounds N]
     python benchmarks/relay/run.py --loads keepalive [churn] [bulk] ...
 
@@ -18,7 +19,9 @@ for socat's fork per connection) and its live descendants (nginx's worker), read
 from /proc/PID/stat. wrk's socket errors (connect+read+write+timeout) and non-2xx
 responses are counted per load and round; the table and results.json give the largest
 count of any round (a median would hide errors in a minority of rounds), and a row
-with any is marked, as wrk's req/s counts failed responses too.
+with any is marked, as wrk's req/s counts failed responses too. A bulk round whose
+two iperf3 attempts both failed is counted and marked the same way and left out of
+the bulk medians (the medians are of the rounds that measured something).
 
 Keep-alive diagnostics, per round and as medians in a second table: how busy the load
 CPU and the relay's CPU were (/proc/stat), how often the relay's threads went to sleep
@@ -38,6 +41,7 @@ them. ``--out DIR`` writes DIR/results.json and DIR/relay-*.svg instead, for eit
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -288,12 +292,14 @@ def bulk(name: str, work: Path, seconds: int) -> dict[str, float]:
             if "sum_received" in json.loads(out.stdout or "{}").get("end", {}):
                 break
         else:
-            return {"gbit_s": float("nan"), "cpu_s_per_gb": float("nan")}
+            # Counted as a failed round (bulk_failed) and left out of the medians.
+            return {"gbit_s": float("nan"), "cpu_s_per_gb": float("nan"), "bulk_failed": 1.0}
     end = json.loads(out.stdout)["end"]["sum_received"]
     gbytes = end["bytes"] / 1e9
     return {
         "gbit_s": end["bits_per_second"] / 1e9,
         "cpu_s_per_gb": cpu / gbytes if gbytes else float("nan"),
+        "bulk_failed": 0.0,
     }
 
 
@@ -399,15 +405,36 @@ ERRORS = ("keepalive_socket_errors", "keepalive_non2xx", "churn_socket_errors", 
 GO, PLAIN = "go io.Copy", "python threads copy (baseline)"
 
 
+def median_measured(values: list[float]) -> float:
+    """The median of the rounds that measured something; NaN if none did.
+
+    A failed round is NaN (a bulk load whose two iperf3 attempts both failed), and
+    ``statistics.median`` does not skip NaN: it sorts as if it were any number, so
+    the result would depend on which round failed. Failed rounds are counted
+    instead (see :func:`errors_cell`).
+    """
+    measured = [v for v in values if not math.isnan(v)]
+    return statistics.median(measured) if measured else float("nan")
+
+
 def errors_cell(e: dict[str, float], rounds: int) -> str:
-    """ "0", or each load's largest socket-error and non-2xx counts of any round."""
-    if not e["rounds_with_errors"]:
-        return "0"
-    return (
-        f"keep-alive {e['keepalive_socket_errors']:,.0f}/{e['keepalive_non2xx']:,.0f}, "
-        f"churn {e['churn_socket_errors']:,.0f}/{e['churn_non2xx']:,.0f} "
-        f"({e['rounds_with_errors']:.0f} of {rounds} rounds)"
-    )
+    """ "0", or each load's largest socket-error and non-2xx counts of any round, and
+    the rounds whose bulk load failed (left out of the medians)."""
+    parts = []
+    if e["rounds_with_errors"]:
+        parts.append(
+            f"keep-alive {e['keepalive_socket_errors']:,.0f}/{e['keepalive_non2xx']:,.0f}, "
+            f"churn {e['churn_socket_errors']:,.0f}/{e['churn_non2xx']:,.0f} "
+            f"({e['rounds_with_errors']:.0f} of {rounds} rounds)"
+        )
+    if e["bulk_failed_rounds"]:
+        parts.append(f"bulk failed in {e['bulk_failed_rounds']:.0f} of {rounds} rounds")
+    return "; ".join(parts) or "0"
+
+
+def has_errors(e: dict[str, float]) -> bool:
+    """wrk reported errors in some round, or some round's bulk load failed."""
+    return bool(e["rounds_with_errors"] or e["bulk_failed_rounds"])
 
 
 def table(
@@ -419,7 +446,7 @@ def table(
         "| relay | Gbit/s | CPU-s/GB | keep-alive req/s | CPU-s/10k req | churn conn/s "
         "| bulk vs Go | CPU/GB vs Go | keep-alive vs Go | churn vs Go "
         "| bulk vs plain Python | CPU/GB vs plain Python | keep-alive vs plain Python "
-        "| churn vs plain Python | wrk errors, max of a round (socket/non-2xx) |",
+        "| churn vs plain Python | errors: wrk's, max of a round (socket/non-2xx); failed bulk rounds |",
         "|" + "---|" * 15,
     ]
     for n, m in med.items():
@@ -427,7 +454,7 @@ def table(
         def ratio(key: str, ref: dict[str, float] | None, m: dict[str, float] = m) -> str:
             return f"{m[key] / ref[key]:.2f}" if ref and ref[key] else "-"
 
-        mark = " (errors)" if errors[n]["rounds_with_errors"] else ""
+        mark = " (errors)" if has_errors(errors[n]) else ""
         lines.append(
             f"| {n}{mark} | {m['gbit_s']:.2f} | {m['cpu_s_per_gb']:.3f} | {m['keepalive_rps']:,.0f} | "
             f"{m['keepalive_cpu_s_per_10k']:.3f} | {m['churn_cps']:,.0f} | "
@@ -438,10 +465,11 @@ def table(
             )
             + f" | {errors_cell(errors[n], rounds)} |"
         )
-    if any(e["rounds_with_errors"] for e in errors.values()):
+    if any(has_errors(e) for e in errors.values()):
         lines.append(
             "\n(errors): wrk reported socket errors or non-2xx responses in at least one "
-            "round; its req/s counts those responses too."
+            "round (its req/s counts those responses too), or a round's bulk load failed "
+            "(iperf3 gave no result twice; the bulk medians are of the other rounds)."
         )
     return "\n".join(lines)
 
@@ -491,7 +519,8 @@ def main() -> int:
         "--out",
         type=Path,
         help="write results.json and relay-*.svg here (default: benchmarks/relay/ and "
-        "docs/img/ for a full run, benchmarks/relay/work/partial/ with --only)",
+        "docs/img/ for a full run, benchmarks/relay/work/partial/ for any other: "
+        "--only, --loads or --unpinned)",
     )
     parser.add_argument(
         "--loads",
@@ -531,6 +560,15 @@ def main() -> int:
             f"missing {missing or 'work/gorelay'}: run benchmarks/relay/setup.sh", file=sys.stderr
         )
         return 2
+    # relays.py runs under this interpreter with its output discarded: without these a
+    # Python relay would only show as "nothing listens on PORT" after 20 s.
+    absent = [m for m in ("reuselb", "uvloop") if importlib.util.find_spec(m) is None]
+    if absent:
+        print(
+            f"missing Python modules {absent}: pip install -e '.[bench]' (from the repository root)",
+            file=sys.stderr,
+        )
+        return 2
     load_start = os.getloadavg()
     samples: dict[str, dict[str, list[float]]] = {n: {} for n in names}
     with tempfile.TemporaryDirectory() as tmp:
@@ -541,7 +579,7 @@ def main() -> int:
                 res = (
                     bulk(name, work, seconds)
                     if "bulk" in args.loads
-                    else {"gbit_s": nan, "cpu_s_per_gb": nan}
+                    else {"gbit_s": nan, "cpu_s_per_gb": nan, "bulk_failed": 0.0}
                 )
                 skipped = dict.fromkeys(HTTP_FIGURES, nan) | {"socket_errors": 0.0, "non2xx": 0.0}
                 ka = (
@@ -567,9 +605,9 @@ def main() -> int:
                     + ", ".join(f"{k}={v:.3g}" for k, v in res.items()),
                     flush=True,
                 )
-    med = {n: {k: statistics.median(m[k]) for k in METRICS} for n, m in samples.items()}
+    med = {n: {k: median_measured(m[k]) for k in METRICS} for n, m in samples.items()}
     diag = {
-        n: {k: statistics.median(m[f"keepalive_{k}"]) for k in DIAGNOSTICS}
+        n: {k: median_measured(m[f"keepalive_{k}"]) for k in DIAGNOSTICS}
         for n, m in samples.items()
     }
     errors = {
@@ -578,6 +616,7 @@ def main() -> int:
             "rounds_with_errors": float(
                 sum(any(m[k][r] for k in ERRORS) for r in range(args.rounds))
             ),
+            "bulk_failed_rounds": sum(m["bulk_failed"]),
         }
         for n, m in samples.items()
     }

@@ -254,6 +254,9 @@ def main() -> None:
         "--relay", nargs=2, type=int, metavar=("LISTEN", "TARGET"), help=argparse.SUPPRESS
     )
     args = ap.parse_args()
+    for name in ("rounds", "seconds"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name} must be at least 1, not {getattr(args, name)}")
     if args.relay:
         run_relay(*args.relay)
         return
