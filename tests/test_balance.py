@@ -17,7 +17,7 @@ from array import array
 from collections.abc import Callable
 from decimal import Decimal
 from fractions import Fraction
-from typing import cast
+from typing import Any, cast
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -1796,6 +1796,24 @@ def test_one_address_string_is_not_a_node_list() -> None:
                 InvalidArgument, match=f"invalid nodes {bad!r}: must be an iterable"
             ):
                 factory(bad)
+
+
+@pytest.mark.parametrize("kind", sorted(FACTORIES))
+def test_a_bytes_like_address_is_not_a_node_list(kind: str, tmp_path: Any) -> None:
+    # A bytearray or memoryview iterated as ints, each taken for a port: b"PQ" gave
+    # the nodes *:80 and *:81, and b"10.0.0.1:80" a DuplicateNode about '*:48'.
+    import mmap
+
+    with open(tmp_path / "nodes", "w+b") as f:
+        f.write(b"PQ")
+        f.flush()
+        with mmap.mmap(f.fileno(), 0) as mapped:
+            for bad in (bytearray(b"PQ"), memoryview(b"PQ"), bytearray(b"10.0.0.1:80"), mapped):
+                with pytest.raises(InvalidArgument, match="not one string or bytes-like") as e:
+                    FACTORIES[kind](bad)
+                assert e.value.name == "nodes" and e.value.value is bad
+    with pytest.raises(InvalidArgument, match="not one string or bytes-like"):
+        make_policy("hash", memoryview(b"PQ"))
 
 
 @pytest.mark.parametrize("kind", sorted(FACTORIES))

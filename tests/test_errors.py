@@ -83,3 +83,81 @@ def test_a_subclass_defined_elsewhere_survives_pickle() -> None:
     back = pickle.loads(pickle.dumps(info.value))
     assert type(back) is type(info.value)
     assert str(back) == str(info.value)
+
+
+# An int past CPython's str() limit (sys.get_int_max_str_digits(), 4,300 digits by
+# default since 3.11): repr() of it, or of a tuple holding it, raises ValueError.
+_HUGE = 10**5000
+
+
+def _huge_cases() -> list[tuple[str, Callable[[], object], type[Exception], str]]:
+    import reuselb
+    from reuselb import balance
+
+    nodes = ["127.0.0.1:1", "127.0.0.1:2"]
+    return [
+        ("address int", lambda: reuselb.parse_address(_HUGE), E.AddressError, "port <int"),
+        ("address port", lambda: reuselb.parse_address(("h", _HUGE)), E.AddressError, "('h', <int"),
+        (
+            "scope_id",
+            lambda: reuselb.parse_address(("::1", 1, 0, _HUGE)),
+            E.AddressError,
+            "scope_id <int",
+        ),
+        (
+            "backlog",
+            lambda: reuselb.reuseport_listener(("127.0.0.1", 0), backlog=_HUGE),
+            E.InvalidArgument,
+            "invalid backlog <int",
+        ),
+        (
+            "weight",
+            lambda: balance.RoundRobin(nodes).add("127.0.0.1:3", weight=_HUGE),
+            E.InvalidArgument,
+            "invalid weight <int",
+        ),
+        (
+            "key",
+            lambda: balance.MaglevHash(nodes).pick(_HUGE),  # type: ignore[arg-type]
+            E.InvalidKey,
+            "invalid key <int",
+        ),
+        ("node", lambda: balance.RoundRobin(nodes).remove(_HUGE), E.UnknownNode, "node <int"),
+        (
+            "policy",
+            lambda: make_policy(_HUGE, nodes),  # type: ignore[arg-type]
+            E.UnknownPolicy,
+            "policy <int",
+        ),
+    ]
+
+
+@pytest.mark.parametrize("case", _huge_cases(), ids=lambda c: c[0])
+def test_an_int_too_long_to_print_is_named_by_its_size(
+    case: tuple[str, Callable[[], object], type[Exception], str],
+) -> None:
+    # It raised ValueError("Exceeds the limit (4300 digits) ...") from building the
+    # message, instead of the error that names the value.
+    _, call, kind, shown = case
+    with pytest.raises(kind) as info:
+        call()
+    assert shown in str(info.value)
+    assert "of about 5,001 digits>" in str(info.value)
+
+
+def test_a_group_error_with_an_unprintable_count_still_reads() -> None:
+    exc = E.GroupMemberError(3, _HUGE, "127.0.0.1:80", OSError(errno.EMFILE, "Too many"))
+    assert "member 3 of <int of about 5,001 digits> failed" in str(exc)
+    assert exc.count == _HUGE and exc.errno == errno.EMFILE
+
+
+def test_a_value_whose_repr_raises_is_named_by_its_type() -> None:
+    class Opaque:
+        def __repr__(self) -> str:
+            raise RuntimeError("no repr")
+
+    exc = E.InvalidArgument("x", Opaque(), "must be an int")
+    assert str(exc) == "invalid x <Opaque whose repr() raised RuntimeError>: must be an int"
+    assert E.shown(-_HUGE) == "<negative int of about 5,001 digits>"
+    assert E.shown((_HUGE,)) == "(<int of about 5,001 digits>,)"
+    assert E.shown(12) == "12"

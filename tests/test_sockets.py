@@ -9,6 +9,7 @@ import json
 import math
 import os
 import select
+import shutil
 import socket
 import subprocess
 import sys
@@ -1998,3 +1999,82 @@ def test_group_removal_interrupted_at_any_line_is_all_or_nothing(taken: bool) ->
     else:
         pytest.fail("_remove never completed")
     assert seen_interrupts >= 3
+
+
+def test_a_refused_privileged_port_names_the_address() -> None:
+    # Before: bind's EACCES came out as a bare "[Errno 13] Permission denied", the one
+    # bind failure whose message did not name the address.
+    with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as f:
+        if int(f.read()) <= 1:
+            pytest.skip("net.ipv4.ip_unprivileged_port_start is 0 or 1: no port needs a privilege")
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        # Root keeps CAP_NET_BIND_SERVICE unless setpriv(1) drops it for the command.
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("needs setpriv(1) to run without CAP_NET_BIND_SERVICE as root")
+        prefix = [setpriv, "--bounding-set", "-net_bind_service"]
+    code = (
+        "import os, reuselb\n"
+        "calls = [('listener', lambda: reuselb.reuseport_listener('127.0.0.1:1')),\n"
+        "         ('udp', lambda: reuselb.reuseport_udp('[::1]:1')),\n"
+        "         ('hold', lambda: reuselb.hold_port(('127.0.0.1', 1))),\n"
+        "         ('group', lambda: reuselb.reuseport_group('127.0.0.1:1', 2))]\n"
+        "before = len(os.listdir('/proc/self/fd'))\n"
+        "for name, call in calls:\n"
+        "    try:\n"
+        "        call()\n"
+        "    except OSError as exc:\n"
+        "        print(name, type(exc).__name__, exc.errno, exc)\n"
+        "print('fds', len(os.listdir('/proc/self/fd')) - before)\n"
+    )
+    out = subprocess.run(
+        [*prefix, sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout.splitlines()
+    assert (
+        out[0]
+        == "listener PermissionError 13 [Errno 13] cannot bind 127.0.0.1:1: Permission denied"
+    )
+    assert out[1] == "udp PermissionError 13 [Errno 13] cannot bind [::1]:1: Permission denied"
+    assert out[2] == "hold PermissionError 13 [Errno 13] cannot bind 127.0.0.1:1: Permission denied"
+    # A group reports which member failed, the cause naming the address.
+    assert out[3].startswith("group GroupMemberError 13 reuseport group on 127.0.0.1:1: member 0")
+    assert "(PermissionError: [Errno 13] cannot bind 127.0.0.1:1: Permission denied)" in out[3]
+    assert out[4] == "fds 0"
+
+
+def test_socket_info_reads_a_family_and_a_type_python_does_not_name() -> None:
+    # Before: ValueError "44 is not a valid AddressFamily" / "10 is not a valid
+    # SocketKind" from the enum conversions, for a socket the docstring covers.
+    made = []
+    for family, kind in ((44, socket.SOCK_RAW), (socket.AF_PACKET, 10)):  # AF_XDP, SOCK_PACKET
+        try:
+            made.append(socket.socket(family, kind))
+        except OSError as exc:  # pragma: no cover - needs CAP_NET_RAW and these families
+            pytest.skip(f"cannot make a ({family}, {kind}) socket here: {exc}")
+    xdp, packet = made
+    try:
+        info = socket_info(xdp)
+        assert (info.family, info.type) == (44, socket.SOCK_RAW)
+        assert info.address is None and info.listening is False
+        info = socket_info(packet)
+        assert (info.family, info.type) == (socket.AF_PACKET, 10)
+        assert type(info.type) is int
+    finally:
+        for s in made:
+            s.close()
+
+
+def test_socket_info_of_a_listening_unix_socket_has_no_backlog(tmp_path: Any) -> None:
+    # sock_diag's inet request is for AF_INET/AF_INET6 only: an AF_UNIX listener got
+    # one anyway, read by the kernel as another struct.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.bind(str(tmp_path / "l.sock"))
+        s.listen(5)
+        info = socket_info(s)
+    assert info.listening is True
+    assert (info.address, info.backlog, info.queued) == (None, None, None)

@@ -18,7 +18,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any, TypeAlias, cast
 
-from ._errors import AddressError, HostNotFound
+from ._errors import AddressError, HostNotFound, shown
 
 __all__ = ["Address", "AddressLike", "parse_address", "resolve_address"]
 
@@ -193,10 +193,10 @@ def parse_address(value: AddressLike, *, default_port: int | None = None) -> Add
 
 def _check_port(port: object, value: object, name: str = "port") -> int:
     if isinstance(port, bool) or not isinstance(port, int):
-        got = f"{type(port).__name__} {port!r}" if name != "port" else type(port).__name__
+        got = f"{type(port).__name__} {shown(port)}" if name != "port" else type(port).__name__
         raise AddressError(value, f"{name} must be an int, got {got}")
     if not 0 <= port <= 65535:
-        raise AddressError(value, f"{name} {port} out of range 0-65535")
+        raise AddressError(value, f"{name} {shown(port)} out of range 0-65535")
     # int() turns an int subclass (an IntEnum) into the plain int every Address holds.
     return int(port)
 
@@ -276,9 +276,9 @@ def _parse_tuple(value: tuple[object, ...]) -> Address:
         # can resolve ("%-1") and fail later as HostNotFound; the flow label, which
         # an Address does not keep, would be dropped without a word.
         if not 0 <= scope_id <= _SCOPE_ID_MAX:
-            raise AddressError(value, f"scope_id {scope_id} out of range 0-{_SCOPE_ID_MAX}")
+            raise AddressError(value, f"scope_id {shown(scope_id)} out of range 0-{_SCOPE_ID_MAX}")
         if not 0 <= flowinfo <= _FLOWINFO_MAX:
-            raise AddressError(value, f"flowinfo {flowinfo} out of range 0-{_FLOWINFO_MAX}")
+            raise AddressError(value, f"flowinfo {shown(flowinfo)} out of range 0-{_FLOWINFO_MAX}")
         if scope_id:
             _, pct, zone = host.partition("%")
             if not pct:

@@ -37,6 +37,28 @@ __all__ = [
 ]
 
 
+def shown(value: object) -> str:
+    """``repr(value)`` for a message, which must not fail on the value it reports.
+
+    CPython 3.11+ refuses to turn an int of more than ``sys.get_int_max_str_digits()``
+    (4,300) digits into text (the CVE-2020-10735 limit), so ``repr(10**5000)``, or
+    of a tuple holding it, raises ``ValueError``: building the message raised that
+    instead of the error that names the value. Such an int is shown by its size; any
+    other value whose ``repr()`` fails, by its type and the failure.
+    """
+    try:
+        return repr(value)
+    except Exception as exc:  # a user's __repr__ may raise anything
+        if type(value) is tuple:  # an address tuple holding such an int
+            items = [shown(x) for x in value]
+            return f"({items[0]},)" if len(items) == 1 else f"({', '.join(items)})"
+        if isinstance(value, int):
+            # log10(2) = 0.30103: the digit count without making the digits
+            digits = int(value.bit_length() * 0.30103) + 1
+            return f"<{'negative ' if value < 0 else ''}int of about {digits:,} digits>"
+        return f"<{type(value).__name__} whose repr() raised {type(exc).__name__}>"
+
+
 def _rebuild(
     cls: type[ReuselbError],
     args: tuple[Any, ...],
@@ -86,7 +108,7 @@ class InvalidArgument(ReuselbError, ValueError):
     def __init__(self, name: str, value: object, reason: str) -> None:
         self.name = name
         self.value = value
-        super().__init__(f"invalid {name} {value!r}: {reason}")
+        super().__init__(f"invalid {name} {shown(value)}: {reason}")
 
 
 # --------------------------------------------------------------------------- addresses
@@ -102,7 +124,7 @@ class AddressError(ReuselbError, ValueError):
     def __init__(self, value: object, reason: str) -> None:
         self.value = value
         self.reason = reason
-        super().__init__(f"invalid address {value!r}: {reason}")
+        super().__init__(f"invalid address {shown(value)}: {reason}")
 
 
 class HostNotFound(ReuselbError, OSError):
@@ -203,7 +225,7 @@ class GroupMemberError(ReuselbError, OSError):
         self.address = address
         OSError.__init__(
             self,
-            f"reuseport group on {address}: member {index} of {count} failed "
+            f"reuseport group on {address}: member {index} of {shown(count)} failed "
             f"({type(cause).__name__}: {cause}); the {index} member(s) already made were closed",
         )
         # OSError's one-argument form leaves errno None; the message above is kept
@@ -232,7 +254,7 @@ class UnknownNode(ReuselbError, LookupError):
 
     def __init__(self, ref: object) -> None:
         self.ref = ref
-        super().__init__(f"unknown node {ref!r}")
+        super().__init__(f"unknown node {shown(ref)}")
 
     def __str__(self) -> str:
         return str(self.args[0])
@@ -243,7 +265,7 @@ class DuplicateNode(ReuselbError, ValueError):
 
     def __init__(self, ref: object) -> None:
         self.ref = ref
-        super().__init__(f"duplicate node {ref!r}: a node with this address or name exists")
+        super().__init__(f"duplicate node {shown(ref)}: a node with this address or name exists")
 
 
 class LeaseReleased(ReuselbError, RuntimeError):
@@ -259,7 +281,7 @@ class UnknownPolicy(ReuselbError, ValueError):
 
     def __init__(self, name: object, known: tuple[str, ...]) -> None:
         self.name = name
-        super().__init__(f"unknown policy {name!r}; known: {', '.join(known)}")
+        super().__init__(f"unknown policy {shown(name)}; known: {', '.join(known)}")
 
 
 class KeyRequired(ReuselbError, ValueError):
@@ -286,7 +308,7 @@ class InvalidKey(ReuselbError, TypeError):
             if reason is None
             else reason
         )
-        super().__init__(f"invalid key {key!r}: {self.reason}")
+        super().__init__(f"invalid key {shown(key)}: {self.reason}")
 
 
 # --------------------------------------------------------------------------- relay

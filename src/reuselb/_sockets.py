@@ -290,6 +290,10 @@ def tcp_socket(
 ) -> socket.socket:
     """A new TCP socket, created close-on-exec in the same syscall.
 
+    An ``AF_INET6`` socket keeps the kernel's default ``IPV6_V6ONLY``
+    (``net.ipv6.bindv6only``, 0 on most systems): set it before ``bind`` where it
+    matters, as the listener factories do.
+
     :param family: ``AF_INET`` or ``AF_INET6``.
     :param nonblocking: create it with ``SOCK_NONBLOCK`` (Python timeout 0).
     :param nodelay: set ``TCP_NODELAY``.
@@ -314,6 +318,10 @@ def udp_socket(
     family: socket.AddressFamily = socket.AF_INET, *, nonblocking: bool = False
 ) -> socket.socket:
     """A new UDP socket, created close-on-exec in the same syscall.
+
+    An ``AF_INET6`` socket keeps the kernel's default ``IPV6_V6ONLY``
+    (``net.ipv6.bindv6only``, 0 on most systems): set it before ``bind`` where it
+    matters, as the listener factories do.
 
     :param family: ``AF_INET`` or ``AF_INET6``.
     :param nonblocking: create it with ``SOCK_NONBLOCK`` (Python timeout 0).
@@ -495,7 +503,11 @@ def _bound(
                 raise AddressError(
                     str(addr), f"the kernel refused to bind it ({exc.strerror})"
                 ) from None
-            raise
+            # EACCES for a port below net.ipv4.ip_unprivileged_port_start, or what a
+            # seccomp or LSM policy returns: the same OSError subclass (OSError(errno,
+            # ...) picks PermissionError for EACCES/EPERM), but naming the address,
+            # which the kernel's bare "[Errno 13] Permission denied" does not.
+            raise OSError(exc.errno, f"cannot bind {addr}: {exc.strerror}") from exc
         if after_bind:
             sock.setsockopt(socket.SOL_SOCKET, option, 1)
             _start_group(sock, option)
@@ -1189,9 +1201,13 @@ class SocketInfo:
     """What a socket really is, read back from the kernel.
 
     :ivar fd: the file descriptor.
-    :ivar family: ``AF_INET``/``AF_INET6``/...
-    :ivar type: ``SOCK_STREAM``/``SOCK_DGRAM``/...
-    :ivar address: the bound address, or None when unbound. A link-local IPv6
+    :ivar family: ``AF_INET``/``AF_INET6``/... (a :class:`socket.AddressFamily`, or
+        the plain int for a family that enum does not name, such as ``AF_XDP``).
+    :ivar type: ``SOCK_STREAM``/``SOCK_DGRAM``/... (a :class:`socket.SocketKind`, or
+        the plain int for a type it does not name, such as ``SOCK_PACKET``).
+    :ivar address: the bound IP address (``AF_INET``/``AF_INET6``), or None when
+        unbound or of another family (an ``AF_UNIX`` path is not an address
+        here: read it with ``sock.getsockname()``). A link-local IPv6
         address keeps its zone (as the interface index: ``[fe80::1%2]:80``), so it
         can be passed to :func:`connect_tcp` or a listener again.
     :ivar reuseport: SO_REUSEPORT is set.
@@ -1200,15 +1216,17 @@ class SocketInfo:
     :ivar inheritable: the fd would survive ``exec`` (FD_CLOEXEC clear).
     :ivar listening: ``listen()`` was called (SO_ACCEPTCONN).
     :ivar backlog: the accept queue's limit as the kernel applies it (after the
-        ``somaxconn`` cap), for listening TCP sockets on Linux; else None.
+        ``somaxconn`` cap), for listening TCP sockets on Linux; else None, and None
+        too when the kernel's sock_diag netlink interface could not be read (no fd
+        left for its socket, or netlink refused by a sandbox).
     :ivar queued: connections waiting in the accept queue now (same conditions).
     :ivar inode: the socket's inode: two fds with the same inode are ONE socket
         (shared by fork or dup), distinct inodes on one port are a reuseport group.
     """
 
     fd: int
-    family: socket.AddressFamily
-    type: socket.SocketKind
+    family: socket.AddressFamily | int
+    type: socket.SocketKind | int
     address: Address | None
     reuseport: bool
     reuseaddr: bool
@@ -1275,8 +1293,14 @@ def socket_info(sock: socket.socket) -> SocketInfo:
     """
     check_open(sock)
     fd = sock.fileno()
-    family = socket.AddressFamily(sock.family)
-    kind = socket.SocketKind(sock.type)
+    # CPython's enums name only the families and types it was built knowing: a
+    # socket of another (AF_XDP, or SOCK_PACKET) raised ValueError here.
+    family: socket.AddressFamily | int = sock.family
+    with contextlib.suppress(ValueError):
+        family = socket.AddressFamily(sock.family)
+    kind: socket.SocketKind | int = sock.type
+    with contextlib.suppress(ValueError):
+        kind = socket.SocketKind(sock.type)
 
     def flag(level: int, opt: int) -> bool:
         try:
@@ -1296,8 +1320,15 @@ def socket_info(sock: socket.socket) -> SocketInfo:
     listening = flag(socket.SOL_SOCKET, getattr(socket, "SO_ACCEPTCONN", 30))
     inode = os.fstat(fd).st_ino
     backlog = queued = None
-    if listening and kind == socket.SOCK_STREAM and sys.platform.startswith("linux"):
-        found = _diag_listener(family, inode)
+    if (
+        listening
+        and kind == socket.SOCK_STREAM
+        and family in (socket.AF_INET, socket.AF_INET6)
+        and sys.platform.startswith("linux")
+    ):
+        # inet_diag only: a listening AF_UNIX socket's request would be read as the
+        # wrong struct (unix_diag_req), and only TCP listeners have these figures here.
+        found = _diag_listener(socket.AddressFamily(family), inode)
         if found is not None:
             queued, backlog = found
     return SocketInfo(

@@ -740,16 +740,20 @@ def _one_address(nodes: tuple[object, ...]) -> bool:
 def _node_items(nodes: Iterable[NodeLike]) -> Iterator[NodeLike]:
     """An iterator over *nodes*, a policy's node argument, after its checks.
 
-    :raises InvalidArgument: *nodes* is one address (a string, or a ``(host, port)``
-        or IPv6 4-tuple), a mapping or not iterable at all.
+    :raises InvalidArgument: *nodes* is one address (a string, bytes-like text, or a
+        ``(host, port)`` or IPv6 4-tuple), a mapping or not iterable at all.
     :raises AddressError: *nodes* is a tuple that can only be one address and a
         malformed one.
     """
-    if isinstance(nodes, (str, bytes)):
+    if isinstance(nodes, (str, bytes, bytearray, memoryview, mmap.mmap)):
         # iterating it would try each character as an address ("invalid
-        # address '1'"), which hides the real mistake
+        # address '1'"), which hides the real mistake; a bytearray, memoryview or
+        # mmap of text iterates as ints, each taken for a port ("*:80"): nodes on
+        # every interface, or a DuplicateNode naming none of what was passed
         raise InvalidArgument(
-            "nodes", nodes, "must be an iterable of nodes or addresses, not one string"
+            "nodes",
+            nodes,
+            "must be an iterable of nodes or addresses, not one string or bytes-like object",
         )
     if isinstance(nodes, Mapping):
         # iterating a mapping gives its keys: {address: weight} (uhashring's

@@ -76,7 +76,8 @@ class PowerOfTwo(BalancePolicy):
     draw each, whatever the weights).
 
     Max load falls from ``ln n / ln ln n`` (one random choice) to
-    ``ln ln n / ln 2`` (Mitzenmacher). O(1) per pick under the lock.
+    ``ln ln n / ln 2`` (Mitzenmacher). O(log N) per pick under the lock (two
+    binary searches of the running weight totals).
 
     :param nodes: initial nodes.
     :param seed: an int seeding the policy's own ``random.Random`` (tests, replay),
