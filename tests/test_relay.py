@@ -377,20 +377,41 @@ def _drain(sock: socket.socket) -> None:
             return
 
 
+def _push_until_stalled(r: Relay, chunk: Callable[[], bytes]) -> int:
+    """Send chunks on the non-blocking ``r.client`` until the relay's client direction
+    is stalled, and return the bytes sent (*chunk* gives each; the caller may hash it).
+
+    Stalled: the client's send stayed blocked for 0.3 s, the relay moved bytes to the
+    backend (queued unread there) and left bytes unread at ``r.a``. The last two are
+    what a quiet period alone does not show: a relay that is merely late (not yet
+    running on a busy host) leaves the client blocked too, with nothing moved.
+    Bounded by JOIN.
+    """
+    sent = 0
+    deadline = time.monotonic() + JOIN
+    pending = b""
+    while True:
+        assert time.monotonic() < deadline, "the relay never stalled"
+        if not pending:
+            pending = chunk()
+        try:
+            n = r.client.send(pending)
+        except BlockingIOError:
+            if select.select([], [r.client], [], 0.3)[1]:
+                continue
+            if _unread(r.backend) and _unread(r.a):
+                return sent
+            continue  # quiet, but the relay has not moved anything yet: wait for it
+        sent += n
+        pending = pending[n:]
+
+
 @pytest.mark.parametrize("mode", list(RUNNERS))
 def test_backend_that_never_reads_bounds_memory(listener: socket.socket, mode: str) -> None:
     r = Relay(listener, RUNNERS[mode], pipe_size=65536, idle_timeout=1.5)
     try:
         r.client.setblocking(False)
-        sent = 0
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:  # until everything on the way is full
-            try:
-                sent += r.client.send(b"\0" * 65536)
-            except BlockingIOError:
-                ready = select.select([], [r.client], [], 0.3)[1]
-                if not ready:
-                    break
+        sent = _push_until_stalled(r, lambda: b"\0" * 65536)
         # Socket buffers on both hops plus one 64 KiB pipe: never the whole stream.
         assert 0 < sent < 64 << 20
         stats = r.join()  # the idle timeout ends the stalled relay
@@ -411,19 +432,17 @@ def test_a_fin_that_arrives_while_stalled_is_delivered_after_the_bytes(
     r = Relay(listener, RUNNERS[mode], pipe_size=65536)
     try:
         r.client.setblocking(False)
-        h, sent = hashlib.sha256(), 0
         rng = random.Random(mode)
-        for _ in range(100_000):  # until everything on the way is full
-            chunk = rng.randbytes(65536)
-            try:
-                n = r.client.send(chunk)
-            except BlockingIOError:
-                if not select.select([], [r.client], [], 0.3)[1]:
-                    break
-                continue
-            h.update(chunk[:n])
-            sent += n
-        assert sent > 65536  # more than the pipe holds: the relay was stalled
+        sent = _push_until_stalled(r, lambda: rng.randbytes(65536))
+        # The stream sent is the first `sent` bytes of the chunks, in order (the
+        # last one may be partly out): hashed again from the same seed.
+        h = hashlib.sha256()
+        rng = random.Random(mode)
+        whole, part = divmod(sent, 65536)
+        for _ in range(whole):
+            h.update(rng.randbytes(65536))
+        h.update(rng.randbytes(65536)[:part])
+        assert sent > 65536  # more than the pipe holds
         r.client.shutdown(socket.SHUT_WR)
         got: list[tuple[int, str]] = []
         _recv_digest(r.backend, got)  # returns at the EOF: JOIN bounds it
@@ -445,12 +464,7 @@ def test_reset_while_backpressured_ends_without_waiting_for_timeout(
     r = Relay(listener, RUNNERS[mode], pipe_size=65536, idle_timeout=60)
     try:
         r.client.setblocking(False)
-        for _ in range(100_000):  # until everything on the way is full
-            try:
-                r.client.send(b"\0" * 65536)
-            except BlockingIOError:
-                if not select.select([], [r.client], [], 0.3)[1]:
-                    break
+        _push_until_stalled(r, lambda: b"\0" * 65536)
         r.client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
         r.client.close()
         stats = r.join()
@@ -2257,6 +2271,96 @@ def test_an_eof_before_any_byte_reaches_a_fast_open_backend(
             backend.close()
 
 
+@pytest.mark.parametrize(
+    ("mode", "options"),
+    [
+        ("splice", {"idle_timeout": 30}),
+        ("asyncio", {}),  # the quick path
+        ("asyncio-start", {}),
+        ("uvloop", {}),
+        ("asyncio", {"idle_timeout": 30}),  # the full relay
+    ],
+    ids=["blocking", "asyncio-quick", "start-quick", "uvloop-quick", "asyncio-full"],
+)
+def test_a_request_and_its_eof_before_a_fast_open_backend_s_syn_ack_reach_it(
+    listener: socket.socket, mode: str, options: dict[str, Any]
+) -> None:
+    # With TCP_FASTOPEN_CONNECT the relay's first send() puts the bytes in the SYN
+    # and returns their count with b still in SYN_SENT. The relay took those bytes
+    # for proof that b was connected and forwarded the client's EOF at once: a
+    # shutdown(SHUT_WR) in SYN_SENT drops the connect, so a request ended before the
+    # SYN-ACK (HTTP/1.0 style, `nc -N`; on any real network the SYN-ACK takes a round
+    # trip) never reached the backend and the client was reset. Here the SYN-ACK is
+    # held back by a full accept queue (backlog 0, one connection queued): the SYN
+    # is dropped and sent again ~1 s later, once the queue has room.
+    client, a = tcp_pair(listener)
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(0)
+    filler = socket.create_connection(lst.getsockname())
+    b = socket.socket()
+    results: list[RelayStats | BaseException] = []
+
+    def run() -> None:
+        try:
+            results.append(RUNNERS[mode](a, b, **options))
+        except BaseException as exc:
+            results.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    backend: socket.socket | None = None
+    try:
+        queued = select.poll()
+        queued.register(lst, select.POLLIN)
+        assert queued.poll(JOIN * 1000), "the filler is queued"
+        try:
+            b.setsockopt(socket.IPPROTO_TCP, _TCP_FASTOPEN_CONNECT, 1)
+            b.setsockopt(socket.IPPROTO_TCP, _TCP_FASTOPEN_NO_COOKIE, 1)  # no cookie cache
+        except OSError as exc:
+            pytest.skip(f"no TCP Fast Open client here: {exc}")
+        assert b.connect_ex(lst.getsockname()) == 0  # deferred to the first write
+        request = b"GET / HTTP/1.0\r\n\r\n"
+        client.sendall(request)
+        client.shutdown(socket.SHUT_WR)  # the request and its EOF together
+        thread.start()
+        deadline = time.monotonic() + JOIN
+        while _unread(a) and time.monotonic() < deadline:  # the relay read the request
+            select.select([], [], [], 0.005)
+        assert not _unread(a)
+        # b's SYN (with the request) went out and was dropped; it is sent again
+        # ~1 s later. Room for it now: the relay had its EOF from the same read.
+        first, _ = lst.accept()
+        first.close()
+        ready, _, _ = select.select([lst, client], [], [], JOIN)
+        assert ready == [lst], "the backend was reached, the client not reset"
+        backend, _ = lst.accept()
+        assert _recv_bytes(backend, len(request)) == request
+        assert backend.recv(16) == b"", "the client's EOF reached the backend after it"
+        backend.sendall(b"HTTP/1.0 200 OK\r\n\r\n")
+        backend.shutdown(socket.SHUT_WR)
+        assert _recv_bytes(client, 19) == b"HTTP/1.0 200 OK\r\n\r\n"
+        assert client.recv(16) == b""
+        thread.join(JOIN)
+        assert not thread.is_alive()
+        stats = results[0]
+        assert isinstance(stats, RelayStats), stats
+        assert (stats.a_to_b, stats.b_to_a, stats.a_end, stats.b_end, stats.failed) == (
+            len(request),
+            19,
+            End.EOF,
+            End.EOF,
+            None,
+        )
+    finally:
+        if thread.is_alive():
+            client.close()
+            thread.join(JOIN)
+        for s in (client, a, b, lst, filler):
+            s.close()
+        if backend is not None:
+            backend.close()
+
+
 def test_close_false_leaves_sockets_to_the_caller(listener: socket.socket) -> None:
     r = Relay(listener, run_blocking, close=False)
     try:
@@ -2536,11 +2640,12 @@ def test_a_socket_never_connected_is_not_a_relay_side(
     else:
         lone = socket.socket()
         if kind == "tcp-refused":
+            # Bound and never listening, the port refuses a SYN, and no other
+            # program can take it before the connect (as it could once closed).
             with socket.socket() as closed_port:
                 closed_port.bind(("127.0.0.1", 0))
-                port = closed_port.getsockname()[1]
-            with pytest.raises(ConnectionRefusedError):
-                lone.connect(("127.0.0.1", port))
+                with pytest.raises(ConnectionRefusedError):
+                    lone.connect(closed_port.getsockname())
     _refused_as_either_side(form, a, b, lone, "a socket neither connected nor connecting")
 
 

@@ -18,6 +18,7 @@ import os
 import random
 import select
 import socket
+import threading
 import warnings
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
@@ -47,7 +48,14 @@ from tests.test_relay import (
     _unread,
     tcp_pair,
 )
-from tests.test_relay_hub import JOIN, _new_loop, _nonblocking, _recv_exactly, _start
+from tests.test_relay_hub import (
+    JOIN,
+    _new_loop,
+    _nonblocking,
+    _recv_exactly,
+    _start,
+    _start_on_running_loop,
+)
 
 pytestmark = pytest.mark.linux
 LOOPS = ["asyncio", "uvloop"]
@@ -93,9 +101,11 @@ class _Spy:
                 self.promotions.append((quick, handling[-1] if handling else None))
             return real_promote(quick)
 
-        def hand_over(quick: relay_mod._Quick, name: str, n: int, m: int, drain: bool) -> None:
+        def hand_over(  # noqa: PLR0917 - _Quick._hand_over's own signature
+            quick: relay_mod._Quick, name: str, scratch: memoryview, n: int, m: int, drain: bool
+        ) -> None:
             self.hand_overs.append((quick, n, m))
-            real_hand_over(quick, name, n, m, drain)
+            real_hand_over(quick, name, scratch, n, m, drain)
 
         def start_quick(a: Any, b: Any, loop: asyncio.AbstractEventLoop, kind: Any) -> Any:
             self.quick_starts += 1
@@ -1141,3 +1151,71 @@ def test_an_interrupt_in_a_quick_relay_s_hand_over_still_ends_it(
     finally:
         monkeypatch.undo()
         end_loop(loop, cancel=[fut], close=(client, a, b, backend))
+
+
+@pytest.mark.parametrize("kind", LOOPS)
+@pytest.mark.parametrize("form", ["quick", "full"])
+def test_a_loop_run_in_another_thread_copies_through_that_thread_s_scratch(
+    listener: socket.socket, monkeypatch: pytest.MonkeyPatch, kind: str, form: str
+) -> None:
+    # Before: a relay kept the scratch buffer of the thread that started it. A loop
+    # started in the main thread (run_until_complete) and then run in a worker
+    # (run_forever) copied its relays' messages through the main thread's buffer
+    # while the main thread's own relays used it too, and as the GIL is released
+    # between recv_into and send, one connection's bytes went out on another. Which
+    # thread reads into which buffer is recorded, so no race is needed to see it.
+    readers: dict[int, set[int]] = {}  # id of a buffer's memory -> threads reading into it
+    real_recv_into = socket.socket.recv_into
+
+    def recv_into(sock: socket.socket, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        memory = buffer.obj if isinstance(buffer, memoryview) else buffer
+        readers.setdefault(id(memory), set()).add(threading.get_ident())
+        return real_recv_into(sock, buffer, nbytes, flags)
+
+    monkeypatch.setattr(socket.socket, "recv_into", recv_into)
+    options: dict[str, Any] = {} if form == "quick" else {"idle_timeout": 60.0}
+    pairs = [(*tcp_pair(listener), *tcp_pair(listener)) for _ in range(2)]
+    (client1, a1, b1, backend1), (client2, a2, b2, backend2) = pairs
+    worker_loop, main_loop = _new_loop(kind), _new_loop(kind)
+    fut1 = fut2 = None
+    worker: threading.Thread | None = None
+    try:
+        fut1 = worker_loop.run_until_complete(_start_on_running_loop(a1, b1, **options))
+        worker = threading.Thread(target=worker_loop.run_forever, daemon=True)
+        worker.start()
+        client1.sendall(b"from the worker's loop")
+        backend1.settimeout(JOIN)
+        got = b""
+        while len(got) < 22:  # bounded: each recv waits JOIN at most
+            chunk = backend1.recv(22 - len(got))
+            assert chunk, f"EOF after {got!r}"
+            got += chunk
+        assert got == b"from the worker's loop"
+
+        async def through_main() -> bytes:
+            nonlocal fut2
+            fut2 = start_pipe_splice(a2, b2, **options)
+            client2.sendall(b"from the main loop")
+            backend2.setblocking(False)
+            got = b""
+            while len(got) < 18:  # bounded by the wait_for below
+                got += await asyncio.get_running_loop().sock_recv(backend2, 18 - len(got))
+            return got
+
+        got = main_loop.run_until_complete(asyncio.wait_for(through_main(), JOIN))
+        assert got == b"from the main loop"
+        assert len(readers) >= 2, readers  # each thread read into a buffer
+        shared = {memory: threads for memory, threads in readers.items() if len(threads) > 1}
+        assert not shared, f"a scratch buffer read into by several threads: {shared}"
+    finally:
+        if worker is not None:
+            if fut1 is not None:
+                worker_loop.call_soon_threadsafe(fut1.cancel)
+            worker_loop.call_soon_threadsafe(worker_loop.stop)
+            worker.join(JOIN)
+            assert not worker.is_alive()
+        end_loop(worker_loop, cancel=[fut1])
+        end_loop(main_loop, cancel=[fut2])
+        for pair in pairs:
+            for s in pair:
+                s.close()

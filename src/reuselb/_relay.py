@@ -784,9 +784,6 @@ class _Relay:
             else:
                 self.fallback = Fallback.WRAPPER
         self.flows: list[_Flow] = []
-        # The scratch of the thread that runs the relay (the one creating it: the
-        # caller of pipe_splice, or the loop's thread for async_pipe_splice).
-        self.scratch = _scratch()
         try:
             size = pipe_size or _DEFAULT_PIPE
             # A read of such a source may stop short with more waiting: see _Flow.
@@ -976,10 +973,12 @@ class _Relay:
                 return
         reverse = self.flows[0] if flow is self.flows[1] else self.flows[1]
         if (
-            # Nothing went to dst: its connect may still be in flight (one test on
-            # the common path, where bytes went out and proved it connected).
-            (flow.held or not flow.moved)
-            and (flow.held or not (reverse.moved or reverse.pending or reverse.eof))
+            # Nothing came from dst: its connect may still be in flight (one test on
+            # the common path, where dst's bytes or EOF proved it connected). Bytes
+            # sent to dst prove nothing: with TCP_FASTOPEN_CONNECT, send() puts them
+            # in the SYN and returns their count in SYN_SENT, and a shutdown() then
+            # dropped the connect (a request and its EOF, before the SYN-ACK).
+            (flow.held or not (reverse.moved or reverse.pending or reverse.eof))
             and not self._connected(flow)
         ):
             return
@@ -1019,9 +1018,11 @@ class _Relay:
         shutdown(SHUT_WR) on a TCP socket in SYN_SENT does not queue a FIN: Linux
         (inet_shutdown) drops the connection attempt instead, and the backend
         of a client that sent its EOF before a byte ("server speaks first": SMTP,
-        SSH banners, ``nc -N < /dev/null``) would never be reached. Called only
-        when no byte was exchanged with dst (a byte that went either way proves
-        it connected), so the common path pays nothing.
+        SSH banners, ``nc -N < /dev/null``) would never be reached, nor that of a
+        request sent in a Fast Open SYN and ended before the SYN-ACK. Called only
+        when nothing came from dst (its bytes or its EOF prove it connected; bytes
+        sent to it do not, see :meth:`_shut`), so the common path, where dst
+        answered before the EOF, pays nothing.
 
         SYN_SENT is read from TCP_INFO, not inferred from writability: a socket
         with TCP_FASTOPEN_CONNECT whose connect() returned 0 sits in SYN_SENT
@@ -1195,7 +1196,12 @@ class _Relay:
             if self.idle_timeout is not None:
                 self.note_queue(flow)
             return
-        scratch = self.scratch
+        # The scratch of the thread running this now, looked up here and not kept
+        # from the start: a loop can be started in one thread and run in another
+        # (run_until_complete in the main thread, then run_forever in a worker),
+        # and two threads moving bytes through one buffer, the GIL released
+        # between recv_into and send, sent one connection's bytes on another.
+        scratch = _scratch()
         size = len(scratch)
         src, dst = flow.src, flow.dst
         while not flow.eof:
@@ -3569,7 +3575,6 @@ class _Quick:
         "moved_b",
         "nodelay_a",
         "promoted",
-        "scratch",
         "started",
         "stats",
         "ta",
@@ -3606,7 +3611,6 @@ class _Quick:
         self.done_a = self.done_b = False
         self.promoted: _Driven | None = None
         self.stats: RelayStats | None = None
-        self.scratch = _scratch()
         self.started = time.monotonic()
 
     @property
@@ -3630,7 +3634,8 @@ class _Quick:
                 if self.done_b:
                     return
                 src, dst, name = self.b, self.a, "b"
-            scratch = self.scratch
+            # This thread's scratch, looked up per event (see _Relay._pump_small).
+            scratch = _scratch()
             while True:
                 try:
                     n = src.recv_into(scratch)
@@ -3656,7 +3661,7 @@ class _Quick:
                 else:
                     self.moved_b += m
                 if m < n or n == _COPY_BUFFER:
-                    self._hand_over(name, n, m, ev != _EPOLLIN)
+                    self._hand_over(name, scratch, n, m, ev != _EPOLLIN)
                     return
                 if ev == _EPOLLIN:
                     return  # a short read without the FIN emptied the socket
@@ -3667,7 +3672,7 @@ class _Quick:
             self.promote().crash(None)
             raise
 
-    def _hand_over(self, name: str, n: int, m: int, drain: bool) -> None:
+    def _hand_over(self, name: str, scratch: memoryview, n: int, m: int, drain: bool) -> None:
         """A send of *n* bytes took *m*: keep the rest for dst, and/or go to splice
         (the read filled the scratch: a stream). The full relay's from here."""
         driven = self.promote()
@@ -3675,15 +3680,24 @@ class _Quick:
         # As _Relay._pump_small leaves a flow after such a send.
         flow.upgrade = n == _COPY_BUFFER and flow.can_splice
         if m < n:
-            flow.left = bytes(self.scratch[m:n])
+            flow.left = bytes(scratch[m:n])
             flow.pending = n - m
         driven.go_on(flow, drain)
 
     def _eof(self, name: str, dst: socket.socket, drain: bool) -> None:
         """Side *name* sent its EOF: half-close *dst*, as _Relay._shut does."""
-        if not (self.moved_a or self.moved_b or self.done_a or self.done_b):
-            # No byte went either way: dst's connect may still be in flight, and a
-            # shutdown() then would drop it (see _Relay._connected).
+        # dst's bytes or EOF prove its connect done; bytes sent to it do not (a Fast
+        # Open connect takes them in SYN_SENT): see _Relay._shut.
+        answered = self.moved_b or self.done_b if name == "a" else self.moved_a or self.done_a
+        if not answered and (self.moved_a if name == "a" else self.moved_b):
+            # A request went to dst and no answer came yet (HTTP/1.0 style): one
+            # TCP_INFO read tells a connected dst, whose half-close goes out here
+            # as ever, from a Fast Open connect still in SYN_SENT (or one that
+            # failed), which the full relay waits for (or reports).
+            answered = _tcp_state(dst) not in {_TCP_SYN_SENT, _TCP_CLOSE}
+        if not answered:
+            # dst's connect may still be in flight, and a shutdown() then would drop
+            # it: the full relay checks (see _Relay._connected).
             driven = self.promote()
             flow = driven.relay.flows[0] if name == "a" else driven.relay.flows[1]
             flow.eof = True
