@@ -15,8 +15,15 @@ from contextlib import contextmanager
 from typing import IO, Any
 
 import pytest
+from hypothesis import settings
 
 IS_LINUX = sys.platform.startswith("linux")
+
+# Hypothesis fails an example that takes over 200 ms by default: a speed assertion,
+# which a GC pause or a busy 2-CPU CI host trips ("Unreliable test timings"). Every
+# property test runs without one; pytest-timeout still catches a hang.
+settings.register_profile("reuselb", deadline=None)
+settings.load_profile("reuselb")
 
 
 def _has_ipv6_loopback() -> bool:

