@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import select
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import IO, Any
@@ -249,3 +252,24 @@ def run_in_netns(script: str) -> Any:
         pytest.skip(f"no new network namespace here: {out.stderr.strip()}")
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
+
+
+def until_in_or(
+    thread: threading.Thread, function: str, done: Callable[[], bool], timeout: float = 30
+) -> None:
+    """Until ``done()``, or *thread* is inside *function* (a frame of its stack).
+
+    How a test knows that another thread is blocked on a lock that *function*
+    takes (a drain waiting for another drain, a fork waiting for the fork gate)
+    without a timed wait deciding it; where the lock is missing, the other thread
+    gets through instead, and ``done()`` says so. Bounded by *timeout*.
+    """
+    deadline = time.monotonic() + timeout
+    while not done():
+        frame = sys._current_frames().get(thread.ident or -1)
+        while frame is not None:
+            if frame.f_code.co_name == function:
+                return
+            frame = frame.f_back
+        assert time.monotonic() < deadline, f"{thread.name} never reached {function}"
+        select.select([], [], [], 0.001)  # a bounded re-check

@@ -52,7 +52,7 @@ from reuselb import (
     tcp_migrate_req,
     udp_socket,
 )
-from tests.conftest import fds_left, open_fds, run_in_netns
+from tests.conftest import fds_left, open_fds, run_in_netns, until_in_or
 
 pytestmark = pytest.mark.linux
 
@@ -2250,7 +2250,8 @@ def test_two_drains_of_one_group_run_one_after_the_other(
             # one to end (or, without the lock, runs to its end meanwhile).
             if listener is s1 and not starting.is_set():
                 starting.set()
-                second.join(0.5)
+                # until it waits for this drain's lock (or, without one, ran through)
+                until_in_or(second, "_one_drain_per_group", lambda: not second.is_alive())
             return real_handshakes(listener)
 
         monkeypatch.setattr(_handoff, "_handshakes", handshakes)
@@ -2316,7 +2317,7 @@ def test_a_listener_an_earlier_drain_closed_meanwhile_is_named_closed(
         def handshakes(listener: socket.socket) -> Any:
             if not starting.is_set():
                 starting.set()
-                second.join(0.5)  # it waits for this drain (bounded)
+                until_in_or(second, "_one_drain_per_group", lambda: not second.is_alive())
             return real_handshakes(listener)
 
         monkeypatch.setattr(_handoff, "_handshakes", handshakes)

@@ -47,7 +47,7 @@ from reuselb import (
     release_pipes,
     start_pipe_splice,
 )
-from tests.conftest import end_loop, open_fds
+from tests.conftest import end_loop, open_fds, until_in_or
 
 pytestmark = pytest.mark.linux
 JOIN = 120.0
@@ -1464,7 +1464,9 @@ def test_a_fork_while_a_relay_makes_its_pipe_waits_until_the_pipe_is_named(
         if threading.current_thread() is not main and not ready.is_set():
             made.extend(fds)
             ready.set()
-            forked.wait(0.3)  # set only once a fork returned: never, with the gate
+            # Until the fork waits for the gate this thread holds (or, without
+            # one, has returned): the window stays open for it either way.
+            until_in_or(main, "_gate_before_fork", forked.is_set)
         return fds
 
     monkeypatch.setattr(os, "pipe2", held_open)

@@ -12,6 +12,7 @@ import re
 import select
 import socket
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ import uvloop
 
 import reuselb._relay as relay_mod
 from reuselb import End, RelayStats, WrongSocketType, pipe_splice, start_pipe_splice
-from tests.conftest import open_fds
+from tests.conftest import open_fds, until_in_or
 from tests.test_relay import (
     _MSG_ZEROCOPY,
     _SO_ZEROCOPY,
@@ -458,22 +459,35 @@ def _small_pair(listener: socket.socket) -> tuple[socket.socket, socket.socket]:
     return c, s
 
 
+def _unacked(sock: socket.socket) -> int:
+    """tcpi_unacked of *sock* (struct tcp_info: 8 one-byte fields, then rto, ato,
+    snd_mss, rcv_mss, unacked as u32s)."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 28)
+    return int.from_bytes(info[24:28], sys.byteorder)
+
+
 def _fill(sock: socket.socket) -> int:
-    """Send to *sock* until it stays full (its peer reads nothing): the byte count."""
+    """Send to *sock* until it stays full (its peer reads nothing): the byte count.
+
+    Full: a send fails while no byte is in flight unacknowledged (tcpi_unacked 0),
+    so no ACK can come to free room; the peer's closed window holds the rest. Tried,
+    not polled: room for a few bytes is not POLLOUT (a third of the buffer), and an
+    unread error queue's POLLERR would end every poll at once.
+    """
     sock.setblocking(False)
     sent = 0
+    deadline = time.monotonic() + JOIN
     try:
-        for _ in range(100):  # bounded: the peer's window closes after a few rounds
+        while time.monotonic() < deadline:
             try:
                 while True:
                     sent += sock.send(b"p" * 4096)
             except BlockingIOError:
                 pass
-            # Full when no ACK frees room within 0.2 s (loopback ACKs in
-            # microseconds). Tried, not polled: room for a few bytes is not POLLOUT
-            # (a third of the buffer), and an unread error queue's POLLERR would
-            # end every poll at once.
-            select.select([], [], [], 0.2)
+            if _unacked(sock):
+                # ACKs still to come (loopback: microseconds): a bounded re-check
+                select.select([], [], [], 0.001)
+                continue
             try:
                 sent += sock.send(b"p")
             except BlockingIOError:
@@ -698,7 +712,9 @@ def test_a_fork_while_the_edge_epoll_is_made_waits_until_it_is_named(
         ep = real_epoll(*args, **kwargs)
         if threading.current_thread() is not main and not made.is_set():
             made.set()
-            forked.wait(0.3)  # set only once a fork returned: never, with the gate
+            # Until the fork waits for the gate this thread holds (or, without
+            # one, has returned): the window stays open for it either way.
+            until_in_or(main, "_gate_before_fork", forked.is_set)
         return ep
 
     before = _epolls()
