@@ -109,10 +109,16 @@ def listener() -> Iterator[socket.socket]:
         yield lst
 
 
-def _push(sock: socket.socket) -> int:
-    """Push up to STREAM bytes from non-blocking *sock* until QUIET s pass without
-    progress; returns the bytes sent. Sends one preallocated buffer over and over:
-    the pushing allocates nothing that grows with the stream."""
+def _push(sock: socket.socket, a: socket.socket, backend: socket.socket) -> int:
+    """Push up to STREAM bytes from non-blocking *sock* until the relay is stalled;
+    returns the bytes sent. Sends one preallocated buffer over and over: the pushing
+    allocates nothing that grows with the stream.
+
+    Stalled: QUIET s pass without progress while bytes wait unread both at the
+    backend (the relay filled its way there) and at *a* (the relay stopped reading
+    the client). A quiet period alone also comes from a relay thread that is merely
+    descheduled on a busy host, whose bytes would then move while they are counted.
+    """
     chunk = memoryview(bytes(64 << 10))
     sent = 0
     deadline = time.monotonic() + JOIN
@@ -121,7 +127,7 @@ def _push(sock: socket.socket) -> int:
         try:
             sent += sock.send(chunk)  # a TLS retry is the same bytes: all zeros
         except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
-            if not select.select([], [sock], [], QUIET)[1]:
+            if not select.select([], [sock], [], QUIET)[1] and _inq(a) and _inq(backend):
                 break
     return sent
 
@@ -160,7 +166,7 @@ def test_a_backend_that_never_reads_bounds_what_the_relay_holds(
         try:
             traced_before = tracemalloc.get_traced_memory()[0]
             rss_before = _vm_rss()
-            sent = _push(client)
+            sent = _push(client, a, backend)
             rss_after = _vm_rss()
             traced_peak = tracemalloc.get_traced_memory()[1] - traced_before
         finally:
