@@ -10,6 +10,7 @@ from collections.abc import Callable
 import pytest
 
 import reuselb._errors as E
+from reuselb import parse_address as reuselb_parse
 from reuselb.balance._factory import make_policy
 
 SAMPLES: dict[str, list[E.ReuselbError]] = {
@@ -161,3 +162,11 @@ def test_a_value_whose_repr_raises_is_named_by_its_type() -> None:
     assert E.shown(-_HUGE) == "<negative int of about 5,001 digits>"
     assert E.shown((_HUGE,)) == "(<int of about 5,001 digits>,)"
     assert E.shown(12) == "12"
+    # A tuple nested past the recursion limit: repr() raises RecursionError, and the
+    # message still reads (one level expanded, never recursively).
+    deep: object = ("::1", 1)
+    for _ in range(5000):
+        deep = (deep,)
+    assert E.shown(deep) == "(<tuple whose repr() raised RecursionError>,)"
+    with pytest.raises(E.AddressError, match="tuple whose repr"):
+        reuselb_parse(deep)  # type: ignore[arg-type]

@@ -2285,7 +2285,7 @@ def test_an_eof_before_any_byte_reaches_a_fast_open_backend(
     ids=["blocking", "asyncio-quick", "start-quick", "uvloop-quick", "asyncio-full"],
 )
 def test_a_request_and_its_eof_before_a_fast_open_backend_s_syn_ack_reach_it(
-    listener: socket.socket, mode: str, options: dict[str, Any]
+    listener: socket.socket, monkeypatch: pytest.MonkeyPatch, mode: str, options: dict[str, Any]
 ) -> None:
     # With TCP_FASTOPEN_CONNECT the relay's first send() puts the bytes in the SYN
     # and returns their count with b still in SYN_SENT. The relay took those bytes
@@ -2302,6 +2302,17 @@ def test_a_request_and_its_eof_before_a_fast_open_backend_s_syn_ack_reach_it(
     filler = socket.create_connection(lst.getsockname())
     b = socket.socket()
     results: list[RelayStats | BaseException] = []
+    sent_to_b = threading.Event()
+    real_send = socket.socket.send
+
+    def send(sock: socket.socket, data: Any, flags: int = 0) -> int:
+        n = real_send(sock, data, flags)
+        if sock is b and n:
+            sent_to_b.set()
+        return n
+
+    # The request is a short message: every form copies it with send().
+    monkeypatch.setattr(socket.socket, "send", send)
 
     def run() -> None:
         try:
@@ -2325,10 +2336,11 @@ def test_a_request_and_its_eof_before_a_fast_open_backend_s_syn_ack_reach_it(
         client.sendall(request)
         client.shutdown(socket.SHUT_WR)  # the request and its EOF together
         thread.start()
-        deadline = time.monotonic() + JOIN
-        while _unread(a) and time.monotonic() < deadline:  # the relay read the request
-            select.select([], [], [], 0.005)
-        assert not _unread(a)
+        # Until the relay has sent the request into b's SYN (SIOCOUTQ reads 0 in
+        # SYN_SENT, so the send itself is watched): freeing the queue before that
+        # would let the SYN be answered at once, and the old relay's half-close
+        # would then be harmless.
+        assert sent_to_b.wait(JOIN), "the relay never sent the request"
         # b's SYN (with the request) went out and was dropped; it is sent again
         # ~1 s later. Room for it now: the relay had its EOF from the same read.
         first, _ = lst.accept()
@@ -2361,6 +2373,32 @@ def test_a_request_and_its_eof_before_a_fast_open_backend_s_syn_ack_reach_it(
             s.close()
         if backend is not None:
             backend.close()
+
+
+@pytest.mark.parametrize("mode", ["splice", "asyncio", "asyncio-start"])
+def test_an_eof_after_bytes_to_a_full_unix_backend_goes_out_at_once(
+    listener: socket.socket, mode: str
+) -> None:
+    # Bytes sent to a dst that is not TCP still prove it connected (only a TCP Fast
+    # Open connect takes bytes in SYN_SENT). When the Fast Open fix stopped taking
+    # them as proof for every dst, an AF_UNIX backend whose buffer was nearly full
+    # (not writable) held the client's FIN, and a relay that then timed out reported
+    # a_end TIMEOUT for a client that had sent its EOF and had every byte delivered.
+    client, a = tcp_pair(listener)
+    b, backend = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    payload = bytes(range(256)) * 390  # nearly fills the AF_UNIX buffer: not writable
+    try:
+        client.sendall(payload)
+        client.shutdown(socket.SHUT_WR)
+        stats = RUNNERS[mode](a, b, idle_timeout=1.0)  # the backend never reads
+        assert (stats.a_to_b, stats.b_to_a) == (len(payload), 0)
+        assert (stats.a_end, stats.b_end) == (End.EOF, End.TIMEOUT)
+        # Every byte, then the EOF the relay sent before it timed out.
+        assert _recv_bytes(backend, len(payload)) == payload
+        assert backend.recv(16) == b""
+    finally:
+        for s in (client, a, b, backend):
+            s.close()
 
 
 def test_close_false_leaves_sockets_to_the_caller(listener: socket.socket) -> None:

@@ -561,8 +561,11 @@ def main() -> int:
         )
         return 2
     # relays.py runs under this interpreter with its output discarded: without these a
-    # Python relay would only show as "nothing listens on PORT" after 20 s.
-    absent = [m for m in ("reuselb", "uvloop") if importlib.util.find_spec(m) is None]
+    # Python relay would only show as "nothing listens on PORT" after 20 s. relays.py
+    # imports reuselb for every Python relay, uvloop for the uvloop one only.
+    needed = ["reuselb"] if any(n.startswith(("reuselb", "python")) for n in names) else []
+    needed += ["uvloop"] if any("uvloop" in n for n in names) else []
+    absent = [m for m in needed if importlib.util.find_spec(m) is None]
     if absent:
         print(
             f"missing Python modules {absent}: pip install -e '.[bench]' (from the repository root)",

@@ -43,19 +43,33 @@ def shown(value: object) -> str:
     CPython 3.11+ refuses to turn an int of more than ``sys.get_int_max_str_digits()``
     (4,300) digits into text (the CVE-2020-10735 limit), so ``repr(10**5000)``, or
     of a tuple holding it, raises ``ValueError``: building the message raised that
-    instead of the error that names the value. Such an int is shown by its size; any
-    other value whose ``repr()`` fails, by its type and the failure.
+    instead of the error that names the value. Such an int is shown by its size, a
+    tuple item by item (one level: an address tuple), and any other value whose
+    ``repr()`` fails (a user's ``__repr__``, a tuple nested past the recursion
+    limit) by its type and the failure. Never raises (an ``Exception``).
     """
     try:
         return repr(value)
-    except Exception as exc:  # a user's __repr__ may raise anything
-        if type(value) is tuple:  # an address tuple holding such an int
-            items = [shown(x) for x in value]
+    except Exception:
+        if type(value) is tuple:
+            items = [_shown_alone(x) for x in value]
             return f"({items[0]},)" if len(items) == 1 else f"({', '.join(items)})"
-        if isinstance(value, int):
-            # log10(2) = 0.30103: the digit count without making the digits
-            digits = int(value.bit_length() * 0.30103) + 1
-            return f"<{'negative ' if value < 0 else ''}int of about {digits:,} digits>"
+        return _shown_alone(value)
+
+
+def _shown_alone(value: object) -> str:
+    """:func:`shown` without looking into a tuple: never recursive."""
+    try:
+        return repr(value)
+    except Exception as exc:
+        try:
+            if isinstance(value, int):
+                # log10(2) = 0.30103: the digit count without making the digits
+                digits = int(int.bit_length(value) * 0.30103) + 1
+                sign = "negative " if int.__lt__(value, 0) else ""
+                return f"<{sign}int of about {digits:,} digits>"
+        except Exception:  # an int subclass that is odd beyond that
+            pass
         return f"<{type(value).__name__} whose repr() raised {type(exc).__name__}>"
 
 

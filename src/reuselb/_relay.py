@@ -975,10 +975,15 @@ class _Relay:
         if (
             # Nothing came from dst: its connect may still be in flight (one test on
             # the common path, where dst's bytes or EOF proved it connected). Bytes
-            # sent to dst prove nothing: with TCP_FASTOPEN_CONNECT, send() puts them
-            # in the SYN and returns their count in SYN_SENT, and a shutdown() then
-            # dropped the connect (a request and its EOF, before the SYN-ACK).
+            # sent to a TCP dst prove nothing: with TCP_FASTOPEN_CONNECT, send() puts
+            # them in the SYN and returns their count in SYN_SENT, and a shutdown()
+            # then dropped the connect (a request and its EOF, before the SYN-ACK).
+            # Sent to a dst that is not TCP (AF_UNIX, a wrapper without TCP_INFO),
+            # they still prove it: _connected() could only poll it, and a dst merely
+            # full would hold the FIN (and the EOF read would end up reported as a
+            # timeout or an abort).
             (flow.held or not (reverse.moved or reverse.pending or reverse.eof))
+            and (flow.held or not flow.moved or _tcp_state(dst) >= 0)
             and not self._connected(flow)
         ):
             return
@@ -1021,7 +1026,7 @@ class _Relay:
         SSH banners, ``nc -N < /dev/null``) would never be reached, nor that of a
         request sent in a Fast Open SYN and ended before the SYN-ACK. Called only
         when nothing came from dst (its bytes or its EOF prove it connected; bytes
-        sent to it do not, see :meth:`_shut`), so the common path, where dst
+        sent to a TCP dst do not, see :meth:`_shut`), so the common path, where dst
         answered before the EOF, pays nothing.
 
         SYN_SENT is read from TCP_INFO, not inferred from writability: a socket

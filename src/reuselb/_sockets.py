@@ -503,11 +503,14 @@ def _bound(
                 raise AddressError(
                     str(addr), f"the kernel refused to bind it ({exc.strerror})"
                 ) from None
+            if exc.errno is None:
+                raise
             # EACCES for a port below net.ipv4.ip_unprivileged_port_start, or what a
             # seccomp or LSM policy returns: the same OSError subclass (OSError(errno,
-            # ...) picks PermissionError for EACCES/EPERM), but naming the address,
+            # ...) picks PermissionError for EACCES/EPERM) and strerror, naming the
+            # address as its filename ("[Errno 13] Permission denied: '127.0.0.1:1'"),
             # which the kernel's bare "[Errno 13] Permission denied" does not.
-            raise OSError(exc.errno, f"cannot bind {addr}: {exc.strerror}") from exc
+            raise OSError(exc.errno, exc.strerror, str(addr)) from exc
         if after_bind:
             sock.setsockopt(socket.SOL_SOCKET, option, 1)
             _start_group(sock, option)
