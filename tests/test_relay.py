@@ -2401,6 +2401,45 @@ def test_an_eof_after_bytes_to_a_full_unix_backend_goes_out_at_once(
             s.close()
 
 
+class _WatchdogAfterRead(socket.socket):
+    """A socket whose first recv_into that reads something then raises what a
+    SIGALRM watchdog's handler raises: Python runs a handler as the C call returns,
+    so its exception comes out of recv_into, inside the relay's ``except OSError``."""
+
+    fired = False
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        n = super().recv_into(buffer, nbytes, flags)
+        if n and not type(self).fired:
+            type(self).fired = True
+            raise TimeoutError("watchdog")
+        return n
+
+
+@pytest.mark.parametrize("mode", ["splice", "asyncio"])
+def test_an_oserror_from_a_signal_handler_is_raised_not_reported_as_a_side_s(
+    listener: socket.socket, mode: str
+) -> None:
+    # Before: the relay's `except OSError` around recv_into/send/splice took the
+    # handler's TimeoutError (errno None, which no syscall gives) for side a's
+    # failure and returned RelayStats(failed="a"), as if the client had failed. It
+    # ends the relay and goes on, as a KeyboardInterrupt from a handler does.
+    client, plain = tcp_pair(listener)
+    a = _WatchdogAfterRead(fileno=plain.detach())
+    _WatchdogAfterRead.fired = False
+    b, backend = tcp_pair(listener)
+    try:
+        client.sendall(b"ping")
+        with pytest.raises(TimeoutError, match="watchdog"):
+            RUNNERS[mode](a, b, idle_timeout=JOIN)
+        assert _WatchdogAfterRead.fired
+        assert (a.fileno(), b.fileno()) == (-1, -1)  # ended: close=True closed them
+        assert _peer_sees_the_end(client) in ("reset", "eof")
+    finally:
+        for s in (client, a, b, backend):
+            s.close()
+
+
 def test_close_false_leaves_sockets_to_the_caller(listener: socket.socket) -> None:
     r = Relay(listener, run_blocking, close=False)
     try:

@@ -888,7 +888,18 @@ class _Relay:
 
     def failure(self, name: str, exc: OSError) -> _Failure:
         """Side *name* failed with *exc* (said the same way for a side closed behind
-        the relay's back, whichever call met it)."""
+        the relay's back, whichever call met it).
+
+        :raises OSError: *exc* itself when it cannot be the socket's: an
+            :class:`OSError` without an errno met at a ``socket.socket`` side (a
+            syscall always sets one) was raised by a signal handler, which Python
+            runs as the call returns, inside the relay's ``except OSError``: a
+            ``SIGALRM`` watchdog's ``TimeoutError`` was reported as that side's
+            failure, not raised as a ``KeyboardInterrupt`` is (the caller ends the
+            relay and lets it go on).
+        """
+        if exc.errno is None and isinstance(self.a if name == "a" else self.b, socket.socket):
+            raise exc
         if exc.errno == errno.EBADF and self.lost(name):
             return self.closed_behind(name)
         if isinstance(exc, (ssl.SSLEOFError, ssl.SSLSyscallError)):
