@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -273,3 +274,20 @@ def until_in_or(
             frame = frame.f_back
         assert time.monotonic() < deadline, f"{thread.name} never reached {function}"
         select.select([], [], [], 0.001)  # a bounded re-check
+
+
+def without_bind_privilege() -> list[str]:
+    """A command prefix under which binding port 1 fails with EACCES.
+
+    Root keeps CAP_NET_BIND_SERVICE unless setpriv(1) (util-linux) drops it from the
+    bounding set for the command it runs.
+    """
+    with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as f:
+        if int(f.read()) <= 1:
+            pytest.skip("net.ipv4.ip_unprivileged_port_start is 0 or 1: no port needs a privilege")
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("needs setpriv(1) to run without CAP_NET_BIND_SERVICE as root")
+    return [setpriv, "--bounding-set", "-net_bind_service"]

@@ -10,7 +10,6 @@ import io
 import os
 import re
 import select
-import shutil
 import signal
 import socket
 import struct
@@ -23,6 +22,8 @@ import types
 from typing import IO, Any, cast
 
 import pytest
+
+from tests.conftest import without_bind_privilege
 
 pytestmark = pytest.mark.linux
 
@@ -632,17 +633,7 @@ def test_demo_backend_ends_quietly_on_a_reset_and_answers_otherwise() -> None:
 
 def test_demo_names_a_port_it_may_not_bind() -> None:
     # Before: a PermissionError traceback (status 1) that did not name the port.
-    with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as f:
-        if int(f.read()) <= 1:
-            pytest.skip("net.ipv4.ip_unprivileged_port_start is 0 or 1: no port needs a privilege")
-    prefix: list[str] = []
-    if os.geteuid() == 0:
-        # Root keeps CAP_NET_BIND_SERVICE unless setpriv(1) (util-linux) drops it from
-        # the bounding set for the command it runs.
-        setpriv = shutil.which("setpriv")
-        if setpriv is None:
-            pytest.skip("needs setpriv(1) to run without CAP_NET_BIND_SERVICE as root")
-        prefix = [setpriv, "--bounding-set", "-net_bind_service"]
+    prefix = without_bind_privilege()
     out = subprocess.run(
         [*prefix, sys.executable, "-m", "reuselb", "demo", "reuseport", "--port", "1"],
         capture_output=True,

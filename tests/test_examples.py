@@ -9,7 +9,6 @@ import re
 import resource
 import select
 import shlex
-import shutil
 import signal
 import socket
 import subprocess
@@ -22,7 +21,7 @@ from typing import IO, Any
 
 import pytest
 
-from tests.conftest import example_stderr, popen_example
+from tests.conftest import example_stderr, popen_example, without_bind_privilege
 
 pytestmark = pytest.mark.linux
 
@@ -453,23 +452,6 @@ def test_udp_worker_survives_an_answer_too_long_to_send() -> None:
         assert "Traceback" not in job.stderr(), job.stderr()
 
 
-def _without_bind_privilege() -> list[str]:
-    """A command prefix under which binding port 1 fails with EACCES.
-
-    Root keeps CAP_NET_BIND_SERVICE unless setpriv(1) (util-linux) drops it from the
-    bounding set for the command it runs.
-    """
-    with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as f:
-        if int(f.read()) <= 1:
-            pytest.skip("net.ipv4.ip_unprivileged_port_start is 0 or 1: no port needs a privilege")
-    if os.geteuid() != 0:
-        return []
-    setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        pytest.skip("needs setpriv(1) to run without CAP_NET_BIND_SERVICE as root")
-    return [setpriv, "--bounding-set", "-net_bind_service"]
-
-
 @pytest.mark.parametrize("script", ["udp_workers.py", "l4proxy.py"])
 def test_examples_out_of_fds_at_start_is_not_a_bad_listen_address(
     script: str, backend: str
@@ -497,7 +479,7 @@ def test_examples_name_a_listen_address_they_may_not_bind(script: str) -> None:
     # Before: "argument --listen: [Errno 13] Permission denied", no address named.
     done = subprocess.run(
         [
-            *_without_bind_privilege(),
+            *without_bind_privilege(),
             sys.executable,
             str(EXAMPLES / script),
             *_listen_args(script, "127.0.0.1:1", None),  # port 1: privileged on purpose

@@ -9,7 +9,6 @@ import json
 import math
 import os
 import select
-import shutil
 import socket
 import subprocess
 import sys
@@ -39,7 +38,7 @@ from reuselb import (
 from reuselb import _steering as steering
 from reuselb._address import resolve_address
 from reuselb._demo import start_workers, stop_workers
-from tests.conftest import fds_left, open_fds, run_in_netns
+from tests.conftest import fds_left, open_fds, run_in_netns, without_bind_privilege
 from tests.test_address import _fake_resolver, ipv4_only_localhost  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.linux
@@ -2004,16 +2003,7 @@ def test_group_removal_interrupted_at_any_line_is_all_or_nothing(taken: bool) ->
 def test_a_refused_privileged_port_names_the_address() -> None:
     # Before: bind's EACCES came out as a bare "[Errno 13] Permission denied", the one
     # bind failure whose message did not name the address.
-    with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as f:
-        if int(f.read()) <= 1:
-            pytest.skip("net.ipv4.ip_unprivileged_port_start is 0 or 1: no port needs a privilege")
-    prefix: list[str] = []
-    if os.geteuid() == 0:
-        # Root keeps CAP_NET_BIND_SERVICE unless setpriv(1) drops it for the command.
-        setpriv = shutil.which("setpriv")
-        if setpriv is None:
-            pytest.skip("needs setpriv(1) to run without CAP_NET_BIND_SERVICE as root")
-        prefix = [setpriv, "--bounding-set", "-net_bind_service"]
+    prefix = without_bind_privilege()
     code = (
         "import os, reuselb\n"
         "calls = [('listener', lambda: reuselb.reuseport_listener('127.0.0.1:1')),\n"
