@@ -3745,6 +3745,107 @@ def test_a_copy_read_that_fills_the_buffer_tail_reads_on(listener: socket.socket
             s.close()
 
 
+def _line_of(function: Any, text: str) -> int:
+    """The number of the first line of *function*'s source that starts with *text*."""
+    import inspect
+
+    lines, first = inspect.getsourcelines(function)
+    return first + next(i for i, line in enumerate(lines) if line.strip().startswith(text))
+
+
+@pytest.mark.parametrize(
+    ("close", "where"),
+    [
+        (True, "entering the finish"),
+        (False, "entering the finish"),
+        (True, "between the finish's steps"),
+        (False, "between the finish's steps"),
+        (True, "inside socket.close()"),
+        (False, "entering the give-back"),
+    ],
+)
+def test_a_second_interrupt_during_the_cleanup_still_ends_the_relay(
+    roomy_listener: socket.socket, monkeypatch: pytest.MonkeyPatch, close: bool, where: str
+) -> None:
+    # Ctrl-C twice: the first KeyboardInterrupt out of poll() starts the cleanup,
+    # the second (a signal handler's, raised at the next bytecode that checks for
+    # signals) lands in it, outside the try that guards each of finish()'s steps.
+    # finish() ran once, so the relay stayed un-ended: its pipe, and with
+    # close=True both sockets, open, the relay pinned in _RUNNING for good. It is
+    # run again from the next step; inside socket.close() (after `_closed` was set,
+    # before the fd's close) the close is repeated, and with close=False so is the
+    # give-back of the sockets' timeouts and TCP_NODELAY. A tracer raises the second
+    # interrupt exactly there, as a signal handler would.
+    client, a = _roomy_pair(roomy_listener)
+    b, backend = _roomy_pair(roomy_listener)
+    a.settimeout(2.5)
+    up = os.urandom(300_000)  # a stream: the direction switches to a pipe
+    before = _open_files()
+    real_poll = select.poll
+    if where == "entering the finish":
+        target, line = relay_mod._finish_after.__code__, None
+    elif where == "entering the give-back":
+        target, line = relay_mod._Relay._give_back.__code__, None
+    elif where == "between the finish's steps":
+        target = relay_mod._Relay.finish.__code__
+        line = _line_of(relay_mod._Relay.finish, "if self.close:")
+    else:
+        target = socket.socket.close.__code__
+        line = _line_of(socket.socket.close, "if self._io_refs <= 0:")
+    landed: list[str] = []
+
+    def tracer(frame: types.FrameType, event: str, arg: Any) -> Any:
+        if frame.f_code is not target or landed:
+            return None
+        if line is None:  # as the function is entered, before its first try
+            landed.append(event)
+            raise KeyboardInterrupt("the second one")
+
+        def lines(frame: types.FrameType, event: str, arg: Any) -> Any:
+            if event == "line" and frame.f_lineno == line and not landed:
+                landed.append(event)
+                raise KeyboardInterrupt("the second one")
+            return lines
+
+        return lines
+
+    class Interrupted:
+        """poll() that is interrupted at its first wait, and arms the second one."""
+
+        def __init__(self) -> None:
+            self._poll = real_poll()
+            self.register, self.modify = self._poll.register, self._poll.modify
+            self.unregister = self._poll.unregister
+
+        def poll(self, timeout: int | None = None) -> list[tuple[int, int]]:
+            sys.settrace(tracer)
+            raise KeyboardInterrupt("the first one")
+
+    old_trace = sys.gettrace()
+    try:
+        client.sendall(up)
+        _wait_unread(a, len(up))
+        monkeypatch.setattr(select, "poll", Interrupted)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                pipe_splice(a, b, close=close)
+        finally:
+            sys.settrace(old_trace)
+        monkeypatch.undo()
+        assert landed, f"the second interrupt never landed {where}"
+        assert not relay_mod._RUNNING
+        _assert_no_relay_fds_since(before)
+        if close:
+            assert a.fileno() == b.fileno() == -1
+        else:
+            assert a.fileno() != -1 and b.fileno() != -1
+            assert (a.gettimeout(), b.gettimeout()) == (2.5, None)
+    finally:
+        relay_mod._RUNNING.clear()
+        for s in (client, a, b, backend):
+            s.close()
+
+
 @pytest.mark.parametrize("close", [True, False])
 def test_an_exception_out_of_the_blocking_wait_still_ends_the_relay(
     roomy_listener: socket.socket, monkeypatch: pytest.MonkeyPatch, close: bool

@@ -1590,6 +1590,12 @@ class _Relay:
                         sock.close()
                     except BaseException as exc:
                         error = error or exc
+                        # A signal handler's exception inside socket.close() (after
+                        # it set _closed, before the fd's close) left the fd open:
+                        # once more, which closes nothing twice for a socket.socket.
+                        if isinstance(sock, socket.socket) and _fileno(sock) != -1:
+                            with contextlib.suppress(BaseException):
+                                sock.close()
         if not self.close and self.finish_step < 1:
             # As for close=True: a SocketLike's settimeout(), or a signal handler,
             # may raise here; the stats are recorded (and the relay leaves
@@ -1600,6 +1606,11 @@ class _Relay:
                 self._give_back()
             except BaseException as exc:
                 error = error or exc
+                if not isinstance(exc, Exception):
+                    # A signal handler's (KeyboardInterrupt) may have cut it short,
+                    # even as it was entered: once more (restoring twice is harmless).
+                    with contextlib.suppress(BaseException):
+                        self._give_back()
         if len(self.flows) == 2:
             f0, f1 = self.flows
             moved, spliced = (f0.moved, f1.moved), f0.spliced + f1.spliced
@@ -2045,13 +2056,20 @@ def pipe_splice(
     return _run_blocking(relay)
 
 
+# How many times _finish_after() runs a finish() that signal handlers' exceptions cut
+# short: each run goes on from the step after the last one started.
+_FINISH_TRIES = 16
+
+
 def _run_blocking(relay: _Relay) -> RelayStats:
     try:
         poller = select.poll()
+        relay.begin()
     except BaseException:
+        # Also a KeyboardInterrupt landing just after begin() returned: no byte has
+        # moved yet, so the caller gets both sockets back as they were.
         relay.abandon()
         raise
-    relay.begin()
     registered: dict[int, int] = {}
     # fds that reported POLLHUP while the relay wanted nothing from them. poll reports
     # POLLHUP/POLLERR even for an empty mask, and HUP stays set (both directions shut,
@@ -2071,12 +2089,14 @@ def _run_blocking(relay: _Relay) -> RelayStats:
         pending = exc
         raise
     finally:
+        # (No poller.unregister(): select.poll keeps its fds in user space, and the
+        # poller is dropped here. Each call would be one more place for a signal
+        # handler's exception to skip the finish.)
         try:
-            for fd in registered:
-                with contextlib.suppress(KeyError, ValueError):
-                    poller.unregister(fd)
-        finally:
             stats = _finish_after(relay, pending)
+        except BaseException as cut:
+            _finish_again(relay, pending, cut)
+            raise
     return stats
 
 
@@ -2097,15 +2117,50 @@ def _finish_after(relay: _Relay, pending: BaseException | None) -> RelayStats:
     exception already ending the relay, a KeyboardInterrupt included, which
     ``except Exception`` would then swallow. It is noted on *pending* instead, and
     the first exception goes on, as the hub's crash path does.
+
+    A signal handler's exception (a second Ctrl-C, a watchdog's) may also land
+    between finish()'s steps, outside the ``try`` that guards each one, and leave
+    the relay without stats: its pipes, and with ``close=True`` its sockets, open,
+    and the relay pinned in ``_RUNNING``. finish() counts its steps, so it is run
+    again from the step after the last one started, up to :data:`_FINISH_TRIES`
+    times, and the interruption goes on once the relay has ended (or is noted on
+    *pending*, which goes on). One landing as this function is entered, before its
+    ``try``, is for the caller: :func:`_finish_again`.
     """
-    try:
-        return relay.finish()
-    except Exception as late:
-        if pending is None or late is pending:
-            raise
-        _note(pending, f"and ending the relay raised {late!r}")
-        assert relay.stats is not None  # finish() records them before raising
-        return relay.stats
+    cut: BaseException | None = None
+    for _ in range(_FINISH_TRIES):
+        try:
+            try:
+                stats = relay.finish()
+            except Exception as late:
+                if pending is None or late is pending:
+                    raise
+                _note(pending, f"and ending the relay raised {late!r}")
+                assert relay.stats is not None  # finish() records them before raising
+                stats = relay.stats
+        except BaseException as exc:
+            if relay.stats is not None or exc is pending:
+                # finish() ended the relay and raised what one of its steps raised.
+                raise
+            cut = cut or exc
+            continue
+        if cut is None:
+            return stats
+        if pending is None:
+            raise cut
+        _note(pending, f"and ending the relay was interrupted by {cut!r}")
+        return stats
+    assert cut is not None
+    raise cut
+
+
+def _finish_again(relay: _Relay, pending: BaseException | None, cut: BaseException) -> None:
+    """After :func:`_finish_after` raised *cut*: if that was an interruption before
+    the relay recorded its end (as the function was entered), end it now. The
+    caller then raises *cut*."""
+    if relay.stats is None and cut is not pending:
+        with contextlib.suppress(BaseException):
+            _finish_after(relay, pending or cut)
 
 
 def _drive(relay: _Relay, poller: Any, registered: dict[int, int], muted: set[int]) -> None:
@@ -2715,13 +2770,19 @@ async def _run_async_selector(relay: _Relay) -> RelayStats:
             dropped = finished.exception()
         raise
     finally:
-        if timer is not None:
-            timer.cancel()
-        for fd in readers:
-            loop.remove_reader(fd)
-        for fd in writers:
-            loop.remove_writer(fd)
-        stats = _finish_after(relay, pending)
+        try:
+            if timer is not None:
+                timer.cancel()
+            for fd in readers:
+                loop.remove_reader(fd)
+            for fd in writers:
+                loop.remove_writer(fd)
+        finally:
+            try:
+                stats = _finish_after(relay, pending)
+            except BaseException as cut:
+                _finish_again(relay, pending, cut)
+                raise
         if isinstance(dropped, Exception):  # lost() sets nothing else
             _report_lost(loop, dropped, _DROPPED_BY_CANCEL)
     return stats
