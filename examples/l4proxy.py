@@ -83,9 +83,20 @@ def backend(text: str) -> Node:
             f"invalid weight {weight!r} in {text!r}: must be a whole number"
         ) from None
     try:
-        return Node(parse_address(addr), weight=number)
+        address = parse_address(addr)
+        node = Node(address, weight=number)
     except ReuselbError as exc:  # the address, or a weight out of range
         raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+    # Fine for listening, not for connecting: accepted, they printed "ready" and
+    # then reset every client ("every backend refused", for a name that was never
+    # looked up).
+    if address.is_wildcard:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: a backend needs a host to connect to, not the wildcard {address.host!r}"
+        )
+    if address.port == 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a backend needs a port to connect to, not 0")
+    return node
 
 
 def seconds(text: str) -> float:
@@ -505,8 +516,12 @@ def replace_dead(pool: Pool) -> None:
             pool.procs[i] = pool.spawn(i)
         except (OSError, RuntimeError) as exc:
             del pool.procs[i]
-            member = pool.members[i]
-            pool.group.take(pool.group.members.index(member)).close()
+            # take() is by slot, and slot i is worker i's for good (a take leaves
+            # every slot where it is). Not group.members.index(): that list skips
+            # the members taken already, so after one failed replacement it named
+            # another worker's member, which was closed while the dead one's
+            # queue hung.
+            pool.group.take(i).close()
             print(f"worker {proc.pid} died and was not replaced: {exc}", flush=True)
             continue
         print(f"replaced worker {proc.pid} -> {pool.procs[i].pid}", flush=True)

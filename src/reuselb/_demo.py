@@ -42,8 +42,8 @@ class DemoError(RuntimeError):
 
 
 def _refuse_a_taken_port(port: int) -> None:
-    """Raise :class:`DemoError` if a socket listens on (or holds) ``127.0.0.1:port``,
-    or if this process may not bind the port at all.
+    """Raise :class:`DemoError` if a socket listens on ``127.0.0.1:port`` or holds it
+    without SO_REUSEADDR, or if this process may not bind the port at all.
 
     The demo's workers and its hold_port() socket join with SO_REUSEPORT, which the
     kernel lets every socket of this user id share: on a port where another of the
@@ -54,7 +54,9 @@ def _refuse_a_taken_port(port: int) -> None:
     test. It sets SO_REUSEADDR so that an earlier run's connections in TIME_WAIT on
     this port do not count: they are not listeners, and the kernel still refuses
     the bind next to one. (A server that starts listening between this check and
-    the workers' start is not caught: the answers then say so.)
+    the workers' start is not caught: the answers then say so. Nor is a socket only
+    bound, with SO_REUSEADDR and SO_REUSEPORT: the kernel lets the probe bind next
+    to it.)
 
     :raises DemoError: the port is taken, or the kernel refused the bind otherwise
         (``EACCES``: a port below ``net.ipv4.ip_unprivileged_port_start``, 1024 by
@@ -105,9 +107,13 @@ def _worker_main(port: int) -> int:
             if stdin in readable and not os.read(stdin, 4096):
                 return 0
             if listener in readable:
-                conn, _ = listener.accept()
-                with conn:
-                    conn.sendall(f"{os.getpid()}\n".encode())
+                # A client that is gone by now (a connect-scan's reset, a health
+                # check that closes at once) ends only its own connection: before,
+                # its ConnectionResetError killed the worker with a traceback.
+                with contextlib.suppress(ConnectionError):
+                    conn, _ = listener.accept()
+                    with conn:
+                        conn.sendall(f"{os.getpid()}\n".encode())
 
 
 @contextlib.contextmanager

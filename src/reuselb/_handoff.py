@@ -242,9 +242,21 @@ def send_sockets(
             raise InvalidArgument(
                 "name", n, f"is {size} bytes as JSON; a name may have at most {_MAX_NAME}"
             )
-    if len(labels) != len(items) or len(set(labels)) != len(labels):
-        raise InvalidArgument("names", labels, "need one unique name per socket")
-    sent_socks = [check_open(s) for s in items]
+    if len(labels) != len(items):
+        raise InvalidArgument(
+            "number of names", len(labels), f"must be that of the sockets, {len(items)}"
+        )
+    first: dict[str, int] = {}
+    for i, n in enumerate(labels):
+        # The repeated name and where, not the whole list: 20,000 names with one
+        # repeat made a 4 MB message that did not say which one.
+        if (j := first.setdefault(n, i)) != i:
+            raise InvalidArgument("name", n, f"is given twice (names[{j}] and names[{i}])")
+    # Which one is bad, by name or position: "socket is closed" alone did not say.
+    sent_socks = [
+        check_open(s, f"socks[{i}]" if names is None else f"socket {labels[i]!r}")
+        for i, s in enumerate(items)
+    ]
     header = _header(labels, [_describe(s) for s in sent_socks])
     # Refused here, before any byte is sent: the receiver would refuse it only
     # after reading its length, and this side would see a broken channel, not why.
@@ -1882,7 +1894,7 @@ def inherit_sockets(socks: Mapping[str, socket.socket]) -> tuple[list[int], dict
     for name, sock in socks.items():
         if not isinstance(name, str) or not _NAME_RE.match(name):
             raise InvalidArgument("name", name, "must be 1-64 of letters, digits and _.:-")
-        fd = check_open(sock).fileno()
+        fd = check_open(sock, f"socket {name!r}").fileno()
         if fd in names_by_fd:
             raise InvalidArgument(
                 "socks", socks, f"names fd {fd} twice ({names_by_fd[fd]!r} and {name!r})"
