@@ -23,6 +23,7 @@ from reuselb import (
     InvalidArgument,
     RelayStats,
     SocketClosed,
+    WrongSocketType,
     async_pipe_splice,
     pipe_splice,
     start_pipe_splice,
@@ -1384,3 +1385,91 @@ def test_a_wrong_thread_s_cancel_of_a_running_debug_loop_s_future_ends_the_relay
         loop.call_soon_threadsafe(stop.set)
         thread.join(JOIN)
         end_loop(loop, close=[a1, a2, b1, b2])
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_an_idle_timer_that_fires_early_does_not_spin_the_loop(
+    listener: socket.socket, monkeypatch: pytest.MonkeyPatch, loop_kind: str
+) -> None:
+    # uvloop (libuv) counts timers in whole milliseconds of a cached loop time and
+    # fires them up to 1 ms early; the relay re-armed call_later(left) for the rest,
+    # under 1 ms, which uvloop ran as a 0 ms timer: hundreds of timer callbacks per
+    # relay (761-4271 for 40 relays), the loop spinning until the deadline passed.
+    calls = 0
+    real_on_timer = relay_mod._Driven.on_timer
+
+    def counted(self: Any) -> None:
+        nonlocal calls
+        calls += 1
+        real_on_timer(self)
+
+    monkeypatch.setattr(relay_mod._Driven, "on_timer", counted)
+    pairs = [(*tcp_pair(listener), *tcp_pair(listener)) for _ in range(20)]
+
+    async def main() -> list[RelayStats]:
+        futures = []
+        for i, (client, a, b, _backend) in enumerate(pairs):
+            futures.append(start_pipe_splice(a, b, idle_timeout=0.1 + i * 0.0037))
+            client.sendall(b"x")  # one byte, then silence
+        return await asyncio.wait_for(asyncio.gather(*futures), JOIN)
+
+    loop = _new_loop(loop_kind)
+    try:
+        with _watchdog(*(s for q in pairs for s in q)):
+            stats = loop.run_until_complete(main())
+    finally:
+        end_loop(loop)
+        for q in pairs:
+            for s in q:
+                s.close()
+    assert [s.a_end for s in stats] == [End.TIMEOUT] * len(pairs)
+    # One callback per relay at the deadline, a few more where it fired early (each
+    # re-arm at least 1 ms): not hundreds.
+    assert calls <= 4 * len(pairs), calls
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_a_transport_s_socket_is_refused_on_both_loops(
+    listener: socket.socket, loop_kind: str
+) -> None:
+    # get_extra_info("socket") of a transport: asyncio's TransportSocket lacks the
+    # I/O methods and was refused, but uvloop's PseudoSocket has each of them (each
+    # raising TypeError), so it passed as a SocketLike: the relay started, failed at
+    # its first read, and with close=True reset the caller's other socket.
+    b, backend = tcp_pair(listener)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        made: asyncio.Future[asyncio.BaseTransport] = loop.create_future()
+
+        class Protocol(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                made.set_result(transport)
+
+        server = await loop.create_server(Protocol, "127.0.0.1", 0)
+        with socket.create_connection(server.sockets[0].getsockname(), timeout=JOIN):
+            transport = await asyncio.wait_for(made, JOIN)
+            try:
+                for start in (start_pipe_splice, async_pipe_splice):
+                    with pytest.raises(WrongSocketType, match="a transport's socket") as info:
+                        await start(transport.get_extra_info("socket"), b)
+                    assert "relay side a" in str(info.value)
+            finally:
+                transport.close()
+                server.close()
+                await server.wait_closed()
+
+    loop = _new_loop(loop_kind)
+    try:
+        loop.run_until_complete(main())
+    finally:
+        end_loop(loop)
+    try:
+        # b untouched: open, blocking, and its peer hears nothing (no reset).
+        assert b.fileno() != -1 and b.gettimeout() is None
+        b.sendall(b"still here")
+        backend.settimeout(JOIN)
+        assert backend.recv(64) == b"still here"
+    finally:
+        b.close()
+        backend.close()

@@ -1899,6 +1899,16 @@ def _same_socket(sock: socket.socket, other: Side, other_fd: int, inode: int) ->
         return False  # *other_fd* is closed: not a running relay's socket
 
 
+def _is_transport_socket(sock: object) -> bool:
+    """Whether *sock* is the stand-in that an asyncio or uvloop transport gives out
+    as ``get_extra_info("socket")``: its I/O methods raise, the transport owns the fd."""
+    cls = type(sock)
+    return (cls.__module__, cls.__name__) in {
+        ("uvloop.loop", "PseudoSocket"),
+        ("asyncio.trsock", "TransportSocket"),
+    }
+
+
 def _check_pair(a: object, b: object) -> tuple[int | None, int | None]:
     """Refuse a pair that cannot be relayed; return the sides' sockfs inodes (see
     :func:`_inode`), which the asyncio hub keys its sockets by."""
@@ -1937,6 +1947,17 @@ def _check_pair(a: object, b: object) -> tuple[int | None, int | None]:
     fds: list[int] = []
     for name, sock in (("a", a), ("b", b)):
         if not isinstance(sock, socket.socket):
+            if _is_transport_socket(sock):
+                # uvloop's PseudoSocket has every method, each raising TypeError: it
+                # passed as a SocketLike, the relay started, failed at its first
+                # read, and with close=True reset the caller's other side. (asyncio's
+                # TransportSocket lacks them and was refused below.)
+                raise WrongSocketType(
+                    f"relay side {name}",
+                    "a socket.socket or an object with " + ", ".join(_SOCKET_LIKE),
+                    f"{type(sock).__name__} (a transport's socket: relay the socket "
+                    "itself, before a transport owns it)",
+                )
             missing = [m for m in _SOCKET_LIKE if not callable(getattr(sock, m, None))]
             if missing:
                 raise WrongSocketType(
@@ -2055,6 +2076,13 @@ def pipe_splice(
     relay = _Relay(a, b, pipe_size=pipe_size, idle_timeout=idle_timeout, close=close)
     return _run_blocking(relay)
 
+
+# The shortest re-arm of an idle timer that fired before the deadline. uvloop
+# (libuv) counts timers in whole milliseconds of a cached loop time, so it fires
+# them up to 1 ms early, and a re-arm for the rest (under 1 ms) was a 0 ms timer:
+# the loop spun, 27 callbacks in 0.13 ms, until the deadline had passed. At most
+# 1 ms late instead.
+_TIMER_MIN = 0.001
 
 # How many times _finish_after() runs a finish() that signal handlers' exceptions cut
 # short: each run goes on from the step after the last one started.
@@ -2720,7 +2748,7 @@ async def _run_async_selector(relay: _Relay) -> RelayStats:
             left = relay.idle_left()
             assert left is not None
             if left > 0:
-                timer = loop.call_later(left, on_timer)
+                timer = loop.call_later(max(left, _TIMER_MIN), on_timer)
                 return False
             relay.timeout()
             return True
@@ -3525,7 +3553,7 @@ class _Driven:
             left = self.relay.idle_left()
             assert left is not None
             if left > 0:
-                self.timer = self.hub.loop.call_later(left, self.on_timer)
+                self.timer = self.hub.loop.call_later(max(left, _TIMER_MIN), self.on_timer)
                 return
             self.relay.timeout()
             self.end()
