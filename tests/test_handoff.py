@@ -2020,6 +2020,45 @@ def test_drain_close_after_take_keeps_the_group_in_kernel_order(
         s0.close()
 
 
+@pytest.mark.parametrize("migrate", [False, True])
+@pytest.mark.parametrize("held", [True, False])
+def test_drain_close_of_a_listener_held_elsewhere_keeps_its_slot(
+    monkeypatch: pytest.MonkeyPatch, migrate: bool, held: bool
+) -> None:
+    # A copy of the listener held elsewhere (a worker it was handed to; here a
+    # dup) keeps the socket listening in the kernel's group after drain_close closes
+    # its fd. Before, the result said nothing of it and the ReuseportGroup dropped
+    # the slot as if the socket had left: its indexes no longer matched the
+    # kernel's, and steering by them picked the wrong members (the "drained"
+    # socket got the connections meant for the group's member 1).
+    monkeypatch.setattr(_handoff, "tcp_migrate_req", lambda: migrate)
+    group = reuseport_group("127.0.0.1:0", 3)
+    m0, m1, m2 = group
+    copy = m1.dup() if held else None
+    try:
+        result = drain_close(m1, group=group, grace=0.01)
+        assert m1.fileno() == -1
+        assert result.still_listening is held
+        assert group.members == (m0, m2)
+        if held:
+            assert copy is not None
+            assert len(group) == 3  # slot 1 is kept, as a taken member's
+            steer_all_to(group, 2)
+            assert _accepts(m2, group.port)
+            steer_all_to(group, 0)
+            assert _accepts(m0, group.port)
+            group.close()
+            assert copy.fileno() != -1, "the copy is its holder's"
+        else:
+            assert len(group) == 2  # m2 moved into slot 1, as in the kernel
+            steer_all_to(group, 1)
+            assert _accepts(m2, group.port)
+    finally:
+        group.close()
+        if copy is not None:
+            copy.close()
+
+
 def test_drain_close_of_a_taken_member_keeps_the_group_in_step(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

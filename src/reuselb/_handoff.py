@@ -49,6 +49,7 @@ from ._sockets import (
     _TCP_DEFER_ACCEPT,
     _TCP_SYN_RECV_STATE,
     ReuseportGroup,
+    _diag_listener,
     _sock_diag,
     check_flag,
     check_open,
@@ -996,6 +997,14 @@ class DrainResult:
         ``ENOBUFS``, ``ENOMEM``). The connections taken before are in *accepted*
         (not closed: they are served or handed on like any other); those still
         queued were reset when *listener* closed.
+    :ivar still_listening: the socket still listened once *listener* was closed:
+        another copy of it is open (a dup, a process it was handed to), so it
+        stays in the kernel's reuseport group and gets its share of new
+        connections, which whoever holds the copy accepts (the migrate path
+        migrated nothing). A :class:`ReuseportGroup` keeps its slot, as that of a
+        member taken from it, so that its indexes stay the kernel's. Close every
+        copy to take it out. Known where sock_diag can be read (netlink);
+        ``False`` otherwise.
     """
 
     path: str
@@ -1003,6 +1012,7 @@ class DrainResult:
     timed_out: bool = False
     steering_error: Exception | None = None
     accept_error: OSError | None = None
+    still_listening: bool = False
 
 
 # accept(2): Linux passes a queued connection's pending network error to accept(),
@@ -1585,17 +1595,45 @@ def _drain_close(
     # to accept until the queue is empty, and leave() puts it back (a worker's
     # blocking accept() on its copy raised BlockingIOError after the drain).
     was_blocking = os.get_blocking(listener.fileno())
+    # To tell, after the close, whether the socket left the kernel's group (see
+    # still_listening()).
+    family, inode = listener.family, os.fstat(listener.fileno()).st_ino
+    # The group as it was before leave() removed the listener's slot.
+    before: list[tuple[list[socket.socket | None], dict[int, Any]]] = []
 
     def leave() -> None:
         """Take *listener* out of *group*, then close it; safe to call again."""
         # The group first: it must mirror the kernel even if the close is where an
         # interrupt (a signal handler raising) comes.
         if isinstance(group, ReuseportGroup) and len(group) == size:
+            # (_remove publishes new lists: these stay as they were.)
+            before.append((group._members, group._taken))
             group._remove(index)
         if was_blocking and (fd := listener.fileno()) != -1:
             with contextlib.suppress(OSError):
                 os.set_blocking(fd, True)
         listener.close()
+
+    def still_listening() -> bool:
+        """Whether the socket still listens after leave() closed *listener*.
+
+        Closing one fd of a socket takes it out of the kernel's group only when it
+        was the last: a copy held elsewhere (a dup, a process it was handed to)
+        keeps it listening, in its slot, getting its share of new connections.
+        The group then keeps the slot, as that of a member taken from it: removed,
+        its indexes no longer matched the kernel's, and steering by them (restore's
+        program included) picked the wrong members. Only where sock_diag can be
+        read (False otherwise).
+        """
+        if _diag_listener(family, inode) is None:
+            return False
+        if isinstance(group, ReuseportGroup) and before and len(group) == size - 1:
+            members_before, taken_before = before[0]
+            kept, taken = list(members_before), dict(taken_before)
+            kept[index] = None
+            taken[index] = weakref.ref(listener)
+            group._members, group._taken = kept, taken
+        return True
 
     if tcp_migrate_req():
         try:
@@ -1606,10 +1644,11 @@ def _drain_close(
             # one it still lists, with stale indexes).
             leave()
             raise
+        held = still_listening()
         error = None
         if restore is not None and group is not None:
             error = _restore(restore, group, members, index)
-        return DrainResult("migrate", steering_error=error)
+        return DrainResult("migrate", steering_error=error, still_listening=held)
     if group is None:
         raise InvalidArgument(
             "group",
@@ -1815,6 +1854,7 @@ def _drain_close(
         # at the end closes the accepted connections.
         drain_error = drain()
         leave()
+        held = still_listening()
         # Detached before restore runs, not replaced by its program: a restore that
         # attaches nothing (one that attaches only when a condition holds) left this
         # program, made for the group before the close, steering away from the
@@ -1830,7 +1870,9 @@ def _drain_close(
             steering_error = _restore(restore, group, members, index) or steering_error
         if drain_error is not None:
             raise drain_error
-        return DrainResult("steer", accepted, timed_out, steering_error, accept_error)
+        return DrainResult(
+            "steer", accepted, timed_out, steering_error, accept_error, still_listening=held
+        )
     except BaseException as exc:
         if attaching:
             # The kernel refused the program (SteeringError): nothing changed. Any
