@@ -2059,6 +2059,28 @@ def test_drain_close_of_a_listener_held_elsewhere_keeps_its_slot(
             copy.close()
 
 
+@pytest.mark.parametrize("migrate", [False, True])
+def test_drain_close_does_not_restore_a_list_group_whose_listener_is_held_elsewhere(
+    monkeypatch: pytest.MonkeyPatch, migrate: bool
+) -> None:
+    # A list cannot name the slot of a socket that still listens after the drain
+    # (held elsewhere): restore got the list as if the socket had left, n-1 members
+    # in the kernel's order after a real leave, so its program's indexes were off by
+    # one slot (the "drained" socket took half the connections, a live member none).
+    monkeypatch.setattr(_handoff, "tcp_migrate_req", lambda: migrate)
+    with reuseport_group("127.0.0.1:0", 3) as group:
+        m0, m1, m2 = group
+        calls: list[object] = []
+        with m0.dup() as copy:
+            result = drain_close(m0, group=[m0, m1, m2], grace=0.01, restore=calls.append)
+            assert result.still_listening
+            assert calls == []
+            assert isinstance(result.steering_error, SteeringError)
+            assert "still listens in its slot" in str(result.steering_error)
+            # Nothing steers: the kernel's hash spreads over all three, the copy too.
+            assert copy.fileno() != -1
+
+
 def test_drain_close_of_a_taken_member_keeps_the_group_in_step(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -116,7 +116,9 @@ class InvalidArgument(ReuselbError, ValueError):
     """An argument is out of its allowed range (a negative count, a zero backlog, ...).
 
     :ivar name: the parameter's name.
-    :ivar value: the value passed.
+    :ivar value: the value passed, or where that is a collection whose size is
+        what is wrong, its size as the message shows it (``"3 members"`` for a
+        group, ``0`` for an empty ``socks``).
     """
 
     def __init__(self, name: str, value: object, reason: str) -> None:

@@ -987,7 +987,9 @@ class DrainResult:
         why not: the exception *restore* raised (drain_close's own program was
         detached before *restore* ran, on the steer path), or the steer path could
         not detach its program because every other member was closed meanwhile
-        (by another thread). The drain
+        (by another thread), or *restore* was not called because the socket still
+        listens (*still_listening*) and *group* is a list, which cannot name its
+        slot (a :class:`~reuselb.SteeringError`). The drain
         itself succeeded: *listener* is closed and *accepted* holds every
         connection taken. The group may still carry drain_close's program:
         re-attach yours, or call :func:`~reuselb.detach_steering` through a member
@@ -1203,8 +1205,22 @@ def _restore(
     group: GroupLike,
     members: list[socket.socket],
     index: int,
+    held: bool = False,
 ) -> Exception | None:
-    """Call the caller's *restore* with the group *listener* left; its error, if any."""
+    """Call the caller's *restore* with the group *listener* left; its error, if any.
+
+    *held*: the socket still listens (DrainResult.still_listening), in its slot. A
+    ReuseportGroup keeps that slot as a taken member's; a plain list has nothing to
+    put there (its member is closed), and the list without it, in the order the
+    kernel would have after a real leave, would give restore indexes off by one
+    slot: restore is not called, and the error says why.
+    """
+    if held and not isinstance(group, ReuseportGroup):
+        return SteeringError(
+            "restore was not called: the listener's socket still listens in its slot "
+            "(another copy of it is open), which a list of sockets cannot name; pass "
+            "a ReuseportGroup, or re-attach steering once every copy is closed"
+        )
     if isinstance(group, ReuseportGroup):
         remaining: ReuseportGroup | Sequence[socket.socket] = group  # updated by _remove()
     else:
@@ -1647,7 +1663,7 @@ def _drain_close(
         held = still_listening()
         error = None
         if restore is not None and group is not None:
-            error = _restore(restore, group, members, index)
+            error = _restore(restore, group, members, index, held)
         return DrainResult("migrate", steering_error=error, still_listening=held)
     if group is None:
         raise InvalidArgument(
@@ -1867,7 +1883,7 @@ def _drain_close(
         if restore is not None:
             # After the close: the caller's program is for the group without
             # listener. Its error, if any, is the one reported.
-            steering_error = _restore(restore, group, members, index) or steering_error
+            steering_error = _restore(restore, group, members, index, held) or steering_error
         if drain_error is not None:
             raise drain_error
         return DrainResult(

@@ -2049,7 +2049,9 @@ def pipe_splice(
         :class:`OSError`; also by a relay of a loop closed with
         ``loop.close()`` alone that held it: every start ends those first).
     :raises InvalidArgument: *a* and *b* are the same socket (two fds of one socket
-        too, e.g. ``b = a.dup()``), or a bad option.
+        too, e.g. ``b = a.dup()``), a bad option, or a :class:`SocketLike` side
+        that is blocking (its ``gettimeout()`` is not 0) and has no
+        ``setblocking()``.
     :raises OSError: making a side non-blocking or setting ``TCP_NODELAY`` failed
         (the sockets are given back as they were), or ``poll`` failed.
     :raises Exception: what a :class:`SocketLike` side's method, or the
@@ -2481,7 +2483,8 @@ async def async_pipe_splice(
         :class:`OSError`; also by a relay of a loop closed with
         ``loop.close()`` alone that held it: every start ends those first).
     :raises InvalidArgument: *a* and *b* are the same socket (or two fds of it), a
-        bad option, or a socket is already in another running relay of this loop
+        bad option, a :class:`SocketLike` side that is blocking and has no
+        ``setblocking()``, or a socket is already in another running relay of this loop
         (also as another fd of it, e.g. ``a.dup()``; a :class:`SocketLike` is known
         by its ``fileno()``; checked by the loop's epoll hub, i.e. on Linux).
     :raises OSError: the loop's epoll instance could not be created (e.g. ``EMFILE``),
@@ -2551,7 +2554,8 @@ def start_pipe_splice(
         :class:`OSError`; also by a relay of a loop closed with
         ``loop.close()`` alone that held it: every start ends those first).
     :raises InvalidArgument: *a* and *b* are the same socket (or two fds of it), a
-        bad option, or a socket is already in another running relay of this loop
+        bad option, a :class:`SocketLike` side that is blocking and has no
+        ``setblocking()``, or a socket is already in another running relay of this loop
         (also as another fd of it, e.g. ``a.dup()``; a :class:`SocketLike` is known
         by its ``fileno()``; checked by the loop's epoll hub, i.e. on Linux).
     :raises OSError: the loop's epoll instance could not be created (e.g. ``EMFILE``),
