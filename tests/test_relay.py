@@ -3745,6 +3745,24 @@ def test_a_copy_read_that_fills_the_buffer_tail_reads_on(listener: socket.socket
             s.close()
 
 
+def _poll_interrupted(at_wait: Callable[[], object]) -> Callable[[], Any]:
+    """A select.poll stand-in whose first wait calls *at_wait*, then raises
+    KeyboardInterrupt, as a Ctrl-C during the wait would."""
+    real_poll = select.poll
+
+    class Interrupted:
+        def __init__(self) -> None:
+            self._poll = real_poll()
+            self.register, self.modify = self._poll.register, self._poll.modify
+            self.unregister = self._poll.unregister
+
+        def poll(self, timeout: int | None = None) -> list[tuple[int, int]]:
+            at_wait()
+            raise KeyboardInterrupt("the first one")
+
+    return Interrupted
+
+
 def _line_of(function: Any, text: str) -> int:
     """The number of the first line of *function*'s source that starts with *text*."""
     import inspect
@@ -3781,7 +3799,6 @@ def test_a_second_interrupt_during_the_cleanup_still_ends_the_relay(
     a.settimeout(2.5)
     up = os.urandom(300_000)  # a stream: the direction switches to a pipe
     before = _open_files()
-    real_poll = select.poll
     if where == "entering the finish":
         target, line = relay_mod._finish_after.__code__, None
     elif where == "entering the give-back":
@@ -3809,18 +3826,8 @@ def test_a_second_interrupt_during_the_cleanup_still_ends_the_relay(
 
         return lines
 
-    class Interrupted:
-        """poll() that is interrupted at its first wait, and arms the second one."""
-
-        def __init__(self) -> None:
-            self._poll = real_poll()
-            self.register, self.modify = self._poll.register, self._poll.modify
-            self.unregister = self._poll.unregister
-
-        def poll(self, timeout: int | None = None) -> list[tuple[int, int]]:
-            sys.settrace(tracer)
-            raise KeyboardInterrupt("the first one")
-
+    # poll() is interrupted at its first wait, and arms the second interrupt.
+    Interrupted = _poll_interrupted(lambda: sys.settrace(tracer))
     old_trace = sys.gettrace()
     try:
         client.sendall(up)
@@ -3859,22 +3866,12 @@ def test_an_exception_out_of_the_blocking_wait_still_ends_the_relay(
     up = os.urandom(300_000)  # a stream: the direction switches to a pipe
     before = _open_files()
     pipes_at_interrupt: list[list[int]] = []
-    real_poll = select.poll
 
-    class Interrupted:
-        """poll() that is interrupted at its first wait."""
-
-        def __init__(self) -> None:
-            self._poll = real_poll()
-            self.register, self.modify = self._poll.register, self._poll.modify
-            self.unregister = self._poll.unregister
-
-        def poll(self, timeout: int | None = None) -> list[tuple[int, int]]:
-            pipes_at_interrupt.append(
-                [fd for fd, what in _open_files() - before if what.startswith("pipe:")]
-            )
-            raise KeyboardInterrupt
-
+    Interrupted = _poll_interrupted(
+        lambda: pipes_at_interrupt.append(
+            [fd for fd, what in _open_files() - before if what.startswith("pipe:")]
+        )
+    )
     try:
         client.sendall(up)
         _wait_unread(a, len(up))
