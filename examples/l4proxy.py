@@ -91,8 +91,10 @@ def backend(text: str) -> Node:
     # then reset every client ("every backend refused", for a name that was never
     # looked up).
     if address.is_wildcard:
+        typed = addr.rpartition(":")[0]  # as typed: "*", "[::]", "0.0.0.0" or none
         raise argparse.ArgumentTypeError(
-            f"{text!r}: a backend needs a host to connect to, not the wildcard {address.host!r}"
+            f"{text!r}: a backend needs a host to connect to"
+            + (f", not the wildcard {typed!r}" if typed else "")
         )
     if address.port == 0:
         raise argparse.ArgumentTypeError(f"{text!r}: a backend needs a port to connect to, not 0")

@@ -191,8 +191,11 @@ def _assert_refused(script: str, args: list[str], *messages: str) -> None:
         # backend refused".
         (["--backend", "127.0.0.1:0"], "'127.0.0.1:0': a backend needs a port"),
         (["--backend", ":6379"], "':6379': a backend needs a host to connect to"),
-        (["--backend", "*:6379"], "not the wildcard ''"),
-        (["--backend", "[::]:6379"], "not the wildcard '::'"),
+        (
+            ["--backend", "*:6379"],
+            "'*:6379': a backend needs a host to connect to, not the wildcard '*'",
+        ),
+        (["--backend", "[::]:6379"], "not the wildcard '[::]'"),
     ],
 )
 def test_l4proxy_refuses_bad_backends_and_timeouts(

@@ -3780,6 +3780,7 @@ def _line_of(function: Any, text: str) -> int:
         (False, "between the finish's steps"),
         (True, "inside socket.close()"),
         (False, "entering the give-back"),
+        (True, "between the two resets"),
     ],
 )
 def test_a_second_interrupt_during_the_cleanup_still_ends_the_relay(
@@ -3799,10 +3800,16 @@ def test_a_second_interrupt_during_the_cleanup_still_ends_the_relay(
     a.settimeout(2.5)
     up = os.urandom(300_000)  # a stream: the direction switches to a pipe
     before = _open_files()
+    nth = 1  # the line's nth run
     if where == "entering the finish":
         target, line = relay_mod._finish_after.__code__, None
     elif where == "entering the give-back":
         target, line = relay_mod._Relay._give_back.__code__, None
+    elif where == "between the two resets":
+        # Each flow's reset in turn; counted as one step, the retry skipped the
+        # second, and its peer took the truncated stream for a complete one.
+        target = relay_mod._Relay.finish.__code__
+        line, nth = _line_of(relay_mod._Relay.finish, "if not flow.shut:"), 2
     elif where == "between the finish's steps":
         target = relay_mod._Relay.finish.__code__
         line = _line_of(relay_mod._Relay.finish, "if self.close:")
@@ -3810,6 +3817,7 @@ def test_a_second_interrupt_during_the_cleanup_still_ends_the_relay(
         target = socket.socket.close.__code__
         line = _line_of(socket.socket.close, "if self._io_refs <= 0:")
     landed: list[str] = []
+    runs: list[int] = []
 
     def tracer(frame: types.FrameType, event: str, arg: Any) -> Any:
         if frame.f_code is not target or landed:
@@ -3820,8 +3828,10 @@ def test_a_second_interrupt_during_the_cleanup_still_ends_the_relay(
 
         def lines(frame: types.FrameType, event: str, arg: Any) -> Any:
             if event == "line" and frame.f_lineno == line and not landed:
-                landed.append(event)
-                raise KeyboardInterrupt("the second one")
+                runs.append(line)
+                if len(runs) == nth:
+                    landed.append(event)
+                    raise KeyboardInterrupt("the second one")
             return lines
 
         return lines
@@ -3844,11 +3854,174 @@ def test_a_second_interrupt_during_the_cleanup_still_ends_the_relay(
         _assert_no_relay_fds_since(before)
         if close:
             assert a.fileno() == b.fileno() == -1
+            # Neither stream reached its EOF: both peers are reset, never sent a
+            # clean EOF that could pass for the end of a complete stream.
+            assert (_how_it_ends(backend), _how_it_ends(client)) == ("reset", "reset")
         else:
             assert a.fileno() != -1 and b.fileno() != -1
             assert (a.gettimeout(), b.gettimeout()) == (2.5, None)
     finally:
         relay_mod._RUNNING.clear()
+        for s in (client, a, b, backend):
+            s.close()
+
+
+@pytest.mark.parametrize("close", [True, False])
+def test_an_interrupt_right_after_the_start_still_ends_the_relay(
+    listener: socket.socket, close: bool
+) -> None:
+    # A KeyboardInterrupt at the first statement after begin() returned (it was
+    # `muted = set()`, a call, where a signal handler runs), before the try whose
+    # cleanup ends the relay: begin() had made both sides non-blocking and
+    # registered the relay, which stayed in _RUNNING for good, a side non-blocking.
+    # A tracer raises it there (a `try:` line itself is no such place: it runs no
+    # bytecode that a handler could interrupt).
+    import linecache
+
+    client, a = tcp_pair(listener)
+    b, backend = tcp_pair(listener)
+    a.settimeout(2.5)
+    begin, run = relay_mod._Relay.begin.__code__, relay_mod._run_blocking.__code__
+    landed: list[str] = []
+    returned: list[str] = []
+
+    def tracer(frame: types.FrameType, event: str, arg: Any) -> Any:
+        if landed or frame.f_code not in (begin, run):
+            return None
+
+        def watch(frame: types.FrameType, event: str, arg: Any) -> Any:
+            if frame.f_code is begin and event == "return":
+                returned.append(event)
+            elif frame.f_code is run and event == "line" and returned and not landed:
+                text = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
+                if text != "try:":
+                    landed.append(text)
+                    raise KeyboardInterrupt("right after the start")
+            return watch
+
+        return watch
+
+    try:
+        sys.settrace(tracer)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                pipe_splice(a, b, close=close)
+        finally:
+            sys.settrace(None)
+        assert landed
+        assert not relay_mod._RUNNING
+        if close:
+            # Inside the relay's try: ended as any interrupted relay, sides closed.
+            assert a.fileno() == b.fileno() == -1
+        else:
+            assert (a.gettimeout(), b.gettimeout()) == (2.5, None)
+    finally:
+        relay_mod._RUNNING.clear()
+        for s in (client, a, b, backend):
+            s.close()
+
+
+def test_an_interrupt_during_the_end_is_not_lost_to_a_wrapper_s_close_error(
+    listener: socket.socket,
+) -> None:
+    # The relay ended normally; a KeyboardInterrupt then cut finish() short, and its
+    # second run met a SocketLike whose close() raises after closing (a log flush):
+    # that OSError came out instead of the interrupt, and a caller catching OSError
+    # carried on after a Ctrl-C. The interrupt goes on, the error noted on it.
+    client, a = tcp_pair(listener)
+    b, backend = tcp_pair(listener)
+
+    class Wrapper:
+        def __init__(self, sock: socket.socket) -> None:
+            self.sock = sock
+
+        def fileno(self) -> int:
+            return self.sock.fileno()
+
+        def recv_into(self, buffer: Any) -> int:
+            return self.sock.recv_into(buffer)
+
+        def send(self, data: Any) -> int:
+            return self.sock.send(data)
+
+        def shutdown(self, how: int) -> None:
+            self.sock.shutdown(how)
+
+        def gettimeout(self) -> float | None:
+            return self.sock.gettimeout()
+
+        def setblocking(self, flag: bool) -> None:
+            self.sock.setblocking(flag)
+
+        def close(self) -> None:
+            self.sock.close()
+            raise OSError("flushing the log failed")
+
+    finish = relay_mod._Relay.finish.__code__
+    line = _line_of(relay_mod._Relay.finish, "if self.close:")
+    landed: list[str] = []
+
+    def tracer(frame: types.FrameType, event: str, arg: Any) -> Any:
+        if frame.f_code is not finish or landed:
+            return None
+
+        def lines(frame: types.FrameType, event: str, arg: Any) -> Any:
+            if event == "line" and frame.f_lineno == line and not landed:
+                landed.append(event)
+                raise KeyboardInterrupt("Ctrl-C as the relay ends")
+            return lines
+
+        return lines
+
+    try:
+        client.sendall(b"hello")
+        client.shutdown(socket.SHUT_WR)
+        backend.sendall(b"world")
+        backend.shutdown(socket.SHUT_WR)
+        sys.settrace(tracer)
+        try:
+            with pytest.raises(KeyboardInterrupt) as info:
+                pipe_splice(Wrapper(a), b)
+        finally:
+            sys.settrace(None)
+        assert landed
+        assert "and ending the relay raised OSError('flushing the log failed')" in (
+            getattr(info.value, "__notes__", [])
+        )
+        assert a.fileno() == b.fileno() == -1
+        assert not relay_mod._RUNNING
+    finally:
+        relay_mod._RUNNING.clear()
+        for s in (client, a, b, backend):
+            s.close()
+
+
+def test_a_socket_subclass_close_that_fails_by_itself_is_not_repeated(
+    listener: socket.socket,
+) -> None:
+    # The relay repeats a socket.socket's close() that an interrupt cut short, and
+    # only that: a subclass's close() that raised by itself (no interrupt) was
+    # called a second time.
+    calls: list[str] = []
+
+    class Audited(socket.socket):
+        def close(self) -> None:
+            calls.append("close")
+            if len(calls) == 1:
+                raise RuntimeError("audit log unavailable")  # before closing
+            super().close()
+
+    client, accepted = tcp_pair(listener)
+    a = Audited(fileno=accepted.detach())
+    b, backend = tcp_pair(listener)
+    try:
+        client.shutdown(socket.SHUT_WR)
+        backend.shutdown(socket.SHUT_WR)
+        with pytest.raises(RuntimeError, match="audit log unavailable"):
+            pipe_splice(a, b)
+        assert calls == ["close"]
+        assert b.fileno() == -1
+    finally:
         for s in (client, a, b, backend):
             s.close()
 

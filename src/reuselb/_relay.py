@@ -1576,13 +1576,17 @@ class _Relay:
             # Each step is counted as it starts (finish_step): run again after an
             # interrupt, finish() goes on from the next one.
             if self.finish_step < 1:
-                self.finish_step = 1
                 for flow in self.flows:
                     if not flow.shut:
                         try:
                             self._abort(flow.dst)
                         except BaseException as exc:
                             error = error or exc
+                # Counted once both resets are done: an interruption between them
+                # (at the loop's jump back) made the retry skip the second, and its
+                # peer took the truncated stream for a complete one. Run again, a
+                # reset is only set again (SO_LINGER 0 twice).
+                self.finish_step = 1
             for step, sock in ((2, self.a), (3, self.b)):
                 if self.finish_step < step:
                     self.finish_step = step
@@ -1593,7 +1597,13 @@ class _Relay:
                         # A signal handler's exception inside socket.close() (after
                         # it set _closed, before the fd's close) left the fd open:
                         # once more, which closes nothing twice for a socket.socket.
-                        if isinstance(sock, socket.socket) and _fileno(sock) != -1:
+                        # (Not after an Exception: a socket.socket subclass's close()
+                        # that raised by itself is not called twice.)
+                        if (
+                            not isinstance(exc, Exception)
+                            and isinstance(sock, socket.socket)
+                            and _fileno(sock) != -1
+                        ):
                             with contextlib.suppress(BaseException):
                                 sock.close()
         if not self.close and self.finish_step < 1:
@@ -2092,7 +2102,20 @@ _FINISH_TRIES = 16
 
 
 def _run_blocking(relay: _Relay) -> RelayStats:
+    # Whatever escapes (KeyboardInterrupt or another exception from a signal
+    # handler, MemoryError...) still ends the relay as cancelling the asyncio form
+    # does: pipes closed, sockets closed (close=True) or restored (close=False).
+    pending: BaseException | None = None
     try:
+        registered: dict[int, int] = {}
+        # fds that reported POLLHUP while the relay wanted nothing from them. poll
+        # reports POLLHUP/POLLERR even for an empty mask, and HUP stays set (both
+        # directions shut, e.g. the peer's FIN after our half-close) while the pipe
+        # is full and the relay waits for the other side: polling such an fd would
+        # spin. It is left out until the relay wants to read or write it again.
+        # (Made before begin(): set() is a call, where a signal handler may run,
+        # and nothing but this try's end may come between begin() and the next.)
+        muted: set[int] = set()
         poller = select.poll()
         relay.begin()
     except BaseException:
@@ -2100,17 +2123,6 @@ def _run_blocking(relay: _Relay) -> RelayStats:
         # moved yet, so the caller gets both sockets back as they were.
         relay.abandon()
         raise
-    registered: dict[int, int] = {}
-    # fds that reported POLLHUP while the relay wanted nothing from them. poll reports
-    # POLLHUP/POLLERR even for an empty mask, and HUP stays set (both directions shut,
-    # e.g. the peer's FIN after our half-close) while the pipe is full and the relay
-    # waits for the other side: polling such an fd would spin. It is left out until
-    # the relay wants to read or write it again.
-    muted: set[int] = set()
-    # Whatever escapes (KeyboardInterrupt or another exception from a signal
-    # handler, MemoryError...) still ends the relay as cancelling the asyncio form
-    # does: pipes closed, sockets closed (close=True) or restored (close=False).
-    pending: BaseException | None = None
     try:
         _drive(relay, poller, registered, muted)
     except _Failure as failure:
@@ -2170,7 +2182,13 @@ def _finish_after(relay: _Relay, pending: BaseException | None) -> RelayStats:
                 stats = relay.stats
         except BaseException as exc:
             if relay.stats is not None or exc is pending:
-                # finish() ended the relay and raised what one of its steps raised.
+                # finish() ended the relay and raised what one of its steps raised
+                # (a SocketLike's close()). An interruption that cut an earlier run
+                # short must not be lost to it (a caller catching OSError would
+                # carry on after a Ctrl-C): it goes on, with that error noted.
+                if cut is not None and pending is None and exc is not cut:
+                    _note(cut, f"and ending the relay raised {exc!r}")
+                    raise cut from None
                 raise
             cut = cut or exc
             continue
