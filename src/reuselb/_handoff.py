@@ -1628,9 +1628,7 @@ def _drain_close(
         # The group first: it must mirror the kernel even if the close is where an
         # interrupt (a signal handler raising) comes.
         if isinstance(group, ReuseportGroup) and len(group) == size:
-            # (_remove publishes new lists: these stay as they were.)
-            before.append((group._members, group._taken))
-            group._remove(index)
+            before.append(group._remove(index))
         if was_blocking and (fd := listener.fileno()) != -1:
             with contextlib.suppress(OSError):
                 os.set_blocking(fd, True)
@@ -1650,11 +1648,7 @@ def _drain_close(
         if _diag_listener(family, inode) is None:
             return False
         if isinstance(group, ReuseportGroup) and before and len(group) == size - 1:
-            members_before, taken_before = before[0]
-            kept, taken = list(members_before), dict(taken_before)
-            kept[index] = None
-            taken[index] = weakref.ref(listener)
-            group._members, group._taken = kept, taken
+            group._taken_back(before[0], index, listener)
         return True
 
     if tcp_migrate_req():

@@ -851,7 +851,7 @@ class ReuseportGroup:
                 return i
         return -1
 
-    def _remove(self, index: int) -> None:
+    def _remove(self, index: int) -> tuple[list[socket.socket | None], dict[int, Any]]:
         # Mirror the kernel: when a member leaves, the last member takes its slot in
         # the group's array (net/core/sock_reuseport.c), and BPF indexes follow that.
         # The new state is built aside and published by one tuple assignment (no
@@ -869,6 +869,22 @@ class ReuseportGroup:
             members[index] = last
             if last_taken is not None:
                 taken[index] = last_taken
+        before = self._members, self._taken
+        self._members, self._taken = members, taken
+        return before
+
+    def _taken_back(
+        self,
+        before: tuple[list[socket.socket | None], dict[int, Any]],
+        index: int,
+        sock: socket.socket,
+    ) -> None:
+        """Undo a ``_remove(index)`` that returned *before*, for a member whose
+        socket stayed in the kernel's group (drain_close found another copy of it
+        open): its slot is back, held as a taken member's, by *sock*."""
+        members, taken = list(before[0]), dict(before[1])
+        members[index] = None
+        taken[index] = weakref.ref(sock)
         self._members, self._taken = members, taken
 
     def close(self) -> None:
