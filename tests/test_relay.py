@@ -3763,6 +3763,35 @@ def _poll_interrupted(at_wait: Callable[[], object]) -> Callable[[], Any]:
     return Interrupted
 
 
+def _interrupt_at(
+    code: types.CodeType, line: int | None, message: str, nth: int = 1
+) -> tuple[Callable[..., Any], list[str]]:
+    """A ``sys.settrace`` tracer that raises KeyboardInterrupt(*message*) once, where
+    a signal handler's would come: as *code* is entered (*line* None), or at the
+    *nth* run of its *line*; and the list it appends to when it does."""
+    landed: list[str] = []
+    runs: list[int] = []
+
+    def tracer(frame: types.FrameType, event: str, arg: Any) -> Any:
+        if frame.f_code is not code or landed:
+            return None
+        if line is None:  # as the function is entered, before its first try
+            landed.append(event)
+            raise KeyboardInterrupt(message)
+
+        def lines(frame: types.FrameType, event: str, arg: Any) -> Any:
+            if event == "line" and frame.f_lineno == line and not landed:
+                runs.append(line)
+                if len(runs) == nth:
+                    landed.append(event)
+                    raise KeyboardInterrupt(message)
+            return lines
+
+        return lines
+
+    return tracer, landed
+
+
 def _line_of(function: Any, text: str) -> int:
     """The number of the first line of *function*'s source that starts with *text*."""
     import inspect
@@ -3816,26 +3845,7 @@ def test_a_second_interrupt_during_the_cleanup_still_ends_the_relay(
     else:
         target = socket.socket.close.__code__
         line = _line_of(socket.socket.close, "if self._io_refs <= 0:")
-    landed: list[str] = []
-    runs: list[int] = []
-
-    def tracer(frame: types.FrameType, event: str, arg: Any) -> Any:
-        if frame.f_code is not target or landed:
-            return None
-        if line is None:  # as the function is entered, before its first try
-            landed.append(event)
-            raise KeyboardInterrupt("the second one")
-
-        def lines(frame: types.FrameType, event: str, arg: Any) -> Any:
-            if event == "line" and frame.f_lineno == line and not landed:
-                runs.append(line)
-                if len(runs) == nth:
-                    landed.append(event)
-                    raise KeyboardInterrupt("the second one")
-            return lines
-
-        return lines
-
+    tracer, landed = _interrupt_at(target, line, "the second one", nth)
     # poll() is interrupted at its first wait, and arms the second interrupt.
     Interrupted = _poll_interrupted(lambda: sys.settrace(tracer))
     old_trace = sys.gettrace()
@@ -3957,21 +3967,11 @@ def test_an_interrupt_during_the_end_is_not_lost_to_a_wrapper_s_close_error(
             self.sock.close()
             raise OSError("flushing the log failed")
 
-    finish = relay_mod._Relay.finish.__code__
-    line = _line_of(relay_mod._Relay.finish, "if self.close:")
-    landed: list[str] = []
-
-    def tracer(frame: types.FrameType, event: str, arg: Any) -> Any:
-        if frame.f_code is not finish or landed:
-            return None
-
-        def lines(frame: types.FrameType, event: str, arg: Any) -> Any:
-            if event == "line" and frame.f_lineno == line and not landed:
-                landed.append(event)
-                raise KeyboardInterrupt("Ctrl-C as the relay ends")
-            return lines
-
-        return lines
+    tracer, landed = _interrupt_at(
+        relay_mod._Relay.finish.__code__,
+        _line_of(relay_mod._Relay.finish, "if self.close:"),
+        "Ctrl-C as the relay ends",
+    )
 
     try:
         client.sendall(b"hello")
