@@ -3941,30 +3941,9 @@ def test_an_interrupt_during_the_end_is_not_lost_to_a_wrapper_s_close_error(
     client, a = tcp_pair(listener)
     b, backend = tcp_pair(listener)
 
-    class Wrapper:
-        def __init__(self, sock: socket.socket) -> None:
-            self.sock = sock
-
-        def fileno(self) -> int:
-            return self.sock.fileno()
-
-        def recv_into(self, buffer: Any) -> int:
-            return self.sock.recv_into(buffer)
-
-        def send(self, data: Any) -> int:
-            return self.sock.send(data)
-
-        def shutdown(self, how: int) -> None:
-            self.sock.shutdown(how)
-
-        def gettimeout(self) -> float | None:
-            return self.sock.gettimeout()
-
-        def setblocking(self, flag: bool) -> None:
-            self.sock.setblocking(flag)
-
+    class Wrapper(Wrapped):
         def close(self) -> None:
-            self.sock.close()
+            self._sock.close()
             raise OSError("flushing the log failed")
 
     tracer, landed = _interrupt_at(
